@@ -1,0 +1,251 @@
+"""The local HTTP API (stdlib server: about 19 MiB idle, no dependencies).
+
+Two listeners share one router: the API (loopback by default; it carries tokens) and the probe
+listener (all interfaces, so kubelet httpGet probes work; only /healthz and /readyz). Client
+mistakes get JSON 4xx answers, never 500.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from sidecar import __version__
+from sidecar.registrar import Registrar
+from sidecar.state import Snapshot
+
+MAX_BODY_BYTES = 4096
+MAX_NONCE_CHARS = 255
+IDLE_TIMEOUT_SECONDS = 30.0
+_BUSY_BODY = b'{"error":{"code":"busy","message":"too many open connections"}}'
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _problem(status: HTTPStatus, code: str, message: str, **headers: str) -> Reply:
+    return Reply(status, {"error": {"code": code, "message": message}}, headers)
+
+
+class Router:
+    """Maps (method, path, body) to a `Reply`. No sockets here."""
+
+    def __init__(
+        self,
+        registrar: Registrar,
+        health: Callable[[], str | None],
+        *,
+        probe_only: bool = False,
+    ) -> None:
+        self._registrar = registrar
+        self._health = health
+        routes: dict[str, dict[str, Callable[[bytes], Reply]]] = {
+            "/healthz": {"GET": self._healthz},
+            "/readyz": {"GET": self._readyz},
+        }
+        if not probe_only:
+            routes["/v1/entitlement"] = {"GET": self._entitlement}
+            routes["/v1/entitlement/challenge"] = {"POST": self._challenge}
+        self.routes = routes
+
+    def allowed(self, path: str) -> list[str] | None:
+        methods = self.routes.get(path)
+        if methods is None:
+            return None
+        allowed = list(methods)
+        return [*allowed, "HEAD"] if "GET" in allowed else allowed
+
+    def handle(self, method: str, path: str, body: bytes) -> Reply:
+        methods = self.routes.get(path)
+        if methods is None:
+            return _problem(HTTPStatus.NOT_FOUND, "not_found", f"no such path: {path[:100]}")
+        handler = methods.get("GET" if method == "HEAD" else method)
+        if handler is None:
+            allowed = ", ".join(self.allowed(path) or [])
+            return _problem(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                f"{method} is not allowed here; use {allowed}",
+                Allow=allowed,
+            )
+        return handler(body)
+
+    # -- endpoints -----------------------------------------------------------------------
+
+    def _healthz(self, _: bytes) -> Reply:
+        problem = self._health()
+        if problem:
+            return Reply(503, {"status": "unhealthy", "reason": problem, "version": __version__})
+        return Reply(200, {"status": "ok", "version": __version__})
+
+    def _readyz(self, _: bytes) -> Reply:
+        snap = self._registrar.machine.snapshot()
+        body: dict[str, Any] = {"ready": snap.entitled, "state": snap.state.value}
+        if snap.error is not None:
+            body["error"] = snap.error.to_json()
+        return Reply(200 if snap.entitled else 503, body)
+
+    def _entitlement(self, _: bytes) -> Reply:
+        return Reply(200, self.describe(self._registrar.machine.snapshot()))
+
+    def _challenge(self, body: bytes) -> Reply:
+        try:
+            doc = json.loads(body) if body else None
+        except (ValueError, UnicodeDecodeError):
+            return _problem(HTTPStatus.BAD_REQUEST, "invalid_json", "body must be JSON")
+        nonce = doc.get("nonce") if isinstance(doc, dict) else None
+        if not isinstance(nonce, str) or not 0 < len(nonce) <= MAX_NONCE_CHARS:
+            return _problem(
+                HTTPStatus.BAD_REQUEST,
+                "invalid_nonce",
+                f'body must be {{"nonce": "<1-{MAX_NONCE_CHARS} characters>"}}; '
+                "use a fresh random value per challenge",
+            )
+        out = self._registrar.challenge(nonce)
+        payload = self.describe(out.snapshot)
+        if out.status == "ok":
+            return Reply(200, payload)
+        if out.status == "rate_limited":
+            retry = max(1, int(out.retry_after + 0.999))
+            return _problem(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many challenges: each one is a RegisterUsage call against the account's "
+                f"quota; retry in {retry} s",
+                **{"Retry-After": str(retry)},
+            )
+        if out.error is not None:
+            payload["error"] = out.error.to_json()
+        status = HTTPStatus.FORBIDDEN if out.status == "refused" else HTTPStatus.BAD_GATEWAY
+        return Reply(status, payload)
+
+    def describe(self, snap: Snapshot) -> dict[str, Any]:
+        policy = self._registrar.policy
+        return {
+            "state": snap.state.value,
+            "entitled": snap.entitled,
+            "product_code": policy.product_code,
+            "public_key_version": policy.public_key_version,
+            "token": snap.token,
+            "claims": snap.claims,
+            "last_attempt_at": iso(snap.last_attempt_at),
+            "last_success_at": iso(snap.last_success_at),
+            "next_registration_at": iso(snap.next_registration_at),
+            "consecutive_failures": snap.consecutive_failures,
+            "error": snap.error.to_json() if snap.error else None,
+            "warnings": list(snap.warnings),
+        }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # keep-alive without 40 ms Nagle/delayed-ACK stalls
+    timeout = IDLE_TIMEOUT_SECONDS  # idle or slow clients lose their connection, not a probe
+    server_version = f"marketplace-sidecar/{__version__}"
+    sys_version = ""
+    server: LocalServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Malformed HTTP (400, 414, 431, 501...) as JSON, then close."""
+        status = HTTPStatus(code)
+        self.close_connection = True
+        self._send(Reply(code, {"error": {"code": status.phrase.lower().replace(" ", "_"),
+                                          "message": message or status.description}}))
+
+    def _send(self, reply: Reply) -> None:
+        payload = json.dumps(reply.body, separators=(",", ":")).encode()
+        self.send_response(reply.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def _dispatch(self) -> None:
+        path = self.path.split("?", 1)[0]
+        router = self.server.router
+        body = b""
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            return self._send(_problem(HTTPStatus.LENGTH_REQUIRED, "length_required",
+                                       "send a Content-Length; chunked bodies are not accepted"))
+        length_text = self.headers.get("Content-Length", "0")
+        if not length_text.isdigit():
+            self.close_connection = True
+            return self._send(_problem(HTTPStatus.BAD_REQUEST, "bad_content_length",
+                                       "Content-Length must be a non-negative integer"))
+        length = int(length_text)
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True  # the unread body must not be parsed as a request
+            return self._send(_problem(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "too_large",
+                                       f"request body is limited to {MAX_BODY_BYTES} bytes"))
+        if length:
+            body = self.rfile.read(length)
+        self._send(router.handle(self.command, path, body))
+        return None
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+
+
+class LocalServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], router: Router, max_connections: int) -> None:
+        self.router = router
+        self._slots = threading.BoundedSemaphore(max_connections)
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.address_family = family
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Cap concurrent connections so a flood cannot exhaust threads or memory."""
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def serve_in_thread(self, name: str) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, args=(0.2,), name=name, daemon=True)
+        thread.start()
+        return thread

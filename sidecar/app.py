@@ -1,0 +1,163 @@
+"""The `run` daemon: wiring, threads and signals.
+
+    env ──> config.load ──(bad: exit 2, nothing bound)
+                │
+                ▼
+    ┌─────────────── registrar thread ───────────────┐
+    │ region ─> boto3 RegisterUsage(nonce) ─> verify │──> Entitlement (state machine)
+    │   retry with Backoff; re-register every hour   │          │
+    └────────────────────────────────────────────────┘          ▼
+    127.0.0.1:8787  /healthz /readyz /v1/entitlement /v1/entitlement/challenge
+    0.0.0.0:8788    /healthz /readyz        (kubelet / ECS probes)
+
+SIGTERM or SIGINT sets one stop event; the servers close and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import threading
+from collections.abc import Callable, Mapping
+
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
+from sidecar import __version__, logs
+from sidecar.api import LocalServer, Router
+from sidecar.backoff import Backoff
+from sidecar.clock import Clock, SystemClock
+from sidecar.config import ENDPOINT_ENV, Settings, describe
+from sidecar.errors import classify
+from sidecar.netaddr import parse_hostport
+from sidecar.registrar import Gateway, GatewaySetupError, Policy, Registrar
+from sidecar.state import Entitlement
+
+log = logging.getLogger("sidecar")
+
+API_MAX_CONNECTIONS = 64
+PROBE_MAX_CONNECTIONS = 32
+
+
+def policy_from(settings: Settings, keys: Mapping[int, RSAPublicKey]) -> Policy:
+    return Policy(
+        product_code=settings.product_code,
+        public_key_version=settings.public_key_version,
+        keys=keys,
+        interval=settings.register_interval_seconds,
+        jitter=settings.register_jitter,
+        deadline=settings.register_deadline_seconds,
+        backoff=Backoff(settings.backoff_base_seconds, settings.backoff_cap_seconds),
+        clock_skew=settings.clock_skew_seconds,
+        challenge_rate=settings.challenge_rate_per_second,
+        challenge_burst=settings.challenge_burst,
+        challenge_deadline=settings.challenge_deadline_seconds,
+    )
+
+
+def aws_gateway(settings: Settings) -> Callable[[], Gateway]:
+    def factory() -> Gateway:
+        from sidecar.metering import MeteringGateway
+        from sidecar.region import RegionNotFoundError, resolve_region
+
+        try:
+            region, source = resolve_region()
+        except RegionNotFoundError as exc:
+            raise GatewaySetupError(classify("RegionNotFound", str(exc))) from None
+        try:
+            gateway = MeteringGateway(region, settings.aws_timeout_seconds)
+        except Exception as exc:  # botocore setup errors are configuration problems
+            raise GatewaySetupError(classify(type(exc).__name__, str(exc))) from None
+        log.info("aws_client", extra={"region": region, "region_source": source,
+                                      "endpoint": gateway.endpoint})
+        return gateway
+
+    return factory
+
+
+def credential_warnings(env: Mapping[str, str]) -> list[str]:
+    """AWS metering on EKS accepts IRSA only; say so before the first call fails."""
+    irsa = env.get("AWS_ROLE_ARN") and env.get("AWS_WEB_IDENTITY_TOKEN_FILE")
+    pod_identity = "169.254.170.23" in env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI", "")
+    if pod_identity and not irsa:
+        return ["EKS Pod Identity credentials detected: AWS Marketplace metering does not accept "
+                "them; use IRSA (serviceAccount annotation eks.amazonaws.com/role-arn)"]
+    if env.get("AWS_ACCESS_KEY_ID") and not env.get(ENDPOINT_ENV):
+        return ["static AWS access keys in the environment: AWS Marketplace metering expects the "
+                "ECS task role or IRSA, and AWS advises against keys in containers"]
+    return []
+
+
+class Daemon:
+    """Owns the threads; `start` binds the ports, `stop` closes them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        keys: Mapping[int, RSAPublicKey],
+        *,
+        clock: Clock | None = None,
+        gateway_factory: Callable[[], Gateway] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.stop_event = threading.Event()
+        self.machine = Entitlement()
+        self.registrar = Registrar(
+            policy_from(settings, keys),
+            gateway_factory or aws_gateway(settings),
+            self.machine,
+            clock or SystemClock(),
+            random.random,
+            self.stop_event,
+        )
+        self._crash: str | None = None
+        self._worker = threading.Thread(target=self._work, name="registrar", daemon=True)
+        self.api = LocalServer(parse_hostport(settings.listen),
+                               Router(self.registrar, self.health), API_MAX_CONNECTIONS)
+        self.probe = LocalServer(parse_hostport(settings.probe_listen),
+                                 Router(self.registrar, self.health, probe_only=True),
+                                 PROBE_MAX_CONNECTIONS)
+
+    def health(self) -> str | None:
+        return self._crash
+
+    def _work(self) -> None:
+        try:
+            self.registrar.run()
+        except Exception as exc:
+            self._crash = f"registration loop crashed: {type(exc).__name__}"
+            log.exception("registrar_crashed")
+
+    def start(self) -> None:
+        self.api.serve_in_thread("api")
+        self.probe.serve_in_thread("probe")
+        self._worker.start()
+
+    def close(self) -> None:
+        self.stop_event.set()
+        for server in (self.api, self.probe):
+            server.shutdown()
+            server.server_close()
+
+
+def run(settings: Settings, keys: Mapping[int, RSAPublicKey]) -> int:
+    logs.setup(settings.log_format, settings.log_level)
+    log.info("starting", extra={"version": __version__, "config": describe(settings)})
+    for warning in credential_warnings(os.environ):
+        log.warning("credentials", extra={"detail": warning})
+    try:
+        daemon = Daemon(settings, keys)
+    except OSError as exc:
+        log.error("bind_failed", extra={"detail": str(exc)})
+        return 1
+    stop = daemon.stop_event
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    daemon.start()
+    log.info("listening", extra={"api": settings.listen, "probe": settings.probe_listen})
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping")
+    daemon.close()
+    return 0

@@ -1,0 +1,141 @@
+"""Settings from environment variables, validated before anything binds a port.
+
+Every problem is reported as one line naming the variable and what is allowed; `run` exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sidecar.keys import UnusableKeyError, load_public_key
+from sidecar.netaddr import parse_hostport
+
+PRODUCT_CODE_RE = re.compile(r"^[-a-zA-Z0-9/=:_.@]{1,255}$")
+REGISTRATION_WINDOW_SECONDS = 6 * 3600
+ENDPOINT_ENV = "AWS_ENDPOINT_URL_MARKETPLACE_METERING"
+PREFIX = "MARKETPLACE_"
+_NO_KEY = (
+    f"{PREFIX}PUBLIC_KEY / {PREFIX}PUBLIC_KEY_FILE: set exactly one (the product's PEM public "
+    "key, or a path to it); the sidecar never runs without verification"
+)
+
+
+class ConfigError(Exception):
+    """Configuration is unusable; `problems` holds one line per variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Settings(BaseSettings):
+    """Field `x` is read from `MARKETPLACE_X`."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", frozen=True)
+
+    product_code: str
+    public_key_version: int = Field(1, ge=1)
+    public_key: str | None = None
+    public_key_file: Path | None = None
+    listen: str = "127.0.0.1:8787"
+    probe_listen: str = "0.0.0.0:8788"  # noqa: S104 - kubelet probes come from the node
+    register_interval_seconds: float = Field(3600.0, ge=1.0, le=86400.0)
+    register_jitter: float = Field(0.1, ge=0.0, le=0.5)
+    register_deadline_seconds: float = Field(
+        3600.0, ge=1.0, le=REGISTRATION_WINDOW_SECONDS - 600
+    )
+    backoff_base_seconds: float = Field(1.0, gt=0.0, le=60.0)
+    backoff_cap_seconds: float = Field(60.0, gt=0.0, le=900.0)
+    aws_timeout_seconds: float = Field(10.0, gt=0.0, le=120.0)
+    clock_skew_seconds: float = Field(300.0, ge=0.0, le=3600.0)
+    challenge_rate_per_second: float = Field(1.0, gt=0.0, le=5.0)
+    challenge_burst: int = Field(3, ge=1, le=20)
+    challenge_deadline_seconds: float = Field(20.0, ge=1.0, le=300.0)
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("product_code")
+    @classmethod
+    def _product_code(cls, v: str) -> str:
+        if not PRODUCT_CODE_RE.match(v):
+            raise ValueError("must be 1-255 characters of letters, digits and -/=:_.@")
+        return v
+
+    @field_validator("listen", "probe_listen")
+    @classmethod
+    def _hostport(cls, v: str) -> str:
+        parse_hostport(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if (self.public_key is None) == (self.public_key_file is None):
+            raise ValueError(_NO_KEY)
+        if parse_hostport(self.listen) == parse_hostport(self.probe_listen):
+            raise ValueError(f"{PREFIX}LISTEN and {PREFIX}PROBE_LISTEN must differ")
+        return self
+
+
+def _format(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        name = "_".join(str(p) for p in err["loc"]).upper()
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "is required"
+        elif err["type"] != "value_error":
+            msg = f"{msg} (got {str(err.get('input'))[:60]!r})"
+        lines.append(f"{PREFIX}{name}: {msg}" if name else msg)
+    return lines
+
+
+def load() -> tuple[Settings, dict[int, RSAPublicKey]]:
+    """Validate the environment and load the key; raise `ConfigError` listing every problem."""
+    try:
+        settings = Settings()  # type: ignore[call-arg]  # product_code comes from the env
+    except ValidationError as exc:
+        problems = _format(exc)
+        if not any(os.environ.get(f"{PREFIX}{n}") for n in ("PUBLIC_KEY", "PUBLIC_KEY_FILE")):
+            problems.append(_NO_KEY)  # the model check does not run when a field failed
+        raise ConfigError(list(dict.fromkeys(problems))) from None
+    problems: list[str] = []
+    keys: dict[int, RSAPublicKey] = {}
+    source = "PUBLIC_KEY_FILE" if settings.public_key_file else "PUBLIC_KEY"
+    try:
+        keys[settings.public_key_version] = load_public_key(_key_text(settings))
+    except UnusableKeyError as exc:
+        problems.append(f"{PREFIX}{source}: {exc}")
+    except OSError as exc:
+        problems.append(f"{PREFIX}{source}: cannot read {settings.public_key_file}: {exc.strerror}")
+    endpoint = os.environ.get(ENDPOINT_ENV)
+    if endpoint:
+        parsed = urlparse(endpoint)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            problems.append(f"{ENDPOINT_ENV}: must be an http(s) URL, got {endpoint[:80]!r}")
+    if problems:
+        raise ConfigError(problems)
+    return settings, keys
+
+
+def _key_text(settings: Settings) -> bytes:
+    if settings.public_key_file is not None:
+        with settings.public_key_file.open("rb") as f:
+            return f.read(65536)
+    assert settings.public_key is not None
+    # Allow a one-line PEM with literal \n, as ECS task definitions and some CI tools pass it.
+    return settings.public_key.replace("\\n", "\n").encode()
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """Settings safe to log (no key material)."""
+    data = settings.model_dump()
+    data["public_key"] = "<set>" if settings.public_key else None
+    return {f"{PREFIX}{k.upper()}": (str(v) if isinstance(v, Path) else v) for k, v in data.items()}

@@ -1,0 +1,326 @@
+"""An AWS Marketplace Metering Service emulator: the demo default and the test double.
+
+Unmodified boto3 reaches it through AWS_ENDPOINT_URL_MARKETPLACE_METERING. It speaks awsJson1.1
+(`POST /`, `X-Amz-Target: AWSMPMeteringService.<Op>`), validates requests against botocore's
+service model, signs PS256 tokens with its own key, raises entitlement errors only on a pod's
+first call (as AWS does; a "pod" is the access key id in the SigV4 credential scope), and
+injects faults. Tests drive it through `/_emulator/config` and read `/_emulator/calls`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import struct
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from sidecar.ratelimit import TokenBucket
+
+TARGET_PREFIX = "AWSMPMeteringService."
+SIGNING_NAME = "aws-marketplace"
+ENTITLEMENT_ERRORS = ("CustomerNotEntitledException", "PlatformNotSupportedException")
+RESET = "ConnectionReset"  # pseudo error: drop the connection without an answer
+TOKEN_FAULTS = (
+    "tamper", "wrong_nonce", "wrong_product", "wrong_version", "rs256", "alg_none",
+    "future_iat", "other_key", "no_nonce",
+)
+
+
+@dataclass
+class Fault:
+    """Fail with `error` on calls number after+1 .. after+first, or at `rate` (0..1)."""
+
+    error: str
+    first: int = 0
+    rate: float = 0.0
+    after: int = 0
+    seen: int = 0
+
+    def fires(self, rng: random.Random) -> bool:
+        self.seen += 1
+        if self.after < self.seen <= self.after + self.first:
+            return True
+        return self.seen > self.after and self.rate > 0 and rng.random() < self.rate
+
+
+@dataclass
+class EmulatorConfig:
+    entitled: bool = True
+    platform_supported: bool = True
+    product_codes: list[str] | None = None  # None: any product code is published
+    key_versions: list[int] = field(default_factory=lambda: [1])
+    region: str | None = None  # None: accept any region in the credential scope
+    rotation_at: float | None = None
+    latency: float = 0.0
+    throttle_rps: float | None = None
+    throttle_burst: int = 1
+    faults: list[Fault] = field(default_factory=list)
+    token_fault: str | None = None
+
+
+def _new_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+class Emulator:
+    def __init__(self, config: EmulatorConfig | None = None, seed: int | None = None) -> None:
+        self.config = config or EmulatorConfig()
+        self.key = _new_key()
+        self._other_key: rsa.RSAPrivateKey | None = None
+        self._lock = threading.Lock()
+        self._pods_seen: set[str] = set()
+        self._rng = random.Random(seed)  # noqa: S311 - fault dice, not security
+        self._bucket: TokenBucket | None = None
+        self.calls: list[dict[str, Any]] = []
+        self._apply_throttle()
+        from botocore.session import get_session
+
+        self._model = get_session().get_service_model("meteringmarketplace")
+
+    # -- configuration -------------------------------------------------------------------
+
+    def public_pem(self) -> str:
+        return self.key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+
+    def reconfigure(self, changes: dict[str, Any]) -> None:
+        known = {f.name for f in fields(EmulatorConfig)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ValueError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        with self._lock:
+            for name, value in changes.items():
+                if name == "faults":
+                    value = [Fault(**f) for f in value]
+                if name == "token_fault" and value not in (None, *TOKEN_FAULTS):
+                    raise ValueError(f"token_fault must be one of {TOKEN_FAULTS}")
+                setattr(self.config, name, value)
+            self._apply_throttle()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.config = EmulatorConfig()
+            self._pods_seen.clear()
+            self.calls.clear()
+            self._apply_throttle()
+
+    def _apply_throttle(self) -> None:
+        rps = self.config.throttle_rps
+        self._bucket = (
+            TokenBucket(rps, self.config.throttle_burst, time.monotonic()) if rps else None
+        )
+
+    # -- the API -------------------------------------------------------------------------
+
+    def handle(self, target: str, body: bytes, auth: str) -> tuple[int, dict[str, Any] | None]:
+        """Answer one call: (HTTP status, JSON body), or (0, None) to drop the connection."""
+        op = target.removeprefix(TARGET_PREFIX) if target.startswith(TARGET_PREFIX) else ""
+        try:
+            params = json.loads(body or b"{}")
+        except ValueError:
+            return _error("SerializationException", "body is not JSON")
+        if not isinstance(params, dict):
+            return _error("SerializationException", "body must be a JSON object")
+        pod, region, service = _scope(auth)
+        with self._lock:
+            cfg = self.config
+            latency = cfg.latency
+        if latency:
+            time.sleep(latency)
+        with self._lock:
+            status, payload = self._dispatch(op, params, pod, region, service)
+            self.calls.append({
+                "op": op or target, "pod": pod, "nonce": params.get("Nonce"),
+                "status": status, "code": (payload or {}).get("__type", "ok" if status else RESET),
+                "at": time.time(),
+            })
+        return status, payload
+
+    def _dispatch(
+        self, op: str, params: dict[str, Any], pod: str, region: str | None, service: str | None
+    ) -> tuple[int, dict[str, Any] | None]:
+        cfg = self.config
+        if op not in self._model.operation_names:
+            return _error("UnknownOperationException", f"unknown operation {op!r}")
+        if self._bucket is not None and self._bucket.take(time.monotonic()) > 0:
+            return _error("ThrottlingException", "Rate exceeded")
+        for fault in cfg.faults:
+            if fault.fires(self._rng):
+                return (0, None) if fault.error == RESET else _error(fault.error, "injected fault")
+        from botocore.validate import ParamValidator
+
+        report = ParamValidator().validate(params, self._model.operation_model(op).input_shape)
+        if report.has_errors():
+            return _error("ValidationException", report.generate_report())
+        if service is not None and service != SIGNING_NAME:
+            return _error(
+                "InvalidSignatureException",
+                f"Credential should be scoped to correct service: '{SIGNING_NAME}'.",
+            )
+        if op != "RegisterUsage":
+            return _error("UnsupportedOperation", f"the emulator does not implement {op} yet")
+        return self._register_usage(params, pod, region)
+
+    def _register_usage(
+        self, params: dict[str, Any], pod: str, region: str | None
+    ) -> tuple[int, dict[str, Any] | None]:
+        cfg = self.config
+        if cfg.region and region and region != cfg.region:
+            return _error("InvalidRegionException", f"call from {region}, pod runs in {cfg.region}")
+        if cfg.product_codes is not None and params["ProductCode"] not in cfg.product_codes:
+            return _error("InvalidProductCodeException", "product code not found")
+        if params["PublicKeyVersion"] not in cfg.key_versions:
+            return _error("InvalidPublicKeyVersionException", "public key version is invalid")
+        first_call = pod not in self._pods_seen
+        self._pods_seen.add(pod)
+        if first_call and not cfg.platform_supported:
+            return _error("PlatformNotSupportedException", "not running on ECS, EKS or Fargate")
+        if first_call and not cfg.entitled:
+            return _error("CustomerNotEntitledException", "customer is not subscribed")
+        answer: dict[str, Any] = {"Signature": self._sign(params)}
+        if cfg.rotation_at is not None:
+            answer["PublicKeyRotationTimestamp"] = cfg.rotation_at
+        return 200, answer
+
+    def _sign(self, params: dict[str, Any]) -> str:
+        claims: dict[str, Any] = {
+            "productCode": params["ProductCode"],
+            "publicKeyVersion": params["PublicKeyVersion"],
+            "nonce": params.get("Nonce", ""),
+            "iat": int(time.time()),
+        }
+        fault = self.config.token_fault
+        key: Any = self.key
+        alg = "PS256"
+        if fault == "wrong_nonce":
+            claims["nonce"] = "not-" + str(claims["nonce"])
+        elif fault == "no_nonce":
+            del claims["nonce"]
+        elif fault == "wrong_product":
+            claims["productCode"] = "some-other-product"
+        elif fault == "wrong_version":
+            claims["publicKeyVersion"] = int(claims["publicKeyVersion"]) + 1
+        elif fault == "future_iat":
+            claims["iat"] += 86400
+        elif fault == "rs256":
+            alg = "RS256"
+        elif fault == "other_key":
+            self._other_key = self._other_key or _new_key()
+            key = self._other_key
+        if fault == "alg_none":
+            return jwt.encode(claims, None, algorithm="none")
+        token = jwt.encode(claims, key, algorithm=alg)
+        if fault == "tamper":
+            head, payload, sig = token.split(".")
+            token = f"{head}.{payload}.{sig[:-4]}{'AAAA' if sig[-4:] != 'AAAA' else 'BBBB'}"
+        return token
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"config": asdict(self.config), "calls": list(self.calls)}
+
+
+def _error(code: str, message: str) -> tuple[int, dict[str, Any]]:
+    status = 500 if code == "InternalServiceErrorException" else 400
+    return status, {"__type": code, "message": message}
+
+
+def _scope(auth: str) -> tuple[str, str | None, str | None]:
+    """(access key id, region, service) from a SigV4 Authorization header."""
+    marker = "Credential="
+    if marker not in auth:
+        return "anonymous", None, None
+    scope = auth.split(marker, 1)[1].split(",", 1)[0].split("/")
+    if len(scope) < 5:
+        return scope[0] or "anonymous", None, None
+    return scope[0], scope[2], scope[3]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    timeout = 30
+    server: EmulatorServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(min(length, 1 << 20))
+
+    def _json(self, status: int, payload: Any, content_type: str = "application/json") -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:
+        body = self._body()
+        emulator = self.server.emulator
+        if self.path == "/_emulator/config":
+            try:
+                emulator.reconfigure(json.loads(body or b"{}"))
+            except (ValueError, TypeError) as exc:
+                return self._json(400, {"error": str(exc)})
+            return self._json(200, emulator.snapshot()["config"])
+        if self.path == "/_emulator/reset":
+            emulator.reset()
+            return self._json(200, {"reset": True})
+        status, payload = emulator.handle(
+            self.headers.get("X-Amz-Target", ""), body, self.headers.get("Authorization", "")
+        )
+        if payload is None:
+            # SO_LINGER 0: closing sends RST, as a dropped connection or a proxy reset would.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            return None
+        self._json(status, payload, "application/x-amz-json-1.1")
+        return None
+
+    def do_GET(self) -> None:
+        if self.path == "/_emulator/calls":
+            return self._json(200, self.server.emulator.snapshot()["calls"])
+        if self.path == "/_emulator/public-key":
+            data = self.server.emulator.public_pem().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-pem-file")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return None
+        return self._json(404, {"error": "not found"})
+
+
+class EmulatorServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, emulator: Emulator, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.emulator = emulator
+        super().__init__((host, port), _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> EmulatorServer:
+        threading.Thread(target=self.serve_forever, args=(0.2,), daemon=True,
+                         name="emulator").start()
+        return self

@@ -1,0 +1,77 @@
+"""The AWS Marketplace Metering Service, through boto3. The only module that imports boto3.
+
+botocore's own retries are switched off (one attempt per call): the registrar is the single
+retry layer, so every attempt is visible in the state, the logs and the call count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sidecar.errors import ErrorInfo, classify
+
+if TYPE_CHECKING:
+    from mypy_boto3_meteringmarketplace import MarketplaceMeteringClient
+
+
+class AwsCallError(Exception):
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(f"{info.code}: {info.message}")
+        self.info = info
+
+
+@dataclass(frozen=True)
+class Registration:
+    signature: str
+    rotation_at: float | None
+    request_id: str | None
+
+
+class MeteringGateway:
+    def __init__(self, region: str, timeout: float) -> None:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            retries={"mode": "standard", "total_max_attempts": 1},
+            connect_timeout=min(timeout, 5.0),
+            read_timeout=timeout,
+            user_agent_extra="marketplace-sidecar",
+        )
+        self._client: MarketplaceMeteringClient = boto3.client(
+            "meteringmarketplace", region_name=region, config=config
+        )
+
+    @property
+    def endpoint(self) -> str:
+        return str(self._client.meta.endpoint_url)
+
+    def register_usage(self, product_code: str, version: int, nonce: str) -> Registration:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            resp = self._client.register_usage(
+                ProductCode=product_code, PublicKeyVersion=version, Nonce=nonce
+            )
+        except ClientError as exc:
+            raise AwsCallError(_client_error(exc.response)) from None
+        except BotoCoreError as exc:
+            raise AwsCallError(classify(type(exc).__name__, str(exc))) from None
+        rotation = resp.get("PublicKeyRotationTimestamp")
+        return Registration(
+            signature=resp["Signature"],
+            rotation_at=rotation.timestamp() if rotation is not None else None,
+            request_id=resp.get("ResponseMetadata", {}).get("RequestId"),
+        )
+
+
+def _client_error(response: Any) -> ErrorInfo:
+    error = response.get("Error", {})
+    meta = response.get("ResponseMetadata", {})
+    return classify(
+        str(error.get("Code") or "Unknown"),
+        str(error.get("Message") or ""),
+        http_status=meta.get("HTTPStatusCode"),
+        request_id=meta.get("RequestId"),
+    )
