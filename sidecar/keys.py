@@ -41,9 +41,9 @@ def load_public_key(pem: str | bytes) -> RSAPublicKey:
         ) from exc
     if not isinstance(key, RSAPublicKey):
         raise UnusableKeyError(f"must be an RSA key (PS256), got {type(key).__name__}")
-    if key.key_size < MIN_RSA_BITS:
-        raise UnusableKeyError(f"RSA key is {key.key_size} bits; at least {MIN_RSA_BITS} are required")
     denied = DENIED_FINGERPRINTS.get(fingerprint(key))
     if denied:
         raise UnusableKeyError(f"refused: {denied}; use the key from your AMMP product page")
+    if key.key_size < MIN_RSA_BITS:
+        raise UnusableKeyError(f"RSA key is {key.key_size} bits; at least {MIN_RSA_BITS} are required")
     return key
