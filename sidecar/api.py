@@ -24,6 +24,7 @@ from sidecar.state import Snapshot
 MAX_BODY_BYTES = 4096
 MAX_NONCE_CHARS = 255
 IDLE_TIMEOUT_SECONDS = 30.0
+PROBE_IDLE_TIMEOUT_SECONDS = 5.0  # kubelet opens one connection per probe
 _BUSY_BODY = b'{"error":{"code":"busy","message":"too many open connections"}}'
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -161,10 +162,14 @@ class Router:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # keep-alive without 40 ms Nagle/delayed-ACK stalls
-    timeout = IDLE_TIMEOUT_SECONDS  # idle or slow clients lose their connection, not a probe
+    timeout = IDLE_TIMEOUT_SECONDS  # replaced per server in setup(): idle clients are cut off
     server_version = f"marketplace-sidecar/{__version__}"
     sys_version = ""
     server: LocalServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass
@@ -173,6 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
         """Malformed HTTP (400, 414, 431, 501...) as JSON, then close."""
         status = HTTPStatus(code)
         self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # else the stdlib writes no status line at all
         self._send(Reply(code, {"error": {"code": status.phrase.lower().replace(" ", "_"),
                                           "message": message or status.description}}))
 
@@ -221,8 +228,15 @@ class LocalServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], router: Router, max_connections: int) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        router: Router,
+        max_connections: int,
+        idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+    ) -> None:
         self.router = router
+        self.idle_timeout = idle_timeout
         self._slots = threading.BoundedSemaphore(max_connections)
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family

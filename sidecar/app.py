@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from sidecar import __version__, logs
-from sidecar.api import LocalServer, Router
+from sidecar.api import PROBE_IDLE_TIMEOUT_SECONDS, LocalServer, Router
 from sidecar.backoff import Backoff
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import ENDPOINT_ENV, Settings, describe
@@ -117,7 +117,7 @@ class Daemon:
                                Router(self.registrar, self.health), API_MAX_CONNECTIONS)
         self.probe = LocalServer(parse_hostport(settings.probe_listen),
                                  Router(self.registrar, self.health, probe_only=True),
-                                 PROBE_MAX_CONNECTIONS)
+                                 PROBE_MAX_CONNECTIONS, PROBE_IDLE_TIMEOUT_SECONDS)
 
     def health(self) -> str | None:
         return self._crash

@@ -38,7 +38,10 @@ TOKEN_FAULTS = (
 
 @dataclass
 class Fault:
-    """Fail with `error` on calls number after+1 .. after+first, or at `rate` (0..1)."""
+    """Fail with `error` on calls after+1 .. after+first, or at `rate` (0..1) after `after`.
+
+    Calls are counted from the moment the fault is configured; the first fault that fires wins.
+    """
 
     error: str
     first: int = 0
@@ -155,9 +158,10 @@ class Emulator:
             return _error("UnknownOperationException", f"unknown operation {op!r}")
         if self._bucket is not None and self._bucket.take(time.monotonic()) > 0:
             return _error("ThrottlingException", "Rate exceeded")
-        for fault in cfg.faults:
-            if fault.fires(self._rng):
-                return (0, None) if fault.error == RESET else _error(fault.error, "injected fault")
+        fired = [f for f in cfg.faults if f.fires(self._rng)]  # every fault counts every call
+        if fired:
+            error = fired[0].error
+            return (0, None) if error == RESET else _error(error, "injected fault")
         from botocore.validate import ParamValidator
 
         report = ParamValidator().validate(params, self._model.operation_model(op).input_shape)

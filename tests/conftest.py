@@ -6,7 +6,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.emulator import Emulator, EmulatorServer
-from tests.helpers import Sidecar, loopback_env, new_key, start_sidecar
+from tests.helpers import Launch, Sidecar, loopback_env, new_key, start_sidecar
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +39,7 @@ def sidecars(emulator_server: EmulatorServer) -> Iterator[list[Sidecar]]:
 @pytest.fixture
 def launch(
     emulator_server: EmulatorServer, emulator: Emulator, sidecars: list[Sidecar]
-) -> object:
+) -> Launch:
     def _launch(**env: str) -> Sidecar:
         base = loopback_env(
             emulator_server.url, MARKETPLACE_PUBLIC_KEY=emulator.public_pem()

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 import requests
@@ -166,3 +166,7 @@ def start_sidecar(env: dict[str, str], *, wait: bool = True) -> Sidecar:
         car.stop()
         raise AssertionError("sidecar did not start")
     return car
+
+
+class Launch(Protocol):
+    def __call__(self, **env: str) -> Sidecar: ...

@@ -1,0 +1,167 @@
+"""The real `marketplace-sidecar run` process against the emulator, over loopback HTTP."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import jwt
+import pytest
+
+from sidecar.emulator import TOKEN_FAULTS, Emulator
+from tests.helpers import Launch
+
+
+def test_entitled_start_serves_a_verified_token(launch: Launch, emulator: Emulator) -> None:
+    car = launch()
+    doc = car.wait_for(lambda d: d["state"] == "entitled")
+    assert doc["entitled"] is True and doc["error"] is None
+    claims = jwt.decode(doc["token"], emulator.key.public_key(), algorithms=["PS256"])
+    assert claims == doc["claims"]
+    assert claims["nonce"] == emulator.calls[-1]["nonce"]
+    assert car.get("/readyz", probe=True).status_code == 200
+    assert car.get("/healthz", probe=True).json()["status"] == "ok"
+    assert doc["next_registration_at"] is not None
+
+
+@pytest.mark.parametrize(
+    ("setting", "code", "kind"),
+    [
+        ({"entitled": False}, "CustomerNotEntitledException", "entitlement"),
+        ({"platform_supported": False}, "PlatformNotSupportedException", "platform"),
+        ({"product_codes": ["someone-else"]}, "InvalidProductCodeException", "configuration"),
+        ({"key_versions": [2]}, "InvalidPublicKeyVersionException", "configuration"),
+        ({"region": "eu-west-1"}, "InvalidRegionException", "configuration"),
+        ({"faults": [{"error": "AccessDeniedException", "first": 1}]}, "AccessDeniedException",
+         "configuration"),
+    ],
+)
+def test_terminal_first_call_is_not_entitled_with_the_real_error(
+    launch: Launch, emulator: Emulator, setting: dict[str, object], code: str, kind: str
+) -> None:
+    emulator.reconfigure(setting)
+    car = launch()
+    doc = car.wait_for(lambda d: d["state"] == "not_entitled")
+    assert (doc["error"]["code"], doc["error"]["kind"]) == (code, kind)
+    assert doc["error"]["hint"] and doc["token"] is None
+    ready = car.get("/readyz", probe=True)
+    assert ready.status_code == 503 and ready.json()["error"]["code"] == code
+    assert car.get("/healthz", probe=True).status_code == 200  # no restart loop
+    time.sleep(0.5)
+    assert len(emulator.calls) == 1  # AWS: terminate on non-throttling start-up errors
+
+
+def test_throttling_and_5xx_at_start_are_retried_until_entitled(
+    launch: Launch, emulator: Emulator
+) -> None:
+    emulator.reconfigure({"faults": [
+        {"error": "ThrottlingException", "first": 2},
+        {"error": "InternalServiceErrorException", "first": 1, "after": 2},
+        {"error": "ConnectionReset", "first": 1, "after": 3},
+    ]})
+    car = launch()
+    doc = car.wait_for(lambda d: d["state"] == "entitled")
+    codes = [c["code"] for c in emulator.calls]
+    assert codes == ["ThrottlingException", "ThrottlingException",
+                     "InternalServiceErrorException", "ConnectionReset", "ok"]
+    assert doc["consecutive_failures"] == 0
+
+
+def test_registering_state_is_visible_while_retrying(launch: Launch, emulator: Emulator) -> None:
+    emulator.reconfigure({"faults": [{"error": "ThrottlingException", "rate": 1.0}]})
+    car = launch(MARKETPLACE_BACKOFF_BASE_SECONDS="0.2", MARKETPLACE_BACKOFF_CAP_SECONDS="0.2")
+    doc = car.wait_for(lambda d: d["consecutive_failures"] >= 2)
+    assert doc["state"] == "registering" and doc["error"]["retryable"] is True
+    assert car.get("/readyz", probe=True).status_code == 503
+
+
+def test_gives_up_at_the_deadline(launch: Launch, emulator: Emulator) -> None:
+    emulator.reconfigure({"faults": [{"error": "InternalServiceErrorException", "rate": 1.0}]})
+    car = launch(MARKETPLACE_REGISTER_DEADLINE_SECONDS="1")
+    doc = car.wait_for(lambda d: d["state"] == "not_entitled", timeout=5)
+    assert doc["error"]["code"] == "InternalServiceErrorException"
+    calls = len(emulator.calls)
+    time.sleep(0.6)
+    assert len(emulator.calls) == calls
+
+
+def test_reregistration_failure_is_degraded_then_entitled_again(
+    launch: Launch, emulator: Emulator
+) -> None:
+    car = launch(MARKETPLACE_REGISTER_INTERVAL_SECONDS="1", MARKETPLACE_REGISTER_JITTER="0")
+    car.wait_for(lambda d: d["state"] == "entitled")
+    emulator.reconfigure({"faults": [{"error": "InternalServiceErrorException", "rate": 1.0}]})
+    doc = car.wait_for(lambda d: d["state"] == "degraded", timeout=5)
+    assert doc["entitled"] is True and doc["token"] is not None
+    assert car.get("/readyz", probe=True).status_code == 200
+    emulator.reconfigure({"faults": []})
+    doc = car.wait_for(lambda d: d["state"] == "entitled" and d["consecutive_failures"] == 0,
+                       timeout=5)
+
+
+def test_unsubscribe_after_start_is_not_a_revocation(launch: Launch, emulator: Emulator) -> None:
+    car = launch(MARKETPLACE_REGISTER_INTERVAL_SECONDS="1", MARKETPLACE_REGISTER_JITTER="0")
+    car.wait_for(lambda d: d["state"] == "entitled")
+    emulator.reconfigure({"entitled": False})
+    time.sleep(1.5)
+    assert car.entitlement()["state"] == "entitled"
+
+
+@pytest.mark.parametrize("fault", TOKEN_FAULTS)
+def test_a_bad_token_is_never_entitled(launch: Launch, emulator: Emulator, fault: str) -> None:
+    emulator.reconfigure({"token_fault": fault})
+    car = launch()
+    doc = car.wait_for(lambda d: d["state"] == "not_entitled")
+    assert doc["error"]["code"].startswith("TokenVerificationFailed:")
+    assert doc["error"]["kind"] == "verification" and doc["token"] is None
+    assert doc["entitled"] is False
+
+
+def test_a_bad_token_on_reregistration_is_not_entitled(
+    launch: Launch, emulator: Emulator
+) -> None:
+    car = launch(MARKETPLACE_REGISTER_INTERVAL_SECONDS="1", MARKETPLACE_REGISTER_JITTER="0")
+    car.wait_for(lambda d: d["state"] == "entitled")
+    emulator.reconfigure({"token_fault": "other_key"})
+    doc = car.wait_for(lambda d: d["state"] == "not_entitled", timeout=5)
+    assert doc["error"]["code"] == "TokenVerificationFailed:bad_signature"
+    assert car.get("/readyz", probe=True).status_code == 503
+
+
+def test_key_rotation_is_a_warning(launch: Launch, emulator: Emulator) -> None:
+    emulator.reconfigure({"rotation_at": 1_800_000_000})
+    doc = launch().wait_for(lambda d: d["state"] == "entitled")
+    assert any("PUBLIC_KEY_VERSION" in w for w in doc["warnings"])
+
+
+def test_sigterm_stops_within_two_seconds_with_exit_0(launch: Launch) -> None:
+    car = launch()
+    car.wait_for(lambda d: d["state"] == "entitled")
+    started = time.monotonic()
+    car.proc.send_signal(signal.SIGTERM)
+    assert car.proc.wait(timeout=5) == 0
+    assert time.monotonic() - started < 2.0
+
+
+def test_sigint_during_a_slow_call_stops_quickly(launch: Launch, emulator: Emulator) -> None:
+    emulator.reconfigure({"latency": 3.0})
+    car = launch()
+    time.sleep(0.3)
+    started = time.monotonic()
+    car.proc.send_signal(signal.SIGINT)
+    assert car.proc.wait(timeout=5) == 0
+    assert time.monotonic() - started < 2.0
+
+
+def test_logs_are_json_and_never_contain_the_token(launch: Launch, emulator: Emulator) -> None:
+    import json
+
+    car = launch()
+    token = car.wait_for(lambda d: d["state"] == "entitled")["token"]
+    car.stop()
+    lines = [json.loads(line) for line in car.logs().splitlines() if line.strip()]
+    events = [line["event"] for line in lines]
+    assert {"starting", "registered", "state_changed", "stopping"} <= set(events)
+    text = json.dumps(lines)
+    assert token not in text and token.split(".")[2] not in text
+    assert "BEGIN PUBLIC KEY" not in text
