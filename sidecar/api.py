@@ -7,6 +7,7 @@ mistakes get JSON 4xx answers, never 500.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -43,6 +44,12 @@ class Reply:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    encoded: bytes | None = None  # pre-serialised `body`, when the router caches it
+
+    def payload(self) -> bytes:
+        if self.encoded is not None:
+            return self.encoded
+        return json.dumps(self.body, separators=(",", ":")).encode()
 
 
 def _problem(status: HTTPStatus, code: str, message: str, **headers: str) -> Reply:
@@ -61,6 +68,7 @@ class Router:
     ) -> None:
         self._registrar = registrar
         self._health = health
+        self._cached: tuple[Snapshot, Reply] | None = None
         routes: dict[str, dict[str, Callable[[bytes], Reply]]] = {
             "/healthz": {"GET": self._healthz},
             "/readyz": {"GET": self._readyz},
@@ -108,7 +116,14 @@ class Router:
         return Reply(200 if snap.entitled else 503, body)
 
     def _entitlement(self, _: bytes) -> Reply:
-        return Reply(200, self.describe(self._registrar.machine.snapshot()))
+        # Snapshots are immutable: serialise each one once, not on every poll.
+        snap = self._registrar.machine.snapshot()
+        cached = self._cached
+        if cached is None or cached[0] is not snap:
+            body = self.describe(snap)
+            reply = Reply(200, body, encoded=json.dumps(body, separators=(",", ":")).encode())
+            self._cached = cached = (snap, reply)
+        return cached[1]
 
     def _challenge(self, body: bytes) -> Reply:
         try:
@@ -168,10 +183,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: LocalServer
 
     def setup(self) -> None:
-        self.timeout = self.server.idle_timeout
         super().setup()
+        self.connection.settimeout(self.server.idle_timeout)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -180,11 +195,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
             self.request_version = "HTTP/1.0"  # else the stdlib writes no status line at all
-        self._send(Reply(code, {"error": {"code": status.phrase.lower().replace(" ", "_"),
-                                          "message": message or status.description}}))
+        self._send(
+            Reply(
+                code,
+                {
+                    "error": {
+                        "code": status.phrase.lower().replace(" ", "_"),
+                        "message": message or status.description,
+                    }
+                },
+            )
+        )
 
     def _send(self, reply: Reply) -> None:
-        payload = json.dumps(reply.body, separators=(",", ":")).encode()
+        payload = reply.payload()
         self.send_response(reply.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -203,24 +227,39 @@ class _Handler(BaseHTTPRequestHandler):
         body = b""
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
-            return self._send(_problem(HTTPStatus.LENGTH_REQUIRED, "length_required",
-                                       "send a Content-Length; chunked bodies are not accepted"))
+            return self._send(
+                _problem(
+                    HTTPStatus.LENGTH_REQUIRED,
+                    "length_required",
+                    "send a Content-Length; chunked bodies are not accepted",
+                )
+            )
         length_text = self.headers.get("Content-Length", "0")
         if not length_text.isdigit():
             self.close_connection = True
-            return self._send(_problem(HTTPStatus.BAD_REQUEST, "bad_content_length",
-                                       "Content-Length must be a non-negative integer"))
+            return self._send(
+                _problem(
+                    HTTPStatus.BAD_REQUEST,
+                    "bad_content_length",
+                    "Content-Length must be a non-negative integer",
+                )
+            )
         length = int(length_text)
         if length > MAX_BODY_BYTES:
             self.close_connection = True  # the unread body must not be parsed as a request
-            return self._send(_problem(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "too_large",
-                                       f"request body is limited to {MAX_BODY_BYTES} bytes"))
+            return self._send(
+                _problem(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    "too_large",
+                    f"request body is limited to {MAX_BODY_BYTES} bytes",
+                )
+            )
         if length:
             body = self.rfile.read(length)
         self._send(router.handle(self.command, path, body))
         return None
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch  # noqa: N815
 
 
 class LocalServer(ThreadingHTTPServer):
@@ -245,10 +284,8 @@ class LocalServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         """Cap concurrent connections so a flood cannot exhaust threads or memory."""
         if not self._slots.acquire(blocking=False):
-            try:
+            with contextlib.suppress(OSError):
                 request.sendall(_BUSY)
-            except OSError:
-                pass
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)

@@ -15,6 +15,7 @@ SIGTERM or SIGINT sets one stop event; the servers close and the process exits 0
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -69,8 +70,14 @@ def aws_gateway(settings: Settings) -> Callable[[], Gateway]:
             gateway = MeteringGateway(region, settings.aws_timeout_seconds)
         except Exception as exc:  # botocore setup errors are configuration problems
             raise GatewaySetupError(classify(type(exc).__name__, str(exc))) from None
-        log.info("aws_client", extra={"region": region, "region_source": source,
-                                      "endpoint": gateway.endpoint})
+        log.info(
+            "aws_client",
+            extra={"region": region, "region_source": source, "endpoint": gateway.endpoint},
+        )
+        # botocore's models live as long as the process: keep the cyclic GC from re-scanning
+        # them on every full collection while the API serves polls.
+        gc.collect()
+        gc.freeze()
         return gateway
 
     return factory
@@ -81,11 +88,15 @@ def credential_warnings(env: Mapping[str, str]) -> list[str]:
     irsa = env.get("AWS_ROLE_ARN") and env.get("AWS_WEB_IDENTITY_TOKEN_FILE")
     pod_identity = "169.254.170.23" in env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI", "")
     if pod_identity and not irsa:
-        return ["EKS Pod Identity credentials detected: AWS Marketplace metering does not accept "
-                "them; use IRSA (serviceAccount annotation eks.amazonaws.com/role-arn)"]
+        return [
+            "EKS Pod Identity credentials detected: AWS Marketplace metering does not accept "
+            "them; use IRSA (serviceAccount annotation eks.amazonaws.com/role-arn)"
+        ]
     if env.get("AWS_ACCESS_KEY_ID") and not env.get(ENDPOINT_ENV):
-        return ["static AWS access keys in the environment: AWS Marketplace metering expects the "
-                "ECS task role or IRSA, and AWS advises against keys in containers"]
+        return [
+            "static AWS access keys in the environment: AWS Marketplace metering expects the "
+            "ECS task role or IRSA, and AWS advises against keys in containers"
+        ]
     return []
 
 
@@ -113,11 +124,17 @@ class Daemon:
         )
         self._crash: str | None = None
         self._worker = threading.Thread(target=self._work, name="registrar", daemon=True)
-        self.api = LocalServer(parse_hostport(settings.listen),
-                               Router(self.registrar, self.health), API_MAX_CONNECTIONS)
-        self.probe = LocalServer(parse_hostport(settings.probe_listen),
-                                 Router(self.registrar, self.health, probe_only=True),
-                                 PROBE_MAX_CONNECTIONS, PROBE_IDLE_TIMEOUT_SECONDS)
+        self.api = LocalServer(
+            parse_hostport(settings.listen),
+            Router(self.registrar, self.health),
+            API_MAX_CONNECTIONS,
+        )
+        self.probe = LocalServer(
+            parse_hostport(settings.probe_listen),
+            Router(self.registrar, self.health, probe_only=True),
+            PROBE_MAX_CONNECTIONS,
+            PROBE_IDLE_TIMEOUT_SECONDS,
+        )
 
     def health(self) -> str | None:
         return self._crash

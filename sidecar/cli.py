@@ -34,8 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     em = sub.add_parser("emulator", help="run the Metering Service emulator")
     em.add_argument("--listen", default="127.0.0.1:8790")
     em.add_argument("--write-public-key", metavar="PATH", help="write the signing key's PEM here")
-    em.add_argument("--not-entitled", action="store_true",
-                    help="answer CustomerNotEntitledException to each pod's first call")
+    em.add_argument(
+        "--not-entitled",
+        action="store_true",
+        help="answer CustomerNotEntitledException to each pod's first call",
+    )
     em.add_argument("--throttle-rps", type=float, help="token-bucket throttle, requests/s")
     em.add_argument("--region", help="only accept calls signed for this region")
     dm = sub.add_parser("demo", help="emulator + sidecar together, no AWS account needed")
@@ -128,15 +131,19 @@ def _emulator(args: argparse.Namespace) -> int:
     from sidecar.netaddr import parse_hostport
 
     host, port = parse_hostport(args.listen)
-    config = EmulatorConfig(entitled=not args.not_entitled, throttle_rps=args.throttle_rps,
-                            region=args.region)
+    config = EmulatorConfig(
+        entitled=not args.not_entitled, throttle_rps=args.throttle_rps, region=args.region
+    )
     emulator = Emulator(config)
     if args.write_public_key:
         with open(args.write_public_key, "w") as f:
             f.write(emulator.public_pem())
     server = EmulatorServer(emulator, host, port)
-    print(f"emulator listening on {server.url} "
-          f"(export AWS_ENDPOINT_URL_MARKETPLACE_METERING={server.url})", flush=True)
+    print(
+        f"emulator listening on {server.url} "
+        f"(export AWS_ENDPOINT_URL_MARKETPLACE_METERING={server.url})",
+        flush=True,
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

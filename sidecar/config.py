@@ -46,12 +46,10 @@ class Settings(BaseSettings):
     public_key: str | None = None
     public_key_file: Path | None = None
     listen: str = "127.0.0.1:8787"
-    probe_listen: str = "0.0.0.0:8788"  # noqa: S104 - kubelet probes come from the node
+    probe_listen: str = "0.0.0.0:8788"
     register_interval_seconds: float = Field(3600.0, ge=1.0, le=86400.0)
     register_jitter: float = Field(0.1, ge=0.0, le=0.5)
-    register_deadline_seconds: float = Field(
-        3600.0, ge=1.0, le=REGISTRATION_WINDOW_SECONDS - 600
-    )
+    register_deadline_seconds: float = Field(3600.0, ge=1.0, le=REGISTRATION_WINDOW_SECONDS - 600)
     backoff_base_seconds: float = Field(1.0, gt=0.0, le=60.0)
     backoff_cap_seconds: float = Field(60.0, gt=0.0, le=900.0)
     aws_timeout_seconds: float = Field(10.0, gt=0.0, le=120.0)
@@ -102,10 +100,10 @@ def load() -> tuple[Settings, dict[int, RSAPublicKey]]:
     try:
         settings = Settings()  # type: ignore[call-arg]  # product_code comes from the env
     except ValidationError as exc:
-        problems = _format(exc)
+        found = _format(exc)
         if not any(os.environ.get(f"{PREFIX}{n}") for n in ("PUBLIC_KEY", "PUBLIC_KEY_FILE")):
-            problems.append(_NO_KEY)  # the model check does not run when a field failed
-        raise ConfigError(list(dict.fromkeys(problems))) from None
+            found.append(_NO_KEY)  # the model check does not run when a field failed
+        raise ConfigError(list(dict.fromkeys(found))) from None
     problems: list[str] = []
     keys: dict[int, RSAPublicKey] = {}
     source = "PUBLIC_KEY_FILE" if settings.public_key_file else "PUBLIC_KEY"

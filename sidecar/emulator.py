@@ -31,8 +31,15 @@ SIGNING_NAME = "aws-marketplace"
 ENTITLEMENT_ERRORS = ("CustomerNotEntitledException", "PlatformNotSupportedException")
 RESET = "ConnectionReset"  # pseudo error: drop the connection without an answer
 TOKEN_FAULTS = (
-    "tamper", "wrong_nonce", "wrong_product", "wrong_version", "rs256", "alg_none",
-    "future_iat", "other_key", "no_nonce",
+    "tamper",
+    "wrong_nonce",
+    "wrong_product",
+    "wrong_version",
+    "rs256",
+    "alg_none",
+    "future_iat",
+    "other_key",
+    "no_nonce",
 )
 
 
@@ -93,9 +100,13 @@ class Emulator:
     # -- configuration -------------------------------------------------------------------
 
     def public_pem(self) -> str:
-        return self.key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode()
+        return (
+            self.key.public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode()
+        )
 
     def reconfigure(self, changes: dict[str, Any]) -> None:
         known = {f.name for f in fields(EmulatorConfig)}
@@ -143,11 +154,16 @@ class Emulator:
             time.sleep(latency)
         with self._lock:
             status, payload = self._dispatch(op, params, pod, region, service)
-            self.calls.append({
-                "op": op or target, "pod": pod, "nonce": params.get("Nonce"),
-                "status": status, "code": (payload or {}).get("__type", "ok" if status else RESET),
-                "at": time.time(),
-            })
+            self.calls.append(
+                {
+                    "op": op or target,
+                    "pod": pod,
+                    "nonce": params.get("Nonce"),
+                    "status": status,
+                    "code": (payload or {}).get("__type", "ok" if status else RESET),
+                    "at": time.time(),
+                }
+            )
         return status, payload
 
     def _dispatch(
@@ -164,7 +180,9 @@ class Emulator:
             return (0, None) if error == RESET else _error(error, "injected fault")
         from botocore.validate import ParamValidator
 
-        report = ParamValidator().validate(params, self._model.operation_model(op).input_shape)
+        shape = self._model.operation_model(op).input_shape
+        assert shape is not None
+        report = ParamValidator().validate(params, shape)
         if report.has_errors():
             return _error("ValidationException", report.generate_report())
         if service is not None and service != SIGNING_NAME:
@@ -223,7 +241,7 @@ class Emulator:
             self._other_key = self._other_key or _new_key()
             key = self._other_key
         if fault == "alg_none":
-            return jwt.encode(claims, None, algorithm="none")
+            return jwt.encode(claims, None, algorithm="none")  # type: ignore[arg-type]
         token = jwt.encode(claims, key, algorithm=alg)
         if fault == "tamper":
             head, payload, sig = token.split(".")
@@ -257,7 +275,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 30
     server: EmulatorServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _body(self) -> bytes:
@@ -322,9 +340,10 @@ class EmulatorServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> EmulatorServer:
-        threading.Thread(target=self.serve_forever, args=(0.2,), daemon=True,
-                         name="emulator").start()
+        threading.Thread(
+            target=self.serve_forever, args=(0.2,), daemon=True, name="emulator"
+        ).start()
         return self

@@ -132,7 +132,11 @@ def classify(
     message = message[:500]
     if code in RETRYABLE_CODES or code in TRANSPORT_CODES:
         return ErrorInfo(code, message, _TRANSIENT_HINT, "transient", True, request_id)
-    if code not in _KNOWN and http_status is not None and (http_status >= 500 or http_status == 429):
+    if (
+        code not in _KNOWN
+        and http_status is not None
+        and (http_status >= 500 or http_status == 429)
+    ):
         return ErrorInfo(code, message, _TRANSIENT_HINT, "transient", True, request_id)
     kind, hint = _KNOWN.get(code, ("aws", "AWS refused the call; see the message"))
     return ErrorInfo(code, message, hint, kind, False, request_id)

@@ -45,5 +45,7 @@ def load_public_key(pem: str | bytes) -> RSAPublicKey:
     if denied:
         raise UnusableKeyError(f"refused: {denied}; use the key from your AMMP product page")
     if key.key_size < MIN_RSA_BITS:
-        raise UnusableKeyError(f"RSA key is {key.key_size} bits; at least {MIN_RSA_BITS} are required")
+        raise UnusableKeyError(
+            f"RSA key is {key.key_size} bits; at least {MIN_RSA_BITS} are required"
+        )
     return key

@@ -9,7 +9,7 @@ import sys
 
 from sidecar.netaddr import connect_host, parse_hostport
 
-DEFAULT_PROBE_LISTEN = "0.0.0.0:8788"  # noqa: S104 - same default as the daemon
+DEFAULT_PROBE_LISTEN = "0.0.0.0:8788"
 
 
 def probe(path: str = "/readyz", address: str | None = None, timeout: float = 2.0) -> int:

@@ -12,7 +12,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
@@ -57,7 +57,7 @@ class Policy:
     interval: float = 3600.0
     jitter: float = 0.1
     deadline: float = 3600.0
-    backoff: Backoff = Backoff()
+    backoff: Backoff = field(default_factory=Backoff)
     clock_skew: float = 300.0
     challenge_rate: float = 1.0
     challenge_burst: int = 3
@@ -146,21 +146,35 @@ class Registrar:
             log.log(
                 logging.WARNING if snap.state is not State.NOT_ENTITLED else logging.ERROR,
                 "register_failed",
-                extra={"code": error.code, "kind": error.kind, "request_id": error.request_id,
-                       "state": snap.state.value, "failures": snap.consecutive_failures},
+                extra={
+                    "code": error.code,
+                    "kind": error.kind,
+                    "request_id": error.request_id,
+                    "state": snap.state.value,
+                    "failures": snap.consecutive_failures,
+                },
             )
         else:
             snap = self.machine.succeeded(reg.signature, claims, now, reg.rotation_at)
             log.info(
                 "registered",
-                extra={"state": snap.state.value, "request_id": reg.request_id,
-                       "token_sha256": token_fingerprint(reg.signature)},
+                extra={
+                    "state": snap.state.value,
+                    "request_id": reg.request_id,
+                    "token_sha256": token_fingerprint(reg.signature),
+                },
             )
             for warning in snap.warnings:
                 log.warning("key_rotation", extra={"detail": warning})
         if snap.state is not before:
-            log.info("state_changed", extra={"from": before.value, "to": snap.state.value,
-                                             "code": error.code if error else None})
+            log.info(
+                "state_changed",
+                extra={
+                    "from": before.value,
+                    "to": snap.state.value,
+                    "code": error.code if error else None,
+                },
+            )
         return error
 
     # -- loops ---------------------------------------------------------------------------
@@ -175,7 +189,9 @@ class Registrar:
                 return
             period = jittered(self.policy.interval, self.policy.jitter, self._rng)
             if snap.error is not None and snap.error.retryable:
-                period = min(period, self.policy.backoff.delay(snap.consecutive_failures, self._rng))
+                period = min(
+                    period, self.policy.backoff.delay(snap.consecutive_failures, self._rng)
+                )
             self.machine.scheduled(self._clock.time() + period)
             if self._clock.wait(self._stop, period):
                 return

@@ -37,13 +37,9 @@ def sidecars(emulator_server: EmulatorServer) -> Iterator[list[Sidecar]]:
 
 
 @pytest.fixture
-def launch(
-    emulator_server: EmulatorServer, emulator: Emulator, sidecars: list[Sidecar]
-) -> Launch:
+def launch(emulator_server: EmulatorServer, emulator: Emulator, sidecars: list[Sidecar]) -> Launch:
     def _launch(**env: str) -> Sidecar:
-        base = loopback_env(
-            emulator_server.url, MARKETPLACE_PUBLIC_KEY=emulator.public_pem()
-        )
+        base = loopback_env(emulator_server.url, MARKETPLACE_PUBLIC_KEY=emulator.public_pem())
         base.update(env)
         car = start_sidecar(base)
         sidecars.append(car)

@@ -28,9 +28,11 @@ def new_key(bits: int = 2048) -> rsa.RSAPrivateKey:
 
 
 def pem(key: rsa.RSAPrivateKey) -> str:
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
 
 def sign(key: Any, claims: dict[str, Any], alg: str = "PS256", **headers: Any) -> str:

@@ -32,8 +32,14 @@ def raw(url: str, payload: bytes, read: int = 4096) -> tuple[int, dict[str, Any]
                 break
             data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length")), 0)
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            ),
+            0,
+        )
         while len(body) < length:
             body += s.recv(read)
     status = int(head.split(b" ")[1])
@@ -60,8 +66,11 @@ def test_head_and_query_strings(car: Sidecar) -> None:
 def test_oversized_and_chunked_bodies(car: Sidecar) -> None:
     r = requests.post(car.api + "/v1/entitlement/challenge", data=b"x" * 5000, timeout=5)
     assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
-    status, body, _ = raw(car.api, b"POST /v1/entitlement/challenge HTTP/1.1\r\nHost: x\r\n"
-                                   b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    status, body, _ = raw(
+        car.api,
+        b"POST /v1/entitlement/challenge HTTP/1.1\r\nHost: x\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
     assert status == 411 and body["error"]["code"] == "length_required"
 
 
@@ -75,9 +84,7 @@ def test_oversized_and_chunked_bodies(car: Sidecar) -> None:
         b"GET /healthz HTTP/1.1\r\n" + b"X-A: b\r\n" * 150 + b"\r\n",
     ],
 )
-def test_malformed_http_gets_a_json_4xx_or_5xx_protocol_error(
-    car: Sidecar, payload: bytes
-) -> None:
+def test_malformed_http_gets_a_json_4xx_or_5xx_protocol_error(car: Sidecar, payload: bytes) -> None:
     status, body, _ = raw(car.api, payload)
     assert 400 <= status < 500 or status in (501, 505)
     assert "error" in body

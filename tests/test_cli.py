@@ -17,10 +17,17 @@ from tests.helpers import ROOT, Launch, free_port, loopback_env, new_key, pem, s
 from tests.test_keys import JWT_IO_DEMO_KEY
 
 
-def cli(*args: str, env: dict[str, str] | None = None, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args], env=env, cwd=ROOT, input=stdin,
-        capture_output=True, text=True, timeout=30,
+        [sys.executable, "-m", "sidecar", *args],
+        env=env,
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 
@@ -32,22 +39,47 @@ def test_version() -> None:
     ("env", "expected"),
     [
         ({}, ["MARKETPLACE_PRODUCT_CODE: is required", "MARKETPLACE_PUBLIC_KEY / "]),
-        ({"MARKETPLACE_PRODUCT_CODE": "bad code!", "MARKETPLACE_PUBLIC_KEY_VERSION": "0",
-          "MARKETPLACE_LISTEN": "localhost", "MARKETPLACE_REGISTER_INTERVAL_SECONDS": "soon"},
-         ["MARKETPLACE_PRODUCT_CODE: must be 1-255 characters",
-          "MARKETPLACE_PUBLIC_KEY_VERSION: Input should be greater than or equal to 1",
-          "MARKETPLACE_LISTEN: 'localhost' is not host:port",
-          "MARKETPLACE_REGISTER_INTERVAL_SECONDS: Input should be a valid number"]),
-        ({"MARKETPLACE_PRODUCT_CODE": "p", "MARKETPLACE_PUBLIC_KEY": JWT_IO_DEMO_KEY},
-         ["MARKETPLACE_PUBLIC_KEY: refused: the jwt.io demo key"]),
-        ({"MARKETPLACE_PRODUCT_CODE": "p", "MARKETPLACE_PUBLIC_KEY_FILE": "/nonexistent.pem"},
-         ["MARKETPLACE_PUBLIC_KEY_FILE: cannot read /nonexistent.pem"]),
-        ({"MARKETPLACE_PRODUCT_CODE": "p", "MARKETPLACE_PUBLIC_KEY": "x",
-          "MARKETPLACE_PUBLIC_KEY_FILE": "/k.pem"}, ["set exactly one"]),
-        ({"MARKETPLACE_PRODUCT_CODE": "p", "MARKETPLACE_PUBLIC_KEY": "PEM?",
-          "AWS_ENDPOINT_URL_MARKETPLACE_METERING": "localhost:99"},
-         ["MARKETPLACE_PUBLIC_KEY: not a PEM public key",
-          "AWS_ENDPOINT_URL_MARKETPLACE_METERING: must be an http(s) URL"]),
+        (
+            {
+                "MARKETPLACE_PRODUCT_CODE": "bad code!",
+                "MARKETPLACE_PUBLIC_KEY_VERSION": "0",
+                "MARKETPLACE_LISTEN": "localhost",
+                "MARKETPLACE_REGISTER_INTERVAL_SECONDS": "soon",
+            },
+            [
+                "MARKETPLACE_PRODUCT_CODE: must be 1-255 characters",
+                "MARKETPLACE_PUBLIC_KEY_VERSION: Input should be greater than or equal to 1",
+                "MARKETPLACE_LISTEN: 'localhost' is not host:port",
+                "MARKETPLACE_REGISTER_INTERVAL_SECONDS: Input should be a valid number",
+            ],
+        ),
+        (
+            {"MARKETPLACE_PRODUCT_CODE": "p", "MARKETPLACE_PUBLIC_KEY": JWT_IO_DEMO_KEY},
+            ["MARKETPLACE_PUBLIC_KEY: refused: the jwt.io demo key"],
+        ),
+        (
+            {"MARKETPLACE_PRODUCT_CODE": "p", "MARKETPLACE_PUBLIC_KEY_FILE": "/nonexistent.pem"},
+            ["MARKETPLACE_PUBLIC_KEY_FILE: cannot read /nonexistent.pem"],
+        ),
+        (
+            {
+                "MARKETPLACE_PRODUCT_CODE": "p",
+                "MARKETPLACE_PUBLIC_KEY": "x",
+                "MARKETPLACE_PUBLIC_KEY_FILE": "/k.pem",
+            },
+            ["set exactly one"],
+        ),
+        (
+            {
+                "MARKETPLACE_PRODUCT_CODE": "p",
+                "MARKETPLACE_PUBLIC_KEY": "PEM?",
+                "AWS_ENDPOINT_URL_MARKETPLACE_METERING": "localhost:99",
+            },
+            [
+                "MARKETPLACE_PUBLIC_KEY: not a PEM public key",
+                "AWS_ENDPOINT_URL_MARKETPLACE_METERING: must be an http(s) URL",
+            ],
+        ),
     ],
 )
 def test_bad_config_exits_2_before_binding_with_one_line_per_problem(
@@ -90,39 +122,57 @@ def test_probe_imports_neither_boto3_nor_pydantic() -> None:
         "sys.argv = ['x', 'probe', '--address', '127.0.0.1:9']\n"
         "from sidecar.cli import main\n"
         "main()\n"
-        "bad = [m for m in ('boto3', 'botocore', 'pydantic', 'jwt', 'requests') if m in sys.modules]\n"
+        "heavy = ('boto3', 'botocore', 'pydantic', 'jwt', 'requests')\n"
+        "bad = [m for m in heavy if m in sys.modules]\n"
         "print(','.join(bad) or 'clean')\n"
     )
-    out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True,
-                         text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
     assert out.stdout.strip().splitlines()[-1] == "clean"
 
 
 def test_verify_token_cli(key: object) -> None:
     k = new_key()
-    env = {"PATH": "/usr/bin", "MARKETPLACE_PRODUCT_CODE": "prod-abc",
-           "MARKETPLACE_PUBLIC_KEY": pem(k)}
-    token = sign(k, {"productCode": "prod-abc", "publicKeyVersion": 1, "nonce": "n1",
-                     "iat": int(time.time())})
+    env = {
+        "PATH": "/usr/bin",
+        "MARKETPLACE_PRODUCT_CODE": "prod-abc",
+        "MARKETPLACE_PUBLIC_KEY": pem(k),
+    }
+    token = sign(
+        k,
+        {"productCode": "prod-abc", "publicKeyVersion": 1, "nonce": "n1", "iat": int(time.time())},
+    )
     good = cli("verify-token", "--nonce", "n1", env=env, stdin=token)
     assert good.returncode == 0 and json.loads(good.stdout)["nonce"] == "n1"
     replay = cli("verify-token", "--nonce", "n2", env=env, stdin=token)
     assert replay.returncode == 1 and "nonce_mismatch" in replay.stderr
     unchecked = cli("verify-token", env=env, stdin=token)
     assert unchecked.returncode == 0 and "nonce was not checked" in unchecked.stderr
-    forged = sign(new_key(), {"productCode": "prod-abc", "publicKeyVersion": 1, "nonce": "n1",
-                              "iat": int(time.time())})
+    forged = sign(
+        new_key(),
+        {"productCode": "prod-abc", "publicKeyVersion": 1, "nonce": "n1", "iat": int(time.time())},
+    )
     bad = cli("verify-token", "--nonce", "n1", env=env, stdin=forged)
     assert bad.returncode == 1 and "bad_signature" in bad.stderr
 
 
 def test_demo_runs_emulator_and_sidecar_together() -> None:
     api, probe = free_port(), free_port()
-    env = loopback_env("unused", MARKETPLACE_LISTEN=f"127.0.0.1:{api}",
-                       MARKETPLACE_PROBE_LISTEN=f"127.0.0.1:{probe}")
+    env = loopback_env(
+        "unused",
+        MARKETPLACE_LISTEN=f"127.0.0.1:{api}",
+        MARKETPLACE_PROBE_LISTEN=f"127.0.0.1:{probe}",
+    )
     del env["AWS_ENDPOINT_URL_MARKETPLACE_METERING"]
-    proc = subprocess.Popen([sys.executable, "-m", "sidecar", "demo"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "demo"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 15
         doc: dict[str, object] = {}
@@ -135,8 +185,11 @@ def test_demo_runs_emulator_and_sidecar_together() -> None:
                 pass
             time.sleep(0.1)
         assert doc.get("state") == "entitled"
-        r = requests.post(f"http://127.0.0.1:{api}/v1/entitlement/challenge",
-                          json={"nonce": "from-the-product"}, timeout=10)
+        r = requests.post(
+            f"http://127.0.0.1:{api}/v1/entitlement/challenge",
+            json={"nonce": "from-the-product"},
+            timeout=10,
+        )
         assert r.json()["claims"]["nonce"] == "from-the-product"
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -151,9 +204,20 @@ def test_emulator_command_writes_its_key_and_serves_boto3(tmp_path: object) -> N
     key_file = pathlib.Path(str(tmp_path)) / "emu.pem"
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "emulator", "--listen", f"127.0.0.1:{port}",
-         "--write-public-key", str(key_file), "--not-entitled"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "emulator",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--write-public-key",
+            str(key_file),
+            "--not-entitled",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -161,12 +225,15 @@ def test_emulator_command_writes_its_key_and_serves_boto3(tmp_path: object) -> N
         assert "BEGIN PUBLIC KEY" in key_file.read_text()
         import boto3
 
-        c = boto3.client("meteringmarketplace", region_name="us-east-1",
-                         endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="a",
-                         aws_secret_access_key="b")
+        c = boto3.client(
+            "meteringmarketplace",
+            region_name="us-east-1",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            aws_access_key_id="a",
+            aws_secret_access_key="b",
+        )
         with pytest.raises(c.exceptions.CustomerNotEntitledException):
             c.register_usage(ProductCode="p", PublicKeyVersion=1)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0
-

@@ -49,28 +49,39 @@ def test_entitlement_errors_only_on_a_pods_first_call(
 ) -> None:
     emulator.reconfigure({"entitled": False})
     c = client(emulator_server, "pod-b")
-    call = lambda: c.register_usage(ProductCode="prod-abc", PublicKeyVersion=1)  # noqa: E731
+
+    def call() -> Any:
+        return c.register_usage(ProductCode="prod-abc", PublicKeyVersion=1)
+
     assert code_of(call) == "CustomerNotEntitledException"
     assert "Signature" in call()  # AWS only refuses the first call from a pod
     other = client(emulator_server, "pod-c")
-    assert code_of(lambda: other.register_usage(ProductCode="prod-abc", PublicKeyVersion=1)) \
+    assert (
+        code_of(lambda: other.register_usage(ProductCode="prod-abc", PublicKeyVersion=1))
         == "CustomerNotEntitledException"
+    )
 
 
 def test_modelled_validation_region_product_and_key_version(
     emulator_server: EmulatorServer, emulator: Emulator
 ) -> None:
-    emulator.reconfigure({"region": "eu-west-1", "product_codes": ["prod-abc"],
-                          "key_versions": [1]})
+    emulator.reconfigure(
+        {"region": "eu-west-1", "product_codes": ["prod-abc"], "key_versions": [1]}
+    )
     wrong_region = client(emulator_server, region="us-east-1")
-    assert code_of(lambda: wrong_region.register_usage(ProductCode="prod-abc",
-                                                       PublicKeyVersion=1)) \
+    assert (
+        code_of(lambda: wrong_region.register_usage(ProductCode="prod-abc", PublicKeyVersion=1))
         == "InvalidRegionException"
+    )
     c = client(emulator_server, region="eu-west-1")
-    assert code_of(lambda: c.register_usage(ProductCode="free", PublicKeyVersion=1)) \
+    assert (
+        code_of(lambda: c.register_usage(ProductCode="free", PublicKeyVersion=1))
         == "InvalidProductCodeException"
-    assert code_of(lambda: c.register_usage(ProductCode="prod-abc", PublicKeyVersion=2)) \
+    )
+    assert (
+        code_of(lambda: c.register_usage(ProductCode="prod-abc", PublicKeyVersion=2))
         == "InvalidPublicKeyVersionException"
+    )
     # A request boto3 would never send is still checked against the service model.
     raw = requests.post(
         emulator_server.url,
@@ -84,10 +95,19 @@ def test_modelled_validation_region_product_and_key_version(
 def test_faults_throttle_and_status_codes(
     emulator_server: EmulatorServer, emulator: Emulator
 ) -> None:
-    emulator.reconfigure({"faults": [{"error": "InternalServiceErrorException", "first": 1},
-                                     {"error": "ThrottlingException", "first": 1}]})
+    emulator.reconfigure(
+        {
+            "faults": [
+                {"error": "InternalServiceErrorException", "first": 1},
+                {"error": "ThrottlingException", "first": 1, "after": 1},
+            ]
+        }
+    )
     c = client(emulator_server)
-    call = lambda: c.register_usage(ProductCode="prod-abc", PublicKeyVersion=1)  # noqa: E731
+
+    def call() -> Any:
+        return c.register_usage(ProductCode="prod-abc", PublicKeyVersion=1)
+
     with pytest.raises(ClientError) as info:
         call()
     assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
@@ -99,6 +119,7 @@ def test_faults_throttle_and_status_codes(
 
 
 def test_unknown_settings_are_refused(emulator_server: EmulatorServer) -> None:
-    resp = requests.post(emulator_server.url + "/_emulator/config", json={"entitld": False},
-                         timeout=5)
+    resp = requests.post(
+        emulator_server.url + "/_emulator/config", json={"entitld": False}, timeout=5
+    )
     assert resp.status_code == 400 and "entitld" in resp.json()["error"]

@@ -7,8 +7,14 @@ from sidecar.errors import classify
 
 @pytest.mark.parametrize(
     "code",
-    ["ThrottlingException", "InternalServiceErrorException", "EndpointConnectionError",
-     "ReadTimeoutError", "ConnectTimeoutError", "ConnectionClosedError"],
+    [
+        "ThrottlingException",
+        "InternalServiceErrorException",
+        "EndpointConnectionError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "ConnectionClosedError",
+    ],
 )
 def test_retryable(code: str) -> None:
     info = classify(code, "x")

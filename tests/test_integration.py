@@ -32,8 +32,11 @@ def test_entitled_start_serves_a_verified_token(launch: Launch, emulator: Emulat
         ({"product_codes": ["someone-else"]}, "InvalidProductCodeException", "configuration"),
         ({"key_versions": [2]}, "InvalidPublicKeyVersionException", "configuration"),
         ({"region": "eu-west-1"}, "InvalidRegionException", "configuration"),
-        ({"faults": [{"error": "AccessDeniedException", "first": 1}]}, "AccessDeniedException",
-         "configuration"),
+        (
+            {"faults": [{"error": "AccessDeniedException", "first": 1}]},
+            "AccessDeniedException",
+            "configuration",
+        ),
     ],
 )
 def test_terminal_first_call_is_not_entitled_with_the_real_error(
@@ -54,16 +57,25 @@ def test_terminal_first_call_is_not_entitled_with_the_real_error(
 def test_throttling_and_5xx_at_start_are_retried_until_entitled(
     launch: Launch, emulator: Emulator
 ) -> None:
-    emulator.reconfigure({"faults": [
-        {"error": "ThrottlingException", "first": 2},
-        {"error": "InternalServiceErrorException", "first": 1, "after": 2},
-        {"error": "ConnectionReset", "first": 1, "after": 3},
-    ]})
+    emulator.reconfigure(
+        {
+            "faults": [
+                {"error": "ThrottlingException", "first": 2},
+                {"error": "InternalServiceErrorException", "first": 1, "after": 2},
+                {"error": "ConnectionReset", "first": 1, "after": 3},
+            ]
+        }
+    )
     car = launch()
     doc = car.wait_for(lambda d: d["state"] == "entitled")
     codes = [c["code"] for c in emulator.calls]
-    assert codes == ["ThrottlingException", "ThrottlingException",
-                     "InternalServiceErrorException", "ConnectionReset", "ok"]
+    assert codes == [
+        "ThrottlingException",
+        "ThrottlingException",
+        "InternalServiceErrorException",
+        "ConnectionReset",
+        "ok",
+    ]
     assert doc["consecutive_failures"] == 0
 
 
@@ -95,8 +107,9 @@ def test_reregistration_failure_is_degraded_then_entitled_again(
     assert doc["entitled"] is True and doc["token"] is not None
     assert car.get("/readyz", probe=True).status_code == 200
     emulator.reconfigure({"faults": []})
-    doc = car.wait_for(lambda d: d["state"] == "entitled" and d["consecutive_failures"] == 0,
-                       timeout=5)
+    doc = car.wait_for(
+        lambda d: d["state"] == "entitled" and d["consecutive_failures"] == 0, timeout=5
+    )
 
 
 def test_unsubscribe_after_start_is_not_a_revocation(launch: Launch, emulator: Emulator) -> None:
@@ -117,9 +130,7 @@ def test_a_bad_token_is_never_entitled(launch: Launch, emulator: Emulator, fault
     assert doc["entitled"] is False
 
 
-def test_a_bad_token_on_reregistration_is_not_entitled(
-    launch: Launch, emulator: Emulator
-) -> None:
+def test_a_bad_token_on_reregistration_is_not_entitled(launch: Launch, emulator: Emulator) -> None:
     car = launch(MARKETPLACE_REGISTER_INTERVAL_SECONDS="1", MARKETPLACE_REGISTER_JITTER="0")
     car.wait_for(lambda d: d["state"] == "entitled")
     emulator.reconfigure({"token_fault": "other_key"})

@@ -37,8 +37,10 @@ def test_short_rsa_key_is_refused() -> None:
 
 
 def test_non_rsa_private_and_garbage_keys_are_refused(key: rsa.RSAPrivateKey) -> None:
-    ec_pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ec_pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     assert "must be an RSA key" in refusal(ec_pem)
     private = key.private_bytes(

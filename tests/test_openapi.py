@@ -46,9 +46,7 @@ def test_state_endpoints_match_the_spec(
         check(path, "GET", car.get(path))
 
 
-def test_degraded_and_challenge_answers_match_the_spec(
-    launch: Launch, emulator: Emulator
-) -> None:
+def test_degraded_and_challenge_answers_match_the_spec(launch: Launch, emulator: Emulator) -> None:
     car = launch(MARKETPLACE_CHALLENGE_BURST="1", MARKETPLACE_CHALLENGE_DEADLINE_SECONDS="1")
     car.wait_for(lambda d: d["state"] == "entitled")
     url = car.api + "/v1/entitlement/challenge"

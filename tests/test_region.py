@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -14,8 +14,8 @@ from sidecar.region import RegionNotFoundError, region_from_task, resolve_region
 
 
 class _Metadata(BaseHTTPRequestHandler):
-    task: dict[str, Any] = {}
-    seen: list[tuple[str, str, str | None]] = []
+    task: ClassVar[dict[str, Any]] = {}
+    seen: ClassVar[list[tuple[str, str, str | None]]] = []
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -27,7 +27,9 @@ class _Metadata(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_PUT(self) -> None:
-        self.seen.append(("PUT", self.path, self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")))
+        self.seen.append(
+            ("PUT", self.path, self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"))
+        )
         self._reply(200, b"imds-token")
 
     def do_GET(self) -> None:
@@ -51,23 +53,33 @@ def metadata() -> Iterator[str]:
 
 
 def test_env_wins_in_order() -> None:
-    assert resolve_region({"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "us-east-2"}) \
-        == ("eu-west-1", "AWS_REGION")
-    assert resolve_region({"AWS_DEFAULT_REGION": "us-east-2"}) == ("us-east-2",
-                                                                  "AWS_DEFAULT_REGION")
+    assert resolve_region({"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "us-east-2"}) == (
+        "eu-west-1",
+        "AWS_REGION",
+    )
+    assert resolve_region({"AWS_DEFAULT_REGION": "us-east-2"}) == (
+        "us-east-2",
+        "AWS_DEFAULT_REGION",
+    )
 
 
 def test_ecs_task_metadata(metadata: str) -> None:
-    _Metadata.task = {"TaskARN": "arn:aws:ecs:eu-central-1:123456789012:task/c/abc",
-                      "AvailabilityZone": "eu-central-1b"}
+    _Metadata.task = {
+        "TaskARN": "arn:aws:ecs:eu-central-1:123456789012:task/c/abc",
+        "AvailabilityZone": "eu-central-1b",
+    }
     env = {"ECS_CONTAINER_METADATA_URI_V4": metadata + "/v4", "AWS_EC2_METADATA_DISABLED": "true"}
     assert resolve_region(env) == ("eu-central-1", "ECS task metadata")
 
 
 def test_region_from_task_handles_local_zones_and_junk() -> None:
     assert region_from_task({"AvailabilityZone": "us-west-2-lax-1a"}) is None
-    assert region_from_task({"TaskARN": "arn:aws:ecs:us-west-2:1:task/x",
-                             "AvailabilityZone": "us-west-2-lax-1a"}) == "us-west-2"
+    assert (
+        region_from_task(
+            {"TaskARN": "arn:aws:ecs:us-west-2:1:task/x", "AvailabilityZone": "us-west-2-lax-1a"}
+        )
+        == "us-west-2"
+    )
     assert region_from_task({"AvailabilityZone": "sa-east-1c"}) == "sa-east-1"
     assert region_from_task({"TaskARN": 5}) is None
 
@@ -80,7 +92,9 @@ def test_imdsv2_uses_a_session_token(metadata: str) -> None:
 
 
 def test_nothing_found_names_what_was_tried(metadata: str) -> None:
-    env = {"ECS_CONTAINER_METADATA_URI_V4": metadata + "/missing",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    with pytest.raises(RegionNotFoundError, match="ECS task metadata.*set AWS_REGION"):
+    env = {
+        "ECS_CONTAINER_METADATA_URI_V4": metadata + "/missing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    with pytest.raises(RegionNotFoundError, match=r"ECS task metadata.*set AWS_REGION"):
         resolve_region(env)

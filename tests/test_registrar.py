@@ -37,9 +37,7 @@ class ScriptedAws:
             raise AwsCallError(classify(step, "scripted"))
         if callable(step):
             return step(nonce)  # type: ignore[no-any-return]
-        return Registration(
-            sign(self.key, claims(nonce=nonce, iat=self.clock.t)), None, "req-1"
-        )
+        return Registration(sign(self.key, claims(nonce=nonce, iat=self.clock.t)), None, "req-1")
 
 
 def make(
@@ -62,8 +60,9 @@ def make(
         challenge_rate=1.0,
         challenge_burst=2,
     )
-    reg = Registrar(policy, lambda: aws, Entitlement(), clock, random.Random(3).random,
-                    threading.Event())
+    reg = Registrar(
+        policy, lambda: aws, Entitlement(), clock, random.Random(3).random, threading.Event()
+    )
     return reg, aws, clock
 
 
@@ -81,11 +80,16 @@ def test_first_registration_succeeds_with_a_fresh_long_nonce_each_call(
 
 
 def test_retries_only_retryable_errors_with_growing_capped_delays(key: rsa.RSAPrivateKey) -> None:
-    script = ["ThrottlingException", "InternalServiceErrorException",
-              "EndpointConnectionError", "ok"]
+    script = [
+        "ThrottlingException",
+        "InternalServiceErrorException",
+        "EndpointConnectionError",
+        "ok",
+    ]
     reg, aws, clock = make(script, key, stop_after_waits=4)
     reg.run()
     assert reg.machine.snapshot().state is State.ENTITLED
+    assert len(aws.nonces) == 4  # 3 retried failures, then success; the 4th wait stops it
     assert len(clock.waits) >= 3
     for n, delay in enumerate(clock.waits[:3], start=1):
         assert 0 <= delay < Backoff(1.0, 60.0).ceiling(n)
@@ -116,7 +120,7 @@ def test_gives_up_at_the_deadline(key: rsa.RSAPrivateKey) -> None:
 def test_reregistration_failure_degrades_then_recovers(key: rsa.RSAPrivateKey) -> None:
     states: list[State] = []
     script: list[Any] = ["ok", "InternalServiceErrorException", "AccessDeniedException", "ok"]
-    reg, aws, clock = make(script, key, stop_after_waits=4, interval=100)
+    reg, _, clock = make(script, key, stop_after_waits=4, interval=100)
     original = reg.attempt
 
     def spy(nonce: str, **kw: Any) -> Any:

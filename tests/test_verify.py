@@ -167,7 +167,5 @@ def test_key_is_chosen_by_requested_version_not_the_token(key: rsa.RSAPrivateKey
         )
     assert info.value.reason == "bad_signature"
     with pytest.raises(TokenError) as info:
-        verify_token(
-            token, {}, product_code="prod-abc", public_key_version=1, nonce="n-1", now=NOW
-        )
+        verify_token(token, {}, product_code="prod-abc", public_key_version=1, nonce="n-1", now=NOW)
     assert info.value.reason == "unknown_key_version"
