@@ -1,0 +1,161 @@
+"""ECS artefacts: the task definition against botocore's RegisterTaskDefinition model (plus the
+enums and required fields the model does not enforce), the CloudFormation template through
+cfn-lint, and the two kept consistent."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from botocore.model import Shape
+from botocore.validate import ParamValidator
+
+from tests.helpers import ROOT
+
+ECS = ROOT / "manifests" / "ecs"
+TASK: dict[str, Any] = json.loads((ECS / "task-definition.json").read_text())
+CFN: dict[str, Any] = json.loads((ECS / "cloudformation.json").read_text())
+SIDECAR = "marketplace-sidecar"
+FARGATE_MEMORY = {
+    "256": (512, 2048),
+    "512": (1024, 4096),
+    "1024": (2048, 8192),
+    "2048": (4096, 16384),
+    "4096": (8192, 30720),
+}
+
+
+def input_shape() -> Shape:
+    client = boto3.client(
+        "ecs", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    shape = client.meta.service_model.operation_model("RegisterTaskDefinition").input_shape
+    assert shape is not None
+    return shape
+
+
+def enum_errors(value: Any, shape: Shape, path: str = "$") -> Iterator[str]:
+    if shape.type_name == "structure" and isinstance(value, dict):
+        for k, v in value.items():
+            if k in shape.members:  # type: ignore[attr-defined]
+                yield from enum_errors(v, shape.members[k], f"{path}.{k}")  # type: ignore[attr-defined]
+    elif shape.type_name == "list" and isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from enum_errors(v, shape.member, f"{path}[{i}]")  # type: ignore[attr-defined]
+    elif shape.type_name == "map" and isinstance(value, dict):
+        for k, v in value.items():
+            yield from enum_errors(v, shape.value, f"{path}.{k}")  # type: ignore[attr-defined]
+    elif getattr(shape, "enum", None) and value not in shape.enum:  # type: ignore[attr-defined]
+        yield f"{path}: {value!r} not in {shape.enum}"  # type: ignore[attr-defined]
+
+
+def problems(task: dict[str, Any]) -> list[str]:
+    shape = input_shape()
+    report = ParamValidator().validate(task, shape)
+    found = [report.generate_report()] if report.has_errors() else []
+    found += list(enum_errors(task, shape))
+    containers = {c.get("name"): c for c in task.get("containerDefinitions", [])}
+    for i, c in enumerate(task.get("containerDefinitions", [])):
+        for field in ("name", "image"):
+            if not c.get(field):
+                found.append(f"$.containerDefinitions[{i}].{field} is required")
+        for dep in c.get("dependsOn", []):
+            target = containers.get(dep["containerName"])
+            if target is None:
+                found.append(f"{c.get('name')} depends on unknown {dep['containerName']}")
+            elif dep["condition"] == "HEALTHY" and "healthCheck" not in target:
+                found.append(f"{dep['containerName']} has no healthCheck for HEALTHY")
+    if "FARGATE" in task.get("requiresCompatibilities", []):
+        low, high = FARGATE_MEMORY.get(task.get("cpu", ""), (0, -1))
+        if not low <= int(task.get("memory", 0)) <= high:
+            found.append(
+                f"Fargate cpu {task.get('cpu')} does not allow memory {task.get('memory')}"
+            )
+    return found
+
+
+def test_task_definition_is_valid_register_task_definition_input() -> None:
+    assert problems(TASK) == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (
+            lambda t: t["containerDefinitions"][1]["dependsOn"][0].update(condition="READY"),
+            "not in",
+        ),
+        (lambda t: t.update(cpu=512), "Invalid type"),
+        (lambda t: t["containerDefinitions"][0].update(essentiall=True), "Unknown parameter"),
+        (lambda t: t["containerDefinitions"][0].pop("healthCheck"), "no healthCheck"),
+        (lambda t: t["containerDefinitions"][0].pop("image"), "image is required"),
+        (lambda t: t.update(memory="8192"), "does not allow memory"),
+    ],
+)
+def test_the_checker_catches_real_mistakes(mutate: Any, expected: str) -> None:
+    task = json.loads(json.dumps(TASK))
+    mutate(task)
+    assert any(expected in p for p in problems(task)), problems(task)
+
+
+def test_sidecar_wiring() -> None:
+    sidecar, product = TASK["containerDefinitions"]
+    assert sidecar["name"] == SIDECAR and sidecar["essential"] is True
+    assert sidecar["healthCheck"]["command"] == ["CMD", "marketplace-sidecar", "probe"]
+    assert sidecar["readonlyRootFilesystem"] is True and sidecar["user"].startswith("10001")
+    assert product["dependsOn"] == [{"containerName": SIDECAR, "condition": "HEALTHY"}]
+    env = {e["name"]: e["value"] for e in sidecar["environment"]}
+    assert env["MARKETPLACE_LISTEN"].startswith("127.0.0.1:")
+    assert env["MARKETPLACE_PROBE_LISTEN"].startswith("127.0.0.1:")  # no kubelet on ECS
+    assert "taskRoleArn" in TASK and "role" in TASK["taskRoleArn"]
+    assert all(c["logConfiguration"]["logDriver"] == "awslogs" for c in (sidecar, product))
+
+
+def test_cloudformation_template_passes_cfn_lint() -> None:
+    from cfnlint.api import lint_all
+
+    matches = lint_all((ECS / "cloudformation.json").read_text())
+    # Errors and warnings fail; informational advice (I-rules) does not, as with the CLI.
+    assert [str(m) for m in matches if m.rule.id[0] in "EW"] == []
+    broken = json.loads((ECS / "cloudformation.json").read_text())
+    broken["Resources"]["TaskDefinition"]["Properties"]["Cpu"] = "333"
+    assert any(m.rule.id[0] == "E" for m in lint_all(json.dumps(broken)))
+
+
+def test_cloudformation_and_task_definition_agree() -> None:
+    td = CFN["Resources"]["TaskDefinition"]["Properties"]
+    assert [c["Name"] for c in td["ContainerDefinitions"]] == [
+        c["name"] for c in TASK["containerDefinitions"]
+    ]
+    sidecar, product = td["ContainerDefinitions"]
+    assert (
+        sidecar["HealthCheck"]["Command"]
+        == TASK["containerDefinitions"][0]["healthCheck"]["command"]
+    )
+    assert product["DependsOn"] == [{"ContainerName": SIDECAR, "Condition": "HEALTHY"}]
+    assert (td["Cpu"], td["Memory"], td["NetworkMode"]) == (
+        TASK["cpu"],
+        TASK["memory"],
+        TASK["networkMode"],
+    )
+    assert td["TaskRoleArn"] == {"Fn::GetAtt": ["TaskRole", "Arn"]}
+
+
+def test_iam_policies_grant_only_metering() -> None:
+    role = CFN["Resources"]["TaskRole"]["Properties"]
+    statement = role["Policies"][0]["PolicyDocument"]["Statement"][0]
+    on, off = statement["Action"]["Fn::If"][1:]
+    assert off == ["aws-marketplace:RegisterUsage"]
+    assert on == ["aws-marketplace:RegisterUsage", "aws-marketplace:MeterUsage"]
+    assert statement["Resource"] == "*"
+    assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {
+        "Service": "ecs-tasks.amazonaws.com"
+    }
+    iam = ROOT / "manifests" / "iam"
+    plain = json.loads((iam / "policy.json").read_text())["Statement"][0]
+    assert plain["Action"] == ["aws-marketplace:RegisterUsage"]
+    trust = json.loads((iam / "irsa-trust-policy.json").read_text())["Statement"][0]
+    assert trust["Action"] == "sts:AssumeRoleWithWebIdentity"
