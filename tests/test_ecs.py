@@ -33,7 +33,7 @@ def input_shape() -> Shape:
         "ecs", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
     )
     shape = client.meta.service_model.operation_model("RegisterTaskDefinition").input_shape
-    assert shape is not None
+    assert isinstance(shape, Shape)
     return shape
 
 
