@@ -93,9 +93,7 @@ def challenge(
     token = body.get("token") if isinstance(body, dict) else None
     if not isinstance(token, str):
         raise EntitlementError("no_token", "the sidecar answered without a token")
-    return verify(
-        token, key, product_code, nonce, max_age, public_key_version=public_key_version
-    )
+    return verify(token, key, product_code, nonce, max_age, public_key_version=public_key_version)
 
 
 def _refusal(exc: urllib.error.HTTPError) -> EntitlementError:
