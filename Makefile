@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check bench clean
+.PHONY: demo test lint typecheck check bench image image-test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 check: lint typecheck test
+
+image: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/build-image.sh
+
+image-test: image
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/pytest -q image_tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/startup.py
