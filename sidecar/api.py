@@ -65,10 +65,12 @@ class Router:
         health: Callable[[], str | None],
         *,
         probe_only: bool = False,
+        extras: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._registrar = registrar
         self._health = health
-        self._cached: tuple[Snapshot, Reply] | None = None
+        self._extras = extras or dict
+        self._cached: tuple[Snapshot, dict[str, Any], Reply] | None = None
         routes: dict[str, dict[str, Callable[[bytes], Reply]]] = {
             "/healthz": {"GET": self._healthz},
             "/readyz": {"GET": self._readyz},
@@ -117,13 +119,13 @@ class Router:
 
     def _entitlement(self, _: bytes) -> Reply:
         # Snapshots are immutable: serialise each one once, not on every poll.
-        snap = self._registrar.machine.snapshot()
+        snap, extra = self._registrar.machine.snapshot(), self._extras()
         cached = self._cached
-        if cached is None or cached[0] is not snap:
-            body = self.describe(snap)
+        if cached is None or cached[0] is not snap or cached[1] != extra:
+            body = self.describe(snap, extra)
             reply = Reply(200, body, encoded=json.dumps(body, separators=(",", ":")).encode())
-            self._cached = cached = (snap, reply)
-        return cached[1]
+            self._cached = cached = (snap, extra, reply)
+        return cached[2]
 
     def _challenge(self, body: bytes) -> Reply:
         try:
@@ -156,7 +158,7 @@ class Router:
         status = HTTPStatus.FORBIDDEN if out.status == "refused" else HTTPStatus.BAD_GATEWAY
         return Reply(status, payload)
 
-    def describe(self, snap: Snapshot) -> dict[str, Any]:
+    def describe(self, snap: Snapshot, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         policy = self._registrar.policy
         return {
             "state": snap.state.value,
@@ -171,6 +173,7 @@ class Router:
             "consecutive_failures": snap.consecutive_failures,
             "error": snap.error.to_json() if snap.error else None,
             "warnings": list(snap.warnings),
+            **(self._extras() if extra is None else extra),
         }
 
 

@@ -22,6 +22,7 @@ import random
 import signal
 import threading
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
@@ -32,6 +33,7 @@ from sidecar.clock import Clock, SystemClock
 from sidecar.config import ENDPOINT_ENV, Settings, describe
 from sidecar.errors import classify
 from sidecar.netaddr import parse_hostport
+from sidecar.readiness_gate import ReadinessGate, kubernetes_patcher
 from sidecar.registrar import Gateway, GatewaySetupError, Policy, Registrar
 from sidecar.state import Entitlement
 
@@ -124,9 +126,21 @@ class Daemon:
         )
         self._crash: str | None = None
         self._worker = threading.Thread(target=self._work, name="registrar", daemon=True)
+        self.gate: ReadinessGate | None = None
+        if settings.readiness_gate:
+            self.gate = ReadinessGate(
+                settings.readiness_gate,
+                self.machine.snapshot,
+                lambda: kubernetes_patcher(
+                    settings.pod_name, settings.pod_namespace, settings.serviceaccount_dir
+                ),
+                clock or SystemClock(),
+                self.stop_event,
+                random.random,
+            )
         self.api = LocalServer(
             parse_hostport(settings.listen),
-            Router(self.registrar, self.health),
+            Router(self.registrar, self.health, extras=self.extras),
             API_MAX_CONNECTIONS,
         )
         self.probe = LocalServer(
@@ -139,6 +153,9 @@ class Daemon:
     def health(self) -> str | None:
         return self._crash
 
+    def extras(self) -> dict[str, Any]:
+        return {"readiness_gate": self.gate.status.to_json()} if self.gate else {}
+
     def _work(self) -> None:
         try:
             self.registrar.run()
@@ -150,6 +167,8 @@ class Daemon:
         self.api.serve_in_thread("api")
         self.probe.serve_in_thread("probe")
         self._worker.start()
+        if self.gate is not None:
+            threading.Thread(target=self.gate.run, name="readiness-gate", daemon=True).start()
 
     def close(self) -> None:
         self.stop_event.set()

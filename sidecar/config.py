@@ -5,6 +5,7 @@ Every problem is reported as one line naming the variable and what is allowed; `
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -19,6 +20,11 @@ from sidecar.keys import UnusableKeyError, load_public_key
 from sidecar.netaddr import parse_hostport
 
 PRODUCT_CODE_RE = re.compile(r"^[-a-zA-Z0-9/=:_.@]{1,255}$")
+# A domain-qualified condition type, e.g. aws-marketplace.amazonaws.com/entitled.
+CONDITION_TYPE_RE = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
 REGISTRATION_WINDOW_SECONDS = 6 * 3600
 ENDPOINT_ENV = "AWS_ENDPOINT_URL_MARKETPLACE_METERING"
 PREFIX = "MARKETPLACE_"
@@ -57,6 +63,10 @@ class Settings(BaseSettings):
     challenge_rate_per_second: float = Field(1.0, gt=0.0, le=5.0)
     challenge_burst: int = Field(3, ge=1, le=20)
     challenge_deadline_seconds: float = Field(20.0, ge=1.0, le=300.0)
+    readiness_gate: str = ""
+    pod_name: str = ""
+    pod_namespace: str = ""
+    serviceaccount_dir: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount")
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -65,6 +75,16 @@ class Settings(BaseSettings):
     def _product_code(cls, v: str) -> str:
         if not PRODUCT_CODE_RE.match(v):
             raise ValueError("must be 1-255 characters of letters, digits and -/=:_.@")
+        return v
+
+    @field_validator("readiness_gate")
+    @classmethod
+    def _condition_type(cls, v: str) -> str:
+        if v and not CONDITION_TYPE_RE.match(v):
+            raise ValueError(
+                "must be a domain-qualified condition type such as "
+                "aws-marketplace.amazonaws.com/entitled (or empty to turn the gate off)"
+            )
         return v
 
     @field_validator("listen", "probe_listen")
@@ -77,6 +97,11 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if (self.public_key is None) == (self.public_key_file is None):
             raise ValueError(_NO_KEY)
+        if self.readiness_gate and not (self.pod_name and self.pod_namespace):
+            raise ValueError(
+                f"{PREFIX}POD_NAME and {PREFIX}POD_NAMESPACE are required with "
+                f"{PREFIX}READINESS_GATE (set them from the downward API)"
+            )
         if parse_hostport(self.listen) == parse_hostport(self.probe_listen):
             raise ValueError(f"{PREFIX}LISTEN and {PREFIX}PROBE_LISTEN must differ")
         return self
@@ -113,6 +138,12 @@ def load() -> tuple[Settings, dict[int, RSAPublicKey]]:
         problems.append(f"{PREFIX}{source}: {exc}")
     except OSError as exc:
         problems.append(f"{PREFIX}{source}: cannot read {settings.public_key_file}: {exc.strerror}")
+    if settings.readiness_gate and importlib.util.find_spec("kubernetes") is None:
+        problems.append(
+            f"{PREFIX}READINESS_GATE: needs the kubernetes client, which this installation "
+            "lacks: use the image built with EXTRAS=kubernetes, or install "
+            "marketplace-sidecar[kubernetes]"
+        )
     endpoint = os.environ.get(ENDPOINT_ENV)
     if endpoint:
         parsed = urlparse(endpoint)
