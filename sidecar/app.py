@@ -36,6 +36,7 @@ from sidecar.netaddr import parse_hostport
 from sidecar.readiness_gate import ReadinessGate, kubernetes_patcher
 from sidecar.registrar import Gateway, GatewaySetupError, Policy, Registrar
 from sidecar.state import Entitlement
+from sidecar.verdict import VerdictStore
 
 log = logging.getLogger("sidecar")
 
@@ -123,6 +124,11 @@ class Daemon:
             clock or SystemClock(),
             random.random,
             self.stop_event,
+            verdicts=(
+                VerdictStore(settings.state_dir, settings.product_code)
+                if settings.state_dir is not None
+                else None
+            ),
         )
         self._crash: str | None = None
         self._worker = threading.Thread(target=self._work, name="registrar", daemon=True)

@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     challenge_rate_per_second: float = Field(1.0, gt=0.0, le=5.0)
     challenge_burst: int = Field(3, ge=1, le=20)
     challenge_deadline_seconds: float = Field(20.0, ge=1.0, le=300.0)
+    state_dir: Path | None = None
     readiness_gate: str = ""
     pod_name: str = ""
     pod_namespace: str = ""
@@ -138,6 +139,11 @@ def load() -> tuple[Settings, dict[int, RSAPublicKey]]:
         problems.append(f"{PREFIX}{source}: {exc}")
     except OSError as exc:
         problems.append(f"{PREFIX}{source}: cannot read {settings.public_key_file}: {exc.strerror}")
+    if settings.state_dir is not None and not os.access(settings.state_dir, os.W_OK | os.X_OK):
+        problems.append(
+            f"{PREFIX}STATE_DIR: {settings.state_dir} must be an existing writable directory "
+            "(mount an emptyDir; it must live as long as the pod)"
+        )
     if settings.readiness_gate and importlib.util.find_spec("kubernetes") is None:
         problems.append(
             f"{PREFIX}READINESS_GATE: needs the kubernetes client, which this installation "

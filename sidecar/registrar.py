@@ -23,6 +23,7 @@ from sidecar.errors import ErrorInfo, classify, verification_failure
 from sidecar.metering import AwsCallError, Registration
 from sidecar.ratelimit import TokenBucket
 from sidecar.state import Entitlement, Snapshot, State
+from sidecar.verdict import VerdictStore
 from sidecar.verify import TokenError, verify_token
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Registrar:
         rng: Callable[[], float],
         stop: threading.Event,
         nonce_factory: Callable[[], str] = new_nonce,
+        verdicts: VerdictStore | None = None,
     ) -> None:
         self.policy = policy
         self.machine = machine
@@ -94,6 +96,7 @@ class Registrar:
         self._rng = rng
         self._stop = stop
         self._nonce = nonce_factory
+        self._verdicts = verdicts
         self._challenges = TokenBucket(
             policy.challenge_rate, policy.challenge_burst, clock.monotonic()
         )
@@ -143,6 +146,8 @@ class Registrar:
         if error is not None:
             give_up = give_up_on_retryable or not error.retryable
             snap = self.machine.failed(error, self._clock.time(), give_up=give_up)
+            if snap.final and self._verdicts is not None:
+                self._verdicts.save(error)
             log.log(
                 logging.WARNING if snap.state is not State.NOT_ENTITLED else logging.ERROR,
                 "register_failed",
@@ -181,6 +186,11 @@ class Registrar:
 
     def run(self) -> None:
         """First registration, then re-register every interval until `stop` is set."""
+        remembered = self._verdicts.load() if self._verdicts is not None else None
+        if remembered is not None:
+            self.machine.failed(remembered, self._clock.time(), give_up=True)
+            log.error("verdict_remembered", extra={"code": remembered.code})
+            return
         if not self._first_registration():
             return
         while not self._stop.is_set():

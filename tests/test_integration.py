@@ -176,3 +176,36 @@ def test_logs_are_json_and_never_contain_the_token(launch: Launch, emulator: Emu
     text = json.dumps(lines)
     assert token not in text and token.split(".")[2] not in text
     assert "BEGIN PUBLIC KEY" not in text
+
+
+def test_a_restarted_sidecar_remembers_the_pods_verdict(
+    launch: Launch, emulator: Emulator, tmp_path: object
+) -> None:
+    import pathlib
+
+    state = pathlib.Path(str(tmp_path))
+    emulator.reconfigure({"entitled": False})
+    first = launch(MARKETPLACE_STATE_DIR=str(state), AWS_ACCESS_KEY_ID="same-pod")
+    first.wait_for(lambda d: d["state"] == "not_entitled")
+    first.stop()
+    # AWS would now answer the same pod's next call with a token: the verdict must stand.
+    second = launch(MARKETPLACE_STATE_DIR=str(state), AWS_ACCESS_KEY_ID="same-pod")
+    doc = second.wait_for(lambda d: d["state"] == "not_entitled")
+    assert doc["error"]["code"] == "CustomerNotEntitledException"
+    assert "recorded earlier in this pod" in doc["error"]["message"]
+    assert len(emulator.calls) == 1
+    # Without the remembered verdict the same pod's second call really would succeed.
+    third = launch(AWS_ACCESS_KEY_ID="same-pod")
+    assert third.wait_for(lambda d: d["state"] != "registering")["state"] == "entitled"
+
+
+def test_transient_give_up_is_not_remembered(
+    launch: Launch, emulator: Emulator, tmp_path: object
+) -> None:
+    import pathlib
+
+    state = pathlib.Path(str(tmp_path))
+    emulator.reconfigure({"faults": [{"error": "InternalServiceErrorException", "rate": 1.0}]})
+    car = launch(MARKETPLACE_STATE_DIR=str(state), MARKETPLACE_REGISTER_DEADLINE_SECONDS="1")
+    car.wait_for(lambda d: d["state"] == "not_entitled", timeout=5)
+    assert not (state / "verdict.json").exists()
