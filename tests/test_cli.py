@@ -58,6 +58,17 @@ def test_version() -> None:
             ["MARKETPLACE_PUBLIC_KEY: refused: the jwt.io demo key"],
         ),
         (
+            {
+                "MARKETPLACE_PRODUCT_CODE": "p",
+                "MARKETPLACE_PUBLIC_KEY": JWT_IO_DEMO_KEY,
+                "MARKETPLACE_STATE_DIR": "/nonexistent-dir",
+            },
+            [
+                "MARKETPLACE_STATE_DIR: /nonexistent-dir must be an existing writable directory",
+                "MARKETPLACE_PUBLIC_KEY: refused",
+            ],
+        ),
+        (
             {"MARKETPLACE_PRODUCT_CODE": "p", "MARKETPLACE_PUBLIC_KEY_FILE": "/nonexistent.pem"},
             ["MARKETPLACE_PUBLIC_KEY_FILE: cannot read /nonexistent.pem"],
         ),
