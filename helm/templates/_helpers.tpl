@@ -1,0 +1,180 @@
+{{/*
+Named templates for a seller's pod spec. Call them with the root context of *your* chart ($);
+they read this chart's values from .Values["marketplace-sidecar"] when included from a parent
+chart, and from .Values when this chart renders itself.
+
+  spec:
+    serviceAccountName: {{ include "marketplace-sidecar.serviceAccountName" $ }}
+    automountServiceAccountToken: {{ include "marketplace-sidecar.automountServiceAccountToken" $ }}
+    readinessGates: {{- include "marketplace-sidecar.readinessGates" $ | nindent 6 }}
+    initContainers: {{- include "marketplace-sidecar.initContainers" $ | nindent 6 }}
+    containers:     {{- include "marketplace-sidecar.containers" $ | nindent 6 }}
+      - name: your-product ...
+    volumes:        {{- include "marketplace-sidecar.volumes" $ | nindent 6 }}
+*/}}
+
+{{- define "marketplace-sidecar.values" -}}
+{{- if hasKey .Values "marketplace-sidecar" -}}
+{{- toYaml (index .Values "marketplace-sidecar") -}}
+{{- else -}}
+{{- toYaml .Values -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "marketplace-sidecar.fullname" -}}
+{{- if contains "marketplace-sidecar" .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-marketplace-sidecar" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "marketplace-sidecar.labels" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+app.kubernetes.io/name: marketplace-sidecar
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- with $v.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "marketplace-sidecar.native" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- if eq $v.mode "native" -}}true
+{{- else if eq $v.mode "classic" -}}
+{{- else if semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version -}}true
+{{- end -}}
+{{- end -}}
+
+{{- define "marketplace-sidecar.serviceAccountName" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- $v.serviceAccount.name | default (include "marketplace-sidecar.fullname" .) -}}
+{{- end -}}
+
+{{/* The Kubernetes API token is mounted only for the readiness gate (IRSA uses its own). */}}
+{{- define "marketplace-sidecar.automountServiceAccountToken" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- ternary "true" "false" (and $v.readinessGate.enabled true) -}}
+{{- end -}}
+
+{{- define "marketplace-sidecar.image" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- $repo := $v.image.repository -}}
+{{- if $v.image.registry }}{{ $repo = printf "%s/%s" $v.image.registry $repo }}{{ end -}}
+{{- if $v.image.digest -}}
+{{- printf "%s@%s" $repo $v.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo ($v.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "marketplace-sidecar.configSource" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- if $v.product.existingSecret -}}
+secret: {{ $v.product.existingSecret }}
+{{- else if $v.product.existingConfigMap -}}
+configMap: {{ $v.product.existingConfigMap }}
+{{- else -}}
+configMap: {{ include "marketplace-sidecar.fullname" . }}
+{{- end -}}
+{{- end -}}
+
+{{- define "marketplace-sidecar.container" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- $src := include "marketplace-sidecar.configSource" . | fromYaml -}}
+{{- $native := include "marketplace-sidecar.native" . -}}
+- name: marketplace-sidecar
+  image: {{ include "marketplace-sidecar.image" . }}
+  imagePullPolicy: {{ $v.image.pullPolicy }}
+  {{- if $native }}
+  restartPolicy: Always
+  {{- end }}
+  args: ["run"]
+  env:
+    - name: MARKETPLACE_PRODUCT_CODE
+      valueFrom:
+        {{- if $src.secret }}
+        secretKeyRef: {name: {{ $src.secret }}, key: {{ $v.product.productCodeKey }}}
+        {{- else }}
+        configMapKeyRef: {name: {{ $src.configMap }}, key: {{ $v.product.productCodeKey }}}
+        {{- end }}
+    - {name: MARKETPLACE_PUBLIC_KEY_FILE, value: /etc/marketplace-sidecar/public-key.pem}
+    - {name: MARKETPLACE_PUBLIC_KEY_VERSION, value: {{ $v.product.publicKeyVersion | quote }}}
+    - {name: MARKETPLACE_LISTEN, value: "127.0.0.1:{{ $v.config.apiPort }}"}
+    - {name: MARKETPLACE_PROBE_LISTEN, value: "0.0.0.0:{{ $v.config.probePort }}"}
+    - {name: MARKETPLACE_STATE_DIR, value: /var/lib/marketplace-sidecar}
+    - {name: MARKETPLACE_REGISTER_INTERVAL_SECONDS, value: {{ $v.config.registerIntervalSeconds | quote }}}
+    - {name: MARKETPLACE_REGISTER_DEADLINE_SECONDS, value: {{ $v.config.registerDeadlineSeconds | quote }}}
+    - {name: MARKETPLACE_LOG_FORMAT, value: {{ $v.config.logFormat | quote }}}
+    - {name: MARKETPLACE_LOG_LEVEL, value: {{ $v.config.logLevel | quote }}}
+    {{- if $v.readinessGate.enabled }}
+    - {name: MARKETPLACE_READINESS_GATE, value: {{ $v.readinessGate.conditionType | quote }}}
+    - name: MARKETPLACE_POD_NAME
+      valueFrom: {fieldRef: {fieldPath: metadata.name}}
+    - name: MARKETPLACE_POD_NAMESPACE
+      valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+    {{- end }}
+    {{- with $v.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  ports:
+    - {name: mp-probe, containerPort: {{ $v.config.probePort }}, protocol: TCP}
+  {{- if $native }}
+  startupProbe:
+    httpGet: {path: /readyz, port: mp-probe}
+    {{- toYaml $v.startupProbe | nindent 4 }}
+  {{- end }}
+  readinessProbe:
+    httpGet: {path: /readyz, port: mp-probe}
+    {{- toYaml $v.readinessProbe | nindent 4 }}
+  livenessProbe:
+    httpGet: {path: /healthz, port: mp-probe}
+    {{- toYaml $v.livenessProbe | nindent 4 }}
+  resources:
+    {{- toYaml $v.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml $v.securityContext | nindent 4 }}
+  volumeMounts:
+    - {name: marketplace-sidecar-key, mountPath: /etc/marketplace-sidecar, readOnly: true}
+    - {name: marketplace-sidecar-state, mountPath: /var/lib/marketplace-sidecar}
+{{- end -}}
+
+{{- define "marketplace-sidecar.initContainers" -}}
+{{- if include "marketplace-sidecar.native" . -}}
+{{ include "marketplace-sidecar.container" . }}
+{{- end -}}
+{{- end -}}
+
+{{- define "marketplace-sidecar.containers" -}}
+{{- if not (include "marketplace-sidecar.native" .) -}}
+{{ include "marketplace-sidecar.container" . }}
+{{- end -}}
+{{- end -}}
+
+{{- define "marketplace-sidecar.readinessGates" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- if $v.readinessGate.enabled -}}
+- conditionType: {{ $v.readinessGate.conditionType }}
+{{- end -}}
+{{- end -}}
+
+{{- define "marketplace-sidecar.volumes" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- $src := include "marketplace-sidecar.configSource" . | fromYaml -}}
+- name: marketplace-sidecar-key
+  {{- if $src.secret }}
+  secret:
+    secretName: {{ $src.secret }}
+    items: [{key: {{ $v.product.publicKeyKey }}, path: public-key.pem}]
+  {{- else }}
+  configMap:
+    name: {{ $src.configMap }}
+    items: [{key: {{ $v.product.publicKeyKey }}, path: public-key.pem}]
+  {{- end }}
+# Pod-lifetime state: survives sidecar restarts so AWS's first-call verdict is not lost.
+- name: marketplace-sidecar-state
+  emptyDir: {sizeLimit: 1Mi}
+{{- end -}}

@@ -1,0 +1,319 @@
+"""The Helm chart, rendered by a real helm v3 binary and validated against real Kubernetes
+schemas (kubernetes-validate, strict) for the versions we support."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.helpers import ROOT
+
+HELM = ROOT / ".tools" / "bin" / "helm"
+CHART = ROOT / "helm"
+PEM = "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BtestOnly\n-----END PUBLIC KEY-----"
+BASE = ["product.code=prod-abc"]
+KUBE_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
+GATE = "aws-marketplace.amazonaws.com/entitled"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def helm_binary() -> None:
+    subprocess.run(
+        [str(ROOT / "scripts" / "get-helm.sh"), str(HELM.parent)], check=True, capture_output=True
+    )
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    home = ROOT / ".tools" / "helm-home"
+    env = {
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+        "PATH": "/usr/bin:/bin",
+    }
+    out = subprocess.run([str(HELM), *args], capture_output=True, text=True, env=env, timeout=60)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def render(
+    *sets: str, kube: str = "1.33.0", chart: Path = CHART, release: str = "shop"
+) -> list[dict[str, Any]]:
+    args = [
+        "template",
+        release,
+        str(chart),
+        "--namespace",
+        "shop",
+        "--kube-version",
+        kube,
+        "--set-string",
+        f"product.publicKey={PEM}",
+    ]
+    for s in (*BASE, *sets):
+        args += ["--set", s]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+def validate(docs: list[dict[str, Any]], kube: str) -> None:
+    for doc in docs:
+        kubernetes_validate.validate(doc, kube, strict=True)
+
+
+def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return spec
+
+
+def sidecar(spec: dict[str, Any]) -> dict[str, Any]:
+    for c in [*spec.get("initContainers", []), *spec["containers"]]:
+        if c["name"] == "marketplace-sidecar":
+            return dict(c)
+    raise AssertionError("no sidecar container")
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_lint_strict() -> None:
+    out = helm(
+        "lint",
+        "--strict",
+        str(CHART),
+        "--set",
+        "product.code=p",
+        "--set-string",
+        f"product.publicKey={PEM}",
+    )
+    assert "0 chart(s) failed" in out.stdout
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+@pytest.mark.parametrize("gate", ["false", "true"])
+@pytest.mark.parametrize(
+    "source",
+    [[], ["product.existingConfigMap=product-config"], ["product.existingSecret=product-secret"]],
+)
+def test_every_combination_validates(kube: str, gate: str, source: list[str]) -> None:
+    docs = render(f"readinessGate.enabled={gate}", *source, kube=kube)
+    validate(docs, kube)
+    kinds = sorted(d["kind"] for d in docs)
+    rbac = ["Role", "RoleBinding"] if gate == "true" else []
+    config = [] if source else ["ConfigMap"]
+    assert kinds == sorted(["Deployment", "ServiceAccount", *rbac, *config])
+
+
+@pytest.mark.parametrize("kube", ["1.27.0", "1.28.0", *KUBE_VERSIONS])
+def test_classic_mode_validates_on_older_clusters(kube: str) -> None:
+    docs = render("mode=classic", kube=kube)
+    validate(docs, kube)
+    spec = pod_spec(docs)
+    assert "initContainers" not in spec
+    assert "startupProbe" not in sidecar(spec)
+
+
+@pytest.mark.parametrize(
+    ("kube", "native"), [("1.28.0", False), ("1.29.0", True), ("1.33.0", True)]
+)
+def test_auto_mode_follows_the_cluster_version(kube: str, native: bool) -> None:
+    spec = pod_spec(render(kube=kube))
+    assert ("initContainers" in spec) is native
+    if native:
+        c = spec["initContainers"][0]
+        assert c["restartPolicy"] == "Always"
+        assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "mp-probe"}
+
+
+def test_probes_ports_and_security() -> None:
+    spec = pod_spec(render())
+    c = sidecar(spec)
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "mp-probe"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "mp-probe"}
+    assert c["ports"] == [{"name": "mp-probe", "containerPort": 8788, "protocol": "TCP"}]
+    env = env_of(c)
+    assert env["MARKETPLACE_LISTEN"] == "127.0.0.1:8787"
+    assert env["MARKETPLACE_PROBE_LISTEN"] == "0.0.0.0:8788"
+    assert env["MARKETPLACE_STATE_DIR"] == "/var/lib/marketplace-sidecar"
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert c["resources"]["limits"]["memory"] == "160Mi"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "emptyDir" in volumes["marketplace-sidecar-state"]
+    assert spec["automountServiceAccountToken"] is False
+
+
+def test_key_sources_are_wired() -> None:
+    c = sidecar(pod_spec(render("product.existingSecret=product-secret")))
+    assert env_of(c)["MARKETPLACE_PRODUCT_CODE"] == {
+        "secretKeyRef": {"name": "product-secret", "key": "productCode"}
+    }
+    spec = pod_spec(render("product.existingConfigMap=cm", "product.publicKeyKey=key.pem"))
+    key = next(v for v in spec["volumes"] if v["name"] == "marketplace-sidecar-key")
+    assert key["configMap"] == {
+        "name": "cm",
+        "items": [{"key": "key.pem", "path": "public-key.pem"}],
+    }
+    docs = render()
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert cm["data"]["productCode"] == "prod-abc"
+    assert cm["data"]["publicKey"].startswith("-----BEGIN PUBLIC KEY-----")
+
+
+def test_readiness_gate_adds_condition_env_and_least_rbac() -> None:
+    docs = render("readinessGate.enabled=true")
+    spec = pod_spec(docs)
+    assert spec["readinessGates"] == [{"conditionType": GATE}]
+    assert spec["automountServiceAccountToken"] is True
+    env = env_of(sidecar(spec))
+    assert env["MARKETPLACE_READINESS_GATE"] == GATE
+    assert env["MARKETPLACE_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]},
+    ]
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["subjects"][0]["name"] == spec["serviceAccountName"]
+    assert not any(d["kind"] in ("ClusterRole", "ClusterRoleBinding") for d in docs)
+    assert "readinessGates" not in pod_spec(render())
+
+
+def test_irsa_annotation_image_digest_and_scheduling_knobs() -> None:
+    docs = render(
+        "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::1:role/m",
+        "image.registry=709825985650.dkr.ecr.us-east-1.amazonaws.com/seller",
+        "image.digest=sha256:" + "a" * 64,
+        "sample.nodeSelector.kubernetes\\.io/os=linux",
+        "sample.priorityClassName=high",
+        "imagePullSecrets[0].name=regcred",
+        "extraEnv[0].name=HTTPS_PROXY",
+        "extraEnv[0].value=http://proxy:3128",
+    )
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount")
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == "arn:aws:iam::1:role/m"
+    spec = pod_spec(docs)
+    c = sidecar(spec)
+    assert c["image"] == (
+        "709825985650.dkr.ecr.us-east-1.amazonaws.com/seller/marketplace-sidecar@sha256:" + "a" * 64
+    )
+    assert env_of(c)["HTTPS_PROXY"] == "http://proxy:3128"
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert spec["priorityClassName"] == "high"
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["product.code=bad code!"], "/product/code"),
+        (["mode=sidecar"], "value must be one of 'auto', 'native', 'classic'"),
+        (["readinessGate.conditionType=entitled"], "/readinessGate/conditionType"),
+        (["config.registerIntervalSeconds=5"], "/config/registerIntervalSeconds"),
+        (["image.digest=latest"], "/image/digest"),
+        (["sample.replica=2"], "additional properties 'replica' not allowed"),
+    ],
+)
+def test_schema_rejects_bad_values_naming_the_field(sets: list[str], message: str) -> None:
+    args = ["template", "x", str(CHART), "--set-string", f"product.publicKey={PEM}"]
+    for s in (*BASE, *sets):
+        args += ["--set", s]
+    out = helm(*args, check=False)
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
+def test_missing_product_code_and_key_say_what_to_set() -> None:
+    out = helm("template", "x", str(CHART), check=False)
+    assert "product.code is required" in out.stderr
+    out = helm("template", "x", str(CHART), "--set", "product.code=p", check=False)
+    assert "product.publicKey is required" in out.stderr
+
+
+def test_notes_explain_checks_and_warn_without_irsa(tmp_path: Path) -> None:
+    # `helm install --dry-run` needs a cluster to render NOTES.txt; render the same text as a
+    # named template instead, through the same helm binary and values.
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    text = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "_notes.tpl").write_text(
+        '{{- define "notes-under-test" -}}\n' + text + "{{- end -}}\n"
+    )
+    (chart / "templates" / "notes-rendered.yaml").write_text(
+        'notes: {{ include "notes-under-test" . | toJson }}\n'
+    )
+
+    def notes(*sets: str) -> str:
+        args = [
+            "template",
+            "shop",
+            str(chart),
+            "--namespace",
+            "shop",
+            "--kube-version",
+            "1.30.0",
+            "--show-only",
+            "templates/notes-rendered.yaml",
+            "--set-string",
+            f"product.publicKey={PEM}",
+        ]
+        for s in (*BASE, *sets):
+            args += ["--set", s]
+        return str(yaml.safe_load(helm(*args).stdout)["notes"])
+
+    text = notes()
+    assert "marketplace-sidecar probe" in text and "native sidecar" in text
+    assert "only IRSA" in text
+    with_irsa = notes(
+        "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:x",
+        "readinessGate.enabled=true",
+    )
+    assert "only IRSA" not in with_irsa and GATE in with_irsa
+
+
+def test_as_a_dependency_of_a_sellers_chart(tmp_path: Path) -> None:
+    chart = tmp_path / "example-product"
+    shutil.copytree(ROOT / "tests" / "charts" / "example-product", chart)
+    meta = chart / "Chart.yaml"
+    meta.write_text(meta.read_text().replace("file://../../../helm", f"file://{CHART}"))
+    helm("dependency", "build", str(chart))
+    for kube, native in (("1.28.0", False), ("1.30.0", True)):
+        docs = [
+            d
+            for d in yaml.safe_load_all(
+                helm(
+                    "template", "shop", str(chart), "--namespace", "shop", "--kube-version", kube
+                ).stdout
+            )
+            if d
+        ]
+        validate(docs, kube)
+        assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Deployment", "ServiceAccount"]
+        spec = pod_spec(docs)
+        assert [c["name"] for c in spec["containers"]][-1] == "product"
+        assert ("initContainers" in spec) is native
+        c = sidecar(spec)
+        assert env_of(c)["MARKETPLACE_PRODUCT_CODE"] == {
+            "configMapKeyRef": {"name": "shop-marketplace-sidecar", "key": "productCode"}
+        }
+        sa = next(d for d in docs if d["kind"] == "ServiceAccount")
+        assert spec["serviceAccountName"] == sa["metadata"]["name"]
+        assert "role-arn" in str(sa["metadata"]["annotations"])
+
+
+def test_plain_manifests_are_in_sync_with_the_chart(tmp_path: Path) -> None:
+    committed = (ROOT / "manifests" / "kubernetes" / "marketplace-sidecar.yaml").read_text()
+    subprocess.run([str(ROOT / "scripts" / "render-manifests.sh")], check=True, capture_output=True)
+    regenerated = (ROOT / "manifests" / "kubernetes" / "marketplace-sidecar.yaml").read_text()
+    assert regenerated == committed, "run scripts/render-manifests.sh and commit the result"
+    docs = [d for d in yaml.safe_load_all(committed) if d]
+    validate(docs, "1.29.0")
