@@ -9,11 +9,13 @@ WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY sidecar ./sidecar
 COPY wheels ./wheels
-# With a wheelhouse in wheels/ the install is offline and exactly what CI tested.
+# EXTRAS=kubernetes adds the client for the opt-in readiness gate (about +42 MiB). With a
+# wheelhouse in wheels/ the install is offline.
+ARG EXTRAS=""
 RUN python3 -m venv /opt/sidecar \
-    && set -- . \
+    && set -- ".${EXTRAS:+[$EXTRAS]}" \
     && if ls wheels/*.whl >/dev/null 2>&1; then \
-        set -- --no-index --find-links wheels marketplace-sidecar; fi \
+        set -- --no-index --find-links wheels "marketplace-sidecar${EXTRAS:+[$EXTRAS]}"; fi \
     && /opt/sidecar/bin/pip install --no-cache-dir --disable-pip-version-check \
         -c constraints.txt "$@" \
     && /opt/sidecar/bin/pip uninstall --yes --quiet pip setuptools

@@ -3,6 +3,7 @@
 # Debian bookworm base, since base images cannot be pulled here. Then check the image:
 # --version, non-root user, and `run` + `probe` inside it against the emulator on loopback.
 #   scripts/build-image.sh [TAG]        (root; installs buildah and mmdebstrap from apt if missing)
+#   EXTRAS=kubernetes scripts/build-image.sh TAG    (the readiness-gate variant)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TAG=${1:-localhost/marketplace-sidecar:ci}
@@ -25,7 +26,10 @@ if ! B inspect --type image "$BASE" >/dev/null 2>&1; then
 fi
 # Wheels are resolved on the host (its package index settings apply), then installed offline.
 rm -f wheels/*.whl
-python3 -m pip wheel --quiet --disable-pip-version-check -c constraints.txt -w wheels . \
+EXTRAS=${EXTRAS:-}
+python3 -m pip wheel --quiet --disable-pip-version-check -c constraints.txt -w wheels \
+  ".${EXTRAS:+[$EXTRAS]}" \
   2> >(grep -v "^WARNING: Location" >&2)
-B bud --quiet --format docker --isolation chroot --build-arg BASE_IMAGE="$BASE" -t "$TAG" . >/dev/null
+B bud --quiet --format docker --isolation chroot --build-arg BASE_IMAGE="$BASE" \
+  --build-arg EXTRAS="$EXTRAS" -t "$TAG" . >/dev/null
 echo "built $TAG"

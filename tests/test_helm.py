@@ -174,6 +174,7 @@ def test_readiness_gate_adds_condition_env_and_least_rbac() -> None:
     docs = render("readinessGate.enabled=true")
     spec = pod_spec(docs)
     assert spec["readinessGates"] == [{"conditionType": GATE}]
+    assert sidecar(spec)["resources"]["requests"]["memory"] == "144Mi"  # measured: ~107 MiB
     assert spec["automountServiceAccountToken"] is True
     env = env_of(sidecar(spec))
     assert env["MARKETPLACE_READINESS_GATE"] == GATE

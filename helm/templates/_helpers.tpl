@@ -134,7 +134,7 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
     httpGet: {path: /healthz, port: mp-probe}
     {{- toYaml $v.livenessProbe | nindent 4 }}
   resources:
-    {{- toYaml $v.resources | nindent 4 }}
+    {{- toYaml (ternary $v.readinessGate.resources $v.resources (and $v.readinessGate.enabled true)) | nindent 4 }}
   securityContext:
     {{- toYaml $v.securityContext | nindent 4 }}
   volumeMounts:
