@@ -19,6 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from sidecar import __version__
+from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from sidecar.metrics import Metrics
 from sidecar.registrar import Registrar
 from sidecar.state import Snapshot
 
@@ -45,6 +47,7 @@ class Reply:
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
     encoded: bytes | None = None  # pre-serialised `body`, when the router caches it
+    content_type: str = "application/json"
 
     def payload(self) -> bytes:
         if self.encoded is not None:
@@ -66,6 +69,7 @@ class Router:
         *,
         probe_only: bool = False,
         extras: Callable[[], dict[str, Any]] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._registrar = registrar
         self._health = health
@@ -75,6 +79,9 @@ class Router:
             "/healthz": {"GET": self._healthz},
             "/readyz": {"GET": self._readyz},
         }
+        self.metrics = metrics
+        if metrics is not None and probe_only:
+            routes["/metrics"] = {"GET": self._metrics}
         if not probe_only:
             routes["/v1/entitlement"] = {"GET": self._entitlement}
             routes["/v1/entitlement/challenge"] = {"POST": self._challenge}
@@ -116,6 +123,10 @@ class Router:
         if snap.error is not None:
             body["error"] = snap.error.to_json()
         return Reply(200 if snap.entitled else 503, body)
+
+    def _metrics(self, _: bytes) -> Reply:
+        assert self.metrics is not None
+        return Reply(200, {}, encoded=self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     def _entitlement(self, _: bytes) -> Reply:
         # Snapshots are immutable: serialise each one once, not on every poll.
@@ -213,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, reply: Reply) -> None:
         payload = reply.payload()
         self.send_response(reply.status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Cache-Control", "no-store")
         for name, value in reply.headers.items():
@@ -223,6 +234,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
+        metrics = self.server.router.metrics
+        if metrics is not None:
+            path = (getattr(self, "path", "") or "").split("?", 1)[0]
+            metrics.request(self.server.name, path, reply.status)
 
     def _dispatch(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -276,8 +291,10 @@ class LocalServer(ThreadingHTTPServer):
         router: Router,
         max_connections: int,
         idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+        name: str = "api",
     ) -> None:
         self.router = router
+        self.name = name
         self.idle_timeout = idle_timeout
         self._slots = threading.BoundedSemaphore(max_connections)
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET

@@ -32,6 +32,7 @@ from sidecar.backoff import Backoff
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import ENDPOINT_ENV, Settings, describe
 from sidecar.errors import classify
+from sidecar.metrics import Metrics
 from sidecar.netaddr import parse_hostport
 from sidecar.readiness_gate import ReadinessGate, kubernetes_patcher
 from sidecar.registrar import Gateway, GatewaySetupError, Policy, Registrar
@@ -40,6 +41,9 @@ from sidecar.verdict import VerdictStore
 
 log = logging.getLogger("sidecar")
 
+ROUTES = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/v1/entitlement", "/v1/entitlement/challenge"}
+)
 API_MAX_CONNECTIONS = 64
 PROBE_MAX_CONNECTIONS = 32
 
@@ -117,6 +121,7 @@ class Daemon:
         self.settings = settings
         self.stop_event = threading.Event()
         self.machine = Entitlement()
+        self.metrics = Metrics(self.machine.snapshot, ROUTES)
         self.registrar = Registrar(
             policy_from(settings, keys),
             gateway_factory or aws_gateway(settings),
@@ -129,6 +134,7 @@ class Daemon:
                 if settings.state_dir is not None
                 else None
             ),
+            observer=self.metrics,
         )
         self._crash: str | None = None
         self._worker = threading.Thread(target=self._work, name="registrar", daemon=True)
@@ -146,14 +152,16 @@ class Daemon:
             )
         self.api = LocalServer(
             parse_hostport(settings.listen),
-            Router(self.registrar, self.health, extras=self.extras),
+            Router(self.registrar, self.health, extras=self.extras, metrics=self.metrics),
             API_MAX_CONNECTIONS,
+            name="api",
         )
         self.probe = LocalServer(
             parse_hostport(settings.probe_listen),
-            Router(self.registrar, self.health, probe_only=True),
+            Router(self.registrar, self.health, probe_only=True, metrics=self.metrics),
             PROBE_MAX_CONNECTIONS,
             PROBE_IDLE_TIMEOUT_SECONDS,
+            name="probe",
         )
 
     def health(self) -> str | None:

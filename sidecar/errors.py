@@ -107,6 +107,9 @@ _KNOWN: dict[str, tuple[str, str]] = {
     ),
 }
 
+# Every code the sidecar knows by name; metric labels use these and "other", nothing else.
+KNOWN_CODES = frozenset(_KNOWN) | RETRYABLE_CODES | TRANSPORT_CODES
+
 _TRANSIENT_HINT = "temporary; retried with backoff (check network egress to the metering endpoint)"
 
 

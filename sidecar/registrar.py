@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from sidecar.backoff import Backoff, jittered
 from sidecar.clock import Clock
-from sidecar.errors import ErrorInfo, classify, verification_failure
+from sidecar.errors import ErrorInfo, verification_failure
 from sidecar.metering import AwsCallError, Registration
 from sidecar.ratelimit import TokenBucket
 from sidecar.state import Entitlement, Snapshot, State
@@ -42,6 +42,22 @@ def token_fingerprint(token: str) -> str:
 
 class Gateway(Protocol):
     def register_usage(self, product_code: str, version: int, nonce: str) -> Registration: ...
+
+
+class Observer(Protocol):
+    """Told about every attempt and challenge (metrics); must not raise."""
+
+    def attempt(self, error: ErrorInfo | None) -> None: ...
+
+    def challenge(self, result: str) -> None: ...
+
+
+class _Silent:
+    def attempt(self, error: ErrorInfo | None) -> None:
+        pass
+
+    def challenge(self, result: str) -> None:
+        pass
 
 
 class GatewaySetupError(Exception):
@@ -86,6 +102,7 @@ class Registrar:
         stop: threading.Event,
         nonce_factory: Callable[[], str] = new_nonce,
         verdicts: VerdictStore | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.policy = policy
         self.machine = machine
@@ -97,6 +114,7 @@ class Registrar:
         self._stop = stop
         self._nonce = nonce_factory
         self._verdicts = verdicts
+        self._observer: Observer = observer or _Silent()
         self._challenges = TokenBucket(
             policy.challenge_rate, policy.challenge_burst, clock.monotonic()
         )
@@ -161,7 +179,9 @@ class Registrar:
             )
         else:
             snap = self.machine.succeeded(reg.signature, claims, now, reg.rotation_at)
-            log.info(
+            # Quiet when nothing changed: an hourly success is not news.
+            log.log(
+                logging.INFO if snap.state is not before else logging.DEBUG,
                 "registered",
                 extra={
                     "state": snap.state.value,
@@ -171,6 +191,7 @@ class Registrar:
             )
             for warning in snap.warnings:
                 log.warning("key_rotation", extra={"detail": warning})
+        self._observer.attempt(error)
         if snap.state is not before:
             log.info(
                 "state_changed",
@@ -230,6 +251,11 @@ class Registrar:
 
     def challenge(self, nonce: str) -> ChallengeOutcome:
         """Register with the product's own nonce, so the product can verify the token itself."""
+        outcome = self._challenge(nonce)
+        self._observer.challenge(outcome.status)
+        return outcome
+
+    def _challenge(self, nonce: str) -> ChallengeOutcome:
         snap = self.machine.snapshot()
         if snap.final:
             return ChallengeOutcome("refused", snap, snap.error)
@@ -249,7 +275,3 @@ class Registrar:
                 return ChallengeOutcome("failed", snap, error)
             if self._clock.wait(self._stop, delay):
                 return ChallengeOutcome("failed", snap, error)
-
-
-def setup_failure(code: str, message: str) -> GatewaySetupError:
-    return GatewaySetupError(classify(code, message))

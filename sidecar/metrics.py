@@ -1,0 +1,139 @@
+"""Prometheus metrics for /metrics on the probe listener. Label values are bounded: AWS error
+codes outside the known set become "other", paths outside the routes become "other"."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from sidecar import __version__
+from sidecar.errors import KNOWN_CODES, ErrorInfo
+from sidecar.state import Snapshot, State
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+VERIFY_PREFIX = "TokenVerificationFailed:"
+KNOWN_REASONS = frozenset(
+    {
+        "malformed",
+        "too_large",
+        "bad_algorithm",
+        "unknown_key_version",
+        "bad_signature",
+        "product_code_mismatch",
+        "key_version_mismatch",
+        "nonce_mismatch",
+        "missing_claim",
+        "iat_in_future",
+        "too_old",
+    }
+)
+
+
+def _bounded(value: str, known: frozenset[str]) -> str:
+    return value if value in known else "other"
+
+
+class _StateCollector(Collector):
+    """Values read from the state machine at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot], now: Callable[[], float]) -> None:
+        self._snapshot = snapshot
+        self._now = now
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snap = self._snapshot()
+        state = GaugeMetricFamily(
+            "marketplace_entitlement_state", "1 for the current entitlement state", labels=["state"]
+        )
+        for s in State:
+            state.add_metric([s.value], 1.0 if snap.state is s else 0.0)
+        yield state
+        yield GaugeMetricFamily(
+            "marketplace_entitled",
+            "1 when entitled or degraded",
+            value=1.0 if snap.entitled else 0.0,
+        )
+        since = GaugeMetricFamily(
+            "marketplace_last_registration_success_age_seconds",
+            "Seconds since the last verified RegisterUsage (NaN before the first)",
+            value=(self._now() - snap.last_success_at) if snap.last_success_at else float("nan"),
+        )
+        yield since
+        yield GaugeMetricFamily(
+            "marketplace_next_registration_timestamp_seconds",
+            "Unix time of the next scheduled RegisterUsage (NaN when none is scheduled)",
+            value=snap.next_registration_at or float("nan"),
+        )
+        yield GaugeMetricFamily(
+            "marketplace_registration_consecutive_failures",
+            "Failed RegisterUsage attempts since the last success",
+            value=float(snap.consecutive_failures),
+        )
+
+
+class Metrics:
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        routes: frozenset[str],
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self._routes = routes
+        self.attempts = Counter(
+            "marketplace_register_attempts",
+            "RegisterUsage attempts by result and AWS error code",
+            ["result", "code"],
+            registry=self.registry,
+        )
+        self.verify_failures = Counter(
+            "marketplace_token_verification_failures",
+            "Tokens that failed verification, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.challenges = Counter(
+            "marketplace_challenges",
+            "Product challenges by result",
+            ["result"],
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "marketplace_api_requests",
+            "Local API requests by listener, path and status",
+            ["listener", "path", "status"],
+            registry=self.registry,
+        )
+        Info("marketplace_sidecar_build", "Build information", registry=self.registry).info(
+            {"version": __version__}
+        )
+        self.registry.register(_StateCollector(snapshot, now))
+        ProcessCollector(registry=self.registry)
+
+    # -- observer hooks ------------------------------------------------------------------
+
+    def attempt(self, error: ErrorInfo | None) -> None:
+        if error is None:
+            self.attempts.labels("ok", "").inc()
+        elif error.code.startswith(VERIFY_PREFIX):
+            reason = _bounded(error.code.removeprefix(VERIFY_PREFIX), KNOWN_REASONS)
+            self.attempts.labels("verification_failed", "").inc()
+            self.verify_failures.labels(reason).inc()
+        else:
+            result = "retryable_error" if error.retryable else "terminal_error"
+            self.attempts.labels(result, _bounded(error.code, KNOWN_CODES)).inc()
+
+    def challenge(self, result: str) -> None:
+        self.challenges.labels(result).inc()
+
+    def request(self, listener: str, path: str, status: int) -> None:
+        self.requests.labels(listener, path if path in self._routes else "other", str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
