@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     em.add_argument("--throttle-rps", type=float, help="token-bucket throttle, requests/s")
     em.add_argument("--region", help="only accept calls signed for this region")
+    sub.add_parser(
+        "doctor",
+        help="check configuration, key, region, credentials, endpoint and clock; changes nothing",
+    )
     dm = sub.add_parser("demo", help="emulator + sidecar together, no AWS account needed")
     dm.add_argument("--exit-after", type=float, help="stop after this many seconds")
     return p
@@ -58,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _verify_token(args.nonce, args.max_age)
     if args.command == "emulator":
         return _emulator(args)
+    if args.command == "doctor":
+        from sidecar.doctor import doctor
+
+        return doctor(sys.stdout)
     if args.command == "demo":
         from sidecar.demo import demo
 

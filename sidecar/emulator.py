@@ -76,6 +76,7 @@ class EmulatorConfig:
     throttle_burst: int = 1
     faults: list[Fault] = field(default_factory=list)
     token_fault: str | None = None
+    date_offset: float = 0.0  # seconds added to the Date header (clock-skew tests)
 
 
 def _new_key() -> rsa.RSAPrivateKey:
@@ -277,6 +278,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        offset = self.server.emulator.config.date_offset
+        return super().date_time_string((timestamp or time.time()) + offset)
 
     def _body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
