@@ -21,7 +21,7 @@ import os
 import random
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
@@ -32,11 +32,11 @@ from sidecar.backoff import Backoff
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import ENDPOINT_ENV, Settings, describe
 from sidecar.errors import classify
+from sidecar.kube import KubeTarget, Mirror, desired
 from sidecar.metrics import Metrics
 from sidecar.netaddr import parse_hostport
-from sidecar.readiness_gate import ReadinessGate, kubernetes_patcher
 from sidecar.registrar import Gateway, GatewaySetupError, Policy, Registrar
-from sidecar.state import Entitlement
+from sidecar.state import Entitlement, Snapshot
 from sidecar.verdict import VerdictStore
 
 log = logging.getLogger("sidecar")
@@ -107,6 +107,53 @@ def credential_warnings(env: Mapping[str, str]) -> list[str]:
     return []
 
 
+def kube_mirrors(
+    settings: Settings, machine: Entitlement, clock: Clock, stop: threading.Event
+) -> list[Mirror]:
+    """The opt-in Kubernetes mirrors: readiness-gate condition and/or Events."""
+    target = KubeTarget(
+        settings.pod_name, settings.pod_namespace, settings.serviceaccount_dir, clock
+    )
+    mirrors = []
+    if settings.readiness_gate:
+        gate = settings.readiness_gate
+        mirrors.append(
+            Mirror(
+                "readiness_gate",
+                "patch on pods/status",
+                desired_key,
+                lambda snap: target.patch_condition(gate, snap),
+                machine.snapshot,
+                clock,
+                stop,
+                random.random,
+            )
+        )
+    if settings.kube_events:
+        mirrors.append(
+            Mirror(
+                "events",
+                "create on events (and get on pods)",
+                event_key,
+                target.record_event,
+                machine.snapshot,
+                clock,
+                stop,
+                random.random,
+            )
+        )
+    return mirrors
+
+
+def desired_key(snap: Snapshot) -> Hashable:
+    return desired(snap)
+
+
+def event_key(snap: Snapshot) -> Hashable:
+    """One Event per state change (or change of error code), not per re-registration."""
+    return (snap.state, snap.error.code if snap.error else None)
+
+
 class Daemon:
     """Owns the threads; `start` binds the ports, `stop` closes them."""
 
@@ -138,17 +185,10 @@ class Daemon:
         )
         self._crash: str | None = None
         self._worker = threading.Thread(target=self._work, name="registrar", daemon=True)
-        self.gate: ReadinessGate | None = None
-        if settings.readiness_gate:
-            self.gate = ReadinessGate(
-                settings.readiness_gate,
-                self.machine.snapshot,
-                lambda: kubernetes_patcher(
-                    settings.pod_name, settings.pod_namespace, settings.serviceaccount_dir
-                ),
-                clock or SystemClock(),
-                self.stop_event,
-                random.random,
+        self.mirrors: list[Mirror] = []
+        if settings.readiness_gate or settings.kube_events:
+            self.mirrors = kube_mirrors(
+                settings, self.machine, clock or SystemClock(), self.stop_event
             )
         self.api = LocalServer(
             parse_hostport(settings.listen),
@@ -168,7 +208,15 @@ class Daemon:
         return self._crash
 
     def extras(self) -> dict[str, Any]:
-        return {"readiness_gate": self.gate.status.to_json()} if self.gate else {}
+        out: dict[str, Any] = {}
+        for m in self.mirrors:
+            st = m.status
+            out[m.name] = {
+                "applied": st.applied,
+                "error": st.error,
+                "consecutive_failures": st.failures,
+            }
+        return out
 
     def _work(self) -> None:
         try:
@@ -181,8 +229,8 @@ class Daemon:
         self.api.serve_in_thread("api")
         self.probe.serve_in_thread("probe")
         self._worker.start()
-        if self.gate is not None:
-            threading.Thread(target=self.gate.run, name="readiness-gate", daemon=True).start()
+        for mirror in self.mirrors:
+            threading.Thread(target=mirror.run, name=mirror.name, daemon=True).start()
 
     def close(self) -> None:
         self.stop_event.set()

@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     challenge_deadline_seconds: float = Field(20.0, ge=1.0, le=300.0)
     state_dir: Path | None = None
     readiness_gate: str = ""
+    kube_events: bool = False
     pod_name: str = ""
     pod_namespace: str = ""
     serviceaccount_dir: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -98,10 +99,10 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if (self.public_key is None) == (self.public_key_file is None):
             raise ValueError(_NO_KEY)
-        if self.readiness_gate and not (self.pod_name and self.pod_namespace):
+        if (self.readiness_gate or self.kube_events) and not (self.pod_name and self.pod_namespace):
             raise ValueError(
                 f"{PREFIX}POD_NAME and {PREFIX}POD_NAMESPACE are required with "
-                f"{PREFIX}READINESS_GATE (set them from the downward API)"
+                f"{PREFIX}READINESS_GATE or {PREFIX}KUBE_EVENTS (set them from the downward API)"
             )
         if parse_hostport(self.listen) == parse_hostport(self.probe_listen):
             raise ValueError(f"{PREFIX}LISTEN and {PREFIX}PROBE_LISTEN must differ")
@@ -144,10 +145,12 @@ def load() -> tuple[Settings, dict[int, RSAPublicKey]]:
             f"{PREFIX}STATE_DIR: {settings.state_dir} must be an existing writable directory "
             "(mount an emptyDir; it must live as long as the pod)"
         )
-    if settings.readiness_gate and importlib.util.find_spec("kubernetes") is None:
+    if (settings.readiness_gate or settings.kube_events) and importlib.util.find_spec(
+        "kubernetes"
+    ) is None:
         problems.append(
-            f"{PREFIX}READINESS_GATE: needs the kubernetes client, which this installation "
-            "lacks: use the image built with EXTRAS=kubernetes, or install "
+            f"{PREFIX}READINESS_GATE / {PREFIX}KUBE_EVENTS: need the kubernetes client, which "
+            "this installation lacks: use the image built with EXTRAS=kubernetes, or install "
             "marketplace-sidecar[kubernetes]"
         )
     endpoint = os.environ.get(ENDPOINT_ENV)

@@ -89,8 +89,12 @@ def check_credentials(env: Mapping[str, str]) -> Check:
     try:
         creds.get_frozen_credentials()  # IRSA: performs AssumeRoleWithWebIdentity now
     except Exception as exc:
-        return Check(FAIL, "credentials", f"{method}: {type(exc).__name__}: {exc}",
-                     "check the IAM role's trust policy (OIDC provider, service account)")
+        return Check(
+            FAIL,
+            "credentials",
+            f"{method}: {type(exc).__name__}: {exc}",
+            "check the IAM role's trust policy (OIDC provider, service account)",
+        )
     if method == "assume-role-with-web-identity":
         return Check(OK, "credentials", f"IRSA ({env.get('AWS_ROLE_ARN')})")
     if method == "container-role":

@@ -1,12 +1,13 @@
-"""A stand-in for the two kube-apiserver paths the sidecar uses (nothing real can run here):
+"""A stand-in for the kube-apiserver paths the sidecar uses (nothing real can run here):
 
     GET   /api/v1/namespaces/{ns}/pods/{name}
     PATCH /api/v1/namespaces/{ns}/pods/{name}/status   (strategic-merge / merge patch of
                                                         status.conditions, merged by `type`)
+    POST  /api/v1/namespaces/{ns}/events
 
 Served over HTTPS on 127.0.0.1 with a self-signed certificate (IP SAN 127.0.0.1), so the
 kubernetes client's real in-cluster configuration (token file, CA file, service host/port) is
-exercised. `forbid` makes every PATCH answer 403, as missing RBAC would.
+exercised. `forbid` makes every PATCH and POST answer 403, as missing RBAC would.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 POD_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)(/status)?$")
+EVENTS_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/events$")
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -63,6 +65,7 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 class FakeApiServer:
     def __init__(self, directory: Path, token: str = "sa-token") -> None:
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
         self.forbid = False
         self.token = token
@@ -96,6 +99,13 @@ class FakeApiServer:
                             "body": json.loads(body) if body else None,
                         }
                     )
+                events = EVENTS_PATH.match(self.path.split("?")[0])
+                if events and self.command == "POST":
+                    if fake.forbid:
+                        return self._reply(403, {"kind": "Status", "code": 403})
+                    with fake.lock:
+                        fake.events.append(json.loads(body))
+                    return self._reply(201, json.loads(body))
                 match = POD_PATH.match(self.path.split("?")[0])
                 auth = (self.headers.get("Authorization") or "").split(" ", 1)
                 if auth[0].lower() != "bearer" or auth[-1] != fake.token:  # scheme: any case
@@ -122,7 +132,7 @@ class FakeApiServer:
                         return self._reply(200, pod)
                 return self._reply(405, {"kind": "Status", "code": 405})
 
-            do_GET = do_PATCH = _handle  # noqa: N815
+            do_GET = do_PATCH = do_POST = _handle  # noqa: N815
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -139,7 +149,7 @@ class FakeApiServer:
             self.pods[(namespace, name)] = {
                 "kind": "Pod",
                 "apiVersion": "v1",
-                "metadata": {"name": name, "namespace": namespace},
+                "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}"},
                 "status": {"conditions": [{"type": "Ready", "status": "False"}]},
             }
 

@@ -57,7 +57,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{/* The Kubernetes API token is mounted only for the readiness gate (IRSA uses its own). */}}
 {{- define "marketplace-sidecar.automountServiceAccountToken" -}}
 {{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
-{{- ternary "true" "false" (and $v.readinessGate.enabled true) -}}
+{{- ternary "true" "false" (or $v.readinessGate.enabled $v.events.enabled) -}}
 {{- end -}}
 
 {{- define "marketplace-sidecar.image" -}}
@@ -112,6 +112,11 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
     - {name: MARKETPLACE_LOG_LEVEL, value: {{ $v.config.logLevel | quote }}}
     {{- if $v.readinessGate.enabled }}
     - {name: MARKETPLACE_READINESS_GATE, value: {{ $v.readinessGate.conditionType | quote }}}
+    {{- end }}
+    {{- if $v.events.enabled }}
+    - {name: MARKETPLACE_KUBE_EVENTS, value: "true"}
+    {{- end }}
+    {{- if or $v.readinessGate.enabled $v.events.enabled }}
     - name: MARKETPLACE_POD_NAME
       valueFrom: {fieldRef: {fieldPath: metadata.name}}
     - name: MARKETPLACE_POD_NAMESPACE
@@ -134,7 +139,7 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
     httpGet: {path: /healthz, port: mp-probe}
     {{- toYaml $v.livenessProbe | nindent 4 }}
   resources:
-    {{- toYaml (ternary $v.readinessGate.resources $v.resources (and $v.readinessGate.enabled true)) | nindent 4 }}
+    {{- toYaml (ternary $v.readinessGate.resources $v.resources (or $v.readinessGate.enabled $v.events.enabled)) | nindent 4 }}
   securityContext:
     {{- toYaml $v.securityContext | nindent 4 }}
   volumeMounts:
@@ -151,6 +156,16 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
 {{- define "marketplace-sidecar.containers" -}}
 {{- if not (include "marketplace-sidecar.native" .) -}}
 {{ include "marketplace-sidecar.container" . }}
+{{- end -}}
+{{- end -}}
+
+{{/* Prometheus scrape annotations for the pod template, when metrics.podAnnotations. */}}
+{{- define "marketplace-sidecar.podAnnotations" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- if $v.metrics.podAnnotations -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ $v.config.probePort | quote }}
+prometheus.io/path: /metrics
 {{- end -}}
 {{- end -}}
 

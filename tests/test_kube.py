@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from sidecar.emulator import Emulator
-from sidecar.readiness_gate import desired
+from sidecar.kube import desired
 from sidecar.state import Entitlement
 from tests.helpers import Launch, Sidecar
 from tests.kube_fake import FakeApiServer
@@ -62,12 +62,7 @@ def test_condition_goes_true_when_entitled(
     assert patch["content_type"] == "application/strategic-merge-patch+json"
     assert apiserver.condition("shop", "product-0", "Ready") is not None  # merged, not replaced
     gate = car.entitlement()["readiness_gate"]
-    assert gate == {
-        "condition_type": GATE,
-        "applied_status": "True",
-        "error": None,
-        "consecutive_failures": 0,
-    }
+    assert gate == {"applied": "True", "error": None, "consecutive_failures": 0}
 
 
 def test_condition_is_false_with_reason_when_not_entitled(
@@ -118,6 +113,62 @@ def test_gate_config_errors_stop_before_binding() -> None:
     env["MARKETPLACE_READINESS_GATE"] = GATE
     out = cli("run", env=env)
     assert "MARKETPLACE_POD_NAME and MARKETPLACE_POD_NAMESPACE are required" in out.stderr
+
+
+def test_events_on_state_changes_only(
+    launch: Launch, emulator: Emulator, apiserver: FakeApiServer
+) -> None:
+    car = launch(
+        MARKETPLACE_KUBE_EVENTS="true",
+        MARKETPLACE_POD_NAME="product-0",
+        MARKETPLACE_POD_NAMESPACE="shop",
+        MARKETPLACE_SERVICEACCOUNT_DIR=str(apiserver.sa_dir),
+        KUBERNETES_SERVICE_HOST="127.0.0.1",
+        KUBERNETES_SERVICE_PORT=str(apiserver.port),
+        MARKETPLACE_REGISTER_INTERVAL_SECONDS="1",
+        MARKETPLACE_REGISTER_JITTER="0",
+    )
+    deadline = time.monotonic() + 10
+    while not any(e["reason"] == "Entitled" for e in apiserver.events) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    emulator.reconfigure({"faults": [{"error": "InternalServiceErrorException", "rate": 1.0}]})
+    car.wait_for(lambda d: d["state"] == "degraded", timeout=5)
+    time.sleep(2.5)  # more failed re-registrations: same state, same code, no new Event
+    reasons = [e["reason"] for e in apiserver.events]
+    assert reasons[-2:] == ["Entitled", "Degraded"]
+    assert reasons.count("Degraded") == 1
+    degraded = apiserver.events[-1]
+    assert degraded["type"] == "Warning"
+    assert degraded["message"].startswith("InternalServiceErrorException — ")
+    assert degraded["involvedObject"] == {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "name": "product-0",
+        "namespace": "shop",
+        "uid": "uid-product-0",
+    }
+    assert degraded["source"] == {"component": "marketplace-sidecar"}
+    assert car.entitlement()["events"]["error"] is None
+
+
+def test_events_forbidden_is_reported_not_fatal(
+    launch: Launch, emulator: Emulator, apiserver: FakeApiServer
+) -> None:
+    apiserver.forbid = True
+    emulator.reconfigure({"entitled": False})
+    car = launch(
+        MARKETPLACE_KUBE_EVENTS="true",
+        MARKETPLACE_POD_NAME="product-0",
+        MARKETPLACE_POD_NAMESPACE="shop",
+        MARKETPLACE_SERVICEACCOUNT_DIR=str(apiserver.sa_dir),
+        KUBERNETES_SERVICE_HOST="127.0.0.1",
+        KUBERNETES_SERVICE_PORT=str(apiserver.port),
+    )
+    doc = car.wait_for(lambda d: d["events"]["consecutive_failures"] >= 1, timeout=10)
+    assert "events" in doc["events"]["error"] and doc["state"] == "not_entitled"
+    assert car.get("/healthz").status_code == 200
 
 
 def test_desired_condition_per_state() -> None:
