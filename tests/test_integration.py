@@ -209,3 +209,17 @@ def test_transient_give_up_is_not_remembered(
     car = launch(MARKETPLACE_STATE_DIR=str(state), MARKETPLACE_REGISTER_DEADLINE_SECONDS="1")
     car.wait_for(lambda d: d["state"] == "not_entitled", timeout=5)
     assert not (state / "verdict.json").exists()
+
+
+def test_logs_are_quiet_when_nothing_changes(launch: Launch, emulator: Emulator) -> None:
+    import json
+
+    car = launch(MARKETPLACE_REGISTER_INTERVAL_SECONDS="1", MARKETPLACE_REGISTER_JITTER="0")
+    car.wait_for(lambda d: d["state"] == "entitled")
+    time.sleep(2.5)
+    car.stop()
+    lines = [json.loads(line) for line in car.logs().splitlines() if line.strip()]
+    assert len(emulator.calls) >= 3  # several re-registrations happened...
+    info = [line["event"] for line in lines if line["level"] == "info"]
+    assert info.count("registered") == 1  # ...but only the state change was logged
+    assert info.count("state_changed") == 1
