@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from sidecar import __version__, logs
 from sidecar.api import PROBE_IDLE_TIMEOUT_SECONDS, LocalServer, Router
-from sidecar.backoff import Backoff
+from sidecar.backoff import Backoff, ThrottleSchedule
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import ENDPOINT_ENV, Settings, describe
 from sidecar.errors import classify
@@ -57,6 +57,7 @@ def policy_from(settings: Settings, keys: Mapping[int, RSAPublicKey]) -> Policy:
         jitter=settings.register_jitter,
         deadline=settings.register_deadline_seconds,
         backoff=Backoff(settings.backoff_base_seconds, settings.backoff_cap_seconds),
+        throttle=ThrottleSchedule(settings.throttle_schedule),
         clock_skew=settings.clock_skew_seconds,
         challenge_rate=settings.challenge_rate_per_second,
         challenge_burst=settings.challenge_burst,

@@ -28,3 +28,27 @@ class Backoff:
 def jittered(period: float, fraction: float, rng: Callable[[], float]) -> float:
     """`period` moved by up to ±`fraction` of itself, so hourly calls of a fleet do not align."""
     return period * (1.0 + fraction * (2.0 * rng() - 1.0))
+
+
+@dataclass(frozen=True)
+class ThrottleSchedule:
+    """Where the k-th retry after a ThrottlingException lands, measured from the first attempt.
+
+    A throttle at start-up means other pods of the same account are registering at the same
+    moment (RegisterUsage allows 5 requests/s per account and region), typically a whole fleet
+    started together. Retry k is drawn uniformly from slot k: [0, e1), [e1, e2), [e2, e3) seconds
+    after the first attempt, so each wave of retries lands after the previous one instead of on
+    top of it; beyond the last edge, capped exponential full jitter. The default edges were tuned
+    with benchmarks/fleet.py for 200 pods starting at once (see the README for other sizes).
+    """
+
+    edges: tuple[float, ...] = (25.0, 40.0, 43.0)
+    tail: Backoff = Backoff(base=5.0, cap=60.0)
+
+    def delay(self, throttles: int, started: float, now: float, rng: Callable[[], float]) -> float:
+        """Seconds to wait after the `throttles`-th consecutive throttle (1-based)."""
+        if throttles <= len(self.edges):
+            low = self.edges[throttles - 2] if throttles >= 2 else 0.0
+            high = self.edges[throttles - 1]
+            return max(0.0, started + low + rng() * (high - low) - now)
+        return self.tail.delay(throttles - len(self.edges), rng)

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     register_deadline_seconds: float = Field(3600.0, ge=1.0, le=REGISTRATION_WINDOW_SECONDS - 600)
     backoff_base_seconds: float = Field(1.0, gt=0.0, le=60.0)
     backoff_cap_seconds: float = Field(60.0, gt=0.0, le=900.0)
+    throttle_schedule_seconds: str = "25,40,43"
     aws_timeout_seconds: float = Field(10.0, gt=0.0, le=120.0)
     clock_skew_seconds: float = Field(300.0, ge=0.0, le=3600.0)
     challenge_rate_per_second: float = Field(1.0, gt=0.0, le=5.0)
@@ -89,6 +90,16 @@ class Settings(BaseSettings):
             )
         return v
 
+    @field_validator("throttle_schedule_seconds")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        parse_schedule(v)
+        return v
+
+    @property
+    def throttle_schedule(self) -> tuple[float, ...]:
+        return parse_schedule(self.throttle_schedule_seconds)
+
     @field_validator("listen", "probe_listen")
     @classmethod
     def _hostport(cls, v: str) -> str:
@@ -107,6 +118,17 @@ class Settings(BaseSettings):
         if parse_hostport(self.listen) == parse_hostport(self.probe_listen):
             raise ValueError(f"{PREFIX}LISTEN and {PREFIX}PROBE_LISTEN must differ")
         return self
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """'25,40,43' -> (25.0, 40.0, 43.0): 1-10 increasing positive numbers of seconds."""
+    try:
+        edges = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError("must be comma-separated seconds, e.g. 25,40,43") from None
+    if not 1 <= len(edges) <= 10 or edges[0] <= 0 or list(edges) != sorted(set(edges)):
+        raise ValueError("must be 1-10 strictly increasing positive numbers of seconds")
+    return edges
 
 
 def _format(exc: ValidationError) -> list[str]:

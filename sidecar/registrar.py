@@ -17,7 +17,7 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from sidecar.backoff import Backoff, jittered
+from sidecar.backoff import Backoff, ThrottleSchedule, jittered
 from sidecar.clock import Clock
 from sidecar.errors import ErrorInfo, verification_failure
 from sidecar.metering import AwsCallError, Registration
@@ -75,6 +75,7 @@ class Policy:
     jitter: float = 0.1
     deadline: float = 3600.0
     backoff: Backoff = field(default_factory=Backoff)
+    throttle: ThrottleSchedule = field(default_factory=ThrottleSchedule)
     clock_skew: float = 300.0
     challenge_rate: float = 1.0
     challenge_burst: int = 3
@@ -128,7 +129,7 @@ class Registrar:
                 self._gateway = self._factory()
             return self._gateway
 
-    def attempt(self, nonce: str, *, give_up_on_retryable: bool = False) -> ErrorInfo | None:
+    def attempt(self, nonce: str) -> ErrorInfo | None:
         """One RegisterUsage call and verification; the state machine records the result."""
         now = self._clock.time()
         self.machine.attempt(now)
@@ -162,8 +163,7 @@ class Registrar:
                     extra={"reason": exc.reason, "token_sha256": token_fingerprint(reg.signature)},
                 )
         if error is not None:
-            give_up = give_up_on_retryable or not error.retryable
-            snap = self.machine.failed(error, self._clock.time(), give_up=give_up)
+            snap = self.machine.failed(error, self._clock.time())
             if snap.final and self._verdicts is not None:
                 self._verdicts.save(error)
             log.log(
@@ -209,10 +209,10 @@ class Registrar:
         """First registration, then re-register every interval until `stop` is set."""
         remembered = self._verdicts.load() if self._verdicts is not None else None
         if remembered is not None:
-            self.machine.failed(remembered, self._clock.time(), give_up=True)
+            self.machine.failed(remembered, self._clock.time())
             log.error("verdict_remembered", extra={"code": remembered.code})
             return
-        if not self._first_registration():
+        if not self.first_registration():
             return
         while not self._stop.is_set():
             snap = self.machine.snapshot()
@@ -228,20 +228,32 @@ class Registrar:
                 return
             self.attempt(self._nonce())
 
-    def _first_registration(self) -> bool:
-        """Retry retryable errors until the deadline. False when registration is over."""
-        deadline_at = self._clock.monotonic() + self.policy.deadline
-        failures = 0
+    def first_registration(self) -> bool:
+        """Retry retryable errors until the deadline. False when registration is over.
+
+        Throttles follow the fleet-aware `ThrottleSchedule`; other retryable errors (AWS 5xx,
+        network) follow capped exponential backoff with full jitter.
+        """
+        started = self._clock.monotonic()
+        deadline_at = started + self.policy.deadline
+        failures = throttles = 0
         while not self._stop.is_set():
-            nonce = self._nonce()
-            delay = self.policy.backoff.delay(failures + 1, self._rng)
-            out_of_time = self._clock.monotonic() + delay > deadline_at
-            error = self.attempt(nonce, give_up_on_retryable=out_of_time)
+            error = self.attempt(self._nonce())
             if error is None:
                 return True
-            if not error.retryable or out_of_time:
+            if not error.retryable:
                 return not self.machine.snapshot().final
             failures += 1
+            now = self._clock.monotonic()
+            if error.code == "ThrottlingException":
+                throttles += 1
+                delay = self.policy.throttle.delay(throttles, started, now, self._rng)
+            else:
+                delay = self.policy.backoff.delay(failures, self._rng)
+            if now + delay > deadline_at:
+                self.machine.give_up(self._clock.time())
+                log.error("register_gave_up", extra={"code": error.code, "failures": failures})
+                return False
             self.machine.scheduled(self._clock.time() + delay)
             if self._clock.wait(self._stop, delay):
                 return False

@@ -90,8 +90,8 @@ class Entitlement:
             )
             return self._snap
 
-    def failed(self, error: ErrorInfo, now: float, *, give_up: bool = False) -> Snapshot:
-        """Record a failed attempt. `give_up`: the first-registration deadline has passed."""
+    def failed(self, error: ErrorInfo, now: float) -> Snapshot:
+        """Record a failed attempt."""
         with self._lock:
             snap = self._snap
             ever_ok = snap.last_success_at is not None
@@ -104,7 +104,7 @@ class Entitlement:
                 # Only a verified token lifts a not_entitled caused by a bad token.
                 serving = snap.state in SERVING_STATES
                 state, final = (State.DEGRADED if serving else State.NOT_ENTITLED), False
-            elif error.retryable and not give_up:
+            elif error.retryable:
                 state, final = State.REGISTERING, False
             else:
                 state, final = State.NOT_ENTITLED, True
@@ -118,6 +118,20 @@ class Entitlement:
                 consecutive_failures=snap.consecutive_failures + 1,
                 error=error,
             )
+            return self._snap
+
+    def give_up(self, now: float) -> Snapshot:
+        """The first-registration deadline passed: the last (retryable) error becomes final."""
+        with self._lock:
+            if self._snap.last_success_at is None:
+                self._snap = replace(
+                    self._snap,
+                    state=State.NOT_ENTITLED,
+                    final=True,
+                    token=None,
+                    claims=None,
+                    next_registration_at=None,
+                )
             return self._snap
 
     def scheduled(self, at: float | None) -> None:

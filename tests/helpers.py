@@ -144,6 +144,7 @@ def start_sidecar(env: dict[str, str], *, wait: bool = True) -> Sidecar:
         "MARKETPLACE_PROBE_LISTEN": f"127.0.0.1:{probe_port}",
         "MARKETPLACE_BACKOFF_BASE_SECONDS": "0.05",
         "MARKETPLACE_BACKOFF_CAP_SECONDS": "0.2",
+        "MARKETPLACE_THROTTLE_SCHEDULE_SECONDS": "0.1,0.2,0.3",
         **env,
     }
     proc = subprocess.Popen(

@@ -79,20 +79,34 @@ def test_first_registration_succeeds_with_a_fresh_long_nonce_each_call(
     assert snap.claims["nonce"] == aws.nonces[-1]
 
 
-def test_retries_only_retryable_errors_with_growing_capped_delays(key: rsa.RSAPrivateKey) -> None:
-    script = [
-        "ThrottlingException",
-        "InternalServiceErrorException",
-        "EndpointConnectionError",
-        "ok",
-    ]
+def test_5xx_and_network_errors_back_off_exponentially(key: rsa.RSAPrivateKey) -> None:
+    script = ["InternalServiceErrorException", "EndpointConnectionError", "ReadTimeoutError", "ok"]
     reg, aws, clock = make(script, key, stop_after_waits=4)
     reg.run()
     assert reg.machine.snapshot().state is State.ENTITLED
     assert len(aws.nonces) == 4  # 3 retried failures, then success; the 4th wait stops it
-    assert len(clock.waits) >= 3
     for n, delay in enumerate(clock.waits[:3], start=1):
         assert 0 <= delay < Backoff(1.0, 60.0).ceiling(n)
+
+
+def test_throttles_land_in_successive_slots_after_the_first_attempt(
+    key: rsa.RSAPrivateKey,
+) -> None:
+    script = ["ThrottlingException"] * 4 + ["ok"]
+    reg, _, clock = make(script, key, stop_after_waits=5)
+    attempts: list[float] = []
+    original = reg.attempt
+
+    def timed(nonce: str) -> Any:
+        attempts.append(clock.mono)
+        return original(nonce)
+
+    reg.attempt = timed  # type: ignore[method-assign]
+    reg.run()
+    assert reg.machine.snapshot().state is State.ENTITLED
+    first, *retries = attempts
+    assert first == 0
+    assert 0 <= retries[0] < 25 <= retries[1] < 40 <= retries[2] < 43 < retries[3]
 
 
 def test_terminal_error_stops_registration_for_good(key: rsa.RSAPrivateKey) -> None:
@@ -123,8 +137,8 @@ def test_reregistration_failure_degrades_then_recovers(key: rsa.RSAPrivateKey) -
     reg, _, clock = make(script, key, stop_after_waits=4, interval=100)
     original = reg.attempt
 
-    def spy(nonce: str, **kw: Any) -> Any:
-        result = original(nonce, **kw)
+    def spy(nonce: str) -> Any:
+        result = original(nonce)
         states.append(reg.machine.snapshot().state)
         return result
 

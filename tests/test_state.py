@@ -13,8 +13,10 @@ BAD_TOKEN = verification_failure("bad_signature", "forged")
 def test_retryable_failures_keep_registering_until_give_up() -> None:
     m = Entitlement()
     assert m.failed(THROTTLED, 1).state is State.REGISTERING
-    snap = m.failed(THROTTLED, 2, give_up=True)
+    assert m.failed(THROTTLED, 2).state is State.REGISTERING
+    snap = m.give_up(3)
     assert (snap.state, snap.final, snap.consecutive_failures) == (State.NOT_ENTITLED, True, 2)
+    assert snap.error is not None and snap.error.code == "ThrottlingException"
 
 
 def test_terminal_first_failure_is_final_and_later_success_cannot_undo_it() -> None:
