@@ -277,7 +277,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(router.handle(self.command, path, body))
         return None
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch  # noqa: N815
+    def __getattr__(self, name: str) -> Any:
+        """Every method (TRACE, CONNECT, made-up ones) reaches the router: 405 or 404, not 501."""
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
 
 
 class LocalServer(ThreadingHTTPServer):

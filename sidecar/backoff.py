@@ -38,12 +38,13 @@ class ThrottleSchedule:
     moment (RegisterUsage allows 5 requests/s per account and region), typically a whole fleet
     started together. Retry k is drawn uniformly from slot k: [0, e1), [e1, e2), [e2, e3) seconds
     after the first attempt, so each wave of retries lands after the previous one instead of on
-    top of it; beyond the last edge, capped exponential full jitter. The default edges were tuned
+    top of it; beyond the last edge, exponential full jitter starting from the last slot's width,
+    capped at `cap`. The default edges were tuned
     with benchmarks/fleet.py for 200 pods starting at once (see the README for other sizes).
     """
 
     edges: tuple[float, ...] = (25.0, 40.0, 43.0)
-    tail: Backoff = Backoff(base=5.0, cap=60.0)
+    cap: float = 60.0
 
     def delay(self, throttles: int, started: float, now: float, rng: Callable[[], float]) -> float:
         """Seconds to wait after the `throttles`-th consecutive throttle (1-based)."""
@@ -51,4 +52,5 @@ class ThrottleSchedule:
             low = self.edges[throttles - 2] if throttles >= 2 else 0.0
             high = self.edges[throttles - 1]
             return max(0.0, started + low + rng() * (high - low) - now)
-        return self.tail.delay(throttles - len(self.edges), rng)
+        last_slot = self.edges[-1] - (self.edges[-2] if len(self.edges) > 1 else 0.0)
+        return Backoff(base=last_slot, cap=self.cap).delay(throttles - len(self.edges), rng)
