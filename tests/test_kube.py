@@ -28,9 +28,9 @@ def apiserver(tmp_path: Path) -> Iterator[FakeApiServer]:
     server.close()
 
 
-def launch_gated(launch: Launch, api: FakeApiServer, **env: str) -> Sidecar:
+def launch_on_pod(launch: Launch, api: FakeApiServer, **env: str) -> Sidecar:
+    """The sidecar as it runs in pod shop/product-0, with the in-cluster API variables."""
     return launch(
-        MARKETPLACE_READINESS_GATE=GATE,
         MARKETPLACE_POD_NAME="product-0",
         MARKETPLACE_POD_NAMESPACE="shop",
         MARKETPLACE_SERVICEACCOUNT_DIR=str(api.sa_dir),
@@ -38,6 +38,10 @@ def launch_gated(launch: Launch, api: FakeApiServer, **env: str) -> Sidecar:
         KUBERNETES_SERVICE_PORT=str(api.port),
         **env,
     )
+
+
+def launch_gated(launch: Launch, api: FakeApiServer, **env: str) -> Sidecar:
+    return launch_on_pod(launch, api, MARKETPLACE_READINESS_GATE=GATE, **env)
 
 
 def wait_condition(api: FakeApiServer, status: str, timeout: float = 10) -> dict[str, Any]:
@@ -118,13 +122,10 @@ def test_gate_config_errors_stop_before_binding() -> None:
 def test_events_on_state_changes_only(
     launch: Launch, emulator: Emulator, apiserver: FakeApiServer
 ) -> None:
-    car = launch(
+    car = launch_on_pod(
+        launch,
+        apiserver,
         MARKETPLACE_KUBE_EVENTS="true",
-        MARKETPLACE_POD_NAME="product-0",
-        MARKETPLACE_POD_NAMESPACE="shop",
-        MARKETPLACE_SERVICEACCOUNT_DIR=str(apiserver.sa_dir),
-        KUBERNETES_SERVICE_HOST="127.0.0.1",
-        KUBERNETES_SERVICE_PORT=str(apiserver.port),
         MARKETPLACE_REGISTER_INTERVAL_SECONDS="1",
         MARKETPLACE_REGISTER_JITTER="0",
     )
@@ -158,13 +159,10 @@ def test_events_forbidden_is_reported_not_fatal(
 ) -> None:
     apiserver.forbid = True
     emulator.reconfigure({"entitled": False})
-    car = launch(
+    car = launch_on_pod(
+        launch,
+        apiserver,
         MARKETPLACE_KUBE_EVENTS="true",
-        MARKETPLACE_POD_NAME="product-0",
-        MARKETPLACE_POD_NAMESPACE="shop",
-        MARKETPLACE_SERVICEACCOUNT_DIR=str(apiserver.sa_dir),
-        KUBERNETES_SERVICE_HOST="127.0.0.1",
-        KUBERNETES_SERVICE_PORT=str(apiserver.port),
     )
     doc = car.wait_for(lambda d: d["events"]["consecutive_failures"] >= 1, timeout=10)
     assert "events" in doc["events"]["error"] and doc["state"] == "not_entitled"
