@@ -119,7 +119,6 @@ class Registrar:
         self._challenges = TokenBucket(
             policy.challenge_rate, policy.challenge_burst, clock.monotonic()
         )
-        self.calls = 0
 
     # -- one attempt ---------------------------------------------------------------------
 
@@ -143,8 +142,6 @@ class Registrar:
             error = exc.info
         except AwsCallError as exc:
             error = exc.info
-        finally:
-            self.calls += 1
         if error is None:
             try:
                 claims = verify_token(
