@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -23,6 +24,8 @@ from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.metrics import Metrics
 from sidecar.registrar import Registrar
 from sidecar.state import Snapshot
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4096
 MAX_NONCE_CHARS = 255
@@ -319,6 +322,10 @@ class LocalServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that resets or vanishes is routine: no traceback on stderr."""
+        log.debug("connection_error", exc_info=True)
 
     def serve_in_thread(self, name: str) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, args=(0.2,), name=name, daemon=True)

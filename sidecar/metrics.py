@@ -3,11 +3,12 @@ codes outside the known set become "other", paths outside the routes become "oth
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -77,6 +78,21 @@ class _StateCollector(Collector):
         )
 
 
+class _RequestCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "marketplace_api_requests",
+            "Local API requests by listener, path and status",
+            labels=["listener", "path", "status"],
+        )
+        for labels, count in sorted(self._metrics.request_counts().items()):
+            family.add_metric(list(labels), count)
+        yield family
+
+
 class Metrics:
     def __init__(
         self,
@@ -104,12 +120,11 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
-        self.requests = Counter(
-            "marketplace_api_requests",
-            "Local API requests by listener, path and status",
-            ["listener", "path", "status"],
-            registry=self.registry,
-        )
+        # Counted in a plain dict and exported at scrape time, to keep prometheus_client's
+        # per-sample locks off the request path of 16 concurrent keep-alive connections.
+        self._requests: dict[tuple[str, str, str], int] = {}
+        self._requests_lock = threading.Lock()
+        self.registry.register(_RequestCollector(self))
         Info("marketplace_sidecar_build", "Build information", registry=self.registry).info(
             {"version": __version__}
         )
@@ -133,7 +148,13 @@ class Metrics:
         self.challenges.labels(result).inc()
 
     def request(self, listener: str, path: str, status: int) -> None:
-        self.requests.labels(listener, path if path in self._routes else "other", str(status)).inc()
+        key = (listener, path if path in self._routes else "other", str(status))
+        with self._requests_lock:
+            self._requests[key] = self._requests.get(key, 0) + 1
+
+    def request_counts(self) -> dict[tuple[str, str, str], int]:
+        with self._requests_lock:
+            return dict(self._requests)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
