@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -143,3 +147,72 @@ def test_static_keys_are_a_warning_not_a_failure(
     out = doctor(base_env(emulator_server, emulator))
     assert out.returncode == 0
     assert "! credentials: static access keys (env): discouraged" in out.stdout
+
+
+class _CredentialEndpoints(BaseHTTPRequestHandler):
+    """IMDSv2 (node role) and a container credentials endpoint, both on loopback."""
+
+    creds = json.dumps(
+        {
+            "Code": "Success",
+            "AccessKeyId": "ASIANODE",
+            "SecretAccessKey": "s",
+            "Token": "t",
+            "Expiration": "2099-01-01T00:00:00Z",
+            "RoleArn": "arn:aws:iam::1:role/node",
+        }
+    ).encode()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _reply(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_PUT(self) -> None:  # IMDSv2 session token
+        self._reply(b"imds-token")
+
+    def do_GET(self) -> None:
+        if self.path == "/latest/meta-data/iam/security-credentials/":
+            self._reply(b"node-role")
+        elif self.path == "/latest/meta-data/placement/region":
+            self._reply(b"us-east-1")
+        else:  # the role's credentials, or the container credentials document
+            self._reply(self.creds)
+
+
+@pytest.fixture
+def credential_endpoints() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _CredentialEndpoints)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_node_role_is_called_out(
+    emulator_server: EmulatorServer, emulator: Emulator, credential_endpoints: str
+) -> None:
+    env = base_env(
+        emulator_server, emulator, AWS_EC2_METADATA_SERVICE_ENDPOINT=credential_endpoints
+    )
+    del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env["AWS_EC2_METADATA_DISABLED"]
+    out = doctor(env)
+    assert out.returncode == 1
+    assert "✘ credentials: the EC2 instance (node) role: not accepted for metering" in out.stdout
+
+
+def test_ecs_task_role_passes(
+    emulator_server: EmulatorServer, emulator: Emulator, credential_endpoints: str
+) -> None:
+    env = base_env(
+        emulator_server,
+        emulator,
+        AWS_CONTAINER_CREDENTIALS_FULL_URI=credential_endpoints + "/task-creds",
+    )
+    del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    out = doctor(env)
+    assert out.returncode == 0, out.stdout
+    assert "✔ credentials: ECS task role" in out.stdout
