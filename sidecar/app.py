@@ -3,12 +3,16 @@
     env ──> config.load ──(bad: exit 2, nothing bound)
                 │
                 ▼
-    ┌─────────────── registrar thread ───────────────┐
-    │ region ─> boto3 RegisterUsage(nonce) ─> verify │──> Entitlement (state machine)
-    │   retry with Backoff; re-register every hour   │          │
-    └────────────────────────────────────────────────┘          ▼
+    ┌──────────────── registrar thread ─────────────────┐   verdict.json (pod-lifetime
+    │ region ─> boto3 RegisterUsage(nonce) ─> verify     │<─> emptyDir: AWS's first-call
+    │ retry: Backoff / ThrottleSchedule; every hour again│    refusal survives restarts)
+    └────────────────────────────┬───────────────────────┘
+                                 ▼
+                     Entitlement (state machine) ──> Metrics, kube mirrors (opt-in:
+                                 │                   pod condition, Events)
+                                 ▼
     127.0.0.1:8787  /healthz /readyz /v1/entitlement /v1/entitlement/challenge
-    0.0.0.0:8788    /healthz /readyz        (kubelet / ECS probes)
+    0.0.0.0:8788    /healthz /readyz /metrics     (kubelet / ECS probes, Prometheus)
 
 SIGTERM or SIGINT sets one stop event; the servers close and the process exits 0.
 """
