@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -324,8 +325,11 @@ class LocalServer(ThreadingHTTPServer):
             self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that resets or vanishes is routine: no traceback on stderr."""
-        log.debug("connection_error", exc_info=True)
+        """A client that resets or vanishes is routine (debug); anything else is our bug."""
+        if isinstance(sys.exc_info()[1], OSError):
+            log.debug("connection_error", exc_info=True)
+        else:
+            log.error("request_failed", exc_info=True)
 
     def serve_in_thread(self, name: str) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, args=(0.2,), name=name, daemon=True)
