@@ -6,6 +6,7 @@ Every problem is reported as one line naming the variable and what is allowed; `
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 from pathlib import Path
@@ -126,7 +127,12 @@ def parse_schedule(text: str) -> tuple[float, ...]:
         edges = tuple(float(part) for part in text.split(","))
     except ValueError:
         raise ValueError("must be comma-separated seconds, e.g. 25,40,43") from None
-    if not 1 <= len(edges) <= 10 or edges[0] <= 0 or list(edges) != sorted(set(edges)):
+    if (
+        not 1 <= len(edges) <= 10
+        or not all(math.isfinite(e) for e in edges)
+        or edges[0] <= 0
+        or list(edges) != sorted(set(edges))
+    ):
         raise ValueError("must be 1-10 strictly increasing positive numbers of seconds")
     return edges
 

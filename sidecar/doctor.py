@@ -29,14 +29,14 @@ class Check:
         )
 
 
-def check_config() -> tuple[list[Check], object | None]:
+def check_config() -> list[Check]:
     from sidecar.config import ConfigError, load
     from sidecar.keys import fingerprint
 
     try:
         settings, keys = load()
     except ConfigError as exc:
-        return [Check(FAIL, "configuration", p) for p in exc.problems], None
+        return [Check(FAIL, "configuration", p) for p in exc.problems]
     key = keys[settings.public_key_version]
     return [
         Check(OK, "configuration", f"product code {settings.product_code}"),
@@ -46,7 +46,7 @@ def check_config() -> tuple[list[Check], object | None]:
             f"RSA-{key.key_size}, version {settings.public_key_version}, "
             f"sha256 {fingerprint(key)[:16]}…",
         ),
-    ], settings
+    ]
 
 
 def check_region(env: Mapping[str, str]) -> tuple[Check, str | None]:
@@ -164,7 +164,7 @@ def doctor(
     out: TextIO, env: Mapping[str, str] | None = None, now: Callable[[], float] = time.time
 ) -> int:
     env = os.environ if env is None else env
-    checks, _ = check_config()
+    checks = check_config()
     region_check, region = check_region(env)
     checks += [region_check, check_credentials(env), *check_endpoint(region, now)]
     for c in checks:

@@ -13,11 +13,12 @@ DEFAULT_PROBE_LISTEN = "0.0.0.0:8788"
 
 
 def probe(path: str = "/readyz", address: str | None = None, timeout: float = 2.0) -> int:
+    source = "--address" if address else "MARKETPLACE_PROBE_LISTEN"
     target = address or os.environ.get("MARKETPLACE_PROBE_LISTEN") or DEFAULT_PROBE_LISTEN
     try:
         host, port = parse_hostport(target)
     except ValueError as exc:
-        print(f"probe: MARKETPLACE_PROBE_LISTEN: {exc}", file=sys.stderr)
+        print(f"probe: {source}: {exc}", file=sys.stderr)
         return 2
     conn = http.client.HTTPConnection(connect_host(host), port, timeout=timeout)
     try:

@@ -45,8 +45,10 @@ def test_version() -> None:
                 "MARKETPLACE_PUBLIC_KEY_VERSION": "0",
                 "MARKETPLACE_LISTEN": "localhost",
                 "MARKETPLACE_REGISTER_INTERVAL_SECONDS": "soon",
+                "MARKETPLACE_THROTTLE_SCHEDULE_SECONDS": "40,25",
             },
             [
+                "MARKETPLACE_THROTTLE_SCHEDULE_SECONDS: must be 1-10 strictly increasing",
                 "MARKETPLACE_PRODUCT_CODE: must be 1-255 characters",
                 "MARKETPLACE_PUBLIC_KEY_VERSION: Input should be greater than or equal to 1",
                 "MARKETPLACE_LISTEN: 'localhost' is not host:port",
@@ -112,7 +114,8 @@ def test_bad_config_exits_2_before_binding_with_one_line_per_problem(
 def test_probe_exit_codes(launch: Launch, emulator: Emulator) -> None:
     port = free_port()
     assert cli("probe", "--address", f"127.0.0.1:{port}").returncode == 1  # nothing there
-    assert cli("probe", "--address", "nonsense").returncode == 2
+    bad = cli("probe", "--address", "nonsense")
+    assert bad.returncode == 2 and "probe: --address: 'nonsense' is not host:port" in bad.stderr
     emulator.reconfigure({"entitled": False})
     car = launch()
     car.wait_for(lambda d: d["state"] == "not_entitled")
