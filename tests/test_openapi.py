@@ -50,8 +50,12 @@ def test_degraded_and_challenge_answers_match_the_spec(launch: Launch, emulator:
     car = launch(MARKETPLACE_CHALLENGE_BURST="1", MARKETPLACE_CHALLENGE_DEADLINE_SECONDS="1")
     car.wait_for(lambda d: d["state"] == "entitled")
     url = car.api + "/v1/entitlement/challenge"
-    check("/v1/entitlement/challenge", "POST", requests.post(url, json={"nonce": "a"}, timeout=10))
-    check("/v1/entitlement/challenge", "POST", requests.post(url, json={"nonce": "b"}, timeout=10))
+    first = requests.post(url, json={"nonce": "a"}, timeout=10)
+    assert first.status_code == 200
+    check("/v1/entitlement/challenge", "POST", first)
+    limited = requests.post(url, json={"nonce": "b"}, timeout=10)
+    assert limited.status_code == 429  # burst 1
+    check("/v1/entitlement/challenge", "POST", limited)
     check("/v1/entitlement/challenge", "POST", requests.post(url, json={}, timeout=10))
     check("/v1/entitlement/challenge", "POST", requests.post(url, data="x" * 9000, timeout=10))
     emulator.reconfigure({"faults": [{"error": "InvalidRegionException", "rate": 1.0}]})
