@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from sidecar.emulator import Emulator, EmulatorServer
 from tests.helpers import ROOT, Launch, free_port, loopback_env
-from tests.sts_fake import ACCESS_KEY, FakeSts
+from tests.metadata_fake import IRSA_ACCESS_KEY, FakeMetadata
 from tests.test_keys import JWT_IO_DEMO_KEY
 
 
 @pytest.fixture
-def sts() -> Iterator[FakeSts]:
-    server = FakeSts()
+def sts() -> Iterator[FakeMetadata]:
+    server = FakeMetadata()
     yield server
     server.close()
 
 
-def irsa_env(tmp_path: Path, sts: FakeSts) -> dict[str, str]:
+def irsa_env(tmp_path: Path, sts: FakeMetadata) -> dict[str, str]:
     token = tmp_path / "token"
     token.write_text("eyJ.web-identity.token")
     return {
@@ -58,7 +54,7 @@ def base_env(server: EmulatorServer, emulator: Emulator, **extra: str) -> dict[s
 
 
 def test_healthy_irsa_setup_passes_and_registers_nothing(
-    emulator_server: EmulatorServer, emulator: Emulator, sts: FakeSts, tmp_path: Path
+    emulator_server: EmulatorServer, emulator: Emulator, sts: FakeMetadata, tmp_path: Path
 ) -> None:
     env = base_env(emulator_server, emulator, **irsa_env(tmp_path, sts))
     del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
@@ -72,17 +68,17 @@ def test_healthy_irsa_setup_passes_and_registers_nothing(
     assert any(line.startswith(f"✔ endpoint: {emulator_server.url}") for line in lines)
     assert any(line.startswith("✔ clock:") for line in lines)
     assert lines[-1] == "no problems found"
-    assert sts.calls[0]["Action"] == ["AssumeRoleWithWebIdentity"]
+    assert sts.sts_calls[0]["Action"] == ["AssumeRoleWithWebIdentity"]
     assert emulator.calls == []  # the doctor never calls RegisterUsage
 
 
 def test_irsa_credentials_sign_the_real_registration(
-    launch: Launch, emulator: Emulator, sts: FakeSts, tmp_path: Path
+    launch: Launch, emulator: Emulator, sts: FakeMetadata, tmp_path: Path
 ) -> None:
     env = irsa_env(tmp_path, sts)
     car = launch(AWS_ACCESS_KEY_ID="", AWS_SECRET_ACCESS_KEY="", **env)
     car.wait_for(lambda d: d["state"] == "entitled")
-    assert emulator.calls[-1]["pod"] == ACCESS_KEY  # signed with the STS-issued key
+    assert emulator.calls[-1]["pod"] == IRSA_ACCESS_KEY  # signed with the STS-issued key
 
 
 @pytest.mark.parametrize(
@@ -149,47 +145,11 @@ def test_static_keys_are_a_warning_not_a_failure(
     assert "! credentials: static access keys (env): discouraged" in out.stdout
 
 
-class _CredentialEndpoints(BaseHTTPRequestHandler):
-    """IMDSv2 (node role) and a container credentials endpoint, both on loopback."""
-
-    creds = json.dumps(
-        {
-            "Code": "Success",
-            "AccessKeyId": "ASIANODE",
-            "SecretAccessKey": "s",
-            "Token": "t",
-            "Expiration": "2099-01-01T00:00:00Z",
-            "RoleArn": "arn:aws:iam::1:role/node",
-        }
-    ).encode()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _reply(self, body: bytes) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_PUT(self) -> None:  # IMDSv2 session token
-        self._reply(b"imds-token")
-
-    def do_GET(self) -> None:
-        if self.path == "/latest/meta-data/iam/security-credentials/":
-            self._reply(b"node-role")
-        elif self.path == "/latest/meta-data/placement/region":
-            self._reply(b"us-east-1")
-        else:  # the role's credentials, or the container credentials document
-            self._reply(self.creds)
-
-
 @pytest.fixture
 def credential_endpoints() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _CredentialEndpoints)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    server = FakeMetadata()
+    yield server.url
+    server.close()
 
 
 def test_node_role_is_called_out(
