@@ -25,13 +25,13 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.primitives.serialization import load_pem_public_key  # noqa: E402
 
-from sidecar.backoff import ThrottleSchedule  # noqa: E402
-from sidecar.clock import SystemClock  # noqa: E402
+from sidecar.aws.metering import MeteringGateway  # noqa: E402
 from sidecar.config import parse_schedule  # noqa: E402
-from sidecar.emulator import Emulator, EmulatorConfig, EmulatorServer  # noqa: E402
-from sidecar.metering import MeteringGateway  # noqa: E402
-from sidecar.registrar import Policy, Registrar  # noqa: E402
-from sidecar.state import Entitlement, State  # noqa: E402
+from sidecar.core.backoff import ThrottleSchedule  # noqa: E402
+from sidecar.core.clock import SystemClock  # noqa: E402
+from sidecar.emulator.service import Emulator, EmulatorConfig, EmulatorServer  # noqa: E402
+from sidecar.entitlement.registrar import Policy, Registrar  # noqa: E402
+from sidecar.entitlement.state import Entitlement, State  # noqa: E402
 
 
 def _same(gateway: MeteringGateway) -> MeteringGateway:

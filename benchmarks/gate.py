@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.startup import free_port, get_status, rss_kib, sidecar_env  # noqa: E402
-from sidecar.emulator import Emulator, EmulatorServer  # noqa: E402
+from sidecar.emulator.service import Emulator, EmulatorServer  # noqa: E402
 from tests.kube_fake import FakeApiServer  # noqa: E402
 
 GATE = "aws-marketplace.amazonaws.com/entitled"

@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sidecar.emulator import Emulator, EmulatorServer  # noqa: E402
+from sidecar.emulator.service import Emulator, EmulatorServer  # noqa: E402
 
 FLOOR = (
     "import boto3, time; boto3.client('meteringmarketplace', region_name='us-east-1'); "

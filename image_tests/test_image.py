@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from sidecar.emulator import Emulator, EmulatorServer
+from sidecar.emulator.service import Emulator, EmulatorServer
 from tests.helpers import free_port
 
 IMAGE = os.environ.get("SIDECAR_IMAGE", "localhost/marketplace-sidecar:ci")

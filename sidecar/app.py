@@ -30,18 +30,19 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from sidecar import __version__, logs
-from sidecar.api import PROBE_IDLE_TIMEOUT_SECONDS, LocalServer, Router
-from sidecar.backoff import Backoff, ThrottleSchedule
-from sidecar.clock import Clock, SystemClock
+from sidecar import __version__
+from sidecar.aws.errors import classify
 from sidecar.config import ENDPOINT_ENV, Settings, describe
-from sidecar.errors import classify
-from sidecar.kube import KubeTarget, Mirror, desired
-from sidecar.metrics import Metrics
-from sidecar.netaddr import parse_hostport
-from sidecar.registrar import Gateway, GatewaySetupError, Policy, Registrar
-from sidecar.state import Entitlement, Snapshot
-from sidecar.verdict import VerdictStore
+from sidecar.core.backoff import Backoff, ThrottleSchedule
+from sidecar.core.clock import Clock, SystemClock
+from sidecar.entitlement.registrar import Gateway, GatewaySetupError, Policy, Registrar
+from sidecar.entitlement.state import Entitlement, Snapshot
+from sidecar.entitlement.verdict import VerdictStore
+from sidecar.ops import logs
+from sidecar.ops.kube import KubeTarget, Mirror, desired
+from sidecar.ops.metrics import Metrics
+from sidecar.server.api import PROBE_IDLE_TIMEOUT_SECONDS, LocalServer, Router
+from sidecar.server.netaddr import parse_hostport
 
 log = logging.getLogger("sidecar")
 
@@ -71,8 +72,8 @@ def policy_from(settings: Settings, keys: Mapping[int, RSAPublicKey]) -> Policy:
 
 def aws_gateway(settings: Settings) -> Callable[[], Gateway]:
     def factory() -> Gateway:
-        from sidecar.metering import MeteringGateway
-        from sidecar.region import RegionNotFoundError, resolve_region
+        from sidecar.aws.metering import MeteringGateway
+        from sidecar.aws.region import RegionNotFoundError, resolve_region
 
         try:
             region, source = resolve_region()

@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "probe":
-        from sidecar.probe import probe
+        from sidecar.server.probe import probe
 
         return probe(args.path, args.address, args.timeout)
     if args.command == "run":
@@ -99,7 +99,7 @@ def _verify_token(nonce: str | None, max_age: float | None) -> int:
 
     import jwt
 
-    from sidecar.verify import TokenError, verify_token
+    from sidecar.entitlement.verify import TokenError, verify_token
 
     loaded = _load()
     if loaded is None:
@@ -135,8 +135,8 @@ def _emulator(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from sidecar.emulator import Emulator, EmulatorConfig, EmulatorServer
-    from sidecar.netaddr import parse_hostport
+    from sidecar.emulator.service import Emulator, EmulatorConfig, EmulatorServer
+    from sidecar.server.netaddr import parse_hostport
 
     host, port = parse_hostport(args.listen)
     config = EmulatorConfig(

@@ -19,8 +19,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from sidecar.keys import load_public_key
-from sidecar.verify import TokenError, verify_token
+from sidecar.entitlement.keys import load_public_key
+from sidecar.entitlement.verify import TokenError, verify_token
 
 DEFAULT_URL = "http://127.0.0.1:8787"
 DEFAULT_MAX_AGE = 300.0

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sidecar.keys import UnusableKeyError, load_public_key
-from sidecar.netaddr import parse_hostport
+from sidecar.entitlement.keys import UnusableKeyError, load_public_key
+from sidecar.server.netaddr import parse_hostport
 
 PRODUCT_CODE_RE = re.compile(r"^[-a-zA-Z0-9/=:_.@]{1,255}$")
 # A domain-qualified condition type, e.g. aws-marketplace.amazonaws.com/entitled.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 
-from sidecar.emulator import Emulator, EmulatorServer
+from sidecar.emulator.service import Emulator, EmulatorServer
 
 DEMO_ENV = {
     "MARKETPLACE_PRODUCT_CODE": "demo-product-code",

@@ -31,7 +31,7 @@ class Check:
 
 def check_config() -> list[Check]:
     from sidecar.config import ConfigError, load
-    from sidecar.keys import fingerprint
+    from sidecar.entitlement.keys import fingerprint
 
     try:
         settings, keys = load()
@@ -50,7 +50,7 @@ def check_config() -> list[Check]:
 
 
 def check_region(env: Mapping[str, str]) -> tuple[Check, str | None]:
-    from sidecar.region import RegionNotFoundError, resolve_region
+    from sidecar.aws.region import RegionNotFoundError, resolve_region
 
     try:
         region, source = resolve_region(env)

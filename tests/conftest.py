@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sidecar.emulator import Emulator, EmulatorServer
+from sidecar.emulator.service import Emulator, EmulatorServer
 from tests.helpers import Launch, Sidecar, loopback_env, new_key, start_sidecar
 
 

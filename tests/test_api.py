@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from sidecar.emulator import Emulator
+from sidecar.emulator.service import Emulator
 from tests.helpers import Launch, Sidecar
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from sidecar.backoff import Backoff, jittered
+from sidecar.core.backoff import Backoff, jittered
 
 
 def test_ceiling_doubles_then_caps() -> None:

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from sidecar import __version__
-from sidecar.emulator import Emulator
+from sidecar.emulator.service import Emulator
 from tests.helpers import ROOT, Launch, free_port, loopback_env, new_key, pem, sign
 from tests.test_keys import JWT_IO_DEMO_KEY
 

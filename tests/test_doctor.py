@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.emulator import Emulator, EmulatorServer
+from sidecar.emulator.service import Emulator, EmulatorServer
 from tests.helpers import ROOT, Launch, free_port, loopback_env
 from tests.metadata_fake import IRSA_ACCESS_KEY, FakeMetadata
 from tests.test_keys import JWT_IO_DEMO_KEY

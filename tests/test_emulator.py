@@ -10,7 +10,7 @@ import requests
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from sidecar.emulator import Emulator, EmulatorServer
+from sidecar.emulator.service import Emulator, EmulatorServer
 
 
 def client(server: EmulatorServer, akid: str = "pod-a", region: str = "us-east-1") -> Any:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.errors import classify
+from sidecar.aws.errors import classify
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.emulator import Emulator, EmulatorServer
+from sidecar.emulator.service import Emulator, EmulatorServer
 from tests.helpers import Launch, Sidecar, free_port
 
 STORM_SECONDS = 1.5

@@ -8,7 +8,7 @@ import time
 import jwt
 import pytest
 
-from sidecar.emulator import TOKEN_FAULTS, Emulator
+from sidecar.emulator.service import TOKEN_FAULTS, Emulator
 from tests.helpers import Launch
 
 

@@ -4,7 +4,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from sidecar.keys import UnusableKeyError, fingerprint, load_public_key
+from sidecar.entitlement.keys import UnusableKeyError, fingerprint, load_public_key
 from tests.helpers import new_key, pem
 
 # The "Replace with your public key" PEM in AWS's Java RegisterUsage sample: the jwt.io demo key.

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from sidecar.emulator import Emulator
-from sidecar.kube import desired
-from sidecar.state import Entitlement
+from sidecar.emulator.service import Emulator
+from sidecar.entitlement.state import Entitlement
+from sidecar.ops.kube import desired
 from tests.helpers import Launch, Sidecar
 from tests.kube_fake import FakeApiServer
 
@@ -170,7 +170,7 @@ def test_events_forbidden_is_reported_not_fatal(
 
 
 def test_desired_condition_per_state() -> None:
-    from sidecar.errors import classify
+    from sidecar.aws.errors import classify
 
     m = Entitlement()
     assert desired(m.snapshot())[:2] == ("False", "Registering")

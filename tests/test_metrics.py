@@ -5,7 +5,7 @@ from __future__ import annotations
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.emulator import Emulator
+from sidecar.emulator.service import Emulator
 from tests.helpers import Launch, Sidecar
 
 

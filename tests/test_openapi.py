@@ -10,7 +10,7 @@ import pytest
 import requests
 import yaml
 
-from sidecar.emulator import Emulator
+from sidecar.emulator.service import Emulator
 from tests.helpers import Launch
 
 SPEC: dict[str, Any] = yaml.safe_load(

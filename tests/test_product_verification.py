@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import pytest
 
 from sidecar import client
-from sidecar.emulator import TOKEN_FAULTS, Emulator
+from sidecar.emulator.service import TOKEN_FAULTS, Emulator
 from tests.helpers import ROOT, Launch, claims, free_port, new_key, pem, sign
 
 NODE = shutil.which("node")

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sidecar.region import RegionNotFoundError, region_from_task, resolve_region
+from sidecar.aws.region import RegionNotFoundError, region_from_task, resolve_region
 from tests.metadata_fake import FakeMetadata
 
 

@@ -13,11 +13,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sidecar.backoff import Backoff
-from sidecar.errors import classify
-from sidecar.metering import AwsCallError, Registration
-from sidecar.registrar import Policy, Registrar
-from sidecar.state import Entitlement, State
+from sidecar.aws.errors import classify
+from sidecar.aws.metering import AwsCallError, Registration
+from sidecar.core.backoff import Backoff
+from sidecar.entitlement.registrar import Policy, Registrar
+from sidecar.entitlement.state import Entitlement, State
 from tests.helpers import ManualClock, claims, new_key, sign
 
 Step = Callable[[str], Registration]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sidecar.errors import classify, verification_failure
-from sidecar.state import Entitlement, State
+from sidecar.aws.errors import classify, verification_failure
+from sidecar.entitlement.state import Entitlement, State
 
 THROTTLED = classify("ThrottlingException", "slow down")
 NOT_ENTITLED = classify("CustomerNotEntitledException", "no")

@@ -10,7 +10,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sidecar.verify import MAX_TOKEN_CHARS, TokenError, verify_token
+from sidecar.entitlement.verify import MAX_TOKEN_CHARS, TokenError, verify_token
 from tests.helpers import NOW, claims, new_key, sign
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from sidecar.errors import ErrorInfo
+from sidecar.aws.errors import ErrorInfo
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,14 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from sidecar.backoff import Backoff, ThrottleSchedule, jittered
-from sidecar.clock import Clock
-from sidecar.errors import ErrorInfo, verification_failure
-from sidecar.metering import AwsCallError, Registration
-from sidecar.ratelimit import TokenBucket
-from sidecar.state import Entitlement, Snapshot, State
-from sidecar.verdict import VerdictStore
-from sidecar.verify import TokenError, verify_token
+from sidecar.aws.errors import ErrorInfo, verification_failure
+from sidecar.aws.metering import AwsCallError, Registration
+from sidecar.core.backoff import Backoff, ThrottleSchedule, jittered
+from sidecar.core.clock import Clock
+from sidecar.core.ratelimit import TokenBucket
+from sidecar.entitlement.state import Entitlement, Snapshot, State
+from sidecar.entitlement.verdict import VerdictStore
+from sidecar.entitlement.verify import TokenError, verify_token
 
 log = logging.getLogger(__name__)
 

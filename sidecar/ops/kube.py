@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.backoff import Backoff
-from sidecar.clock import Clock
-from sidecar.state import Snapshot, State
+from sidecar.core.backoff import Backoff
+from sidecar.core.clock import Clock
+from sidecar.entitlement.state import Snapshot, State
 
 log = logging.getLogger(__name__)
 

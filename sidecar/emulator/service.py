@@ -24,7 +24,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sidecar.ratelimit import TokenBucket
+from sidecar.core.ratelimit import TokenBucket
 
 TARGET_PREFIX = "AWSMPMeteringService."
 SIGNING_NAME = "aws-marketplace"

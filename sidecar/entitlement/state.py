@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sidecar.errors import ErrorInfo
+from sidecar.aws.errors import ErrorInfo
 
 
 class State(enum.StrEnum):

@@ -21,10 +21,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from sidecar import __version__
-from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from sidecar.metrics import Metrics
-from sidecar.registrar import Registrar
-from sidecar.state import Snapshot
+from sidecar.entitlement.registrar import Registrar
+from sidecar.entitlement.state import Snapshot
+from sidecar.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from sidecar.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
-from sidecar.errors import KNOWN_CODES, ErrorInfo
-from sidecar.state import Snapshot, State
+from sidecar.aws.errors import KNOWN_CODES, ErrorInfo
+from sidecar.entitlement.state import Snapshot, State
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 VERIFY_PREFIX = "TokenVerificationFailed:"

@@ -7,7 +7,7 @@ import http.client
 import os
 import sys
 
-from sidecar.netaddr import connect_host, parse_hostport
+from sidecar.server.netaddr import connect_host, parse_hostport
 
 DEFAULT_PROBE_LISTEN = "0.0.0.0:8788"
 

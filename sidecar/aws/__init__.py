@@ -1,0 +1,1 @@
+"""The AWS edge: the botocore gateway, region resolution and error classification."""

@@ -1,0 +1,3 @@
+"""Pure building blocks with an injected clock: backoff, clocks, rate limits.
+
+Imports nothing else of ours."""

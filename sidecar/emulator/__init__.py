@@ -1,0 +1,1 @@
+"""An AWS Marketplace Metering emulator for demos and tests (never used in production)."""

@@ -1,0 +1,1 @@
+"""Operations: metrics, logs and the Kubernetes mirrors (readiness gate, Events)."""

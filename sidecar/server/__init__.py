@@ -1,0 +1,1 @@
+"""The local HTTP API, the probe listener and the probe command."""
