@@ -139,7 +139,7 @@ def kube_mirrors(
         mirrors.append(
             Mirror(
                 "events",
-                "create on events (and get on pods)",
+                "create on events",
                 event_key,
                 target.record_event,
                 machine.snapshot,

@@ -7,7 +7,9 @@
 
 Served over HTTPS on 127.0.0.1 with a self-signed certificate (IP SAN 127.0.0.1), so the
 kubernetes client's real in-cluster configuration (token file, CA file, service host/port) is
-exercised. `forbid` makes every PATCH and POST answer 403, as missing RBAC would.
+exercised. `forbid` makes every PATCH and POST answer 403, as missing RBAC would. The directory
+is laid out like the chart's projected volume: token, ca.crt, namespace and (see `project_uid`)
+the pod's UID from the downward API.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import re
 import ssl
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -149,9 +152,23 @@ class FakeApiServer:
             self.pods[(namespace, name)] = {
                 "kind": "Pod",
                 "apiVersion": "v1",
-                "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}"},
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "uid": self.uid(namespace, name),
+                },
                 "status": {"conditions": [{"type": "Ready", "status": "False"}]},
             }
+
+    @staticmethod
+    def uid(namespace: str, name: str) -> str:
+        """A UUID like the apiserver's, stable per pod so tests can assert it."""
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"pod/{namespace}/{name}"))
+
+    def project_uid(self, namespace: str, name: str) -> None:
+        """Write the pod's UID where the chart's downward-API projection puts it."""
+        (self.sa_dir / "namespace").write_text(namespace)
+        (self.sa_dir / "pod-uid").write_text(self.uid(namespace, name))
 
     def condition(self, namespace: str, name: str, ctype: str) -> dict[str, Any] | None:
         with self.lock:

@@ -159,3 +159,36 @@ def test_iam_policies_grant_only_metering() -> None:
     assert plain["Action"] == ["aws-marketplace:RegisterUsage"]
     trust = json.loads((iam / "irsa-trust-policy.json").read_text())["Statement"][0]
     assert trust["Action"] == "sts:AssumeRoleWithWebIdentity"
+
+
+def test_task_role_trust_policies_carry_confused_deputy_conditions() -> None:
+    """Only ECS tasks of the role's own account (and region, for the template) may assume it."""
+    plain = json.loads((ROOT / "manifests" / "iam" / "ecs-task-trust-policy.json").read_text())
+    (statement,) = plain["Statement"]
+    assert statement["Principal"] == {"Service": "ecs-tasks.amazonaws.com"}
+    assert statement["Action"] == "sts:AssumeRole"
+    account = statement["Condition"]["StringEquals"]["aws:SourceAccount"]
+    assert account == "111122223333"
+    arn = statement["Condition"]["ArnLike"]["aws:SourceArn"]
+    assert arn.startswith("arn:aws:ecs:") and arn.split(":")[4] == account and arn.endswith(":*")
+    (cfn,) = CFN["Resources"]["TaskRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    assert cfn["Condition"] == {
+        "ArnLike": {
+            "aws:SourceArn": {
+                "Fn::Sub": "arn:${AWS::Partition}:ecs:${AWS::Region}:${AWS::AccountId}:*"
+            }
+        },
+        "StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}},
+    }
+
+
+def test_log_groups_exist_before_tasks_start() -> None:
+    """awslogs-create-group needs logs:CreateLogGroup, which AWS's standard execution-role
+    policy lacks: the task definition does not use it (the README creates the group), and the
+    template creates its LogGroup itself."""
+    for c in TASK["containerDefinitions"]:
+        assert "awslogs-create-group" not in c["logConfiguration"]["options"]
+    for c in CFN["Resources"]["TaskDefinition"]["Properties"]["ContainerDefinitions"]:
+        options = c["LogConfiguration"]["Options"]
+        assert options["awslogs-group"] == {"Ref": "LogGroup"}
+        assert "awslogs-create-group" not in options

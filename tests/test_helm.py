@@ -12,6 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from sidecar import __version__
 from tests.helpers import ROOT
 
 HELM = ROOT / ".tools" / "bin" / "helm"
@@ -179,13 +180,13 @@ def test_readiness_gate_adds_condition_env_and_least_rbac() -> None:
     spec = pod_spec(docs)
     assert spec["readinessGates"] == [{"conditionType": GATE}]
     assert sidecar(spec)["resources"]["requests"]["memory"] == "144Mi"  # measured: ~107 MiB
-    assert spec["automountServiceAccountToken"] is True
+    assert spec["automountServiceAccountToken"] is False  # projected into the sidecar only
     env = env_of(sidecar(spec))
     assert env["MARKETPLACE_READINESS_GATE"] == GATE
     assert env["MARKETPLACE_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["MARKETPLACE_SERVICEACCOUNT_DIR"] == SA_DIR
     role = next(d for d in docs if d["kind"] == "Role")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]},
     ]
     binding = next(d for d in docs if d["kind"] == "RoleBinding")
@@ -199,14 +200,109 @@ def test_events_add_their_rbac_env_and_token() -> None:
     validate(docs, "1.33.0")
     role = next(d for d in docs if d["kind"] == "Role")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     ]
     spec = pod_spec(docs)
     env = env_of(sidecar(spec))
     assert env["MARKETPLACE_KUBE_EVENTS"] == "true" and "MARKETPLACE_READINESS_GATE" not in env
     assert env["MARKETPLACE_POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
-    assert spec["automountServiceAccountToken"] is True and "readinessGates" not in spec
+    assert spec["automountServiceAccountToken"] is False and "readinessGates" not in spec
+
+
+def test_gate_and_events_together_grant_exactly_two_rules_and_no_read() -> None:
+    docs = render("readinessGate.enabled=true", "events.enabled=true")
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    ]
+
+
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+KUBE_API_VOLUME = {
+    "name": "marketplace-sidecar-kube-api",
+    "projected": {
+        "defaultMode": 0o444,
+        "sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+            {
+                "configMap": {
+                    "name": "kube-root-ca.crt",
+                    "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                }
+            },
+            {
+                "downwardAPI": {
+                    "items": [
+                        {
+                            "path": "namespace",
+                            "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
+                        },
+                        {
+                            "path": "pod-uid",
+                            "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.uid"},
+                        },
+                    ]
+                }
+            },
+        ],
+    },
+}
+
+
+def token_holders(docs: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Container name -> how it could reach a Kubernetes API token."""
+    spec = pod_spec(docs)
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount")
+    token_volumes = {
+        v["name"]
+        for v in spec["volumes"]
+        if any("serviceAccountToken" in src for src in v.get("projected", {}).get("sources", []))
+    }
+    holders: dict[str, list[str]] = {}
+    for c in [*spec.get("initContainers", []), *spec["containers"]]:
+        ways = []
+        if spec.get("automountServiceAccountToken") is not False:
+            ways.append("pod automount")
+        if sa.get("automountServiceAccountToken") is not False:
+            ways.append("service account automount")
+        for m in c.get("volumeMounts", []):
+            if m["name"] in token_volumes or m["mountPath"].startswith("/var/run/secrets/kube"):
+                ways.append(f"mount {m['name']} at {m['mountPath']}")
+        if ways:
+            holders[c["name"]] = ways
+    return holders
+
+
+@pytest.mark.parametrize("kube", ["1.28.0", "1.33.0"])
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["readinessGate.enabled=true"],
+        ["events.enabled=true"],
+        ["readinessGate.enabled=true", "events.enabled=true"],
+    ],
+)
+def test_only_the_sidecar_container_gets_the_api_token(kube: str, sets: list[str]) -> None:
+    docs = render(*sets, kube=kube)
+    validate(docs, kube)
+    spec = pod_spec(docs)
+    assert token_holders(docs) == {
+        "marketplace-sidecar": [f"mount marketplace-sidecar-kube-api at {SA_DIR}"]
+    }
+    mount = next(
+        m for m in sidecar(spec)["volumeMounts"] if m["name"] == "marketplace-sidecar-kube-api"
+    )
+    assert mount == {"name": "marketplace-sidecar-kube-api", "mountPath": SA_DIR, "readOnly": True}
+    volume = next(v for v in spec["volumes"] if v["name"] == "marketplace-sidecar-kube-api")
+    assert volume == KUBE_API_VOLUME
+
+
+def test_without_gate_or_events_nobody_gets_a_token() -> None:
+    docs = render()
+    assert token_holders(docs) == {}
+    assert not any(v["name"] == "marketplace-sidecar-kube-api" for v in pod_spec(docs)["volumes"])
+    assert "MARKETPLACE_SERVICEACCOUNT_DIR" not in env_of(sidecar(pod_spec(docs)))
 
 
 def test_metrics_annotations_and_pod_monitor() -> None:
@@ -267,6 +363,11 @@ def test_irsa_annotation_image_digest_and_scheduling_knobs() -> None:
         (["readinessGate.conditionType=entitled"], "/readinessGate/conditionType"),
         (["config.registerIntervalSeconds=5"], "/config/registerIntervalSeconds"),
         (["image.digest=latest"], "/image/digest"),
+        (
+            ["image.registry=709825985650.dkr.ecr.us-east-1.amazonaws.com/seller/"],
+            "/image/registry",
+        ),
+        (["image.tag=1.0:bad"], "/image/tag"),
         (["sample.replica=2"], "additional properties 'replica' not allowed"),
     ],
 )
@@ -324,36 +425,112 @@ def test_notes_explain_checks_and_warn_without_irsa(tmp_path: Path) -> None:
         "readinessGate.enabled=true",
     )
     assert "only IRSA" not in with_irsa and GATE in with_irsa
+    assert "deploy/shop-marketplace-sidecar-sample" in text
+    assert f"image marketplace-sidecar:{__version__}" in text
+    no_sample = notes("sample.enabled=false")
+    assert "deploy/" not in no_sample and "-sample" not in no_sample
+    assert "exec POD -c marketplace-sidecar -- marketplace-sidecar doctor" in no_sample
 
 
-def test_as_a_dependency_of_a_sellers_chart(tmp_path: Path) -> None:
+def parent_chart(tmp_path: Path, app_version: str | None) -> Path:
+    """tests/charts/example-product with the given appVersion (None: no appVersion line)."""
     chart = tmp_path / "example-product"
     shutil.copytree(ROOT / "tests" / "charts" / "example-product", chart)
     meta = chart / "Chart.yaml"
-    meta.write_text(meta.read_text().replace("file://../../../helm", f"file://{CHART}"))
+    lines = [
+        line
+        for line in meta.read_text().replace("file://../../../helm", f"file://{CHART}").splitlines()
+        if not line.startswith("appVersion:")
+    ]
+    if app_version is not None:
+        lines.append(f'appVersion: "{app_version}"')
+    meta.write_text("\n".join(lines) + "\n")
     helm("dependency", "build", str(chart))
+    return chart
+
+
+def render_parent(chart: Path, *sets: str, kube: str = "1.30.0") -> list[dict[str, Any]]:
+    args = ["template", "shop", str(chart), "--namespace", "shop", "--kube-version", kube]
+    for s in sets:
+        args += ["--set", s]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+def test_default_tag_is_the_sidecars_own_version() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert values["image"]["tag"] == __version__ == meta["appVersion"]
+    assert sidecar(pod_spec(render()))["image"] == f"marketplace-sidecar:{__version__}"
+
+
+@pytest.mark.parametrize("app_version", ["2.3.4", None])
+def test_as_a_dependency_of_a_sellers_chart(tmp_path: Path, app_version: str | None) -> None:
+    """The parent's appVersion (or its absence) must not leak into the sidecar image."""
+    chart = parent_chart(tmp_path, app_version)
     for kube, native in (("1.28.0", False), ("1.30.0", True)):
-        docs = [
-            d
-            for d in yaml.safe_load_all(
-                helm(
-                    "template", "shop", str(chart), "--namespace", "shop", "--kube-version", kube
-                ).stdout
-            )
-            if d
-        ]
+        docs = render_parent(chart, kube=kube)
         validate(docs, kube)
         assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Deployment", "ServiceAccount"]
         spec = pod_spec(docs)
         assert [c["name"] for c in spec["containers"]][-1] == "product"
         assert ("initContainers" in spec) is native
         c = sidecar(spec)
+        assert c["image"] == f"marketplace-sidecar:{__version__}"
         assert env_of(c)["MARKETPLACE_PRODUCT_CODE"] == {
             "configMapKeyRef": {"name": "shop-marketplace-sidecar", "key": "productCode"}
         }
         sa = next(d for d in docs if d["kind"] == "ServiceAccount")
         assert spec["serviceAccountName"] == sa["metadata"]["name"]
         assert "role-arn" in str(sa["metadata"]["annotations"])
+        assert sa["metadata"]["labels"]["app.kubernetes.io/version"] == __version__
+        assert token_holders(docs) == {}
+    registry = "709825985650.dkr.ecr.us-east-1.amazonaws.com/seller"
+    pinned = render_parent(
+        chart,
+        f"marketplace-sidecar.image.registry={registry}",
+        "marketplace-sidecar.image.digest=sha256:" + "b" * 64,
+    )
+    assert sidecar(pod_spec(pinned))["image"] == (
+        f"{registry}/marketplace-sidecar@sha256:" + "b" * 64
+    )
+    tagged = render_parent(
+        chart,
+        f"marketplace-sidecar.image.registry={registry}",
+        "marketplace-sidecar.image.tag=0.1.1",
+    )
+    assert sidecar(pod_spec(tagged))["image"] == f"{registry}/marketplace-sidecar:0.1.1"
+
+
+def test_as_a_dependency_the_token_stays_in_the_sidecar(tmp_path: Path) -> None:
+    chart = parent_chart(tmp_path, None)
+    docs = render_parent(
+        chart,
+        "marketplace-sidecar.readinessGate.enabled=true",
+        "marketplace-sidecar.events.enabled=true",
+    )
+    validate(docs, "1.30.0")
+    assert token_holders(docs) == {
+        "marketplace-sidecar": [f"mount marketplace-sidecar-kube-api at {SA_DIR}"]
+    }
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert [r["resources"] for r in role["rules"]] == [["pods/status"], ["events"]]
+
+
+def test_an_empty_tag_without_digest_names_the_value() -> None:
+    out = helm(
+        "template",
+        "x",
+        str(CHART),
+        "--set",
+        "product.code=p",
+        "--set-string",
+        f"product.publicKey={PEM}",
+        "--set",
+        "image.tag=",
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "image.tag (or image.digest) is required" in out.stderr
 
 
 def test_plain_manifests_are_in_sync_with_the_chart(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ GATE = "aws-marketplace.amazonaws.com/entitled"
 def apiserver(tmp_path: Path) -> Iterator[FakeApiServer]:
     server = FakeApiServer(tmp_path)
     server.add_pod("shop", "product-0")
+    server.project_uid("shop", "product-0")
     yield server
     server.close()
 
@@ -148,10 +149,52 @@ def test_events_on_state_changes_only(
         "kind": "Pod",
         "name": "product-0",
         "namespace": "shop",
-        "uid": "uid-product-0",
+        "uid": FakeApiServer.uid("shop", "product-0"),  # from the downward-API file
     }
     assert degraded["source"] == {"component": "marketplace-sidecar"}
     assert car.entitlement()["events"]["error"] is None
+    # The Role grants no `get pods`: the sidecar never reads its pod.
+    assert [r for r in apiserver.requests if r["method"] == "GET"] == []
+
+
+@pytest.mark.parametrize("content", [None, "not a uid!", "x" * 4096])
+def test_events_without_a_usable_pod_uid_still_name_the_pod(
+    launch: Launch, emulator: Emulator, apiserver: FakeApiServer, content: str | None
+) -> None:
+    uid_file = apiserver.sa_dir / "pod-uid"
+    if content is None:
+        uid_file.unlink()
+    else:
+        uid_file.write_text(content)
+    car = launch_on_pod(launch, apiserver, MARKETPLACE_KUBE_EVENTS="true")
+    deadline = time.monotonic() + 10
+    while not apiserver.events and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert apiserver.events, apiserver.requests
+    assert apiserver.events[0]["involvedObject"] == {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "name": "product-0",
+        "namespace": "shop",
+    }
+    assert [r for r in apiserver.requests if r["method"] == "GET"] == []
+    car.stop()
+    assert car.logs().count("events_pod_uid_missing") == 1
+
+
+def test_a_fifo_as_the_pod_uid_file_does_not_hang_events(
+    launch: Launch, emulator: Emulator, apiserver: FakeApiServer
+) -> None:
+    import os
+
+    uid_file = apiserver.sa_dir / "pod-uid"
+    uid_file.unlink()
+    os.mkfifo(uid_file)
+    launch_on_pod(launch, apiserver, MARKETPLACE_KUBE_EVENTS="true")
+    deadline = time.monotonic() + 10
+    while not apiserver.events and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert apiserver.events and "uid" not in apiserver.events[0]["involvedObject"]
 
 
 def test_events_forbidden_is_reported_not_fatal(

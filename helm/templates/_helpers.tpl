@@ -1,7 +1,8 @@
 {{/*
 Named templates for a seller's pod spec. Call them with the root context of *your* chart ($);
 they read this chart's values from .Values["marketplace-sidecar"] when included from a parent
-chart, and from .Values when this chart renders itself.
+chart, and from .Values when this chart renders itself. They never read .Chart: from a parent
+chart it is the *parent's* Chart.yaml (its name, version and appVersion), not this one's.
 
   spec:
     serviceAccountName: {{ include "marketplace-sidecar.serviceAccountName" $ }}
@@ -29,11 +30,12 @@ chart, and from .Values when this chart renders itself.
 {{- end -}}
 {{- end -}}
 
+{{/* Labels for this chart's own objects (rendered with its own .Chart, also as a dependency). */}}
 {{- define "marketplace-sidecar.labels" -}}
 {{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
 app.kubernetes.io/name: marketplace-sidecar
 app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/version: {{ $v.image.tag | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- with $v.commonLabels }}
@@ -54,10 +56,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- $v.serviceAccount.name | default (include "marketplace-sidecar.fullname" .) -}}
 {{- end -}}
 
-{{/* The Kubernetes API token is mounted only for the readiness gate (IRSA uses its own). */}}
+{{/*
+Always false: no container of the pod gets a Kubernetes API token by automount. When the
+readiness gate or Events need the API, a projected token is mounted into the sidecar container
+only ("marketplace-sidecar.volumes"), so the product container cannot patch pod conditions.
+IRSA's web-identity token is a separate projected volume that EKS adds itself.
+*/}}
 {{- define "marketplace-sidecar.automountServiceAccountToken" -}}
+false
+{{- end -}}
+
+{{/* "true" when the sidecar talks to the Kubernetes API (readiness gate or Events). */}}
+{{- define "marketplace-sidecar.kubeApi" -}}
 {{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
-{{- ternary "true" "false" (or $v.readinessGate.enabled $v.events.enabled) -}}
+{{- if or $v.readinessGate.enabled $v.events.enabled -}}true{{- end -}}
 {{- end -}}
 
 {{- define "marketplace-sidecar.image" -}}
@@ -67,7 +79,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if $v.image.digest -}}
 {{- printf "%s@%s" $repo $v.image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" $repo ($v.image.tag | default .Chart.AppVersion) -}}
+{{- printf "%s:%s" $repo (required "image.tag (or image.digest) is required: the sidecar's version, e.g. 0.1.0" $v.image.tag) -}}
 {{- end -}}
 {{- end -}}
 
@@ -116,7 +128,8 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
     {{- if $v.events.enabled }}
     - {name: MARKETPLACE_KUBE_EVENTS, value: "true"}
     {{- end }}
-    {{- if or $v.readinessGate.enabled $v.events.enabled }}
+    {{- if include "marketplace-sidecar.kubeApi" . }}
+    - {name: MARKETPLACE_SERVICEACCOUNT_DIR, value: /var/run/secrets/kubernetes.io/serviceaccount}
     - name: MARKETPLACE_POD_NAME
       valueFrom: {fieldRef: {fieldPath: metadata.name}}
     - name: MARKETPLACE_POD_NAMESPACE
@@ -139,12 +152,16 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
     httpGet: {path: /healthz, port: mp-probe}
     {{- toYaml $v.livenessProbe | nindent 4 }}
   resources:
-    {{- toYaml (ternary $v.readinessGate.resources $v.resources (or $v.readinessGate.enabled $v.events.enabled)) | nindent 4 }}
+    {{- toYaml (ternary $v.readinessGate.resources $v.resources (include "marketplace-sidecar.kubeApi" . | eq "true")) | nindent 4 }}
   securityContext:
     {{- toYaml $v.securityContext | nindent 4 }}
   volumeMounts:
     - {name: marketplace-sidecar-key, mountPath: /etc/marketplace-sidecar, readOnly: true}
     - {name: marketplace-sidecar-state, mountPath: /var/lib/marketplace-sidecar}
+    {{- if include "marketplace-sidecar.kubeApi" . }}
+    # The API token, CA, namespace and pod UID: in this container only (see "volumes").
+    - {name: marketplace-sidecar-kube-api, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true}
+    {{- end }}
 {{- end -}}
 
 {{- define "marketplace-sidecar.initContainers" -}}
@@ -192,4 +209,20 @@ prometheus.io/path: /metrics
 # Pod-lifetime state: survives sidecar restarts so AWS's first-call verdict is not lost.
 - name: marketplace-sidecar-state
   emptyDir: {sizeLimit: 1Mi}
+{{- if include "marketplace-sidecar.kubeApi" . }}
+# What automount would give every container, projected for the sidecar container alone, plus
+# the pod's UID (for Events) so the Role needs no `get pods`.
+- name: marketplace-sidecar-kube-api
+  projected:
+    defaultMode: 292  # 0444
+    sources:
+      - serviceAccountToken: {path: token, expirationSeconds: 3607}
+      - configMap:
+          name: kube-root-ca.crt
+          items: [{key: ca.crt, path: ca.crt}]
+      - downwardAPI:
+          items:
+            - {path: namespace, fieldRef: {apiVersion: v1, fieldPath: metadata.namespace}}
+            - {path: pod-uid, fieldRef: {apiVersion: v1, fieldPath: metadata.uid}}
+{{- end }}
 {{- end -}}

@@ -11,6 +11,8 @@ a fix hint, reports it in /v1/entitlement, retries with backoff, and never stops
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -32,6 +34,10 @@ REASONS = {
 }
 POLL_SECONDS = 0.5
 COMPONENT = "marketplace-sidecar"
+# The chart projects the pod's metadata.uid (downward API) next to the token, so recording an
+# Event needs no `get pods` permission.
+POD_UID_FILE = "pod-uid"
+UID_RE = re.compile(r"^[0-9a-fA-F-]{1,64}$")
 
 
 def desired(snap: Snapshot) -> tuple[str, str, str]:
@@ -111,8 +117,28 @@ class MirrorStatus:
     failures: int = 0
 
 
+def pod_uid(serviceaccount_dir: Path) -> str | None:
+    """The pod UID from the projected downward-API file; None if absent or not a UID.
+
+    Read with O_NOFOLLOW | O_NONBLOCK and a small cap: a FIFO or a huge file cannot hang or
+    bloat the sidecar.
+    """
+    try:
+        fd = os.open(serviceaccount_dir / POD_UID_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        raw = os.read(fd, 128)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    text = raw.decode("ascii", "replace").strip()
+    return text if UID_RE.match(text) else None
+
+
 def core_v1(serviceaccount_dir: Path) -> Any:
-    """In-cluster client: `KUBERNETES_SERVICE_HOST/PORT` and the mounted token and CA."""
+    """In-cluster client: `KUBERNETES_SERVICE_HOST/PORT` and the projected token and CA."""
     from kubernetes import client
     from kubernetes.config.incluster_config import InClusterConfigLoader
 
@@ -213,7 +239,17 @@ class KubeTarget:
 
     def record_event(self, snap: Snapshot) -> str:
         if self._uid is None:
-            self._uid = str(self.api().read_namespaced_pod(self.pod, self.namespace).metadata.uid)
+            self._uid = pod_uid(self._sa_dir)
+            if self._uid is None:
+                self._uid = ""  # warn once; the Event still names the pod
+                log.warning(
+                    "events_pod_uid_missing",
+                    extra={
+                        "detail": f"{self._sa_dir / POD_UID_FILE} is missing or not a UID",
+                        "hint": "project metadata.uid there (downward API), as the Helm chart "
+                        "does; without it `kubectl describe pod` may not list the Events",
+                    },
+                )
         body = event(self.pod, self.namespace, self._uid, snap, self._clock.time())
         self.api().create_namespaced_event(self.namespace, body)
         return str(body["reason"])
