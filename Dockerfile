@@ -1,10 +1,33 @@
 # syntax=docker/dockerfile:1
 # marketplace-sidecar image. Runs as UID 10001, works with a read-only root filesystem, and
-# carries no compiler, pip cache or source tree. BASE_IMAGE must provide python3 (>= 3.11) with
-# the venv module; CI builds it on a Debian bookworm root filesystem.
-ARG BASE_IMAGE=python:3.11-slim
+# carries no compiler, pip cache or source tree.
+#
+# Base: Debian 12 (bookworm) with Debian's own python3 (3.11.2 plus Debian's security fixes).
+# CI builds this same file on a bookworm root filesystem made from the Debian archive
+# (scripts/build-image.sh), so the default is what CI tests. Nothing here is specific to an
+# architecture: apt and pip pick the linux/amd64 or linux/arm64 packages and wheels themselves
+# (scripts/check-platforms.sh checks every pinned wheel exists for both).
+ARG BASE_IMAGE=debian:bookworm-slim
 
-FROM ${BASE_IMAGE} AS build
+# A base that already has python3 >= 3.11 (e.g. python:3.11-slim) skips the apt steps.
+# checkov:skip=CKV_DOCKER_7: the base is a build argument; its default is a release tag, pin a digest
+FROM ${BASE_IMAGE} AS python
+# Unpinned on purpose: Debian stable only ships security and bug fixes, and pinned versions
+# disappear from the archive when they are superseded. Pin the base image by digest instead.
+# hadolint ignore=DL3008
+RUN if ! python3 -c "import ssl, json, http.client" 2>/dev/null; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends python3 ca-certificates \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+
+FROM python AS build
+# hadolint ignore=DL3008
+RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends python3-venv \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY sidecar ./sidecar
@@ -20,7 +43,7 @@ RUN python3 -m venv /opt/sidecar \
         -c constraints.txt "$@" \
     && /opt/sidecar/bin/pip uninstall --yes --quiet pip setuptools
 
-FROM ${BASE_IMAGE}
+FROM python
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="marketplace-sidecar" \
       org.opencontainers.image.description="AWS Marketplace RegisterUsage entitlement sidecar" \

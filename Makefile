@@ -4,13 +4,24 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check bench image image-test clean
+.PHONY: demo test lint typecheck scan check check-platforms bench image image-test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# Security scanners in their own virtualenv, so their dependencies never meet the project's pins.
+SCANNERS   := checkov==3.3.30 bandit==1.9.4
+SCAN_VENV  := .tools/scan-venv
+SCAN_STAMP := $(SCAN_VENV)/.installed-$(subst ==,-,$(subst $() ,_,$(SCANNERS)))
+
+$(SCAN_STAMP):
+	rm -rf $(SCAN_VENV)
+	$(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/pip install --quiet --disable-pip-version-check $(SCANNERS)
+	touch $@
 
 demo: $(STAMP)
 	$(BIN)/marketplace-sidecar demo
@@ -25,7 +36,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-check: lint typecheck test
+scan: $(SCAN_STAMP)
+	scripts/scan.sh $(SCAN_VENV)/bin
+
+check: lint typecheck scan test
+
+# Every pinned runtime dependency has a wheel for linux/amd64 and linux/arm64 (asks PyPI).
+check-platforms:
+	scripts/check-platforms.sh
 
 image: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/build-image.sh
@@ -38,4 +56,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/startup.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -144,3 +144,14 @@ def test_run_and_probe_inside_the_image_write_nothing(container: str, tmp_path: 
     written = [p for p in changed if not any(i in p.removeprefix(root) for i in ignored)]
     assert written == [], written
     buildah("umount", container)
+
+
+def test_base_is_debian_bookworm_with_debians_python(container: str) -> None:
+    """The README states what the image carries: Debian 12 and Debian's CPython 3.11, and no
+    pip or venv wheels left in the runtime stage."""
+    debian = run_in(container, "cat", "/etc/debian_version").stdout.strip()
+    assert debian.split(".")[0] == "12", debian
+    version = run_in(container, "python3", "-c", "import sys; print(sys.version_info[:2])")
+    assert version.stdout.strip() == "(3, 11)"
+    wheels = run_in(container, "sh", "-c", "ls /usr/share/python-wheels 2>/dev/null || true")
+    assert wheels.stdout.strip() == ""

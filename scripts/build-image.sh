@@ -7,7 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TAG=${1:-localhost/marketplace-sidecar:ci}
-BASE=localhost/marketplace-sidecar-base:bookworm
+# The equivalent of debian:bookworm-slim (Docker Hub cannot be reached here): Debian bookworm
+# from the Debian archive, no Python. The Dockerfile installs Debian's python3 itself, exactly as
+# it does on the default base, so CI builds the default path.
+BASE=localhost/marketplace-sidecar-base:bookworm-slim
 CACHE=.tools/image
 B() { buildah --storage-driver vfs "$@"; }
 
@@ -16,12 +19,11 @@ if ! command -v buildah >/dev/null || ! command -v mmdebstrap >/dev/null; then
 fi
 mkdir -p "$CACHE"
 if ! B inspect --type image "$BASE" >/dev/null 2>&1; then
-  if [ ! -s "$CACHE/rootfs.tar" ]; then
-    # python3-venv brings ensurepip (the build stage needs pip); no compilers are included.
-    mmdebstrap --quiet --variant=apt --include=python3-minimal,python3-venv,ca-certificates \
-      bookworm "$CACHE/rootfs.tar" http://deb.debian.org/debian
+  if [ ! -s "$CACHE/rootfs-slim.tar" ]; then
+    mmdebstrap --quiet --variant=apt bookworm "$CACHE/rootfs-slim.tar" \
+      http://deb.debian.org/debian
   fi
-  printf 'FROM scratch\nADD rootfs.tar /\nCMD ["python3"]\n' > "$CACHE/Containerfile"
+  printf 'FROM scratch\nADD rootfs-slim.tar /\nCMD ["bash"]\n' > "$CACHE/Containerfile"
   B bud --quiet --isolation chroot -t "$BASE" -f "$CACHE/Containerfile" "$CACHE" >/dev/null
 fi
 # Wheels are resolved on the host (its package index settings apply), then installed offline.

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/get-helm.sh >/dev/null
 render() {
-  .tools/bin/helm template marketplace-sidecar helm --namespace default --kube-version 1.29.0 \
+  .tools/bin/helm template marketplace-sidecar helm --namespace my-product --kube-version 1.29.0 \
     --set product.code=REPLACE_WITH_PRODUCT_CODE \
     --set-string 'product.publicKey=-----BEGIN PUBLIC KEY-----
 REPLACE_WITH_THE_PEM_PUBLIC_KEY_FROM_YOUR_AMMP_PRODUCT_PAGE
@@ -15,6 +15,6 @@ REPLACE_WITH_THE_PEM_PUBLIC_KEY_FROM_YOUR_AMMP_PRODUCT_PAGE
 }
 {
   echo "# Generated from the Helm chart by scripts/render-manifests.sh; do not edit by hand."
-  echo "# Native sidecar (Kubernetes >= 1.29). Replace the REPLACE_WITH_* values."
+  echo "# Native sidecar (Kubernetes >= 1.29). Replace the REPLACE_WITH_* values and the namespace my-product."
   render | grep -v '^# Source:'
 } > manifests/kubernetes/marketplace-sidecar.yaml

@@ -16,7 +16,7 @@ DEMO_ENV = {
     "MARKETPLACE_LOG_FORMAT": "text",
     "AWS_REGION": "us-east-1",
     "AWS_ACCESS_KEY_ID": "demo-pod",
-    "AWS_SECRET_ACCESS_KEY": "demo-secret",
+    "AWS_SECRET_ACCESS_KEY": "demo-secret",  # nosec B105 # the local emulator's dummy key
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 
@@ -39,7 +39,7 @@ def demo(exit_after: float | None = None) -> int:
             print(f"config error: {line}")
         return 2
     api = settings.listen
-    probe = settings.probe_listen.replace("0.0.0.0", "127.0.0.1")  # noqa: S104
+    probe = settings.probe_listen.replace("0.0.0.0", "127.0.0.1")  # noqa: S104  # nosec B104
     print(
         f"""
 Metering emulator: {server.url}   (calls: curl -s {server.url}/_emulator/calls)

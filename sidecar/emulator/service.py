@@ -90,7 +90,7 @@ class Emulator:
         self._other_key: rsa.RSAPrivateKey | None = None
         self._lock = threading.Lock()
         self._pods_seen: set[str] = set()
-        self._rng = random.Random(seed)  # noqa: S311 - fault dice, not security
+        self._rng = random.Random(seed)  # noqa: S311  # nosec B311 # fault dice, not security
         self._bucket: TokenBucket | None = None
         self.calls: list[dict[str, Any]] = []
         self._apply_throttle()
@@ -182,7 +182,7 @@ class Emulator:
         from botocore.validate import ParamValidator
 
         shape = self._model.operation_model(op).input_shape
-        assert shape is not None
+        assert shape is not None  # nosec B101 # narrowing for mypy, not a check
         report = ParamValidator().validate(params, shape)
         if report.has_errors():
             return _error("ValidationException", report.generate_report())

@@ -21,7 +21,7 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 def connect_host(host: str) -> str:
     """The address a local client dials to reach a server bound to `host`."""
-    if host in ("0.0.0.0", ""):  # noqa: S104 - mapping a wildcard bind to loopback
+    if host in ("0.0.0.0", ""):  # noqa: S104  # nosec B104 # a wildcard bind dialled on loopback
         return "127.0.0.1"
     if host == "::":
         return "::1"
