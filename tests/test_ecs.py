@@ -192,3 +192,14 @@ def test_log_groups_exist_before_tasks_start() -> None:
         options = c["LogConfiguration"]["Options"]
         assert options["awslogs-group"] == {"Ref": "LogGroup"}
         assert "awslogs-create-group" not in options
+
+
+def test_the_template_takes_the_sidecar_image_by_digest_only() -> None:
+    import re
+
+    pattern = re.compile(CFN["Parameters"]["SidecarImage"]["AllowedPattern"])
+    repo = "709825985650.dkr.ecr.us-east-1.amazonaws.com/seller/marketplace-sidecar"
+    assert pattern.match(f"{repo}@sha256:" + "c" * 64)
+    assert not pattern.match(f"{repo}:0.1.0")
+    assert not pattern.match(f"{repo}@sha256:" + "c" * 63)
+    assert TASK["containerDefinitions"][0]["image"].startswith(f"{repo}@sha256:")
