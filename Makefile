@@ -20,7 +20,7 @@ SCAN_STAMP := $(SCAN_VENV)/.installed-$(subst ==,-,$(subst $() ,_,$(SCANNERS)))
 $(SCAN_STAMP):
 	rm -rf $(SCAN_VENV)
 	$(PYTHON) -m venv $(SCAN_VENV)
-	$(SCAN_VENV)/bin/pip install --quiet --disable-pip-version-check $(SCANNERS)
+	$(SCAN_VENV)/bin/pip install --quiet --disable-pip-version-check --no-compile $(SCANNERS)
 	touch $@
 
 demo: $(STAMP)
