@@ -299,7 +299,11 @@ class Registrar:
             self.machine.first_answer_lost()
             log.warning(
                 "first_answer_lost",
-                extra={"detail": "served with warning first_answer_lost (strict mode off)"},
+                extra={
+                    "detail": "the answer to this pod's first RegisterUsage call was lost; "
+                    "AWS's entitlement check may have been missed (strict mode off: an "
+                    "entitled pod is served with this warning)"
+                },
             )
         return True, error
 
