@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import signal
 import threading
@@ -215,6 +216,28 @@ def test_a_restarted_sidecar_remembers_the_pods_verdict(
     # Without the remembered verdict the same pod's second call really would succeed.
     third = launch(AWS_ACCESS_KEY_ID="same-pod")
     assert third.wait_for(lambda d: d["state"] != "registering")["state"] == "entitled"
+
+
+def test_a_slow_call_from_before_an_emulator_reset_does_not_leak_into_the_next_test(
+    emulator: Emulator,
+) -> None:
+    # The cause of a flaky call count here: an earlier test's 3 s-latency call landed after the
+    # next test's reset and was counted (and marked its pod seen) there.
+    body = json.dumps({"ProductCode": "prod-abc", "PublicKeyVersion": 1, "Nonce": "n"}).encode()
+    auth = "AWS4-HMAC-SHA256 Credential=old-pod/20260101/us-east-1/aws-marketplace/aws4_request"
+    emulator.reconfigure({"latency": 0.5})
+    call = threading.Thread(
+        target=emulator.handle, args=("AWSMPMeteringService.RegisterUsage", body, auth)
+    )
+    call.start()
+    time.sleep(0.1)
+    emulator.reset()
+    emulator.reconfigure({"entitled": False})
+    call.join()
+    assert emulator.calls == []
+    status, answer = emulator.handle("AWSMPMeteringService.RegisterUsage", body, auth)
+    assert status == 400 and answer is not None
+    assert answer["__type"] == "CustomerNotEntitledException"  # the old call left no trace
 
 
 def test_transient_give_up_is_not_remembered(
