@@ -35,6 +35,7 @@ from sidecar.aws.errors import classify
 from sidecar.config import ENDPOINT_ENV, Settings, describe
 from sidecar.core.backoff import Backoff, ThrottleSchedule
 from sidecar.core.clock import Clock, SystemClock
+from sidecar.entitlement.marker import FirstCallMarker
 from sidecar.entitlement.registrar import Gateway, GatewaySetupError, Policy, Registrar
 from sidecar.entitlement.state import Entitlement, Snapshot
 from sidecar.entitlement.verdict import VerdictStore
@@ -67,6 +68,9 @@ def policy_from(settings: Settings, keys: Mapping[int, RSAPublicKey]) -> Policy:
         challenge_rate=settings.challenge_rate_per_second,
         challenge_burst=settings.challenge_burst,
         challenge_deadline=settings.challenge_deadline_seconds,
+        aws_call_rate=settings.aws_call_rate_per_second,
+        aws_call_burst=settings.aws_call_burst,
+        strict_first_answer=settings.strict_first_answer,
     )
 
 
@@ -78,9 +82,11 @@ def aws_gateway(settings: Settings) -> Callable[[], Gateway]:
         try:
             region, source = resolve_region()
         except RegionNotFoundError as exc:
-            raise GatewaySetupError(classify("RegionNotFound", str(exc))) from None
+            raise GatewaySetupError(exc.info) from None
         try:
-            gateway = MeteringGateway(region, settings.aws_timeout_seconds)
+            gateway = MeteringGateway(
+                region, settings.aws_timeout_seconds, settings.first_call_timeout_seconds
+            )
         except Exception as exc:  # botocore setup errors are configuration problems
             raise GatewaySetupError(classify(type(exc).__name__, str(exc))) from None
         log.info(
@@ -188,6 +194,7 @@ class Daemon:
                 else None
             ),
             observer=self.metrics,
+            marker=FirstCallMarker(settings.state_dir),
         )
         self._crash: str | None = None
         self._worker = threading.Thread(target=self._work, name="registrar", daemon=True)

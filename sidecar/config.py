@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sidecar.aws.errors import SIGV4_SKEW_SECONDS
 from sidecar.entitlement.keys import UnusableKeyError, load_public_key
 from sidecar.server.netaddr import parse_hostport
 
@@ -61,10 +62,16 @@ class Settings(BaseSettings):
     backoff_cap_seconds: float = Field(60.0, gt=0.0, le=900.0)
     throttle_schedule_seconds: str = "25,40,43"
     aws_timeout_seconds: float = Field(10.0, gt=0.0, le=120.0)
-    clock_skew_seconds: float = Field(300.0, ge=0.0, le=3600.0)
+    # The first call's answer is the only entitlement check: wait longer for it (never less
+    # than MARKETPLACE_AWS_TIMEOUT_SECONDS).
+    first_call_timeout_seconds: float = Field(30.0, gt=0.0, le=300.0)
+    strict_first_answer: bool = False
+    clock_skew_seconds: float = Field(SIGV4_SKEW_SECONDS, ge=0.0, le=3600.0)
     challenge_rate_per_second: float = Field(1.0, gt=0.0, le=5.0)
     challenge_burst: int = Field(3, ge=1, le=20)
     challenge_deadline_seconds: float = Field(20.0, ge=1.0, le=300.0)
+    aws_call_rate_per_second: float = Field(1.0, gt=0.0, le=5.0)
+    aws_call_burst: int = Field(3, ge=1, le=20)
     state_dir: Path | None = None
     readiness_gate: str = ""
     kube_events: bool = False

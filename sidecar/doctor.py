@@ -10,10 +10,15 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import TextIO
 
+from sidecar.aws.errors import SIGV4_SKEW_SECONDS
+
 OK, WARN, FAIL = "✔", "!", "✘"
 POD_IDENTITY_HOST = "169.254.170.23"
 SKEW_WARN_SECONDS = 30.0
-SKEW_FAIL_SECONDS = 300.0  # SigV4 refuses requests more than 5 minutes off
+# AWS documents that a signed request "must reach AWS within five minutes of the time stamp in
+# the request" (IAM User Guide, "Signing AWS API requests"; see errors.SIGV4_SKEW_SECONDS). The
+# sidecar's default token `iat` allowance (MARKETPLACE_CLOCK_SKEW_SECONDS) is the same figure.
+SKEW_FAIL_SECONDS = SIGV4_SKEW_SECONDS
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,13 @@ def check_endpoint(region: str | None, now: Callable[[], float]) -> list[Check]:
     mark = (
         OK if abs(skew) <= SKEW_WARN_SECONDS else WARN if abs(skew) <= SKEW_FAIL_SECONDS else FAIL
     )
-    fix = "" if mark == OK else "synchronise the node clock (NTP / Amazon Time Sync)"
+    fix = (
+        ""
+        if mark == OK
+        else "synchronise the node clock (NTP / Amazon Time Sync); AWS documents a "
+        f"{SKEW_FAIL_SECONDS:.0f} s tolerance for signed requests, and the sidecar accepts "
+        "token times up to MARKETPLACE_CLOCK_SKEW_SECONDS ahead (same default)"
+    )
     checks.append(Check(mark, "clock", f"{skew:+.0f} s against the endpoint", fix))
     return checks
 

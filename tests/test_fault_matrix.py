@@ -39,7 +39,7 @@ START_FAULTS = [
     pytest.param(
         {"latency": 1.0},
         "ReadTimeoutError",
-        {"MARKETPLACE_AWS_TIMEOUT_SECONDS": "0.3"},
+        {"MARKETPLACE_AWS_TIMEOUT_SECONDS": "0.3", "MARKETPLACE_FIRST_CALL_TIMEOUT_SECONDS": "0.3"},
         id="slow-beyond-timeout",
     ),
 ]

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
 import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
 
 import jwt
 import pytest
+import requests
 
-from sidecar.emulator.service import TOKEN_FAULTS, Emulator
+from sidecar.emulator.service import TOKEN_FAULTS, Emulator, EmulatorServer
 from tests.helpers import Launch
+from tests.relay import SlowRelay
 
 
 def test_entitled_start_serves_a_verified_token(launch: Launch, emulator: Emulator) -> None:
@@ -120,7 +126,7 @@ def test_unsubscribe_after_start_is_not_a_revocation(launch: Launch, emulator: E
     assert car.entitlement()["state"] == "entitled"
 
 
-@pytest.mark.parametrize("fault", TOKEN_FAULTS)
+@pytest.mark.parametrize("fault", [f for f in TOKEN_FAULTS if f != "future_iat"])
 def test_a_bad_token_is_never_entitled(launch: Launch, emulator: Emulator, fault: str) -> None:
     emulator.reconfigure({"token_fault": fault})
     car = launch()
@@ -128,6 +134,19 @@ def test_a_bad_token_is_never_entitled(launch: Launch, emulator: Emulator, fault
     assert doc["error"]["code"].startswith("TokenVerificationFailed:")
     assert doc["error"]["kind"] == "verification" and doc["token"] is None
     assert doc["entitled"] is False
+
+
+def test_a_token_from_the_future_is_a_clock_problem_retried_until_the_clock_heals(
+    launch: Launch, emulator: Emulator
+) -> None:
+    emulator.reconfigure({"token_fault": "future_iat"})  # AWS's clock a day ahead of ours
+    car = launch()
+    doc = car.wait_for(lambda d: d["consecutive_failures"] >= 2)
+    assert doc["state"] == "registering" and doc["entitled"] is False and doc["token"] is None
+    assert (doc["error"]["code"], doc["error"]["kind"]) == ("ClockSkew", "clock")
+    assert doc["error"]["retryable"] and "clock" in doc["error"]["hint"]
+    emulator.reconfigure({"token_fault": None})  # the clock is fixed
+    car.wait_for(lambda d: d["state"] == "entitled", timeout=10)
 
 
 def test_a_bad_token_on_reregistration_is_not_entitled(launch: Launch, emulator: Emulator) -> None:
@@ -199,6 +218,28 @@ def test_a_restarted_sidecar_remembers_the_pods_verdict(
     assert third.wait_for(lambda d: d["state"] != "registering")["state"] == "entitled"
 
 
+def test_a_slow_call_from_before_an_emulator_reset_does_not_leak_into_the_next_test(
+    emulator: Emulator,
+) -> None:
+    # The cause of a flaky call count here: an earlier test's 3 s-latency call landed after the
+    # next test's reset and was counted (and marked its pod seen) there.
+    body = json.dumps({"ProductCode": "prod-abc", "PublicKeyVersion": 1, "Nonce": "n"}).encode()
+    auth = "AWS4-HMAC-SHA256 Credential=old-pod/20260101/us-east-1/aws-marketplace/aws4_request"
+    emulator.reconfigure({"latency": 0.5})
+    call = threading.Thread(
+        target=emulator.handle, args=("AWSMPMeteringService.RegisterUsage", body, auth)
+    )
+    call.start()
+    time.sleep(0.1)
+    emulator.reset()
+    emulator.reconfigure({"entitled": False})
+    call.join()
+    assert emulator.calls == []
+    status, answer = emulator.handle("AWSMPMeteringService.RegisterUsage", body, auth)
+    assert status == 400 and answer is not None
+    assert answer["__type"] == "CustomerNotEntitledException"  # the old call left no trace
+
+
 def test_transient_give_up_is_not_remembered(
     launch: Launch, emulator: Emulator, tmp_path: object
 ) -> None:
@@ -223,3 +264,144 @@ def test_logs_are_quiet_when_nothing_changes(launch: Launch, emulator: Emulator)
     info = [line["event"] for line in lines if line["level"] == "info"]
     assert info.count("registered") == 1  # ...but only the state change was logged
     assert info.count("state_changed") == 1
+
+
+# -- the pod's first call, through a slow relay (issue: entitlement won without a subscription)
+
+
+@pytest.fixture
+def relay(emulator_server: EmulatorServer) -> Iterator[Callable[..., SlowRelay]]:
+    made: list[SlowRelay] = []
+
+    def _make(delay: float, hold: int = 1) -> SlowRelay:
+        r = SlowRelay(int(emulator_server.server_address[1]), delay, hold)
+        made.append(r)
+        return r
+
+    yield _make
+    for r in made:
+        r.close()
+
+
+def test_a_challenge_racing_the_first_call_gets_503_and_the_refusal_stands(
+    launch: Launch, emulator: Emulator, relay: Callable[..., SlowRelay]
+) -> None:
+    emulator.reconfigure({"entitled": False})
+    slow = relay(2.0)
+    car = launch(AWS_ENDPOINT_URL_MARKETPLACE_METERING=slow.url)
+    assert slow.answer_held.wait(10)  # AWS refused; the refusal is on its way, 2 s late
+    resp = requests.post(car.api + "/v1/entitlement/challenge", json={"nonce": "n"}, timeout=10)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "registering"
+    assert 1 <= int(resp.headers["Retry-After"]) <= 30
+    doc = car.wait_for(lambda d: d["state"] != "registering", timeout=10)
+    assert doc["state"] == "not_entitled" and doc["token"] is None
+    assert doc["error"]["code"] == "CustomerNotEntitledException"
+    assert car.get("/readyz", probe=True).status_code == 503
+    assert len(emulator.calls) == 1  # the challenge never reached AWS
+    after = requests.post(car.api + "/v1/entitlement/challenge", json={"nonce": "m"}, timeout=10)
+    assert after.status_code == 403 and len(emulator.calls) == 1
+
+
+def test_a_slow_first_answer_is_waited_for_longer_than_reregistrations(
+    launch: Launch, emulator: Emulator
+) -> None:
+    # AWS takes 3 s; re-registrations give up after 2 s, the first call waits (default 30 s).
+    emulator.reconfigure({"entitled": False, "latency": 3.0})
+    car = launch(MARKETPLACE_AWS_TIMEOUT_SECONDS="2")
+    doc = car.wait_for(lambda d: d["state"] != "registering", timeout=10)
+    assert doc["state"] == "not_entitled"
+    assert doc["error"]["code"] == "CustomerNotEntitledException"
+    assert len(emulator.calls) == 1
+
+
+LOST_ANSWER_ENV = {
+    "MARKETPLACE_AWS_TIMEOUT_SECONDS": "0.5",
+    "MARKETPLACE_FIRST_CALL_TIMEOUT_SECONDS": "1",
+}
+
+
+def test_a_lost_first_answer_is_served_with_a_warning_metric_and_log(
+    launch: Launch, emulator: Emulator, relay: Callable[..., SlowRelay]
+) -> None:
+    emulator.reconfigure({"entitled": False})
+    slow = relay(5.0)  # the refusal never arrives in time: read timeout
+    car = launch(AWS_ENDPOINT_URL_MARKETPLACE_METERING=slow.url, **LOST_ANSWER_ENV)
+    doc = car.wait_for(lambda d: d["state"] != "registering", timeout=10)
+    # AWS's semantics: the retry is the pod's second call, answered with a token.
+    assert doc["state"] == "entitled"
+    assert [c["code"] for c in emulator.calls] == ["CustomerNotEntitledException", "ok"]
+    assert any(w.startswith("first_answer_lost") for w in doc["warnings"])
+    metrics = car.get("/metrics", probe=True).text
+    assert "marketplace_first_answer_lost 1.0" in metrics
+    car.stop()
+    assert '"event":"first_answer_lost"' in car.logs()
+
+
+def test_strict_mode_refuses_a_lost_first_answer_and_makes_no_second_call(
+    launch: Launch, emulator: Emulator, relay: Callable[..., SlowRelay]
+) -> None:
+    emulator.reconfigure({"entitled": False})
+    slow = relay(5.0)
+    car = launch(
+        AWS_ENDPOINT_URL_MARKETPLACE_METERING=slow.url,
+        MARKETPLACE_STRICT_FIRST_ANSWER="true",
+        **LOST_ANSWER_ENV,
+    )
+    doc = car.wait_for(lambda d: d["state"] != "registering", timeout=10)
+    assert doc["state"] == "not_entitled" and doc["error"]["code"] == "FirstAnswerLost"
+    time.sleep(0.5)
+    assert len(emulator.calls) == 1
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_sigkill_during_the_first_call_then_restart_with_the_same_state_dir(
+    launch: Launch,
+    emulator: Emulator,
+    relay: Callable[..., SlowRelay],
+    tmp_path: pathlib.Path,
+    strict: bool,
+) -> None:
+    emulator.reconfigure({"entitled": False})
+    slow = relay(30.0)
+    pod = {"MARKETPLACE_STATE_DIR": str(tmp_path), "AWS_ACCESS_KEY_ID": "killed-pod"}
+    first = launch(AWS_ENDPOINT_URL_MARKETPLACE_METERING=slow.url, **pod)
+    assert slow.answer_held.wait(10)  # AWS has refused; the answer is still on the wire
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(5)
+    strict_env = {"MARKETPLACE_STRICT_FIRST_ANSWER": "true"} if strict else {}
+    second = launch(**pod, **strict_env)
+    doc = second.wait_for(lambda d: d["state"] != "registering", timeout=10)
+    if strict:
+        assert doc["state"] == "not_entitled" and doc["error"]["code"] == "FirstAnswerLost"
+        assert len(emulator.calls) == 1  # not one call more
+    else:
+        assert doc["state"] == "entitled"  # AWS's answer to the pod's second call
+        assert any(w.startswith("first_answer_lost") for w in doc["warnings"])
+        assert len(emulator.calls) == 2
+
+
+def test_a_challenge_storm_with_aws_failing_stays_within_the_call_budget(
+    launch: Launch, emulator: Emulator
+) -> None:
+    car = launch(MARKETPLACE_CHALLENGE_DEADLINE_SECONDS="2")
+    car.wait_for(lambda d: d["state"] == "entitled")
+    emulator.reconfigure({"faults": [{"error": "InternalServiceErrorException", "rate": 1.0}]})
+    before = len(emulator.calls)
+    storm_until = time.monotonic() + 3.0
+
+    def storm() -> None:
+        while time.monotonic() < storm_until:
+            requests.post(car.api + "/v1/entitlement/challenge", json={"nonce": "s"}, timeout=10)
+
+    threads = [threading.Thread(target=storm) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    times = [c["at"] for c in emulator.calls[before:]]
+    # Budget: burst 3, then 1/s, registrar included. Without it each admitted challenge
+    # retried every ~0.1 s (test backoff) for its whole deadline.
+    span = max(times) - min(times) if times else 0.0
+    assert len(times) <= 3 + span * 1.0 + 1
+    peak = max(sum(1 for u in times if t <= u < t + 1.0) for t in times)
+    assert peak <= 4

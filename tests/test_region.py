@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
 
 from sidecar.aws.region import RegionNotFoundError, region_from_task, resolve_region
+from sidecar.emulator.service import Emulator
+from tests.helpers import Launch
 from tests.metadata_fake import FakeMetadata
 
 
@@ -66,3 +69,44 @@ def test_nothing_found_names_what_was_tried(metadata: FakeMetadata) -> None:
     }
     with pytest.raises(RegionNotFoundError, match=r"ECS task metadata.*set AWS_REGION"):
         resolve_region(env)
+
+
+def test_message_and_hint_name_the_same_sources(metadata: FakeMetadata) -> None:
+    env = {"ECS_CONTAINER_METADATA_URI_V4": metadata.url + "/missing"}
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    with pytest.raises(RegionNotFoundError) as caught:
+        resolve_region(env)
+    info = caught.value.info
+    tried = "AWS_REGION, AWS_DEFAULT_REGION, ECS task metadata"
+    assert info.message == f"no AWS region found (tried {tried})"
+    assert f"(tried: {tried})" in info.hint and "IMDSv2" not in info.hint
+    assert info.retryable  # a metadata lookup can fail transiently at pod start
+
+
+def test_nothing_to_look_up_is_not_retried() -> None:
+    with pytest.raises(RegionNotFoundError) as caught:
+        resolve_region({"AWS_EC2_METADATA_DISABLED": "true"})
+    info = caught.value.info
+    assert not info.retryable and "ECS" not in info.message and "ECS" not in info.hint
+
+
+def test_a_region_lookup_failing_at_start_is_retried_until_it_works(
+    launch: Launch, emulator: Emulator, metadata: FakeMetadata
+) -> None:
+    metadata.task = {}  # task metadata without a region yet
+    car = launch(
+        AWS_REGION="",
+        ECS_CONTAINER_METADATA_URI_V4=metadata.url + "/v4",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    doc = car.wait_for(lambda d: d["consecutive_failures"] >= 2)
+    assert doc["state"] == "registering" and doc["error"]["code"] == "RegionNotFound"
+    assert doc["error"]["retryable"] and "ECS task metadata" in doc["error"]["hint"]
+    assert emulator.calls == []
+    metadata.task = {"TaskARN": "arn:aws:ecs:us-east-1:123456789012:task/c/abc"}
+    car.wait_for(lambda d: d["state"] == "entitled", timeout=10)
+    car.stop()
+    failed = [
+        json.loads(line) for line in car.logs().splitlines() if '"event":"register_failed"' in line
+    ]
+    assert failed and failed[0]["hint"] == doc["error"]["hint"]

@@ -29,9 +29,13 @@ class ScriptedAws:
     def __init__(self, clock: ManualClock, script: list[Any], key: rsa.RSAPrivateKey) -> None:
         self.clock, self.script, self.key = clock, script, key
         self.nonces: list[str] = []
+        self.first: list[bool] = []
 
-    def register_usage(self, product_code: str, version: int, nonce: str) -> Registration:
+    def register_usage(
+        self, product_code: str, version: int, nonce: str, *, first: bool = False
+    ) -> Registration:
         self.nonces.append(nonce)
+        self.first.append(first)
         step = self.script[min(len(self.nonces), len(self.script)) - 1]
         if isinstance(step, str) and step != "ok":
             raise AwsCallError(classify(step, "scripted"))
@@ -177,6 +181,7 @@ def test_replayed_token_is_refused(key: rsa.RSAPrivateKey) -> None:
 
 def test_challenge_uses_the_product_nonce_and_is_rate_limited(key: rsa.RSAPrivateKey) -> None:
     reg, aws, clock = make(["ok"], key)
+    assert reg.first_registration()
     first = reg.challenge("product-nonce-1")
     assert first.status == "ok"
     assert first.snapshot.claims is not None
@@ -184,15 +189,17 @@ def test_challenge_uses_the_product_nonce_and_is_rate_limited(key: rsa.RSAPrivat
     assert reg.challenge("product-nonce-2").status == "ok"
     limited = reg.challenge("product-nonce-3")
     assert limited.status == "rate_limited" and 0 < limited.retry_after <= 1
-    assert len(aws.nonces) == 2
+    assert len(aws.nonces) == 3
     clock.mono += 1
     assert reg.challenge("product-nonce-4").status == "ok"
 
 
 def test_challenge_retries_retryable_then_reports_the_real_error(key: rsa.RSAPrivateKey) -> None:
-    reg, aws, _ = make(["ThrottlingException", "ok"], key)
-    assert reg.challenge("n").status == "ok" and aws.nonces == ["n", "n"]
-    reg2, _, _ = make(["InvalidRegionException"], key)
+    reg, aws, _ = make(["ok", "ThrottlingException", "ok"], key)
+    assert reg.first_registration()
+    assert reg.challenge("n").status == "ok" and aws.nonces[1:] == ["n", "n"]
+    reg2, _, _ = make(["ok", "InvalidRegionException"], key)
+    assert reg2.first_registration()
     out = reg2.challenge("n")
     assert out.status == "failed" and out.error is not None
     assert out.error.code == "InvalidRegionException"

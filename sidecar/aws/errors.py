@@ -5,6 +5,7 @@ Kinds:
   entitlement    the customer has no subscription
   platform       not running on ECS, EKS or Fargate
   configuration  product code, key version, region, IAM or credentials are wrong
+  clock          this machine's clock disagrees with AWS's (retried: a synced clock heals it)
   verification   AWS answered, but the token did not verify (treated as an attack)
   aws            any other AWS refusal
 """
@@ -27,19 +28,39 @@ RETRYABLE_CODES = frozenset(
     }
 )
 
-# botocore transport exceptions (class names): the request may never have reached AWS.
-TRANSPORT_CODES = frozenset(
+# botocore transport exceptions (class names) raised before the request was written: DNS,
+# refused or timed-out connects, a proxy that would not connect. AWS surely never saw the call.
+UNSENT_CODES = frozenset({"EndpointConnectionError", "ConnectTimeoutError", "ProxyConnectionError"})
+# Raised after the request may have been written: a read timeout, a reset or a cut answer.
+# AWS may have received (and answered) the call; only the answer is lost.
+MAYBE_SENT_CODES = frozenset(
     {
-        "EndpointConnectionError",
         "ConnectionClosedError",
-        "ConnectTimeoutError",
         "ReadTimeoutError",
         "ConnectionError",
         "HTTPClientError",
-        "ProxyConnectionError",
+        "SSLError",
         "ResponseStreamingError",
         "IncompleteReadError",
     }
+)
+TRANSPORT_CODES = UNSENT_CODES | MAYBE_SENT_CODES
+
+# AWS's documented SigV4 clock tolerance: "In most cases, a request must reach AWS within five
+# minutes of the time stamp in the request. Otherwise, AWS denies the request." (IAM User Guide,
+# "Signing AWS API requests", docs.aws.amazon.com/IAM/latest/UserGuide/reference_aws-signing.html).
+# Some services' error messages show 15 minutes; the documented figure is the one we rely on.
+SIGV4_SKEW_SECONDS = 300.0
+# AWS's answers to a request signed with a clock outside that tolerance.
+CLOCK_CODES = frozenset({"RequestTimeTooSkewed", "SignatureExpired", "RequestExpired"})
+_CLOCK_MESSAGES = ("signature expired", "signature not yet current", "too skewed")
+CLOCK_SKEW = "ClockSkew"
+FIRST_ANSWER_LOST = "FirstAnswerLost"
+STATE_DIR_UNWRITABLE = "StateDirUnwritable"
+REGION_NOT_FOUND = "RegionNotFound"
+_CLOCK_HINT = (
+    "this machine's clock disagrees with AWS's; synchronise the node clock (NTP, Amazon Time "
+    "Sync Service); retried with backoff, a synced clock heals it ('doctor' shows the skew)"
 )
 
 _IAM_HINT = (
@@ -95,11 +116,6 @@ _KNOWN: dict[str, tuple[str, str]] = {
         "configuration",
         "no AWS region found: set AWS_REGION (EKS IRSA and ECS normally set it)",
     ),
-    "RegionNotFound": (
-        "configuration",
-        "no AWS region found in AWS_REGION, AWS_DEFAULT_REGION, ECS task metadata or IMDSv2; "
-        "set AWS_REGION",
-    ),
     "ParamValidationError": (
         "configuration",
         "the request was refused before sending; check MARKETPLACE_PRODUCT_CODE and "
@@ -108,7 +124,13 @@ _KNOWN: dict[str, tuple[str, str]] = {
 }
 
 # Every code the sidecar knows by name; metric labels use these and "other", nothing else.
-KNOWN_CODES = frozenset(_KNOWN) | RETRYABLE_CODES | TRANSPORT_CODES
+KNOWN_CODES = (
+    frozenset(_KNOWN)
+    | RETRYABLE_CODES
+    | TRANSPORT_CODES
+    | CLOCK_CODES
+    | {CLOCK_SKEW, FIRST_ANSWER_LOST, STATE_DIR_UNWRITABLE}
+)
 
 _TRANSIENT_HINT = "temporary; retried with backoff (check network egress to the metering endpoint)"
 
@@ -133,6 +155,10 @@ def classify(
 ) -> ErrorInfo:
     """Map an AWS error code (or botocore exception name) to an `ErrorInfo`."""
     message = message[:500]
+    if code in CLOCK_CODES or (
+        code == "InvalidSignatureException" and any(m in message.lower() for m in _CLOCK_MESSAGES)
+    ):
+        return ErrorInfo(code, message, _CLOCK_HINT, "clock", True, request_id)
     if code in RETRYABLE_CODES or code in TRANSPORT_CODES:
         return ErrorInfo(code, message, _TRANSIENT_HINT, "transient", True, request_id)
     if (
@@ -155,4 +181,56 @@ def verification_failure(reason: str, message: str) -> ErrorInfo:
         "for something answering in place of AWS",
         kind="verification",
         retryable=False,
+    )
+
+
+def may_have_reached_aws(error: ErrorInfo) -> bool:
+    """True when the call may have reached AWS although no answer came back."""
+    return error.code in MAYBE_SENT_CODES
+
+
+def surely_unsent(error: ErrorInfo) -> bool:
+    """True when the request never left this machine (AWS cannot have counted it)."""
+    return error.code in UNSENT_CODES
+
+
+def clock_skew(message: str) -> ErrorInfo:
+    """A genuine token whose `iat` is ahead of our clock: our clock is behind, not a forgery."""
+    return ErrorInfo(CLOCK_SKEW, message, _CLOCK_HINT, "clock", True)
+
+
+def region_not_found(tried: list[str], retryable: bool) -> ErrorInfo:
+    """Message and hint name the same sources; metadata failures are retried (pod start)."""
+    sources = ", ".join(tried)
+    hint = f"set AWS_REGION to the region the pod runs in (tried: {sources})"
+    if retryable:
+        hint += "; metadata lookups are retried with backoff until the registration deadline"
+    return ErrorInfo(
+        REGION_NOT_FOUND, f"no AWS region found (tried {sources})", hint, "configuration", retryable
+    )
+
+
+def first_answer_lost(strict: bool) -> ErrorInfo:
+    """The pod's first RegisterUsage call may have reached AWS, but its answer never arrived."""
+    return ErrorInfo(
+        FIRST_ANSWER_LOST,
+        "the answer to this pod's first RegisterUsage call was lost (read timeout, reset, or the "
+        "sidecar was killed while it was in flight); only the first call can carry AWS's "
+        "entitlement refusal",
+        "MARKETPLACE_STRICT_FIRST_ANSWER is on, so this pod is refused; start a new pod or task "
+        "(its first call is checked again)"
+        if strict
+        else "the pod is served, but AWS's entitlement check may have been missed",
+        "entitlement",
+        False,
+    )
+
+
+def state_dir_unwritable(detail: str) -> ErrorInfo:
+    return ErrorInfo(
+        STATE_DIR_UNWRITABLE,
+        f"cannot record the first-call marker before calling AWS: {detail}"[:500],
+        "MARKETPLACE_STATE_DIR must stay writable (an emptyDir); no call is made until it is",
+        "configuration",
+        True,
     )

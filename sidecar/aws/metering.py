@@ -29,7 +29,7 @@ class Registration:
 
 
 class MeteringGateway:
-    def __init__(self, region: str, timeout: float) -> None:
+    def __init__(self, region: str, timeout: float, first_timeout: float | None = None) -> None:
         import boto3
         from botocore.config import Config
 
@@ -42,21 +42,39 @@ class MeteringGateway:
         self._client: MarketplaceMeteringClient = boto3.client(
             "meteringmarketplace", region_name=region, config=config
         )
+        # The pod's first call waits longer: its answer (AWS's only entitlement check) cannot
+        # be asked for again. Same client settings otherwise; dropped after the first answer.
+        self._first_client: MarketplaceMeteringClient | None = None
+        if first_timeout is not None and first_timeout > timeout:
+            self._first_client = boto3.client(
+                "meteringmarketplace",
+                region_name=region,
+                config=config.merge(Config(read_timeout=first_timeout)),
+            )
 
     @property
     def endpoint(self) -> str:
         return str(self._client.meta.endpoint_url)
 
-    def register_usage(self, product_code: str, version: int, nonce: str) -> Registration:
+    def register_usage(
+        self, product_code: str, version: int, nonce: str, *, first: bool = False
+    ) -> Registration:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        client = self._client
+        if first and self._first_client is not None:
+            client = self._first_client
+        elif not first:
+            self._first_client = None
         try:
-            resp = self._client.register_usage(
+            resp = client.register_usage(
                 ProductCode=product_code, PublicKeyVersion=version, Nonce=nonce
             )
         except ClientError as exc:
             raise AwsCallError(_client_error(exc.response)) from None
         except BotoCoreError as exc:
+            # The class name says whether the request surely never left (connect errors) or
+            # may have reached AWS (read timeout, reset after send): see errors.UNSENT_CODES.
             raise AwsCallError(classify(type(exc).__name__, str(exc))) from None
         rotation = resp.get("PublicKeyRotationTimestamp")
         return Registration(

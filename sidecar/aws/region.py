@@ -2,7 +2,8 @@
 
 Order: AWS_REGION, AWS_DEFAULT_REGION, ECS task metadata v4, IMDSv2. Metadata endpoints honour
 ECS_CONTAINER_METADATA_URI_V4, AWS_EC2_METADATA_SERVICE_ENDPOINT and AWS_EC2_METADATA_DISABLED,
-so tests point them at loopback.
+so tests point them at loopback. A failed metadata lookup can be transient at pod start, so the
+error says whether one was tried (the registrar then retries it with backoff).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 import re
 from collections.abc import Mapping
 
+from sidecar.aws.errors import ErrorInfo, region_not_found
+
 log = logging.getLogger(__name__)
 
 IMDS_DEFAULT = "http://169.254.169.254"
@@ -20,7 +23,13 @@ _TIMEOUT = (1.0, 2.0)
 
 
 class RegionNotFoundError(Exception):
-    pass
+    def __init__(self, tried: list[str]) -> None:
+        self.tried = tried
+        # Only metadata lookups can heal by themselves; unset variables cannot.
+        self.info: ErrorInfo = region_not_found(
+            tried, retryable=any(t in ("ECS task metadata", "IMDSv2") for t in tried)
+        )
+        super().__init__(f"{self.info.message}; {self.info.hint}")
 
 
 def resolve_region(environ: Mapping[str, str] | None = None) -> tuple[str, str]:
@@ -42,7 +51,7 @@ def resolve_region(environ: Mapping[str, str] | None = None) -> tuple[str, str]:
         region = _from_imds(env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS_DEFAULT)
         if region:
             return region, "IMDSv2"
-    raise RegionNotFoundError(f"no AWS region found (tried {', '.join(tried)}); set AWS_REGION")
+    raise RegionNotFoundError(tried)
 
 
 def region_from_task(task: Mapping[str, object]) -> str | None:

@@ -93,6 +93,7 @@ class Emulator:
         self._rng = random.Random(seed)  # noqa: S311  # nosec B311 # fault dice, not security
         self._bucket: TokenBucket | None = None
         self.calls: list[dict[str, Any]] = []
+        self._generation = 0  # bumped by reset(): calls begun before it are not recorded
         self._apply_throttle()
         from botocore.session import get_session
 
@@ -128,6 +129,7 @@ class Emulator:
             self.config = EmulatorConfig()
             self._pods_seen.clear()
             self.calls.clear()
+            self._generation += 1
             self._apply_throttle()
 
     def _apply_throttle(self) -> None:
@@ -151,9 +153,14 @@ class Emulator:
         with self._lock:
             cfg = self.config
             latency = cfg.latency
+            generation = self._generation
         if latency:
             time.sleep(latency)
         with self._lock:
+            if generation != self._generation:
+                # A slow call from before a reset (an earlier test's sidecar, long gone) must
+                # not count against, or mark pods seen in, the new run: drop it unrecorded.
+                return 0, None
             status, payload = self._dispatch(op, params, pod, region, service)
             self.calls.append(
                 {

@@ -8,7 +8,8 @@
 
 AWS raises entitlement errors only on a pod's first RegisterUsage call, so a failure after one
 success can only be a network, IAM or AWS problem: `degraded`, never a revocation. A token that
-fails verification is different: something answered in place of AWS.
+fails verification is different: something answered in place of AWS. And AWS's refusal of the
+first call itself is final whatever else happened meanwhile, even a success that overtook it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ class State(enum.StrEnum):
 
 
 SERVING_STATES = frozenset({State.ENTITLED, State.DEGRADED})
+FIRST_CALL_VERDICT_KINDS = frozenset({"entitlement", "platform"})
+FIRST_ANSWER_LOST_WARNING = (
+    "first_answer_lost: the answer to this pod's first RegisterUsage call was lost, so AWS's "
+    "entitlement check (made on that call only) may have been missed; set "
+    "MARKETPLACE_STRICT_FIRST_ANSWER=true to refuse such pods"
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,8 @@ class Snapshot:
     warnings: tuple[str, ...] = field(default=())
     # True once a terminal verdict ends registration for this pod: AWS would not repeat it.
     final: bool = False
+    # The first call may have reached AWS but its answer was lost (sticky for the pod's life).
+    first_answer_lost: bool = False
 
     @property
     def entitled(self) -> bool:
@@ -77,6 +86,8 @@ class Entitlement:
         with self._lock:
             if self._snap.final:
                 return self._snap
+            if self._snap.first_answer_lost:
+                warnings = (FIRST_ANSWER_LOST_WARNING, *warnings)
             self._snap = replace(
                 self._snap,
                 state=State.ENTITLED,
@@ -90,12 +101,15 @@ class Entitlement:
             )
             return self._snap
 
-    def failed(self, error: ErrorInfo, now: float) -> Snapshot:
-        """Record a failed attempt."""
+    def failed(self, error: ErrorInfo, now: float, *, first_call: bool = False) -> Snapshot:
+        """Record a failed attempt; `first_call`: the answer to the pod's first call."""
         with self._lock:
             snap = self._snap
             ever_ok = snap.last_success_at is not None
             if snap.final:
+                state, final = State.NOT_ENTITLED, True
+            elif first_call and not error.retryable and error.kind in FIRST_CALL_VERDICT_KINDS:
+                # AWS's verdict on the first call stands, even if a later call got a token.
                 state, final = State.NOT_ENTITLED, True
             elif error.kind == "verification":
                 # Never entitled on a bad token. Before any success it ends registration.
@@ -118,6 +132,17 @@ class Entitlement:
                 consecutive_failures=snap.consecutive_failures + 1,
                 error=error,
             )
+            return self._snap
+
+    def first_answer_lost(self) -> Snapshot:
+        """The first call's answer was lost: warn from now on, for the pod's life."""
+        with self._lock:
+            if not self._snap.first_answer_lost:
+                self._snap = replace(
+                    self._snap,
+                    first_answer_lost=True,
+                    warnings=(FIRST_ANSWER_LOST_WARNING, *self._snap.warnings),
+                )
             return self._snap
 
     def give_up(self, now: float) -> Snapshot:

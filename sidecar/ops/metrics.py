@@ -72,6 +72,12 @@ class _StateCollector(Collector):
             value=snap.next_registration_at or float("nan"),
         )
         yield GaugeMetricFamily(
+            "marketplace_first_answer_lost",
+            "1 when the answer to the pod's first RegisterUsage call was lost (AWS's entitlement "
+            "check may have been missed); see warning first_answer_lost",
+            value=1.0 if snap.first_answer_lost else 0.0,
+        )
+        yield GaugeMetricFamily(
             "marketplace_registration_consecutive_failures",
             "Failed RegisterUsage attempts since the last success",
             value=float(snap.consecutive_failures),

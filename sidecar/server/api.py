@@ -168,6 +168,15 @@ class Router:
                 f"quota; retry in {retry} s",
                 **{"Retry-After": str(retry)},
             )
+        if out.status == "registering":
+            retry = max(1, int(out.retry_after + 0.999))
+            return _problem(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "registering",
+                "the first registration's verdict is not known yet; no AWS call was made "
+                f"(one now could hide AWS's refusal); retry in {retry} s",
+                **{"Retry-After": str(retry)},
+            )
         if out.error is not None:
             payload["error"] = out.error.to_json()
         status = HTTPStatus.FORBIDDEN if out.status == "refused" else HTTPStatus.BAD_GATEWAY
