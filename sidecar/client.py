@@ -155,7 +155,7 @@ def _request(method: str, url: str, body: Any, deadline: float) -> tuple[int, di
             "bad_url", f"the sidecar URL must be http://host:port, got {url[:100]!r}"
         )
     try:
-        port = parts.port or 80
+        port = 80 if parts.port is None else parts.port
     except ValueError:
         raise EntitlementError("bad_url", f"bad port in the sidecar URL {url[:100]!r}") from None
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -166,11 +166,10 @@ def _request(method: str, url: str, body: Any, deadline: float) -> tuple[int, di
         + ("Content-Type: application/json\r\n" if body is not None else "")
         + f"Content-Length: {len(payload)}\r\n\r\n"
     ).encode("ascii")
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
+    if deadline <= time.monotonic():
         raise EntitlementError("timeout", "no time left to call the sidecar")
     try:
-        sock = socket.create_connection((parts.hostname, port), timeout=remaining)
+        sock = _connect(parts.hostname, port, deadline)
     except OSError as exc:
         raise EntitlementError(
             "no_sidecar", f"no entitlement sidecar answering at {url} ({exc})"
@@ -190,6 +189,21 @@ def _request(method: str, url: str, body: Any, deadline: float) -> tuple[int, di
             ) from None
     status, headers, content = raw
     return status, headers, _json_or_none(content)
+
+
+def _connect(host: str, port: int, deadline: float) -> socket.socket:
+    """Try each address of `host` (localhost: ::1, then 127.0.0.1) within the one deadline."""
+    error: OSError = OSError(f"{host} has no address")
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            _settimeout(sock, deadline)
+            sock.connect(address)
+            return sock
+        except OSError as exc:  # TimeoutError included
+            sock.close()
+            error = exc
+    raise error
 
 
 def _settimeout(sock: socket.socket, deadline: float) -> None:
