@@ -18,7 +18,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sidecar.aws.errors import SIGV4_SKEW_SECONDS
-from sidecar.entitlement.keys import UnusableKeyError, load_public_key
+from sidecar.core.files import UnsafeFileError, read_small_file
+from sidecar.entitlement.keys import MAX_KEY_FILE_BYTES, UnusableKeyError, load_public_key
 from sidecar.server.netaddr import parse_hostport
 
 PRODUCT_CODE_RE = re.compile(r"^[-a-zA-Z0-9/=:_.@]{1,255}$")
@@ -173,6 +174,8 @@ def load() -> tuple[Settings, dict[int, RSAPublicKey]]:
         keys[settings.public_key_version] = load_public_key(_key_text(settings))
     except UnusableKeyError as exc:
         problems.append(f"{PREFIX}{source}: {exc}")
+    except UnsafeFileError as exc:
+        problems.append(f"{PREFIX}{source}: {settings.public_key_file} {exc}")
     except OSError as exc:
         problems.append(f"{PREFIX}{source}: cannot read {settings.public_key_file}: {exc.strerror}")
     if settings.state_dir is not None and not os.access(settings.state_dir, os.W_OK | os.X_OK):
@@ -200,8 +203,8 @@ def load() -> tuple[Settings, dict[int, RSAPublicKey]]:
 
 def _key_text(settings: Settings) -> bytes:
     if settings.public_key_file is not None:
-        with settings.public_key_file.open("rb") as f:
-            return f.read(65536)
+        # Never blocks (a FIFO), never reads forever (/dev/zero): refused with one line instead.
+        return read_small_file(settings.public_key_file, MAX_KEY_FILE_BYTES)
     assert settings.public_key is not None  # nosec B101 # narrowing for mypy, not a check
     # Allow a one-line PEM with literal \n, as ECS task definitions and some CI tools pass it.
     return settings.public_key.replace("\\n", "\n").encode()

@@ -50,3 +50,20 @@ def test_non_rsa_private_and_garbage_keys_are_refused(key: rsa.RSAPrivateKey) ->
     )
     assert "private key" in refusal(private)
     assert "not a PEM public key" in refusal("hello")
+
+
+def test_a_pem_holding_two_keys_is_refused_not_resolved_to_the_first(
+    key: rsa.RSAPrivateKey,
+) -> None:
+    # The PEM parser would silently trust whichever key came first.
+    message = refusal(pem(new_key()) + pem(key))
+    assert "2 PEM blocks" in message and "exactly one public key" in message
+
+
+def test_text_around_the_key_is_refused(key: rsa.RSAPrivateKey) -> None:
+    assert "unexpected text after -----END PUBLIC KEY-----" in refusal(pem(key) + "garbage\n")
+    assert "unexpected text before -----BEGIN PUBLIC KEY-----" in refusal("note\n" + pem(key))
+    # Whitespace and a missing final newline are not a problem.
+    assert fingerprint(load_public_key("\n  " + pem(key).strip() + "\n\n")) == fingerprint(
+        key.public_key()
+    )

@@ -1,52 +1,252 @@
-// Verify an AWS Marketplace RegisterUsage token in a Node.js product, with node's own crypto.
-// Usage: node verify.js <public-key.pem> <product-code> <nonce> [max-age-seconds] < token
-// Exit 0 and print the claims when valid; exit 1 and print the reason otherwise.
+// Verify AWS Marketplace entitlement in a Node.js product, with node's own http and crypto.
+//   node verify.js <public-key.pem> <product-code> <nonce> [max-age-seconds] < token
+//     verify a token you fetched yourself: exit 0 and print the claims, or exit 1 and the reason
+//   node verify.js challenge <public-key.pem> <product-code> [sidecar-url] [timeout-seconds]
+//     run the whole challenge: exit 0 and print the claims, or exit 1 and print
+//     {"reason", "message", "retry_after"} as one JSON line on stderr
+// The sidecar may be hostile: one deadline bounds the whole call (a server dripping one byte at a
+// time cannot stretch it), the answer is capped, redirects are not followed, no proxy is used, and
+// every failure rejects with EntitlementError (fail closed on any `reason`).
 "use strict";
 const crypto = require("crypto");
 const fs = require("fs");
+const http = require("http");
+
+const DEFAULT_URL = "http://127.0.0.1:8787";
+const MAX_HEADER_BYTES = 16 * 1024;
+const MAX_BODY_BYTES = 256 * 1024;
+const RETRY_AFTER_MIN = 1;
+const RETRY_AFTER_MAX = 600;
+
+class EntitlementError extends Error {
+  constructor(reason, message, retryAfter = null) {
+    super(`${reason}: ${message}`);
+    this.reason = reason;
+    this.detail = message;
+    this.retryAfter = retryAfter; // seconds, finite, or null
+  }
+}
 
 function b64url(part) {
   return Buffer.from(part.replace(/-/g, "+").replace(/_/g, "/"), "base64");
 }
 
+function parsePart(part, what) {
+  try {
+    return JSON.parse(b64url(part).toString("utf8"));
+  } catch (err) {
+    throw new EntitlementError("token_malformed", `unreadable ${what}`);
+  }
+}
+
+function publicKey(pem) {
+  try {
+    return crypto.createPublicKey(pem);
+  } catch (err) {
+    throw new EntitlementError("bad_key", `the product's built-in key: ${err.message}`);
+  }
+}
+
 function verify(token, publicKeyPem, productCode, nonce, maxAgeSeconds, keyVersion = 1) {
-  if (typeof token !== "string" || token.length > 16384) throw new Error("malformed: size");
+  const fail = (reason, message) => { throw new EntitlementError(`token_${reason}`, message); };
+  const key = publicKey(publicKeyPem);
+  if (typeof token !== "string" || token.length > 16384) fail("malformed", "size");
   const parts = token.split(".");
-  if (parts.length !== 3 || parts.some((p) => p.length === 0)) throw new Error("malformed: parts");
-  const header = JSON.parse(b64url(parts[0]).toString("utf8"));
-  if (header.alg !== "PS256") throw new Error(`bad_algorithm: ${header.alg}`); // pin PS256
+  if (parts.length !== 3 || parts.some((p) => p.length === 0)) fail("malformed", "parts");
+  const header = parsePart(parts[0], "header");
+  if (header === null || header.alg !== "PS256") { // pin PS256
+    fail("bad_algorithm", String(header && header.alg));
+  }
   const ok = crypto.verify(
     "sha256",
     Buffer.from(`${parts[0]}.${parts[1]}`, "ascii"),
-    { key: publicKeyPem, padding: crypto.constants.RSA_PKCS1_PSS_PADDING, saltLength: 32 },
+    { key, padding: crypto.constants.RSA_PKCS1_PSS_PADDING, saltLength: 32 },
     b64url(parts[2]),
   );
-  if (!ok) throw new Error("bad_signature");
-  const claims = JSON.parse(b64url(parts[1]).toString("utf8"));
-  if (claims.productCode !== productCode) throw new Error("product_code_mismatch");
-  if (Number(claims.publicKeyVersion) !== keyVersion) throw new Error("key_version_mismatch");
+  if (!ok) fail("bad_signature", "signature does not verify with the key");
+  const claims = parsePart(parts[1], "claims");
+  if (claims === null || typeof claims !== "object") fail("malformed", "claims");
+  if (claims.productCode !== productCode) fail("product_code_mismatch", "another product");
+  if (Number(claims.publicKeyVersion) !== keyVersion) fail("key_version_mismatch", "version");
   if (typeof claims.nonce !== "string" || claims.nonce.length !== nonce.length ||
       !crypto.timingSafeEqual(Buffer.from(claims.nonce), Buffer.from(nonce))) {
-    throw new Error("nonce_mismatch");
+    fail("nonce_mismatch", "not the nonce this product sent");
   }
   const now = Date.now() / 1000;
-  if (typeof claims.iat !== "number") throw new Error("malformed: iat");
-  if (claims.iat > now + 300) throw new Error("iat_in_future");
-  if (claims.iat < now - maxAgeSeconds) throw new Error("too_old");
+  if (typeof claims.iat !== "number") fail("malformed", "iat");
+  if (claims.iat > now + 300) fail("iat_in_future", "issued in the future");
+  if (claims.iat < now - maxAgeSeconds) fail("too_old", "issued too long ago");
   return claims;
 }
 
-module.exports = { verify };
+// Seconds from a Retry-After value (delta-seconds or an HTTP date), always finite and clamped.
+function parseRetryAfter(value, nowMs = Date.now()) {
+  if (typeof value !== "string") return null;
+  const text = value.trim();
+  let seconds = /^[0-9]{1,12}(\.[0-9]{1,9})?$/.test(text)
+    ? Number(text)
+    : (Date.parse(text) - nowMs) / 1000;
+  if (!Number.isFinite(seconds)) seconds = RETRY_AFTER_MIN;
+  return Math.min(Math.max(seconds, RETRY_AFTER_MIN), RETRY_AFTER_MAX);
+}
+
+function clean(text) {
+  return String(text).slice(0, 300).replace(/[\u0000-\u001f\u007f-\u009f]/g, "?");
+}
+
+// One HTTP exchange with the sidecar, finished by `deadline` (Date.now() milliseconds).
+// Resolves {status, headers, doc} (doc: parsed JSON, or null when empty or not JSON).
+function request(method, url, body, deadline) {
+  return new Promise((resolve, reject) => {
+    let target;
+    try {
+      target = new URL(url);
+    } catch (err) {
+      reject(new EntitlementError("bad_url", `not a URL: ${clean(url)}`));
+      return;
+    }
+    if (target.protocol !== "http:" || target.username || target.password) {
+      reject(new EntitlementError("bad_url", `the sidecar URL must be http://host:port`));
+      return;
+    }
+    const payload = body === null ? Buffer.alloc(0) : Buffer.from(JSON.stringify(body));
+    let settled = false;
+    let req = null;
+    const finish = (err, value) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      if (req !== null) req.destroy();
+      if (err) reject(err); else resolve(value);
+    };
+    let connected = false;
+    const timer = setTimeout(() => finish(connected
+      ? new EntitlementError("timeout", `the sidecar at ${url} did not answer in time`)
+      : new EntitlementError("no_sidecar", `no entitlement sidecar answering at ${url} in time`)),
+    Math.max(0, deadline - Date.now()));
+    req = http.request({
+      host: target.hostname.replace(/^\[|\]$/g, ""),
+      port: target.port || 80,
+      path: target.pathname + target.search,
+      method,
+      agent: false, // a fresh connection: no pooled socket, no proxy agent
+      maxHeaderSize: MAX_HEADER_BYTES,
+      insecureHTTPParser: false,
+      headers: {
+        Accept: "application/json",
+        Connection: "close",
+        "Content-Type": "application/json",
+        "Content-Length": payload.length,
+      },
+    });
+    req.on("socket", (sock) => sock.on("connect", () => { connected = true; }));
+    req.on("error", (err) => {
+      finish(connected
+        ? new EntitlementError("bad_answer", `the sidecar's answer is not valid HTTP (${err.code || err.message})`)
+        : new EntitlementError("no_sidecar", `no entitlement sidecar answering at ${url} (${err.message})`));
+    });
+    req.on("response", (res) => {
+      if (res.headers["transfer-encoding"] !== undefined) {
+        finish(new EntitlementError("bad_answer", "chunked or encoded answers are not accepted"));
+        return;
+      }
+      const chunks = [];
+      let size = 0;
+      res.on("data", (chunk) => {
+        size += chunk.length;
+        if (size > MAX_BODY_BYTES) {
+          finish(new EntitlementError("bad_answer", `answer larger than ${MAX_BODY_BYTES} bytes`));
+        } else {
+          chunks.push(chunk);
+        }
+      });
+      res.on("error", () => finish(new EntitlementError("bad_answer", "the answer was cut short")));
+      res.on("close", () => {
+        if (!res.complete) finish(new EntitlementError("bad_answer", "the answer was cut short"));
+      });
+      res.on("end", () => {
+        let doc = null;
+        const text = Buffer.concat(chunks);
+        try {
+          doc = text.length ? JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(text)) : null;
+        } catch (err) {
+          doc = null; // not UTF-8, not JSON, or nested beyond reason
+        }
+        finish(null, { status: res.statusCode, headers: res.headers, doc });
+      });
+    });
+    req.end(payload);
+  });
+}
+
+function refusal(status, headers, doc) {
+  const error = doc !== null && typeof doc === "object" && !Array.isArray(doc) ? doc.error : undefined;
+  let code = `http_${status}`;
+  let message = `the sidecar answered HTTP ${status}`;
+  if (error !== null && typeof error === "object" && !Array.isArray(error)) {
+    if (typeof error.code === "string" && error.code) code = clean(error.code);
+    if (typeof error.message === "string" && error.message) message = clean(error.message);
+  } else if (typeof error === "string" && error) {
+    message = clean(error);
+  }
+  let retryAfter = parseRetryAfter(headers["retry-after"]);
+  if (retryAfter === null && (status === 429 || status === 503)) retryAfter = RETRY_AFTER_MIN;
+  if (status === 429) return new EntitlementError("rate_limited", message, retryAfter);
+  if (code === "CustomerNotEntitledException") return new EntitlementError("not_entitled", message);
+  return new EntitlementError(`sidecar_${status}`, `${code}: ${message}`, retryAfter);
+}
+
+// Run the whole challenge against the sidecar; resolve the verified claims or reject.
+async function challenge(publicKeyPem, productCode, options = {}) {
+  const { url = DEFAULT_URL, timeoutSeconds = 30, keyVersion = 1, maxAgeSeconds = 300 } = options;
+  if (!(Number.isFinite(timeoutSeconds) && timeoutSeconds > 0)) {
+    throw new RangeError("timeoutSeconds must be a positive finite number");
+  }
+  const deadline = Date.now() + timeoutSeconds * 1000;
+  publicKey(publicKeyPem); // a broken built-in key fails before any network call
+  const nonce = crypto.randomBytes(32).toString("base64url");
+  const base = url.replace(/\/+$/, "");
+  const { status, headers, doc } = await request(
+    "POST", `${base}/v1/entitlement/challenge`, { nonce }, deadline);
+  if (status !== 200) throw refusal(status, headers, doc);
+  if (doc === null || typeof doc !== "object" || Array.isArray(doc)) {
+    throw new EntitlementError("bad_answer", "the sidecar's answer is not a JSON object");
+  }
+  if (typeof doc.token !== "string") {
+    throw new EntitlementError("no_token", "the sidecar answered without a token");
+  }
+  return verify(doc.token, publicKeyPem, productCode, nonce, maxAgeSeconds, keyVersion);
+}
+
+module.exports = { verify, challenge, parseRetryAfter, EntitlementError };
+
+function report(err) {
+  if (err instanceof EntitlementError) {
+    console.error(JSON.stringify({ reason: err.reason, message: err.detail, retry_after: err.retryAfter }));
+    process.exit(1);
+  }
+  console.error(`unexpected failure: ${err && err.stack}`);
+  process.exit(3);
+}
 
 if (require.main === module) {
-  const [keyFile, productCode, nonce, maxAge] = process.argv.slice(2);
-  const token = fs.readFileSync(0, "utf8").trim();
-  try {
-    const claims = verify(token, fs.readFileSync(keyFile, "utf8"), productCode, nonce,
-      Number(maxAge || 300));
-    console.log(JSON.stringify(claims));
-  } catch (err) {
-    console.error(`invalid token: ${err.message}`);
-    process.exit(1);
+  const args = process.argv.slice(2);
+  if (args[0] === "challenge") {
+    const [, keyFile, productCode, url, timeout] = args;
+    challenge(fs.readFileSync(keyFile, "utf8"), productCode,
+      { url: url || DEFAULT_URL, timeoutSeconds: Number(timeout || 30) })
+      .then((claims) => console.log(JSON.stringify(claims)), report);
+  } else {
+    const [keyFile, productCode, nonce, maxAge] = args;
+    const token = fs.readFileSync(0, "utf8").trim();
+    try {
+      const claims = verify(token, fs.readFileSync(keyFile, "utf8"), productCode, nonce,
+        Number(maxAge || 300));
+      console.log(JSON.stringify(claims));
+    } catch (err) {
+      if (!(err instanceof EntitlementError)) report(err);
+      console.error(`invalid token: ${err.message}`);
+      process.exit(1);
+    }
   }
 }
