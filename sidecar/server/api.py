@@ -265,8 +265,12 @@ class _Conn:
         self.dropped = False
 
     def enter(self, phase: Phase, seconds: float = math.inf) -> None:
+        # Deadline first: the accept thread reads these without a lock, and must never pair
+        # the new phase with the old phase's (possibly passed) deadline.
         now = time.monotonic()
-        self.phase, self.since, self.deadline = phase, now, now + seconds
+        self.deadline = now + seconds
+        self.since = now
+        self.phase = phase
 
     @property
     def evictable(self) -> bool:
