@@ -42,7 +42,7 @@ from sidecar.entitlement.verdict import VerdictStore
 from sidecar.ops import logs
 from sidecar.ops.kube import KubeTarget, Mirror, desired
 from sidecar.ops.metrics import Metrics
-from sidecar.server.api import PROBE_IDLE_TIMEOUT_SECONDS, LocalServer, Router
+from sidecar.server.api import API_LIMITS, METRICS_LIMITS, PROBE_LIMITS, LocalServer, Router
 from sidecar.server.netaddr import parse_hostport
 
 log = logging.getLogger("sidecar")
@@ -50,8 +50,6 @@ log = logging.getLogger("sidecar")
 ROUTES = frozenset(
     {"/healthz", "/readyz", "/metrics", "/v1/entitlement", "/v1/entitlement/challenge"}
 )
-API_MAX_CONNECTIONS = 64
-PROBE_MAX_CONNECTIONS = 32
 
 
 def policy_from(settings: Settings, keys: Mapping[int, RSAPublicKey]) -> Policy:
@@ -206,16 +204,31 @@ class Daemon:
         self.api = LocalServer(
             parse_hostport(settings.listen),
             Router(self.registrar, self.health, extras=self.extras, metrics=self.metrics),
-            API_MAX_CONNECTIONS,
+            API_LIMITS,
             name="api",
         )
         self.probe = LocalServer(
             parse_hostport(settings.probe_listen),
-            Router(self.registrar, self.health, probe_only=True, metrics=self.metrics),
-            PROBE_MAX_CONNECTIONS,
-            PROBE_IDLE_TIMEOUT_SECONDS,
+            Router(
+                self.registrar,
+                self.health,
+                listener="probe",
+                serve_metrics=settings.metrics_listen == "probe",
+                metrics=self.metrics,
+            ),
+            PROBE_LIMITS,
             name="probe",
         )
+        self.servers = [self.api, self.probe]
+        if settings.metrics_listen not in ("probe", "off"):
+            self.servers.append(
+                LocalServer(
+                    parse_hostport(settings.metrics_listen),
+                    Router(self.registrar, self.health, listener="metrics", metrics=self.metrics),
+                    METRICS_LIMITS,
+                    name="metrics",
+                )
+            )
 
     def health(self) -> str | None:
         return self._crash
@@ -239,15 +252,15 @@ class Daemon:
             log.exception("registrar_crashed")
 
     def start(self) -> None:
-        self.api.serve_in_thread("api")
-        self.probe.serve_in_thread("probe")
+        for server in self.servers:
+            server.serve_in_thread(server.name)
         self._worker.start()
         for mirror in self.mirrors:
             threading.Thread(target=mirror.run, name=mirror.name, daemon=True).start()
 
     def close(self) -> None:
         self.stop_event.set()
-        for server in (self.api, self.probe):
+        for server in self.servers:
             server.shutdown()
             server.server_close()
 
@@ -266,7 +279,14 @@ def run(settings: Settings, keys: Mapping[int, RSAPublicKey]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     daemon.start()
-    log.info("listening", extra={"api": settings.listen, "probe": settings.probe_listen})
+    log.info(
+        "listening",
+        extra={
+            "api": settings.listen,
+            "probe": settings.probe_listen,
+            "metrics": settings.metrics_listen,
+        },
+    )
     while not stop.wait(1.0):
         pass
     log.info("stopping")

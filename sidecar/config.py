@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     public_key_file: Path | None = None
     listen: str = "127.0.0.1:8787"
     probe_listen: str = "0.0.0.0:8788"
+    metrics_listen: str = "probe"
     register_interval_seconds: float = Field(3600.0, ge=1.0, le=86400.0)
     register_jitter: float = Field(0.1, ge=0.0, le=0.5)
     register_deadline_seconds: float = Field(3600.0, ge=1.0, le=REGISTRATION_WINDOW_SECONDS - 600)
@@ -115,6 +116,19 @@ class Settings(BaseSettings):
         parse_hostport(v)
         return v
 
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, v: str) -> str:
+        if v not in ("probe", "off"):
+            try:
+                parse_hostport(v)
+            except ValueError as exc:
+                raise ValueError(
+                    f"must be probe (served on {PREFIX}PROBE_LISTEN), off, or a host:port of "
+                    f"its own; {exc}"
+                ) from None
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if (self.public_key is None) == (self.public_key_file is None):
@@ -126,6 +140,13 @@ class Settings(BaseSettings):
             )
         if parse_hostport(self.listen) == parse_hostport(self.probe_listen):
             raise ValueError(f"{PREFIX}LISTEN and {PREFIX}PROBE_LISTEN must differ")
+        if self.metrics_listen not in ("probe", "off"):
+            own = parse_hostport(self.metrics_listen)
+            if own in (parse_hostport(self.listen), parse_hostport(self.probe_listen)):
+                raise ValueError(
+                    f"{PREFIX}METRICS_LISTEN must differ from {PREFIX}LISTEN and "
+                    f"{PREFIX}PROBE_LISTEN (write probe to serve /metrics on the probe listener)"
+                )
         return self
 
 

@@ -141,17 +141,129 @@ def test_idle_connections_do_not_block_probes(car: Sidecar) -> None:
             s.close()
 
 
-def test_connection_flood_beyond_the_cap_is_refused_not_queued(car: Sidecar) -> None:
-    host, port = car.probe.removeprefix("http://").split(":")
-    held = [socket.create_connection((host, int(port))) for _ in range(40)]
+def _hostport(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _closed_by_server(s: socket.socket, within: float) -> tuple[bool, bytes]:
+    """Read until the server closes (True) or `within` seconds pass (False)."""
+    s.settimeout(0.1)
+    seen = b""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            chunk = s.recv(4096)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return True, seen
+        if not chunk:
+            return True, seen
+        seen += chunk
+    return False, seen
+
+
+def test_a_full_listener_evicts_its_oldest_idle_connection_for_a_new_one(car: Sidecar) -> None:
+    held = [socket.create_connection(_hostport(car.probe)) for _ in range(40)]  # cap 32
     try:
         time.sleep(0.3)
-        answers = []
+        for s in held[:8]:  # the 8 oldest made room for the 8 newest
+            assert _closed_by_server(s, 2)[0]
         for s in held[-5:]:
-            s.settimeout(2)
-            answers.append(s.recv(200))
-        assert all(a.startswith(b"HTTP/1.1 503") for a in answers)
+            assert not _closed_by_server(s, 0.2)[0]
+        # and one more: a kubelet probe gets in at once, by evicting the next oldest
+        assert requests.get(car.probe + "/readyz", timeout=1).status_code == 200
+        assert _closed_by_server(held[8], 2)[0]
     finally:
         for s in held:
             s.close()
-    assert requests.get(car.probe + "/readyz", timeout=5).status_code == 200
+
+
+def test_a_dripping_request_is_cut_off_at_its_deadline_with_408(car: Sidecar) -> None:
+    """Probe listener: the whole request within 3 s of its first byte, however it drips."""
+    with socket.create_connection(_hostport(car.probe)) as s:
+        started = time.monotonic()
+        s.settimeout(0.1)
+        answer = b""
+        for byte in b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40:
+            try:
+                s.send(bytes([byte]))
+            except OSError:
+                break
+            closed, seen = _closed_by_server(s, 0.4)  # one byte per 0.4 s: never idle 5 s
+            answer += seen
+            if closed:
+                break
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b'"request_timeout"' in answer
+    assert 2.5 < elapsed < 5.0
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(car: Sidecar) -> None:
+    with socket.create_connection(_hostport(car.probe)) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        closed, seen = _closed_by_server(s, 8)
+        assert seen.startswith(b"HTTP/1.1 200 ")
+        assert closed and 4.0 < time.monotonic() - started < 7.0  # probe idle timeout: 5 s
+
+
+def test_content_length_must_be_one_ascii_number(car: Sidecar) -> None:
+    for header, expected in (
+        (b"Content-Length: \xb2", 400),  # superscript two: isdigit() says yes, int() says no
+        (b"Content-Length: \xd9\xa3", 400),  # an Arabic-Indic digit, read as latin-1
+        (b"Content-Length: 5\r\nContent-Length: 6", 400),  # two lengths: which body?
+        (b"Content-Length: 1" + b"0" * 5000, 413),  # past int()'s 4300-digit limit
+    ):
+        status, body, head = raw(
+            car.api,
+            b"POST /v1/entitlement/challenge HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n",
+        )
+        assert status == expected, header[:40]
+        assert set(body["error"]) == {"code", "message"}
+        assert "Connection: close" in head
+    assert car.get("/healthz").status_code == 200
+
+
+def test_json_that_cannot_reach_aws_is_400_without_a_call(car: Sidecar, emulator: Emulator) -> None:
+    calls = len(emulator.calls)
+    for data in (
+        b'{"nonce": "\\ud800"}',
+        b'{"nonce": "ok\\udfffok"}',
+        b'{"nonce": "n", "x\\ud800": 1}',
+        b"[" * 4000,
+        b'{"nonce": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+    ):
+        r = requests.post(car.api + "/v1/entitlement/challenge", data=data, timeout=5)
+        assert r.status_code == 400, data[:40]
+        assert r.json()["error"]["code"] == "invalid_json"
+    assert len(emulator.calls) == calls  # nothing reached AWS
+    assert car.get("/healthz").status_code == 200
+
+
+def test_a_valid_surrogate_pair_is_an_ordinary_nonce(car: Sidecar) -> None:
+    r = requests.post(
+        car.api + "/v1/entitlement/challenge", data=b'{"nonce": "\\ud83d\\ude00"}', timeout=10
+    )
+    assert r.status_code == 200
+    assert r.json()["claims"]["nonce"] == "\U0001f600"
+
+
+def test_readyz_on_the_probe_listener_names_only_the_state_and_code(
+    launch: Launch, emulator: Emulator
+) -> None:
+    emulator.reconfigure({"entitled": False})
+    car = launch()
+    car.wait_for(lambda d: d["state"] == "not_entitled")
+    probe = car.get("/readyz", probe=True)
+    assert probe.status_code == 503
+    assert probe.json() == {
+        "ready": False,
+        "state": "not_entitled",
+        "error": {"code": "CustomerNotEntitledException"},
+    }
+    local = car.get("/readyz")  # the loopback API keeps the whole error
+    assert local.status_code == 503
+    assert {"code", "message", "hint", "kind"} <= set(local.json()["error"])

@@ -1,12 +1,18 @@
-"""/metrics on the probe listener, as Prometheus scrapes it."""
+"""/metrics as Prometheus scrapes it: on the probe listener by default, or on a listener of its
+own, or nowhere (MARKETPLACE_METRICS_LISTEN)."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.emulator.service import Emulator
-from tests.helpers import Launch, Sidecar
+from tests.helpers import ROOT, Launch, Sidecar, free_port, loopback_env
 
 
 def scrape(car: Sidecar) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -65,3 +71,57 @@ def test_unknown_error_codes_are_bounded(launch: Launch, emulator: Emulator) -> 
 def test_metrics_are_only_on_the_probe_listener(launch: Launch) -> None:
     car = launch()
     assert requests.get(car.api + "/metrics", timeout=5).status_code == 404
+
+
+def test_metrics_listen_off_serves_metrics_nowhere(launch: Launch) -> None:
+    car = launch(MARKETPLACE_METRICS_LISTEN="off")
+    car.wait_for(lambda d: d["state"] == "entitled")
+    assert car.get("/metrics", probe=True).status_code == 404
+    assert car.get("/metrics").status_code == 404
+    assert car.get("/readyz", probe=True).status_code == 200  # the probes stay
+
+
+def test_metrics_on_a_listener_of_their_own(launch: Launch) -> None:
+    port = free_port()
+    car = launch(MARKETPLACE_METRICS_LISTEN=f"127.0.0.1:{port}")
+    car.wait_for(lambda d: d["state"] == "entitled")
+    own = f"http://127.0.0.1:{port}"
+    resp = requests.get(own + "/metrics", timeout=5)
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain")
+    assert "marketplace_entitled 1.0" in resp.text
+    assert requests.get(own + "/readyz", timeout=5).status_code == 404  # metrics only
+    assert car.get("/metrics", probe=True).status_code == 404  # moved, not copied
+    assert car.get("/readyz", probe=True).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("everywhere", "must be probe (served on MARKETPLACE_PROBE_LISTEN), off, or a host:port"),
+        ("[::1]", "must be probe"),
+        ("SAME", "MARKETPLACE_METRICS_LISTEN must differ from MARKETPLACE_LISTEN"),
+    ],
+)
+def test_a_bad_metrics_listen_exits_2_before_binding(value: str, expected: str) -> None:
+    port = free_port()
+    probe = f"127.0.0.1:{port}"
+    env = loopback_env(
+        "http://127.0.0.1:9",
+        MARKETPLACE_PRODUCT_CODE="prod-abc",
+        MARKETPLACE_PUBLIC_KEY="unused: the settings fail first",
+        MARKETPLACE_PROBE_LISTEN=probe,
+        MARKETPLACE_METRICS_LISTEN=probe if value == "SAME" else value,
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2, out.stderr
+    assert expected in out.stderr
+    assert all(line.startswith("config error: ") for line in out.stderr.strip().splitlines())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # nothing was bound

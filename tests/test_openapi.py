@@ -44,6 +44,9 @@ def test_state_endpoints_match_the_spec(
     car.wait_for(lambda d: d["state"] != "registering")
     for path in ("/healthz", "/readyz", "/v1/entitlement"):
         check(path, "GET", car.get(path))
+    probe = car.get("/readyz", probe=True)
+    schema = {**SPEC["components"]["schemas"]["ProbeReady"], "components": SPEC["components"]}
+    jsonschema.validate(probe.json(), schema, cls=jsonschema.Draft202012Validator)
 
 
 def test_degraded_and_challenge_answers_match_the_spec(launch: Launch, emulator: Emulator) -> None:

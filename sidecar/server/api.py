@@ -1,15 +1,19 @@
 """The local HTTP API (stdlib server: about 19 MiB idle, no dependencies).
 
 Two listeners share one router: the API (loopback by default; it carries tokens) and the probe
-listener (all interfaces, so kubelet httpGet probes work; only /healthz and /readyz). Client
+listener (all interfaces, so kubelet httpGet probes work: /healthz, /readyz with the state and
+error code only, and /metrics unless MARKETPLACE_METRICS_LISTEN moves or disables it). Client
 mistakes get JSON 4xx answers, never 500.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
+import io
 import json
 import logging
+import math
 import socket
 import sys
 import threading
@@ -17,8 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, Literal
 
 from sidecar import __version__
 from sidecar.entitlement.registrar import Registrar
@@ -30,13 +34,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4096
 MAX_NONCE_CHARS = 255
-IDLE_TIMEOUT_SECONDS = 30.0
-PROBE_IDLE_TIMEOUT_SECONDS = 5.0  # kubelet opens one connection per probe
-_BUSY_BODY = b'{"error":{"code":"busy","message":"too many open connections"}}'
-_BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
-)
+Listener = Literal["api", "probe", "metrics"]
 
 
 def iso(ts: float | None) -> str | None:
@@ -63,6 +61,40 @@ def _problem(status: HTTPStatus, code: str, message: str, **headers: str) -> Rep
     return Reply(status, {"error": {"code": code, "message": message}}, headers)
 
 
+def body_problem(body: bytes) -> Reply | None:
+    """A 400 for JSON that parses but must not reach a handler, else None.
+
+    Two shapes: strings holding a lone UTF-16 surrogate ("\\ud800" is valid JSON, but no UTF-8
+    encoder, botocore's included, accepts the text), and nesting deep enough that the parser
+    raises RecursionError. A body that is not JSON at all is left to the handler to name.
+    """
+    try:
+        doc = json.loads(body)
+    except RecursionError:
+        return _problem(HTTPStatus.BAD_REQUEST, "invalid_json", "body is nested too deeply")
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError included
+        return None
+    if not encodable(doc):
+        return _problem(
+            HTTPStatus.BAD_REQUEST,
+            "invalid_json",
+            "body holds a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode text",
+        )
+    return None
+
+
+def encodable(value: object) -> bool:
+    """True when every string in a parsed JSON value encodes as UTF-8 (no lone surrogates).
+
+    Callers that take a string from a request and send it on (a challenge's nonce to AWS)
+    check it with this first."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
+
+
 class Router:
     """Maps (method, path, body) to a `Reply`. No sockets here."""
 
@@ -71,22 +103,27 @@ class Router:
         registrar: Registrar,
         health: Callable[[], str | None],
         *,
-        probe_only: bool = False,
+        listener: Listener = "api",
+        serve_metrics: bool = False,
         extras: Callable[[], dict[str, Any]] | None = None,
         metrics: Metrics | None = None,
     ) -> None:
+        """`listener` picks the routes: "api" everything but /metrics; "probe" /healthz and a
+        /readyz that tells the cluster only the state and error code (AWS messages can name
+        role ARNs and accounts); "metrics" nothing but /metrics. `serve_metrics` adds /metrics."""
         self._registrar = registrar
         self._health = health
         self._extras = extras or dict
         self._cached: tuple[Snapshot, dict[str, Any], Reply] | None = None
-        routes: dict[str, dict[str, Callable[[bytes], Reply]]] = {
-            "/healthz": {"GET": self._healthz},
-            "/readyz": {"GET": self._readyz},
-        }
+        self.redacted = listener != "api"
+        routes: dict[str, dict[str, Callable[[bytes], Reply]]] = {}
+        if listener != "metrics":
+            routes["/healthz"] = {"GET": self._healthz}
+            routes["/readyz"] = {"GET": self._readyz}
         self.metrics = metrics
-        if metrics is not None and probe_only:
+        if metrics is not None and (serve_metrics or listener == "metrics"):
             routes["/metrics"] = {"GET": self._metrics}
-        if not probe_only:
+        if listener == "api":
             routes["/v1/entitlement"] = {"GET": self._entitlement}
             routes["/v1/entitlement/challenge"] = {"POST": self._challenge}
         self.routes = routes
@@ -111,6 +148,10 @@ class Router:
                 f"{method} is not allowed here; use {allowed}",
                 Allow=allowed,
             )
+        if body and method == "POST":
+            problem = body_problem(body)
+            if problem is not None:
+                return problem
         return handler(body)
 
     # -- endpoints -----------------------------------------------------------------------
@@ -125,7 +166,7 @@ class Router:
         snap = self._registrar.machine.snapshot()
         body: dict[str, Any] = {"ready": snap.entitled, "state": snap.state.value}
         if snap.error is not None:
-            body["error"] = snap.error.to_json()
+            body["error"] = {"code": snap.error.code} if self.redacted else snap.error.to_json()
         return Reply(200 if snap.entitled else 503, body)
 
     def _metrics(self, _: bytes) -> Reply:
@@ -201,17 +242,95 @@ class Router:
         }
 
 
+class Phase(enum.Enum):
+    """Where a connection is; each phase but `BUSY` has a total deadline, not an idle timer."""
+
+    IDLE = "idle"  # waiting for the first byte of a request (keep-alive, or just accepted)
+    READING = "reading"  # request line, headers and body must all arrive before the deadline
+    BUSY = "busy"  # our handler runs (a challenge may wait on AWS): no deadline
+    WRITING = "writing"  # the client must take the response before the deadline
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-listener connection policy: a cap, and deadlines that no byte-dripping can extend."""
+
+    max_connections: int
+    idle_seconds: float  # keep-alive: the next request's first byte must come within this
+    request_seconds: float  # from a request's first byte to the end of its body
+    write_seconds: float = 10.0
+
+
+class _Conn:
+    """One accepted connection, as the accept thread's deadline and eviction policy see it."""
+
+    __slots__ = ("deadline", "dropped", "phase", "since", "sock")
+
+    def __init__(self, sock: socket.socket, now: float, idle: float) -> None:
+        self.sock = sock
+        self.phase = Phase.IDLE
+        self.since = now
+        self.deadline = now + idle
+        self.dropped = False
+
+    def enter(self, phase: Phase, seconds: float = math.inf) -> None:
+        # Deadline first: the accept thread reads these without a lock, and must never pair
+        # the new phase with the old phase's (possibly passed) deadline.
+        now = time.monotonic()
+        self.deadline = now + seconds
+        self.since = now
+        self.phase = phase
+
+    @property
+    def evictable(self) -> bool:
+        """Nothing of ours is in flight: dropping it costs the client a reconnect, nothing more."""
+        return not self.dropped and self.phase in (Phase.IDLE, Phase.READING)
+
+
+# Kubelet and Prometheus send a whole request in one segment; the product is on loopback.
+API_LIMITS = Limits(max_connections=64, idle_seconds=30.0, request_seconds=10.0)
+PROBE_LIMITS = Limits(max_connections=32, idle_seconds=5.0, request_seconds=3.0)
+METRICS_LIMITS = Limits(max_connections=8, idle_seconds=60.0, request_seconds=3.0)
+
+
+def _canned(status: HTTPStatus, code: str, message: str) -> bytes:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (status, status.phrase.encode(), len(body), body)
+    )
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # keep-alive without 40 ms Nagle/delayed-ACK stalls
-    timeout = IDLE_TIMEOUT_SECONDS  # replaced per server in setup(): idle clients are cut off
+    # Blocking sockets: a socket timeout makes CPython poll() before every recv and send
+    # (measurably slower), and it restarts on every byte anyway. Deadlines are enforced by
+    # the server's accept thread, which shuts overdue sockets down (LocalServer.reap).
+    timeout = None
+    wbufsize = 16384  # status line, headers and body leave in one send
     server_version = f"marketplace-sidecar/{__version__}"
     sys_version = ""
     server: LocalServer
+    _conn: _Conn
 
     def setup(self) -> None:
         super().setup()
-        self.connection.settimeout(self.server.idle_timeout)
+        self._conn = self.server.connection_of(self.request)
+        rfile = self.rfile
+        assert isinstance(rfile, io.BufferedReader)
+        self._peek = rfile.peek
+
+    def handle_one_request(self) -> None:
+        conn, limits = self._conn, self.server.limits
+        conn.enter(Phase.IDLE, limits.idle_seconds)
+        if conn.dropped or not self._peek(1):  # blocks until a first byte, EOF or eviction
+            self.close_connection = True
+            return
+        conn.enter(Phase.READING, limits.request_seconds)
+        super().handle_one_request()
+        if conn.dropped:
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -222,6 +341,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
             self.request_version = "HTTP/1.0"  # else the stdlib writes no status line at all
+        if self._conn.dropped:
+            return  # cut off at its deadline or evicted: it already got its answer
         self._send(
             Reply(
                 code,
@@ -235,6 +356,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _send(self, reply: Reply) -> None:
+        self._conn.enter(Phase.WRITING, self.server.limits.write_seconds)
         payload = reply.payload()
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
@@ -247,48 +369,47 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
+        self.wfile.flush()
         metrics = self.server.router.metrics
         if metrics is not None:
             path = (getattr(self, "path", "") or "").split("?", 1)[0]
             metrics.request(self.server.name, path, reply.status)
 
+    def _refuse(self, status: HTTPStatus, code: str, message: str) -> None:
+        self.close_connection = True  # whatever follows on the wire is not a request
+        self._send(_problem(status, code, message))
+
     def _dispatch(self) -> None:
-        path = self.path.split("?", 1)[0]
-        router = self.server.router
-        body = b""
         if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            return self._send(
-                _problem(
-                    HTTPStatus.LENGTH_REQUIRED,
-                    "length_required",
-                    "send a Content-Length; chunked bodies are not accepted",
-                )
+            return self._refuse(
+                HTTPStatus.LENGTH_REQUIRED,
+                "length_required",
+                "send a Content-Length; chunked bodies are not accepted",
             )
-        length_text = self.headers.get("Content-Length", "0")
-        if not length_text.isdigit():
-            self.close_connection = True
-            return self._send(
-                _problem(
-                    HTTPStatus.BAD_REQUEST,
-                    "bad_content_length",
-                    "Content-Length must be a non-negative integer",
-                )
+        length = content_length(self.headers.get_all("Content-Length") or [])
+        if length is None:
+            return self._refuse(
+                HTTPStatus.BAD_REQUEST,
+                "bad_content_length",
+                "Content-Length must be one non-negative integer of ASCII digits",
             )
-        length = int(length_text)
         if length > MAX_BODY_BYTES:
-            self.close_connection = True  # the unread body must not be parsed as a request
-            return self._send(
-                _problem(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    "too_large",
-                    f"request body is limited to {MAX_BODY_BYTES} bytes",
-                )
+            return self._refuse(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                "too_large",
+                f"request body is limited to {MAX_BODY_BYTES} bytes",
             )
-        if length:
-            body = self.rfile.read(length)
-        self._send(router.handle(self.command, path, body))
+        body = self.rfile.read(length) if length else b""
+        if self._conn.dropped or len(body) < length:
+            # Cut off at its deadline, evicted, or the client hung up: never act on half a request.
+            self.close_connection = True
+            return None
+        self._conn.enter(Phase.BUSY)
+        self._send(self.server.router.handle(self.command, self.path.split("?", 1)[0], body))
         return None
+
+    # The common methods skip __getattr__'s failed lookup on every request.
+    do_GET = do_HEAD = do_POST = _dispatch  # noqa: N815 - the stdlib's naming
 
     def __getattr__(self, name: str) -> Any:
         """Every method (TRACE, CONNECT, made-up ones) reaches the router: 405 or 404, not 501."""
@@ -297,41 +418,134 @@ class _Handler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
 
-class LocalServer(ThreadingHTTPServer):
-    daemon_threads = True
+def content_length(values: list[str]) -> int | None:
+    """The body length, or None when the header is not one plain decimal number.
+
+    `str.isdigit` accepts "²" and other digits `int` refuses; repeated differing values are
+    the classic request-smuggling shape.
+    """
+    if not values:
+        return 0
+    text = values[0].strip()
+    if any(v.strip() != text for v in values) or not (text.isascii() and text.isdigit()):
+        return None
+    if len(text) > 18:  # far beyond MAX_BODY_BYTES, and below int()'s digit limit
+        return MAX_BODY_BYTES + 1
+    return int(text)
+
+
+class LocalServer(HTTPServer):
+    """One thread per connection (as the stdlib's threading server), with a policy in front.
+
+    The cap bounds threads and memory. When the listener is full, a new connection evicts the
+    connection that has waited longest without a request in progress on our side (idle or
+    still sending its request) rather than being refused, so one more probe always gets in
+    while slow clients hold every slot. The accept thread also shuts down every connection
+    past its deadline (`reap`): a client that drips one byte a second cannot keep a slot.
+    """
+
     allow_reuse_address = True
     request_queue_size = 128
 
     def __init__(
-        self,
-        address: tuple[str, int],
-        router: Router,
-        max_connections: int,
-        idle_timeout: float = IDLE_TIMEOUT_SECONDS,
-        name: str = "api",
+        self, address: tuple[str, int], router: Router, limits: Limits, name: str = "api"
     ) -> None:
         self.router = router
         self.name = name
-        self.idle_timeout = idle_timeout
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.limits = limits
+        self._conns: dict[socket.socket, _Conn] = {}
+        self._live = 0
+        self._lock = threading.Lock()
+        self._next_reap = 0.0
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
         super().__init__(address, _Handler)
+        self._busy = _canned(
+            HTTPStatus.SERVICE_UNAVAILABLE, "busy", "too many connections are busy; retry"
+        )
+        self._late = _canned(
+            HTTPStatus.REQUEST_TIMEOUT,
+            "request_timeout",
+            f"send the whole request within {limits.request_seconds:g} s of its first byte",
+        )
+
+    def connection_of(self, sock: socket.socket) -> _Conn:
+        with self._lock:
+            conn = self._conns.get(sock)
+        if conn is None:  # cannot happen: registered before its thread starts
+            conn = _Conn(sock, time.monotonic(), 0.0)
+            conn.dropped = True
+        return conn
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Cap concurrent connections so a flood cannot exhaust threads or memory."""
-        if not self._slots.acquire(blocking=False):
-            with contextlib.suppress(OSError):
-                request.sendall(_BUSY)
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        now = time.monotonic()
+        conn = _Conn(request, now, self.limits.idle_seconds)
+        with self._lock:
+            if self._live >= self.limits.max_connections:
+                victims = [c for c in self._conns.values() if c.evictable]
+                if not victims:  # every slot runs a request of ours: refuse, do not queue
+                    with contextlib.suppress(OSError):
+                        request.sendall(self._busy)
+                    self.shutdown_request(request)
+                    return
+                victim = min(victims, key=lambda c: c.since)
+                self._drop(victim, self._busy if victim.phase is Phase.READING else b"")
+            self._conns[request] = conn
+            self._live += 1
         try:
-            super().process_request_thread(request, client_address)
+            threading.Thread(
+                target=self._serve, args=(request, client_address, conn), daemon=True
+            ).start()
+        except RuntimeError:  # no thread to be had: give the slot back
+            self._release(request, conn)
+            self.shutdown_request(request)
+
+    def _serve(self, request: socket.socket, client_address: Any, conn: _Conn) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self._slots.release()
+            self._release(request, conn)
+            self.shutdown_request(request)
+
+    def _release(self, request: socket.socket, conn: _Conn) -> None:
+        with self._lock:  # after this, `reap` and eviction no longer touch the socket
+            self._conns.pop(request, None)
+            if not conn.dropped:
+                conn.dropped = True
+                self._live -= 1
+
+    def _drop(self, conn: _Conn, farewell: bytes) -> None:
+        """Wake the connection's thread with EOF (shutdown, not close: the thread owns the fd)."""
+        conn.dropped = True
+        self._live -= 1
+        with contextlib.suppress(OSError):
+            if farewell:
+                conn.sock.send(farewell, socket.MSG_DONTWAIT)
+            conn.sock.shutdown(socket.SHUT_RDWR)
+
+    def reap(self, now: float) -> int:
+        """Shut down every connection past its deadline; return how many."""
+        with self._lock:
+            late = [c for c in self._conns.values() if not c.dropped and c.deadline <= now]
+            for conn in late:
+                self._drop(conn, self._late if conn.phase is Phase.READING else b"")
+        return len(late)
+
+    def service_actions(self) -> None:
+        """Runs in the accept loop after each poll (0.2 s) and each accepted connection."""
+        now = time.monotonic()
+        if now >= self._next_reap:
+            self._next_reap = now + 0.1
+            self.reap(now)
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._lock:
+            for conn in list(self._conns.values()):
+                if not conn.dropped:
+                    self._drop(conn, b"")
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that resets or vanishes is routine (debug); anything else is our bug."""
