@@ -182,4 +182,6 @@ def doctor(
         print(c.line(), file=out)
     failed = sum(c.mark == FAIL for c in checks)
     print(f"{failed} problem(s)" if failed else "no problems found", file=out)
+    if any(c.mark == FAIL and c.name == "configuration" for c in checks):
+        return 2  # the same code `run` exits with for a configuration error
     return 1 if failed else 0

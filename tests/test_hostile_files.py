@@ -103,7 +103,7 @@ def test_a_hostile_key_file_is_a_failed_check_in_doctor(shape: str, tmp_path: Pa
         MARKETPLACE_PUBLIC_KEY_FILE=str(path),
     )
     out = command(["doctor"], env)
-    assert out.returncode == 1, out.stdout + out.stderr  # doctor's "something is ✘"
+    assert out.returncode == 2, out.stdout + out.stderr  # a configuration error, as for `run`
     lines = [line for line in out.stdout.splitlines() if "PUBLIC_KEY_FILE" in line]
     assert len(lines) == 1 and lines[0].startswith("✘ configuration: ") and expected in lines[0]
 
