@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,8 +74,10 @@ class Router:
         probe_only: bool = False,
         extras: Callable[[], dict[str, Any]] | None = None,
         metrics: Metrics | None = None,
+        warnings: Sequence[str] = (),
     ) -> None:
         self._registrar = registrar
+        self._warnings = tuple(warnings)  # from the configuration; they last the process
         self._health = health
         self._extras = extras or dict
         self._cached: tuple[Snapshot, dict[str, Any], Reply] | None = None
@@ -187,7 +189,7 @@ class Router:
             "next_registration_at": iso(snap.next_registration_at),
             "consecutive_failures": snap.consecutive_failures,
             "error": snap.error.to_json() if snap.error else None,
-            "warnings": list(snap.warnings),
+            "warnings": [*self._warnings, *snap.warnings],
             **(self._extras() if extra is None else extra),
         }
 
