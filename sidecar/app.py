@@ -295,10 +295,10 @@ def run(
     settings: Settings,
     keys: Mapping[int, RSAPublicKey],
     *,
-    stop: threading.Event | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> int:
-    """Bind, serve until SIGTERM/SIGINT, exit 0. `stop` carries a signal caught earlier."""
-    early = stop or threading.Event()
+    """Bind, serve until SIGTERM/SIGINT, exit 0. `stop_requested` reports a signal that the
+    command line caught before this function could install its own handler."""
     logs.setup(settings.log_format, settings.log_level)
     log.info("starting", extra={"version": __version__, "config": describe(settings)})
     for warning in config_warnings(settings):
@@ -319,7 +319,7 @@ def run(
     daemon_stop = daemon.stop_event
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon_stop.set())
-    if early.is_set():  # SIGTERM arrived while starting: close without calling AWS
+    if stop_requested():  # SIGTERM arrived while starting: close without calling AWS
         log.info("stopping", extra={"before": "start"})
         daemon_stop.set()
         for server in (daemon.api, daemon.probe):
