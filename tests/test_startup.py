@@ -13,8 +13,10 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from sidecar.app import Daemon, ListenError
+from sidecar.config import Settings
 from sidecar.emulator.service import Emulator, EmulatorServer
-from tests.helpers import ROOT, Sidecar, free_port, loopback_env, start_sidecar
+from tests.helpers import ROOT, Sidecar, free_port, loopback_env, new_key, pem, start_sidecar
 
 
 @pytest.fixture
@@ -68,23 +70,19 @@ def test_a_port_in_use_is_a_config_error_naming_the_listener(
     assert emulator.calls == []  # nothing started, so AWS was not called
 
 
-def test_an_api_port_in_use_leaves_no_probe_listener_behind(
-    env: dict[str, str], taken: str
-) -> None:
-    """The probe binds after the API: when the API fails first, nothing may stay bound."""
-    env["MARKETPLACE_LISTEN"] = taken
-    probe = env["MARKETPLACE_PROBE_LISTEN"].rsplit(":", 1)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+def test_a_probe_port_in_use_leaves_no_api_listener_behind(taken: str) -> None:
+    """The API binds first: when the probe then fails, the API socket must be closed at once
+    (not whenever the half-built daemon is collected), so nothing answers on it."""
+    api = f"127.0.0.1:{free_port()}"
+    key = new_key()
+    settings = Settings(
+        product_code="prod-abc", public_key=pem(key), listen=api, probe_listen=taken
     )
-    assert proc.wait(timeout=30) == 2
-    with socket.socket() as s:
-        s.bind((probe[0], int(probe[1])))  # free again
+    with pytest.raises(ListenError) as exc:
+        Daemon(settings, {1: key.public_key()})
+    assert exc.value.variable == "MARKETPLACE_PROBE_LISTEN"
+    with socket.socket() as s:  # exc still references the half-built daemon
+        s.bind(("127.0.0.1", int(api.rsplit(":", 1)[1])))
 
 
 def test_an_address_of_no_interface_is_a_config_error(env: dict[str, str]) -> None:
