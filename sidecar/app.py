@@ -316,6 +316,10 @@ def run(
             extra={"variable": exc.variable, "address": exc.address, "detail": exc.reason},
         )
         return 2
+    except OSError as exc:  # a listener not wrapped in `bind`: still a configuration error
+        print(f"config error: cannot listen: {exc}", file=sys.stderr, flush=True)
+        log.error("bind_failed", extra={"detail": str(exc)})
+        return 2
     daemon_stop = daemon.stop_event
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon_stop.set())

@@ -75,8 +75,8 @@ def test_a_probe_port_in_use_leaves_no_api_listener_behind(taken: str) -> None:
     (not whenever the half-built daemon is collected), so nothing answers on it."""
     api = f"127.0.0.1:{free_port()}"
     key = new_key()
-    settings = Settings(
-        product_code="prod-abc", public_key=pem(key), listen=api, probe_listen=taken
+    settings = Settings.model_validate(
+        {"product_code": "prod-abc", "public_key": pem(key), "listen": api, "probe_listen": taken}
     )
     with pytest.raises(ListenError) as exc:
         Daemon(settings, {1: key.public_key()})
