@@ -226,6 +226,6 @@ def test_sigterm_right_after_spawn_never_ends_the_process_once_our_code_runs(
         assert not heavy or caught, f"pydantic imported before the handler: {outcomes}"
         if caught:
             assert proc.returncode == 0, (outcomes, stderr)
-        else:
-            assert proc.returncode == -signal.SIGTERM, (outcomes, stderr)
+        else:  # the handler may have come up between our look and the signal
+            assert proc.returncode in (0, -signal.SIGTERM), (outcomes, stderr)
     assert any(caught for _, _, caught, _ in outcomes), outcomes
