@@ -19,11 +19,14 @@ SIGTERM or SIGINT sets one stop event; the servers close and the process exits 0
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
 import random
 import signal
+import socket
+import sys
 import threading
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
@@ -32,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from sidecar import __version__
 from sidecar.aws.errors import classify
-from sidecar.config import ENDPOINT_ENV, Settings, describe
+from sidecar.config import ENDPOINT_ENV, PREFIX, Settings, config_warnings, describe
 from sidecar.core.backoff import Backoff, ThrottleSchedule
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.entitlement.marker import FirstCallMarker
@@ -164,6 +167,35 @@ def event_key(snap: Snapshot) -> Hashable:
     return (snap.state, snap.error.code if snap.error else None)
 
 
+class ListenError(Exception):
+    """A listener could not bind; the message names its variable and what to do."""
+
+    def __init__(self, variable: str, address: str, reason: str) -> None:
+        super().__init__(f"{variable}: cannot listen on {address}: {reason}")
+        self.variable, self.address, self.reason = variable, address, reason
+
+
+_BIND_HINTS = {
+    errno.EADDRINUSE: "address already in use: another process (or another container in "
+    "the pod, which shares its network) holds this port; choose a free port",
+    errno.EADDRNOTAVAIL: "no interface of this host has that address; use 127.0.0.1 "
+    "(or 0.0.0.0 for the probe listener)",
+    errno.EACCES: "permission denied: ports below 1024 need privileges the sidecar does not "
+    "have (it runs as non-root); use a port from 1024 up",
+}
+
+
+def bind(variable: str, value: str, make: Callable[[tuple[str, int]], LocalServer]) -> LocalServer:
+    """Create a listener, turning a failed bind into a `ListenError` that names `variable`."""
+    try:
+        return make(parse_hostport(value))
+    except socket.gaierror as exc:
+        raise ListenError(variable, value, f"cannot resolve the host: {exc.strerror}") from None
+    except OSError as exc:
+        reason = _BIND_HINTS.get(exc.errno or 0, exc.strerror or str(exc))
+        raise ListenError(variable, value, reason) from None
+
+
 class Daemon:
     """Owns the threads; `start` binds the ports, `stop` closes them."""
 
@@ -201,34 +233,54 @@ class Daemon:
             self.mirrors = kube_mirrors(
                 settings, self.machine, clock or SystemClock(), self.stop_event
             )
-        self.api = LocalServer(
-            parse_hostport(settings.listen),
-            Router(self.registrar, self.health, extras=self.extras, metrics=self.metrics),
-            API_LIMITS,
-            name="api",
+        api_router = Router(
+            self.registrar,
+            self.health,
+            extras=self.extras,
+            metrics=self.metrics,
+            warnings=config_warnings(settings),
         )
-        self.probe = LocalServer(
-            parse_hostport(settings.probe_listen),
-            Router(
-                self.registrar,
-                self.health,
-                listener="probe",
-                serve_metrics=settings.metrics_listen == "probe",
-                metrics=self.metrics,
-            ),
-            PROBE_LIMITS,
-            name="probe",
+        self.api = bind(
+            f"{PREFIX}LISTEN",
+            settings.listen,
+            lambda address: LocalServer(address, api_router, API_LIMITS, name="api"),
         )
-        self.servers = [self.api, self.probe]
-        if settings.metrics_listen not in ("probe", "off"):
-            self.servers.append(
-                LocalServer(
-                    parse_hostport(settings.metrics_listen),
-                    Router(self.registrar, self.health, listener="metrics", metrics=self.metrics),
-                    METRICS_LIMITS,
-                    name="metrics",
-                )
+        self.servers = [self.api]
+        try:
+            self.probe = bind(
+                f"{PREFIX}PROBE_LISTEN",
+                settings.probe_listen,
+                lambda address: LocalServer(
+                    address,
+                    Router(
+                        self.registrar,
+                        self.health,
+                        listener="probe",
+                        serve_metrics=settings.metrics_listen == "probe",
+                        metrics=self.metrics,
+                    ),
+                    PROBE_LIMITS,
+                    name="probe",
+                ),
             )
+            self.servers.append(self.probe)
+            if settings.metrics_listen not in ("probe", "off"):
+                metrics_router = Router(
+                    self.registrar, self.health, listener="metrics", metrics=self.metrics
+                )
+                self.servers.append(
+                    bind(
+                        f"{PREFIX}METRICS_LISTEN",
+                        settings.metrics_listen,
+                        lambda address: LocalServer(
+                            address, metrics_router, METRICS_LIMITS, name="metrics"
+                        ),
+                    )
+                )
+        except ListenError:
+            for server in self.servers:
+                server.server_close()
+            raise
 
     def health(self) -> str | None:
         return self._crash
@@ -265,19 +317,44 @@ class Daemon:
             server.server_close()
 
 
-def run(settings: Settings, keys: Mapping[int, RSAPublicKey]) -> int:
+def run(
+    settings: Settings,
+    keys: Mapping[int, RSAPublicKey],
+    *,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> int:
+    """Bind, serve until SIGTERM/SIGINT, exit 0. `stop_requested` reports a signal that the
+    command line caught before this function could install its own handler."""
     logs.setup(settings.log_format, settings.log_level)
     log.info("starting", extra={"version": __version__, "config": describe(settings)})
+    for warning in config_warnings(settings):
+        log.warning("config", extra={"detail": warning})
     for warning in credential_warnings(os.environ):
         log.warning("credentials", extra={"detail": warning})
     try:
         daemon = Daemon(settings, keys)
-    except OSError as exc:
+    except ListenError as exc:
+        # A taken or impossible address is a configuration error like any other: exit 2,
+        # naming the variable, before any thread starts or any AWS call is made.
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+        log.error(
+            "bind_failed",
+            extra={"variable": exc.variable, "address": exc.address, "detail": exc.reason},
+        )
+        return 2
+    except OSError as exc:  # a listener not wrapped in `bind`: still a configuration error
+        print(f"config error: cannot listen: {exc}", file=sys.stderr, flush=True)
         log.error("bind_failed", extra={"detail": str(exc)})
-        return 1
-    stop = daemon.stop_event
+        return 2
+    daemon_stop = daemon.stop_event
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: daemon_stop.set())
+    if stop_requested():  # SIGTERM arrived while starting: close without calling AWS
+        log.info("stopping", extra={"before": "start"})
+        daemon_stop.set()
+        for server in daemon.servers:
+            server.server_close()
+        return 0
     daemon.start()
     log.info(
         "listening",
@@ -287,7 +364,7 @@ def run(settings: Settings, keys: Mapping[int, RSAPublicKey]) -> int:
             "metrics": settings.metrics_listen,
         },
     )
-    while not stop.wait(1.0):
+    while not daemon_stop.wait(1.0):
         pass
     log.info("stopping")
     daemon.close()

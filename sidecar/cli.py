@@ -1,38 +1,114 @@
-"""Command line. Each command imports only what it needs: `probe` must stay fast."""
+"""Command line. Each command imports only what it needs: `probe` must stay fast.
+
+`run` catches SIGTERM/SIGINT before anything else is imported: a pod deleted while the
+sidecar starts must still exit 0 (it would otherwise die by the signal during the imports).
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from sidecar import __version__
-
+# Not `from typing import TYPE_CHECKING`: importing typing costs ~10 ms before `run` has its
+# signal handler. mypy treats any name TYPE_CHECKING as true.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
+
     from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
     from sidecar.config import Settings
 
+OTHER_VARIABLES = """\
+  AWS_REGION, AWS_DEFAULT_REGION
+      the region; else ECS task metadata v4, else IMDSv2
+  AWS_ENDPOINT_URL_MARKETPLACE_METERING
+      botocore's endpoint override (the emulator, a VPC endpoint)
+  AWS credentials
+      the standard chain: the ECS task role, or IRSA on EKS
+      (AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE)"""
+
+
+class EarlyStop:
+    """SIGTERM/SIGINT caught from the first instant of `run`, before the imports; `run`
+    honours it once it has its own handler. Plain attribute: no threading import yet."""
+
+    requested = False
+
+    def __call__(self, *_: object) -> None:
+        self.requested = True
+
+
+def _catch_stop_signals() -> EarlyStop:
+    import signal
+
+    early = EarlyStop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, early)
+        except ValueError:  # not the main thread: whoever embeds us owns the signals
+            break
+    return early
+
+
+def _configuration_help() -> str:
+    """Built only when help is printed: it imports pydantic, which `probe` must not."""
+    from sidecar.config import variables_help
+
+    return (
+        "configuration: environment variables. A bad value, or a MARKETPLACE_* variable\n"
+        "this sidecar does not know (a misspelling), stops it before any port is bound\n"
+        "with exit code 2 and one line per problem.\n\n"
+        f"{variables_help()}\n\nother variables:\n{OTHER_VARIABLES}"
+    )
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    import argparse
+
+    from sidecar import __version__
+
+    class Parser(argparse.ArgumentParser):
+        """An ArgumentParser whose epilog is computed when help is shown, not at start."""
+
+        lazy_epilog: Callable[[], str] | None = None
+
+        def format_help(self) -> str:
+            if self.lazy_epilog is not None:
+                self.epilog = self.lazy_epilog()
+            return super().format_help()
+
+    def add(name: str, help: str, epilog: Callable[[], str] | None = None) -> Parser:
+        sp: Parser = sub.add_parser(
+            name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        sp.lazy_epilog = epilog
+        return sp
+
+    p = Parser(
         prog="marketplace-sidecar",
-        description="AWS Marketplace RegisterUsage sidecar (configuration: MARKETPLACE_* "
-        "environment variables, see the README)",
+        description="AWS Marketplace RegisterUsage sidecar: verifies the product's entitlement "
+        "and serves it on a local API.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"marketplace-sidecar {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the sidecar daemon")
-    pr = sub.add_parser("probe", help="exit 0 iff the sidecar is ready (for health checks)")
-    pr.add_argument("--path", default="/readyz", choices=["/readyz", "/healthz"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add("run", "run the sidecar daemon (SIGTERM/SIGINT: exit 0)", _configuration_help)
+    pr = add("probe", "exit 0 iff the sidecar is ready (for health checks)")
+    pr.add_argument(
+        "--path", default="/readyz", choices=["/readyz", "/healthz"], help="default: /readyz"
+    )
     pr.add_argument("--address", help="host:port (default: MARKETPLACE_PROBE_LISTEN)")
-    pr.add_argument("--timeout", type=float, default=2.0)
-    vt = sub.add_parser("verify-token", help="verify a RegisterUsage token read from stdin")
+    pr.add_argument("--timeout", type=float, default=2.0, help="seconds (default: 2)")
+    vt = add(
+        "verify-token",
+        "verify a RegisterUsage token read from stdin with the configured key",
+        _configuration_help,
+    )
     vt.add_argument("--nonce", help="the nonce that was sent (strongly recommended)")
     vt.add_argument("--max-age", type=float, help="reject tokens issued longer ago (seconds)")
-    em = sub.add_parser("emulator", help="run the Metering Service emulator")
-    em.add_argument("--listen", default="127.0.0.1:8790")
+    em = add("emulator", "run the Metering Service emulator")
+    em.add_argument("--listen", default="127.0.0.1:8790", help="host:port (default: %(default)s)")
     em.add_argument("--write-public-key", metavar="PATH", help="write the signing key's PEM here")
     em.add_argument(
         "--not-entitled",
@@ -41,23 +117,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     em.add_argument("--throttle-rps", type=float, help="token-bucket throttle, requests/s")
     em.add_argument("--region", help="only accept calls signed for this region")
-    sub.add_parser(
+    add(
         "doctor",
-        help="check configuration, key, region, credentials, endpoint and clock; changes nothing",
+        "check configuration, key, region, credentials, endpoint and clock; changes nothing",
+        _configuration_help,
     )
-    dm = sub.add_parser("demo", help="emulator + sidecar together, no AWS account needed")
+    dm = add("demo", "emulator + sidecar together, no AWS account needed")
     dm.add_argument("--exit-after", type=float, help="stop after this many seconds")
+
+    def top_epilog() -> str:
+        usages = "\n".join(
+            "  " + c.format_usage().removeprefix("usage: ").strip() for c in sub.choices.values()
+        )
+        return f"commands and their options:\n{usages}\n\n{_configuration_help()}"
+
+    p.lazy_epilog = top_epilog
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    stop = _catch_stop_signals() if args_list[:1] == ["run"] else None
+    args = _parser().parse_args(args_list)
     if args.command == "probe":
         from sidecar.server.probe import probe
 
         return probe(args.path, args.address, args.timeout)
     if args.command == "run":
-        return _run()
+        assert stop is not None
+        return _run(stop)
     if args.command == "verify-token":
         return _verify_token(args.nonce, args.max_age)
     if args.command == "emulator":
@@ -84,13 +172,15 @@ def _load() -> tuple[Settings, dict[int, RSAPublicKey]] | None:
         return None
 
 
-def _run() -> int:
+def _run(early: EarlyStop) -> int:
     loaded = _load()
     if loaded is None:
         return 2
+    if early.requested:  # stopped while starting: bind nothing, call nobody
+        return 0
     from sidecar.app import run
 
-    return run(*loaded)
+    return run(*loaded, stop_requested=lambda: early.requested)
 
 
 def _verify_token(nonce: str | None, max_age: float | None) -> int:

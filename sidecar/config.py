@@ -5,12 +5,17 @@ Every problem is reported as one line naming the variable and what is allowed; `
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import ipaddress
 import math
 import os
 import re
+import socket
+import textwrap
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlparse
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
@@ -50,38 +55,123 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", frozen=True)
 
-    product_code: str
-    public_key_version: int = Field(1, ge=1)
-    public_key: str | None = None
-    public_key_file: Path | None = None
-    listen: str = "127.0.0.1:8787"
-    probe_listen: str = "0.0.0.0:8788"
-    metrics_listen: str = "probe"
-    register_interval_seconds: float = Field(3600.0, ge=1.0, le=86400.0)
-    register_jitter: float = Field(0.1, ge=0.0, le=0.5)
-    register_deadline_seconds: float = Field(3600.0, ge=1.0, le=REGISTRATION_WINDOW_SECONDS - 600)
-    backoff_base_seconds: float = Field(1.0, gt=0.0, le=60.0)
-    backoff_cap_seconds: float = Field(60.0, gt=0.0, le=900.0)
-    throttle_schedule_seconds: str = "25,40,43"
-    aws_timeout_seconds: float = Field(10.0, gt=0.0, le=120.0)
+    # Each description is the one-line meaning `--help` prints: keep it short and exact.
+    product_code: str = Field(
+        description="product code from the AWS Marketplace Management Portal "
+        "(1-255 of A-Za-z0-9-/=:_.@)"
+    )
+    public_key_version: int = Field(
+        1, ge=1, description="public key version sent to AWS and used to pick the key"
+    )
+    public_key: str | None = Field(
+        None,
+        description="the product's PEM public key (RSA >= 2048 bits); literal \\n sequences "
+        "become newlines, so a one-line value works (set this or MARKETPLACE_PUBLIC_KEY_FILE)",
+    )
+    public_key_file: Path | None = Field(
+        None,
+        description="path to the product's PEM public key (set this or MARKETPLACE_PUBLIC_KEY)",
+    )
+    listen: str = Field(
+        "127.0.0.1:8787",
+        description="local API host:port (IPv6 as [::1]:8787); it serves the token, so it "
+        "must be loopback unless MARKETPLACE_LISTEN_ALLOW_NON_LOOPBACK is true",
+    )
+    listen_allow_non_loopback: bool = Field(
+        False,
+        description="allow a non-loopback MARKETPLACE_LISTEN (e.g. 0.0.0.0): anyone who "
+        "reaches it reads the token and sends challenges; logged and shown in "
+        "/v1/entitlement warnings",
+    )
+    probe_listen: str = Field(
+        "0.0.0.0:8788", description="probe listener host:port for kubelet/ECS health checks"
+    )
+    metrics_listen: str = Field(
+        "probe",
+        description="where /metrics is served: probe (on the probe listener), a host:port of "
+        "its own, or off",
+    )
+    register_interval_seconds: float = Field(
+        3600.0, ge=1.0, le=86400.0, description="re-registration period"
+    )
+    register_jitter: float = Field(
+        0.1, ge=0.0, le=0.5, description="+/- fraction of the period, so a fleet does not align"
+    )
+    register_deadline_seconds: float = Field(
+        3600.0,
+        ge=1.0,
+        le=REGISTRATION_WINDOW_SECONDS - 600,
+        description="give up the first registration after this (inside AWS's 6 h window)",
+    )
+    backoff_base_seconds: float = Field(
+        1.0, gt=0.0, le=60.0, description="retry backoff base for AWS 5xx and network errors"
+    )
+    backoff_cap_seconds: float = Field(
+        60.0, gt=0.0, le=900.0, description="retry backoff cap (full jitter up to it)"
+    )
+    throttle_schedule_seconds: str = Field(
+        "25,40,43",
+        description="seconds after start where retries after ThrottlingException land "
+        "(1-10 increasing numbers)",
+    )
+    aws_timeout_seconds: float = Field(
+        10.0, gt=0.0, le=120.0, description="read timeout of one AWS call (connect: min(5, this))"
+    )
     # The first call's answer is the only entitlement check: wait longer for it (never less
     # than MARKETPLACE_AWS_TIMEOUT_SECONDS).
-    first_call_timeout_seconds: float = Field(30.0, gt=0.0, le=300.0)
-    strict_first_answer: bool = False
-    clock_skew_seconds: float = Field(SIGV4_SKEW_SECONDS, ge=0.0, le=3600.0)
-    challenge_rate_per_second: float = Field(1.0, gt=0.0, le=5.0)
-    challenge_burst: int = Field(3, ge=1, le=20)
-    challenge_deadline_seconds: float = Field(20.0, ge=1.0, le=300.0)
-    aws_call_rate_per_second: float = Field(1.0, gt=0.0, le=5.0)
-    aws_call_burst: int = Field(3, ge=1, le=20)
-    state_dir: Path | None = None
-    readiness_gate: str = ""
-    kube_events: bool = False
-    pod_name: str = ""
-    pod_namespace: str = ""
-    serviceaccount_dir: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-    log_format: Literal["json", "text"] = "json"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    first_call_timeout_seconds: float = Field(
+        30.0, gt=0.0, le=300.0, description="read timeout of the pod's first RegisterUsage call"
+    )
+    strict_first_answer: bool = Field(
+        False,
+        description="when the first call's answer may have been lost, refuse (not_entitled) "
+        "instead of serving with the first_answer_lost warning",
+    )
+    clock_skew_seconds: float = Field(
+        SIGV4_SKEW_SECONDS,
+        ge=0.0,
+        le=3600.0,
+        description="how far in the future a token's iat may be (AWS's SigV4 tolerance)",
+    )
+    challenge_rate_per_second: float = Field(
+        1.0, gt=0.0, le=5.0, description="challenge rate limit (each is a RegisterUsage call)"
+    )
+    challenge_burst: int = Field(3, ge=1, le=20, description="challenge burst size")
+    challenge_deadline_seconds: float = Field(
+        20.0, ge=1.0, le=300.0, description="how long a challenge retries retryable AWS errors"
+    )
+    aws_call_rate_per_second: float = Field(
+        1.0,
+        gt=0.0,
+        le=5.0,
+        description="all RegisterUsage calls per second (registrar and challenges)",
+    )
+    aws_call_burst: int = Field(3, ge=1, le=20, description="burst of that AWS call budget")
+    state_dir: Path | None = Field(
+        None,
+        description="pod-lifetime writable directory (an emptyDir) that remembers AWS's "
+        "first-call refusal across sidecar restarts",
+    )
+    readiness_gate: str = Field(
+        "",
+        description="pod condition type to set (opt-in readiness gate), e.g. "
+        "aws-marketplace.amazonaws.com/entitled; needs MARKETPLACE_POD_NAME and _NAMESPACE",
+    )
+    kube_events: bool = Field(
+        False, description="record Kubernetes Events on state changes (opt-in)"
+    )
+    pod_name: str = Field("", description="this pod's name (downward API metadata.name)")
+    pod_namespace: str = Field(
+        "", description="this pod's namespace (downward API metadata.namespace)"
+    )
+    serviceaccount_dir: Path = Field(
+        Path("/var/run/secrets/kubernetes.io/serviceaccount"),
+        description="service-account token, CA and namespace for the Kubernetes API",
+    )
+    log_format: Literal["json", "text"] = Field("json", description="log line format")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="lowest level logged"
+    )
 
     @field_validator("product_code")
     @classmethod
@@ -131,23 +221,69 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        problems = []  # one line each; `_format` splits them
         if (self.public_key is None) == (self.public_key_file is None):
-            raise ValueError(_NO_KEY)
+            problems.append(_NO_KEY)
         if (self.readiness_gate or self.kube_events) and not (self.pod_name and self.pod_namespace):
-            raise ValueError(
+            problems.append(
                 f"{PREFIX}POD_NAME and {PREFIX}POD_NAMESPACE are required with "
                 f"{PREFIX}READINESS_GATE or {PREFIX}KUBE_EVENTS (set them from the downward API)"
             )
         if parse_hostport(self.listen) == parse_hostport(self.probe_listen):
-            raise ValueError(f"{PREFIX}LISTEN and {PREFIX}PROBE_LISTEN must differ")
+            problems.append(f"{PREFIX}LISTEN and {PREFIX}PROBE_LISTEN must differ")
+        elif not self.listen_allow_non_loopback and not is_loopback(parse_hostport(self.listen)[0]):
+            problems.append(
+                f"{PREFIX}LISTEN: {self.listen} is not a loopback address; the local API serves "
+                "the entitlement token and sends challenges to AWS, so it listens on 127.0.0.1, "
+                f"[::1] or localhost unless you set {PREFIX}LISTEN_ALLOW_NON_LOOPBACK=true "
+                "(and restrict who can reach it)"
+            )
         if self.metrics_listen not in ("probe", "off"):
             own = parse_hostport(self.metrics_listen)
             if own in (parse_hostport(self.listen), parse_hostport(self.probe_listen)):
-                raise ValueError(
+                problems.append(
                     f"{PREFIX}METRICS_LISTEN must differ from {PREFIX}LISTEN and "
                     f"{PREFIX}PROBE_LISTEN (write probe to serve /metrics on the probe listener)"
                 )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
+
+
+def is_loopback(host: str) -> bool:
+    """True if binding `host` cannot accept connections from another machine.
+
+    IP literals are judged by value (127.0.0.0/8, ::1, ::ffff:127.x). Of names only `localhost`
+    counts, and only if every address it resolves to is loopback: any other name could resolve
+    anywhere when the socket binds, so it needs the explicit opt-in.
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if host.lower().rstrip(".") != "localhost":
+            return False
+        try:
+            # The API binds names as IPv4 (see LocalServer); look it up the same way.
+            infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+        except OSError:
+            return True  # nothing to bind to: the bind itself reports it, naming the variable
+        return all(is_loopback(str(info[4][0])) for info in infos)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """Accepted but risky settings, for the log and `warnings` in `/v1/entitlement`."""
+    out = []
+    if not is_loopback(parse_hostport(settings.listen)[0]):
+        out.append(
+            f"{PREFIX}LISTEN={settings.listen} is not loopback (allowed by "
+            f"{PREFIX}LISTEN_ALLOW_NON_LOOPBACK): anything that reaches this address can read "
+            "the entitlement token and send challenges to AWS; restrict it with a NetworkPolicy "
+            "or security group"
+        )
+    return out
 
 
 def parse_schedule(text: str) -> tuple[float, ...]:
@@ -167,7 +303,7 @@ def parse_schedule(text: str) -> tuple[float, ...]:
 
 
 def _format(exc: ValidationError) -> list[str]:
-    lines = []
+    lines: list[str] = []
     for err in exc.errors():
         name = "_".join(str(p) for p in err["loc"]).upper()
         msg = err["msg"].removeprefix("Value error, ")
@@ -175,19 +311,96 @@ def _format(exc: ValidationError) -> list[str]:
             msg = "is required"
         elif err["type"] != "value_error":
             msg = f"{msg} (got {str(err.get('input'))[:60]!r})"
-        lines.append(f"{PREFIX}{name}: {msg}" if name else msg)
+        lines.extend(f"{PREFIX}{name}: {m}" if name else m for m in msg.splitlines())
     return lines
+
+
+# Set on the product's container by the project's own manifests; tolerated here so that one
+# shared env block (a ConfigMap in envFrom) can serve both containers.
+PRODUCT_SIDE_VARIABLES = frozenset({f"{PREFIX}SIDECAR_URL"})
+# Kubernetes injects service links for every Service in the namespace (enableServiceLinks): a
+# Service named "marketplace" or "marketplace-sidecar" yields MARKETPLACE_SERVICE_HOST,
+# MARKETPLACE_SIDECAR_PORT_8788_TCP_ADDR and so on. Name and value shape must both match.
+_IP = r"[0-9a-fA-F.:]+"
+_LINK = r"(_[A-Z0-9_]+)?_PORT_\d{1,5}_(TCP|UDP|SCTP)"
+_SERVICE_LINKS = tuple(
+    (re.compile(rf"{PREFIX[:-1]}{name}"), re.compile(value))
+    for name, value in (
+        (r"(_[A-Z0-9_]+)?_SERVICE_HOST", _IP),
+        (r"(_[A-Z0-9_]+)?_SERVICE_PORT(_[A-Z0-9_]+)?", r"\d{1,5}"),
+        (r"(_[A-Z0-9_]+)?_PORT", r"(tcp|udp|sctp)://\S+:\d{1,5}"),
+        (_LINK, r"(tcp|udp|sctp)://\S+:\d{1,5}"),
+        (_LINK + "_PROTO", r"tcp|udp|sctp"),
+        (_LINK + "_PORT", r"\d{1,5}"),
+        (_LINK + "_ADDR", _IP),
+    )
+)
+
+
+def variables() -> dict[str, str]:
+    """Environment name -> field name, from the model: new fields are known automatically."""
+    out = {}
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        out[alias.upper() if isinstance(alias, str) else f"{PREFIX}{name.upper()}"] = name
+    return out
+
+
+def _service_link(name: str, value: str) -> bool:
+    return any(n.fullmatch(name) and v.fullmatch(value) for n, v in _SERVICE_LINKS)
+
+
+def unknown_variables(env: Mapping[str, str]) -> dict[str, str | None]:
+    """`MARKETPLACE_*` names the sidecar does not read -> the closest known name (or None).
+
+    They are errors, not warnings: a misspelled setting silently keeps its default, and for
+    the security settings (the loopback opt-in, the key, strict modes) the default is not what
+    the seller asked for. Refusing to start costs one restart; running costs a wrong guess.
+    """
+    known = variables()
+    tails = [k.removeprefix(PREFIX) for k in known]
+    found: dict[str, str | None] = {}
+    for name, value in env.items():
+        upper = name.upper()
+        if not upper.startswith(PREFIX) or upper in known or upper in PRODUCT_SIDE_VARIABLES:
+            continue
+        if _service_link(upper, value):
+            continue
+        close = difflib.get_close_matches(upper.removeprefix(PREFIX), tails, n=1, cutoff=0.6)
+        found[name] = f"{PREFIX}{close[0]}" if close else None
+    return dict(sorted(found.items()))
+
+
+def _unknown_problems(env: Mapping[str, str], problems: list[str]) -> list[str]:
+    """Unknown-variable lines first; drop problems that only say a likely-misspelled
+    variable is missing (the misspelling is the real problem, and the fix is the same)."""
+    unknown = unknown_variables(env)
+    lines = [
+        f"{name}: unknown variable; did you mean {close}?"
+        if close
+        else f"{name}: unknown variable (marketplace-sidecar run --help lists the settings)"
+        for name, close in unknown.items()
+    ]
+    present = {k.upper() for k in env}
+    missing = {close for close in unknown.values() if close and close not in present}
+
+    def about_missing(line: str) -> bool:
+        subject = line.split(": ", 1)[0]
+        return any(n in missing for n in re.findall(rf"{PREFIX}[A-Z0-9_]+", subject))
+
+    return [*lines, *(p for p in problems if not about_missing(p))]
 
 
 def load() -> tuple[Settings, dict[int, RSAPublicKey]]:
     """Validate the environment and load the key; raise `ConfigError` listing every problem."""
+    env = dict(os.environ)
     try:
         settings = Settings()  # type: ignore[call-arg]  # product_code comes from the env
     except ValidationError as exc:
         found = _format(exc)
         if not any(os.environ.get(f"{PREFIX}{n}") for n in ("PUBLIC_KEY", "PUBLIC_KEY_FILE")):
             found.append(_NO_KEY)  # the model check does not run when a field failed
-        raise ConfigError(list(dict.fromkeys(found))) from None
+        raise ConfigError(_unknown_problems(env, list(dict.fromkeys(found)))) from None
     problems: list[str] = []
     keys: dict[int, RSAPublicKey] = {}
     source = "PUBLIC_KEY_FILE" if settings.public_key_file else "PUBLIC_KEY"
@@ -217,6 +430,7 @@ def load() -> tuple[Settings, dict[int, RSAPublicKey]]:
         parsed = urlparse(endpoint)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             problems.append(f"{ENDPOINT_ENV}: must be an http(s) URL, got {endpoint[:80]!r}")
+    problems = _unknown_problems(env, problems)
     if problems:
         raise ConfigError(problems)
     return settings, keys
@@ -229,6 +443,39 @@ def _key_text(settings: Settings) -> bytes:
     assert settings.public_key is not None  # nosec B101 # narrowing for mypy, not a check
     # Allow a one-line PEM with literal \n, as ECS task definitions and some CI tools pass it.
     return settings.public_key.replace("\\n", "\n").encode()
+
+
+def variables_help(width: int = 79) -> str:
+    """The settings for `--help`, generated from the model so that it cannot drift."""
+    lines = []
+    for env_name, name in variables().items():
+        field = Settings.model_fields[name]
+        facts = ["required" if field.is_required() else f"default: {_shown(field.default)}"]
+        if get_origin(field.annotation) is Literal:
+            facts.append("one of " + ", ".join(str(a) for a in get_args(field.annotation)))
+        for bound in field.metadata:
+            for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+                if hasattr(bound, attr):
+                    facts.append(f"{sign} {_shown(getattr(bound, attr))}")
+        lines.append(f"  {env_name}  [{'; '.join(facts)}]")
+        lines += textwrap.wrap(
+            field.description or "(undocumented)",
+            width,
+            initial_indent=" " * 6,
+            subsequent_indent=" " * 6,
+            break_on_hyphens=False,
+        )
+    return "\n".join(lines)
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if value != "" else "empty"
 
 
 def describe(settings: Settings) -> dict[str, Any]:

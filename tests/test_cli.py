@@ -251,3 +251,71 @@ def test_emulator_command_writes_its_key_and_serves_boto3(tmp_path: object) -> N
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["doctor"], ["verify-token"]])
+def test_help_lists_every_setting_with_its_default_and_meaning(command: list[str]) -> None:
+    from sidecar.config import Settings, variables
+
+    out = cli(*command, "--help", env={"PATH": "/usr/bin"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for env_name, field in variables().items():
+        info = Settings.model_fields[field]
+        (head,) = [i for i, line in enumerate(lines) if line.startswith(f"  {env_name}  [")]
+        assert ("required" if info.is_required() else "default: ") in lines[head]
+        assert info.description, f"{field}: give the settings field a description for --help"
+        following = " ".join(line.strip() for line in lines[head + 1 : head + 6])
+        assert following.startswith(info.description[:30]), (env_name, following)
+    assert "  MARKETPLACE_LISTEN  [default: 127.0.0.1:8787]" in lines
+    assert "  MARKETPLACE_REGISTER_JITTER  [default: 0.1; >= 0; <= 0.5]" in lines
+    assert "  MARKETPLACE_LOG_FORMAT  [default: json; one of json, text]" in lines
+    assert "AWS_ENDPOINT_URL_MARKETPLACE_METERING" in out.stdout
+    assert "does not know (a misspelling), stops it" in out.stdout
+    assert "README" not in out.stdout  # the image carries no README
+
+
+def test_top_level_help_shows_every_command_with_its_options() -> None:
+    out = cli("--help", env={"PATH": "/usr/bin"})
+    assert out.returncode == 0
+    for option in ("--address", "--timeout", "--nonce", "--max-age", "--not-entitled",
+                   "--throttle-rps", "--write-public-key", "--exit-after"):  # fmt: skip
+        assert option in out.stdout
+    for command in ("run", "probe", "verify-token", "emulator", "doctor", "demo"):
+        assert f"marketplace-sidecar {command} [-h]" in out.stdout
+
+
+def test_a_misspelled_variable_exits_2_naming_it() -> None:
+    env = loopback_env(
+        "http://127.0.0.1:9",
+        MARKETPLACE_PRODUCT_CODE="prod-abc",
+        MARKETPLACE_PUBLICKEY_FILE="/etc/marketplace/public-key.pem",
+    )
+    out = cli("run", env=env)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "config error: MARKETPLACE_PUBLICKEY_FILE: unknown variable; "
+        "did you mean MARKETPLACE_PUBLIC_KEY_FILE?"
+    ]
+
+
+def test_service_links_of_a_namespace_do_not_stop_the_sidecar(launch: Launch) -> None:
+    car = launch(
+        MARKETPLACE_SIDECAR_SERVICE_HOST="10.96.0.12",
+        MARKETPLACE_SIDECAR_SERVICE_PORT="8788",
+        MARKETPLACE_SIDECAR_PORT="tcp://10.96.0.12:8788",
+        MARKETPLACE_SIDECAR_PORT_8788_TCP_ADDR="10.96.0.12",
+        MARKETPLACE_SIDECAR_URL="http://127.0.0.1:8787",
+    )
+    assert car.wait_for(lambda d: d["state"] == "entitled")["warnings"] == []
+
+
+def test_verify_token_accepts_a_one_line_public_key_with_backslash_n() -> None:
+    k = new_key()
+    one_line = pem(k).strip().replace("\n", "\\n")
+    env = {"PATH": "/usr/bin", "MARKETPLACE_PRODUCT_CODE": "p", "MARKETPLACE_PUBLIC_KEY": one_line}
+    token = sign(
+        k, {"productCode": "p", "publicKeyVersion": 1, "nonce": "n", "iat": int(time.time())}
+    )
+    out = cli("verify-token", "--nonce", "n", env=env, stdin=token)
+    assert out.returncode == 0, out.stderr

@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -107,11 +107,13 @@ class Router:
         serve_metrics: bool = False,
         extras: Callable[[], dict[str, Any]] | None = None,
         metrics: Metrics | None = None,
+        warnings: Sequence[str] = (),
     ) -> None:
         """`listener` picks the routes: "api" everything but /metrics; "probe" /healthz and a
         /readyz that tells the cluster only the state and error code (AWS messages can name
         role ARNs and accounts); "metrics" nothing but /metrics. `serve_metrics` adds /metrics."""
         self._registrar = registrar
+        self._warnings = tuple(warnings)  # from the configuration; they last the process
         self._health = health
         self._extras = extras or dict
         self._cached: tuple[Snapshot, dict[str, Any], Reply] | None = None
@@ -237,7 +239,7 @@ class Router:
             "next_registration_at": iso(snap.next_registration_at),
             "consecutive_failures": snap.consecutive_failures,
             "error": snap.error.to_json() if snap.error else None,
-            "warnings": list(snap.warnings),
+            "warnings": [*self._warnings, *snap.warnings],
             **(self._extras() if extra is None else extra),
         }
 
