@@ -144,8 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return probe(args.path, args.address, args.timeout)
     if args.command == "run":
-        assert stop is not None
-        return _run(stop)
+        return _run(stop if stop is not None else _catch_stop_signals())
     if args.command == "verify-token":
         return _verify_token(args.nonce, args.max_age)
     if args.command == "emulator":

@@ -69,10 +69,9 @@ def _check_one_block(data: bytes) -> None:
         raise UnusableKeyError(
             f"holds {len(blocks)} PEM blocks ({names}); give exactly one public key"
         )
-    if not blocks:
-        return  # the parser's own "not a PEM public key" says it best
     begin = _PEM_BEGIN.search(data)
-    assert begin is not None
+    if begin is None:
+        return  # the parser's own "not a PEM public key" says it best
     end_line = b"-----END " + blocks[0] + b"-----"
     end = data.find(end_line, begin.end())
     if data[: begin.start()].strip():

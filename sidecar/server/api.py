@@ -320,7 +320,8 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         self._conn = self.server.connection_of(self.request)
         rfile = self.rfile
-        assert isinstance(rfile, io.BufferedReader)
+        if not isinstance(rfile, io.BufferedReader):  # rbufsize is -1: always buffered
+            raise TypeError(f"expected a buffered request stream, got {type(rfile).__name__}")
         self._peek = rfile.peek
 
     def handle_one_request(self) -> None:
