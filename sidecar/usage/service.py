@@ -48,7 +48,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -88,7 +88,7 @@ RETRY_AFTER_SECONDS = 5
 
 
 class MeterGateway(Protocol):
-    def meter_usage(self, request: Mapping[str, Any], dry_run: bool = False) -> str: ...
+    def meter_usage(self, request: dict[str, Any], dry_run: bool = False) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ class UsageService:
         return self._gateway
 
     def _call(
-        self, request: Mapping[str, Any], dry_run: bool = False
+        self, request: dict[str, Any], dry_run: bool = False
     ) -> tuple[str | None, ErrorInfo | None]:
         """(MeteringRecordId, None) or (None, error); anything else is a bug and propagates."""
         try:
