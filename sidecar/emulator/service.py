@@ -19,6 +19,7 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -112,6 +113,8 @@ class Emulator:
         self._bucket: TokenBucket | None = None
         self._meter_bucket: TokenBucket | None = None
         self.book = MeterBook()
+        # In-process tests may drive the MeterUsage clock directly (a manual clock).
+        self.meter_clock: Callable[[], float] | None = None
         self.calls: list[dict[str, Any]] = []
         self._apply_throttle()
         from botocore.session import get_session
@@ -149,6 +152,7 @@ class Emulator:
             self._pods_seen.clear()
             self.calls.clear()
             self.book = MeterBook()
+            self.meter_clock = None
             self._apply_throttle()
 
     def _apply_throttle(self) -> None:
@@ -163,6 +167,8 @@ class Emulator:
 
     def now(self) -> float:
         """The MeterUsage clock (scaled only when a test asks for it)."""
+        if self.meter_clock is not None:
+            return self.meter_clock()
         cfg = self.config
         return cfg.time_origin + (time.time() - cfg.time_origin) * cfg.time_scale
 
