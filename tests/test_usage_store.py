@@ -103,7 +103,7 @@ def test_garbage_in_place_of_the_store_is_refused_and_left_untouched(tmp_path: P
     data = bytearray(path.read_bytes())
     data[100:4096] = b"\x5a" * (4096 - 100)  # the schema page overwritten
     path.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="damaged|unreadable|integrity"):
+    with pytest.raises(StoreError, match=r"damaged|unreadable|integrity"):
         Store(tmp_path)
     assert path.read_bytes() == bytes(data)
 

@@ -79,7 +79,7 @@ def run_for(svc: UsageService, clock: ManualClock, seconds: float) -> None:
             stop.set()
         return stop.is_set()
 
-    clock.wait = wait  # type: ignore[method-assign]
+    clock.wait = wait  # type: ignore[method-assign,assignment]
     try:
         svc.run(stop)
     finally:
