@@ -65,8 +65,8 @@ def ingest(
 ) -> tuple[int, list[dict[str, Any]]]:
     """Store the records (all or nothing); (202 or 200 if every record was a repeat, answers)."""
     sealed_cache: dict[tuple[str, int], bool] = {}
-    totals: dict[tuple[str, int], int] = {}
-    tagsets: dict[tuple[str, int], set[str]] = {}
+    hours: dict[tuple[str, int], list[int]] = {}  # (dimension, hour) -> [quantity, tag sets]
+    known_tags: set[tuple[str, int, str]] = set()
     answers: list[dict[str, Any]] = []
     fresh = 0
 
@@ -91,13 +91,14 @@ def ingest(
         own = hour_of(rec.timestamp if rec.timestamp is not None else now)
         hour = target_hour(own, now, functools.partial(sealed, rec.dimension), policy)
         key = (rec.dimension, hour)
-        if key not in totals:
-            totals[key] = conn.execute(
-                "SELECT COALESCE(SUM(quantity), 0) FROM records WHERE dimension = ? AND hour = ?",
-                key,
-            ).fetchone()[0]
-        totals[key] += rec.quantity
-        if totals[key] > MAX_QUANTITY:
+        if key not in hours:
+            row = conn.execute(
+                "SELECT quantity, tagsets FROM open_hours WHERE dimension = ? AND hour = ?", key
+            ).fetchone()
+            hours[key] = [int(row[0]), int(row[1])] if row else [0, 0]
+        totals = hours[key]
+        totals[0] += rec.quantity
+        if totals[0] > MAX_QUANTITY:
             raise RejectedError(
                 400,
                 [
@@ -109,19 +110,20 @@ def ingest(
                 ],
             )
         rid = rec.id or f"u-{uuid.uuid4().hex}"
+        rows: list[tuple[int, str | None]] = [(rec.quantity, None)]
         if rec.allocations:
-            if key not in tagsets:
-                tagsets[key] = {
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT DISTINCT tags FROM records WHERE dimension = ? AND hour = ? "
-                        "AND tags IS NOT NULL",
-                        key,
-                    )
-                }
             rows = [(a.quantity, dumps(dict(a.tags))) for a in rec.allocations]
-            tagsets[key].update(t for _, t in rows)
-            if len(tagsets[key]) >= MAX_ALLOCATIONS:  # one allocation is kept for untagged usage
+            for _, tags in rows:
+                tag_key = (rec.dimension, hour, str(tags))
+                if tag_key in known_tags:
+                    continue
+                known_tags.add(tag_key)
+                if not conn.execute(
+                    "SELECT 1 FROM records WHERE dimension = ? AND hour = ? AND tags = ? LIMIT 1",
+                    tag_key,
+                ).fetchone():
+                    totals[1] += 1
+            if totals[1] >= MAX_ALLOCATIONS:  # one allocation is kept for untagged usage
                 raise RejectedError(
                     400,
                     [
@@ -133,15 +135,12 @@ def ingest(
                         )
                     ],
                 )
-        else:
-            rows = [(rec.quantity, None)]  # type: ignore[list-item]
         carried = own if hour != own else None
         conn.executemany(
             "INSERT INTO records (record_id, dimension, hour, quantity, tags, received_at, "
             "carried_from) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(rid, rec.dimension, hour, q, t, now, carried) for q, t in rows],
         )
-        conn.execute("INSERT OR IGNORE INTO open_hours VALUES (?, ?)", key)
         answer: dict[str, Any] = {
             "id": rid,
             "dimension": rec.dimension,
@@ -160,6 +159,12 @@ def ingest(
             )
         answers.append(answer)
         fresh += 1
+    conn.executemany(
+        "INSERT INTO open_hours (dimension, hour, quantity, tagsets) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (dimension, hour) DO UPDATE SET quantity = excluded.quantity, "
+        "tagsets = excluded.tagsets",
+        [(d, h, q, t) for (d, h), (q, t) in hours.items()],
+    )
     return (202 if fresh else 200), answers
 
 
@@ -276,10 +281,23 @@ def claim_entitlement(
             "WHERE dimension = ? AND hour = ?",
             (hour + 1, hour, dimension, hour),
         )
-        if conn.execute(
-            "DELETE FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour)
-        ).rowcount:
-            conn.execute("INSERT OR IGNORE INTO open_hours VALUES (?, ?)", (dimension, hour + 1))
+        moved = conn.execute(
+            "SELECT quantity FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour)
+        ).fetchone()
+        if moved is not None:
+            conn.execute(
+                "DELETE FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour)
+            )
+            conn.execute(
+                "INSERT INTO open_hours (dimension, hour, quantity, tagsets) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (dimension, hour) DO UPDATE SET quantity = quantity + ?",
+                (dimension, hour + 1, moved[0], 0, moved[0]),
+            )
+            conn.execute(
+                "UPDATE open_hours SET tagsets = (SELECT COUNT(DISTINCT tags) FROM records "
+                "WHERE dimension = ? AND hour = ?) WHERE dimension = ? AND hour = ?",
+                (dimension, hour + 1, dimension, hour + 1),
+            )
         stamp = int(now)
         request = {
             "ProductCode": product_code,
@@ -414,9 +432,9 @@ def report(
         by_state[state] += 1
 
     for dimension, hour, quantity, carried in conn.execute(
-        "SELECT r.dimension, r.hour, SUM(r.quantity), SUM(r.carried_from IS NOT NULL) "
-        "FROM records r JOIN open_hours o ON o.dimension = r.dimension AND o.hour = r.hour "
-        "GROUP BY r.dimension, r.hour"
+        "SELECT o.dimension, o.hour, o.quantity, (SELECT COUNT(*) FROM records r WHERE "
+        "r.dimension = o.dimension AND r.hour = o.hour AND r.carried_from IS NOT NULL) "
+        "FROM open_hours o"
     ):
         add(dimension, "open", int(quantity))
         hours.append(

@@ -49,10 +49,15 @@ CREATE TABLE records (
     received_at REAL NOT NULL,
     carried_from INTEGER
 );
-CREATE INDEX records_by_hour ON records (dimension, hour);
--- (dimension, hour) pairs holding records and not sealed yet.
+CREATE INDEX records_by_hour ON records (dimension, hour, tags);
+-- (dimension, hour) pairs holding records and not sealed yet, with running totals (so an
+-- ingest never scans the hour's records).
 CREATE TABLE open_hours (
-    dimension TEXT NOT NULL, hour INTEGER NOT NULL, PRIMARY KEY (dimension, hour)
+    dimension TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    quantity INTEGER NOT NULL DEFAULT 0,
+    tagsets INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (dimension, hour)
 ) WITHOUT ROWID;
 -- Client idempotency keys: same id and digest -> the stored answer again.
 CREATE TABLE keys (

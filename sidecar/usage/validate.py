@@ -131,13 +131,15 @@ def _tags(value: Any, field: str, problems: list[Problem]) -> Tags:
         if not 1 <= len(key) <= 100 or not TAG_RE.match(key):
             problems.append(
                 Problem(
-                    where, "tag keys are 1-100 characters of letters, digits, space and +-=._:/@"
+                    where,
+                    "tag keys are 1-100 characters matching AWS's pattern [a-zA-Z0-9+ -=._:/@]",
                 )
             )
         if not isinstance(val, str) or not 1 <= len(val) <= 256 or not TAG_RE.match(val):
             problems.append(
                 Problem(
-                    where, "tag values are strings of 1-256 letters, digits, space and +-=._:/@"
+                    where,
+                    "tag values are strings of 1-256 characters matching [a-zA-Z0-9+ -=._:/@]",
                 )
             )
             continue
