@@ -252,8 +252,13 @@ class UsageService:
         """One attempt for one sealed hour; its outcome is stored before returning."""
         record_id, info = self._call(p.request)
         outcome = decide(info.code if info else None, info.retryable if info else False)
-        state = "sealed" if outcome == RETRY else outcome
         now = self.clock.time()
+        if outcome == EXPIRED and now < p.deadline:
+            # Inside our own window AWS still refused the timestamp: one of the two clocks is
+            # off (ours ahead, most likely). Keep the exact request and try again; it expires
+            # at the deadline like any other unsent hour.
+            outcome = RETRY
+        state = "sealed" if outcome == RETRY else outcome
         self.store.write(
             lambda c: ledger.finish(
                 c,
