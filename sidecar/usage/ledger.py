@@ -270,6 +270,13 @@ def claim_entitlement(
     accepted record (AWS refuses entitlement only on a pod's first call)."""
     if conn.execute("SELECT 1 FROM hours WHERE state IN ('sent', 'conflict') LIMIT 1").fetchone():
         return Claim(True, None)
+    earlier = conn.execute(
+        "SELECT dimension, hour FROM hours WHERE purpose = 'entitlement' AND state = 'sealed' "
+        "AND deadline > ? ORDER BY hour DESC LIMIT 1",
+        (now,),
+    ).fetchone()
+    if earlier is not None:  # a restart before its answer was stored: the same request again
+        return Claim(False, load_pending(conn, earlier[0], earlier[1]))
     hour = hour_of(now)
     row = conn.execute(
         "SELECT state FROM hours WHERE dimension = ? AND hour = ?", (dimension, hour)

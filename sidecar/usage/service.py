@@ -408,6 +408,11 @@ class UsageService:
 
     def run(self, stop: threading.Event) -> None:
         """Seal ended hours, send what is due, expire what AWS would refuse; until `stop`."""
+        try:  # build the AWS client now, not at the first send of the hour (seconds of imports)
+            with self._send_lock:
+                self._get_gateway()
+        except Exception as exc:
+            log.warning("usage_gateway_not_ready", extra={"detail": str(exc)[:300]})
         while not stop.is_set():
             now = self.clock.time()
             self.tick(now)
