@@ -5,16 +5,21 @@
 
 A deleted sidecar yields no token, a fake one cannot sign, a replayed token carries another
 nonce. Build the product code and public key into the product image, not its configuration.
+Custom-metered products report usage with `report_usage` (MARKETPLACE_MODE=custom).
 Stdlib + PyJWT only: importing this module never loads boto3 or kubernetes.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import secrets
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
@@ -110,3 +115,103 @@ def _refusal(exc: urllib.error.HTTPError) -> EntitlementError:
     if code == "CustomerNotEntitledException":
         return EntitlementError("not_entitled", message)
     return EntitlementError(f"sidecar_{exc.code}", f"{code}: {message}")
+
+
+class UsageError(Exception):
+    """The sidecar did not acknowledge the usage. `reason` is a stable word.
+
+    Unless `reason` is "invalid", "conflict" or "too_large", the units may or may not have been
+    stored: send the same records with the same `id` again and they are counted once.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+
+
+_USAGE_REASONS = {400: "invalid", 409: "conflict", 413: "too_large", 429: "unavailable"}
+_USAGE_REASONS[503] = "unavailable"
+
+
+def report_usage(
+    records: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    *,
+    url: str = DEFAULT_URL,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """POST /v1/usage: the sidecar's answer once the units are durable, or `UsageError`.
+
+    `records`: one `{"dimension", "quantity", "id"?, "timestamp"?, "allocations"?}` or a list of
+    up to 1,000. `timeout` bounds the whole call, connection to last byte.
+    """
+    try:
+        body = json.dumps(records if isinstance(records, Mapping) else list(records)).encode()
+    except (TypeError, ValueError) as exc:
+        raise UsageError("invalid", f"records are not JSON-serialisable: {exc}") from None
+    status, headers, payload = _request("POST", url.rstrip("/") + "/v1/usage", body, timeout)
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        raise UsageError(
+            "bad_answer", f"HTTP {status}: the answer is not JSON", status=status
+        ) from None
+    if status in (200, 202) and isinstance(doc, dict):
+        return doc
+    error = doc.get("error") if isinstance(doc, dict) else None
+    error = error if isinstance(error, dict) else {}
+    code = str(error.get("code") or f"http_{status}")
+    message = f"{code}: {error.get('message') or 'no message'}"
+    reason = _USAGE_REASONS.get(status, f"sidecar_{status}")
+    if code == "usage_needs_custom_mode":
+        reason = "not_custom_mode"
+    retry = headers.get("retry-after")
+    retry_after = float(retry) if retry and retry.isdigit() else None
+    raise UsageError(reason, message, status=status, retry_after=retry_after)
+
+
+def _request(
+    method: str, url: str, body: bytes, timeout: float
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP exchange under one overall deadline (a dripping server cannot stretch it)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise UsageError(
+            "no_sidecar", f"the sidecar URL must be http://host:port, got {url[:80]!r}"
+        )
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    result: list[tuple[int, dict[str, str], bytes]] = []
+    failure: list[BaseException] = []
+
+    def exchange() -> None:
+        try:
+            conn.request(method, parts.path, body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            headers = {k.lower(): v for k, v in resp.getheaders()}
+            result.append((resp.status, headers, resp.read(1 << 20)))
+        except BaseException as exc:  # handed to the caller's thread below
+            failure.append(exc)
+
+    worker = threading.Thread(target=exchange, name="report-usage", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        if conn.sock is not None:
+            conn.sock.close()  # unblocks the worker; the answer, if any, is not waited for
+        raise UsageError("timeout", f"no complete answer from {url} within {timeout} s")
+    conn.close()
+    if failure:
+        exc = failure[0]
+        raise UsageError(
+            "no_sidecar", f"no sidecar answering at {url} ({type(exc).__name__}: {exc})"
+        ) from None
+    return result[0]

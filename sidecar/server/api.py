@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
 from sidecar import __version__
 from sidecar.entitlement.registrar import Registrar
@@ -29,6 +29,10 @@ from sidecar.ops.metrics import Metrics
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4096
+# POST /v1/usage takes up to 1,000 records: about 400 bytes each with the longest names, leaving
+# room for a few allocations per record.
+MAX_USAGE_BODY_BYTES = 1 << 20
+USAGE_PATH = "/v1/usage"
 MAX_NONCE_CHARS = 255
 IDLE_TIMEOUT_SECONDS = 30.0
 PROBE_IDLE_TIMEOUT_SECONDS = 5.0  # kubelet opens one connection per probe
@@ -63,6 +67,14 @@ def _problem(status: HTTPStatus, code: str, message: str, **headers: str) -> Rep
     return Reply(status, {"error": {"code": code, "message": message}}, headers)
 
 
+class UsageEndpoint(Protocol):
+    """The usage pipeline as the API sees it (custom mode); `post` never raises."""
+
+    def post(self, body: bytes) -> tuple[int, dict[str, Any]]: ...
+
+    def report(self) -> dict[str, Any]: ...
+
+
 class Router:
     """Maps (method, path, body) to a `Reply`. No sockets here."""
 
@@ -74,8 +86,10 @@ class Router:
         probe_only: bool = False,
         extras: Callable[[], dict[str, Any]] | None = None,
         metrics: Metrics | None = None,
+        usage: UsageEndpoint | None = None,
     ) -> None:
         self._registrar = registrar
+        self._usage = usage
         self._health = health
         self._extras = extras or dict
         self._cached: tuple[Snapshot, dict[str, Any], Reply] | None = None
@@ -89,7 +103,17 @@ class Router:
         if not probe_only:
             routes["/v1/entitlement"] = {"GET": self._entitlement}
             routes["/v1/entitlement/challenge"] = {"POST": self._challenge}
+            # Usage carries billing data: loopback API only, never the probe listener.
+            routes[USAGE_PATH] = {"GET": self._usage_report, "POST": self._usage_post}
+            if usage is not None:
+                routes["/v1/entitlement/challenge"] = {"POST": self._no_challenge}
         self.routes = routes
+
+    def max_body(self, path: str) -> int:
+        """1 MiB for usage on the API listener (in hourly mode too: a clear 404, not a 413)."""
+        return (
+            MAX_USAGE_BODY_BYTES if path == USAGE_PATH and path in self.routes else MAX_BODY_BYTES
+        )
 
     def allowed(self, path: str) -> list[str] | None:
         methods = self.routes.get(path)
@@ -173,6 +197,30 @@ class Router:
         status = HTTPStatus.FORBIDDEN if out.status == "refused" else HTTPStatus.BAD_GATEWAY
         return Reply(status, payload)
 
+    def _no_challenge(self, _: bytes) -> Reply:
+        # 404, not 409: in this mode the resource does not exist (and fuzzers expect 404).
+        return _problem(
+            HTTPStatus.NOT_FOUND,
+            "no_token_in_custom_mode",
+            "MARKETPLACE_MODE=custom meters with MeterUsage, which returns no signed token, so "
+            "there is nothing to challenge; read GET /v1/entitlement and GET /v1/usage instead",
+        )
+
+    def _usage_post(self, body: bytes) -> Reply:
+        if self._usage is None:
+            return _usage_needs_custom_mode()
+        status, doc = self._usage.post(body)
+        headers = {}
+        retry = doc.get("retry_after")
+        if isinstance(retry, int | float) and status in (429, 503):
+            headers["Retry-After"] = str(max(1, int(retry + 0.999)))
+        return Reply(status, _as_problem(doc), headers)
+
+    def _usage_report(self, _: bytes) -> Reply:
+        if self._usage is None:
+            return _usage_needs_custom_mode()
+        return Reply(200, self._usage.report())
+
     def describe(self, snap: Snapshot, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         policy = self._registrar.policy
         return {
@@ -190,6 +238,27 @@ class Router:
             "warnings": list(snap.warnings),
             **(self._extras() if extra is None else extra),
         }
+
+
+def _as_problem(doc: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's flat errors in this API's shape: {"error": {"code", "message", ...}}."""
+    code = doc.get("error")
+    if not isinstance(code, str):
+        return doc
+    details = ("message", "field", "problems")
+    error = {"code": code, "message": str(doc.get("message") or code)}
+    error.update({k: doc[k] for k in details[1:] if k in doc})
+    rest = {k: v for k, v in doc.items() if k != "error" and k not in details}
+    return {"error": error, **rest}
+
+
+def _usage_needs_custom_mode() -> Reply:
+    return _problem(
+        HTTPStatus.NOT_FOUND,
+        "usage_needs_custom_mode",
+        "usage is reported only with MARKETPLACE_MODE=custom (custom-metered products); this "
+        "sidecar runs in hourly mode (RegisterUsage)",
+    )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -267,13 +336,14 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             )
         length = int(length_text)
-        if length > MAX_BODY_BYTES:
+        limit = router.max_body(path)
+        if length > limit:
             self.close_connection = True  # the unread body must not be parsed as a request
             return self._send(
                 _problem(
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     "too_large",
-                    f"request body is limited to {MAX_BODY_BYTES} bytes",
+                    f"request body is limited to {limit} bytes",
                 )
             )
         if length:
