@@ -117,6 +117,9 @@ def test_meter_zero_entitles_and_usage_round_trips(custom: Any, emulator: Emulat
     assert 'marketplace_usage_units_accepted_total{dimension="users"} 3.0' in metrics
     assert 'marketplace_usage_units_accepted_total{dimension="scans"} 2.0' in metrics
     assert 'marketplace_usage_hours{state="open"} 2.0' in metrics
+    assert 'marketplace_usage_hours{state="sent"} 1.0' in metrics  # meter_zero's record
+    assert 'marketplace_usage_send_attempts_total{code="ok",result="sent"} 1.0' in metrics
+    assert "marketplace_usage_oldest_unsent_hour_age_seconds 0.0" in metrics
 
 
 def test_challenge_is_a_clear_4xx_and_usage_is_never_on_the_probe_port(custom: Any) -> None:

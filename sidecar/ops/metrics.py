@@ -98,6 +98,8 @@ USAGE_HOUR_STATES = ("open", "sealed", "sent", "conflict", "expired", "rejected"
 # The usage sender's outcomes of one MeterUsage call (sidecar.usage.hours).
 USAGE_SEND_RESULTS = frozenset({"sent", "retry", "conflict", "expired", "rejected", "dry_run"})
 USAGE_CODES = KNOWN_CODES | {
+    "ok",  # the sender's code for a success
+    "window",  # and for an hour expired before it could be sent
     "DuplicateRequestException",
     "TimestampOutOfBoundsException",
     "InvalidUsageDimensionException",
