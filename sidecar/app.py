@@ -379,14 +379,17 @@ def run(settings: Settings, keys: Mapping[int, RSAPublicKey]) -> int:
         log.warning("credentials", extra={"detail": warning})
     for ignored in settings.ignored():
         log.warning("config_ignored", extra={"detail": ignored})
-    from sidecar.usage.service import StoreError
+    store_errors: tuple[type[Exception], ...] = ()
+    if settings.mode == "custom":  # hourly mode never loads the usage pipeline
+        from sidecar.usage.service import StoreError
 
+        store_errors = (StoreError,)
     try:
         daemon = Daemon(settings, keys)
     except OSError as exc:
         log.error("bind_failed", extra={"detail": str(exc)})
         return 1
-    except StoreError as exc:  # corrupt or unreadable: say so, never start from zero
+    except store_errors as exc:  # corrupt or unreadable: say so, never start from zero
         log.error("usage_store_unusable", extra={"detail": str(exc)})
         return 1
     stop = daemon.stop_event

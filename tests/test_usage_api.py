@@ -359,3 +359,38 @@ def test_schemathesis_in_custom_mode_finds_no_5xx_and_no_schema_violation(
     assert car.get("/healthz").status_code == 200
     report = car.get("/v1/usage").json()
     assert report["hours_total"] >= 1  # the fuzzer's valid records were stored, not lost
+
+
+def test_a_corrupt_store_stops_the_start_with_a_clear_error_and_is_kept(tmp_path: Path) -> None:
+    """Never a silent reset to zero: the damaged file stays for a human, nothing is bound."""
+    import subprocess
+    import sys
+
+    from sidecar.usage.store import DB_NAME
+    from tests.helpers import ROOT, free_port
+
+    damaged = b"SQLite format 3\x00" + b"\xff" * 4000
+    (tmp_path / DB_NAME).write_bytes(damaged)
+    port = free_port()
+    env = loopback_env(
+        "http://127.0.0.1:9",
+        MARKETPLACE_PRODUCT_CODE="prod-abc",
+        MARKETPLACE_MODE="custom",
+        MARKETPLACE_DIMENSIONS=DIMS,
+        MARKETPLACE_STATE_DIR=str(tmp_path),
+        MARKETPLACE_LISTEN=f"127.0.0.1:{port}",
+        MARKETPLACE_PROBE_LISTEN=f"127.0.0.1:{free_port()}",
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert '"event":"usage_store_unusable"' in out.stderr
+    assert '"event":"listening"' not in out.stderr
+    assert "Traceback" not in out.stderr
+    assert (tmp_path / DB_NAME).read_bytes() == damaged
