@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.emulator.service import Emulator, EmulatorServer
-from sidecar.usage.hours import hour_of, hour_start, iso
+from sidecar.usage.hours import hour_of, hour_start, iso, iso_hour
 from sidecar.usage.service import UsageService
 from tests.helpers import ManualClock
 from tests.usage_kit import aws_env, ledger_totals, post, run_for, service
@@ -136,13 +136,32 @@ def test_near_the_six_hour_edge_send_at_once_warn_and_expire_what_aws_would_refu
     svc.close()
 
 
-def test_an_hour_past_the_window_is_expired_kept_and_never_sent(
+def test_usage_left_unsealed_past_the_window_is_carried_not_lost(
     tmp_path: Path, clock: ManualClock, emulator: Emulator
 ) -> None:
     svc = service(tmp_path, clock)
     post(svc, {"dimension": "scans", "quantity": 4})
     svc.close()
-    clock.t = hour_start(H0) + 6 * 3600 + 600
+    clock.t = hour_start(H0) + 6 * 3600 + 600  # the container was down for six hours
+    svc = service(tmp_path, clock)
+    svc.tick(clock.t)
+    (row,) = svc.report()["hours"]
+    assert (row["state"], row["hour"], row["quantity"]) == ("open", iso_hour(H0 + 6), 4)
+    assert row["carried_records"] == 1
+    run_for(svc, clock, 2 * 3600)
+    assert {(r["hour"], r["quantity"]) for r in emulator.ledger()["records"]} == {(H0 + 6, 4)}
+    svc.close()
+
+
+def test_a_sealed_hour_not_sent_in_time_is_expired_kept_and_never_sent(
+    tmp_path: Path, clock: ManualClock, emulator: Emulator
+) -> None:
+    svc = service(tmp_path, clock)
+    post(svc, {"dimension": "scans", "quantity": 4})
+    clock.t = hour_start(H0 + 1) + 61
+    svc.tick(clock.t)  # sealed; its send time is still ahead
+    svc.close()
+    clock.t = hour_start(H0) + 6 * 3600 + 600  # the container was down until the window closed
     svc = service(tmp_path, clock)
     svc.tick(clock.t)
     (row,) = svc.report()["hours"]

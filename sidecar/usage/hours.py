@@ -43,6 +43,9 @@ class HourPolicy:
     # A record for a past, still unsealed hour is counted there only if that hour can still be
     # sent comfortably; otherwise it is carried into the open hour.
     late_floor: float = HOUR
+    # An unsealed hour found with less than this left of its window (the sidecar was down) is
+    # carried into the open hour at sealing instead of being sent at the last minute.
+    seal_floor: float = 600.0
     warn_before: float = HOUR  # warn when an unsent hour's window closes within this
     window_safety: float = 120.0  # stop trying this long before AWS's six hours are over
 
@@ -62,6 +65,9 @@ class HourPolicy:
         """Last moment worth sending a request with this Timestamp (AWS's window, conservatively
         counted from the hour's start, since whether AWS rounds before comparing is unknown)."""
         return hour_start(hour_of(timestamp)) + AWS_WINDOW - self.window_safety
+
+    def worth_sealing(self, hour: int, now: float) -> bool:
+        return hour_start(hour) + AWS_WINDOW - self.window_safety - now >= self.seal_floor
 
     def countable(self, hour: int, now: float) -> bool:
         """Whether a record for an unsealed past `hour` may still be counted in it."""

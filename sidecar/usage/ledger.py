@@ -214,7 +214,16 @@ def seal(
     *,
     send_now: bool = False,
 ) -> list[tuple[str, int]]:
-    """Seal every open (dimension, hour) up to hour `through`: write its exact request."""
+    """Seal every open (dimension, hour) up to hour `through`: write its exact request.
+
+    An open hour too old to be sent safely (the sidecar was down for hours) is not sealed: its
+    usage moves into the open hour, as AWS advises after an outage, instead of expiring unsent.
+    """
+    for dimension, hour in conn.execute(
+        "SELECT dimension, hour FROM open_hours WHERE hour <= ?", (through,)
+    ).fetchall():
+        if not policy.worth_sealing(hour, now):
+            _carry(conn, dimension, hour, now, policy)
     sealed = []
     opened = conn.execute(
         "SELECT dimension, hour FROM open_hours WHERE hour <= ? ORDER BY hour, dimension",
@@ -253,6 +262,45 @@ def seal(
         conn.execute("DELETE FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour))
         sealed.append((dimension, hour))
     return sealed
+
+
+def _carry(
+    conn: sqlite3.Connection, dimension: str, hour: int, now: float, policy: HourPolicy
+) -> int:
+    """Move an unsealed hour's records into the open hour; the hour they now count in."""
+
+    def sealed(h: int) -> bool:
+        return (
+            conn.execute(
+                "SELECT 1 FROM hours WHERE dimension = ? AND hour = ?", (dimension, h)
+            ).fetchone()
+            is not None
+        )
+
+    target = target_hour(hour, now, sealed, policy)
+    if target == hour:
+        return hour
+    conn.execute(
+        "UPDATE records SET hour = ?, carried_from = COALESCE(carried_from, ?) "
+        "WHERE dimension = ? AND hour = ?",
+        (target, hour, dimension, hour),
+    )
+    moved = conn.execute(
+        "SELECT quantity FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour)
+    ).fetchone()
+    if moved is not None:
+        conn.execute("DELETE FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour))
+        conn.execute(
+            "INSERT INTO open_hours (dimension, hour, quantity, tagsets) VALUES (?, ?, ?, 0) "
+            "ON CONFLICT (dimension, hour) DO UPDATE SET quantity = quantity + excluded.quantity",
+            (dimension, target, moved[0]),
+        )
+        conn.execute(
+            "UPDATE open_hours SET tagsets = (SELECT COUNT(DISTINCT tags) FROM records "
+            "WHERE dimension = ? AND hour = ?) WHERE dimension = ? AND hour = ?",
+            (dimension, target, dimension, target),
+        )
+    return target
 
 
 @dataclass(frozen=True)
