@@ -15,7 +15,11 @@ import requests
 
 from sidecar.emulator.service import Emulator, EmulatorServer
 from tests.helpers import ROOT, loopback_env, start_sidecar
+from tests.kube_fake import FakeApiServer
 from tests.test_ecs import problems
+from tests.test_kube import GATE, apiserver, launch_on_pod, wait_condition
+
+__all__ = ["apiserver"]  # the fixture, shared with the hourly-mode gate tests
 
 ECS = ROOT / "manifests" / "ecs"
 
@@ -184,3 +188,29 @@ def test_test_only_clock_is_refused_off_loopback(tmp_path: Path) -> None:
         "MARKETPLACE_TEST_ONLY_TIME_SCALE: only for tests against a loopback emulator" in out.stderr
     )
     assert "MARKETPLACE_TEST_ONLY_TIME_ORIGIN: is required" in out.stderr
+
+
+def test_custom_mode_refusal_drives_the_readiness_gate_and_events(
+    launch: Any, emulator: Emulator, apiserver: FakeApiServer, tmp_path: Path
+) -> None:
+    """Same pod condition and Events as hourly mode: the machinery reads one state machine."""
+    emulator.reconfigure({"entitled": False})
+    car = launch_on_pod(
+        launch,
+        apiserver,
+        MARKETPLACE_MODE="custom",
+        MARKETPLACE_DIMENSIONS="scans,users",
+        MARKETPLACE_STATE_DIR=str(tmp_path),
+        MARKETPLACE_READINESS_GATE=GATE,
+        MARKETPLACE_KUBE_EVENTS="true",
+    )
+    car.wait_for(lambda d: d["state"] == "not_entitled", 15)
+    deadline = time.monotonic() + 10
+    cond = wait_condition(apiserver, "False")
+    while cond["reason"] != "NotEntitled" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        cond = apiserver.condition("shop", "product-0", GATE) or cond
+    assert cond["message"].startswith("CustomerNotEntitledException: ")
+    while not apiserver.events and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert apiserver.events[-1]["reason"] == "NotEntitled"
