@@ -211,6 +211,11 @@ def test_custom_mode_refusal_drives_the_readiness_gate_and_events(
         time.sleep(0.05)
         cond = apiserver.condition("shop", "product-0", GATE) or cond
     assert cond["message"].startswith("CustomerNotEntitledException: ")
-    while not apiserver.events and time.monotonic() < deadline:
+    # A "Registering" Event may come first: wait for the refusal's own Event.
+    while time.monotonic() < deadline and not any(
+        e["reason"] == "NotEntitled" for e in apiserver.events
+    ):
         time.sleep(0.05)
-    assert apiserver.events[-1]["reason"] == "NotEntitled"
+    refused = [e for e in apiserver.events if e["reason"] == "NotEntitled"]
+    assert len(refused) == 1, apiserver.events
+    assert refused[0]["message"].startswith("CustomerNotEntitledException")
