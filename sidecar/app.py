@@ -2,19 +2,27 @@
 
     env ──> config.load ──(bad: exit 2, nothing bound)
                 │
-                ▼
+      MARKETPLACE_MODE=hourly (default)
     ┌──────────────── registrar thread ─────────────────┐   verdict.json (pod-lifetime
     │ region ─> boto3 RegisterUsage(nonce) ─> verify     │<─> emptyDir: AWS's first-call
     │ retry: Backoff / ThrottleSchedule; every hour again│    refusal survives restarts)
+    └────────────────────────────┬───────────────────────┘
+      or MARKETPLACE_MODE=custom │
+    ┌──────────────── usage thread ──────────────────────┐   usage store (SQLite WAL in the
+    │ entitlement: MeterUsage 0 | DryRun | none          │<─> same emptyDir) <── POST /v1/usage
+    │ then each ended hour: seal, MeterUsage it once     │    (202 only after fsync)
     └────────────────────────────┬───────────────────────┘
                                  ▼
                      Entitlement (state machine) ──> Metrics, kube mirrors (opt-in:
                                  │                   pod condition, Events)
                                  ▼
-    127.0.0.1:8787  /healthz /readyz /v1/entitlement /v1/entitlement/challenge
+    127.0.0.1:8787  /healthz /readyz /v1/entitlement /v1/entitlement/challenge (hourly only)
+                    /v1/usage (custom only: POST records, GET per-hour state)
     0.0.0.0:8788    /healthz /readyz /metrics     (kubelet / ECS probes, Prometheus)
 
-SIGTERM or SIGINT sets one stop event; the servers close and the process exits 0.
+SIGTERM or SIGINT sets one stop event. Custom mode then seals the partial hour and sends what
+is pending within MARKETPLACE_DRAIN_SECONDS (the API still accepts usage meanwhile); the servers
+close and the process exits 0.
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Hashable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
@@ -39,7 +48,7 @@ from sidecar.config import ENDPOINT_ENV, PREFIX, Settings, config_warnings, desc
 from sidecar.core.backoff import Backoff, ThrottleSchedule
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.entitlement.marker import FirstCallMarker
-from sidecar.entitlement.registrar import Gateway, GatewaySetupError, Policy, Registrar
+from sidecar.entitlement.registrar import GatewaySetupError, Policy, Registrar
 from sidecar.entitlement.state import Entitlement, Snapshot
 from sidecar.entitlement.verdict import VerdictStore
 from sidecar.ops import logs
@@ -48,10 +57,13 @@ from sidecar.ops.metrics import Metrics
 from sidecar.server.api import API_LIMITS, METRICS_LIMITS, PROBE_LIMITS, LocalServer, Router
 from sidecar.server.netaddr import parse_hostport
 
+if TYPE_CHECKING:
+    from sidecar.usage.service import EntitlementResult, UsagePolicy, UsageService
+
 log = logging.getLogger("sidecar")
 
 ROUTES = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/v1/entitlement", "/v1/entitlement/challenge"}
+    {"/healthz", "/readyz", "/metrics", "/v1/entitlement", "/v1/entitlement/challenge", "/v1/usage"}
 )
 
 
@@ -75,8 +87,37 @@ def policy_from(settings: Settings, keys: Mapping[int, RSAPublicKey]) -> Policy:
     )
 
 
-def aws_gateway(settings: Settings) -> Callable[[], Gateway]:
-    def factory() -> Gateway:
+def usage_policy(settings: Settings) -> UsagePolicy:
+    from sidecar.usage.service import UsagePolicy
+
+    if settings.state_dir is None:  # the mode validator requires it
+        raise ValueError("MARKETPLACE_STATE_DIR is required with MARKETPLACE_MODE=custom")
+    return UsagePolicy(
+        product_code=settings.product_code,
+        dimensions=settings.dimension_list,
+        state_dir=settings.state_dir,
+        entitlement_check=settings.entitlement_check,
+        drain_seconds=settings.drain_seconds,
+        entitlement_deadline=settings.register_deadline_seconds,
+        backoff_base=settings.backoff_base_seconds,
+        backoff_cap=settings.backoff_cap_seconds,
+    )
+
+
+def usage_clock(settings: Settings) -> Clock:
+    """The system clock; a scaled one only for tests (config refuses it unless on loopback)."""
+    if settings.test_only_time_scale is None or settings.test_only_time_origin is None:
+        return SystemClock()
+    from sidecar.usage.hours import ScaledClock
+
+    log.warning("test_only_clock", extra={"scale": settings.test_only_time_scale})
+    return ScaledClock(settings.test_only_time_scale, settings.test_only_time_origin)
+
+
+def aws_gateway(settings: Settings) -> Callable[[], Any]:
+    """The boto3 gateway, built lazily on first use (RegisterUsage or MeterUsage)."""
+
+    def factory() -> Any:
         from sidecar.aws.metering import MeteringGateway
         from sidecar.aws.region import RegionNotFoundError, resolve_region
 
@@ -205,40 +246,58 @@ class Daemon:
         keys: Mapping[int, RSAPublicKey],
         *,
         clock: Clock | None = None,
-        gateway_factory: Callable[[], Gateway] | None = None,
+        gateway_factory: Callable[[], Any] | None = None,
     ) -> None:
         self.settings = settings
         self.stop_event = threading.Event()
         self.machine = Entitlement()
         self.metrics = Metrics(self.machine.snapshot, ROUTES)
+        custom = settings.mode == "custom"
+        self.clock = clock or (usage_clock(settings) if custom else SystemClock())
+        factory = gateway_factory or aws_gateway(settings)
+        # In custom mode the registrar never runs: the Router reads its state machine only.
         self.registrar = Registrar(
             policy_from(settings, keys),
-            gateway_factory or aws_gateway(settings),
+            factory,
             self.machine,
-            clock or SystemClock(),
+            self.clock,
             random.random,
             self.stop_event,
             verdicts=(
                 VerdictStore(settings.state_dir, settings.product_code)
-                if settings.state_dir is not None
+                if settings.state_dir is not None and not custom
                 else None
             ),
             observer=self.metrics,
             marker=FirstCallMarker(settings.state_dir),
         )
+        self.usage: UsageService | None = None
+        self._entitlement_check = "none"
+        if custom:
+            from sidecar.usage.service import UsageService
+
+            # Raises StoreError before any port is bound: never a silent reset to zero.
+            self.usage = UsageService(
+                usage_policy(settings), factory, clock=self.clock, on_entitlement=self._entitled
+            )
+            usage = self.usage
+            self.metrics.watch_usage(usage.counters, frozenset(settings.dimension_list))
         self._crash: str | None = None
-        self._worker = threading.Thread(target=self._work, name="registrar", daemon=True)
+        self._worker = threading.Thread(
+            target=self._work_usage if custom else self._work,
+            name="usage" if custom else "registrar",
+            daemon=True,
+        )
         self.mirrors: list[Mirror] = []
         if settings.readiness_gate or settings.kube_events:
-            self.mirrors = kube_mirrors(
-                settings, self.machine, clock or SystemClock(), self.stop_event
-            )
+            self.mirrors = kube_mirrors(settings, self.machine, self.clock, self.stop_event)
         api_router = Router(
             self.registrar,
             self.health,
             extras=self.extras,
             metrics=self.metrics,
             warnings=config_warnings(settings),
+            usage=self.usage,
         )
         self.api = bind(
             f"{PREFIX}LISTEN",
@@ -280,6 +339,8 @@ class Daemon:
         except ListenError:
             for server in self.servers:
                 server.server_close()
+            if self.usage is not None:
+                self.usage.close()
             raise
 
     def health(self) -> str | None:
@@ -287,6 +348,13 @@ class Daemon:
 
     def extras(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        if self.usage is not None:
+            out["metering"] = {
+                "mode": "custom",
+                "entitlement_check": self.settings.entitlement_check,
+                # dry_run and none serve before AWS has said anything about the subscription.
+                "subscription_checked": self._entitlement_check == "entitled",
+            }
         for m in self.mirrors:
             st = m.status
             out[m.name] = {
@@ -296,12 +364,52 @@ class Daemon:
             }
         return out
 
+    def _entitled(self, result: EntitlementResult) -> None:
+        """Map the usage pipeline's entitlement answers onto the same states as hourly mode."""
+        now = self.clock.time()
+        before = self.machine.snapshot()
+        outcome = result.outcome
+        if outcome in ("entitled", "permitted", "skipped"):
+            self._entitlement_check = outcome
+            self.machine.succeeded(None, None, now, None)
+        elif outcome == "refused" and result.error is not None:
+            if before.last_success_at is None:
+                self.machine.failed(result.error, now)  # before any success: final
+            else:
+                self.machine.revoked(result.error, now)  # dry_run/none: first real send refused
+        elif result.error is not None:  # unavailable: retryable errors until the deadline
+            self.machine.failed(result.error, now)
+            self.machine.give_up(now)
+        after = self.machine.snapshot()
+        if after.state is not before.state:
+            log.info(
+                "state_changed",
+                extra={
+                    "from": before.state.value,
+                    "to": after.state.value,
+                    "code": after.error.code if after.error else None,
+                    "entitlement_check": self.settings.entitlement_check,
+                },
+            )
+
     def _work(self) -> None:
         try:
             self.registrar.run()
         except Exception as exc:
             self._crash = f"registration loop crashed: {type(exc).__name__}"
             log.exception("registrar_crashed")
+
+    def _work_usage(self) -> None:
+        if self.usage is None:
+            return
+        try:
+            result = self.usage.check_entitlement(self.stop_event)
+            self._entitled(result)
+            if result.outcome != "refused":  # unsent hours still go out after an outage
+                self.usage.run(self.stop_event)
+        except Exception as exc:
+            self._crash = f"usage loop crashed: {type(exc).__name__}"
+            log.exception("usage_crashed")
 
     def start(self) -> None:
         for server in self.servers:
@@ -312,9 +420,22 @@ class Daemon:
 
     def close(self) -> None:
         self.stop_event.set()
+        if self.usage is not None:
+            # The API stays up while draining: a classic sidecar's product may still report.
+            started = time.monotonic()
+            budget = self.settings.drain_seconds
+            self._worker.join(timeout=min(2.0, budget))
+            left = max(0.0, budget - (time.monotonic() - started))
+            log.info("draining", extra={"budget_seconds": round(left, 1)})
+            try:
+                self.usage.drain(left)
+            except Exception:
+                log.exception("drain_failed")  # unsent hours stay in the store
         for server in self.servers:
             server.shutdown()
             server.server_close()
+        if self.usage is not None:
+            self.usage.close()
 
 
 def run(
@@ -331,6 +452,13 @@ def run(
         log.warning("config", extra={"detail": warning})
     for warning in credential_warnings(os.environ):
         log.warning("credentials", extra={"detail": warning})
+    for ignored in settings.ignored():
+        log.warning("config_ignored", extra={"detail": ignored})
+    store_errors: tuple[type[Exception], ...] = ()
+    if settings.mode == "custom":  # hourly mode never loads the usage pipeline
+        from sidecar.usage.service import StoreError
+
+        store_errors = (StoreError,)
     try:
         daemon = Daemon(settings, keys)
     except ListenError as exc:
@@ -346,6 +474,9 @@ def run(
         print(f"config error: cannot listen: {exc}", file=sys.stderr, flush=True)
         log.error("bind_failed", extra={"detail": str(exc)})
         return 2
+    except store_errors as exc:  # corrupt or unreadable: say so, never start from zero
+        log.error("usage_store_unusable", extra={"detail": str(exc)})
+        return 1
     daemon_stop = daemon.stop_event
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon_stop.set())
@@ -354,6 +485,8 @@ def run(
         daemon_stop.set()
         for server in daemon.servers:
             server.server_close()
+        if daemon.usage is not None:
+            daemon.usage.close()
         return 0
     daemon.start()
     log.info(

@@ -5,6 +5,7 @@
 
 A deleted sidecar yields no token, a fake one cannot sign, a replayed token carries another
 nonce. Build the product code and public key into the product image, not its configuration.
+Custom-metered products report usage with `report_usage` (MARKETPLACE_MODE=custom).
 Stdlib + PyJWT only: importing this module never loads boto3 or kubernetes.
 
 The sidecar may be hostile too, so the transport is a few lines of plain HTTP/1.1 over a socket
@@ -21,6 +22,7 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Mapping, Sequence
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -336,3 +338,69 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 def _clean(text: str) -> str:
     """A hostile sidecar's text, made safe to log: printable and short."""
     return "".join(c if c.isprintable() else "?" for c in text[:_MESSAGE_CHARS])
+
+
+class UsageError(Exception):
+    """The sidecar did not acknowledge the usage. `reason` is a stable word.
+
+    Unless `reason` is "invalid", "conflict" or "too_large", the units may or may not have been
+    stored: send the same records with the same `id` again and they are counted once.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+
+
+_USAGE_REASONS = {400: "invalid", 409: "conflict", 413: "too_large", 429: "unavailable"}
+_USAGE_REASONS[503] = "unavailable"
+
+
+def report_usage(
+    records: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    *,
+    url: str = DEFAULT_URL,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """POST /v1/usage: the sidecar's answer once the units are durable, or `UsageError`.
+
+    `records`: one `{"dimension", "quantity", "id"?, "timestamp"?, "allocations"?}` or a list of
+    up to 1,000. `timeout` bounds the whole call, connection to last byte (the same transport,
+    deadline and caps as `challenge`).
+    """
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+    body = records if isinstance(records, Mapping) else list(records)
+    try:
+        json.dumps(body)
+    except (TypeError, ValueError) as exc:
+        raise UsageError("invalid", f"records are not JSON-serialisable: {exc}") from None
+    try:
+        status, headers, doc = _request(
+            "POST", url.rstrip("/") + "/v1/usage", body, time.monotonic() + timeout
+        )
+    except EntitlementError as exc:  # the transport's reasons: bad_url, no_sidecar, timeout, ...
+        raise UsageError(exc.reason, exc.message) from None
+    if status in (200, 202) and isinstance(doc, dict):
+        return doc
+    if doc is None:
+        raise UsageError("bad_answer", f"HTTP {status}: the answer is not JSON", status=status)
+    error = doc.get("error") if isinstance(doc, dict) else None
+    error = error if isinstance(error, dict) else {}
+    code = str(error.get("code") or f"http_{status}")
+    message = f"{code}: {error.get('message') or 'no message'}"
+    reason = _USAGE_REASONS.get(status, f"sidecar_{status}")
+    if code == "usage_needs_custom_mode":
+        reason = "not_custom_mode"
+    retry_after = parse_retry_after(headers.get("retry-after"), time.time())
+    raise UsageError(reason, message, status=status, retry_after=retry_after)

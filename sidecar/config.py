@@ -34,6 +34,10 @@ CONDITION_TYPE_RE = re.compile(
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 )
 REGISTRATION_WINDOW_SECONDS = 6 * 3600
+MAX_DIMENSIONS = 24  # AWS: up to 24 custom dimensions per product
+MAX_DIMENSION_CHARS = 255  # MeterUsage UsageDimension: 1-255 characters
+# Kubernetes' default terminationGracePeriodSeconds is 30: leave room for the product's own exit.
+DEFAULT_DRAIN_SECONDS = 20.0
 ENDPOINT_ENV = "AWS_ENDPOINT_URL_MARKETPLACE_METERING"
 PREFIX = "MARKETPLACE_"
 _NO_KEY = (
@@ -59,6 +63,27 @@ class Settings(BaseSettings):
     product_code: str = Field(
         description="product code from the AWS Marketplace Management Portal "
         "(1-255 of A-Za-z0-9-/=:_.@)"
+    )
+    mode: Literal["hourly", "custom", "saas"] = Field(
+        "hourly",
+        description="hourly (RegisterUsage), custom (MeterUsage, custom dimensions) or saas "
+        "(not yet supported)",
+    )
+    dimensions: str = Field(
+        "",
+        description="custom mode: the product's dimension names as published, comma-separated "
+        "(1-24)",
+    )
+    entitlement_check: Literal["meter_zero", "dry_run", "none"] = Field(
+        "meter_zero",
+        description="custom mode: how entitlement is checked at start (meter_zero: a quantity-0 "
+        "record; dry_run: permissions only; none)",
+    )
+    drain_seconds: float = Field(
+        DEFAULT_DRAIN_SECONDS,
+        ge=0.0,
+        le=3600.0,
+        description="custom mode: on SIGTERM, how long to keep sending pending usage",
     )
     public_key_version: int = Field(
         1, ge=1, description="public key version sent to AWS and used to pick the key"
@@ -168,6 +193,18 @@ class Settings(BaseSettings):
         Path("/var/run/secrets/kubernetes.io/serviceaccount"),
         description="service-account token, CA and namespace for the Kubernetes API",
     )
+    # TEST ONLY (crash and fleet tests): hours pass `scale` times faster from `origin` (Unix
+    # time), as in the emulator. Refused unless the metering endpoint is loopback.
+    test_only_time_scale: float | None = Field(
+        None,
+        ge=1.0,
+        le=100000.0,
+        description="TEST ONLY, refused unless the metering endpoint is loopback: time runs this "
+        "many times faster",
+    )
+    test_only_time_origin: float | None = Field(
+        None, description="TEST ONLY: the Unix time the scaled clock starts from"
+    )
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="lowest level logged"
@@ -179,6 +216,17 @@ class Settings(BaseSettings):
         if not PRODUCT_CODE_RE.match(v):
             raise ValueError("must be 1-255 characters of letters, digits and -/=:_.@")
         return v
+
+    @field_validator("dimensions")
+    @classmethod
+    def _dimensions(cls, v: str) -> str:
+        if v:
+            parse_dimensions(v)
+        return v
+
+    @property
+    def dimension_list(self) -> tuple[str, ...]:
+        return parse_dimensions(self.dimensions) if self.dimensions else ()
 
     @field_validator("readiness_gate")
     @classmethod
@@ -221,9 +269,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        problems = []  # one line each; `_format` splits them
-        if (self.public_key is None) == (self.public_key_file is None):
-            problems.append(_NO_KEY)
+        problems = self._mode_problems()
         if (self.readiness_gate or self.kube_events) and not (self.pod_name and self.pod_namespace):
             problems.append(
                 f"{PREFIX}POD_NAME and {PREFIX}POD_NAMESPACE are required with "
@@ -248,6 +294,72 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _mode_problems(self) -> list[str]:
+        """What each mode needs, and nothing it does not: custom mode has no token to verify."""
+        if self.mode == "saas":
+            return [
+                f"{PREFIX}MODE: saas is not yet supported; use hourly (RegisterUsage) or "
+                "custom (MeterUsage for container products)"
+            ]
+        if self.mode == "hourly":
+            problems = []
+            if (self.public_key is None) == (self.public_key_file is None):
+                problems.append(_NO_KEY)
+            # Empty values are fine: templates set every variable and leave unused ones blank.
+            for name in ("dimensions", "entitlement_check"):
+                if name in self.model_fields_set and getattr(self, name):
+                    problems.append(
+                        f"{PREFIX}{name.upper()}: only used with {PREFIX}MODE=custom "
+                        f"(the mode is hourly); set {PREFIX}MODE=custom or remove it"
+                    )
+            return problems
+        problems = []
+        if not self.dimensions:
+            problems.append(
+                f"{PREFIX}DIMENSIONS: is required with {PREFIX}MODE=custom: the product's "
+                f"dimension names as published, comma-separated (1-{MAX_DIMENSIONS})"
+            )
+        if self.state_dir is None:
+            problems.append(
+                f"{PREFIX}STATE_DIR: is required with {PREFIX}MODE=custom: the usage store "
+                "lives there (mount an emptyDir: it survives container restarts)"
+            )
+        return problems
+
+    def ignored(self) -> list[str]:
+        """Variables set but unused in this mode: logged at start, so nobody trusts them."""
+        if self.mode != "custom":
+            return []
+        unused = (
+            "public_key",
+            "public_key_file",
+            "public_key_version",
+            "challenge_rate_per_second",
+        )
+        return [
+            f"{PREFIX}{name.upper()} is ignored with {PREFIX}MODE=custom (MeterUsage returns "
+            "no signed token)"
+            for name in unused
+            if name in self.model_fields_set
+        ]
+
+
+def parse_dimensions(text: str) -> tuple[str, ...]:
+    """'users, scans' -> ('users', 'scans'): 1-24 distinct names of 1-255 printable characters."""
+    names = tuple(part.strip() for part in text.split(","))
+    if not 1 <= len(names) <= MAX_DIMENSIONS:
+        raise ValueError(f"must list 1-{MAX_DIMENSIONS} dimension names, got {len(names)}")
+    for name in names:
+        if not 1 <= len(name) <= MAX_DIMENSION_CHARS or not name.isprintable():
+            raise ValueError(
+                f"each dimension name must be 1-{MAX_DIMENSION_CHARS} printable characters "
+                f"(got {name[:40]!r}); separate names with commas"
+            )
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"lists {', '.join(dupes)[:80]} more than once")
+    return names
 
 
 def is_loopback(host: str) -> bool:
@@ -398,14 +510,18 @@ def load() -> tuple[Settings, dict[int, RSAPublicKey]]:
         settings = Settings()  # type: ignore[call-arg]  # product_code comes from the env
     except ValidationError as exc:
         found = _format(exc)
-        if not any(os.environ.get(f"{PREFIX}{n}") for n in ("PUBLIC_KEY", "PUBLIC_KEY_FILE")):
+        hourly = os.environ.get(f"{PREFIX}MODE", "hourly") == "hourly"
+        if hourly and not any(
+            os.environ.get(f"{PREFIX}{n}") for n in ("PUBLIC_KEY", "PUBLIC_KEY_FILE")
+        ):
             found.append(_NO_KEY)  # the model check does not run when a field failed
         raise ConfigError(_unknown_problems(env, list(dict.fromkeys(found)))) from None
     problems: list[str] = []
     keys: dict[int, RSAPublicKey] = {}
     source = "PUBLIC_KEY_FILE" if settings.public_key_file else "PUBLIC_KEY"
     try:
-        keys[settings.public_key_version] = load_public_key(_key_text(settings))
+        if settings.mode == "hourly":  # custom mode has no token, so no key to load
+            keys[settings.public_key_version] = load_public_key(_key_text(settings))
     except UnusableKeyError as exc:
         problems.append(f"{PREFIX}{source}: {exc}")
     except UnsafeFileError as exc:
@@ -430,6 +546,18 @@ def load() -> tuple[Settings, dict[int, RSAPublicKey]]:
         parsed = urlparse(endpoint)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             problems.append(f"{ENDPOINT_ENV}: must be an http(s) URL, got {endpoint[:80]!r}")
+    if settings.test_only_time_scale is not None:
+        host = urlparse(endpoint or "").hostname or ""
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            problems.append(
+                f"{PREFIX}TEST_ONLY_TIME_SCALE: only for tests against a loopback emulator "
+                f"({ENDPOINT_ENV} must point at 127.0.0.1); never set it in production"
+            )
+        if settings.test_only_time_origin is None:
+            problems.append(
+                f"{PREFIX}TEST_ONLY_TIME_ORIGIN: is required with {PREFIX}TEST_ONLY_TIME_SCALE "
+                "(the Unix time the emulator's scaled clock starts from)"
+            )
     problems = _unknown_problems(env, problems)
     if problems:
         raise ConfigError(problems)

@@ -1,5 +1,6 @@
 """`marketplace-sidecar doctor`: one line per check, ✔ / ! / ✘ with a fix hint. Changes nothing
-and never calls RegisterUsage (that would register, and bill, this pod)."""
+and never calls RegisterUsage (that would register, and bill, this pod), nor a MeterUsage that
+meters: custom mode is checked with DryRun only."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from sidecar.config import Settings
 
 from sidecar.aws.errors import SIGV4_SKEW_SECONDS
 
@@ -35,13 +40,28 @@ class Check:
 
 
 def check_config() -> list[Check]:
+    return load_config()[0]
+
+
+def load_config() -> tuple[list[Check], Settings | None]:
     from sidecar.config import ConfigError, load
     from sidecar.entitlement.keys import fingerprint
 
     try:
         settings, keys = load()
     except ConfigError as exc:
-        return [Check(FAIL, "configuration", p) for p in exc.problems]
+        return [Check(FAIL, "configuration", p) for p in exc.problems], None
+    if settings.mode == "custom":
+        names = ", ".join(settings.dimension_list)
+        return [
+            Check(OK, "configuration", f"product code {settings.product_code}"),
+            Check(
+                OK,
+                "metering",
+                f"custom: {len(settings.dimension_list)} dimension(s) ({names[:200]}), "
+                f"entitlement check {settings.entitlement_check}",
+            ),
+        ], settings
     key = keys[settings.public_key_version]
     return [
         Check(OK, "configuration", f"product code {settings.product_code}"),
@@ -51,7 +71,7 @@ def check_config() -> list[Check]:
             f"RSA-{key.key_size}, version {settings.public_key_version}, "
             f"sha256 {fingerprint(key)[:16]}…",
         ),
-    ]
+    ], settings
 
 
 def check_region(env: Mapping[str, str]) -> tuple[Check, str | None]:
@@ -171,13 +191,81 @@ def check_endpoint(region: str | None, now: Callable[[], float]) -> list[Check]:
     return checks
 
 
+def check_meter_usage_permission(
+    settings: Settings, region: str | None, now: Callable[[], float]
+) -> list[Check]:
+    """Custom mode: MeterUsage with DryRun=True per dimension. A permission check only: AWS
+    documents nothing about DryRun and the subscription, and it records no usage."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if region is None:
+        return [Check(FAIL, "MeterUsage permission", "skipped: no region")]
+    client = boto3.client(
+        "meteringmarketplace",
+        region_name=region,
+        config=Config(
+            retries={"mode": "standard", "total_max_attempts": 1},
+            connect_timeout=3.0,
+            read_timeout=5.0,
+        ),
+    )
+    checks = []
+    for dimension in settings.dimension_list:
+        try:
+            client.meter_usage(
+                ProductCode=settings.product_code,
+                Timestamp=datetime.fromtimestamp(now(), UTC),
+                UsageDimension=dimension,
+                UsageQuantity=0,
+                DryRun=True,
+            )
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code") or "Unknown")
+            if code == "DryRunOperation":  # AWS may report DryRun success as an error code
+                checks.append(Check(OK, "MeterUsage permission", f"{dimension}: allowed (DryRun)"))
+                continue
+            checks.append(_meter_refusal(dimension, code, str(exc)))
+            continue
+        except BotoCoreError as exc:
+            checks.append(
+                Check(
+                    FAIL,
+                    "MeterUsage permission",
+                    f"{dimension}: {type(exc).__name__}: {exc}",
+                    "check credentials and egress to the metering endpoint",
+                )
+            )
+            continue
+        checks.append(Check(OK, "MeterUsage permission", f"{dimension}: allowed (DryRun)"))
+    return checks
+
+
+def _meter_refusal(dimension: str, code: str, message: str) -> Check:
+    if code in ("AccessDeniedException", "AccessDenied", "UnauthorizedException"):
+        fix = (
+            'grant aws-marketplace:MeterUsage (Resource "*") to the ECS task role or the IRSA '
+            "role (manifests/iam/policy-custom-metering.json)"
+        )
+    elif code == "InvalidUsageDimensionException":
+        fix = "MARKETPLACE_DIMENSIONS must match the dimension names published in AMMP exactly"
+    elif code == "InvalidProductCodeException":
+        fix = "MARKETPLACE_PRODUCT_CODE must be the product code from AMMP"
+    else:
+        fix = "see the AWS error message"
+    return Check(FAIL, "MeterUsage permission", f"{dimension}: {code}: {message[:200]}", fix)
+
+
 def doctor(
     out: TextIO, env: Mapping[str, str] | None = None, now: Callable[[], float] = time.time
 ) -> int:
     env = os.environ if env is None else env
-    checks = check_config()
+    checks, settings = load_config()
     region_check, region = check_region(env)
     checks += [region_check, check_credentials(env), *check_endpoint(region, now)]
+    if settings is not None and settings.mode == "custom":
+        checks += check_meter_usage_permission(settings, region, now)
     for c in checks:
         print(c.line(), file=out)
     failed = sum(c.mark == FAIL for c in checks)

@@ -1,8 +1,9 @@
 """Loopback stand-ins for the AWS credential and metadata endpoints the sidecar and botocore
-read, so no test touches 169.254.169.254, 169.254.170.2 or STS:
+read, so no test touches 169.254.169.254, 169.254.170.2 or STS.
 
-    POST /                                                 STS AssumeRoleWithWebIdentity (IRSA,
-                                                           via AWS_ENDPOINT_URL_STS)
+`MotoSts`: moto's real STS in server mode, for IRSA (AssumeRoleWithWebIdentity through
+AWS_ENDPOINT_URL_STS). `FakeMetadata`, hand-written, for what moto does not serve:
+
     PUT /latest/api/token                                  IMDSv2 session token
     GET /latest/meta-data/placement/region                 (token required)
     GET /latest/meta-data/iam/security-credentials/[role]  node-role credentials
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
-import urllib.parse
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -31,30 +32,10 @@ CREDENTIALS = {
 }
 
 
-IRSA_ACCESS_KEY = "ASIAIRSALOOPBACK"
-STS_RESPONSE = """<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
-  <AssumeRoleWithWebIdentityResult>
-    <Credentials>
-      <AccessKeyId>{key}</AccessKeyId>
-      <SecretAccessKey>irsa-secret</SecretAccessKey>
-      <SessionToken>irsa-session-token</SessionToken>
-      <Expiration>2099-01-01T00:00:00Z</Expiration>
-    </Credentials>
-    <SubjectFromWebIdentityToken>system:serviceaccount:shop:product</SubjectFromWebIdentityToken>
-    <AssumedRoleUser>
-      <Arn>arn:aws:sts::111122223333:assumed-role/metering/s</Arn>
-      <AssumedRoleId>AROAEXAMPLE:s</AssumedRoleId>
-    </AssumedRoleUser>
-  </AssumeRoleWithWebIdentityResult>
-  <ResponseMetadata><RequestId>sts-1</RequestId></ResponseMetadata>
-</AssumeRoleWithWebIdentityResponse>"""
-
-
 class FakeMetadata:
     def __init__(self) -> None:
         self.task: dict[str, Any] = {}
         self.seen: list[tuple[str, str, str | None]] = []
-        self.sts_calls: list[dict[str, list[str]]] = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -66,11 +47,6 @@ class FakeMetadata:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
-                fake.sts_calls.append(urllib.parse.parse_qs(body))
-                self._reply(200, STS_RESPONSE.format(key=IRSA_ACCESS_KEY).encode())
 
             def do_PUT(self) -> None:
                 ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
@@ -104,3 +80,47 @@ class FakeMetadata:
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+IRSA_ACCOUNT = "111122223333"
+
+
+@dataclass(frozen=True)
+class Assumed:
+    role_arn: str
+    session_name: str
+    access_key_id: str
+
+
+class MotoSts:
+    """moto's STS in server mode on loopback: a maintained IRSA stand-in (it does not check the
+    web identity token's signature, so any JWT-shaped file works)."""
+
+    def __init__(self) -> None:
+        from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        self._before = len(self._roles())
+
+    @staticmethod
+    def _roles() -> list[Any]:
+        from moto.sts.models import sts_backends
+
+        roles: list[Any] = sts_backends[IRSA_ACCOUNT]["aws"].assumed_roles
+        return roles
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.get_host_and_port()
+        return f"http://{host}:{port}"
+
+    def assumed(self) -> list[Assumed]:
+        """Roles assumed through this server since it started (moto keeps state per process)."""
+        return [
+            Assumed(r.role_arn, r.session_name, r.access_key_id)
+            for r in self._roles()[self._before :]
+        ]
+
+    def close(self) -> None:
+        self._server.stop()

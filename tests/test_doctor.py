@@ -11,18 +11,18 @@ import pytest
 
 from sidecar.emulator.service import Emulator, EmulatorServer
 from tests.helpers import ROOT, Launch, free_port, loopback_env
-from tests.metadata_fake import IRSA_ACCESS_KEY, FakeMetadata
+from tests.metadata_fake import FakeMetadata, MotoSts
 from tests.test_keys import JWT_IO_DEMO_KEY
 
 
 @pytest.fixture
-def sts() -> Iterator[FakeMetadata]:
-    server = FakeMetadata()
+def sts() -> Iterator[MotoSts]:
+    server = MotoSts()
     yield server
     server.close()
 
 
-def irsa_env(tmp_path: Path, sts: FakeMetadata) -> dict[str, str]:
+def irsa_env(tmp_path: Path, sts: MotoSts) -> dict[str, str]:
     token = tmp_path / "token"
     token.write_text("eyJ.web-identity.token")
     return {
@@ -54,7 +54,7 @@ def base_env(server: EmulatorServer, emulator: Emulator, **extra: str) -> dict[s
 
 
 def test_healthy_irsa_setup_passes_and_registers_nothing(
-    emulator_server: EmulatorServer, emulator: Emulator, sts: FakeMetadata, tmp_path: Path
+    emulator_server: EmulatorServer, emulator: Emulator, sts: MotoSts, tmp_path: Path
 ) -> None:
     env = base_env(emulator_server, emulator, **irsa_env(tmp_path, sts))
     del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
@@ -68,17 +68,19 @@ def test_healthy_irsa_setup_passes_and_registers_nothing(
     assert any(line.startswith(f"✔ endpoint: {emulator_server.url}") for line in lines)
     assert any(line.startswith("✔ clock:") for line in lines)
     assert lines[-1] == "no problems found"
-    assert sts.sts_calls[0]["Action"] == ["AssumeRoleWithWebIdentity"]
+    assert [a.role_arn for a in sts.assumed()] == ["arn:aws:iam::111122223333:role/metering"]
     assert emulator.calls == []  # the doctor never calls RegisterUsage
 
 
 def test_irsa_credentials_sign_the_real_registration(
-    launch: Launch, emulator: Emulator, sts: FakeMetadata, tmp_path: Path
+    launch: Launch, emulator: Emulator, sts: MotoSts, tmp_path: Path
 ) -> None:
     env = irsa_env(tmp_path, sts)
     car = launch(AWS_ACCESS_KEY_ID="", AWS_SECRET_ACCESS_KEY="", **env)
     car.wait_for(lambda d: d["state"] == "entitled")
-    assert emulator.calls[-1]["pod"] == IRSA_ACCESS_KEY  # signed with the STS-issued key
+    issued = sts.assumed()
+    assert len(issued) == 1 and issued[0].access_key_id.startswith("ASIA")
+    assert emulator.calls[-1]["pod"] == issued[0].access_key_id  # signed with the STS-issued key
 
 
 @pytest.mark.parametrize(

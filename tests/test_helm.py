@@ -540,3 +540,101 @@ def test_plain_manifests_are_in_sync_with_the_chart(tmp_path: Path) -> None:
     assert regenerated == committed, "run scripts/render-manifests.sh and commit the result"
     docs = [d for d in yaml.safe_load_all(committed) if d]
     validate(docs, "1.29.0")
+
+
+# -- custom-metered products (metering.mode=custom) --------------------------------------------
+
+CUSTOM = ["metering.mode=custom", "metering.dimensions={users,scans}"]
+
+
+def render_custom(*sets: str, kube: str = "1.33.0") -> list[dict[str, Any]]:
+    """Custom mode needs no public key: render without one."""
+    args = ["template", "shop", str(CHART), "--namespace", "shop", "--kube-version", kube]
+    for s in (*BASE, *CUSTOM, *sets):
+        args += ["--set", s]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+@pytest.mark.parametrize("kube", ["1.28.0", *KUBE_VERSIONS])
+def test_custom_mode_renders_valid_manifests_without_a_key(kube: str) -> None:
+    docs = render_custom(kube=kube)
+    validate(docs, kube)
+    spec = pod_spec(docs)
+    c = sidecar(spec)
+    env = env_of(c)
+    assert env["MARKETPLACE_MODE"] == "custom"
+    assert env["MARKETPLACE_DIMENSIONS"] == "users,scans"
+    assert env["MARKETPLACE_ENTITLEMENT_CHECK"] == "meter_zero"
+    assert env["MARKETPLACE_STATE_DIR"] == "/var/lib/marketplace-sidecar"
+    assert float(env["MARKETPLACE_DRAIN_SECONDS"]) <= 25  # inside the default 30 s grace
+    assert "MARKETPLACE_PUBLIC_KEY_FILE" not in env
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "marketplace-sidecar-key" not in volumes  # no key: a missing ConfigMap key would
+    assert [m["name"] for m in c["volumeMounts"]] == ["marketplace-sidecar-state"]  # block start
+    assert volumes["marketplace-sidecar-state"]["emptyDir"] == {"sizeLimit": "64Mi"}
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert cm["data"] == {"productCode": "prod-abc"}
+
+
+def test_hourly_mode_is_unchanged_by_the_metering_block() -> None:
+    spec = pod_spec(render())
+    env = env_of(sidecar(spec))
+    assert "MARKETPLACE_MODE" not in env and "MARKETPLACE_DIMENSIONS" not in env
+    assert env["MARKETPLACE_PUBLIC_KEY_FILE"] == "/etc/marketplace-sidecar/public-key.pem"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["marketplace-sidecar-state"]["emptyDir"] == {"sizeLimit": "1Mi"}
+    assert "marketplace-sidecar-key" in volumes
+
+
+def test_custom_mode_env_passes_the_sidecars_own_validation(tmp_path: Path) -> None:
+    """What the chart renders is what `marketplace-sidecar run` accepts (and nothing more)."""
+    import sys
+
+    env = env_of(
+        sidecar(
+            pod_spec(render_custom("metering.entitlementCheck=dry_run", "config.logLevel=DEBUG"))
+        )
+    )
+    plain = {k: v for k, v in env.items() if isinstance(v, str)}
+    plain["MARKETPLACE_PRODUCT_CODE"] = "prod-abc"  # from the ConfigMap in the pod
+    plain["MARKETPLACE_STATE_DIR"] = str(tmp_path)  # the emptyDir in the pod
+    script = (
+        "from sidecar.config import load; s, k = load(); "
+        "print(s.mode, ','.join(s.dimension_list), s.entitlement_check, k)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env={"PATH": "/usr/bin:/bin", **plain},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["custom", "users,scans", "dry_run", "{}"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["metering.mode=custom"], "/metering/dimensions"),
+        (["metering.mode=saas"], "value must be one of 'hourly', 'custom'"),
+        (["metering.mode=custom", "metering.dimensions={a,b,a}"], "/metering/dimensions"),
+        (["metering.mode=custom", "metering.dimensions={a\\,b}"], "/metering/dimensions/0"),
+        (
+            [
+                "metering.mode=custom",
+                "metering.dimensions={" + ",".join(f"d{i}" for i in range(25)) + "}",
+            ],
+            "/metering/dimensions",
+        ),
+        (["metering.entitlementCheck=always"], "/metering/entitlementCheck"),
+        (["metering.drainSeconds=-1"], "/metering/drainSeconds"),
+    ],
+)
+def test_metering_schema_rejects_bad_values_naming_the_field(sets: list[str], message: str) -> None:
+    args = ["template", "x", str(CHART), "--set-string", f"product.publicKey={PEM}"]
+    for s in (*BASE, *sets):
+        args += ["--set", s]
+    out = helm(*args, check=False)
+    assert out.returncode != 0 and message in out.stderr, out.stderr

@@ -113,8 +113,15 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
         {{- else }}
         configMapKeyRef: {name: {{ $src.configMap }}, key: {{ $v.product.productCodeKey }}}
         {{- end }}
+    {{- if eq $v.metering.mode "custom" }}
+    - {name: MARKETPLACE_MODE, value: custom}
+    - {name: MARKETPLACE_DIMENSIONS, value: {{ join "," $v.metering.dimensions | quote }}}
+    - {name: MARKETPLACE_ENTITLEMENT_CHECK, value: {{ $v.metering.entitlementCheck | quote }}}
+    - {name: MARKETPLACE_DRAIN_SECONDS, value: {{ $v.metering.drainSeconds | quote }}}
+    {{- else }}
     - {name: MARKETPLACE_PUBLIC_KEY_FILE, value: /etc/marketplace-sidecar/public-key.pem}
     - {name: MARKETPLACE_PUBLIC_KEY_VERSION, value: {{ $v.product.publicKeyVersion | quote }}}
+    {{- end }}
     - {name: MARKETPLACE_LISTEN, value: "127.0.0.1:{{ $v.config.apiPort }}"}
     - {name: MARKETPLACE_PROBE_LISTEN, value: "0.0.0.0:{{ $v.config.probePort }}"}
     - {name: MARKETPLACE_STATE_DIR, value: /var/lib/marketplace-sidecar}
@@ -156,7 +163,9 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
   securityContext:
     {{- toYaml $v.securityContext | nindent 4 }}
   volumeMounts:
+    {{- if ne $v.metering.mode "custom" }}
     - {name: marketplace-sidecar-key, mountPath: /etc/marketplace-sidecar, readOnly: true}
+    {{- end }}
     - {name: marketplace-sidecar-state, mountPath: /var/lib/marketplace-sidecar}
     {{- if include "marketplace-sidecar.kubeApi" . }}
     # The API token, CA, namespace and pod UID: in this container only (see "volumes").
@@ -196,6 +205,7 @@ prometheus.io/path: /metrics
 {{- define "marketplace-sidecar.volumes" -}}
 {{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
 {{- $src := include "marketplace-sidecar.configSource" . | fromYaml -}}
+{{- if ne $v.metering.mode "custom" -}}
 - name: marketplace-sidecar-key
   {{- if $src.secret }}
   secret:
@@ -206,9 +216,10 @@ prometheus.io/path: /metrics
     name: {{ $src.configMap }}
     items: [{key: {{ $v.product.publicKeyKey }}, path: public-key.pem}]
   {{- end }}
+{{ end -}}
 # Pod-lifetime state: survives sidecar restarts so AWS's first-call verdict is not lost.
 - name: marketplace-sidecar-state
-  emptyDir: {sizeLimit: 1Mi}
+  emptyDir: {sizeLimit: {{ ternary $v.metering.stateSizeLimit "1Mi" (eq $v.metering.mode "custom") }}}
 {{- if include "marketplace-sidecar.kubeApi" . }}
 # What automount would give every container, projected for the sidecar container alone, plus
 # the pod's UID (for Events) so the Role needs no `get pods`.

@@ -7,6 +7,7 @@ Kinds:
   configuration  product code, key version, region, IAM or credentials are wrong
   clock          this machine's clock disagrees with AWS's (retried: a synced clock heals it)
   verification   AWS answered, but the token did not verify (treated as an attack)
+  usage          MeterUsage refused this one record (kept for audit, never resent changed)
   aws            any other AWS refusal
 """
 
@@ -115,6 +116,35 @@ _KNOWN: dict[str, tuple[str, str]] = {
     "NoRegionError": (
         "configuration",
         "no AWS region found: set AWS_REGION (EKS IRSA and ECS normally set it)",
+    ),
+    # MeterUsage (custom-metered products): refusals of one record.
+    "InvalidUsageDimensionException": (
+        "configuration",
+        "the dimension is not published for this product; MARKETPLACE_DIMENSIONS must use the "
+        "API names from the AWS Marketplace Management Portal",
+    ),
+    "InvalidEndpointRegionException": (
+        "configuration",
+        "MeterUsage must be called in the region the task or pod runs in; set AWS_REGION",
+    ),
+    "InvalidTagException": ("usage", "an allocation tag breaks AWS's tag rules"),
+    "InvalidUsageAllocationsException": (
+        "usage",
+        "the allocations do not sum to the quantity or repeat a tag set (a sidecar bug)",
+    ),
+    "TimestampOutOfBoundsException": (
+        "usage",
+        "AWS refused the hour's timestamp: more than six hours old, or in the future; check the "
+        "pod's clock",
+    ),
+    "DuplicateRequestException": (
+        "usage",
+        "AWS already holds a different quantity for this pod, dimension and hour; the hour is "
+        "kept as a conflict and never resent with another quantity",
+    ),
+    "IdempotencyConflictException": (
+        "usage",
+        "the ClientToken was used before with other parameters (a sidecar bug)",
     ),
     "ParamValidationError": (
         "configuration",

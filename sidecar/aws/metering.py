@@ -83,6 +83,34 @@ class MeteringGateway:
             request_id=resp.get("ResponseMetadata", {}).get("RequestId"),
         )
 
+    # -- MeterUsage (custom-metered products) ---------------------------------------------
+
+    def meter_usage(self, request: dict[str, Any], dry_run: bool = False) -> str:
+        """Send one stored MeterUsage request exactly as stored; its MeteringRecordId.
+
+        `request` holds ProductCode, Timestamp (epoch seconds), UsageDimension, UsageQuantity,
+        ClientToken and optionally UsageAllocations. With `dry_run` (a permission check, no
+        record), success is "DryRunOperation" whether AWS answers 200 or that error code.
+        """
+        from datetime import UTC, datetime
+
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        params: dict[str, Any] = dict(request)
+        params["Timestamp"] = datetime.fromtimestamp(float(request["Timestamp"]), UTC)
+        if dry_run:
+            params["DryRun"] = True
+        try:
+            resp = self._client.meter_usage(**params)
+        except ClientError as exc:
+            info = _client_error(exc.response)
+            if dry_run and info.code == "DryRunOperation":
+                return "DryRunOperation"
+            raise AwsCallError(info) from None
+        except BotoCoreError as exc:
+            raise AwsCallError(classify(type(exc).__name__, str(exc))) from None
+        return str(resp.get("MeteringRecordId") or ("DryRunOperation" if dry_run else ""))
+
 
 def _client_error(response: Any) -> ErrorInfo:
     error = response.get("Error", {})

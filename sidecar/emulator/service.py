@@ -5,6 +5,9 @@ Unmodified boto3 reaches it through AWS_ENDPOINT_URL_MARKETPLACE_METERING. It sp
 service model, signs PS256 tokens with its own key, raises entitlement errors only on a pod's
 first call (as AWS does; a "pod" is the access key id in the SigV4 credential scope), and
 injects faults. Tests drive it through `/_emulator/config` and read `/_emulator/calls`.
+MeterUsage follows AWS's hour rules (see `meter.py`); its records are read at `/_emulator/ledger`.
+For tests that need hours to pass in seconds, `time_scale`/`time_origin` run the emulator's
+MeterUsage clock faster (the sidecar's test-only scaled clock uses the same formula).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -25,11 +29,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.core.ratelimit import TokenBucket
+from sidecar.emulator.meter import MeterBook
 
 TARGET_PREFIX = "AWSMPMeteringService."
 SIGNING_NAME = "aws-marketplace"
 ENTITLEMENT_ERRORS = ("CustomerNotEntitledException", "PlatformNotSupportedException")
 RESET = "ConnectionReset"  # pseudo error: drop the connection without an answer
+# pseudo error: process the call (MeterUsage records it), then drop the connection: the caller
+# never learns that AWS has the record.
+RECORDED_RESET = "RecordedThenReset"
 TOKEN_FAULTS = (
     "tamper",
     "wrong_nonce",
@@ -48,6 +56,7 @@ class Fault:
     """Fail with `error` on calls after+1 .. after+first, or at `rate` (0..1) after `after`.
 
     Calls are counted from the moment the fault is configured; the first fault that fires wins.
+    With `op`, only calls of that operation count and fail.
     """
 
     error: str
@@ -55,6 +64,7 @@ class Fault:
     rate: float = 0.0
     after: int = 0
     seen: int = 0
+    op: str | None = None
 
     def fires(self, rng: random.Random) -> bool:
         self.seen += 1
@@ -77,6 +87,15 @@ class EmulatorConfig:
     faults: list[Fault] = field(default_factory=list)
     token_fault: str | None = None
     date_offset: float = 0.0  # seconds added to the Date header (clock-skew tests)
+    # MeterUsage
+    dimensions: list[str] | None = None  # None: any dimension is published
+    meter_future_seconds: float = 300.0  # AWS's future limit is undocumented
+    meter_throttle_rps: float | None = None  # AWS: 10 per second per account and region
+    meter_throttle_burst: int = 10
+    dry_run_answer: str = "ok"  # "ok": 200 with MeteringRecordId DryRunOperation; "error": 400
+    denied_operations: list[str] = field(default_factory=list)  # IAM says no
+    time_scale: float = 1.0  # MeterUsage clock: origin + (now - origin) * scale
+    time_origin: float = 0.0
 
 
 def _new_key() -> rsa.RSAPrivateKey:
@@ -92,6 +111,10 @@ class Emulator:
         self._pods_seen: set[str] = set()
         self._rng = random.Random(seed)  # noqa: S311  # nosec B311 # fault dice, not security
         self._bucket: TokenBucket | None = None
+        self._meter_bucket: TokenBucket | None = None
+        self.book = MeterBook()
+        # In-process tests may drive the MeterUsage clock directly (a manual clock).
+        self.meter_clock: Callable[[], float] | None = None
         self.calls: list[dict[str, Any]] = []
         self._generation = 0  # bumped by reset(): calls begun before it are not recorded
         self._apply_throttle()
@@ -130,6 +153,8 @@ class Emulator:
             self._pods_seen.clear()
             self.calls.clear()
             self._generation += 1
+            self.book = MeterBook()
+            self.meter_clock = None
             self._apply_throttle()
 
     def _apply_throttle(self) -> None:
@@ -137,6 +162,17 @@ class Emulator:
         self._bucket = (
             TokenBucket(rps, self.config.throttle_burst, time.monotonic()) if rps else None
         )
+        mrps = self.config.meter_throttle_rps
+        self._meter_bucket = (
+            TokenBucket(mrps, self.config.meter_throttle_burst, time.monotonic()) if mrps else None
+        )
+
+    def now(self) -> float:
+        """The MeterUsage clock (scaled only when a test asks for it)."""
+        if self.meter_clock is not None:
+            return self.meter_clock()
+        cfg = self.config
+        return cfg.time_origin + (time.time() - cfg.time_origin) * cfg.time_scale
 
     # -- the API -------------------------------------------------------------------------
 
@@ -167,6 +203,9 @@ class Emulator:
                     "op": op or target,
                     "pod": pod,
                     "nonce": params.get("Nonce"),
+                    "dimension": params.get("UsageDimension"),
+                    "quantity": params.get("UsageQuantity"),
+                    "dry_run": params.get("DryRun"),
                     "status": status,
                     "code": (payload or {}).get("__type", "ok" if status else RESET),
                     "at": time.time(),
@@ -182,10 +221,25 @@ class Emulator:
             return _error("UnknownOperationException", f"unknown operation {op!r}")
         if self._bucket is not None and self._bucket.take(time.monotonic()) > 0:
             return _error("ThrottlingException", "Rate exceeded")
-        fired = [f for f in cfg.faults if f.fires(self._rng)]  # every fault counts every call
+        if (
+            op == "MeterUsage"
+            and self._meter_bucket is not None
+            and self._meter_bucket.take(time.monotonic()) > 0
+        ):
+            return _error("ThrottlingException", "Rate exceeded")
+        # every fault counts every call (of its operation)
+        fired = [f for f in cfg.faults if f.op in (None, op) and f.fires(self._rng)]
         if fired:
             error = fired[0].error
+            if error == RECORDED_RESET:
+                self._validated(op, params, pod, region, service)
+                return 0, None
             return (0, None) if error == RESET else _error(error, "injected fault")
+        return self._validated(op, params, pod, region, service)
+
+    def _validated(
+        self, op: str, params: dict[str, Any], pod: str, region: str | None, service: str | None
+    ) -> tuple[int, dict[str, Any] | None]:
         from botocore.validate import ParamValidator
 
         shape = self._model.operation_model(op).input_shape
@@ -198,9 +252,45 @@ class Emulator:
                 "InvalidSignatureException",
                 f"Credential should be scoped to correct service: '{SIGNING_NAME}'.",
             )
+        if op == "MeterUsage":
+            return self._meter_usage(params, pod, region)
         if op != "RegisterUsage":
             return _error("UnsupportedOperation", f"the emulator does not implement {op} yet")
         return self._register_usage(params, pod, region)
+
+    def _meter_usage(
+        self, params: dict[str, Any], pod: str, region: str | None
+    ) -> tuple[int, dict[str, Any] | None]:
+        cfg = self.config
+        dry_run = bool(params.get("DryRun"))
+        if "MeterUsage" in cfg.denied_operations:
+            code = "UnauthorizedException" if dry_run else "AccessDeniedException"
+            return _error(code, "not authorized to perform aws-marketplace:MeterUsage")
+        if cfg.region and region and region != cfg.region:
+            return _error(
+                "InvalidEndpointRegionException", f"call from {region}, pod runs in {cfg.region}"
+            )
+        now = self.now()
+        problem = self.book.check(
+            params,
+            now,
+            dimensions=cfg.dimensions,
+            product_codes=cfg.product_codes,
+            future_limit=cfg.meter_future_seconds,
+        )
+        if problem is not None:
+            return problem
+        if dry_run:  # a permission check: no record, and not the pod's first call
+            if cfg.dry_run_answer == "error":
+                return _error("DryRunOperation", "the request would have succeeded")
+            return 200, {"MeteringRecordId": "DryRunOperation"}
+        first_call = pod not in self._pods_seen
+        self._pods_seen.add(pod)
+        if first_call and not cfg.platform_supported:
+            return _error("PlatformNotSupportedException", "not running on ECS, EKS or Fargate")
+        if first_call and not cfg.entitled:
+            return _error("CustomerNotEntitledException", "customer is not subscribed")
+        return self.book.record(params, pod, now)
 
     def _register_usage(
         self, params: dict[str, Any], pod: str, region: str | None
@@ -259,6 +349,10 @@ class Emulator:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {"config": asdict(self.config), "calls": list(self.calls)}
+
+    def ledger(self) -> dict[str, Any]:
+        with self._lock:
+            return self.book.ledger()
 
 
 def _error(code: str, message: str) -> tuple[int, dict[str, Any]]:
@@ -329,6 +423,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/_emulator/calls":
             return self._json(200, self.server.emulator.snapshot()["calls"])
+        if self.path == "/_emulator/ledger":
+            return self._json(200, self.server.emulator.ledger())
         if self.path == "/_emulator/public-key":
             data = self.server.emulator.public_pem().encode()
             self.send_response(200)

@@ -75,8 +75,13 @@ class Entitlement:
             self._snap = replace(self._snap, last_attempt_at=now)
 
     def succeeded(
-        self, token: str, claims: dict[str, Any], now: float, rotation_at: float | None
+        self,
+        token: str | None,
+        claims: dict[str, Any] | None,
+        now: float,
+        rotation_at: float | None,
     ) -> Snapshot:
+        """A verified token, or (custom mode: MeterUsage has none) an accepted call."""
         warnings: tuple[str, ...] = ()
         if rotation_at is not None:
             warnings = (
@@ -143,6 +148,23 @@ class Entitlement:
                     first_answer_lost=True,
                     warnings=(FIRST_ANSWER_LOST_WARNING, *self._snap.warnings),
                 )
+            return self._snap
+
+    def revoked(self, error: ErrorInfo, now: float) -> Snapshot:
+        """Custom mode with dry_run/none: AWS refused the pod's first real MeterUsage after
+        the product was already served. Final, like a refusal at start."""
+        with self._lock:
+            self._snap = replace(
+                self._snap,
+                state=State.NOT_ENTITLED,
+                final=True,
+                token=None,
+                claims=None,
+                last_attempt_at=now,
+                next_registration_at=None,
+                consecutive_failures=self._snap.consecutive_failures + 1,
+                error=error,
+            )
             return self._snap
 
     def give_up(self, now: float) -> Snapshot:

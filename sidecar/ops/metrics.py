@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -99,6 +100,89 @@ class _RequestCollector(Collector):
         yield family
 
 
+USAGE_HOUR_STATES = ("open", "sealed", "sent", "conflict", "expired", "rejected")
+# The usage sender's outcomes of one MeterUsage call (sidecar.usage.hours).
+USAGE_SEND_RESULTS = frozenset({"sent", "retry", "conflict", "expired", "rejected", "dry_run"})
+USAGE_CODES = KNOWN_CODES | {
+    "ok",  # the sender's code for a success
+    "window",  # and for an hour expired before it could be sent
+    "DuplicateRequestException",
+    "TimestampOutOfBoundsException",
+    "InvalidUsageDimensionException",
+    "InvalidUsageAllocationsException",
+    "InvalidTagException",
+    "IdempotencyConflictException",
+    "InvalidEndpointRegionException",
+    "InvalidCustomerIdentifierException",
+    "ValidationException",
+}
+
+
+class UsageCounts(Protocol):
+    """What the usage pipeline reports at scrape time (custom mode)."""
+
+    @property
+    def units_accepted(self) -> Mapping[str, int]: ...  # durable units, by dimension
+
+    @property
+    def hours_by_state(self) -> Mapping[str, int]: ...  # (dimension, hour) rows by state
+
+    @property
+    def oldest_unsent_age_seconds(self) -> float: ...  # 0 when every ended hour is sent
+
+    @property
+    def send_attempts(self) -> Mapping[tuple[str, str], int]: ...  # by (result, code)
+
+
+class _UsageCollector(Collector):
+    """Read from the usage store's counters at scrape time: nothing on the ingest path."""
+
+    def __init__(
+        self,
+        counts: Callable[[], UsageCounts],
+        dimensions: frozenset[str],
+    ) -> None:
+        self._counts = counts
+        self._dimensions = dimensions
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        counts = self._counts()
+        units = CounterMetricFamily(
+            "marketplace_usage_units_accepted",
+            "Units acknowledged (durable) to the product, by dimension",
+            labels=["dimension"],
+        )
+        for dim in sorted(self._dimensions):
+            units.add_metric([dim], float(counts.units_accepted.get(dim, 0)))
+        yield units
+        hours = GaugeMetricFamily(
+            "marketplace_usage_hours",
+            "Dimension-hours in the store by state (conflict and expired need a human)",
+            labels=["state"],
+        )
+        for state in USAGE_HOUR_STATES:
+            hours.add_metric([state], float(counts.hours_by_state.get(state, 0)))
+        yield hours
+        yield GaugeMetricFamily(
+            "marketplace_usage_oldest_unsent_hour_age_seconds",
+            "Seconds since the end of the oldest ended hour not yet accepted by AWS (0 when "
+            "none); AWS refuses a record more than 6 hours after its usage",
+            value=float(counts.oldest_unsent_age_seconds),
+        )
+        sends = CounterMetricFamily(
+            "marketplace_usage_send_attempts",
+            "MeterUsage calls by result and AWS error code",
+            labels=["result", "code"],
+        )
+        merged: dict[tuple[str, str], int] = {}
+        for (result, code), n in counts.send_attempts.items():
+            key = (_bounded(result, USAGE_SEND_RESULTS), code and _bounded(code, USAGE_CODES))
+            merged[key] = merged.get(key, 0) + n
+        for (result, code), n in sorted(merged.items()):
+            sends.add_metric([result, code], float(n))
+        yield sends
+
+
 class Metrics:
     def __init__(
         self,
@@ -136,6 +220,10 @@ class Metrics:
         )
         self.registry.register(_StateCollector(snapshot, now))
         ProcessCollector(registry=self.registry)
+
+    def watch_usage(self, counts: Callable[[], UsageCounts], dimensions: frozenset[str]) -> None:
+        """Custom mode: export the usage pipeline's counters (label values bounded by config)."""
+        self.registry.register(_UsageCollector(counts, dimensions))
 
     # -- observer hooks ------------------------------------------------------------------
 

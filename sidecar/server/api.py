@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from sidecar import __version__
 from sidecar.entitlement.registrar import Registrar
@@ -33,6 +33,10 @@ from sidecar.ops.metrics import Metrics
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4096
+# POST /v1/usage takes up to 1,000 records: about 400 bytes each with the longest names, leaving
+# room for a few allocations per record.
+MAX_USAGE_BODY_BYTES = 1 << 20
+USAGE_PATH = "/v1/usage"
 MAX_NONCE_CHARS = 255
 Listener = Literal["api", "probe", "metrics"]
 
@@ -95,6 +99,14 @@ def encodable(value: object) -> bool:
     return True
 
 
+class UsageEndpoint(Protocol):
+    """The usage pipeline as the API sees it (custom mode); `post` never raises."""
+
+    def post(self, body: bytes) -> tuple[int, dict[str, Any]]: ...
+
+    def report(self) -> dict[str, Any]: ...
+
+
 class Router:
     """Maps (method, path, body) to a `Reply`. No sockets here."""
 
@@ -108,12 +120,14 @@ class Router:
         extras: Callable[[], dict[str, Any]] | None = None,
         metrics: Metrics | None = None,
         warnings: Sequence[str] = (),
+        usage: UsageEndpoint | None = None,
     ) -> None:
         """`listener` picks the routes: "api" everything but /metrics; "probe" /healthz and a
         /readyz that tells the cluster only the state and error code (AWS messages can name
         role ARNs and accounts); "metrics" nothing but /metrics. `serve_metrics` adds /metrics."""
         self._registrar = registrar
         self._warnings = tuple(warnings)  # from the configuration; they last the process
+        self._usage = usage
         self._health = health
         self._extras = extras or dict
         self._cached: tuple[Snapshot, dict[str, Any], Reply] | None = None
@@ -128,7 +142,17 @@ class Router:
         if listener == "api":
             routes["/v1/entitlement"] = {"GET": self._entitlement}
             routes["/v1/entitlement/challenge"] = {"POST": self._challenge}
+            # Usage carries billing data: loopback API only, never the probe listener.
+            routes[USAGE_PATH] = {"GET": self._usage_report, "POST": self._usage_post}
+            if usage is not None:
+                routes["/v1/entitlement/challenge"] = {"POST": self._no_challenge}
         self.routes = routes
+
+    def max_body(self, path: str) -> int:
+        """1 MiB for usage on the API listener (in hourly mode too: a clear 404, not a 413)."""
+        return (
+            MAX_USAGE_BODY_BYTES if path == USAGE_PATH and path in self.routes else MAX_BODY_BYTES
+        )
 
     def allowed(self, path: str) -> list[str] | None:
         methods = self.routes.get(path)
@@ -225,6 +249,30 @@ class Router:
         status = HTTPStatus.FORBIDDEN if out.status == "refused" else HTTPStatus.BAD_GATEWAY
         return Reply(status, payload)
 
+    def _no_challenge(self, _: bytes) -> Reply:
+        # 404, not 409: in this mode the resource does not exist (and fuzzers expect 404).
+        return _problem(
+            HTTPStatus.NOT_FOUND,
+            "no_token_in_custom_mode",
+            "MARKETPLACE_MODE=custom meters with MeterUsage, which returns no signed token, so "
+            "there is nothing to challenge; read GET /v1/entitlement and GET /v1/usage instead",
+        )
+
+    def _usage_post(self, body: bytes) -> Reply:
+        if self._usage is None:
+            return _usage_needs_custom_mode()
+        status, doc = self._usage.post(body)
+        headers = {}
+        retry = doc.get("retry_after")
+        if isinstance(retry, int | float) and status in (429, 503):
+            headers["Retry-After"] = str(max(1, int(retry + 0.999)))
+        return Reply(status, _as_problem(doc), headers)
+
+    def _usage_report(self, _: bytes) -> Reply:
+        if self._usage is None:
+            return _usage_needs_custom_mode()
+        return Reply(200, self._usage.report())
+
     def describe(self, snap: Snapshot, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         policy = self._registrar.policy
         return {
@@ -242,6 +290,27 @@ class Router:
             "warnings": [*self._warnings, *snap.warnings],
             **(self._extras() if extra is None else extra),
         }
+
+
+def _as_problem(doc: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's flat errors in this API's shape: {"error": {"code", "message", ...}}."""
+    code = doc.get("error")
+    if not isinstance(code, str):
+        return doc
+    details = ("message", "field", "problems")
+    error = {"code": code, "message": str(doc.get("message") or code)}
+    error.update({k: doc[k] for k in details[1:] if k in doc})
+    rest = {k: v for k, v in doc.items() if k != "error" and k not in details}
+    return {"error": error, **rest}
+
+
+def _usage_needs_custom_mode() -> Reply:
+    return _problem(
+        HTTPStatus.NOT_FOUND,
+        "usage_needs_custom_mode",
+        "usage is reported only with MARKETPLACE_MODE=custom (custom-metered products); this "
+        "sidecar runs in hourly mode (RegisterUsage)",
+    )
 
 
 class Phase(enum.Enum):
@@ -396,11 +465,12 @@ class _Handler(BaseHTTPRequestHandler):
                 "bad_content_length",
                 "Content-Length must be one non-negative integer of ASCII digits",
             )
-        if length > MAX_BODY_BYTES:
+        limit = self.server.router.max_body(self.path.split("?", 1)[0])
+        if length > limit:
             return self._refuse(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 "too_large",
-                f"request body is limited to {MAX_BODY_BYTES} bytes",
+                f"request body is limited to {limit} bytes",
             )
         body = self.rfile.read(length) if length else b""
         if self._conn.dropped or len(body) < length:

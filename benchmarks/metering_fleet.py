@@ -1,0 +1,182 @@
+"""A fleet's hourly MeterUsage against the per-account quota (AWS: 10 requests/s, all pods).
+
+N pods run the sidecar's own pipeline in one process (UsageService -> MeteringGateway -> boto3
+over HTTP, one SQLite store and one access key per pod) against the emulator's MeterUsage token
+bucket. Every pod has usage on D dimensions in the hour that is ending; the clock starts a few
+seconds before the hour ends. Reported: time from the end of the hour until every dimension-hour
+is sent (against the floor N*D/rps and the spread window), MeterUsage calls per record (goal
+<= 1.2), records expired (goal 0), and the busiest second against the quota.
+
+To keep a run short, time is real and the window small: the load that matters is records per
+(quota x spread). AWS's 10/s over the default 600 s spread takes 6,000 calls per window; here
+2/s over 30 s takes 60, so N*D records here stand for 100*N*D records in one real account.
+
+Usage: python benchmarks/metering_fleet.py [--pods 50] [--dims 4] [--rps 2] [--spread 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sidecar.aws.metering import MeteringGateway  # noqa: E402
+from sidecar.emulator.service import Emulator, EmulatorConfig, EmulatorServer  # noqa: E402
+from sidecar.usage.hours import HOUR, HourPolicy  # noqa: E402
+from sidecar.usage.service import UsagePolicy, UsageService  # noqa: E402
+
+
+class OffsetClock:
+    """Real time shifted so that an hour ends `lead` seconds after the run starts."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.hour_end = 0.0
+
+    def align(self, lead: float) -> None:
+        now = time.time()
+        self.hour_end = (math.floor(now / HOUR) + 1) * HOUR
+        self.offset = self.hour_end - lead - now
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        return stop.wait(max(0.0, seconds))
+
+
+class PodGateway(MeteringGateway):
+    """The sidecar's gateway with this pod's own access key (the emulator's pod identity)."""
+
+    def __init__(self, url: str, pod: str) -> None:
+        import boto3
+        from botocore.config import Config
+
+        session = boto3.session.Session(
+            aws_access_key_id=pod,
+            aws_secret_access_key="fleet",  # noqa: S106 - the emulator ignores it
+            region_name="us-east-1",
+        )
+        self._client = session.client(
+            "meteringmarketplace",
+            endpoint_url=url,
+            config=Config(
+                retries={"mode": "standard", "total_max_attempts": 1},
+                read_timeout=10,
+                max_pool_connections=2,
+            ),
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pods", type=int, default=50)
+    ap.add_argument("--dims", type=int, default=4)
+    ap.add_argument("--rps", type=float, default=2.0, help="the account's MeterUsage quota")
+    ap.add_argument("--burst", type=int, default=1)
+    ap.add_argument("--spread", type=float, default=30.0, help="send window after the hour")
+    ap.add_argument("--margin", type=float, default=2.0, help="seal margin after the hour")
+    ap.add_argument("--backoff-base", type=float, default=1.0)
+    ap.add_argument("--backoff-cap", type=float, default=60.0)
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    logging.disable(logging.CRITICAL)
+
+    emulator = Emulator(
+        EmulatorConfig(meter_throttle_rps=args.rps, meter_throttle_burst=args.burst)
+    )
+    server = EmulatorServer(emulator).start()
+    clock = OffsetClock()
+    emulator.meter_clock = clock.time
+    dims = tuple(f"dim{i}" for i in range(args.dims))
+    base = Path(tempfile.mkdtemp())
+    services: list[UsageService] = []
+    for i in range(args.pods):
+        state = base / f"pod{i}"
+        state.mkdir()
+        gateway = PodGateway(server.url, f"pod-{i}")
+        services.append(
+            UsageService(
+                UsagePolicy(
+                    "prod-fleet",
+                    dims,
+                    state,
+                    entitlement_check="none",
+                    backoff_base=args.backoff_base,
+                    backoff_cap=args.backoff_cap,
+                    hours=HourPolicy(seal_margin=args.margin, spread=args.spread),
+                    max_sleep=1.0,
+                ),
+                lambda g=gateway: g,  # type: ignore[misc]
+                clock=clock,
+                rng=random.Random(i).random,
+            )
+        )
+    clock.align(lead=3.0)  # the fleet's usage is in the hour that ends in three seconds
+    for i, svc in enumerate(services):
+        for d in dims:
+            status, _ = svc.post(f'{{"dimension": "{d}", "quantity": {i + 1}}}'.encode())
+            assert status == 202
+    stop = threading.Event()
+    threads = [threading.Thread(target=s.run, args=(stop,), daemon=True) for s in services]
+    for t in threads:
+        t.start()
+    hour_end = clock.hour_end
+    records = args.pods * args.dims
+    deadline = hour_end + args.margin + args.spread * 3 + records / args.rps * 3 + 60
+    states: Counter[str] = Counter()
+    while clock.time() < deadline:
+        time.sleep(0.5)
+        states = Counter()
+        for s in services:
+            states.update(s.counters().hours_by_state)
+        if states["sent"] + states["expired"] + states["conflict"] + states["rejected"] >= records:
+            break
+        if args.verbose:
+            print(f"{clock.time() - hour_end:7.1f} s {dict(states)}", flush=True)
+    done = clock.time() - hour_end
+    stop.set()
+    for t in threads:
+        t.join(timeout=15)
+    calls = [c for c in emulator.calls if c["op"] == "MeterUsage"]
+    throttled = sum(1 for c in calls if c["code"] == "ThrottlingException")
+    per_second: Counter[int] = Counter(int(c["at"]) for c in calls if c["code"] == "ok")
+    ledger: dict[str, Any] = emulator.ledger()
+    for s in services:
+        s.close()
+    server.shutdown()
+    floor = records / args.rps
+    print(
+        f"pods={args.pods} dims={args.dims} records={records} quota={args.rps:g}/s "
+        f"burst={args.burst} spread={args.spread:g}s margin={args.margin:g}s"
+    )
+    print(f"{'measure':40} {'value':>9} {'goal':>9}")
+    print(f"{'all sent, s after the hour ended':40} {done:9.1f}")
+    print(f"{'floor N*D/quota (s)':40} {floor:9.1f}")
+    print(f"{'margin + spread window (s)':40} {args.margin + args.spread:9.1f}")
+    print(f"{'records sent (AWS ledger)':40} {len(ledger['records']):9d} {records:>9d}")
+    print(f"{'MeterUsage calls per record':40} {len(calls) / records:9.2f} {'<= 1.2':>9}")
+    print(f"{'throttled calls':40} {throttled:9d}")
+    print(f"{'records expired':40} {states['expired']:9d} {'0':>9}")
+    duplicates = ledger["counts"].get("DuplicateRequestException", 0)
+    print(f"{'DuplicateRequestException':40} {duplicates:9d} {'0':>9}")
+    busiest = max(per_second.values()) if per_second else 0
+    print(f"{'busiest second, accepted calls':40} {busiest:9d} {'<= quota+burst':>9}")
+
+
+if __name__ == "__main__":
+    main()

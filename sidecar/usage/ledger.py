@@ -1,0 +1,559 @@
+"""The store's transactions. Each function runs inside the writer's transaction (or a read
+snapshot) and takes the time it needs, so tests drive them with any clock.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.usage.hours import (
+    HourPolicy,
+    hour_of,
+    hour_start,
+    iso,
+    iso_hour,
+    request_timestamp,
+    target_hour,
+)
+from sidecar.usage.store import dumps
+from sidecar.usage.validate import (
+    MAX_ALLOCATIONS,
+    MAX_QUANTITY,
+    Problem,
+    RejectedError,
+    UsageRecord,
+)
+
+UNALLOCATED_TAGS = (("unallocated", "true"),)
+FINAL_STATES = ("sent", "conflict", "expired", "rejected")
+STATES = ("open", "sealed", *FINAL_STATES)
+
+
+class IdConflictError(Exception):
+    """An idempotency key came back with different content (HTTP 409)."""
+
+    def __init__(self, field: str, key: str) -> None:
+        super().__init__(f"id {key!r} was used before for different usage")
+        self.field = field
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A sealed hour, as the sender needs it."""
+
+    dimension: str
+    hour: int
+    request: dict[str, Any]
+    send_after: float
+    deadline: float
+    attempts: int
+    purpose: str
+
+
+# -- ingest -------------------------------------------------------------------------------
+
+
+def ingest(
+    conn: sqlite3.Connection, records: list[UsageRecord], now: float, policy: HourPolicy
+) -> tuple[int, list[dict[str, Any]]]:
+    """Store the records (all or nothing); (202 or 200 if every record was a repeat, answers)."""
+    sealed_cache: dict[tuple[str, int], bool] = {}
+    hours: dict[tuple[str, int], list[int]] = {}  # (dimension, hour) -> [quantity, tag sets]
+    known_tags: set[tuple[str, int, str]] = set()
+    answers: list[dict[str, Any]] = []
+    fresh = 0
+
+    def sealed(dimension: str, hour: int) -> bool:
+        key = (dimension, hour)
+        if key not in sealed_cache:
+            row = conn.execute(
+                "SELECT 1 FROM hours WHERE dimension = ? AND hour = ?", key
+            ).fetchone()
+            sealed_cache[key] = row is not None
+        return sealed_cache[key]
+
+    for rec in records:
+        where = f"{rec.field}.id" if rec.field else "id"
+        if rec.id is not None:
+            row = conn.execute("SELECT digest, answer FROM keys WHERE id = ?", (rec.id,)).fetchone()
+            if row is not None:
+                if row[0] != rec.digest:
+                    raise IdConflictError(where, rec.id)
+                answers.append({**json.loads(row[1]), "repeat": True})
+                continue
+        own = hour_of(rec.timestamp if rec.timestamp is not None else now)
+        hour = target_hour(own, now, functools.partial(sealed, rec.dimension), policy)
+        key = (rec.dimension, hour)
+        if key not in hours:
+            row = conn.execute(
+                "SELECT quantity, tagsets FROM open_hours WHERE dimension = ? AND hour = ?", key
+            ).fetchone()
+            hours[key] = [int(row[0]), int(row[1])] if row else [0, 0]
+        totals = hours[key]
+        totals[0] += rec.quantity
+        if totals[0] > MAX_QUANTITY:
+            raise RejectedError(
+                400,
+                [
+                    Problem(
+                        f"{rec.field}.quantity" if rec.field else "quantity",
+                        f"{rec.dimension} would exceed {MAX_QUANTITY} units in hour "
+                        f"{iso_hour(hour)} (MeterUsage's maximum per record); use a larger unit",
+                    )
+                ],
+            )
+        rid = rec.id or f"u-{uuid.uuid4().hex}"
+        rows: list[tuple[int, str | None]] = [(rec.quantity, None)]
+        if rec.allocations:
+            rows = [(a.quantity, dumps(dict(a.tags))) for a in rec.allocations]
+            for _, tags in rows:
+                tag_key = (rec.dimension, hour, str(tags))
+                if tag_key in known_tags:
+                    continue
+                known_tags.add(tag_key)
+                if not conn.execute(
+                    "SELECT 1 FROM records WHERE dimension = ? AND hour = ? AND tags = ? LIMIT 1",
+                    tag_key,
+                ).fetchone():
+                    totals[1] += 1
+            if totals[1] >= MAX_ALLOCATIONS:  # one allocation is kept for untagged usage
+                raise RejectedError(
+                    400,
+                    [
+                        Problem(
+                            f"{rec.field}.allocations" if rec.field else "allocations",
+                            f"{rec.dimension} would have more than {MAX_ALLOCATIONS - 1} distinct "
+                            f"tag sets in hour {iso_hour(hour)} (MeterUsage allows "
+                            f"{MAX_ALLOCATIONS} allocations per record)",
+                        )
+                    ],
+                )
+        carried = own if hour != own else None
+        conn.executemany(
+            "INSERT INTO records (record_id, dimension, hour, quantity, tags, received_at, "
+            "carried_from) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(rid, rec.dimension, hour, q, t, now, carried) for q, t in rows],
+        )
+        answer: dict[str, Any] = {
+            "id": rid,
+            "dimension": rec.dimension,
+            "quantity": rec.quantity,
+            "hour": iso_hour(hour),
+        }
+        if carried is not None:
+            answer["carried_from"] = iso_hour(own)
+            answer["note"] = (
+                f"hour {iso_hour(own)} is already sealed or too old to send; "
+                f"counted in {iso_hour(hour)}"
+            )
+        if rec.id is not None:
+            conn.execute(
+                "INSERT INTO keys VALUES (?, ?, ?, ?)", (rec.id, rec.digest, dumps(answer), now)
+            )
+        answers.append(answer)
+        fresh += 1
+    conn.executemany(
+        "INSERT INTO open_hours (dimension, hour, quantity, tagsets) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (dimension, hour) DO UPDATE SET quantity = excluded.quantity, "
+        "tagsets = excluded.tagsets",
+        [(d, h, q, t) for (d, h), (q, t) in hours.items()],
+    )
+    return (202 if fresh else 200), answers
+
+
+# -- sealing ------------------------------------------------------------------------------
+
+
+def _allocations(rows: Iterable[tuple[str | None, int]]) -> list[dict[str, Any]] | None:
+    by_tags: dict[tuple[tuple[str, str], ...], int] = {}
+    tagged = False
+    for tags, quantity in rows:
+        key = tuple(sorted(json.loads(tags).items())) if tags is not None else UNALLOCATED_TAGS
+        tagged = tagged or tags is not None
+        by_tags[key] = by_tags.get(key, 0) + quantity
+    if not tagged:
+        return None
+    return [
+        {"AllocatedUsageQuantity": q, "Tags": [{"Key": k, "Value": v} for k, v in tags]}
+        for tags, q in sorted(by_tags.items())
+    ]
+
+
+def _insert_hour(
+    conn: sqlite3.Connection,
+    dimension: str,
+    hour: int,
+    quantity: int,
+    request: dict[str, Any],
+    now: float,
+    send_after: float,
+    deadline: float,
+    purpose: str,
+) -> None:
+    conn.execute(
+        "INSERT INTO hours (dimension, hour, state, purpose, quantity, request, sealed_at, "
+        "send_after, deadline) VALUES (?, ?, 'sealed', ?, ?, ?, ?, ?, ?)",
+        (dimension, hour, purpose, quantity, dumps(request), now, send_after, deadline),
+    )
+
+
+def seal(
+    conn: sqlite3.Connection,
+    through: int,
+    now: float,
+    policy: HourPolicy,
+    product_code: str,
+    rng: Callable[[], float],
+    *,
+    send_now: bool = False,
+) -> list[tuple[str, int]]:
+    """Seal every open (dimension, hour) up to hour `through`: write its exact request.
+
+    An open hour too old to be sent safely (the sidecar was down for hours) is not sealed: its
+    usage moves into the open hour, as AWS advises after an outage, instead of expiring unsent.
+    """
+    for dimension, hour in conn.execute(
+        "SELECT dimension, hour FROM open_hours WHERE hour <= ?", (through,)
+    ).fetchall():
+        if not policy.worth_sealing(hour, now):
+            _carry(conn, dimension, hour, now, policy)
+    sealed = []
+    opened = conn.execute(
+        "SELECT dimension, hour FROM open_hours WHERE hour <= ? ORDER BY hour, dimension",
+        (through,),
+    ).fetchall()
+    for dimension, hour in opened:
+        rows = conn.execute(
+            "SELECT tags, SUM(quantity) FROM records WHERE dimension = ? AND hour = ? "
+            "GROUP BY tags",
+            (dimension, hour),
+        ).fetchall()
+        quantity = sum(int(q) for _, q in rows)
+        stamp = request_timestamp(hour, now)
+        request: dict[str, Any] = {
+            "ProductCode": product_code,
+            "Timestamp": stamp,
+            "UsageDimension": dimension,
+            "UsageQuantity": quantity,
+            "ClientToken": uuid.uuid4().hex,
+        }
+        allocations = _allocations(rows)
+        if allocations is not None:
+            request["UsageAllocations"] = allocations
+        send_after = now if send_now else max(now, policy.send_after(hour, rng))
+        _insert_hour(
+            conn,
+            dimension,
+            hour,
+            quantity,
+            request,
+            now,
+            send_after,
+            policy.deadline(stamp),
+            "usage",
+        )
+        conn.execute("DELETE FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour))
+        sealed.append((dimension, hour))
+    return sealed
+
+
+def _carry(
+    conn: sqlite3.Connection, dimension: str, hour: int, now: float, policy: HourPolicy
+) -> int:
+    """Move an unsealed hour's records into the open hour; the hour they now count in."""
+
+    def sealed(h: int) -> bool:
+        return (
+            conn.execute(
+                "SELECT 1 FROM hours WHERE dimension = ? AND hour = ?", (dimension, h)
+            ).fetchone()
+            is not None
+        )
+
+    target = target_hour(hour, now, sealed, policy)
+    if target == hour:
+        return hour
+    conn.execute(
+        "UPDATE records SET hour = ?, carried_from = COALESCE(carried_from, ?) "
+        "WHERE dimension = ? AND hour = ?",
+        (target, hour, dimension, hour),
+    )
+    moved = conn.execute(
+        "SELECT quantity FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour)
+    ).fetchone()
+    if moved is not None:
+        conn.execute("DELETE FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour))
+        conn.execute(
+            "INSERT INTO open_hours (dimension, hour, quantity, tagsets) VALUES (?, ?, ?, 0) "
+            "ON CONFLICT (dimension, hour) DO UPDATE SET quantity = quantity + excluded.quantity",
+            (dimension, target, moved[0]),
+        )
+        conn.execute(
+            "UPDATE open_hours SET tagsets = (SELECT COUNT(DISTINCT tags) FROM records "
+            "WHERE dimension = ? AND hour = ?) WHERE dimension = ? AND hour = ?",
+            (dimension, target, dimension, target),
+        )
+    return target
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The entitlement record: `already` (a call was accepted in this pod before), or a request."""
+
+    already: bool
+    pending: Pending | None
+
+
+def claim_entitlement(
+    conn: sqlite3.Connection, dimension: str, now: float, policy: HourPolicy, product_code: str
+) -> Claim:
+    """Take (dimension, current hour) for a quantity-0 record, unless this pod already has an
+    accepted record (AWS refuses entitlement only on a pod's first call)."""
+    if conn.execute("SELECT 1 FROM hours WHERE state IN ('sent', 'conflict') LIMIT 1").fetchone():
+        return Claim(True, None)
+    earlier = conn.execute(
+        "SELECT dimension, hour FROM hours WHERE purpose = 'entitlement' AND state = 'sealed' "
+        "AND deadline > ? ORDER BY hour DESC LIMIT 1",
+        (now,),
+    ).fetchone()
+    if earlier is not None:  # a restart before its answer was stored: the same request again
+        return Claim(False, load_pending(conn, earlier[0], earlier[1]))
+    hour = hour_of(now)
+    row = conn.execute(
+        "SELECT state FROM hours WHERE dimension = ? AND hour = ?", (dimension, hour)
+    ).fetchone()
+    if row is None:
+        # Usage already counted in this hour moves to the next: the hour's record is taken.
+        conn.execute(
+            "UPDATE records SET hour = ?, carried_from = COALESCE(carried_from, ?) "
+            "WHERE dimension = ? AND hour = ?",
+            (hour + 1, hour, dimension, hour),
+        )
+        moved = conn.execute(
+            "SELECT quantity FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour)
+        ).fetchone()
+        if moved is not None:
+            conn.execute(
+                "DELETE FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour)
+            )
+            conn.execute(
+                "INSERT INTO open_hours (dimension, hour, quantity, tagsets) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (dimension, hour) DO UPDATE SET quantity = quantity + ?",
+                (dimension, hour + 1, moved[0], 0, moved[0]),
+            )
+            conn.execute(
+                "UPDATE open_hours SET tagsets = (SELECT COUNT(DISTINCT tags) FROM records "
+                "WHERE dimension = ? AND hour = ?) WHERE dimension = ? AND hour = ?",
+                (dimension, hour + 1, dimension, hour + 1),
+            )
+        stamp = int(now)
+        request = {
+            "ProductCode": product_code,
+            "Timestamp": stamp,
+            "UsageDimension": dimension,
+            "UsageQuantity": 0,
+            "ClientToken": uuid.uuid4().hex,
+        }
+        _insert_hour(
+            conn, dimension, hour, 0, request, now, now, policy.deadline(stamp), "entitlement"
+        )
+    elif row[0] != "sealed":
+        return Claim(False, None)  # refused or expired before: the caller decides
+    pending = load_pending(conn, dimension, hour)
+    return Claim(False, pending)
+
+
+# -- sending ------------------------------------------------------------------------------
+
+
+def _pending(row: tuple[Any, ...]) -> Pending:
+    return Pending(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5], row[6])
+
+
+_PENDING = "SELECT dimension, hour, request, send_after, deadline, attempts, purpose FROM hours"
+
+
+def load_pending(conn: sqlite3.Connection, dimension: str, hour: int) -> Pending | None:
+    row = conn.execute(
+        _PENDING + " WHERE dimension = ? AND hour = ? AND state = 'sealed'",
+        (dimension, hour),
+    ).fetchone()
+    return _pending(row) if row else None
+
+
+def due(conn: sqlite3.Connection, now: float | None) -> list[Pending]:
+    """Sealed hours whose send time has come (all of them when `now` is None), oldest first."""
+    sql = _PENDING + " WHERE state = 'sealed'"
+    args: tuple[Any, ...] = ()
+    if now is not None:
+        sql += " AND send_after <= ?"
+        args = (now,)
+    return [_pending(r) for r in conn.execute(sql + " ORDER BY deadline, dimension", args)]
+
+
+def next_send_after(conn: sqlite3.Connection) -> float | None:
+    row = conn.execute("SELECT MIN(send_after) FROM hours WHERE state = 'sealed'").fetchone()
+    return float(row[0]) if row and row[0] is not None else None
+
+
+def next_open_hour(conn: sqlite3.Connection) -> int | None:
+    row = conn.execute("SELECT MIN(hour) FROM open_hours").fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def finish(
+    conn: sqlite3.Connection,
+    dimension: str,
+    hour: int,
+    state: str,
+    now: float,
+    *,
+    record_id: str | None = None,
+    code: str | None = None,
+    error: str | None = None,
+) -> bool:
+    """Record one answered attempt; `state` 'sealed' keeps the hour pending. Only a sealed hour
+    changes: an hour that reached a final state never goes back."""
+    cur = conn.execute(
+        "UPDATE hours SET state = ?, attempts = attempts + 1, record_id = COALESCE(?, record_id), "
+        "last_code = ?, last_error = ?, done_at = CASE WHEN ? = 'sealed' THEN NULL ELSE ? END "
+        "WHERE dimension = ? AND hour = ? AND state = 'sealed'",
+        (state, record_id, code, error, state, now, dimension, hour),
+    )
+    return cur.rowcount == 1
+
+
+def expire_overdue(conn: sqlite3.Connection, now: float) -> list[tuple[str, int]]:
+    rows = conn.execute(
+        "SELECT dimension, hour FROM hours WHERE state = 'sealed' AND deadline < ?", (now,)
+    ).fetchall()
+    for dimension, hour in rows:
+        conn.execute(
+            "UPDATE hours SET state = 'expired', done_at = ?, last_error = COALESCE(last_error, "
+            "'not sent within AWS''s six-hour window') WHERE dimension = ? AND hour = ?",
+            (now, dimension, hour),
+        )
+    return [(str(d), int(h)) for d, h in rows]
+
+
+def prune(conn: sqlite3.Connection, now: float, keep_seconds: float = 48 * 3600.0) -> None:
+    """Drop per-record rows of hours long settled, and old idempotency keys. The hour rows
+    (quantity, state, MeteringRecordId) stay for audit."""
+    oldest = hour_of(now - keep_seconds)
+    conn.execute(
+        "DELETE FROM records WHERE hour < ? AND NOT EXISTS (SELECT 1 FROM open_hours o WHERE "
+        "o.dimension = records.dimension AND o.hour = records.hour) AND NOT EXISTS (SELECT 1 "
+        "FROM hours h WHERE h.dimension = records.dimension AND h.hour = records.hour AND "
+        "h.state = 'sealed')",
+        (oldest,),
+    )
+    conn.execute("DELETE FROM keys WHERE created_at < ?", (now - keep_seconds,))
+
+
+# -- verdict ------------------------------------------------------------------------------
+
+
+def save_verdict(conn: sqlite3.Connection, error: dict[str, Any]) -> None:
+    conn.execute("INSERT OR REPLACE INTO verdict VALUES (1, ?)", (dumps(error),))
+
+
+def load_verdict(conn: sqlite3.Connection) -> dict[str, Any] | None:
+    row = conn.execute("SELECT error FROM verdict").fetchone()
+    return dict(json.loads(row[0])) if row else None
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def report(
+    conn: sqlite3.Connection, now: float, policy: HourPolicy, limit: int = 500
+) -> dict[str, Any]:
+    hours: list[dict[str, Any]] = []
+    totals: dict[str, dict[str, int]] = {}
+    by_state = dict.fromkeys(STATES, 0)
+    warnings: list[str] = []
+
+    def add(dimension: str, state: str, quantity: int) -> None:
+        t = totals.setdefault(dimension, {"accepted": 0, **dict.fromkeys(STATES, 0)})
+        t["accepted"] += quantity
+        t[state] += quantity
+        by_state[state] += 1
+
+    for dimension, hour, quantity, carried in conn.execute(
+        "SELECT o.dimension, o.hour, o.quantity, (SELECT COUNT(*) FROM records r WHERE "
+        "r.dimension = o.dimension AND r.hour = o.hour AND r.carried_from IS NOT NULL) "
+        "FROM open_hours o"
+    ):
+        add(dimension, "open", int(quantity))
+        hours.append(
+            {
+                "dimension": dimension,
+                "hour": iso_hour(hour),
+                "state": "open",
+                "quantity": int(quantity),
+                "carried_records": int(carried),
+                "seal_after": iso(policy.seal_due(hour)),
+            }
+        )
+    for row in conn.execute(
+        "SELECT dimension, hour, state, purpose, quantity, request, attempts, last_code, "
+        "last_error, record_id, send_after, deadline, done_at FROM hours"
+    ):
+        dimension, hour, state, purpose, quantity = row[:5]
+        add(dimension, state, int(quantity))
+        item: dict[str, Any] = {
+            "dimension": dimension,
+            "hour": iso_hour(hour),
+            "state": state,
+            "purpose": purpose,
+            "quantity": int(quantity),
+            "timestamp": iso(json.loads(row[5])["Timestamp"]),
+            "metering_record_id": row[9],
+            "attempts": row[6],
+            "last_error": {"code": row[7], "message": row[8]} if row[7] or row[8] else None,
+            "send_after": iso(row[10]),
+            "deadline": iso(row[11]),
+        }
+        if state == "sealed" and row[11] - now < policy.warn_before:
+            item["warning"] = "AWS's six-hour window for this hour closes soon"
+            warnings.append(f"{dimension} {iso_hour(hour)}: unsent, window closes {iso(row[11])}")
+        if state in ("conflict", "expired", "rejected"):
+            warnings.append(f"{dimension} {iso_hour(hour)}: {state} ({row[7] or row[8]})")
+        hours.append(item)
+    hours.sort(key=lambda h: (h["hour"], h["dimension"]), reverse=True)
+    verdict = load_verdict(conn)
+    return {
+        "now": iso(now),
+        "hours": hours[:limit],
+        "hours_total": len(hours),
+        "totals": totals,
+        "hours_by_state": by_state,
+        "entitlement_refusal": verdict,
+        "warnings": warnings,
+    }
+
+
+def hours_by_state(conn: sqlite3.Connection) -> dict[str, int]:
+    out = dict.fromkeys(STATES, 0)
+    for state, count in conn.execute("SELECT state, COUNT(*) FROM hours GROUP BY state"):
+        out[state] = int(count)
+    out["open"] = int(conn.execute("SELECT COUNT(*) FROM open_hours").fetchone()[0])
+    return out
+
+
+def oldest_unsent_end(conn: sqlite3.Connection, now: float) -> float | None:
+    """End of the oldest hour that has ended and is not sent yet."""
+    current = hour_of(now)
+    candidates = [
+        conn.execute("SELECT MIN(hour) FROM open_hours WHERE hour < ?", (current,)).fetchone()[0],
+        conn.execute("SELECT MIN(hour) FROM hours WHERE state = 'sealed'").fetchone()[0],
+    ]
+    hours = [int(h) for h in candidates if h is not None]
+    return hour_start(min(hours) + 1) if hours else None

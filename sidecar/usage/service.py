@@ -1,0 +1,511 @@
+"""The usage pipeline as one object the wiring (app.py) holds.
+
+CONTRACT with the wiring (agreed with H6b; change only together):
+
+    from sidecar.usage.service import UsageService, UsagePolicy, EntitlementResult, StoreError
+
+    policy = UsagePolicy(
+        product_code=settings.product_code,
+        dimensions=settings.dimension_list,          # tuple[str, ...], 1..24
+        state_dir=settings.state_dir,                # Path, required in custom mode
+        entitlement_check=settings.entitlement_check,  # "meter_zero" | "dry_run" | "none"
+        drain_seconds=settings.drain_seconds,
+        entitlement_deadline=settings.register_deadline_seconds,
+        backoff_base=settings.backoff_base_seconds, backoff_cap=settings.backoff_cap_seconds,
+    )                                                 # other fields have defaults
+    service = UsageService(policy, gateway_factory, clock=clock, on_entitlement=callback)
+        # raises StoreError (a clear message, never a silent reset) when the store cannot be
+        # opened: the wiring logs it and exits non-zero before binding.
+        # gateway_factory: Callable[[], MeterGateway]; sidecar.aws.metering.MeteringGateway
+        # satisfies MeterGateway (meter_usage(...)); it may raise GatewaySetupError-like
+        # exceptions carrying `.info: ErrorInfo` (any exception with an `info` attribute).
+        # clock: sidecar.core.clock.Clock; for tests only, sidecar.usage.hours.ScaledClock
+        # (env MARKETPLACE_TEST_ONLY_TIME_SCALE, refused unless the metering endpoint is loopback).
+
+    service.post(body: bytes) -> tuple[int, dict[str, Any]]
+        # POST /v1/usage. 202 after fsync; 200 idempotent repeat; 400/409/413 client mistakes;
+        # 503 with body["retry_after"] (seconds) when the store cannot write.
+    service.report() -> dict[str, Any]           # GET /v1/usage
+    service.check_entitlement(stop: threading.Event) -> EntitlementResult   # blocking, retries
+        # EntitlementResult.outcome: "entitled" | "permitted" (dry_run: permission only)
+        #   | "refused" (final; .error: ErrorInfo; remembered in the store across restarts)
+        #   | "unavailable" (retryable errors until the deadline; .error) | "skipped" (none)
+        # on_entitlement(result) is also called later if an hourly send learns a refusal
+        # (dry_run/none modes: CustomerNotEntitledException on the pod's first real call).
+    service.run(stop: threading.Event) -> None     # sealing/sending loop; run in a thread
+    service.drain(budget_seconds: float) -> None   # SIGTERM: seal partial hour, send pending
+    service.close() -> None                        # stop the writer thread, close the store
+    service.counters() -> UsageCounters            # for metrics, read at scrape time:
+        # .units_accepted: dict[dimension, int]; .hours_by_state: dict[state, int];
+        # .oldest_unsent_age_seconds: float; .send_attempts: dict[(result, code), int]
+        # states: open, sealed, sent, conflict, expired, rejected
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from sidecar.aws.errors import ErrorInfo, classify
+from sidecar.core.clock import Clock, SystemClock
+from sidecar.usage import ledger
+from sidecar.usage.hours import (
+    CONFLICT,
+    EXPIRED,
+    RETRY,
+    SENT,
+    HourPolicy,
+    RetryPolicy,
+    decide,
+    hour_of,
+    iso,
+    iso_hour,
+)
+from sidecar.usage.ledger import IdConflictError, Pending
+from sidecar.usage.store import Store, StoreError, StoreUnavailableError
+from sidecar.usage.validate import Limits, RejectedError, parse
+
+__all__ = [
+    "EntitlementResult",
+    "MeterGateway",
+    "StoreError",
+    "UsageCounters",
+    "UsagePolicy",
+    "UsageService",
+]
+
+log = logging.getLogger(__name__)
+
+REMEMBERED_KINDS = frozenset({"entitlement", "platform"})
+RETRY_AFTER_SECONDS = 5
+
+
+class MeterGateway(Protocol):
+    def meter_usage(self, request: dict[str, Any], dry_run: bool = False) -> str: ...
+
+
+@dataclass(frozen=True)
+class UsagePolicy:
+    product_code: str
+    dimensions: tuple[str, ...]
+    state_dir: Path
+    entitlement_check: str = "meter_zero"
+    drain_seconds: float = 20.0
+    entitlement_deadline: float = 3600.0
+    backoff_base: float = 2.0
+    backoff_cap: float = 300.0
+    hours: HourPolicy = field(default_factory=HourPolicy)
+    future_skew: float = 300.0
+    max_sleep: float = 30.0  # the loop looks at the store at least this often
+
+
+@dataclass(frozen=True)
+class EntitlementResult:
+    """`outcome`: entitled | permitted | refused | unavailable | skipped (see the contract)."""
+
+    outcome: str
+    error: ErrorInfo | None = None
+    record_id: str | None = None
+    remembered: bool = False
+
+
+@dataclass(frozen=True)
+class UsageCounters:
+    units_accepted: dict[str, int]
+    hours_by_state: dict[str, int]
+    oldest_unsent_age_seconds: float
+    send_attempts: dict[tuple[str, str], int]
+
+
+def _info(exc: BaseException) -> ErrorInfo | None:
+    info = getattr(exc, "info", None)
+    return info if isinstance(info, ErrorInfo) else None
+
+
+class UsageService:
+    def __init__(
+        self,
+        policy: UsagePolicy,
+        gateway_factory: Callable[[], MeterGateway],
+        *,
+        clock: Clock | None = None,
+        rng: Callable[[], float] = random.random,
+        on_entitlement: Callable[[EntitlementResult], None] | None = None,
+    ) -> None:
+        if not policy.dimensions:
+            raise ValueError("at least one dimension is needed")
+        self.policy = policy
+        self.clock: Clock = clock or SystemClock()
+        self.store = Store(policy.state_dir)
+        self._factory = gateway_factory
+        self._gateway: MeterGateway | None = None
+        self._rng = rng
+        self._on_entitlement = on_entitlement
+        self._limits = Limits(policy.dimensions, future_skew=policy.future_skew)
+        self._retry = RetryPolicy(policy.backoff_base, policy.backoff_cap)
+        self._send_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._units: dict[str, int] = dict.fromkeys(policy.dimensions, 0)
+        self._attempts: dict[tuple[str, str], int] = {}
+        self._failures = 0  # consecutive failed sends: all sending pauses after a failure
+        self._resume_at = 0.0  # clock.monotonic() when sending may resume
+        self._warned: set[tuple[str, int]] = set()
+        self._pruned_hour = -1
+        self._refused = False
+
+    # -- the local API ---------------------------------------------------------------------
+
+    def post(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        """POST /v1/usage: 202 once durable, 200 for a repeat, 4xx for client mistakes."""
+        now = self.clock.time()
+        try:
+            records = parse(body, self._limits, now)
+        except RejectedError as exc:
+            return exc.status, exc.body()
+        policy = self.policy.hours
+        try:
+            status, answers = self.store.write(lambda c: ledger.ingest(c, records, now, policy))
+        except RejectedError as exc:
+            return exc.status, exc.body()
+        except IdConflictError as exc:
+            return 409, {"error": "id_conflict", "field": exc.field, "message": str(exc)}
+        except StoreUnavailableError as exc:
+            log.error("usage_not_stored", extra={"detail": str(exc)})
+            return 503, {
+                "error": "store_unavailable",
+                "message": f"usage was not stored ({exc}); send it again later",
+                "retry_after": RETRY_AFTER_SECONDS,
+            }
+        fresh = [a for a in answers if not a.get("repeat")]
+        with self._count_lock:
+            for a in fresh:
+                self._units[a["dimension"]] = self._units.get(a["dimension"], 0) + a["quantity"]
+        return status, {
+            "accepted": len(fresh),
+            "repeats": len(answers) - len(fresh),
+            "records": answers,
+        }
+
+    def report(self) -> dict[str, Any]:
+        """GET /v1/usage."""
+        now = self.clock.time()
+        out = self.store.read(lambda c: ledger.report(c, now, self.policy.hours))
+        pause = self._resume_at - self.clock.monotonic()
+        out["sending"] = {
+            "consecutive_failures": self._failures,
+            "paused_for_seconds": round(pause, 1) if self._failures and pause > 0 else 0.0,
+        }
+        out["dimensions"] = list(self.policy.dimensions)
+        out["entitlement_check"] = self.policy.entitlement_check
+        return out
+
+    def counters(self) -> UsageCounters:
+        now = self.clock.time()
+
+        def read(c: Any) -> tuple[dict[str, int], float | None]:
+            return ledger.hours_by_state(c), ledger.oldest_unsent_end(c, now)
+
+        by_state, oldest_end = self.store.read(read)
+        with self._count_lock:
+            return UsageCounters(
+                units_accepted=dict(self._units),
+                hours_by_state=by_state,
+                oldest_unsent_age_seconds=max(0.0, now - oldest_end) if oldest_end else 0.0,
+                send_attempts=dict(self._attempts),
+            )
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- AWS -----------------------------------------------------------------------------
+
+    def _get_gateway(self) -> MeterGateway:
+        if self._gateway is None:
+            self._gateway = self._factory()
+        return self._gateway
+
+    def _call(
+        self, request: dict[str, Any], dry_run: bool = False
+    ) -> tuple[str | None, ErrorInfo | None]:
+        """(MeteringRecordId, None) or (None, error); anything else is a bug and propagates."""
+        try:
+            return self._get_gateway().meter_usage(request, dry_run), None
+        except Exception as exc:
+            info = _info(exc)
+            if info is None:
+                raise
+            return None, info
+
+    def _count(self, result: str, code: str) -> None:
+        with self._count_lock:
+            key = (result, code)
+            self._attempts[key] = self._attempts.get(key, 0) + 1
+
+    def _send(self, p: Pending, *, notify: bool = True) -> tuple[str, str | None, ErrorInfo | None]:
+        """One attempt for one sealed hour; its outcome is stored before returning."""
+        record_id, info = self._call(p.request)
+        outcome = decide(info.code if info else None, info.retryable if info else False)
+        now = self.clock.time()
+        if outcome == EXPIRED and now < p.deadline:
+            # Inside our own window AWS still refused the timestamp: one of the two clocks is
+            # off (ours ahead, most likely). Keep the exact request and try again; it expires
+            # at the deadline like any other unsent hour.
+            outcome = RETRY
+        state = "sealed" if outcome == RETRY else outcome
+        self.store.write(
+            lambda c: ledger.finish(
+                c,
+                p.dimension,
+                p.hour,
+                state,
+                now,
+                record_id=record_id,
+                code=info.code if info else None,
+                error=info.message if info else None,
+            )
+        )
+        self._count(outcome, info.code if info else "ok")
+        where = {
+            "dimension": p.dimension,
+            "hour": iso_hour(p.hour),
+            "quantity": p.request["UsageQuantity"],
+        }
+        if info is None:
+            self._failures = 0
+            log.info("usage_sent", extra={**where, "metering_record_id": record_id})
+        elif outcome == RETRY:
+            self._failures += 1
+            delay = self._retry.delay(self._failures, self._rng)
+            self._resume_at = self.clock.monotonic() + delay
+            log.warning(
+                "usage_send_failed",
+                extra={**where, "code": info.code, "kind": info.kind, "retry_in": round(delay, 1)},
+            )
+        else:
+            self._failures = 0
+            log.error(
+                "usage_" + outcome, extra={**where, "code": info.code, "detail": info.message}
+            )
+            if info.kind in REMEMBERED_KINDS:
+                self._refuse(info, notify)
+        return outcome, record_id, info
+
+    def _refuse(self, info: ErrorInfo, notify: bool = True) -> None:
+        """AWS's entitlement verdict: remembered in the store (it is given only once per pod)."""
+        self.store.write(lambda c: ledger.save_verdict(c, info.to_json()))
+        if notify and not self._refused and self._on_entitlement is not None:
+            self._on_entitlement(EntitlementResult("refused", info))
+        self._refused = True
+
+    # -- entitlement at start --------------------------------------------------------------
+
+    def check_entitlement(self, stop: threading.Event | None = None) -> EntitlementResult:
+        """The configured start-up check, with retries of transient errors until the deadline."""
+        stop = stop or threading.Event()
+        mode = self.policy.entitlement_check
+        if mode == "none":
+            return EntitlementResult("skipped")
+        remembered = self.store.read(ledger.load_verdict)
+        if remembered is not None:
+            self._refused = True
+            info = ErrorInfo(
+                code=str(remembered["code"]),
+                message=f"recorded earlier in this pod: {remembered['message']}",
+                hint=str(remembered["hint"]),
+                kind=str(remembered["kind"]),
+                retryable=False,
+                request_id=remembered.get("request_id"),
+            )
+            return EntitlementResult("refused", info, remembered=True)
+        if mode == "dry_run":
+            return self._dry_run(stop)
+        return self._meter_zero(stop)
+
+    def _retrying(
+        self, stop: threading.Event, attempt: Callable[[], tuple[str | None, ErrorInfo | None]]
+    ) -> tuple[str | None, ErrorInfo | None]:
+        started = self.clock.monotonic()
+        failures = 0
+        while True:
+            record_id, info = attempt()
+            if info is None or not info.retryable:
+                return record_id, info
+            failures += 1
+            delay = self._retry.delay(failures, self._rng)
+            if self.clock.monotonic() + delay - started > self.policy.entitlement_deadline:
+                return None, info
+            log.warning(
+                "entitlement_check_retry", extra={"code": info.code, "retry_in": round(delay, 1)}
+            )
+            if self.clock.wait(stop, delay):
+                return None, info
+
+    def _meter_zero(self, stop: threading.Event) -> EntitlementResult:
+        dimension = self.policy.dimensions[0]
+        now = self.clock.time()
+        claim = self.store.write(
+            lambda c: ledger.claim_entitlement(
+                c, dimension, now, self.policy.hours, self.policy.product_code
+            )
+        )
+        if claim.already:
+            return EntitlementResult("entitled", remembered=True)
+        pending = claim.pending
+        if pending is None:
+            return EntitlementResult(
+                "refused",
+                classify("EntitlementRecordUnusable", "this hour's entitlement record was refused"),
+            )
+        outcome = RETRY
+
+        def attempt() -> tuple[str | None, ErrorInfo | None]:
+            nonlocal outcome
+            with self._send_lock:
+                outcome, record_id, info = self._send(pending, notify=False)
+            if outcome == RETRY and info is not None and not info.retryable:
+                info = replace(info, retryable=False)
+            return record_id, info
+
+        record_id, info = self._retrying(stop, attempt)
+        self._failures, self._resume_at = 0, 0.0
+        if outcome in (SENT, CONFLICT):
+            log.info(
+                "entitlement_checked", extra={"mode": "meter_zero", "metering_record_id": record_id}
+            )
+            return EntitlementResult("entitled", record_id=record_id)
+        if info is not None and (info.retryable or outcome == EXPIRED):
+            return EntitlementResult("unavailable", info)
+        if info is not None and info.kind in REMEMBERED_KINDS:
+            self._refused = True
+        return EntitlementResult("refused", info)
+
+    def _dry_run(self, stop: threading.Event) -> EntitlementResult:
+        for dimension in self.policy.dimensions:
+            request = {
+                "ProductCode": self.policy.product_code,
+                "Timestamp": int(self.clock.time()),
+                "UsageDimension": dimension,
+                "UsageQuantity": 0,
+            }
+            _, info = self._retrying(stop, lambda r=request: self._call(r, dry_run=True))  # type: ignore[misc]
+            self._count("dry_run", info.code if info else "ok")
+            if info is not None:
+                if info.retryable:
+                    return EntitlementResult("unavailable", info)
+                if info.kind in REMEMBERED_KINDS:
+                    self._refuse(info)
+                return EntitlementResult("refused", info)
+        return EntitlementResult("permitted")
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Seal ended hours, send what is due, expire what AWS would refuse; until `stop`."""
+        try:  # build the AWS client now, not at the first send of the hour (seconds of imports)
+            with self._send_lock:
+                self._get_gateway()
+        except Exception as exc:
+            log.warning("usage_gateway_not_ready", extra={"detail": str(exc)[:300]})
+        while not stop.is_set():
+            now = self.clock.time()
+            self.tick(now)
+            if self.clock.wait(stop, self._sleep(self.clock.time())):
+                return
+
+    def tick(self, now: float) -> None:
+        """One pass of the loop at wall time `now`."""
+        hp = self.policy.hours
+        through = hp.sealable_through(now)
+        first_open = self.store.read(ledger.next_open_hour)
+        if first_open is not None and first_open <= through:
+            sealed = self.store.write(
+                lambda c: ledger.seal(c, through, now, hp, self.policy.product_code, self._rng)
+            )
+            for dimension, hour in sealed:
+                log.info("usage_sealed", extra={"dimension": dimension, "hour": iso_hour(hour)})
+        self._send_due(now, ignore_spread=False)
+        if hour_of(now) != self._pruned_hour:
+            self._pruned_hour = hour_of(now)
+            self.store.write(lambda c: ledger.prune(c, now))
+
+    def _send_due(
+        self, now: float, *, ignore_spread: bool, budget_end: float | None = None
+    ) -> None:
+        horizon = None if ignore_spread else now
+        with self._send_lock:
+            for p in self.store.read(lambda c: ledger.due(c, horizon)):
+                now = self.clock.time()
+                if budget_end is not None and time.monotonic() >= budget_end:
+                    return
+                if p.deadline < now:
+                    expired = self.store.write(functools.partial(ledger.expire_overdue, now=now))
+                    for dimension, hour in expired:
+                        self._count(EXPIRED, "window")
+                        log.error(
+                            "usage_expired", extra={"dimension": dimension, "hour": iso_hour(hour)}
+                        )
+                    continue
+                if (
+                    p.deadline - now < self.policy.hours.warn_before
+                    and (p.dimension, p.hour) not in self._warned
+                ):
+                    self._warned.add((p.dimension, p.hour))
+                    log.warning(
+                        "usage_window_closing",
+                        extra={
+                            "dimension": p.dimension,
+                            "hour": iso_hour(p.hour),
+                            "deadline": iso(p.deadline),
+                        },
+                    )
+                if self.clock.monotonic() < self._resume_at:
+                    return
+                if self._send(p)[0] == RETRY:
+                    return
+
+    def _sleep(self, now: float) -> float:
+        hp = self.policy.hours
+        wake = [now + self.policy.max_sleep]
+        first_open = self.store.read(ledger.next_open_hour)
+        if first_open is not None:
+            wake.append(hp.seal_due(first_open))
+        after = self.store.read(ledger.next_send_after)
+        if after is not None:
+            wake.append(max(after, now + (self._resume_at - self.clock.monotonic())))
+        return max(0.01, min(wake) - now)
+
+    def drain(self, budget_seconds: float) -> None:
+        """SIGTERM: seal the open hours (the partial one too) and send all pending within the
+        budget (real seconds); what is left stays in the store for the next start."""
+        end = time.monotonic() + max(0.0, budget_seconds)
+        now = self.clock.time()
+        hp = self.policy.hours
+        try:
+            sealed = self.store.write(
+                lambda c: ledger.seal(
+                    c, hour_of(now), now, hp, self.policy.product_code, self._rng, send_now=True
+                )
+            )
+        except StoreUnavailableError as exc:
+            log.error("drain_seal_failed", extra={"detail": str(exc)})
+            return
+        log.info("draining_usage", extra={"sealed": len(sealed), "budget_seconds": budget_seconds})
+        self._failures, self._resume_at = 0, 0.0
+        while time.monotonic() < end:
+            pending = self.store.read(lambda c: ledger.due(c, None))
+            if not pending:
+                return
+            self._send_due(self.clock.time(), ignore_spread=True, budget_end=end)
+            wait = min(self._resume_at - self.clock.monotonic(), end - time.monotonic())
+            if wait > 0:
+                self.clock.wait(threading.Event(), min(wait, 1.0))
+        left = self.store.read(lambda c: ledger.due(c, None))
+        if left:
+            log.warning("drain_incomplete", extra={"unsent_hours": len(left)})

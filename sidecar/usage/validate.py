@@ -1,0 +1,297 @@
+"""What a product may POST to /v1/usage, checked before anything is stored. Pure.
+
+The rules are MeterUsage's own (quantity 0..2147483647, 1..2500 allocations summing to the
+quantity, 1..5 tags per allocation, AWS's key/value lengths and pattern, no two allocations with
+the same tag set), so a record the sidecar accepts can always be sent. Every problem names its
+field (`records[3].allocations[1].tags.team`) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+MAX_RECORDS = 1000
+MAX_QUANTITY = 2147483647
+MAX_ALLOCATIONS = 2500
+MAX_TAGS = 5
+MAX_ID = 128
+TAG_RE = re.compile(r"^[a-zA-Z0-9+ -=._:\/@]+$")
+ID_RE = re.compile(r"^[\x21-\x7e]+$")
+RECORD_FIELDS = frozenset({"dimension", "quantity", "id", "timestamp", "allocations"})
+ALLOCATION_FIELDS = frozenset({"quantity", "tags"})
+MAX_ERRORS = 20
+
+Tags = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Allocation:
+    quantity: int
+    tags: Tags  # sorted by key: one canonical form per tag set
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    dimension: str
+    quantity: int
+    id: str | None
+    timestamp: float | None
+    allocations: tuple[Allocation, ...]
+    field: str  # where it was in the request: "records[3]" or "" for a single record
+
+    @property
+    def digest(self) -> str:
+        """Content fingerprint for the idempotency key: same id + same digest = a repeat."""
+        doc = {
+            "d": self.dimension,
+            "q": self.quantity,
+            "t": self.timestamp,
+            "a": [[a.quantity, list(a.tags)] for a in self.allocations],
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Problem:
+    field: str
+    message: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"field": self.field, "message": self.message}
+
+
+class RejectedError(Exception):
+    """The request is refused as a whole; nothing of it is stored."""
+
+    def __init__(self, status: int, problems: list[Problem]) -> None:
+        super().__init__(problems[0].message if problems else "rejected")
+        self.status = status
+        self.problems = problems
+
+    def body(self) -> dict[str, Any]:
+        first = self.problems[0]
+        return {
+            "error": "invalid_usage" if self.status == 400 else "too_many_records",
+            "field": first.field,
+            "message": first.message,
+            "problems": [p.to_json() for p in self.problems[:MAX_ERRORS]],
+        }
+
+
+@dataclass(frozen=True)
+class Limits:
+    dimensions: tuple[str, ...]
+    future_skew: float = 300.0  # a product clock this far ahead is tolerated
+    max_age: float = 6 * 3600.0  # MeterUsage refuses timestamps more than six hours old
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def parse_timestamp(value: Any) -> float:
+    """RFC 3339 with an explicit offset (`Z` or `+hh:mm`) to epoch seconds; ValueError otherwise."""
+    if not isinstance(value, str) or not re.match(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}", value):
+        raise ValueError("must be an RFC 3339 string such as 2026-01-31T13:05:00Z")
+    text = value[:-1] + "+00:00" if value[-1:] in ("Z", "z") else value
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError("must be an RFC 3339 string such as 2026-01-31T13:05:00Z") from None
+    if parsed.tzinfo is None:
+        raise ValueError("needs a UTC offset (Z or +hh:mm)")
+    return parsed.timestamp()
+
+
+def _quantity(value: Any, field: str, problems: list[Problem]) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        problems.append(Problem(field, f"must be an integer from 0 to {MAX_QUANTITY}"))
+        return 0
+    if not 0 <= value <= MAX_QUANTITY:
+        problems.append(Problem(field, f"must be an integer from 0 to {MAX_QUANTITY}"))
+        return 0
+    return value
+
+
+def _tags(value: Any, field: str, problems: list[Problem]) -> Tags:
+    if not isinstance(value, dict) or not 1 <= len(value) <= MAX_TAGS:
+        problems.append(
+            Problem(field, f"must be an object of 1 to {MAX_TAGS} tags, key to string value")
+        )
+        return ()
+    out = []
+    for key, val in value.items():
+        where = f"{field}.{key}"
+        if not 1 <= len(key) <= 100 or not TAG_RE.match(key):
+            problems.append(
+                Problem(
+                    where,
+                    "tag keys are 1-100 characters matching AWS's pattern [a-zA-Z0-9+ -=._:/@]",
+                )
+            )
+        if not isinstance(val, str) or not 1 <= len(val) <= 256 or not TAG_RE.match(val):
+            problems.append(
+                Problem(
+                    where,
+                    "tag values are strings of 1-256 characters matching [a-zA-Z0-9+ -=._:/@]",
+                )
+            )
+            continue
+        out.append((key, val))
+    return tuple(sorted(out))
+
+
+def _allocations(
+    value: Any, quantity: int, field: str, problems: list[Problem]
+) -> tuple[Allocation, ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_ALLOCATIONS:
+        problems.append(Problem(field, f"must be a list of 1 to {MAX_ALLOCATIONS} allocations"))
+        return ()
+    out: list[Allocation] = []
+    seen: dict[Tags, int] = {}
+    before = len(problems)
+    for i, item in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(item, dict):
+            problems.append(Problem(where, 'must be an object {"quantity": n, "tags": {...}}'))
+            continue
+        for extra in sorted(set(item) - ALLOCATION_FIELDS):
+            problems.append(Problem(f"{where}.{extra}", "unknown field; allowed: quantity, tags"))
+        if "quantity" not in item:
+            problems.append(Problem(f"{where}.quantity", "is required"))
+        if "tags" not in item:
+            problems.append(Problem(f"{where}.tags", "is required"))
+            continue
+        q = _quantity(item.get("quantity"), f"{where}.quantity", problems)
+        tags = _tags(item["tags"], f"{where}.tags", problems)
+        if tags and tags in seen:
+            problems.append(
+                Problem(f"{where}.tags", f"same tag set as {field}[{seen[tags]}]; merge them")
+            )
+        seen.setdefault(tags, i)
+        out.append(Allocation(q, tags))
+    total = sum(a.quantity for a in out)
+    if len(problems) == before and total != quantity:
+        problems.append(
+            Problem(field, f"allocated quantities sum to {total}; they must sum to {quantity}")
+        )
+    return tuple(out)
+
+
+def _record(
+    doc: Any, field: str, limits: Limits, now: float, problems: list[Problem]
+) -> UsageRecord | None:
+    if not isinstance(doc, dict):
+        problems.append(Problem(field or "body", "must be a usage record object"))
+        return None
+    before = len(problems)
+    for extra in sorted(set(doc) - RECORD_FIELDS):
+        problems.append(
+            Problem(
+                _join(field, extra), f"unknown field; allowed: {', '.join(sorted(RECORD_FIELDS))}"
+            )
+        )
+    dimension = doc.get("dimension")
+    if dimension not in limits.dimensions:
+        problems.append(
+            Problem(
+                _join(field, "dimension"),
+                f"must be one of the configured dimensions: {', '.join(limits.dimensions)}",
+            )
+        )
+    if "quantity" not in doc:
+        problems.append(Problem(_join(field, "quantity"), "is required"))
+    quantity = _quantity(doc.get("quantity"), _join(field, "quantity"), problems)
+    key = doc.get("id")
+    if key is not None and (
+        not isinstance(key, str) or not 1 <= len(key) <= MAX_ID or not ID_RE.match(key)
+    ):
+        problems.append(
+            Problem(_join(field, "id"), f"must be 1-{MAX_ID} printable ASCII characters, no spaces")
+        )
+    stamp: float | None = None
+    if doc.get("timestamp") is not None:
+        where = _join(field, "timestamp")
+        try:
+            stamp = parse_timestamp(doc["timestamp"])
+        except ValueError as exc:
+            problems.append(Problem(where, str(exc)))
+        else:
+            if not math.isfinite(stamp) or stamp > now + limits.future_skew:
+                problems.append(
+                    Problem(
+                        where,
+                        f"is in the future; at most {limits.future_skew:.0f} s ahead of the "
+                        "sidecar's clock is allowed",
+                    )
+                )
+            elif stamp < now - limits.max_age:
+                problems.append(
+                    Problem(
+                        where,
+                        f"is older than AWS accepts (MeterUsage takes at most "
+                        f"{limits.max_age / 3600:.0f} hours in the past)",
+                    )
+                )
+    allocations: tuple[Allocation, ...] = ()
+    if doc.get("allocations") is not None:
+        allocations = _allocations(
+            doc["allocations"], quantity, _join(field, "allocations"), problems
+        )
+    if len(problems) != before:
+        return None
+    return UsageRecord(str(dimension), quantity, key, stamp, allocations, field)
+
+
+def parse(body: bytes, limits: Limits, now: float) -> list[UsageRecord]:
+    """Body -> records, or `RejectedError` (400, or 413 for more than MAX_RECORDS records)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise RejectedError(
+            400, [Problem("body", "must be JSON: one usage record or a list")]
+        ) from None
+    if isinstance(doc, dict) and "records" in doc and "dimension" not in doc:
+        if set(doc) != {"records"}:
+            raise RejectedError(
+                400, [Problem("body", 'an object with "records" has no other field')]
+            )
+        doc = doc["records"]
+        if not isinstance(doc, list):
+            raise RejectedError(400, [Problem("records", "must be a list of usage records")])
+    problems: list[Problem] = []
+    records: list[UsageRecord] = []
+    if isinstance(doc, list):
+        if not doc:
+            raise RejectedError(400, [Problem("records", "must hold at least one record")])
+        if len(doc) > MAX_RECORDS:
+            raise RejectedError(
+                413,
+                [Problem("records", f"at most {MAX_RECORDS} records per request; got {len(doc)}")],
+            )
+        for i, item in enumerate(doc):
+            rec = _record(item, f"records[{i}]", limits, now, problems)
+            if rec is not None:
+                records.append(rec)
+    else:
+        rec = _record(doc, "", limits, now, problems)
+        if rec is not None:
+            records.append(rec)
+    seen: dict[str, int] = {}
+    for i, rec in enumerate(records):
+        if rec.id is None:
+            continue
+        if rec.id in seen and records[seen[rec.id]].digest != rec.digest:
+            problems.append(
+                Problem(_join(rec.field, "id"), "the same id appears with different content")
+            )
+        seen.setdefault(rec.id, i)
+    if problems:
+        raise RejectedError(400, problems)
+    return records
