@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar import client
+from sidecar.aws.errors import ErrorInfo
+from sidecar.entitlement.marker import FirstCallMarker
+from sidecar.entitlement.state import State
+from sidecar.entitlement.verdict import VerdictStore
 from tests.helpers import new_key
+from tests.test_first_call import build
 
 
 @pytest.mark.parametrize(
@@ -21,3 +29,31 @@ def test_client_bad_sidecar_url_is_an_entitlement_error(url: str) -> None:
     with pytest.raises(client.EntitlementError) as caught:
         client.challenge(new_key().public_key(), "prod", url=url, timeout=2)
     assert caught.value.reason == "bad_url"
+
+
+class _CrashAtAnswered(FirstCallMarker):
+    """Records what a sidecar SIGKILLed right after `first-call.answered` is written would
+    leave for its restart: the verdict file as it is on disk at that instant."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.verdict_on_disk: object = "never answered"
+
+    def mark_answered(self, lost: bool) -> None:
+        assert self.directory is not None
+        self.verdict_on_disk = VerdictStore(self.directory, "prod-abc").load()
+        super().mark_answered(lost)
+
+
+def test_a_kill_right_after_the_first_refusal_is_marked_answered_keeps_the_refusal(
+    key: rsa.RSAPrivateKey, tmp_path: Path
+) -> None:
+    """`answered` without the verdict beside it lets a restart call again as a re-registration,
+    which AWS answers with a token: the unsubscribed pod would become entitled."""
+    marker = _CrashAtAnswered(tmp_path)
+    reg, _, _ = build(["CustomerNotEntitledException"], key, tmp_path)
+    reg._marker = marker
+    reg.run()
+    assert reg.machine.snapshot().state is State.NOT_ENTITLED
+    remembered = marker.verdict_on_disk
+    assert isinstance(remembered, ErrorInfo) and remembered.kind == "entitlement"
