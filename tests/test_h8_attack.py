@@ -12,7 +12,8 @@ from sidecar.aws.errors import ErrorInfo
 from sidecar.entitlement.marker import FirstCallMarker
 from sidecar.entitlement.state import State
 from sidecar.entitlement.verdict import VerdictStore
-from tests.helpers import new_key
+from sidecar.entitlement.verify import TokenError, verify_token
+from tests.helpers import NOW, claims, new_key, sign
 from tests.test_first_call import build
 
 
@@ -57,3 +58,22 @@ def test_a_kill_right_after_the_first_refusal_is_marked_answered_keeps_the_refus
     assert reg.machine.snapshot().state is State.NOT_ENTITLED
     remembered = marker.verdict_on_disk
     assert isinstance(remembered, ErrorInfo) and remembered.kind == "entitlement"
+
+
+@pytest.mark.parametrize("version", ["\u00b2", "\u0661"])  # superscript two, Arabic-Indic one
+def test_a_non_ascii_digit_key_version_is_a_token_error(
+    key: rsa.RSAPrivateKey, version: str
+) -> None:
+    """`str.isdigit` accepts "²", which `int` refuses: that must be a TokenError, never a
+    ValueError that escapes verify_token (and the registrar's or the product's handler)."""
+    token = sign(key, claims(nonce="n-1", publicKeyVersion=version))
+    with pytest.raises(TokenError) as caught:
+        verify_token(
+            token,
+            {1: key.public_key()},
+            product_code=claims()["productCode"],
+            public_key_version=1,
+            nonce="n-1",
+            now=NOW,
+        )
+    assert caught.value.reason == "key_version_mismatch"
