@@ -145,7 +145,10 @@ def _request(method: str, url: str, body: Any, deadline: float) -> tuple[int, di
     timeout (the deadline passed), bad_answer (not HTTP, too large, cut short).
     Only the host name lookup is outside the deadline: use an IP address or localhost.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "http://[::1" and other unbalanced brackets
+        raise EntitlementError("bad_url", f"bad sidecar URL {url[:100]!r}") from None
     if (
         parts.scheme != "http"
         or not parts.hostname
@@ -176,6 +179,8 @@ def _request(method: str, url: str, body: Any, deadline: float) -> tuple[int, di
         raise EntitlementError(
             "no_sidecar", f"no entitlement sidecar answering at {url} ({exc})"
         ) from None
+    except UnicodeError:  # the name lookup refuses the host ("a..b", a label over 63 chars)
+        raise EntitlementError("bad_url", f"bad host in the sidecar URL {url[:100]!r}") from None
     with sock:
         try:
             _settimeout(sock, deadline)

@@ -294,6 +294,10 @@ class Registrar:
                 not refused or (error is not None and error.code == FIRST_ANSWER_LOST)
             )
             self._first = FirstCall.LOST if lost else FirstCall.ANSWERED
+            if refused and error is not None and self._verdicts is not None:
+                # Before "answered": a sidecar killed in between must leave its restart the
+                # refusal, not an answered first call that makes its next call a re-registration.
+                self._verdicts.save(error)
             self._marker.mark_answered(lost)
         if lost and not self.policy.strict_first_answer:
             self.machine.first_answer_lost()
