@@ -3,6 +3,7 @@ schemas (kubernetes-validate, strict) for the versions we support."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -540,3 +541,25 @@ def test_plain_manifests_are_in_sync_with_the_chart(tmp_path: Path) -> None:
     assert regenerated == committed, "run scripts/render-manifests.sh and commit the result"
     docs = [d for d in yaml.safe_load_all(committed) if d]
     validate(docs, "1.29.0")
+
+
+def test_plain_manifests_pull_the_sidecar_from_a_marketplace_registry_and_match_irsa() -> None:
+    """A seller applying the plain YAML must not pull `marketplace-sidecar:<tag>` from Docker Hub,
+    and the IRSA trust policy must name the ServiceAccount that YAML creates, or STS refuses."""
+    committed = (ROOT / "manifests" / "kubernetes" / "marketplace-sidecar.yaml").read_text()
+    docs = [d for d in yaml.safe_load_all(committed) if d]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (sidecar,) = [c for c in pod["initContainers"] if c["name"] == "marketplace-sidecar"]
+    image = sidecar["image"]
+    assert image.startswith("709825985650.dkr.ecr.us-east-1.amazonaws.com/"), image
+    assert "replace-with-your-seller-prefix/marketplace-sidecar:" in image
+    assert "replace-with-your-seller-prefix" in committed.split("---")[0]  # the header says so
+    (account,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    meta = account["metadata"]
+    subject = f"system:serviceaccount:{meta['namespace']}:{meta['name']}"
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    trust = json.loads((ROOT / "manifests" / "iam" / "irsa-trust-policy.json").read_text())
+    (condition,) = trust["Statement"]
+    subs = [v for k, v in condition["Condition"]["StringEquals"].items() if k.endswith(":sub")]
+    assert subs == [subject]
