@@ -431,6 +431,10 @@ def test_notes_explain_checks_and_warn_without_irsa(tmp_path: Path) -> None:
     no_sample = notes("sample.enabled=false")
     assert "deploy/" not in no_sample and "-sample" not in no_sample
     assert "exec POD -c marketplace-sidecar -- marketplace-sidecar doctor" in no_sample
+    # No registry: the bare name would be pulled from Docker Hub, where anyone may own it.
+    assert "image.registry is empty" in text and "docker.io/library/marketplace-sidecar" in text
+    ours = notes("image.registry=709825985650.dkr.ecr.us-east-1.amazonaws.com/seller")
+    assert "image.registry is empty" not in ours
 
 
 def parent_chart(tmp_path: Path, app_version: str | None) -> Path:
