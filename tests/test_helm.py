@@ -3,6 +3,7 @@ schemas (kubernetes-validate, strict) for the versions we support."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -430,6 +431,10 @@ def test_notes_explain_checks_and_warn_without_irsa(tmp_path: Path) -> None:
     no_sample = notes("sample.enabled=false")
     assert "deploy/" not in no_sample and "-sample" not in no_sample
     assert "exec POD -c marketplace-sidecar -- marketplace-sidecar doctor" in no_sample
+    # No registry: the bare name would be pulled from Docker Hub, where anyone may own it.
+    assert "image.registry is empty" in text and "docker.io/library/marketplace-sidecar" in text
+    ours = notes("image.registry=709825985650.dkr.ecr.us-east-1.amazonaws.com/seller")
+    assert "image.registry is empty" not in ours
 
 
 def parent_chart(tmp_path: Path, app_version: str | None) -> Path:
@@ -638,3 +643,23 @@ def test_metering_schema_rejects_bad_values_naming_the_field(sets: list[str], me
         args += ["--set", s]
     out = helm(*args, check=False)
     assert out.returncode != 0 and message in out.stderr, out.stderr
+def test_plain_manifests_pull_the_sidecar_from_a_marketplace_registry_and_match_irsa() -> None:
+    """A seller applying the plain YAML must not pull `marketplace-sidecar:<tag>` from Docker Hub,
+    and the IRSA trust policy must name the ServiceAccount that YAML creates, or STS refuses."""
+    committed = (ROOT / "manifests" / "kubernetes" / "marketplace-sidecar.yaml").read_text()
+    docs = [d for d in yaml.safe_load_all(committed) if d]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (sidecar,) = [c for c in pod["initContainers"] if c["name"] == "marketplace-sidecar"]
+    image = sidecar["image"]
+    assert image.startswith("709825985650.dkr.ecr.us-east-1.amazonaws.com/"), image
+    assert "replace-with-your-seller-prefix/marketplace-sidecar:" in image
+    assert "replace-with-your-seller-prefix" in committed.split("---")[0]  # the header says so
+    (account,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    meta = account["metadata"]
+    subject = f"system:serviceaccount:{meta['namespace']}:{meta['name']}"
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    trust = json.loads((ROOT / "manifests" / "iam" / "irsa-trust-policy.json").read_text())
+    (condition,) = trust["Statement"]
+    subs = [v for k, v in condition["Condition"]["StringEquals"].items() if k.endswith(":sub")]
+    assert subs == [subject]
