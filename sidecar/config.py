@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     register_deadline_seconds: float = Field(3600.0, ge=1.0, le=REGISTRATION_WINDOW_SECONDS - 600)
     backoff_base_seconds: float = Field(1.0, gt=0.0, le=60.0)
     backoff_cap_seconds: float = Field(60.0, gt=0.0, le=900.0)
-    throttle_schedule_seconds: str = "25,40,43"
+    throttle_schedule_seconds: str = ""  # empty: adaptive windows (core/backoff.py)
     aws_timeout_seconds: float = Field(10.0, gt=0.0, le=120.0)
     clock_skew_seconds: float = Field(300.0, ge=0.0, le=3600.0)
     challenge_rate_per_second: float = Field(1.0, gt=0.0, le=5.0)
@@ -94,12 +94,15 @@ class Settings(BaseSettings):
     @field_validator("throttle_schedule_seconds")
     @classmethod
     def _schedule(cls, v: str) -> str:
-        parse_schedule(v)
+        if v.strip():
+            parse_schedule(v)
         return v
 
     @property
     def throttle_schedule(self) -> tuple[float, ...]:
-        return parse_schedule(self.throttle_schedule_seconds)
+        """() = adaptive windows; else fixed slots tuned for one fleet size."""
+        text = self.throttle_schedule_seconds
+        return parse_schedule(text) if text.strip() else ()
 
     @field_validator("listen", "probe_listen")
     @classmethod

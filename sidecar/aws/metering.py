@@ -30,17 +30,32 @@ class Registration:
 
 
 SERVICE = "meteringmarketplace"
+ENDPOINT_PREFIX = "metering.marketplace"  # its key in botocore's endpoints.json
 
 
 def _session() -> Any:
-    """A botocore session that does not list every service botocore ships.
+    """A botocore session that loads what one Metering client needs, and keeps only that.
 
-    `create_client` checks the service name against a listing of botocore's data folder (about
-    900 listdir and 2,700 stat calls, some 40% of the client's construction); the service is
-    fixed here, so the loader answers that check with it alone. Models load as before.
+    - `create_client` checks the service name against a listing of botocore's data folder
+      (about 900 listdir and 2,700 stat calls, some 40% of the client's construction): the
+      service is fixed here, so the loader answers that check with it alone.
+    - endpoints.json (1.2 MB, every service in every partition) stays in memory as about
+      6 MiB of dicts for the life of the client: only this service's entries are kept (the
+      partitions, their regions and defaults are untouched, so endpoint resolution is the same).
     """
     import botocore.loaders
     import botocore.session
+
+    class OneServiceFiles(botocore.loaders.JSONFileLoader):
+        def load_file(self, file_path: str) -> Any:
+            data = super().load_file(file_path)
+            if data is not None and os.path.basename(file_path) == "endpoints":
+                for partition in data.get("partitions", []):
+                    services = partition.get("services", {})
+                    partition["services"] = {
+                        k: v for k, v in services.items() if k == ENDPOINT_PREFIX
+                    }
+            return data
 
     class OneServiceLoader(botocore.loaders.Loader):
         def list_available_services(self, type_name: str) -> list[str]:
@@ -49,7 +64,8 @@ def _session() -> Any:
     session = botocore.session.get_session()
     data_path = session.get_config_variable("data_path")  # AWS_DATA_PATH, as botocore reads it
     extra = [os.path.expanduser(p) for p in data_path.split(os.pathsep)] if data_path else None
-    session.register_component("data_loader", OneServiceLoader(extra_search_paths=extra))
+    loader = OneServiceLoader(extra_search_paths=extra, file_loader=OneServiceFiles())
+    session.register_component("data_loader", loader)
     return session
 
 
