@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,6 +99,8 @@ def seller_python(extras: str = "") -> Path:
     subprocess.run([*pip, target], check=True, cwd=ROOT)
     # The same version number: force the current sources in without touching dependencies.
     subprocess.run([*pip, "--no-deps", "--force-reinstall", target], check=True, cwd=ROOT)
+    for leftover in [ROOT / "build", *ROOT.glob("*.egg-info")]:  # setuptools' in-tree output
+        shutil.rmtree(leftover, ignore_errors=True)
     stamp.write_text(want)
     return python
 

@@ -6,7 +6,10 @@ retry layer, so every attempt is visible in the state, the logs and the call cou
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -48,6 +51,13 @@ def _session() -> Any:
 
     class OneServiceFiles(botocore.loaders.JSONFileLoader):
         def load_file(self, file_path: str) -> Any:
+            if os.path.basename(file_path) == "endpoints":
+                try:
+                    with open(file_path + ".json", encoding="utf-8") as f:
+                        text = _one_service(f.read(), ENDPOINT_PREFIX)
+                    return json.loads(text, object_pairs_hook=OrderedDict)
+                except (OSError, ValueError):
+                    pass  # compressed or unexpected: botocore's own loading, then pruned
             data = super().load_file(file_path)
             if data is not None and os.path.basename(file_path) == "endpoints":
                 for partition in data.get("partitions", []):
@@ -67,6 +77,47 @@ def _session() -> Any:
     loader = OneServiceLoader(extra_search_paths=extra, file_loader=OneServiceFiles())
     session.register_component("data_loader", loader)
     return session
+
+
+def _one_service(text: str, keep: str) -> str:
+    """endpoints.json text with each partition's "services" reduced to `keep`.
+
+    Each service is decoded and dropped one at a time, so the 1.2 MB document never exists as
+    objects all at once (their memory would stay with the process). ValueError if the text is
+    not shaped as expected.
+    """
+    decoder = json.JSONDecoder()
+    out: list[str] = []
+    pos = 0
+    for match in re.finditer(r'"services"\s*:\s*\{', text):
+        if match.start() < pos:
+            raise ValueError("nested services")
+        i = match.end()
+        kept: dict[str, Any] = {}
+        while True:
+            i = _skip(text, i)
+            if text[i] == "}":
+                break
+            name, i = decoder.raw_decode(text, i)
+            i = _skip(text, i)
+            if text[i] != ":":
+                raise ValueError("expected ':'")
+            value, i = decoder.raw_decode(text, _skip(text, i + 1))
+            if name == keep:
+                kept[name] = value
+            i = _skip(text, i)
+            if text[i] == ",":
+                i += 1
+        out += [text[pos : match.start()], '"services": ', json.dumps(kept)]
+        pos = i + 1
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _skip(text: str, i: int) -> int:
+    while text[i] in " \t\r\n":
+        i += 1
+    return i
 
 
 class MeteringGateway:
