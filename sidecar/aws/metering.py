@@ -33,7 +33,9 @@ class Registration:
 
 
 SERVICE = "meteringmarketplace"
-ENDPOINT_PREFIX = "metering.marketplace"  # its key in botocore's endpoints.json
+# endpoints.json keys kept: this service and those botocore's credential providers create
+# clients for from the same session (STS for IRSA and assumed roles, SSO).
+ENDPOINTS_KEPT = frozenset({"metering.marketplace", "sts", "portal.sso", "oidc"})
 
 
 def _session() -> Any:
@@ -41,20 +43,21 @@ def _session() -> Any:
 
     - `create_client` checks the service name against a listing of botocore's data folder
       (about 900 listdir and 2,700 stat calls, some 40% of the client's construction): the
-      service is fixed here, so the loader answers that check with it alone.
+      loader answers that check by looking for the one service asked about.
     - endpoints.json (1.2 MB, every service in every partition) stays in memory as about
-      6 MiB of dicts for the life of the client: only this service's entries are kept (the
-      partitions, their regions and defaults are untouched, so endpoint resolution is the same).
+      6 MiB of dicts for the life of the client: only the entries of ENDPOINTS_KEPT are kept
+      (the partitions, their regions and defaults are untouched, so resolution is the same).
     """
     import botocore.loaders
     import botocore.session
+    from botocore.exceptions import DataNotFoundError
 
     class OneServiceFiles(botocore.loaders.JSONFileLoader):
         def load_file(self, file_path: str) -> Any:
             if os.path.basename(file_path) == "endpoints":
                 try:
                     with open(file_path + ".json", encoding="utf-8") as f:
-                        text = _one_service(f.read(), ENDPOINT_PREFIX)
+                        text = _only_services(f.read(), ENDPOINTS_KEPT)
                     return json.loads(text, object_pairs_hook=OrderedDict)
                 except (OSError, ValueError):
                     pass  # compressed or unexpected: botocore's own loading, then pruned
@@ -63,13 +66,28 @@ def _session() -> Any:
                 for partition in data.get("partitions", []):
                     services = partition.get("services", {})
                     partition["services"] = {
-                        k: v for k, v in services.items() if k == ENDPOINT_PREFIX
+                        k: v for k, v in services.items() if k in ENDPOINTS_KEPT
                     }
             return data
 
     class OneServiceLoader(botocore.loaders.Loader):
         def list_available_services(self, type_name: str) -> list[str]:
-            return [SERVICE]
+            return AskedFor([SERVICE], self, type_name)
+
+    class AskedFor(list[str]):
+        """`name in known_services`, answered for that name alone."""
+
+        def __init__(self, names: list[str], loader: Any, type_name: str) -> None:
+            super().__init__(names)
+            self._loader, self._type = loader, type_name
+
+        def __contains__(self, name: object) -> bool:
+            try:
+                return isinstance(name, str) and bool(
+                    self._loader.list_api_versions(name, self._type)
+                )
+            except DataNotFoundError:
+                return False
 
     session = botocore.session.get_session()
     data_path = session.get_config_variable("data_path")  # AWS_DATA_PATH, as botocore reads it
@@ -79,8 +97,8 @@ def _session() -> Any:
     return session
 
 
-def _one_service(text: str, keep: str) -> str:
-    """endpoints.json text with each partition's "services" reduced to `keep`.
+def _only_services(text: str, keep: frozenset[str]) -> str:
+    """endpoints.json text with each partition's "services" reduced to those in `keep`.
 
     Each service is decoded and dropped one at a time, so the 1.2 MB document never exists as
     objects all at once (their memory would stay with the process). ValueError if the text is
@@ -103,7 +121,7 @@ def _one_service(text: str, keep: str) -> str:
             if text[i] != ":":
                 raise ValueError("expected ':'")
             value, i = decoder.raw_decode(text, _skip(text, i + 1))
-            if name == keep:
+            if name in keep:
                 kept[name] = value
             i = _skip(text, i)
             if text[i] == ",":
