@@ -1,20 +1,25 @@
 """Fleet cold start: N pods register at once against RegisterUsage's 5 requests/s per account.
 
-N registration clients run the sidecar's own code (Registrar -> MeteringGateway -> boto3 over
-HTTP) in one process, against the emulator's token-bucket throttle (5 rps, burst 5). Reports
-the time until all are entitled against the floor N/5 s, calls per client, and give-ups.
-Goals at N = 200: 0 give-ups, all entitled within 1.25x the floor, < 3 calls per client.
+For each N, N registration clients run the sidecar's own code (Registrar -> MeteringGateway ->
+botocore over HTTP) in one process, against the emulator's token-bucket throttle (5 rps, burst
+5), on loopback (the loopback guard is on). Reports the time until all are entitled against
+the goal 1.25 x N/5 s + 5 s, calls per pod (goal < 3) and give-ups (goal 0).
+--model adds the same policy in virtual time (the real ThrottleSchedule and TokenBucket, no
+HTTP): seconds instead of minutes, several seeds, to check the real runs are not luck.
 
-Usage: python benchmarks/fleet.py [--pods 200] [--rps 5] [--schedule 25,40,43]
+Usage: python benchmarks/fleet.py [--pods 20,50,100,200,500,1000] [--schedule ''|25,40,43]
+       [--model] [--rps 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import heapq
 import logging
 import os
 import random
+import statistics
 import sys
 import threading
 import time
@@ -25,48 +30,37 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.primitives.serialization import load_pem_public_key  # noqa: E402
 
+from benchmarks import guard, guard_report, stand_in_env  # noqa: E402
 from sidecar.aws.metering import MeteringGateway  # noqa: E402
 from sidecar.config import parse_schedule  # noqa: E402
 from sidecar.core.backoff import ThrottleSchedule  # noqa: E402
 from sidecar.core.clock import SystemClock  # noqa: E402
+from sidecar.core.ratelimit import TokenBucket  # noqa: E402
 from sidecar.emulator.service import Emulator, EmulatorConfig, EmulatorServer  # noqa: E402
 from sidecar.entitlement.registrar import Policy, Registrar  # noqa: E402
 from sidecar.entitlement.state import Entitlement, State  # noqa: E402
+
+Row = tuple[float, float, int]  # all entitled after (s), calls per pod, give-ups
 
 
 def _same(gateway: MeteringGateway) -> MeteringGateway:
     return gateway
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pods", type=int, default=200)
-    ap.add_argument("--rps", type=float, default=5.0)
-    ap.add_argument("--burst", type=int, default=5)
-    ap.add_argument("--schedule", default="25,40,43")
-    args = ap.parse_args()
-    logging.disable(logging.CRITICAL)  # 200 pods' retry warnings are not the report
-
-    emulator = Emulator(EmulatorConfig(throttle_rps=args.rps, throttle_burst=args.burst))
+def real(pods: int, schedule: ThrottleSchedule, rps: float, burst: int) -> Row:
+    emulator = Emulator(EmulatorConfig(throttle_rps=rps, throttle_burst=burst))
     server = EmulatorServer(emulator).start()
-    os.environ.update(
-        {
-            "AWS_ENDPOINT_URL_MARKETPLACE_METERING": server.url,
-            "AWS_ACCESS_KEY_ID": "fleet",
-            "AWS_SECRET_ACCESS_KEY": "fleet",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-    )
+    os.environ.update(stand_in_env(server.url))
     key = load_pem_public_key(emulator.public_pem().encode())
     policy = Policy(
         product_code="fleet-product",
         public_key_version=1,
         keys={1: key},  # type: ignore[dict-item]
-        throttle=ThrottleSchedule(parse_schedule(args.schedule)),
+        throttle=schedule,
     )
     stop = threading.Event()
     registrars = []
-    for _ in range(args.pods):  # one gateway (boto3 client) per pod, created before the clock
+    for _ in range(pods):  # one gateway (botocore client) per pod, created before the clock
         gateway = MeteringGateway("us-east-1", timeout=10.0)
         registrars.append(
             Registrar(
@@ -79,7 +73,7 @@ def main() -> None:
             )
         )
     emulator.reset()
-    emulator.reconfigure({"throttle_rps": args.rps, "throttle_burst": args.burst})
+    emulator.reconfigure({"throttle_rps": rps, "throttle_burst": burst})
     done_at: list[float] = []
     lock = threading.Lock()
     go = threading.Event()
@@ -97,18 +91,81 @@ def main() -> None:
     go.set()
     for t in threads:
         t.join()
-    elapsed = max(done_at) - started
     entitled = sum(r.machine.snapshot().state is State.ENTITLED for r in registrars)
     calls = len(emulator.calls)
-    floor = args.pods / args.rps
     server.shutdown()
-    print(f"pods={args.pods} rps={args.rps:g} burst={args.burst} schedule={args.schedule}")
-    print(f"{'measure':34} {'value':>9} {'goal':>9}")
-    print(f"{'all entitled after (s)':34} {elapsed:9.1f}")
-    print(f"{'floor N/rps (s)':34} {floor:9.1f}")
-    print(f"{'ratio to floor':34} {elapsed / floor:9.2f} {'<= 1.25':>9}")
-    print(f"{'calls per client':34} {calls / args.pods:9.2f} {'< 3':>9}")
-    print(f"{'give-ups':34} {args.pods - entitled:9d} {'0':>9}")
+    return max(done_at) - started, calls / pods, pods - entitled
+
+
+def model(pods: int, schedule: ThrottleSchedule, rps: float, burst: int, seed: int) -> Row:
+    """The same policy and token bucket in virtual time (no HTTP, no threads)."""
+    rng = random.Random(seed)
+    bucket = TokenBucket(rps, burst, 0.0)
+    due = [(0.0, p, 0) for p in range(pods)]
+    heapq.heapify(due)
+    calls = done = 0
+    last = 0.0
+    while due:
+        now, p, throttles = heapq.heappop(due)
+        calls += 1
+        if bucket.take(now) == 0.0:
+            done, last = done + 1, max(last, now)
+            continue
+        delay = schedule.delay(throttles + 1, 0.0, now, rng.random)
+        if now + delay <= Policy.deadline:
+            heapq.heappush(due, (now + delay, p, throttles + 1))
+    return last, calls / pods, pods - done
+
+
+def verdict(pods: int, rps: float, row: Row) -> str:
+    took, calls, gave_up = row
+    goal = 1.25 * pods / rps + 5
+    misses = [
+        what
+        for what, ok in (("time", took <= goal), ("calls", calls < 3), ("give-ups", gave_up == 0))
+        if not ok
+    ]
+    return "met" if not misses else "missed: " + ", ".join(misses)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pods", default="20,50,100,200,500,1000")
+    ap.add_argument("--rps", type=float, default=5.0)
+    ap.add_argument("--burst", type=int, default=5)
+    ap.add_argument("--schedule", default="", help="fixed slots, e.g. 25,40,43 (default adaptive)")
+    ap.add_argument("--model", action="store_true", help="add virtual-time rows (5 seeds)")
+    args = ap.parse_args()
+    logging.disable(logging.CRITICAL)  # hundreds of pods' retry warnings are not the report
+    guard()
+    schedule = ThrottleSchedule(parse_schedule(args.schedule) if args.schedule else ())
+    sizes = [int(n) for n in args.pods.split(",")]
+    name = args.schedule or "adaptive"
+    print(f"rps={args.rps:g} burst={args.burst} schedule={name}")
+    print(
+        f"{'run':7} {'pods':>5} {'goal (s)':>9} {'entitled after':>15} {'ratio':>6} "
+        f"{'calls/pod':>10} {'give-ups':>9}  verdict"
+    )
+    for pods in sizes:
+        goal = 1.25 * pods / args.rps + 5
+        rows: list[tuple[str, Row]] = []
+        if args.model:
+            seeds = [model(pods, schedule, args.rps, args.burst, seed) for seed in range(5)]
+            worst = (
+                max(r[0] for r in seeds),
+                statistics.mean(r[1] for r in seeds),
+                sum(r[2] for r in seeds),
+            )
+            rows.append(("model", worst))
+        rows.append(("real", real(pods, schedule, args.rps, args.burst)))
+        for kind, row in rows:
+            took, calls, gave_up = row
+            print(
+                f"{kind:7} {pods:5d} {goal:9.1f} {took:15.1f} {took / (pods / args.rps):6.2f} "
+                f"{calls:10.2f} {gave_up:9d}  {verdict(pods, args.rps, row)}",
+                flush=True,
+            )
+    guard_report()
 
 
 if __name__ == "__main__":

@@ -135,9 +135,9 @@ class Settings(BaseSettings):
         60.0, gt=0.0, le=900.0, description="retry backoff cap (full jitter up to it)"
     )
     throttle_schedule_seconds: str = Field(
-        "25,40,43",
-        description="seconds after start where retries after ThrottlingException land "
-        "(1-10 increasing numbers)",
+        "",
+        description="empty: adaptive retry windows after ThrottlingException at start; or fixed "
+        "seconds after start where those retries land (1-10 increasing numbers)",
     )
     aws_timeout_seconds: float = Field(
         10.0, gt=0.0, le=120.0, description="read timeout of one AWS call (connect: min(5, this))"
@@ -241,12 +241,15 @@ class Settings(BaseSettings):
     @field_validator("throttle_schedule_seconds")
     @classmethod
     def _schedule(cls, v: str) -> str:
-        parse_schedule(v)
+        if v.strip():
+            parse_schedule(v)
         return v
 
     @property
     def throttle_schedule(self) -> tuple[float, ...]:
-        return parse_schedule(self.throttle_schedule_seconds)
+        """() = adaptive windows; else fixed slots tuned for one fleet size."""
+        text = self.throttle_schedule_seconds
+        return parse_schedule(text) if text.strip() else ()
 
     @field_validator("listen", "probe_listen")
     @classmethod

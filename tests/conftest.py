@@ -1,12 +1,78 @@
 from __future__ import annotations
 
+import atexit
+import os
+import subprocess
+import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.emulator.service import Emulator, EmulatorServer
+from tests import loopback_guard
 from tests.helpers import Launch, Sidecar, loopback_env, new_key, start_sidecar
+
+# The loopback guard: this process refuses non-loopback connections from here on, and so does
+# every Python child, whatever environment a test hands it (PYTHONPATH + LOOPBACK_GUARD_LOG are
+# added to it). Attempts land in GUARD_LOG; `_stays_on_loopback` fails the test that made them.
+_fd, GUARD_LOG = tempfile.mkstemp(prefix="loopback-guard-", suffix=".log")
+os.close(_fd)
+
+
+@atexit.register
+def _remove_guard_log() -> None:
+    if os.path.exists(GUARD_LOG):
+        os.remove(GUARD_LOG)
+
+
+loopback_guard.install()
+_OWN_PYTHONPATH = os.environ.get("PYTHONPATH")
+os.environ.update(loopback_guard.child_env(GUARD_LOG, os.environ.get("PYTHONPATH")))
+_popen_init = subprocess.Popen.__init__
+
+
+# Set-up steps that fetch a tool from the package registry (not test traffic) run unguarded.
+REGISTRY_FETCHERS = ("scripts/get-helm.sh",)
+
+
+def _guarded_popen_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+    env = kwargs.get("env")
+    argv = args[0] if args else kwargs.get("args")
+    first = str(argv[0] if isinstance(argv, list | tuple) and argv else argv)
+    if first.endswith(REGISTRY_FETCHERS):
+        env = dict(os.environ if env is None else env)
+        env.pop(loopback_guard.ENV, None)
+        env.pop("PYTHONPATH", None)
+        if _OWN_PYTHONPATH is not None:
+            env["PYTHONPATH"] = _OWN_PYTHONPATH
+        kwargs["env"] = env
+    elif env is not None and env.get(loopback_guard.ENV) != GUARD_LOG:
+        env = dict(env)
+        env.update(loopback_guard.child_env(GUARD_LOG, env.get("PYTHONPATH")))
+        kwargs["env"] = env
+    _popen_init(self, *args, **kwargs)
+
+
+subprocess.Popen.__init__ = _guarded_popen_init  # type: ignore[method-assign]
+
+
+def guard_attempts() -> list[str]:
+    """Attempts blocked so far, in this process and its children; clears them."""
+    seen = loopback_guard.blocked[:] + loopback_guard.read_log(GUARD_LOG)
+    loopback_guard.blocked.clear()
+    open(GUARD_LOG, "w").close()
+    return seen
+
+
+@pytest.fixture(autouse=True)
+def _stays_on_loopback() -> Iterator[None]:
+    guard_attempts()
+    yield
+    attempts = guard_attempts()
+    if attempts:
+        pytest.fail("left loopback:\n" + "\n".join(attempts), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -89,7 +89,11 @@ def test_rbac_403_is_reported_retried_with_backoff_and_never_fatal(
 ) -> None:
     apiserver.forbid = True
     car = launch_gated(launch, apiserver)
-    doc = car.wait_for(lambda d: d["readiness_gate"]["consecutive_failures"] >= 2, timeout=10)
+    # The client now loads faster than registration completes: wait for both.
+    doc = car.wait_for(
+        lambda d: d["readiness_gate"]["consecutive_failures"] >= 2 and d["state"] != "registering",
+        timeout=10,
+    )
     assert "pods/status" in doc["readiness_gate"]["error"]
     assert doc["state"] == "entitled"  # entitlement itself is unaffected
     time.sleep(2)
@@ -207,7 +211,10 @@ def test_events_forbidden_is_reported_not_fatal(
         apiserver,
         MARKETPLACE_KUBE_EVENTS="true",
     )
-    doc = car.wait_for(lambda d: d["events"]["consecutive_failures"] >= 1, timeout=10)
+    doc = car.wait_for(
+        lambda d: d["events"]["consecutive_failures"] >= 1 and d["state"] != "registering",
+        timeout=10,
+    )
     assert "events" in doc["events"]["error"] and doc["state"] == "not_entitled"
     assert car.get("/healthz").status_code == 200
 

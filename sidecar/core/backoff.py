@@ -36,18 +36,49 @@ class ThrottleSchedule:
 
     A throttle at start-up means other pods of the same account are registering at the same
     moment (RegisterUsage allows 5 requests/s per account and region), typically a whole fleet
-    started together. Retry k is drawn uniformly from slot k: [0, e1), [e1, e2), [e2, e3) seconds
-    after the first attempt, so each wave of retries lands after the previous one instead of on
-    top of it; beyond the last edge, exponential full jitter starting from the last slot's width,
-    capped at `cap`. The default edges were tuned
-    with benchmarks/fleet.py for 200 pods starting at once (see the README for other sizes).
+    started together. Retry k is drawn uniformly from window k, the windows following each other
+    from the first attempt, so each wave of retries lands after the previous one instead of on
+    top of it.
+
+    Adaptive (no `edges`, the default): the first window is `first` seconds wide; each next one
+    is widened by `widen` times what the pod has seen so far (the time since its first attempt,
+    all of it throttled: at 5 calls/s that is at least 5 calls/s of other pods for that long).
+    `widen` shrinks by `shrink` per window down to `least`, so the window that finishes the
+    fleet overshoots the time the fleet needs by about that fraction. No window is wider than
+    `widest`. Small fleets are through in seconds; large fleets stay close to N/5 s, at the cost
+    of more calls per pod (benchmarks/fleet.py shows N from 20 to 1,000).
+
+    Fixed (`edges` given, MARKETPLACE_THROTTLE_SCHEDULE_SECONDS): slots [0, e1), [e1, e2), ...
+    tuned for one fleet size; beyond the last edge, exponential full jitter starting from the
+    last slot's width, capped at `cap`.
     """
 
-    edges: tuple[float, ...] = (25.0, 40.0, 43.0)
+    edges: tuple[float, ...] = ()
     cap: float = 60.0
+    first: float = 5.0
+    widen: float = 0.8
+    shrink: float = 0.85
+    least: float = 0.2
+    widest: float = 600.0
+
+    def window(self, throttles: int) -> tuple[float, float]:
+        """[start, end) of the adaptive window for retry `throttles` (1-based), in seconds
+        after the first attempt."""
+        low, high, widen = 0.0, self.first, self.widen
+        for _ in range(max(throttles, 1) - 1):
+            low, high = high, high + min(self.widest, widen * high)
+            widen = max(self.least, widen * self.shrink)
+        return low, high
 
     def delay(self, throttles: int, started: float, now: float, rng: Callable[[], float]) -> float:
         """Seconds to wait after the `throttles`-th consecutive throttle (1-based)."""
+        if not self.edges:
+            low, high = self.window(throttles)
+            elapsed = now - started
+            if elapsed >= high:  # the call came back after its whole window: same width from now
+                low, high = elapsed, elapsed + (high - low)
+            low = max(low, elapsed)
+            return low + rng() * (high - low) - elapsed
         if throttles <= len(self.edges):
             low = self.edges[throttles - 2] if throttles >= 2 else 0.0
             high = self.edges[throttles - 1]

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from sidecar.core.backoff import Backoff
@@ -137,9 +138,61 @@ def pod_uid(serviceaccount_dir: Path) -> str | None:
     return text if UID_RE.match(text) else None
 
 
+def _lazy_package(name: str, folder: Path) -> ModuleType:
+    """Register package `name` without running its __init__.py; a name that file would import
+    (`from x.y import Name`) is imported from its own module on first access instead."""
+    import importlib
+    import re
+    import sys
+    import types
+
+    init = (folder / "__init__.py").read_text(encoding="utf-8")
+    where = {n: m for m, n in re.findall(r"^from ([\w.]+) import (\w+)\s*$", init, re.M)}
+    package = types.ModuleType(name)
+    package.__path__ = [str(folder)]
+    package.__package__ = name
+
+    def resolve(attr: str) -> Any:
+        if attr not in where:
+            raise AttributeError(f"module {name!r} has no attribute {attr!r}")
+        value = getattr(importlib.import_module(where[attr]), attr)
+        setattr(package, attr, value)
+        return value
+
+    package.__getattr__ = resolve  # type: ignore[method-assign]
+    sys.modules[name] = package
+    parent, _, leaf = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], leaf, package)
+    return package
+
+
+def _kubernetes_client() -> Any:
+    """`kubernetes.client`, loading only what the mirrors touch.
+
+    `from kubernetes import client` runs package __init__ files that import all ~60 API classes,
+    ~800 models, dynamic, watch, stream and utils (about +36 MiB; benchmarks/gate.py). The same
+    library is used here, its packages registered lazily: CoreV1Api and the few models its
+    responses are read into load on first use.
+    """
+    import importlib.util
+    import sys
+
+    if "kubernetes" in sys.modules:  # already imported (fully or by us): use it
+        return importlib.import_module("kubernetes.client")
+    spec = importlib.util.find_spec("kubernetes")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the kubernetes client is not installed", name="kubernetes")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    _lazy_package("kubernetes", root)
+    for sub in ("client", "client/api", "client/models", "config"):
+        _lazy_package("kubernetes." + sub.replace("/", "."), root / sub)
+    return sys.modules["kubernetes.client"]
+
+
 def core_v1(serviceaccount_dir: Path) -> Any:
     """In-cluster client: `KUBERNETES_SERVICE_HOST/PORT` and the projected token and CA."""
-    from kubernetes import client
+    client = _kubernetes_client()
     from kubernetes.config.incluster_config import InClusterConfigLoader
 
     cfg = client.Configuration()
