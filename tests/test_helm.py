@@ -643,6 +643,8 @@ def test_metering_schema_rejects_bad_values_naming_the_field(sets: list[str], me
         args += ["--set", s]
     out = helm(*args, check=False)
     assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
 def test_plain_manifests_pull_the_sidecar_from_a_marketplace_registry_and_match_irsa() -> None:
     """A seller applying the plain YAML must not pull `marketplace-sidecar:<tag>` from Docker Hub,
     and the IRSA trust policy must name the ServiceAccount that YAML creates, or STS refuses."""
