@@ -3,9 +3,10 @@
     env ──> config.load ──(bad: exit 2, nothing bound)
                 │
       MARKETPLACE_MODE=hourly (default)
-    ┌──────────────── registrar thread ─────────────────┐   verdict.json (pod-lifetime
-    │ region ─> boto3 RegisterUsage(nonce) ─> verify     │<─> emptyDir: AWS's first-call
-    │ retry: Backoff / ThrottleSchedule; every hour again│    refusal survives restarts)
+    ┌──────────────── registrar thread ─────────────────┐   verdict.json, first-call marker
+    │ region ─> botocore RegisterUsage(nonce) ─> verify  │<─> (pod-lifetime emptyDir: AWS's
+    │ one AWS call budget; Backoff / ThrottleSchedule    │    first-call refusal, and a lost
+    │ every hour again; challenges only after a verdict  │    first answer, survive restarts)
     └────────────────────────────┬───────────────────────┘
       or MARKETPLACE_MODE=custom │
     ┌──────────────── usage thread ──────────────────────┐   usage store (SQLite WAL in the
@@ -18,7 +19,8 @@
                                  ▼
     127.0.0.1:8787  /healthz /readyz /v1/entitlement /v1/entitlement/challenge (hourly only)
                     /v1/usage (custom only: POST records, GET per-hour state)
-    0.0.0.0:8788    /healthz /readyz /metrics     (kubelet / ECS probes, Prometheus)
+    0.0.0.0:8788    /healthz /readyz (state and code only) /metrics (MARKETPLACE_METRICS_LISTEN:
+                    here, a listener of its own, or off); deadlines, oldest-idle eviction
 
 SIGTERM or SIGINT sets one stop event. Custom mode then seals the partial hour and sends what
 is pending within MARKETPLACE_DRAIN_SECONDS (the API still accepts usage meanwhile); the servers

@@ -1,4 +1,4 @@
-"""The AWS Marketplace Metering Service, through boto3. The only module that imports boto3.
+"""The AWS Marketplace Metering Service, through a botocore client (boto3 is never imported here).
 
 botocore's own retries are switched off (one attempt per call): the registrar is the single
 retry layer, so every attempt is visible in the state, the logs and the call count.
