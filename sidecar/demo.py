@@ -18,6 +18,8 @@ DEMO_ENV = {
     "AWS_ACCESS_KEY_ID": "demo-pod",
     "AWS_SECRET_ACCESS_KEY": "demo-secret",  # nosec B105 # the local emulator's dummy key
     "AWS_EC2_METADATA_DISABLED": "true",
+    # The demo stays on this machine: the probe listener too (production binds all interfaces).
+    "MARKETPLACE_PROBE_LISTEN": "127.0.0.1:8788",
 }
 
 
@@ -39,7 +41,7 @@ def demo(exit_after: float | None = None) -> int:
             print(f"config error: {line}")
         return 2
     api = settings.listen
-    probe = settings.probe_listen.replace("0.0.0.0", "127.0.0.1")  # noqa: S104  # nosec B104
+    probe = settings.probe_listen
     print(
         f"""
 Metering emulator: {server.url}   (calls: curl -s {server.url}/_emulator/calls)
