@@ -16,6 +16,7 @@ environment, and every failure (network, HTTP, JSON, shape) raised as `Entitleme
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -159,6 +160,8 @@ def _request(method: str, url: str, body: Any, deadline: float) -> tuple[int, di
         raise EntitlementError(
             "bad_url", f"the sidecar URL must be http://host:port, got {url[:100]!r}"
         )
+    if not _valid_host(parts.hostname):  # refused here, never handed to a name lookup
+        raise EntitlementError("bad_url", f"bad host in the sidecar URL {url[:100]!r}")
     try:
         port = 80 if parts.port is None else parts.port
     except ValueError:
@@ -196,6 +199,20 @@ def _request(method: str, url: str, body: Any, deadline: float) -> tuple[int, di
             ) from None
     status, headers, content = raw
     return status, headers, _json_or_none(content)
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _valid_host(host: str) -> bool:
+    """An IP literal, or a DNS name of 1-63-character labels and at most 253 characters."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(p) for p in name.split("."))
 
 
 def _connect(host: str, port: int, deadline: float) -> socket.socket:

@@ -37,6 +37,8 @@ def is_loopback(host: object) -> bool:
     if not isinstance(host, str):
         return False
     name = host.strip().lower().split("%", 1)[0]  # drop an IPv6 zone id
+    if name.endswith(".") and name[:-1] in _LOCAL_NAMES:  # "localhost." is the same name, rooted
+        name = name[:-1]
     if name in _LOCAL_NAMES or name.startswith("127."):
         return True
     if name.startswith("::ffff:"):  # IPv4-mapped IPv6
