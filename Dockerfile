@@ -46,7 +46,7 @@ RUN python3 -m venv /opt/sidecar \
 FROM python
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="marketplace-sidecar" \
-      org.opencontainers.image.description="AWS Marketplace RegisterUsage entitlement sidecar" \
+      org.opencontainers.image.description="AWS Marketplace metering sidecar (RegisterUsage, MeterUsage)" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /opt/sidecar /opt/sidecar

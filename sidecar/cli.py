@@ -87,8 +87,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = Parser(
         prog="marketplace-sidecar",
-        description="AWS Marketplace RegisterUsage sidecar: verifies the product's entitlement "
-        "and serves it on a local API.",
+        description="AWS Marketplace metering sidecar: verifies the product's entitlement "
+        "(RegisterUsage, or MeterUsage in custom mode), meters custom dimensions exactly once "
+        "per hour, and serves both on a local API.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"marketplace-sidecar {__version__}")
