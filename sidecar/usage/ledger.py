@@ -280,6 +280,21 @@ def _carry(
     target = target_hour(hour, now, sealed, policy)
     if target == hour:
         return hour
+    moving = conn.execute(
+        "SELECT quantity FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour)
+    ).fetchone()
+    amount = int(moving[0]) if moving else 0
+
+    def full(h: int) -> bool:
+        """Adding `amount` would make one record over MeterUsage's maximum: AWS would refuse
+        it, losing every unit of that hour. The carry goes one hour further instead."""
+        row = conn.execute(
+            "SELECT quantity FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, h)
+        ).fetchone()
+        return row is not None and int(row[0]) + amount > MAX_QUANTITY
+
+    while full(target) or sealed(target):
+        target += 1
     conn.execute(
         "UPDATE records SET hour = ?, carried_from = COALESCE(carried_from, ?) "
         "WHERE dimension = ? AND hour = ?",

@@ -1,0 +1,79 @@
+"""Attacks on the usage pipeline's promise (every acknowledged unit billed exactly once): the
+real store, the real boto3 gateway and the emulator over loopback, on a manual clock."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sidecar.emulator.service import Emulator, EmulatorServer
+from sidecar.usage.hours import hour_of, hour_start
+from sidecar.usage.store import DB_NAME, Store, StoreError
+from sidecar.usage.validate import MAX_QUANTITY
+from tests.helpers import ManualClock
+from tests.usage_kit import aws_env, ledger_totals, post, run_for, service
+
+H0 = hour_of(ManualClock().t)
+
+
+@pytest.fixture
+def clock(
+    emulator: Emulator, emulator_server: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> ManualClock:
+    c = ManualClock()
+    emulator.meter_clock = c.time
+    aws_env(monkeypatch, emulator_server, "pod-" + str(id(c)))
+    return c
+
+
+def test_two_old_hours_carried_into_one_never_exceed_meterusage_maximum(
+    tmp_path: Path, clock: ManualClock, emulator: Emulator
+) -> None:
+    """Two unsent hours, each near MeterUsage's maximum, carried after a long outage into the
+    same open hour must not make one record AWS refuses (every unit of it would be lost)."""
+    big = MAX_QUANTITY - 10
+    svc = service(tmp_path, clock)
+    assert post(svc, {"dimension": "scans", "quantity": big})[0] == 202
+    clock.t = hour_start(H0 + 1) + 5
+    assert post(svc, {"dimension": "scans", "quantity": big})[0] == 202
+    svc.close()
+    # The sidecar was down (or AWS unreachable before sealing) until both hours are too old.
+    clock.t = hour_start(H0 + 7) - 30
+    svc = service(tmp_path, clock)
+    run_for(svc, clock, 4 * 3600)
+    report = svc.report()
+    assert report["totals"]["scans"]["sent"] == 2 * big, report["hours"]
+    assert all(h["quantity"] <= MAX_QUANTITY for h in report["hours"])
+    assert ledger_totals(emulator) == {"scans": 2 * big}
+    svc.close()
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink"])
+def test_a_store_shared_with_another_sidecar_through_a_link_is_refused(
+    tmp_path: Path, how: str
+) -> None:
+    """Each state dir has its own lock; a store reached through a link from a second state dir
+    would have two senders on one set of sealed hours: every hour billed twice."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    owner = Store(first)
+    try:
+        owner.write(lambda c: c.execute("INSERT INTO meta VALUES ('marker', 'a')"))
+        if how == "symlink":
+            (second / DB_NAME).symlink_to(first / DB_NAME)
+        else:
+            os.link(first / DB_NAME, second / DB_NAME)
+        with pytest.raises(StoreError, match="link"):
+            Store(second)
+        assert owner.read(lambda c: c.execute("SELECT COUNT(*) FROM meta").fetchone()[0]) == 2
+    finally:
+        owner.close()
+
+
+def test_a_fifo_in_place_of_the_store_is_refused_without_hanging(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / DB_NAME)
+    with pytest.raises(StoreError):
+        Store(tmp_path)
