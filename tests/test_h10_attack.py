@@ -77,3 +77,36 @@ def test_a_fifo_in_place_of_the_store_is_refused_without_hanging(tmp_path: Path)
     os.mkfifo(tmp_path / DB_NAME)
     with pytest.raises(StoreError):
         Store(tmp_path)
+
+
+def test_two_old_hours_carried_into_one_never_exceed_meterusage_allocations(
+    tmp_path: Path, clock: ManualClock, emulator: Emulator
+) -> None:
+    """Same outage, with tag sets: two hours of 1,800 distinct tag sets each, merged into one
+    record, would make 3,600 allocations (AWS takes 2,500) and be refused whole."""
+
+    def batch(prefix: str) -> list[dict[str, object]]:
+        return [
+            {
+                "dimension": "scans",
+                "quantity": 2,
+                "allocations": [
+                    {"quantity": 1, "tags": {"team": f"{prefix}a{i}"}},
+                    {"quantity": 1, "tags": {"team": f"{prefix}b{i}"}},
+                ],
+            }
+            for i in range(900)
+        ]
+
+    svc = service(tmp_path, clock)
+    assert post(svc, batch("x"))[0] == 202
+    clock.t = hour_start(H0 + 1) + 5
+    assert post(svc, batch("y"))[0] == 202
+    svc.close()
+    clock.t = hour_start(H0 + 7) - 30
+    svc = service(tmp_path, clock)
+    run_for(svc, clock, 4 * 3600)
+    report = svc.report()
+    assert report["totals"]["scans"]["sent"] == 3600, report["hours"]
+    assert ledger_totals(emulator) == {"scans": 3600}
+    svc.close()
