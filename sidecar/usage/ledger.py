@@ -280,6 +280,28 @@ def _carry(
     target = target_hour(hour, now, sealed, policy)
     if target == hour:
         return hour
+    moving = conn.execute(
+        "SELECT quantity FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour)
+    ).fetchone()
+    amount = int(moving[0]) if moving else 0
+
+    def full(h: int) -> bool:
+        """Adding `amount` (or the tag sets) would make one record over MeterUsage's limits:
+        AWS would refuse it, losing every unit of that hour. The carry goes one hour further."""
+        row = conn.execute(
+            "SELECT quantity FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, h)
+        ).fetchone()
+        if row is None:
+            return False
+        tagsets = conn.execute(
+            "SELECT COUNT(DISTINCT tags) FROM records WHERE dimension = ? AND hour IN (?, ?)",
+            (dimension, hour, h),
+        ).fetchone()[0]
+        # One allocation is kept for untagged usage, as at ingest.
+        return int(row[0]) + amount > MAX_QUANTITY or int(tagsets) >= MAX_ALLOCATIONS
+
+    while full(target) or sealed(target):
+        target += 1
     conn.execute(
         "UPDATE records SET hour = ?, carried_from = COALESCE(carried_from, ?) "
         "WHERE dimension = ? AND hour = ?",

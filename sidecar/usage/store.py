@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,7 +191,16 @@ class Store:
             "would be lost by deleting it: inspect it (sqlite3), or move it aside knowingly"
         )
         try:
-            if self.path.stat().st_size == 0:
+            info = self.path.lstat()
+            if stat.S_ISLNK(info.st_mode) or info.st_nlink > 1:
+                # The lock is per state dir: a store reached through a link from another state
+                # dir would have two senders, and every sealed hour would be billed twice.
+                raise StoreError(
+                    f"{self.path} is a symlink or hard link (maybe another sidecar's store): {hint}"
+                )
+            if not stat.S_ISREG(info.st_mode):
+                raise StoreError(f"{self.path} is not a regular file: {hint}")
+            if info.st_size == 0:
                 raise StoreError(f"{self.path} is empty: {hint}")
             conn = _connect(self.path)
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
