@@ -272,3 +272,27 @@ def test_counters_for_metrics(tmp_path: Path, clock: ManualClock, emulator: Emul
     }
     assert svc.counters().hours_by_state["sent"] == 1
     svc.close()
+
+
+def test_drain_racing_a_send_in_flight_sends_each_hour_once(
+    tmp_path: Path, clock: ManualClock, emulator: Emulator
+) -> None:
+    """SIGTERM arrives while the loop's MeterUsage is still waiting on a slow AWS: the drain and
+    the loop are two paths to AWS for the same hours; each (dimension, hour) goes out once."""
+    import threading
+
+    svc = service(tmp_path, clock)
+    post(svc, [{"dimension": "users", "quantity": 4}, {"dimension": "scans", "quantity": 9}])
+    clock.t = hour_start(H0 + 1) + 3600 - 1  # hour H0 sealable and past its spread
+    emulator.reconfigure({"latency": 0.5})
+    loop = threading.Thread(target=svc.tick, args=(clock.t,))
+    loop.start()
+    while not any(c["op"] == "MeterUsage" for c in emulator.calls) and loop.is_alive():
+        threading.Event().wait(0.01)  # the first send is answered; the second is in flight
+    svc.drain(10.0)  # races the loop's send still in flight
+    loop.join(10)
+    sends = [(c["dimension"], c["quantity"]) for c in emulator.calls if c["op"] == "MeterUsage"]
+    assert sorted(sends) == [("scans", 9), ("users", 4)]  # once each, never twice
+    assert ledger_totals(emulator) == {"scans": 9, "users": 4}
+    assert {h["state"] for h in svc.report()["hours"]} == {"sent"}
+    svc.close()
