@@ -112,3 +112,21 @@ def launch(emulator_server: EmulatorServer, emulator: Emulator, sidecars: list[S
         return car
 
     return _launch
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """A real PostgreSQL server (Debian's package), started once for the session."""
+    from tests.pg import PgServer
+
+    server = PgServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_url(pg_server: Any) -> str:
+    """A fresh empty database on the session's server."""
+    return str(pg_server.new_database())
