@@ -107,6 +107,7 @@ def test_the_default_skew_allowance_is_awss_documented_sigv4_tolerance() -> None
         ("DisabledApiException", "ResolveCustomer", "aws", "region"),
         ("AccessDeniedException", "ResolveCustomer", "configuration", "ResolveCustomer"),
         ("AccessDeniedException", "BatchMeterUsage", "configuration", "BatchMeterUsage"),
+        ("ParamValidationError", "ResolveCustomer", "configuration", "names the field"),
     ],
 )
 def test_saas_codes_are_terminal_with_a_hint_for_the_seller(
