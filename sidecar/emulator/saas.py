@@ -103,6 +103,7 @@ class SaasBook:
 
     def __init__(self) -> None:
         self.customers: dict[str, Customer] = {}
+        self.licenses: dict[str, Customer] = {}  # LicenseArn -> its customer
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (customer key, expires at)
         self.entries: dict[tuple[str, str, str, int], Entry] = {}
         self.counts: dict[str, int] = dict.fromkeys(COUNTS, 0)
@@ -153,9 +154,6 @@ class SaasBook:
             license_arn = spec.get("license_arn") or (
                 f"arn:aws:license-manager::{account}:license:l-{secrets.token_hex(16)}"
             )
-            owner = self._license_owner(license_arn)
-            if owner is not None and owner.account_id != account:
-                raise ValueError("license_arn belongs to another customer_aws_account_id")
             customer = Customer("license", account, product, license_arn=license_arn)
         else:
             ident = spec.get("customer_identifier") or f"cust-{secrets.token_hex(8)}"
@@ -166,11 +164,16 @@ class SaasBook:
                 license_arn=spec.get("license_arn"),
                 customer_identifier=ident,
             )
+        owner = self._license_owner(customer.license_arn or "")
+        if owner is not None and owner.account_id != account:
+            raise ValueError("license_arn belongs to another customer_aws_account_id")
         existing = self.customers.get(customer.key)
         if existing is not None:
             customer = existing
         customer.subscribed = subscribed
         self.customers[customer.key] = customer
+        if customer.license_arn is not None:
+            self.licenses[customer.license_arn] = customer
         token = secrets.token_urlsafe(48)
         self.tokens[token] = (customer.key, now + float(ttl))
         return {"registration_token": token, "expires_at": now + float(ttl), **customer.fields()}
@@ -196,10 +199,7 @@ class SaasBook:
         return [c.key for c in hit]
 
     def _license_owner(self, license_arn: str) -> Customer | None:
-        for c in self.customers.values():
-            if c.license_arn == license_arn:
-                return c
-        return None
+        return self.licenses.get(license_arn)
 
     # -- ResolveCustomer ------------------------------------------------------------------
 
