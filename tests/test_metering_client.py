@@ -288,3 +288,23 @@ def test_one_out_of_range_timestamp_fails_the_call_as_usage(
     )
     assert "whole call" in info.hint
     assert emulator.saas_ledger()["records"] == []
+
+
+def test_an_answer_lost_after_recording_is_safe_to_resend_identically(
+    saas: MeteringGateway, emulator_server: EmulatorServer, emulator: Emulator
+) -> None:
+    """AWS recorded the batch but the answer never came: the identical resend is idempotent."""
+    from sidecar.aws.errors import may_have_reached_aws
+
+    custs = [new_customer(emulator_server) for _ in range(3)]
+    request = {"UsageRecords": [record(c, Quantity=i) for i, c in enumerate(custs)]}
+    emulator.reconfigure({"faults": [{"error": "RecordedThenReset", "first": 1}]})
+    with pytest.raises(AwsCallError) as lost:
+        saas.batch_meter_usage(request)
+    assert lost.value.info.retryable and may_have_reached_aws(lost.value.info)
+    recorded = {r["customer"]: r["metering_record_id"] for r in emulator.saas_ledger()["records"]}
+    assert len(recorded) == 3
+    again = saas.batch_meter_usage(request)
+    assert [r["Status"] for r in again["Results"]] == ["Success"] * 3
+    assert {r["MeteringRecordId"] for r in again["Results"]} == set(recorded.values())
+    assert emulator.saas_ledger()["counts"]["duplicate_record"] == 0
