@@ -246,7 +246,7 @@ def test_concurrent_senders_of_the_same_records_record_each_once(
     for t in threads:
         t.start()
     for t in threads:
-        t.join(10)
+        t.join(60)
     assert not errors and len(answers) == 12
     assert all(a == answers[0] for a in answers) and len(set(answers[0])) == 5
     book = ledger(emulator_server)
