@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 
 from sidecar.usage.db import (
@@ -188,11 +187,17 @@ class StoreStats:
     retried_jobs: int = 0
 
 
+def _rolled_back(exc: BaseException) -> bool:
+    """SQLSTATE class 40 (deadlock, serialization failure): retry in another transaction.
+    (psycopg's DeadlockDetected is no subclass of its TransactionRollback: ask the code.)"""
+    return isinstance(exc, psycopg.Error) and str(exc.sqlstate or "").startswith("40")
+
+
 def _connection_lost(conn: Conn, exc: BaseException) -> bool:
     """The store failed (not the job): connection gone, server shutting down, disk full..."""
     if conn.closed or conn.broken:
         return True
-    if isinstance(exc, pg_errors.TransactionRollback):
+    if _rolled_back(exc):
         return False
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
@@ -429,10 +434,7 @@ class PgStore:
                             raise
                         job.result = None
                         conn.execute("ROLLBACK TO SAVEPOINT job")
-                        if (
-                            isinstance(exc, pg_errors.TransactionRollback)
-                            and job.attempts < JOB_RETRIES
-                        ):
+                        if _rolled_back(exc) and job.attempts < JOB_RETRIES:
                             job.attempts += 1
                             retry.append(job)
                         else:
