@@ -384,6 +384,10 @@ class PgStore:
             try:
                 self._run(batch)
             except BaseException as exc:  # never leave a caller waiting
+                # Nor a transaction half-run: closing the connection rolls it back, so the
+                # next BEGIN cannot land inside it and commit what failed here.
+                self._drop(self._wconn)
+                self._wconn = None
                 for j in batch:
                     if not j.done.is_set():
                         j.result, j.error = None, StoreUnavailableError(self._scrub(exc))
@@ -413,7 +417,9 @@ class PgStore:
             retry: list[_Job] = []
             db = PgDb(conn)
             try:
-                conn.execute("BEGIN")
+                # READ COMMITTED whatever the server's default: a job that takes db.lock(k)
+                # then sees every transaction that held k before it.
+                conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
             except psycopg.Error as exc:
                 # Nothing ran yet: a connection the server dropped while idle (a restart since
                 # the last write) costs a reconnect, not a 503.
