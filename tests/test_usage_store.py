@@ -205,17 +205,25 @@ def test_a_jobs_sql_mistake_rolls_back_that_job_alone(tmp_path: Path) -> None:
         except Exception as exc:
             errors.append(exc)
 
+    inside = threading.Event()
+
+    def blocker(db: Db) -> None:
+        inside.set()
+        release.wait(5)
+
     store.write(lambda db: db.execute("INSERT INTO items VALUES ('taken', 0)"))
-    first = threading.Thread(target=run, args=(lambda db: release.wait(5),))
+    first = threading.Thread(target=run, args=(blocker,))
     first.start()
-    time.sleep(0.1)
+    assert inside.wait(5)
     threads = [
         threading.Thread(target=run, args=(f,))
         for f in (dup, lambda db: db.execute("INSERT INTO items VALUES ('good', 0)"))
     ]
     for t in threads:
         t.start()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while store._queue.qsize() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     release.set()
     for t in (first, *threads):
         t.join()
