@@ -111,14 +111,14 @@ import sys
 if float(sys.argv[1]):
     sys.setswitchinterval(float(sys.argv[1]))
 if sys.argv[2] == "nice":
-    # Experiment, not the shipped code: the API listener's connection threads lower their own
-    # priority (Linux: a thread is a task; no privilege needed), the probe listener's do not.
-    import os, threading
+    # Experiment: the API listener's connection threads call yield_to_probes() (what
+    # sidecar/server/api.py would do for its "api" listener), the probe listener's do not.
     from sidecar.server import api
+    from sidecar.server.probe import yield_to_probes
     serve = api.LocalServer._serve
     def niced(self, *args):
         if self.name == "api":
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            yield_to_probes()
         serve(self, *args)
     api.LocalServer._serve = niced
 sys.argv = ["marketplace-sidecar", "run"]
