@@ -45,8 +45,9 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
     ),
     (
         "fleet",
-        ["--pods", "20,50,100", "--model"],
-        "fleet cold start vs RegisterUsage's 5/s: time to all entitled vs N/5 s, calls per pod",
+        ["--model", "--real-up-to", "100"],
+        "fleet cold start vs RegisterUsage's 5/s: time to all entitled vs N/5 s, calls per pod "
+        "(N = 20-1,000: real up to 100 pods, virtual time for all)",
     ),
     (
         "ingest",
