@@ -215,7 +215,7 @@ def check_meter_usage_permission(
     for dimension in settings.dimension_list:
         try:
             client.meter_usage(
-                ProductCode=settings.product_code,
+                ProductCode=settings.product_code or "",  # custom mode requires it
                 Timestamp=datetime.fromtimestamp(now(), UTC),
                 UsageDimension=dimension,
                 UsageQuantity=0,

@@ -1,0 +1,260 @@
+"""SaaS mode's local API: the real Router behind the real LocalServer over loopback HTTP.
+
+The routing units use a small stand-in for SaasService (it records what the router hands it and
+answers what the test scripts), so they check the router's own promises: which path reaches
+which call, limits, statuses and headers, readiness on both listeners, and the 404 that names
+the mode. The end-to-end tests below run the real SaasService against the emulator.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from sidecar.ops.metrics import Metrics
+from sidecar.server.api import API_LIMITS, PROBE_LIMITS, LocalServer, Router
+
+ROUTES = frozenset({"/readyz", "/v1/customers", "/v1/customers/{id}", "/v1/customers/resolve"})
+
+
+class StandIn:
+    """Answers like SaasService's contract; records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.answer: tuple[int, dict[str, Any]] = (200, {"ok": True})
+        self.store: tuple[bool, str | None] = (True, None)
+
+    def post(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        self.calls.append(("post", body))
+        return self.answer
+
+    def report(self) -> dict[str, Any]:
+        self.calls.append(("report", None))
+        return {"hours": []}
+
+    def resolve(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        self.calls.append(("resolve", body))
+        return self.answer
+
+    def customers(self) -> tuple[int, dict[str, Any]]:
+        self.calls.append(("customers", None))
+        return 200, {"customers": []}
+
+    def customer(self, key: str) -> tuple[int, dict[str, Any]]:
+        self.calls.append(("customer", key))
+        return self.answer
+
+    def ready(self) -> tuple[bool, str | None]:
+        return self.store
+
+
+class Served:
+    def __init__(self, saas: StandIn) -> None:
+        self.saas = saas
+        self.metrics = Metrics(None, ROUTES)
+        self.api = LocalServer(
+            ("127.0.0.1", 0),
+            Router(None, lambda: None, saas=saas, readiness=saas.ready, metrics=self.metrics),
+            API_LIMITS,
+        )
+        self.probe = LocalServer(
+            ("127.0.0.1", 0),
+            Router(None, lambda: None, listener="probe", readiness=saas.ready),
+            PROBE_LIMITS,
+            name="probe",
+        )
+        for server in (self.api, self.probe):
+            server.serve_in_thread(server.name)
+        self.url = f"http://127.0.0.1:{self.api.server_address[1]}"
+        self.probe_url = f"http://127.0.0.1:{self.probe.server_address[1]}"
+
+    def close(self) -> None:
+        for server in (self.api, self.probe):
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    s = Served(StandIn())
+    yield s
+    s.close()
+
+
+def test_each_saas_path_reaches_its_call_with_the_body_untouched(served: Served) -> None:
+    token = {"registration_token": "tok-" + "x" * 2000}
+    r = requests.post(f"{served.url}/v1/customers/resolve", json=token, timeout=5)
+    assert r.status_code == 200 and r.json() == {"ok": True}
+    assert requests.get(f"{served.url}/v1/customers", timeout=5).json() == {"customers": []}
+    assert requests.get(f"{served.url}/v1/customers/123456789012", timeout=5).status_code == 200
+    requests.post(f"{served.url}/v1/usage", json=[{"dimension": "users"}], timeout=5)
+    assert requests.get(f"{served.url}/v1/usage", timeout=5).json() == {"hours": []}
+    assert served.saas.calls == [
+        ("resolve", json.dumps(token).encode()),
+        ("customers", None),
+        ("customer", "123456789012"),
+        ("post", b'[{"dimension": "users"}]'),
+        ("report", None),
+    ]
+
+
+def test_a_customer_identifier_in_the_path_is_percent_decoded(served: Served) -> None:
+    r = requests.get(f"{served.url}/v1/customers/cust%2Bid%3D1", timeout=5)
+    assert r.status_code == 200
+    assert served.saas.calls == [("customer", "cust+id=1")]
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/v1/customers/%ff%fe", 400, "invalid_customer"),  # not UTF-8
+        ("/v1/customers/%0a", 400, "invalid_customer"),  # a control character
+        ("/v1/customers/" + "9" * 256, 400, "invalid_customer"),
+        ("/v1/customers/a/b", 404, "not_found"),
+        ("/v1/customers/", 404, "not_found"),
+    ],
+)
+def test_bad_customer_paths_are_client_errors_and_reach_nothing(
+    served: Served, path: str, status: int, code: str
+) -> None:
+    r = requests.get(served.url + path, timeout=5)
+    assert r.status_code == status and r.json()["error"]["code"] == code
+    if status == 400:
+        assert r.json()["error"]["message"].startswith("customer: ")
+    assert served.saas.calls == []
+
+
+def test_wrong_methods_get_405_with_allow(served: Served) -> None:
+    r = requests.get(f"{served.url}/v1/customers/resolve", timeout=5)
+    assert r.status_code == 405 and r.headers["Allow"] == "POST"
+    r = requests.delete(f"{served.url}/v1/customers/123456789012", timeout=5)
+    assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD"
+    r = requests.head(f"{served.url}/v1/customers/123456789012", timeout=5)
+    assert r.status_code == 200 and r.content == b""
+    assert served.saas.calls == [("customer", "123456789012")]
+
+
+def test_entitlement_answers_a_404_that_names_the_mode(served: Served) -> None:
+    for method, path in (("GET", "/v1/entitlement"), ("POST", "/v1/entitlement/challenge")):
+        r = requests.request(method, served.url + path, json={"nonce": "n"}, timeout=5)
+        assert r.status_code == 404
+        error = r.json()["error"]
+        assert error["code"] == "no_entitlement_in_saas_mode"
+        assert "MARKETPLACE_MODE=saas" in error["message"]
+
+
+def test_the_service_statuses_pass_through_with_retry_after_and_hint(served: Served) -> None:
+    served.saas.answer = (
+        410,
+        {
+            "error": "expired_token",
+            "hint": "redeem the token as soon as the buyer's browser posts it",
+        },
+    )
+    r = requests.post(f"{served.url}/v1/customers/resolve", json={"registration_token": "t"})
+    assert r.status_code == 410
+    assert r.json()["error"]["code"] == "expired_token"
+    assert r.json()["error"]["hint"].startswith("redeem the token")
+    served.saas.answer = (503, {"error": "store_unavailable", "retry_after": 2.5})
+    r = requests.post(f"{served.url}/v1/usage", json=[], timeout=5)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "3"
+    served.saas.answer = (503, {"error": "store_unavailable"})  # no hint from the service
+    r = requests.post(f"{served.url}/v1/customers/resolve", json={"registration_token": "t"})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+
+
+def test_body_limits_per_path(served: Served) -> None:
+    big = {"registration_token": "x" * (16 * 1024)}
+    r = requests.post(f"{served.url}/v1/customers/resolve", json=big, timeout=5)
+    assert r.status_code == 413 and "16384 bytes" in r.json()["error"]["message"]
+    records = [{"dimension": "users", "quantity": 1, "pad": "x" * 300}] * 2000
+    r = requests.post(f"{served.url}/v1/usage", json=records, timeout=5)
+    assert r.status_code == 200  # about 700 KB: under the usage limit of 1 MiB
+    assert [c[0] for c in served.saas.calls] == ["post"]
+
+
+def test_a_lone_surrogate_in_a_token_is_refused_before_the_service(served: Served) -> None:
+    body = b'{"registration_token": "\\ud800"}'
+    r = requests.post(
+        f"{served.url}/v1/customers/resolve",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        timeout=5,
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert served.saas.calls == []
+
+
+def test_readiness_is_the_store_and_the_probe_port_hides_the_reason(served: Served) -> None:
+    r = requests.get(f"{served.url}/readyz", timeout=5)
+    assert r.status_code == 200 and r.json() == {"ready": True, "state": "ready"}
+    served.saas.store = (False, "database unreachable: connection refused to db.internal:5432")
+    r = requests.get(f"{served.url}/readyz", timeout=5)
+    assert r.status_code == 503
+    assert r.json() == {
+        "ready": False,
+        "state": "store_unavailable",
+        "error": {
+            "code": "store_unavailable",
+            "message": "database unreachable: connection refused to db.internal:5432",
+        },
+    }
+    r = requests.get(f"{served.probe_url}/readyz", timeout=5)
+    assert r.status_code == 503
+    assert r.json() == {
+        "ready": False,
+        "state": "store_unavailable",
+        "error": {"code": "store_unavailable"},
+    }
+    assert "db.internal" not in r.text
+    for path in ("/v1/customers", "/v1/customers/resolve", "/v1/usage"):  # billing data
+        assert requests.get(served.probe_url + path, timeout=5).status_code == 404
+
+
+def test_a_readiness_check_that_raises_answers_503_not_500() -> None:
+    def broken() -> tuple[bool, str | None]:
+        raise RuntimeError("boom")
+
+    reply = Router(None, lambda: None, readiness=broken).handle("GET", "/readyz", b"")
+    assert reply.status == 503 and reply.body["error"]["code"] == "store_unavailable"
+
+
+def test_customer_requests_are_counted_under_one_bounded_route(served: Served) -> None:
+    for i in range(5):
+        requests.get(f"{served.url}/v1/customers/cust-{i}", timeout=5)
+    text = served.metrics.render().decode()
+    assert 'path="/v1/customers/{id}",status="200"} 5.0' in text
+    assert "cust-1" not in text
+    assert "marketplace_entitlement_state" not in text  # no state machine in saas mode
+
+
+def test_other_modes_answer_customers_with_a_404_naming_saas_mode() -> None:
+    router = Router(None, lambda: None, readiness=lambda: (True, None))
+    for method, path in (
+        ("POST", "/v1/customers/resolve"),
+        ("GET", "/v1/customers"),
+        ("GET", "/v1/customers/123456789012"),
+    ):
+        reply = router.handle(method, path, b"{}")
+        assert reply.status == 404, path
+        assert reply.body["error"]["code"] == "customers_need_saas_mode"
+
+
+def test_a_slow_resolve_body_is_cut_at_the_request_deadline(served: Served) -> None:
+    """Existing limits apply: a client dripping its token cannot hold a thread past 10 s."""
+    with socket.create_connection(("127.0.0.1", served.api.server_address[1]), timeout=15) as s:
+        s.sendall(b"POST /v1/customers/resolve HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408"), data[:80]
+    assert served.saas.calls == []
