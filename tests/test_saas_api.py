@@ -157,7 +157,9 @@ def test_the_service_statuses_pass_through_with_retry_after_and_hint(served: Ser
             "hint": "redeem the token as soon as the buyer's browser posts it",
         },
     )
-    r = requests.post(f"{served.url}/v1/customers/resolve", json={"registration_token": "t"})
+    r = requests.post(
+        f"{served.url}/v1/customers/resolve", json={"registration_token": "t"}, timeout=5
+    )
     assert r.status_code == 410
     assert r.json()["error"]["code"] == "expired_token"
     assert r.json()["error"]["hint"].startswith("redeem the token")
@@ -165,7 +167,9 @@ def test_the_service_statuses_pass_through_with_retry_after_and_hint(served: Ser
     r = requests.post(f"{served.url}/v1/usage", json=[], timeout=5)
     assert r.status_code == 503 and r.headers["Retry-After"] == "3"
     served.saas.answer = (503, {"error": "store_unavailable"})  # no hint from the service
-    r = requests.post(f"{served.url}/v1/customers/resolve", json={"registration_token": "t"})
+    r = requests.post(
+        f"{served.url}/v1/customers/resolve", json={"registration_token": "t"}, timeout=5
+    )
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
 
 
