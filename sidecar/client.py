@@ -475,8 +475,8 @@ def resolve_customer(
     `token` is the `x-amzn-marketplace-token` field of the form AWS's buyer page posts to the
     registration URL: call this as soon as it arrives (the token expires). The answer holds
     `customer_aws_account_id`, `license_arn`, `product_code` and, for older integrations,
-    `customer_identifier`; the sidecar stores it, so calling again with the same token is
-    cheap. `timeout` bounds the whole call (the sidecar retries AWS's throttling for up to
+    `customer_identifier`, plus the sidecar's `customer` key and `state`; the sidecar stores
+    it, so calling again with the same token answers from the store (`from_store`). `timeout` bounds the whole call (the sidecar retries AWS's throttling for up to
     10 s before answering 503); same transport, deadline and caps as `challenge`.
     """
     if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
@@ -503,15 +503,14 @@ def resolve_customer(
     if status == 200:
         if not isinstance(doc, dict):
             raise CustomerError("bad_answer", "HTTP 200 without a JSON object", status=status)
-        customer = doc.get("customer", doc)
-        if not isinstance(customer, dict) or not any(
-            isinstance(customer.get(k), str) and customer[k]
+        if not any(
+            isinstance(doc.get(k), str) and doc[k]
             for k in ("customer_aws_account_id", "customer_identifier")
         ):
             raise CustomerError(
                 "bad_answer", "HTTP 200 without a customer account id or identifier", status=status
             )
-        return customer
+        return doc
     error = doc.get("error") if isinstance(doc, dict) else None
     error = error if isinstance(error, dict) else {}
     code = _clean(str(error.get("code") or f"http_{status}"))

@@ -187,7 +187,7 @@ SAAS_RECORD_STATES = ("open", "sealed", "sent", "not_subscribed", "conflict", "e
 SAAS_CUSTOMER_STATES = ("active", "not_subscribed")
 # One BatchMeterUsage call's outcome, as SaasService counts it; others become "other".
 SAAS_BATCH_RESULTS = frozenset(
-    {"ok", "partial", "unprocessed", "retry", "throttled", "out_of_bounds", "rejected", "error"}
+    {"ok", "out_of_bounds", "refused", "throttled", "transient", "error"}
 )
 
 
@@ -204,7 +204,7 @@ class SaasCounts(Protocol):
     def customers_by_state(self) -> Mapping[str, int]: ...  # active, not_subscribed
 
     @property
-    def oldest_unsent_age_seconds(self) -> float: ...  # 0 when every sealed hour is sent
+    def oldest_unsent_hour_age_seconds(self) -> float: ...  # 0 when every sealed hour is sent
 
     @property
     def batch_calls(self) -> Mapping[str, int]: ...  # BatchMeterUsage calls by result
@@ -264,7 +264,7 @@ class _SaasCollector(Collector):
             "marketplace_saas_oldest_unsent_hour_age_seconds",
             "Seconds since the end of the oldest sealed hour with a record not yet accepted "
             "by AWS (0 when none); AWS refuses records 6 hours or more after their usage",
-            value=float(counts.oldest_unsent_age_seconds),
+            value=float(counts.oldest_unsent_hour_age_seconds),
         )
         calls = CounterMetricFamily(
             "marketplace_saas_batch_calls",

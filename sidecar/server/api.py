@@ -44,7 +44,9 @@ CUSTOMER_PREFIX = "/v1/customers/"
 CUSTOMER_ROUTE = "/v1/customers/{id}"  # the route's name in metrics and the OpenAPI document
 # A registration token is opaque and AWS documents no maximum; observed ones are far below this.
 MAX_RESOLVE_BODY_BYTES = 16 * 1024
-MAX_CUSTOMER_KEY_CHARS = 255  # CustomerIdentifier: 1-255; an account id: 12 digits
+# An account id (12 digits), a CustomerIdentifier (1-255) or the ledger's key, account id and
+# license ARN joined by "/" (percent-encode it as %2F in the path).
+MAX_CUSTOMER_KEY_CHARS = 2048
 MAX_NONCE_CHARS = 255
 Listener = Literal["api", "probe", "metrics"]
 
@@ -373,8 +375,9 @@ class Router:
             return _problem(
                 HTTPStatus.BAD_REQUEST,
                 "invalid_customer",
-                "customer: the path ends with an AWS account id (12 digits) or a customer "
-                f"identifier (1-{MAX_CUSTOMER_KEY_CHARS} printable characters, percent-encoded)",
+                "customer: the path ends with an AWS account id (12 digits), a customer "
+                "identifier or a customer key from GET /v1/customers (1-"
+                f"{MAX_CUSTOMER_KEY_CHARS} printable characters, percent-encoded)",
             )
         return _pipeline_reply(*self._saas.customer(key))
 
