@@ -476,8 +476,9 @@ def resolve_customer(
     registration URL: call this as soon as it arrives (the token expires). The answer holds
     `customer_aws_account_id`, `license_arn`, `product_code` and, for older integrations,
     `customer_identifier`, plus the sidecar's `customer` key and `state`; the sidecar stores
-    it, so calling again with the same token answers from the store (`from_store`). `timeout` bounds the whole call (the sidecar retries AWS's throttling for up to
-    10 s before answering 503); same transport, deadline and caps as `challenge`.
+    it, so calling again with the same token answers from the store (`from_store`).
+    `timeout` bounds the whole call (the sidecar retries AWS's throttling for up to 10 s
+    before answering 503); same transport, deadline and caps as `challenge`.
     """
     if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
         raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
