@@ -64,7 +64,7 @@ from sidecar.config import (
     Settings,
     config_warnings,
     describe,
-    redact_url,
+    scrub_url_secret,
 )
 from sidecar.core.backoff import Backoff, ThrottleSchedule
 from sidecar.core.clock import Clock, SystemClock
@@ -169,24 +169,6 @@ def open_saas(settings: Settings, factory: Callable[[], Any], clock: Clock) -> S
     except BaseException:
         store.close()
         raise
-
-
-def scrub_secret(text: str, settings: Settings) -> str:
-    """`text` without the database URL's password (a driver's message may quote the URL)."""
-    url = settings.usage_database_url
-    if not url:
-        return text
-    from urllib.parse import unquote, urlsplit
-
-    text = text.replace(url, redact_url(url))
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    for secret in {password, unquote(password or "")} - {None, ""}:
-        assert secret is not None  # nosec B101 # narrowing for mypy
-        text = text.replace(secret, "***")
-    return text
 
 
 def usage_clock(settings: Settings) -> Clock:
@@ -596,7 +578,7 @@ def run(
         log.error("bind_failed", extra={"detail": str(exc)})
         return 2
     except store_errors as exc:  # corrupt or unreadable: say so, never start from zero
-        detail = scrub_secret(str(exc), settings)
+        detail = scrub_url_secret(str(exc), settings.usage_database_url)
         log.error("usage_store_unusable", extra={"detail": detail})
         return 1
     daemon_stop = daemon.stop_event

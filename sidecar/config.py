@@ -16,7 +16,7 @@ import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
-from urllib.parse import SplitResult, urlparse, urlsplit
+from urllib.parse import SplitResult, unquote, urlparse, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -479,6 +479,21 @@ def database_url_problem(url: str) -> None:
         )
     if port == 0:
         raise ValueError("port must be 1-65535")
+
+
+def scrub_url_secret(text: str, url: str | None) -> str:
+    """`text` without the URL's password (a driver's message may quote the URL or its parts)."""
+    if not url:
+        return text
+    text = text.replace(url, redact_url(url))
+    try:
+        password = urlsplit(url.strip()).password
+    except ValueError:
+        password = None
+    if password:
+        for secret in sorted({password, unquote(password)}, key=len, reverse=True):
+            text = text.replace(secret, "***")
+    return text
 
 
 def redact_url(url: str) -> str:
