@@ -240,7 +240,9 @@ class Settings(BaseSettings):
     @field_validator("product_code")
     @classmethod
     def _product_code(cls, v: str | None) -> str | None:
-        if v is not None and not PRODUCT_CODE_RE.match(v):
+        if not v:
+            return None  # blank is unset: a shared template's saas (license) container
+        if not PRODUCT_CODE_RE.match(v):
             raise ValueError("must be 1-255 characters of letters, digits and -/=:_.@")
         return v
 

@@ -12,14 +12,21 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import jsonschema
 import pytest
 import requests
+import yaml
 
+from sidecar.client import CustomerError, resolve_customer
+from sidecar.emulator.service import Emulator, EmulatorServer
 from sidecar.ops.metrics import Metrics
 from sidecar.server.api import API_LIMITS, PROBE_LIMITS, LocalServer, Router
+from tests.helpers import Sidecar, loopback_env, start_sidecar
 
 ROUTES = frozenset({"/readyz", "/v1/customers", "/v1/customers/{id}", "/v1/customers/resolve"})
 
@@ -270,3 +277,179 @@ def test_a_slow_resolve_body_is_cut_at_the_request_deadline(served: Served) -> N
             data += chunk
     assert data.startswith(b"HTTP/1.1 408"), data[:80]
     assert served.saas.calls == []
+
+
+# -- end to end: the real `run` process, SaasService, the emulator, SQLite and PostgreSQL -------
+
+SPEC: dict[str, Any] = yaml.safe_load(
+    resources.files("sidecar").joinpath("openapi.yaml").read_text()
+)
+PASSWORD = "s3cret-pw-7f1"
+
+
+def check(path: str, method: str, resp: requests.Response) -> None:
+    """The answer is declared in the shipped OpenAPI document, with its headers."""
+    op = SPEC["paths"][path][method.lower()]
+    declared = op["responses"].get(str(resp.status_code))
+    assert declared is not None, f"{method} {path} answered undocumented {resp.status_code}"
+    schema = {**declared["content"]["application/json"]["schema"], "components": SPEC["components"]}
+    jsonschema.validate(resp.json(), schema, cls=jsonschema.Draft202012Validator)
+    for header in declared.get("headers", {}):
+        assert header in resp.headers, header
+
+
+@pytest.fixture
+def saas_car(emulator_server: EmulatorServer, emulator: Emulator) -> Iterator[Any]:
+    started: list[Sidecar] = []
+
+    def launch(**extra: str) -> Sidecar:
+        env = loopback_env(
+            emulator_server.url,
+            MARKETPLACE_MODE="saas",
+            MARKETPLACE_DIMENSIONS="users,scans",
+            # start_sidecar's hourly test defaults, left blank as a shared template would
+            MARKETPLACE_PRODUCT_CODE="",
+            MARKETPLACE_THROTTLE_SCHEDULE_SECONDS="",
+            **extra,
+        )
+        car = start_sidecar(env)
+        started.append(car)
+        return car
+
+    yield launch
+    for car in started:
+        car.stop()
+
+
+def issue(emulator: Emulator, **spec: Any) -> dict[str, Any]:
+    return emulator.saas_customer(spec)
+
+
+def resolve(car: Sidecar, token: str) -> requests.Response:
+    r = requests.post(
+        car.api + "/v1/customers/resolve", json={"registration_token": token}, timeout=20
+    )
+    check("/v1/customers/resolve", "POST", r)
+    return r
+
+
+def test_saas_on_sqlite_resolves_stores_and_takes_usage(
+    saas_car: Any, emulator: Emulator, tmp_path: Path
+) -> None:
+    car = saas_car(MARKETPLACE_STATE_DIR=str(tmp_path))
+    ready = car.get("/readyz")
+    check("/readyz", "GET", ready)
+    assert ready.status_code == 200 and ready.json() == {"ready": True, "state": "ready"}
+    r = car.get("/v1/entitlement")
+    check("/v1/entitlement", "GET", r)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "no_entitlement_in_saas_mode"
+
+    buyer = issue(emulator, customer_aws_account_id="111122223333")
+    r = resolve(car, buyer["registration_token"])
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["customer_aws_account_id"] == "111122223333"
+    assert got["license_arn"] == buyer["license_arn"] and got["from_store"] is False
+    calls = emulator.saas_ledger()["counts"]["calls"]
+    again = resolve(car, buyer["registration_token"])
+    assert again.status_code == 200 and again.json()["from_store"] is True
+    assert emulator.saas_ledger()["counts"]["calls"] == calls  # no second ResolveCustomer
+
+    record = {
+        "customer_aws_account_id": "111122223333",
+        "license_arn": buyer["license_arn"],
+        "dimension": "users",
+        "quantity": 3,
+        "id": "job-1",
+    }
+    r = requests.post(car.api + "/v1/usage", json=record, timeout=10)
+    check("/v1/usage", "POST", r)
+    assert r.status_code == 202, r.text
+    r = requests.post(car.api + "/v1/usage", json=record, timeout=10)
+    assert r.status_code == 200  # the same id: counted once
+    stranger = {**record, "customer_aws_account_id": "999988887777", "id": "job-2"}
+    r = requests.post(car.api + "/v1/usage", json=stranger, timeout=10)
+    check("/v1/usage", "POST", r)
+    assert r.status_code == 400 and "customer" in r.json()["error"]["message"]
+
+    listed = car.get("/v1/customers")
+    check("/v1/customers", "GET", listed)
+    assert [c["customer_aws_account_id"] for c in listed.json()["customers"]] == ["111122223333"]
+    one = car.get("/v1/customers/111122223333")
+    check("/v1/customers/{id}", "GET", one)
+    assert one.status_code == 200 and one.json()["state"] == "active"
+    unknown = car.get("/v1/customers/999988887777")
+    check("/v1/customers/{id}", "GET", unknown)
+    assert unknown.status_code == 404
+    report = car.get("/v1/usage")
+    check("/v1/usage", "GET", report)
+    assert report.status_code == 200
+
+    metrics = car.get("/metrics", probe=True).text
+    assert "marketplace_saas_leader 1.0" in metrics
+    assert 'marketplace_saas_customers{state="active"} 1.0' in metrics
+    assert 'marketplace_usage_units_accepted_total{dimension="users"} 3.0' in metrics
+    assert car.stop() == 0
+
+
+def test_saas_token_errors_are_distinct(saas_car: Any, emulator: Emulator, tmp_path: Path) -> None:
+    car = saas_car(MARKETPLACE_STATE_DIR=str(tmp_path))
+    r = resolve(car, "not-a-token-the-emulator-issued")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_token"
+    late = issue(emulator, token_ttl_seconds=0.001)
+    time.sleep(0.05)
+    r = resolve(car, late["registration_token"])
+    assert r.status_code == 410, r.text
+    assert r.json()["error"]["code"] == "expired_token"
+    assert "as soon as the buyer's browser posts it" in r.json()["error"]["hint"]
+    with pytest.raises(CustomerError) as caught:
+        resolve_customer(late["registration_token"], url=car.api)
+    assert caught.value.reason == "expired_token" and caught.value.hint
+
+
+def test_saas_on_postgresql_reports_a_database_outage_and_recovers(
+    saas_car: Any, emulator: Emulator, pg_server: Any, pg_url: str
+) -> None:
+    url = pg_url.replace("postgresql://postgres@", f"postgresql://postgres:{PASSWORD}@")
+    car = saas_car(MARKETPLACE_USAGE_DATABASE_URL=url)
+    assert car.get("/readyz").status_code == 200
+    buyer = issue(emulator)
+    assert resolve(car, buyer["registration_token"]).status_code == 200
+    record = {
+        "customer_aws_account_id": buyer["customer_aws_account_id"],
+        "license_arn": buyer["license_arn"],
+        "dimension": "scans",
+        "quantity": 1,
+    }
+    pg_server.stop("immediate")
+    try:
+        deadline = time.monotonic() + 15
+        while (ready := car.get("/readyz")).status_code != 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        check("/readyz", "GET", ready)
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["state"] == "store_unavailable"
+        assert ready.json()["error"]["message"]  # the reason, on the API port
+        probe = car.get("/readyz", probe=True)
+        assert probe.status_code == 503
+        assert probe.json() == {
+            "ready": False,
+            "state": "store_unavailable",
+            "error": {"code": "store_unavailable"},
+        }
+        r = requests.post(car.api + "/v1/usage", json=record, timeout=15)
+        check("/v1/usage", "POST", r)
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+        assert car.get("/metrics", probe=True).status_code == 200  # never a 500 scrape
+    finally:
+        pg_server.start()
+    deadline = time.monotonic() + 20
+    while car.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert car.get("/readyz").status_code == 200
+    r = requests.post(car.api + "/v1/usage", json=record, timeout=15)
+    assert r.status_code == 202, r.text
+    assert car.stop() == 0
+    logs = car.logs()
+    assert PASSWORD not in logs
+    assert "postgresql://postgres@127.0.0.1" in logs  # the startup line, without the password
