@@ -22,7 +22,7 @@ import pytest
 import requests
 import yaml
 
-from sidecar.client import CustomerError, resolve_customer
+from sidecar.client import CustomerError, UsageError, report_usage, resolve_customer
 from sidecar.emulator.service import Emulator, EmulatorServer
 from sidecar.ops.metrics import Metrics
 from sidecar.server.api import API_LIMITS, PROBE_LIMITS, LocalServer, Router
@@ -367,6 +367,13 @@ def test_saas_on_sqlite_resolves_stores_and_takes_usage(
     assert r.status_code == 202, r.text
     r = requests.post(car.api + "/v1/usage", json=record, timeout=10)
     assert r.status_code == 200  # the same id: counted once
+    # The product's client carries the customer in each record as is.
+    assert (
+        report_usage({**record, "id": "job-3", "dimension": "scans"}, url=car.api)["accepted"] == 1
+    )
+    with pytest.raises(UsageError) as refused:
+        report_usage({**record, "customer_identifier": "c-1", "id": "job-4"}, url=car.api)
+    assert refused.value.reason == "invalid"  # both identifier kinds in one record
     stranger = {**record, "customer_aws_account_id": "999988887777", "id": "job-2"}
     r = requests.post(car.api + "/v1/usage", json=stranger, timeout=10)
     check("/v1/usage", "POST", r)
