@@ -300,3 +300,76 @@ def test_two_sidecars_on_one_database_only_the_leader_sends_and_a_killed_leader_
     assert len(aws.billed) == 20 * 3  # zero records for the rest
     assert all(len(json.loads(x)["UsageRecords"]) == 25 for x in aws.bodies[:2])
     assert b.counters().records_by_state["sent"] == 60
+
+
+# -- against the project's emulator, through the real gateway over loopback HTTP ---------------
+
+
+def test_through_the_emulator_one_record_per_customer_dimension_hour(
+    emulator_server: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import requests
+
+    from sidecar.aws.metering import MeteringGateway
+    from tests.usage_kit import aws_env
+
+    aws_env(monkeypatch, emulator_server, "seller")
+    clock = ManualClock()
+    clock.t = hour_start(hour_of(clock.t)) + 600.0
+    emulator.meter_clock = clock.time
+    emulator.config.unprocessed_rate = 0.2  # some records answered as UnprocessedRecords
+
+    def customer(**spec: Any) -> dict[str, Any]:
+        resp = requests.post(
+            emulator_server.url + "/_emulator/saas/customers", json=spec, timeout=5
+        )
+        assert resp.status_code == 200, resp.text
+        return dict(resp.json())
+
+    people = [customer(customer_aws_account_id=f"{200000000000 + i}") for i in range(12)]
+    store = open_store(SAAS_SCHEMA, state_dir=tmp_path)
+    policy = SaasPolicy(
+        dimensions=DIMS, hours=HourPolicy(seal_margin=60, spread=0), calls_per_second=1000.0
+    )
+    svc = SaasService(policy, store, lambda: MeteringGateway("us-east-1", 5.0), clock=clock)
+    for p in people:
+        status, doc = svc.resolve(
+            json.dumps({"registration_token": p["registration_token"]}).encode()
+        )
+        assert status == 200 and doc["license_arn"] == p["license_arn"], doc
+    requests.post(
+        emulator_server.url + "/_emulator/saas/unsubscribe",
+        json={"customer_aws_account_id": people[11]["customer_aws_account_id"]},
+        timeout=5,
+    )
+    hour = hour_of(clock.t)
+    want: dict[tuple[str, str], int] = {}
+    for n in range(60):  # several posts per customer/dimension, summed into one record
+        p = people[n % 11]
+        dimension = DIMS[n % 3]
+        doc = {
+            "customer_aws_account_id": p["customer_aws_account_id"],
+            "license_arn": p["license_arn"],
+            "dimension": dimension,
+            "quantity": n,
+        }
+        assert svc.post(json.dumps(doc).encode())[0] == 202
+        k = (f"{p['customer_aws_account_id']}/{p['license_arn']}", dimension)
+        want[k] = want.get(k, 0) + n
+    clock.t = hour_start(hour + 1) + 120
+    for _ in range(10):
+        svc.tick()
+        if not svc.counters().records_by_state["sealed"]:
+            break
+    book = requests.get(emulator_server.url + "/_emulator/saas/ledger", timeout=5).json()
+    billed = {
+        (r["customer"], r["dimension"]): r["quantity"] for r in book["records"] if r["hour"] == hour
+    }
+    assert {k: v for k, v in billed.items() if v} == {k: v for k, v in want.items() if v}
+    assert len(billed) == 11 * 3  # zero records for the rest; none for the unsubscribed one
+    assert book["counts"].get("duplicate_record", 0) == 0
+    assert book["counts"].get("unprocessed", 0) > 0  # and they were sent again, unchanged
+    c = svc.counters()
+    assert c.records_by_state["sent"] == 33 and c.records_by_state["not_subscribed"] == 3
+    assert c.customers_by_state["not_subscribed"] == 1
+    svc.close()
