@@ -223,6 +223,11 @@ _SAAS_OVERRIDES: dict[str, tuple[str, str]] = {
         "MARKETPLACE_PRODUCT_CODE does not match the published SaaS product (identity "
         "customer_identifier only; license-based records carry no product code)",
     ),
+    "ParamValidationError": (
+        "configuration",
+        "botocore refused the request before sending (a malformed record or registration "
+        "token); the message names the field",
+    ),
     "InvalidUsageDimensionException": (
         "configuration",
         "a dimension is not published for this product; MARKETPLACE_DIMENSIONS must use the "
