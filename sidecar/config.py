@@ -392,7 +392,7 @@ class Settings(BaseSettings):
     def ignored(self) -> list[str]:
         """Variables set but unused in this mode: logged at start, so nobody trusts them."""
         if self.mode == "saas":
-            if self.saas_identity == "license" and "product_code" in self.model_fields_set:
+            if self.saas_identity == "license" and self.product_code is not None:
                 return [
                     f"{PREFIX}PRODUCT_CODE is ignored with {PREFIX}SAAS_IDENTITY=license "
                     "(records carry CustomerAWSAccountId and LicenseArn, and no product code)"

@@ -251,6 +251,8 @@ def test_customer_identifier_identity_needs_the_product_code(env: pytest.MonkeyP
 def test_a_product_code_with_license_identity_is_logged_as_ignored(
     env: pytest.MonkeyPatch,
 ) -> None:
+    saas(env, PRODUCT_CODE="")  # blank, as a shared template leaves it: nothing to say
+    assert load()[0].ignored() == []
     saas(env, PRODUCT_CODE="prod-abc")
     settings, _ = load()
     assert settings.ignored() == [

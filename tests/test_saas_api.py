@@ -459,3 +459,35 @@ def test_saas_on_postgresql_reports_a_database_outage_and_recovers(
     logs = car.logs()
     assert PASSWORD not in logs
     assert "postgresql://postgres@127.0.0.1" in logs  # the startup line, without the password
+
+
+def test_the_run_loop_thread_sends_sealed_hours_and_sigterm_exits_0(
+    saas_car: Any, emulator: Emulator, tmp_path: Path
+) -> None:
+    """The wiring starts SaasService.run: with time 3600x faster (a second is an hour), a
+    posted record is sealed and sent by BatchMeterUsage without anything else asking."""
+    origin = time.time()
+    emulator.reconfigure({"time_scale": 3600.0, "time_origin": origin})
+    car = saas_car(
+        MARKETPLACE_STATE_DIR=str(tmp_path),
+        MARKETPLACE_TEST_ONLY_TIME_SCALE="3600",
+        MARKETPLACE_TEST_ONLY_TIME_ORIGIN=str(origin),
+        MARKETPLACE_ZERO_USAGE_RECORDS="false",
+    )
+    buyer = issue(emulator, token_ttl_seconds=10_000_000)
+    customer = resolve(car, buyer["registration_token"]).json()
+    record = {
+        "customer_aws_account_id": customer["customer_aws_account_id"],
+        "license_arn": customer["license_arn"],
+        "dimension": "users",
+        "quantity": 5,
+    }
+    assert requests.post(car.api + "/v1/usage", json=record, timeout=10).status_code == 202
+    deadline = time.monotonic() + 20
+    sent: list[dict[str, Any]] = []
+    while not sent and time.monotonic() < deadline:
+        sent = [r for r in emulator.saas_ledger()["records"] if r["dimension"] == "users"]
+        time.sleep(0.1)
+    assert [(r["customer"], r["quantity"]) for r in sent] == [(customer["customer"], 5)]
+    assert emulator.saas_ledger()["counts"]["duplicate_record"] == 0
+    assert car.stop() == 0
