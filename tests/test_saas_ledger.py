@@ -408,3 +408,66 @@ def test_late_usage_for_a_sealed_hour_is_carried_into_the_open_hour(
     assert answers[0]["carried_from"] != answers[0]["hour"]
     rows = store.read(lambda db: db.execute("SELECT hour, quantity FROM saas_open").fetchall())
     assert [(int(h), int(q)) for h, q in rows] == [(hour + 1, 7)]
+
+
+def test_no_usage_slips_into_an_hour_while_another_sidecar_seals_it(pg_url: str) -> None:
+    """Many replicas on PostgreSQL: ingests racing a seal of their hour lose nothing (the seal
+    lock). Every acknowledged unit is in the sealed record or carried into the open hour."""
+    import threading
+
+    poster = open_store(SAAS_SCHEMA, database_url=pg_url)
+    sealer = open_store(SAAS_SCHEMA, database_url=pg_url)
+    try:
+        resolve(poster, range(4))
+        hour = hour_of(T0)
+        now = hour_start(hour + 1) + 120  # late usage for `hour`, still countable there
+        acked = 0
+        count_lock = threading.Lock()
+        done = threading.Event()
+
+        def post() -> None:
+            nonlocal acked
+            while not done.is_set():
+                items = [(i, "seats", 1) for i in range(4)]
+                body = [
+                    {
+                        "customer_aws_account_id": account(i),
+                        "license_arn": license_arn(i),
+                        "dimension": d,
+                        "quantity": q,
+                        "timestamp": iso(T0),
+                    }
+                    for i, d, q in items
+                ]
+                recs = parse_saas(json.dumps(body).encode(), Limits(DIMS), now, "license")
+                poster.write(
+                    functools.partial(
+                        L.ingest, records=recs, now=now, policy=HP, accept_unresolved=False
+                    )
+                )
+                with count_lock:
+                    acked += 4
+
+        threads = [threading.Thread(target=post) for _ in range(3)]
+        for t in threads:
+            t.start()
+        threading.Event().wait(0.3)
+        sealer.write(lambda db: L.seal(db, hour, now, L.SealSpec(DIMS, "license", False, HP)))
+        threading.Event().wait(0.3)
+        done.set()
+        for t in threads:
+            t.join()
+        sealed, open_rows = sealer.read(
+            lambda db: (
+                db.execute(
+                    "SELECT SUM(quantity) FROM saas_outbox WHERE hour = ?", (hour,)
+                ).fetchone()[0],
+                db.execute("SELECT hour, SUM(quantity) FROM saas_open GROUP BY hour").fetchall(),
+            )
+        )
+        assert sealed and int(sealed) > 0
+        assert all(int(h) > hour for h, _ in open_rows)  # nothing left behind in the sealed hour
+        assert int(sealed) + sum(int(q) for _, q in open_rows) == acked
+    finally:
+        poster.close()
+        sealer.close()

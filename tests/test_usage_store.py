@@ -205,17 +205,25 @@ def test_a_jobs_sql_mistake_rolls_back_that_job_alone(tmp_path: Path) -> None:
         except Exception as exc:
             errors.append(exc)
 
+    inside = threading.Event()
+
+    def blocker(db: Db) -> None:
+        inside.set()
+        release.wait(5)
+
     store.write(lambda db: db.execute("INSERT INTO items VALUES ('taken', 0)"))
-    first = threading.Thread(target=run, args=(lambda db: release.wait(5),))
+    first = threading.Thread(target=run, args=(blocker,))
     first.start()
-    time.sleep(0.1)
+    assert inside.wait(5)
     threads = [
         threading.Thread(target=run, args=(f,))
         for f in (dup, lambda db: db.execute("INSERT INTO items VALUES ('good', 0)"))
     ]
     for t in threads:
         t.start()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while store._queue.qsize() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     release.set()
     for t in (first, *threads):
         t.join()
@@ -267,3 +275,21 @@ def test_the_custom_store_keeps_its_file_and_version(tmp_path: Path) -> None:
     Store(tmp_path).close()
     assert CUSTOM_SCHEMA.name == DB_NAME == "usage.sqlite3"
     assert _meta_version(tmp_path / DB_NAME) == "1"
+
+
+def test_psycopg_is_imported_only_for_a_database_url(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path\n"
+        "import sidecar.app, sidecar.usage.service\n"
+        "from sidecar.usage.db import Schema, open_store\n"
+        "d = 'CREATE TABLE x (a TEXT);'\n"
+        "open_store(Schema('x.sqlite3', 1, d, d), state_dir=Path(sys.argv[1])).close()\n"
+        "print('psycopg' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == "False", out.stderr

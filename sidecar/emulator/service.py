@@ -463,7 +463,7 @@ class _Handler(BaseHTTPRequestHandler):
         return super().date_time_string((timestamp or time.time()) + offset)
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
+        length = max(0, int(self.headers.get("Content-Length") or 0))
         # Read past 1 MB so BatchMeterUsage's size limit is checked on the real size.
         body = self.rfile.read(min(length, BODY_CAP))
         rest = length - len(body)

@@ -236,6 +236,7 @@ class PgStore:
         self._state_lock = threading.Lock()
         self._down: str | None = None
         self._down_at = 0.0
+        self._leader_key = 0
         self._migrate()
         self._wconn: Conn | None = None
         self._rconn: Conn | None = None
@@ -303,6 +304,10 @@ class PgStore:
         name, target = self.schema.name, self.schema.version
         try:
             conn.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, _key("schema")))
+            # Advisory locks are per DATABASE: two fleets in two schemas of one database (each
+            # with its own search_path) must not share one sender lock.
+            here = conn.execute("SELECT current_schema()").fetchone()
+            self._leader_key = _key(f"leader:{here[0] if here else ''}:{self.schema.name}")
             conn.execute(VERSION_TABLE)
             row = conn.execute(
                 "SELECT version FROM sidecar_schema WHERE name = %s", (name,)
@@ -557,7 +562,7 @@ class PgStore:
                 else:
                     row = conn.execute(
                         "SELECT pg_try_advisory_lock(%s, %s)",
-                        (LOCK_CLASS, _key("leader:" + self.schema.name)),
+                        (LOCK_CLASS, self._leader_key),
                     ).fetchone()
                     self._holding = bool(row and row[0])
                     if self._holding:

@@ -588,13 +588,18 @@ def _new_batch(
     return Batch(batch_id, body, len(members), 0)
 
 
-def _members(db: Db, batch_id: str) -> list[tuple[str, str, int, str, float]]:
+def _members(
+    db: Db, batch_id: str, *, ordered: bool = True
+) -> list[tuple[str, str, int, str, float]]:
+    """The batch's records still unsettled, in the stored request's order when `ordered`."""
     rows = db.execute(
         "SELECT customer, dimension, hour, record, deadline FROM saas_outbox WHERE batch_id = ? "
         "AND state = 'sealed'",
         (batch_id,),
     ).fetchall()
     out = [(str(r[0]), str(r[1]), int(r[2]), str(r[3]), float(r[4])) for r in rows]
+    if not ordered:
+        return out
     body = db.execute("SELECT request FROM saas_batches WHERE id = ?", (batch_id,)).fetchone()
     order = {text: i for i, text in enumerate(_record_texts(str(body[0])))} if body else {}
     out.sort(key=lambda m: order.get(m[3], len(order)))
@@ -664,7 +669,7 @@ def _key_of(record: dict[str, Any]) -> tuple[str, str, int]:
 def answer(db: Db, batch_id: str, response: dict[str, Any], now: float) -> Settled:
     """Store AWS's answer to one call, record by record. Unprocessed (or unanswered) records go
     back to the pool unchanged, for a later call."""
-    members = {(m[0], m[1], m[2]) for m in _members(db, batch_id)}
+    members = {(m[0], m[1], m[2]) for m in _members(db, batch_id, ordered=False)}
     sent = 0
     marked: list[str] = []
     conflicts: list[tuple[str, str, int]] = []
@@ -689,21 +694,23 @@ def answer(db: Db, batch_id: str, response: dict[str, Any], now: float) -> Settl
             ).fetchone()
             if took is not None:
                 marked.append(key[0])
-    db.executemany(
-        "UPDATE saas_outbox SET state = ?, metering_record_id = ?, last_code = ?, done_at = ? "
-        "WHERE customer = ? AND dimension = ? AND hour = ? AND state = 'sealed'",
-        updates,
-    )
-    db.executemany(
-        "UPDATE saas_outbox SET batch_id = NULL WHERE customer = ? AND dimension = ? AND hour = ? "
-        "AND state = 'sealed'",
-        list(members),
-    )
-    db.execute(
+    if updates:
+        db.executemany(
+            "UPDATE saas_outbox SET state = ?, metering_record_id = ?, last_code = ?, "
+            "done_at = ? WHERE customer = ? AND dimension = ? AND hour = ? AND state = 'sealed'",
+            updates,
+        )
+    if members:  # unprocessed or unanswered: back to the pool, unchanged
+        db.executemany(
+            "UPDATE saas_outbox SET batch_id = NULL WHERE customer = ? AND dimension = ? "
+            "AND hour = ? AND state = 'sealed'",
+            list(members),
+        )
+    parent = db.execute(
         "UPDATE saas_batches SET state = 'done', attempts = attempts + 1, last_code = 'ok', "
-        "answered_at = ? WHERE id = ?",
+        "answered_at = ? WHERE id = ? RETURNING parent",
         (now, batch_id),
-    )
+    ).fetchone()
     done = Settled(
         sent=sent,
         not_subscribed=tuple(marked),
@@ -712,6 +719,8 @@ def answer(db: Db, batch_id: str, response: dict[str, Any], now: float) -> Settl
     )
     # This half of a bisection was fine: the record that sank the parent is in the other half,
     # which is bisected in turn without a call of its own.
+    if parent is None or parent[0] is None:
+        return done
     for sibling, code in db.execute(
         "SELECT s.id, p.last_code FROM saas_batches b JOIN saas_batches s ON s.parent = b.parent "
         "JOIN saas_batches p ON p.id = b.parent WHERE b.id = ? AND s.state = 'suspect'",
