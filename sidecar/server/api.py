@@ -30,6 +30,7 @@ from sidecar.entitlement.registrar import Registrar
 from sidecar.entitlement.state import Snapshot
 from sidecar.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.ops.metrics import Metrics
+from sidecar.server.probe import yield_to_probes
 
 log = logging.getLogger(__name__)
 
@@ -702,6 +703,8 @@ class LocalServer(HTTPServer):
             self.shutdown_request(request)
 
     def _serve(self, request: socket.socket, client_address: Any, conn: _Conn) -> None:
+        if self.name == "api":  # the product's traffic steps back; probes and metrics do not
+            yield_to_probes()
         try:
             self.finish_request(request, client_address)
         except Exception:
