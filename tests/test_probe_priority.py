@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from typing import Literal
 
 import pytest
 
@@ -70,6 +71,7 @@ def test_api_connections_step_back_and_probe_connections_do_not() -> None:
 
     from sidecar.server.api import API_LIMITS, PROBE_LIMITS, LocalServer, Router
 
+    names: tuple[Literal["api", "probe"], ...] = ("api", "probe")
     servers = {
         name: LocalServer(
             ("127.0.0.1", 0),
@@ -77,7 +79,7 @@ def test_api_connections_step_back_and_probe_connections_do_not() -> None:
             limits,
             name=name,
         )
-        for name, limits in (("api", API_LIMITS), ("probe", PROBE_LIMITS))
+        for name, limits in zip(names, (API_LIMITS, PROBE_LIMITS), strict=True)
     }
     for server in servers.values():
         server.serve_in_thread(server.name)
@@ -86,7 +88,8 @@ def test_api_connections_step_back_and_probe_connections_do_not() -> None:
     def hold(name: str, expect: int) -> int:
         """Open a connection that stays in its request (half a request line); nice threads,
         once `expect` is seen or after a few seconds (the machine may be loaded)."""
-        sock = socket.create_connection(servers[name].server_address[:2], timeout=5)
+        port = int(servers[name].server_address[1])
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         sock.sendall(b"GET /hea")
         held.append(sock)
         end = time.monotonic() + 5
