@@ -85,7 +85,7 @@ def test_api_connections_step_back_and_probe_connections_do_not() -> None:
         server.serve_in_thread(server.name)
     held: list[socket.socket] = []
 
-    def hold(name: str, expect: int) -> int:
+    def hold(name: Literal["api", "probe"], expect: int) -> int:
         """Open a connection that stays in its request (half a request line); nice threads,
         once `expect` is seen or after a few seconds (the machine may be loaded)."""
         port = int(servers[name].server_address[1])
