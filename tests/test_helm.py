@@ -707,10 +707,28 @@ def test_saas_mode_on_postgresql_renders_exact_env_and_no_key_or_product_code(ku
     assert c["env"] == SAAS_EXACT_ENV  # nothing hourly-only (key, RegisterUsage period) leaks in
     # The store is the database: no local state, no key, so no volume at all.
     assert "volumeMounts" not in c and "volumes" not in spec
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "mp-probe"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "mp-probe"}
     assert token_holders(docs) == {}
     # The database URL never appears in the rendered objects, only the Secret's name.
     assert "postgresql://" not in json.dumps(docs)
+
+
+@pytest.mark.parametrize("store", [DB_SECRET, "metering.saas.state.existingClaim=usage"])
+def test_saas_probes_never_hold_the_backend_back_on_a_store_outage(store: str) -> None:
+    """A database down (SaaS mode has no entitlement to wait for) must neither keep the
+    backend from starting (native sidecar's startupProbe) nor take every pod sharing that
+    database out of its Service (readiness): the probes ask whether the sidecar answers.
+    Other modes keep /readyz: there it means entitled."""
+    spec = pod_spec(render_saas(store, kube="1.33.0"))
+    c = spec["initContainers"][0]
+    assert c["name"] == "marketplace-sidecar" and c["restartPolicy"] == "Always"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "mp-probe"}, probe
+    classic = sidecar(pod_spec(render_saas(store, "mode=classic")))
+    assert classic["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    hourly = pod_spec(render(kube="1.33.0"))["initContainers"][0]
+    assert hourly["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert hourly["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
 def _sidecar_accepts(env: dict[str, str]) -> list[str]:

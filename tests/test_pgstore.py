@@ -5,10 +5,13 @@ password kept out of every message."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -21,7 +24,7 @@ import psycopg
 import pytest
 
 from sidecar.usage.db import Db, Schema, StoreError, StoreUnavailableError, open_store
-from sidecar.usage.pgstore import PgStore, pg_sql
+from sidecar.usage.pgstore import PgStore, pg_sql, refusal
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -526,7 +529,10 @@ def test_the_password_appears_in_no_message_or_log(
     messages = [store.where]
     assert store.where == pg_url
     dead = with_pw.replace(f":{pg_server.port}/", ":1/")
-    for url in (dead, dead + "?sslmode=bogus", "postgresql://u:Hunter2%zz@127.0.0.1:1/db"):
+    degraded = PgStore(SCHEMA, dead)  # a database down at start: opened, unavailable
+    stores.append(degraded)
+    messages.append(str(degraded.available()[1]))
+    for url in (dead + "?sslmode=bogus", "postgresql://u:Hunter2%zz@127.0.0.1:1/db"):
         with pytest.raises(StoreError) as caught:
             PgStore(SCHEMA, url)
         messages.append(str(caught.value))
@@ -543,3 +549,200 @@ def test_the_password_appears_in_no_message_or_log(
     leaked = [m for m in messages if any(s in m for s in secrets)]
     assert leaked == []
     assert any("127.0.0.1:1/" in m for m in messages)  # the messages do say where
+
+
+# -- a database down when the sidecar starts -----------------------------------------------
+
+
+@contextlib.contextmanager
+def password_role(pg_server: Any, password: str) -> Iterator[str]:
+    """A role the session's server authenticates by password (the rest of the test cluster
+    trusts any password); yields its name. The pg_hba line names only this role."""
+    role = "pw_" + os.urandom(4).hex()
+    hba = Path(pg_server.data) / "pg_hba.conf"
+    before = hba.read_text()
+    with psycopg.connect(pg_server.url(), autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + before)
+        conn.execute("SELECT pg_reload_conf()")
+    try:
+        yield role
+    finally:
+        hba.write_text(before)
+        with psycopg.connect(pg_server.url(), autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+            conn.execute(f"DROP ROLE {role}")
+
+
+def fake_server(answer: bytes | None) -> tuple[socket.socket, threading.Thread]:
+    """A hostile 'PostgreSQL' on loopback: refuses SSL, then sends `answer` (an ErrorResponse)
+    to every startup packet, or says nothing at all (None) until the client gives up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+            if answer is None:
+                continue
+            with contextlib.suppress(OSError):
+                while True:
+                    head = conn.recv(8)
+                    if len(head) < 8:
+                        break
+                    size, code = struct.unpack("!II", head)
+                    conn.recv(size - 8)
+                    if code in (80877103, 80877104):  # SSLRequest, GSSENCRequest
+                        conn.sendall(b"N")
+                        continue
+                    conn.sendall(answer)
+                    break
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def error_response(sqlstate: str, message: str) -> bytes:
+    fields = b"".join(
+        k + v.encode() + b"\0"
+        for k, v in ((b"S", "FATAL"), (b"V", "FATAL"), (b"C", sqlstate), (b"M", message))
+    )
+    body = fields + b"\0"
+    return b"E" + struct.pack("!I", len(body) + 4) + body
+
+
+def test_a_server_down_at_start_opens_unavailable_then_sets_up_by_itself(
+    pg_server: Any, pg_url: str, stores: list[PgStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.usage.pgstore")
+    pg_server.stop()
+    try:
+        began = time.monotonic()
+        store = PgStore(SCHEMA, pg_url, retry_seconds=0.2)  # no StoreError: an outage
+        stores.append(store)
+        assert time.monotonic() - began < 5
+        with pytest.raises(StoreUnavailableError, match="database unreachable"):
+            store.write(insert("while-down"))
+        with pytest.raises(StoreUnavailableError):
+            store.read(lambda db: db.execute("SELECT 1").fetchone())
+        ok, why = store.available()
+        assert not ok and why is not None and store.where in why
+        assert not store.leading()
+    finally:
+        pg_server.start()
+    deadline = time.monotonic() + 10
+    while not store.available()[0] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert store.available() == (True, None)
+    store.write(insert("after"))  # the schema was created on the first connection
+    assert count(pg_url) == 1
+    assert count(pg_url, "SELECT version FROM sidecar_schema WHERE name = 't'") == 1
+    assert store.leading()
+    events = [r.getMessage() for r in caplog.records]
+    assert "usage_store_starting_without_database" in events
+    assert events.index("usage_store_reachable") < events.index("usage_store_migrated")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        error_response("57P03", "the database system is starting up"),
+        error_response("57P01", "terminating connection due to administrator command"),
+        None,  # accepts and never answers: connect_timeout
+    ],
+    ids=["starting-up", "shutting-down", "silent"],
+)
+def test_a_server_starting_up_or_silent_at_start_is_an_outage(
+    answer: bytes | None, stores: list[PgStore]
+) -> None:
+    listener, thread = fake_server(answer)
+    port = listener.getsockname()[1]
+    try:
+        url = f"postgresql://postgres:pw@127.0.0.1:{port}/db?connect_timeout=2"
+        store = PgStore(SCHEMA, url)
+        stores.append(store)
+        ok, why = store.available()
+        assert not ok and why is not None and "database unreachable" in why
+        assert "pw@" not in why
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+def test_only_what_a_retry_cannot_fix_is_a_refusal() -> None:
+    # (Name lookups are refused in tests: the DNS failure is psycopg's own message.)
+    down = (
+        "failed to resolve host 'db.example': [Errno -2] Name or service not known",
+        'connection to server at "10.0.0.5", port 5432 failed: timeout expired',
+        'connection to server at "10.0.0.5", port 5432 failed: Connection refused',
+        "FATAL: the database system is starting up",
+        "FATAL: the database system is in recovery mode",
+        "FATAL: sorry, too many clients already",
+        "server closed the connection unexpectedly",
+    )
+    assert [refusal(m) for m in down] == [None] * len(down)
+    assert refusal('FATAL:  database "usage" does not exist') == (
+        'no such database (database "usage" does not exist)'
+    )
+    assert refusal('FATAL: no pg_hba.conf entry for host "10.0.0.9"') is not None
+
+
+def test_refusals_stop_the_open_naming_which_never_the_password(
+    pg_server: Any, pg_url: str
+) -> None:
+    secret = "S3cret-pw"
+    base = pg_url.rsplit("/", 1)[0]
+    with password_role(pg_server, "right-one") as role:
+        cases = {
+            "wrong password": pg_url.replace("postgres@", f"{role}:{secret}@"),
+            "no password": pg_url.replace("postgres@", f"{role}@"),
+            "no such role": pg_url.replace("postgres@", f"nobody_here:{secret}@"),
+            "no such database": f"{base}/no_such_db".replace("postgres@", f"postgres:{secret}@"),
+            "malformed": pg_url + "?sslmode=bogus",
+        }
+        for what, url in cases.items():
+            began = time.monotonic()
+            with pytest.raises(StoreError) as caught:
+                PgStore(SCHEMA, url)
+            message = str(caught.value)
+            assert time.monotonic() - began < 5
+            assert secret not in message
+            expected = {
+                "no password": "has none",
+                "malformed": "malformed",
+            }.get(what, what)
+            assert expected in message, (what, message)
+    assert count(pg_url, "SELECT COUNT(*) FROM pg_tables WHERE tablename = 'items'") == 0
+
+
+def test_a_newer_schema_found_after_a_start_without_the_database_is_never_written(
+    pg_server: Any, pg_url: str, stores: list[PgStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE sidecar_schema (name TEXT PRIMARY KEY, version BIGINT NOT NULL, "
+            "migrated_at DOUBLE PRECISION NOT NULL)"
+        )
+        conn.execute("INSERT INTO sidecar_schema VALUES ('t', 5, 0)")
+    pg_server.stop()
+    try:
+        store = PgStore(SCHEMA, pg_url, retry_seconds=0.1)
+        stores.append(store)
+    finally:
+        pg_server.start()
+    for _ in range(3):  # stays unavailable: not a down database that comes back
+        ok, why = store.available()
+        assert not ok and why is not None and "version 5" in why, why
+        with pytest.raises(StoreUnavailableError, match="version 5"):
+            store.write(insert("never"))
+        assert not store.leading()
+        time.sleep(0.15)
+    assert count(pg_url, "SELECT COUNT(*) FROM pg_tables WHERE tablename = 'items'") == 0
+    assert count(pg_url, "SELECT version FROM sidecar_schema") == 5
+    assert [r for r in caplog.records if r.getMessage() == "usage_store_unusable"]

@@ -179,13 +179,17 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
     {{- end }}
   ports:
     - {name: mp-probe, containerPort: {{ $v.config.probePort }}, protocol: TCP}
+  {{- /* saas: no entitlement to wait for, and the usage store is shared by every pod: a
+         database outage must not hold back the backend nor take every pod out of its Service.
+         The backend starts, gets 503 + Retry-After and retries; /readyz still says why. */}}
+  {{- $gate := ternary "/healthz" "/readyz" $saas }}
   {{- if $native }}
   startupProbe:
-    httpGet: {path: /readyz, port: mp-probe}
+    httpGet: {path: {{ $gate }}, port: mp-probe}
     {{- toYaml $v.startupProbe | nindent 4 }}
   {{- end }}
   readinessProbe:
-    httpGet: {path: /readyz, port: mp-probe}
+    httpGet: {path: {{ $gate }}, port: mp-probe}
     {{- toYaml $v.readinessProbe | nindent 4 }}
   livenessProbe:
     httpGet: {path: /healthz, port: mp-probe}

@@ -31,6 +31,7 @@ from sidecar.entitlement.state import Snapshot
 from sidecar.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.ops.metrics import Metrics
 from sidecar.server.probe import yield_to_probes
+from sidecar.usage.db import StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +351,11 @@ class Router:
         pipeline = self._saas or self._usage
         if pipeline is None:
             return _usage_needs_custom_mode()
-        return Reply(200, pipeline.report())
+        try:
+            return Reply(200, pipeline.report())
+        except StoreUnavailableError as exc:  # database down: an outage, not a dropped connection
+            doc = {"error": "store_unavailable", "message": str(exc), "retry_after": 5}
+            return _pipeline_reply(503, doc)
 
     def _resolve(self, body: bytes) -> Reply:
         if self._saas is None:

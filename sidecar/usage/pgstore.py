@@ -26,6 +26,20 @@ sidecar takes over: for a moment two sidecars may send. That is safe because a s
 sends requests that were stored before their first send, byte for byte, and AWS treats identical
 requests as idempotent ("can be retried with the same records or a subset"); nothing is re-built.
 
+A database that is DOWN when the sidecar starts (connection refused, timeout, DNS failure, the
+server starting up) is an outage like any other: the store opens disconnected, every call answers
+StoreUnavailableError with the reason, and the first connection that succeeds creates or migrates
+the schema (under the advisory lock, as at start) before anything else runs on it; a log line is
+written each way. What a retry cannot fix still stops the process before it binds (StoreError):
+a malformed URL, authentication refused (wrong or missing password, no such role or database,
+no pg_hba entry: the message says which) and a schema newer than this sidecar or one it cannot
+migrate. Found only later, after a start without the database, a schema like that leaves the store
+unavailable for good with the reason (in /readyz and an error log line): nothing is written to a
+database this sidecar does not understand. Authentication refused later is reported the same way
+but retried, as a password fixed on the server takes effect without a restart. libpq gives no
+SQLSTATE for a failed connect, so refusals are told apart by the server's (English) message; a
+server with other `lc_messages` is treated as down, i.e. retried and reported, never ignored.
+
 Down or restarting server: every call raises StoreUnavailableError within `connect_timeout`
 (3 s; at once when the port refuses), jobs already queued fail with it rather than wait, and for
 `RETRY_SECONDS` after a failed connect no new attempt is made (calls fail at once). The next call
@@ -45,6 +59,7 @@ import functools
 import hashlib
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -98,6 +113,33 @@ LEADER_OPTIONS = (
 # Store-internal advisory locks use the two-int4 key space, which never meets the bigint keys
 # `Db.lock` takes for the ledger.
 LOCK_CLASS = 0x51DECA5
+
+
+# What a connect failure says when retrying cannot help (see the module docstring).
+REFUSALS = (
+    (re.compile(r"password authentication failed for user \"[^\"]*\""), "wrong password"),
+    (re.compile(r"no password supplied"), "the server wants a password and the URL has none"),
+    (re.compile(r"role \"[^\"]*\" does not exist"), "no such role"),
+    (re.compile(r"database \"[^\"]*\" does not exist"), "no such database"),
+    (re.compile(r"no pg_hba\.conf entry"), "no pg_hba.conf entry allows this connection"),
+    (re.compile(r"authentication failed"), "authentication refused"),
+)
+MALFORMED = re.compile(r"invalid (?:URI|connection option|[\w ]*value|port number)|missing \"=\"")
+
+
+class RefusedError(StoreUnavailableError):
+    """The server (or libpq) refused the connection for a reason a retry cannot fix."""
+
+
+def refusal(message: str) -> str | None:
+    """Why a connect failure is final (a configuration to fix), or None for a database down."""
+    if MALFORMED.search(message):
+        return "the database URL is malformed"
+    for pattern, what in REFUSALS:
+        found = pattern.search(message)
+        if found:
+            return f"{what} ({found.group(0)})" if what != "authentication refused" else what
+    return None
 
 
 def _key(label: str) -> int:
@@ -237,7 +279,22 @@ class PgStore:
         self._down: str | None = None
         self._down_at = 0.0
         self._leader_key = 0
-        self._migrate()
+        # Set-up (schema created / migrated) done on some connection; until then every connect
+        # runs it first. `_fatal`: a schema found unusable after a start without the database.
+        self._ready = False
+        self._fatal: str | None = None
+        self._setup_lock = threading.Lock()
+        self._started = False
+        try:
+            self._setup()
+        except RefusedError as exc:
+            raise StoreError(str(exc)) from None
+        except StoreUnavailableError as exc:
+            log.warning(
+                "usage_store_starting_without_database",
+                extra={"detail": f"{exc}; answering 503 until it is reachable"},
+            )
+        self._started = True
         self._wconn: Conn | None = None
         self._rconn: Conn | None = None
         self._lconn: Conn | None = None
@@ -255,21 +312,50 @@ class PgStore:
         return scrub(" ".join(text.split()), self._secrets)
 
     def _connect(self, *, leader: bool = False) -> Conn:
+        """A new autocommit connection on a set-up database, or StoreUnavailableError."""
+        if not self._ready:
+            self._setup()
+        return self._open(leader=leader)
+
+    def _setup(self) -> None:
+        """Create or migrate the schema once, on the first connection that succeeds."""
+        with self._setup_lock:
+            if self._fatal is not None:
+                raise StoreUnavailableError(self._fatal)
+            if self._ready:
+                return
+            try:
+                self._migrate()
+            except StoreError as exc:
+                if not self._started:
+                    raise  # at start: the process stops before binding
+                self._fatal = f"usage store unusable: {exc}"
+                log.error("usage_store_unusable", extra={"detail": self._fatal})
+                raise StoreUnavailableError(self._fatal) from None
+            self._ready = True
+
+    def _open(self, *, leader: bool = False) -> Conn:
         """A new autocommit connection, or StoreUnavailableError (at once while down)."""
-        with self._state_lock:
-            if self._down is not None and time.monotonic() - self._down_at < self._retry:
-                raise StoreUnavailableError(f"database unreachable: {self._down}")
+        self._gate()
         extra: dict[str, Any] = dict(self._client)
         if leader:
             extra["options"] = self._leader_options
         try:
             conn: Conn = psycopg.connect(self._url, autocommit=True, **extra)
         except psycopg.Error as exc:
-            reason = f"{self.where}: {self._scrub(exc)}"
+            text = self._scrub(exc)
+            final = refusal(text)
+            reason = f"{self.where}: {text}"
             with self._state_lock:
-                if self._down is None:
+                if final is not None:
+                    log.error("usage_store_refused", extra={"detail": f"{final}: {reason}"})
+                elif self._down is None:
                     log.warning("usage_store_unreachable", extra={"detail": reason})
                 self._down, self._down_at = reason, time.monotonic()
+            if final is not None:
+                raise RefusedError(
+                    f"database {self.where} refused the connection: {final}: {text}"
+                ) from None
             raise StoreUnavailableError(f"database unreachable: {reason}") from None
         with self._state_lock:
             if self._down is not None:
@@ -288,6 +374,8 @@ class PgStore:
 
     def _gate(self) -> None:
         """While a connect failed less than `retry` seconds ago, fail at once."""
+        if self._fatal is not None:
+            raise StoreUnavailableError(self._fatal)
         with self._state_lock:
             if self._down is not None and time.monotonic() - self._down_at < self._retry:
                 raise StoreUnavailableError(f"database unreachable: {self._down}")
@@ -297,10 +385,7 @@ class PgStore:
     def _migrate(self) -> None:
         """Create or migrate the schema under a session advisory lock, so sidecars starting
         together take turns; a database newer than this sidecar is refused, untouched."""
-        try:
-            conn = self._connect()
-        except StoreUnavailableError as exc:
-            raise StoreError(str(exc)) from None
+        conn = self._open()  # StoreUnavailableError (down) or RefusedError propagate
         name, target = self.schema.name, self.schema.version
         try:
             conn.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, _key("schema")))
@@ -345,6 +430,9 @@ class PgStore:
                 extra={"detail": f"{self.where}: schema {name} {found} -> {target}"},
             )
         except psycopg.Error as exc:
+            if _connection_lost(conn, exc):
+                # Cut off mid-way (the transaction rolled back): retried on the next connect.
+                raise self._lost(exc) from None
             raise StoreError(
                 f"database {self.where}: schema {name} cannot be created or migrated to version "
                 f"{target} ({self._scrub(exc)}); nothing was changed"
