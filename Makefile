@@ -52,8 +52,14 @@ image-test: image
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/pytest -q image_tests
 
+# Every seller/maintainer benchmark in a quick mode, one after the other, loopback only:
+# start-up and idle RSS (startup.py), the readiness gate (gate.py), API req/s and probe p99
+# under load (throughput.py), the SIGTERM window (signal_window.py), fleet cold start
+# (fleet.py), durable ingest (ingest.py), hourly MeterUsage of a fleet (metering_fleet.py), the
+# kill -9 audit (crash_usage.py). Each prints ratios to a floor measured in the same run; see
+# benchmarks/run_all.py. Not part of `make test`.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/startup.py
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import guard, guard_report  # noqa: E402
 from sidecar.emulator.service import Emulator, EmulatorServer  # noqa: E402
 from tests.test_crash_usage import check, run_rounds  # noqa: E402
 
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
+    guard()
     server = EmulatorServer(Emulator(seed=args.seed)).start()
     started = time.monotonic()
     book, report = run_rounds(
@@ -47,6 +49,7 @@ def main() -> None:
     print(f"hours expired / conflict  {states['expired']} / {states['conflict']}")
     print(f"ledger == acknowledged    yes ({time.monotonic() - started:.0f} s)")
     server.shutdown()
+    guard_report()
 
 
 if __name__ == "__main__":

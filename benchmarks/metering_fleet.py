@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import random
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import guard, guard_report, stand_in_env  # noqa: E402
 from sidecar.aws.metering import MeteringGateway  # noqa: E402
 from sidecar.emulator.service import Emulator, EmulatorConfig, EmulatorServer  # noqa: E402
 from sidecar.usage.hours import HOUR, HourPolicy  # noqa: E402
@@ -95,11 +97,13 @@ def main() -> None:
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     logging.disable(logging.CRITICAL)
+    guard()
 
     emulator = Emulator(
         EmulatorConfig(meter_throttle_rps=args.rps, meter_throttle_burst=args.burst)
     )
     server = EmulatorServer(emulator).start()
+    os.environ.update(stand_in_env(server.url))
     clock = OffsetClock()
     emulator.meter_clock = clock.time
     dims = tuple(f"dim{i}" for i in range(args.dims))
@@ -176,6 +180,7 @@ def main() -> None:
     print(f"{'DuplicateRequestException':40} {duplicates:9d} {'0':>9}")
     busiest = max(per_second.values()) if per_second else 0
     print(f"{'busiest second, accepted calls':40} {busiest:9d} {'<= quota+burst':>9}")
+    guard_report()
 
 
 if __name__ == "__main__":

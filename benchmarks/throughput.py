@@ -11,8 +11,13 @@ measured in the same run on the same machine. Loopback only (the embedded emulat
 
 Load generator: wrk when it is on PATH (the output says so), else a Python generator of two
 processes, which shares the cores with the servers and understates the bare server.
+Every process gets the benchmarks' stand-in environment and the loopback guard.
 Usage: python benchmarks/throughput.py [--rounds 8] [--seconds 5] [--probe-rounds 4]
-                                      [--baseline-root OTHER_CHECKOUT]
+                                      [--baseline-root OTHER_CHECKOUT] [--quick] [--probe-only]
+                                      [--switch-interval SECONDS]
+  --quick: 3 rounds of 2 s, 2 probe rounds of 4 s (what `make bench` runs).
+  --switch-interval: start the sidecar AND the bare floor with sys.setswitchinterval(SECONDS)
+    (an experiment: how long a thread waiting for the GIL waits while others are busy).
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import argparse
 import http.client
 import json
 import multiprocessing as mp
-import os
 import re
 import shutil
 import socket
@@ -36,12 +40,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import guard, guard_report, stand_in_env  # noqa: E402
 from sidecar.emulator.service import Emulator, EmulatorServer  # noqa: E402
+from tests import loopback_guard  # noqa: E402
 
 CONNECTIONS = 16
 
 BARE = """
-import sys
+import os, socket, sys, threading
+if float(sys.argv[4]):
+    sys.setswitchinterval(float(sys.argv[4]))
+VARIANT = sys.argv[5]
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 BODY = b"x" * int(sys.argv[2])
@@ -60,13 +69,31 @@ class Bare(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(BODY)
 
-import threading
+class Niced(Bare):
+    def setup(self):
+        # Linux: a thread is a task; lowering its own priority needs no privilege.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        super().setup()
 
 # A second listener in the same process: the floor for a probe port beside a flooded API.
-probe = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[3])), Bare)
-probe.daemon_threads = True
-threading.Thread(target=probe.serve_forever, daemon=True).start()
-server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Bare)
+if "raw" in VARIANT:
+    # One thread, blocking accept, one recv, a precomputed answer: no parsing, no thread per probe.
+    ANSWER = (b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: 15\\r\\n"
+              b"Connection: close\\r\\n\\r\\n" + b'{"status":"ok"}')
+    listener = socket.create_server(("127.0.0.1", int(sys.argv[3])))
+
+    def answer():
+        while True:
+            conn, _ = listener.accept()
+            conn.recv(4096)
+            conn.sendall(ANSWER)
+            conn.close()
+    threading.Thread(target=answer, daemon=True).start()
+else:
+    probe = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[3])), Bare)
+    probe.daemon_threads = True
+    threading.Thread(target=probe.serve_forever, daemon=True).start()
+server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Niced if "nice" in VARIANT else Bare)
 server.daemon_threads = True
 server.serve_forever()
 """
@@ -78,19 +105,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def loopback_env(**extra: str) -> dict[str, str]:
-    """Every subprocess gets this: nothing in it can lead off the machine."""
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": "/dev/null",
-        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-    }
-    env.update(extra)
-    return env
+# `python -m sidecar run`, optionally with another GIL switch interval (an experiment).
+SIDECAR = """
+import sys
+if float(sys.argv[1]):
+    sys.setswitchinterval(float(sys.argv[1]))
+if sys.argv[2] == "nice":
+    # Experiment: the API listener's connection threads call yield_to_probes() (what
+    # sidecar/server/api.py would do for its "api" listener), the probe listener's do not.
+    from sidecar.server import api
+    from sidecar.server.probe import yield_to_probes
+    serve = api.LocalServer._serve
+    def niced(self, *args):
+        if self.name == "api":
+            yield_to_probes()
+        serve(self, *args)
+    api.LocalServer._serve = niced
+sys.argv = ["marketplace-sidecar", "run"]
+from sidecar.cli import main
+raise SystemExit(main())
+"""
 
 
 def fetch(port: int, path: str, timeout: float = 1.0) -> tuple[int, bytes]:
@@ -199,17 +233,19 @@ def p99(samples: list[float]) -> float:
     return statistics.quantiles(samples, n=100)[98]
 
 
-def start_sidecar(root: Path, emulator: EmulatorServer) -> tuple[subprocess.Popen[bytes], int, int]:
+def start_sidecar(
+    root: Path, emulator: EmulatorServer, switch: float, variant: str = "plain"
+) -> tuple[subprocess.Popen[bytes], int, int]:
     api, probe = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run"],
-        env=loopback_env(
-            AWS_ENDPOINT_URL_MARKETPLACE_METERING=emulator.url,
+        [sys.executable, "-c", SIDECAR, str(switch), variant],
+        env=stand_in_env(
+            emulator.url,
             MARKETPLACE_PRODUCT_CODE="bench-product",
             MARKETPLACE_PUBLIC_KEY=emulator.emulator.public_pem(),
             MARKETPLACE_LISTEN=f"127.0.0.1:{api}",
             MARKETPLACE_PROBE_LISTEN=f"127.0.0.1:{probe}",
-            PYTHONPATH=str(root),
+            PYTHONPATH=loopback_guard.child_env(guard(), str(root))["PYTHONPATH"],
         ),
         cwd=root,
         stderr=subprocess.DEVNULL,
@@ -229,7 +265,30 @@ def main() -> None:
         type=Path,
         help="also measure the sidecar of this other checkout, interleaved (before/after)",
     )
+    ap.add_argument("--quick", action="store_true", help="3x2 s rounds, 2x4 s probe rounds")
+    ap.add_argument("--probe-only", action="store_true", help="skip the req/s rounds")
+    ap.add_argument("--switch-interval", type=float, default=0.0, help="see the docstring")
+    ap.add_argument(
+        "--sidecar-variants",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=[],
+        help="experiments on the sidecar itself: nice (its API threads at nice +10)",
+    )
+    ap.add_argument(
+        "--variants",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=[],
+        help="more floors: raw (one accept thread answering precomputed bytes), "
+        "nice (the flooded listener's threads at nice +10), raw+nice",
+    )
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.seconds, args.probe_rounds, args.probe_seconds = 3, 2.0, 2, 4.0
+    if args.probe_only:
+        args.rounds = 0
+    guard()
+    if args.switch_interval:
+        print(f"experiment: sys.setswitchinterval({args.switch_interval}) in sidecar and floor")
 
     wrk = shutil.which("wrk")
     if wrk:
@@ -253,23 +312,41 @@ def main() -> None:
     targets: dict[str, tuple[int, int, str]] = {}
     try:
         roots = [("sidecar", ROOT)]
+        for variant in args.sidecar_variants:
+            proc, api, probe = start_sidecar(ROOT, emulator, args.switch_interval, variant)
+            procs.append(proc)
+            targets[f"sidecar-{variant}"] = (api, probe, "/v1/entitlement")
         if args.baseline_root:
             roots.append(("baseline", args.baseline_root.resolve()))
         for name, root in roots:
-            proc, api, probe = start_sidecar(root, emulator)
+            proc, api, probe = start_sidecar(root, emulator, args.switch_interval)
             procs.append(proc)
             targets[name] = (api, probe, "/v1/entitlement")
         status, body = fetch(targets["sidecar"][0], "/v1/entitlement")
         assert status == 200 and json.loads(body)["state"] == "entitled"
-        bare_port, bare_probe = free_port(), free_port()
-        bare = subprocess.Popen(
-            [sys.executable, "-c", BARE, str(bare_port), str(len(body)), str(bare_probe)],
-            env=loopback_env(),
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(bare)
-        wait_for(bare_port, "/", bare)
-        targets["bare"] = (bare_port, bare_probe, "/")
+        for variant in ["plain", *args.variants]:
+            bare_port, bare_probe = free_port(), free_port()
+            bare = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    BARE,
+                    str(bare_port),
+                    str(len(body)),
+                    str(bare_probe),
+                    str(args.switch_interval),
+                    variant,
+                ],
+                env=stand_in_env(emulator.url),
+                stderr=subprocess.DEVNULL,
+            )
+            procs.append(bare)
+            wait_for(bare_port, "/", bare)
+            targets["bare" if variant == "plain" else f"bare-{variant}"] = (
+                bare_port,
+                bare_probe,
+                "/",
+            )
         print(f"body: {len(body)} bytes from every server")
 
         names = list(targets)
@@ -294,14 +371,15 @@ def main() -> None:
 
     print()
     print(f"{'measure':44} {'value':>9} {'floor':>9} {'ratio':>6}  goal")
-    for name in names[:-1]:
+    others = [n for n in names if n != "bare"]
+    for name in others if args.rounds else []:
         ratios = [c / b for c, b in zip(got[name], got["bare"], strict=True)]
         print(
             f"{name + ' /v1/entitlement req/s, 16 conns':44} {statistics.median(got[name]):9.0f} "
             f"{statistics.median(got['bare']):9.0f} {statistics.median(ratios):6.2f}  >= 0.8 "
             f"(median of rounds {min(ratios):.2f}-{max(ratios):.2f})"
         )
-    for name in names[:-1]:
+    for name in others:
         ours, floor = p99(flooded[name]), p99(flooded["bare"])
         print(
             f"{name + ' probe /healthz p99 ms, API flooded':44} {ours * 1e3:9.2f} "
@@ -312,6 +390,7 @@ def main() -> None:
         + ", ".join(f"{n} {statistics.median(flooded[n]) * 1e3:.2f}" for n in names)
         + f"; sidecar idle p50 {statistics.median(idle) * 1e3:.2f}, p99 {p99(idle) * 1e3:.2f}"
     )
+    guard_report()
 
 
 def _flooded_probes(

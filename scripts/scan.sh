@@ -22,10 +22,12 @@ render native
 render gate-events --set readinessGate.enabled=true --set events.enabled=true \
   --set metrics.podMonitor.enabled=true
 render classic --set mode=classic --set readinessGate.enabled=true
+render saas --set metering.mode=saas --set 'metering.dimensions={users}' \
+  --set metering.saas.database.existingSecret=metering-db
 # One run (checkov's start-up is most of its time); --skip-download: no network, no platform.
 "$BIN/checkov" --quiet --compact --skip-download \
   --framework kubernetes dockerfile cloudformation \
-  -f "$OUT/native.yaml" -f "$OUT/gate-events.yaml" -f "$OUT/classic.yaml" \
+  -f "$OUT/native.yaml" -f "$OUT/gate-events.yaml" -f "$OUT/classic.yaml" -f "$OUT/saas.yaml" \
   -f manifests/kubernetes/marketplace-sidecar.yaml \
   -f Dockerfile -f manifests/ecs/cloudformation.json
 "$BIN/bandit" --quiet --recursive sidecar/

@@ -203,3 +203,90 @@ def test_the_template_takes_the_sidecar_image_by_digest_only() -> None:
     assert not pattern.match(f"{repo}:0.1.0")
     assert not pattern.match(f"{repo}@sha256:" + "c" * 63)
     assert TASK["containerDefinitions"][0]["image"].startswith(f"{repo}@sha256:")
+
+
+# -- SaaS products: the seller's backend with its sidecar, the store in PostgreSQL ---------------
+
+SAAS_TASK: dict[str, Any] = json.loads((ECS / "task-definition-saas.json").read_text())
+SAAS_ENV = {
+    "MARKETPLACE_MODE": "saas",
+    "MARKETPLACE_DIMENSIONS": "REPLACE_WITH_DIMENSION_A,REPLACE_WITH_DIMENSION_B",
+    "MARKETPLACE_SAAS_IDENTITY": "license",
+    "MARKETPLACE_ACCEPT_UNRESOLVED_CUSTOMERS": "false",
+    "MARKETPLACE_ZERO_USAGE_RECORDS": "true",
+    "MARKETPLACE_DRAIN_SECONDS": "20",
+    "MARKETPLACE_LISTEN": "127.0.0.1:8787",
+    "MARKETPLACE_PROBE_LISTEN": "127.0.0.1:8788",
+}
+
+
+def test_saas_task_definition_is_valid_register_task_definition_input() -> None:
+    assert problems(SAAS_TASK) == []
+
+
+def test_saas_task_definition_checker_catches_a_secret_in_the_wrong_shape() -> None:
+    task = json.loads(json.dumps(SAAS_TASK))
+    task["containerDefinitions"][0]["secrets"][0]["valueFrom"] = 42
+    assert any("Invalid type" in p for p in problems(task)), problems(task)
+    task = json.loads(json.dumps(SAAS_TASK))
+    task["containerDefinitions"][0]["secrets"][0].pop("valueFrom")
+    assert any("valueFrom" in p for p in problems(task)), problems(task)
+
+
+def test_saas_sidecar_wiring_keeps_the_database_url_in_secrets_manager() -> None:
+    sidecar, backend = SAAS_TASK["containerDefinitions"]
+    assert sidecar["name"] == SIDECAR and sidecar["essential"] is True
+    env = {e["name"]: e["value"] for e in sidecar["environment"]}
+    assert env == SAAS_ENV  # exactly: no key, no product code (license identity), no URL
+    (secret,) = sidecar["secrets"]
+    assert secret["name"] == "MARKETPLACE_USAGE_DATABASE_URL"
+    assert secret["valueFrom"].startswith("arn:aws:secretsmanager:")
+    assert "postgres" not in json.dumps(SAAS_TASK)  # no URL anywhere in the file
+    # The backend reaches the sidecar on loopback and never gets the database URL.
+    assert backend["dependsOn"] == [{"containerName": SIDECAR, "condition": "HEALTHY"}]
+    assert "secrets" not in backend
+    backend_env = {e["name"]: e["value"] for e in backend["environment"]}
+    assert backend_env["MARKETPLACE_SIDECAR_URL"] == "http://127.0.0.1:8787"
+    # ECS sends SIGKILL after stopTimeout: it must cover the drain budget.
+    assert sidecar["stopTimeout"] > float(env["MARKETPLACE_DRAIN_SECONDS"])
+    assert sidecar["readonlyRootFilesystem"] is True and sidecar["user"].startswith("10001")
+    assert sidecar["healthCheck"]["command"] == ["CMD", "marketplace-sidecar", "probe"]
+    for c in (sidecar, backend):
+        assert "awslogs-create-group" not in c["logConfiguration"]["options"]
+    # The execution role (not the task role) reads the secret: exactly that secret.
+    iam = ROOT / "manifests" / "iam"
+    read = json.loads((iam / "policy-saas-execution-secret.json").read_text())
+    assert read["Statement"] == [
+        {
+            "Sid": "ReadTheMeteringDatabaseUrl",
+            "Effect": "Allow",
+            "Action": ["secretsmanager:GetSecretValue"],
+            "Resource": secret["valueFrom"],
+        }
+    ]
+    assert SAAS_TASK["executionRoleArn"] != SAAS_TASK["taskRoleArn"]
+
+
+def test_saas_iam_policy_grants_resolve_customer_and_batch_meter_usage_only() -> None:
+    iam = ROOT / "manifests" / "iam"
+    policy = json.loads((iam / "policy-saas.json").read_text())
+    assert policy["Version"] == "2012-10-17"
+    assert policy["Statement"] == [
+        {
+            "Sid": "SaasMetering",
+            "Effect": "Allow",
+            "Action": ["aws-marketplace:ResolveCustomer", "aws-marketplace:BatchMeterUsage"],
+            "Resource": "*",
+        }
+    ]
+    # Both actions exist in the Metering Service's model (a typo would grant nothing).
+    client = boto3.client(
+        "meteringmarketplace",
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+    )
+    operations = set(client.meta.service_model.operation_names)
+    actions = {a.split(":", 1)[1] for a in policy["Statement"][0]["Action"]}
+    assert actions <= operations
+    assert client.meta.service_model.signing_name == "aws-marketplace"

@@ -91,3 +91,54 @@ def test_the_default_skew_allowance_is_awss_documented_sigv4_tolerance() -> None
 
     allowance = Settings.model_fields["clock_skew_seconds"].default
     assert allowance == SKEW_FAIL_SECONDS == SIGV4_SKEW_SECONDS == 300.0
+
+
+@pytest.mark.parametrize(
+    ("code", "operation", "kind", "hint_part"),
+    [
+        ("InvalidTokenException", "ResolveCustomer", "token", "x-amzn-marketplace-token"),
+        ("ExpiredTokenException", "ResolveCustomer", "token", "redeem the token as soon as"),
+        ("InvalidCustomerIdentifierException", "BatchMeterUsage", "usage", "ResolveCustomer"),
+        ("InvalidLicenseException", "BatchMeterUsage", "usage", "LicenseArn"),
+        ("TimestampOutOfBoundsException", "BatchMeterUsage", "usage", "whole call"),
+        ("InvalidUsageDimensionException", "BatchMeterUsage", "configuration", "DIMENSIONS"),
+        ("InvalidProductCodeException", "BatchMeterUsage", "configuration", "customer_identifier"),
+        ("DisabledApiException", "BatchMeterUsage", "aws", "region"),
+        ("DisabledApiException", "ResolveCustomer", "aws", "region"),
+        ("AccessDeniedException", "ResolveCustomer", "configuration", "ResolveCustomer"),
+        ("AccessDeniedException", "BatchMeterUsage", "configuration", "BatchMeterUsage"),
+        ("ParamValidationError", "ResolveCustomer", "configuration", "names the field"),
+    ],
+)
+def test_saas_codes_are_terminal_with_a_hint_for_the_seller(
+    code: str, operation: str, kind: str, hint_part: str
+) -> None:
+    info = classify(code, "msg", http_status=400, operation=operation)
+    assert (info.kind, info.retryable) == (kind, False)
+    assert hint_part in info.hint
+    assert "RegisterUsage" not in info.hint  # never a container product's advice
+
+
+@pytest.mark.parametrize("operation", ["ResolveCustomer", "BatchMeterUsage"])
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [("ThrottlingException", 400), ("InternalServiceErrorException", 500), ("Weird", 503)],
+)
+def test_saas_throttling_and_5xx_are_retryable(operation: str, code: str, status: int) -> None:
+    info = classify(code, "x", http_status=status, operation=operation)
+    assert (info.kind, info.retryable) == ("transient", True)
+
+
+def test_expired_aws_credentials_are_not_an_expired_registration_token() -> None:
+    """STS and AWS reuse ExpiredTokenException for the request's own credentials."""
+    sts = "The security token included in the request is expired"
+    for operation in (None, "RegisterUsage", "BatchMeterUsage", "ResolveCustomer"):
+        info = classify("ExpiredTokenException", sts, operation=operation)
+        assert (info.kind, info.hint) == ("configuration", "the AWS credentials have expired")
+    # outside ResolveCustomer there is no registration token to expire
+    assert classify("ExpiredTokenException", "expired", operation="MeterUsage").kind == (
+        "configuration"
+    )
+    assert classify("ExpiredTokenException", "expired", operation="ResolveCustomer").kind == (
+        "token"
+    )

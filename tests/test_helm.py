@@ -257,7 +257,7 @@ def token_holders(docs: list[dict[str, Any]]) -> dict[str, list[str]]:
     sa = next(d for d in docs if d["kind"] == "ServiceAccount")
     token_volumes = {
         v["name"]
-        for v in spec["volumes"]
+        for v in spec.get("volumes", [])
         if any("serviceAccountToken" in src for src in v.get("projected", {}).get("sources", []))
     }
     holders: dict[str, list[str]] = {}
@@ -623,7 +623,7 @@ def test_custom_mode_env_passes_the_sidecars_own_validation(tmp_path: Path) -> N
     ("sets", "message"),
     [
         (["metering.mode=custom"], "/metering/dimensions"),
-        (["metering.mode=saas"], "value must be one of 'hourly', 'custom'"),
+        (["metering.mode=metered"], "value must be one of 'hourly', 'custom', 'saas'"),
         (["metering.mode=custom", "metering.dimensions={a,b,a}"], "/metering/dimensions"),
         (["metering.mode=custom", "metering.dimensions={a\\,b}"], "/metering/dimensions/0"),
         (
@@ -665,3 +665,268 @@ def test_plain_manifests_pull_the_sidecar_from_a_marketplace_registry_and_match_
     (condition,) = trust["Statement"]
     subs = [v for k, v in condition["Condition"]["StringEquals"].items() if k.endswith(":sub")]
     assert subs == [subject]
+
+
+# -- SaaS products (metering.mode=saas) ---------------------------------------------------------
+
+SAAS = ["metering.mode=saas", "metering.dimensions={api_calls,storage_gb}"]
+DB_SECRET = "metering.saas.database.existingSecret=app-metering-db"
+SAAS_EXACT_ENV: list[dict[str, Any]] = [
+    {"name": "MARKETPLACE_MODE", "value": "saas"},
+    {"name": "MARKETPLACE_DIMENSIONS", "value": "api_calls,storage_gb"},
+    {"name": "MARKETPLACE_SAAS_IDENTITY", "value": "license"},
+    {"name": "MARKETPLACE_ACCEPT_UNRESOLVED_CUSTOMERS", "value": "false"},
+    {"name": "MARKETPLACE_ZERO_USAGE_RECORDS", "value": "true"},
+    {"name": "MARKETPLACE_DRAIN_SECONDS", "value": "20"},
+    {
+        "name": "MARKETPLACE_USAGE_DATABASE_URL",
+        "valueFrom": {"secretKeyRef": {"name": "app-metering-db", "key": "url"}},
+    },
+    {"name": "MARKETPLACE_LISTEN", "value": "127.0.0.1:8787"},
+    {"name": "MARKETPLACE_PROBE_LISTEN", "value": "0.0.0.0:8788"},
+    {"name": "MARKETPLACE_LOG_FORMAT", "value": "json"},
+    {"name": "MARKETPLACE_LOG_LEVEL", "value": "INFO"},
+]
+
+
+def render_saas(*sets: str, kube: str = "1.33.0", check: bool = True) -> list[dict[str, Any]]:
+    """SaaS mode: no public key and (license identity) no product code either."""
+    args = ["template", "shop", str(CHART), "--namespace", "shop", "--kube-version", kube]
+    for s in (*SAAS, *sets):
+        args += ["--set", s]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+@pytest.mark.parametrize("kube", ["1.28.0", *KUBE_VERSIONS])
+def test_saas_mode_on_postgresql_renders_exact_env_and_no_key_or_product_code(kube: str) -> None:
+    docs = render_saas(DB_SECRET, kube=kube)
+    validate(docs, kube)
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "ServiceAccount"]  # no ConfigMap
+    spec = pod_spec(docs)
+    c = sidecar(spec)
+    assert c["env"] == SAAS_EXACT_ENV  # nothing hourly-only (key, RegisterUsage period) leaks in
+    # The store is the database: no local state, no key, so no volume at all.
+    assert "volumeMounts" not in c and "volumes" not in spec
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "mp-probe"}
+    assert token_holders(docs) == {}
+    # The database URL never appears in the rendered objects, only the Secret's name.
+    assert "postgresql://" not in json.dumps(docs)
+
+
+def test_saas_mode_on_sqlite_keeps_the_state_volume_and_one_replica() -> None:
+    docs = render_saas()
+    validate(docs, "1.33.0")
+    spec = pod_spec(docs)
+    env = env_of(sidecar(spec))
+    assert env["MARKETPLACE_STATE_DIR"] == "/var/lib/marketplace-sidecar"
+    assert "MARKETPLACE_USAGE_DATABASE_URL" not in env
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes == {
+        "marketplace-sidecar-state": {
+            "name": "marketplace-sidecar-state",
+            "emptyDir": {"sizeLimit": "64Mi"},
+        }
+    }
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and "strategy" not in deployment["spec"]
+    # Two replicas on SQLite would each send their own count: AWS bills the first one only.
+    args = ["template", "shop", str(CHART), "--set", "sample.replicas=2"]
+    for s in SAAS:
+        args += ["--set", s]
+    out = helm(*args, check=False)
+    assert out.returncode != 0
+    assert "metering.saas.database.existingSecret" in out.stderr and "ONE replica" in out.stderr
+    assert len(render_saas(DB_SECRET, "sample.replicas=3")) == 2  # fine on PostgreSQL
+
+
+def test_saas_sqlite_on_a_persistent_claim_recreates_instead_of_rolling() -> None:
+    docs = render_saas("metering.saas.state.existingClaim=metering-state")
+    validate(docs, "1.33.0")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # one RWO claim, one writer
+    (volume,) = deployment["spec"]["template"]["spec"]["volumes"]
+    assert volume == {
+        "name": "marketplace-sidecar-state",
+        "persistentVolumeClaim": {"claimName": "metering-state"},
+    }
+    # With a database the claim is not used: the store is PostgreSQL.
+    on_db = pod_spec(render_saas(DB_SECRET, "metering.saas.state.existingClaim=metering-state"))
+    assert "volumes" not in on_db
+
+
+def test_saas_knobs_reach_the_env() -> None:
+    docs = render_saas(
+        DB_SECRET,
+        "metering.saas.database.key=DATABASE_URL",
+        "metering.saas.identity=customer_identifier",
+        "metering.saas.acceptUnresolvedCustomers=true",
+        "metering.saas.zeroUsageRecords=false",
+        "metering.drainSeconds=25",
+        "product.code=prod-abc",
+    )
+    validate(docs, "1.33.0")
+    env = env_of(sidecar(pod_spec(docs)))
+    assert env["MARKETPLACE_SAAS_IDENTITY"] == "customer_identifier"
+    assert env["MARKETPLACE_ACCEPT_UNRESOLVED_CUSTOMERS"] == "true"
+    assert env["MARKETPLACE_ZERO_USAGE_RECORDS"] == "false"
+    assert env["MARKETPLACE_DRAIN_SECONDS"] == "25"
+    assert env["MARKETPLACE_USAGE_DATABASE_URL"] == {
+        "secretKeyRef": {"name": "app-metering-db", "key": "DATABASE_URL"}
+    }
+    # customer_identifier records go with the product code in the request.
+    assert env["MARKETPLACE_PRODUCT_CODE"] == {
+        "configMapKeyRef": {"name": "shop-marketplace-sidecar", "key": "productCode"}
+    }
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert cm["data"] == {"productCode": "prod-abc"}  # and no public key
+
+
+def test_saas_customer_identifier_without_a_product_code_says_what_to_set() -> None:
+    args = ["template", "x", str(CHART), "--set", "metering.saas.identity=customer_identifier"]
+    for s in SAAS:
+        args += ["--set", s]
+    out = helm(*args, check=False)
+    assert out.returncode != 0 and "product.code is required" in out.stderr, out.stderr
+    secret = render_saas(
+        "metering.saas.identity=customer_identifier", "product.existingSecret=product-secret"
+    )
+    assert env_of(sidecar(pod_spec(secret)))["MARKETPLACE_PRODUCT_CODE"] == {
+        "secretKeyRef": {"name": "product-secret", "key": "productCode"}
+    }
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["metering.mode=saas"], "/metering/dimensions"),
+        ([*SAAS, "metering.saas.identity=both"], "/metering/saas/identity"),
+        # The URL holds a password: there is no plain-value field to put it in.
+        (
+            [*SAAS, "metering.saas.database.url=postgresql://u:pw@db/m"],
+            "additional properties 'url' not allowed",
+        ),
+        ([*SAAS, "metering.saas.databaseUrl=postgresql://u:pw@db/m"], "databaseUrl"),
+        ([*SAAS, "metering.saas.database.existingSecret=Bad_Name"], "existingSecret"),
+        ([*SAAS, "metering.saas.database.key=a/b"], "/metering/saas/database/key"),
+        ([*SAAS, "metering.saas.acceptUnresolvedCustomers=maybe"], "acceptUnresolvedCustomers"),
+        ([*SAAS, "metering.saas.zeroUsageRecords=1"], "zeroUsageRecords"),
+        ([*SAAS, "metering.saas.state.existingClaim=/data"], "existingClaim"),
+    ],
+)
+def test_saas_schema_rejects_bad_values_naming_the_field(sets: list[str], message: str) -> None:
+    args = ["template", "x", str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    out = helm(*args, check=False)
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
+def test_every_saas_knob_is_documented_in_values_and_the_schema() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["metering"]["saas"]
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    saas = schema["properties"]["metering"]["properties"]["saas"]["properties"]
+
+    def leaves(d: dict[str, Any], prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for k, v in d.items():
+            out |= leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+        return out
+
+    def schema_leaves(d: dict[str, Any], prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for k, v in d.items():
+            nested = v.get("properties")
+            out |= schema_leaves(nested, f"{prefix}{k}.") if nested else {prefix + k}
+        return out
+
+    assert leaves(values) == schema_leaves(saas)
+    text = (CHART / "values.yaml").read_text()
+    block = text[text.index("  saas:\n") :]
+    for leaf in leaves(values):
+        name = leaf.rsplit(".", 1)[-1]
+        line = next(i for i, x in enumerate(block.splitlines()) if x.strip().startswith(name + ":"))
+        assert block.splitlines()[line - 1].strip().startswith("#"), f"{leaf} has no comment"
+
+
+def test_saas_notes_name_the_store_and_warn_about_an_emptydir(tmp_path: Path) -> None:
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    text = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "_notes.tpl").write_text(
+        '{{- define "notes-under-test" -}}\n' + text + "{{- end -}}\n"
+    )
+    (chart / "templates" / "notes-rendered.yaml").write_text(
+        'notes: {{ include "notes-under-test" . | toJson }}\n'
+    )
+
+    def notes(*sets: str) -> str:
+        args = ["template", "shop", str(chart), "--show-only", "templates/notes-rendered.yaml"]
+        for s in (*SAAS, *sets):
+            args += ["--set", s]
+        return str(yaml.safe_load(helm(*args).stdout)["notes"])
+
+    sqlite = notes()
+    assert "ONE replica" in sqlite and "emptyDir" in sqlite and "/v1/customers/resolve" in sqlite
+    assert "when entitled" not in sqlite  # nothing about RegisterUsage entitlement
+    claim = notes("metering.saas.state.existingClaim=st")
+    assert "ONE replica" in claim and "emptyDir" not in claim
+    pg = notes(DB_SECRET)
+    assert "PostgreSQL, URL from Secret app-metering-db (key url)" in pg and "emptyDir" not in pg
+
+
+def saas_parent_chart(tmp_path: Path) -> Path:
+    chart = tmp_path / "example-saas"
+    shutil.copytree(ROOT / "tests" / "charts" / "example-saas", chart)
+    meta = chart / "Chart.yaml"
+    meta.write_text(meta.read_text().replace("file://../../../helm", f"file://{CHART}"))
+    helm("dependency", "build", str(chart))
+    return chart
+
+
+@pytest.mark.parametrize(("kube", "native"), [("1.28.0", False), ("1.30.0", True)])
+def test_example_saas_backend_chart(tmp_path: Path, kube: str, native: bool) -> None:
+    """A seller's SaaS backend: three replicas, each with its sidecar, one PostgreSQL store
+    whose URL comes from the seller's Secret, and the registration endpoint routed to it."""
+    chart = saas_parent_chart(tmp_path)
+    docs = render_parent(chart, kube=kube)
+    validate(docs, kube)
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "Ingress", "Service", "ServiceAccount"]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    spec = pod_spec(docs)
+    assert ("initContainers" in spec) is native
+    c = sidecar(spec)
+    assert c["image"] == f"marketplace-sidecar:{__version__}"  # not the backend's appVersion
+    assert c["env"] == [
+        {**e, "value": "api_calls,storage_gb"}
+        if e["name"] == "MARKETPLACE_DIMENSIONS"
+        else {
+            **e,
+            "valueFrom": {"secretKeyRef": {"name": "example-saas-metering-db", "key": "url"}},
+        }
+        if e["name"] == "MARKETPLACE_USAGE_DATABASE_URL"
+        else e
+        for e in SAAS_EXACT_ENV
+    ]
+    backend = next(x for x in spec["containers"] if x["name"] == "backend")
+    assert env_of(backend)["MARKETPLACE_SIDECAR_URL"] == "http://127.0.0.1:8787"
+    assert "MARKETPLACE_USAGE_DATABASE_URL" not in env_of(
+        backend
+    )  # the secret stays in the sidecar
+    ingress = next(d for d in docs if d["kind"] == "Ingress")
+    (path,) = ingress["spec"]["rules"][0]["http"]["paths"]
+    assert (
+        path["path"] == env_of(backend)["MARKETPLACE_REGISTRATION_PATH"] == "/marketplace/register"
+    )
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert path["backend"]["service"]["name"] == service["metadata"]["name"]
+    assert service["spec"]["selector"].items() <= spec_labels(deployment).items()
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount")
+    assert spec["serviceAccountName"] == sa["metadata"]["name"]
+    assert "role-arn" in str(sa["metadata"]["annotations"])
+    assert token_holders(docs) == {}
+
+
+def spec_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from sidecar.usage.store import DB_NAME, Store, StoreError, StoreUnavailableError
+from sidecar.usage.db import Db, Schema, open_store
+from sidecar.usage.store import CUSTOM_SCHEMA, DB_NAME, Store, StoreError, StoreUnavailableError
 
 
 def test_wal_and_full_sync_are_in_force(tmp_path: Path) -> None:
@@ -146,3 +150,146 @@ def test_a_second_process_on_the_same_store_is_refused(tmp_path: Path) -> None:
         assert "double-bill" in out.stdout
     finally:
         store.close()
+
+
+# -- the generic store: a Schema, migrations, the Db interface ------------------------------
+
+V1_DDL = "CREATE TABLE items (id TEXT PRIMARY KEY, n BIGINT NOT NULL);"
+V1 = Schema(name="t.sqlite3", version=1, sqlite=V1_DDL, postgresql=V1_DDL)
+
+
+def _meta_version(path: Path) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        return str(
+            conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        )
+    finally:
+        conn.close()
+
+
+def test_open_store_without_a_url_is_sqlite_in_the_state_dir(tmp_path: Path) -> None:
+    store = open_store(V1, state_dir=tmp_path, database_url=None)
+    try:
+        assert (store.backend, store.where) == ("sqlite", str(tmp_path / "t.sqlite3"))
+        assert store.available() == (True, None) and store.leading()
+
+        def job(db: Db) -> str:
+            db.lock(1)  # a no-op here: one writer thread serialises everything
+            db.execute("INSERT INTO items VALUES (?, ?)", ("a", 1))
+            return db.dialect
+
+        assert store.write(job) == "sqlite"
+        assert store.read(lambda db: db.execute("SELECT n FROM items").fetchall()) == [(1,)]
+    finally:
+        store.close()
+    assert store.available()[0] is False
+    with pytest.raises(StoreUnavailableError, match="closed"):
+        store.write(job)
+
+
+def test_a_jobs_sql_mistake_rolls_back_that_job_alone(tmp_path: Path) -> None:
+    """A constraint violation is the job's own error (as on PostgreSQL), not a store failure
+    that would fail every job sharing its transaction."""
+    store = Store(tmp_path, schema=V1)
+    release = threading.Event()
+    errors: list[BaseException] = []
+
+    def dup(db: Db) -> None:
+        db.execute("INSERT INTO items VALUES ('side', 0)")
+        db.execute("INSERT INTO items VALUES ('taken', 0)")
+
+    def run(fn: Any) -> None:
+        try:
+            store.write(fn)
+        except Exception as exc:
+            errors.append(exc)
+
+    inside = threading.Event()
+
+    def blocker(db: Db) -> None:
+        inside.set()
+        release.wait(5)
+
+    store.write(lambda db: db.execute("INSERT INTO items VALUES ('taken', 0)"))
+    first = threading.Thread(target=run, args=(blocker,))
+    first.start()
+    assert inside.wait(5)
+    threads = [
+        threading.Thread(target=run, args=(f,))
+        for f in (dup, lambda db: db.execute("INSERT INTO items VALUES ('good', 0)"))
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while store._queue.qsize() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for t in (first, *threads):
+        t.join()
+    ids = store.read(lambda db: {r[0] for r in db.execute("SELECT id FROM items")})
+    store.close()
+    assert ids == {"taken", "good"}
+    assert [type(e) for e in errors] == [sqlite3.IntegrityError]
+
+
+def test_an_older_store_is_migrated_in_one_transaction(tmp_path: Path) -> None:
+    store = Store(tmp_path, schema=V1)
+    store.write(lambda db: db.execute("INSERT INTO items VALUES ('kept', 3)"))
+    store.close()
+    path = tmp_path / "t.sqlite3"
+    broken = replace(
+        V1,
+        version=3,
+        migrations={
+            2: ("ALTER TABLE items ADD COLUMN note TEXT", ""),
+            3: ("ALTER TABLE nowhere ADD COLUMN x TEXT", ""),
+        },
+    )
+    with pytest.raises(StoreError, match="migrating schema version 1 to 3 failed"):
+        Store(tmp_path, schema=broken)
+    conn = sqlite3.connect(path)
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(items)")]
+    conn.close()
+    assert columns == ["id", "n"]  # step 2 was undone with step 3
+    assert _meta_version(path) == "1"
+    v2 = replace(V1, version=2, migrations={2: ("ALTER TABLE items ADD COLUMN note TEXT", "")})
+    store = Store(tmp_path, schema=v2)
+    try:
+        rows = store.read(lambda db: db.execute("SELECT id, n, note FROM items").fetchall())
+        assert rows == [("kept", 3, None)]
+    finally:
+        store.close()
+    assert _meta_version(path) == "2"
+
+
+def test_a_version_without_its_migration_is_refused_untouched(tmp_path: Path) -> None:
+    Store(tmp_path, schema=V1).close()
+    before = (tmp_path / "t.sqlite3").read_bytes()
+    with pytest.raises(StoreError, match="no migration to version 2"):
+        Store(tmp_path, schema=replace(V1, version=2))
+    assert (tmp_path / "t.sqlite3").read_bytes() == before
+
+
+def test_the_custom_store_keeps_its_file_and_version(tmp_path: Path) -> None:
+    Store(tmp_path).close()
+    assert CUSTOM_SCHEMA.name == DB_NAME == "usage.sqlite3"
+    assert _meta_version(tmp_path / DB_NAME) == "1"
+
+
+def test_psycopg_is_imported_only_for_a_database_url(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path\n"
+        "import sidecar.app, sidecar.usage.service\n"
+        "from sidecar.usage.db import Schema, open_store\n"
+        "d = 'CREATE TABLE x (a TEXT);'\n"
+        "open_store(Schema('x.sqlite3', 1, d, d), state_dir=Path(sys.argv[1])).close()\n"
+        "print('psycopg' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == "False", out.stderr

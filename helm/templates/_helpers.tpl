@@ -94,10 +94,23 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when the sidecar needs MARKETPLACE_PRODUCT_CODE: every mode but SaaS with license identity. */}}
+{{- define "marketplace-sidecar.needsProductCode" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- if or (ne $v.metering.mode "saas") (eq $v.metering.saas.identity "customer_identifier") -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when the usage store is the sidecar's own SQLite file in the state volume. */}}
+{{- define "marketplace-sidecar.localState" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- if not (and (eq $v.metering.mode "saas") $v.metering.saas.database.existingSecret) -}}true{{- end -}}
+{{- end -}}
+
 {{- define "marketplace-sidecar.container" -}}
 {{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
 {{- $src := include "marketplace-sidecar.configSource" . | fromYaml -}}
 {{- $native := include "marketplace-sidecar.native" . -}}
+{{- $saas := eq $v.metering.mode "saas" -}}
 - name: marketplace-sidecar
   image: {{ include "marketplace-sidecar.image" . }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
@@ -106,6 +119,7 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
   {{- end }}
   args: ["run"]
   env:
+    {{- if include "marketplace-sidecar.needsProductCode" . }}
     - name: MARKETPLACE_PRODUCT_CODE
       valueFrom:
         {{- if $src.secret }}
@@ -113,7 +127,21 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
         {{- else }}
         configMapKeyRef: {name: {{ $src.configMap }}, key: {{ $v.product.productCodeKey }}}
         {{- end }}
-    {{- if eq $v.metering.mode "custom" }}
+    {{- end }}
+    {{- if $saas }}
+    - {name: MARKETPLACE_MODE, value: saas}
+    - {name: MARKETPLACE_DIMENSIONS, value: {{ join "," $v.metering.dimensions | quote }}}
+    - {name: MARKETPLACE_SAAS_IDENTITY, value: {{ $v.metering.saas.identity | quote }}}
+    - {name: MARKETPLACE_ACCEPT_UNRESOLVED_CUSTOMERS, value: {{ $v.metering.saas.acceptUnresolvedCustomers | toString | quote }}}
+    - {name: MARKETPLACE_ZERO_USAGE_RECORDS, value: {{ $v.metering.saas.zeroUsageRecords | toString | quote }}}
+    - {name: MARKETPLACE_DRAIN_SECONDS, value: {{ $v.metering.drainSeconds | quote }}}
+    {{- with $v.metering.saas.database.existingSecret }}
+    # The URL holds a password: from your Secret, into this container only.
+    - name: MARKETPLACE_USAGE_DATABASE_URL
+      valueFrom:
+        secretKeyRef: {name: {{ . }}, key: {{ $v.metering.saas.database.key }}}
+    {{- end }}
+    {{- else if eq $v.metering.mode "custom" }}
     - {name: MARKETPLACE_MODE, value: custom}
     - {name: MARKETPLACE_DIMENSIONS, value: {{ join "," $v.metering.dimensions | quote }}}
     - {name: MARKETPLACE_ENTITLEMENT_CHECK, value: {{ $v.metering.entitlementCheck | quote }}}
@@ -124,9 +152,13 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
     {{- end }}
     - {name: MARKETPLACE_LISTEN, value: "127.0.0.1:{{ $v.config.apiPort }}"}
     - {name: MARKETPLACE_PROBE_LISTEN, value: "0.0.0.0:{{ $v.config.probePort }}"}
+    {{- if include "marketplace-sidecar.localState" . }}
     - {name: MARKETPLACE_STATE_DIR, value: /var/lib/marketplace-sidecar}
+    {{- end }}
+    {{- if not $saas }}
     - {name: MARKETPLACE_REGISTER_INTERVAL_SECONDS, value: {{ $v.config.registerIntervalSeconds | quote }}}
     - {name: MARKETPLACE_REGISTER_DEADLINE_SECONDS, value: {{ $v.config.registerDeadlineSeconds | quote }}}
+    {{- end }}
     - {name: MARKETPLACE_LOG_FORMAT, value: {{ $v.config.logFormat | quote }}}
     - {name: MARKETPLACE_LOG_LEVEL, value: {{ $v.config.logLevel | quote }}}
     {{- if $v.readinessGate.enabled }}
@@ -162,15 +194,19 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
     {{- toYaml (ternary $v.readinessGate.resources $v.resources (include "marketplace-sidecar.kubeApi" . | eq "true")) | nindent 4 }}
   securityContext:
     {{- toYaml $v.securityContext | nindent 4 }}
+  {{- if or (include "marketplace-sidecar.localState" .) (include "marketplace-sidecar.kubeApi" .) }}
   volumeMounts:
-    {{- if ne $v.metering.mode "custom" }}
+    {{- if eq $v.metering.mode "hourly" }}
     - {name: marketplace-sidecar-key, mountPath: /etc/marketplace-sidecar, readOnly: true}
     {{- end }}
+    {{- if include "marketplace-sidecar.localState" . }}
     - {name: marketplace-sidecar-state, mountPath: /var/lib/marketplace-sidecar}
+    {{- end }}
     {{- if include "marketplace-sidecar.kubeApi" . }}
     # The API token, CA, namespace and pod UID: in this container only (see "volumes").
     - {name: marketplace-sidecar-kube-api, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true}
     {{- end }}
+  {{- end }}
 {{- end -}}
 
 {{- define "marketplace-sidecar.initContainers" -}}
@@ -205,7 +241,7 @@ prometheus.io/path: /metrics
 {{- define "marketplace-sidecar.volumes" -}}
 {{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
 {{- $src := include "marketplace-sidecar.configSource" . | fromYaml -}}
-{{- if ne $v.metering.mode "custom" -}}
+{{- if eq $v.metering.mode "hourly" -}}
 - name: marketplace-sidecar-key
   {{- if $src.secret }}
   secret:
@@ -217,9 +253,17 @@ prometheus.io/path: /metrics
     items: [{key: {{ $v.product.publicKeyKey }}, path: public-key.pem}]
   {{- end }}
 {{ end -}}
+{{- if include "marketplace-sidecar.localState" . -}}
+{{- if and (eq $v.metering.mode "saas") $v.metering.saas.state.existingClaim -}}
+# The SaaS SQLite store outlives the pod: unsent hours survive a rollout or a node loss.
+- name: marketplace-sidecar-state
+  persistentVolumeClaim: {claimName: {{ $v.metering.saas.state.existingClaim }}}
+{{- else -}}
 # Pod-lifetime state: survives sidecar restarts so AWS's first-call verdict is not lost.
 - name: marketplace-sidecar-state
-  emptyDir: {sizeLimit: {{ ternary $v.metering.stateSizeLimit "1Mi" (eq $v.metering.mode "custom") }}}
+  emptyDir: {sizeLimit: {{ ternary "1Mi" $v.metering.stateSizeLimit (eq $v.metering.mode "hourly") }}}
+{{- end }}
+{{- end }}
 {{- if include "marketplace-sidecar.kubeApi" . }}
 # What automount would give every container, projected for the sidecar container alone, plus
 # the pod's UID (for Events) so the Role needs no `get pods`.

@@ -7,8 +7,15 @@ Kinds:
   configuration  product code, key version, region, IAM or credentials are wrong
   clock          this machine's clock disagrees with AWS's (retried: a synced clock heals it)
   verification   AWS answered, but the token did not verify (treated as an attack)
-  usage          MeterUsage refused this one record (kept for audit, never resent changed)
+  usage          MeterUsage or BatchMeterUsage refused the record(s) (kept for audit, never
+                 resent changed)
+  token          ResolveCustomer refused a buyer's registration token (invalid or expired)
   aws            any other AWS refusal
+
+The same code can mean different things per operation: ExpiredTokenException is the AWS
+credentials' expiry everywhere except ResolveCustomer, where it is the buyer's registration
+token (unless the message names the request's security token). `classify(..., operation=)`
+picks the meaning; SaaS operations get their own IAM and disabled-API hints.
 """
 
 from __future__ import annotations
@@ -94,7 +101,11 @@ _KNOWN: dict[str, tuple[str, str]] = {
         "RegisterUsage must be called in the region the task or pod runs in; set AWS_REGION "
         "to that region (it is resolved at runtime, never hard-coded)",
     ),
-    "DisabledApiException": ("aws", "the RegisterUsage API is disabled in this region"),
+    "DisabledApiException": (
+        "aws",
+        "AWS reports this Metering API as disabled in this region; run it in a region where "
+        "AWS Marketplace metering is available, or ask AWS Marketplace seller support",
+    ),
     "AccessDeniedException": ("configuration", _IAM_HINT),
     "AccessDenied": ("configuration", _IAM_HINT),
     "UnauthorizedException": ("configuration", _IAM_HINT),
@@ -146,6 +157,26 @@ _KNOWN: dict[str, tuple[str, str]] = {
         "usage",
         "the ClientToken was used before with other parameters (a sidecar bug)",
     ),
+    # BatchMeterUsage (SaaS): the whole call is refused.
+    "InvalidCustomerIdentifierException": (
+        "usage",
+        "AWS does not know this CustomerIdentifier for the product; send the identifier "
+        "ResolveCustomer returned for the buyer (MARKETPLACE_SAAS_IDENTITY=customer_identifier "
+        "with MARKETPLACE_PRODUCT_CODE), never one from another product",
+    ),
+    "InvalidLicenseException": (
+        "usage",
+        "the LicenseArn is invalid, belongs to another customer, or is outside its activation "
+        "period; send the CustomerAWSAccountId and LicenseArn ResolveCustomer returned for "
+        "this buyer",
+    ),
+    # ResolveCustomer: the buyer's registration token.
+    "InvalidTokenException": (
+        "token",
+        "the registration token is not one AWS Marketplace issued for this product: pass the "
+        "x-amzn-marketplace-token form field exactly as the buyer's browser posted it, to a "
+        "sidecar running with the seller account that published the product",
+    ),
     "ParamValidationError": (
         "configuration",
         "the request was refused before sending; check MARKETPLACE_PRODUCT_CODE and "
@@ -164,6 +195,46 @@ KNOWN_CODES = (
 
 _TRANSIENT_HINT = "temporary; retried with backoff (check network egress to the metering endpoint)"
 
+SAAS_OPERATIONS = frozenset({"ResolveCustomer", "BatchMeterUsage"})
+_SAAS_IAM_HINT = (
+    "the seller's role (ECS task role or EKS IRSA role) needs aws-marketplace:ResolveCustomer "
+    'and aws-marketplace:BatchMeterUsage (Resource "*"), in the account that published the '
+    "product"
+)
+EXPIRED_REGISTRATION_TOKEN = (
+    "token",
+    "the buyer's registration token has expired: redeem the token as soon as the buyer's "
+    "browser posts it (AWS's guides give one to four hours); the buyer gets a new one by "
+    "opening the product's setup link in AWS Marketplace again",
+)
+# STS's wording when the request's own credentials (session token) have expired.
+_CREDENTIAL_MESSAGES = ("security token", "credentials")
+_SAAS_OVERRIDES: dict[str, tuple[str, str]] = {
+    "AccessDeniedException": ("configuration", _SAAS_IAM_HINT),
+    "AccessDenied": ("configuration", _SAAS_IAM_HINT),
+    "UnauthorizedException": ("configuration", _SAAS_IAM_HINT),
+    "TimestampOutOfBoundsException": (
+        "usage",
+        "a record's timestamp is six hours old or more, or in the future; BatchMeterUsage then "
+        "rejects the whole call: send each hour soon after it closes and check the clock",
+    ),
+    "InvalidProductCodeException": (
+        "configuration",
+        "MARKETPLACE_PRODUCT_CODE does not match the published SaaS product (identity "
+        "customer_identifier only; license-based records carry no product code)",
+    ),
+    "ParamValidationError": (
+        "configuration",
+        "botocore refused the request before sending (a malformed record or registration "
+        "token); the message names the field",
+    ),
+    "InvalidUsageDimensionException": (
+        "configuration",
+        "a dimension is not published for this product; MARKETPLACE_DIMENSIONS must use the "
+        "API names from the AWS Marketplace Management Portal",
+    ),
+}
+
 
 @dataclass(frozen=True)
 class ErrorInfo:
@@ -181,9 +252,17 @@ class ErrorInfo:
 
 
 def classify(
-    code: str, message: str, *, http_status: int | None = None, request_id: str | None = None
+    code: str,
+    message: str,
+    *,
+    http_status: int | None = None,
+    request_id: str | None = None,
+    operation: str | None = None,
 ) -> ErrorInfo:
-    """Map an AWS error code (or botocore exception name) to an `ErrorInfo`."""
+    """Map an AWS error code (or botocore exception name) to an `ErrorInfo`.
+
+    `operation` (the Metering operation called) picks the meaning of codes AWS reuses.
+    """
     message = message[:500]
     if code in CLOCK_CODES or (
         code == "InvalidSignatureException" and any(m in message.lower() for m in _CLOCK_MESSAGES)
@@ -197,7 +276,18 @@ def classify(
         and (http_status >= 500 or http_status == 429)
     ):
         return ErrorInfo(code, message, _TRANSIENT_HINT, "transient", True, request_id)
-    kind, hint = _KNOWN.get(code, ("aws", "AWS refused the call; see the message"))
+    if (
+        operation == "ResolveCustomer"
+        and code == "ExpiredTokenException"
+        and not any(m in message.lower() for m in _CREDENTIAL_MESSAGES)
+    ):
+        kind, hint = EXPIRED_REGISTRATION_TOKEN
+        return ErrorInfo(code, message, hint, kind, False, request_id)
+    default = ("aws", "AWS refused the call; see the message")
+    if operation in SAAS_OPERATIONS and code in _SAAS_OVERRIDES:
+        kind, hint = _SAAS_OVERRIDES[code]
+    else:
+        kind, hint = _KNOWN.get(code, default)
     return ErrorInfo(code, message, hint, kind, False, request_id)
 
 

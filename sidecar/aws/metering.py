@@ -7,8 +7,10 @@ retry layer, so every attempt is visible in the state, the logs and the call cou
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -33,6 +35,11 @@ class Registration:
 
 
 SERVICE = "meteringmarketplace"
+# BatchMeterUsage limits (AWS API reference). botocore checks neither the 25-record cap (its
+# validator checks minimums only) nor the size. "1 MB" is read as 1,000,000 bytes: a request
+# under that is under either meaning of the unit.
+MAX_BATCH_RECORDS = 25
+MAX_BATCH_BYTES = 1_000_000
 # endpoints.json keys kept: this service and those botocore's credential providers create
 # clients for from the same session (STS for IRSA and assumed roles, SSO).
 ENDPOINTS_KEPT = frozenset({"metering.marketplace", "sts", "portal.sso", "oidc"})
@@ -227,8 +234,94 @@ class MeteringGateway:
             raise AwsCallError(classify(type(exc).__name__, str(exc))) from None
         return str(resp.get("MeteringRecordId") or ("DryRunOperation" if dry_run else ""))
 
+    # -- SaaS: ResolveCustomer and BatchMeterUsage -----------------------------------------
 
-def _client_error(response: Any) -> ErrorInfo:
+    def resolve_customer(self, token: str) -> dict[str, Any]:
+        """One ResolveCustomer call: AWS's answer minus ResponseMetadata.
+
+        The token is the buyer's credential for this subscription: it never appears in full in
+        a log line or an error message (errors quote it as `redact_token`).
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        _install_token_filter()
+        try:
+            resp = self._client.resolve_customer(RegistrationToken=token)
+        except ClientError as exc:
+            info = _client_error(exc.response, "ResolveCustomer")
+            raise AwsCallError(_scrubbed(info, token)) from None
+        except BotoCoreError as exc:
+            info = classify(type(exc).__name__, str(exc), operation="ResolveCustomer")
+            raise AwsCallError(_scrubbed(info, token)) from None
+        return {k: v for k, v in resp.items() if k != "ResponseMetadata"}
+
+    def batch_meter_usage(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send one stored BatchMeterUsage request as is; Results and UnprocessedRecords.
+
+        `request` holds UsageRecords (Timestamp in epoch seconds) and, for CustomerIdentifier
+        records, ProductCode. More than 25 records or a body of 1 MB or more is a caller bug:
+        ValueError, nothing sent (AWS would refuse it; botocore would not). Timestamps in the
+        answer are int epoch seconds, as in the request.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        records = request.get("UsageRecords")
+        if not isinstance(records, list):
+            raise ValueError("UsageRecords must be a list")
+        if len(records) > MAX_BATCH_RECORDS:
+            raise ValueError(
+                f"BatchMeterUsage takes at most {MAX_BATCH_RECORDS} records; got {len(records)}"
+            )
+        params = _with_datetimes(request)
+        size = self._body_bytes("BatchMeterUsage", params)
+        if size >= MAX_BATCH_BYTES:
+            raise ValueError(
+                f"BatchMeterUsage requests must be under {MAX_BATCH_BYTES} bytes; "
+                f"this one is {size}"
+            )
+        try:
+            resp = self._client.batch_meter_usage(**params)
+        except ClientError as exc:
+            raise AwsCallError(_client_error(exc.response, "BatchMeterUsage")) from None
+        except BotoCoreError as exc:
+            raise AwsCallError(
+                classify(type(exc).__name__, str(exc), operation="BatchMeterUsage")
+            ) from None
+        results: list[dict[str, Any]] = []
+        for answered in resp.get("Results") or []:
+            result: dict[str, Any] = dict(answered)
+            if "UsageRecord" in result:
+                result["UsageRecord"] = _records_out([result["UsageRecord"]])[0]
+            results.append(result)
+        return {
+            "Results": results,
+            "UnprocessedRecords": _records_out(resp.get("UnprocessedRecords")),
+        }
+
+    def _body_bytes(self, operation: str, params: dict[str, Any]) -> int:
+        """The exact body botocore would send (its own serializer, without validation)."""
+        from botocore.serialize import create_serializer
+
+        model = self._client.meta.service_model
+        serializer = create_serializer(model.protocol, include_validation=False)
+        try:
+            body = serializer.serialize_to_request(params, model.operation_model(operation))
+        except Exception:  # a malformed request: botocore's own call reports it
+            return batch_request_bytes(params)
+        data = body.get("body") or b""
+        return len(data if isinstance(data, bytes) else str(data).encode("utf-8"))
+
+
+def _scrubbed(info: ErrorInfo, token: str) -> ErrorInfo:
+    """The error with any echo of the registration token cut down to its first characters."""
+    if not token or token not in info.message:
+        return info
+    from dataclasses import replace
+
+    return replace(info, message=info.message.replace(token, redact_token(token)))
+
+
+def _client_error(response: Any, operation: str | None = None) -> ErrorInfo:
     error = response.get("Error", {})
     meta = response.get("ResponseMetadata", {})
     return classify(
@@ -236,4 +329,108 @@ def _client_error(response: Any) -> ErrorInfo:
         str(error.get("Message") or ""),
         http_status=meta.get("HTTPStatusCode"),
         request_id=meta.get("RequestId"),
+        operation=operation,
     )
+
+
+# -- BatchMeterUsage helpers --------------------------------------------------------------
+
+
+def _epoch(value: Any) -> int:
+    """A timestamp (datetime from botocore's parser, or epoch seconds) as int epoch seconds."""
+    if hasattr(value, "timestamp"):
+        return int(value.timestamp())
+    return int(float(value))
+
+
+def _wire_timestamp(value: Any) -> Any:
+    """Epoch seconds become an aware datetime (what botocore expects); datetimes pass through."""
+    from datetime import UTC, datetime
+
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(float(value), UTC)
+    return value
+
+
+def _with_datetimes(request: dict[str, Any]) -> dict[str, Any]:
+    params = dict(request)
+    records = request.get("UsageRecords")
+    if isinstance(records, list):
+        params["UsageRecords"] = [
+            {**r, "Timestamp": _wire_timestamp(r["Timestamp"])}
+            if isinstance(r, dict) and "Timestamp" in r
+            else r
+            for r in records
+        ]
+    return params
+
+
+def batch_request_bytes(request: dict[str, Any]) -> int:
+    """The size of a BatchMeterUsage request body as botocore sends it (awsJson1.1).
+
+    For callers that split records into calls under MAX_BATCH_BYTES; epoch-second timestamps
+    are serialised as whole seconds, as botocore does for a datetime without microseconds.
+    """
+
+    def wire(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: _wire_value(k, v) for k, v in value.items()}
+        return value
+
+    def _wire_value(key: str, value: Any) -> Any:
+        if key == "Timestamp":
+            return _epoch(value)
+        if isinstance(value, list):
+            return [wire(v) for v in value]
+        return wire(value)
+
+    return len(json.dumps(wire(request)).encode("utf-8"))
+
+
+def _records_out(records: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for record in records or []:
+        record = dict(record)
+        if "Timestamp" in record:
+            record["Timestamp"] = _epoch(record["Timestamp"])
+        out.append(record)
+    return out
+
+
+# -- registration tokens never reach a log in full ----------------------------------------
+
+_TOKEN_FIELD = re.compile(r'("RegistrationToken"\s*:\s*")([^"]{0,6})[^"]*(")')
+
+
+def redact_token(token: str) -> str:
+    """Enough of a registration token to tell two apart in a log, never enough to redeem it."""
+    return f"{token[:6]}…({len(token)} chars)" if len(token) > 6 else "…"
+
+
+class _RedactRegistrationTokens(logging.Filter):
+    """botocore logs each request body at DEBUG ("Making request ... with params"): with a
+    seller's DEBUG logging, that body holds the buyer's registration token. Keep its first
+    characters only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # a broken record is logging's business, not ours
+            return True
+        if "RegistrationToken" in text:
+            record.msg = _TOKEN_FIELD.sub(r"\1\2…\3", text)
+            record.args = None
+        return True
+
+
+_filter_lock = threading.Lock()
+_filter_installed = False
+
+
+def _install_token_filter() -> None:
+    global _filter_installed
+    with _filter_lock:
+        if not _filter_installed:
+            for name in ("botocore.endpoint", "botocore.hooks", "botocore.parsers"):
+                logging.getLogger(name).addFilter(_RedactRegistrationTokens())
+            _filter_installed = True

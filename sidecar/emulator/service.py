@@ -6,6 +6,9 @@ service model, signs PS256 tokens with its own key, raises entitlement errors on
 first call (as AWS does; a "pod" is the access key id in the SigV4 credential scope), and
 injects faults. Tests drive it through `/_emulator/config` and read `/_emulator/calls`.
 MeterUsage follows AWS's hour rules (see `meter.py`); its records are read at `/_emulator/ledger`.
+ResolveCustomer and BatchMeterUsage (SaaS) follow `saas.py`: tests create customers and their
+registration tokens at `POST /_emulator/saas/customers`, end subscriptions at
+`POST /_emulator/saas/unsubscribe`, and read the records and counts at `/_emulator/saas/ledger`.
 For tests that need hours to pass in seconds, `time_scale`/`time_origin` run the emulator's
 MeterUsage clock faster (the sidecar's test-only scaled clock uses the same formula).
 """
@@ -30,10 +33,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.core.ratelimit import TokenBucket
 from sidecar.emulator.meter import MeterBook
+from sidecar.emulator.saas import MAX_BODY_BYTES, SaasBook
 
 TARGET_PREFIX = "AWSMPMeteringService."
 SIGNING_NAME = "aws-marketplace"
 ENTITLEMENT_ERRORS = ("CustomerNotEntitledException", "PlatformNotSupportedException")
+BODY_CAP = 4 << 20  # bytes of a request body kept; more is answered as too large
+DRAIN_CAP = 64 << 20  # bytes beyond BODY_CAP read and dropped before answering
 RESET = "ConnectionReset"  # pseudo error: drop the connection without an answer
 # pseudo error: process the call (MeterUsage records it), then drop the connection: the caller
 # never learns that AWS has the record.
@@ -96,6 +102,11 @@ class EmulatorConfig:
     denied_operations: list[str] = field(default_factory=list)  # IAM says no
     time_scale: float = 1.0  # MeterUsage clock: origin + (now - origin) * scale
     time_origin: float = 0.0
+    # BatchMeterUsage (SaaS); its clock is the MeterUsage clock, its future limit
+    # meter_future_seconds
+    batch_throttle_rps: float | None = None  # AWS: 10 per second per account and region
+    batch_throttle_burst: int = 10
+    unprocessed_rate: float = 0.0  # fraction of records answered as UnprocessedRecords
 
 
 def _new_key() -> rsa.RSAPrivateKey:
@@ -112,7 +123,9 @@ class Emulator:
         self._rng = random.Random(seed)  # noqa: S311  # nosec B311 # fault dice, not security
         self._bucket: TokenBucket | None = None
         self._meter_bucket: TokenBucket | None = None
+        self._batch_bucket: TokenBucket | None = None
         self.book = MeterBook()
+        self.saas = SaasBook()
         # In-process tests may drive the MeterUsage clock directly (a manual clock).
         self.meter_clock: Callable[[], float] | None = None
         self.calls: list[dict[str, Any]] = []
@@ -144,6 +157,10 @@ class Emulator:
                     value = [Fault(**f) for f in value]
                 if name == "token_fault" and value not in (None, *TOKEN_FAULTS):
                     raise ValueError(f"token_fault must be one of {TOKEN_FAULTS}")
+                if name == "unprocessed_rate" and not (
+                    isinstance(value, int | float) and 0 <= value <= 1
+                ):
+                    raise ValueError("unprocessed_rate must be a number from 0 to 1")
                 setattr(self.config, name, value)
             self._apply_throttle()
 
@@ -154,6 +171,7 @@ class Emulator:
             self.calls.clear()
             self._generation += 1
             self.book = MeterBook()
+            self.saas = SaasBook()
             self.meter_clock = None
             self._apply_throttle()
 
@@ -165,6 +183,10 @@ class Emulator:
         mrps = self.config.meter_throttle_rps
         self._meter_bucket = (
             TokenBucket(mrps, self.config.meter_throttle_burst, time.monotonic()) if mrps else None
+        )
+        brps = self.config.batch_throttle_rps
+        self._batch_bucket = (
+            TokenBucket(brps, self.config.batch_throttle_burst, time.monotonic()) if brps else None
         )
 
     def now(self) -> float:
@@ -179,8 +201,9 @@ class Emulator:
     def handle(self, target: str, body: bytes, auth: str) -> tuple[int, dict[str, Any] | None]:
         """Answer one call: (HTTP status, JSON body), or (0, None) to drop the connection."""
         op = target.removeprefix(TARGET_PREFIX) if target.startswith(TARGET_PREFIX) else ""
+        oversize = op == "BatchMeterUsage" and len(body) >= MAX_BODY_BYTES
         try:
-            params = json.loads(body or b"{}")
+            params = {} if oversize else json.loads(body or b"{}")
         except ValueError:
             return _error("SerializationException", "body is not JSON")
         if not isinstance(params, dict):
@@ -197,7 +220,8 @@ class Emulator:
                 # A slow call from before a reset (an earlier test's sidecar, long gone) must
                 # not count against, or mark pods seen in, the new run: drop it unrecorded.
                 return 0, None
-            status, payload = self._dispatch(op, params, pod, region, service)
+            status, payload = self._dispatch(op, params, pod, region, service, len(body))
+            records = params.get("UsageRecords")
             self.calls.append(
                 {
                     "op": op or target,
@@ -206,6 +230,7 @@ class Emulator:
                     "dimension": params.get("UsageDimension"),
                     "quantity": params.get("UsageQuantity"),
                     "dry_run": params.get("DryRun"),
+                    "records": len(records) if isinstance(records, list) else None,
                     "status": status,
                     "code": (payload or {}).get("__type", "ok" if status else RESET),
                     "at": time.time(),
@@ -214,12 +239,32 @@ class Emulator:
         return status, payload
 
     def _dispatch(
-        self, op: str, params: dict[str, Any], pod: str, region: str | None, service: str | None
+        self,
+        op: str,
+        params: dict[str, Any],
+        pod: str,
+        region: str | None,
+        service: str | None,
+        size: int = 0,
     ) -> tuple[int, dict[str, Any] | None]:
         cfg = self.config
         if op not in self._model.operation_names:
             return _error("UnknownOperationException", f"unknown operation {op!r}")
+        batch = op == "BatchMeterUsage"
+        if batch:
+            self.saas.count("calls")
+            if size >= MAX_BODY_BYTES:
+                return _error(
+                    "ValidationException",
+                    f"the request body is {size} bytes; BatchMeterUsage requests must be "
+                    f"under 1 MB ({MAX_BODY_BYTES} bytes)",
+                )
         if self._bucket is not None and self._bucket.take(time.monotonic()) > 0:
+            if batch:
+                self.saas.count("throttled")
+            return _error("ThrottlingException", "Rate exceeded")
+        if batch and self._batch_bucket is not None and self._batch_bucket.take(time.monotonic()):
+            self.saas.count("throttled")
             return _error("ThrottlingException", "Rate exceeded")
         if (
             op == "MeterUsage"
@@ -254,6 +299,8 @@ class Emulator:
             )
         if op == "MeterUsage":
             return self._meter_usage(params, pod, region)
+        if op in ("ResolveCustomer", "BatchMeterUsage"):
+            return self._saas(op, params)
         if op != "RegisterUsage":
             return _error("UnsupportedOperation", f"the emulator does not implement {op} yet")
         return self._register_usage(params, pod, region)
@@ -291,6 +338,37 @@ class Emulator:
         if first_call and not cfg.entitled:
             return _error("CustomerNotEntitledException", "customer is not subscribed")
         return self.book.record(params, pod, now)
+
+    def _saas(self, op: str, params: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        cfg = self.config
+        if op in cfg.denied_operations:
+            return _error(
+                "AccessDeniedException", f"not authorized to perform aws-marketplace:{op}"
+            )
+        if op == "ResolveCustomer":
+            return self.saas.resolve(params, self.now())
+        rate = cfg.unprocessed_rate
+        return self.saas.batch(
+            params,
+            self.now(),
+            dimensions=cfg.dimensions,
+            product_codes=cfg.product_codes,
+            future_limit=cfg.meter_future_seconds,
+            unprocessed=lambda: rate > 0 and self._rng.random() < rate,
+        )
+
+    def saas_customer(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """A customer and a fresh registration token for it (ValueError names a bad field)."""
+        with self._lock:
+            return self.saas.issue(spec, self.now())
+
+    def saas_unsubscribe(self, spec: dict[str, Any]) -> list[str]:
+        with self._lock:
+            return self.saas.unsubscribe(spec)
+
+    def saas_ledger(self) -> dict[str, Any]:
+        with self._lock:
+            return self.saas.ledger()
 
     def _register_usage(
         self, params: dict[str, Any], pod: str, region: str | None
@@ -385,8 +463,17 @@ class _Handler(BaseHTTPRequestHandler):
         return super().date_time_string((timestamp or time.time()) + offset)
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(min(length, 1 << 20))
+        length = max(0, int(self.headers.get("Content-Length") or 0))
+        # Read past 1 MB so BatchMeterUsage's size limit is checked on the real size.
+        body = self.rfile.read(min(length, BODY_CAP))
+        rest = length - len(body)
+        if rest > DRAIN_CAP:
+            self.close_connection = True  # too much to swallow: answer, then hang up
+        else:
+            # Swallow the rest, so the client reads a 400 rather than a reset mid-upload.
+            while rest > 0 and (chunk := self.rfile.read(min(rest, 1 << 16))):
+                rest -= len(chunk)
+        return body
 
     def _json(self, status: int, payload: Any, content_type: str = "application/json") -> None:
         data = json.dumps(payload).encode()
@@ -409,6 +496,16 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/_emulator/reset":
             emulator.reset()
             return self._json(200, {"reset": True})
+        if self.path in ("/_emulator/saas/customers", "/_emulator/saas/unsubscribe"):
+            try:
+                spec = json.loads(body or b"{}")
+                if not isinstance(spec, dict):
+                    raise ValueError("the body must be a JSON object")
+                if self.path.endswith("/customers"):
+                    return self._json(200, emulator.saas_customer(spec))
+                return self._json(200, {"unsubscribed": emulator.saas_unsubscribe(spec)})
+            except (ValueError, TypeError) as exc:
+                return self._json(400, {"error": str(exc)})
         status, payload = emulator.handle(
             self.headers.get("X-Amz-Target", ""), body, self.headers.get("Authorization", "")
         )
@@ -425,6 +522,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, self.server.emulator.snapshot()["calls"])
         if self.path == "/_emulator/ledger":
             return self._json(200, self.server.emulator.ledger())
+        if self.path == "/_emulator/saas/ledger":
+            return self._json(200, self.server.emulator.saas_ledger())
         if self.path == "/_emulator/public-key":
             data = self.server.emulator.public_pem().encode()
             self.send_response(200)

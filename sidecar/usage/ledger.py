@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import functools
 import json
-import sqlite3
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.usage.db import Db
 from sidecar.usage.hours import (
     HourPolicy,
     hour_of,
@@ -61,7 +61,7 @@ class Pending:
 
 
 def ingest(
-    conn: sqlite3.Connection, records: list[UsageRecord], now: float, policy: HourPolicy
+    conn: Db, records: list[UsageRecord], now: float, policy: HourPolicy
 ) -> tuple[int, list[dict[str, Any]]]:
     """Store the records (all or nothing); (202 or 200 if every record was a repeat, answers)."""
     sealed_cache: dict[tuple[str, int], bool] = {}
@@ -187,7 +187,7 @@ def _allocations(rows: Iterable[tuple[str | None, int]]) -> list[dict[str, Any]]
 
 
 def _insert_hour(
-    conn: sqlite3.Connection,
+    conn: Db,
     dimension: str,
     hour: int,
     quantity: int,
@@ -205,7 +205,7 @@ def _insert_hour(
 
 
 def seal(
-    conn: sqlite3.Connection,
+    conn: Db,
     through: int,
     now: float,
     policy: HourPolicy,
@@ -264,9 +264,7 @@ def seal(
     return sealed
 
 
-def _carry(
-    conn: sqlite3.Connection, dimension: str, hour: int, now: float, policy: HourPolicy
-) -> int:
+def _carry(conn: Db, dimension: str, hour: int, now: float, policy: HourPolicy) -> int:
     """Move an unsealed hour's records into the open hour; the hour they now count in."""
 
     def sealed(h: int) -> bool:
@@ -334,7 +332,7 @@ class Claim:
 
 
 def claim_entitlement(
-    conn: sqlite3.Connection, dimension: str, now: float, policy: HourPolicy, product_code: str
+    conn: Db, dimension: str, now: float, policy: HourPolicy, product_code: str
 ) -> Claim:
     """Take (dimension, current hour) for a quantity-0 record, unless this pod already has an
     accepted record (AWS refuses entitlement only on a pod's first call)."""
@@ -402,7 +400,7 @@ def _pending(row: tuple[Any, ...]) -> Pending:
 _PENDING = "SELECT dimension, hour, request, send_after, deadline, attempts, purpose FROM hours"
 
 
-def load_pending(conn: sqlite3.Connection, dimension: str, hour: int) -> Pending | None:
+def load_pending(conn: Db, dimension: str, hour: int) -> Pending | None:
     row = conn.execute(
         _PENDING + " WHERE dimension = ? AND hour = ? AND state = 'sealed'",
         (dimension, hour),
@@ -410,7 +408,7 @@ def load_pending(conn: sqlite3.Connection, dimension: str, hour: int) -> Pending
     return _pending(row) if row else None
 
 
-def due(conn: sqlite3.Connection, now: float | None) -> list[Pending]:
+def due(conn: Db, now: float | None) -> list[Pending]:
     """Sealed hours whose send time has come (all of them when `now` is None), oldest first."""
     sql = _PENDING + " WHERE state = 'sealed'"
     args: tuple[Any, ...] = ()
@@ -420,18 +418,18 @@ def due(conn: sqlite3.Connection, now: float | None) -> list[Pending]:
     return [_pending(r) for r in conn.execute(sql + " ORDER BY deadline, dimension", args)]
 
 
-def next_send_after(conn: sqlite3.Connection) -> float | None:
+def next_send_after(conn: Db) -> float | None:
     row = conn.execute("SELECT MIN(send_after) FROM hours WHERE state = 'sealed'").fetchone()
     return float(row[0]) if row and row[0] is not None else None
 
 
-def next_open_hour(conn: sqlite3.Connection) -> int | None:
+def next_open_hour(conn: Db) -> int | None:
     row = conn.execute("SELECT MIN(hour) FROM open_hours").fetchone()
     return int(row[0]) if row and row[0] is not None else None
 
 
 def finish(
-    conn: sqlite3.Connection,
+    conn: Db,
     dimension: str,
     hour: int,
     state: str,
@@ -452,7 +450,7 @@ def finish(
     return cur.rowcount == 1
 
 
-def expire_overdue(conn: sqlite3.Connection, now: float) -> list[tuple[str, int]]:
+def expire_overdue(conn: Db, now: float) -> list[tuple[str, int]]:
     rows = conn.execute(
         "SELECT dimension, hour FROM hours WHERE state = 'sealed' AND deadline < ?", (now,)
     ).fetchall()
@@ -465,7 +463,7 @@ def expire_overdue(conn: sqlite3.Connection, now: float) -> list[tuple[str, int]
     return [(str(d), int(h)) for d, h in rows]
 
 
-def prune(conn: sqlite3.Connection, now: float, keep_seconds: float = 48 * 3600.0) -> None:
+def prune(conn: Db, now: float, keep_seconds: float = 48 * 3600.0) -> None:
     """Drop per-record rows of hours long settled, and old idempotency keys. The hour rows
     (quantity, state, MeteringRecordId) stay for audit."""
     oldest = hour_of(now - keep_seconds)
@@ -482,11 +480,11 @@ def prune(conn: sqlite3.Connection, now: float, keep_seconds: float = 48 * 3600.
 # -- verdict ------------------------------------------------------------------------------
 
 
-def save_verdict(conn: sqlite3.Connection, error: dict[str, Any]) -> None:
+def save_verdict(conn: Db, error: dict[str, Any]) -> None:
     conn.execute("INSERT OR REPLACE INTO verdict VALUES (1, ?)", (dumps(error),))
 
 
-def load_verdict(conn: sqlite3.Connection) -> dict[str, Any] | None:
+def load_verdict(conn: Db) -> dict[str, Any] | None:
     row = conn.execute("SELECT error FROM verdict").fetchone()
     return dict(json.loads(row[0])) if row else None
 
@@ -494,9 +492,7 @@ def load_verdict(conn: sqlite3.Connection) -> dict[str, Any] | None:
 # -- report -------------------------------------------------------------------------------
 
 
-def report(
-    conn: sqlite3.Connection, now: float, policy: HourPolicy, limit: int = 500
-) -> dict[str, Any]:
+def report(conn: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str, Any]:
     hours: list[dict[str, Any]] = []
     totals: dict[str, dict[str, int]] = {}
     by_state = dict.fromkeys(STATES, 0)
@@ -562,7 +558,7 @@ def report(
     }
 
 
-def hours_by_state(conn: sqlite3.Connection) -> dict[str, int]:
+def hours_by_state(conn: Db) -> dict[str, int]:
     out = dict.fromkeys(STATES, 0)
     for state, count in conn.execute("SELECT state, COUNT(*) FROM hours GROUP BY state"):
         out[state] = int(count)
@@ -570,7 +566,7 @@ def hours_by_state(conn: sqlite3.Connection) -> dict[str, int]:
     return out
 
 
-def oldest_unsent_end(conn: sqlite3.Connection, now: float) -> float | None:
+def oldest_unsent_end(conn: Db, now: float) -> float | None:
     """End of the oldest hour that has ended and is not sent yet."""
     current = hour_of(now)
     candidates = [

@@ -10,6 +10,10 @@ rejected request rolls back alone.
 The file is created under a temporary name and renamed into place once its schema is committed,
 so an empty or schema-less `usage.sqlite3` can only mean damage: it is reported, never reset
 (a peer's agent treated an empty queue file as "nothing to send" and lost the usage).
+
+The store is generic over a `Schema` (custom mode's by default, SaaS mode's when given); jobs
+receive a `Db` (see `db.py`), the same interface PostgreSQL's store gives them. An older file is
+migrated in one transaction at open; a newer one is refused and left as it is.
 """
 
 from __future__ import annotations
@@ -23,10 +27,27 @@ import queue
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from sidecar.usage.db import (
+    Cursor,
+    Db,
+    Schema,
+    StoreError,
+    StoreUnavailableError,
+)
+
+__all__ = [
+    "CUSTOM_SCHEMA",
+    "DB_NAME",
+    "Store",
+    "StoreError",
+    "StoreUnavailableError",
+    "dumps",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +55,11 @@ DB_NAME = "usage.sqlite3"
 LOCK_NAME = "usage.lock"
 SCHEMA_VERSION = 1
 T = TypeVar("T")
-_VERSION_ROW = "INSERT INTO meta VALUES ('schema_version', '1');"
+_META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+_SET_VERSION = (
+    "INSERT INTO meta VALUES ('schema_version', ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,17 +114,56 @@ CREATE TABLE verdict (one INTEGER PRIMARY KEY CHECK (one = 1), error TEXT NOT NU
 """
 
 
-class StoreError(Exception):
-    """The store cannot be opened or trusted. Never answered by starting from zero."""
+# Custom mode's schema: no PostgreSQL form (custom mode is one pod, one file).
+CUSTOM_SCHEMA = Schema(name=DB_NAME, version=SCHEMA_VERSION, sqlite=SCHEMA, postgresql="")
+
+# SQLite result codes that mean the STORE failed (disk, I/O, damage, locking): the whole
+# transaction goes and every job in it hears StoreUnavailableError. Any other sqlite3 error in a
+# job (a constraint, a bad statement) is that job's own mistake: its savepoint is rolled back and
+# the error re-raised to its caller, as on PostgreSQL.
+_STORE_FAILURES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_INTERRUPT,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_NOTADB,
+    }
+)
 
 
-class StoreUnavailableError(Exception):
-    """A write did not reach the disk (disk full, I/O error): nothing was stored; retry later."""
+def _store_failed(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is None or (code & 0xFF) in _STORE_FAILURES
+
+
+class SqliteDb:
+    """`Db` over a sqlite3 connection (sqlite3 already speaks '?')."""
+
+    dialect = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        return self.conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.conn.executemany(sql, rows)
+
+    def lock(self, key: int, *, shared: bool = False) -> None:
+        """Nothing to do: one writer thread serialises every transaction of this file."""
 
 
 @dataclass
 class _Job:
-    fn: Callable[[sqlite3.Connection], Any]
+    fn: Callable[[Db], Any]
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
@@ -132,11 +196,18 @@ def _connect(path: Path) -> sqlite3.Connection:
 class Store:
     """Owns the database file. `write` runs a function in the writer's transaction."""
 
-    def __init__(self, directory: Path, *, batch_max: int = 512) -> None:
+    backend = "sqlite"
+
+    def __init__(
+        self, directory: Path, *, schema: Schema = CUSTOM_SCHEMA, batch_max: int = 512
+    ) -> None:
         self.directory = directory
-        self.path = directory / DB_NAME
+        self.schema = schema
+        self.path = directory / schema.name
+        self.where = str(self.path)
         self.stats = StoreStats()
         self._batch_max = batch_max
+        self._closed = False
         self._lock_fd = self._take_lock()
         try:
             if not self.path.exists():
@@ -170,15 +241,19 @@ class Store:
 
     def _create(self) -> None:
         """Schema committed under a temporary name, then renamed: never a half-made store."""
-        tmp = self.directory / (DB_NAME + ".new")
+        tmp = self.directory / (self.schema.name + ".new")
         for stale in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
             stale.unlink(missing_ok=True)
         try:
             conn = sqlite3.connect(tmp, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=DELETE")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript("BEGIN;" + SCHEMA + _VERSION_ROW + "COMMIT;")
-            conn.close()
+            try:
+                conn.execute("PRAGMA journal_mode=DELETE")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.executescript("BEGIN;" + self.schema.sqlite + _META)
+                conn.execute(_SET_VERSION, (str(self.schema.version),))
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
             os.chmod(tmp, 0o600)
             os.replace(tmp, self.path)
             _fsync_dir(self.directory)
@@ -212,21 +287,64 @@ class Store:
         except OSError as exc:
             raise StoreError(f"{self.path} cannot be read ({exc})") from None
         if row is None:
+            conn.close()
             raise StoreError(f"{self.path} has no schema version: {hint}")
-        if row[0] != str(SCHEMA_VERSION):
+        try:
+            found = int(row[0])
+        except (TypeError, ValueError):
+            conn.close()
+            raise StoreError(f"{self.path} has schema version {row[0]!r}: {hint}") from None
+        if found > self.schema.version:
+            conn.close()
             raise StoreError(
-                f"{self.path} has schema version {row[0]}; this sidecar reads version "
-                f"{SCHEMA_VERSION} (was the sidecar downgraded?)"
+                f"{self.path} has schema version {found}; this sidecar reads version "
+                f"{self.schema.version} (was the sidecar downgraded?). It is left as it is: "
+                "run the newer sidecar, or move the file aside knowingly"
             )
+        if found < self.schema.version:
+            try:
+                self._migrate(conn, found)
+            except BaseException:
+                conn.close()
+                raise
         return conn
+
+    def _migrate(self, conn: sqlite3.Connection, found: int) -> None:
+        """Every step from `found` to the current version, and the new version, in ONE
+        transaction: a crash or a failing step leaves the file at `found`."""
+        target = self.schema.version
+        missing = [k for k in range(found + 1, target + 1) if k not in self.schema.migrations]
+        if missing:
+            raise StoreError(
+                f"{self.path} has schema version {found}; this sidecar (version {target}) has no "
+                f"migration to version {missing[0]}. It is left as it is"
+            )
+        steps = "".join(self.schema.migrations[k][0] + ";\n" for k in range(found + 1, target + 1))
+        try:
+            conn.executescript("BEGIN IMMEDIATE;" + steps)
+            conn.execute(_SET_VERSION, (str(target),))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise StoreError(
+                f"{self.path}: migrating schema version {found} to {target} failed ({exc}); "
+                "the store is left at its old version"
+            ) from None
+        log.info(
+            "usage_store_migrated",
+            extra={"detail": f"{self.path}: schema version {found} -> {target}"},
+        )
 
     # -- writing -------------------------------------------------------------------------
 
-    def write(self, fn: Callable[[sqlite3.Connection], T], timeout: float = 120.0) -> T:
+    def write(self, fn: Callable[[Db], T], timeout: float = 120.0) -> T:
         """Run `fn` in the writer's next transaction; return once it is committed (fsync'd).
 
         Exceptions raised by `fn` roll back `fn`'s writes only and are re-raised here.
         """
+        if self._closed:
+            raise StoreUnavailableError("the usage store is closed")
         job = _Job(fn)
         self._queue.put(job)
         if not job.done.wait(timeout):
@@ -257,17 +375,21 @@ class Store:
 
     def _commit(self, batch: list[_Job]) -> None:
         conn = self._conn
+        db = SqliteDb(conn)
         failure: str | None = None
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
                 conn.execute("SAVEPOINT job")
                 try:
-                    job.result = job.fn(conn)
-                except sqlite3.Error:
-                    raise  # the store itself failed: the whole batch goes
+                    job.result = job.fn(db)
+                except sqlite3.Error as exc:
+                    if _store_failed(exc):
+                        raise  # the store itself failed: the whole batch goes
+                    job.result, job.error = None, exc
+                    conn.execute("ROLLBACK TO job")
                 except Exception as exc:
-                    job.error = exc
+                    job.result, job.error = None, exc
                     conn.execute("ROLLBACK TO job")
                 conn.execute("RELEASE job")
             conn.execute("COMMIT")
@@ -286,16 +408,31 @@ class Store:
 
     # -- reading -------------------------------------------------------------------------
 
-    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def read(self, fn: Callable[[Db], T]) -> T:
         """Run `fn` on a read connection (a consistent snapshot; never blocks the writer)."""
+        if self._closed:
+            raise StoreUnavailableError("the usage store is closed")
         with self._read_lock:
             self._reader.execute("BEGIN")
             try:
-                return fn(self._reader)
+                return fn(SqliteDb(self._reader))
             finally:
                 self._reader.execute("COMMIT")
 
+    def available(self) -> tuple[bool, str | None]:
+        """A disk-full write is answered 503 per request; the file itself stays usable."""
+        if self._closed or not self._writer.is_alive():
+            return False, f"usage store {self.path} is closed"
+        return True, None
+
+    def leading(self) -> bool:
+        """Always: the state dir's file lock already makes this the only process on it."""
+        return not self._closed
+
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._writer.is_alive():
             self._queue.put(None)
             self._writer.join(timeout=30)

@@ -1,0 +1,384 @@
+"""ResolveCustomer and BatchMeterUsage as AWS documents them, for the emulator.
+
+Customers and their registration tokens exist only because a test asked for them
+(`issue`). ResolveCustomer answers the tokens issued here: the same customer for as long as
+the token lives, ExpiredTokenException after its ttl, InvalidTokenException for anything else.
+
+BatchMeterUsage (seller guide and API reference):
+- at most 25 records, a body under 1 MB (1,000,000 bytes, the stricter reading of the unit);
+- never CustomerIdentifier and CustomerAWSAccountId in one request; ProductCode goes with
+  CustomerIdentifier records only (license records name the product through the license);
+- one record per product, customer, dimension and hour. The same record again (same
+  quantity, after rounding the time to the hour) is Success with the same MeteringRecordId,
+  in any grouping; another quantity is DuplicateRecord and the original quantity stays;
+- an unknown or unsubscribed customer is CustomerNotSubscribed;
+- one timestamp six hours old or more, or ahead of `future_limit`, rejects the whole call
+  with TimestampOutOfBoundsException;
+- `unprocessed` picks records answered as UnprocessedRecords (not recorded; resend them).
+
+Pure apart from the lock its owner holds: the caller passes the time and the dice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.emulator.meter import HOUR, WINDOW, Answer, _allocations, _timestamp, error
+
+MAX_RECORDS = 25
+MAX_BODY_BYTES = 1_000_000
+DEFAULT_TTL = 3600.0
+DEFAULT_PRODUCT = "prod-saas-emulated"
+COUNTS = (
+    "calls",
+    "records",
+    "duplicate_record",
+    "customer_not_subscribed",
+    "unprocessed",
+    "throttled",
+    "out_of_bounds_batches",
+)
+
+
+@dataclass
+class Customer:
+    style: str  # "license" | "customer_identifier"
+    account_id: str
+    product_code: str
+    license_arn: str | None = None
+    customer_identifier: str | None = None
+    subscribed: bool = True
+
+    @property
+    def key(self) -> str:
+        if self.style == "license":
+            return f"{self.account_id}/{self.license_arn}"
+        return str(self.customer_identifier)
+
+    def resolved(self) -> dict[str, Any]:
+        """ResolveCustomer's answer: new integrations get no CustomerIdentifier."""
+        answer: dict[str, Any] = {
+            "CustomerAWSAccountId": self.account_id,
+            "ProductCode": self.product_code,
+        }
+        if self.license_arn is not None:
+            answer["LicenseArn"] = self.license_arn
+        if self.customer_identifier is not None:
+            answer["CustomerIdentifier"] = self.customer_identifier
+        return answer
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "customer": self.key,
+            "identity": self.style,
+            "customer_aws_account_id": self.account_id,
+            "license_arn": self.license_arn,
+            "customer_identifier": self.customer_identifier,
+            "product_code": self.product_code,
+            "subscribed": self.subscribed,
+        }
+
+
+@dataclass
+class Entry:
+    customer: str
+    product_code: str
+    dimension: str
+    hour: int
+    quantity: int
+    value: str  # canonical quantity, decimal quantity and allocations
+    metering_record_id: str
+    recorded_at: float
+    repeats: int = 0
+
+
+class SaasBook:
+    """Customers, registration tokens and every BatchMeterUsage record accepted."""
+
+    def __init__(self) -> None:
+        self.customers: dict[str, Customer] = {}
+        self.licenses: dict[str, Customer] = {}  # LicenseArn -> its customer
+        self.tokens: dict[str, tuple[str, float]] = {}  # token -> (customer key, expires at)
+        self.entries: dict[tuple[str, str, str, int], Entry] = {}
+        self.counts: dict[str, int] = dict.fromkeys(COUNTS, 0)
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.counts[what] = self.counts.get(what, 0) + n
+
+    # -- test set-up ----------------------------------------------------------------------
+
+    def issue(self, spec: dict[str, Any], now: float) -> dict[str, Any]:
+        """Create (or update) a customer and issue a registration token for it.
+
+        ValueError names the field when the spec is malformed.
+        """
+        known = {
+            "customer_aws_account_id",
+            "license_arn",
+            "customer_identifier",
+            "product_code",
+            "subscribed",
+            "token_ttl_seconds",
+            "identity",
+        }
+        unknown = set(spec) - known
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        identity = spec.get("identity")
+        if identity is None:
+            identity = "customer_identifier" if spec.get("customer_identifier") else "license"
+        if identity not in ("license", "customer_identifier"):
+            raise ValueError("identity must be 'license' or 'customer_identifier'")
+        ttl = spec.get("token_ttl_seconds", DEFAULT_TTL)
+        if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not ttl > 0:
+            raise ValueError("token_ttl_seconds must be a number > 0")
+        subscribed = spec.get("subscribed", True)
+        if not isinstance(subscribed, bool):
+            raise ValueError("subscribed must be true or false")
+        for name in ("customer_aws_account_id", "license_arn", "customer_identifier"):
+            if name in spec and (not isinstance(spec[name], str) or not spec[name]):
+                raise ValueError(f"{name} must be a non-empty string")
+        account = spec.get("customer_aws_account_id") or "".join(
+            str(secrets.randbelow(10)) for _ in range(12)
+        )
+        if not account.isdigit():
+            raise ValueError("customer_aws_account_id must be digits")
+        product = spec.get("product_code") or DEFAULT_PRODUCT
+        if identity == "license":
+            license_arn = spec.get("license_arn") or (
+                f"arn:aws:license-manager::{account}:license:l-{secrets.token_hex(16)}"
+            )
+            customer = Customer("license", account, product, license_arn=license_arn)
+        else:
+            ident = spec.get("customer_identifier") or f"cust-{secrets.token_hex(8)}"
+            customer = Customer(
+                "customer_identifier",
+                account,
+                product,
+                license_arn=spec.get("license_arn"),
+                customer_identifier=ident,
+            )
+        owner = self._license_owner(customer.license_arn or "")
+        if owner is not None and owner.account_id != account:
+            raise ValueError("license_arn belongs to another customer_aws_account_id")
+        existing = self.customers.get(customer.key)
+        if existing is not None:
+            customer = existing
+        customer.subscribed = subscribed
+        self.customers[customer.key] = customer
+        if customer.license_arn is not None:
+            self.licenses[customer.license_arn] = customer
+        token = secrets.token_urlsafe(48)
+        self.tokens[token] = (customer.key, now + float(ttl))
+        return {"registration_token": token, "expires_at": now + float(ttl), **customer.fields()}
+
+    def unsubscribe(self, spec: dict[str, Any]) -> list[str]:
+        """Mark customers unsubscribed; their keys. ValueError when nothing matches."""
+        account = spec.get("customer_aws_account_id")
+        ident = spec.get("customer_identifier")
+        license_arn = spec.get("license_arn")
+        if not any((account, ident, license_arn)):
+            raise ValueError("name customer_aws_account_id, license_arn or customer_identifier")
+        hit = [
+            c
+            for c in self.customers.values()
+            if (account is None or c.account_id == account)
+            and (ident is None or c.customer_identifier == ident)
+            and (license_arn is None or c.license_arn == license_arn)
+        ]
+        if not hit:
+            raise ValueError("no such customer")
+        for c in hit:
+            c.subscribed = False
+        return [c.key for c in hit]
+
+    def _license_owner(self, license_arn: str) -> Customer | None:
+        return self.licenses.get(license_arn)
+
+    # -- ResolveCustomer ------------------------------------------------------------------
+
+    def resolve(self, params: dict[str, Any], now: float) -> Answer:
+        token = params.get("RegistrationToken")
+        seen = self.tokens.get(token) if isinstance(token, str) else None
+        if seen is None:
+            return error("InvalidTokenException", "Registration token is invalid")
+        key, expires_at = seen
+        if now >= expires_at:
+            return error("ExpiredTokenException", "Registration token has expired")
+        return 200, self.customers[key].resolved()
+
+    # -- BatchMeterUsage ------------------------------------------------------------------
+
+    def batch(
+        self,
+        params: dict[str, Any],
+        now: float,
+        *,
+        dimensions: list[str] | None,
+        product_codes: list[str] | None,
+        future_limit: float,
+        unprocessed: Callable[[], bool],
+    ) -> Answer:
+        """One validated BatchMeterUsage call (model checks done by the caller)."""
+        records = params.get("UsageRecords") or []
+        if len(records) > MAX_RECORDS:
+            return error(
+                "ValidationException",
+                f"1 validation error detected: Value at 'usageRecords' failed to satisfy "
+                f"constraint: Member must have length less than or equal to {MAX_RECORDS} "
+                f"(got {len(records)})",
+            )
+        problem = self._check(params, records, now, dimensions, product_codes, future_limit)
+        if problem is not None:
+            if problem[1].get("__type") == "TimestampOutOfBoundsException":
+                self.count("out_of_bounds_batches")
+            return problem
+        results: list[dict[str, Any]] = []
+        unprocessed_records: list[dict[str, Any]] = []
+        for record in records:
+            if unprocessed():
+                self.count("unprocessed")
+                unprocessed_records.append(record)
+                continue
+            results.append(self._one(params.get("ProductCode"), record, now))
+        return 200, {"Results": results, "UnprocessedRecords": unprocessed_records}
+
+    def _check(
+        self,
+        params: dict[str, Any],
+        records: list[dict[str, Any]],
+        now: float,
+        dimensions: list[str] | None,
+        product_codes: list[str] | None,
+        future_limit: float,
+    ) -> Answer | None:
+        """The request's own validity, all or nothing: an error, or None."""
+        by_identifier = [i for i, r in enumerate(records) if "CustomerIdentifier" in r]
+        by_account = [
+            i for i, r in enumerate(records) if "CustomerAWSAccountId" in r or "LicenseArn" in r
+        ]
+        if by_identifier and by_account:
+            return error(
+                "ValidationException",
+                "CustomerIdentifier and CustomerAWSAccountId/LicenseArn cannot be used in the "
+                f"same request (records {by_identifier[:3]} and {by_account[:3]})",
+            )
+        product = params.get("ProductCode")
+        if by_account and product is not None:
+            return error(
+                "ValidationException",
+                "ProductCode cannot be used with CustomerAWSAccountId and LicenseArn records",
+            )
+        if by_identifier and product is None:
+            return error(
+                "ValidationException", "ProductCode is required with CustomerIdentifier records"
+            )
+        if product is not None and product_codes is not None and product not in product_codes:
+            return error("InvalidProductCodeException", "product code not found")
+        for i, r in enumerate(records):
+            if "CustomerIdentifier" not in r and not (
+                "CustomerAWSAccountId" in r and "LicenseArn" in r
+            ):
+                return error(
+                    "ValidationException",
+                    f"record {i} needs CustomerIdentifier, or CustomerAWSAccountId and LicenseArn",
+                )
+            if "LicenseArn" in r:
+                owner = self._license_owner(str(r["LicenseArn"]))
+                if owner is not None and owner.account_id != r.get("CustomerAWSAccountId"):
+                    return error(
+                        "InvalidLicenseException",
+                        f"record {i}: the LicenseArn belongs to another customer",
+                    )
+            if dimensions is not None and r.get("Dimension") not in dimensions:
+                return error(
+                    "InvalidUsageDimensionException", f"record {i}: dimension is not published"
+                )
+            if "Quantity" in r and "QuantityAsDecimal" in r:
+                return error(
+                    "ValidationException", f"record {i}: Quantity or QuantityAsDecimal, not both"
+                )
+            _, problem = _allocations(r, int(r.get("Quantity", 0)))
+            if problem is not None:
+                return problem
+        for i, r in enumerate(records):
+            stamp = _timestamp(r.get("Timestamp"))
+            if stamp is None or not math.isfinite(stamp):
+                return error("ValidationException", f"record {i}: Timestamp is not a timestamp")
+            if now - stamp >= WINDOW or stamp > now + future_limit:
+                return error(
+                    "TimestampOutOfBoundsException",
+                    f"record {i}: Timestamp must be within the past six hours and not in the "
+                    "future; the whole request is rejected",
+                )
+        return None
+
+    def _one(self, product: str | None, record: dict[str, Any], now: float) -> dict[str, Any]:
+        if "CustomerIdentifier" in record:
+            key = str(record["CustomerIdentifier"])
+        else:
+            key = f"{record['CustomerAWSAccountId']}/{record['LicenseArn']}"
+        customer = self.customers.get(key)
+        if (
+            customer is None
+            or not customer.subscribed
+            or (product is not None and customer.product_code != product)
+        ):
+            self.count("customer_not_subscribed")
+            return {"UsageRecord": record, "Status": "CustomerNotSubscribed"}
+        quantity = int(record.get("Quantity", 0))
+        allocations, _ = _allocations(record, quantity)
+        value = json.dumps([quantity, record.get("QuantityAsDecimal"), allocations])
+        stamp = _timestamp(record["Timestamp"])
+        assert stamp is not None  # nosec B101 # _check refused it otherwise
+        dedup = (customer.product_code, key, str(record["Dimension"]), math.floor(stamp / HOUR))
+        entry = self.entries.get(dedup)
+        if entry is None:
+            entry = Entry(
+                customer=key,
+                product_code=customer.product_code,
+                dimension=dedup[2],
+                hour=dedup[3],
+                quantity=quantity,
+                value=value,
+                metering_record_id=str(uuid.uuid4()),
+                recorded_at=now,
+            )
+            self.entries[dedup] = entry
+            self.count("records")
+        elif entry.value != value:
+            self.count("duplicate_record")
+            return {"UsageRecord": record, "Status": "DuplicateRecord"}
+        else:
+            entry.repeats += 1
+            self.count("idempotent_repeat")
+        self.count("success")
+        return {
+            "UsageRecord": record,
+            "MeteringRecordId": entry.metering_record_id,
+            "Status": "Success",
+        }
+
+    def ledger(self) -> dict[str, Any]:
+        return {
+            "records": [
+                {
+                    "customer": e.customer,
+                    "product_code": e.product_code,
+                    "dimension": e.dimension,
+                    "hour": e.hour,
+                    "quantity": e.quantity,
+                    "metering_record_id": e.metering_record_id,
+                    "repeats": e.repeats,
+                }
+                for e in self.entries.values()
+            ],
+            "counts": dict(self.counts),
+            "customers": [c.fields() for c in self.customers.values()],
+        }

@@ -1,0 +1,166 @@
+"""The usage store's interface, whatever the backend: SQLite for one replica, PostgreSQL for many.
+
+A ledger (custom mode's `ledger`, SaaS mode's `saas_ledger`) is a set of functions taking a `Db`:
+the store runs each one inside its writer's transaction (`write`: group commit, one savepoint per
+job) or a read snapshot (`read`). The same statements run on both backends, so they keep to the
+portable subset: `?` placeholders, `INSERT ... ON CONFLICT`, BIGINT / DOUBLE PRECISION / TEXT,
+booleans as INTEGER 0/1, `int()` around aggregates (PostgreSQL's SUM(bigint) is a Decimal). On
+PostgreSQL a failed statement aborts the transaction: a job must not catch a database error and
+carry on (SQLite would let it); it lets it propagate, and its savepoint is rolled back.
+
+`open_store` picks the backend: a database URL means PostgreSQL (psycopg is imported only then),
+otherwise the state directory's SQLite file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The store cannot be opened or trusted. Never answered by starting from zero."""
+
+
+class StoreUnavailableError(Exception):
+    """A write (or read) did not happen: the database is unreachable, restarting, or the disk is
+    full. Nothing was stored by this call; answer 503 with Retry-After and let the client retry."""
+
+
+class Cursor(Protocol):
+    """What `Db.execute` returns (sqlite3's and psycopg's cursors both fit)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    # Any, not `tuple | None`: `execute(...).fetchone()[0]` on a query that always returns a row
+    # (COUNT, MIN) type-checks without a cast; check for None where a row may be missing.
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[tuple[Any, ...]]: ...
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]: ...
+
+
+class Db(Protocol):
+    """What a transaction function receives."""
+
+    @property
+    def dialect(self) -> str: ...  # "sqlite" | "postgresql"
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor: ...  # '?' placeholders
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    def lock(self, key: int, *, shared: bool = False) -> None:
+        """A transaction-scoped lock on `key` (a signed 64-bit int), released at COMMIT.
+
+        PostgreSQL: pg_advisory_xact_lock[_shared], so sidecars of one fleet serialise on it.
+        SQLite: nothing to do, one writer thread already serialises every transaction.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A ledger's tables, versioned.
+
+    `name` is the SQLite file in the state dir and, on PostgreSQL, the row of the version table
+    (`sidecar_schema (name, version)`). SQLite keeps the version in `meta (key, value)` under
+    'schema_version' (a schema may create `meta` itself, as custom mode's does, or leave it to the
+    store). `migrations[k]` = (sqlite DDL, postgresql DDL) taking version k-1 to k; all the steps
+    an open needs run in ONE transaction, and a store newer than `version` is refused untouched.
+    """
+
+    name: str
+    version: int
+    sqlite: str
+    postgresql: str
+    migrations: Mapping[int, tuple[str, str]] = field(default_factory=dict)
+
+
+class UsageStore(Protocol):
+    """The store a service holds (SQLite `Store` or PostgreSQL `PgStore`)."""
+
+    @property
+    def backend(self) -> str: ...  # "sqlite" | "postgresql"
+
+    @property
+    def where(self) -> str: ...  # the file, or the URL without its password
+
+    def write(self, fn: Callable[[Db], T], timeout: float = 120.0) -> T:
+        """Run `fn` in the writer's next transaction; return once it is COMMITTED.
+
+        `fn`'s own exceptions roll back `fn` alone and are re-raised. StoreUnavailableError, at
+        once rather than after `timeout`, when the store cannot write (answer 503).
+        """
+        ...
+
+    def read(self, fn: Callable[[Db], T]) -> T: ...  # a consistent snapshot
+
+    def available(self) -> tuple[bool, str | None]: ...  # for /readyz: (False, why)
+
+    def leading(self) -> bool:
+        """Take, or check we still hold, the fleet's SENDER role (SQLite: always True)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_store(
+    schema: Schema, *, state_dir: Path | None = None, database_url: str | None = None
+) -> UsageStore:
+    """The store for this configuration; StoreError (a clear message) when it cannot be used."""
+    if database_url:
+        try:
+            from sidecar.usage.pgstore import PgStore
+        except ImportError as exc:  # psycopg is a dependency; a broken install says so
+            raise StoreError(f"PostgreSQL support is not installed (psycopg): {exc}") from None
+        return PgStore(schema, database_url)
+    if state_dir is None:
+        raise StoreError("no usage store: set a database URL or a state directory")
+    from sidecar.usage.store import Store
+
+    return Store(state_dir, schema=schema)
+
+
+def redact_url(url: str) -> str:
+    """`postgresql://user@host:port/db`: the URL without its password or query (which may hold
+    `password=`), for logs, messages and /readyz."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "postgresql://(unparseable URL)"
+    if not parts.scheme or "://" not in url:
+        return "(connection string hidden)"
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return f"{parts.scheme}://{user + '@' if user else ''}{hosts}{parts.path}"
+
+
+def url_secrets(url: str) -> list[str]:
+    """The URL's password as written and decoded (longest first), to scrub from messages."""
+    found: set[str] = set()
+    try:
+        parts = urlsplit(url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        if ":" in userinfo:
+            found.add(userinfo.partition(":")[2])
+        for value in parse_qs(parts.query).get("password", []):
+            found.add(value)
+    except ValueError:
+        pass
+    found |= {unquote(s) for s in found}
+    found.discard("")
+    return sorted(found, key=len, reverse=True)
+
+
+def scrub(message: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    return message

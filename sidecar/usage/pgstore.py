@@ -1,0 +1,591 @@
+"""The usage store in the seller's PostgreSQL, for many replicas (SaaS mode).
+
+Imported only when a database URL is configured (psycopg is imported here and nowhere else).
+The design is the SQLite store's, so the ledger cannot tell them apart:
+
+- ONE writer connection and thread. Each pending `write` runs in its own savepoint inside one
+  transaction and they share one COMMIT (group commit): many concurrent POSTs cost one WAL flush
+  on the server, and a job that raises rolls back alone. At most 64 jobs per transaction: more
+  savepoints than that overflow PostgreSQL's per-backend subtransaction cache and slow every
+  other session's snapshots. A job that loses a deadlock or serialization race against another
+  sidecar (two group commits touching the same rows in a different order) is rolled back to its
+  savepoint and retried in the next transaction, not failed.
+- A reader connection: `read` runs in a REPEATABLE READ READ ONLY transaction (one snapshot).
+- A leader connection holding a session-level advisory lock: the fleet's one SENDER.
+- `Db.lock(key)` is pg_advisory_xact_lock: sidecars serialise on a key until COMMIT.
+
+Why one leader under an advisory lock rather than a `FOR UPDATE SKIP LOCKED` outbox: AWS's
+BatchMeterUsage quota is per account (10 calls/s) and a call carries up to 25 records; one sender
+fills every batch and paces the whole fleet under the quota, where senders sharing an outbox would
+split batches (more calls per record) and each need a share of the quota. The lock belongs to a
+database SESSION, so it needs no lease or clock: a SIGKILLed or crashed leader's connection closes,
+the server ends its session, the lock is free, and another sidecar takes it on its next
+`leading()`. A leader cut off by the network keeps believing it leads until its next `leading()`
+fails, while the server (TCP keepalives set on the session, below) ends the session and another
+sidecar takes over: for a moment two sidecars may send. That is safe because a sender only ever
+sends requests that were stored before their first send, byte for byte, and AWS treats identical
+requests as idempotent ("can be retried with the same records or a subset"); nothing is re-built.
+
+Down or restarting server: every call raises StoreUnavailableError within `connect_timeout`
+(3 s; at once when the port refuses), jobs already queued fail with it rather than wait, and for
+`RETRY_SECONDS` after a failed connect no new attempt is made (calls fail at once). The next call
+after that reconnects, so the store recovers by itself. A COMMIT cut by the connection's loss has
+an unknown outcome: it is answered 503 like any failure and the client's retry, with the same
+idempotency id, is answered from the store if it had committed.
+
+The URL's password never appears in a message or log: `where` is the URL without it, and every
+driver message is scrubbed of it. A connection pooler must be in session mode (advisory locks
+and savepoints live in a session).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from sidecar.usage.db import (
+    Cursor,
+    Db,
+    Schema,
+    StoreError,
+    StoreUnavailableError,
+    redact_url,
+    scrub,
+    url_secrets,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+BATCH_MAX = 64  # savepoints per transaction; see the module docstring
+JOB_RETRIES = 3  # deadlock / serialization failures retried in the next transaction
+RETRY_SECONDS = 1.0  # after a failed connect, calls fail at once for this long
+CONNECT_TIMEOUT = 3  # seconds (libpq's minimum is 2)
+VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS sidecar_schema ("
+    "name TEXT PRIMARY KEY, version BIGINT NOT NULL, migrated_at DOUBLE PRECISION NOT NULL)"
+)
+# Client-side defaults; settings in the URL win. TCP keepalives notice a dead server on an idle
+# connection; tcp_user_timeout bounds a send that is never acknowledged (a vanished peer).
+CLIENT_DEFAULTS = {
+    "connect_timeout": str(CONNECT_TIMEOUT),
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "3",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "15000",
+    "application_name": "marketplace-sidecar",
+}
+# The leader's session also asks the SERVER to probe the client, so the lock of a sidecar cut off
+# by the network is released within about 20 s instead of the OS default of two hours.
+LEADER_OPTIONS = (
+    "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=3 -c tcp_keepalives_count=3 "
+    "-c tcp_user_timeout=15000"
+)
+# Store-internal advisory locks use the two-int4 key space, which never meets the bigint keys
+# `Db.lock` takes for the ledger.
+LOCK_CLASS = 0x51DECA5
+
+
+def _key(label: str) -> int:
+    digest = hashlib.blake2b(label.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def pg_sql(sql: str) -> str:
+    """Our portable SQL to psycopg's: `?` outside quotes and comments becomes `%s`, and every
+    `%` is doubled (psycopg reads `%` everywhere, even inside a string literal)."""
+    out: list[str] = []
+    i, n = 0, len(sql)
+    quote: str | None = None  # "'" or '"' while inside one
+    while i < n:
+        ch = sql[i]
+        if ch == "%":
+            out.append("%%")
+        elif quote is not None:
+            out.append(ch)
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+            out.append(ch)
+        elif sql.startswith("--", i):
+            end = sql.find("\n", i)
+            end = n if end < 0 else end
+            out.append(sql[i:end].replace("%", "%%"))
+            i = end
+            continue
+        elif sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            end = n if end < 0 else end + 2
+            out.append(sql[i:end].replace("%", "%%"))
+            i = end
+            continue
+        elif ch == "?":
+            out.append("%s")
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _params(params: Sequence[Any]) -> tuple[Any, ...]:
+    # Booleans are INTEGER 0/1 in the portable schema; PostgreSQL would refuse a bool there.
+    return tuple(int(p) if isinstance(p, bool) else p for p in params)
+
+
+class PgDb:
+    """`Db` over a psycopg connection."""
+
+    dialect = "postgresql"
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        return self.conn.execute(pg_sql(sql), _params(params))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(pg_sql(sql), [_params(r) for r in rows])
+
+    def lock(self, key: int, *, shared: bool = False) -> None:
+        if shared:
+            self.conn.execute("SELECT pg_advisory_xact_lock_shared(%s::bigint)", (key,))
+        else:
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (key,))
+
+
+@dataclass
+class _Job:
+    fn: Callable[[Db], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+    attempts: int = 0
+
+
+@dataclass
+class StoreStats:
+    commits: int = 0
+    jobs: int = 0
+    failed_commits: int = 0
+    retried_jobs: int = 0
+
+
+def _rolled_back(exc: BaseException) -> bool:
+    """SQLSTATE class 40 (deadlock, serialization failure): retry in another transaction.
+    (psycopg's DeadlockDetected is no subclass of its TransactionRollback: ask the code.)"""
+    return isinstance(exc, psycopg.Error) and str(exc.sqlstate or "").startswith("40")
+
+
+def _connection_lost(conn: Conn, exc: BaseException) -> bool:
+    """The store failed (not the job): connection gone, server shutting down, disk full..."""
+    if conn.closed or conn.broken:
+        return True
+    if _rolled_back(exc):
+        return False
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+class PgStore:
+    """The usage store in PostgreSQL; see the module docstring."""
+
+    backend = "postgresql"
+
+    def __init__(
+        self,
+        schema: Schema,
+        url: str,
+        *,
+        batch_max: int = BATCH_MAX,
+        retry_seconds: float = RETRY_SECONDS,
+    ) -> None:
+        self.schema = schema
+        self.where = redact_url(url)
+        self.stats = StoreStats()
+        self._secrets = url_secrets(url)
+        self._url = url
+        self._batch_max = batch_max
+        self._retry = retry_seconds
+        self._closed = False
+        if not schema.postgresql.strip():
+            raise StoreError(f"schema {schema.name} has no PostgreSQL form")
+        try:
+            given = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise StoreError(f"database URL {self.where} is invalid: {self._scrub(exc)}") from None
+        self._client = {k: v for k, v in CLIENT_DEFAULTS.items() if k not in given}
+        own = str(given.get("options") or "")
+        self._leader_options = (own + " " + LEADER_OPTIONS).strip()
+        # Shared down-state: why the last connect failed, and when (monotonic).
+        self._state_lock = threading.Lock()
+        self._down: str | None = None
+        self._down_at = 0.0
+        self._leader_key = 0
+        self._migrate()
+        self._wconn: Conn | None = None
+        self._rconn: Conn | None = None
+        self._lconn: Conn | None = None
+        self._holding = False
+        self._read_lock = threading.Lock()
+        self._leader_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="usage-writer", daemon=True)
+        self._writer.start()
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _scrub(self, exc: BaseException | str) -> str:
+        text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}".strip()
+        return scrub(" ".join(text.split()), self._secrets)
+
+    def _connect(self, *, leader: bool = False) -> Conn:
+        """A new autocommit connection, or StoreUnavailableError (at once while down)."""
+        with self._state_lock:
+            if self._down is not None and time.monotonic() - self._down_at < self._retry:
+                raise StoreUnavailableError(f"database unreachable: {self._down}")
+        extra: dict[str, Any] = dict(self._client)
+        if leader:
+            extra["options"] = self._leader_options
+        try:
+            conn: Conn = psycopg.connect(self._url, autocommit=True, **extra)
+        except psycopg.Error as exc:
+            reason = f"{self.where}: {self._scrub(exc)}"
+            with self._state_lock:
+                if self._down is None:
+                    log.warning("usage_store_unreachable", extra={"detail": reason})
+                self._down, self._down_at = reason, time.monotonic()
+            raise StoreUnavailableError(f"database unreachable: {reason}") from None
+        with self._state_lock:
+            if self._down is not None:
+                log.info("usage_store_reachable", extra={"detail": self.where})
+            self._down = None
+        return conn
+
+    def _lost(self, exc: BaseException) -> StoreUnavailableError:
+        return StoreUnavailableError(f"database connection lost: {self.where}: {self._scrub(exc)}")
+
+    @staticmethod
+    def _drop(conn: Conn | None) -> None:
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _gate(self) -> None:
+        """While a connect failed less than `retry` seconds ago, fail at once."""
+        with self._state_lock:
+            if self._down is not None and time.monotonic() - self._down_at < self._retry:
+                raise StoreUnavailableError(f"database unreachable: {self._down}")
+
+    # -- schema --------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        """Create or migrate the schema under a session advisory lock, so sidecars starting
+        together take turns; a database newer than this sidecar is refused, untouched."""
+        try:
+            conn = self._connect()
+        except StoreUnavailableError as exc:
+            raise StoreError(str(exc)) from None
+        name, target = self.schema.name, self.schema.version
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, _key("schema")))
+            # Advisory locks are per DATABASE: two fleets in two schemas of one database (each
+            # with its own search_path) must not share one sender lock.
+            here = conn.execute("SELECT current_schema()").fetchone()
+            self._leader_key = _key(f"leader:{here[0] if here else ''}:{self.schema.name}")
+            conn.execute(VERSION_TABLE)
+            row = conn.execute(
+                "SELECT version FROM sidecar_schema WHERE name = %s", (name,)
+            ).fetchone()
+            found = None if row is None else int(row[0])
+            if found is not None and found > target:
+                raise StoreError(
+                    f"database {self.where} has schema {name} version {found}; this sidecar "
+                    f"reads version {target} (was the sidecar downgraded?). It is left as it is"
+                )
+            if found == target:
+                return
+            if found is None:
+                steps = [self.schema.postgresql]
+            else:
+                wanted = range(found + 1, target + 1)
+                missing = [k for k in wanted if k not in self.schema.migrations]
+                if missing:
+                    raise StoreError(
+                        f"database {self.where} has schema {name} version {found}; this sidecar "
+                        f"(version {target}) has no migration to version {missing[0]}. "
+                        "It is left as it is"
+                    )
+                steps = [self.schema.migrations[k][1] for k in range(found + 1, target + 1)]
+            with conn.transaction():
+                for ddl in steps:
+                    conn.execute(ddl)
+                conn.execute(
+                    "INSERT INTO sidecar_schema VALUES (%s, %s, %s) ON CONFLICT (name) "
+                    "DO UPDATE SET version = excluded.version, migrated_at = excluded.migrated_at",
+                    (name, target, time.time()),
+                )
+            log.info(
+                "usage_store_migrated",
+                extra={"detail": f"{self.where}: schema {name} {found} -> {target}"},
+            )
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"database {self.where}: schema {name} cannot be created or migrated to version "
+                f"{target} ({self._scrub(exc)}); nothing was changed"
+            ) from None
+        finally:
+            self._drop(conn)  # ends the session: the advisory lock goes with it
+
+    # -- writing -------------------------------------------------------------------------
+
+    def write(self, fn: Callable[[Db], T], timeout: float = 120.0) -> T:
+        """Run `fn` in the writer's next transaction; return once it is committed.
+
+        Exceptions raised by `fn` roll back `fn`'s writes only and are re-raised here.
+        """
+        if self._closed:
+            raise StoreUnavailableError("the usage store is closed")
+        self._gate()
+        job = _Job(fn)
+        self._queue.put(job)
+        if not job.done.wait(timeout):
+            raise StoreUnavailableError(f"the usage store did not commit within {timeout:.0f} s")
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[no-any-return]
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            stop = False
+            while len(batch) < self._batch_max:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            try:
+                self._run(batch)
+            except BaseException as exc:  # never leave a caller waiting
+                # Nor a transaction half-run: closing the connection rolls it back, so the
+                # next BEGIN cannot land inside it and commit what failed here.
+                self._drop(self._wconn)
+                self._wconn = None
+                for j in batch:
+                    if not j.done.is_set():
+                        j.result, j.error = None, StoreUnavailableError(self._scrub(exc))
+                        j.done.set()
+                log.error("usage_store_writer_failed", extra={"detail": self._scrub(exc)})
+            if stop:
+                return
+
+    def _writer_conn(self) -> Conn:
+        conn = self._wconn
+        if conn is None or conn.closed or conn.broken:
+            self._drop(conn)
+            self._wconn = None
+            conn = self._wconn = self._connect()
+        return conn
+
+    def _run(self, batch: list[_Job]) -> None:
+        pending = batch
+        stale_ok = True  # one reconnect when a kept connection turns out dead at BEGIN
+        while pending:
+            try:
+                reused = self._wconn is not None
+                conn = self._writer_conn()
+            except StoreUnavailableError as exc:
+                self._fail(pending, exc)
+                return
+            retry: list[_Job] = []
+            db = PgDb(conn)
+            try:
+                # READ COMMITTED whatever the server's default: a job that takes db.lock(k)
+                # then sees every transaction that held k before it.
+                conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+            except psycopg.Error as exc:
+                # Nothing ran yet: a connection the server dropped while idle (a restart since
+                # the last write) costs a reconnect, not a 503.
+                self._drop(conn)
+                self._wconn = None
+                if reused and stale_ok:
+                    stale_ok = False
+                    continue
+                self._fail(pending, self._lost(exc))
+                return
+            try:
+                for job in pending:
+                    conn.execute("SAVEPOINT job")
+                    try:
+                        job.result = job.fn(db)
+                    except Exception as exc:
+                        if isinstance(exc, psycopg.Error) and _connection_lost(conn, exc):
+                            raise
+                        job.result = None
+                        conn.execute("ROLLBACK TO SAVEPOINT job")
+                        if _rolled_back(exc) and job.attempts < JOB_RETRIES:
+                            job.attempts += 1
+                            retry.append(job)
+                        else:
+                            job.error = exc
+                    conn.execute("RELEASE SAVEPOINT job")
+                conn.execute("COMMIT")
+            except psycopg.Error as exc:
+                self.stats.failed_commits += 1
+                if conn.closed or conn.broken:
+                    failure = self._lost(exc)
+                    self._drop(conn)
+                    self._wconn = None
+                else:
+                    failure = StoreUnavailableError(f"{self.where}: {self._scrub(exc)}")
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("ROLLBACK")
+                log.error("usage_store_write_failed", extra={"detail": str(failure)})
+                self._fail(pending, failure)
+                return
+            self.stats.commits += 1
+            self.stats.jobs += len(pending) - len(retry)
+            self.stats.retried_jobs += len(retry)
+            for job in pending:
+                if job not in retry:
+                    job.done.set()
+            pending = retry
+
+    @staticmethod
+    def _fail(jobs: list[_Job], error: StoreUnavailableError) -> None:
+        for job in jobs:
+            job.result, job.error = None, error
+            job.done.set()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def read(self, fn: Callable[[Db], T]) -> T:
+        """Run `fn` in one REPEATABLE READ snapshot on the reader connection."""
+        if self._closed:
+            raise StoreUnavailableError("the usage store is closed")
+        with self._read_lock:
+            conn = self._fresh_reader("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                result = fn(PgDb(conn))
+                conn.execute("COMMIT")
+                return result
+            except BaseException as exc:
+                if isinstance(exc, psycopg.Error) and _connection_lost(conn, exc):
+                    self._drop(conn)
+                    self._rconn = None
+                    raise self._lost(exc) from None
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _reader_conn(self) -> Conn:
+        conn = self._rconn
+        if conn is None or conn.closed or conn.broken:
+            self._drop(conn)
+            self._rconn = None
+            conn = self._rconn = self._connect()
+        return conn
+
+    def _fresh_reader(self, first: str) -> Conn:
+        """The reader connection with `first` executed on it; a kept connection the server
+        dropped while idle (a restart since) is replaced once, not reported."""
+        for attempt in (1, 2):
+            reused = self._rconn is not None
+            conn = self._reader_conn()
+            try:
+                conn.execute(first)
+            except psycopg.Error as exc:
+                self._drop(conn)
+                self._rconn = None
+                if reused and attempt == 1:
+                    continue
+                raise self._lost(exc) from None
+            return conn
+        raise AssertionError("unreachable")
+
+    def available(self) -> tuple[bool, str | None]:
+        """For /readyz: asks the server (one round trip on the reader connection)."""
+        if self._closed:
+            return False, f"usage store {self.where} is closed"
+        if not self._read_lock.acquire(timeout=1.0):
+            return True, None  # a read is in progress: the connection works
+        try:
+            self._fresh_reader("SELECT 1")
+        except StoreUnavailableError as exc:
+            return False, str(exc)
+        finally:
+            self._read_lock.release()
+        return True, None
+
+    # -- the sender role -----------------------------------------------------------------
+
+    def leading(self) -> bool:
+        """Take, or check we still hold, the fleet's sender lock (one round trip)."""
+        with self._leader_lock:
+            if self._closed:
+                return False
+            conn = self._lconn
+            if conn is None or conn.closed or conn.broken:
+                self._holding = False
+                self._drop(conn)
+                self._lconn = None
+                try:
+                    conn = self._lconn = self._connect(leader=True)
+                except StoreUnavailableError:
+                    return False
+            try:
+                if self._holding:
+                    # The session is alive, so the session-level lock is still ours.
+                    conn.execute("SELECT 1")
+                else:
+                    row = conn.execute(
+                        "SELECT pg_try_advisory_lock(%s, %s)",
+                        (LOCK_CLASS, self._leader_key),
+                    ).fetchone()
+                    self._holding = bool(row and row[0])
+                    if self._holding:
+                        log.info("usage_store_leader", extra={"detail": self.where})
+            except psycopg.Error as exc:
+                log.warning("usage_store_leader_lost", extra={"detail": self._scrub(exc)})
+                self._holding = False
+                self._drop(conn)
+                self._lconn = None
+            return self._holding
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join(timeout=30)
+        with self._leader_lock:
+            self._drop(self._lconn)  # ends the session: the sender lock is released
+            self._lconn, self._holding = None, False
+        with self._read_lock:
+            self._drop(self._rconn)
+            self._rconn = None
+        self._drop(self._wconn)
+        self._wconn = None

@@ -1,0 +1,545 @@
+"""The PostgreSQL usage store on a real server: group commit across sidecars (threads and
+processes), a failing job alone rolled back, the server restarted under load, the sender's lock
+passing on when its holder is SIGKILLed, the schema created by racing sidecars, and the URL's
+password kept out of every message."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from sidecar.usage.db import Db, Schema, StoreError, StoreUnavailableError, open_store
+from sidecar.usage.pgstore import PgStore, pg_sql
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DDL = """
+CREATE TABLE items (id TEXT PRIMARY KEY, n BIGINT NOT NULL);
+CREATE TABLE counter (k INTEGER PRIMARY KEY, v BIGINT NOT NULL);
+INSERT INTO counter VALUES (1, 0);
+"""
+SCHEMA = Schema(name="t", version=1, sqlite=DDL, postgresql=DDL)
+
+# A child sidecar process: opens the store and does what argv[1] (JSON) says.
+CHILD = r"""
+import json, sys, threading, time
+from sidecar.usage.db import Schema, open_store
+args = json.loads(sys.argv[1])
+ddl = args["ddl"]
+schema = Schema(name="t", version=1, sqlite=ddl, postgresql=ddl)
+while time.time() < args.get("go", 0):
+    time.sleep(0.001)
+store = open_store(schema, database_url=args["url"])
+if args["do"] == "open":
+    print(json.dumps({"opened": True}), flush=True)
+elif args["do"] == "write":
+    tag = args["tag"]
+    def one(i):
+        def job(db):
+            db.lock(7)  # the counter's read-modify-write is serialised fleet-wide
+            v = db.execute("SELECT v FROM counter WHERE k = 1").fetchone()[0]
+            db.execute("UPDATE counter SET v = ? WHERE k = 1", (v + 1,))
+            db.execute("INSERT INTO items VALUES (?, ?)", (f"{tag}-{i}", i))
+        store.write(job)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(args["n"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"jobs": store.stats.jobs, "commits": store.stats.commits}), flush=True)
+elif args["do"] == "lead":
+    print(json.dumps({"leading": store.leading()}), flush=True)
+    time.sleep(120)
+store.close()
+"""
+
+
+def child(args: dict[str, Any]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps({"ddl": DDL, **args})],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def count(url: str, sql: str = "SELECT COUNT(*) FROM items") -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(sql).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+@pytest.fixture
+def stores() -> Iterator[list[PgStore]]:
+    opened: list[PgStore] = []
+    yield opened
+    for store in opened:
+        store.close()
+
+
+def queued(stores: list[PgStore], n: int) -> None:
+    """Wait until `n` jobs wait in each store's queue (behind a blocked transaction)."""
+    deadline = time.monotonic() + 10
+    while any(s._queue.qsize() < n for s in stores) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def insert(key: str, n: int = 0) -> Any:
+    return lambda db: db.execute("INSERT INTO items VALUES (?, ?)", (key, n))
+
+
+# -- SQL dialect ---------------------------------------------------------------------------
+
+
+def test_placeholders_become_psycopgs_and_a_literal_percent_survives() -> None:
+    assert pg_sql("SELECT ? FROM t WHERE a = ?") == "SELECT %s FROM t WHERE a = %s"
+    assert pg_sql("SELECT '?', \"a?\", '50%' -- ?\n, ?") == (
+        "SELECT '?', \"a?\", '50%%' -- ?\n, %s"
+    )
+    assert pg_sql("SELECT 'it''s ?', ?") == "SELECT 'it''s ?', %s"
+
+
+def test_the_same_statements_run_on_postgresql(pg_url: str, stores: list[PgStore]) -> None:
+    store = PgStore(SCHEMA, pg_url)
+    stores.append(store)
+    store.write(insert("a%b?", 5))
+    rows = store.read(
+        lambda db: db.execute(
+            "SELECT id, n, '?', '%' FROM items WHERE id = ?", ("a%b?",)
+        ).fetchall()
+    )
+    assert rows == [("a%b?", 5, "?", "%")]
+    assert store.read(lambda db: db.dialect) == "postgresql"
+    # Booleans are INTEGER 0/1 in the portable schema.
+    store.write(lambda db: db.execute("UPDATE items SET n = ? WHERE id = ?", (True, "a%b?")))
+    assert store.read(lambda db: db.execute("SELECT n FROM items").fetchone()[0]) == 1
+
+
+def test_open_store_picks_the_backend(pg_url: str, tmp_path: Path) -> None:
+    pg = open_store(SCHEMA, state_dir=tmp_path, database_url=pg_url)
+    lite = open_store(SCHEMA, state_dir=tmp_path, database_url=None)
+    try:
+        assert (pg.backend, lite.backend) == ("postgresql", "sqlite")
+        assert lite.where == str(tmp_path / "t")
+    finally:
+        pg.close()
+        lite.close()
+
+
+# -- group commit, one job's failure -------------------------------------------------------
+
+
+def test_three_stores_in_threads_share_commits(pg_url: str, stores: list[PgStore]) -> None:
+    stores.extend(PgStore(SCHEMA, pg_url) for _ in range(3))
+    release = threading.Event()
+    inside = threading.Semaphore(0)
+
+    def blocker(db: Db) -> None:
+        inside.release()
+        release.wait(10)
+
+    blockers = [threading.Thread(target=s.write, args=(blocker,)) for s in stores]
+    for t in blockers:
+        t.start()
+    for _ in stores:  # each writer is inside its blocker's transaction: the rest queue up
+        assert inside.acquire(timeout=10)
+    writers = [
+        threading.Thread(target=s.write, args=(insert(f"{k}-{i}"),))
+        for k, s in enumerate(stores)
+        for i in range(30)
+    ]
+    for t in writers:
+        t.start()
+    queued(stores, 30)
+    release.set()
+    for t in (*blockers, *writers):
+        t.join(30)
+    assert count(pg_url) == 90
+    for s in stores:
+        assert s.stats.jobs == 31
+        assert s.stats.commits <= 4  # 31 jobs shared a handful of COMMITs
+
+
+def test_three_processes_write_concurrently_and_locks_serialise_them(pg_url: str) -> None:
+    go = time.time() + 1.5
+    procs = [
+        child({"url": pg_url, "do": "write", "tag": f"p{k}", "n": 40, "go": go}) for k in "abc"
+    ]
+    results = [finish(p) for p in procs]
+    assert count(pg_url) == 120
+    # Every read-modify-write of the counter ran under db.lock(7): none was lost.
+    assert count(pg_url, "SELECT v FROM counter WHERE k = 1") == 120
+    assert all(r["jobs"] == 40 for r in results)
+    assert sum(r["commits"] for r in results) < 120
+
+
+def test_a_failing_job_rolls_back_alone(pg_url: str, stores: list[PgStore]) -> None:
+    store = PgStore(SCHEMA, pg_url)
+    stores.append(store)
+    store.write(insert("taken"))
+    release = threading.Event()
+    errors: list[BaseException] = []
+
+    def bad(db: Db) -> None:
+        db.execute("INSERT INTO items VALUES ('bad', 1)")
+        raise ValueError("client mistake")
+
+    def duplicate(db: Db) -> None:
+        db.execute("INSERT INTO items VALUES ('dup-side', 1)")
+        db.execute("INSERT INTO items VALUES ('taken', 1)")
+
+    def run(fn: Any) -> None:
+        try:
+            store.write(fn)
+        except Exception as exc:
+            errors.append(exc)
+
+    inside = threading.Event()
+
+    def blocker(db: Db) -> None:
+        inside.set()
+        release.wait(10)
+
+    first = threading.Thread(target=run, args=(blocker,))
+    first.start()
+    assert inside.wait(10)
+    threads = [threading.Thread(target=run, args=(f,)) for f in (bad, duplicate, insert("good"))]
+    for t in threads:
+        t.start()
+    queued([store], 3)
+    release.set()
+    for t in (first, *threads):
+        t.join(30)
+    ids = store.read(lambda db: {r[0] for r in db.execute("SELECT id FROM items")})
+    assert ids == {"taken", "good"}
+    assert sorted(type(e).__name__ for e in errors) == ["UniqueViolation", "ValueError"]
+    # taken; the blocker; then bad, duplicate and good in ONE transaction, one COMMIT.
+    assert store.stats.commits == 3 and store.stats.failed_commits == 0
+
+
+def test_a_deadlock_between_sidecars_is_retried_not_failed(
+    pg_url: str, stores: list[PgStore]
+) -> None:
+    a, b = PgStore(SCHEMA, pg_url), PgStore(SCHEMA, pg_url)
+    stores.extend((a, b))
+    both = threading.Barrier(2)
+
+    def crossing(first: int, second: int, key: str) -> Any:
+        tries: list[int] = []
+
+        def job(db: Db) -> None:
+            db.lock(first)
+            tries.append(1)
+            if len(tries) == 1:  # both hold their first lock before either asks the second
+                both.wait(5)
+            db.lock(second)
+            db.execute("INSERT INTO items VALUES (?, 0)", (key,))
+
+        return job
+
+    errors: list[BaseException] = []
+
+    def run(store: PgStore, fn: Any) -> None:
+        try:
+            store.write(fn)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run, args=(a, crossing(1, 2, "a"))),
+        threading.Thread(target=run, args=(b, crossing(2, 1, "b"))),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert count(pg_url) == 2
+    assert a.stats.retried_jobs + b.stats.retried_jobs == 1  # the deadlock's victim, once
+
+
+# -- the server down, restarting -----------------------------------------------------------
+
+
+def test_a_restart_under_load_loses_no_acknowledged_write(
+    pg_server: Any, pg_url: str, stores: list[PgStore]
+) -> None:
+    store = PgStore(SCHEMA, pg_url)
+    stores.append(store)
+    acked: list[str] = []
+    failures: list[tuple[str, float]] = []
+    restarted = threading.Event()
+    after: list[str] = []
+    stop = threading.Event()
+
+    def writer(w: int) -> None:
+        i = 0
+        while not stop.is_set():
+            key = f"w{w}-{i}"
+            i += 1
+            began = time.monotonic()
+            try:
+                store.write(insert(key))
+            except Exception as exc:
+                failures.append((type(exc).__name__, time.monotonic() - began))
+                time.sleep(0.05)
+                continue
+            acked.append(key)
+            if restarted.is_set():
+                after.append(key)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        pg_server.restart(down_seconds=1.0)  # immediate stop: a crash, then recovery
+        restarted.set()
+        deadline = time.monotonic() + 15
+        while len(after) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert failures, "the restart should have interrupted some writes"
+    assert {name for name, _ in failures} == {"StoreUnavailableError"}
+    assert max(seconds for _, seconds in failures) < 5.0  # 503 at once, not after 120 s
+    assert len(after) >= 20  # the same store recovered by itself
+    with psycopg.connect(pg_url) as conn:
+        stored = {r[0] for r in conn.execute("SELECT id FROM items")}
+    assert set(acked) <= stored  # every acknowledged write survived the crash
+
+
+def test_a_stopped_server_is_503_at_once_and_readyz_says_why(
+    pg_server: Any, pg_url: str, stores: list[PgStore]
+) -> None:
+    store = PgStore(SCHEMA, pg_url)
+    stores.append(store)
+    store.write(insert("before"))
+    assert store.available() == (True, None)
+    pg_server.stop()
+    try:
+        errors: list[tuple[BaseException, float]] = []
+
+        def one(i: int) -> None:
+            began = time.monotonic()
+            try:
+                store.write(insert(f"down-{i}"))
+            except Exception as exc:
+                errors.append((exc, time.monotonic() - began))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(errors) == 20
+        assert all(isinstance(e, StoreUnavailableError) and s < 5.0 for e, s in errors)
+        with pytest.raises(StoreUnavailableError):
+            store.read(lambda db: db.execute("SELECT 1").fetchone())
+        ok, why = store.available()
+        assert not ok and why is not None and "database" in why and store.where in why
+        assert not store.leading()
+    finally:
+        pg_server.start()
+    deadline = time.monotonic() + 10
+    while store.available()[0] is False and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert store.available() == (True, None)
+    store.write(insert("after"))
+    assert store.read(lambda db: db.execute("SELECT COUNT(*) FROM items").fetchone()[0]) == 2
+
+
+# -- the sender role -----------------------------------------------------------------------
+
+
+def test_a_sigkilled_leader_is_replaced_within_seconds_never_two_at_once(
+    pg_url: str, stores: list[PgStore]
+) -> None:
+    a, b = PgStore(SCHEMA, pg_url), PgStore(SCHEMA, pg_url)
+    stores.extend((a, b))
+    proc = child({"url": pg_url, "do": "lead"})
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline()) == {"leading": True}
+        for _ in range(3):
+            assert (a.leading(), b.leading()) == (False, False)
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        seen: list[tuple[bool, bool]] = []
+        while time.monotonic() - killed < 10:
+            seen.append((a.leading(), b.leading()))
+            if any(seen[-1]):
+                break
+            time.sleep(0.05)
+        took = time.monotonic() - killed
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (True, True) not in seen
+    assert any(seen[-1]) and took < 8.0
+    for _ in range(5):
+        assert a.leading() != b.leading()  # exactly one, and it stays
+    # A graceful stop hands over too.
+    leader, other = (a, b) if a.leading() else (b, a)
+    leader.close()
+    deadline = time.monotonic() + 5
+    while not other.leading() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert other.leading()
+
+
+def test_two_fleets_in_two_schemas_of_one_database_each_have_a_sender(
+    pg_url: str, stores: list[PgStore]
+) -> None:
+    """Advisory locks are per database: the sender lock is per schema (search_path) too."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA fleet_a; CREATE SCHEMA fleet_b")
+    a1, a2, b1 = (PgStore(SCHEMA, f"{pg_url}?options=-csearch_path%3Dfleet_{x}") for x in "aab")
+    stores.extend((a1, a2, b1))
+    assert (a1.leading(), a2.leading(), b1.leading()) == (True, False, True)
+    a1.write(insert("in-a"))
+    assert count(pg_url, "SELECT COUNT(*) FROM fleet_a.items") == 1
+    assert count(pg_url, "SELECT COUNT(*) FROM fleet_b.items") == 0
+
+
+# -- schema ---------------------------------------------------------------------------------
+
+
+def test_three_sidecars_starting_together_create_the_schema_once(pg_url: str) -> None:
+    slow = DDL + "SELECT pg_sleep(0.3);"  # widen the window a race would need
+    go = time.time() + 1.5
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                json.dumps({"ddl": slow, "url": pg_url, "do": "open", "go": go}),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    assert [finish(p) for p in procs] == [{"opened": True}] * 3
+    assert count(pg_url, "SELECT version FROM sidecar_schema WHERE name = 't'") == 1
+    assert count(pg_url, "SELECT COUNT(*) FROM counter") == 1  # the DDL ran once
+
+
+def test_a_database_from_a_newer_sidecar_is_refused_untouched(pg_url: str) -> None:
+    store = PgStore(SCHEMA, pg_url)
+    store.write(insert("kept"))
+    store.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE sidecar_schema SET version = 2 WHERE name = 't'")
+    with pytest.raises(StoreError, match=r"version 2; this sidecar reads version 1"):
+        PgStore(SCHEMA, pg_url)
+    assert count(pg_url, "SELECT version FROM sidecar_schema") == 2
+    assert count(pg_url) == 1
+
+
+def test_an_older_database_is_migrated_in_one_transaction(pg_url: str) -> None:
+    store = PgStore(SCHEMA, pg_url)
+    store.write(insert("kept", 3))
+    store.close()
+    broken = Schema(
+        name="t",
+        version=3,
+        sqlite=DDL,
+        postgresql=DDL,
+        migrations={
+            2: ("", "ALTER TABLE items ADD COLUMN note TEXT"),
+            3: ("", "ALTER TABLE nowhere ADD COLUMN x TEXT"),
+        },
+    )
+    with pytest.raises(StoreError, match=r"cannot be created or migrated to version 3"):
+        PgStore(broken, pg_url)
+    with psycopg.connect(pg_url) as conn:  # step 2 was undone with step 3
+        cols = {
+            r[0]
+            for r in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'items'"
+            )
+        }
+    assert cols == {"id", "n"}
+    assert count(pg_url, "SELECT version FROM sidecar_schema") == 1
+    v2 = Schema(
+        name="t",
+        version=2,
+        sqlite=DDL,
+        postgresql=DDL,
+        migrations={2: ("", "ALTER TABLE items ADD COLUMN note TEXT")},
+    )
+    store = PgStore(v2, pg_url)
+    try:
+        assert store.read(lambda db: db.execute("SELECT id, n, note FROM items").fetchall()) == [
+            ("kept", 3, None)
+        ]
+    finally:
+        store.close()
+    assert count(pg_url, "SELECT version FROM sidecar_schema") == 2
+
+
+def test_a_version_without_its_migration_is_refused(pg_url: str) -> None:
+    PgStore(SCHEMA, pg_url).close()
+    v3 = Schema(name="t", version=3, sqlite=DDL, postgresql=DDL, migrations={3: ("", "SELECT 1")})
+    with pytest.raises(StoreError, match="no migration to version 2"):
+        PgStore(v3, pg_url)
+
+
+# -- the password ---------------------------------------------------------------------------
+
+
+def test_the_password_appears_in_no_message_or_log(
+    pg_server: Any, pg_url: str, caplog: pytest.LogCaptureFixture, stores: list[PgStore]
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "Hunter2%3Azz"  # written percent-encoded: "Hunter2:zz" once decoded
+    secrets = (secret, "Hunter2:zz", "Hunter2")
+    with_pw = pg_url.replace("postgres@", f"postgres:{secret}@")
+    store = PgStore(SCHEMA, with_pw)  # the test server trusts any password
+    stores.append(store)
+    messages = [store.where]
+    assert store.where == pg_url
+    dead = with_pw.replace(f":{pg_server.port}/", ":1/")
+    for url in (dead, dead + "?sslmode=bogus", "postgresql://u:Hunter2%zz@127.0.0.1:1/db"):
+        with pytest.raises(StoreError) as caught:
+            PgStore(SCHEMA, url)
+        messages.append(str(caught.value))
+    pg_server.stop()
+    try:
+        with pytest.raises(StoreUnavailableError) as down:
+            store.write(insert("x"))
+        messages.append(str(down.value))
+        messages.append(str(store.available()[1]))
+        store.leading()
+    finally:
+        pg_server.start()
+    messages += [r.getMessage() + str(getattr(r, "detail", "")) for r in caplog.records]
+    leaked = [m for m in messages if any(s in m for s in secrets)]
+    assert leaked == []
+    assert any("127.0.0.1:1/" in m for m in messages)  # the messages do say where
