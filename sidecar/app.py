@@ -22,9 +22,21 @@
     0.0.0.0:8788    /healthz /readyz (state and code only) /metrics (MARKETPLACE_METRICS_LISTEN:
                     here, a listener of its own, or off); deadlines, oldest-idle eviction
 
+      or MARKETPLACE_MODE=saas (no registrar, no key, no entitlement state machine)
+    ┌──────────────── saas thread (SaasService.run) ─────┐   usage store: PostgreSQL
+    │ leader only (store.leading()): each ended hour:    │<─> (MARKETPLACE_USAGE_DATABASE_URL,
+    │ seal, one record per customer/dimension/hour,      │    shared by the fleet) or SQLite
+    │ BatchMeterUsage <= 25 records; others: idle-check  │    in MARKETPLACE_STATE_DIR (one
+    └──────────────────────────────────────────────────┘    replica)
+    127.0.0.1:8787  /healthz /readyz (the store is available) /v1/usage (POST, GET)
+                    /v1/customers/resolve (POST: ResolveCustomer) /v1/customers[/{id}] (GET)
+                    /v1/entitlement: 404 naming the mode
+    0.0.0.0:8788    /healthz /readyz (ready, state, error code only) /metrics (saas counters
+                    read from SaasService.counters() at scrape time)
+
 SIGTERM or SIGINT sets one stop event. Custom mode then seals the partial hour and sends what
-is pending within MARKETPLACE_DRAIN_SECONDS (the API still accepts usage meanwhile); the servers
-close and the process exits 0.
+is pending within MARKETPLACE_DRAIN_SECONDS (the API still accepts usage meanwhile); saas mode
+drains the same way (the leader sends what is due); the servers close and the process exits 0.
 """
 
 from __future__ import annotations
@@ -46,7 +58,14 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from sidecar import __version__
 from sidecar.aws.errors import classify
-from sidecar.config import ENDPOINT_ENV, PREFIX, Settings, config_warnings, describe
+from sidecar.config import (
+    ENDPOINT_ENV,
+    PREFIX,
+    Settings,
+    config_warnings,
+    describe,
+    scrub_url_secret,
+)
 from sidecar.core.backoff import Backoff, ThrottleSchedule
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.entitlement.marker import FirstCallMarker
@@ -60,18 +79,29 @@ from sidecar.server.api import API_LIMITS, METRICS_LIMITS, PROBE_LIMITS, LocalSe
 from sidecar.server.netaddr import parse_hostport
 
 if TYPE_CHECKING:
+    from sidecar.usage.saas import SaasPolicy, SaasService
     from sidecar.usage.service import EntitlementResult, UsagePolicy, UsageService
 
 log = logging.getLogger("sidecar")
 
 ROUTES = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/v1/entitlement", "/v1/entitlement/challenge", "/v1/usage"}
+    {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/entitlement",
+        "/v1/entitlement/challenge",
+        "/v1/usage",
+        "/v1/customers",
+        "/v1/customers/resolve",
+        "/v1/customers/{id}",
+    }
 )
 
 
 def policy_from(settings: Settings, keys: Mapping[int, RSAPublicKey]) -> Policy:
     return Policy(
-        product_code=settings.product_code,
+        product_code=settings.product_code or "",  # hourly and custom mode require it
         public_key_version=settings.public_key_version,
         keys=keys,
         interval=settings.register_interval_seconds,
@@ -95,7 +125,7 @@ def usage_policy(settings: Settings) -> UsagePolicy:
     if settings.state_dir is None:  # the mode validator requires it
         raise ValueError("MARKETPLACE_STATE_DIR is required with MARKETPLACE_MODE=custom")
     return UsagePolicy(
-        product_code=settings.product_code,
+        product_code=settings.product_code or "",  # custom mode requires it
         dimensions=settings.dimension_list,
         state_dir=settings.state_dir,
         entitlement_check=settings.entitlement_check,
@@ -104,6 +134,41 @@ def usage_policy(settings: Settings) -> UsagePolicy:
         backoff_base=settings.backoff_base_seconds,
         backoff_cap=settings.backoff_cap_seconds,
     )
+
+
+def saas_policy(settings: Settings) -> SaasPolicy:
+    from sidecar.usage.saas import SaasPolicy
+
+    return SaasPolicy(
+        dimensions=settings.dimension_list,
+        identity=settings.saas_identity,
+        product_code=(
+            settings.product_code if settings.saas_identity == "customer_identifier" else None
+        ),
+        accept_unresolved=settings.accept_unresolved_customers,
+        zero_records=settings.zero_usage_records,
+        drain_seconds=settings.drain_seconds,
+        backoff_base=settings.backoff_base_seconds,
+        backoff_cap=settings.backoff_cap_seconds,
+    )
+
+
+def open_saas(settings: Settings, factory: Callable[[], Any], clock: Clock) -> SaasService:
+    """The store (PostgreSQL for a fleet, else SQLite for one replica) and the service on it.
+
+    Raises StoreError before any port is bound: an untrusted store never starts from zero."""
+    from sidecar.usage.db import open_store
+    from sidecar.usage.saas import SAAS_SCHEMA, SaasService
+
+    store = open_store(
+        SAAS_SCHEMA, state_dir=settings.state_dir, database_url=settings.usage_database_url
+    )
+    log.info("usage_store", extra={"backend": store.backend, "where": store.where})
+    try:
+        return SaasService(saas_policy(settings), store, factory, clock=clock)
+    except BaseException:
+        store.close()
+        raise
 
 
 def usage_clock(settings: Settings) -> Clock:
@@ -253,26 +318,35 @@ class Daemon:
         self.settings = settings
         self.stop_event = threading.Event()
         self.machine = Entitlement()
-        self.metrics = Metrics(self.machine.snapshot, ROUTES)
+        saas = settings.mode == "saas"
+        # SaaS mode has no entitlement state: no state gauges that would say "registering".
+        self.metrics = Metrics(None if saas else self.machine.snapshot, ROUTES)
         custom = settings.mode == "custom"
-        self.clock = clock or (usage_clock(settings) if custom else SystemClock())
+        self.clock = clock or (usage_clock(settings) if custom or saas else SystemClock())
         factory = gateway_factory or aws_gateway(settings)
+        self.saas: SaasService | None = None
+        if saas:
+            self.saas = open_saas(settings, factory, self.clock)
+            self.metrics.watch_saas(self.saas.counters, frozenset(settings.dimension_list))
         # In custom mode the registrar never runs: the Router reads its state machine only.
-        self.registrar = Registrar(
-            policy_from(settings, keys),
-            factory,
-            self.machine,
-            self.clock,
-            random.random,
-            self.stop_event,
-            verdicts=(
-                VerdictStore(settings.state_dir, settings.product_code)
-                if settings.state_dir is not None and not custom
-                else None
-            ),
-            observer=self.metrics,
-            marker=FirstCallMarker(settings.state_dir),
-        )
+        # SaaS mode has none at all (no RegisterUsage, no key, no verdict files).
+        self.registrar: Registrar | None = None
+        if not saas:
+            self.registrar = Registrar(
+                policy_from(settings, keys),
+                factory,
+                self.machine,
+                self.clock,
+                random.random,
+                self.stop_event,
+                verdicts=(
+                    VerdictStore(settings.state_dir, settings.product_code or "")
+                    if settings.state_dir is not None and not custom
+                    else None
+                ),
+                observer=self.metrics,
+                marker=FirstCallMarker(settings.state_dir),
+            )
         self.usage: UsageService | None = None
         self._entitlement_check = "none"
         if custom:
@@ -286,20 +360,25 @@ class Daemon:
             self.metrics.watch_usage(usage.counters, frozenset(settings.dimension_list))
         self._crash: str | None = None
         self._worker = threading.Thread(
-            target=self._work_usage if custom else self._work,
-            name="usage" if custom else "registrar",
+            target=self._work_saas if saas else self._work_usage if custom else self._work,
+            name="saas" if saas else "usage" if custom else "registrar",
             daemon=True,
         )
         self.mirrors: list[Mirror] = []
         if settings.readiness_gate or settings.kube_events:
             self.mirrors = kube_mirrors(settings, self.machine, self.clock, self.stop_event)
+        # SaaS mode: no registrar behind the routes (hourly and custom mode keep theirs).
+        registrar = self.registrar
+        readiness = self.saas.ready if self.saas is not None else None
         api_router = Router(
-            self.registrar,
+            registrar,
             self.health,
             extras=self.extras,
             metrics=self.metrics,
             warnings=config_warnings(settings),
             usage=self.usage,
+            saas=self.saas,
+            readiness=readiness,
         )
         self.api = bind(
             f"{PREFIX}LISTEN",
@@ -314,11 +393,12 @@ class Daemon:
                 lambda address: LocalServer(
                     address,
                     Router(
-                        self.registrar,
+                        registrar,
                         self.health,
                         listener="probe",
                         serve_metrics=settings.metrics_listen == "probe",
                         metrics=self.metrics,
+                        readiness=readiness,
                     ),
                     PROBE_LIMITS,
                     name="probe",
@@ -327,7 +407,11 @@ class Daemon:
             self.servers.append(self.probe)
             if settings.metrics_listen not in ("probe", "off"):
                 metrics_router = Router(
-                    self.registrar, self.health, listener="metrics", metrics=self.metrics
+                    registrar,
+                    self.health,
+                    listener="metrics",
+                    metrics=self.metrics,
+                    readiness=readiness,
                 )
                 self.servers.append(
                     bind(
@@ -343,6 +427,8 @@ class Daemon:
                 server.server_close()
             if self.usage is not None:
                 self.usage.close()
+            if self.saas is not None:
+                self.saas.close()
             raise
 
     def health(self) -> str | None:
@@ -396,7 +482,8 @@ class Daemon:
 
     def _work(self) -> None:
         try:
-            self.registrar.run()
+            if self.registrar is not None:
+                self.registrar.run()
         except Exception as exc:
             self._crash = f"registration loop crashed: {type(exc).__name__}"
             log.exception("registrar_crashed")
@@ -413,6 +500,15 @@ class Daemon:
             self._crash = f"usage loop crashed: {type(exc).__name__}"
             log.exception("usage_crashed")
 
+    def _work_saas(self) -> None:
+        if self.saas is None:
+            return
+        try:
+            self.saas.run(self.stop_event)
+        except Exception as exc:
+            self._crash = f"saas loop crashed: {type(exc).__name__}"
+            log.exception("saas_crashed")
+
     def start(self) -> None:
         for server in self.servers:
             server.serve_in_thread(server.name)
@@ -422,7 +518,8 @@ class Daemon:
 
     def close(self) -> None:
         self.stop_event.set()
-        if self.usage is not None:
+        pipeline = self.usage or self.saas
+        if pipeline is not None:
             # The API stays up while draining: a classic sidecar's product may still report.
             started = time.monotonic()
             budget = self.settings.drain_seconds
@@ -430,14 +527,14 @@ class Daemon:
             left = max(0.0, budget - (time.monotonic() - started))
             log.info("draining", extra={"budget_seconds": round(left, 1)})
             try:
-                self.usage.drain(left)
+                pipeline.drain(left)
             except Exception:
                 log.exception("drain_failed")  # unsent hours stay in the store
         for server in self.servers:
             server.shutdown()
             server.server_close()
-        if self.usage is not None:
-            self.usage.close()
+        if pipeline is not None:
+            pipeline.close()
 
 
 def run(
@@ -461,6 +558,10 @@ def run(
         from sidecar.usage.service import StoreError
 
         store_errors = (StoreError,)
+    elif settings.mode == "saas":
+        from sidecar.usage.db import StoreError as DbStoreError
+
+        store_errors = (DbStoreError,)
     try:
         daemon = Daemon(settings, keys)
     except ListenError as exc:
@@ -477,7 +578,8 @@ def run(
         log.error("bind_failed", extra={"detail": str(exc)})
         return 2
     except store_errors as exc:  # corrupt or unreadable: say so, never start from zero
-        log.error("usage_store_unusable", extra={"detail": str(exc)})
+        detail = scrub_url_secret(str(exc), settings.usage_database_url)
+        log.error("usage_store_unusable", extra={"detail": detail})
         return 1
     daemon_stop = daemon.stop_event
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -489,6 +591,8 @@ def run(
             server.server_close()
         if daemon.usage is not None:
             daemon.usage.close()
+        if daemon.saas is not None:
+            daemon.saas.close()
         return 0
     daemon.start()
     log.info(

@@ -207,7 +207,7 @@ def _verify_token(nonce: str | None, max_age: float | None) -> int:
         claims = verify_token(
             token,
             keys,
-            product_code=settings.product_code,
+            product_code=settings.product_code or "",  # required in hourly mode
             public_key_version=settings.public_key_version,
             nonce=checked_nonce,
             now=time.time(),

@@ -5,7 +5,9 @@
 
 A deleted sidecar yields no token, a fake one cannot sign, a replayed token carries another
 nonce. Build the product code and public key into the product image, not its configuration.
-Custom-metered products report usage with `report_usage` (MARKETPLACE_MODE=custom).
+Custom-metered products report usage with `report_usage` (MARKETPLACE_MODE=custom); SaaS
+backends (MARKETPLACE_MODE=saas) redeem a buyer's registration token with `resolve_customer`
+and report usage with `report_usage`, each record naming its customer.
 Stdlib + PyJWT only: importing this module never loads boto3 or kubernetes.
 
 The sidecar may be hostile too, so the transport is a few lines of plain HTTP/1.1 over a socket
@@ -397,8 +399,10 @@ def report_usage(
     """POST /v1/usage: the sidecar's answer once the units are durable, or `UsageError`.
 
     `records`: one `{"dimension", "quantity", "id"?, "timestamp"?, "allocations"?}` or a list of
-    up to 1,000. `timeout` bounds the whole call, connection to last byte (the same transport,
-    deadline and caps as `challenge`).
+    up to 1,000. In saas mode each record also names its customer: `customer_aws_account_id` and
+    `license_arn` (MARKETPLACE_SAAS_IDENTITY=license), or `customer_identifier`. `timeout`
+    bounds the whole call, connection to last byte (the same transport, deadline and caps as
+    `challenge`).
     """
     if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
         raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
@@ -426,3 +430,106 @@ def report_usage(
         reason = "not_custom_mode"
     retry_after = parse_retry_after(headers.get("retry-after"), time.time())
     raise UsageError(reason, message, status=status, retry_after=retry_after)
+
+
+class CustomerError(Exception):
+    """The sidecar did not resolve the registration token. `reason` is a stable word:
+
+    invalid_token (AWS does not know the token: show the buyer an error), expired_token (too
+    late: `hint` says what to change), unavailable (AWS or the store is down: retry after
+    `retry_after` seconds, the same token is still good within its lifetime), not_saas_mode,
+    invalid (the request), or a transport reason (bad_url, no_sidecar, timeout, bad_answer).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.hint = hint
+
+
+# A registration token is opaque; the sidecar takes bodies up to 16 KiB.
+MAX_REGISTRATION_TOKEN_CHARS = 8192
+_CUSTOMER_REASONS = {
+    "invalid_token": "invalid_token",
+    "expired_token": "expired_token",
+    "customers_need_saas_mode": "not_saas_mode",
+}
+
+
+def resolve_customer(
+    token: str, *, url: str = DEFAULT_URL, timeout: float = 20.0
+) -> dict[str, Any]:
+    """POST /v1/customers/resolve: who the buyer behind `token` is, or `CustomerError`.
+
+    `token` is the `x-amzn-marketplace-token` field of the form AWS's buyer page posts to the
+    registration URL: call this as soon as it arrives (the token expires). The answer holds
+    `customer_aws_account_id`, `license_arn`, `product_code` and, for older integrations,
+    `customer_identifier`, plus the sidecar's `customer` key and `state`; the sidecar stores
+    it, so calling again with the same token answers from the store (`from_store`).
+    `timeout` bounds the whole call (the sidecar retries AWS's throttling for up to 10 s
+    before answering 503); same transport, deadline and caps as `challenge`.
+    """
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+    if not isinstance(token, str) or not 0 < len(token) <= MAX_REGISTRATION_TOKEN_CHARS:
+        raise CustomerError(
+            "invalid_token",
+            f"the registration token must be 1-{MAX_REGISTRATION_TOKEN_CHARS} characters "
+            "(the x-amzn-marketplace-token form field)",
+        )
+    if not token.isascii() or not token.isprintable():
+        raise CustomerError(
+            "invalid_token", "the registration token must be printable ASCII; AWS issues no other"
+        )
+    try:
+        status, headers, doc = _request(
+            "POST",
+            url.rstrip("/") + "/v1/customers/resolve",
+            {"registration_token": token},
+            time.monotonic() + timeout,
+        )
+    except EntitlementError as exc:  # the transport's reasons
+        raise CustomerError(exc.reason, exc.message) from None
+    if status == 200:
+        if not isinstance(doc, dict):
+            raise CustomerError("bad_answer", "HTTP 200 without a JSON object", status=status)
+        if not any(
+            isinstance(doc.get(k), str) and doc[k]
+            for k in ("customer_aws_account_id", "customer_identifier")
+        ):
+            raise CustomerError(
+                "bad_answer", "HTTP 200 without a customer account id or identifier", status=status
+            )
+        return doc
+    error = doc.get("error") if isinstance(doc, dict) else None
+    error = error if isinstance(error, dict) else {}
+    code = _clean(str(error.get("code") or f"http_{status}"))
+    message = f"{code}: {_clean(str(error.get('message') or 'no message'))}"
+    hint = error.get("hint")
+    if status in (429, 503):
+        reason = "unavailable"
+    elif status == 400 and code not in _CUSTOMER_REASONS:
+        reason = "invalid"
+    else:
+        reason = _CUSTOMER_REASONS.get(code, f"sidecar_{status}")
+    retry_after = parse_retry_after(headers.get("retry-after"), time.time())
+    if retry_after is None and status in (429, 503):
+        retry_after = RETRY_AFTER_MIN
+    raise CustomerError(
+        reason,
+        message,
+        status=status,
+        retry_after=retry_after,
+        hint=_clean(hint) if isinstance(hint, str) else None,
+    )

@@ -16,7 +16,7 @@ import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
-from urllib.parse import urlparse
+from urllib.parse import SplitResult, unquote, urlparse, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -60,19 +60,23 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", frozen=True)
 
     # Each description is the one-line meaning `--help` prints: keep it short and exact.
-    product_code: str = Field(
+    # Optional in the model, required by `_mode_problems` where a mode needs it: SaaS products
+    # integrated since June 2026 meter by license and send no product code.
+    product_code: str | None = Field(
+        None,
         description="product code from the AWS Marketplace Management Portal "
-        "(1-255 of A-Za-z0-9-/=:_.@)"
+        "(1-255 of A-Za-z0-9-/=:_.@); required except in saas mode with "
+        "MARKETPLACE_SAAS_IDENTITY=license",
     )
     mode: Literal["hourly", "custom", "saas"] = Field(
         "hourly",
         description="hourly (RegisterUsage), custom (MeterUsage, custom dimensions) or saas "
-        "(not yet supported)",
+        "(ResolveCustomer and BatchMeterUsage for SaaS products)",
     )
     dimensions: str = Field(
         "",
-        description="custom mode: the product's dimension names as published, comma-separated "
-        "(1-24)",
+        description="custom and saas mode: the product's dimension names as published, "
+        "comma-separated (1-24)",
     )
     entitlement_check: Literal["meter_zero", "dry_run", "none"] = Field(
         "meter_zero",
@@ -83,7 +87,29 @@ class Settings(BaseSettings):
         DEFAULT_DRAIN_SECONDS,
         ge=0.0,
         le=3600.0,
-        description="custom mode: on SIGTERM, how long to keep sending pending usage",
+        description="custom and saas mode: on SIGTERM, how long to keep sending pending usage",
+    )
+    saas_identity: Literal["license", "customer_identifier"] = Field(
+        "license",
+        description="saas mode: how records name the customer: license (CustomerAWSAccountId "
+        "+ LicenseArn, no product code: integrations since June 2026) or customer_identifier "
+        "(CustomerIdentifier + MARKETPLACE_PRODUCT_CODE)",
+    )
+    usage_database_url: str | None = Field(
+        None,
+        description="saas mode: postgresql://user:password@host:port/db for a fleet of "
+        "replicas sharing one store (a secret: never logged with its password); unset: "
+        "SQLite in MARKETPLACE_STATE_DIR, one replica only",
+    )
+    accept_unresolved_customers: bool = Field(
+        False,
+        description="saas mode: accept usage for customers no sidecar of the fleet has "
+        "resolved (default: refused with 400 naming customer)",
+    )
+    zero_usage_records: bool = Field(
+        True,
+        description="saas mode: send a quantity-0 record for each active customer's dimension "
+        "with no usage in an hour (AWS's guidance: send every hour)",
     )
     public_key_version: int = Field(
         1, ge=1, description="public key version sent to AWS and used to pick the key"
@@ -175,7 +201,8 @@ class Settings(BaseSettings):
     state_dir: Path | None = Field(
         None,
         description="pod-lifetime writable directory (an emptyDir) that remembers AWS's "
-        "first-call refusal across sidecar restarts",
+        "first-call refusal across sidecar restarts; custom mode's usage store, and saas "
+        "mode's when MARKETPLACE_USAGE_DATABASE_URL is unset",
     )
     readiness_gate: str = Field(
         "",
@@ -212,9 +239,19 @@ class Settings(BaseSettings):
 
     @field_validator("product_code")
     @classmethod
-    def _product_code(cls, v: str) -> str:
+    def _product_code(cls, v: str | None) -> str | None:
+        if not v:
+            return None  # blank is unset: a shared template's saas (license) container
         if not PRODUCT_CODE_RE.match(v):
             raise ValueError("must be 1-255 characters of letters, digits and -/=:_.@")
+        return v
+
+    @field_validator("usage_database_url")
+    @classmethod
+    def _database_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None  # templates set every variable and leave unused ones blank
+        database_url_problem(v)
         return v
 
     @field_validator("dimensions")
@@ -299,39 +336,68 @@ class Settings(BaseSettings):
         return self
 
     def _mode_problems(self) -> list[str]:
-        """What each mode needs, and nothing it does not: custom mode has no token to verify."""
-        if self.mode == "saas":
-            return [
-                f"{PREFIX}MODE: saas is not yet supported; use hourly (RegisterUsage) or "
-                "custom (MeterUsage for container products)"
-            ]
+        """What each mode needs, and nothing it does not: custom and saas have no token."""
+        problems = []
+        if self.product_code is None and self.needs_product_code:
+            problems.append(f"{PREFIX}PRODUCT_CODE: is required{_product_code_why(self)}")
+        problems += self._foreign_settings()
         if self.mode == "hourly":
-            problems = []
             if (self.public_key is None) == (self.public_key_file is None):
                 problems.append(_NO_KEY)
-            # Empty values are fine: templates set every variable and leave unused ones blank.
-            for name in ("dimensions", "entitlement_check"):
-                if name in self.model_fields_set and getattr(self, name):
-                    problems.append(
-                        f"{PREFIX}{name.upper()}: only used with {PREFIX}MODE=custom "
-                        f"(the mode is hourly); set {PREFIX}MODE=custom or remove it"
-                    )
             return problems
-        problems = []
         if not self.dimensions:
             problems.append(
-                f"{PREFIX}DIMENSIONS: is required with {PREFIX}MODE=custom: the product's "
+                f"{PREFIX}DIMENSIONS: is required with {PREFIX}MODE={self.mode}: the product's "
                 f"dimension names as published, comma-separated (1-{MAX_DIMENSIONS})"
             )
-        if self.state_dir is None:
+        if self.mode == "custom" and self.state_dir is None:
             problems.append(
                 f"{PREFIX}STATE_DIR: is required with {PREFIX}MODE=custom: the usage store "
                 "lives there (mount an emptyDir: it survives container restarts)"
             )
+        if self.mode == "saas" and self.state_dir is None and self.usage_database_url is None:
+            problems.append(
+                f"{PREFIX}USAGE_DATABASE_URL or {PREFIX}STATE_DIR: saas mode needs a usage "
+                "store: a PostgreSQL URL shared by every replica, or (one replica only) a "
+                "writable directory for SQLite"
+            )
         return problems
+
+    @property
+    def needs_product_code(self) -> bool:
+        return self.mode != "saas" or self.saas_identity == "customer_identifier"
+
+    def _foreign_settings(self) -> list[str]:
+        """Settings of another mode, set explicitly: refused, or the seller trusts a no-op.
+
+        Empty values are fine: templates set every variable and leave unused ones blank. In
+        saas mode a value equal to the default is fine too (a shared template's defaults)."""
+        out = []
+        if self.mode == "hourly":  # as before saas mode existed: any non-empty value
+            for name in ("dimensions", "entitlement_check"):
+                if name in self.model_fields_set and getattr(self, name):
+                    out.append(
+                        f"{PREFIX}{name.upper()}: only used with {PREFIX}MODE=custom "
+                        f"(the mode is hourly); set {PREFIX}MODE=custom or remove it"
+                    )
+        for name, why in (SAAS_ONLY if self.mode != "saas" else NOT_SAAS).items():
+            if name not in self.model_fields_set:
+                continue
+            value = getattr(self, name)
+            if value in ("", None) or value == Settings.model_fields[name].default:
+                continue
+            out.append(f"{PREFIX}{name.upper()}: {why} (the mode is {self.mode}); remove it")
+        return out
 
     def ignored(self) -> list[str]:
         """Variables set but unused in this mode: logged at start, so nobody trusts them."""
+        if self.mode == "saas":
+            if self.saas_identity == "license" and self.product_code is not None:
+                return [
+                    f"{PREFIX}PRODUCT_CODE is ignored with {PREFIX}SAAS_IDENTITY=license "
+                    "(records carry CustomerAWSAccountId and LicenseArn, and no product code)"
+                ]
+            return []
         if self.mode != "custom":
             return []
         unused = (
@@ -346,6 +412,106 @@ class Settings(BaseSettings):
             for name in unused
             if name in self.model_fields_set
         ]
+
+
+# Settings of saas mode alone, refused by name in the other modes.
+SAAS_ONLY = {
+    name: f"only used with {PREFIX}MODE=saas"
+    for name in (
+        "saas_identity",
+        "usage_database_url",
+        "accept_unresolved_customers",
+        "zero_usage_records",
+    )
+}
+_WITHOUT_KEY = "saas mode verifies no token: ResolveCustomer and BatchMeterUsage return none"
+_HOURLY_ONLY = "only used with MARKETPLACE_MODE=hourly (RegisterUsage), never in saas mode"
+_NO_STATE = "saas mode has no entitlement state to mirror (readiness is the usage store's)"
+# Settings of hourly and custom mode, refused by name in saas mode.
+NOT_SAAS = {
+    "public_key": _WITHOUT_KEY,
+    "public_key_file": _WITHOUT_KEY,
+    "public_key_version": _WITHOUT_KEY,
+    "challenge_rate_per_second": _WITHOUT_KEY,
+    "entitlement_check": "only used with MARKETPLACE_MODE=custom; saas mode checks no "
+    "entitlement at start (a customer is known once ResolveCustomer answers)",
+    "register_deadline_seconds": _HOURLY_ONLY,
+    "register_interval_seconds": _HOURLY_ONLY,
+    "register_jitter": _HOURLY_ONLY,
+    "throttle_schedule_seconds": _HOURLY_ONLY,
+    "first_call_timeout_seconds": _HOURLY_ONLY,
+    "strict_first_answer": _HOURLY_ONLY,
+    "clock_skew_seconds": _HOURLY_ONLY,
+    "challenge_burst": _HOURLY_ONLY,
+    "challenge_deadline_seconds": _HOURLY_ONLY,
+    "aws_call_rate_per_second": _HOURLY_ONLY,
+    "aws_call_burst": _HOURLY_ONLY,
+    "readiness_gate": _NO_STATE,
+    "kube_events": _NO_STATE,
+}
+
+
+def _product_code_why(settings: Settings) -> str:
+    if settings.mode == "saas":
+        return f" with {PREFIX}SAAS_IDENTITY=customer_identifier (BatchMeterUsage sends it)"
+    return ""
+
+
+def database_url_problem(url: str) -> None:
+    """Raise ValueError for an unusable database URL; the message never repeats the URL
+    (it holds the password)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        raise ValueError(
+            "must be postgresql://user:password@host:port/database (the host or port does not "
+            "parse; the value is not shown: it may hold a password)"
+        ) from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        shown = parts.scheme[:20] if parts.scheme.isalnum() else "?"
+        raise ValueError(
+            f"must start with postgresql:// or postgres:// (got scheme {shown or 'none'!r}); "
+            "the value is not shown: it may hold a password"
+        )
+    if not parts.hostname:
+        raise ValueError(
+            "must name a host: postgresql://user:password@host:port/database (a Unix socket "
+            "path is not supported)"
+        )
+    if port == 0:
+        raise ValueError("port must be 1-65535")
+
+
+def scrub_url_secret(text: str, url: str | None) -> str:
+    """`text` without the URL's password (a driver's message may quote the URL or its parts)."""
+    if not url:
+        return text
+    text = text.replace(url, redact_url(url))
+    try:
+        password = urlsplit(url.strip()).password
+    except ValueError:
+        password = None
+    if password:
+        for secret in sorted({password, unquote(password)}, key=len, reverse=True):
+            text = text.replace(secret, "***")
+    return text
+
+
+def redact_url(url: str) -> str:
+    """postgresql://user:secret@host:5432/db?password=x -> postgresql://user@host:5432/db."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return "<unparsable URL>"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    user = f"{parts.username}@" if parts.username else ""
+    netloc = f"{user}{host}" + (f":{port}" if port is not None else "")
+    # The query is dropped whole: libpq reads password= (and sslkey paths) from it.
+    return SplitResult(parts.scheme, netloc, parts.path, "", "").geturl()
 
 
 def parse_dimensions(text: str) -> tuple[str, ...]:
@@ -513,7 +679,16 @@ def load() -> tuple[Settings, dict[int, RSAPublicKey]]:
         settings = Settings()  # type: ignore[call-arg]  # product_code comes from the env
     except ValidationError as exc:
         found = _format(exc)
-        hourly = os.environ.get(f"{PREFIX}MODE", "hourly") == "hourly"
+        mode = os.environ.get(f"{PREFIX}MODE", "hourly")
+        identity = os.environ.get(f"{PREFIX}SAAS_IDENTITY", "license")
+        if (
+            not os.environ.get(f"{PREFIX}PRODUCT_CODE")
+            and (mode in ("hourly", "custom") or identity == "customer_identifier")
+            and not any(line.startswith(f"{PREFIX}PRODUCT_CODE:") for line in found)
+        ):
+            # the model check does not run when a field failed
+            found.insert(0, f"{PREFIX}PRODUCT_CODE: is required")
+        hourly = mode == "hourly"
         if hourly and not any(
             os.environ.get(f"{PREFIX}{n}") for n in ("PUBLIC_KEY", "PUBLIC_KEY_FILE")
         ):
@@ -613,4 +788,6 @@ def describe(settings: Settings) -> dict[str, Any]:
     """Settings safe to log (no key material)."""
     data = settings.model_dump()
     data["public_key"] = "<set>" if settings.public_key else None
+    if settings.usage_database_url is not None:
+        data["usage_database_url"] = redact_url(settings.usage_database_url)
     return {f"{PREFIX}{k.upper()}": (str(v) if isinstance(v, Path) else v) for k, v in data.items()}

@@ -1,6 +1,8 @@
 """`marketplace-sidecar doctor`: one line per check, ✔ / ! / ✘ with a fix hint. Changes nothing
 and never calls RegisterUsage (that would register, and bill, this pod), nor a MeterUsage that
-meters: custom mode is checked with DryRun only."""
+meters: custom mode is checked with DryRun only. SaaS mode reads the usage store without
+creating or migrating it, and calls ResolveCustomer with a token AWS cannot know and
+BatchMeterUsage with no records: neither resolves, stores nor bills anything."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
@@ -51,6 +54,23 @@ def load_config() -> tuple[list[Check], Settings | None]:
         settings, keys = load()
     except ConfigError as exc:
         return [Check(FAIL, "configuration", p) for p in exc.problems], None
+    if settings.mode == "saas":
+        from sidecar.config import redact_url
+
+        names = ", ".join(settings.dimension_list)
+        where = (
+            f"PostgreSQL {redact_url(settings.usage_database_url)} (a fleet)"
+            if settings.usage_database_url
+            else f"SQLite in {settings.state_dir} (one replica)"
+        )
+        return [
+            Check(OK, "configuration", f"saas mode, identity {settings.saas_identity}"),
+            Check(
+                OK,
+                "metering",
+                f"saas: {len(settings.dimension_list)} dimension(s) ({names[:200]}), store {where}",
+            ),
+        ], settings
     if settings.mode == "custom":
         names = ", ".join(settings.dimension_list)
         return [
@@ -215,7 +235,7 @@ def check_meter_usage_permission(
     for dimension in settings.dimension_list:
         try:
             client.meter_usage(
-                ProductCode=settings.product_code,
+                ProductCode=settings.product_code or "",  # custom mode requires it
                 Timestamp=datetime.fromtimestamp(now(), UTC),
                 UsageDimension=dimension,
                 UsageQuantity=0,
@@ -257,6 +277,216 @@ def _meter_refusal(dimension: str, code: str, message: str) -> Check:
     return Check(FAIL, "MeterUsage permission", f"{dimension}: {code}: {message[:200]}", fix)
 
 
+# -- saas mode ---------------------------------------------------------------------------
+
+# Read by name, never created here: sidecar.usage.pgstore's version table and the saas ledger's
+# customer table. A store that lacks them was not opened by a sidecar yet.
+_VERSION_SQL = "SELECT version FROM sidecar_schema WHERE name = %s"
+_CUSTOMERS_SQL = "SELECT COUNT(*) FROM saas_customers"
+_DOCTOR_TOKEN = "marketplace-sidecar-doctor-not-a-registration-token"  # noqa: S105  # nosec B105
+
+
+def check_saas_store(settings: Settings) -> list[Check]:
+    """Database reachable, schema version, customers resolved; reads only."""
+    from sidecar.usage.saas import SAAS_SCHEMA
+
+    try:
+        if settings.usage_database_url:
+            found = _read_postgresql(settings.usage_database_url, SAAS_SCHEMA.name)
+        else:
+            assert settings.state_dir is not None  # nosec B101 # config requires one of two
+            found = _read_sqlite(settings.state_dir / SAAS_SCHEMA.name)
+    except _UnreachableError as exc:
+        return [
+            Check(
+                FAIL,
+                "database",
+                str(exc),
+                "check the host, port, credentials and the network path from this pod "
+                "(a NetworkPolicy or security group); the sidecar answers /readyz 503 and "
+                "POST /v1/usage 503 while the database is down",
+            )
+        ]
+    if found is None:
+        return [
+            Check(OK, "database", "reachable"),
+            Check(
+                WARN,
+                "schema",
+                "not created yet: the first sidecar to start creates it",
+                "start the sidecar once; doctor never creates or migrates it",
+            ),
+        ]
+    version, customers = found
+    checks = [Check(OK, "database", "reachable")]
+    target = SAAS_SCHEMA.version
+    if version > target:
+        checks.append(
+            Check(
+                FAIL,
+                "schema",
+                f"version {version}, newer than this sidecar's {target}: it refuses to start",
+                "run the sidecar release that created it (or a newer one)",
+            )
+        )
+    elif version < target:
+        checks.append(
+            Check(OK, "schema", f"version {version}; this sidecar migrates it to {target} on start")
+        )
+    else:
+        checks.append(Check(OK, "schema", f"version {version}"))
+    if customers == 0:
+        checks.append(
+            Check(
+                WARN,
+                "customers",
+                "none resolved yet: usage for unresolved customers is refused unless "
+                "MARKETPLACE_ACCEPT_UNRESOLVED_CUSTOMERS=true",
+                "point the product's registration URL at a handler that passes the "
+                "x-amzn-marketplace-token form field to POST /v1/customers/resolve "
+                "(examples/saas-registration)",
+            )
+        )
+    elif customers is not None:
+        checks.append(Check(OK, "customers", f"{customers} resolved"))
+    return checks
+
+
+class _UnreachableError(Exception):
+    """The store cannot be read; the message names it without its password."""
+
+
+def _read_postgresql(url: str, name: str) -> tuple[int, int | None] | None:
+    from sidecar.config import redact_url, scrub_url_secret
+
+    try:
+        import psycopg
+        from psycopg import errors as pg_errors
+    except ImportError as exc:
+        raise _UnreachableError(f"PostgreSQL support is not installed (psycopg): {exc}") from None
+
+    try:
+        with psycopg.connect(url, connect_timeout=5, autocommit=True) as conn:
+            conn.execute("SET default_transaction_read_only = on")
+            try:
+                row = conn.execute(_VERSION_SQL, (name,)).fetchone()
+            except pg_errors.UndefinedTable:
+                return None
+            if row is None:
+                return None
+            try:
+                count = conn.execute(_CUSTOMERS_SQL).fetchone()
+            except pg_errors.UndefinedTable:
+                count = None
+    except psycopg.Error as exc:
+        detail = scrub_url_secret(str(exc).strip().splitlines()[0][:300], url)
+        raise _UnreachableError(f"{redact_url(url)}: {detail}") from None
+    return int(row[0]), (int(count[0]) if count is not None else None)
+
+
+def _read_sqlite(path: Path) -> tuple[int, int | None] | None:
+    import sqlite3
+
+    if not path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error as exc:
+        raise _UnreachableError(f"{path}: {exc}") from None
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            return None
+        try:
+            count = conn.execute(_CUSTOMERS_SQL).fetchone()
+        except sqlite3.OperationalError:
+            count = None
+        return int(row[0]), (int(count[0]) if count is not None else None)
+    except sqlite3.Error as exc:
+        raise _UnreachableError(f"{path}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def check_saas_permissions(settings: Settings, region: str | None) -> list[Check]:
+    """ResolveCustomer with a token AWS cannot know (InvalidTokenException = allowed), and
+    BatchMeterUsage with no records (the model allows 0-25; nothing can be billed)."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if region is None:
+        return [Check(FAIL, "IAM permissions", "skipped: no region")]
+    client = boto3.client(
+        "meteringmarketplace",
+        region_name=region,
+        config=Config(
+            retries={"mode": "standard", "total_max_attempts": 1},
+            connect_timeout=3.0,
+            read_timeout=5.0,
+        ),
+    )
+    fix_for = {
+        "ResolveCustomer": "grant aws-marketplace:ResolveCustomer to the task role / IRSA role "
+        "(manifests/iam/), in the seller account that published the product",
+        "BatchMeterUsage": "grant aws-marketplace:BatchMeterUsage to the task role / IRSA role "
+        "(manifests/iam/)",
+    }
+    product = settings.product_code if settings.saas_identity == "customer_identifier" else None
+    checks = []
+    for op, call, allowed_codes in (
+        (
+            "ResolveCustomer",
+            lambda: client.resolve_customer(RegistrationToken=_DOCTOR_TOKEN),
+            ("InvalidTokenException",),
+        ),
+        (
+            "BatchMeterUsage",
+            lambda: (
+                client.batch_meter_usage(UsageRecords=[], ProductCode=product)
+                if product
+                else client.batch_meter_usage(UsageRecords=[])
+            ),
+            (),
+        ),
+    ):
+        name = f"{op} permission"
+        try:
+            call()
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code") or "Unknown")
+            if code in allowed_codes:
+                checks.append(Check(OK, name, f"allowed ({code} for a made-up token)"))
+            elif code in ("AccessDeniedException", "AccessDenied", "UnauthorizedException"):
+                checks.append(Check(FAIL, name, f"{code}: {str(exc)[:200]}", fix_for[op]))
+            else:
+                checks.append(
+                    Check(
+                        WARN,
+                        name,
+                        f"not verified: AWS answered {code} to the harmless call, which says "
+                        "nothing certain about the permission",
+                        f"the first real call will tell; {fix_for[op]}",
+                    )
+                )
+            continue
+        except BotoCoreError as exc:
+            checks.append(
+                Check(
+                    FAIL,
+                    name,
+                    f"{type(exc).__name__}: {exc}",
+                    "check credentials and egress to the metering endpoint",
+                )
+            )
+            continue
+        if op == "ResolveCustomer":  # a made-up token resolved: not AWS's semantics
+            checks.append(Check(WARN, name, "a made-up token resolved; is this AWS?"))
+        else:
+            checks.append(Check(OK, name, "allowed (an empty batch: nothing metered)"))
+    return checks
+
+
 def doctor(
     out: TextIO, env: Mapping[str, str] | None = None, now: Callable[[], float] = time.time
 ) -> int:
@@ -266,6 +496,9 @@ def doctor(
     checks += [region_check, check_credentials(env), *check_endpoint(region, now)]
     if settings is not None and settings.mode == "custom":
         checks += check_meter_usage_permission(settings, region, now)
+    if settings is not None and settings.mode == "saas":
+        checks += check_saas_store(settings)
+        checks += check_saas_permissions(settings, region)
     for c in checks:
         print(c.line(), file=out)
     failed = sum(c.mark == FAIL for c in checks)

@@ -148,7 +148,15 @@ def test_settings_fields_use_the_documented_names() -> None:
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        ({"MARKETPLACE_MODE": "saas"}, "MARKETPLACE_MODE: saas is not yet supported"),
+        ({"MARKETPLACE_MODE": "saas"}, "MARKETPLACE_USAGE_DATABASE_URL or MARKETPLACE_STATE_DIR"),
+        (
+            {
+                "MARKETPLACE_MODE": "saas",
+                "MARKETPLACE_DIMENSIONS": "a",
+                "MARKETPLACE_USAGE_DATABASE_URL": "mysql://app:hunter2@db/x",
+            },
+            "MARKETPLACE_USAGE_DATABASE_URL: must start with postgresql:// or postgres://",
+        ),
         ({"MARKETPLACE_MODE": "custom"}, "MARKETPLACE_DIMENSIONS: is required"),
         (
             {
@@ -182,3 +190,179 @@ def test_mode_errors_exit_2_before_binding(extra: dict[str, str], expected: str)
     assert any(expected in line for line in lines), lines
     assert all(line.startswith("config error: ") for line in lines)
     assert "Traceback" not in out.stderr
+    assert "hunter2" not in out.stderr + out.stdout
+
+
+# -- saas mode ---------------------------------------------------------------------------
+
+
+def saas(env: pytest.MonkeyPatch, **extra: str) -> None:
+    env.delenv("MARKETPLACE_PRODUCT_CODE")
+    env.setenv("MARKETPLACE_MODE", "saas")
+    env.setenv("MARKETPLACE_DIMENSIONS", "users, scans")
+    env.setenv("MARKETPLACE_USAGE_DATABASE_URL", "postgresql://app:s3cret-pw@db.internal:5432/m")
+    for name, value in extra.items():
+        env.setenv(f"MARKETPLACE_{name}", value)
+
+
+def test_saas_mode_needs_no_key_no_product_code_and_defaults_to_license_identity(
+    env: pytest.MonkeyPatch,
+) -> None:
+    saas(env)
+    settings, keys = load()
+    assert settings.mode == "saas" and keys == {}
+    assert settings.saas_identity == "license" and settings.product_code is None
+    assert settings.dimension_list == ("users", "scans")
+    assert settings.accept_unresolved_customers is False
+    assert settings.zero_usage_records is True
+    assert settings.ignored() == []
+
+
+def test_saas_mode_names_exactly_what_it_lacks(env: pytest.MonkeyPatch) -> None:
+    env.delenv("MARKETPLACE_PRODUCT_CODE")
+    env.setenv("MARKETPLACE_MODE", "saas")
+    assert problems() == [
+        "MARKETPLACE_DIMENSIONS: is required with MARKETPLACE_MODE=saas: the product's dimension "
+        "names as published, comma-separated (1-24)",
+        "MARKETPLACE_USAGE_DATABASE_URL or MARKETPLACE_STATE_DIR: saas mode needs a usage store: "
+        "a PostgreSQL URL shared by every replica, or (one replica only) a writable directory "
+        "for SQLite",
+    ]
+
+
+def test_saas_mode_on_sqlite_for_one_replica(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    saas(env, STATE_DIR=str(tmp_path))
+    env.delenv("MARKETPLACE_USAGE_DATABASE_URL")
+    settings, _ = load()
+    assert settings.usage_database_url is None and settings.state_dir == tmp_path
+
+
+def test_customer_identifier_identity_needs_the_product_code(env: pytest.MonkeyPatch) -> None:
+    saas(env, SAAS_IDENTITY="customer_identifier")
+    assert problems() == [
+        "MARKETPLACE_PRODUCT_CODE: is required with MARKETPLACE_SAAS_IDENTITY=customer_identifier "
+        "(BatchMeterUsage sends it)"
+    ]
+    env.setenv("MARKETPLACE_PRODUCT_CODE", "prod-abc")
+    settings, _ = load()
+    assert settings.product_code == "prod-abc"
+
+
+def test_a_product_code_with_license_identity_is_logged_as_ignored(
+    env: pytest.MonkeyPatch,
+) -> None:
+    saas(env, PRODUCT_CODE="")  # blank, as a shared template leaves it: nothing to say
+    assert load()[0].ignored() == []
+    saas(env, PRODUCT_CODE="prod-abc")
+    settings, _ = load()
+    assert settings.ignored() == [
+        "MARKETPLACE_PRODUCT_CODE is ignored with MARKETPLACE_SAAS_IDENTITY=license (records "
+        "carry CustomerAWSAccountId and LicenseArn, and no product code)"
+    ]
+
+
+def test_hourly_and_custom_settings_in_saas_mode_are_refused_by_name(
+    env: pytest.MonkeyPatch,
+) -> None:
+    saas(
+        env,
+        PUBLIC_KEY=pem(new_key()),
+        ENTITLEMENT_CHECK="dry_run",
+        REGISTER_INTERVAL_SECONDS="600",
+        READINESS_GATE="aws-marketplace.amazonaws.com/entitled",
+        POD_NAME="p",
+        POD_NAMESPACE="n",
+    )
+    found = problems()
+    subjects = [p.split(":", 1)[0] for p in found]
+    assert subjects == [
+        "MARKETPLACE_PUBLIC_KEY",
+        "MARKETPLACE_ENTITLEMENT_CHECK",
+        "MARKETPLACE_REGISTER_INTERVAL_SECONDS",
+        "MARKETPLACE_READINESS_GATE",
+    ], found
+    assert all("(the mode is saas); remove it" in p for p in found)
+    assert "verifies no token" in found[0]
+
+
+def test_template_defaults_of_other_modes_are_tolerated_in_saas_mode(
+    env: pytest.MonkeyPatch,
+) -> None:
+    """A shared template sets every variable: blank or default values refuse nothing."""
+    saas(env, PUBLIC_KEY="", REGISTER_INTERVAL_SECONDS="3600", ENTITLEMENT_CHECK="meter_zero")
+    settings, _ = load()
+    assert settings.mode == "saas"
+
+
+@pytest.mark.parametrize("mode", ["hourly", "custom"])
+def test_saas_settings_in_other_modes_are_refused(
+    env: pytest.MonkeyPatch, tmp_path: Path, mode: str
+) -> None:
+    if mode == "custom":
+        custom(env, tmp_path)
+    else:
+        env.setenv("MARKETPLACE_PUBLIC_KEY", pem(new_key()))
+    env.setenv("MARKETPLACE_USAGE_DATABASE_URL", "postgresql://app:pw-xyz@db/m")
+    env.setenv("MARKETPLACE_SAAS_IDENTITY", "customer_identifier")
+    env.setenv("MARKETPLACE_ACCEPT_UNRESOLVED_CUSTOMERS", "true")
+    found = problems()
+    assert found == [
+        f"MARKETPLACE_{name}: only used with MARKETPLACE_MODE=saas (the mode is {mode}); remove it"
+        for name in ("SAAS_IDENTITY", "USAGE_DATABASE_URL", "ACCEPT_UNRESOLVED_CUSTOMERS")
+    ]
+    assert not any("pw-xyz" in p for p in found)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mysql://app:pw-xyz@db/m", "must start with postgresql:// or postgres://"),
+        ("pw-xyz", "must start with postgresql:// or postgres://"),
+        ("postgresql:///m?password=pw-xyz", "must name a host"),
+        ("postgresql://app:pw-xyz@/m", "must name a host"),
+        ("postgresql://app:pw-xyz@db:port/m", "the host or port does not parse"),
+        ("postgresql://app:pw-xyz@db:99999/m", "the host or port does not parse"),
+        ("postgresql://app:pw-xyz@db:0/m", "port must be 1-65535"),
+    ],
+)
+def test_a_bad_database_url_is_named_without_its_password(
+    env: pytest.MonkeyPatch, url: str, expected: str
+) -> None:
+    saas(env, USAGE_DATABASE_URL=url)
+    found = problems()
+    assert len(found) == 1 and found[0].startswith("MARKETPLACE_USAGE_DATABASE_URL: "), found
+    assert expected in found[0]
+    assert "pw-xyz" not in found[0]
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://app:pw@db.internal:5432/m", "postgres://db/m", "postgresql://[::1]/m"]
+)
+def test_good_database_urls_are_accepted(env: pytest.MonkeyPatch, url: str) -> None:
+    saas(env, USAGE_DATABASE_URL=url)
+    assert load()[0].usage_database_url == url
+
+
+def test_the_database_password_never_reaches_the_logged_settings_or_help(
+    env: pytest.MonkeyPatch,
+) -> None:
+    from sidecar.config import describe, redact_url, variables_help
+
+    saas(env, USAGE_DATABASE_URL="postgresql://app:s3cret-pw@db.internal:5432/m?password=s3cret-pw")
+    settings, _ = load()
+    shown = describe(settings)
+    assert shown["MARKETPLACE_USAGE_DATABASE_URL"] == "postgresql://app@db.internal:5432/m"
+    assert "s3cret-pw" not in repr(shown)
+    assert redact_url("postgresql://[::1]:5433/m") == "postgresql://[::1]:5433/m"
+    text = variables_help()
+    for name in ("SAAS_IDENTITY", "USAGE_DATABASE_URL", "ACCEPT_UNRESOLVED_CUSTOMERS"):
+        assert f"MARKETPLACE_{name}" in text
+    assert "MARKETPLACE_ZERO_USAGE_RECORDS  [default: true]" in text
+
+
+def test_saas_bad_identity_is_named(env: pytest.MonkeyPatch) -> None:
+    saas(env, SAAS_IDENTITY="account")
+    found = problems()
+    assert found[0].startswith(
+        "MARKETPLACE_SAAS_IDENTITY: Input should be 'license' or 'customer_identifier'"
+    ), found

@@ -713,6 +713,42 @@ def test_saas_mode_on_postgresql_renders_exact_env_and_no_key_or_product_code(ku
     assert "postgresql://" not in json.dumps(docs)
 
 
+def _sidecar_accepts(env: dict[str, str]) -> list[str]:
+    """`load()` of the sidecar itself on exactly this environment: its mode and store, or exit."""
+    import sys
+
+    script = (
+        "from sidecar.config import load; s, k = load(); "
+        "print(s.mode, s.saas_identity, ','.join(s.dimension_list), "
+        "'db' if s.usage_database_url else 'dir', k)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env={"PATH": "/usr/bin:/bin", **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+@pytest.mark.parametrize("store", ["postgresql", "sqlite"])
+def test_saas_env_passes_the_sidecars_own_validation(tmp_path: Path, store: str) -> None:
+    """What the chart renders in saas mode is what `marketplace-sidecar run` accepts."""
+    sets = [DB_SECRET] if store == "postgresql" else []
+    env = env_of(sidecar(pod_spec(render_saas(*sets, "config.logLevel=DEBUG"))))
+    plain = {k: v for k, v in env.items() if isinstance(v, str)}
+    if store == "postgresql":  # the secretKeyRef, resolved by the kubelet
+        plain["MARKETPLACE_USAGE_DATABASE_URL"] = "postgresql://app:pw@db.example:5432/metering"
+    else:  # the chart's path, where the volume is mounted in the pod; here a local dir
+        assert plain["MARKETPLACE_STATE_DIR"] == "/var/lib/marketplace-sidecar"
+        plain["MARKETPLACE_STATE_DIR"] = str(tmp_path)
+    expected = ["saas", "license", "api_calls,storage_gb", "db" if sets else "dir", "{}"]
+    assert _sidecar_accepts(plain) == expected
+
+
 def test_saas_mode_on_sqlite_keeps_the_state_volume_and_one_replica() -> None:
     docs = render_saas()
     validate(docs, "1.33.0")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from typing import Literal
 
 import pytest
 
@@ -49,3 +50,62 @@ def test_lowers_only_the_calling_thread() -> None:
 def test_a_thread_already_lower_is_left_alone() -> None:
     ok, start, after = _in_thread(before=API_THREAD_NICE + 5)
     assert ok and start == after == API_THREAD_NICE + 5
+
+
+def _nice_threads() -> int:
+    """Threads of this process running at the API threads' nice value."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            if os.getpriority(os.PRIO_PROCESS, int(task)) == API_THREAD_NICE:
+                count += 1
+        except OSError:  # the thread ended meanwhile
+            continue
+    return count
+
+
+def test_api_connections_step_back_and_probe_connections_do_not() -> None:
+    """The wiring: an API connection's thread is lowered, a probe connection's is not."""
+    import socket
+    import time
+
+    from sidecar.server.api import API_LIMITS, PROBE_LIMITS, LocalServer, Router
+
+    names: tuple[Literal["api", "probe"], ...] = ("api", "probe")
+    servers = {
+        name: LocalServer(
+            ("127.0.0.1", 0),
+            Router(None, lambda: None, listener=name, readiness=lambda: (True, None)),
+            limits,
+            name=name,
+        )
+        for name, limits in zip(names, (API_LIMITS, PROBE_LIMITS), strict=True)
+    }
+    for server in servers.values():
+        server.serve_in_thread(server.name)
+    held: list[socket.socket] = []
+
+    def hold(name: Literal["api", "probe"], expect: int) -> int:
+        """Open a connection that stays in its request (half a request line); nice threads,
+        once `expect` is seen or after a few seconds (the machine may be loaded)."""
+        port = int(servers[name].server_address[1])
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(b"GET /hea")
+        held.append(sock)
+        end = time.monotonic() + 5
+        time.sleep(0.2)
+        while _nice_threads() != expect and time.monotonic() < end:
+            time.sleep(0.05)
+        return _nice_threads()
+
+    try:
+        before = _nice_threads()
+        assert hold("probe", before) == before
+        assert hold("api", before + 1) == before + 1
+        assert hold("probe", before + 1) == before + 1
+    finally:
+        for sock in held:
+            sock.close()
+        for server in servers.values():
+            server.shutdown()
+            server.server_close()

@@ -183,10 +183,112 @@ class _UsageCollector(Collector):
         yield sends
 
 
+SAAS_RECORD_STATES = ("open", "sealed", "sent", "not_subscribed", "conflict", "expired", "rejected")
+SAAS_CUSTOMER_STATES = ("active", "not_subscribed")
+# One BatchMeterUsage call's outcome, as SaasService counts it; others become "other".
+SAAS_BATCH_RESULTS = frozenset(
+    {"ok", "out_of_bounds", "refused", "throttled", "transient", "error"}
+)
+
+
+class SaasCounts(Protocol):
+    """What SaasService.counters() reports at scrape time (saas mode)."""
+
+    @property
+    def units_accepted(self) -> Mapping[str, int]: ...  # durable units, by dimension
+
+    @property
+    def records_by_state(self) -> Mapping[str, int]: ...  # customer/dimension/hour records
+
+    @property
+    def customers_by_state(self) -> Mapping[str, int]: ...  # active, not_subscribed
+
+    @property
+    def oldest_unsent_hour_age_seconds(self) -> float: ...  # 0 when every sealed hour is sent
+
+    @property
+    def batch_calls(self) -> Mapping[str, int]: ...  # BatchMeterUsage calls by result
+
+    @property
+    def leader(self) -> bool: ...  # this sidecar holds the sender role
+
+
+class _SaasCollector(Collector):
+    """Read from SaasService's counters at scrape time: nothing on the ingest path."""
+
+    def __init__(self, counts: Callable[[], SaasCounts], dimensions: frozenset[str]) -> None:
+        self._counts = counts
+        self._dimensions = dimensions
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        try:
+            counts = self._counts()
+        except Exception:  # a database outage must not make /metrics answer 500
+            yield GaugeMetricFamily(
+                "marketplace_saas_counters_available",
+                "1 when the saas counters could be read from the usage store at this scrape",
+                value=0.0,
+            )
+            return
+        yield GaugeMetricFamily(
+            "marketplace_saas_counters_available",
+            "1 when the saas counters could be read from the usage store at this scrape",
+            value=1.0,
+        )
+        units = CounterMetricFamily(
+            "marketplace_usage_units_accepted",
+            "Units acknowledged (durable) to the product, by dimension",
+            labels=["dimension"],
+        )
+        for dim in sorted(self._dimensions):
+            units.add_metric([dim], float(counts.units_accepted.get(dim, 0)))
+        yield units
+        records = GaugeMetricFamily(
+            "marketplace_saas_records",
+            "Customer/dimension/hour records by state (not_subscribed, conflict and expired "
+            "need a human)",
+            labels=["state"],
+        )
+        for state in SAAS_RECORD_STATES:
+            records.add_metric([state], float(counts.records_by_state.get(state, 0)))
+        yield records
+        customers = GaugeMetricFamily(
+            "marketplace_saas_customers",
+            "Resolved customers by state (not_subscribed: learned from BatchMeterUsage)",
+            labels=["state"],
+        )
+        for state in SAAS_CUSTOMER_STATES:
+            customers.add_metric([state], float(counts.customers_by_state.get(state, 0)))
+        yield customers
+        yield GaugeMetricFamily(
+            "marketplace_saas_oldest_unsent_hour_age_seconds",
+            "Seconds since the end of the oldest sealed hour with a record not yet accepted "
+            "by AWS (0 when none); AWS refuses records 6 hours or more after their usage",
+            value=float(counts.oldest_unsent_hour_age_seconds),
+        )
+        calls = CounterMetricFamily(
+            "marketplace_saas_batch_calls",
+            "BatchMeterUsage calls by result",
+            labels=["result"],
+        )
+        merged: dict[str, int] = {}
+        for result, n in counts.batch_calls.items():
+            key = _bounded(result, SAAS_BATCH_RESULTS)
+            merged[key] = merged.get(key, 0) + n
+        for result, n in sorted(merged.items()):
+            calls.add_metric([result], float(n))
+        yield calls
+        yield GaugeMetricFamily(
+            "marketplace_saas_leader",
+            "1 when this sidecar is the fleet's sender (holds the store's sender lock)",
+            value=1.0 if counts.leader else 0.0,
+        )
+
+
 class Metrics:
     def __init__(
         self,
-        snapshot: Callable[[], Snapshot],
+        snapshot: Callable[[], Snapshot] | None,
         routes: frozenset[str],
         now: Callable[[], float] = time.time,
     ) -> None:
@@ -218,12 +320,17 @@ class Metrics:
         Info("marketplace_sidecar_build", "Build information", registry=self.registry).info(
             {"version": __version__}
         )
-        self.registry.register(_StateCollector(snapshot, now))
+        if snapshot is not None:  # saas mode has no entitlement state machine
+            self.registry.register(_StateCollector(snapshot, now))
         ProcessCollector(registry=self.registry)
 
     def watch_usage(self, counts: Callable[[], UsageCounts], dimensions: frozenset[str]) -> None:
         """Custom mode: export the usage pipeline's counters (label values bounded by config)."""
         self.registry.register(_UsageCollector(counts, dimensions))
+
+    def watch_saas(self, counts: Callable[[], SaasCounts], dimensions: frozenset[str]) -> None:
+        """SaaS mode: export SaasService's counters (label values bounded by config)."""
+        self.registry.register(_SaasCollector(counts, dimensions))
 
     # -- observer hooks ------------------------------------------------------------------
 

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Literal, Protocol
+from urllib.parse import unquote
 
 from sidecar import __version__
 from sidecar.entitlement.registrar import Registrar
 from sidecar.entitlement.state import Snapshot
 from sidecar.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.ops.metrics import Metrics
+from sidecar.server.probe import yield_to_probes
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,15 @@ MAX_BODY_BYTES = 4096
 # room for a few allocations per record.
 MAX_USAGE_BODY_BYTES = 1 << 20
 USAGE_PATH = "/v1/usage"
+CUSTOMERS_PATH = "/v1/customers"
+RESOLVE_PATH = "/v1/customers/resolve"
+CUSTOMER_PREFIX = "/v1/customers/"
+CUSTOMER_ROUTE = "/v1/customers/{id}"  # the route's name in metrics and the OpenAPI document
+# A registration token is opaque and AWS documents no maximum; observed ones are far below this.
+MAX_RESOLVE_BODY_BYTES = 16 * 1024
+# An account id (12 digits), a CustomerIdentifier (1-255) or the ledger's key, account id and
+# license ARN joined by "/" (percent-encode it as %2F in the path).
+MAX_CUSTOMER_KEY_CHARS = 2048
 MAX_NONCE_CHARS = 255
 Listener = Literal["api", "probe", "metrics"]
 
@@ -107,12 +118,26 @@ class UsageEndpoint(Protocol):
     def report(self) -> dict[str, Any]: ...
 
 
+class SaasEndpoint(Protocol):
+    """SaasService as the API sees it (saas mode); none of these raise for a client mistake."""
+
+    def post(self, body: bytes) -> tuple[int, dict[str, Any]]: ...
+
+    def report(self) -> dict[str, Any]: ...
+
+    def resolve(self, body: bytes) -> tuple[int, dict[str, Any]]: ...
+
+    def customers(self) -> tuple[int, dict[str, Any]]: ...
+
+    def customer(self, key: str) -> tuple[int, dict[str, Any]]: ...
+
+
 class Router:
     """Maps (method, path, body) to a `Reply`. No sockets here."""
 
     def __init__(
         self,
-        registrar: Registrar,
+        registrar: Registrar | None,
         health: Callable[[], str | None],
         *,
         listener: Listener = "api",
@@ -121,13 +146,21 @@ class Router:
         metrics: Metrics | None = None,
         warnings: Sequence[str] = (),
         usage: UsageEndpoint | None = None,
+        saas: SaasEndpoint | None = None,
+        readiness: Callable[[], tuple[bool, str | None]] | None = None,
     ) -> None:
         """`listener` picks the routes: "api" everything but /metrics; "probe" /healthz and a
         /readyz that tells the cluster only the state and error code (AWS messages can name
-        role ARNs and accounts); "metrics" nothing but /metrics. `serve_metrics` adds /metrics."""
+        role ARNs and accounts); "metrics" nothing but /metrics. `serve_metrics` adds /metrics.
+
+        SaaS mode passes no registrar, `saas` and `readiness` (the store is available)."""
+        if registrar is None and readiness is None:
+            raise ValueError("a Router needs a registrar or a readiness function")
         self._registrar = registrar
+        self._readiness = readiness
         self._warnings = tuple(warnings)  # from the configuration; they last the process
         self._usage = usage
+        self._saas = saas
         self._health = health
         self._extras = extras or dict
         self._cached: tuple[Snapshot, dict[str, Any], Reply] | None = None
@@ -142,29 +175,49 @@ class Router:
         if listener == "api":
             routes["/v1/entitlement"] = {"GET": self._entitlement}
             routes["/v1/entitlement/challenge"] = {"POST": self._challenge}
-            # Usage carries billing data: loopback API only, never the probe listener.
+            # Usage and customers carry billing data: loopback API only, never the probe listener.
             routes[USAGE_PATH] = {"GET": self._usage_report, "POST": self._usage_post}
+            routes[RESOLVE_PATH] = {"POST": self._resolve}
+            routes[CUSTOMERS_PATH] = {"GET": self._customers}
+            routes[CUSTOMER_ROUTE] = {"GET": self._customer}
             if usage is not None:
                 routes["/v1/entitlement/challenge"] = {"POST": self._no_challenge}
+            if saas is not None:
+                routes["/v1/entitlement"] = {"GET": self._no_entitlement}
+                routes["/v1/entitlement/challenge"] = {"POST": self._no_entitlement}
         self.routes = routes
+
+    def route(self, path: str) -> str:
+        """The route a path belongs to: /v1/customers/<one segment> is /v1/customers/{id}."""
+        if path in self.routes or not path.startswith(CUSTOMER_PREFIX):
+            return path
+        key = path[len(CUSTOMER_PREFIX) :]
+        return CUSTOMER_ROUTE if key and "/" not in key else path
 
     def max_body(self, path: str) -> int:
         """1 MiB for usage on the API listener (in hourly mode too: a clear 404, not a 413)."""
-        return (
-            MAX_USAGE_BODY_BYTES if path == USAGE_PATH and path in self.routes else MAX_BODY_BYTES
-        )
+        if path not in self.routes:
+            return MAX_BODY_BYTES
+        if path == USAGE_PATH:
+            return MAX_USAGE_BODY_BYTES
+        return MAX_RESOLVE_BODY_BYTES if path == RESOLVE_PATH else MAX_BODY_BYTES
 
     def allowed(self, path: str) -> list[str] | None:
-        methods = self.routes.get(path)
+        methods = self.routes.get(self.route(path))
         if methods is None:
             return None
         allowed = list(methods)
         return [*allowed, "HEAD"] if "GET" in allowed else allowed
 
     def handle(self, method: str, path: str, body: bytes) -> Reply:
-        methods = self.routes.get(path)
+        route = self.route(path)
+        methods = self.routes.get(route)
         if methods is None:
             return _problem(HTTPStatus.NOT_FOUND, "not_found", f"no such path: {path[:100]}")
+        if route == CUSTOMER_ROUTE:
+            handler = methods.get("GET" if method == "HEAD" else method)
+            if handler is not None:
+                return self._customer_at(path[len(CUSTOMER_PREFIX) :])
         handler = methods.get("GET" if method == "HEAD" else method)
         if handler is None:
             allowed = ", ".join(self.allowed(path) or [])
@@ -189,17 +242,35 @@ class Router:
         return Reply(200, {"status": "ok", "version": __version__})
 
     def _readyz(self, _: bytes) -> Reply:
+        if self._registrar is None:
+            return self._store_readyz()
         snap = self._registrar.machine.snapshot()
         body: dict[str, Any] = {"ready": snap.entitled, "state": snap.state.value}
         if snap.error is not None:
             body["error"] = {"code": snap.error.code} if self.redacted else snap.error.to_json()
         return Reply(200 if snap.entitled else 503, body)
 
+    def _store_readyz(self) -> Reply:
+        """SaaS mode: ready while the usage store can take writes (PostgreSQL up)."""
+        assert self._readiness is not None  # nosec B101 # the constructor demands one of two
+        try:
+            ok, reason = self._readiness()
+        except Exception as exc:  # a readiness probe answers; it never 500s
+            ok, reason = False, f"readiness check failed: {type(exc).__name__}"
+        if ok:
+            return Reply(200, {"ready": True, "state": "ready"})
+        error: dict[str, Any] = {"code": "store_unavailable"}
+        if not self.redacted:  # a driver's message can name hosts and users
+            error["message"] = str(reason or "the usage store is unavailable")[:500]
+        return Reply(503, {"ready": False, "state": "store_unavailable", "error": error})
+
     def _metrics(self, _: bytes) -> Reply:
         assert self.metrics is not None  # nosec B101 # routed only when metrics exist
         return Reply(200, {}, encoded=self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     def _entitlement(self, _: bytes) -> Reply:
+        if self._registrar is None:
+            return self._no_entitlement(b"")
         # Snapshots are immutable: serialise each one once, not on every poll.
         snap, extra = self._registrar.machine.snapshot(), self._extras()
         cached = self._cached
@@ -214,6 +285,8 @@ class Router:
             doc = json.loads(body) if body else None
         except (ValueError, UnicodeDecodeError):
             return _problem(HTTPStatus.BAD_REQUEST, "invalid_json", "body must be JSON")
+        if self._registrar is None:
+            return self._no_entitlement(b"")
         nonce = doc.get("nonce") if isinstance(doc, dict) else None
         if not isinstance(nonce, str) or not 0 < len(nonce) <= MAX_NONCE_CHARS:
             return _problem(
@@ -258,22 +331,59 @@ class Router:
             "there is nothing to challenge; read GET /v1/entitlement and GET /v1/usage instead",
         )
 
+    def _no_entitlement(self, _: bytes) -> Reply:
+        return _problem(
+            HTTPStatus.NOT_FOUND,
+            "no_entitlement_in_saas_mode",
+            "MARKETPLACE_MODE=saas has no entitlement to report: there is no RegisterUsage and "
+            "no token; who may use the product is the customer list (GET /v1/customers, "
+            "POST /v1/customers/resolve) and usage goes to POST /v1/usage",
+        )
+
     def _usage_post(self, body: bytes) -> Reply:
-        if self._usage is None:
+        pipeline = self._saas or self._usage
+        if pipeline is None:
             return _usage_needs_custom_mode()
-        status, doc = self._usage.post(body)
-        headers = {}
-        retry = doc.get("retry_after")
-        if isinstance(retry, int | float) and status in (429, 503):
-            headers["Retry-After"] = str(max(1, int(retry + 0.999)))
-        return Reply(status, _as_problem(doc), headers)
+        return _pipeline_reply(*pipeline.post(body))
 
     def _usage_report(self, _: bytes) -> Reply:
-        if self._usage is None:
+        pipeline = self._saas or self._usage
+        if pipeline is None:
             return _usage_needs_custom_mode()
-        return Reply(200, self._usage.report())
+        return Reply(200, pipeline.report())
+
+    def _resolve(self, body: bytes) -> Reply:
+        if self._saas is None:
+            return _customers_need_saas_mode()
+        return _pipeline_reply(*self._saas.resolve(body))
+
+    def _customers(self, _: bytes) -> Reply:
+        if self._saas is None:
+            return _customers_need_saas_mode()
+        return _pipeline_reply(*self._saas.customers())
+
+    def _customer(self, _: bytes) -> Reply:  # routed by `handle`, with the key from the path
+        return _customers_need_saas_mode()
+
+    def _customer_at(self, raw: str) -> Reply:
+        if self._saas is None:
+            return _customers_need_saas_mode()
+        try:
+            key = unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            key = ""
+        if not 0 < len(key) <= MAX_CUSTOMER_KEY_CHARS or not key.isprintable():
+            return _problem(
+                HTTPStatus.BAD_REQUEST,
+                "invalid_customer",
+                "customer: the path ends with an AWS account id (12 digits), a customer "
+                "identifier or a customer key from GET /v1/customers (1-"
+                f"{MAX_CUSTOMER_KEY_CHARS} printable characters, percent-encoded)",
+            )
+        return _pipeline_reply(*self._saas.customer(key))
 
     def describe(self, snap: Snapshot, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        assert self._registrar is not None  # nosec B101 # saas mode never describes a snapshot
         policy = self._registrar.policy
         return {
             "state": snap.state.value,
@@ -297,11 +407,30 @@ def _as_problem(doc: dict[str, Any]) -> dict[str, Any]:
     code = doc.get("error")
     if not isinstance(code, str):
         return doc
-    details = ("message", "field", "problems")
+    details = ("message", "field", "problems", "hint")
     error = {"code": code, "message": str(doc.get("message") or code)}
     error.update({k: doc[k] for k in details[1:] if k in doc})
     rest = {k: v for k, v in doc.items() if k != "error" and k not in details}
     return {"error": error, **rest}
+
+
+def _pipeline_reply(status: int, doc: dict[str, Any]) -> Reply:
+    """A pipeline's (status, body): errors in this API's shape, Retry-After on 429 and 503."""
+    headers = {}
+    retry = doc.get("retry_after")
+    if status in (429, 503):
+        seconds = retry if isinstance(retry, int | float) and math.isfinite(retry) else 1
+        headers["Retry-After"] = str(max(1, int(seconds + 0.999)))
+    return Reply(status, _as_problem(doc), headers)
+
+
+def _customers_need_saas_mode() -> Reply:
+    return _problem(
+        HTTPStatus.NOT_FOUND,
+        "customers_need_saas_mode",
+        "customers are resolved only with MARKETPLACE_MODE=saas (SaaS products: "
+        "ResolveCustomer and BatchMeterUsage); this sidecar runs in another mode",
+    )
 
 
 def _usage_needs_custom_mode() -> Reply:
@@ -445,7 +574,7 @@ class _Handler(BaseHTTPRequestHandler):
         metrics = self.server.router.metrics
         if metrics is not None:
             path = (getattr(self, "path", "") or "").split("?", 1)[0]
-            metrics.request(self.server.name, path, reply.status)
+            metrics.request(self.server.name, self.server.router.route(path), reply.status)
 
     def _refuse(self, status: HTTPStatus, code: str, message: str) -> None:
         self.close_connection = True  # whatever follows on the wire is not a request
@@ -574,6 +703,8 @@ class LocalServer(HTTPServer):
             self.shutdown_request(request)
 
     def _serve(self, request: socket.socket, client_address: Any, conn: _Conn) -> None:
+        if self.name == "api":  # the product's traffic steps back; probes and metrics do not
+            yield_to_probes()
         try:
             self.finish_request(request, client_address)
         except Exception:

@@ -295,3 +295,176 @@ def parse(body: bytes, limits: Limits, now: float) -> list[UsageRecord]:
     if problems:
         raise RejectedError(400, problems)
     return records
+
+
+# -- SaaS mode (issue 13): the same record, plus the customer it is for ------------------------
+
+ACCOUNT_RE = re.compile(r"^[0-9]{1,255}$")
+# botocore's LicenseArn pattern (service model 2016-01-14).
+LICENSE_ARN_RE = re.compile(
+    r"^arn:aws[a-zA-Z-]*:[A-Za-z0-9][A-Za-z0-9_/.-]{0,62}:[A-Za-z0-9_/.-]{0,63}:"
+    r"[A-Za-z0-9_/.-]{0,63}:[A-Za-z0-9][A-Za-z0-9:_/+=,@.-]{0,1023}$"
+)
+LICENSE_FIELDS = ("customer_aws_account_id", "license_arn")
+IDENTIFIER_FIELD = "customer_identifier"
+IDENTITIES = ("license", "customer_identifier")
+
+
+@dataclass(frozen=True)
+class SaasRecord:
+    """A usage record for one SaaS customer. `customer` is the ledger's key: the account id and
+    license ARN joined by '/', or the customer identifier (the identity the sidecar sends)."""
+
+    customer: str
+    usage: UsageRecord
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.customer}\n{self.usage.digest}".encode()).hexdigest()
+
+
+def customer_key(
+    identity: str, account_id: str | None, license_arn: str | None, identifier: str | None
+) -> str | None:
+    """The ledger key of a customer under `identity`, or None when AWS's answer lacks it."""
+    if identity == "license":
+        return f"{account_id}/{license_arn}" if account_id and license_arn else None
+    return identifier or None
+
+
+def record_identity(identity: str, customer: str) -> dict[str, str]:
+    """The identifying members of a BatchMeterUsage UsageRecord for a ledger key."""
+    if identity == "license":
+        account, _, arn = customer.partition("/")
+        return {"CustomerAWSAccountId": account, "LicenseArn": arn}
+    return {"CustomerIdentifier": customer}
+
+
+def _customer(
+    doc: dict[str, Any], field: str, identity: str, problems: list[Problem]
+) -> str | None:
+    """Pops the customer fields off `doc` (a copy) and checks them against the identity."""
+    account = doc.pop("customer_aws_account_id", None)
+    arn = doc.pop("license_arn", None)
+    ident = doc.pop(IDENTIFIER_FIELD, None)
+    before = len(problems)
+    if identity == "license":
+        if ident is not None:
+            problems.append(
+                Problem(
+                    _join(field, IDENTIFIER_FIELD),
+                    "not allowed: MARKETPLACE_SAAS_IDENTITY is license; name the "
+                    "customer with customer_aws_account_id and license_arn",
+                )
+            )
+        if not isinstance(account, str) or not ACCOUNT_RE.match(account):
+            problems.append(
+                Problem(
+                    _join(field, "customer_aws_account_id"),
+                    "is required: the buyer's AWS account id (digits), as "
+                    "ResolveCustomer returned it",
+                )
+            )
+        if not isinstance(arn, str) or not LICENSE_ARN_RE.match(arn):
+            problems.append(
+                Problem(
+                    _join(field, "license_arn"),
+                    "is required: the license ARN (arn:aws:license-manager:...) "
+                    "ResolveCustomer returned",
+                )
+            )
+    else:
+        for name, value in (("customer_aws_account_id", account), ("license_arn", arn)):
+            if value is not None:
+                problems.append(
+                    Problem(
+                        _join(field, name),
+                        "not allowed: MARKETPLACE_SAAS_IDENTITY is "
+                        "customer_identifier; name the customer with "
+                        "customer_identifier",
+                    )
+                )
+        if not isinstance(ident, str) or not 1 <= len(ident) <= 255:
+            problems.append(
+                Problem(
+                    _join(field, IDENTIFIER_FIELD),
+                    "is required: the CustomerIdentifier ResolveCustomer "
+                    "returned (1-255 characters)",
+                )
+            )
+    if len(problems) != before:
+        return None
+    return customer_key(identity, account, arn, ident)
+
+
+def parse_saas(body: bytes, limits: Limits, now: float, identity: str) -> list[SaasRecord]:
+    """Body -> SaaS records, or `RejectedError`. The record rules are custom mode's (`parse`),
+    plus the customer named as `identity` wants; allocations are refused (not supported in SaaS
+    mode yet: the sidecar would have to merge them per customer, dimension and hour)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise RejectedError(
+            400, [Problem("body", "must be JSON: one usage record or a list")]
+        ) from None
+    single = not (
+        isinstance(doc, list)
+        or (isinstance(doc, dict) and "records" in doc and "dimension" not in doc)
+    )
+    items: list[Any] = [doc] if single else (doc if isinstance(doc, list) else doc.get("records"))
+    problems: list[Problem] = []
+    customers: list[str | None] = []
+    stripped: list[Any] = []
+    if isinstance(items, list) and len(items) <= MAX_RECORDS:
+        for i, item in enumerate(items):
+            field = "" if single else f"records[{i}]"
+            if not isinstance(item, dict):
+                customers.append(None)
+                stripped.append(item)
+                continue
+            copy = dict(item)
+            customers.append(_customer(copy, field, identity, problems))
+            if copy.get("allocations") is not None:
+                problems.append(
+                    Problem(
+                        _join(field, "allocations"),
+                        "not supported in SaaS mode; send one record per customer and dimension",
+                    )
+                )
+                copy.pop("allocations")
+            stripped.append(copy)
+    if single:
+        rebuilt: Any = stripped[0] if stripped else doc
+    elif isinstance(doc, list):
+        rebuilt = stripped if isinstance(items, list) and len(items) <= MAX_RECORDS else doc
+    else:
+        rebuilt = {**doc, "records": stripped} if stripped or doc.get("records") == [] else doc
+    try:
+        records = parse(json.dumps(rebuilt).encode(), limits, now)
+    except RejectedError as exc:
+        if exc.status != 400:
+            raise
+        problems.extend(exc.problems)
+    if problems:
+        raise RejectedError(400, problems)
+    out: list[SaasRecord] = []
+    for rec in records:
+        index = int(rec.field[8:-1]) if rec.field else 0
+        key = customers[index]
+        assert key is not None  # a record without a valid customer raised above
+        out.append(SaasRecord(key, rec))
+    seen: dict[str, SaasRecord] = {}
+    for srec in out:
+        if srec.usage.id is None:
+            continue
+        first = seen.setdefault(srec.usage.id, srec)
+        if first.digest != srec.digest:
+            raise RejectedError(
+                400,
+                [
+                    Problem(
+                        _join(srec.usage.field, "id"), "the same id appears with different content"
+                    )
+                ],
+            )
+    return out

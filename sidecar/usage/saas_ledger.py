@@ -1,0 +1,956 @@
+"""SaaS mode's transactions: customers, ingest, sealing, batches. Pure apart from the `Db`.
+
+Every function runs inside one store transaction (`UsageStore.write`/`read`) and takes the time
+it needs. The SAME statements run on SQLite (one replica) and PostgreSQL (a fleet): `?`
+placeholders, `ON CONFLICT`, `RETURNING`, no rowid, aggregates wrapped in `int()`.
+
+AWS deduplicates BatchMeterUsage per product, customer, dimension and hour and bills the FIRST
+quantity it saw, so the ledger's invariants are:
+- usage is summed per (customer, dimension, hour) in `saas_open` until the hour is sealed;
+- sealing writes ONE outbox row per (customer, dimension, hour) with its exact UsageRecord
+  (Timestamp, Quantity); that text never changes afterwards;
+- a call's exact request is stored (`saas_batches`, state 'sending') before it is sent, and is
+  resent byte for byte until AWS answers; regrouping (unprocessed records, bisection) only ever
+  puts the same stored record texts into another request (AWS: "identical requests are
+  idempotent and can be retried with the same records or a subset").
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.usage.db import Db
+from sidecar.usage.hours import (
+    AWS_WINDOW,
+    HourPolicy,
+    hour_of,
+    hour_start,
+    iso,
+    iso_hour,
+    request_timestamp,
+    target_hour,
+)
+from sidecar.usage.store import dumps
+from sidecar.usage.validate import (
+    MAX_QUANTITY,
+    Problem,
+    RejectedError,
+    SaasRecord,
+    record_identity,
+)
+
+# Advisory lock between ingest (shared) and sealing (exclusive); see `ingest` and `seal`.
+SEAL_LOCK = 0x5AA50013
+MAX_BATCH_RECORDS = 25
+MAX_BATCH_BYTES = 1_000_000  # AWS: requests under 1 MB
+RECORD_STATES = ("open", "sealed", "sent", "not_subscribed", "conflict", "expired", "rejected")
+CUSTOMER_STATES = ("active", "not_subscribed")
+STATUS_STATE = {
+    "Success": "sent",
+    "CustomerNotSubscribed": "not_subscribed",
+    "DuplicateRecord": "conflict",
+}
+
+DDL = """
+-- Customers resolved by any sidecar of the fleet. `customer` is the ledger key: account id and
+-- license ARN joined by '/' (identity license) or the CustomerIdentifier. The registration token
+-- is kept only as its sha256 (the same token again answers from here while it lives).
+CREATE TABLE saas_customers (
+    customer TEXT PRIMARY KEY,
+    account_id TEXT,
+    license_arn TEXT,
+    product_code TEXT,
+    customer_identifier TEXT,
+    state TEXT NOT NULL,
+    state_since DOUBLE PRECISION NOT NULL,
+    state_reason TEXT,
+    resolved_at DOUBLE PRECISION NOT NULL,
+    token_digest TEXT,
+    token_expires DOUBLE PRECISION
+);
+CREATE INDEX saas_customers_by_token ON saas_customers (token_digest);
+CREATE INDEX saas_customers_by_account ON saas_customers (account_id);
+CREATE INDEX saas_customers_by_identifier ON saas_customers (customer_identifier);
+-- Client idempotency keys (POST /v1/usage `id`).
+CREATE TABLE saas_keys (
+    id TEXT PRIMARY KEY, digest TEXT NOT NULL, answer TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+-- Every accepted record, for audit (and carrying).
+CREATE TABLE saas_records (
+    id TEXT PRIMARY KEY,
+    customer TEXT NOT NULL,
+    dimension TEXT NOT NULL,
+    hour BIGINT NOT NULL,
+    quantity BIGINT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    carried_from BIGINT
+);
+CREATE INDEX saas_records_by_hour ON saas_records (hour, customer, dimension);
+-- Running totals of unsealed hours: what sealing turns into records.
+CREATE TABLE saas_open (
+    customer TEXT NOT NULL,
+    dimension TEXT NOT NULL,
+    hour BIGINT NOT NULL,
+    quantity BIGINT NOT NULL,
+    PRIMARY KEY (customer, dimension, hour)
+);
+CREATE INDEX saas_open_by_hour ON saas_open (hour);
+-- Hours sealed (for every customer at once): usage for them goes to the open hour.
+CREATE TABLE saas_sealed_hours (
+    hour BIGINT PRIMARY KEY,
+    sealed_at DOUBLE PRECISION NOT NULL,
+    records BIGINT NOT NULL
+);
+-- One row per sealed (customer, dimension, hour): the exact UsageRecord, never changed.
+-- States: sealed, sent, not_subscribed, conflict, expired, rejected.
+CREATE TABLE saas_outbox (
+    customer TEXT NOT NULL,
+    dimension TEXT NOT NULL,
+    hour BIGINT NOT NULL,
+    quantity BIGINT NOT NULL,
+    zero INTEGER NOT NULL,
+    record TEXT NOT NULL,
+    state TEXT NOT NULL,
+    batch_id TEXT,
+    sealed_at DOUBLE PRECISION NOT NULL,
+    deadline DOUBLE PRECISION NOT NULL,
+    metering_record_id TEXT,
+    last_code TEXT,
+    last_error TEXT,
+    done_at DOUBLE PRECISION,
+    PRIMARY KEY (customer, dimension, hour)
+);
+CREATE INDEX saas_outbox_by_batch ON saas_outbox (batch_id) WHERE batch_id IS NOT NULL;
+-- The pool the sender draws 25 records from, oldest hour first (a record's deadline follows
+-- its hour), and expires from: one partial index, so forming a call reads 25 index entries,
+-- not every sealed row. The only index a pool query can use, so no planner picks another.
+CREATE INDEX saas_outbox_pool ON saas_outbox (deadline, customer, dimension)
+    WHERE state = 'sealed' AND batch_id IS NULL;
+-- Each BatchMeterUsage call's exact request, stored before it is sent.
+-- States: sending (to send or resend as is), done (answered), split (bisected into children),
+-- suspect (the untried half of a bisection), released (its records went back to the pool).
+CREATE TABLE saas_batches (
+    id TEXT PRIMARY KEY,
+    request TEXT NOT NULL,
+    records BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    parent TEXT,
+    created_at DOUBLE PRECISION NOT NULL,
+    deadline DOUBLE PRECISION NOT NULL,
+    attempts BIGINT NOT NULL DEFAULT 0,
+    last_code TEXT,
+    answered_at DOUBLE PRECISION
+);
+CREATE INDEX saas_batches_by_state ON saas_batches (state, created_at);
+"""
+
+
+class IdConflictError(Exception):
+    """An idempotency key came back with different content (HTTP 409)."""
+
+    def __init__(self, field: str, key: str) -> None:
+        super().__init__(f"id {key!r} was used before for different usage")
+        self.field = field
+        self.key = key
+
+
+# -- customers ----------------------------------------------------------------------------
+
+_CUSTOMER_COLS = (
+    "customer, account_id, license_arn, product_code, customer_identifier, state, state_since, "
+    "state_reason, resolved_at"
+)
+
+
+def _customer_json(row: Sequence[Any]) -> dict[str, Any]:
+    return {
+        "customer": row[0],
+        "customer_aws_account_id": row[1],
+        "license_arn": row[2],
+        "product_code": row[3],
+        "customer_identifier": row[4],
+        "state": row[5],
+        "state_since": iso(float(row[6])),
+        "state_reason": row[7],
+        "resolved_at": iso(float(row[8])),
+    }
+
+
+def customer_by_token(db: Db, digest: str, now: float) -> dict[str, Any] | None:
+    row = db.execute(
+        f"SELECT {_CUSTOMER_COLS} FROM saas_customers WHERE token_digest = ? AND token_expires > ?",  # noqa: S608
+        (digest, now),
+    ).fetchone()
+    return _customer_json(row) if row else None
+
+
+def save_customer(
+    db: Db,
+    key: str,
+    answer: dict[str, Any],
+    now: float,
+    token_digest: str,
+    token_expires: float,
+) -> dict[str, Any]:
+    """Store a ResolveCustomer answer. A fresh registration makes the customer active again (a
+    buyer who registers again has subscribed again; AWS will say otherwise if not)."""
+    db.execute(
+        "INSERT INTO saas_customers (customer, account_id, license_arn, product_code, "
+        "customer_identifier, state, state_since, state_reason, resolved_at, token_digest, "
+        "token_expires) VALUES (?, ?, ?, ?, ?, 'active', ?, NULL, ?, ?, ?) "
+        "ON CONFLICT (customer) DO UPDATE SET account_id = excluded.account_id, "
+        "license_arn = excluded.license_arn, product_code = excluded.product_code, "
+        "customer_identifier = excluded.customer_identifier, state = 'active', "
+        "state_since = CASE WHEN saas_customers.state = 'active' THEN saas_customers.state_since "
+        "ELSE excluded.state_since END, state_reason = NULL, resolved_at = excluded.resolved_at, "
+        "token_digest = excluded.token_digest, token_expires = excluded.token_expires",
+        (
+            key,
+            answer.get("CustomerAWSAccountId"),
+            answer.get("LicenseArn"),
+            answer.get("ProductCode"),
+            answer.get("CustomerIdentifier"),
+            now,
+            now,
+            token_digest,
+            token_expires,
+        ),
+    )
+    row = db.execute(
+        f"SELECT {_CUSTOMER_COLS} FROM saas_customers WHERE customer = ?",  # noqa: S608
+        (key,),
+    ).fetchone()
+    assert row is not None
+    return _customer_json(row)
+
+
+def find_customers(db: Db, key: str) -> list[dict[str, Any]]:
+    """By ledger key, AWS account id or customer identifier."""
+    rows = db.execute(
+        f"SELECT {_CUSTOMER_COLS} FROM saas_customers WHERE customer = ? OR account_id = ? "  # noqa: S608
+        "OR customer_identifier = ? ORDER BY resolved_at DESC",
+        (key, key, key),
+    ).fetchall()
+    return [_customer_json(r) for r in rows]
+
+
+def list_customers(db: Db, limit: int = 1000) -> tuple[list[dict[str, Any]], int]:
+    rows = db.execute(
+        f"SELECT {_CUSTOMER_COLS} FROM saas_customers ORDER BY resolved_at DESC LIMIT ?",  # noqa: S608
+        (limit,),
+    ).fetchall()
+    total = db.execute("SELECT COUNT(*) FROM saas_customers").fetchone()
+    return [_customer_json(r) for r in rows], int(total[0]) if total else 0
+
+
+# -- ingest -------------------------------------------------------------------------------
+
+
+def ingest(
+    db: Db,
+    records: list[SaasRecord],
+    now: float,
+    policy: HourPolicy,
+    *,
+    accept_unresolved: bool,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Store the records, all or nothing: (202, or 200 if each was a repeat; answers).
+
+    The shared SEAL_LOCK: "is hour H sealed?" and "add to H's total" must not straddle a seal.
+    On PostgreSQL (READ COMMITTED, many replicas) a seal committing between them would leave
+    this row in an hour whose record is already written, so it would never be sent. Ingests hold
+    the lock shared (they run side by side); sealing takes it exclusively, so it waits for the
+    ingests in flight to commit and ingests arriving meanwhile wait for the seal, then see it.
+    On SQLite the one writer thread already serialises everything (the lock is a no-op).
+    """
+    db.lock(SEAL_LOCK, shared=True)
+    sealed_cache: dict[int, bool] = {}
+    known: dict[str, str | None] = {}
+    answers: list[dict[str, Any]] = []
+    fresh = 0
+
+    def sealed(hour: int) -> bool:
+        if hour not in sealed_cache:
+            row = db.execute("SELECT 1 FROM saas_sealed_hours WHERE hour = ?", (hour,)).fetchone()
+            sealed_cache[hour] = row is not None
+        return sealed_cache[hour]
+
+    for srec in records:
+        rec = srec.usage
+        if srec.customer not in known:
+            row = db.execute(
+                "SELECT state FROM saas_customers WHERE customer = ?", (srec.customer,)
+            ).fetchone()
+            known[srec.customer] = str(row[0]) if row else None
+        state = known[srec.customer]
+        if state is None and not accept_unresolved:
+            raise RejectedError(
+                400,
+                [
+                    Problem(
+                        f"{rec.field}.customer" if rec.field else "customer",
+                        f"customer {srec.customer!r} was never resolved by this fleet; "
+                        "resolve its registration token first (POST /v1/customers/resolve), "
+                        "or set MARKETPLACE_ACCEPT_UNRESOLVED_CUSTOMERS=true",
+                    )
+                ],
+            )
+        where = f"{rec.field}.id" if rec.field else "id"
+        if rec.id is not None:
+            took = db.execute(
+                "INSERT INTO saas_keys (id, digest, answer, created_at) VALUES (?, ?, '', ?) "
+                "ON CONFLICT (id) DO NOTHING RETURNING id",
+                (rec.id, srec.digest, now),
+            ).fetchone()
+            if took is None:
+                row = db.execute(
+                    "SELECT digest, answer FROM saas_keys WHERE id = ?", (rec.id,)
+                ).fetchone()
+                if row is None or row[0] != srec.digest:
+                    raise IdConflictError(where, rec.id)
+                answers.append({**json.loads(row[1]), "repeat": True})
+                continue
+        own = hour_of(rec.timestamp if rec.timestamp is not None else now)
+        hour = target_hour(own, now, sealed, policy)
+        total = db.execute(
+            "INSERT INTO saas_open (customer, dimension, hour, quantity) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (customer, dimension, hour) DO UPDATE SET "
+            "quantity = saas_open.quantity + excluded.quantity RETURNING quantity",
+            (srec.customer, rec.dimension, hour, rec.quantity),
+        ).fetchone()
+        if total is not None and int(total[0]) > MAX_QUANTITY:
+            raise RejectedError(
+                400,
+                [
+                    Problem(
+                        f"{rec.field}.quantity" if rec.field else "quantity",
+                        f"{rec.dimension} would exceed {MAX_QUANTITY} units for this customer in "
+                        f"hour {iso_hour(hour)} (BatchMeterUsage's maximum per record); "
+                        "use a larger unit",
+                    )
+                ],
+            )
+        rid = rec.id or f"u-{uuid.uuid4().hex}"
+        carried = own if hour != own else None
+        db.execute(
+            "INSERT INTO saas_records (id, customer, dimension, hour, quantity, received_at, "
+            "carried_from) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                rid if rec.id is None else f"k-{uuid.uuid4().hex}",
+                srec.customer,
+                rec.dimension,
+                hour,
+                rec.quantity,
+                now,
+                carried,
+            ),
+        )
+        answer: dict[str, Any] = {
+            "id": rid,
+            "customer": srec.customer,
+            "dimension": rec.dimension,
+            "quantity": rec.quantity,
+            "hour": iso_hour(hour),
+        }
+        if carried is not None:
+            answer["carried_from"] = iso_hour(own)
+            answer["note"] = (
+                f"hour {iso_hour(own)} is already sealed or too old to send; "
+                f"counted in {iso_hour(hour)}"
+            )
+        if state == "not_subscribed":
+            answer["warning"] = (
+                "AWS answered CustomerNotSubscribed for this customer; the usage is kept and "
+                "sent, but AWS will not bill it unless the customer subscribes again"
+            )
+        elif state is None:
+            answer["warning"] = "customer not resolved by this fleet (accepted by configuration)"
+        if rec.id is not None:
+            db.execute("UPDATE saas_keys SET answer = ? WHERE id = ?", (dumps(answer), rec.id))
+        answers.append(answer)
+        fresh += 1
+    return (202 if fresh else 200), answers
+
+
+# -- sealing ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SealSpec:
+    """What sealing needs from the configuration."""
+
+    dimensions: tuple[str, ...]
+    identity: str
+    zero_records: bool
+    hours: HourPolicy
+
+
+def _sealed(db: Db, hour: int) -> bool:
+    return (
+        db.execute("SELECT 1 FROM saas_sealed_hours WHERE hour = ?", (hour,)).fetchone() is not None
+    )
+
+
+def _carry(db: Db, hour: int, now: float, policy: HourPolicy) -> None:
+    """An unsealed hour too old to send safely (the fleet was down): its totals move into the
+    open hour, as AWS advises after an outage, instead of expiring unsent."""
+    rows = db.execute(
+        "SELECT customer, dimension, quantity FROM saas_open WHERE hour = ?", (hour,)
+    ).fetchall()
+    for customer, dimension, quantity in rows:
+        target = target_hour(hour, now, lambda h: _sealed(db, h), policy)
+        while True:
+            row = db.execute(
+                "SELECT quantity FROM saas_open WHERE customer = ? AND dimension = ? AND hour = ?",
+                (customer, dimension, target),
+            ).fetchone()
+            if _sealed(db, target) or (row and int(row[0]) + int(quantity) > MAX_QUANTITY):
+                target += 1  # that record would exceed AWS's maximum: one hour further
+                continue
+            break
+        db.execute(
+            "INSERT INTO saas_open (customer, dimension, hour, quantity) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (customer, dimension, hour) DO UPDATE SET "
+            "quantity = saas_open.quantity + excluded.quantity",
+            (customer, dimension, target, quantity),
+        )
+        db.execute(
+            "UPDATE saas_records SET hour = ?, carried_from = COALESCE(carried_from, ?) "
+            "WHERE hour = ? AND customer = ? AND dimension = ?",
+            (target, hour, hour, customer, dimension),
+        )
+    db.execute("DELETE FROM saas_open WHERE hour = ?", (hour,))
+
+
+def seal(db: Db, through: int, now: float, spec: SealSpec) -> list[tuple[int, int]]:
+    """Seal every hour up to `through`: [(hour, records)]. Leader only.
+
+    Takes SEAL_LOCK exclusively (see `ingest`). Each sealed hour becomes one outbox row per
+    customer/dimension with usage, plus (zero_records) a quantity-0 row for each active customer
+    and configured dimension without usage: AWS's guidance is to send every hour.
+    """
+    db.lock(SEAL_LOCK)
+    policy = spec.hours
+    for (hour,) in db.execute(
+        "SELECT DISTINCT hour FROM saas_open WHERE hour <= ?", (through,)
+    ).fetchall():
+        if not policy.worth_sealing(int(hour), now):
+            _carry(db, int(hour), now, policy)
+    last = db.execute("SELECT MAX(hour) FROM saas_sealed_hours").fetchone()
+    first_open = db.execute(
+        "SELECT MIN(hour) FROM saas_open WHERE hour <= ?", (through,)
+    ).fetchone()
+    starts = [int(first_open[0])] if first_open and first_open[0] is not None else []
+    if last and last[0] is not None:
+        starts.append(int(last[0]) + 1)
+    elif spec.zero_records:
+        first_customer = db.execute(
+            "SELECT MIN(resolved_at) FROM saas_customers WHERE state = 'active'"
+        ).fetchone()
+        if first_customer and first_customer[0] is not None:
+            starts.append(hour_of(float(first_customer[0])))
+    if not starts:
+        return []
+    start = max(min(starts), hour_of(now - AWS_WINDOW))  # older hours cannot be sent anyway
+    out = []
+    for hour in range(start, through + 1):
+        if _sealed(db, hour) or not policy.worth_sealing(hour, now):
+            continue
+        out.append((hour, _seal_hour(db, hour, now, spec)))
+    return out
+
+
+def _seal_hour(db: Db, hour: int, now: float, spec: SealSpec) -> int:
+    totals: dict[tuple[str, str], int] = {
+        (str(c), str(d)): int(q)
+        for c, d, q in db.execute(
+            "SELECT customer, dimension, quantity FROM saas_open WHERE hour = ?", (hour,)
+        )
+    }
+    zero: set[tuple[str, str]] = set()
+    if spec.zero_records:
+        for (customer,) in db.execute(
+            "SELECT customer FROM saas_customers WHERE state = 'active' AND resolved_at < ?",
+            (hour_start(hour + 1),),
+        ).fetchall():
+            for dimension in spec.dimensions:
+                if (str(customer), dimension) not in totals:
+                    zero.add((str(customer), dimension))
+                    totals[(str(customer), dimension)] = 0
+    stamp = request_timestamp(hour, now)
+    deadline = spec.hours.deadline(stamp)
+    rows = []
+    for (customer, dimension), quantity in sorted(totals.items()):
+        record = {
+            "Timestamp": stamp,
+            "Dimension": dimension,
+            "Quantity": quantity,
+            **record_identity(spec.identity, customer),
+        }
+        rows.append(
+            (
+                customer,
+                dimension,
+                hour,
+                quantity,
+                int((customer, dimension) in zero),
+                dumps(record),
+                now,
+                deadline,
+            )
+        )
+    for i in range(0, len(rows), 500):  # multi-row VALUES: one round trip per 500 rows
+        chunk = rows[i : i + 500]
+        db.execute(
+            "INSERT INTO saas_outbox (customer, dimension, hour, quantity, zero, record, state, "  # noqa: S608
+            "sealed_at, deadline) VALUES "
+            + ", ".join(["(?, ?, ?, ?, ?, ?, 'sealed', ?, ?)"] * len(chunk))
+            + " ON CONFLICT (customer, dimension, hour) DO NOTHING",
+            [v for row in chunk for v in row],
+        )
+    db.execute("DELETE FROM saas_open WHERE hour = ?", (hour,))
+    db.execute(
+        "INSERT INTO saas_sealed_hours (hour, sealed_at, records) VALUES (?, ?, ?)",
+        (hour, now, len(rows)),
+    )
+    return len(rows)
+
+
+def seal_status(db: Db) -> tuple[int | None, int | None]:
+    """(last sealed hour, first open hour): whether a seal pass has work."""
+    last = db.execute("SELECT MAX(hour) FROM saas_sealed_hours").fetchone()
+    first = db.execute("SELECT MIN(hour) FROM saas_open").fetchone()
+    return (
+        int(last[0]) if last and last[0] is not None else None,
+        int(first[0]) if first and first[0] is not None else None,
+    )
+
+
+# -- batches ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Batch:
+    id: str
+    body: str  # the exact stored request text: what is sent, every time
+    records: int
+    attempts: int
+
+    @property
+    def request(self) -> dict[str, Any]:
+        return dict(json.loads(self.body))
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What happened to the records of one answered call."""
+
+    sent: int = 0
+    not_subscribed: tuple[str, ...] = ()  # customers newly marked
+    conflicts: tuple[tuple[str, str, int], ...] = ()
+    unprocessed: int = 0
+    expired: tuple[tuple[str, str, int], ...] = ()
+    rejected: tuple[tuple[str, str, int], ...] = ()
+    split_into: int = 0
+
+
+def _request_body(records: list[str], product_code: str | None) -> str:
+    """Stored text of a request made of stored record texts (kept byte for byte)."""
+    head = '{"ProductCode":' + json.dumps(product_code) + "," if product_code else "{"
+    return head + '"UsageRecords":[' + ",".join(records) + "]}"
+
+
+def _new_batch(
+    db: Db,
+    members: list[tuple[str, str, int, str, float]],
+    now: float,
+    product_code: str | None,
+    parent: str | None = None,
+    state: str = "sending",
+) -> Batch:
+    batch_id = uuid.uuid4().hex
+    body = _request_body([m[3] for m in members], product_code)
+    deadline = min(m[4] for m in members)
+    db.execute(
+        "INSERT INTO saas_batches (id, request, records, state, parent, created_at, deadline) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (batch_id, body, len(members), state, parent, now, deadline),
+    )
+    db.executemany(
+        "UPDATE saas_outbox SET batch_id = ? WHERE customer = ? AND dimension = ? AND hour = ?",
+        [(batch_id, m[0], m[1], m[2]) for m in members],
+    )
+    return Batch(batch_id, body, len(members), 0)
+
+
+def _members(
+    db: Db, batch_id: str, *, ordered: bool = True
+) -> list[tuple[str, str, int, str, float]]:
+    """The batch's records still unsettled, in the stored request's order when `ordered`."""
+    rows = db.execute(
+        "SELECT customer, dimension, hour, record, deadline FROM saas_outbox WHERE batch_id = ? "
+        "AND state = 'sealed'",
+        (batch_id,),
+    ).fetchall()
+    out = [(str(r[0]), str(r[1]), int(r[2]), str(r[3]), float(r[4])) for r in rows]
+    if not ordered:
+        return out
+    body = db.execute("SELECT request FROM saas_batches WHERE id = ?", (batch_id,)).fetchone()
+    order = {text: i for i, text in enumerate(_record_texts(str(body[0])))} if body else {}
+    out.sort(key=lambda m: order.get(m[3], len(order)))
+    return out
+
+
+def _record_texts(body: str) -> list[str]:
+    return [dumps(r) for r in json.loads(body)["UsageRecords"]]
+
+
+def next_batch(db: Db, now: float, product_code: str | None) -> tuple[Batch | None, Settled]:
+    """The next call to make. A stored batch still 'sending' first (a retry, or one a killed
+    leader left: its exact request again); else a new one of up to 25 sealed records, stored
+    before it is returned. Records past their window are expired here, never sent."""
+    row = db.execute(
+        "SELECT id, request, records, attempts, deadline FROM saas_batches "
+        "WHERE state = 'sending' ORDER BY created_at, id LIMIT 1"
+    ).fetchone()
+    if row is not None and float(row[4]) >= now:
+        return Batch(str(row[0]), str(row[1]), int(row[2]), int(row[3])), Settled()
+    if row is not None:
+        # A record in it is past its window: the batch is given up (a subset of an identical
+        # request is still safe to send), its other records go back to the pool.
+        # The untried half of its bisection, if any, goes back too.
+        for (gone,) in db.execute(
+            "SELECT id FROM saas_batches WHERE id = ? OR (state = 'suspect' AND parent = "
+            "(SELECT parent FROM saas_batches WHERE id = ?))",
+            (row[0], row[0]),
+        ).fetchall():
+            db.execute("UPDATE saas_batches SET state = 'released' WHERE id = ?", (gone,))
+            db.execute(
+                "UPDATE saas_outbox SET batch_id = NULL WHERE batch_id = ? AND state = 'sealed'",
+                (gone,),
+            )
+        return next_batch(db, now, product_code)
+    expired = db.execute(
+        "UPDATE saas_outbox SET state = 'expired', done_at = ?, last_error = "
+        "'not sent within AWS''s six-hour window' WHERE state = 'sealed' AND batch_id IS NULL "
+        "AND deadline < ? RETURNING customer, dimension, hour",
+        (now, now),
+    ).fetchall()
+    settled = Settled(expired=tuple((str(c), str(d), int(h)) for c, d, h in expired))
+    rows = db.execute(
+        "SELECT customer, dimension, hour, record, deadline FROM saas_outbox "
+        "WHERE state = 'sealed' AND batch_id IS NULL ORDER BY deadline, customer, dimension "
+        "LIMIT ?",
+        (MAX_BATCH_RECORDS,),
+    ).fetchall()
+    members = [(str(r[0]), str(r[1]), int(r[2]), str(r[3]), float(r[4])) for r in rows]
+    while members and len(_request_body([m[3] for m in members], product_code)) >= MAX_BATCH_BYTES:
+        members.pop()
+    if not members:
+        return None, settled
+    return _new_batch(db, members, now, product_code), settled
+
+
+def _key_of(record: dict[str, Any]) -> tuple[str, str, int]:
+    if "CustomerIdentifier" in record and record["CustomerIdentifier"] is not None:
+        customer = str(record["CustomerIdentifier"])
+    else:
+        customer = f"{record.get('CustomerAWSAccountId')}/{record.get('LicenseArn')}"
+    stamp: Any = record.get("Timestamp")
+    seconds = float(stamp.timestamp()) if hasattr(stamp, "timestamp") else float(stamp or 0)
+    return customer, str(record.get("Dimension")), hour_of(seconds)
+
+
+def answer(db: Db, batch_id: str, response: dict[str, Any], now: float) -> Settled:
+    """Store AWS's answer to one call, record by record. Unprocessed (or unanswered) records go
+    back to the pool unchanged, for a later call."""
+    members = {(m[0], m[1], m[2]) for m in _members(db, batch_id, ordered=False)}
+    sent = 0
+    marked: list[str] = []
+    conflicts: list[tuple[str, str, int]] = []
+    updates: list[tuple[Any, ...]] = []
+    for result in response.get("Results") or []:
+        key = _key_of(result.get("UsageRecord") or {})
+        state = STATUS_STATE.get(str(result.get("Status")))
+        if key not in members or state is None:
+            continue
+        members.discard(key)
+        updates.append((state, result.get("MeteringRecordId"), result.get("Status"), now, *key))
+        if state == "sent":
+            sent += 1
+        elif state == "conflict":
+            conflicts.append(key)
+        else:
+            took = db.execute(
+                "UPDATE saas_customers SET state = 'not_subscribed', state_since = ?, "
+                "state_reason = 'CustomerNotSubscribed from BatchMeterUsage' "
+                "WHERE customer = ? AND state <> 'not_subscribed' RETURNING customer",
+                (now, key[0]),
+            ).fetchone()
+            if took is not None:
+                marked.append(key[0])
+    if updates:
+        db.executemany(
+            "UPDATE saas_outbox SET state = ?, metering_record_id = ?, last_code = ?, "
+            "done_at = ? WHERE customer = ? AND dimension = ? AND hour = ? AND state = 'sealed'",
+            updates,
+        )
+    if members:  # unprocessed or unanswered: back to the pool, unchanged
+        db.executemany(
+            "UPDATE saas_outbox SET batch_id = NULL WHERE customer = ? AND dimension = ? "
+            "AND hour = ? AND state = 'sealed'",
+            list(members),
+        )
+    parent = db.execute(
+        "UPDATE saas_batches SET state = 'done', attempts = attempts + 1, last_code = 'ok', "
+        "answered_at = ? WHERE id = ? RETURNING parent",
+        (now, batch_id),
+    ).fetchone()
+    done = Settled(
+        sent=sent,
+        not_subscribed=tuple(marked),
+        conflicts=tuple(conflicts),
+        unprocessed=len(members),
+    )
+    # This half of a bisection was fine: the record that sank the parent is in the other half,
+    # which is bisected in turn without a call of its own.
+    if parent is None or parent[0] is None:
+        return done
+    for sibling, code in db.execute(
+        "SELECT s.id, p.last_code FROM saas_batches b JOIN saas_batches s ON s.parent = b.parent "
+        "JOIN saas_batches p ON p.id = b.parent WHERE b.id = ? AND s.state = 'suspect'",
+        (batch_id,),
+    ).fetchall():
+        more = _bisect(db, str(sibling), now, product_code=_product_of(db, batch_id), code=code)
+        done = Settled(
+            sent=done.sent,
+            not_subscribed=done.not_subscribed,
+            conflicts=done.conflicts,
+            unprocessed=done.unprocessed,
+            expired=more.expired,
+            rejected=more.rejected,
+            split_into=more.split_into,
+        )
+    return done
+
+
+def _product_of(db: Db, batch_id: str) -> str | None:
+    row = db.execute("SELECT request FROM saas_batches WHERE id = ?", (batch_id,)).fetchone()
+    code = json.loads(str(row[0])).get("ProductCode") if row else None
+    return str(code) if code else None
+
+
+def failed(db: Db, batch_id: str, code: str, now: float) -> None:
+    """A call that may be retried as is (throttling, 5xx, network, configuration)."""
+    db.execute(
+        "UPDATE saas_batches SET attempts = attempts + 1, last_code = ?, answered_at = ? "
+        "WHERE id = ? AND state = 'sending'",
+        (code, now, batch_id),
+    )
+
+
+def split(
+    db: Db, batch_id: str, now: float, product_code: str | None, *, code: str | None
+) -> Settled:
+    """AWS refused the whole call for one record in it (TimestampOutOfBounds, or a per-record
+    error such as InvalidLicense); `code` None: a record in it is past its window. Bisect.
+
+    The first half is stored and sent; the second is kept as 'suspect' and not sent. If the
+    first half fails too, the bad record is there: the suspect half's records go back to the
+    pool (batched again with others, so no call is wasted on them). If it succeeds, the bad
+    record is in the suspect half, which is bisected the same way without a call. So a bad
+    record in a call of 25 is isolated in at most ceil(log2(25)) = 5 further calls. Each new
+    call is stored before it is sent; every record keeps its stored text.
+    """
+    db.execute(
+        "UPDATE saas_batches SET state = 'split', attempts = attempts + ?, last_code = ?, "
+        "answered_at = ? WHERE id = ?",
+        (0 if code is None else 1, code or "window", now, batch_id),
+    )
+    # This batch was the tried half of a bisection and failed: its suspect sibling is cleared.
+    for (sibling,) in db.execute(
+        "SELECT s.id FROM saas_batches b JOIN saas_batches s ON s.parent = b.parent "
+        "WHERE b.id = ? AND s.state = 'suspect'",
+        (batch_id,),
+    ).fetchall():
+        db.execute("UPDATE saas_batches SET state = 'released' WHERE id = ?", (sibling,))
+        db.execute(
+            "UPDATE saas_outbox SET batch_id = NULL WHERE batch_id = ? AND state = 'sealed'",
+            (sibling,),
+        )
+    return _bisect(db, batch_id, now, product_code=product_code, code=code, marked=True)
+
+
+def _bisect(
+    db: Db,
+    batch_id: str,
+    now: float,
+    *,
+    product_code: str | None,
+    code: str | None,
+    marked: bool = False,
+) -> Settled:
+    """`batch_id` holds a bad record: settle it if alone, else split it into a half to try
+    and a suspect half."""
+    members = _members(db, batch_id)
+    if not marked:
+        db.execute(
+            "UPDATE saas_batches SET state = 'split', last_code = ?, answered_at = ? WHERE id = ?",
+            (code or "window", now, batch_id),
+        )
+    if len(members) <= 1:
+        if not members:
+            return Settled()
+        customer, dimension, hour, _, deadline = members[0]
+        past = now >= hour_start(hour) + AWS_WINDOW or now > deadline
+        state = "expired" if past else "rejected"
+        db.execute(
+            "UPDATE saas_outbox SET state = ?, last_code = ?, last_error = ?, done_at = ? "
+            "WHERE customer = ? AND dimension = ? AND hour = ? AND state = 'sealed'",
+            (
+                state,
+                code,
+                "not sent within AWS's six-hour window" if code is None else f"AWS: {code}",
+                now,
+                customer,
+                dimension,
+                hour,
+            ),
+        )
+        key = ((customer, dimension, hour),)
+        return Settled(expired=key if state == "expired" else (), rejected=() if past else key)
+    half = (len(members) + 1) // 2
+    _new_batch(db, members[:half], now, product_code, parent=batch_id)
+    _new_batch(db, members[half:], now, product_code, parent=batch_id, state="suspect")
+    return Settled(split_into=2)
+
+
+# -- report and counters ------------------------------------------------------------------
+
+
+def counts(db: Db, now: float) -> tuple[dict[str, int], dict[str, int], float | None]:
+    """(records by state, customers by state, end of the oldest ended hour not yet sent)."""
+    records = dict.fromkeys(RECORD_STATES, 0)
+    for state, n in db.execute("SELECT state, COUNT(*) FROM saas_outbox GROUP BY state"):
+        records[str(state)] = int(n)
+    row = db.execute("SELECT COUNT(*) FROM saas_open").fetchone()
+    records["open"] = int(row[0]) if row else 0
+    customers = dict.fromkeys(CUSTOMER_STATES, 0)
+    for state, n in db.execute("SELECT state, COUNT(*) FROM saas_customers GROUP BY state"):
+        customers[str(state)] = int(n)
+    current = hour_of(now)
+    oldest = [
+        db.execute("SELECT MIN(hour) FROM saas_open WHERE hour < ?", (current,)).fetchone(),
+        db.execute("SELECT MIN(hour) FROM saas_outbox WHERE state = 'sealed'").fetchone(),
+    ]
+    hours = [int(r[0]) for r in oldest if r and r[0] is not None]
+    return records, customers, (hour_start(min(hours) + 1) if hours else None)
+
+
+def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str, Any]:
+    """Per customer/dimension/hour state (newest first, `limit` rows), totals, warnings."""
+    items: list[dict[str, Any]] = []
+    totals: dict[str, dict[str, int]] = {}
+    warnings: list[str] = []
+
+    def add(dimension: str, state: str, quantity: int) -> None:
+        t = totals.setdefault(dimension, {"accepted": 0, **dict.fromkeys(RECORD_STATES, 0)})
+        t["accepted"] += quantity
+        t[state] += quantity
+
+    for dimension, state, quantity in db.execute(
+        "SELECT dimension, 'open', SUM(quantity) FROM saas_open GROUP BY dimension "
+        "UNION ALL SELECT dimension, state, SUM(quantity) FROM saas_outbox "
+        "GROUP BY dimension, state"
+    ):
+        add(str(dimension), str(state), int(quantity or 0))
+    for customer, dimension, hour, quantity in db.execute(
+        "SELECT customer, dimension, hour, quantity FROM saas_open ORDER BY hour DESC, customer, "
+        "dimension LIMIT ?",
+        (limit,),
+    ):
+        items.append(
+            {
+                "customer": customer,
+                "dimension": dimension,
+                "hour": iso_hour(int(hour)),
+                "state": "open",
+                "quantity": int(quantity),
+                "seal_after": iso(policy.seal_due(int(hour))),
+            }
+        )
+    for row in db.execute(
+        "SELECT customer, dimension, hour, quantity, state, metering_record_id, last_code, "
+        "last_error, deadline, zero FROM saas_outbox ORDER BY hour DESC, customer, dimension "
+        "LIMIT ?",
+        (max(0, limit - len(items)),),
+    ):
+        items.append(
+            {
+                "customer": row[0],
+                "dimension": row[1],
+                "hour": iso_hour(int(row[2])),
+                "state": row[4],
+                "quantity": int(row[3]),
+                "zero_record": bool(row[9]),
+                "metering_record_id": row[5],
+                "last_code": row[6],
+                "last_error": row[7],
+                "deadline": iso(float(row[8])),
+            }
+        )
+    closing = db.execute(
+        "SELECT COUNT(*), MIN(deadline) FROM saas_outbox WHERE state = 'sealed' AND deadline < ?",
+        (now + policy.warn_before,),
+    ).fetchone()
+    if closing and int(closing[0]):
+        warnings.append(
+            f"{int(closing[0])} sealed records unsent; AWS's window closes from "
+            f"{iso(float(closing[1]))}"
+        )
+    for state, label in (
+        ("conflict", "DuplicateRecord: AWS holds another quantity (never re-sent)"),
+        ("expired", "expired unsent (past AWS's six-hour window)"),
+        ("rejected", "rejected by AWS"),
+        ("not_subscribed", "answered CustomerNotSubscribed (kept, not billed)"),
+    ):
+        n = db.execute("SELECT COUNT(*) FROM saas_outbox WHERE state = ?", (state,)).fetchone()
+        if n and int(n[0]):
+            warnings.append(f"{int(n[0])} records {label}")
+    for (customer,) in db.execute(
+        "SELECT customer FROM saas_customers WHERE state = 'not_subscribed' ORDER BY customer "
+        "LIMIT 20"
+    ):
+        warnings.append(f"customer {customer}: not subscribed (AWS CustomerNotSubscribed)")
+    records, customers, oldest = counts(db, now)
+    sending = db.execute("SELECT COUNT(*) FROM saas_batches WHERE state = 'sending'").fetchone()
+    return {
+        "now": iso(now),
+        "records": items,
+        "records_by_state": records,
+        "customers_by_state": customers,
+        "totals": totals,
+        "batches_sending": int(sending[0]) if sending else 0,
+        "oldest_unsent_hour_end": iso(oldest) if oldest else None,
+        "warnings": warnings,
+    }
+
+
+def prune(db: Db, now: float, keep_seconds: float = 48 * 3600.0) -> None:
+    """Drop old per-record audit rows, idempotency keys and answered batches; the outbox rows
+    (quantity, state, MeteringRecordId) stay."""
+    oldest = hour_of(now - keep_seconds)
+    db.execute("DELETE FROM saas_records WHERE hour < ?", (oldest,))
+    db.execute("DELETE FROM saas_keys WHERE created_at < ?", (now - keep_seconds,))
+    db.execute(
+        "DELETE FROM saas_batches WHERE state <> 'sending' AND created_at < ?",
+        (now - keep_seconds,),
+    )
+
+
+BatchCall = Callable[[dict[str, Any]], dict[str, Any]]

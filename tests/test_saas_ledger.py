@@ -1,0 +1,473 @@
+"""SaaS ledger: the same transactions on SQLite and on a real PostgreSQL server.
+
+AWS is played by `FakeAws`, a small in-process stand-in with BatchMeterUsage's documented
+semantics (dedup per customer/dimension/hour keeping the first quantity, DuplicateRecord,
+CustomerNotSubscribed, UnprocessedRecords, one out-of-range timestamp refusing the whole call).
+It stands in for AWS, not for any of our code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.aws.errors import classify
+from sidecar.aws.metering import AwsCallError
+from sidecar.usage import saas_ledger as L  # noqa: N812
+from sidecar.usage.db import Db, UsageStore, open_store
+from sidecar.usage.hours import HOUR, HourPolicy, hour_of, hour_start, iso
+from sidecar.usage.saas import SAAS_SCHEMA
+from sidecar.usage.store import dumps
+from sidecar.usage.validate import Limits, RejectedError, parse_saas
+
+DIMS = ("api_calls", "seats", "storage_gb")
+HP = HourPolicy(seal_margin=60, spread=0)
+T0 = 1_790_000_000.0 - (1_790_000_000 % HOUR) + 600  # 10 minutes into an hour
+SPEC = L.SealSpec(DIMS, "license", True, HP)
+
+
+def account(i: int) -> str:
+    return f"{100000000000 + i}"
+
+
+def license_arn(i: int) -> str:
+    return f"arn:aws:license-manager::294406891311:license/l-{i:032x}"
+
+
+def key(i: int) -> str:
+    return f"{account(i)}/{license_arn(i)}"
+
+
+class FakeAws:
+    """AWS's BatchMeterUsage as documented; `now` is AWS's clock."""
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self.now = now
+        self.billed: dict[tuple[str, str, int], int] = {}
+        self.bodies: list[str] = []  # every request, as sent (sorted-key JSON)
+        self.unsubscribed: set[str] = set()
+        self.unprocessed_once: set[tuple[str, str, int]] = set()
+        self.fail_next: list[str] = []
+        self.window: float = 6 * HOUR
+        self.out_of_bounds_calls = 0
+
+    @staticmethod
+    def key_of(r: dict[str, Any]) -> tuple[str, str, int]:
+        who = r.get("CustomerIdentifier") or f"{r['CustomerAWSAccountId']}/{r['LicenseArn']}"
+        return who, r["Dimension"], hour_of(r["Timestamp"])
+
+    def batch_meter_usage(self, request: dict[str, Any]) -> dict[str, Any]:
+        records = request["UsageRecords"]
+        assert len(records) <= 25
+        assert not ("ProductCode" in request and any("LicenseArn" in r for r in records))
+        self.bodies.append(dumps(request))
+        if self.fail_next:
+            code = self.fail_next.pop(0)
+            raise AwsCallError(classify(code, "fake", http_status=400))
+        if any(r["Timestamp"] < self.now() - self.window for r in records):
+            self.out_of_bounds_calls += 1
+            raise AwsCallError(classify("TimestampOutOfBoundsException", "too old"))
+        results, unprocessed = [], []
+        for r in records:
+            k = self.key_of(r)
+            if k in self.unprocessed_once:
+                self.unprocessed_once.discard(k)
+                unprocessed.append(r)
+                continue
+            if k[0] in self.unsubscribed:
+                status = "CustomerNotSubscribed"
+            elif k in self.billed and self.billed[k] != r["Quantity"]:
+                status = "DuplicateRecord"
+            else:
+                self.billed.setdefault(k, r["Quantity"])
+                status = "Success"
+            results.append(
+                {"UsageRecord": r, "Status": status, "MeteringRecordId": f"m-{hash(k) & 0xFFFF}"}
+            )
+        return {"Results": results, "UnprocessedRecords": unprocessed}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], UsageStore]]:
+    """Opens (and reopens: a restart) the SaaS store on either backend."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    opened: list[UsageStore] = []
+
+    def make() -> UsageStore:
+        s = open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=url)
+        opened.append(s)
+        return s
+
+    yield make
+    for s in opened:
+        with contextlib.suppress(Exception):  # a store the test closed itself
+            s.close()
+
+
+def resolve(store: UsageStore, ids: range, at: float = T0 - 300) -> None:
+    def fn(db: Db) -> None:
+        if len(ids) > 100:  # many customers: one statement (save_customer is tested below)
+            db.executemany(
+                "INSERT INTO saas_customers (customer, account_id, license_arn, product_code, "
+                "state, state_since, resolved_at) VALUES (?, ?, ?, 'prod-1', 'active', ?, ?)",
+                [(key(i), account(i), license_arn(i), at, at) for i in ids],
+            )
+            return
+        for i in ids:
+            answer = {
+                "CustomerAWSAccountId": account(i),
+                "LicenseArn": license_arn(i),
+                "ProductCode": "prod-1",
+            }
+            L.save_customer(db, key(i), answer, at, f"digest-{i}", at + HOUR)
+
+    store.write(fn)
+
+
+def usage(store: UsageStore, items: list[tuple[int, str, int]], now: float) -> tuple[int, Any]:
+    body = [
+        {
+            "customer_aws_account_id": account(i),
+            "license_arn": license_arn(i),
+            "dimension": d,
+            "quantity": q,
+        }
+        for i, d, q in items
+    ]
+    recs = parse_saas(json.dumps(body).encode(), Limits(DIMS), now, "license")
+    return store.write(lambda db: L.ingest(db, recs, now, HP, accept_unresolved=False))
+
+
+def send_all(store: UsageStore, aws: FakeAws, now: float, limit: int = 100_000) -> int:
+    """The sender's loop, by hand: calls made."""
+    calls = 0
+    while calls < limit:
+        batch, _ = store.write(lambda db: L.next_batch(db, now, None))
+        if batch is None:
+            return calls
+        calls += 1
+        try:
+            resp = aws.batch_meter_usage(batch.request)
+        except AwsCallError as exc:
+            code = exc.info.code
+            store.write(
+                functools.partial(L.split, batch_id=batch.id, now=now, product_code=None, code=code)
+            )
+            continue
+        store.write(functools.partial(L.answer, batch_id=batch.id, response=resp, now=now))
+    raise AssertionError("sending did not finish")
+
+
+def send_fast(store: UsageStore, aws: FakeAws, now: float, per_txn: int = 100) -> int:
+    """Like `send_all` (successful calls only) with many calls per transaction: the batching
+    under test is the same, the test spends less time in fsync."""
+
+    def chunk(db: Db) -> int:
+        n = 0
+        while n < per_txn:
+            batch, _ = L.next_batch(db, now, None)
+            if batch is None:
+                break
+            L.answer(db, batch.id, aws.batch_meter_usage(batch.request), now)
+            n += 1
+        return n
+
+    calls = 0
+    while True:
+        n = store.write(chunk)
+        calls += n
+        if n < per_txn:
+            return calls
+
+
+def states(store: UsageStore) -> dict[str, int]:
+    return store.read(lambda db: L.counts(db, T0 + 10 * HOUR))[0]
+
+
+def test_thirty_thousand_records_seal_into_full_calls(
+    open_db: Callable[[], UsageStore],
+) -> None:
+    store = open_db()
+    resolve(store, range(10_000))
+    assert (
+        usage(store, [(i, d, i % 7 + 1) for i in range(0, 10_000, 50) for d in DIMS], T0)[0] == 202
+    )
+    hour = hour_of(T0)
+    now = hour_start(hour + 1) + 120
+    sealed = store.write(lambda db: L.seal(db, hour, now, SPEC))
+    assert sealed == [(hour, 30_000)]
+    aws = FakeAws(lambda: now)
+    calls = send_fast(store, aws, now)
+    assert calls == math.ceil(30_000 / 25) == 1200
+    assert all(len(json.loads(b)["UsageRecords"]) == 25 for b in aws.bodies)
+    assert len(aws.billed) == 30_000
+    assert sum(aws.billed.values()) == sum((i % 7 + 1) * 3 for i in range(0, 10_000, 50))
+    assert states(store)["sent"] == 30_000
+
+
+def test_one_out_of_range_record_is_isolated_and_the_rest_sent(
+    open_db: Callable[[], UsageStore],
+) -> None:
+    store = open_db()
+    resolve(store, range(9))
+    hour = hour_of(T0)
+    usage(store, [(i, d, 5) for i in range(8) for d in DIMS], T0)  # 24 records
+    old = T0 - 3 * HOUR
+    usage(store, [(8, "seats", 9)], old)  # lands in an earlier hour
+    spec = L.SealSpec(DIMS, "license", False, HP)
+    now = hour_start(hour + 1) + 120
+    store.write(lambda db: L.seal(db, hour, now, spec))
+    assert states(store)["sealed"] == 25
+    aws = FakeAws(lambda: now)
+    aws.window = now - hour_start(hour)  # AWS's clock is ahead: the earlier hour is refused
+    calls = send_all(store, aws, now)
+    # The full call, then one call per halving until the record is alone (ceil(log2 25) = 5);
+    # the halves found good go back to the pool and leave in one more call.
+    assert aws.out_of_bounds_calls - 1 <= math.log2(25) + 1
+    assert calls - 1 <= math.log2(25) + 1 + 1, calls
+    got = states(store)
+    assert got["sent"] == 24 and got["rejected"] + got["expired"] == 1
+    assert len(aws.billed) == 24
+    report = store.read(lambda db: L.report(db, now, HP))
+    assert any("rejected" in w or "expired" in w for w in report["warnings"])
+
+
+def test_duplicate_record_is_never_sent_again(open_db: Callable[[], UsageStore]) -> None:
+    store = open_db()
+    resolve(store, range(2))
+    hour = hour_of(T0)
+    usage(store, [(0, "seats", 4), (1, "seats", 6)], T0)
+    now = hour_start(hour + 1) + 120
+    store.write(lambda db: L.seal(db, hour, now, L.SealSpec(DIMS, "license", False, HP)))
+    aws = FakeAws(lambda: now)
+    aws.billed[(key(0), "seats", hour)] = 99  # AWS holds another quantity already
+    send_all(store, aws, now)
+    for later in range(5):  # more passes of the sender: nothing is re-sent
+        assert send_all(store, aws, now + later) == 0
+    sent_for_0 = [b for b in aws.bodies if account(0) in b]
+    assert len(sent_for_0) == 1
+    assert aws.billed[(key(0), "seats", hour)] == 99
+    got = states(store)
+    assert got["conflict"] == 1 and got["sent"] == 1
+    report = store.read(lambda db: L.report(db, now, HP))
+    assert any("DuplicateRecord" in w for w in report["warnings"])
+
+
+def test_not_subscribed_customer_is_marked_and_gets_no_more_zero_records(
+    open_db: Callable[[], UsageStore],
+) -> None:
+    store = open_db()
+    resolve(store, range(3))
+    hour = hour_of(T0)
+    usage(store, [(1, "seats", 2)], T0)
+    now = hour_start(hour + 1) + 120
+    store.write(lambda db: L.seal(db, hour, now, SPEC))
+    aws = FakeAws(lambda: now)
+    aws.unsubscribed.add(key(1))
+    send_all(store, aws, now)
+    customers = store.read(lambda db: L.find_customers(db, account(1)))
+    assert customers[0]["state"] == "not_subscribed"
+    assert states(store)["not_subscribed"] == 3  # its three records, kept with that state
+    later = now + HOUR
+    store.write(lambda db: L.seal(db, hour + 1, later, SPEC))
+    rows = store.read(
+        lambda db: db.execute(
+            "SELECT customer FROM saas_outbox WHERE hour = ?", (hour + 1,)
+        ).fetchall()
+    )
+    assert {r[0] for r in rows} == {key(0), key(2)}
+    counts = store.read(lambda db: L.counts(db, later))[1]
+    assert counts == {"active": 2, "not_subscribed": 1}
+
+
+def test_unprocessed_records_go_into_a_later_call_unchanged(
+    open_db: Callable[[], UsageStore],
+) -> None:
+    store = open_db()
+    resolve(store, range(10))
+    hour = hour_of(T0)
+    usage(store, [(i, d, i + 1) for i in range(10) for d in DIMS], T0)
+    now = hour_start(hour + 1) + 120
+    store.write(lambda db: L.seal(db, hour, now, SPEC))
+    aws = FakeAws(lambda: now)
+    aws.unprocessed_once = {(key(i), "seats", hour) for i in (0, 3, 7)}
+    assert send_all(store, aws, now) == 2  # 25 (3 of them unprocessed), then 5 + those 3
+    assert len(aws.billed) == 30 and states(store)["sent"] == 30
+    sent = [r for b in aws.bodies for r in json.loads(b)["UsageRecords"]]
+    first = {dumps(r) for r in json.loads(aws.bodies[0])["UsageRecords"]}
+    again = [
+        dumps(r) for r in sent if FakeAws.key_of(r) in {(key(i), "seats", hour) for i in (0, 3, 7)}
+    ]
+    assert len(again) == 6 and set(again) <= first  # the same record text, twice
+
+
+def test_crash_between_batch_stored_and_answer_stored_resends_identical_bytes(
+    open_db: Callable[[], UsageStore],
+) -> None:
+    store = open_db()
+    resolve(store, range(4))
+    hour = hour_of(T0)
+    usage(store, [(i, "api_calls", 10 + i) for i in range(4)], T0)
+    now = hour_start(hour + 1) + 120
+    store.write(lambda db: L.seal(db, hour, now, SPEC))
+    aws = FakeAws(lambda: now)
+    batch, _ = store.write(lambda db: L.next_batch(db, now, None))
+    assert batch is not None
+    aws.batch_meter_usage(batch.request)  # AWS got it; the process dies before the answer
+    store.close()
+    store = open_db()
+    again, _ = store.write(lambda db: L.next_batch(db, now + 30, None))
+    assert again is not None and again.id == batch.id and again.body == batch.body
+    assert send_all(store, aws, now + 30) == 1
+    assert aws.bodies[0] == aws.bodies[1]
+    assert states(store)["sent"] == 12 and len(aws.bodies) == 2
+
+
+def test_throttled_batch_keeps_its_exact_request(open_db: Callable[[], UsageStore]) -> None:
+    store = open_db()
+    resolve(store, range(2))
+    hour = hour_of(T0)
+    now = hour_start(hour + 1) + 120
+    store.write(lambda db: L.seal(db, hour, now, SPEC))
+    first, _ = store.write(lambda db: L.next_batch(db, now, None))
+    assert first is not None
+    store.write(lambda db: L.failed(db, first.id, "ThrottlingException", now))
+    second, _ = store.write(lambda db: L.next_batch(db, now + 5, None))
+    assert second is not None and (second.id, second.body) == (first.id, first.body)
+    assert second.attempts == 1
+
+
+def test_records_past_the_window_expire_unsent(open_db: Callable[[], UsageStore]) -> None:
+    store = open_db()
+    resolve(store, range(30))
+    hour = hour_of(T0)
+    now = hour_start(hour + 1) + 120
+    store.write(lambda db: L.seal(db, hour, now, SPEC))
+    batch, _ = store.write(lambda db: L.next_batch(db, now, None))  # stored, never answered
+    assert batch is not None
+    late = hour_start(hour) + 6 * HOUR + 1
+    aws = FakeAws(lambda: late)
+    assert send_all(store, aws, late) == 0
+    assert aws.bodies == []
+    assert states(store)["expired"] == 90
+
+
+def test_ingest_refuses_unknown_customers_and_keeps_ids_idempotent(
+    open_db: Callable[[], UsageStore],
+) -> None:
+    store = open_db()
+    resolve(store, range(1))
+    limits = Limits(DIMS)
+
+    def post(doc: Any, accept: bool = False) -> tuple[int, Any]:
+        recs = parse_saas(json.dumps(doc).encode(), limits, T0, "license")
+        return store.write(lambda db: L.ingest(db, recs, T0, HP, accept_unresolved=accept))
+
+    stranger = {"customer_aws_account_id": account(5), "license_arn": license_arn(5)}
+    with pytest.raises(RejectedError) as err:
+        post({**stranger, "dimension": "seats", "quantity": 1})
+    assert err.value.problems[0].field == "customer"
+    assert post({**stranger, "dimension": "seats", "quantity": 1}, accept=True)[0] == 202
+    known = {"customer_aws_account_id": account(0), "license_arn": license_arn(0)}
+    rec = {**known, "dimension": "seats", "quantity": 3, "id": "req-1"}
+    assert post(rec)[0] == 202
+    assert post(rec)[0] == 200
+    with pytest.raises(L.IdConflictError):
+        post({**rec, "quantity": 4})
+    with pytest.raises(L.IdConflictError):  # same id, same numbers, another customer
+        post({**rec, **stranger}, accept=True)
+    totals = store.read(lambda db: L.report(db, T0, HP))["totals"]
+    assert totals["seats"]["open"] == 4
+
+
+def test_late_usage_for_a_sealed_hour_is_carried_into_the_open_hour(
+    open_db: Callable[[], UsageStore],
+) -> None:
+    store = open_db()
+    resolve(store, range(1))
+    hour = hour_of(T0)
+    now = hour_start(hour + 1) + 120
+    store.write(lambda db: L.seal(db, hour, now, SPEC))
+    late = {
+        "customer_aws_account_id": account(0),
+        "license_arn": license_arn(0),
+        "dimension": "seats",
+        "quantity": 7,
+        "timestamp": iso(T0),
+    }
+    recs = parse_saas(json.dumps(late).encode(), Limits(DIMS), now, "license")
+    status, answers = store.write(lambda db: L.ingest(db, recs, now, HP, accept_unresolved=False))
+    assert status == 202
+    assert answers[0]["carried_from"] != answers[0]["hour"]
+    rows = store.read(lambda db: db.execute("SELECT hour, quantity FROM saas_open").fetchall())
+    assert [(int(h), int(q)) for h, q in rows] == [(hour + 1, 7)]
+
+
+def test_no_usage_slips_into_an_hour_while_another_sidecar_seals_it(pg_url: str) -> None:
+    """Many replicas on PostgreSQL: ingests racing a seal of their hour lose nothing (the seal
+    lock). Every acknowledged unit is in the sealed record or carried into the open hour."""
+    import threading
+
+    poster = open_store(SAAS_SCHEMA, database_url=pg_url)
+    sealer = open_store(SAAS_SCHEMA, database_url=pg_url)
+    try:
+        resolve(poster, range(4))
+        hour = hour_of(T0)
+        now = hour_start(hour + 1) + 120  # late usage for `hour`, still countable there
+        acked = 0
+        count_lock = threading.Lock()
+        done = threading.Event()
+
+        def post() -> None:
+            nonlocal acked
+            while not done.is_set():
+                items = [(i, "seats", 1) for i in range(4)]
+                body = [
+                    {
+                        "customer_aws_account_id": account(i),
+                        "license_arn": license_arn(i),
+                        "dimension": d,
+                        "quantity": q,
+                        "timestamp": iso(T0),
+                    }
+                    for i, d, q in items
+                ]
+                recs = parse_saas(json.dumps(body).encode(), Limits(DIMS), now, "license")
+                poster.write(
+                    functools.partial(
+                        L.ingest, records=recs, now=now, policy=HP, accept_unresolved=False
+                    )
+                )
+                with count_lock:
+                    acked += 4
+
+        threads = [threading.Thread(target=post) for _ in range(3)]
+        for t in threads:
+            t.start()
+        threading.Event().wait(0.3)
+        sealer.write(lambda db: L.seal(db, hour, now, L.SealSpec(DIMS, "license", False, HP)))
+        threading.Event().wait(0.3)
+        done.set()
+        for t in threads:
+            t.join()
+        sealed, open_rows = sealer.read(
+            lambda db: (
+                db.execute(
+                    "SELECT SUM(quantity) FROM saas_outbox WHERE hour = ?", (hour,)
+                ).fetchone()[0],
+                db.execute("SELECT hour, SUM(quantity) FROM saas_open GROUP BY hour").fetchall(),
+            )
+        )
+        assert sealed and int(sealed) > 0
+        assert all(int(h) > hour for h, _ in open_rows)  # nothing left behind in the sealed hour
+        assert int(sealed) + sum(int(q) for _, q in open_rows) == acked
+    finally:
+        poster.close()
+        sealer.close()

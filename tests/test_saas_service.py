@@ -1,0 +1,375 @@
+"""SaasService: resolve, ingest, leader-only sealing and sending, on SQLite and PostgreSQL.
+
+AWS is `FakeAws` (tests/test_saas_ledger.py) plus ResolveCustomer: an in-process stand-in for
+AWS's documented behaviour, not for our code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.aws.errors import classify
+from sidecar.aws.metering import AwsCallError
+from sidecar.usage.db import UsageStore, open_store
+from sidecar.usage.hours import HOUR, HourPolicy, hour_of, hour_start
+from sidecar.usage.saas import EXPIRED_HINT, SAAS_SCHEMA, SaasPolicy, SaasService
+from tests.helpers import ManualClock
+from tests.test_saas_ledger import DIMS, FakeAws, account, key, license_arn
+
+
+class Killed(BaseException):
+    """The process dies here (nothing after it runs)."""
+
+
+class Aws(FakeAws):
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock.time)
+        self.tokens: dict[str, int] = {}
+        self.resolve_calls = 0
+        self.resolve_fail: list[str] = []
+        self.kill_after_receive = False
+
+    def resolve_customer(self, token: str) -> dict[str, Any]:
+        self.resolve_calls += 1
+        if self.resolve_fail:
+            raise AwsCallError(classify(self.resolve_fail.pop(0), "fake", http_status=400))
+        if token == "expired":
+            raise AwsCallError(classify("ExpiredTokenException", "expired"))
+        if token not in self.tokens:
+            raise AwsCallError(classify("InvalidTokenException", "unknown"))
+        i = self.tokens[token]
+        return {
+            "CustomerAWSAccountId": account(i),
+            "LicenseArn": license_arn(i),
+            "ProductCode": "prod-1",
+        }
+
+    def batch_meter_usage(self, request: dict[str, Any]) -> dict[str, Any]:
+        answer = super().batch_meter_usage(request)
+        if self.kill_after_receive:
+            raise Killed
+        return answer
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    c = ManualClock()
+    c.t = hour_start(hour_of(c.t)) + 600.0
+    return c
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], UsageStore]]:
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    opened: list[UsageStore] = []
+
+    def make() -> UsageStore:
+        s = open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=url)
+        opened.append(s)
+        return s
+
+    yield make
+    for s in opened:
+        with contextlib.suppress(Exception):  # closed by the test already
+            s.close()
+
+
+def make_service(store: UsageStore, aws: Aws, clock: ManualClock, **over: Any) -> SaasService:
+    policy = SaasPolicy(
+        dimensions=DIMS,
+        hours=HourPolicy(seal_margin=60, spread=0),
+        calls_per_second=over.pop("calls_per_second", 1000.0),
+        **over,
+    )
+    return SaasService(policy, store, lambda: aws, clock=clock, rng=lambda: 0.5)
+
+
+def body(i: int, dimension: str, quantity: int, **extra: Any) -> bytes:
+    doc = {
+        "customer_aws_account_id": account(i),
+        "license_arn": license_arn(i),
+        "dimension": dimension,
+        "quantity": quantity,
+        **extra,
+    }
+    return json.dumps(doc).encode()
+
+
+def test_resolve_stores_the_customer_and_answers_a_repeat_from_the_store(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    aws = Aws(clock)
+    aws.tokens["tok-1"] = 1
+    svc = make_service(backend(), aws, clock)
+    status, doc = svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())
+    assert status == 200 and doc["customer_aws_account_id"] == account(1)
+    assert doc["from_store"] is False and doc["state"] == "active"
+    status, again = svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())
+    assert status == 200 and again["from_store"] is True and aws.resolve_calls == 1
+    clock.t += 2 * HOUR  # past the token's lifetime: asked again
+    svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())
+    assert aws.resolve_calls == 2
+    assert svc.customer(account(1))[1]["license_arn"] == license_arn(1)
+    assert svc.customer("999")[0] == 404
+    assert svc.customers()[1]["total"] == 1
+    stored = svc.store.read(lambda db: db.execute("SELECT * FROM saas_customers").fetchall())
+    assert "tok-1" not in repr(stored)  # only its digest
+
+
+def test_resolve_errors(backend: Callable[[], UsageStore], clock: ManualClock) -> None:
+    aws = Aws(clock)
+    aws.tokens["tok-2"] = 2
+    svc = make_service(backend(), aws, clock)
+    assert svc.resolve(b"{}")[1]["field"] == "registration_token"
+    status, doc = svc.resolve(json.dumps({"registration_token": "nope"}).encode())
+    assert (status, doc["error"]) == (400, "invalid_token")
+    status, doc = svc.resolve(json.dumps({"registration_token": "expired"}).encode())
+    assert (status, doc["error"], doc["hint"]) == (410, "expired_token", EXPIRED_HINT)
+    aws.resolve_fail = ["ThrottlingException", "InternalServiceErrorException"]
+    status, doc = svc.resolve(json.dumps({"registration_token": "tok-2"}).encode())
+    assert status == 200 and aws.resolve_calls == 5
+    aws.resolve_fail = ["ThrottlingException"] * 50
+    started = clock.mono
+    status, doc = svc.resolve(json.dumps({"registration_token": "tok-3"}).encode())
+    assert status == 503 and doc["retry_after"] > 0
+    assert clock.mono - started <= 10.0
+
+
+def test_usage_is_refused_for_unknown_customers_and_wrong_identity(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    aws = Aws(clock)
+    aws.tokens["t"] = 1
+    svc = make_service(backend(), aws, clock)
+    status, doc = svc.post(body(1, "seats", 3))
+    assert status == 400 and doc["field"] == "customer"
+    svc.resolve(b'{"registration_token": "t"}')
+    assert svc.post(body(1, "seats", 3, id="a"))[0] == 202
+    assert svc.post(body(1, "seats", 3, id="a"))[0] == 200
+    assert svc.post(body(1, "seats", 4, id="a"))[0] == 409
+    status, doc = svc.post(
+        json.dumps({"customer_identifier": "c-1", "dimension": "seats", "quantity": 1}).encode()
+    )
+    assert status == 400
+    fields = {p["field"] for p in doc["problems"]}
+    assert {"customer_identifier", "customer_aws_account_id", "license_arn"} <= fields
+    status, doc = svc.post(body(1, "seats", 1, allocations=[{"quantity": 1, "tags": {"a": "b"}}]))
+    assert status == 400 and doc["field"] == "allocations"
+    assert svc.report()["totals"]["seats"]["open"] == 3
+    assert svc.counters().units_accepted["seats"] == 3
+
+
+def test_a_store_that_cannot_write_answers_503(
+    pg_server: Any, pg_url: str, clock: ManualClock
+) -> None:
+    aws = Aws(clock)
+    svc = make_service(
+        open_store(SAAS_SCHEMA, database_url=pg_url), aws, clock, accept_unresolved=True
+    )
+    try:
+        pg_server.stop()
+        status, doc = svc.post(body(1, "seats", 3))
+        assert status == 503 and doc["retry_after"] > 0
+        assert svc.ready()[0] is False
+    finally:
+        pg_server.start()
+    for _ in range(50):  # the store reconnects by itself
+        status, _ = svc.post(body(1, "seats", 3))
+        if status == 202:
+            break
+        threading.Event().wait(0.2)
+    assert status == 202
+    assert svc.report()["totals"]["seats"]["accepted"] == 3
+    svc.close()
+
+
+def test_leader_seals_sends_and_marks_not_subscribed(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    aws = Aws(clock)
+    svc = make_service(backend(), aws, clock)
+    for i in range(3):
+        aws.tokens[f"t{i}"] = i
+        assert svc.resolve(json.dumps({"registration_token": f"t{i}"}).encode())[0] == 200
+    svc.post(body(0, "seats", 5))
+    svc.post(body(1, "api_calls", 7))
+    aws.unsubscribed.add(key(2))
+    hour = hour_of(clock.t)
+    clock.t = hour_start(hour + 1) + 120
+    assert svc._is_leader()
+    svc.tick()
+    c = svc.counters()
+    assert c.records_by_state["sent"] == 6 and c.records_by_state["not_subscribed"] == 3
+    assert c.customers_by_state == {"active": 2, "not_subscribed": 1}
+    assert c.alerts["not_subscribed"] == 1 and c.batch_calls == {"ok": 1}
+    assert c.leader is True
+    assert aws.billed[(key(0), "seats", hour)] == 5 and aws.billed[(key(1), "api_calls", hour)] == 7
+    assert svc.customer(account(2))[1]["state"] == "not_subscribed"
+    assert any("not subscribed" in w for w in svc.report()["warnings"])
+
+
+def test_throttling_pauses_sending_and_resends_the_same_request(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    aws = Aws(clock)
+    svc = make_service(backend(), aws, clock, accept_unresolved=True, zero_records=False)
+    svc.post(body(0, "seats", 5))
+    clock.t = hour_start(hour_of(clock.t) + 1) + 120
+    aws.fail_next = ["ThrottlingException"]
+    svc.tick()
+    assert len(aws.bodies) == 1 and svc.counters().batch_calls == {"throttled": 1}
+    svc.tick()  # still paused
+    assert len(aws.bodies) == 1
+    clock.mono += 400
+    svc.tick()
+    assert len(aws.bodies) == 2 and aws.bodies[0] == aws.bodies[1]
+    assert svc.counters().records_by_state["sent"] == 1
+
+
+def test_rate_limit_spaces_calls(backend: Callable[[], UsageStore], clock: ManualClock) -> None:
+    aws = Aws(clock)
+    svc = make_service(backend(), aws, clock, accept_unresolved=True, calls_per_second=2.0)
+    for i in range(60):
+        svc.post(body(i, "seats", 1))
+    clock.t = hour_start(hour_of(clock.t) + 1) + 120
+    start = clock.mono
+    svc.tick()
+    assert len(aws.bodies) == 3
+    assert clock.mono - start >= (3 - 1) / 2.0
+
+
+def test_drain_on_one_replica_seals_the_open_hour_and_sends(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    aws = Aws(clock)
+    store = open_store(SAAS_SCHEMA, state_dir=tmp_path)
+    svc = make_service(store, aws, clock, accept_unresolved=True, zero_records=False)
+    svc.post(body(0, "seats", 5))
+    svc.drain(5.0)
+    assert aws.billed == {(key(0), "seats", hour_of(clock.t)): 5}
+    svc.close()
+
+
+def test_two_sidecars_on_one_database_only_the_leader_sends_and_a_killed_leader_is_taken_over(
+    pg_url: str, clock: ManualClock
+) -> None:
+    aws = Aws(clock)
+    a = make_service(open_store(SAAS_SCHEMA, database_url=pg_url), aws, clock)
+    b = make_service(open_store(SAAS_SCHEMA, database_url=pg_url), aws, clock)
+    for i in range(20):
+        aws.tokens[f"t{i}"] = i
+        (a if i % 2 else b).resolve(json.dumps({"registration_token": f"t{i}"}).encode())
+    threads = []
+    expected: dict[tuple[str, str, int], int] = {}
+    hour = hour_of(clock.t)
+    for svc, step in ((a, 1), (b, 2)):
+
+        def post(svc: SaasService = svc, step: int = step) -> None:
+            for i in range(20):
+                assert svc.post(body(i, DIMS[i % 3], step))[0] == 202
+
+        threads.append(threading.Thread(target=post))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(20):
+        expected[(key(i), DIMS[i % 3], hour)] = 3
+    assert a._is_leader() and not b._is_leader()
+    clock.t = hour_start(hour + 1) + 120
+    b.tick() if b._is_leader() else None
+    assert aws.bodies == []  # the follower sends nothing
+    aws.kill_after_receive = True
+    with pytest.raises(Killed):
+        a.tick()  # AWS got the first call; the leader dies before storing the answer
+    assert len(aws.bodies) == 1
+    a.store.close()  # its session ends: the sender role is free
+    aws.kill_after_receive = False
+    assert b._is_leader()
+    b.tick()
+    assert aws.bodies[1] == aws.bodies[0]  # the stored batch again, byte for byte
+    billed = {k: v for k, v in aws.billed.items() if v}
+    assert billed == expected
+    assert len(aws.billed) == 20 * 3  # zero records for the rest
+    assert all(len(json.loads(x)["UsageRecords"]) == 25 for x in aws.bodies[:2])
+    assert b.counters().records_by_state["sent"] == 60
+
+
+# -- against the project's emulator, through the real gateway over loopback HTTP ---------------
+
+
+def test_through_the_emulator_one_record_per_customer_dimension_hour(
+    emulator_server: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import requests
+
+    from sidecar.aws.metering import MeteringGateway
+    from tests.usage_kit import aws_env
+
+    aws_env(monkeypatch, emulator_server, "seller")
+    clock = ManualClock()
+    clock.t = hour_start(hour_of(clock.t)) + 600.0
+    emulator.meter_clock = clock.time
+    emulator.config.unprocessed_rate = 0.2  # some records answered as UnprocessedRecords
+
+    def customer(**spec: Any) -> dict[str, Any]:
+        resp = requests.post(
+            emulator_server.url + "/_emulator/saas/customers", json=spec, timeout=5
+        )
+        assert resp.status_code == 200, resp.text
+        return dict(resp.json())
+
+    people = [customer(customer_aws_account_id=f"{200000000000 + i}") for i in range(12)]
+    store = open_store(SAAS_SCHEMA, state_dir=tmp_path)
+    policy = SaasPolicy(
+        dimensions=DIMS, hours=HourPolicy(seal_margin=60, spread=0), calls_per_second=1000.0
+    )
+    svc = SaasService(policy, store, lambda: MeteringGateway("us-east-1", 5.0), clock=clock)
+    for p in people:
+        status, doc = svc.resolve(
+            json.dumps({"registration_token": p["registration_token"]}).encode()
+        )
+        assert status == 200 and doc["license_arn"] == p["license_arn"], doc
+    requests.post(
+        emulator_server.url + "/_emulator/saas/unsubscribe",
+        json={"customer_aws_account_id": people[11]["customer_aws_account_id"]},
+        timeout=5,
+    )
+    hour = hour_of(clock.t)
+    want: dict[tuple[str, str], int] = {}
+    for n in range(60):  # several posts per customer/dimension, summed into one record
+        p = people[n % 11]
+        dimension = DIMS[n % 3]
+        doc = {
+            "customer_aws_account_id": p["customer_aws_account_id"],
+            "license_arn": p["license_arn"],
+            "dimension": dimension,
+            "quantity": n,
+        }
+        assert svc.post(json.dumps(doc).encode())[0] == 202
+        k = (f"{p['customer_aws_account_id']}/{p['license_arn']}", dimension)
+        want[k] = want.get(k, 0) + n
+    clock.t = hour_start(hour + 1) + 120
+    for _ in range(10):
+        svc.tick()
+        if not svc.counters().records_by_state["sealed"]:
+            break
+    book = requests.get(emulator_server.url + "/_emulator/saas/ledger", timeout=5).json()
+    billed = {
+        (r["customer"], r["dimension"]): r["quantity"] for r in book["records"] if r["hour"] == hour
+    }
+    assert {k: v for k, v in billed.items() if v} == {k: v for k, v in want.items() if v}
+    assert len(billed) == 11 * 3  # zero records for the rest; none for the unsubscribed one
+    assert book["counts"].get("duplicate_record", 0) == 0
+    assert book["counts"].get("unprocessed", 0) > 0  # and they were sent again, unchanged
+    c = svc.counters()
+    assert c.records_by_state["sent"] == 33 and c.records_by_state["not_subscribed"] == 3
+    assert c.customers_by_state["not_subscribed"] == 1
+    svc.close()
