@@ -261,14 +261,17 @@ def ingest(
 ) -> tuple[int, list[dict[str, Any]]]:
     """Store the records, all or nothing: (202, or 200 if each was a repeat; answers).
 
-    The shared SEAL_LOCK: "is hour H sealed?" and "add to H's total" must not straddle a seal.
-    On PostgreSQL (READ COMMITTED, many replicas) a seal committing between them would leave
-    this row in an hour whose record is already written, so it would never be sent. Ingests hold
-    the lock shared (they run side by side); sealing takes it exclusively, so it waits for the
-    ingests in flight to commit and ingests arriving meanwhile wait for the seal, then see it.
+    SEAL_LOCK: "is hour H sealed?" and "add to H's total" must not straddle a seal. On
+    PostgreSQL (READ COMMITTED, many replicas) a seal committing between them would leave this
+    row in an hour whose record is already written, so it would never be sent. Ingests take the
+    lock EXCLUSIVELY, as sealing does: each replica's writer transaction (a group commit of many
+    requests) upserts the same hot saas_open rows in request order, so two of them held side by
+    side (a shared lock) deadlock on those rows, PostgreSQL breaks the cycle after a second, and
+    after the store's retries the request fails. One ingest transaction at a time across the
+    fleet cannot deadlock; group commit keeps the many requests of each in one commit.
     On SQLite the one writer thread already serialises everything (the lock is a no-op).
     """
-    db.lock(SEAL_LOCK, shared=True)
+    db.lock(SEAL_LOCK)
     sealed_cache: dict[int, bool] = {}
     known: dict[str, str | None] = {}
     answers: list[dict[str, Any]] = []

@@ -1,0 +1,230 @@
+"""SaaS ingest on PostgreSQL: three sidecars' POST /v1/usage throughput, against a floor.
+
+The floor, measured in the same run on the same PostgreSQL server (fsync on): the same rows
+(customer account and license, dimension, quantity, id, time), each a plain INSERT committed on
+its own (autocommit) through psycopg, from the same number of client threads, each with its own
+connection. The sidecar's path: HTTP on loopback to one of three `marketplace-sidecar run`
+processes in SaaS mode (round robin over the clients), JSON parsing, validation, the resolved-
+customer check, the idempotency key, hour bucketing, then each sidecar's writer commits every
+pending request in one transaction (group commit). Both acknowledge only once committed. The
+clients are threads of this process on the same machine as the server and the sidecars.
+
+Rounds alternate floor and sidecars; the ratio is the median over rounds. Only acknowledged
+requests count (202); any other answer or a dropped connection is listed as a failure.
+
+Usage: python benchmarks/saas_ingest.py [--quick] [--seconds 4] [--rounds 3] [--clients 1,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+
+from benchmarks import guard, guard_report  # noqa: E402
+from sidecar.emulator.service import Emulator, EmulatorServer  # noqa: E402
+from tests import loopback_guard  # noqa: E402
+from tests.pg import PgServer  # noqa: E402
+from tests.saas_kit import (  # noqa: E402
+    DIMS,
+    Car,
+    Customer,
+    Ops,
+    resolve,
+    saas_env,
+    start_fleet,
+)
+
+FLOOR_DDL = (
+    "CREATE TABLE floor_usage (id TEXT PRIMARY KEY, account TEXT NOT NULL, license TEXT NOT NULL,"
+    " dimension TEXT NOT NULL, quantity BIGINT NOT NULL, received_at DOUBLE PRECISION NOT NULL)"
+)
+
+
+def _drive(
+    clients: int, seconds: float, one: Callable[[int], str | None]
+) -> tuple[float, list[float], Counter[str]]:
+    """Run `one(client)` in a loop on `clients` threads. `one` returns None when its records
+    were acknowledged, else what went wrong. (acknowledged requests per second, their
+    latencies, failures by kind)."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    failures: Counter[str] = Counter()
+    stop = threading.Event()
+    go = threading.Barrier(clients + 1)
+
+    def loop(i: int) -> None:
+        go.wait()
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                problem = one(i)
+            except Exception as exc:  # a dropped connection, a database error: counted
+                problem = type(exc).__name__
+            if problem is None:
+                latencies[i].append(time.perf_counter() - started)
+            else:
+                failures[problem] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    go.wait()
+    started = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    flat = [x for per in latencies for x in per]
+    return len(flat) / elapsed, flat, failures
+
+
+def _rows(customers: list[Customer], rng: random.Random, n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            **c.fields(),
+            "dimension": rng.choice(DIMS),
+            "quantity": rng.randint(1, 100),
+            "id": uuid.uuid4().hex,
+        }
+        for c in (rng.choice(customers) for _ in range(n))
+    ]
+
+
+def floor(
+    url: str, customers: list[Customer], clients: int, seconds: float, batch: int
+) -> tuple[float, list[float], Counter[str]]:
+    import psycopg
+
+    conns = [psycopg.connect(url, autocommit=True) for _ in range(clients)]
+    rngs = [random.Random(i) for i in range(clients)]  # test data
+
+    def one(i: int) -> str | None:
+        rows = _rows(customers, rngs[i], batch)
+        params = [
+            (
+                r["id"],
+                r["customer_aws_account_id"],
+                r["license_arn"],
+                r["dimension"],
+                r["quantity"],
+                time.time(),
+            )
+            for r in rows
+        ]
+        conn = conns[i]
+        if batch == 1:
+            conn.execute("INSERT INTO floor_usage VALUES (%s, %s, %s, %s, %s, %s)", params[0])
+            return None
+        with conn.transaction(), conn.cursor() as cur:
+            cur.executemany("INSERT INTO floor_usage VALUES (%s, %s, %s, %s, %s, %s)", params)
+        return None
+
+    out = _drive(clients, seconds, one)
+    for c in conns:
+        c.close()
+    return out
+
+
+def sidecars(
+    cars: list[Car], customers: list[Customer], clients: int, seconds: float, batch: int
+) -> tuple[float, list[float], Counter[str]]:
+    sessions = [requests.Session() for _ in range(clients)]
+    rngs = [random.Random(100 + i) for i in range(clients)]  # test data
+
+    def one(i: int) -> str | None:
+        rows = _rows(customers, rngs[i], batch)
+        car = cars[i % len(cars)]
+        resp = sessions[i].post(car.api + "/v1/usage", json=rows if batch > 1 else rows[0])
+        return None if resp.status_code == 202 else f"HTTP {resp.status_code}"
+
+    return _drive(clients, seconds, one)
+
+
+def p99(values: list[float]) -> float:
+    return sorted(values)[int(0.99 * (len(values) - 1))] if values else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one short round at 16 clients")
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", default="1,16", help="comma-separated client thread counts")
+    ap.add_argument("--batch", type=int, default=1, help="records per request / transaction")
+    ap.add_argument("--customers", type=int, default=50)
+    ap.add_argument("--sidecars", type=int, default=3)
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.rounds, args.clients = 2.0, 1, "16"
+    counts = [int(c) for c in args.clients.split(",")]
+    guarded = loopback_guard.child_env(guard())
+    load = os.getloadavg()
+    pg = PgServer()
+    server = EmulatorServer(Emulator(seed=1)).start()
+    logs = Path(tempfile.mkdtemp(prefix="saas-ingest-"))
+    cars: list[Car] = []
+    try:
+        url = pg.new_database()
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(FLOOR_DDL)
+        ops = Ops(server.url)
+        customers = [ops.customer(i) for i in range(args.customers)]
+        envs = [{**saas_env(server.url, database_url=url), **guarded} for _ in range(args.sidecars)]
+        cars = start_fleet(envs, logs)
+        for i, cust in enumerate(customers):
+            resolve(cars[i % len(cars)], cust)
+        print(
+            f"PostgreSQL {pg.bin.parent.name}, {args.sidecars} sidecars, "
+            f"{args.customers} customers, "
+            f"{args.batch} record(s) per request; rounds: {args.rounds} x {args.seconds:g} s; "
+            f"load average before: {load[0]:.2f} ({os.cpu_count()} CPUs)"
+        )
+        print(
+            f"{'clients':>7} {'floor rec/s':>12} {'sidecars rec/s':>15} {'ratio':>6} "
+            f"{'floor p99 ms':>13} {'sidecars p99 ms':>16}  failed requests"
+        )
+        for clients in counts:
+            ratios, rows = [], []
+            failed: Counter[str] = Counter()
+            for _ in range(args.rounds):
+                f_rate, f_lat, f_fail = floor(url, customers, clients, args.seconds, args.batch)
+                s_rate, s_lat, s_fail = sidecars(cars, customers, clients, args.seconds, args.batch)
+                failed.update({f"floor {k}": v for k, v in f_fail.items()})
+                failed.update({f"sidecars {k}": v for k, v in s_fail.items()})
+                ratios.append(s_rate / f_rate)
+                rows.append((f_rate * args.batch, s_rate * args.batch, p99(f_lat), p99(s_lat)))
+            med = statistics.median(ratios)
+            f_rate, s_rate, f_p99, s_p99 = sorted(rows, key=lambda r: r[1] / r[0])[len(rows) // 2]
+            print(
+                f"{clients:7d} {f_rate:12.0f} {s_rate:15.0f} {med:6.2f} "
+                f"{f_p99 * 1000:13.1f} {s_p99 * 1000:16.1f}  {dict(failed) or 'none'}"
+            )
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+    finally:
+        for car in cars:
+            car.stop(timeout=10)
+        server.shutdown()
+        pg.close()
+    guard_report()
+
+
+if __name__ == "__main__":
+    main()
