@@ -47,9 +47,8 @@ BATCH = 25
 def hold_sender_lock(url: str) -> Any:
     """A store of our own on the fleet's database, holding the sender role (its advisory
     lock) before any sidecar starts: none may lead until it is closed."""
-    from sidecar.usage.saas import SAAS_SCHEMA
-
     from sidecar.usage.db import open_store
+    from sidecar.usage.saas import SAAS_SCHEMA
 
     store = open_store(SAAS_SCHEMA, state_dir=None, database_url=url)
     if not store.leading():
