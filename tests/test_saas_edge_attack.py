@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from sidecar.emulator.service import Emulator, EmulatorServer
-from tests.helpers import ROOT, loopback_env
+from tests.helpers import ROOT, loopback_env, start_sidecar
 from tests.test_saas_api import Served, buyer_of, served  # noqa: F401 # the fixture, reused
 from tests.test_saas_registration import load_example
 
@@ -263,3 +263,83 @@ def test_no_secret_in_usage_report_or_metrics(served: Served, emulator: Emulator
     ]
     for text in texts:
         assert token not in text and token[:24] not in text
+
+
+def test_debug_logs_and_every_endpoint_keep_the_database_password_and_token_out(
+    emulator_server: EmulatorServer, emulator: Emulator, pg_url: str
+) -> None:
+    """A real sidecar at DEBUG on PostgreSQL, with a password holding an encoded @ and :."""
+    encoded = "p%40ss%3Aw0rd-7c1"  # decodes to p@ss:w0rd-7c1
+    url = pg_url.replace("postgresql://postgres@", f"postgresql://postgres:{encoded}@")
+    assert encoded in url
+    car = start_sidecar(
+        loopback_env(
+            emulator_server.url,
+            MARKETPLACE_MODE="saas",
+            MARKETPLACE_DIMENSIONS="users",
+            MARKETPLACE_PRODUCT_CODE="",
+            MARKETPLACE_USAGE_DATABASE_URL=url,
+            MARKETPLACE_LOG_LEVEL="DEBUG",
+            MARKETPLACE_THROTTLE_SCHEDULE_SECONDS="",
+        )
+    )
+    try:
+        buyer = emulator.saas_customer({"customer_aws_account_id": "777788889999"})
+        token = buyer["registration_token"]
+        r = requests.post(
+            f"{car.api}/v1/customers/resolve", json={"registration_token": token}, timeout=30
+        )
+        assert r.status_code == 200, r.text
+        record = {
+            "customer_aws_account_id": "777788889999",
+            "license_arn": r.json()["license_arn"],
+            "dimension": "users",
+            "quantity": 3,
+        }
+        assert requests.post(f"{car.api}/v1/usage", json=[record], timeout=10).status_code == 202
+        seen = [r.text] + [
+            car.get(path, probe=probe).text
+            for path, probe in (
+                ("/v1/usage", False),
+                ("/v1/customers", False),
+                ("/readyz", False),
+                ("/readyz", True),
+                ("/metrics", True),
+            )
+        ]
+    finally:
+        car.stop()
+    seen.append(car.logs())
+    for text in seen:
+        for secret in (encoded, "p@ss:w0rd-7c1", "w0rd-7c1", token):
+            assert secret not in text, (secret, text[:2000])
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status"),
+    [
+        ({"Content-Type": "application/json"}, b'{"x-amzn-marketplace-token": "t"}', 415),
+        ({"Content-Type": "multipart/form-data; boundary=x"}, b"--x--", 415),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, b"a=" + b"b" * 17000, 413),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, b"&".join([b"a=1"] * 11), 400),
+        (
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            b"x-amzn-marketplace-token=%ff",
+            400,
+        ),
+        (
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            b"x-amzn-marketplace-token=a&x-amzn-marketplace-token=b",
+            400,
+        ),
+    ],
+)
+def test_the_registration_page_refuses_odd_forms_without_calling_the_sidecar(
+    example_server: tuple[Any, Any], headers: dict[str, str], body: bytes, status: int
+) -> None:
+    _, server = example_server
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    r = requests.post(url, data=body, headers=headers, timeout=5, allow_redirects=False)
+    assert r.status_code == status, r.text
+    assert r.headers["Content-Type"].startswith("text/html")
+    assert "Location" not in r.headers
