@@ -5,6 +5,7 @@ Every problem is reported as one line naming the variable and what is allowed; `
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import ipaddress
@@ -16,7 +17,7 @@ import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
-from urllib.parse import SplitResult, unquote, urlparse, urlsplit
+from urllib.parse import SplitResult, unquote, unquote_plus, urlparse, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -27,6 +28,7 @@ from sidecar.core.files import UnsafeFileError, read_small_file
 from sidecar.entitlement.keys import MAX_KEY_FILE_BYTES, UnusableKeyError, load_public_key
 from sidecar.server.netaddr import parse_hostport
 
+BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 PRODUCT_CODE_RE = re.compile(r"^[-a-zA-Z0-9/=:_.@]{1,255}$")
 # A domain-qualified condition type, e.g. aws-marketplace.amazonaws.com/entitled.
 CONDITION_TYPE_RE = re.compile(
@@ -481,6 +483,14 @@ def database_url_problem(url: str) -> None:
         )
     if port == 0:
         raise ValueError("port must be 1-65535")
+    if BAD_PERCENT_RE.search(url):
+        # libpq refuses it with `invalid percent-encoded token: "<the whole value>"`: the
+        # password, verbatim, in a message that reaches logs and doctor.
+        raise ValueError(
+            "has a % not followed by two hex digits: percent-encode special characters of the "
+            "user and password (% as %25, @ as %40, : as %3A); the value is not shown: it may "
+            "hold a password"
+        )
 
 
 def scrub_url_secret(text: str, url: str | None) -> str:
@@ -492,9 +502,18 @@ def scrub_url_secret(text: str, url: str | None) -> str:
         password = urlsplit(url.strip()).password
     except ValueError:
         password = None
+    from sidecar.usage.db import url_secrets
+
+    secrets = set(url_secrets(url.strip()))
     if password:
-        for secret in sorted({password, unquote(password)}, key=len, reverse=True):
-            text = text.replace(secret, "***")
+        secrets |= {password, unquote(password)}
+    with contextlib.suppress(ValueError):  # libpq reads `+` literally; parse_qs makes it a space
+        for pair in urlsplit(url.strip()).query.split("&"):
+            name, _, value = pair.partition("=")
+            if name == "password" and value:
+                secrets |= {value, unquote(value), unquote_plus(value)}
+    for secret in sorted(secrets - {""}, key=len, reverse=True):
+        text = text.replace(secret, "***")
     return text
 
 

@@ -16,9 +16,11 @@ subscription by changing it. Keep it server side (a session) or sign it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import logging
 import socket
+import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -31,7 +33,12 @@ log = logging.getLogger("saas-registration")
 TOKEN_FIELD = "x-amzn-marketplace-token"  # noqa: S105  # nosec B105 # a form field name
 OFFER_FIELD = "x-amzn-marketplace-offer-type"
 MAX_FORM_BYTES = 16 * 1024  # one opaque token and one short field
-READ_SECONDS = 10.0  # the whole form must arrive within this (a dripping client is cut)
+READ_SECONDS = 10.0  # the longest silence between two bytes of a request
+# This page faces the internet: a connection gets this long from accept to its whole form (a
+# client that drips one byte at a time, or sends nothing, is cut), and at most MAX_CONNECTIONS
+# are served at once (more are closed at accept), so silent sockets cannot take every thread.
+REQUEST_SECONDS = 15.0
+MAX_CONNECTIONS = 64
 FORM_TYPE = "application/x-www-form-urlencoded"
 
 
@@ -41,7 +48,24 @@ class Registration(BaseHTTPRequestHandler):
     server_version = "saas-registration"
     sys_version = ""
 
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(READ_SECONDS)
+        self._deadline = threading.Timer(REQUEST_SECONDS, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
+
+    def _cut(self) -> None:
+        """The request did not arrive in time: shut the socket so the blocked read returns."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
     def do_POST(self) -> None:
+        self.close_connection = True  # one request per connection: no idle keep-alive to hold
         form = self._form()
         if form is None:
             return None
@@ -67,6 +91,7 @@ class Registration(BaseHTTPRequestHandler):
             self.send_header("Location", target)
             self.send_header("Content-Length", "0")
             self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
             self.end_headers()
             return None
         trial = " Your free trial has started." if free_trial else ""
@@ -78,6 +103,7 @@ class Registration(BaseHTTPRequestHandler):
         )
 
     def do_GET(self) -> None:
+        self.close_connection = True
         self._page(
             HTTPStatus.METHOD_NOT_ALLOWED,
             "Start from AWS Marketplace",
@@ -100,15 +126,15 @@ class Registration(BaseHTTPRequestHandler):
         if length > MAX_FORM_BYTES:
             self._page(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "Bad request", "form too large")
             return None
-        self.connection.settimeout(READ_SECONDS)
         try:
             body = self.rfile.read(length)
-        except TimeoutError:
+        except OSError:  # a silence past READ_SECONDS, or cut at REQUEST_SECONDS
             self.close_connection = True
             return None
         if len(body) < length:
             self.close_connection = True
             return None
+        self._deadline.cancel()  # the form is in: redeeming the token may take the sidecar 20 s
         try:
             return parse_qs(
                 body.decode("ascii"), strict_parsing=False, max_num_fields=10, errors="strict"
@@ -155,6 +181,7 @@ class Registration(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
@@ -165,7 +192,11 @@ class Registration(BaseHTTPRequestHandler):
 
 
 def no_redirect(customer: dict[str, Any], free_trial: bool) -> str | None:
-    """Replace with your product's step: create the account, set a session, return its URL."""
+    """Replace with your product's step: create the account, set a session, return its URL.
+
+    `free_trial` comes from the buyer's browser (x-amzn-marketplace-offer-type), which anyone
+    can post by hand: show it, never grant anything on it. What the buyer is entitled to is
+    AWS's answer (the resolved customer) and, later, the metering results."""
     return None
 
 
@@ -179,9 +210,26 @@ class RegistrationServer(ThreadingHTTPServer):
         registered: Any = no_redirect,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, Registration)
         self.sidecar = sidecar
         self.registered = registered
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):  # full: close it rather than queue a thread
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def main() -> None:

@@ -50,6 +50,7 @@ MAX_RESOLVE_BODY_BYTES = 16 * 1024
 # license ARN joined by "/" (percent-encode it as %2F in the path).
 MAX_CUSTOMER_KEY_CHARS = 2048
 MAX_NONCE_CHARS = 255
+REPORT_RETRY_SECONDS = 5
 Listener = Literal["api", "probe", "metrics"]
 
 
@@ -353,9 +354,15 @@ class Router:
             return _usage_needs_custom_mode()
         try:
             return Reply(200, pipeline.report())
-        except StoreUnavailableError as exc:  # database down: an outage, not a dropped connection
-            doc = {"error": "store_unavailable", "message": str(exc), "retry_after": 5}
-            return _pipeline_reply(503, doc)
+        except StoreUnavailableError as exc:  # PostgreSQL down: an answer, not a dropped socket
+            return _pipeline_reply(
+                503,
+                {
+                    "error": "store_unavailable",
+                    "message": f"the usage store cannot be read ({str(exc)[:300]}); retry later",
+                    "retry_after": REPORT_RETRY_SECONDS,
+                },
+            )
 
     def _resolve(self, body: bytes) -> Reply:
         if self._saas is None:
@@ -612,7 +619,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return None
         self._conn.enter(Phase.BUSY)
-        self._send(self.server.router.handle(self.command, self.path.split("?", 1)[0], body))
+        try:
+            reply = self.server.router.handle(self.command, self.path.split("?", 1)[0], body)
+        except Exception:  # our bug: the client gets an answer it can act on, the log the trace
+            log.exception("request_failed", extra={"path": self.path.split("?", 1)[0][:100]})
+            self.close_connection = True
+            reply = _problem(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the sidecar failed on this request (a bug, logged as request_failed); "
+                "retry later and report it",
+            )
+        self._send(reply)
         return None
 
     # The common methods skip __getattr__'s failed lookup on every request.
