@@ -608,6 +608,14 @@ def fake_server(answer: bytes | None) -> tuple[socket.socket, threading.Thread]:
     return listener, thread
 
 
+def stop_fake(listener: socket.socket, thread: threading.Thread) -> None:
+    with contextlib.suppress(OSError):
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() that close() alone would not
+    listener.close()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
 def error_response(sqlstate: str, message: str) -> bytes:
     fields = b"".join(
         k + v.encode() + b"\0"
@@ -671,8 +679,7 @@ def test_a_server_starting_up_or_silent_at_start_is_an_outage(
         assert not ok and why is not None and "database unreachable" in why
         assert "pw@" not in why
     finally:
-        listener.close()
-        thread.join(5)
+        stop_fake(listener, thread)
 
 
 def test_only_what_a_retry_cannot_fix_is_a_refusal() -> None:
@@ -773,5 +780,4 @@ def test_readyz_is_not_fooled_by_a_read_stuck_connecting(stores: list[PgStore]) 
         assert not ok and why is not None and "database unreachable" in why
         stuck.join(10)
     finally:
-        listener.close()
-        thread.join(5)
+        stop_fake(listener, thread)
