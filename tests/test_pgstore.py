@@ -608,6 +608,14 @@ def fake_server(answer: bytes | None) -> tuple[socket.socket, threading.Thread]:
     return listener, thread
 
 
+def stop_fake(listener: socket.socket, thread: threading.Thread) -> None:
+    with contextlib.suppress(OSError):
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() that close() alone would not
+    listener.close()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
 def error_response(sqlstate: str, message: str) -> bytes:
     fields = b"".join(
         k + v.encode() + b"\0"
@@ -671,8 +679,7 @@ def test_a_server_starting_up_or_silent_at_start_is_an_outage(
         assert not ok and why is not None and "database unreachable" in why
         assert "pw@" not in why
     finally:
-        listener.close()
-        thread.join(5)
+        stop_fake(listener, thread)
 
 
 def test_only_what_a_retry_cannot_fix_is_a_refusal() -> None:
@@ -746,3 +753,31 @@ def test_a_newer_schema_found_after_a_start_without_the_database_is_never_writte
     assert count(pg_url, "SELECT COUNT(*) FROM pg_tables WHERE tablename = 'items'") == 0
     assert count(pg_url, "SELECT version FROM sidecar_schema") == 5
     assert [r for r in caplog.records if r.getMessage() == "usage_store_unusable"]
+
+
+def test_readyz_is_not_fooled_by_a_read_stuck_connecting(stores: list[PgStore]) -> None:
+    """While a read waits on a silent server, /readyz must not take 'a read is in progress'
+    for 'the connection works'."""
+    listener, thread = fake_server(None)
+    port = listener.getsockname()[1]
+    try:
+        url = f"postgresql://postgres@127.0.0.1:{port}/db?connect_timeout=2"
+        store = PgStore(SCHEMA, url, retry_seconds=0.05)
+        stores.append(store)
+        time.sleep(0.1)
+
+        def read() -> None:
+            with contextlib.suppress(StoreUnavailableError):
+                store.read(lambda db: db.execute("SELECT 1").fetchone())
+
+        stuck = threading.Thread(target=read)
+        stuck.start()
+        deadline = time.monotonic() + 2
+        while not store._read_lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store._read_lock.locked()
+        ok, why = store.available()
+        assert not ok and why is not None and "database unreachable" in why
+        stuck.join(10)
+    finally:
+        stop_fake(listener, thread)

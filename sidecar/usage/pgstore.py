@@ -294,7 +294,7 @@ class PgStore:
                 "usage_store_starting_without_database",
                 extra={"detail": f"{exc}; answering 503 until it is reachable"},
             )
-        self._started = True
+        self._started = True  # from now on nothing stops the process: the store is unavailable
         self._wconn: Conn | None = None
         self._rconn: Conn | None = None
         self._lconn: Conn | None = None
@@ -347,7 +347,7 @@ class PgStore:
             final = refusal(text)
             reason = f"{self.where}: {text}"
             with self._state_lock:
-                if final is not None:
+                if final is not None and reason != self._down:  # once per new reason
                     log.error("usage_store_refused", extra={"detail": f"{final}: {reason}"})
                 elif self._down is None:
                     log.warning("usage_store_unreachable", extra={"detail": reason})
@@ -618,7 +618,12 @@ class PgStore:
         if self._closed:
             return False, f"usage store {self.where} is closed"
         if not self._read_lock.acquire(timeout=1.0):
-            return True, None  # a read is in progress: the connection works
+            # A read is in progress: the connection works, unless it is still being set up.
+            if self._fatal is not None:
+                return False, self._fatal
+            if not self._ready:
+                return False, f"database unreachable: {self._down or self.where + ': connecting'}"
+            return True, None
         try:
             self._fresh_reader("SELECT 1")
         except StoreUnavailableError as exc:
