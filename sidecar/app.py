@@ -142,9 +142,9 @@ def saas_policy(settings: Settings) -> SaasPolicy:
     return SaasPolicy(
         dimensions=settings.dimension_list,
         identity=settings.saas_identity,
-        product_code=(
-            settings.product_code if settings.saas_identity == "customer_identifier" else None
-        ),
+        # license identity sends no product code, but a set one still pins ResolveCustomer:
+        # the seller's credentials resolve the buyers of every product of the account.
+        product_code=settings.product_code,
         accept_unresolved=settings.accept_unresolved_customers,
         zero_records=settings.zero_usage_records,
         drain_seconds=settings.drain_seconds,

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
         None,
         description="product code from the AWS Marketplace Management Portal "
         "(1-255 of A-Za-z0-9-/=:_.@); required except in saas mode with "
-        "MARKETPLACE_SAAS_IDENTITY=license",
+        "MARKETPLACE_SAAS_IDENTITY=license, where it pins ResolveCustomer to this product",
     )
     mode: Literal["hourly", "custom", "saas"] = Field(
         "hourly",
@@ -394,10 +394,12 @@ class Settings(BaseSettings):
     def ignored(self) -> list[str]:
         """Variables set but unused in this mode: logged at start, so nobody trusts them."""
         if self.mode == "saas":
-            if self.saas_identity == "license" and self.product_code is not None:
+            if self.saas_identity == "license" and self.product_code is None:
                 return [
-                    f"{PREFIX}PRODUCT_CODE is ignored with {PREFIX}SAAS_IDENTITY=license "
-                    "(records carry CustomerAWSAccountId and LicenseArn, and no product code)"
+                    f"{PREFIX}PRODUCT_CODE is not set: a registration token of ANY product of "
+                    "this seller account resolves here, and its buyer's usage would be metered "
+                    "on that product's license; set it to pin this product (records still carry "
+                    "only CustomerAWSAccountId and LicenseArn)"
                 ]
             return []
         if self.mode != "custom":

@@ -215,7 +215,7 @@ def test_saas_mode_needs_no_key_no_product_code_and_defaults_to_license_identity
     assert settings.dimension_list == ("users", "scans")
     assert settings.accept_unresolved_customers is False
     assert settings.zero_usage_records is True
-    assert settings.ignored() == []
+    assert len(settings.ignored()) == 1  # the unpinned product: a warning, not an error
 
 
 def test_saas_mode_names_exactly_what_it_lacks(env: pytest.MonkeyPatch) -> None:
@@ -248,17 +248,15 @@ def test_customer_identifier_identity_needs_the_product_code(env: pytest.MonkeyP
     assert settings.product_code == "prod-abc"
 
 
-def test_a_product_code_with_license_identity_is_logged_as_ignored(
+def test_license_identity_without_a_product_code_warns_that_any_product_resolves(
     env: pytest.MonkeyPatch,
 ) -> None:
-    saas(env, PRODUCT_CODE="")  # blank, as a shared template leaves it: nothing to say
-    assert load()[0].ignored() == []
     saas(env, PRODUCT_CODE="prod-abc")
-    settings, _ = load()
-    assert settings.ignored() == [
-        "MARKETPLACE_PRODUCT_CODE is ignored with MARKETPLACE_SAAS_IDENTITY=license (records "
-        "carry CustomerAWSAccountId and LicenseArn, and no product code)"
-    ]
+    assert load()[0].ignored() == []
+    saas(env, PRODUCT_CODE="")  # blank, as a shared template leaves it: not pinned
+    (warning,) = load()[0].ignored()
+    assert "ANY product of this seller account resolves" in warning
+    assert "MARKETPLACE_PRODUCT_CODE" in warning
 
 
 def test_hourly_and_custom_settings_in_saas_mode_are_refused_by_name(
@@ -366,3 +364,13 @@ def test_saas_bad_identity_is_named(env: pytest.MonkeyPatch) -> None:
     assert found[0].startswith(
         "MARKETPLACE_SAAS_IDENTITY: Input should be 'license' or 'customer_identifier'"
     ), found
+
+
+def test_license_identity_still_pins_a_set_product_code(env: pytest.MonkeyPatch) -> None:
+    """The wiring hands the product code to the service in license identity too (it checks
+    ResolveCustomer's answer against it); only the requests leave it out."""
+    from sidecar.app import saas_policy
+
+    saas(env, PRODUCT_CODE="prod-abc")
+    policy = saas_policy(load()[0])
+    assert policy.identity == "license" and policy.product_code == "prod-abc"

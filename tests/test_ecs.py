@@ -250,7 +250,15 @@ def test_saas_sidecar_wiring_keeps_the_database_url_in_secrets_manager() -> None
     # ECS sends SIGKILL after stopTimeout: it must cover the drain budget.
     assert sidecar["stopTimeout"] > float(env["MARKETPLACE_DRAIN_SECONDS"])
     assert sidecar["readonlyRootFilesystem"] is True and sidecar["user"].startswith("10001")
-    assert sidecar["healthCheck"]["command"] == ["CMD", "marketplace-sidecar", "probe"]
+    # /healthz: the database is shared by every task; an outage must not keep the backend
+    # (dependsOn HEALTHY) from starting, its POSTs get 503 and retry.
+    assert sidecar["healthCheck"]["command"] == [
+        "CMD",
+        "marketplace-sidecar",
+        "probe",
+        "--path",
+        "/healthz",
+    ]
     for c in (sidecar, backend):
         assert "awslogs-create-group" not in c["logConfiguration"]["options"]
     # The execution role (not the task role) reads the secret: exactly that secret.

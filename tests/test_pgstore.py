@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 from sidecar.usage.db import Db, Schema, StoreError, StoreUnavailableError, open_store
-from sidecar.usage.pgstore import PgStore, pg_sql, refusal
+from sidecar.usage.pgstore import JOB_RETRIES, PgStore, pg_sql, refusal
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -279,6 +279,28 @@ def test_a_deadlock_between_sidecars_is_retried_not_failed(
     assert errors == []
     assert count(pg_url) == 2
     assert a.stats.retried_jobs + b.stats.retried_jobs == 1  # the deadlock's victim, once
+
+
+def test_a_write_still_aborted_after_its_retries_is_an_outage_not_a_crash(
+    pg_url: str, stores: list[PgStore]
+) -> None:
+    """A job the server keeps aborting (class 40) gets StoreUnavailableError (the API's 503 +
+    Retry-After), not the driver's exception (a dropped connection), and writes nothing."""
+    store = PgStore(SCHEMA, pg_url)
+    stores.append(store)
+    calls: list[int] = []
+
+    def always_aborted(db: Db) -> None:
+        calls.append(1)
+        db.execute("INSERT INTO items VALUES ('doomed', 0)")
+        db.execute("DO $$ BEGIN RAISE EXCEPTION 'aborted' USING ERRCODE = '40001'; END $$")
+
+    with pytest.raises(StoreUnavailableError, match="kept aborting"):
+        store.write(always_aborted)
+    assert len(calls) == 1 + JOB_RETRIES
+    assert count(pg_url) == 0
+    store.write(lambda db: db.execute("INSERT INTO items VALUES ('fine', 1)"))
+    assert count(pg_url) == 1
 
 
 # -- the server down, restarting -----------------------------------------------------------

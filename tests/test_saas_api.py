@@ -491,3 +491,40 @@ def test_the_run_loop_thread_sends_sealed_hours_and_sigterm_exits_0(
     assert [(r["customer"], r["quantity"]) for r in sent] == [(customer["customer"], 5)]
     assert emulator.saas_ledger()["counts"]["duplicate_record"] == 0
     assert car.stop() == 0
+
+
+def test_a_pinned_product_code_refuses_another_products_buyer_in_license_identity(
+    monkeypatch: pytest.MonkeyPatch,
+    emulator_server: EmulatorServer,
+    emulator: Emulator,
+    tmp_path: Path,
+) -> None:
+    """The seller's credentials resolve the buyers of EVERY product of the account: a token of
+    product B posted to product A's registration page must not become A's customer (its usage
+    would be billed on B's license)."""
+    aws_env(monkeypatch, emulator_server, "pod-saas-pin")
+    saas = SaasService(
+        SaasPolicy(dimensions=("users",), product_code="prod-a"),
+        open_store(SAAS_SCHEMA, state_dir=tmp_path),
+        lambda: MeteringGateway("us-east-1", 5.0),
+    )
+    served = Served(saas)
+    try:
+        for account, product, status in (
+            ("111122223333", "prod-b", 400),
+            ("444455556666", "prod-a", 200),
+        ):
+            buyer = emulator.saas_customer(
+                {"customer_aws_account_id": account, "product_code": product}
+            )
+            r = requests.post(
+                f"{served.url}/v1/customers/resolve",
+                json={"registration_token": buyer["registration_token"]},
+                timeout=20,
+            )
+            assert r.status_code == status, r.text
+        assert r.json()["customer_aws_account_id"] == "444455556666"
+        listed = requests.get(f"{served.url}/v1/customers", timeout=5).json()
+        assert [c["customer_aws_account_id"] for c in listed["customers"]] == ["444455556666"]
+    finally:
+        served.close()

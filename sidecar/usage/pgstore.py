@@ -536,6 +536,11 @@ class PgStore:
                         if _rolled_back(exc) and job.attempts < JOB_RETRIES:
                             job.attempts += 1
                             retry.append(job)
+                        elif _rolled_back(exc):  # still deadlocked after the retries: an
+                            # outage for the client (503 + Retry-After), not a dropped connection
+                            job.error = StoreUnavailableError(
+                                f"the database kept aborting this write ({type(exc).__name__})"
+                            )
                         else:
                             job.error = exc
                     conn.execute("RELEASE SAVEPOINT job")

@@ -246,7 +246,7 @@ class SaasService:
                 f"{self.policy.identity} needs; check that setting for this product",
             }
         code = answer.get("ProductCode")
-        if self.policy.product_code and code and code != self.policy.product_code:
+        if self.policy.product_code and code != self.policy.product_code:
             return 400, {
                 "error": "other_product",
                 "field": "registration_token",
