@@ -767,6 +767,15 @@ def test_saas_env_passes_the_sidecars_own_validation(tmp_path: Path, store: str)
     assert _sidecar_accepts(plain) == expected
 
 
+def test_saas_license_identity_passes_a_given_product_code_to_pin_resolve_customer() -> None:
+    docs = render_saas(DB_SECRET, "product.code=prod-abc")
+    env = env_of(sidecar(pod_spec(docs)))
+    ref = env["MARKETPLACE_PRODUCT_CODE"]["configMapKeyRef"]
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert cm["metadata"]["name"] == ref["name"] and cm["data"][ref["key"]] == "prod-abc"
+    assert "MARKETPLACE_PUBLIC_KEY" not in json.dumps(docs)  # still no key in saas mode
+
+
 def test_saas_mode_on_sqlite_keeps_the_state_volume_and_one_replica() -> None:
     docs = render_saas()
     validate(docs, "1.33.0")

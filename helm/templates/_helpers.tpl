@@ -94,10 +94,11 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
 {{- end -}}
 {{- end -}}
 
-{{/* "true" when the sidecar needs MARKETPLACE_PRODUCT_CODE: every mode but SaaS with license identity. */}}
+{{/* "true" when the sidecar gets MARKETPLACE_PRODUCT_CODE: every mode but SaaS with license
+identity needs it; there it is optional and, when given, pins ResolveCustomer to this product. */}}
 {{- define "marketplace-sidecar.needsProductCode" -}}
 {{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
-{{- if or (ne $v.metering.mode "saas") (eq $v.metering.saas.identity "customer_identifier") -}}true{{- end -}}
+{{- if or (ne $v.metering.mode "saas") (eq $v.metering.saas.identity "customer_identifier") $v.product.code $v.product.existingSecret $v.product.existingConfigMap -}}true{{- end -}}
 {{- end -}}
 
 {{/* "true" when the usage store is the sidecar's own SQLite file in the state volume. */}}
