@@ -64,6 +64,18 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
         ["--rounds", "4", "--clients", "4"],
         "kill -9 rounds while clients POST: AWS ledger == acknowledged (an audit, no floor)",
     ),
+    (
+        "saas_ingest",
+        ["--quick"],
+        "SaaS POST /v1/usage through 3 sidecars on PostgreSQL vs plain psycopg INSERTs of the "
+        "same rows at the same concurrency",
+    ),
+    (
+        "saas_send",
+        ["--quick"],
+        "time to bill one sealed hour (customers x 3 dimensions) vs records/25/10 s at "
+        "BatchMeterUsage's 10/s quota, and calls per record",
+    ),
 ]
 
 
