@@ -52,10 +52,10 @@ def stores() -> Iterator[list[UsageStore]]:
             s.close()
 
 
-def new_customer(server: Any, n: int) -> dict[str, Any]:
+def new_customer(server: Any, n: int, **spec: Any) -> dict[str, Any]:
     resp = requests.post(
         server.url + "/_emulator/saas/customers",
-        json={"customer_aws_account_id": f"{300000000000 + n}"},
+        json={"customer_aws_account_id": f"{300000000000 + n}", **spec},
         timeout=5,
     )
     assert resp.status_code == 200, resp.text
@@ -144,9 +144,7 @@ def test_a_resolve_stampede_of_one_token_calls_resolve_customer_once(
     body = json.dumps({"registration_token": person["registration_token"]}).encode()
     answers = together([lambda: svc.resolve(body)] * 50)
     assert [a[0] for a in answers] == [200] * 50
-    assert {a[1]["customer_aws_account_id"] for a in answers} == {
-        person["customer_aws_account_id"]
-    }
+    assert {a[1]["customer_aws_account_id"] for a in answers} == {person["customer_aws_account_id"]}
     calls = [c for c in emulator.calls if c["op"].endswith("ResolveCustomer")]
     assert len(calls) == 1, f"{len(calls)} ResolveCustomer calls for one token"
 
@@ -165,7 +163,7 @@ def test_one_id_posted_to_two_replicas_at_once_is_stored_once(
     hour = hour_of(clock.t)
     for n in range(5):
         body = usage(person, "users", 7, id=f"retry-{n}")
-        answers = together([(lambda s=s: s.post(body)) for s in (a, b) * 6])
+        answers = together([(lambda s=s, body=body: s.post(body)) for s in (a, b) * 6])
         codes = sorted(x[0] for x in answers)
         assert codes == [200] * 11 + [202], codes
     assert b.store.leading() or a.store.leading()
@@ -188,7 +186,9 @@ def test_two_replicas_cannot_push_one_total_past_aws_maximum(
     resolve(a, person)
     hour = hour_of(clock.t)
     half = MAX_QUANTITY // 2 + 1
-    answers = together([lambda: a.post(usage(person, "gb", half)), lambda: b.post(usage(person, "gb", half))])
+    answers = together(
+        [lambda: a.post(usage(person, "gb", half)), lambda: b.post(usage(person, "gb", half))]
+    )
     codes = sorted(x[0] for x in answers)
     assert codes == [202, 400], answers
     refused = next(x[1] for x in answers if x[0] == 400)
@@ -197,3 +197,129 @@ def test_two_replicas_cannot_push_one_total_past_aws_maximum(
     send_all(leader, clock, hour)
     assert billed(server, hour)[(key(person), "gb")] == half
     assert ledger(server)["counts"].get("duplicate_record", 0) == 0
+
+
+def test_a_stale_leader_sending_beside_the_new_one_bills_each_record_once(
+    world: tuple[Any, Any, ManualClock], pg_url: str, pg_server: Any, stores: list[UsageStore]
+) -> None:
+    """The leader's own session is cut (the server ended it); another sidecar takes the sender
+    role while the old one, not knowing yet, seals and sends in the same moment. With a third
+    of the records answered as UnprocessedRecords, both regroup. AWS must see one quantity per
+    customer/dimension/hour, never a DuplicateRecord, and both sidecars' ledgers agree."""
+    import psycopg
+
+    server, emulator, clock = world
+    emulator.config.unprocessed_rate = 0.3
+    people = [new_customer(server, 100 + i) for i in range(40)]
+    a = service(open_store(SAAS_SCHEMA, state_dir=None, database_url=pg_url), clock)
+    b = service(open_store(SAAS_SCHEMA, state_dir=None, database_url=pg_url), clock)
+    stores.extend([a.store, b.store])
+    for p in people:
+        resolve(a, p)
+    hour = hour_of(clock.t)
+    want: dict[tuple[str, str], int] = {}
+    for n, p in enumerate(people):
+        for d, dimension in enumerate(DIMS):
+            q = n * 10 + d + 1
+            assert (a if n % 2 else b).post(usage(p, dimension, q))[0] == 202
+            want[(key(p), dimension)] = q
+    assert a.store.leading() and not b.store.leading()
+    pid = a.store._lconn.info.backend_pid  # type: ignore[attr-defined]
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert b.store.leading()
+    clock.t = hour_start(hour + 1) + 120
+    together([a.tick, b.tick, a.tick, b.tick])
+    for _ in range(20):
+        b.tick()
+        if not b.counters().records_by_state["sealed"]:
+            break
+        clock.t += 30
+    assert billed(server, hour) == want
+    counts = ledger(server)["counts"]
+    assert counts.get("duplicate_record", 0) == 0
+    assert b.counters().records_by_state["sent"] == len(want)
+    assert b.counters().records_by_state["conflict"] == 0
+
+
+class CrashingGateway:
+    """The real gateway; the process dies at `step` of the `at`-th call: before it is sent,
+    or after AWS answered but before the answer is stored."""
+
+    def __init__(self, at: int, step: str) -> None:
+        self.real = MeteringGateway("us-east-1", 5.0)
+        self.at, self.step, self.calls = at, step, 0
+
+    def resolve_customer(self, token: str) -> dict[str, Any]:
+        return self.real.resolve_customer(token)
+
+    def batch_meter_usage(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.calls += 1
+        if self.calls == self.at and self.step == "before":
+            raise Killed
+        answer = self.real.batch_meter_usage(request)
+        if self.calls == self.at and self.step == "after":
+            raise Killed
+        return answer
+
+
+@pytest.mark.parametrize("step", ["before", "after"])
+@pytest.mark.parametrize("at", [1, 2, 4])
+def test_a_crash_at_each_step_of_sending_then_a_restart_bills_exactly_once(
+    world: tuple[Any, Any, ManualClock], tmp_path: Path, step: str, at: int
+) -> None:
+    """Killed before a stored call is sent, or after AWS answered it but before the answer is
+    stored, with unprocessed records and throttling around: the restarted sidecar resends the
+    stored request and AWS holds each record once, with the acknowledged quantity."""
+    server, emulator, clock = world
+    emulator.config.unprocessed_rate = 0.25
+    people = [new_customer(server, 200 + i) for i in range(20)]
+    store = open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=None)
+    first = service(store, clock, CrashingGateway(at, step))
+    for p in people:
+        resolve(first, p)
+    hour = hour_of(clock.t)
+    want = {}
+    for n, p in enumerate(people):
+        for dimension in DIMS:
+            assert first.post(usage(p, dimension, n + 1))[0] == 202
+            want[(key(p), dimension)] = n + 1
+    clock.t = hour_start(hour + 1) + 120
+    with pytest.raises(Killed):
+        for _ in range(20):
+            first.tick()
+    store.close()
+    second = service(open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=None), clock)
+    try:
+        send_all(second, clock, hour)
+        assert billed(server, hour) == want
+        assert ledger(server)["counts"].get("duplicate_record", 0) == 0
+        assert second.counters().records_by_state["sent"] == len(want)
+    finally:
+        second.close()
+
+
+def test_a_buyer_registering_again_just_after_an_hour_keeps_that_hours_zero_records(
+    world: tuple[Any, Any, ManualClock], tmp_path: Path, stores: list[UsageStore]
+) -> None:
+    """AWS's guidance: every active customer gets a record each hour, quantity 0 without usage.
+    A buyer who opens the registration page again between the hour's end and its seal (a new
+    token for the same customer) was active all that hour: its zero records must still go."""
+    server, _, clock = world
+    person = new_customer(server, 300)
+    other = new_customer(server, 301)
+    stores.append(open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=None))
+    svc = service(stores[0], clock)
+    resolve(svc, person)
+    resolve(svc, other)
+    hour = hour_of(clock.t)
+    assert svc.post(usage(other, "users", 5))[0] == 202
+    clock.t = hour_start(hour + 1) + 20  # the hour is over, not sealed yet (margin 60 s)
+    # The same customer, a new registration token.
+    again = new_customer(server, 300, license_arn=person["license_arn"])
+    assert again["license_arn"] == person["license_arn"]
+    resolve(svc, again)
+    send_all(svc, clock, hour)
+    got = billed(server, hour)
+    assert {d: got.get((key(person), d)) for d in DIMS} == dict.fromkeys(DIMS, 0)
+    assert got[(key(other), "users")] == 5

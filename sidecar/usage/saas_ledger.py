@@ -450,7 +450,7 @@ def seal(db: Db, through: int, now: float, spec: SealSpec) -> list[tuple[int, in
         starts.append(int(last[0]) + 1)
     elif spec.zero_records:
         first_customer = db.execute(
-            "SELECT MIN(resolved_at) FROM saas_customers WHERE state = 'active'"
+            "SELECT MIN(state_since) FROM saas_customers WHERE state = 'active'"
         ).fetchone()
         if first_customer and first_customer[0] is not None:
             starts.append(hour_of(float(first_customer[0])))
@@ -475,7 +475,9 @@ def _seal_hour(db: Db, hour: int, now: float, spec: SealSpec) -> int:
     zero: set[tuple[str, str]] = set()
     if spec.zero_records:
         for (customer,) in db.execute(
-            "SELECT customer FROM saas_customers WHERE state = 'active' AND resolved_at < ?",
+            # Active since (first resolve, or re-subscription), not the last resolve: a buyer
+            # opening the registration page again after the hour was active all of it.
+            "SELECT customer FROM saas_customers WHERE state = 'active' AND state_since < ?",
             (hour_start(hour + 1),),
         ).fetchall():
             for dimension in spec.dimensions:
