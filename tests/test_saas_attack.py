@@ -323,3 +323,58 @@ def test_a_buyer_registering_again_just_after_an_hour_keeps_that_hours_zero_reco
     got = billed(server, hour)
     assert {d: got.get((key(person), d)) for d in DIMS} == dict.fromkeys(DIMS, 0)
     assert got[(key(other), "users")] == 5
+
+
+class ResolvesDuringTheCall:
+    """The real gateway; while a BatchMeterUsage call is on the wire, `during` runs (the buyer
+    subscribes again and the registration handler resolves the new token)."""
+
+    def __init__(self) -> None:
+        self.real = MeteringGateway("us-east-1", 5.0)
+        self.during: Any = None
+
+    def resolve_customer(self, token: str) -> dict[str, Any]:
+        return self.real.resolve_customer(token)
+
+    def batch_meter_usage(self, request: dict[str, Any]) -> dict[str, Any]:
+        answer = self.real.batch_meter_usage(request)
+        during, self.during = self.during, None
+        if during is not None:
+            during()
+        return answer
+
+
+def test_a_customer_resubscribing_while_aws_answers_not_subscribed_stays_active(
+    world: tuple[Any, Any, ManualClock], tmp_path: Path, stores: list[UsageStore]
+) -> None:
+    """AWS answers CustomerNotSubscribed for a call made before the buyer subscribed again; the
+    fresh resolve, stored while that answer was on its way, is the newer truth: the customer
+    stays active (and keeps its zero records), the old record is kept as not_subscribed."""
+    server, _, clock = world
+    person = new_customer(server, 400)
+    gateway = ResolvesDuringTheCall()
+    stores.append(open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=None))
+    svc = service(stores[0], clock, gateway)
+    resolve(svc, person)
+    hour = hour_of(clock.t)
+    assert svc.post(usage(person, "users", 9))[0] == 202
+    requests.post(
+        server.url + "/_emulator/saas/unsubscribe",
+        json={"customer_aws_account_id": person["customer_aws_account_id"]},
+        timeout=5,
+    )
+
+    def subscribe_again() -> None:
+        clock.t += 1
+        again = new_customer(server, 400, license_arn=person["license_arn"])
+        resolve(svc, again)
+
+    gateway.during = subscribe_again
+    send_all(svc, clock, hour)
+    assert svc.counters().records_by_state["not_subscribed"] == 3  # AWS's answer is kept
+    status, doc = svc.customer(person["customer_aws_account_id"])
+    assert status == 200 and doc["state"] == "active", doc
+    send_all(svc, clock, hour + 1)  # active customers get their zero records
+    assert {d: billed(server, hour + 1).get((key(person), d)) for d in DIMS} == dict.fromkeys(
+        DIMS, 0
+    )

@@ -452,6 +452,7 @@ class SaasService:
             if self.clock.wait(stop, wait):
                 return False
             wait = self._bucket.take(self.clock.monotonic())
+        asked_at = self.clock.time()
         try:
             response: dict[str, Any] | None = self._get_gateway().batch_meter_usage(batch.request)
             info = None
@@ -462,7 +463,9 @@ class SaasService:
             response = None
         now = self.clock.time()
         if response is not None:
-            settled = self.store.write(lambda db: saas_ledger.answer(db, batch.id, response, now))
+            settled = self.store.write(
+                lambda db: saas_ledger.answer(db, batch.id, response, now, asked_at)
+            )
             self._count("ok")
             self._failures = 0
             self._alert(settled)
