@@ -18,7 +18,7 @@ import requests
 
 from sidecar.aws.metering import MeteringGateway
 from sidecar.usage.db import UsageStore, open_store
-from sidecar.usage.hours import HourPolicy, hour_of, hour_start
+from sidecar.usage.hours import HourPolicy, hour_of, hour_start, iso
 from sidecar.usage.saas import SAAS_SCHEMA, SaasPolicy, SaasService
 from sidecar.usage.validate import MAX_QUANTITY
 from tests.helpers import ManualClock
@@ -64,7 +64,10 @@ def new_customer(server: Any, n: int, **spec: Any) -> dict[str, Any]:
 
 def service(store: UsageStore, clock: ManualClock, gateway: Any = None) -> SaasService:
     policy = SaasPolicy(
-        dimensions=DIMS, hours=HourPolicy(seal_margin=60, spread=0), calls_per_second=1000.0
+        # 1024 calls/s: its pauses (1/1024 s) add up exactly on the manual monotonic clock
+        dimensions=DIMS,
+        hours=HourPolicy(seal_margin=60, spread=0),
+        calls_per_second=1024.0,
     )
     gw = gateway or MeteringGateway("us-east-1", 5.0)
     return SaasService(policy, store, lambda: gw, clock=clock, rng=lambda: 0.5)
@@ -378,3 +381,81 @@ def test_a_customer_resubscribing_while_aws_answers_not_subscribed_stays_active(
     assert {d: billed(server, hour + 1).get((key(person), d)) for d in DIMS} == dict.fromkeys(
         DIMS, 0
     )
+
+
+def test_replicas_with_skewed_clocks_lose_nothing_across_the_leaders_seal(
+    world: tuple[Any, Any, ManualClock], pg_url: str, stores: list[UsageStore]
+) -> None:
+    """Pods' clocks disagree by minutes. The leader (clock ahead) seals hour H while a pod whose
+    clock is behind still posts into H: that usage lands in H+1, said so in the answer, and is
+    billed there; nothing is lost or billed twice."""
+    server, _, clock = world  # the leader's clock (and AWS's)
+    person = new_customer(server, 500)
+    behind = ManualClock()
+    leader = service(open_store(SAAS_SCHEMA, state_dir=None, database_url=pg_url), clock)
+    pod = service(open_store(SAAS_SCHEMA, state_dir=None, database_url=pg_url), behind)
+    stores.extend([leader.store, pod.store])
+    resolve(leader, person)
+    assert leader.store.leading()
+    hour = hour_of(clock.t)
+    assert leader.post(usage(person, "users", 4))[0] == 202
+    clock.t = hour_start(hour + 1) + 120
+    leader.tick()  # seals H and sends it
+    behind.t = hour_start(hour + 1) - 240  # four minutes behind: still in H for this pod
+    status, doc = pod.post(usage(person, "users", 6))
+    assert status == 202 and doc["records"][0]["hour"] != doc["records"][0].get("carried_from")
+    assert "carried_from" in doc["records"][0]
+    status, doc = pod.post(usage(person, "gb", 8, timestamp=iso(behind.t - 60)))
+    assert status == 202 and "carried_from" in doc["records"][0], doc
+    send_all(leader, clock, hour + 1)
+    assert billed(server, hour)[(key(person), "users")] == 4
+    later = billed(server, hour + 1)
+    assert later[(key(person), "users")] == 6 and later[(key(person), "gb")] == 8
+    assert ledger(server)["counts"].get("duplicate_record", 0) == 0
+
+
+def test_aws_clock_ahead_with_throttling_and_unprocessed_records_sends_the_rest(
+    world: tuple[Any, Any, ManualClock], tmp_path: Path, stores: list[UsageStore]
+) -> None:
+    """Sending was throttled for hours; then AWS's clock is far enough ahead of the sidecar's
+    that the oldest hour's records (stamped at the hour's last second) are out of AWS's window
+    while the sidecar still thinks they are sendable: each call holding one is refused whole
+    (TimestampOutOfBounds), while a third of the records of every accepted call come back
+    unprocessed. The newer hour is billed exactly, each record
+    once; the old one ends expired or rejected (reported), never billed twice."""
+    from sidecar.emulator.service import Fault
+
+    server, emulator, clock = world
+    people = [new_customer(server, 600 + i) for i in range(12)]
+    stores.append(open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=None))
+    svc = service(stores[0], clock)
+    for p in people:
+        resolve(svc, p)
+    old = hour_of(clock.t)
+    for n, p in enumerate(people):
+        assert svc.post(usage(p, "users", n + 1))[0] == 202
+    emulator.config.faults = [Fault("ThrottlingException", rate=1.0, op="BatchMeterUsage")]
+    clock.t = hour_start(old + 1) + 120
+    svc.tick()  # sealed; throttled
+    want = {}
+    for n, p in enumerate(people):
+        for dimension in DIMS:
+            assert svc.post(usage(p, dimension, 100 + n))[0] == 202
+            want[(key(p), dimension)] = 100 + n
+    clock.t = hour_start(old + 2) + 120
+    svc.tick()  # sealed; throttled
+    emulator.config.faults = []
+    emulator.config.unprocessed_rate = 0.3
+    emulator.meter_clock = lambda: clock.t + 3900.0
+    clock.t = hour_start(old) + 6 * 3600 - 200  # the sidecar: 80 s left; AWS: already past
+    svc._failures, svc._resume_at = 0, 0.0
+    send_all(svc, clock, old + 1)
+    assert billed(server, old) == {}
+    assert billed(server, old + 1) == want
+    book = ledger(server)["counts"]
+    assert book.get("duplicate_record", 0) == 0 and book.get("out_of_bounds_batches", 0) >= 1
+    states = svc.counters().records_by_state
+    assert states["sealed"] == 0 and states["conflict"] == 0
+    assert states["expired"] + states["rejected"] == len(people) * len(DIMS)
+    calls = [c for c in emulator.calls if c["op"].endswith("BatchMeterUsage")]
+    assert len(calls) < 300, len(calls)  # 226 measured: bisection isolates each bad record
