@@ -19,6 +19,7 @@ CONTRACT (with the wiring branch):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -26,7 +27,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -171,6 +172,8 @@ class SaasService:
         self._leader = False
         self._pruned_hour = -1
         self._sealed_through = -1
+        self._inflight_guard = threading.Lock()
+        self._inflight: dict[str, tuple[threading.Lock, int]] = {}
 
     # -- the local API ---------------------------------------------------------------------
 
@@ -217,6 +220,29 @@ class SaasService:
                 "a non-empty string of at most 8192 characters",
             }
         digest = hashlib.sha256(token.encode()).hexdigest()
+        # One ResolveCustomer call per token at a time in this process: a buyer's reloads and a
+        # browser's retries arrive together, and each would otherwise miss the store and call
+        # AWS (whose quota they share with every other registration).
+        with self._token_lock(digest):
+            return self._resolve_token(token, digest)
+
+    @contextlib.contextmanager
+    def _token_lock(self, digest: str) -> Iterator[None]:
+        with self._inflight_guard:
+            lock, users = self._inflight.get(digest, (threading.Lock(), 0))
+            self._inflight[digest] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._inflight_guard:
+                lock, users = self._inflight[digest]
+                if users <= 1:
+                    del self._inflight[digest]
+                else:
+                    self._inflight[digest] = (lock, users - 1)
+
+    def _resolve_token(self, token: str, digest: str) -> tuple[int, dict[str, Any]]:
         now = self.clock.time()
         try:
             known = self.store.read(lambda db: saas_ledger.customer_by_token(db, digest, now))
@@ -426,6 +452,7 @@ class SaasService:
             if self.clock.wait(stop, wait):
                 return False
             wait = self._bucket.take(self.clock.monotonic())
+        asked_at = self.clock.time()
         try:
             response: dict[str, Any] | None = self._get_gateway().batch_meter_usage(batch.request)
             info = None
@@ -436,7 +463,9 @@ class SaasService:
             response = None
         now = self.clock.time()
         if response is not None:
-            settled = self.store.write(lambda db: saas_ledger.answer(db, batch.id, response, now))
+            settled = self.store.write(
+                lambda db: saas_ledger.answer(db, batch.id, response, now, asked_at)
+            )
             self._count("ok")
             self._failures = 0
             self._alert(settled)

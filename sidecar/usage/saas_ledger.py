@@ -453,7 +453,7 @@ def seal(db: Db, through: int, now: float, spec: SealSpec) -> list[tuple[int, in
         starts.append(int(last[0]) + 1)
     elif spec.zero_records:
         first_customer = db.execute(
-            "SELECT MIN(resolved_at) FROM saas_customers WHERE state = 'active'"
+            "SELECT MIN(state_since) FROM saas_customers WHERE state = 'active'"
         ).fetchone()
         if first_customer and first_customer[0] is not None:
             starts.append(hour_of(float(first_customer[0])))
@@ -478,7 +478,9 @@ def _seal_hour(db: Db, hour: int, now: float, spec: SealSpec) -> int:
     zero: set[tuple[str, str]] = set()
     if spec.zero_records:
         for (customer,) in db.execute(
-            "SELECT customer FROM saas_customers WHERE state = 'active' AND resolved_at < ?",
+            # Active since (first resolve, or re-subscription), not the last resolve: a buyer
+            # opening the registration page again after the hour was active all of it.
+            "SELECT customer FROM saas_customers WHERE state = 'active' AND state_since < ?",
             (hour_start(hour + 1),),
         ).fetchall():
             for dimension in spec.dimensions:
@@ -669,9 +671,20 @@ def _key_of(record: dict[str, Any]) -> tuple[str, str, int]:
     return customer, str(record.get("Dimension")), hour_of(seconds)
 
 
-def answer(db: Db, batch_id: str, response: dict[str, Any], now: float) -> Settled:
+def answer(
+    db: Db,
+    batch_id: str,
+    response: dict[str, Any],
+    now: float,
+    asked_at: float | None = None,
+) -> Settled:
     """Store AWS's answer to one call, record by record. Unprocessed (or unanswered) records go
-    back to the pool unchanged, for a later call."""
+    back to the pool unchanged, for a later call.
+
+    `asked_at`: when the call was made. CustomerNotSubscribed marks a customer only if it was
+    last resolved before then: a buyer who subscribed again and was resolved while the call was
+    on the wire is newer news than AWS's answer (the record itself stays not_subscribed)."""
+    since = now if asked_at is None else asked_at
     members = {(m[0], m[1], m[2]) for m in _members(db, batch_id, ordered=False)}
     sent = 0
     marked: list[str] = []
@@ -692,8 +705,9 @@ def answer(db: Db, batch_id: str, response: dict[str, Any], now: float) -> Settl
             took = db.execute(
                 "UPDATE saas_customers SET state = 'not_subscribed', state_since = ?, "
                 "state_reason = 'CustomerNotSubscribed from BatchMeterUsage' "
-                "WHERE customer = ? AND state <> 'not_subscribed' RETURNING customer",
-                (now, key[0]),
+                "WHERE customer = ? AND state <> 'not_subscribed' AND resolved_at <= ? "
+                "RETURNING customer",
+                (now, key[0], since),
             ).fetchone()
             if took is not None:
                 marked.append(key[0])
