@@ -14,6 +14,8 @@ otherwise the state directory's SQLite file.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,3 +166,46 @@ def scrub(message: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         message = message.replace(secret, "***")
     return message
+
+
+# -- the writer queue both stores share -------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One `write` waiting for the writer thread's next transaction."""
+
+    fn: Callable[[Db], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+    attempts: int = 0
+
+
+JobQueue = queue.SimpleQueue[Job | None]
+
+
+def submit(jobs: JobQueue, fn: Callable[[Db], T], timeout: float) -> T:
+    """Queue `fn` for the writer and wait until its transaction is committed (or failed)."""
+    job = Job(fn)
+    jobs.put(job)
+    if not job.done.wait(timeout):
+        raise StoreUnavailableError(f"the usage store did not commit within {timeout:.0f} s")
+    if job.error is not None:
+        raise job.error
+    return job.result  # type: ignore[no-any-return]
+
+
+def take_batch(jobs: JobQueue, first: Job, batch_max: int) -> tuple[list[Job], bool]:
+    """`first` and whatever else is already waiting, up to `batch_max`: one transaction, one
+    fsync for all of them (group commit). True when the queue also said stop (None)."""
+    batch = [first]
+    while len(batch) < batch_max:
+        try:
+            more = jobs.get_nowait()
+        except queue.Empty:
+            return batch, False
+        if more is None:
+            return batch, True
+        batch.append(more)
+    return batch, False

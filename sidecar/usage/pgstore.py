@@ -63,7 +63,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
@@ -72,11 +72,15 @@ from psycopg.conninfo import conninfo_to_dict
 from sidecar.usage.db import (
     Cursor,
     Db,
+    Job,
+    JobQueue,
     Schema,
     StoreError,
     StoreUnavailableError,
     redact_url,
     scrub,
+    submit,
+    take_batch,
     url_secrets,
 )
 
@@ -213,15 +217,6 @@ class PgDb:
 
 
 @dataclass
-class _Job:
-    fn: Callable[[Db], Any]
-    done: threading.Event = field(default_factory=threading.Event)
-    result: Any = None
-    error: BaseException | None = None
-    attempts: int = 0
-
-
-@dataclass
 class StoreStats:
     commits: int = 0
     jobs: int = 0
@@ -301,7 +296,7 @@ class PgStore:
         self._holding = False
         self._read_lock = threading.Lock()
         self._leader_lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: JobQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="usage-writer", daemon=True)
         self._writer.start()
 
@@ -450,30 +445,14 @@ class PgStore:
         if self._closed:
             raise StoreUnavailableError("the usage store is closed")
         self._gate()
-        job = _Job(fn)
-        self._queue.put(job)
-        if not job.done.wait(timeout):
-            raise StoreUnavailableError(f"the usage store did not commit within {timeout:.0f} s")
-        if job.error is not None:
-            raise job.error
-        return job.result  # type: ignore[no-any-return]
+        return submit(self._queue, fn, timeout)
 
     def _write_loop(self) -> None:
         while True:
             job = self._queue.get()
             if job is None:
                 return
-            batch = [job]
-            stop = False
-            while len(batch) < self._batch_max:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
+            batch, stop = take_batch(self._queue, job, self._batch_max)
             try:
                 self._run(batch)
             except BaseException as exc:  # never leave a caller waiting
@@ -497,7 +476,7 @@ class PgStore:
             conn = self._wconn = self._connect()
         return conn
 
-    def _run(self, batch: list[_Job]) -> None:
+    def _run(self, batch: list[Job]) -> None:
         pending = batch
         stale_ok = True  # one reconnect when a kept connection turns out dead at BEGIN
         while pending:
@@ -507,7 +486,7 @@ class PgStore:
             except StoreUnavailableError as exc:
                 self._fail(pending, exc)
                 return
-            retry: list[_Job] = []
+            retry: list[Job] = []
             db = PgDb(conn)
             try:
                 # READ COMMITTED whatever the server's default: a job that takes db.lock(k)
@@ -567,7 +546,7 @@ class PgStore:
             pending = retry
 
     @staticmethod
-    def _fail(jobs: list[_Job], error: StoreUnavailableError) -> None:
+    def _fail(jobs: list[Job], error: StoreUnavailableError) -> None:
         for job in jobs:
             job.result, job.error = None, error
             job.done.set()

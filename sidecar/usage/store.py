@@ -28,16 +28,20 @@ import sqlite3
 import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sidecar.usage.db import (
     Cursor,
     Db,
+    Job,
+    JobQueue,
     Schema,
     StoreError,
     StoreUnavailableError,
+    submit,
+    take_batch,
 )
 
 __all__ = [
@@ -162,14 +166,6 @@ class SqliteDb:
 
 
 @dataclass
-class _Job:
-    fn: Callable[[Db], Any]
-    done: threading.Event = field(default_factory=threading.Event)
-    result: Any = None
-    error: BaseException | None = None
-
-
-@dataclass
 class StoreStats:
     commits: int = 0
     jobs: int = 0
@@ -218,7 +214,7 @@ class Store:
             os.close(self._lock_fd)
             raise
         self._read_lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: JobQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="usage-writer", daemon=True)
         self._writer.start()
 
@@ -345,35 +341,19 @@ class Store:
         """
         if self._closed:
             raise StoreUnavailableError("the usage store is closed")
-        job = _Job(fn)
-        self._queue.put(job)
-        if not job.done.wait(timeout):
-            raise StoreUnavailableError(f"the usage store did not commit within {timeout:.0f} s")
-        if job.error is not None:
-            raise job.error
-        return job.result  # type: ignore[no-any-return]
+        return submit(self._queue, fn, timeout)
 
     def _write_loop(self) -> None:
         while True:
             job = self._queue.get()
             if job is None:
                 return
-            batch = [job]
-            stop = False
-            while len(batch) < self._batch_max:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
+            batch, stop = take_batch(self._queue, job, self._batch_max)
             self._commit(batch)
             if stop:
                 return
 
-    def _commit(self, batch: list[_Job]) -> None:
+    def _commit(self, batch: list[Job]) -> None:
         conn = self._conn
         db = SqliteDb(conn)
         failure: str | None = None
