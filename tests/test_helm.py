@@ -591,10 +591,25 @@ def test_hourly_mode_is_unchanged_by_the_metering_block() -> None:
     assert "marketplace-sidecar-key" in volumes
 
 
-def test_custom_mode_env_passes_the_sidecars_own_validation(tmp_path: Path) -> None:
-    """What the chart renders is what `marketplace-sidecar run` accepts (and nothing more)."""
+def sidecar_accepts(env: dict[str, str], fields: str) -> list[str]:
+    """`load()` of the sidecar itself on exactly this environment; `fields` (an expression over
+    the settings `s` and keys `k`) printed, split; the test fails if it exits instead."""
     import sys
 
+    out = subprocess.run(
+        [sys.executable, "-c", f"from sidecar.config import load; s, k = load(); print({fields})"],
+        env={"PATH": "/usr/bin:/bin", **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_custom_mode_env_passes_the_sidecars_own_validation(tmp_path: Path) -> None:
+    """What the chart renders is what `marketplace-sidecar run` accepts (and nothing more)."""
     env = env_of(
         sidecar(
             pod_spec(render_custom("metering.entitlementCheck=dry_run", "config.logLevel=DEBUG"))
@@ -603,20 +618,8 @@ def test_custom_mode_env_passes_the_sidecars_own_validation(tmp_path: Path) -> N
     plain = {k: v for k, v in env.items() if isinstance(v, str)}
     plain["MARKETPLACE_PRODUCT_CODE"] = "prod-abc"  # from the ConfigMap in the pod
     plain["MARKETPLACE_STATE_DIR"] = str(tmp_path)  # the emptyDir in the pod
-    script = (
-        "from sidecar.config import load; s, k = load(); "
-        "print(s.mode, ','.join(s.dimension_list), s.entitlement_check, k)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        env={"PATH": "/usr/bin:/bin", **plain},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["custom", "users,scans", "dry_run", "{}"]
+    fields = "s.mode, ','.join(s.dimension_list), s.entitlement_check, k"
+    assert sidecar_accepts(plain, fields) == ["custom", "users,scans", "dry_run", "{}"]
 
 
 @pytest.mark.parametrize(
@@ -731,27 +734,6 @@ def test_saas_probes_never_hold_the_backend_back_on_a_store_outage(store: str) -
     assert hourly["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
-def _sidecar_accepts(env: dict[str, str]) -> list[str]:
-    """`load()` of the sidecar itself on exactly this environment: its mode and store, or exit."""
-    import sys
-
-    script = (
-        "from sidecar.config import load; s, k = load(); "
-        "print(s.mode, s.saas_identity, ','.join(s.dimension_list), "
-        "'db' if s.usage_database_url else 'dir', k)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        env={"PATH": "/usr/bin:/bin", **env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout.split()
-
-
 @pytest.mark.parametrize("store", ["postgresql", "sqlite"])
 def test_saas_env_passes_the_sidecars_own_validation(tmp_path: Path, store: str) -> None:
     """What the chart renders in saas mode is what `marketplace-sidecar run` accepts."""
@@ -764,7 +746,11 @@ def test_saas_env_passes_the_sidecars_own_validation(tmp_path: Path, store: str)
         assert plain["MARKETPLACE_STATE_DIR"] == "/var/lib/marketplace-sidecar"
         plain["MARKETPLACE_STATE_DIR"] = str(tmp_path)
     expected = ["saas", "license", "api_calls,storage_gb", "db" if sets else "dir", "{}"]
-    assert _sidecar_accepts(plain) == expected
+    fields = (
+        "s.mode, s.saas_identity, ','.join(s.dimension_list), "
+        "'db' if s.usage_database_url else 'dir', k"
+    )
+    assert sidecar_accepts(plain, fields) == expected
 
 
 def test_saas_license_identity_passes_a_given_product_code_to_pin_resolve_customer() -> None:
