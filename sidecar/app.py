@@ -27,7 +27,7 @@
     │ leader only (store.leading()): each ended hour:    │<─> (MARKETPLACE_USAGE_DATABASE_URL,
     │ seal, one record per customer/dimension/hour,      │    shared by the fleet) or SQLite
     │ BatchMeterUsage <= 25 records; others: idle-check  │    in MARKETPLACE_STATE_DIR (one
-    └──────────────────────────────────────────────────┘    replica)
+    └────────────────────────────────────────────────────┘    replica)
     127.0.0.1:8787  /healthz /readyz (the store is available) /v1/usage (POST, GET)
                     /v1/customers/resolve (POST: ResolveCustomer) /v1/customers[/{id}] (GET)
                     /v1/entitlement: 404 naming the mode
