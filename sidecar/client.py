@@ -461,8 +461,8 @@ class CustomerError(Exception):
 # A registration token is opaque; the sidecar takes bodies up to 16 KiB.
 MAX_REGISTRATION_TOKEN_CHARS = 8192
 _CUSTOMER_REASONS = {
-    "invalid_token": "invalid_token",
-    "expired_token": "expired_token",
+    "invalid_token": "invalid_token",  # nosec B105 # reason codes, not secrets
+    "expired_token": "expired_token",  # nosec B105 # reason codes, not secrets
     "customers_need_saas_mode": "not_saas_mode",
 }
 

@@ -451,7 +451,7 @@ def parse_saas(body: bytes, limits: Limits, now: float, identity: str) -> list[S
     for rec in records:
         index = int(rec.field[8:-1]) if rec.field else 0
         key = customers[index]
-        assert key is not None  # a record without a valid customer raised above
+        assert key is not None  # nosec B101 # narrowing: a record without a customer raised above
         out.append(SaasRecord(key, rec))
     seen: dict[str, SaasRecord] = {}
     for srec in out:
