@@ -11,8 +11,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.emulator.service import Emulator, EmulatorServer
-from tests import loopback_guard
-from tests.helpers import Launch, Sidecar, loopback_env, new_key, start_sidecar
+from tests import loopback_guard, usage_kit
+from tests.helpers import Launch, ManualClock, Sidecar, loopback_env, new_key, start_sidecar
 
 # The loopback guard: this process refuses non-loopback connections from here on, and so does
 # every Python child, whatever environment a test hands it (PYTHONPATH + LOOPBACK_GUARD_LOG are
@@ -130,3 +130,16 @@ def pg_server() -> Iterator[Any]:
 def pg_url(pg_server: Any) -> str:
     """A fresh empty database on the session's server."""
     return str(pg_server.new_database())
+
+
+@pytest.fixture
+def clock(
+    emulator: Emulator, emulator_server: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> ManualClock:
+    """Custom-mode usage tests: a manual clock shared by the service and the emulator's
+    MeterUsage window, boto3 pointed at the emulator as a pod of its own. A module that needs
+    another `clock` defines its own."""
+    c = ManualClock()
+    emulator.meter_clock = c.time
+    usage_kit.aws_env(monkeypatch, emulator_server, "pod-" + str(id(c)))
+    return c

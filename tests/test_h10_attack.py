@@ -15,19 +15,9 @@ from sidecar.usage.hours import hour_of, hour_start
 from sidecar.usage.store import DB_NAME, Store, StoreError
 from sidecar.usage.validate import MAX_QUANTITY
 from tests.helpers import ManualClock, loopback_env, start_sidecar
-from tests.usage_kit import aws_env, ledger_totals, post, run_for, service
+from tests.usage_kit import ledger_totals, post, run_for, service
 
 H0 = hour_of(ManualClock().t)
-
-
-@pytest.fixture
-def clock(
-    emulator: Emulator, emulator_server: EmulatorServer, monkeypatch: pytest.MonkeyPatch
-) -> ManualClock:
-    c = ManualClock()
-    emulator.meter_clock = c.time
-    aws_env(monkeypatch, emulator_server, "pod-" + str(id(c)))
-    return c
 
 
 def test_two_old_hours_carried_into_one_never_exceed_meterusage_maximum(

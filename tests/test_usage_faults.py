@@ -12,23 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.emulator.service import Emulator, EmulatorServer
+from sidecar.emulator.service import Emulator
 from sidecar.usage.hours import hour_of, hour_start, iso, iso_hour
 from sidecar.usage.service import UsageService
 from tests.helpers import ManualClock
-from tests.usage_kit import aws_env, ledger_totals, post, run_for, service
+from tests.usage_kit import ledger_totals, post, run_for, service
 
 H0 = hour_of(ManualClock().t)
-
-
-@pytest.fixture
-def clock(
-    emulator: Emulator, emulator_server: EmulatorServer, monkeypatch: pytest.MonkeyPatch
-) -> ManualClock:
-    c = ManualClock()
-    emulator.meter_clock = c.time
-    aws_env(monkeypatch, emulator_server, "pod-f" + str(id(c)))
-    return c
 
 
 def feed(svc: UsageService, clock: ManualClock, hours: int, per_hour: int = 5) -> dict[str, int]:

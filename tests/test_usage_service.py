@@ -8,24 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
-from sidecar.emulator.service import Emulator, EmulatorServer
+from sidecar.emulator.service import Emulator
 from sidecar.usage.hours import hour_of, hour_start, iso, iso_hour
 from tests.helpers import ManualClock
-from tests.usage_kit import aws_env, ledger_totals, post, run_for, service
+from tests.usage_kit import ledger_totals, post, run_for, service
 
 H0 = hour_of(ManualClock().t)
-
-
-@pytest.fixture
-def clock(
-    emulator: Emulator, emulator_server: EmulatorServer, monkeypatch: pytest.MonkeyPatch
-) -> ManualClock:
-    c = ManualClock()
-    emulator.meter_clock = c.time
-    aws_env(monkeypatch, emulator_server, "pod-" + str(id(c)))
-    return c
 
 
 def test_usage_is_acknowledged_sealed_after_the_hour_and_sent_once(
