@@ -483,9 +483,10 @@ class CpuTurn:
 
     CPython runs one thread at a time anyway. When 16 flooded API connections are all runnable,
     each GIL hand-over is a fight that the probe listener's thread often loses, and a probe
-    waits several switch intervals (/healthz p99 14-18 ms). Parked on this lock, at most one
-    API thread is runnable beside the probe's (benchmarks/throughput.py: p99 ~3 ms, ~0.9x the
-    req/s).
+    waits several switch intervals. Parked on this lock, at most one API thread is runnable
+    beside the probe's (benchmarks/throughput.py: flooded /healthz p99 about a third of what it
+    was, for a few percent of the API's req/s). The turn is kept through the reply's send:
+    given back before it, the p99 was as bad as with no turn at all.
 
     A holder that waits on anything but the CPU would stall the whole API with it, so the
     handler holds the turn only while the request is already in memory and its route is on the
