@@ -364,10 +364,14 @@ def test_pipelined_requests_whose_replies_are_never_read_do_not_stall_the_api(
     try:
         sender.start()
         wait_until(lambda: _unread(sock) > 0)
-        stable = -1
-        while stable != _unread(sock):  # the queue stops growing: the server's send blocks
-            stable = _unread(sock)
+        seen = [-1]
+
+        def stopped_growing() -> bool:  # the server's send now blocks on the full buffers
+            before, seen[0] = seen[0], _unread(sock)
             time.sleep(0.3)
+            return before == seen[0]
+
+        wait_until(stopped_growing)
         answered_at_once(daemon.api)
         assert daemon.api.turn is not None and daemon.api.turn.late == 0
     finally:
