@@ -110,17 +110,17 @@ SIDECAR = """
 import sys
 if float(sys.argv[1]):
     sys.setswitchinterval(float(sys.argv[1]))
-if sys.argv[2] == "nice":
-    # Experiment: the API listener's connection threads call yield_to_probes() (what
-    # sidecar/server/api.py would do for its "api" listener), the probe listener's do not.
-    from sidecar.server import api
-    from sidecar.server.probe import yield_to_probes
-    serve = api.LocalServer._serve
-    def niced(self, *args):
-        if self.name == "api":
-            yield_to_probes()
-        serve(self, *args)
-    api.LocalServer._serve = niced
+from sidecar.server import api
+if "nonice" in sys.argv[2]:
+    # Experiment: the API's connection threads keep nice 0 (no yield_to_probes()).
+    api.yield_to_probes = lambda: False
+if "noturn" in sys.argv[2]:
+    # Experiment: no CPU turn; every API connection thread contends for the GIL.
+    init = api.LocalServer.__init__
+    def no_turn(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.turn = None
+    api.LocalServer.__init__ = no_turn
 sys.argv = ["marketplace-sidecar", "run"]
 from sidecar.cli import main
 raise SystemExit(main())
@@ -272,7 +272,8 @@ def main() -> None:
         "--sidecar-variants",
         type=lambda v: [x for x in v.split(",") if x],
         default=[],
-        help="experiments on the sidecar itself: nice (its API threads at nice +10)",
+        help="experiments on the sidecar itself: nonice (its API threads stay at nice 0), "
+        "noturn (no CPU turn on the API listener), nonice+noturn",
     )
     ap.add_argument(
         "--variants",

@@ -1,8 +1,9 @@
 """`yield_to_probes`: a flooded API thread steps back so probe threads get the CPU first.
 
 The latency effect is a timing goal and lives in benchmarks/throughput.py (`--sidecar-variants
-nice`); here only what must hold on any Linux machine: the caller's thread alone is lowered,
-and a thread already lower is left alone (raising a priority would need a privilege)."""
+nonice` runs the sidecar without it, beside the sidecar with it); here only what must hold on
+any Linux machine: the caller's thread alone is lowered, and a thread already lower is left
+alone (raising a priority would need a privilege)."""
 
 from __future__ import annotations
 

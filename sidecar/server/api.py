@@ -188,6 +188,24 @@ class Router:
                 routes["/v1/entitlement"] = {"GET": self._no_entitlement}
                 routes["/v1/entitlement/challenge"] = {"POST": self._no_entitlement}
         self.routes = routes
+        # The routes that may run under the API's CPU turn (`CpuTurn`): an allowlist, so a route
+        # added later runs without the turn until someone checks that it never waits. These
+        # read memory only: the health callable, the state machine's snapshot, the cached
+        # entitlement. Everything else may wait on something (AWS for a challenge, the usage
+        # store's commit, SQLite or PostgreSQL for usage and customers, the store again for
+        # SaaS mode's /readyz) and runs without it.
+        pure = {("/healthz", "GET"), ("/v1/entitlement", "GET")}
+        if registrar is not None:
+            pure.add(("/readyz", "GET"))
+        self._pure = frozenset(pure)
+
+    def cpu_only(self, method: str, path: str) -> bool:
+        """True when answering needs only the CPU: an allowlisted route, or a 404/405 problem."""
+        methods = self.routes.get(self.route(path))
+        if methods is None:
+            return True
+        method = "GET" if method == "HEAD" else method
+        return method not in methods or (self.route(path), method) in self._pure
 
     def route(self, path: str) -> str:
         """The route a path belongs to: /v1/customers/<one segment> is /v1/customers/{id}."""
@@ -454,6 +472,55 @@ def _usage_needs_custom_mode() -> Reply:
     )
 
 
+# How long an API request waits for the CPU turn before it goes on without one. A holder keeps
+# it for a fraction of a millisecond, so under a flood the wait is a few ms; this bound is only
+# reached when something is wrong (a holder that blocks: a bug), and then costs each request this.
+TURN_WAIT_SECONDS = 0.05
+
+
+class CpuTurn:
+    """One API request computes at a time: the others park on a C lock, not on the GIL.
+
+    CPython runs one thread at a time anyway. When 16 flooded API connections are all runnable,
+    each GIL hand-over is a fight that the probe listener's thread often loses, and a probe
+    waits several switch intervals. Parked on this lock, at most one API thread is runnable
+    beside the probe's (benchmarks/throughput.py: flooded /healthz p99 about a third of what it
+    was, for a few percent of the API's req/s). The turn is kept through the reply's send:
+    given back before it, the p99 was as bad as with no turn at all.
+
+    A holder that waits on anything but the CPU would stall the whole API with it, so the
+    handler holds the turn only while the request is already in memory and its route is on the
+    allowlist of pure ones (`Router.cpu_only`), and lets go before anything that may block
+    (see `_Handler`). `take` is bounded besides: after `wait` seconds a request goes on
+    without the turn (counted in `late`), so even a bug cannot stall the API for longer.
+    """
+
+    def __init__(self, wait: float = TURN_WAIT_SECONDS) -> None:
+        self._lock = threading.Lock()
+        self.wait = wait
+        self.late = 0  # requests that went on without the turn (approximate: no lock)
+
+    def take(self) -> bool:
+        if self._lock.acquire(timeout=self.wait):
+            return True
+        self.late += 1
+        return False
+
+    def give(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
+def head_complete(buffered: bytes) -> bool:
+    """The request line and headers are all in `buffered` (the blank line that ends them is).
+
+    The stdlib then parses them from the buffer without one more read, so parsing cannot wait
+    on the client. A head split over several segments is parsed without the turn."""
+    return b"\n\r\n" in buffered or b"\n\n" in buffered
+
+
 class Phase(enum.Enum):
     """Where a connection is; each phase but `BUSY` has a total deadline, not an idle timer."""
 
@@ -520,15 +587,21 @@ class _Handler(BaseHTTPRequestHandler):
     # (measurably slower), and it restarts on every byte anyway. Deadlines are enforced by
     # the server's accept thread, which shuts overdue sockets down (LocalServer.reap).
     timeout = None
-    wbufsize = 16384  # status line, headers and body leave in one send
+    # Unbuffered: `_send` joins status line, headers and body into one send itself, and a
+    # 100 Continue leaves at once (not with the reply, after the body it invites).
+    wbufsize = 0
     server_version = f"marketplace-sidecar/{__version__}"
     sys_version = ""
     server: LocalServer
     _conn: _Conn
+    _turn: CpuTurn | None  # the API listener's; probes and metrics never take it
+    _held = False  # this thread holds the turn
+    _missed = False  # this request waited its bound for the turn once: it goes on without
 
     def setup(self) -> None:
         super().setup()
         self._conn = self.server.connection_of(self.request)
+        self._turn = self.server.turn
         rfile = self.rfile
         if not isinstance(rfile, io.BufferedReader):  # rbufsize is -1: always buffered
             raise TypeError(f"expected a buffered request stream, got {type(rfile).__name__}")
@@ -541,9 +614,31 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         conn.enter(Phase.READING, limits.request_seconds)
-        super().handle_one_request()
+        # The first byte is in: peek() now returns the buffer without reading. A head still on
+        # its way (a dripping client) is parsed without the turn, at the client's pace.
+        self._missed = False
+        if self._turn is not None and head_complete(self._peek()):
+            self._take_turn()
+        try:
+            super().handle_one_request()
+        finally:
+            self._give_turn()
         if conn.dropped:
             self.close_connection = True
+
+    def _take_turn(self) -> None:
+        if self._turn is not None and not self._held and not self._missed:
+            self._held = self._turn.take()
+            self._missed = not self._held
+
+    def _give_turn(self) -> None:
+        if self._held and self._turn is not None:
+            self._held = False
+            self._turn.give()
+
+    def handle_expect_100(self) -> bool:
+        self._give_turn()  # it writes, and the client may not be reading
+        return super().handle_expect_100()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -571,22 +666,39 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, reply: Reply) -> None:
         self._conn.enter(Phase.WRITING, self.server.limits.write_seconds)
         payload = reply.payload()
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in reply.headers.items():
-            self.send_header(name, value)
+        lines = [
+            f"{self.protocol_version} {reply.status} {HTTPStatus(reply.status).phrase}",
+            f"Server: {self.version_string()}",
+            f"Date: {self.date_time_string()}",
+            f"Content-Type: {reply.content_type}",
+            f"Content-Length: {len(payload)}",
+            "Cache-Control: no-store",
+            *(f"{name}: {value}" for name, value in reply.headers.items()),
+        ]
         if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
-        self.wfile.flush()
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if self.request_version == "HTTP/0.9":  # as the stdlib: a 0.9 reply is the body alone
+            head = b""
+        self._write(head if self.command == "HEAD" else head + payload)
         metrics = self.server.router.metrics
         if metrics is not None:
             path = (getattr(self, "path", "") or "").split("?", 1)[0]
             metrics.request(self.server.name, self.server.router.route(path), reply.status)
+
+    def _write(self, data: bytes) -> None:
+        """Send `data`; under the turn only what the socket takes at once.
+
+        A client that does not read (a large reply, or many pipelined requests whose replies
+        it never takes) fills the socket's buffer: the rest waits for it without the turn."""
+        sent = 0
+        if self._held:
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                sent = self.connection.send(data, socket.MSG_DONTWAIT)
+            if sent < len(data):
+                self._give_turn()
+        if sent < len(data):
+            self.connection.sendall(memoryview(data)[sent:])
 
     def _refuse(self, status: HTTPStatus, code: str, message: str) -> None:
         self.close_connection = True  # whatever follows on the wire is not a request
@@ -606,23 +718,30 @@ class _Handler(BaseHTTPRequestHandler):
                 "bad_content_length",
                 "Content-Length must be one non-negative integer of ASCII digits",
             )
-        limit = self.server.router.max_body(self.path.split("?", 1)[0])
+        path = self.path.split("?", 1)[0]
+        limit = self.server.router.max_body(path)
         if length > limit:
             return self._refuse(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 "too_large",
                 f"request body is limited to {limit} bytes",
             )
+        pure = self.server.router.cpu_only(self.command, path)
+        if length or not pure:
+            self._give_turn()  # a body comes at the client's pace; other handlers may wait
         body = self.rfile.read(length) if length else b""
         if self._conn.dropped or len(body) < length:
             # Cut off at its deadline, evicted, or the client hung up: never act on half a request.
             self.close_connection = True
             return None
+        if pure:
+            self._take_turn()
         self._conn.enter(Phase.BUSY)
         try:
-            reply = self.server.router.handle(self.command, self.path.split("?", 1)[0], body)
+            reply = self.server.router.handle(self.command, path, body)
         except Exception:  # our bug: the client gets an answer it can act on, the log the trace
-            log.exception("request_failed", extra={"path": self.path.split("?", 1)[0][:100]})
+            self._give_turn()  # logging writes to a pipe that may be full
+            log.exception("request_failed", extra={"path": path[:100]})
             self.close_connection = True
             reply = _problem(
                 HTTPStatus.INTERNAL_SERVER_ERROR,
@@ -673,10 +792,19 @@ class LocalServer(HTTPServer):
     request_queue_size = 128
 
     def __init__(
-        self, address: tuple[str, int], router: Router, limits: Limits, name: str = "api"
+        self,
+        address: tuple[str, int],
+        router: Router,
+        limits: Limits,
+        name: str = "api",
+        *,
+        turn: CpuTurn | None = None,
     ) -> None:
+        """`turn`: the API listener's CPU turn (a fresh `CpuTurn` by default); other listeners
+        have none, so a probe never queues behind the product's requests."""
         self.router = router
         self.name = name
+        self.turn = turn or (CpuTurn() if name == "api" else None)
         self.limits = limits
         self._conns: dict[socket.socket, _Conn] = {}
         self._live = 0
