@@ -173,14 +173,26 @@ def _load() -> tuple[Settings, dict[int, RSAPublicKey]] | None:
 
 
 def _run(early: EarlyStop) -> int:
-    loaded = _load()
-    if loaded is None:
-        return 2
+    from sidecar.config_child import start
+
+    check = start()  # a child validates: this process never imports pydantic
+    try:
+        # Imported while the child validates (two cores at start): needed anyway.
+        from sidecar.app import run
+        from sidecar.config import ConfigError, complete
+
+        try:
+            settings = check.result()
+            keys = complete(settings)
+        except ConfigError as exc:
+            for line in exc.problems:
+                print(f"config error: {line}", file=sys.stderr)
+            return 2
+    finally:
+        check.close()
     if early.requested:  # stopped while starting: bind nothing, call nobody
         return 0
-    from sidecar.app import run
-
-    return run(*loaded, stop_requested=lambda: early.requested)
+    return run(settings, keys, stop_requested=lambda: early.requested)
 
 
 def _verify_token(nonce: str | None, max_age: float | None) -> int:
