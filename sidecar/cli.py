@@ -181,6 +181,8 @@ def _run(early: EarlyStop) -> int:
         from sidecar.app import run
         from sidecar.config import ConfigError, complete
 
+        if check.pid is not None:
+            _prefetch()
         try:
             settings = check.result()
             keys = complete(settings)
@@ -193,6 +195,14 @@ def _run(early: EarlyStop) -> int:
     if early.requested:  # stopped while starting: bind nothing, call nobody
         return 0
     return run(settings, keys, stop_requested=lambda: early.requested)
+
+
+def _prefetch() -> None:
+    """botocore, which the first AWS call imports (every mode makes one), imported while
+    the child validates: on two cores the imports overlap instead of adding up."""
+    import botocore.config
+    import botocore.exceptions
+    import botocore.session  # noqa: F401
 
 
 def _verify_token(nonce: str | None, max_age: float | None) -> int:
