@@ -21,6 +21,20 @@ TYPE_CHECKING = False  # not typing's: see sidecar/cli.py
 if TYPE_CHECKING:
     from sidecar.config import Settings
 
+# Standard modules the validation imports that the daemon imports too (botocore, urllib3,
+# prometheus_client): measured with -X importtime. A module missing here costs CPU twice; one
+# the daemon does not need would cost memory: keep it to modules the daemon holds at idle.
+_SHARED = (
+    "concurrent.futures",
+    "decimal",
+    "email.message",
+    "importlib.metadata",
+    "logging",
+    "secrets",
+    "ssl",
+    "tempfile",
+    "uuid",
+)
 _CRASHED = 70  # the child's exit code when validation itself raised
 
 
@@ -105,9 +119,14 @@ def start() -> Check | InProcess:
     """Fork the validating child; it runs while the caller imports what it needs."""
     if not hasattr(os, "fork") or not _single_threaded():
         return InProcess()
-    # Both processes need it: imported once, before the fork, it costs CPU once (~80 ms).
+    # Both processes need these: imported once, before the fork, they cost CPU once (~80 ms
+    # for sidecar.config, ~80 ms for the standard modules that pydantic and botocore share).
+    import importlib
+
     import sidecar.config  # noqa: F401
 
+    for name in _SHARED:
+        importlib.import_module(name)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - measured by the parent's tests, not coverage
