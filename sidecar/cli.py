@@ -52,7 +52,7 @@ def _catch_stop_signals() -> EarlyStop:
 
 
 def _configuration_help() -> str:
-    """Built only when help is printed: it imports pydantic, which `probe` must not."""
+    """Built only when help is printed: `probe` must stay light."""
     from sidecar.config import variables_help
 
     return (
