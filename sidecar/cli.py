@@ -52,7 +52,7 @@ def _catch_stop_signals() -> EarlyStop:
 
 
 def _configuration_help() -> str:
-    """Built only when help is printed: it imports pydantic, which `probe` must not."""
+    """Built only when help is printed: `probe` must stay light."""
     from sidecar.config import variables_help
 
     return (
@@ -173,14 +173,36 @@ def _load() -> tuple[Settings, dict[int, RSAPublicKey]] | None:
 
 
 def _run(early: EarlyStop) -> int:
-    loaded = _load()
-    if loaded is None:
-        return 2
+    from sidecar.config_child import start
+
+    check = start()  # a child validates: this process never imports pydantic
+    try:
+        # Imported while the child validates (two cores at start): needed anyway.
+        from sidecar.app import run
+        from sidecar.config import ConfigError, complete
+
+        if check.pid is not None:
+            _prefetch()
+        try:
+            settings = check.result()
+            keys = complete(settings)
+        except ConfigError as exc:
+            for line in exc.problems:
+                print(f"config error: {line}", file=sys.stderr)
+            return 2
+    finally:
+        check.close()
     if early.requested:  # stopped while starting: bind nothing, call nobody
         return 0
-    from sidecar.app import run
+    return run(settings, keys, stop_requested=lambda: early.requested)
 
-    return run(*loaded, stop_requested=lambda: early.requested)
+
+def _prefetch() -> None:
+    """botocore, which the first AWS call imports (every mode makes one), imported while
+    the child validates: on two cores the imports overlap instead of adding up."""
+    import botocore.config
+    import botocore.exceptions
+    import botocore.session  # noqa: F401
 
 
 def _verify_token(nonce: str | None, max_age: float | None) -> int:

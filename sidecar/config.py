@@ -14,19 +14,19 @@ import os
 import re
 import socket
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import SplitResult, unquote, unquote_plus, urlparse, urlsplit
-
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sidecar.aws.errors import SIGV4_SKEW_SECONDS
 from sidecar.core.files import UnsafeFileError, read_small_file
-from sidecar.entitlement.keys import MAX_KEY_FILE_BYTES, UnusableKeyError, load_public_key
 from sidecar.server.netaddr import parse_hostport
+
+TYPE_CHECKING = False  # not typing's: see sidecar/cli.py
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 PRODUCT_CODE_RE = re.compile(r"^[-a-zA-Z0-9/=:_.@]{1,255}$")
@@ -56,233 +56,205 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-class Settings(BaseSettings):
-    """Field `x` is read from `MARKETPLACE_X`."""
+def setting(default: Any, *, description: str, **bounds: float) -> Any:
+    """A settings field: its default, its one-line meaning for `--help`, and its bounds
+    (ge, gt, le, lt), which sidecar.config_validate hands to pydantic."""
+    return field(default=default, metadata={"description": description, "bounds": bounds})
 
-    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", frozen=True)
+
+@dataclass(frozen=True)
+class Settings:
+    """Field `x` is read from `MARKETPLACE_X`; sidecar.config_validate checks each one.
+
+    A plain dataclass, so that the long-running `run` process never imports pydantic (~9 MiB
+    resident): the validation runs in a short-lived child (see sidecar.config_validate).
+    """
 
     # Each description is the one-line meaning `--help` prints: keep it short and exact.
     # Optional in the model, required by `_mode_problems` where a mode needs it: SaaS products
     # integrated since June 2026 meter by license and send no product code.
-    product_code: str | None = Field(
+    product_code: str | None = setting(
         None,
         description="product code from the AWS Marketplace Management Portal "
         "(1-255 of A-Za-z0-9-/=:_.@); required except in saas mode with "
         "MARKETPLACE_SAAS_IDENTITY=license, where it pins ResolveCustomer to this product",
     )
-    mode: Literal["hourly", "custom", "saas"] = Field(
+    mode: Literal["hourly", "custom", "saas"] = setting(
         "hourly",
         description="hourly (RegisterUsage), custom (MeterUsage, custom dimensions) or saas "
         "(ResolveCustomer and BatchMeterUsage for SaaS products)",
     )
-    dimensions: str = Field(
+    dimensions: str = setting(
         "",
         description="custom and saas mode: the product's dimension names as published, "
         "comma-separated (1-24)",
     )
-    entitlement_check: Literal["meter_zero", "dry_run", "none"] = Field(
+    entitlement_check: Literal["meter_zero", "dry_run", "none"] = setting(
         "meter_zero",
         description="custom mode: how entitlement is checked at start (meter_zero: a quantity-0 "
         "record; dry_run: permissions only; none)",
     )
-    drain_seconds: float = Field(
+    drain_seconds: float = setting(
         DEFAULT_DRAIN_SECONDS,
         ge=0.0,
         le=3600.0,
         description="custom and saas mode: on SIGTERM, how long to keep sending pending usage",
     )
-    saas_identity: Literal["license", "customer_identifier"] = Field(
+    saas_identity: Literal["license", "customer_identifier"] = setting(
         "license",
         description="saas mode: how records name the customer: license (CustomerAWSAccountId "
         "+ LicenseArn, no product code: integrations since June 2026) or customer_identifier "
         "(CustomerIdentifier + MARKETPLACE_PRODUCT_CODE)",
     )
-    usage_database_url: str | None = Field(
+    usage_database_url: str | None = setting(
         None,
         description="saas mode: postgresql://user:password@host:port/db for a fleet of "
         "replicas sharing one store (a secret: never logged with its password); unset: "
         "SQLite in MARKETPLACE_STATE_DIR, one replica only",
     )
-    accept_unresolved_customers: bool = Field(
+    accept_unresolved_customers: bool = setting(
         False,
         description="saas mode: accept usage for customers no sidecar of the fleet has "
         "resolved (default: refused with 400 naming customer)",
     )
-    zero_usage_records: bool = Field(
+    zero_usage_records: bool = setting(
         True,
         description="saas mode: send a quantity-0 record for each active customer's dimension "
         "with no usage in an hour (AWS's guidance: send every hour)",
     )
-    public_key_version: int = Field(
+    public_key_version: int = setting(
         1, ge=1, description="public key version sent to AWS and used to pick the key"
     )
-    public_key: str | None = Field(
+    public_key: str | None = setting(
         None,
         description="the product's PEM public key (RSA >= 2048 bits); literal \\n sequences "
         "become newlines, so a one-line value works (set this or MARKETPLACE_PUBLIC_KEY_FILE)",
     )
-    public_key_file: Path | None = Field(
+    public_key_file: Path | None = setting(  # noqa: RUF009 # a field(), not a call per instance
         None,
         description="path to the product's PEM public key (set this or MARKETPLACE_PUBLIC_KEY)",
     )
-    listen: str = Field(
+    listen: str = setting(
         "127.0.0.1:8787",
         description="local API host:port (IPv6 as [::1]:8787); it serves the token, so it "
         "must be loopback unless MARKETPLACE_LISTEN_ALLOW_NON_LOOPBACK is true",
     )
-    listen_allow_non_loopback: bool = Field(
+    listen_allow_non_loopback: bool = setting(
         False,
         description="allow a non-loopback MARKETPLACE_LISTEN (e.g. 0.0.0.0): anyone who "
         "reaches it reads the token and sends challenges; logged and shown in "
         "/v1/entitlement warnings",
     )
-    probe_listen: str = Field(
+    probe_listen: str = setting(
         "0.0.0.0:8788", description="probe listener host:port for kubelet/ECS health checks"
     )
-    metrics_listen: str = Field(
+    metrics_listen: str = setting(
         "probe",
         description="where /metrics is served: probe (on the probe listener), a host:port of "
         "its own, or off",
     )
-    register_interval_seconds: float = Field(
+    register_interval_seconds: float = setting(
         3600.0, ge=1.0, le=86400.0, description="re-registration period"
     )
-    register_jitter: float = Field(
+    register_jitter: float = setting(
         0.1, ge=0.0, le=0.5, description="+/- fraction of the period, so a fleet does not align"
     )
-    register_deadline_seconds: float = Field(
+    register_deadline_seconds: float = setting(
         3600.0,
         ge=1.0,
         le=REGISTRATION_WINDOW_SECONDS - 600,
         description="give up the first registration after this (inside AWS's 6 h window)",
     )
-    backoff_base_seconds: float = Field(
+    backoff_base_seconds: float = setting(
         1.0, gt=0.0, le=60.0, description="retry backoff base for AWS 5xx and network errors"
     )
-    backoff_cap_seconds: float = Field(
+    backoff_cap_seconds: float = setting(
         60.0, gt=0.0, le=900.0, description="retry backoff cap (full jitter up to it)"
     )
-    throttle_schedule_seconds: str = Field(
+    throttle_schedule_seconds: str = setting(
         "",
         description="empty: adaptive retry windows after ThrottlingException at start; or fixed "
         "seconds after start where those retries land (1-10 increasing numbers)",
     )
-    aws_timeout_seconds: float = Field(
+    aws_timeout_seconds: float = setting(
         10.0, gt=0.0, le=120.0, description="read timeout of one AWS call (connect: min(5, this))"
     )
     # The first call's answer is the only entitlement check: wait longer for it (never less
     # than MARKETPLACE_AWS_TIMEOUT_SECONDS).
-    first_call_timeout_seconds: float = Field(
+    first_call_timeout_seconds: float = setting(
         30.0, gt=0.0, le=300.0, description="read timeout of the pod's first RegisterUsage call"
     )
-    strict_first_answer: bool = Field(
+    strict_first_answer: bool = setting(
         False,
         description="when the first call's answer may have been lost, refuse (not_entitled) "
         "instead of serving with the first_answer_lost warning",
     )
-    clock_skew_seconds: float = Field(
+    clock_skew_seconds: float = setting(
         SIGV4_SKEW_SECONDS,
         ge=0.0,
         le=3600.0,
         description="how far in the future a token's iat may be (AWS's SigV4 tolerance)",
     )
-    challenge_rate_per_second: float = Field(
+    challenge_rate_per_second: float = setting(
         1.0, gt=0.0, le=5.0, description="challenge rate limit (each is a RegisterUsage call)"
     )
-    challenge_burst: int = Field(3, ge=1, le=20, description="challenge burst size")
-    challenge_deadline_seconds: float = Field(
+    challenge_burst: int = setting(3, ge=1, le=20, description="challenge burst size")
+    challenge_deadline_seconds: float = setting(
         20.0, ge=1.0, le=300.0, description="how long a challenge retries retryable AWS errors"
     )
-    aws_call_rate_per_second: float = Field(
+    aws_call_rate_per_second: float = setting(
         1.0,
         gt=0.0,
         le=5.0,
         description="all RegisterUsage calls per second (registrar and challenges)",
     )
-    aws_call_burst: int = Field(3, ge=1, le=20, description="burst of that AWS call budget")
-    state_dir: Path | None = Field(
+    aws_call_burst: int = setting(3, ge=1, le=20, description="burst of that AWS call budget")
+    state_dir: Path | None = setting(  # noqa: RUF009 # a field(), not a call per instance
         None,
         description="pod-lifetime writable directory (an emptyDir) that remembers AWS's "
         "first-call refusal across sidecar restarts; custom mode's usage store, and saas "
         "mode's when MARKETPLACE_USAGE_DATABASE_URL is unset",
     )
-    readiness_gate: str = Field(
+    readiness_gate: str = setting(
         "",
         description="pod condition type to set (opt-in readiness gate), e.g. "
         "aws-marketplace.amazonaws.com/entitled; needs MARKETPLACE_POD_NAME and _NAMESPACE",
     )
-    kube_events: bool = Field(
+    kube_events: bool = setting(
         False, description="record Kubernetes Events on state changes (opt-in)"
     )
-    pod_name: str = Field("", description="this pod's name (downward API metadata.name)")
-    pod_namespace: str = Field(
+    pod_name: str = setting("", description="this pod's name (downward API metadata.name)")
+    pod_namespace: str = setting(
         "", description="this pod's namespace (downward API metadata.namespace)"
     )
-    serviceaccount_dir: Path = Field(
+    serviceaccount_dir: Path = setting(  # noqa: RUF009 # a field(), not a call per instance
         Path("/var/run/secrets/kubernetes.io/serviceaccount"),
         description="service-account token, CA and namespace for the Kubernetes API",
     )
     # TEST ONLY (crash and fleet tests): hours pass `scale` times faster from `origin` (Unix
     # time), as in the emulator. Refused unless the metering endpoint is loopback.
-    test_only_time_scale: float | None = Field(
+    test_only_time_scale: float | None = setting(
         None,
         ge=1.0,
         le=100000.0,
         description="TEST ONLY, refused unless the metering endpoint is loopback: time runs this "
         "many times faster",
     )
-    test_only_time_origin: float | None = Field(
+    test_only_time_origin: float | None = setting(
         None, description="TEST ONLY: the Unix time the scaled clock starts from"
     )
-    log_format: Literal["json", "text"] = Field("json", description="log line format")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+    log_format: Literal["json", "text"] = setting("json", description="log line format")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = setting(
         "INFO", description="lowest level logged"
     )
 
-    @field_validator("product_code")
-    @classmethod
-    def _product_code(cls, v: str | None) -> str | None:
-        if not v:
-            return None  # blank is unset: a shared template's saas (license) container
-        if not PRODUCT_CODE_RE.match(v):
-            raise ValueError("must be 1-255 characters of letters, digits and -/=:_.@")
-        return v
-
-    @field_validator("usage_database_url")
-    @classmethod
-    def _database_url(cls, v: str | None) -> str | None:
-        if v is None or not v.strip():
-            return None  # templates set every variable and leave unused ones blank
-        database_url_problem(v)
-        return v
-
-    @field_validator("dimensions")
-    @classmethod
-    def _dimensions(cls, v: str) -> str:
-        if v:
-            parse_dimensions(v)
-        return v
+    # The variables actually set (pydantic's model_fields_set): foreign-mode settings are
+    # refused only when set. Not a variable itself.
+    explicit: frozenset[str] = field(default=frozenset(), repr=False)
 
     @property
     def dimension_list(self) -> tuple[str, ...]:
         return parse_dimensions(self.dimensions) if self.dimensions else ()
-
-    @field_validator("readiness_gate")
-    @classmethod
-    def _condition_type(cls, v: str) -> str:
-        if v and not CONDITION_TYPE_RE.match(v):
-            raise ValueError(
-                "must be a domain-qualified condition type such as "
-                "aws-marketplace.amazonaws.com/entitled (or empty to turn the gate off)"
-            )
-        return v
-
-    @field_validator("throttle_schedule_seconds")
-    @classmethod
-    def _schedule(cls, v: str) -> str:
-        if v.strip():
-            parse_schedule(v)
-        return v
 
     @property
     def throttle_schedule(self) -> tuple[float, ...]:
@@ -290,27 +262,8 @@ class Settings(BaseSettings):
         text = self.throttle_schedule_seconds
         return parse_schedule(text) if text.strip() else ()
 
-    @field_validator("listen", "probe_listen")
-    @classmethod
-    def _hostport(cls, v: str) -> str:
-        parse_hostport(v)
-        return v
-
-    @field_validator("metrics_listen")
-    @classmethod
-    def _metrics_listen(cls, v: str) -> str:
-        if v not in ("probe", "off"):
-            try:
-                parse_hostport(v)
-            except ValueError as exc:
-                raise ValueError(
-                    f"must be probe (served on {PREFIX}PROBE_LISTEN), off, or a host:port of "
-                    f"its own; {exc}"
-                ) from None
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Settings:
+    def problems(self) -> list[str]:
+        """Settings valid one by one but not together (checked once every field is valid)."""
         problems = self._mode_problems()
         if (self.readiness_gate or self.kube_events) and not (self.pod_name and self.pod_namespace):
             problems.append(
@@ -333,9 +286,7 @@ class Settings(BaseSettings):
                     f"{PREFIX}METRICS_LISTEN must differ from {PREFIX}LISTEN and "
                     f"{PREFIX}PROBE_LISTEN (write probe to serve /metrics on the probe listener)"
                 )
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
+        return problems
 
     def _mode_problems(self) -> list[str]:
         """What each mode needs, and nothing it does not: custom and saas have no token."""
@@ -377,16 +328,16 @@ class Settings(BaseSettings):
         out = []
         if self.mode == "hourly":  # as before saas mode existed: any non-empty value
             for name in ("dimensions", "entitlement_check"):
-                if name in self.model_fields_set and getattr(self, name):
+                if name in self.explicit and getattr(self, name):
                     out.append(
                         f"{PREFIX}{name.upper()}: only used with {PREFIX}MODE=custom "
                         f"(the mode is hourly); set {PREFIX}MODE=custom or remove it"
                     )
         for name, why in (SAAS_ONLY if self.mode != "saas" else NOT_SAAS).items():
-            if name not in self.model_fields_set:
+            if name not in self.explicit:
                 continue
             value = getattr(self, name)
-            if value in ("", None) or value == Settings.model_fields[name].default:
+            if value in ("", None) or value == SPECS[name].default:
                 continue
             out.append(f"{PREFIX}{name.upper()}: {why} (the mode is {self.mode}); remove it")
         return out
@@ -414,8 +365,138 @@ class Settings(BaseSettings):
             f"{PREFIX}{name.upper()} is ignored with {PREFIX}MODE=custom (MeterUsage returns "
             "no signed token)"
             for name in unused
-            if name in self.model_fields_set
+            if name in self.explicit
         ]
+
+
+# Checks of one field each, run by sidecar.config_validate after pydantic's type check (as
+# field validators): a ValueError's message follows the variable's name in the error line.
+def check_product_code(v: str | None) -> str | None:
+    if not v:
+        return None  # blank is unset: a shared template's saas (license) container
+    if not PRODUCT_CODE_RE.match(v):
+        raise ValueError("must be 1-255 characters of letters, digits and -/=:_.@")
+    return v
+
+
+def check_database_url(v: str | None) -> str | None:
+    if v is None or not v.strip():
+        return None  # templates set every variable and leave unused ones blank
+    database_url_problem(v)
+    return v
+
+
+def check_dimensions(v: str) -> str:
+    if v:
+        parse_dimensions(v)
+    return v
+
+
+def check_condition_type(v: str) -> str:
+    if v and not CONDITION_TYPE_RE.match(v):
+        raise ValueError(
+            "must be a domain-qualified condition type such as "
+            "aws-marketplace.amazonaws.com/entitled (or empty to turn the gate off)"
+        )
+    return v
+
+
+def check_schedule(v: str) -> str:
+    if v.strip():
+        parse_schedule(v)
+    return v
+
+
+def check_hostport(v: str) -> str:
+    parse_hostport(v)
+    return v
+
+
+def check_metrics_listen(v: str) -> str:
+    if v not in ("probe", "off"):
+        try:
+            parse_hostport(v)
+        except ValueError as exc:
+            raise ValueError(
+                f"must be probe (served on {PREFIX}PROBE_LISTEN), off, or a host:port of "
+                f"its own; {exc}"
+            ) from None
+    return v
+
+
+# field names -> their check, in the order pydantic runs them (field order).
+FIELD_CHECKS: tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...] = (
+    (("product_code",), check_product_code),
+    (("usage_database_url",), check_database_url),
+    (("dimensions",), check_dimensions),
+    (("readiness_gate",), check_condition_type),
+    (("throttle_schedule_seconds",), check_schedule),
+    (("listen", "probe_listen"), check_hostport),
+    (("metrics_listen",), check_metrics_listen),
+)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting as `--help` and the validation model see it."""
+
+    name: str
+    annotation: Any
+    default: Any
+    description: str
+    bounds: tuple[tuple[str, float], ...]  # ("ge", 0.0), ... in the order gt, ge, lt, le
+
+    @property
+    def required(self) -> bool:
+        return self.default is MISSING
+
+    @property
+    def variable(self) -> str:
+        return f"{PREFIX}{self.name.upper()}"
+
+
+def _specs() -> dict[str, Spec]:
+    hints = get_type_hints(Settings)
+    out = {}
+    for f in fields(Settings):
+        if f.name == "explicit":
+            continue
+        bounds = f.metadata.get("bounds", {})
+        out[f.name] = Spec(
+            f.name,
+            hints[f.name],
+            f.default,
+            f.metadata.get("description", ""),
+            tuple((b, bounds[b]) for b in ("gt", "ge", "lt", "le") if b in bounds),
+        )
+    return out
+
+
+SPECS = _specs()
+
+
+def settings_from(values: Mapping[str, Any], explicit: Iterable[str]) -> Settings:
+    """A `Settings` from validated values (possibly through JSON: paths come back as text)."""
+    kwargs: dict[str, Any] = {}
+    for name, spec in SPECS.items():
+        value = values[name]
+        if value is not None:
+            if Path in (spec.annotation, *get_args(spec.annotation)):
+                value = Path(value)
+            elif float in (spec.annotation, *get_args(spec.annotation)):
+                value = float(value)
+        kwargs[name] = value
+    return Settings(**kwargs, explicit=frozenset(explicit))
+
+
+def settings_json(settings: Settings) -> dict[str, Any]:
+    """What `settings_from` rebuilds `settings` from."""
+    values = {
+        name: str(v) if isinstance(v, Path) else v
+        for name in SPECS
+        for v in [getattr(settings, name)]
+    }
+    return {"values": values, "explicit": sorted(settings.explicit)}
 
 
 # Settings of saas mode alone, refused by name in the other modes.
@@ -604,19 +685,6 @@ def parse_schedule(text: str) -> tuple[float, ...]:
     return edges
 
 
-def _format(exc: ValidationError) -> list[str]:
-    lines: list[str] = []
-    for err in exc.errors():
-        name = "_".join(str(p) for p in err["loc"]).upper()
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            msg = "is required"
-        elif err["type"] != "value_error":
-            msg = f"{msg} (got {str(err.get('input'))[:60]!r})"
-        lines.extend(f"{PREFIX}{name}: {m}" if name else m for m in msg.splitlines())
-    return lines
-
-
 # Set on the product's container by the project's own manifests; tolerated here so that one
 # shared env block (a ConfigMap in envFrom) can serve both containers.
 PRODUCT_SIDE_VARIABLES = frozenset({f"{PREFIX}SIDECAR_URL"})
@@ -640,12 +708,8 @@ _SERVICE_LINKS = tuple(
 
 
 def variables() -> dict[str, str]:
-    """Environment name -> field name, from the model: new fields are known automatically."""
-    out = {}
-    for name, field in Settings.model_fields.items():
-        alias = field.validation_alias
-        out[alias.upper() if isinstance(alias, str) else f"{PREFIX}{name.upper()}"] = name
-    return out
+    """Environment name -> field name, from the settings: new fields are known automatically."""
+    return {spec.variable: name for name, spec in SPECS.items()}
 
 
 def _service_link(name: str, value: str) -> bool:
@@ -694,27 +758,23 @@ def _unknown_problems(env: Mapping[str, str], problems: list[str]) -> list[str]:
 
 
 def load() -> tuple[Settings, dict[int, RSAPublicKey]]:
-    """Validate the environment and load the key; raise `ConfigError` listing every problem."""
+    """Validate the environment and load the key; raise `ConfigError` listing every problem.
+
+    In this process (it imports pydantic): for the short-lived commands. `run` validates in a
+    child process instead (sidecar.config_validate.start) and calls `complete` itself."""
+    from sidecar.config_validate import validate
+
+    settings = validate()
+    return settings, complete(settings)
+
+
+def complete(settings: Settings) -> dict[int, RSAPublicKey]:
+    """What the settings point at (key, directories, endpoint): checked by the process that
+    uses it; raise `ConfigError` listing every problem."""
+    # Here, not at the top: the validating child (sidecar.config_child) needs no cryptography.
+    from sidecar.entitlement.keys import UnusableKeyError, load_public_key
+
     env = dict(os.environ)
-    try:
-        settings = Settings()  # type: ignore[call-arg]  # product_code comes from the env
-    except ValidationError as exc:
-        found = _format(exc)
-        mode = os.environ.get(f"{PREFIX}MODE", "hourly")
-        identity = os.environ.get(f"{PREFIX}SAAS_IDENTITY", "license")
-        if (
-            not os.environ.get(f"{PREFIX}PRODUCT_CODE")
-            and (mode in ("hourly", "custom") or identity == "customer_identifier")
-            and not any(line.startswith(f"{PREFIX}PRODUCT_CODE:") for line in found)
-        ):
-            # the model check does not run when a field failed
-            found.insert(0, f"{PREFIX}PRODUCT_CODE: is required")
-        hourly = mode == "hourly"
-        if hourly and not any(
-            os.environ.get(f"{PREFIX}{n}") for n in ("PUBLIC_KEY", "PUBLIC_KEY_FILE")
-        ):
-            found.append(_NO_KEY)  # the model check does not run when a field failed
-        raise ConfigError(_unknown_problems(env, list(dict.fromkeys(found)))) from None
     problems: list[str] = []
     keys: dict[int, RSAPublicKey] = {}
     source = "PUBLIC_KEY_FILE" if settings.public_key_file else "PUBLIC_KEY"
@@ -760,10 +820,12 @@ def load() -> tuple[Settings, dict[int, RSAPublicKey]]:
     problems = _unknown_problems(env, problems)
     if problems:
         raise ConfigError(problems)
-    return settings, keys
+    return keys
 
 
 def _key_text(settings: Settings) -> bytes:
+    from sidecar.entitlement.keys import MAX_KEY_FILE_BYTES
+
     if settings.public_key_file is not None:
         # Never blocks (a FIFO), never reads forever (/dev/zero): refused with one line instead.
         return read_small_file(settings.public_key_file, MAX_KEY_FILE_BYTES)
@@ -776,17 +838,16 @@ def variables_help(width: int = 79) -> str:
     """The settings for `--help`, generated from the model so that it cannot drift."""
     lines = []
     for env_name, name in variables().items():
-        field = Settings.model_fields[name]
-        facts = ["required" if field.is_required() else f"default: {_shown(field.default)}"]
-        if get_origin(field.annotation) is Literal:
-            facts.append("one of " + ", ".join(str(a) for a in get_args(field.annotation)))
-        for bound in field.metadata:
-            for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-                if hasattr(bound, attr):
-                    facts.append(f"{sign} {_shown(getattr(bound, attr))}")
+        spec = SPECS[name]
+        facts = ["required" if spec.required else f"default: {_shown(spec.default)}"]
+        if get_origin(spec.annotation) is Literal:
+            facts.append("one of " + ", ".join(str(a) for a in get_args(spec.annotation)))
+        for attr, bound in spec.bounds:
+            sign = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[attr]
+            facts.append(f"{sign} {_shown(bound)}")
         lines.append(f"  {env_name}  [{'; '.join(facts)}]")
         lines += textwrap.wrap(
-            field.description or "(undocumented)",
+            spec.description or "(undocumented)",
             width,
             initial_indent=" " * 6,
             subsequent_indent=" " * 6,
@@ -807,7 +868,7 @@ def _shown(value: object) -> str:
 
 def describe(settings: Settings) -> dict[str, Any]:
     """Settings safe to log (no key material)."""
-    data = settings.model_dump()
+    data = {name: getattr(settings, name) for name in SPECS}
     data["public_key"] = "<set>" if settings.public_key else None
     if settings.usage_database_url is not None:
         data["usage_database_url"] = redact_url(settings.usage_database_url)

@@ -255,15 +255,15 @@ def test_emulator_command_writes_its_key_and_serves_boto3(tmp_path: object) -> N
 
 @pytest.mark.parametrize("command", [[], ["run"], ["doctor"], ["verify-token"]])
 def test_help_lists_every_setting_with_its_default_and_meaning(command: list[str]) -> None:
-    from sidecar.config import Settings, variables
+    from sidecar.config import SPECS, variables
 
     out = cli(*command, "--help", env={"PATH": "/usr/bin"})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     for env_name, field in variables().items():
-        info = Settings.model_fields[field]
+        info = SPECS[field]
         (head,) = [i for i, line in enumerate(lines) if line.startswith(f"  {env_name}  [")]
-        assert ("required" if info.is_required() else "default: ") in lines[head]
+        assert ("required" if info.required else "default: ") in lines[head]
         assert info.description, f"{field}: give the settings field a description for --help"
         following = " ".join(line.strip() for line in lines[head + 1 : head + 6])
         assert following.startswith(info.description[:30]), (env_name, following)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar import config
-from sidecar.config import ConfigError, Settings, is_loopback, unknown_variables, variables
+from sidecar.config import SPECS, ConfigError, is_loopback, unknown_variables, variables
 from tests.helpers import new_key, pem
 
 
@@ -115,7 +115,7 @@ def test_a_misspelling_does_not_hide_a_problem_of_the_variable_that_is_set(
 
 
 def test_every_settings_field_is_a_known_variable_and_nothing_else_is() -> None:
-    names = {f"MARKETPLACE_{n.upper()}" for n in Settings.model_fields}
+    names = {f"MARKETPLACE_{n.upper()}" for n in SPECS}
     assert set(variables()) == names
     assert unknown_variables(dict.fromkeys(names, "x")) == {}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import ConfigError, Settings, load
+from sidecar.config import SPECS, ConfigError, load
 from tests.helpers import ROOT, free_port, loopback_env, new_key, pem
 
 
@@ -141,7 +141,7 @@ def test_custom_settings_in_hourly_mode_are_refused(env: pytest.MonkeyPatch) -> 
 
 
 def test_settings_fields_use_the_documented_names() -> None:
-    fields = set(Settings.model_fields)
+    fields = set(SPECS)
     assert {"mode", "dimensions", "state_dir", "entitlement_check", "drain_seconds"} <= fields
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import requests
 
 from sidecar.app import Daemon, ListenError
-from sidecar.config import Settings
+from sidecar.config_validate import validated
 from sidecar.emulator.service import Emulator, EmulatorServer
 from tests.helpers import ROOT, Sidecar, free_port, loopback_env, new_key, pem, start_sidecar
 
@@ -75,7 +76,7 @@ def test_a_probe_port_in_use_leaves_no_api_listener_behind(taken: str) -> None:
     (not whenever the half-built daemon is collected), so nothing answers on it."""
     api = f"127.0.0.1:{free_port()}"
     key = new_key()
-    settings = Settings.model_validate(
+    settings = validated(
         {"product_code": "prod-abc", "public_key": pem(key), "listen": api, "probe_listen": taken}
     )
     with pytest.raises(ListenError) as exc:
@@ -182,18 +183,40 @@ def _spawn(env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGTERM, signal.SIGINT])
-def test_a_signal_during_the_heavy_imports_exits_0(
-    env: dict[str, str], emulator: Emulator, sig: signal.Signals
-) -> None:
-    """Deterministic: the signal is sent the moment pydantic's native module is mapped,
-    i.e. while configuration is being imported. Before the fix the handler came ~0.3 s
-    later and the process died by the signal (exit -15)."""
-    proc = _spawn(env)
+def _children(pid: int) -> list[int]:
     try:
-        while proc.poll() is None and not _mapped(proc.pid, "_pydantic_core"):
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:  # exited
+        return []
+
+
+@pytest.mark.parametrize(
+    ("moment", "sig"),
+    [
+        ("validating", signal.SIGTERM),
+        ("validating", signal.SIGINT),
+        ("importing", signal.SIGTERM),
+        ("importing", signal.SIGINT),
+    ],
+)
+def test_a_signal_during_the_heavy_imports_exits_0(
+    env: dict[str, str], emulator: Emulator, moment: str, sig: signal.Signals
+) -> None:
+    """Deterministic: the signal is sent the moment the child that validates the settings
+    exists, or the moment cryptography's native module is mapped (the daemon's imports).
+    Before the fix the handler came ~0.3 s later and the process died by the signal (exit
+    -15). The child is gone when the sidecar has exited (no zombie, no orphan)."""
+    proc = _spawn(env)
+    children: list[int] = []
+    try:
+        while proc.poll() is None and not (
+            (children := _children(proc.pid))
+            if moment == "validating"
+            else _mapped(proc.pid, "_rust.abi3")
+        ):
             time.sleep(0.002)  # leave the CPU to the process under test
-        assert proc.poll() is None, "exited before importing pydantic"
+        assert proc.poll() is None, f"exited before {moment}"
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=15)
     finally:
@@ -202,6 +225,8 @@ def test_a_signal_during_the_heavy_imports_exits_0(
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert emulator.calls == []  # stopped before the first RegisterUsage
+    for child in children:  # reaped by the sidecar before it exited
+        assert not os.path.exists(f"/proc/{child}"), child
 
 
 def test_sigterm_right_after_spawn_never_ends_the_process_once_our_code_runs(
@@ -209,13 +234,14 @@ def test_sigterm_right_after_spawn_never_ends_the_process_once_our_code_runs(
 ) -> None:
     """SIGTERM at 0-0.4 s after spawn, many times. A signal can still kill the interpreter
     while Python itself starts (before any of our code runs); from the first line of our
-    code on it must exit 0, and the handler must be in place before pydantic is imported."""
+    code on it must exit 0, and the handler must be in place before the heavy imports
+    (cryptography's native module here; pydantic is imported only by a child)."""
     outcomes = []
     for i in range(12):
         proc = _spawn(env)
         try:
             time.sleep(i * 0.035)
-            heavy = _mapped(proc.pid, "_pydantic_core")
+            heavy = _mapped(proc.pid, "_rust.abi3")
             caught = _caught_sigterm(proc.pid)  # read after `heavy`: the handler stays
             proc.send_signal(signal.SIGTERM)
             _, stderr = proc.communicate(timeout=15)
@@ -223,7 +249,7 @@ def test_sigterm_right_after_spawn_never_ends_the_process_once_our_code_runs(
             if proc.poll() is None:
                 proc.kill()
         outcomes.append((i, heavy, caught, proc.returncode))
-        assert not heavy or caught, f"pydantic imported before the handler: {outcomes}"
+        assert not heavy or caught, f"cryptography imported before the handler: {outcomes}"
         if caught:
             assert proc.returncode == 0, (outcomes, stderr)
         else:  # the handler may have come up between our look and the signal

@@ -1,0 +1,211 @@
+"""`run` validates its settings in a forked child: the daemon never holds pydantic in memory,
+and every way that child can fail still ends in exit 2 with nothing bound."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from sidecar.emulator.service import Emulator, EmulatorServer
+from tests.helpers import ROOT, free_port, loopback_env, start_sidecar
+
+LIBRARIES = ("_pydantic_core", "/pydantic", "_asyncio")  # asyncio: pydantic_settings imports it
+
+
+@pytest.fixture
+def env(emulator_server: EmulatorServer, emulator: Emulator) -> dict[str, str]:
+    return loopback_env(
+        emulator_server.url,
+        MARKETPLACE_PRODUCT_CODE="prod-abc",
+        MARKETPLACE_PUBLIC_KEY=emulator.public_pem(),
+        MARKETPLACE_LISTEN=f"127.0.0.1:{free_port()}",
+        MARKETPLACE_PROBE_LISTEN=f"127.0.0.1:{free_port()}",
+    )
+
+
+def _run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", "run"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _in_process(env: dict[str, str]) -> list[str]:
+    """What `load()` (doctor, verify-token: pydantic in their own process) reports."""
+    script = (
+        "import json\n"
+        "from sidecar.config import ConfigError, load\n"
+        "try:\n    load(); print('[]')\n"
+        "except ConfigError as e:\n    print(json.dumps(e.problems))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return [f"config error: {p}" for p in json.loads(out.stdout)]
+
+
+def _bound_nothing(env: dict[str, str], stderr: str) -> None:
+    events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
+    assert "listening" not in events
+    for variable in ("MARKETPLACE_LISTEN", "MARKETPLACE_PROBE_LISTEN"):
+        host, port = env[variable].rsplit(":", 1)
+        with socket.socket() as s:
+            s.bind((host, int(port)))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/healthz", timeout=2).ok
+    except requests.ConnectionError:
+        return False
+
+
+def _own_ports(env: dict[str, str]) -> dict[str, str]:
+    """start_sidecar chooses the listeners (and knows them)."""
+    return {k: v for k, v in env.items() if not k.endswith("LISTEN")}
+
+
+def test_the_running_sidecar_never_holds_pydantic(env: dict[str, str], emulator: Emulator) -> None:
+    car = start_sidecar(_own_ports(env))
+    try:
+        car.wait_for(lambda doc: doc.get("entitled") is True)
+        with open(f"/proc/{car.proc.pid}/maps") as f:
+            maps = f.read()
+        assert "_rust.abi3" in maps  # the check below can see a native module
+        assert [lib for lib in LIBRARIES if lib in maps] == []
+        assert _children(car.proc.pid) == []  # the validating child is gone
+    finally:
+        assert car.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"MARKETPLACE_PRODUCT_CODE": "bad code", "MARKETPLACE_CLOCK_SKEW_SECOND": "30"},
+        {"MARKETPLACE_LISTEN": "0.0.0.0:8787", "MARKETPLACE_REGISTER_JITTER": "0.9"},
+        {"MARKETPLACE_PUBLIC_KEY": "", "MARKETPLACE_MODE": "custom"},
+        {"MARKETPLACE_PUBLIC_KEY": "not a pem"},
+        {
+            "MARKETPLACE_MODE": "saas",
+            "MARKETPLACE_DIMENSIONS": "users",
+            "MARKETPLACE_USAGE_DATABASE_URL": "postgresql://app:s3cr%zzet@db:5432/usage",
+        },
+    ],
+    ids=["field", "two-fields", "mode", "key", "secret"],
+)
+def test_a_bad_setting_exits_2_with_the_lines_of_the_in_process_check(
+    env: dict[str, str], emulator: Emulator, bad: dict[str, str]
+) -> None:
+    env.update(bad)
+    out = _run(env)
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("config error: ")]
+    assert errors and errors == _in_process(env)
+    assert "s3cr" not in out.stderr
+    _bound_nothing(env, out.stderr)
+    assert emulator.calls == []
+
+
+def test_problems_larger_than_a_pipe_buffer_all_arrive(env: dict[str, str]) -> None:
+    """~2,000 misspelled variables: ~170 KiB of lines, more than the pipe holds at once."""
+    env.update({f"MARKETPLACE_NO_SUCH_SETTING_{i:04}": "x" for i in range(2000)})
+    out = _run(env)
+    assert out.returncode == 2, out.stderr[-300:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("config error: ")]
+    assert len(errors) == 2000
+    assert errors[-1].startswith("config error: MARKETPLACE_NO_SUCH_SETTING_1999: unknown")
+    _bound_nothing(env, out.stderr)
+
+
+def test_a_value_larger_than_a_pipe_buffer_reaches_the_daemon(env: dict[str, str]) -> None:
+    env["MARKETPLACE_POD_NAME"] = "p" * 100_000  # one variable may hold up to 128 KiB
+    car = start_sidecar(_own_ports(env), wait=False)
+    logged: list[str] = []  # drained while it runs: its log line is larger than a pipe too
+    reader = threading.Thread(target=lambda: logged.append(car.logs()))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not _answers(car.api) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        car.wait_for(lambda doc: doc.get("entitled") is True)
+    finally:
+        assert car.stop() == 0
+        reader.join(10)
+    started = [
+        json.loads(line)
+        for line in logged[0].splitlines()
+        if line.startswith("{") and json.loads(line)["event"] == "starting"
+    ]
+    assert started[0]["config"]["MARKETPLACE_POD_NAME"] == "p" * 100_000
+
+
+def test_a_killed_validating_child_is_a_config_error(
+    env: dict[str, str], emulator: Emulator
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not (children := _children(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert children, "no validating child seen"
+        os.kill(children[0], signal.SIGKILL)  # pydantic's import alone takes far longer
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("config error: ")]
+    assert errors == [
+        f"config error: the configuration check (process {children[0]}) was killed by signal "
+        "9 (SIGKILL) before it finished; nothing was started"
+    ]
+    assert "Traceback" not in stderr
+    _bound_nothing(env, stderr)
+    assert emulator.calls == []
+
+
+def test_with_threads_running_the_settings_are_checked_in_process(env: dict[str, str]) -> None:
+    """fork() would copy one thread and whatever locks the others hold: never fork then."""
+    env["MARKETPLACE_PRODUCT_CODE"] = "bad code"
+    script = (
+        "import sys, threading\n"
+        "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+        "from sidecar.cli import main\n"
+        "code = main(['run'])\n"
+        "print(code, 'pydantic' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.stdout.split() == ["2", "True"], out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("config error: ")]
+    assert errors == _in_process(env)
