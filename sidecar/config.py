@@ -20,10 +20,11 @@ from typing import Any, Literal, get_args, get_origin
 from urllib.parse import SplitResult, unquote, unquote_plus, urlparse, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sidecar.aws.errors import SIGV4_SKEW_SECONDS
+from sidecar.core.backoff import ThrottleSchedule
 from sidecar.core.files import UnsafeFileError, read_small_file
 from sidecar.entitlement.keys import MAX_KEY_FILE_BYTES, UnusableKeyError, load_public_key
 from sidecar.server.netaddr import parse_hostport
@@ -38,6 +39,7 @@ CONDITION_TYPE_RE = re.compile(
 REGISTRATION_WINDOW_SECONDS = 6 * 3600
 MAX_DIMENSIONS = 24  # AWS: up to 24 custom dimensions per product
 MAX_DIMENSION_CHARS = 255  # MeterUsage UsageDimension: 1-255 characters
+MAX_FLEET_SIZE = 100_000  # MARKETPLACE_FLEET_SIZE; the registration deadline bounds it further
 # Kubernetes' default terminationGracePeriodSeconds is 30: leave room for the product's own exit.
 DEFAULT_DRAIN_SECONDS = 20.0
 ENDPOINT_ENV = "AWS_ENDPOINT_URL_MARKETPLACE_METERING"
@@ -167,6 +169,16 @@ class Settings(BaseSettings):
         description="empty: adaptive retry windows after ThrottlingException at start; or fixed "
         "seconds after start where those retries land (1-10 increasing numbers)",
     )
+    fleet_size: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_FLEET_SIZE,
+        description="how many pods registering with this account and region can start at the "
+        "same moment (the replicas, or the autoscaler's maximum): after its first "
+        "ThrottlingException at start a pod retries within 1.2 x this / 5 s (the first call is "
+        "never delayed); a value far too large makes a pod throttled once by anything else in "
+        "the account wait up to that long; empty: adaptive windows",
+    )
     aws_timeout_seconds: float = Field(
         10.0, gt=0.0, le=120.0, description="read timeout of one AWS call (connect: min(5, this))"
     )
@@ -283,6 +295,32 @@ class Settings(BaseSettings):
         if v.strip():
             parse_schedule(v)
         return v
+
+    @field_validator("fleet_size", mode="before")
+    @classmethod
+    def _fleet_size(cls, v: object, info: ValidationInfo) -> int | None:
+        text = str(v).strip() if not isinstance(v, bool) and v is not None else ""
+        if v is None or (isinstance(v, str) and not text):
+            return None  # templates set every variable and leave unused ones blank
+        if not re.fullmatch(r"[0-9]{1,6}", text) or not 1 <= int(text) <= MAX_FLEET_SIZE:
+            raise ValueError(
+                f"must be a whole number of pods from 1 to {MAX_FLEET_SIZE} (or empty for "
+                f"adaptive retry windows), got {text[:20]!r}"
+            )
+        if str(info.data.get("throttle_schedule_seconds", "")).strip():
+            raise ValueError(
+                f"cannot be combined with {PREFIX}THROTTLE_SCHEDULE_SECONDS (fixed slots): set "
+                "one of them"
+            )
+        window = ThrottleSchedule(fleet=int(text)).hinted_end()
+        deadline = info.data.get("register_deadline_seconds")
+        if deadline is not None and window > deadline / 2:
+            raise ValueError(
+                f"{text} pods spread their retries over {window:g} s, more than half of "
+                f"{PREFIX}REGISTER_DEADLINE_SECONDS={deadline:g} (room is left for retries "
+                "after a throttle): lower it or raise the deadline"
+            )
+        return int(text)
 
     @property
     def throttle_schedule(self) -> tuple[float, ...]:
@@ -443,6 +481,7 @@ NOT_SAAS = {
     "register_interval_seconds": _HOURLY_ONLY,
     "register_jitter": _HOURLY_ONLY,
     "throttle_schedule_seconds": _HOURLY_ONLY,
+    "fleet_size": _HOURLY_ONLY,
     "first_call_timeout_seconds": _HOURLY_ONLY,
     "strict_first_answer": _HOURLY_ONLY,
     "clock_skew_seconds": _HOURLY_ONLY,
