@@ -11,7 +11,7 @@ the hint equal to each N, and model rows with a wrong hint (N/2 and 2N: what a m
 a number adds rows with that hint for every N; '' shows the adaptive rows only.
 
 Usage: python benchmarks/fleet.py [--pods 20,50,100,200,500,1000] [--schedule ''|25,40,43]
-       [--fleet-size auto|N|''] [--model] [--rps 5] [--real-up-to N]
+       [--fleet-size auto|N|''] [--model] [--seeds 5] [--rps 5] [--real-up-to N]
 A real run takes about 1.25 x N/5 s (1,000 pods: over 4 minutes, 1,000 threads and botocore
 clients in one process); --real-up-to N keeps the real runs to N pods and fewer and shows the
 larger sizes in the model only (what `make bench` does: real up to 100, model up to 1,000).
@@ -159,12 +159,15 @@ def main() -> None:
         "a number, or '' (adaptive only)",
     )
     ap.add_argument("--model", action="store_true", help="add virtual-time rows (5 seeds)")
+    ap.add_argument("--seeds", type=int, default=5, help="model runs per row (worst time shown)")
     ap.add_argument(
         "--real-up-to", type=int, default=0, help="real runs only up to this many pods (0: all)"
     )
     args = ap.parse_args()
-    if args.fleet_size not in ("", "auto") and not args.fleet_size.isdigit():
-        ap.error("--fleet-size: auto, a whole number of pods, or ''")
+    if args.fleet_size not in ("", "auto") and not (
+        args.fleet_size.isascii() and args.fleet_size.isdigit() and int(args.fleet_size) >= 1
+    ):
+        ap.error("--fleet-size: auto, a whole number of pods (>= 1), or ''")
     if args.schedule and args.fleet_size:
         ap.error("--schedule and --fleet-size exclude each other (as the settings do)")
     logging.disable(logging.CRITICAL)  # hundreds of pods' retry warnings are not the report
@@ -190,7 +193,7 @@ def run_rows(
     goal = 1.25 * pods / args.rps + 5
     rows: list[tuple[str, Row]] = []
     if args.model or not real_too:
-        seeds = [model(pods, schedule, args.rps, args.burst, seed) for seed in range(5)]
+        seeds = [model(pods, schedule, args.rps, args.burst, seed) for seed in range(args.seeds)]
         worst = (
             max(r[0] for r in seeds),
             statistics.mean(r[1] for r in seeds),

@@ -162,6 +162,7 @@ def test_a_second_throttle_inside_the_window_retries_in_the_rest_of_it() -> None
     for rng in draws(0.0, 0.5, 0.999):
         at = now + s.delay(2, 0.0, now, rng)
         assert 230.0 <= at < 240.0 + s.first  # what is left, plus the first window's 5 s
+    assert now + s.delay(2, 0.0, now, lambda: 0.999) > 244.0  # not a fresh 240 s, nor 10 s
 
 
 def test_a_throttle_after_the_hinted_window_hands_over_to_the_adaptive_windows() -> None:

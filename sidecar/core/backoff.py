@@ -6,6 +6,7 @@ failed together, which is what RegisterUsage's 5 requests/s per account needs.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -90,10 +91,7 @@ class ThrottleSchedule:
     def window(self, throttles: int) -> tuple[float, float]:
         """[start, end) of the adaptive window for retry `throttles` (1-based), in seconds
         after the first attempt."""
-        for index, found in enumerate(self._windows(), start=1):
-            if index >= throttles:
-                return found
-        raise AssertionError("unreachable")  # pragma: no cover
+        return next(itertools.islice(self._windows(), max(throttles, 1) - 1, None))
 
     def hinted_end(self) -> float:
         """End of the first retry's window with a fleet hint (never shorter than adaptive's)."""
