@@ -6,9 +6,12 @@ botocore over HTTP) in one process, against the emulator's token-bucket throttle
 the goal 1.25 x N/5 s + 5 s, calls per pod (goal < 3) and give-ups (goal 0).
 --model adds the same policy in virtual time (the real ThrottleSchedule and TokenBucket, no
 HTTP): seconds instead of minutes, several seeds, to check the real runs are not luck.
+--fleet-size (MARKETPLACE_FLEET_SIZE): auto (default) adds, after the adaptive rows, rows with
+the hint equal to each N, and model rows with a wrong hint (N/2 and 2N: what a mistake costs);
+a number adds rows with that hint for every N; '' shows the adaptive rows only.
 
 Usage: python benchmarks/fleet.py [--pods 20,50,100,200,500,1000] [--schedule ''|25,40,43]
-       [--model] [--rps 5] [--real-up-to N]
+       [--fleet-size auto|N|''] [--model] [--seeds 5] [--rps 5] [--real-up-to N]
 A real run takes about 1.25 x N/5 s (1,000 pods: over 4 minutes, 1,000 threads and botocore
 clients in one process); --real-up-to N keeps the real runs to N pods and fewer and shows the
 larger sizes in the model only (what `make bench` does: real up to 100, model up to 1,000).
@@ -131,50 +134,84 @@ def verdict(pods: int, rps: float, row: Row) -> str:
     return "met" if not misses else "missed: " + ", ".join(misses)
 
 
+def hints(arg: str, pods: int) -> list[tuple[str, int | None, bool]]:
+    """(label, MARKETPLACE_FLEET_SIZE, also run for real) for `pods`: adaptive first."""
+    rows: list[tuple[str, int | None, bool]] = [("none", None, True)]
+    if arg == "auto":
+        rows.append(("N", pods, True))
+        rows.append(("N/2", max(1, pods // 2), False))  # wrong hints: model only
+        rows.append(("2N", 2 * pods, False))
+    elif arg:
+        rows.append((arg, int(arg), True))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pods", default="20,50,100,200,500,1000")
     ap.add_argument("--rps", type=float, default=5.0)
     ap.add_argument("--burst", type=int, default=5)
     ap.add_argument("--schedule", default="", help="fixed slots, e.g. 25,40,43 (default adaptive)")
+    ap.add_argument(
+        "--fleet-size",
+        default="auto",
+        help="MARKETPLACE_FLEET_SIZE rows: auto (hint = each N, plus N/2 and 2N in the model), "
+        "a number, or '' (adaptive only)",
+    )
     ap.add_argument("--model", action="store_true", help="add virtual-time rows (5 seeds)")
+    ap.add_argument("--seeds", type=int, default=5, help="model runs per row (worst time shown)")
     ap.add_argument(
         "--real-up-to", type=int, default=0, help="real runs only up to this many pods (0: all)"
     )
     args = ap.parse_args()
+    if args.fleet_size not in ("", "auto") and not (
+        args.fleet_size.isascii() and args.fleet_size.isdigit() and int(args.fleet_size) >= 1
+    ):
+        ap.error("--fleet-size: auto, a whole number of pods (>= 1), or ''")
+    if args.schedule and args.fleet_size:
+        ap.error("--schedule and --fleet-size exclude each other (as the settings do)")
     logging.disable(logging.CRITICAL)  # hundreds of pods' retry warnings are not the report
     guard()
-    schedule = ThrottleSchedule(parse_schedule(args.schedule) if args.schedule else ())
+    edges = parse_schedule(args.schedule) if args.schedule else ()
     sizes = [int(n) for n in args.pods.split(",")]
     name = args.schedule or "adaptive"
-    print(f"rps={args.rps:g} burst={args.burst} schedule={name}")
+    print(f"rps={args.rps:g} burst={args.burst} schedule={name} fleet-size={args.fleet_size!r}")
     print(
-        f"{'run':7} {'pods':>5} {'goal (s)':>9} {'entitled after':>15} {'ratio':>6} "
+        f"{'run':7} {'hint':>5} {'pods':>5} {'goal (s)':>9} {'entitled after':>15} {'ratio':>6} "
         f"{'calls/pod':>10} {'give-ups':>9}  verdict"
     )
-    for pods in sizes:
-        goal = 1.25 * pods / args.rps + 5
-        rows: list[tuple[str, Row]] = []
-        if args.model:
-            seeds = [model(pods, schedule, args.rps, args.burst, seed) for seed in range(5)]
-            worst = (
-                max(r[0] for r in seeds),
-                statistics.mean(r[1] for r in seeds),
-                sum(r[2] for r in seeds),
-            )
-            rows.append(("model", worst))
-        if not args.real_up_to or pods <= args.real_up_to:
-            rows.append(("real", real(pods, schedule, args.rps, args.burst)))
-        elif not args.model:
-            print(f"real    {pods:5d}  not run (more than --real-up-to {args.real_up_to})")
-        for kind, row in rows:
-            took, calls, gave_up = row
-            print(
-                f"{kind:7} {pods:5d} {goal:9.1f} {took:15.1f} {took / (pods / args.rps):6.2f} "
-                f"{calls:10.2f} {gave_up:9d}  {verdict(pods, args.rps, row)}",
-                flush=True,
-            )
+    for kind in range(len(hints(args.fleet_size, 1))):  # adaptive rows first, then each hint
+        for pods in sizes:
+            label, hint, real_too = hints(args.fleet_size, pods)[kind]
+            run_rows(args, pods, label, ThrottleSchedule(edges, fleet=hint), real_too)
     guard_report()
+
+
+def run_rows(
+    args: argparse.Namespace, pods: int, label: str, schedule: ThrottleSchedule, real_too: bool
+) -> None:
+    goal = 1.25 * pods / args.rps + 5
+    rows: list[tuple[str, Row]] = []
+    if args.model or not real_too:
+        seeds = [model(pods, schedule, args.rps, args.burst, seed) for seed in range(args.seeds)]
+        worst = (
+            max(r[0] for r in seeds),
+            statistics.mean(r[1] for r in seeds),
+            sum(r[2] for r in seeds),
+        )
+        rows.append(("model", worst))
+    if real_too and (not args.real_up_to or pods <= args.real_up_to):
+        rows.append(("real", real(pods, schedule, args.rps, args.burst)))
+    elif real_too and not args.model:
+        print(f"real    {label:>5} {pods:5d}  not run (more than --real-up-to {args.real_up_to})")
+    for kind, row in rows:
+        took, calls, gave_up = row
+        print(
+            f"{kind:7} {label:>5} {pods:5d} {goal:9.1f} {took:15.1f} "
+            f"{took / (pods / args.rps):6.2f} {calls:10.2f} {gave_up:9d}  "
+            f"{verdict(pods, args.rps, row)}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

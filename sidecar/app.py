@@ -108,7 +108,7 @@ def policy_from(settings: Settings, keys: Mapping[int, RSAPublicKey]) -> Policy:
         jitter=settings.register_jitter,
         deadline=settings.register_deadline_seconds,
         backoff=Backoff(settings.backoff_base_seconds, settings.backoff_cap_seconds),
-        throttle=ThrottleSchedule(settings.throttle_schedule),
+        throttle=ThrottleSchedule(settings.throttle_schedule, fleet=settings.fleet_size),
         clock_skew=settings.clock_skew_seconds,
         challenge_rate=settings.challenge_rate_per_second,
         challenge_burst=settings.challenge_burst,

@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import SplitResult, unquote, unquote_plus, urlparse, urlsplit
 
 from sidecar.aws.errors import SIGV4_SKEW_SECONDS
+from sidecar.core.backoff import ThrottleSchedule
 from sidecar.core.files import UnsafeFileError, read_small_file
 from sidecar.server.netaddr import parse_hostport
 
@@ -38,6 +39,7 @@ CONDITION_TYPE_RE = re.compile(
 REGISTRATION_WINDOW_SECONDS = 6 * 3600
 MAX_DIMENSIONS = 24  # AWS: up to 24 custom dimensions per product
 MAX_DIMENSION_CHARS = 255  # MeterUsage UsageDimension: 1-255 characters
+MAX_FLEET_SIZE = 100_000  # MARKETPLACE_FLEET_SIZE; the registration deadline bounds it further
 # Kubernetes' default terminationGracePeriodSeconds is 30: leave room for the product's own exit.
 DEFAULT_DRAIN_SECONDS = 20.0
 ENDPOINT_ENV = "AWS_ENDPOINT_URL_MARKETPLACE_METERING"
@@ -176,6 +178,16 @@ class Settings:
         description="empty: adaptive retry windows after ThrottlingException at start; or fixed "
         "seconds after start where those retries land (1-10 increasing numbers)",
     )
+    fleet_size: int | None = setting(
+        None,
+        ge=1,
+        le=MAX_FLEET_SIZE,
+        description="how many pods registering with this account and region can start at the "
+        "same moment (the replicas, or the autoscaler's maximum): after its first "
+        "ThrottlingException at start a pod retries within 1.2 x this / 5 s (the first call is "
+        "never delayed); a value far too large makes a pod throttled once by anything else in "
+        "the account wait up to that long; empty: adaptive windows",
+    )
     aws_timeout_seconds: float = setting(
         10.0, gt=0.0, le=120.0, description="read timeout of one AWS call (connect: min(5, this))"
     )
@@ -270,6 +282,7 @@ class Settings:
                 f"{PREFIX}POD_NAME and {PREFIX}POD_NAMESPACE are required with "
                 f"{PREFIX}READINESS_GATE or {PREFIX}KUBE_EVENTS (set them from the downward API)"
             )
+        problems += self._fleet_size_problems()
         if parse_hostport(self.listen) == parse_hostport(self.probe_listen):
             problems.append(f"{PREFIX}LISTEN and {PREFIX}PROBE_LISTEN must differ")
         elif not self.listen_allow_non_loopback and not is_loopback(parse_hostport(self.listen)[0]):
@@ -287,6 +300,25 @@ class Settings:
                     f"{PREFIX}PROBE_LISTEN (write probe to serve /metrics on the probe listener)"
                 )
         return problems
+
+    def _fleet_size_problems(self) -> list[str]:
+        if self.fleet_size is None:
+            return []
+        name = f"{PREFIX}FLEET_SIZE"
+        if self.throttle_schedule_seconds.strip():
+            return [
+                f"{name}: cannot be combined with {PREFIX}THROTTLE_SCHEDULE_SECONDS (fixed "
+                "slots): set one of them"
+            ]
+        window = ThrottleSchedule(fleet=self.fleet_size).hinted_end()
+        deadline = self.register_deadline_seconds
+        if window > deadline / 2:  # the registrar gives up when a retry would pass the deadline
+            return [
+                f"{name}: {self.fleet_size} pods spread their retries over {window:g} s, more "
+                f"than half of {PREFIX}REGISTER_DEADLINE_SECONDS={deadline:g} (room is left for "
+                "retries after a throttle): lower it or raise the deadline"
+            ]
+        return []
 
     def _mode_problems(self) -> list[str]:
         """What each mode needs, and nothing it does not: custom and saas have no token."""
@@ -407,6 +439,19 @@ def check_schedule(v: str) -> str:
     return v
 
 
+def parse_fleet_size(v: object) -> int | None:
+    """Before type coercion: one clear line for '1.5', '1e3', 'true' or '٣' alike."""
+    text = str(v).strip() if not isinstance(v, bool) and v is not None else ""
+    if v is None or (isinstance(v, str) and not text):
+        return None  # templates set every variable and leave unused ones blank
+    if not re.fullmatch(r"[0-9]{1,6}", text) or not 1 <= int(text) <= MAX_FLEET_SIZE:
+        raise ValueError(
+            f"must be a whole number of pods from 1 to {MAX_FLEET_SIZE} (or empty for "
+            f"adaptive retry windows), got {text[:20]!r}"
+        )
+    return int(text)
+
+
 def check_hostport(v: str) -> str:
     parse_hostport(v)
     return v
@@ -424,6 +469,10 @@ def check_metrics_listen(v: str) -> str:
     return v
 
 
+# field names -> their parser, run on the raw value before pydantic's own type coercion.
+FIELD_PARSERS: tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...] = (
+    (("fleet_size",), parse_fleet_size),
+)
 # field names -> their check, in the order pydantic runs them (field order).
 FIELD_CHECKS: tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...] = (
     (("product_code",), check_product_code),
@@ -524,6 +573,7 @@ NOT_SAAS = {
     "register_interval_seconds": _HOURLY_ONLY,
     "register_jitter": _HOURLY_ONLY,
     "throttle_schedule_seconds": _HOURLY_ONLY,
+    "fleet_size": _HOURLY_ONLY,
     "first_call_timeout_seconds": _HOURLY_ONLY,
     "strict_first_answer": _HOURLY_ONLY,
     "clock_skew_seconds": _HOURLY_ONLY,

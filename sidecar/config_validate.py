@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sidecar.config import (
     _NO_KEY,
     FIELD_CHECKS,
+    FIELD_PARSERS,
     PREFIX,
     SPECS,
     ConfigError,
@@ -59,6 +60,10 @@ def _model() -> type[BaseSettings]:
         f"_check_{i}": field_validator(*names)(_check(check))
         for i, (names, check) in enumerate(FIELD_CHECKS)
     }
+    validators.update(
+        (f"_parse_{i}", field_validator(*names, mode="before")(_check(parse)))
+        for i, (names, parse) in enumerate(FIELD_PARSERS)
+    )
     validators["_consistent"] = _model_validator(mode="after")(_consistent)
     definitions: dict[str, Any] = {}
     for name, spec in SPECS.items():

@@ -4,10 +4,11 @@ import functools
 import heapq
 import itertools
 import random
+from collections.abc import Callable
 
 import pytest
 
-from sidecar.core.backoff import Backoff, ThrottleSchedule, jittered
+from sidecar.core.backoff import QUOTA_PER_SECOND, Backoff, ThrottleSchedule, jittered
 from sidecar.core.ratelimit import TokenBucket
 
 
@@ -125,3 +126,106 @@ def test_calls_per_pod_grow_slowly_with_the_fleet() -> None:
     per_pod = {n: fleet(n, ThrottleSchedule())[1] for n in (20, 50, 200, 1000)}
     assert per_pod[20] < 3 and per_pod[50] < 3
     assert per_pod[200] < 6 and per_pod[1000] < 11
+
+
+# -- fleet size hint (MARKETPLACE_FLEET_SIZE) ----------------------------------------------
+
+
+def draws(*values: float) -> list[Callable[[], float]]:
+    return [functools.partial(float, v) for v in values]
+
+
+def test_the_quota_is_one_named_constant_and_sizes_the_hinted_window() -> None:
+    assert QUOTA_PER_SECOND == 5.0
+    s = ThrottleSchedule(fleet=1000)
+    assert s.hinted_end() == pytest.approx(1.2 * 1000 / QUOTA_PER_SECOND)  # 240 s
+
+
+def test_the_first_throttle_spreads_the_retry_over_the_hinted_window() -> None:
+    """Injected clock: first attempt at 100 s, throttled 0.25 s later; 1,000 pods -> 240 s."""
+    s = ThrottleSchedule(fleet=1000)
+    started, now = 100.0, 100.25
+    for rng in draws(0.0, 0.5, 0.999):
+        at = now + s.delay(1, started, now, rng) - started
+        assert 0.25 <= at < 240.0
+    assert now + s.delay(1, started, now, lambda: 0.999) - started > 239.0  # the whole window
+    # Without the hint the same pod would retry within 5 s: the fleet size is what moved it.
+    assert now + ThrottleSchedule().delay(1, started, now, lambda: 0.999) - started < 5.0
+    rng = random.Random(4).random
+    spread = [s.delay(1, started, now, rng) for _ in range(2000)]
+    assert min(spread) < 5.0 and max(spread) > 235.0  # uniform over it, not clumped
+
+
+def test_a_second_throttle_inside_the_window_retries_in_the_rest_of_it() -> None:
+    s = ThrottleSchedule(fleet=1000)
+    now = 230.0  # the hinted retry came back throttled at 230 s of 240
+    for rng in draws(0.0, 0.5, 0.999):
+        at = now + s.delay(2, 0.0, now, rng)
+        assert 230.0 <= at < 240.0 + s.first  # what is left, plus the first window's 5 s
+    assert now + s.delay(2, 0.0, now, lambda: 0.999) > 244.0  # not a fresh 240 s, nor 10 s
+
+
+def test_a_throttle_after_the_hinted_window_hands_over_to_the_adaptive_windows() -> None:
+    """The fleet is larger than the hint: adaptive windows as if it had started at 240 s."""
+    s = ThrottleSchedule(fleet=1000)
+    end = s.hinted_end()
+    for since, k in ((2.0, 2), (7.0, 3), (30.0, 5)):  # seconds past the hinted window
+        j = next(j for j in range(1, 50) if s.window(j)[1] > since)  # the window it is in
+        low, high = s.window(j + 1)  # ... and the next one, each wider by what was seen
+        for rng in draws(0.0, 0.5, 0.999):
+            at = end + since + s.delay(k, 0.0, end + since, rng)
+            assert end + low <= at < end + high
+    # far past it, windows are as wide as the adaptive ones that late (never 5 s again)
+    low, high = s.window(12)
+    assert s.delay(9, 0.0, end + low + 1.0, lambda: 0.0) >= high - low - 1.0
+
+
+def test_a_hint_of_one_pod_degenerates_to_the_adaptive_first_window() -> None:
+    s, adaptive = ThrottleSchedule(fleet=1), ThrottleSchedule()
+    assert s.hinted_end() == adaptive.window(1)[1] == 5.0  # never narrower than adaptive's
+    for rng in draws(0.0, 0.5, 0.999):
+        assert s.delay(1, 0.0, 0.2, rng) == adaptive.delay(1, 0.0, 0.2, rng)
+        assert 3.0 <= 3.0 + s.delay(2, 0.0, 3.0, rng) < 10.0
+    took, calls, gave_up = fleet(1, s)
+    assert (took, calls, gave_up) == (0.0, 1.0, 0)  # a lone pod: one call, no wait
+
+
+def test_a_late_answer_never_gives_a_negative_delay() -> None:
+    s = ThrottleSchedule(fleet=200)
+    for now in (0.0, 47.9, 48.0, 53.0, 400.0, 3000.0):
+        for k in (1, 2, 7):
+            assert s.delay(k, 0.0, now, lambda: 0.0) >= 0.0
+            assert s.delay(k, 10.0, now, lambda: 0.999) >= 0.0  # `now` before `started`
+
+
+def test_a_hint_and_fixed_slots_exclude_each_other() -> None:
+    with pytest.raises(ValueError, match="fixed edges"):
+        ThrottleSchedule((25.0, 40.0), fleet=200)
+    with pytest.raises(ValueError, match="fleet must be >= 1"):
+        ThrottleSchedule(fleet=0)
+
+
+@pytest.mark.parametrize("pods", [20, 50, 100, 200, 500, 1000])
+def test_a_right_hint_meets_all_three_goals(pods: int) -> None:
+    """Issue 14 with MARKETPLACE_FLEET_SIZE = N: time, < 3 calls per pod, no give-ups."""
+    took, calls, gave_up = fleet(pods, ThrottleSchedule(fleet=pods))
+    assert gave_up == 0
+    assert took <= 1.25 * pods / 5 + 5
+    assert calls < 3
+    _, adaptive_calls, _ = fleet(pods, ThrottleSchedule())
+    if pods >= 100:
+        assert adaptive_calls >= 3 > calls  # what the hint buys where adaptive pays
+
+
+@pytest.mark.parametrize("pods", [100, 500, 1000])
+def test_a_hint_half_too_small_still_converges_within_the_time_goal(pods: int) -> None:
+    took, calls, gave_up = fleet(pods, ThrottleSchedule(fleet=pods // 2))
+    assert gave_up == 0
+    assert took <= 1.25 * pods / 5 + 5
+    assert calls < fleet(pods, ThrottleSchedule())[1]  # still fewer calls than no hint
+
+
+def test_a_hint_twice_too_large_costs_time_not_calls() -> None:
+    took, calls, gave_up = fleet(200, ThrottleSchedule(fleet=400))
+    assert gave_up == 0 and calls < 2.1
+    assert 1.25 * 200 / 5 + 5 < took <= 1.2 * 400 / 5 + 5  # the goal is missed: up to 96 s

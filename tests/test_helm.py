@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from sidecar import __version__
-from tests.helpers import ROOT
+from tests.helpers import ROOT, new_key, pem
 
 HELM = ROOT / ".tools" / "bin" / "helm"
 CHART = ROOT / "helm"
@@ -638,6 +638,13 @@ def test_custom_mode_env_passes_the_sidecars_own_validation(tmp_path: Path) -> N
         ),
         (["metering.entitlementCheck=always"], "/metering/entitlementCheck"),
         (["metering.drainSeconds=-1"], "/metering/drainSeconds"),
+        (["metering.fleetSize=0"], "/metering/fleetSize"),
+        (["metering.fleetSize=100001"], "/metering/fleetSize"),
+        (["metering.fleetSize=lots"], "/metering/fleetSize"),
+        (
+            ["metering.mode=saas", "metering.dimensions={a}", "metering.fleetSize=50"],
+            "metering.fleetSize is only used with metering.mode=hourly",
+        ),
     ],
 )
 def test_metering_schema_rejects_bad_values_naming_the_field(sets: list[str], message: str) -> None:
@@ -646,6 +653,22 @@ def test_metering_schema_rejects_bad_values_naming_the_field(sets: list[str], me
         args += ["--set", s]
     out = helm(*args, check=False)
     assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
+def test_fleet_size_is_rendered_only_when_set_and_the_sidecar_accepts_it(tmp_path: Path) -> None:
+    for unset in ((), ("metering.fleetSize=",), ("metering.fleetSize=null",)):
+        assert "MARKETPLACE_FLEET_SIZE" not in env_of(sidecar(pod_spec(render(*unset))))
+    docs = render("metering.fleetSize=300")
+    validate(docs, "1.33.0")
+    env = env_of(sidecar(pod_spec(docs)))
+    assert env["MARKETPLACE_FLEET_SIZE"] == "300"
+    plain = {k: v for k, v in env.items() if isinstance(v, str)}
+    plain["MARKETPLACE_PRODUCT_CODE"] = "prod-abc"  # from the ConfigMap in the pod
+    key_file = tmp_path / "public-key.pem"  # the mounted key in the pod
+    key_file.write_text(pem(new_key()))
+    plain["MARKETPLACE_PUBLIC_KEY_FILE"] = str(key_file)
+    plain["MARKETPLACE_STATE_DIR"] = str(tmp_path)  # the emptyDir in the pod
+    assert sidecar_accepts(plain, "s.mode, s.fleet_size") == ["hourly", "300"]
 
 
 def test_plain_manifests_pull_the_sidecar_from_a_marketplace_registry_and_match_irsa() -> None:

@@ -112,6 +112,9 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
 {{- $src := include "marketplace-sidecar.configSource" . | fromYaml -}}
 {{- $native := include "marketplace-sidecar.native" . -}}
 {{- $saas := eq $v.metering.mode "saas" -}}
+{{- if and $v.metering.fleetSize (ne $v.metering.mode "hourly") -}}
+{{- fail "metering.fleetSize is only used with metering.mode=hourly (RegisterUsage at start): remove it" -}}
+{{- end -}}
 - name: marketplace-sidecar
   image: {{ include "marketplace-sidecar.image" . }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
@@ -150,6 +153,9 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
     {{- else }}
     - {name: MARKETPLACE_PUBLIC_KEY_FILE, value: /etc/marketplace-sidecar/public-key.pem}
     - {name: MARKETPLACE_PUBLIC_KEY_VERSION, value: {{ $v.product.publicKeyVersion | quote }}}
+    {{- with $v.metering.fleetSize }}
+    - {name: MARKETPLACE_FLEET_SIZE, value: {{ int64 . | toString | quote }}}
+    {{- end }}
     {{- end }}
     - {name: MARKETPLACE_LISTEN, value: "127.0.0.1:{{ $v.config.apiPort }}"}
     - {name: MARKETPLACE_PROBE_LISTEN, value: "0.0.0.0:{{ $v.config.probePort }}"}

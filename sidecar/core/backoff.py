@@ -6,8 +6,12 @@ failed together, which is what RegisterUsage's 5 requests/s per account needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+# RegisterUsage's quota: 5 requests/s per account and region, shared by every pod of the account.
+QUOTA_PER_SECOND = 5.0
 
 
 @dataclass(frozen=True)
@@ -51,27 +55,66 @@ class ThrottleSchedule:
     Fixed (`edges` given, MARKETPLACE_THROTTLE_SCHEDULE_SECONDS): slots [0, e1), [e1, e2), ...
     tuned for one fleet size; beyond the last edge, exponential full jitter starting from the
     last slot's width, capped at `cap`.
+
+    Hinted (`fleet` given, MARKETPLACE_FLEET_SIZE): one throttle bit cannot tell 20 pods from
+    1,000, so the seller says how many can start together. The first retry is drawn from
+    [now, `hinted_end`], `spread` x fleet / quota seconds after the first attempt (the fleet
+    at ~83 % of the quota: few of them are throttled twice). A pod throttled again while that
+    window runs retries within what is left of it plus `first` seconds (the spare sixth of the
+    quota); throttled after it, the fleet is larger than the hint, and the adaptive windows
+    take over as if the fleet had started when the hinted window ended. The first call is
+    never delayed, so a lone replacement pod registers at once; but a pod throttled once by
+    something else in the account (another product) waits up to `hinted_end`.
     """
 
     edges: tuple[float, ...] = ()
+    fleet: int | None = None
     cap: float = 60.0
     first: float = 5.0
     widen: float = 0.8
     shrink: float = 0.85
     least: float = 0.2
     widest: float = 600.0
+    spread: float = 1.2
+
+    def __post_init__(self) -> None:
+        if self.fleet is not None and (self.fleet < 1 or self.edges):
+            raise ValueError("fleet must be >= 1 and cannot be combined with fixed edges")
+
+    def _windows(self) -> Iterator[tuple[float, float]]:
+        low, high, widen = 0.0, self.first, self.widen
+        while True:
+            yield low, high
+            low, high = high, high + min(self.widest, widen * high)
+            widen = max(self.least, widen * self.shrink)
 
     def window(self, throttles: int) -> tuple[float, float]:
         """[start, end) of the adaptive window for retry `throttles` (1-based), in seconds
         after the first attempt."""
-        low, high, widen = 0.0, self.first, self.widen
-        for _ in range(max(throttles, 1) - 1):
-            low, high = high, high + min(self.widest, widen * high)
-            widen = max(self.least, widen * self.shrink)
-        return low, high
+        return next(itertools.islice(self._windows(), max(throttles, 1) - 1, None))
+
+    def hinted_end(self) -> float:
+        """End of the first retry's window with a fleet hint (never shorter than adaptive's)."""
+        fleet = self.fleet or 1
+        return max(self.first, self.spread * fleet / QUOTA_PER_SECOND)
+
+    def _hinted(self, throttles: int, elapsed: float, rng: Callable[[], float]) -> float:
+        end = self.hinted_end()
+        if elapsed < end:
+            high = end if throttles == 1 else end + self.first
+            return rng() * (high - elapsed)
+        since = elapsed - end  # past the hinted window: the adaptive window after this one
+        windows = self._windows()
+        for _, high in windows:
+            if high > since:
+                break
+        low, high = next(windows)
+        return end + low + rng() * (high - low) - elapsed
 
     def delay(self, throttles: int, started: float, now: float, rng: Callable[[], float]) -> float:
         """Seconds to wait after the `throttles`-th consecutive throttle (1-based)."""
+        if self.fleet is not None:
+            return self._hinted(throttles, max(0.0, now - started), rng)
         if not self.edges:
             low, high = self.window(throttles)
             elapsed = now - started
