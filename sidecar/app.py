@@ -1,7 +1,7 @@
 """The `run` daemon: wiring, threads and signals.
 
-    env ──> config.load ──(bad: exit 2, nothing bound)
-                │
+    env ──> config check in a forked child (pydantic-settings; this process never imports
+                │  it) ──(bad: exit 2, nothing bound)
       MARKETPLACE_MODE=hourly (default)
     ┌──────────────── registrar thread ─────────────────┐   verdict.json, first-call marker
     │ region ─> botocore RegisterUsage(nonce) ─> verify  │<─> (pod-lifetime emptyDir: AWS's
@@ -18,7 +18,8 @@
                                  │                   pod condition, Events)
                                  ▼
     127.0.0.1:8787  /healthz /readyz /v1/entitlement /v1/entitlement/challenge (hourly only)
-                    /v1/usage (custom only: POST records, GET per-hour state)
+                    /v1/usage (custom only: POST records, GET per-hour state); one request
+                    computes at a time (CpuTurn), never while it waits on a client or AWS
     0.0.0.0:8788    /healthz /readyz (state and code only) /metrics (MARKETPLACE_METRICS_LISTEN:
                     here, a listener of its own, or off); deadlines, oldest-idle eviction
 
