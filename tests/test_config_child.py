@@ -209,3 +209,35 @@ def test_with_threads_running_the_settings_are_checked_in_process(env: dict[str,
     assert out.stdout.split() == ["2", "True"], out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("config error: ")]
     assert errors == _in_process(env)
+
+
+def test_sigterm_to_the_group_during_validation_is_a_clean_stop(
+    env: dict[str, str], emulator: Emulator
+) -> None:
+    """Ctrl-C, `docker stop` through an init that signals the group, a group kill: the child
+    dies of the signal meant for both. That is a requested stop (exit 0), not a config error."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not (children := _children(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert children, "no validating child seen"
+        time.sleep(0.2)  # inside pydantic's import (well over a second on a busy machine)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "config error" not in stderr
+    assert not os.path.exists(f"/proc/{children[0]}")  # reaped, not left behind
+    _bound_nothing(env, stderr)
+    assert emulator.calls == []
