@@ -187,6 +187,8 @@ def _run(early: EarlyStop) -> int:
             settings = check.result()
             keys = complete(settings)
         except ConfigError as exc:
+            if early.requested and check.stopped:  # the group's stop ended the child too
+                return 0
             for line in exc.problems:
                 print(f"config error: {line}", file=sys.stderr)
             return 2

@@ -393,12 +393,18 @@ class Settings:
             "public_key_version",
             "challenge_rate_per_second",
         )
-        return [
+        out = [
             f"{PREFIX}{name.upper()} is ignored with {PREFIX}MODE=custom (MeterUsage returns "
             "no signed token)"
             for name in unused
             if name in self.explicit
         ]
+        if self.fleet_size is not None:  # a blank value (a shared template's) is no setting
+            out.append(
+                f"{PREFIX}FLEET_SIZE is ignored with {PREFIX}MODE=custom (it spreads "
+                "RegisterUsage's retries at start; custom mode calls MeterUsage)"
+            )
+        return out
 
 
 # Checks of one field each, run by sidecar.config_validate after pydantic's type check (as

@@ -78,6 +78,16 @@ class Check:
             ]
         )
 
+    @property
+    def stopped(self) -> bool:
+        """The child died of SIGTERM or SIGINT: a stop sent to the group, not a config error."""
+        status = self._status
+        return (
+            status is not None
+            and os.WIFSIGNALED(status)
+            and os.WTERMSIG(status) in (signal.SIGTERM, signal.SIGINT)
+        )
+
     def close(self) -> None:
         """Kill and reap the child if `result` was never called (an error in the parent)."""
         if self._status is None:
@@ -96,6 +106,7 @@ class InProcess:
     """Where fork is unavailable or threads exist: validate here, pydantic and all."""
 
     pid = None
+    stopped = False
 
     def result(self) -> Settings:
         from sidecar.config_validate import validate

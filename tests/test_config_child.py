@@ -209,3 +209,130 @@ def test_with_threads_running_the_settings_are_checked_in_process(env: dict[str,
     assert out.stdout.split() == ["2", "True"], out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("config error: ")]
     assert errors == _in_process(env)
+
+
+def test_sigterm_to_the_group_during_validation_is_a_clean_stop(
+    env: dict[str, str], emulator: Emulator
+) -> None:
+    """Ctrl-C, `docker stop` through an init that signals the group, a group kill: the child
+    dies of the signal meant for both. That is a requested stop (exit 0), not a config error."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not (children := _children(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert children, "no validating child seen"
+        time.sleep(0.2)  # inside pydantic's import (well over a second on a busy machine)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "config error" not in stderr
+    assert not os.path.exists(f"/proc/{children[0]}")  # reaped, not left behind
+    _bound_nothing(env, stderr)
+    assert emulator.calls == []
+
+
+_COMPARE = """
+import json, sys
+from sidecar.config import SPECS, ConfigError
+from sidecar.config_child import start
+
+def outcome(check):
+    try:
+        s = check()
+    except ConfigError as exc:
+        return {"problems": exc.problems}
+    return {
+        "values": {n: [type(getattr(s, n)).__name__, repr(getattr(s, n))] for n in SPECS},
+        "explicit": sorted(s.explicit),
+    }
+
+child = start()
+assert child.pid is not None  # really forked
+try:
+    forked = outcome(child.result)
+finally:
+    child.close()
+assert "pydantic" not in sys.modules  # the parent never validated itself
+from sidecar.config_validate import validate
+print(json.dumps({"run": forked, "load": outcome(validate)}))
+"""
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {  # hourly: floats that JSON could bend, an optional int, optional floats
+            "MARKETPLACE_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\\nx",
+            "MARKETPLACE_FLEET_SIZE": " 40 ",
+            "MARKETPLACE_REGISTER_JITTER": "1e-7",
+            "MARKETPLACE_TEST_ONLY_TIME_ORIGIN": "-inf",
+            "MARKETPLACE_TEST_ONLY_TIME_SCALE": "99999.99999999999",
+            "MARKETPLACE_DRAIN_SECONDS": "0.30000000000000004",
+            "MARKETPLACE_POD_NAME": "p\u00e9\u4e2d\U0001f600" + "x" * 5000,
+            "MARKETPLACE_LOG_LEVEL": "DEBUG",
+        },
+        {  # custom: a path with odd characters, undecodable bytes kept as surrogates
+            "MARKETPLACE_MODE": "custom",
+            "MARKETPLACE_DIMENSIONS": "users, sc\u00e4ns",
+            "MARKETPLACE_STATE_DIR": "/tmp//x y/\u00e9\\n/./",
+            "MARKETPLACE_PUBLIC_KEY_FILE": "",
+            "MARKETPLACE_ENTITLEMENT_CHECK": "dry_run",
+            "MARKETPLACE_READINESS_GATE": "",
+        },
+        {  # saas: defaults set explicitly (a shared template), a database URL, a blank fleet
+            "MARKETPLACE_MODE": "saas",
+            "MARKETPLACE_DIMENSIONS": "users",
+            "MARKETPLACE_USAGE_DATABASE_URL": "postgresql://app:p%40ss@db:5432/usage",
+            "MARKETPLACE_REGISTER_INTERVAL_SECONDS": "3600",
+            "MARKETPLACE_FLEET_SIZE": "",
+            "MARKETPLACE_ZERO_USAGE_RECORDS": "false",
+        },
+        {  # saas refusing a foreign setting: the refusal depends on `explicit`
+            "MARKETPLACE_MODE": "saas",
+            "MARKETPLACE_DIMENSIONS": "users",
+            "MARKETPLACE_STATE_DIR": "/tmp",
+            "MARKETPLACE_FLEET_SIZE": "3",
+        },
+        {  # hourly refusing saas settings, and a bad fleet size
+            "MARKETPLACE_PUBLIC_KEY": "k",
+            "MARKETPLACE_SAAS_IDENTITY": "customer_identifier",
+            "MARKETPLACE_FLEET_SIZE": "1e3",
+        },
+    ],
+    ids=["hourly", "custom", "saas", "saas-foreign", "hourly-refused"],
+)
+def test_run_and_load_see_the_same_settings_field_by_field(extra: dict[str, str]) -> None:
+    """`run` gets its settings back through JSON from the forked child; doctor and
+    verify-token validate in-process. Same environment, same settings (types included)."""
+    env = loopback_env("http://127.0.0.1:9", MARKETPLACE_PRODUCT_CODE="prod-abc", **extra)
+    env_bytes = {k.encode(): v.encode() for k, v in env.items()}
+    if extra.get("MARKETPLACE_MODE") == "custom":
+        env_bytes[b"MARKETPLACE_POD_NAME"] = b"pod-\xff\xfe"  # not UTF-8
+    out = subprocess.run(
+        [sys.executable, "-c", _COMPARE],
+        env=env_bytes,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["run"] == seen["load"]
+    if "problems" in seen["run"]:
+        assert any("MARKETPLACE_FLEET_SIZE" in line for line in seen["run"]["problems"])
+    else:
+        variables = {k.decode() for k in env_bytes if k.startswith(b"MARKETPLACE_")}
+        assert {f"MARKETPLACE_{n.upper()}" for n in seen["run"]["explicit"]} == variables

@@ -77,6 +77,22 @@ def test_custom_mode_with_a_key_says_the_key_is_ignored(
     ]
 
 
+@pytest.mark.parametrize("value", ["50", " 7 "])
+def test_custom_mode_with_a_fleet_size_says_it_is_ignored(
+    env: pytest.MonkeyPatch, tmp_path: Path, value: str
+) -> None:
+    """The hint shapes RegisterUsage's retries at start; custom mode never calls RegisterUsage
+    (Helm refuses metering.fleetSize there): a seller setting it must not trust a no-op."""
+    custom(env, tmp_path, FLEET_SIZE=value)
+    settings, _ = load()
+    assert settings.ignored() == [
+        "MARKETPLACE_FLEET_SIZE is ignored with MARKETPLACE_MODE=custom (it spreads "
+        "RegisterUsage's retries at start; custom mode calls MeterUsage)"
+    ]
+    custom(env, tmp_path, FLEET_SIZE="")  # a template's blank value is no setting at all
+    assert load()[0].ignored() == []
+
+
 @pytest.mark.parametrize(
     ("dimensions", "expected"),
     [

@@ -1002,3 +1002,32 @@ def test_example_saas_backend_chart(tmp_path: Path, kube: str, native: bool) -> 
 def spec_labels(deployment: dict[str, Any]) -> dict[str, str]:
     labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
     return labels
+
+
+@pytest.mark.parametrize(
+    ("fleet", "deadline", "accepted"),
+    [(7500, 3600, True), (7501, 3600, False), (43750, 21000, True), (1, 10, True), (1, 9, False)],
+)
+def test_a_fleet_size_the_deadline_cannot_hold_fails_at_render_not_in_a_crash_loop(
+    tmp_path: Path, fleet: int, deadline: int, accepted: bool
+) -> None:
+    """The sidecar refuses 1.2 x fleetSize / 5 s (at least 5 s) above half the registration
+    deadline and exits 2: rendered anyway, every pod of the release would crash-loop."""
+    sets = [f"metering.fleetSize={fleet}", f"config.registerDeadlineSeconds={deadline}"]
+    args = ["template", "x", str(CHART), "--set-string", f"product.publicKey={PEM}"]
+    for s in (*BASE, *sets):
+        args += ["--set", s]
+    out = helm(*args, check=False)
+    assert (out.returncode == 0) == accepted, out.stderr
+    if not accepted:
+        assert "metering.fleetSize" in out.stderr
+        assert "config.registerDeadlineSeconds" in out.stderr
+        return
+    env = env_of(sidecar(pod_spec(render(*sets))))
+    plain = {k: v for k, v in env.items() if isinstance(v, str)}
+    plain["MARKETPLACE_PRODUCT_CODE"] = "prod-abc"
+    key_file = tmp_path / "public-key.pem"
+    key_file.write_text(pem(new_key()))
+    plain["MARKETPLACE_PUBLIC_KEY_FILE"] = str(key_file)
+    plain["MARKETPLACE_STATE_DIR"] = str(tmp_path)
+    assert sidecar_accepts(plain, "s.fleet_size") == [str(fleet)]

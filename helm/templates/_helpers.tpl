@@ -115,6 +115,13 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
 {{- if and $v.metering.fleetSize (ne $v.metering.mode "hourly") -}}
 {{- fail "metering.fleetSize is only used with metering.mode=hourly (RegisterUsage at start): remove it" -}}
 {{- end -}}
+{{- with $v.metering.fleetSize -}}
+{{- /* the sidecar's own check (1.2 x fleet / 5 s, at least 5 s, within half the deadline): else every pod exits 2 */ -}}
+{{- $window := maxf 5.0 (divf (mulf 1.2 (float64 .)) 5.0) -}}
+{{- if gt $window (divf (float64 $v.config.registerDeadlineSeconds) 2.0) -}}
+{{- fail (printf "metering.fleetSize=%d: the pods spread their retries over %g s, more than half of config.registerDeadlineSeconds=%v: lower it or raise the deadline" (int64 .) $window $v.config.registerDeadlineSeconds) -}}
+{{- end -}}
+{{- end -}}
 - name: marketplace-sidecar
   image: {{ include "marketplace-sidecar.image" . }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
