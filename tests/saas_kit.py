@@ -175,14 +175,17 @@ class Car:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout=timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGABRT)
-                try:
-                    self.proc.wait(timeout=3)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+            tail = self.logs()[-6000:]
+            raise AssertionError(
+                f"{self.name} still running {timeout:g} s after SIGTERM; its log ends:\n{tail}"
+            ) from None
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -225,6 +228,7 @@ def spawn(env: dict[str, str], logdir: Path, name: str) -> Car:
     api, probe = free_port(), free_port()
     full = {
         **env,
+        "PYTHONFAULTHANDLER": "1",  # SIGABRT from `Car.stop` writes every thread's stack
         "MARKETPLACE_LISTEN": f"127.0.0.1:{api}",
         "MARKETPLACE_PROBE_LISTEN": f"127.0.0.1:{probe}",
     }
