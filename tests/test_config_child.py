@@ -75,6 +75,29 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _run_until_validating(
+    env: dict[str, str], *, start_new_session: bool = False
+) -> tuple[subprocess.Popen[str], list[int]]:
+    """`run` started, once its validating child exists (the child's pid first)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=start_new_session,
+    )
+    deadline = time.monotonic() + 10
+    while not (children := _children(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    if not children:
+        proc.kill()
+        proc.wait()
+    assert children, "no validating child seen"
+    return proc, children
+
+
 def _answers(url: str) -> bool:
     try:
         return requests.get(f"{url}/healthz", timeout=2).ok
@@ -164,19 +187,8 @@ def test_a_value_larger_than_a_pipe_buffer_reaches_the_daemon(env: dict[str, str
 def test_a_killed_validating_child_is_a_config_error(
     env: dict[str, str], emulator: Emulator
 ) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, children = _run_until_validating(env)
     try:
-        deadline = time.monotonic() + 10
-        while not (children := _children(proc.pid)) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert children, "no validating child seen"
         os.kill(children[0], signal.SIGKILL)  # pydantic's import alone takes far longer
         _, stderr = proc.communicate(timeout=30)
     finally:
@@ -216,20 +228,8 @@ def test_sigterm_to_the_group_during_validation_is_a_clean_stop(
 ) -> None:
     """Ctrl-C, `docker stop` through an init that signals the group, a group kill: the child
     dies of the signal meant for both. That is a requested stop (exit 0), not a config error."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc, children = _run_until_validating(env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 10
-        while not (children := _children(proc.pid)) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert children, "no validating child seen"
         time.sleep(0.2)  # inside pydantic's import (well over a second on a busy machine)
         os.killpg(proc.pid, signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
