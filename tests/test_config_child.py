@@ -230,8 +230,13 @@ def test_sigterm_to_the_group_during_validation_is_a_clean_stop(
     dies of the signal meant for both. That is a requested stop (exit 0), not a config error."""
     proc, children = _run_until_validating(env, start_new_session=True)
     try:
-        time.sleep(0.2)  # inside pydantic's import (well over a second on a busy machine)
+        time.sleep(0.05)  # past the child's first lines (its own SIGTERM disposition)
+        # Frozen, the child cannot finish validating before the signal lands, however fast
+        # the machine: the parent is still waiting for its answer, nothing bound yet.
+        os.kill(children[0], signal.SIGSTOP)
         os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.1)
+        os.kill(children[0], signal.SIGCONT)
         _, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
