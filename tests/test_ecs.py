@@ -191,7 +191,7 @@ def test_task_role_trust_policies_carry_confused_deputy_conditions() -> None:
 
 def test_log_groups_exist_before_tasks_start() -> None:
     """awslogs-create-group needs logs:CreateLogGroup, which AWS's standard execution-role
-    policy lacks: the task definition does not use it (the README creates the group), and the
+    policy lacks: the task definition does not use it (docs/ecs.md creates the group), and the
     template creates its LogGroup itself."""
     for c in TASK["containerDefinitions"]:
         assert "awslogs-create-group" not in c["logConfiguration"]["options"]
@@ -517,3 +517,29 @@ def test_run_starts_from_each_task_definition_without_a_warning(
         monkeypatch.setenv("MARKETPLACE_DIMENSIONS", "dimension_a,dimension_b")
     settings = validate()
     assert settings.ignored() == [] and config_warnings(settings) == []
+
+
+def test_docs_deploy_every_mode_with_its_own_files() -> None:
+    """Issue: the CLI deploy lines were hourly-only. docs/ecs.md registers each task definition
+    with the task-role policy of its mode, and every file it names exists."""
+    import re
+
+    text = (ROOT / "docs" / "ecs.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    for path in re.findall(r"file://([\w./-]+)", text):
+        assert (ROOT / path).is_file(), path
+    policy_of = {
+        "task-definition.json": "policy.json",
+        "task-definition-custom.json": "policy-custom-metering.json",
+        "task-definition-saas.json": "policy-saas.json",
+    }
+    for task, policy in policy_of.items():
+        (block,) = [b for b in blocks if f"file://manifests/ecs/{task}" in b]
+        assert f"file://manifests/iam/{policy}" in block, (task, block)
+        group = json.loads((ECS / task).read_text())["containerDefinitions"][0]
+        log_group = group["logConfiguration"]["options"]["awslogs-group"]
+        assert f"create-log-group --log-group-name {log_group}\n" in block
+        role = json.loads((ECS / task).read_text())["taskRoleArn"].rsplit("/", 1)[1]
+        assert f"--role-name {role} " in block
+    custom = json.loads((ROOT / "manifests" / "iam" / "policy-custom-metering.json").read_text())
+    assert "aws-marketplace:MeterUsage" in json.dumps(custom)

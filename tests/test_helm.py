@@ -1130,3 +1130,41 @@ def test_the_product_container_can_keep_its_api_token(
     assert [next(iter(s)) for s in sources] == ["serviceAccountToken", "configMap", "downwardAPI"]
     # Off by default: the product container has no token and no mount.
     assert token_holders(render_parent(chart, kube=kube)) == {}
+
+
+# -- docs/helm.md: each mode's values block, copied alone into a seller's chart -----------------
+
+DOCS_HELM = ROOT / "docs" / "helm.md"
+DIGEST = "sha256:" + "c" * 64
+
+
+def doc_values_blocks() -> dict[str, dict[str, Any]]:
+    """The ```yaml blocks of docs/helm.md that start `# values.yaml of your ... (<mode>)`."""
+    import re
+
+    blocks = re.findall(
+        r"```yaml\n(# values\.yaml of your [^\n]*\((\w+)\)\n.*?)```", DOCS_HELM.read_text(), re.S
+    )
+    return {mode: yaml.safe_load(text.replace("sha256:...", DIGEST)) for text, mode in blocks}
+
+
+@pytest.mark.parametrize("mode", ["hourly", "custom", "saas"])
+def test_each_modes_values_block_is_complete_when_copied_alone(tmp_path: Path, mode: str) -> None:
+    """Issue: snippets copied alone rendered the chart's sample Deployment and the unpinned
+    `marketplace-sidecar:0.1.0` (a Docker Hub name) into the seller's chart."""
+    blocks = doc_values_blocks()
+    assert set(blocks) == {"hourly", "custom", "saas"}, sorted(blocks)
+    ours = blocks[mode]["marketplace-sidecar"]
+    chart = saas_parent_chart(tmp_path) if mode == "saas" else parent_chart(tmp_path, None)
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    values["marketplace-sidecar"] = ours  # the block replaces the example's own
+    (chart / "values.yaml").write_text(yaml.safe_dump(values))
+    for kube in ("1.28.0", "1.33.0"):
+        docs = render_parent(chart, kube=kube)
+        validate(docs, kube)
+        deployments = [d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"]
+        assert len(deployments) == 1 and not deployments[0].endswith("-sample"), deployments
+        c = sidecar(pod_spec(docs))
+        assert c["image"] == f"{ours['image']['registry']}/marketplace-sidecar@{DIGEST}"
+        assert "." in ours["image"]["registry"].split("/")[0]  # a registry host, not Docker Hub
+        assert env_of(c).get("MARKETPLACE_MODE", "hourly") == mode
