@@ -53,6 +53,17 @@ COPY --from=build /opt/sidecar /opt/sidecar
 ENV PATH=/opt/sidecar/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
+# The state directory (custom mode's usage store, the hourly verdict) exists in the image, owned by
+# the sidecar's user, and is a VOLUME. On Fargate an empty bind volume mounted at a path the image
+# does not declare is owned by root with mode 0755, so UID 10001 could not write it; when the image
+# declares the same path as a VOLUME, ECS copies the directory (its owner and mode with it) onto the
+# volume. AWS: https://docs.aws.amazon.com/AmazonECS/latest/developerguide/bind-mounts.html
+# (aws/containers-roadmap#938, #863). Kubernetes mounts its emptyDir over it; the VOLUME changes
+# nothing there.
+RUN mkdir -p /var/lib/marketplace-sidecar \
+    && chown 10001:10001 /var/lib/marketplace-sidecar \
+    && chmod 0700 /var/lib/marketplace-sidecar
+VOLUME ["/var/lib/marketplace-sidecar"]
 USER 10001:10001
 EXPOSE 8788
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \

@@ -155,3 +155,91 @@ def test_base_is_debian_bookworm_with_debians_python(container: str) -> None:
     assert version.stdout.strip() == "(3, 11)"
     wheels = run_in(container, "sh", "-c", "ls /usr/share/python-wheels 2>/dev/null || true")
     assert wheels.stdout.strip() == ""
+
+
+STATE = "/var/lib/marketplace-sidecar"
+
+
+def fargate_bind_volume(container: str, tmp_path: Path) -> Path:
+    """An empty Fargate bind volume for `STATE`, as ECS makes it (platform 1.4.0+): a new
+    directory owned by root, mode 0755; when the image declares the same path as a VOLUME, the
+    ECS data plane copies the image's directory (its owner and mode) onto it (AWS, "Use bind
+    mounts with Amazon ECS"). Fargate cannot run here, so this applies that rule to a host
+    directory, reading the image's own config and directory."""
+    volume = tmp_path / "fargate-volume"
+    volume.mkdir(mode=0o755)
+    os.chown(volume, 0, 0)
+    volume.chmod(0o755)
+    declared = buildah(
+        "inspect", "--type", "image", "--format", "{{.Docker.Config.Volumes}}", IMAGE
+    )
+    root = Path(buildah("mount", container))
+    if STATE in declared:
+        source = (root / STATE.lstrip("/")).stat()
+        os.chown(volume, source.st_uid, source.st_gid)
+        volume.chmod(source.st_mode & 0o7777)
+    return volume
+
+
+def test_custom_mode_starts_as_10001_on_an_empty_fargate_volume(
+    container: str, tmp_path: Path
+) -> None:
+    """manifests/ecs/task-definition-custom.json: user 10001:10001, an empty bind volume at the
+    state directory. The image must make that volume writable for UID 10001 by itself."""
+    volume = fargate_bind_volume(container, tmp_path)
+    emulator = EmulatorServer(Emulator()).start()
+    api, probe = free_port(), free_port()
+    env = [
+        f"AWS_ENDPOINT_URL_MARKETPLACE_METERING={emulator.url}",
+        "AWS_ACCESS_KEY_ID=image-test",
+        "AWS_SECRET_ACCESS_KEY=x",
+        "AWS_REGION=us-east-1",
+        "AWS_EC2_METADATA_DISABLED=true",
+        "MARKETPLACE_MODE=custom",
+        "MARKETPLACE_PRODUCT_CODE=prod-abc",
+        "MARKETPLACE_DIMENSIONS=requests",
+        f"MARKETPLACE_STATE_DIR={STATE}",
+        f"MARKETPLACE_LISTEN=127.0.0.1:{api}",
+        f"MARKETPLACE_PROBE_LISTEN=127.0.0.1:{probe}",
+    ]
+    daemon = subprocess.Popen(
+        [
+            *BUILDAH,
+            "run",
+            "--isolation",
+            "chroot",
+            "--user",
+            "10001:10001",
+            "--volume",
+            f"{volume}:{STATE}",
+            container,
+            "--",
+            "env",
+            *env,
+            "marketplace-sidecar",
+            "run",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        ready = 1
+        while time.monotonic() < deadline and ready != 0 and daemon.poll() is None:
+            ready = run_in(
+                container, "marketplace-sidecar", "probe", "--address", f"127.0.0.1:{probe}"
+            ).returncode
+            time.sleep(0.2)
+        exited = daemon.poll()
+        assert exited is None and ready == 0, (exited, daemon.stderr and daemon.stderr.read())
+        doc = requests.get(f"http://127.0.0.1:{api}/v1/entitlement", timeout=5).json()
+        assert doc["state"] == "entitled"
+        # The usage store lives on the volume, written by UID 10001.
+        assert [p.stat().st_uid for p in volume.iterdir()] != []
+        assert {p.stat().st_uid for p in volume.iterdir()} == {10001}
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+        emulator.shutdown()
+        buildah("umount", container)

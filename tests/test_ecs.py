@@ -104,7 +104,14 @@ def test_the_checker_catches_real_mistakes(mutate: Any, expected: str) -> None:
 def test_sidecar_wiring() -> None:
     sidecar, product = TASK["containerDefinitions"]
     assert sidecar["name"] == SIDECAR and sidecar["essential"] is True
-    assert sidecar["healthCheck"]["command"] == ["CMD", "marketplace-sidecar", "probe"]
+    # Liveness (/healthz): the product waits for the entitlement itself (docs/ecs.md).
+    assert sidecar["healthCheck"]["command"] == [
+        "CMD",
+        "marketplace-sidecar",
+        "probe",
+        "--path",
+        "/healthz",
+    ]
     assert sidecar["readonlyRootFilesystem"] is True and sidecar["user"].startswith("10001")
     assert product["dependsOn"] == [{"containerName": SIDECAR, "condition": "HEALTHY"}]
     env = {e["name"]: e["value"] for e in sidecar["environment"]}
@@ -184,7 +191,7 @@ def test_task_role_trust_policies_carry_confused_deputy_conditions() -> None:
 
 def test_log_groups_exist_before_tasks_start() -> None:
     """awslogs-create-group needs logs:CreateLogGroup, which AWS's standard execution-role
-    policy lacks: the task definition does not use it (the README creates the group), and the
+    policy lacks: the task definition does not use it (docs/ecs.md creates the group), and the
     template creates its LogGroup itself."""
     for c in TASK["containerDefinitions"]:
         assert "awslogs-create-group" not in c["logConfiguration"]["options"]
@@ -209,6 +216,7 @@ def test_the_template_takes_the_sidecar_image_by_digest_only() -> None:
 
 SAAS_TASK: dict[str, Any] = json.loads((ECS / "task-definition-saas.json").read_text())
 SAAS_ENV = {
+    "MARKETPLACE_PRODUCT_CODE": "REPLACE_WITH_PRODUCT_CODE",
     "MARKETPLACE_MODE": "saas",
     "MARKETPLACE_DIMENSIONS": "REPLACE_WITH_DIMENSION_A,REPLACE_WITH_DIMENSION_B",
     "MARKETPLACE_SAAS_IDENTITY": "license",
@@ -237,7 +245,8 @@ def test_saas_sidecar_wiring_keeps_the_database_url_in_secrets_manager() -> None
     sidecar, backend = SAAS_TASK["containerDefinitions"]
     assert sidecar["name"] == SIDECAR and sidecar["essential"] is True
     env = {e["name"]: e["value"] for e in sidecar["environment"]}
-    assert env == SAAS_ENV  # exactly: no key, no product code (license identity), no URL
+    # exactly: no key, no URL; the product code pins ResolveCustomer to this product
+    assert env == SAAS_ENV
     (secret,) = sidecar["secrets"]
     assert secret["name"] == "MARKETPLACE_USAGE_DATABASE_URL"
     assert secret["valueFrom"].startswith("arn:aws:secretsmanager:")
@@ -298,3 +307,239 @@ def test_saas_iam_policy_grants_resolve_customer_and_batch_meter_usage_only() ->
     actions = {a.split(":", 1)[1] for a in policy["Statement"][0]["Action"]}
     assert actions <= operations
     assert client.meta.service_model.signing_name == "aws-marketplace"
+
+
+# -- Every example, every mode: the fleet's registration time, Fargate's volume, the README -------
+
+CUSTOM_TASK: dict[str, Any] = json.loads((ECS / "task-definition-custom.json").read_text())
+# ECS API reference, ContainerDefinition.startTimeout: "The valid values for Fargate are 2-120
+# seconds": the longest a container with dependsOn HEALTHY waits for the sidecar on Fargate.
+FARGATE_START_TIMEOUT_MAX = 120
+# HealthCheck limits (botocore's ECS model documentation).
+HEALTH_LIMITS = {
+    "interval": (5, 300),
+    "timeout": (2, 60),
+    "retries": (1, 10),
+    "startPeriod": (0, 300),
+}
+# The fleet table's largest row: 1,000 tasks of an account registering at once, time goal
+# 1.25 x N / 5 s + 5 s (RegisterUsage's 5 calls/s per account and region) = 255 s.
+FLEET_REGISTRATION_SECONDS = 1.25 * 1000 / 5 + 5
+
+
+def _lower(value: Any) -> Any:
+    """A CloudFormation container (PascalCase keys) as RegisterTaskDefinition input."""
+    if isinstance(value, dict):
+        return {k[0].lower() + k[1:]: _lower(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_lower(v) for v in value]
+    return value
+
+
+def _cfn_sidecar() -> dict[str, Any]:
+    sidecar = CFN["Resources"]["TaskDefinition"]["Properties"]["ContainerDefinitions"][0]
+    out: dict[str, Any] = _lower({k: v for k, v in sidecar.items() if k != "StopTimeout"})
+    return out
+
+
+EXAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "task-definition.json": (TASK, TASK["containerDefinitions"][0]),
+    "task-definition-custom.json": (CUSTOM_TASK, CUSTOM_TASK["containerDefinitions"][0]),
+    "task-definition-saas.json": (SAAS_TASK, SAAS_TASK["containerDefinitions"][0]),
+    "cloudformation.json": ({"requiresCompatibilities": ["FARGATE"]}, _cfn_sidecar()),
+}
+
+
+def health_limit_problems(task: dict[str, Any]) -> Iterator[str]:
+    fargate = "FARGATE" in task.get("requiresCompatibilities", [])
+    for c in task.get("containerDefinitions", []):
+        for field, (low, high) in HEALTH_LIMITS.items():
+            value = c.get("healthCheck", {}).get(field)
+            if value is not None and not low <= value <= high:
+                yield f"{c['name']}: healthCheck.{field} {value} outside {low}-{high}"
+        if fargate and c.get("startTimeout", 0) > FARGATE_START_TIMEOUT_MAX:
+            yield f"{c['name']}: startTimeout {c['startTimeout']} > 120 on Fargate"
+
+
+@pytest.fixture(scope="module")
+def registering_sidecar() -> Iterator[Any]:
+    """A sidecar whose first RegisterUsage never gets an answer: it stays `registering`, as every
+    task of a large fleet does while the account's 5 calls/s let the others through."""
+    import socket
+
+    from tests.helpers import loopback_env, start_sidecar
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # accepts (the kernel does), never answers
+    car = start_sidecar(
+        loopback_env(
+            f"http://127.0.0.1:{silent.getsockname()[1]}",
+            MARKETPLACE_PUBLIC_KEY=_demo_key(),
+        )
+    )
+    try:
+        assert car.entitlement()["state"] == "registering"
+        yield car
+    finally:
+        car.stop()
+        silent.close()
+
+
+def _demo_key() -> str:
+    from tests.helpers import new_key, pem
+
+    return pem(new_key())
+
+
+def health_command_exit(command: list[str], probe_url: str) -> int:
+    """The task definition's health command, run as ECS runs it ("CMD": no shell)."""
+    import os
+    import subprocess
+    import sys
+
+    assert command[0] == "CMD" and command[1] == "marketplace-sidecar", command
+    env = {**os.environ, "MARKETPLACE_PROBE_LISTEN": probe_url.removeprefix("http://")}
+    run = [sys.executable, "-m", "sidecar", *command[2:]]
+    return subprocess.run(run, env=env, capture_output=True, timeout=30, check=False).returncode
+
+
+def survives_registration_of(
+    sidecar: dict[str, Any], passes_while_registering: bool, fargate: bool
+) -> float:
+    """How long the sidecar may stay `registering` before ECS gives up on the task: the product
+    (dependsOn HEALTHY) stops waiting after startTimeout (at most 120 s on Fargate), and the
+    health check turns UNHEALTHY after startPeriod + retries x interval (a service then
+    replaces the task). A check that passes while registering bounds neither."""
+    if passes_while_registering:
+        return float("inf")
+    hc = sidecar["healthCheck"]
+    unhealthy_after = hc.get("startPeriod", 0) + hc.get("retries", 3) * hc.get("interval", 30)
+    start_timeout = sidecar.get("startTimeout", FARGATE_START_TIMEOUT_MAX if fargate else 1e9)
+    return float(min(unhealthy_after, start_timeout))
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_no_example_stops_a_task_that_is_still_registering(
+    name: str, registering_sidecar: Any
+) -> None:
+    """Issue: startPeriod 30 + 3 x 10 s marked the sidecar UNHEALTHY after ~60 s (and the
+    product gives up after startTimeout, at most 120 s on Fargate) while a 1,000-task fleet
+    takes up to 255 s to register. The health check is a liveness check (/healthz); the product
+    waits for the entitlement itself (GET /v1/entitlement, docs/ecs.md)."""
+    task, sidecar = EXAMPLES[name]
+    assert list(health_limit_problems({**task, "containerDefinitions": [sidecar]})) == []
+    code = health_command_exit(sidecar["healthCheck"]["command"], registering_sidecar.probe)
+    fargate = "FARGATE" in task.get("requiresCompatibilities", [])
+    survived = survives_registration_of(sidecar, code == 0, fargate)
+    assert survived >= FLEET_REGISTRATION_SECONDS, (name, code, survived)
+    # The check still catches a dead sidecar: the command's own timeout is below ECS's.
+    assert sidecar["healthCheck"]["timeout"] > 2  # `probe --timeout` defaults to 2 s
+
+
+def test_the_health_command_fails_when_nothing_answers() -> None:
+    """The liveness check is not vacuous: with no sidecar on the probe port it exits non-zero."""
+    from tests.helpers import free_port
+
+    for _, sidecar in EXAMPLES.values():
+        command = sidecar["healthCheck"]["command"]
+        assert health_command_exit(command, f"http://127.0.0.1:{free_port()}") != 0
+
+
+def test_the_health_limits_checker_catches_fargate_limits() -> None:
+    task = json.loads(json.dumps(TASK))
+    task["containerDefinitions"][0]["startTimeout"] = 300
+    task["containerDefinitions"][0]["healthCheck"]["retries"] = 11
+    found = list(health_limit_problems(task))
+    assert any("startTimeout 300" in p for p in found) and any("retries 11" in p for p in found)
+    # and a readiness check (/readyz) would not survive the fleet's registration
+    readiness = {**task["containerDefinitions"][0], "startTimeout": 120}
+    readiness["healthCheck"] = {"interval": 10, "retries": 10, "startPeriod": 300}
+    assert survives_registration_of(readiness, False, True) == 120 < FLEET_REGISTRATION_SECONDS
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_example_pins_the_sidecar_by_digest_and_creates_no_log_group(name: str) -> None:
+    task, sidecar = EXAMPLES[name]
+    if name == "cloudformation.json":
+        assert CFN["Parameters"]["SidecarImage"]["AllowedPattern"].endswith("@sha256:[a-f0-9]{64}$")
+        containers = CFN["Resources"]["TaskDefinition"]["Properties"]["ContainerDefinitions"]
+        options = [c["LogConfiguration"]["Options"] for c in containers]
+    else:
+        assert "@sha256:" in sidecar["image"], sidecar["image"]
+        options = [c["logConfiguration"]["options"] for c in task["containerDefinitions"]]
+    assert all("awslogs-create-group" not in o for o in options), options
+
+
+def test_custom_state_volume_is_the_images_volume() -> None:
+    """Fargate makes an empty bind volume root-owned 0755 unless the image declares the same path
+    as a VOLUME (AWS, "Use bind mounts with Amazon ECS"): the mount, MARKETPLACE_STATE_DIR and
+    the Dockerfile's VOLUME, owned by the task's user, must be one path."""
+    import re
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (volume,) = re.findall(r'^VOLUME \["([^"]+)"\]$', dockerfile, re.M)
+    assert re.search(rf"chown 10001:10001 {re.escape(volume)}\b", dockerfile)
+    sidecar = CUSTOM_TASK["containerDefinitions"][0]
+    env = {e["name"]: e["value"] for e in sidecar["environment"]}
+    assert sidecar["user"] == "10001:10001"
+    assert [m["containerPath"] for m in sidecar["mountPoints"]] == [env["MARKETPLACE_STATE_DIR"]]
+    assert env["MARKETPLACE_STATE_DIR"] == volume
+    cfn = _cfn_sidecar()
+    assert f'"value": "{volume}"' in json.dumps(cfn["environment"])
+    assert volume in json.dumps(cfn["mountPoints"])
+
+
+@pytest.mark.parametrize(
+    "name", ["task-definition.json", "task-definition-custom.json", "task-definition-saas.json"]
+)
+def test_run_starts_from_each_task_definition_without_a_warning(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The environment of each file, as `run` would read it: valid, and nothing logged as ignored
+    or risky (the SaaS file without MARKETPLACE_PRODUCT_CODE warned that any product's token
+    would resolve)."""
+    import os
+
+    from sidecar.config import config_warnings
+    from sidecar.config_validate import validate
+
+    sidecar = EXAMPLES[name][1]
+    for key in [k for k in os.environ if k.startswith("MARKETPLACE_")]:
+        monkeypatch.delenv(key)
+    for e in sidecar["environment"]:
+        monkeypatch.setenv(e["name"], e["value"].replace("\\n", "\n"))
+    for s in sidecar.get("secrets", []):
+        monkeypatch.setenv(s["name"], "postgresql://metering@db.internal:5432/metering")
+    if "MARKETPLACE_PUBLIC_KEY" in os.environ:
+        monkeypatch.setenv("MARKETPLACE_PUBLIC_KEY", _demo_key())
+    if "MARKETPLACE_DIMENSIONS" in os.environ:
+        monkeypatch.setenv("MARKETPLACE_DIMENSIONS", "dimension_a,dimension_b")
+    settings = validate()
+    assert settings.ignored() == [] and config_warnings(settings) == []
+
+
+def test_docs_deploy_every_mode_with_its_own_files() -> None:
+    """Issue: the CLI deploy lines were hourly-only. docs/ecs.md registers each task definition
+    with the task-role policy of its mode, and every file it names exists."""
+    import re
+
+    text = (ROOT / "docs" / "ecs.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    for path in re.findall(r"file://([\w./-]+)", text):
+        assert (ROOT / path).is_file(), path
+    policy_of = {
+        "task-definition.json": "policy.json",
+        "task-definition-custom.json": "policy-custom-metering.json",
+        "task-definition-saas.json": "policy-saas.json",
+    }
+    for task, policy in policy_of.items():
+        (block,) = [b for b in blocks if f"file://manifests/ecs/{task}" in b]
+        assert f"file://manifests/iam/{policy}" in block, (task, block)
+        group = json.loads((ECS / task).read_text())["containerDefinitions"][0]
+        log_group = group["logConfiguration"]["options"]["awslogs-group"]
+        assert f"create-log-group --log-group-name {log_group}\n" in block
+        role = json.loads((ECS / task).read_text())["taskRoleArn"].rsplit("/", 1)[1]
+        assert f"--role-name {role} " in block
+    custom = json.loads((ROOT / "manifests" / "iam" / "policy-custom-metering.json").read_text())
+    assert "aws-marketplace:MeterUsage" in json.dumps(custom)

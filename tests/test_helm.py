@@ -1031,3 +1031,140 @@ def test_a_fleet_size_the_deadline_cannot_hold_fails_at_render_not_in_a_crash_lo
     plain["MARKETPLACE_PUBLIC_KEY_FILE"] = str(key_file)
     plain["MARKETPLACE_STATE_DIR"] = str(tmp_path)
     assert sidecar_accepts(plain, "s.fleet_size") == [str(fleet)]
+
+
+# -- The seller's own workload: replicas on SQLite, their own ServiceAccount, their container's
+#    API token ---------------------------------------------------------------------------------
+
+NO_DB = "marketplace-sidecar.metering.saas.database.existingSecret="
+
+
+def render_parent_failure(chart: Path, *sets: str) -> str:
+    args = ["template", "shop", str(chart), "--namespace", "shop", "--kube-version", "1.30.0"]
+    for s in sets:
+        args += ["--set", s]
+    out = helm(*args, check=False)
+    assert out.returncode != 0, out.stdout[:300]
+    return out.stderr
+
+
+def test_a_sellers_own_deployment_on_sqlite_is_refused_above_one_replica(tmp_path: Path) -> None:
+    """Issue: only the sample Deployment was guarded; a seller's 3 replicas on SQLite rendered
+    without a word, and each replica sent its own count (AWS keeps the first)."""
+    chart = saas_parent_chart(tmp_path)
+    err = render_parent_failure(chart, NO_DB)  # the example's replicas: 3
+    assert "replicas=3 in saas mode needs metering.saas.database.existingSecret" in err, err
+    assert "ONE replica" in err
+    # The autoscaler's ceiling is refused the same way, naming its own field.
+    err = render_parent_failure(
+        chart,
+        NO_DB,
+        "replicas=1",
+        "autoscaling.enabled=true",
+        "autoscaling.minReplicas=1",
+        "autoscaling.maxReplicas=4",
+    )
+    assert "autoscaling.maxReplicas=4 in saas mode" in err, err
+    # One replica on SQLite renders; many on PostgreSQL render, autoscaler included.
+    one = render_parent(chart, NO_DB, "replicas=1")
+    validate(one, "1.30.0")
+    assert next(d for d in one if d["kind"] == "Deployment")["spec"]["replicas"] == 1
+    many = render_parent(chart, "autoscaling.enabled=true", "autoscaling.maxReplicas=12")
+    validate(many, "1.30.0")
+    hpa = next(d for d in many if d["kind"] == "HorizontalPodAutoscaler")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    # Custom and hourly modes meter each pod on its own: no limit.
+    product = parent_chart(tmp_path / "p", None)
+    assert (
+        next(d for d in render_parent(product) if d["kind"] == "Deployment")["spec"]["replicas"]
+        == 2
+    )
+
+
+@pytest.mark.parametrize("kube", ["1.28.0", "1.33.0"])
+def test_a_sellers_own_irsa_service_account(tmp_path: Path, kube: str) -> None:
+    """serviceAccount.create=false + name: the pod runs as the seller's account (already
+    annotated for IRSA), the chart creates none, and the gate's RoleBinding names it."""
+    chart = parent_chart(tmp_path, None)
+    docs = render_parent(
+        chart,
+        "marketplace-sidecar.serviceAccount.create=false",
+        "marketplace-sidecar.serviceAccount.name=shop-app",
+        "marketplace-sidecar.readinessGate.enabled=true",
+        kube=kube,
+    )
+    validate(docs, kube)
+    assert "ServiceAccount" not in [d["kind"] for d in docs]
+    assert pod_spec(docs)["serviceAccountName"] == "shop-app"
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "shop-app", "namespace": "shop"}
+    ]
+    # Without a name the pod would reference an account nobody creates.
+    err = render_parent_failure(chart, "marketplace-sidecar.serviceAccount.create=false")
+    assert "serviceAccount.create=false needs serviceAccount.name" in err, err
+
+
+@pytest.mark.parametrize("kube", ["1.28.0", "1.33.0"])
+@pytest.mark.parametrize("gate", [False, True])
+def test_the_product_container_can_keep_its_api_token(
+    tmp_path: Path, kube: str, gate: bool
+) -> None:
+    """The pod never automounts a token; productToken.enabled mounts one into the seller's
+    container (through the chart's named template) at the usual path, and the sidecar keeps its
+    own projected volume: neither container gets the other's mount."""
+    chart = parent_chart(tmp_path, None)
+    sets = ["marketplace-sidecar.productToken.enabled=true"]
+    if gate:
+        sets.append("marketplace-sidecar.readinessGate.enabled=true")
+    docs = render_parent(chart, *sets, kube=kube)
+    validate(docs, kube)
+    expected = {"product": [f"mount marketplace-sidecar-product-token at {SA_DIR}"]}
+    if gate:
+        expected["marketplace-sidecar"] = [f"mount marketplace-sidecar-kube-api at {SA_DIR}"]
+    assert token_holders(docs) == expected
+    spec = pod_spec(docs)
+    assert spec["automountServiceAccountToken"] is False
+    volume = next(v for v in spec["volumes"] if v["name"] == "marketplace-sidecar-product-token")
+    sources = volume["projected"]["sources"]
+    assert [next(iter(s)) for s in sources] == ["serviceAccountToken", "configMap", "downwardAPI"]
+    # Off by default: the product container has no token and no mount.
+    assert token_holders(render_parent(chart, kube=kube)) == {}
+
+
+# -- docs/helm.md: each mode's values block, copied alone into a seller's chart -----------------
+
+DOCS_HELM = ROOT / "docs" / "helm.md"
+DIGEST = "sha256:" + "c" * 64
+
+
+def doc_values_blocks() -> dict[str, dict[str, Any]]:
+    """The ```yaml blocks of docs/helm.md that start `# values.yaml of your ... (<mode>)`."""
+    import re
+
+    blocks = re.findall(
+        r"```yaml\n(# values\.yaml of your [^\n]*\((\w+)\)\n.*?)```", DOCS_HELM.read_text(), re.S
+    )
+    return {mode: yaml.safe_load(text.replace("sha256:...", DIGEST)) for text, mode in blocks}
+
+
+@pytest.mark.parametrize("mode", ["hourly", "custom", "saas"])
+def test_each_modes_values_block_is_complete_when_copied_alone(tmp_path: Path, mode: str) -> None:
+    """Issue: snippets copied alone rendered the chart's sample Deployment and the unpinned
+    `marketplace-sidecar:0.1.0` (a Docker Hub name) into the seller's chart."""
+    blocks = doc_values_blocks()
+    assert set(blocks) == {"hourly", "custom", "saas"}, sorted(blocks)
+    ours = blocks[mode]["marketplace-sidecar"]
+    chart = saas_parent_chart(tmp_path) if mode == "saas" else parent_chart(tmp_path, None)
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    values["marketplace-sidecar"] = ours  # the block replaces the example's own
+    (chart / "values.yaml").write_text(yaml.safe_dump(values))
+    for kube in ("1.28.0", "1.33.0"):
+        docs = render_parent(chart, kube=kube)
+        validate(docs, kube)
+        deployments = [d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"]
+        assert len(deployments) == 1 and not deployments[0].endswith("-sample"), deployments
+        c = sidecar(pod_spec(docs))
+        assert c["image"] == f"{ours['image']['registry']}/marketplace-sidecar@{DIGEST}"
+        assert "." in ours["image"]["registry"].split("/")[0]  # a registry host, not Docker Hub
+        assert env_of(c).get("MARKETPLACE_MODE", "hourly") == mode

@@ -51,9 +51,51 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 
+{{/*
+The pod's ServiceAccount: the chart's own (serviceAccount.create, the default), or, with
+serviceAccount.create=false, the one named in serviceAccount.name: your own, already annotated for
+IRSA with a role that may call AWS Marketplace metering. Without a name the pod would reference an
+account nobody creates: refused here rather than in the ReplicaSet's events.
+*/}}
 {{- define "marketplace-sidecar.serviceAccountName" -}}
 {{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- if and (not $v.serviceAccount.create) (not $v.serviceAccount.name) -}}
+{{- fail "serviceAccount.create=false needs serviceAccount.name: the ServiceAccount your pods already run as (annotated eks.amazonaws.com/role-arn with a role allowed to meter)" -}}
+{{- end -}}
 {{- $v.serviceAccount.name | default (include "marketplace-sidecar.fullname" .) -}}
+{{- end -}}
+
+{{/*
+Your workload's replica count, refused when it would make several senders: in SaaS mode on the
+sidecar's own SQLite store each replica keeps its own count and sends it, and AWS keeps only the
+first record of a customer, dimension and hour (the others come back as DuplicateRecord). Call it
+for every count your chart sets (the Deployment's replicas, the autoscaler's maxReplicas):
+  replicas: {{ include "marketplace-sidecar.replicas" (dict "root" $ "replicas" .Values.replicas) }}
+  maxReplicas: {{ include "marketplace-sidecar.replicas" (dict "root" $ "replicas" .Values.autoscaling.maxReplicas "field" "autoscaling.maxReplicas") }}
+*/}}
+{{- define "marketplace-sidecar.replicas" -}}
+{{- $v := include "marketplace-sidecar.values" .root | fromYaml -}}
+{{- $n := int (required "marketplace-sidecar.replicas: pass (dict \"root\" $ \"replicas\" <your count>)" .replicas) -}}
+{{- if and (eq $v.metering.mode "saas") (include "marketplace-sidecar.localState" .root) (gt $n 1) -}}
+{{- fail (printf "%s=%d in saas mode needs metering.saas.database.existingSecret (PostgreSQL, one store and one sender for the fleet): the SQLite store serves ONE replica, and replicas each sending their own count would be billed the first count only" (.field | default "replicas") $n) -}}
+{{- end -}}
+{{- $n -}}
+{{- end -}}
+
+{{/*
+The volume mount that gives YOUR container the pod ServiceAccount's API token, CA and namespace
+where automount would have put them (productToken.enabled). The pod never automounts a token
+(automountServiceAccountToken: false), so without it your container has none:
+  - name: your-product
+    {{- with (include "marketplace-sidecar.productVolumeMounts" $) }}
+    volumeMounts: {{- . | nindent 6 }}
+    {{- end }}
+*/}}
+{{- define "marketplace-sidecar.productVolumeMounts" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- if $v.productToken.enabled -}}
+- {name: marketplace-sidecar-product-token, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true}
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -281,6 +323,22 @@ prometheus.io/path: /metrics
 - name: marketplace-sidecar-state
   emptyDir: {sizeLimit: {{ ternary "1Mi" $v.metering.stateSizeLimit (eq $v.metering.mode "hourly") }}}
 {{- end }}
+{{- end }}
+{{- if $v.productToken.enabled }}
+# What automount would give every container, for YOUR container only (productToken.enabled):
+# the same ServiceAccount's token, so it also carries the sidecar's Role when the gate or
+# Events are on.
+- name: marketplace-sidecar-product-token
+  projected:
+    defaultMode: 292  # 0444
+    sources:
+      - serviceAccountToken: {path: token, expirationSeconds: 3607}
+      - configMap:
+          name: kube-root-ca.crt
+          items: [{key: ca.crt, path: ca.crt}]
+      - downwardAPI:
+          items:
+            - {path: namespace, fieldRef: {apiVersion: v1, fieldPath: metadata.namespace}}
 {{- end }}
 {{- if include "marketplace-sidecar.kubeApi" . }}
 # What automount would give every container, projected for the sidecar container alone, plus

@@ -277,8 +277,10 @@ class Router:
             ok, reason = self._readiness()
         except Exception as exc:  # a readiness probe answers; it never 500s
             ok, reason = False, f"readiness check failed: {type(exc).__name__}"
-        if ok:
-            return Reply(200, {"ready": True, "state": "ready"})
+        if ok:  # a reason while ready is a warning (e.g. a second sender on SQLite)
+            return Reply(
+                200, {"ready": True, "state": "ready", **({"warning": reason} if reason else {})}
+            )
         error: dict[str, Any] = {"code": "store_unavailable"}
         if not self.redacted:  # a driver's message can name hosts and users
             error["message"] = str(reason or "the usage store is unavailable")[:500]

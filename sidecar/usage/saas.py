@@ -64,6 +64,13 @@ RESOLVE_DEADLINE = 10.0  # seconds of retrying throttling/5xx before answering 5
 TOKEN_LIFETIME = 3600.0  # AWS: "about 1 hour" (another page says 4); the shorter is assumed
 LEADER_RECHECK = 3.0  # a follower asks for the sender role this often
 EXPIRED_HINT = "redeem the token as soon as the buyer's browser posts it"
+# DuplicateRecord with a store no other replica can see: a second sender is the likely cause.
+SECOND_SENDER_HINT = (
+    "DuplicateRecord on the SQLite store: most likely a second sender (another replica with its "
+    "own SQLite store sends its own count; AWS keeps the first). Run ONE replica, or give the "
+    "fleet one PostgreSQL store: MARKETPLACE_USAGE_DATABASE_URL (Helm: "
+    "metering.saas.database.existingSecret)"
+)
 # Whole-call refusals caused by one record in the call: bisect to find it.
 RECORD_CODES = frozenset(
     {
@@ -394,7 +401,13 @@ class SaasService:
         return out
 
     def ready(self) -> tuple[bool, str | None]:
-        return self.store.available()
+        ok, reason = self.store.available()
+        if ok and self._alerts["conflict"] and self._on_sqlite():
+            return ok, SECOND_SENDER_HINT  # still ready: the store writes; /readyz says why
+        return ok, reason
+
+    def _on_sqlite(self) -> bool:
+        return getattr(self.store, "backend", "") == "sqlite"
 
     def counters(self) -> SaasCounters:
         now = self.clock.time()
@@ -433,10 +446,16 @@ class SaasService:
             self._alerts["rejected"] += len(settled.rejected)
         for customer in settled.not_subscribed:
             log.warning("saas_customer_not_subscribed", extra={"customer": customer})
+        cause = SECOND_SENDER_HINT if self._on_sqlite() else None
         for customer, dimension, hour in settled.conflicts:
             log.error(
                 "saas_duplicate_record",
-                extra={"customer": customer, "dimension": dimension, "hour": iso_hour(hour)},
+                extra={
+                    "customer": customer,
+                    "dimension": dimension,
+                    "hour": iso_hour(hour),
+                    "likely_cause": cause,
+                },
             )
         for state, keys in (("expired", settled.expired), ("rejected", settled.rejected)):
             for customer, dimension, hour in keys:
