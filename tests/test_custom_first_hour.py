@@ -22,7 +22,9 @@ import pytest
 import requests
 
 from sidecar.emulator.service import Emulator, EmulatorServer
-from tests.helpers import ROOT, Sidecar, loopback_env, start_sidecar
+from sidecar.usage.service import EntitlementResult
+from tests.helpers import ROOT, ManualClock, Sidecar, loopback_env, start_sidecar
+from tests.usage_kit import service
 
 SCALE = 720.0  # an hour passes in 5 s
 
@@ -166,8 +168,9 @@ def small_volume(tmp_path: Path) -> Iterator[Path]:
         pytest.skip(f"cannot mount a 2 MiB tmpfs (root needed): {out.stderr.strip()}")
     try:
         yield vol
-    finally:
-        subprocess.run(["umount", str(vol)], check=True)
+    finally:  # lazily if a failed test left a file open on it: never leave a mount behind
+        if subprocess.run(["umount", str(vol)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(vol)], check=True)
 
 
 def fill(volume: Path) -> Path:
@@ -236,6 +239,54 @@ def test_a_full_state_volume_answers_503_keeps_the_loop_alive_and_resumes_when_f
         tail.join()
     assert_once(emulator)
     assert tail.named("usage_loop_store_recovered")
+
+
+def test_a_full_state_volume_at_the_start_check_is_retried_and_heals(
+    clock: ManualClock, emulator: Emulator, small_volume: Path
+) -> None:
+    """The start check's own record cannot be stored: a retryable StateDirUnwritable (shown
+    while it lasts), never a crash or a refusal; freeing space heals it."""
+    seen: list[EntitlementResult] = []
+    filler: list[Path] = []
+
+    def on_entitlement(result: EntitlementResult) -> None:
+        seen.append(result)
+        if len(seen) == 2:
+            filler[0].unlink()  # space is freed after two failed attempts
+
+    svc = service(small_volume, clock, check="meter_zero", on_entitlement=on_entitlement)
+    try:
+        filler.append(fill(small_volume))
+        result = svc.check_entitlement(threading.Event())
+    finally:
+        svc.close()
+    assert result.outcome == "entitled", result
+    assert [(r.outcome, r.error and r.error.code) for r in seen] == [
+        ("retrying", "StateDirUnwritable"),
+        ("retrying", "StateDirUnwritable"),
+    ]
+    assert seen[0].error is not None and "free space" in seen[0].error.hint
+    assert billed(emulator) == {"scans": 0}
+
+
+def test_an_unpublished_check_dimension_is_refused_with_a_hint_naming_the_setting(
+    clock: ManualClock, emulator: Emulator, tmp_path: Path
+) -> None:
+    emulator.reconfigure({"dimensions": ["scans", "users"]})
+    svc = service(
+        tmp_path,
+        clock,
+        check="meter_zero",
+        dimensions=("scans", "users", "entitlement_check"),
+        check_dimension="entitlement_check",
+    )
+    result = svc.check_entitlement(threading.Event())
+    assert result.outcome == "refused"
+    assert result.error is not None
+    assert result.error.code == "InvalidUsageDimensionException"
+    assert "MARKETPLACE_ENTITLEMENT_DIMENSION" in result.error.hint
+    assert "'entitlement_check'" in result.error.hint
+    svc.close()
 
 
 # -- item 11: the start check's first hour ------------------------------------------------------
