@@ -130,6 +130,7 @@ def usage_policy(settings: Settings) -> UsagePolicy:
         dimensions=settings.dimension_list,
         state_dir=settings.state_dir,
         entitlement_check=settings.entitlement_check,
+        check_dimension=settings.entitlement_dimension or None,
         drain_seconds=settings.drain_seconds,
         entitlement_deadline=settings.register_deadline_seconds,
         backoff_base=settings.backoff_base_seconds,
@@ -461,6 +462,10 @@ class Daemon:
         if outcome in ("entitled", "permitted", "skipped"):
             self._entitlement_check = outcome
             self.machine.succeeded(None, None, now, None)
+        elif outcome == "retrying" and result.error is not None:
+            # a retryable failure of the start check (AWS 5xx, throttling, a clock AWS
+            # disagrees with, a full state volume): not ready, the error and count shown
+            self.machine.failed(result.error, now)
         elif outcome == "refused" and result.error is not None:
             if before.last_success_at is None:
                 self.machine.failed(result.error, now)  # before any success: final

@@ -96,6 +96,12 @@ class Settings:
         description="custom mode: how entitlement is checked at start (meter_zero: a quantity-0 "
         "record; dry_run: permissions only; none)",
     )
+    entitlement_dimension: str = setting(
+        "",
+        description="custom mode, meter_zero: the dimension the start check meters 0 on, one of "
+        "MARKETPLACE_DIMENSIONS published for this purpose and never given usage (no usage "
+        "dimension loses its first hour); empty: the first dimension",
+    )
     drain_seconds: float = setting(
         DEFAULT_DRAIN_SECONDS,
         ge=0.0,
@@ -335,6 +341,8 @@ class Settings:
                 f"{PREFIX}DIMENSIONS: is required with {PREFIX}MODE={self.mode}: the product's "
                 f"dimension names as published, comma-separated (1-{MAX_DIMENSIONS})"
             )
+        if self.mode == "custom":
+            problems += self._check_dimension_problems()
         if self.mode == "custom" and self.state_dir is None:
             problems.append(
                 f"{PREFIX}STATE_DIR: is required with {PREFIX}MODE=custom: the usage store "
@@ -348,6 +356,33 @@ class Settings:
             )
         return problems
 
+    def _check_dimension_problems(self) -> list[str]:
+        name = self.entitlement_dimension
+        if not name:
+            return []
+        var = f"{PREFIX}ENTITLEMENT_DIMENSION"
+        if self.entitlement_check != "meter_zero":
+            return [
+                f"{var}: only used with {PREFIX}ENTITLEMENT_CHECK=meter_zero (it is "
+                f"{self.entitlement_check}); remove it or use meter_zero"
+            ]
+        try:
+            listed = parse_dimensions(self.dimensions) if self.dimensions else ()
+        except ValueError:
+            return []  # MARKETPLACE_DIMENSIONS' own line says what is wrong
+        if name not in listed:
+            return [
+                f"{var}: {name[:80]!r} is not one of {PREFIX}DIMENSIONS "
+                f"({', '.join(listed)[:200]}); name the dimension you published for the start "
+                f"check and list it in {PREFIX}DIMENSIONS too"
+            ]
+        if len(listed) == 1:
+            return [
+                f"{var}: {name!r} is the only dimension of {PREFIX}DIMENSIONS; the check "
+                "dimension takes no usage, so list the usage dimensions too"
+            ]
+        return []
+
     @property
     def needs_product_code(self) -> bool:
         return self.mode != "saas" or self.saas_identity == "customer_identifier"
@@ -359,7 +394,7 @@ class Settings:
         saas mode a value equal to the default is fine too (a shared template's defaults)."""
         out = []
         if self.mode == "hourly":  # as before saas mode existed: any non-empty value
-            for name in ("dimensions", "entitlement_check"):
+            for name in ("dimensions", "entitlement_check", "entitlement_dimension"):
                 if name in self.explicit and getattr(self, name):
                     out.append(
                         f"{PREFIX}{name.upper()}: only used with {PREFIX}MODE=custom "
@@ -574,6 +609,8 @@ NOT_SAAS = {
     "public_key_version": _WITHOUT_KEY,
     "challenge_rate_per_second": _WITHOUT_KEY,
     "entitlement_check": "only used with MARKETPLACE_MODE=custom; saas mode checks no "
+    "entitlement at start (a customer is known once ResolveCustomer answers)",
+    "entitlement_dimension": "only used with MARKETPLACE_MODE=custom; saas mode checks no "
     "entitlement at start (a customer is known once ResolveCustomer answers)",
     "register_deadline_seconds": _HOURLY_ONLY,
     "register_interval_seconds": _HOURLY_ONLY,

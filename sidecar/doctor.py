@@ -73,13 +73,17 @@ def load_config() -> tuple[list[Check], Settings | None]:
         ], settings
     if settings.mode == "custom":
         names = ", ".join(settings.dimension_list)
+        check: str = settings.entitlement_check
+        if check == "meter_zero":
+            on = settings.entitlement_dimension
+            check += f" on {on} (check only)" if on else f" on {settings.dimension_list[0]}"
         return [
             Check(OK, "configuration", f"product code {settings.product_code}"),
             Check(
                 OK,
                 "metering",
                 f"custom: {len(settings.dimension_list)} dimension(s) ({names[:200]}), "
-                f"entitlement check {settings.entitlement_check}",
+                f"entitlement check {check}",
             ),
         ], settings
     key = keys[settings.public_key_version]

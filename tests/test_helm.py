@@ -622,6 +622,29 @@ def test_custom_mode_env_passes_the_sidecars_own_validation(tmp_path: Path) -> N
     assert sidecar_accepts(plain, fields) == ["custom", "users,scans", "dry_run", "{}"]
 
 
+def test_check_dimension_is_rendered_only_when_set_and_the_sidecar_accepts_it(
+    tmp_path: Path,
+) -> None:
+    """metering.entitlementDimension reaches the sidecar as MARKETPLACE_ENTITLEMENT_DIMENSION,
+    which `run` accepts with the same dimensions."""
+    assert "MARKETPLACE_ENTITLEMENT_DIMENSION" not in env_of(sidecar(pod_spec(render_custom())))
+    docs = render_custom(
+        "metering.dimensions={users,scans,entitlement_check}",
+        "metering.entitlementDimension=entitlement_check",
+    )
+    validate(docs, "1.33.0")
+    env = env_of(sidecar(pod_spec(docs)))
+    assert env["MARKETPLACE_ENTITLEMENT_DIMENSION"] == "entitlement_check"
+    plain = {k: v for k, v in env.items() if isinstance(v, str)}
+    plain["MARKETPLACE_PRODUCT_CODE"] = "prod-abc"  # from the ConfigMap in the pod
+    plain["MARKETPLACE_STATE_DIR"] = str(tmp_path)  # the emptyDir in the pod
+    fields = "s.entitlement_dimension, ','.join(s.dimension_list)"
+    assert sidecar_accepts(plain, fields) == [
+        "entitlement_check",
+        "users,scans,entitlement_check",
+    ]
+
+
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
@@ -645,6 +668,21 @@ def test_custom_mode_env_passes_the_sidecars_own_validation(tmp_path: Path) -> N
             ["metering.mode=saas", "metering.dimensions={a}", "metering.fleetSize=50"],
             "metering.fleetSize is only used with metering.mode=hourly",
         ),
+        (
+            [*CUSTOM, "metering.entitlementDimension=check"],
+            "metering.entitlementDimension=check is not one of metering.dimensions",
+        ),
+        (
+            [
+                "metering.mode=custom",
+                "metering.dimensions={users,check}",
+                "metering.entitlementCheck=dry_run",
+                "metering.entitlementDimension=check",
+            ],
+            "metering.entitlementDimension is only used with metering.mode=custom and "
+            "metering.entitlementCheck=meter_zero",
+        ),
+        ([r"metering.entitlementDimension=a\,b"], "/metering/entitlementDimension"),
     ],
 )
 def test_metering_schema_rejects_bad_values_naming_the_field(sets: list[str], message: str) -> None:

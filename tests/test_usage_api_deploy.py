@@ -53,7 +53,8 @@ def test_doctor_checks_meter_usage_per_dimension_with_dry_run_only(
     assert out.returncode == 0, out.stdout
     lines = out.stdout.splitlines()
     assert (
-        "✔ metering: custom: 2 dimension(s) (scans, users), entitlement check meter_zero" in lines
+        "✔ metering: custom: 2 dimension(s) (scans, users), entitlement check meter_zero on scans"
+        in lines
     )
     assert "✔ MeterUsage permission: scans: allowed (DryRun)" in lines
     assert "✔ MeterUsage permission: users: allowed (DryRun)" in lines

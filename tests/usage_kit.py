@@ -36,11 +36,13 @@ def service(
     check: str = "none",
     rng: Any = None,
     hours: HourPolicy | None = None,
+    dimensions: tuple[str, ...] = DIMS,
+    on_entitlement: Any = None,
     **over: Any,
 ) -> UsageService:
     policy = UsagePolicy(
         product_code="prod-abc",
-        dimensions=DIMS,
+        dimensions=dimensions,
         state_dir=state,
         entitlement_check=check,
         backoff_base=over.pop("backoff_base", 2.0),
@@ -53,6 +55,7 @@ def service(
         lambda: MeteringGateway("us-east-1", 5.0),
         clock=clock,
         rng=rng or (lambda: 0.5),
+        on_entitlement=on_entitlement,
     )
 
 

@@ -157,6 +157,14 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
 {{- if and $v.metering.fleetSize (ne $v.metering.mode "hourly") -}}
 {{- fail "metering.fleetSize is only used with metering.mode=hourly (RegisterUsage at start): remove it" -}}
 {{- end -}}
+{{- with $v.metering.entitlementDimension -}}
+{{- if or (ne $v.metering.mode "custom") (ne $v.metering.entitlementCheck "meter_zero") -}}
+{{- fail "metering.entitlementDimension is only used with metering.mode=custom and metering.entitlementCheck=meter_zero: remove it" -}}
+{{- end -}}
+{{- if not (has . $v.metering.dimensions) -}}
+{{- fail (printf "metering.entitlementDimension=%s is not one of metering.dimensions: list the dimension you published for the start check there too" .) -}}
+{{- end -}}
+{{- end -}}
 {{- with $v.metering.fleetSize -}}
 {{- /* the sidecar's own check (1.2 x fleet / 5 s, at least 5 s, within half the deadline): else every pod exits 2 */ -}}
 {{- $window := maxf 5.0 (divf (mulf 1.2 (float64 .)) 5.0) -}}
@@ -198,6 +206,9 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
     - {name: MARKETPLACE_MODE, value: custom}
     - {name: MARKETPLACE_DIMENSIONS, value: {{ join "," $v.metering.dimensions | quote }}}
     - {name: MARKETPLACE_ENTITLEMENT_CHECK, value: {{ $v.metering.entitlementCheck | quote }}}
+    {{- with $v.metering.entitlementDimension }}
+    - {name: MARKETPLACE_ENTITLEMENT_DIMENSION, value: {{ . | quote }}}
+    {{- end }}
     - {name: MARKETPLACE_DRAIN_SECONDS, value: {{ $v.metering.drainSeconds | quote }}}
     {{- else }}
     - {name: MARKETPLACE_PUBLIC_KEY_FILE, value: /etc/marketplace-sidecar/public-key.pem}

@@ -133,6 +133,12 @@ class UsageCounts(Protocol):
     @property
     def send_attempts(self) -> Mapping[tuple[str, str], int]: ...  # by (result, code)
 
+    @property
+    def future_hour_units(self) -> Mapping[str, int]: ...  # by dimension: no drain sends them
+
+    @property
+    def unsent_at_exit(self) -> Mapping[str, int]: ...  # by dimension: left when a drain ended
+
 
 class _UsageCollector(Collector):
     """Read from the usage store's counters at scrape time: nothing on the ingest path."""
@@ -181,6 +187,23 @@ class _UsageCollector(Collector):
         for (result, code), n in sorted(merged.items()):
             sends.add_metric([result, code], float(n))
         yield sends
+        future = GaugeMetricFamily(
+            "marketplace_usage_future_hour_units",
+            "Units counted in an hour that has not started (carried past an hour already "
+            "taken, e.g. by meter_zero's start check): no drain can send them, so they are "
+            "lost if the pod ends before that hour does",
+            labels=["dimension"],
+        )
+        unsent = CounterMetricFamily(
+            "marketplace_usage_units_unsent_at_exit",
+            "Units still unsent when the drain ended (kept in the state dir; lost with the pod)",
+            labels=["dimension"],
+        )
+        for dim in sorted(self._dimensions):
+            future.add_metric([dim], float(counts.future_hour_units.get(dim, 0)))
+            unsent.add_metric([dim], float(counts.unsent_at_exit.get(dim, 0)))
+        yield future
+        yield unsent
 
 
 SAAS_RECORD_STATES = ("open", "sealed", "sent", "not_subscribed", "conflict", "expired", "rejected")

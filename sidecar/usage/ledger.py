@@ -566,6 +566,27 @@ def hours_by_state(conn: Db) -> dict[str, int]:
     return out
 
 
+def unsent(conn: Db) -> list[tuple[str, int, int, str]]:
+    """(dimension, hour, quantity, state) of every hour holding acknowledged units that AWS
+    has not accepted: open (not sealed yet) or sealed (not sent yet)."""
+    rows = conn.execute(
+        "SELECT dimension, hour, quantity, 'open' FROM open_hours WHERE quantity > 0 "
+        "UNION ALL SELECT dimension, hour, quantity, state FROM hours "
+        "WHERE state = 'sealed' AND quantity > 0 ORDER BY 2, 1"
+    ).fetchall()
+    return [(str(d), int(h), int(q), str(s)) for d, h, q, s in rows]
+
+
+def future_hour_units(conn: Db, now: float) -> dict[str, int]:
+    """Units per dimension counted in an hour that has not started yet (carried past an hour
+    already taken): a drain cannot send them before the pod goes."""
+    rows = conn.execute(
+        "SELECT dimension, SUM(quantity) FROM open_hours WHERE hour > ? GROUP BY dimension",
+        (hour_of(now),),
+    ).fetchall()
+    return {str(d): int(q) for d, q in rows}
+
+
 def oldest_unsent_end(conn: Db, now: float) -> float | None:
     """End of the oldest hour that has ended and is not sent yet."""
     current = hour_of(now)

@@ -9,6 +9,7 @@ CONTRACT with the wiring (agreed with H6b; change only together):
         dimensions=settings.dimension_list,          # tuple[str, ...], 1..24
         state_dir=settings.state_dir,                # Path, required in custom mode
         entitlement_check=settings.entitlement_check,  # "meter_zero" | "dry_run" | "none"
+        check_dimension=settings.entitlement_dimension or None,  # meter_zero's dimension
         drain_seconds=settings.drain_seconds,
         entitlement_deadline=settings.register_deadline_seconds,
         backoff_base=settings.backoff_base_seconds, backoff_cap=settings.backoff_cap_seconds,
@@ -30,7 +31,8 @@ CONTRACT with the wiring (agreed with H6b; change only together):
         # EntitlementResult.outcome: "entitled" | "permitted" (dry_run: permission only)
         #   | "refused" (final; .error: ErrorInfo; remembered in the store across restarts)
         #   | "unavailable" (retryable errors until the deadline; .error) | "skipped" (none)
-        # on_entitlement(result) is also called later if an hourly send learns a refusal
+        # on_entitlement(result) is called with outcome "retrying" (.error) after each
+        # retryable failure at start, and later if an hourly send learns a refusal
         # (dry_run/none modes: CustomerNotEntitledException on the pod's first real call).
     service.run(stop: threading.Event) -> None     # sealing/sending loop; run in a thread
     service.drain(budget_seconds: float) -> None   # SIGTERM: seal partial hour, send pending
@@ -53,7 +55,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from sidecar.aws.errors import ErrorInfo, classify
+from sidecar.aws.errors import STATE_DIR_UNWRITABLE, ErrorInfo, classify, clock_skew
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.usage import ledger
 from sidecar.usage.hours import (
@@ -85,6 +87,7 @@ log = logging.getLogger(__name__)
 
 REMEMBERED_KINDS = frozenset({"entitlement", "platform"})
 RETRY_AFTER_SECONDS = 5
+TIMESTAMP_REFUSED = "TimestampOutOfBoundsException"
 
 
 class MeterGateway(Protocol):
@@ -104,11 +107,20 @@ class UsagePolicy:
     hours: HourPolicy = field(default_factory=HourPolicy)
     future_skew: float = 300.0
     max_sleep: float = 30.0  # the loop looks at the store at least this often
+    # meter_zero's dimension: one the seller published for the start check and never posts
+    # usage to, so the check locks no usage dimension's first hour. None: the first dimension.
+    check_dimension: str | None = None
+
+    @property
+    def usage_dimensions(self) -> tuple[str, ...]:
+        """The dimensions that take usage (all but a dedicated check dimension)."""
+        return tuple(d for d in self.dimensions if d != self.check_dimension)
 
 
 @dataclass(frozen=True)
 class EntitlementResult:
-    """`outcome`: entitled | permitted | refused | unavailable | skipped (see the contract)."""
+    """`outcome`: entitled | permitted | refused | unavailable | skipped, or retrying (one
+    retryable failure at start, reported while the check goes on; see the contract)."""
 
     outcome: str
     error: ErrorInfo | None = None
@@ -122,6 +134,23 @@ class UsageCounters:
     hours_by_state: dict[str, int]
     oldest_unsent_age_seconds: float
     send_attempts: dict[tuple[str, str], int]
+    # units counted in an hour that has not started: a drain cannot send them (AWS refuses
+    # future timestamps), so they are lost if the pod ends before that hour does
+    future_hour_units: dict[str, int] = field(default_factory=dict)
+    # units still unsent when a drain ended (kept in the store; lost if the pod goes)
+    unsent_at_exit: dict[str, int] = field(default_factory=dict)
+
+
+def _store_unwritable(exc: StoreUnavailableError) -> ErrorInfo:
+    """The state dir refused a write (full, read-only): retried; freeing space heals it."""
+    return ErrorInfo(
+        STATE_DIR_UNWRITABLE,
+        f"the usage store cannot write: {exc}"[:500],
+        "free space on the state volume (MARKETPLACE_STATE_DIR) or make it writable; "
+        "retried with backoff, nothing acknowledged is lost",
+        "transient",
+        True,
+    )
 
 
 def _info(exc: BaseException) -> ErrorInfo | None:
@@ -139,8 +168,10 @@ class UsageService:
         rng: Callable[[], float] = random.random,
         on_entitlement: Callable[[EntitlementResult], None] | None = None,
     ) -> None:
-        if not policy.dimensions:
-            raise ValueError("at least one dimension is needed")
+        if not policy.usage_dimensions:
+            raise ValueError("at least one usage dimension is needed")
+        if policy.check_dimension is not None and policy.check_dimension not in policy.dimensions:
+            raise ValueError("the check dimension must be one of the dimensions")
         self.policy = policy
         self.clock: Clock = clock or SystemClock()
         self.store = Store(policy.state_dir)
@@ -148,11 +179,13 @@ class UsageService:
         self._gateway: MeterGateway | None = None
         self._rng = rng
         self._on_entitlement = on_entitlement
-        self._limits = Limits(policy.dimensions, future_skew=policy.future_skew)
+        self._limits = Limits(policy.usage_dimensions, future_skew=policy.future_skew)
         self._retry = RetryPolicy(policy.backoff_base, policy.backoff_cap)
         self._send_lock = threading.Lock()
         self._count_lock = threading.Lock()
-        self._units: dict[str, int] = dict.fromkeys(policy.dimensions, 0)
+        self._units: dict[str, int] = dict.fromkeys(policy.usage_dimensions, 0)
+        self._unsent_at_exit: dict[str, int] = {}
+        self._store_error: str | None = None  # the loop's last store failure, until a pass works
         self._attempts: dict[tuple[str, str], int] = {}
         self._failures = 0  # consecutive failed sends: all sending pauses after a failure
         self._resume_at = 0.0  # clock.monotonic() when sending may resume
@@ -201,25 +234,40 @@ class UsageService:
         out["sending"] = {
             "consecutive_failures": self._failures,
             "paused_for_seconds": round(pause, 1) if self._failures and pause > 0 else 0.0,
+            "store_error": self._store_error,
         }
-        out["dimensions"] = list(self.policy.dimensions)
+        if self._store_error is not None:
+            out["warnings"].append(f"usage store cannot write: {self._store_error}")
+        out["dimensions"] = list(self.policy.usage_dimensions)
         out["entitlement_check"] = self.policy.entitlement_check
+        if self.policy.entitlement_check == "meter_zero":
+            out["check_dimension"] = self._check_dimension
         return out
 
     def counters(self) -> UsageCounters:
         now = self.clock.time()
 
-        def read(c: Any) -> tuple[dict[str, int], float | None]:
-            return ledger.hours_by_state(c), ledger.oldest_unsent_end(c, now)
+        def read(c: Any) -> tuple[dict[str, int], float | None, dict[str, int]]:
+            return (
+                ledger.hours_by_state(c),
+                ledger.oldest_unsent_end(c, now),
+                ledger.future_hour_units(c, now),
+            )
 
-        by_state, oldest_end = self.store.read(read)
+        by_state, oldest_end, future = self.store.read(read)
         with self._count_lock:
             return UsageCounters(
                 units_accepted=dict(self._units),
                 hours_by_state=by_state,
                 oldest_unsent_age_seconds=max(0.0, now - oldest_end) if oldest_end else 0.0,
                 send_attempts=dict(self._attempts),
+                future_hour_units=future,
+                unsent_at_exit=dict(self._unsent_at_exit),
             )
+
+    @property
+    def _check_dimension(self) -> str:
+        return self.policy.check_dimension or self.policy.dimensions[0]
 
     def close(self) -> None:
         self.store.close()
@@ -331,6 +379,9 @@ class UsageService:
     def _retrying(
         self, stop: threading.Event, attempt: Callable[[], tuple[str | None, ErrorInfo | None]]
     ) -> tuple[str | None, ErrorInfo | None]:
+        """Retry retryable errors with backoff until the deadline; each failure is reported
+        (`on_entitlement` with outcome "retrying"), so `/v1/entitlement` shows the error and the
+        consecutive failures while the pod is not ready, as hourly mode does."""
         started = self.clock.monotonic()
         failures = 0
         while True:
@@ -338,50 +389,86 @@ class UsageService:
             if info is None or not info.retryable:
                 return record_id, info
             failures += 1
+            if self._on_entitlement is not None:
+                self._on_entitlement(EntitlementResult("retrying", info))
             delay = self._retry.delay(failures, self._rng)
             if self.clock.monotonic() + delay - started > self.policy.entitlement_deadline:
                 return None, info
             log.warning(
-                "entitlement_check_retry", extra={"code": info.code, "retry_in": round(delay, 1)}
+                "entitlement_check_retry",
+                extra={
+                    "code": info.code,
+                    "kind": info.kind,
+                    "failures": failures,
+                    "retry_in": round(delay, 1),
+                },
             )
             if self.clock.wait(stop, delay):
                 return None, info
 
     def _meter_zero(self, stop: threading.Event) -> EntitlementResult:
-        dimension = self.policy.dimensions[0]
-        now = self.clock.time()
-        claim = self.store.write(
-            lambda c: ledger.claim_entitlement(
-                c, dimension, now, self.policy.hours, self.policy.product_code
-            )
-        )
-        if claim.already:
-            return EntitlementResult("entitled", remembered=True)
-        pending = claim.pending
-        if pending is None:
-            return EntitlementResult(
-                "refused",
-                classify("EntitlementRecordUnusable", "this hour's entitlement record was refused"),
-            )
+        dimension = self._check_dimension
+        claim: ledger.Claim | None = None
         outcome = RETRY
 
+        def take(c: Any) -> ledger.Claim:
+            return ledger.claim_entitlement(
+                c, dimension, self.clock.time(), self.policy.hours, self.policy.product_code
+            )
+
         def attempt() -> tuple[str | None, ErrorInfo | None]:
-            nonlocal outcome
-            with self._send_lock:
-                outcome, record_id, info = self._send(pending, notify=False)
-            if outcome == RETRY and info is not None and not info.retryable:
-                info = replace(info, retryable=False)
+            nonlocal outcome, claim
+            try:
+                if claim is None:
+                    claim = self.store.write(take)
+                if claim.already or claim.pending is None:
+                    return None, None
+                with self._send_lock:
+                    outcome, record_id, info = self._send(claim.pending, notify=False)
+            except StoreUnavailableError as exc:  # a full state volume heals when space is freed
+                log.error("usage_store_unavailable", extra={"detail": str(exc)[:300]})
+                outcome = RETRY
+                return None, _store_unwritable(exc)
+            if outcome == RETRY and info is not None and info.code == TIMESTAMP_REFUSED:
+                # Refused inside our own six-hour window: AWS sees the timestamp in its
+                # future, so this clock is ahead of AWS's. Not a refusal: retried, and
+                # healed once the clocks agree (the request is kept byte for byte).
+                info = clock_skew(
+                    f"AWS refused the start check's timestamp "
+                    f"{iso(claim.pending.request['Timestamp'])} ({info.code}: "
+                    f"{info.message}); this machine's clock is probably ahead of AWS's"
+                )
             return record_id, info
 
         record_id, info = self._retrying(stop, attempt)
         self._failures, self._resume_at = 0, 0.0
+        if claim is not None and claim.already:
+            return EntitlementResult("entitled", remembered=True)
+        if claim is not None and claim.pending is None:
+            return EntitlementResult(
+                "refused",
+                classify("EntitlementRecordUnusable", "this hour's entitlement record was refused"),
+            )
         if outcome in (SENT, CONFLICT):
             log.info(
-                "entitlement_checked", extra={"mode": "meter_zero", "metering_record_id": record_id}
+                "entitlement_checked",
+                extra={
+                    "mode": "meter_zero",
+                    "dimension": dimension,
+                    "metering_record_id": record_id,
+                },
             )
             return EntitlementResult("entitled", record_id=record_id)
         if info is not None and (info.retryable or outcome == EXPIRED):
             return EntitlementResult("unavailable", info)
+        if info is not None and info.code == "InvalidUsageDimensionException":
+            info = replace(
+                info,
+                hint=f"the start check's dimension {dimension!r} is not published for this "
+                "product; MARKETPLACE_ENTITLEMENT_DIMENSION (or the first of "
+                "MARKETPLACE_DIMENSIONS) must be an API name from the AWS Marketplace "
+                "Management Portal",
+            )
         if info is not None and info.kind in REMEMBERED_KINDS:
             self._refused = True
         return EntitlementResult("refused", info)
@@ -413,10 +500,31 @@ class UsageService:
                 self._get_gateway()
         except Exception as exc:
             log.warning("usage_gateway_not_ready", extra={"detail": str(exc)[:300]})
+        store_failures = 0
         while not stop.is_set():
-            now = self.clock.time()
-            self.tick(now)
-            if self.clock.wait(stop, self._sleep(self.clock.time())):
+            try:
+                self.tick(self.clock.time())
+                sleep = self._sleep(self.clock.time())
+            except StoreUnavailableError as exc:
+                # A full or read-only state volume: nothing is lost (an hour's state changes in
+                # one transaction, a sealed request is resent byte for byte), so wait and try
+                # again; freeing space heals it. SaaS mode's loop does the same.
+                store_failures += 1
+                sleep = min(self._retry.delay(store_failures, self._rng), self.policy.max_sleep)
+                self._store_error = str(exc)[:300]
+                log.error(
+                    "usage_loop_store_unavailable",
+                    extra={
+                        "detail": self._store_error,
+                        "failures": store_failures,
+                        "retry_in": round(sleep, 1),
+                    },
+                )
+            else:
+                if store_failures:
+                    log.info("usage_loop_store_recovered", extra={"failures": store_failures})
+                store_failures, self._store_error = 0, None
+            if self.clock.wait(stop, sleep):
                 return
 
     def tick(self, now: float) -> None:
@@ -483,7 +591,8 @@ class UsageService:
 
     def drain(self, budget_seconds: float) -> None:
         """SIGTERM: seal the open hours (the partial one too) and send all pending within the
-        budget (real seconds); what is left stays in the store for the next start."""
+        budget (real seconds); what is left stays in the store for the next start, and each
+        (dimension, hour) still unsent is logged with its quantity: it is lost if the pod goes."""
         end = time.monotonic() + max(0.0, budget_seconds)
         now = self.clock.time()
         hp = self.policy.hours
@@ -495,17 +604,55 @@ class UsageService:
             )
         except StoreUnavailableError as exc:
             log.error("drain_seal_failed", extra={"detail": str(exc)})
-            return
-        log.info("draining_usage", extra={"sealed": len(sealed), "budget_seconds": budget_seconds})
-        self._failures, self._resume_at = 0, 0.0
+        else:
+            log.info(
+                "draining_usage", extra={"sealed": len(sealed), "budget_seconds": budget_seconds}
+            )
+            self._failures, self._resume_at = 0, 0.0
+            try:
+                self._drain_sends(end)
+            except StoreUnavailableError as exc:
+                log.error("drain_store_unavailable", extra={"detail": str(exc)})
+        self._report_unsent()
+
+    def _drain_sends(self, end: float) -> None:
         while time.monotonic() < end:
-            pending = self.store.read(lambda c: ledger.due(c, None))
-            if not pending:
+            if not self.store.read(lambda c: ledger.due(c, None)):
                 return
             self._send_due(self.clock.time(), ignore_spread=True, budget_end=end)
             wait = min(self._resume_at - self.clock.monotonic(), end - time.monotonic())
             if wait > 0:
                 self.clock.wait(threading.Event(), min(wait, 1.0))
-        left = self.store.read(lambda c: ledger.due(c, None))
+
+    def _report_unsent(self) -> None:
+        """Log (and count) every acknowledged unit the drain could not send: usage carried
+        into an hour that has not started (AWS refuses future timestamps), late POSTs, and
+        hours AWS did not accept in time. Kept in the store: a restarted container sends it;
+        a deleted pod loses it."""
+        now = self.clock.time()
+        left = self.store.read(lambda c: ledger.unsent(c))
+        current = hour_of(now)
+        for dimension, hour, quantity, state in left:
+            reason = "future_hour" if state == "open" and hour > current else "not_sent"
+            log.warning(
+                "usage_unsent_at_exit",
+                extra={
+                    "dimension": dimension,
+                    "hour": iso_hour(hour),
+                    "quantity": quantity,
+                    "state": state,
+                    "reason": reason,
+                },
+            )
+            with self._count_lock:
+                self._unsent_at_exit[dimension] = self._unsent_at_exit.get(dimension, 0) + quantity
         if left:
-            log.warning("drain_incomplete", extra={"unsent_hours": len(left)})
+            log.warning(
+                "drain_incomplete",
+                extra={
+                    "unsent_hours": len(left),
+                    "unsent_units": sum(q for _, _, q, _ in left),
+                    "detail": "kept in the state dir: sent by a restarted container, lost if "
+                    "the pod ends",
+                },
+            )
