@@ -36,13 +36,18 @@ UNTAGGED = ""  # open_tags.tags of usage without allocations
 ID_KEY_BYTES = 12
 BODY_KEY_BYTES = 8
 # Add a record (or one allocation) to its hour's totals for its tag set.
-_ADD_TAGS = "INSERT INTO open_tags (dimension, hour, tags, quantity, n, carried) "
-_ADD_TAGS_CONFLICT = (
-    " ON CONFLICT (dimension, hour, tags) DO UPDATE SET quantity = quantity + excluded.quantity, "
+_ADD_TAGS = (
+    "INSERT INTO open_tags (dimension, hour, tags, quantity, n, carried) VALUES (?, ?, ?, ?, 1, ?) "
+    "ON CONFLICT (dimension, hour, tags) DO UPDATE SET quantity = quantity + excluded.quantity, "
     "n = n + excluded.n, carried = carried + excluded.carried"
 )
-FINAL_STATES = ("sent", "conflict", "expired", "rejected")
-STATES = ("open", "sealed", *FINAL_STATES)
+# Move an hour's totals to another hour: every moved row counts as carried.
+_MOVE_TAGS = (
+    "INSERT INTO open_tags (dimension, hour, tags, quantity, n, carried) "
+    "SELECT dimension, ?, tags, quantity, n, n FROM open_tags WHERE dimension = ? AND hour = ? "
+    "ON CONFLICT (dimension, hour, tags) DO UPDATE SET quantity = quantity + excluded.quantity, "
+    "n = n + excluded.n, carried = carried + excluded.carried"
+)
 
 
 class IdConflictError(Exception):
@@ -182,7 +187,7 @@ def ingest(
                 )
         carried = 1 if hour != own else 0
         conn.executemany(
-            _ADD_TAGS + "VALUES (?, ?, ?, ?, 1, ?)" + _ADD_TAGS_CONFLICT,
+            _ADD_TAGS,
             [(rec.dimension, hour, t, q, carried) for q, t in rows],
         )
         rid = rec.id or f"u-{uuid.uuid4().hex}"
@@ -301,11 +306,7 @@ def seal(
 
 def _move(conn: Db, dimension: str, hour: int, target: int) -> None:
     """Move an unsealed hour's totals into `target`; every moved row counts as carried."""
-    conn.execute(
-        _ADD_TAGS + "SELECT dimension, ?, tags, quantity, n, n FROM open_tags "
-        "WHERE dimension = ? AND hour = ?" + _ADD_TAGS_CONFLICT,
-        (target, dimension, hour),
-    )
+    conn.execute(_MOVE_TAGS, (target, dimension, hour))
     conn.execute("DELETE FROM open_tags WHERE dimension = ? AND hour = ?", (dimension, hour))
     moved = conn.execute(
         "SELECT quantity FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour)
