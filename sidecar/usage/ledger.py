@@ -48,6 +48,8 @@ _MOVE_TAGS = (
     "ON CONFLICT (dimension, hour, tags) DO UPDATE SET quantity = quantity + excluded.quantity, "
     "n = n + excluded.n, carried = carried + excluded.carried"
 )
+FINAL_STATES = ("sent", "conflict", "expired", "rejected")
+STATES = ("open", "sealed", *FINAL_STATES)
 
 
 class IdConflictError(Exception):
