@@ -37,7 +37,7 @@ class VolumeFullError(Exception):
 
 @dataclass(frozen=True)
 class Reading:
-    used: int  # bytes the files hold, less the store's free pages, plus its pending growth
+    used: int  # the files' bytes, less the store's free pages, plus its pending growth and cache
     limit: int
     source: str  # the setting, or "filesystem" when the disk has less room
 
@@ -54,7 +54,7 @@ class Reading:
 
     @property
     def refusing(self) -> bool:
-        return self.used + CACHE_RESERVE >= REFUSE_FRACTION * self.limit
+        return self.fraction >= REFUSE_FRACTION
 
     def warning(self) -> str | None:
         if self.refusing:
@@ -86,9 +86,10 @@ def reading(
     setting: str,
 ) -> Reading:
     """Pure: `files` bytes in the volume, the store file's size on disk and its logical size
-    (`store_pages`, of which `free_pages` are free), and `fs_room` bytes free on the disk."""
+    (`store_pages`, of which `free_pages` are free), and `fs_room` bytes free on the disk.
+    `used` counts SQLite's page cache as taken: an open transaction's pages may be there."""
     growth = max(0, store_pages * page_size - store_file)
-    used = max(0, files + growth - free_pages * page_size)
+    used = max(0, files + growth - free_pages * page_size) + CACHE_RESERVE
     fs_limit = files + fs_room
     if configured is not None and configured <= fs_limit:
         return Reading(used, configured, setting)
