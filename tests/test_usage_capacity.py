@@ -256,7 +256,7 @@ def _v1_store(state: Path, now: float) -> dict[str, dict[str, Any]]:
     )
     conn.execute("COMMIT")
     conn.close()
-    return {a["id"]: a for a in answers + [{"id": "sealed-1", "hour": iso_hour(H0 - 1)}]}
+    return {a["id"]: a for a in [*answers, {"id": "sealed-1", "hour": iso_hour(H0 - 1)}]}
 
 
 def test_a_version_1_store_is_migrated_in_place_losing_nothing(
