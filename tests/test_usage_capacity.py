@@ -295,3 +295,31 @@ def test_a_version_1_store_is_migrated_in_place_losing_nothing(
     allocations = {tags[0][1]: q for q, tags in json.loads(users[0]["allocations"])}
     assert allocations == {"x": 2, "y": 2}
     svc.close()
+
+
+def test_a_settled_hours_allocations_are_dropped_after_the_window_its_audit_row_kept(
+    tmp_path: Path, clock: ManualClock, emulator: Emulator
+) -> None:
+    """The hour rows stay for audit, but 2,000 allocations (~100 kB of request) are dropped once
+    the hour is settled and the window has passed: never sent again, never growing the volume."""
+    svc = service(tmp_path, clock)
+    allocations = [{"quantity": 1, "tags": {"job": f"j{i}"}} for i in range(2000)]
+    assert post(svc, {"dimension": "scans", "quantity": 2000, "allocations": allocations})[0] == 202
+    run_for(svc, clock, 3 * 3600)
+    (sent,) = [h for h in svc.report()["hours"] if h["dimension"] == "scans"]
+    assert sent["state"] == "sent"
+
+    def size() -> int:
+        return int(
+            svc.store.read(
+                lambda c: c.execute("SELECT SUM(length(request)) FROM hours").fetchone()[0]
+            )
+        )
+
+    assert size() > 50_000
+    clock.t += 48 * 3600
+    svc.tick(clock.t)
+    assert size() < 1_000
+    (kept,) = [h for h in svc.report()["hours"] if h["dimension"] == "scans"]
+    assert kept == sent  # state, quantity, timestamp and MeteringRecordId: the audit row
+    svc.close()

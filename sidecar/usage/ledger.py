@@ -489,9 +489,17 @@ def expire_overdue(conn: Db, now: float) -> list[tuple[str, int]]:
 
 def prune(conn: Db, now: float, keep_seconds: float = 48 * 3600.0) -> None:
     """Drop idempotency keys older than the window (kept from 48 to 49 hours: by the hour they
-    were made). Totals of open hours go when sealed; the hour rows (quantity, state,
-    MeteringRecordId) stay for audit."""
-    conn.execute("DELETE FROM ids WHERE made < ?", (hour_of(now - keep_seconds),))
+    were made). Totals of open hours go when sealed. The hour rows (quantity, state,
+    MeteringRecordId, timestamp) stay for audit; past the window, a settled hour's request keeps
+    only its timestamp (with 2,500 allocations it is ~150 kB, and it is never sent again)."""
+    oldest = hour_of(now - keep_seconds)
+    conn.execute("DELETE FROM ids WHERE made < ?", (oldest,))
+    conn.execute(
+        "UPDATE hours SET request = json_object('Timestamp', json_extract(request, "
+        "'$.Timestamp'), 'UsageQuantity', quantity) WHERE hour < ? AND state != 'sealed' AND "
+        "json_extract(request, '$.UsageAllocations') IS NOT NULL",
+        (oldest,),
+    )
 
 
 # -- verdict ------------------------------------------------------------------------------
