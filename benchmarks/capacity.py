@@ -25,7 +25,6 @@ import os
 import sqlite3
 import sys
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from sidecar.emulator.service import Emulator, EmulatorServer  # noqa: E402
 from sidecar.usage.hours import HOUR, HourPolicy, hour_of  # noqa: E402
 from sidecar.usage.service import UsagePolicy, UsageService  # noqa: E402
 from sidecar.usage.store import DB_NAME, WAL_LIMIT_BYTES  # noqa: E402
-from sidecar.usage.volume import CACHE_RESERVE, MIB, files_bytes, reading  # noqa: E402
+from sidecar.usage.volume import MIB, files_bytes, reading  # noqa: E402
 from tests import usage_v1  # noqa: E402
 from tests.helpers import ManualClock  # noqa: E402
 
