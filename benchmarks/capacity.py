@@ -25,6 +25,7 @@ import os
 import sqlite3
 import sys
 import tempfile
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def _records(hour: int, n: int, allocations: bool) -> list[dict[str, Any]]:
         {
             "dimension": ("scans", "users")[i % 2],
             "quantity": 3 if allocations else 1,
-            "id": f"job-{hour}-{i:06}",
+            "id": uuid.UUID(int=hour << 64 | i).hex,  # 32 characters, as a uuid4 hex
             **({"allocations": TEAMS} if allocations else {}),
         }
         for i in range(n)
@@ -162,11 +163,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hours", type=int, default=56, help="simulated hours (> 49)")
     parser.add_argument("--per-hour", type=int, default=3000, help="records per hour")
-    parser.add_argument("--volume", default="64Mi", help="the volume to size against")
+    parser.add_argument(
+        "--volume", default="64Mi,128Mi", help="the volumes to size against (comma-separated)"
+    )
     parser.add_argument("--dir", type=Path, default=None, help="where the stores go")
     args = parser.parse_args()
     logging.disable(logging.CRITICAL)
-    volume = parse_volume_bytes(args.volume) or 64 * MIB
+    volumes = [parse_volume_bytes(v) or 64 * MIB for v in args.volume.split(",")]
     server = EmulatorServer(Emulator(seed=1)).start()
     rows = []
     try:
@@ -184,17 +187,16 @@ def main() -> int:
                 rows.append((name, old, new))
     finally:
         server.shutdown()
-    print(f"{args.hours} h x {args.per_hour} records/h with ids; volume {volume / MIB:.0f} MiB")
-    print(
-        f"{'traffic':36} {'v1 B/rec':>9} {'v2 B/rec':>9} {'ratio':>6} "
-        f"{'v1 rec/s':>9} {'v2 rec/s':>9}"
-    )
+    print(f"{args.hours} h x {args.per_hour} records/h, each with an id (32 characters)")
+    head = "".join(f" {f'v1/v2 rec/s at {v / MIB:.0f} MiB':>24}" for v in volumes)
+    print(f"{'traffic':36} {'v1 B/rec':>9} {'v2 B/rec':>9} {'ratio':>6}{head}")
     for name, (old_bytes, old_held, old_empty), (new_bytes, new_held, new_empty) in rows:
         old_per, new_per = old_bytes / old_held, new_bytes / new_held
-        print(
-            f"{name:36} {old_per:9.0f} {new_per:9.1f} {old_per / new_per:6.1f} "
-            f"{rate(volume, old_per, old_empty):9.2f} {rate(volume, new_per, new_empty):9.2f}"
+        rates = "".join(
+            f" {f'{rate(v, old_per, old_empty):.2f} / {rate(v, new_per, new_empty):.2f}':>24}"
+            for v in volumes
         )
+        print(f"{name:36} {old_per:9.0f} {new_per:9.1f} {old_per / new_per:6.1f}{rates}")
     return 0
 
 

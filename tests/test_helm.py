@@ -576,7 +576,8 @@ def test_custom_mode_renders_valid_manifests_without_a_key(kube: str) -> None:
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "marketplace-sidecar-key" not in volumes  # no key: a missing ConfigMap key would
     assert [m["name"] for m in c["volumeMounts"]] == ["marketplace-sidecar-state"]  # block start
-    assert volumes["marketplace-sidecar-state"]["emptyDir"] == {"sizeLimit": "64Mi"}
+    assert volumes["marketplace-sidecar-state"]["emptyDir"] == {"sizeLimit": "128Mi"}
+    assert env["MARKETPLACE_STATE_VOLUME_BYTES"] == "128Mi"  # the sidecar refuses before it
     cm = next(d for d in docs if d["kind"] == "ConfigMap")
     assert cm["data"] == {"productCode": "prod-abc"}
 
@@ -796,7 +797,7 @@ def test_saas_mode_on_sqlite_keeps_the_state_volume_and_one_replica() -> None:
     assert volumes == {
         "marketplace-sidecar-state": {
             "name": "marketplace-sidecar-state",
-            "emptyDir": {"sizeLimit": "64Mi"},
+            "emptyDir": {"sizeLimit": "128Mi"},
         }
     }
     deployment = next(d for d in docs if d["kind"] == "Deployment")
@@ -1031,3 +1032,22 @@ def test_a_fleet_size_the_deadline_cannot_hold_fails_at_render_not_in_a_crash_lo
     plain["MARKETPLACE_PUBLIC_KEY_FILE"] = str(key_file)
     plain["MARKETPLACE_STATE_DIR"] = str(tmp_path)
     assert sidecar_accepts(plain, "s.fleet_size") == [str(fleet)]
+
+
+@pytest.mark.parametrize("limit", ["16Mi", "1Gi", "300000Ki"])
+def test_custom_mode_tells_the_sidecar_its_volumes_size_limit(limit: str) -> None:
+    """statvfs shows the node's disk, not the emptyDir's sizeLimit: the sidecar hears it from the
+    same value, so it refuses usage (503) before the kubelet would evict the pod."""
+    spec = pod_spec(render_custom(f"metering.stateSizeLimit={limit}"))
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["marketplace-sidecar-state"]["emptyDir"] == {"sizeLimit": limit}
+    assert env_of(sidecar(spec))["MARKETPLACE_STATE_VOLUME_BYTES"] == limit
+
+
+def test_custom_mode_refuses_a_volume_too_small_for_the_store() -> None:
+    args = ["template", "shop", str(CHART), "--set", "metering.stateSizeLimit=8Mi"]
+    for s in (*BASE, *CUSTOM):
+        args += ["--set", s]
+    out = helm(*args, check=False)
+    assert out.returncode != 0
+    assert "metering.stateSizeLimit=8Mi: custom mode needs at least 16Mi" in out.stderr
