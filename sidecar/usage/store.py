@@ -382,10 +382,15 @@ class Store:
                 f"migration to version {missing[0]}. It is left as it is"
             )
         steps = "".join(self.schema.migrations[k][0] + ";\n" for k in range(found + 1, target + 1))
+        # Debian's SQLite zeroes every freed page (SECURE_DELETE): dropping an old table would
+        # write all of it to the WAL again, and a nearly full volume would overflow.
+        secure = int(conn.execute("PRAGMA secure_delete").fetchone()[0])
+        conn.execute("PRAGMA secure_delete=OFF")
         try:
             conn.executescript("BEGIN IMMEDIATE;" + steps)
             conn.execute(_SET_VERSION, (str(target),))
             conn.execute("COMMIT")
+            conn.execute(f"PRAGMA secure_delete={secure}")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
