@@ -135,6 +135,7 @@ def usage_policy(settings: Settings) -> UsagePolicy:
         entitlement_deadline=settings.register_deadline_seconds,
         backoff_base=settings.backoff_base_seconds,
         backoff_cap=settings.backoff_cap_seconds,
+        volume_bytes=settings.state_volume_bytes,
     )
 
 
@@ -372,6 +373,7 @@ class Daemon:
         # SaaS mode: no registrar behind the routes (hourly and custom mode keep theirs).
         registrar = self.registrar
         readiness = self.saas.ready if self.saas is not None else None
+        notices = self.usage.notices if self.usage is not None else None
         api_router = Router(
             registrar,
             self.health,
@@ -381,6 +383,7 @@ class Daemon:
             usage=self.usage,
             saas=self.saas,
             readiness=readiness,
+            notices=notices,
         )
         self.api = bind(
             f"{PREFIX}LISTEN",
@@ -401,6 +404,7 @@ class Daemon:
                         serve_metrics=settings.metrics_listen == "probe",
                         metrics=self.metrics,
                         readiness=readiness,
+                        notices=notices,
                     ),
                     PROBE_LIMITS,
                     name="probe",

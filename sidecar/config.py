@@ -233,6 +233,12 @@ class Settings:
         "first-call refusal across sidecar restarts; custom mode's usage store, and saas "
         "mode's when MARKETPLACE_USAGE_DATABASE_URL is unset",
     )
+    state_volume_bytes: int | None = setting(
+        None,
+        description="custom mode: the state volume's size limit (the emptyDir's sizeLimit, "
+        "e.g. 256Mi or 268435456); usage is refused (503) at 90% instead of the pod being "
+        "evicted, with warnings from 80%. Unset: the filesystem's free space only",
+    )
     readiness_gate: str = setting(
         "",
         description="pod condition type to set (opt-in readiness gate), e.g. "
@@ -394,7 +400,12 @@ class Settings:
         saas mode a value equal to the default is fine too (a shared template's defaults)."""
         out = []
         if self.mode == "hourly":  # as before saas mode existed: any non-empty value
-            for name in ("dimensions", "entitlement_check", "entitlement_dimension"):
+            for name in (
+                "dimensions",
+                "entitlement_check",
+                "entitlement_dimension",
+                "state_volume_bytes",
+            ):
                 if name in self.explicit and getattr(self, name):
                     out.append(
                         f"{PREFIX}{name.upper()}: only used with {PREFIX}MODE=custom "
@@ -510,9 +521,29 @@ def check_metrics_listen(v: str) -> str:
     return v
 
 
+_UNITS = {"": 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4}
+MIN_STATE_VOLUME = 16 * 1024**2  # room for the WAL (4 MiB after a checkpoint) and a margin
+
+
+def parse_volume_bytes(v: object) -> int | None:
+    """Bytes, or a Kubernetes quantity in Ki/Mi/Gi/Ti (the chart passes the sizeLimit as is)."""
+    text = str(v).strip() if not isinstance(v, bool) and v is not None else ""
+    if v is None or (isinstance(v, str) and not text):
+        return None  # templates set every variable and leave unused ones blank
+    match = re.fullmatch(r"([0-9]{1,16})(Ki|Mi|Gi|Ti)?", text)
+    value = int(match[1]) * _UNITS[match[2] or ""] if match else 0
+    if not MIN_STATE_VOLUME <= value <= 2**50:
+        raise ValueError(
+            "must be the state volume's size limit in bytes or as 64Mi / 1Gi (the emptyDir's "
+            f"sizeLimit), at least 16Mi, got {text[:20]!r}"
+        )
+    return value
+
+
 # field names -> their parser, run on the raw value before pydantic's own type coercion.
 FIELD_PARSERS: tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...] = (
     (("fleet_size",), parse_fleet_size),
+    (("state_volume_bytes",), parse_volume_bytes),
 )
 # field names -> their check, in the order pydantic runs them (field order).
 FIELD_CHECKS: tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...] = (
@@ -626,6 +657,7 @@ NOT_SAAS = {
     "aws_call_burst": _HOURLY_ONLY,
     "readiness_gate": _NO_STATE,
     "kube_events": _NO_STATE,
+    "state_volume_bytes": "only used with MARKETPLACE_MODE=custom (its usage store's volume)",
 }
 
 

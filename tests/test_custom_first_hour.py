@@ -2,7 +2,8 @@
 a clock ahead of AWS's at start, a full state volume, and the start check's first hour.
 
 Hours pass in seconds on the test-only scaled clock (the emulator's MeterUsage clock runs with
-the same formula); the full volume is a real 2 MiB tmpfs, filled and freed by the test.
+the same formula); the full volume is a real 16 MiB tmpfs (room for the volume guard's
+margins), filled and freed by the test.
 """
 
 from __future__ import annotations
@@ -155,17 +156,17 @@ def test_start_check_with_the_clock_ahead_is_not_ready_retried_then_heals_and_bi
 
 @pytest.fixture
 def small_volume(tmp_path: Path) -> Iterator[Path]:
-    """A real 2 MiB tmpfs (needs root, as in the project's CI container)."""
+    """A real 16 MiB tmpfs (the volume guard counts 2 MiB of SQLite cache; needs root, as in the project's CI container)."""
     vol = tmp_path / "vol"
     vol.mkdir()
     out = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(vol)],
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(vol)],
         capture_output=True,
         text=True,
         check=False,
     )
     if out.returncode != 0:
-        pytest.skip(f"cannot mount a 2 MiB tmpfs (root needed): {out.stderr.strip()}")
+        pytest.skip(f"cannot mount a 16 MiB tmpfs (root needed): {out.stderr.strip()}")
     try:
         yield vol
     finally:  # lazily if a failed test left a file open on it: never leave a mount behind

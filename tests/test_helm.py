@@ -576,7 +576,8 @@ def test_custom_mode_renders_valid_manifests_without_a_key(kube: str) -> None:
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "marketplace-sidecar-key" not in volumes  # no key: a missing ConfigMap key would
     assert [m["name"] for m in c["volumeMounts"]] == ["marketplace-sidecar-state"]  # block start
-    assert volumes["marketplace-sidecar-state"]["emptyDir"] == {"sizeLimit": "64Mi"}
+    assert volumes["marketplace-sidecar-state"]["emptyDir"] == {"sizeLimit": "128Mi"}
+    assert env["MARKETPLACE_STATE_VOLUME_BYTES"] == "128Mi"  # the sidecar refuses before it
     cm = next(d for d in docs if d["kind"] == "ConfigMap")
     assert cm["data"] == {"productCode": "prod-abc"}
 
@@ -834,7 +835,7 @@ def test_saas_mode_on_sqlite_keeps_the_state_volume_and_one_replica() -> None:
     assert volumes == {
         "marketplace-sidecar-state": {
             "name": "marketplace-sidecar-state",
-            "emptyDir": {"sizeLimit": "64Mi"},
+            "emptyDir": {"sizeLimit": "128Mi"},
         }
     }
     deployment = next(d for d in docs if d["kind"] == "Deployment")
@@ -1206,3 +1207,22 @@ def test_each_modes_values_block_is_complete_when_copied_alone(tmp_path: Path, m
         assert c["image"] == f"{ours['image']['registry']}/marketplace-sidecar@{DIGEST}"
         assert "." in ours["image"]["registry"].split("/")[0]  # a registry host, not Docker Hub
         assert env_of(c).get("MARKETPLACE_MODE", "hourly") == mode
+
+
+@pytest.mark.parametrize("limit", ["16Mi", "1Gi", "300000Ki"])
+def test_custom_mode_tells_the_sidecar_its_volumes_size_limit(limit: str) -> None:
+    """statvfs shows the node's disk, not the emptyDir's sizeLimit: the sidecar hears it from the
+    same value, so it refuses usage (503) before the kubelet would evict the pod."""
+    spec = pod_spec(render_custom(f"metering.stateSizeLimit={limit}"))
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["marketplace-sidecar-state"]["emptyDir"] == {"sizeLimit": limit}
+    assert env_of(sidecar(spec))["MARKETPLACE_STATE_VOLUME_BYTES"] == limit
+
+
+def test_custom_mode_refuses_a_volume_too_small_for_the_store() -> None:
+    args = ["template", "shop", str(CHART), "--set", "metering.stateSizeLimit=8Mi"]
+    for s in (*BASE, *CUSTOM):
+        args += ["--set", s]
+    out = helm(*args, check=False)
+    assert out.returncode != 0
+    assert "metering.stateSizeLimit=8Mi: custom mode needs at least 16Mi" in out.stderr

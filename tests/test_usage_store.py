@@ -33,9 +33,7 @@ def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
         gate.wait()
         store.write(
             lambda c: c.execute(
-                "INSERT INTO records (record_id, dimension, hour, quantity, received_at) "
-                "VALUES (?, 'scans', 1, 1, 0)",
-                (f"r{i}",),
+                "INSERT INTO open_hours (dimension, hour, quantity) VALUES (?, 1, 1)", (f"r{i}",)
             )
         )
 
@@ -45,7 +43,9 @@ def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     try:
-        assert store.read(lambda c: c.execute("SELECT COUNT(*) FROM records").fetchone()[0]) == 32
+        assert (
+            store.read(lambda c: c.execute("SELECT COUNT(*) FROM open_hours").fetchone()[0]) == 32
+        )
         assert store.stats.jobs == 32
         assert store.stats.commits < 32  # one fsync served several writers
     finally:
@@ -94,10 +94,11 @@ def test_a_full_disk_is_an_error_for_the_writer_never_a_partial_write(tmp_path: 
     with pytest.raises(StoreUnavailableError, match="full"):
         store.write(
             lambda c: c.executemany(
-                "INSERT INTO keys VALUES (?, 'd', ?, 0)", [(str(i), "x" * 500) for i in range(200)]
+                "INSERT INTO ids VALUES (?, x'00', 0, 0, 0)",
+                [(f"{i:03}".encode() * 170,) for i in range(200)],
             )
         )
-    assert store.read(lambda c: c.execute("SELECT COUNT(*) FROM keys").fetchone()[0]) == 0
+    assert store.read(lambda c: c.execute("SELECT COUNT(*) FROM ids").fetchone()[0]) == 0
     store.close()
 
 
@@ -122,10 +123,10 @@ def test_an_empty_store_file_is_damage_not_a_fresh_start(tmp_path: Path) -> None
 def test_a_store_from_a_newer_sidecar_is_refused(tmp_path: Path) -> None:
     Store(tmp_path).close()
     conn = sqlite3.connect(tmp_path / DB_NAME)
-    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
-    with pytest.raises(StoreError, match="schema version 2"):
+    with pytest.raises(StoreError, match="schema version 3"):
         Store(tmp_path)
 
 
@@ -274,7 +275,7 @@ def test_a_version_without_its_migration_is_refused_untouched(tmp_path: Path) ->
 def test_the_custom_store_keeps_its_file_and_version(tmp_path: Path) -> None:
     Store(tmp_path).close()
     assert CUSTOM_SCHEMA.name == DB_NAME == "usage.sqlite3"
-    assert _meta_version(tmp_path / DB_NAME) == "1"
+    assert _meta_version(tmp_path / DB_NAME) == "2"
 
 
 def test_psycopg_is_imported_only_for_a_database_url(tmp_path: Path) -> None:

@@ -165,6 +165,13 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
 {{- fail (printf "metering.entitlementDimension=%s is not one of metering.dimensions: list the dimension you published for the start check there too" .) -}}
 {{- end -}}
 {{- end -}}
+{{- if eq $v.metering.mode "custom" -}}
+{{- $limit := $v.metering.stateSizeLimit -}}
+{{- $unit := get (dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824) (regexFind "(Ki|Mi|Gi)$" $limit) -}}
+{{- if lt (mul (regexReplaceAll "(Ki|Mi|Gi)$" $limit "" | int64) $unit) 16777216 -}}
+{{- fail (printf "metering.stateSizeLimit=%s: custom mode needs at least 16Mi (the usage store, its WAL and a margin); see docs/custom-capacity.md" $limit) -}}
+{{- end -}}
+{{- end -}}
 {{- with $v.metering.fleetSize -}}
 {{- /* the sidecar's own check (1.2 x fleet / 5 s, at least 5 s, within half the deadline): else every pod exits 2 */ -}}
 {{- $window := maxf 5.0 (divf (mulf 1.2 (float64 .)) 5.0) -}}
@@ -210,6 +217,8 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
     - {name: MARKETPLACE_ENTITLEMENT_DIMENSION, value: {{ . | quote }}}
     {{- end }}
     - {name: MARKETPLACE_DRAIN_SECONDS, value: {{ $v.metering.drainSeconds | quote }}}
+    # The emptyDir's sizeLimit, which statvfs cannot show: usage is refused (503) at 90% of it.
+    - {name: MARKETPLACE_STATE_VOLUME_BYTES, value: {{ $v.metering.stateSizeLimit | quote }}}
     {{- else }}
     - {name: MARKETPLACE_PUBLIC_KEY_FILE, value: /etc/marketplace-sidecar/public-key.pem}
     - {name: MARKETPLACE_PUBLIC_KEY_VERSION, value: {{ $v.product.publicKeyVersion | quote }}}

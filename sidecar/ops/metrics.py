@@ -139,6 +139,15 @@ class UsageCounts(Protocol):
     @property
     def unsent_at_exit(self) -> Mapping[str, int]: ...  # by dimension: left when a drain ended
 
+    @property
+    def volume_used_bytes(self) -> int: ...  # the state volume, as its limit counts it
+
+    @property
+    def volume_limit_bytes(self) -> int: ...
+
+    @property
+    def refused_volume_full(self) -> int: ...  # POSTs answered 503: the volume was full
+
 
 class _UsageCollector(Collector):
     """Read from the usage store's counters at scrape time: nothing on the ingest path."""
@@ -204,6 +213,23 @@ class _UsageCollector(Collector):
             unsent.add_metric([dim], float(counts.unsent_at_exit.get(dim, 0)))
         yield future
         yield unsent
+        yield GaugeMetricFamily(
+            "marketplace_usage_state_volume_used_bytes",
+            "Bytes the usage store's volume holds (free pages of the store excluded); new usage "
+            "is refused at 90% of the limit, warnings from 80%",
+            value=float(counts.volume_used_bytes),
+        )
+        yield GaugeMetricFamily(
+            "marketplace_usage_state_volume_limit_bytes",
+            "The state volume's limit: MARKETPLACE_STATE_VOLUME_BYTES (the emptyDir's "
+            "sizeLimit) or the filesystem's room, whichever is smaller",
+            value=float(counts.volume_limit_bytes),
+        )
+        yield CounterMetricFamily(
+            "marketplace_usage_refused_volume_full",
+            "POST /v1/usage answered 503, nothing stored: the state volume was 90% full",
+            value=float(counts.refused_volume_full),
+        )
 
 
 SAAS_RECORD_STATES = ("open", "sealed", "sent", "not_subscribed", "conflict", "expired", "rejected")

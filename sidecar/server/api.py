@@ -150,16 +150,20 @@ class Router:
         usage: UsageEndpoint | None = None,
         saas: SaasEndpoint | None = None,
         readiness: Callable[[], tuple[bool, str | None]] | None = None,
+        notices: Callable[[], list[str]] | None = None,
     ) -> None:
         """`listener` picks the routes: "api" everything but /metrics; "probe" /healthz and a
         /readyz that tells the cluster only the state and error code (AWS messages can name
         role ARNs and accounts); "metrics" nothing but /metrics. `serve_metrics` adds /metrics.
 
-        SaaS mode passes no registrar, `saas` and `readiness` (the store is available)."""
+        SaaS mode passes no registrar, `saas` and `readiness` (the store is available).
+        `notices` (custom mode: the state volume filling) adds `warnings` to /readyz; it reads
+        memory only."""
         if registrar is None and readiness is None:
             raise ValueError("a Router needs a registrar or a readiness function")
         self._registrar = registrar
         self._readiness = readiness
+        self._notices = notices
         self._warnings = tuple(warnings)  # from the configuration; they last the process
         self._usage = usage
         self._saas = saas
@@ -268,6 +272,9 @@ class Router:
         body: dict[str, Any] = {"ready": snap.entitled, "state": snap.state.value}
         if snap.error is not None:
             body["error"] = {"code": snap.error.code} if self.redacted else snap.error.to_json()
+        notices = self._notices() if self._notices is not None else []
+        if notices:
+            body["warnings"] = notices
         return Reply(200 if snap.entitled else 503, body)
 
     def _store_readyz(self) -> Reply:

@@ -5,6 +5,7 @@ snapshot) and takes the time it needs, so tests drive them with any clock.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import uuid
 from collections.abc import Callable, Iterable
@@ -31,6 +32,22 @@ from sidecar.usage.validate import (
 )
 
 UNALLOCATED_TAGS = (("unallocated", "true"),)
+UNTAGGED = ""  # open_tags.tags of usage without allocations
+ID_KEY_BYTES = 12
+BODY_KEY_BYTES = 8
+# Add a record (or one allocation) to its hour's totals for its tag set.
+_ADD_TAGS = (
+    "INSERT INTO open_tags (dimension, hour, tags, quantity, n, carried) VALUES (?, ?, ?, ?, 1, ?) "
+    "ON CONFLICT (dimension, hour, tags) DO UPDATE SET quantity = quantity + excluded.quantity, "
+    "n = n + excluded.n, carried = carried + excluded.carried"
+)
+# Move an hour's totals to another hour: every moved row counts as carried.
+_MOVE_TAGS = (
+    "INSERT INTO open_tags (dimension, hour, tags, quantity, n, carried) "
+    "SELECT dimension, ?, tags, quantity, n, n FROM open_tags WHERE dimension = ? AND hour = ? "
+    "ON CONFLICT (dimension, hour, tags) DO UPDATE SET quantity = quantity + excluded.quantity, "
+    "n = n + excluded.n, carried = carried + excluded.carried"
+)
 FINAL_STATES = ("sent", "conflict", "expired", "rejected")
 STATES = ("open", "sealed", *FINAL_STATES)
 
@@ -60,15 +77,47 @@ class Pending:
 # -- ingest -------------------------------------------------------------------------------
 
 
+def id_key(record_id: str) -> bytes:
+    """What the store keeps of a client id: 12 bytes of its SHA-256 (a false match needs ~2^48
+    ids in one 48-hour window), so the idempotency window costs ~30 bytes per record."""
+    return hashlib.sha256(record_id.encode()).digest()[:ID_KEY_BYTES]
+
+
+def body_key(digest: str) -> bytes:
+    """What the store keeps of a record's content digest (`UsageRecord.digest`): 8 bytes, so an
+    id sent again with other content is still a 409."""
+    return bytes.fromhex(digest)[:BODY_KEY_BYTES]
+
+
+def _answer(rid: str, dimension: str, quantity: int, hour: int, own: int) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "id": rid,
+        "dimension": dimension,
+        "quantity": quantity,
+        "hour": iso_hour(hour),
+    }
+    if own != hour:
+        answer["carried_from"] = iso_hour(own)
+        answer["note"] = (
+            f"hour {iso_hour(own)} is already sealed or too old to send; "
+            f"counted in {iso_hour(hour)}"
+        )
+    return answer
+
+
 def ingest(
     conn: Db, records: list[UsageRecord], now: float, policy: HourPolicy
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Store the records (all or nothing); (202 or 200 if every record was a repeat, answers)."""
+    """Store the records (all or nothing); (202 or 200 if every record was a repeat, answers).
+
+    A record is added to its hour's totals (per tag set) at once; what is kept of it afterwards
+    is its id's digest and content digest, for the idempotency window."""
     sealed_cache: dict[tuple[str, int], bool] = {}
     hours: dict[tuple[str, int], list[int]] = {}  # (dimension, hour) -> [quantity, tag sets]
     known_tags: set[tuple[str, int, str]] = set()
     answers: list[dict[str, Any]] = []
     fresh = 0
+    made = hour_of(now)
 
     def sealed(dimension: str, hour: int) -> bool:
         key = (dimension, hour)
@@ -82,11 +131,15 @@ def ingest(
     for rec in records:
         where = f"{rec.field}.id" if rec.field else "id"
         if rec.id is not None:
-            row = conn.execute("SELECT digest, answer FROM keys WHERE id = ?", (rec.id,)).fetchone()
+            row = conn.execute(
+                "SELECT body, made, counted, carried FROM ids WHERE id = ?", (id_key(rec.id),)
+            ).fetchone()
             if row is not None:
-                if row[0] != rec.digest:
+                if bytes(row[0]) != body_key(rec.digest):
                     raise IdConflictError(where, rec.id)
-                answers.append({**json.loads(row[1]), "repeat": True})
+                hour = int(row[1]) + int(row[2])
+                answer = _answer(rec.id, rec.dimension, rec.quantity, hour, hour + int(row[3]))
+                answers.append({**answer, "repeat": True})
                 continue
         own = hour_of(rec.timestamp if rec.timestamp is not None else now)
         hour = target_hour(own, now, functools.partial(sealed, rec.dimension), policy)
@@ -109,17 +162,16 @@ def ingest(
                     )
                 ],
             )
-        rid = rec.id or f"u-{uuid.uuid4().hex}"
-        rows: list[tuple[int, str | None]] = [(rec.quantity, None)]
+        rows: list[tuple[int, str]] = [(rec.quantity, UNTAGGED)]
         if rec.allocations:
             rows = [(a.quantity, dumps(dict(a.tags))) for a in rec.allocations]
             for _, tags in rows:
-                tag_key = (rec.dimension, hour, str(tags))
+                tag_key = (rec.dimension, hour, tags)
                 if tag_key in known_tags:
                     continue
                 known_tags.add(tag_key)
                 if not conn.execute(
-                    "SELECT 1 FROM records WHERE dimension = ? AND hour = ? AND tags = ? LIMIT 1",
+                    "SELECT 1 FROM open_tags WHERE dimension = ? AND hour = ? AND tags = ?",
                     tag_key,
                 ).fetchone():
                     totals[1] += 1
@@ -135,29 +187,18 @@ def ingest(
                         )
                     ],
                 )
-        carried = own if hour != own else None
+        carried = 1 if hour != own else 0
         conn.executemany(
-            "INSERT INTO records (record_id, dimension, hour, quantity, tags, received_at, "
-            "carried_from) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(rid, rec.dimension, hour, q, t, now, carried) for q, t in rows],
+            _ADD_TAGS,
+            [(rec.dimension, hour, t, q, carried) for q, t in rows],
         )
-        answer: dict[str, Any] = {
-            "id": rid,
-            "dimension": rec.dimension,
-            "quantity": rec.quantity,
-            "hour": iso_hour(hour),
-        }
-        if carried is not None:
-            answer["carried_from"] = iso_hour(own)
-            answer["note"] = (
-                f"hour {iso_hour(own)} is already sealed or too old to send; "
-                f"counted in {iso_hour(hour)}"
-            )
+        rid = rec.id or f"u-{uuid.uuid4().hex}"
         if rec.id is not None:
             conn.execute(
-                "INSERT INTO keys VALUES (?, ?, ?, ?)", (rec.id, rec.digest, dumps(answer), now)
+                "INSERT INTO ids (id, body, made, counted, carried) VALUES (?, ?, ?, ?, ?)",
+                (id_key(rec.id), body_key(rec.digest), made, hour - made, own - hour),
             )
-        answers.append(answer)
+        answers.append(_answer(rid, rec.dimension, rec.quantity, hour, own))
         fresh += 1
     conn.executemany(
         "INSERT INTO open_hours (dimension, hour, quantity, tagsets) VALUES (?, ?, ?, ?) "
@@ -171,12 +212,12 @@ def ingest(
 # -- sealing ------------------------------------------------------------------------------
 
 
-def _allocations(rows: Iterable[tuple[str | None, int]]) -> list[dict[str, Any]] | None:
+def _allocations(rows: Iterable[tuple[str, int]]) -> list[dict[str, Any]] | None:
     by_tags: dict[tuple[tuple[str, str], ...], int] = {}
     tagged = False
     for tags, quantity in rows:
-        key = tuple(sorted(json.loads(tags).items())) if tags is not None else UNALLOCATED_TAGS
-        tagged = tagged or tags is not None
+        key = tuple(sorted(json.loads(tags).items())) if tags != UNTAGGED else UNALLOCATED_TAGS
+        tagged = tagged or tags != UNTAGGED
         by_tags[key] = by_tags.get(key, 0) + quantity
     if not tagged:
         return None
@@ -231,8 +272,7 @@ def seal(
     ).fetchall()
     for dimension, hour in opened:
         rows = conn.execute(
-            "SELECT tags, SUM(quantity) FROM records WHERE dimension = ? AND hour = ? "
-            "GROUP BY tags",
+            "SELECT tags, quantity FROM open_tags WHERE dimension = ? AND hour = ?",
             (dimension, hour),
         ).fetchall()
         quantity = sum(int(q) for _, q in rows)
@@ -260,8 +300,31 @@ def seal(
             "usage",
         )
         conn.execute("DELETE FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour))
+        # The sealed request holds the totals now: the per-tag-set rows are not needed again.
+        conn.execute("DELETE FROM open_tags WHERE dimension = ? AND hour = ?", (dimension, hour))
         sealed.append((dimension, hour))
     return sealed
+
+
+def _move(conn: Db, dimension: str, hour: int, target: int) -> None:
+    """Move an unsealed hour's totals into `target`; every moved row counts as carried."""
+    conn.execute(_MOVE_TAGS, (target, dimension, hour))
+    conn.execute("DELETE FROM open_tags WHERE dimension = ? AND hour = ?", (dimension, hour))
+    moved = conn.execute(
+        "SELECT quantity FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour)
+    ).fetchone()
+    if moved is not None:
+        conn.execute("DELETE FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour))
+        conn.execute(
+            "INSERT INTO open_hours (dimension, hour, quantity, tagsets) VALUES (?, ?, ?, 0) "
+            "ON CONFLICT (dimension, hour) DO UPDATE SET quantity = quantity + excluded.quantity",
+            (dimension, target, moved[0]),
+        )
+        conn.execute(
+            "UPDATE open_hours SET tagsets = (SELECT COUNT(*) FROM open_tags WHERE "
+            "dimension = ? AND hour = ? AND tags != '') WHERE dimension = ? AND hour = ?",
+            (dimension, target, dimension, target),
+        )
 
 
 def _carry(conn: Db, dimension: str, hour: int, now: float, policy: HourPolicy) -> int:
@@ -292,7 +355,8 @@ def _carry(conn: Db, dimension: str, hour: int, now: float, policy: HourPolicy) 
         if row is None:
             return False
         tagsets = conn.execute(
-            "SELECT COUNT(DISTINCT tags) FROM records WHERE dimension = ? AND hour IN (?, ?)",
+            "SELECT COUNT(DISTINCT tags) FROM open_tags WHERE dimension = ? AND hour IN (?, ?) "
+            "AND tags != ''",
             (dimension, hour, h),
         ).fetchone()[0]
         # One allocation is kept for untagged usage, as at ingest.
@@ -300,26 +364,7 @@ def _carry(conn: Db, dimension: str, hour: int, now: float, policy: HourPolicy) 
 
     while full(target) or sealed(target):
         target += 1
-    conn.execute(
-        "UPDATE records SET hour = ?, carried_from = COALESCE(carried_from, ?) "
-        "WHERE dimension = ? AND hour = ?",
-        (target, hour, dimension, hour),
-    )
-    moved = conn.execute(
-        "SELECT quantity FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour)
-    ).fetchone()
-    if moved is not None:
-        conn.execute("DELETE FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour))
-        conn.execute(
-            "INSERT INTO open_hours (dimension, hour, quantity, tagsets) VALUES (?, ?, ?, 0) "
-            "ON CONFLICT (dimension, hour) DO UPDATE SET quantity = quantity + excluded.quantity",
-            (dimension, target, moved[0]),
-        )
-        conn.execute(
-            "UPDATE open_hours SET tagsets = (SELECT COUNT(DISTINCT tags) FROM records "
-            "WHERE dimension = ? AND hour = ?) WHERE dimension = ? AND hour = ?",
-            (dimension, target, dimension, target),
-        )
+    _move(conn, dimension, hour, target)
     return target
 
 
@@ -351,28 +396,7 @@ def claim_entitlement(
     ).fetchone()
     if row is None:
         # Usage already counted in this hour moves to the next: the hour's record is taken.
-        conn.execute(
-            "UPDATE records SET hour = ?, carried_from = COALESCE(carried_from, ?) "
-            "WHERE dimension = ? AND hour = ?",
-            (hour + 1, hour, dimension, hour),
-        )
-        moved = conn.execute(
-            "SELECT quantity FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour)
-        ).fetchone()
-        if moved is not None:
-            conn.execute(
-                "DELETE FROM open_hours WHERE dimension = ? AND hour = ?", (dimension, hour)
-            )
-            conn.execute(
-                "INSERT INTO open_hours (dimension, hour, quantity, tagsets) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (dimension, hour) DO UPDATE SET quantity = quantity + ?",
-                (dimension, hour + 1, moved[0], 0, moved[0]),
-            )
-            conn.execute(
-                "UPDATE open_hours SET tagsets = (SELECT COUNT(DISTINCT tags) FROM records "
-                "WHERE dimension = ? AND hour = ?) WHERE dimension = ? AND hour = ?",
-                (dimension, hour + 1, dimension, hour + 1),
-            )
+        _move(conn, dimension, hour, hour + 1)
         stamp = int(now)
         request = {
             "ProductCode": product_code,
@@ -464,17 +488,18 @@ def expire_overdue(conn: Db, now: float) -> list[tuple[str, int]]:
 
 
 def prune(conn: Db, now: float, keep_seconds: float = 48 * 3600.0) -> None:
-    """Drop per-record rows of hours long settled, and old idempotency keys. The hour rows
-    (quantity, state, MeteringRecordId) stay for audit."""
+    """Drop idempotency keys older than the window (kept from 48 to 49 hours: by the hour they
+    were made). Totals of open hours go when sealed. The hour rows (quantity, state,
+    MeteringRecordId, timestamp) stay for audit; past the window, a settled hour's request keeps
+    only its timestamp (with 2,500 allocations it is ~150 kB, and it is never sent again)."""
     oldest = hour_of(now - keep_seconds)
+    conn.execute("DELETE FROM ids WHERE made < ?", (oldest,))
     conn.execute(
-        "DELETE FROM records WHERE hour < ? AND NOT EXISTS (SELECT 1 FROM open_hours o WHERE "
-        "o.dimension = records.dimension AND o.hour = records.hour) AND NOT EXISTS (SELECT 1 "
-        "FROM hours h WHERE h.dimension = records.dimension AND h.hour = records.hour AND "
-        "h.state = 'sealed')",
+        "UPDATE hours SET request = json_object('Timestamp', json_extract(request, "
+        "'$.Timestamp'), 'UsageQuantity', quantity) WHERE hour < ? AND state != 'sealed' AND "
+        "json_extract(request, '$.UsageAllocations') IS NOT NULL",
         (oldest,),
     )
-    conn.execute("DELETE FROM keys WHERE created_at < ?", (now - keep_seconds,))
 
 
 # -- verdict ------------------------------------------------------------------------------
@@ -505,9 +530,8 @@ def report(conn: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[s
         by_state[state] += 1
 
     for dimension, hour, quantity, carried in conn.execute(
-        "SELECT o.dimension, o.hour, o.quantity, (SELECT COUNT(*) FROM records r WHERE "
-        "r.dimension = o.dimension AND r.hour = o.hour AND r.carried_from IS NOT NULL) "
-        "FROM open_hours o"
+        "SELECT o.dimension, o.hour, o.quantity, (SELECT COALESCE(SUM(t.carried), 0) FROM "
+        "open_tags t WHERE t.dimension = o.dimension AND t.hour = o.hour) FROM open_hours o"
     ):
         add(dimension, "open", int(quantity))
         hours.append(

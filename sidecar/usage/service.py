@@ -73,6 +73,7 @@ from sidecar.usage.hours import (
 from sidecar.usage.ledger import IdConflictError, Pending
 from sidecar.usage.store import Store, StoreError, StoreUnavailableError
 from sidecar.usage.validate import Limits, RejectedError, parse
+from sidecar.usage.volume import Reading, VolumeFullError, check, measure
 
 __all__ = [
     "EntitlementResult",
@@ -116,6 +117,8 @@ class UsagePolicy:
         """The dimensions that take usage (all but a dedicated check dimension)."""
         return tuple(d for d in self.dimensions if d != self.check_dimension)
 
+    volume_bytes: int | None = None  # the state volume's size limit (the emptyDir's sizeLimit)
+
 
 @dataclass(frozen=True)
 class EntitlementResult:
@@ -139,6 +142,9 @@ class UsageCounters:
     future_hour_units: dict[str, int] = field(default_factory=dict)
     # units still unsent when a drain ended (kept in the store; lost if the pod goes)
     unsent_at_exit: dict[str, int] = field(default_factory=dict)
+    volume_used_bytes: int = 0
+    volume_limit_bytes: int = 0
+    refused_volume_full: int = 0
 
 
 def _store_unwritable(exc: StoreUnavailableError) -> ErrorInfo:
@@ -192,6 +198,9 @@ class UsageService:
         self._warned: set[tuple[str, int]] = set()
         self._pruned_hour = -1
         self._refused = False
+        self._volume: Reading | None = None  # the last reading (readyz and warnings read it)
+        self._volume_refusals = 0
+        self._measure_volume()
 
     # -- the local API ---------------------------------------------------------------------
 
@@ -203,8 +212,27 @@ class UsageService:
         except RejectedError as exc:
             return exc.status, exc.body()
         policy = self.policy.hours
+
+        def job(c: Any) -> tuple[int, list[dict[str, Any]]]:
+            out = ledger.ingest(c, records, now, policy)
+            if out[0] == 202:  # something new: measured with it, rolled back if over
+                self._volume = check(self._reading(c))
+            return out
+
+        before = self._volume
         try:
-            status, answers = self.store.write(lambda c: ledger.ingest(c, records, now, policy))
+            status, answers = self.store.write(job)
+        except VolumeFullError as exc:
+            self._volume = exc.reading
+            with self._count_lock:
+                self._volume_refusals += 1
+            if before is None or not before.refusing:  # once per episode, not per POST
+                log.error("usage_refused_volume_full", extra={"detail": str(exc)})
+            return 503, {
+                "error": "state_volume_full",
+                "message": f"usage was not stored: {exc}; send it again later",
+                "retry_after": RETRY_AFTER_SECONDS,
+            }
         except RejectedError as exc:
             return exc.status, exc.body()
         except IdConflictError as exc:
@@ -242,7 +270,34 @@ class UsageService:
         out["entitlement_check"] = self.policy.entitlement_check
         if self.policy.entitlement_check == "meter_zero":
             out["check_dimension"] = self._check_dimension
+        reading = self._measure_volume()
+        if reading is not None:
+            out["state_volume"] = reading.to_json()
+        out["warnings"] = [*self.notices(), *out["warnings"]]
         return out
+
+    def notices(self) -> list[str]:
+        """Warnings from memory (for /readyz): the state volume's last reading."""
+        reading = self._volume
+        warning = reading.warning() if reading is not None else None
+        return [warning] if warning else []
+
+    def _reading(self, c: Any) -> Reading:
+        return measure(
+            c,
+            self.store.directory,
+            self.store.schema.name,
+            self.policy.volume_bytes,
+            "MARKETPLACE_STATE_VOLUME_BYTES",
+        )
+
+    def _measure_volume(self) -> Reading | None:
+        """A fresh reading from a read snapshot; the last one when that fails."""
+        try:
+            self._volume = self.store.read(self._reading)
+        except (OSError, StoreUnavailableError) as exc:
+            log.warning("state_volume_unreadable", extra={"detail": str(exc)[:300]})
+        return self._volume
 
     def counters(self) -> UsageCounters:
         now = self.clock.time()
@@ -255,6 +310,7 @@ class UsageService:
             )
 
         by_state, oldest_end, future = self.store.read(read)
+        volume = self._measure_volume()
         with self._count_lock:
             return UsageCounters(
                 units_accepted=dict(self._units),
@@ -263,6 +319,9 @@ class UsageService:
                 send_attempts=dict(self._attempts),
                 future_hour_units=future,
                 unsent_at_exit=dict(self._unsent_at_exit),
+                volume_used_bytes=volume.used if volume else 0,
+                volume_limit_bytes=volume.limit if volume else 0,
+                refused_volume_full=self._volume_refusals,
             )
 
     @property
@@ -542,6 +601,10 @@ class UsageService:
         if hour_of(now) != self._pruned_hour:
             self._pruned_hour = hour_of(now)
             self.store.write(lambda c: ledger.prune(c, now))
+        before = self._volume
+        after = self._measure_volume()
+        if after is not None and after.warning() and (before is None or not before.warning()):
+            log.warning("state_volume_filling", extra={"detail": after.warning()})
 
     def _send_due(
         self, now: float, *, ignore_spread: bool, budget_end: float | None = None

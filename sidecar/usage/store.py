@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "usage.sqlite3"
 LOCK_NAME = "usage.lock"
-SCHEMA_VERSION = 1
 T = TypeVar("T")
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
 _SET_VERSION = (
@@ -67,19 +67,18 @@ _SET_VERSION = (
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- One row per accepted record (or per allocation of a record). Never updated after the hour is
--- sealed: the sealed request is built from these rows.
-CREATE TABLE records (
-    seq INTEGER PRIMARY KEY,
-    record_id TEXT NOT NULL,
+-- The totals of each (dimension, hour, tag set) not sealed yet ('' = no allocations): the sealed
+-- request is built from them, and they go when it is. `n` records (or allocations) were added,
+-- `carried` of them from an earlier hour.
+CREATE TABLE open_tags (
     dimension TEXT NOT NULL,
     hour INTEGER NOT NULL,
+    tags TEXT NOT NULL,
     quantity INTEGER NOT NULL,
-    tags TEXT,
-    received_at REAL NOT NULL,
-    carried_from INTEGER
-);
-CREATE INDEX records_by_hour ON records (dimension, hour, tags);
+    n INTEGER NOT NULL,
+    carried INTEGER NOT NULL,
+    PRIMARY KEY (dimension, hour, tags)
+) WITHOUT ROWID;
 -- (dimension, hour) pairs holding records and not sealed yet, with running totals (so an
 -- ingest never scans the hour's records).
 CREATE TABLE open_hours (
@@ -89,10 +88,16 @@ CREATE TABLE open_hours (
     tagsets INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (dimension, hour)
 ) WITHOUT ROWID;
--- Client idempotency keys: same id and digest -> the stored answer again.
-CREATE TABLE keys (
-    id TEXT PRIMARY KEY, digest TEXT NOT NULL, answer TEXT NOT NULL, created_at REAL NOT NULL
-);
+-- Client ids of the idempotency window, ~30 bytes each: 12 bytes of SHA-256(id) -> 8 bytes of
+-- the record's content digest (same id, other content: 409), the hour it was received (`made`,
+-- for pruning) and where it counted (hour = made + counted; it happened in hour + carried).
+CREATE TABLE ids (
+    id BLOB PRIMARY KEY,
+    body BLOB NOT NULL,
+    made INTEGER NOT NULL,
+    counted INTEGER NOT NULL,
+    carried INTEGER NOT NULL
+) WITHOUT ROWID;
 -- One row per sealed (dimension, hour): the exact MeterUsage request, written before its first
 -- send, and what became of it. States: sealed, sent, conflict, expired, rejected.
 CREATE TABLE hours (
@@ -117,9 +122,56 @@ CREATE INDEX hours_by_state ON hours (state, send_after);
 CREATE TABLE verdict (one INTEGER PRIMARY KEY CHECK (one = 1), error TEXT NOT NULL);
 """
 
+# Version 1 kept a row per record (and per allocation) for 48 hours and each id's full answer:
+# ~390 bytes a record. Version 2 keeps the open hours' totals and ~30 bytes per id. The open
+# hours' records become their totals; each id keeps its digests and the hour of its answer.
+_V1_TO_V2 = """
+CREATE TABLE open_tags (
+    dimension TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    tags TEXT NOT NULL,
+    quantity INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    carried INTEGER NOT NULL,
+    PRIMARY KEY (dimension, hour, tags)
+) WITHOUT ROWID;
+INSERT INTO open_tags (dimension, hour, tags, quantity, n, carried)
+    SELECT r.dimension, r.hour, COALESCE(r.tags, ''), SUM(r.quantity), COUNT(*),
+           SUM(r.carried_from IS NOT NULL)
+    FROM records r JOIN open_hours o ON o.dimension = r.dimension AND o.hour = r.hour
+    GROUP BY r.dimension, r.hour, COALESCE(r.tags, '');
+CREATE TABLE ids (
+    id BLOB PRIMARY KEY,
+    body BLOB NOT NULL,
+    made INTEGER NOT NULL,
+    counted INTEGER NOT NULL,
+    carried INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO ids (id, body, made, counted, carried)
+    SELECT substr(sidecar_sha256(k.id), 1, 12), substr(sidecar_unhex(k.digest), 1, 8), k.made,
+           k.hour - k.made, COALESCE(k.own - k.hour, 0)
+    FROM (SELECT id, digest, CAST(created_at / 3600 AS INTEGER) AS made,
+                 CAST(strftime('%s', json_extract(answer, '$.hour')) AS INTEGER) / 3600 AS hour,
+                 CAST(strftime('%s', json_extract(answer, '$.carried_from')) AS INTEGER) / 3600
+                     AS own
+          FROM keys) k;
+DROP TABLE records;
+DROP TABLE keys
+"""
+
+SCHEMA_VERSION = 2
+
 
 # Custom mode's schema: no PostgreSQL form (custom mode is one pod, one file).
-CUSTOM_SCHEMA = Schema(name=DB_NAME, version=SCHEMA_VERSION, sqlite=SCHEMA, postgresql="")
+CUSTOM_SCHEMA = Schema(
+    name=DB_NAME,
+    version=SCHEMA_VERSION,
+    sqlite=SCHEMA,
+    postgresql="",
+    migrations={2: (_V1_TO_V2, "")},
+)
+# The WAL file is cut back to this after a checkpoint: a burst must not keep the volume full.
+WAL_LIMIT_BYTES = 4 * 1024 * 1024
 
 # SQLite result codes that mean the STORE failed (disk, I/O, damage, locking): the whole
 # transaction goes and every job in it hears StoreUnavailableError. Any other sqlite3 error in a
@@ -186,7 +238,21 @@ def _connect(path: Path) -> sqlite3.Connection:
     if str(mode).lower() != "wal":
         raise StoreError(f"{path}: SQLite refused WAL mode (got {mode}); is the state dir local?")
     conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+    # For migrations written in SQL (SQLite 3.40 has no hash and no unhex).
+    conn.create_function("sidecar_sha256", 1, _sha256, deterministic=True)
+    conn.create_function("sidecar_unhex", 1, _unhex, deterministic=True)
     return conn
+
+
+def _sha256(text: str | bytes | None) -> bytes | None:
+    if text is None:
+        return None
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).digest()
+
+
+def _unhex(text: str | None) -> bytes | None:
+    return bytes.fromhex(text) if text is not None else None
 
 
 class Store:
@@ -316,10 +382,15 @@ class Store:
                 f"migration to version {missing[0]}. It is left as it is"
             )
         steps = "".join(self.schema.migrations[k][0] + ";\n" for k in range(found + 1, target + 1))
+        # Debian's SQLite zeroes every freed page (SECURE_DELETE): dropping an old table would
+        # write all of it to the WAL again, and a nearly full volume would overflow.
+        secure = int(conn.execute("PRAGMA secure_delete").fetchone()[0])
+        conn.execute("PRAGMA secure_delete=OFF")
         try:
             conn.executescript("BEGIN IMMEDIATE;" + steps)
             conn.execute(_SET_VERSION, (str(target),))
             conn.execute("COMMIT")
+            conn.execute(f"PRAGMA secure_delete={secure}")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
