@@ -17,7 +17,7 @@ import pytest
 
 from sidecar.usage import saas_ledger as L  # noqa: N812
 from sidecar.usage.db import Db, Schema, UsageStore, open_store
-from sidecar.usage.hours import HOUR, hour_of, hour_start
+from sidecar.usage.hours import hour_of, hour_start, iso_hour
 from sidecar.usage.saas import SAAS_SCHEMA
 from tests.test_saas_ledger import DIMS, HP, SPEC, T0, FakeAws, key, resolve, send_fast
 
@@ -162,7 +162,7 @@ def test_prune_keeps_the_rest_exact_and_never_an_unsent_record(store: UsageStore
     assert prune_all(store, hour_start(stuck + 49) + 30, max_hours=24) == 1
     assert per_hour(store) == unsent
     assert store.read(lambda db: L.counts(db, at_stuck))[0] == before
-    names = {L.iso_hour(h): h for h in range(BASE, stuck + 1)}
+    names = {iso_hour(h): h for h in range(BASE, stuck + 1)}
     summary = {
         (names[r["hour"]], r["dimension"], r["state"]): (r["records"], r["quantity"])
         for r in store.read(lambda db: L.hour_summary(db, BASE))
