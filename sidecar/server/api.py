@@ -278,7 +278,10 @@ class Router:
         except Exception as exc:  # a readiness probe answers; it never 500s
             ok, reason = False, f"readiness check failed: {type(exc).__name__}"
         if ok:
-            return Reply(200, {"ready": True, "state": "ready"})
+            body: dict[str, Any] = {"ready": True, "state": "ready"}
+            if reason:  # ready, with something to say (e.g. sending headroom): not a refusal
+                body["reasons"] = [reason[:1000] if not self.redacted else reason.split(":")[0]]
+            return Reply(200, body)
         error: dict[str, Any] = {"code": "store_unavailable"}
         if not self.redacted:  # a driver's message can name hosts and users
             error["message"] = str(reason or "the usage store is unavailable")[:500]

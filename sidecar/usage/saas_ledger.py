@@ -1180,7 +1180,10 @@ def track_sending(db: Db, now: float) -> None:
         )
 
 
-def sending_facts(db: Db, now: float) -> tuple[list[HourSending], int, int | None]:
+SendingFacts = tuple[list[HourSending], int, int | None]
+
+
+def sending_facts(db: Db, now: float) -> SendingFacts:
     """(the last day's sealed hours, records sealed-unsent, the oldest unsent hour)."""
     hours = [
         HourSending(int(h), float(s), int(r), int(b), None if f is None else float(f))
