@@ -148,6 +148,7 @@ def saas_policy(settings: Settings) -> SaasPolicy:
         product_code=settings.product_code,
         accept_unresolved=settings.accept_unresolved_customers,
         zero_records=settings.zero_usage_records,
+        calls_per_second=settings.saas_calls_per_second,
         drain_seconds=settings.drain_seconds,
         backoff_base=settings.backoff_base_seconds,
         backoff_cap=settings.backoff_cap_seconds,

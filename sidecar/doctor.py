@@ -411,7 +411,8 @@ def _read_sqlite(path: Path) -> tuple[int, int | None] | None:
 
 HEADROOM_FIX = (
     "past the paced ceiling the backlog grows and records expire unsent: ask AWS for a "
-    "higher BatchMeterUsage quota for this account and region, or set "
+    "higher BatchMeterUsage quota for this account and region (then raise "
+    "MARKETPLACE_SAAS_CALLS_PER_SECOND under it), or set "
     "MARKETPLACE_ZERO_USAGE_RECORDS=false (quantity-0 records are most of the load when most "
     "customers are idle); see docs/saas-capacity.md"
 )
@@ -420,7 +421,7 @@ HEADROOM_FIX = (
 def check_saas_headroom(settings: Settings, now: float) -> list[Check]:
     """The sending headroom from the store's own per-hour facts; reads only."""
     from sidecar.usage.headroom import headroom
-    from sidecar.usage.saas import SAAS_SCHEMA, SaasPolicy
+    from sidecar.usage.saas import SAAS_SCHEMA
 
     name = "sending headroom"
     try:
@@ -434,7 +435,7 @@ def check_saas_headroom(settings: Settings, now: float) -> list[Check]:
     if facts is None:
         return [Check(OK, name, "no sending history yet (the store is new or not migrated)")]
     hours, backlog, oldest = facts
-    pace = SaasPolicy(dimensions=("x",)).calls_per_second
+    pace = settings.saas_calls_per_second
     room = headroom(now, hours, backlog, pace, oldest_unsent_hour=oldest)
     took = "-" if room.send_seconds is None else f"{room.send_seconds:.0f} s"
     detail = (

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.emulator.service import Emulator, EmulatorServer
@@ -122,7 +121,7 @@ def test_a_slow_hour_shows_in_metrics_readyz_usage_and_doctor(
     """Every call takes 360 s of the scaled clock: 6 calls of an hour's 150 records take 60% of
     the hour. The sidecar stays ready and says why; metrics, GET /v1/usage and doctor agree."""
     ops = Ops(emulator_server.url)
-    origin = aligned_origin(SCALE, into_hour=HOUR - 4.0 * SCALE)  # 4 real s before the hour
+    origin = aligned_origin(SCALE, into_hour=HOUR - 8.0 * SCALE)  # 8 real s before the hour
     ops.configure(time_scale=SCALE, time_origin=origin)
     customers = [ops.customer(i) for i in range(50)]  # 50 x 3 dimensions: 150 records/hour
     state = tmp_path / "state"
@@ -133,12 +132,13 @@ def test_a_slow_hour_shows_in_metrics_readyz_usage_and_doctor(
         for c in customers:
             resolve(car, c)
         ops.configure(latency=LATENCY)
-        # Wait (real time, deadline) for an hour's sending to finish: metrics say how long.
+        # Wait (real time, deadline) for a slow hour's sending to finish: metrics say how long.
+        # (Had resolving crossed an hour, that hour has fewer records and the next one counts.)
         deadline = time.monotonic() + 60
         got: dict[str, float] = {}
         while time.monotonic() < deadline:
             got = metric_values(car.get("/metrics", probe=True).text)
-            if got.get("marketplace_saas_hour_send_seconds", 0.0) > 0:
+            if got.get("marketplace_saas_hour_send_seconds", 0.0) > 0.5 * HOUR:
                 break
             time.sleep(0.2)
         took = got["marketplace_saas_hour_send_seconds"]
@@ -173,4 +173,3 @@ def test_a_slow_hour_shows_in_metrics_readyz_usage_and_doctor(
     finally:
         ops.configure(latency=0.0)
         car.stop()
-    assert requests is not None
