@@ -130,8 +130,7 @@ def main() -> int:
             from tests.pg import PgServer
 
             server = PgServer()
-            server.start()
-            url = server.url()
+            url = server.new_database()
         store = open_store(SAAS_SCHEMA, state_dir=state, database_url=url)
         try:
             customers(store, args.customers)
@@ -197,7 +196,7 @@ def main() -> int:
         finally:
             store.close()
             if server is not None:
-                server.stop()
+                server.close()
 
 
 if __name__ == "__main__":
