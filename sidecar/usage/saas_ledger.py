@@ -18,6 +18,7 @@ quantity it saw, so the ledger's invariants are:
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from sidecar.usage.db import Db
 from sidecar.usage.headroom import HourSending
 from sidecar.usage.hours import (
     AWS_WINDOW,
+    HOUR,
     HourPolicy,
     hour_of,
     hour_start,
@@ -861,14 +863,17 @@ PRUNE_HOURS = 24  # hours pruned per transaction, so the writer is never held fo
 # GET /v1/usage read a few rows instead of the whole outbox; the per-hour audit that remains of
 # a pruned hour; per-hour sending facts (headroom); indexes for pruning and the unsent backlog.
 COUNTS_DDL = """
--- Records (and units) per dimension and state since the store was created, pruned rows
--- included. Kept by triggers on saas_outbox: every INSERT and every change of `state`.
+-- Records (and units) per hour, dimension and state, kept by triggers on saas_outbox (every
+-- INSERT and every change of `state`). Pruning folds a pruned hour's settled rows into hour -1,
+-- so the table holds the kept hours plus one row per dimension and state: the totals since the
+-- store was created, the backlog and the oldest unsent hour are read here, not in the outbox.
 CREATE TABLE saas_counts (
+    hour BIGINT NOT NULL,
     dimension TEXT NOT NULL,
     state TEXT NOT NULL,
     records BIGINT NOT NULL,
     quantity BIGINT NOT NULL,
-    PRIMARY KEY (dimension, state)
+    PRIMARY KEY (hour, dimension, state)
 );
 -- What remains of settled outbox rows once pruned: per hour, dimension and state.
 CREATE TABLE saas_hour_summary (
@@ -889,27 +894,26 @@ CREATE TABLE saas_hour_sending (
     finished_at DOUBLE PRECISION
 );
 CREATE INDEX saas_outbox_by_hour ON saas_outbox (hour);
--- The backlog: every record not yet settled (batched or not), by hour.
-CREATE INDEX saas_outbox_unsent ON saas_outbox (hour) WHERE state = 'sealed';
 """
 COUNTS_BACKFILL = """
-INSERT INTO saas_counts (dimension, state, records, quantity)
-SELECT dimension, state, COUNT(*), SUM(quantity) FROM saas_outbox GROUP BY dimension, state;
+INSERT INTO saas_counts (hour, dimension, state, records, quantity)
+SELECT hour, dimension, state, COUNT(*), SUM(quantity) FROM saas_outbox
+GROUP BY hour, dimension, state;
 """
 COUNTS_SQLITE = """
 CREATE TRIGGER saas_outbox_counted AFTER INSERT ON saas_outbox BEGIN
-    INSERT INTO saas_counts (dimension, state, records, quantity)
-    VALUES (NEW.dimension, NEW.state, 1, NEW.quantity)
-    ON CONFLICT (dimension, state) DO UPDATE SET records = records + 1,
+    INSERT INTO saas_counts (hour, dimension, state, records, quantity)
+    VALUES (NEW.hour, NEW.dimension, NEW.state, 1, NEW.quantity)
+    ON CONFLICT (hour, dimension, state) DO UPDATE SET records = records + 1,
     quantity = quantity + excluded.quantity;
 END;
 CREATE TRIGGER saas_outbox_recounted AFTER UPDATE OF state ON saas_outbox
 WHEN OLD.state <> NEW.state BEGIN
     UPDATE saas_counts SET records = records - 1, quantity = quantity - OLD.quantity
-    WHERE dimension = OLD.dimension AND state = OLD.state;
-    INSERT INTO saas_counts (dimension, state, records, quantity)
-    VALUES (NEW.dimension, NEW.state, 1, NEW.quantity)
-    ON CONFLICT (dimension, state) DO UPDATE SET records = records + 1,
+    WHERE hour = OLD.hour AND dimension = OLD.dimension AND state = OLD.state;
+    INSERT INTO saas_counts (hour, dimension, state, records, quantity)
+    VALUES (NEW.hour, NEW.dimension, NEW.state, 1, NEW.quantity)
+    ON CONFLICT (hour, dimension, state) DO UPDATE SET records = records + 1,
     quantity = quantity + excluded.quantity;
 END;
 """
@@ -918,21 +922,22 @@ END;
 COUNTS_POSTGRESQL = """
 CREATE FUNCTION saas_outbox_counted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO saas_counts AS c (dimension, state, records, quantity)
-    SELECT dimension, state, COUNT(*), SUM(quantity) FROM saas_new GROUP BY dimension, state
-    ON CONFLICT (dimension, state) DO UPDATE SET records = c.records + excluded.records,
+    INSERT INTO saas_counts AS c (hour, dimension, state, records, quantity)
+    SELECT hour, dimension, state, COUNT(*), SUM(quantity) FROM saas_new
+    GROUP BY hour, dimension, state
+    ON CONFLICT (hour, dimension, state) DO UPDATE SET records = c.records + excluded.records,
     quantity = c.quantity + excluded.quantity;
     RETURN NULL;
 END $$;
 CREATE FUNCTION saas_outbox_recounted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO saas_counts AS c (dimension, state, records, quantity)
-    SELECT dimension, state, SUM(d_records), SUM(d_quantity) FROM (
-        SELECT dimension, state, 1 AS d_records, quantity AS d_quantity FROM saas_new
+    INSERT INTO saas_counts AS c (hour, dimension, state, records, quantity)
+    SELECT hour, dimension, state, SUM(d_records), SUM(d_quantity) FROM (
+        SELECT hour, dimension, state, 1 AS d_records, quantity AS d_quantity FROM saas_new
         UNION ALL
-        SELECT dimension, state, -1, -quantity FROM saas_old
-    ) AS delta GROUP BY dimension, state HAVING SUM(d_records) <> 0
-    ON CONFLICT (dimension, state) DO UPDATE SET records = c.records + excluded.records,
+        SELECT hour, dimension, state, -1, -quantity FROM saas_old
+    ) AS delta GROUP BY hour, dimension, state HAVING SUM(d_records) <> 0
+    ON CONFLICT (hour, dimension, state) DO UPDATE SET records = c.records + excluded.records,
     quantity = c.quantity + excluded.quantity;
     RETURN NULL;
 END $$;
@@ -956,16 +961,18 @@ def _state_counts(db: Db) -> dict[str, int]:
 
 
 def _oldest_unsent(db: Db) -> int | None:
-    """The oldest hour with a record not yet settled (the partial index's first entry)."""
-    row = db.execute("SELECT MIN(hour) FROM saas_outbox WHERE state = 'sealed'").fetchone()
+    """The oldest hour with a record not yet settled."""
+    row = db.execute(
+        "SELECT MIN(hour) FROM saas_counts WHERE state = 'sealed' AND records > 0"
+    ).fetchone()
     return int(row[0]) if row and row[0] is not None else None
 
 
 def counts(db: Db, now: float) -> tuple[dict[str, int], dict[str, int], float | None]:
     """(records by state, customers by state, end of the oldest ended hour not yet sent).
 
-    Reads the maintained counters, the open hours and the first unsent index entry: its cost
-    follows the customers of the open hours, never the store's history."""
+    Reads the maintained counters and the open hours: its cost follows the customers of the
+    open hours and the hours kept, never the store's history."""
     records = _state_counts(db)
     row = db.execute("SELECT COUNT(*) FROM saas_open").fetchone()
     records["open"] = int(row[0]) if row else 0
@@ -995,7 +1002,8 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
 
     for dimension, state, quantity in db.execute(
         "SELECT dimension, 'open', SUM(quantity) FROM saas_open GROUP BY dimension "
-        "UNION ALL SELECT dimension, state, quantity FROM saas_counts WHERE records <> 0"
+        "UNION ALL SELECT dimension, state, SUM(quantity) FROM saas_counts "
+        "GROUP BY dimension, state HAVING SUM(records) <> 0"
     ):
         add(str(dimension), str(state), int(quantity or 0))
     for customer, dimension, hour, quantity in db.execute(
@@ -1033,14 +1041,18 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
                 "deadline": iso(float(row[8])),
             }
         )
+    # Unsent records whose window closes soon, from the counters: sealing sets a record's
+    # deadline from its hour (HourPolicy.deadline), so "deadline < t" is "hour < h".
+    bound = now + policy.warn_before - AWS_WINDOW + policy.window_safety
     closing = db.execute(
-        "SELECT COUNT(*), MIN(deadline) FROM saas_outbox WHERE state = 'sealed' AND deadline < ?",
-        (now + policy.warn_before,),
+        "SELECT SUM(records), MIN(hour) FROM saas_counts WHERE state = 'sealed' AND records > 0 "
+        "AND hour < ?",
+        (math.ceil(bound / HOUR),),
     ).fetchone()
-    if closing and int(closing[0]):
+    if closing and closing[0] and int(closing[0]):
         warnings.append(
             f"{int(closing[0])} sealed records unsent; AWS's window closes from "
-            f"{iso(float(closing[1]))}"
+            f"{iso(policy.deadline(hour_start(int(closing[1]))))}"
         )
     records, customers, oldest = counts(db, now)
     for state, label in (
@@ -1119,6 +1131,21 @@ def prune(
         f"DELETE FROM saas_outbox WHERE hour >= ? AND hour < ? AND state IN ({settled})",  # noqa: S608  # nosec B608 # constant states; values are bound
         (first, end),
     )
+    # Their counters (exactly the rows just deleted) fold into hour -1, the pruned past.
+    db.execute(
+        "INSERT INTO saas_counts (hour, dimension, state, records, quantity) "  # noqa: S608  # nosec B608 # constant states; values are bound
+        "SELECT -1, dimension, state, SUM(records), SUM(quantity) FROM saas_counts "
+        f"WHERE hour >= ? AND hour < ? AND state IN ({settled}) GROUP BY dimension, state "
+        "ON CONFLICT (hour, dimension, state) DO UPDATE SET "
+        "records = saas_counts.records + excluded.records, "
+        "quantity = saas_counts.quantity + excluded.quantity",
+        (first, end),
+    )
+    db.execute(
+        f"DELETE FROM saas_counts WHERE hour >= ? AND hour < ? AND (state IN ({settled}) "  # noqa: S608  # nosec B608 # constant states; values are bound
+        "OR records = 0)",  # a state left by every record of the hour (e.g. 'sealed')
+        (first, end),
+    )
     return end if end < oldest else None
 
 
@@ -1158,19 +1185,20 @@ def track_sending(db: Db, now: float) -> None:
         (start,),
     ).fetchall():
         backlog = db.execute(
-            "SELECT COUNT(*) FROM saas_outbox WHERE state = 'sealed' AND hour < ?", (hour,)
+            "SELECT SUM(records) FROM saas_counts WHERE state = 'sealed' AND hour < ?", (hour,)
         ).fetchone()
         db.execute(
             "INSERT INTO saas_hour_sending (hour, sealed_at, records, backlog_before) "
             "VALUES (?, ?, ?, ?) ON CONFLICT (hour) DO NOTHING",
-            (int(hour), float(sealed_at), int(records), int(backlog[0]) if backlog else 0),
+            (int(hour), float(sealed_at), int(records), int(backlog[0] or 0) if backlog else 0),
         )
     for hour, sealed_at in db.execute(
         "SELECT hour, sealed_at FROM saas_hour_sending WHERE finished_at IS NULL"
     ).fetchall():
-        if db.execute(
-            "SELECT 1 FROM saas_outbox WHERE state = 'sealed' AND hour = ? LIMIT 1", (hour,)
-        ).fetchone():
+        left = db.execute(
+            "SELECT SUM(records) FROM saas_counts WHERE state = 'sealed' AND hour = ?", (hour,)
+        ).fetchone()
+        if left and left[0]:
             continue
         done = db.execute("SELECT MAX(done_at) FROM saas_outbox WHERE hour = ?", (hour,)).fetchone()
         finished = float(done[0]) if done and done[0] is not None else float(sealed_at)
