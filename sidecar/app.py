@@ -150,6 +150,7 @@ def saas_policy(settings: Settings) -> SaasPolicy:
         product_code=settings.product_code,
         accept_unresolved=settings.accept_unresolved_customers,
         zero_records=settings.zero_usage_records,
+        calls_per_second=settings.saas_calls_per_second,
         drain_seconds=settings.drain_seconds,
         backoff_base=settings.backoff_base_seconds,
         backoff_cap=settings.backoff_cap_seconds,
@@ -373,7 +374,13 @@ class Daemon:
         # SaaS mode: no registrar behind the routes (hourly and custom mode keep theirs).
         registrar = self.registrar
         readiness = self.saas.ready if self.saas is not None else None
-        notices = self.usage.notices if self.usage is not None else None
+        notices = (
+            self.usage.notices
+            if self.usage is not None
+            else self.saas.notices
+            if self.saas is not None
+            else None
+        )
         api_router = Router(
             registrar,
             self.health,

@@ -130,6 +130,13 @@ class Settings:
         description="saas mode: send a quantity-0 record for each active customer's dimension "
         "with no usage in an hour (AWS's guidance: send every hour)",
     )
+    saas_calls_per_second: float = setting(
+        8.0,
+        gt=0.0,
+        le=1000.0,
+        description="saas mode: BatchMeterUsage calls per second of the fleet's one sender "
+        "(AWS's quota: 10 per account and region; raise this only after AWS raised the quota)",
+    )
     public_key_version: int = setting(
         1, ge=1, description="public key version sent to AWS and used to pick the key"
     )
@@ -628,6 +635,7 @@ SAAS_ONLY = {
         "usage_database_url",
         "accept_unresolved_customers",
         "zero_usage_records",
+        "saas_calls_per_second",
     )
 }
 _WITHOUT_KEY = "saas mode verifies no token: ResolveCustomer and BatchMeterUsage return none"

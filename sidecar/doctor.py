@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from sidecar.config import Settings
+    from sidecar.usage import saas_ledger
 
 from sidecar.aws.errors import SIGV4_SKEW_SECONDS
 
@@ -412,6 +413,89 @@ def _read_sqlite(path: Path) -> tuple[int, int | None] | None:
         conn.close()
 
 
+HEADROOM_FIX = (
+    "past the paced ceiling the backlog grows and records expire unsent: ask AWS for a "
+    "higher BatchMeterUsage quota for this account and region (then raise "
+    "MARKETPLACE_SAAS_CALLS_PER_SECOND under it), or set "
+    "MARKETPLACE_ZERO_USAGE_RECORDS=false (quantity-0 records are most of the load when most "
+    "customers are idle); see docs/saas-capacity.md"
+)
+
+
+def check_saas_headroom(settings: Settings, now: float) -> list[Check]:
+    """The sending headroom from the store's own per-hour facts; reads only."""
+    from sidecar.usage.headroom import headroom
+    from sidecar.usage.saas import SAAS_SCHEMA
+
+    name = "sending headroom"
+    try:
+        if settings.usage_database_url:
+            facts = _facts_postgresql(settings.usage_database_url, now)
+        else:
+            assert settings.state_dir is not None  # nosec B101 # config requires one of two
+            facts = _facts_sqlite(settings.state_dir / SAAS_SCHEMA.name, now)
+    except _UnreachableError:
+        return []  # the database check above already says so
+    if facts is None:
+        return [Check(OK, name, "no sending history yet (the store is new or not migrated)")]
+    hours, backlog, oldest = facts
+    pace = settings.saas_calls_per_second
+    room = headroom(now, hours, backlog, pace, oldest_unsent_hour=oldest)
+    took = "-" if room.send_seconds is None else f"{room.send_seconds:.0f} s"
+    detail = (
+        f"last sealed hour {room.hour_records} records = {room.load_ratio:.0%} of the "
+        f"{room.capacity_per_hour} an hour sent at {pace:g} calls/s (AWS's quota: "
+        f"{room.ceiling_per_hour}); last hour sent in {took}; backlog {room.backlog_records} "
+        f"records ({room.backlog_seconds:.0f} s at the paced rate, trend "
+        f"{room.trend_per_hour:+.0f}/h)"
+    )
+    if not room.reasons:
+        return [Check(OK, name, detail)]
+    return [Check(WARN, name, "; ".join(room.reasons) + f". {detail}", HEADROOM_FIX)]
+
+
+def _facts_sqlite(path: Path, now: float) -> saas_ledger.SendingFacts | None:
+    import sqlite3
+
+    from sidecar.usage import saas_ledger
+    from sidecar.usage.store import SqliteDb
+
+    if not path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error as exc:
+        raise _UnreachableError(f"{path}: {exc}") from None
+    try:
+        return saas_ledger.sending_facts(SqliteDb(conn), now)
+    except sqlite3.OperationalError:  # an older schema: no per-hour facts yet
+        return None
+    except sqlite3.Error as exc:
+        raise _UnreachableError(f"{path}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _facts_postgresql(url: str, now: float) -> saas_ledger.SendingFacts | None:
+    from sidecar.usage import saas_ledger
+
+    try:
+        import psycopg
+
+        from sidecar.usage.pgstore import PgDb
+    except ImportError as exc:
+        raise _UnreachableError(str(exc)) from None
+    try:
+        with psycopg.connect(url, connect_timeout=5, autocommit=True) as conn:
+            conn.execute("SET default_transaction_read_only = on")
+            try:
+                return saas_ledger.sending_facts(PgDb(conn), now)
+            except psycopg.errors.UndefinedTable:
+                return None
+    except psycopg.Error as exc:
+        raise _UnreachableError(str(exc).splitlines()[0][:300] if str(exc) else "") from None
+
+
 def check_saas_permissions(settings: Settings, region: str | None) -> list[Check]:
     """ResolveCustomer with a token AWS cannot know (InvalidTokenException = allowed), and
     BatchMeterUsage with no records (the model allows 0-25; nothing can be billed)."""
@@ -502,6 +586,7 @@ def doctor(
         checks += check_meter_usage_permission(settings, region, now)
     if settings is not None and settings.mode == "saas":
         checks += check_saas_store(settings)
+        checks += check_saas_headroom(settings, now())
         checks += check_saas_permissions(settings, region)
     for c in checks:
         print(c.line(), file=out)

@@ -32,6 +32,7 @@ METRICS: dict[str, tuple[str, set[str]] | None] = {
     "marketplace_saas_batch_calls_total": ("result", set()),  # values not fixed by the contract
     "marketplace_usage_units_accepted_total": ("dimension", set()),
     "marketplace_saas_leader": None,
+    "marketplace_saas_send_headroom_low": None,
 }
 PROMQL_WORDS = {
     "sum", "max", "min", "avg", "count", "without", "by", "on", "ignoring", "group_left",

@@ -156,7 +156,8 @@ def test_start_check_with_the_clock_ahead_is_not_ready_retried_then_heals_and_bi
 
 @pytest.fixture
 def small_volume(tmp_path: Path) -> Iterator[Path]:
-    """A real 16 MiB tmpfs (the volume guard counts 2 MiB of SQLite cache; needs root, as in the project's CI container)."""
+    """A real 16 MiB tmpfs (the volume guard counts 2 MiB of SQLite cache besides the files;
+    needs root, as in the project's CI container)."""
     vol = tmp_path / "vol"
     vol.mkdir()
     out = subprocess.run(

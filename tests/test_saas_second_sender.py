@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -35,8 +36,10 @@ def test_duplicate_records_on_sqlite_name_a_second_sender(
     for quantity, svc in zip((5, 7), replicas, strict=True):
         assert svc.resolve(json.dumps({"registration_token": "t0"}).encode())[0] == 200
         assert svc.post(body(0, "seats", quantity))[0] == 202
-    probe = Router(None, lambda: None, listener="probe", readiness=second.ready)
-    assert "warning" not in probe.handle("GET", "/readyz", b"").body
+    probe = Router(
+        None, lambda: None, listener="probe", readiness=second.ready, notices=second.notices
+    )
+    assert "warnings" not in probe.handle("GET", "/readyz", b"").body
     clock.t = hour_start(hour_of(clock.t) + 1) + 120
     first.tick()
     with caplog.at_level(logging.ERROR):
@@ -47,13 +50,19 @@ def test_duplicate_records_on_sqlite_name_a_second_sender(
     for text in ("second sender", "ONE replica", "MARKETPLACE_USAGE_DATABASE_URL"):
         assert text in SECOND_SENDER_HINT
     # Still ready (the store writes, probes must not flap), and /readyz says why, on both
-    # listeners: the hint names no secret.
-    for listener in ("probe", "api"):
-        reply = Router(None, lambda: None, listener=listener, readiness=second.ready).handle(
-            "GET", "/readyz", b""
+    # listeners (the probe listener: the warning's name only).
+    shown: list[tuple[Literal["probe", "api"], str]] = [
+        ("probe", "DuplicateRecord on the SQLite store"),
+        ("api", SECOND_SENDER_HINT),
+    ]
+    for listener, text in shown:
+        router = Router(
+            None, lambda: None, listener=listener, readiness=second.ready, notices=second.notices
         )
+        reply = router.handle("GET", "/readyz", b"")
         assert reply.status == 200, reply.body
-        assert reply.body == {"ready": True, "state": "ready", "warning": SECOND_SENDER_HINT}
-    assert first.ready() == (True, None)  # the first sender was billed: nothing to say
+        assert reply.body == {"ready": True, "state": "ready", "warnings": [text]}
+    assert first.ready() == (True, None)
+    assert first.notices() == []  # the first sender was billed: nothing to say
     for svc in replicas:
         svc.close()

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from sidecar import __version__
 from sidecar.aws.errors import KNOWN_CODES, ErrorInfo
 from sidecar.entitlement.state import Snapshot, State
+from sidecar.usage.headroom import Headroom
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 VERIFY_PREFIX = "TokenVerificationFailed:"
@@ -261,6 +262,57 @@ class SaasCounts(Protocol):
     @property
     def leader(self) -> bool: ...  # this sidecar holds the sender role
 
+    @property
+    def headroom(self) -> Headroom | None: ...  # sending headroom (None: not known)
+
+
+# name, help, Headroom attribute: the sending headroom's gauges (issue 19, item 12).
+SAAS_HEADROOM_GAUGES = (
+    (
+        "marketplace_saas_backlog_records",
+        "Sealed records not yet settled by AWS (the sending backlog)",
+        "backlog_records",
+    ),
+    (
+        "marketplace_saas_backlog_seconds",
+        "Seconds the backlog needs at the paced BatchMeterUsage rate (25 records a call)",
+        "backlog_seconds",
+    ),
+    (
+        "marketplace_saas_backlog_trend_records_per_hour",
+        "Change of the backlog found at the last two hours' sealing (> 0: falling behind)",
+        "trend_per_hour",
+    ),
+    (
+        "marketplace_saas_hour_records",
+        "Records the newest sealed hour brought (one per customer and dimension with usage, "
+        "plus the quantity-0 records)",
+        "hour_records",
+    ),
+    (
+        "marketplace_saas_send_capacity_records_per_hour",
+        "Records an hour the sidecar sends at its paced rate (AWS's quota: 900,000)",
+        "capacity_per_hour",
+    ),
+    (
+        "marketplace_saas_send_load_ratio",
+        "The newest hour's records over the paced hourly capacity (1 = an hour takes an hour "
+        "to send)",
+        "load_ratio",
+    ),
+    (
+        "marketplace_saas_hour_send_seconds",
+        "Seconds from sealing to the last settled record of the newest fully sent hour",
+        "send_seconds",
+    ),
+    (
+        "marketplace_saas_send_ratio",
+        "The longer of the last hour's sending and the oldest unfinished hour's so far, over "
+        "one hour",
+        "send_ratio",
+    ),
+)
+
 
 class _SaasCollector(Collector):
     """Read from SaasService's counters at scrape time: nothing on the ingest path."""
@@ -331,6 +383,19 @@ class _SaasCollector(Collector):
             "marketplace_saas_leader",
             "1 when this sidecar is the fleet's sender (holds the store's sender lock)",
             value=1.0 if counts.leader else 0.0,
+        )
+        room = getattr(counts, "headroom", None)
+        if room is None:
+            return
+        for name, doc, attr in SAAS_HEADROOM_GAUGES:
+            value = getattr(room, attr)
+            yield GaugeMetricFamily(name, doc, value=float(value or 0.0))
+        yield GaugeMetricFamily(
+            "marketplace_saas_send_headroom_low",
+            "1 when sending is near its ceiling: an hour's sending over half an hour, a backlog "
+            "over 30 minutes at the paced rate, or records bound to expire (GET /v1/usage "
+            "and /readyz say which)",
+            value=1.0 if room.alert else 0.0,
         )
 
 

@@ -157,8 +157,9 @@ class Router:
         role ARNs and accounts); "metrics" nothing but /metrics. `serve_metrics` adds /metrics.
 
         SaaS mode passes no registrar, `saas` and `readiness` (the store is available).
-        `notices` (custom mode: the state volume filling) adds `warnings` to /readyz; it reads
-        memory only."""
+        `notices` adds `warnings` to a ready /readyz: custom mode's state volume filling (from
+        memory), saas mode's sending headroom (a store read at most every few seconds) and a
+        second sender on SQLite. The probe listener shows each warning's name only."""
         if registrar is None and readiness is None:
             raise ValueError("a Router needs a registrar or a readiness function")
         self._registrar = registrar
@@ -284,10 +285,12 @@ class Router:
             ok, reason = self._readiness()
         except Exception as exc:  # a readiness probe answers; it never 500s
             ok, reason = False, f"readiness check failed: {type(exc).__name__}"
-        if ok:  # a reason while ready is a warning (e.g. a second sender on SQLite)
-            return Reply(
-                200, {"ready": True, "state": "ready", **({"warning": reason} if reason else {})}
-            )
+        if ok:
+            body: dict[str, Any] = {"ready": True, "state": "ready"}
+            warnings = self._notices() if self._notices is not None else []
+            if warnings:  # ready, with something to say (a backlog, a second sender)
+                body["warnings"] = [w.split(":")[0] if self.redacted else w for w in warnings]
+            return Reply(200, body)
         error: dict[str, Any] = {"code": "store_unavailable"}
         if not self.redacted:  # a driver's message can name hosts and users
             error["message"] = str(reason or "the usage store is unavailable")[:500]

@@ -36,6 +36,7 @@ from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.ratelimit import TokenBucket
 from sidecar.usage import saas_ledger
 from sidecar.usage.db import Schema, StoreUnavailableError, UsageStore
+from sidecar.usage.headroom import Headroom, headroom
 from sidecar.usage.hours import HourPolicy, RetryPolicy, hour_of, iso_hour
 from sidecar.usage.saas_ledger import Batch, IdConflictError, SealSpec, Settled
 from sidecar.usage.validate import (
@@ -57,8 +58,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SAAS_SCHEMA = Schema(
-    name="saas.sqlite3", version=1, sqlite=saas_ledger.DDL, postgresql=saas_ledger.DDL
+    name="saas.sqlite3",
+    version=2,
+    sqlite=saas_ledger.DDL + saas_ledger.MIGRATION_2[0],
+    postgresql=saas_ledger.DDL + saas_ledger.MIGRATION_2[1],
+    migrations={2: saas_ledger.MIGRATION_2},
 )
+HEADROOM_TTL = 10.0  # seconds a computed headroom serves /readyz and scrapes
 RETRY_AFTER_SECONDS = 5
 RESOLVE_DEADLINE = 10.0  # seconds of retrying throttling/5xx before answering 503
 TOKEN_LIFETIME = 3600.0  # AWS: "about 1 hour" (another page says 4); the shorter is assumed
@@ -117,6 +123,7 @@ class SaasCounters:
     batch_calls: dict[str, int]  # marketplace_saas_batch_calls_total{result}
     leader: bool  # marketplace_saas_leader
     alerts: dict[str, int]  # events since start: not_subscribed, conflict, expired, rejected
+    headroom: Headroom | None = None  # marketplace_saas_send_* and _backlog_* (None: unknown)
 
 
 def _info(exc: BaseException) -> ErrorInfo | None:
@@ -178,6 +185,7 @@ class SaasService:
         self._resume_at = 0.0
         self._leader = False
         self._pruned_hour = -1
+        self._headroom: tuple[float, Headroom] | None = None
         self._sealed_through = -1
         self._inflight_guard = threading.Lock()
         self._inflight: dict[str, tuple[threading.Lock, int]] = {}
@@ -396,22 +404,66 @@ class SaasService:
             "consecutive_failures": self._failures,
             "paused_for_seconds": round(pause, 1) if self._failures and pause > 0 else 0.0,
         }
+        room = self.headroom(fresh=True)
+        out["sending"]["headroom"] = {
+            "calls_per_second": room.calls_per_second,
+            "capacity_per_hour": room.capacity_per_hour,
+            "aws_quota_per_hour": room.ceiling_per_hour,
+            "last_hour_records": room.hour_records,
+            "load_ratio": round(room.load_ratio, 4),
+            "backlog_records": room.backlog_records,
+            "backlog_seconds": round(room.backlog_seconds, 1),
+            "backlog_trend_per_hour": room.trend_per_hour,
+            "last_hour_send_seconds": room.send_seconds,
+            "send_ratio": round(room.send_ratio, 4),
+            "expires_unsent": room.expires_unsent,
+        }
+        out["warnings"] = [*out["warnings"], *(f"sending: {r}" for r in room.reasons)]
         out["dimensions"] = list(self.policy.dimensions)
         out["identity"] = self.policy.identity
         return out
 
     def ready(self) -> tuple[bool, str | None]:
-        ok, reason = self.store.available()
-        if ok and self._alerts["conflict"] and self._on_sqlite():
-            return ok, SECOND_SENDER_HINT  # still ready: the store writes; /readyz says why
-        return ok, reason
+        """Not ready only while the store cannot take usage. A sending backlog or a second
+        sender is a warning (`notices`), not unreadiness: taking replicas out of the Service would
+        refuse the product's usage (an outage on top of a billing problem) and cannot make AWS
+        accept records any faster."""
+        return self.store.available()
+
+    def notices(self) -> list[str]:
+        """Warnings while ready, each "name: detail" (the probe listener shows the name only)."""
+        out: list[str] = []
+        if self._alerts["conflict"] and self._on_sqlite():
+            out.append(SECOND_SENDER_HINT)  # the store writes; /readyz says why
+        try:
+            room = self.headroom()
+        except StoreUnavailableError:
+            return out  # `ready` answers for the store
+        if room.reasons:
+            out.append("sending headroom: " + "; ".join(room.reasons))
+        return out
 
     def _on_sqlite(self) -> bool:
         return getattr(self.store, "backend", "") == "sqlite"
 
+    def headroom(self, *, fresh: bool = False) -> Headroom:
+        """The sending headroom at the injected clock's `now` (cached HEADROOM_TTL seconds)."""
+        mono = self.clock.monotonic()
+        cached = self._headroom
+        if not fresh and cached is not None and mono - cached[0] < HEADROOM_TTL:
+            return cached[1]
+        now = self.clock.time()
+        hours, backlog, oldest = self.store.read(lambda db: saas_ledger.sending_facts(db, now))
+        room = headroom(
+            now, hours, backlog, self.policy.calls_per_second, oldest_unsent_hour=oldest
+        )
+        self._headroom = (mono, room)
+        return room
+
     def counters(self) -> SaasCounters:
         now = self.clock.time()
         records, customers, oldest = self.store.read(lambda db: saas_ledger.counts(db, now))
+        room = self.headroom()
         with self._count_lock:
             return SaasCounters(
                 units_accepted=dict(self._units),
@@ -421,6 +473,7 @@ class SaasService:
                 batch_calls=dict(self._calls),
                 leader=self._leader,
                 alerts=dict(self._alerts),
+                headroom=room,
             )
 
     def close(self) -> None:
@@ -564,10 +617,21 @@ class SaasService:
         stop = stop or threading.Event()
         now = self.clock.time()
         self._seal(self.policy.hours.sealable_through(now))
+        self.store.write(lambda db: saas_ledger.track_sending(db, now))
         self._send(stop)
+        self.store.write(lambda db: saas_ledger.track_sending(db, self.clock.time()))
         if hour_of(now) != self._pruned_hour:
+            self._prune(now, stop)
             self._pruned_hour = hour_of(now)
-            self.store.write(lambda db: saas_ledger.prune(db, now))
+
+    def _prune(self, now: float, stop: threading.Event) -> None:
+        """Prune in transactions of at most a day of hours each, so intake and sending
+        interleave with a first prune of a long history."""
+        after: int | None = None
+        while True:
+            after = self.store.write(functools.partial(saas_ledger.prune, now=now, after=after))
+            if after is None or stop.is_set():
+                return
 
     def _is_leader(self) -> bool:
         try:

@@ -18,14 +18,17 @@ quantity it saw, so the ledger's invariants are:
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sidecar.usage.db import Db
+from sidecar.usage.headroom import HourSending
 from sidecar.usage.hours import (
     AWS_WINDOW,
+    HOUR,
     HourPolicy,
     hour_of,
     hour_start,
@@ -849,28 +852,145 @@ def _bisect(
 
 # -- report and counters ------------------------------------------------------------------
 
+# AWS's answer is final for these: a record in one of them is never sent again, so once its hour
+# is older than OUTBOX_KEEP it is folded into `saas_hour_summary` and deleted.
+SETTLED_STATES = ("sent", "not_subscribed", "conflict", "expired", "rejected")
+OUTBOX_KEEP = 48 * 3600.0  # settled outbox rows, like the client idempotency keys
+SENDING_KEEP_HOURS = 7 * 24  # per-hour sending facts kept for the headroom trend
+PRUNE_HOURS = 24  # hours pruned per transaction, so the writer is never held for long
+
+# Version 2: counters kept in the transaction that changes a record's state, so scrapes and
+# GET /v1/usage read a few rows instead of the whole outbox; the per-hour audit that remains of
+# a pruned hour; per-hour sending facts (headroom); indexes for pruning and the unsent backlog.
+COUNTS_DDL = """
+-- Records (and units) per hour, dimension and state, kept by triggers on saas_outbox (every
+-- INSERT and every change of `state`). Pruning folds a pruned hour's settled rows into hour -1,
+-- so the table holds the kept hours plus one row per dimension and state: the totals since the
+-- store was created, the backlog and the oldest unsent hour are read here, not in the outbox.
+CREATE TABLE saas_counts (
+    hour BIGINT NOT NULL,
+    dimension TEXT NOT NULL,
+    state TEXT NOT NULL,
+    records BIGINT NOT NULL,
+    quantity BIGINT NOT NULL,
+    PRIMARY KEY (hour, dimension, state)
+);
+-- What remains of settled outbox rows once pruned: per hour, dimension and state.
+CREATE TABLE saas_hour_summary (
+    hour BIGINT NOT NULL,
+    dimension TEXT NOT NULL,
+    state TEXT NOT NULL,
+    records BIGINT NOT NULL,
+    quantity BIGINT NOT NULL,
+    zero_records BIGINT NOT NULL,
+    PRIMARY KEY (hour, dimension, state)
+);
+-- Per sealed hour: its records, the backlog it found, when its last record was settled.
+CREATE TABLE saas_hour_sending (
+    hour BIGINT PRIMARY KEY,
+    sealed_at DOUBLE PRECISION NOT NULL,
+    records BIGINT NOT NULL,
+    backlog_before BIGINT NOT NULL,
+    finished_at DOUBLE PRECISION
+);
+CREATE INDEX saas_outbox_by_hour ON saas_outbox (hour);
+"""
+COUNTS_BACKFILL = """
+INSERT INTO saas_counts (hour, dimension, state, records, quantity)
+SELECT hour, dimension, state, COUNT(*), SUM(quantity) FROM saas_outbox
+GROUP BY hour, dimension, state;
+"""
+COUNTS_SQLITE = """
+CREATE TRIGGER saas_outbox_counted AFTER INSERT ON saas_outbox BEGIN
+    INSERT INTO saas_counts (hour, dimension, state, records, quantity)
+    VALUES (NEW.hour, NEW.dimension, NEW.state, 1, NEW.quantity)
+    ON CONFLICT (hour, dimension, state) DO UPDATE SET records = records + 1,
+    quantity = quantity + excluded.quantity;
+END;
+CREATE TRIGGER saas_outbox_recounted AFTER UPDATE OF state ON saas_outbox
+WHEN OLD.state <> NEW.state BEGIN
+    UPDATE saas_counts SET records = records - 1, quantity = quantity - OLD.quantity
+    WHERE hour = OLD.hour AND dimension = OLD.dimension AND state = OLD.state;
+    INSERT INTO saas_counts (hour, dimension, state, records, quantity)
+    VALUES (NEW.hour, NEW.dimension, NEW.state, 1, NEW.quantity)
+    ON CONFLICT (hour, dimension, state) DO UPDATE SET records = records + 1,
+    quantity = quantity + excluded.quantity;
+END;
+"""
+# PostgreSQL: statement triggers over transition tables, one upsert per statement (a seal of
+# 30,000 rows updates each counter once, not 30,000 times).
+COUNTS_POSTGRESQL = """
+CREATE FUNCTION saas_outbox_counted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO saas_counts AS c (hour, dimension, state, records, quantity)
+    SELECT hour, dimension, state, COUNT(*), SUM(quantity) FROM saas_new
+    GROUP BY hour, dimension, state
+    ON CONFLICT (hour, dimension, state) DO UPDATE SET records = c.records + excluded.records,
+    quantity = c.quantity + excluded.quantity;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION saas_outbox_recounted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO saas_counts AS c (hour, dimension, state, records, quantity)
+    SELECT hour, dimension, state, SUM(d_records), SUM(d_quantity) FROM (
+        SELECT hour, dimension, state, 1 AS d_records, quantity AS d_quantity FROM saas_new
+        UNION ALL
+        SELECT hour, dimension, state, -1, -quantity FROM saas_old
+    ) AS delta GROUP BY hour, dimension, state HAVING SUM(d_records) <> 0
+    ON CONFLICT (hour, dimension, state) DO UPDATE SET records = c.records + excluded.records,
+    quantity = c.quantity + excluded.quantity;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER saas_outbox_counted AFTER INSERT ON saas_outbox
+    REFERENCING NEW TABLE AS saas_new FOR EACH STATEMENT EXECUTE FUNCTION saas_outbox_counted();
+CREATE TRIGGER saas_outbox_recounted AFTER UPDATE ON saas_outbox
+    REFERENCING OLD TABLE AS saas_old NEW TABLE AS saas_new
+    FOR EACH STATEMENT EXECUTE FUNCTION saas_outbox_recounted();
+"""
+MIGRATION_2 = (
+    COUNTS_DDL + COUNTS_SQLITE + COUNTS_BACKFILL,
+    COUNTS_DDL + COUNTS_POSTGRESQL + COUNTS_BACKFILL,
+)
+
+
+def _state_counts(db: Db) -> dict[str, int]:
+    records = dict.fromkeys(RECORD_STATES, 0)
+    for state, n in db.execute("SELECT state, SUM(records) FROM saas_counts GROUP BY state"):
+        records[str(state)] = int(n or 0)
+    return records
+
+
+def _oldest_unsent(db: Db) -> int | None:
+    """The oldest hour with a record not yet settled."""
+    row = db.execute(
+        "SELECT MIN(hour) FROM saas_counts WHERE state = 'sealed' AND records > 0"
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
 
 def counts(db: Db, now: float) -> tuple[dict[str, int], dict[str, int], float | None]:
-    """(records by state, customers by state, end of the oldest ended hour not yet sent)."""
-    records = dict.fromkeys(RECORD_STATES, 0)
-    for state, n in db.execute("SELECT state, COUNT(*) FROM saas_outbox GROUP BY state"):
-        records[str(state)] = int(n)
+    """(records by state, customers by state, end of the oldest ended hour not yet sent).
+
+    Reads the maintained counters and the open hours: its cost follows the customers of the
+    open hours and the hours kept, never the store's history."""
+    records = _state_counts(db)
     row = db.execute("SELECT COUNT(*) FROM saas_open").fetchone()
     records["open"] = int(row[0]) if row else 0
     customers = dict.fromkeys(CUSTOMER_STATES, 0)
     for state, n in db.execute("SELECT state, COUNT(*) FROM saas_customers GROUP BY state"):
         customers[str(state)] = int(n)
     current = hour_of(now)
-    oldest = [
-        db.execute("SELECT MIN(hour) FROM saas_open WHERE hour < ?", (current,)).fetchone(),
-        db.execute("SELECT MIN(hour) FROM saas_outbox WHERE state = 'sealed'").fetchone(),
-    ]
-    hours = [int(r[0]) for r in oldest if r and r[0] is not None]
+    first_open = db.execute("SELECT MIN(hour) FROM saas_open WHERE hour < ?", (current,)).fetchone()
+    hours = [int(first_open[0])] if first_open and first_open[0] is not None else []
+    unsent = _oldest_unsent(db)
+    if unsent is not None:
+        hours.append(unsent)
     return records, customers, (hour_start(min(hours) + 1) if hours else None)
 
 
 def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str, Any]:
-    """Per customer/dimension/hour state (newest first, `limit` rows), totals, warnings."""
+    """Per customer/dimension/hour state (newest first, `limit` rows), totals, warnings.
+    Totals come from the maintained counters (pruned hours included)."""
     items: list[dict[str, Any]] = []
     totals: dict[str, dict[str, int]] = {}
     warnings: list[str] = []
@@ -878,12 +998,12 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
     def add(dimension: str, state: str, quantity: int) -> None:
         t = totals.setdefault(dimension, {"accepted": 0, **dict.fromkeys(RECORD_STATES, 0)})
         t["accepted"] += quantity
-        t[state] += quantity
+        t[state] = t.get(state, 0) + quantity
 
     for dimension, state, quantity in db.execute(
         "SELECT dimension, 'open', SUM(quantity) FROM saas_open GROUP BY dimension "
-        "UNION ALL SELECT dimension, state, SUM(quantity) FROM saas_outbox "
-        "GROUP BY dimension, state"
+        "UNION ALL SELECT dimension, state, SUM(quantity) FROM saas_counts "
+        "GROUP BY dimension, state HAVING SUM(records) <> 0"
     ):
         add(str(dimension), str(state), int(quantity or 0))
     for customer, dimension, hour, quantity in db.execute(
@@ -921,30 +1041,33 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
                 "deadline": iso(float(row[8])),
             }
         )
+    # Unsent records whose window closes soon, from the counters: sealing sets a record's
+    # deadline from its hour (HourPolicy.deadline), so "deadline < t" is "hour < h".
+    bound = now + policy.warn_before - AWS_WINDOW + policy.window_safety
     closing = db.execute(
-        "SELECT COUNT(*), MIN(deadline) FROM saas_outbox WHERE state = 'sealed' AND deadline < ?",
-        (now + policy.warn_before,),
+        "SELECT SUM(records), MIN(hour) FROM saas_counts WHERE state = 'sealed' AND records > 0 "
+        "AND hour < ?",
+        (math.ceil(bound / HOUR),),
     ).fetchone()
-    if closing and int(closing[0]):
+    if closing and closing[0] and int(closing[0]):
         warnings.append(
             f"{int(closing[0])} sealed records unsent; AWS's window closes from "
-            f"{iso(float(closing[1]))}"
+            f"{iso(policy.deadline(hour_start(int(closing[1]))))}"
         )
+    records, customers, oldest = counts(db, now)
     for state, label in (
         ("conflict", "DuplicateRecord: AWS holds another quantity (never re-sent)"),
         ("expired", "expired unsent (past AWS's six-hour window)"),
         ("rejected", "rejected by AWS"),
         ("not_subscribed", "answered CustomerNotSubscribed (kept, not billed)"),
     ):
-        n = db.execute("SELECT COUNT(*) FROM saas_outbox WHERE state = ?", (state,)).fetchone()
-        if n and int(n[0]):
-            warnings.append(f"{int(n[0])} records {label}")
+        if records.get(state):
+            warnings.append(f"{records[state]} records {label}")
     for (customer,) in db.execute(
         "SELECT customer FROM saas_customers WHERE state = 'not_subscribed' ORDER BY customer "
         "LIMIT 20"
     ):
         warnings.append(f"customer {customer}: not subscribed (AWS CustomerNotSubscribed)")
-    records, customers, oldest = counts(db, now)
     sending = db.execute("SELECT COUNT(*) FROM saas_batches WHERE state = 'sending'").fetchone()
     return {
         "now": iso(now),
@@ -958,16 +1081,149 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
     }
 
 
-def prune(db: Db, now: float, keep_seconds: float = 48 * 3600.0) -> None:
-    """Drop old per-record audit rows, idempotency keys and answered batches; the outbox rows
-    (quantity, state, MeteringRecordId) stay."""
+def prune(
+    db: Db,
+    now: float,
+    keep_seconds: float = OUTBOX_KEEP,
+    *,
+    after: int | None = None,
+    max_hours: int = PRUNE_HOURS,
+) -> int | None:
+    """Drop old per-record audit rows, idempotency keys, answered batches and settled outbox
+    rows; each pruned outbox row is added to its hour's `saas_hour_summary` row first.
+
+    Never touches a record still 'sealed' (unsent, or in a call that may be retried: a stored
+    'sending' batch only ever holds 'sealed' records) nor `saas_sealed_hours`, which keeps a
+    pruned hour from being sealed again. Prunes at most `max_hours` hours of outbox rows from
+    `after` on: returns the hour to continue from (call again in another transaction), or None
+    when done."""
     oldest = hour_of(now - keep_seconds)
-    db.execute("DELETE FROM saas_records WHERE hour < ?", (oldest,))
-    db.execute("DELETE FROM saas_keys WHERE created_at < ?", (now - keep_seconds,))
+    if after is None:
+        db.execute("DELETE FROM saas_records WHERE hour < ?", (oldest,))
+        db.execute("DELETE FROM saas_keys WHERE created_at < ?", (now - keep_seconds,))
+        db.execute(
+            "DELETE FROM saas_batches WHERE state <> 'sending' AND created_at < ?",
+            (now - keep_seconds,),
+        )
+        db.execute(
+            "DELETE FROM saas_hour_sending WHERE hour < ?",
+            (hour_of(now) - SENDING_KEEP_HOURS,),
+        )
+    row = db.execute(
+        "SELECT MIN(hour) FROM saas_outbox WHERE hour >= ?", (after or -(2**62),)
+    ).fetchone()
+    if row is None or row[0] is None or int(row[0]) >= oldest:
+        return None
+    first = int(row[0])
+    end = min(oldest, first + max_hours)
+    settled = ", ".join(f"'{s}'" for s in SETTLED_STATES)
     db.execute(
-        "DELETE FROM saas_batches WHERE state <> 'sending' AND created_at < ?",
-        (now - keep_seconds,),
+        "INSERT INTO saas_hour_summary (hour, dimension, state, records, quantity, zero_records) "  # noqa: S608  # nosec B608 # constant states; values are bound
+        "SELECT hour, dimension, state, COUNT(*), SUM(quantity), SUM(zero) FROM saas_outbox "
+        f"WHERE hour >= ? AND hour < ? AND state IN ({settled}) GROUP BY hour, dimension, state "
+        "ON CONFLICT (hour, dimension, state) DO UPDATE SET "
+        "records = saas_hour_summary.records + excluded.records, "
+        "quantity = saas_hour_summary.quantity + excluded.quantity, "
+        "zero_records = saas_hour_summary.zero_records + excluded.zero_records",
+        (first, end),
     )
+    db.execute(
+        f"DELETE FROM saas_outbox WHERE hour >= ? AND hour < ? AND state IN ({settled})",  # noqa: S608  # nosec B608 # constant states; values are bound
+        (first, end),
+    )
+    # Their counters (exactly the rows just deleted) fold into hour -1, the pruned past.
+    db.execute(
+        "INSERT INTO saas_counts (hour, dimension, state, records, quantity) "  # noqa: S608  # nosec B608 # constant states; values are bound
+        "SELECT -1, dimension, state, SUM(records), SUM(quantity) FROM saas_counts "
+        f"WHERE hour >= ? AND hour < ? AND state IN ({settled}) GROUP BY dimension, state "
+        "ON CONFLICT (hour, dimension, state) DO UPDATE SET "
+        "records = saas_counts.records + excluded.records, "
+        "quantity = saas_counts.quantity + excluded.quantity",
+        (first, end),
+    )
+    db.execute(
+        f"DELETE FROM saas_counts WHERE hour >= ? AND hour < ? AND (state IN ({settled}) "  # noqa: S608  # nosec B608 # constant states; values are bound
+        "OR records = 0)",  # a state left by every record of the hour (e.g. 'sealed')
+        (first, end),
+    )
+    return end if end < oldest else None
+
+
+def hour_summary(db: Db, since: int) -> list[dict[str, Any]]:
+    """The audit of pruned hours from `since` on."""
+    return [
+        {
+            "hour": iso_hour(int(h)),
+            "dimension": str(d),
+            "state": str(s),
+            "records": int(r),
+            "quantity": int(q),
+            "zero_records": int(z),
+        }
+        for h, d, s, r, q, z in db.execute(
+            "SELECT hour, dimension, state, records, quantity, zero_records FROM "
+            "saas_hour_summary WHERE hour >= ? ORDER BY hour, dimension, state",
+            (since,),
+        )
+    ]
+
+
+# -- sending headroom ---------------------------------------------------------------------
+
+TRACK_HOURS = 24  # a store met for the first time: its last day of sealed hours is tracked
+
+
+def track_sending(db: Db, now: float) -> None:
+    """Note newly sealed hours (with the backlog they found) and the hours whose last record
+    has since been settled. Leader only; reads the backlog through `saas_outbox_unsent`."""
+    last = db.execute("SELECT MAX(hour) FROM saas_hour_sending").fetchone()
+    start = hour_of(now) - TRACK_HOURS
+    if last and last[0] is not None:
+        start = max(start, int(last[0]) + 1)
+    for hour, sealed_at, records in db.execute(
+        "SELECT hour, sealed_at, records FROM saas_sealed_hours WHERE hour >= ? ORDER BY hour",
+        (start,),
+    ).fetchall():
+        backlog = db.execute(
+            "SELECT SUM(records) FROM saas_counts WHERE state = 'sealed' AND hour < ?", (hour,)
+        ).fetchone()
+        db.execute(
+            "INSERT INTO saas_hour_sending (hour, sealed_at, records, backlog_before) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (hour) DO NOTHING",
+            (int(hour), float(sealed_at), int(records), int(backlog[0] or 0) if backlog else 0),
+        )
+    for hour, sealed_at in db.execute(
+        "SELECT hour, sealed_at FROM saas_hour_sending WHERE finished_at IS NULL"
+    ).fetchall():
+        left = db.execute(
+            "SELECT SUM(records) FROM saas_counts WHERE state = 'sealed' AND hour = ?", (hour,)
+        ).fetchone()
+        if left and left[0]:
+            continue
+        done = db.execute("SELECT MAX(done_at) FROM saas_outbox WHERE hour = ?", (hour,)).fetchone()
+        finished = float(done[0]) if done and done[0] is not None else float(sealed_at)
+        db.execute(
+            "UPDATE saas_hour_sending SET finished_at = ? WHERE hour = ?",
+            (max(finished, float(sealed_at)), hour),
+        )
+
+
+SendingFacts = tuple[list[HourSending], int, int | None]
+
+
+def sending_facts(db: Db, now: float) -> SendingFacts:
+    """(the last day's sealed hours, records sealed-unsent, the oldest unsent hour)."""
+    hours = [
+        HourSending(int(h), float(s), int(r), int(b), None if f is None else float(f))
+        for h, s, r, b, f in db.execute(
+            "SELECT hour, sealed_at, records, backlog_before, finished_at FROM saas_hour_sending "
+            "WHERE hour >= ? ORDER BY hour",
+            (hour_of(now) - TRACK_HOURS,),
+        )
+    ]
+    row = db.execute("SELECT SUM(records) FROM saas_counts WHERE state = 'sealed'").fetchone()
+    backlog = int(row[0]) if row and row[0] is not None else 0
+    return hours, backlog, _oldest_unsent(db)
 
 
 BatchCall = Callable[[dict[str, Any]], dict[str, Any]]
