@@ -35,7 +35,14 @@ from sidecar.aws.errors import ErrorInfo
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.ratelimit import TokenBucket
 from sidecar.usage import saas_ledger
-from sidecar.usage.db import Schema, StoreUnavailableError, UsageStore
+from sidecar.usage.db import (
+    INTAKE_WAIT,
+    Schema,
+    StoreBusyError,
+    StoreOutcomeUnknownError,
+    StoreUnavailableError,
+    UsageStore,
+)
 from sidecar.usage.hours import HourPolicy, RetryPolicy, hour_of, iso_hour
 from sidecar.usage.saas_ledger import Batch, IdConflictError, SealSpec, Settled
 from sidecar.usage.validate import (
@@ -119,9 +126,21 @@ def _info(exc: BaseException) -> ErrorInfo | None:
 
 def _unavailable(exc: Exception) -> tuple[int, dict[str, Any]]:
     log.error("saas_store_unavailable", extra={"detail": str(exc)[:300]})
+    if isinstance(exc, StoreOutcomeUnknownError):
+        return 503, outcome_unknown(exc)
     return 503, {
         "error": "store_unavailable",
-        "message": f"nothing was stored ({exc}); send it again later",
+        "message": f"nothing was stored, and nothing of it will be ({exc}); send it again later",
+        "retry_after": RETRY_AFTER_SECONDS,
+    }
+
+
+def outcome_unknown(exc: Exception) -> dict[str, Any]:
+    """The 503 body when the store cannot say whether the usage was stored (custom mode too)."""
+    return {
+        "error": "store_outcome_unknown",
+        "message": f"the usage may or may not have been stored ({exc}); send it again with the "
+        "same id, which counts it once either way (without an id it may count twice)",
         "retry_after": RETRY_AFTER_SECONDS,
     }
 
@@ -187,7 +206,9 @@ class SaasService:
         hp, accept = self.policy.hours, self.policy.accept_unresolved
         try:
             status, answers = self.store.write(
-                lambda db: saas_ledger.ingest(db, records, now, hp, accept_unresolved=accept)
+                lambda db: saas_ledger.ingest(db, records, now, hp, accept_unresolved=accept),
+                timeout=INTAKE_WAIT,
+                locks=saas_ledger.ingest_locks(records),
             )
         except RejectedError as exc:
             return exc.status, exc.body()
@@ -535,7 +556,10 @@ class SaasService:
         _, first_open = self.store.read(saas_ledger.seal_status)
         if through <= self._sealed_through and (first_open is None or first_open > through):
             return  # nothing new: no usage to seal, and zero records were written already
-        sealed = self.store.write(lambda db: saas_ledger.seal(db, through, now, self._spec))
+        sealed = self.store.write(
+            lambda db: saas_ledger.seal(db, through, now, self._spec),
+            locks=saas_ledger.SEAL_LOCKS,
+        )
         self._sealed_through = through
         for hour, records in sealed:
             log.info("saas_hour_sealed", extra={"hour": iso_hour(hour), "records": records})
@@ -544,7 +568,10 @@ class SaasService:
         """One pass as the leader: seal ended hours, send what is sealed."""
         stop = stop or threading.Event()
         now = self.clock.time()
-        self._seal(self.policy.hours.sealable_through(now))
+        try:
+            self._seal(self.policy.hours.sealable_through(now))
+        except StoreBusyError as exc:  # a frozen replica holds the seal lock: send, seal later
+            log.warning("saas_seal_deferred", extra={"detail": str(exc)[:300]})
         self._send(stop)
         if hour_of(now) != self._pruned_hour:
             self._pruned_hour = hour_of(now)
