@@ -126,14 +126,19 @@ class UsageStore(Protocol):
     def where(self) -> str: ...  # the file, or the URL without its password
 
     def write(
-        self, fn: Callable[[Db], T], timeout: float = WRITE_WAIT, locks: Sequence[Lock] = ()
+        self,
+        fn: Callable[[Db], T],
+        timeout: float = WRITE_WAIT,
+        locks: Sequence[Lock] = (),
+        lock_wait: float | None = None,
     ) -> T:
         """Run `fn` in the writer's next transaction; return once it is COMMITTED.
 
         `fn`'s own exceptions roll back `fn` alone and are re-raised. StoreUnavailableError
         when the store cannot write (at once) or `fn` was not committed within `timeout`: then
         it is withdrawn and never will be. StoreOutcomeUnknownError when its COMMIT was sent and
-        no answer came (see `submit`). `locks`: the advisory locks `fn` takes (`Db.lock`).
+        no answer came (see `submit`). `locks`: the advisory locks `fn` takes (`Db.lock`);
+        `lock_wait`: how long to wait for them (None: the store's default), then StoreBusyError.
         """
         ...
 
@@ -221,6 +226,7 @@ class Job:
 
     fn: Callable[[Db], Any]
     locks: tuple[Lock, ...] = ()
+    lock_wait: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
@@ -260,13 +266,19 @@ def _withdraw(job: Job) -> bool:
 JobQueue = queue.SimpleQueue[Job | None]
 
 
-def submit(jobs: JobQueue, fn: Callable[[Db], T], timeout: float, locks: Sequence[Lock] = ()) -> T:
+def submit(
+    jobs: JobQueue,
+    fn: Callable[[Db], T],
+    timeout: float,
+    locks: Sequence[Lock] = (),
+    lock_wait: float | None = None,
+) -> T:
     """Queue `fn` for the writer and wait until its transaction is committed (or failed).
 
     After `timeout` the job is withdrawn unless its COMMIT is already on its way: withdrawn,
     it is never committed (StoreUnavailableError: resending is safe). Otherwise the outcome is
     awaited for COMMIT_WAIT more and, still unknown, StoreOutcomeUnknownError."""
-    job = Job(fn, tuple(locks))
+    job = Job(fn, tuple(locks), lock_wait)
     jobs.put(job)
     if not job.done.wait(timeout):
         if _withdraw(job):

@@ -130,11 +130,12 @@ SESSION_OPTIONS = (
     "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=3 -c tcp_keepalives_count=3 "
     "-c tcp_user_timeout=15000"
 )
-# How long a transaction waits for the advisory locks its jobs declared (`write(locks=...)`),
-# held by another replica's transaction, before the jobs that need them are answered
-# StoreBusyError (503). Long enough for a live replica's transaction to end; short because
-# while an EXCLUSIVE request waits, PostgreSQL queues every new shared request behind it.
-PRELOCK_MS = 500
+# How long a transaction waits by default for the advisory locks its jobs declared
+# (`write(locks=...)`), held by another replica's transaction, before the jobs that need them
+# are answered StoreBusyError (503): long enough for a live replica's transaction to end. An
+# EXCLUSIVE lock that others take shared (the seal) asks for less (`lock_wait`): while it waits,
+# PostgreSQL queues every new shared request behind it.
+PRELOCK_WAIT = 1.0
 # Store-internal advisory locks use the two-int4 key space, which never meets the bigint keys
 # `Db.lock` takes for the ledger.
 LOCK_CLASS = 0x51DECA5
@@ -462,18 +463,23 @@ class PgStore:
     # -- writing -------------------------------------------------------------------------
 
     def write(
-        self, fn: Callable[[Db], T], timeout: float = WRITE_WAIT, locks: Sequence[Lock] = ()
+        self,
+        fn: Callable[[Db], T],
+        timeout: float = WRITE_WAIT,
+        locks: Sequence[Lock] = (),
+        lock_wait: float | None = None,
     ) -> T:
         """Run `fn` in the writer's next transaction; return once it is committed.
 
         Exceptions raised by `fn` roll back `fn`'s writes only and are re-raised here. Not
         committed within `timeout`: withdrawn, never committed (see `db.submit`). `locks`: the
-        advisory locks `fn` takes, taken first for the whole transaction (see `_prelock`).
+        advisory locks `fn` takes, taken first for the whole transaction (see `_prelock`),
+        waiting `lock_wait` seconds for them at most (default PRELOCK_WAIT).
         """
         if self._closed:
             raise StoreUnavailableError("the usage store is closed")
         self._gate()
-        return submit(self._queue, fn, timeout, locks)
+        return submit(self._queue, fn, timeout, locks, lock_wait)
 
     def _write_loop(self) -> None:
         while True:
@@ -513,9 +519,10 @@ class PgStore:
         those locks guard from one another, so no two transactions wait on each other in a
         cycle: intake can share the seal lock without deadlocking on hot rows.
 
-        A lock not had within PRELOCK_MS (held by a slow or frozen replica, or sought by the
-        leader's seal) is tried once more without waiting, keeping what can be had: the jobs
-        whose locks are missing are returned, to be answered StoreBusyError; the others run.
+        A lock not had within the jobs' shortest `lock_wait` (held by a slow or frozen replica,
+        or sought by the leader's seal) is tried once more without waiting, keeping what can be
+        had: the jobs whose locks are missing are returned, to be answered StoreBusyError; the
+        others run.
         """
         want: dict[int, bool] = {}
         for job in jobs:
@@ -524,12 +531,14 @@ class PgStore:
         if not want:
             return []
         keys = sorted(want)
+        waits = [j.lock_wait for j in jobs if j.locks and j.lock_wait is not None]
+        wait_ms = max(1, round(1000 * min(waits, default=PRELOCK_WAIT)))
         ks = "{" + ",".join(str(k) for k in keys) + "}"
         xs = "{" + ",".join("t" if want[k] else "f" for k in keys) + "}"
         table = f"unnest('{ks}'::bigint[], '{xs}'::boolean[]) AS t(k, x)"
         try:
             conn.execute(  # one round trip; ints and booleans only, formatted by us
-                f"SAVEPOINT locks; SET LOCAL lock_timeout = {PRELOCK_MS}; "  # noqa: S608  # nosec B608
+                f"SAVEPOINT locks; SET LOCAL lock_timeout = {wait_ms}; "  # noqa: S608  # nosec B608
                 "SELECT count(*) FROM (SELECT CASE WHEN x THEN pg_advisory_xact_lock(k)::text "
                 f"ELSE pg_advisory_xact_lock_shared(k)::text END FROM {table}) AS taken; "
                 "RELEASE SAVEPOINT locks; SET LOCAL lock_timeout TO DEFAULT"

@@ -70,6 +70,7 @@ RETRY_AFTER_SECONDS = 5
 RESOLVE_DEADLINE = 10.0  # seconds of retrying throttling/5xx before answering 503
 TOKEN_LIFETIME = 3600.0  # AWS: "about 1 hour" (another page says 4); the shorter is assumed
 LEADER_RECHECK = 3.0  # a follower asks for the sender role this often
+SEAL_RETRY = 1.0  # seconds between seal tries while the seal lock is busy
 EXPIRED_HINT = "redeem the token as soon as the buyer's browser posts it"
 # Whole-call refusals caused by one record in the call: bisect to find it.
 RECORD_CODES = frozenset(
@@ -188,6 +189,7 @@ class SaasService:
         )
         self._failures = 0
         self._resume_at = 0.0
+        self._seal_resume_at = 0.0  # clock.monotonic() before which no seal is tried again
         self._leader = False
         self._pruned_hour = -1
         self._sealed_through = -1
@@ -559,6 +561,7 @@ class SaasService:
         sealed = self.store.write(
             lambda db: saas_ledger.seal(db, through, now, self._spec),
             locks=saas_ledger.SEAL_LOCKS,
+            lock_wait=saas_ledger.SEAL_LOCK_WAIT,
         )
         self._sealed_through = through
         for hour, records in sealed:
@@ -568,10 +571,15 @@ class SaasService:
         """One pass as the leader: seal ended hours, send what is sealed."""
         stop = stop or threading.Event()
         now = self.clock.time()
-        try:
-            self._seal(self.policy.hours.sealable_through(now))
-        except StoreBusyError as exc:  # a frozen replica holds the seal lock: send, seal later
-            log.warning("saas_seal_deferred", extra={"detail": str(exc)[:300]})
+        if self.clock.monotonic() >= self._seal_resume_at:
+            try:
+                self._seal(self.policy.hours.sealable_through(now))
+            except StoreBusyError as exc:
+                # A replica frozen mid-ingest holds the seal lock until the server ends its
+                # transaction (seconds): send what is sealed, try the seal again in a while
+                # (each try holds up the fleet's intake for up to SEAL_LOCK_WAIT).
+                self._seal_resume_at = self.clock.monotonic() + SEAL_RETRY
+                log.warning("saas_seal_deferred", extra={"detail": str(exc)[:300]})
         self._send(stop)
         if hour_of(now) != self._pruned_hour:
             self._pruned_hour = hour_of(now)
@@ -615,6 +623,9 @@ class SaasService:
         pause = self._resume_at - self.clock.monotonic()
         if pause > 0:
             wake.append(now + pause)
+        seal_pause = self._seal_resume_at - self.clock.monotonic()
+        if seal_pause > 0:  # a due seal found its lock busy: try it again then
+            wake.append(now + seal_pause)
         return max(0.01, min(min(wake) - now, LEADER_RECHECK * 5))
 
     def drain(self, budget_seconds: float) -> None:

@@ -270,6 +270,9 @@ def ingest_locks(records: Sequence[SaasRecord]) -> list[Lock]:
 
 
 SEAL_LOCKS: tuple[Lock, ...] = ((SEAL_LOCK, True),)  # what `seal` declares
+# How long a seal waits for ingests in flight to end: they take milliseconds, and every new
+# ingest of the fleet queues behind a waiting seal. A frozen ingest makes the seal give up.
+SEAL_LOCK_WAIT = 0.25
 
 
 def ingest(

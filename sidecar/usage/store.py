@@ -339,13 +339,17 @@ class Store:
     # -- writing -------------------------------------------------------------------------
 
     def write(
-        self, fn: Callable[[Db], T], timeout: float = WRITE_WAIT, locks: Sequence[Lock] = ()
+        self,
+        fn: Callable[[Db], T],
+        timeout: float = WRITE_WAIT,
+        locks: Sequence[Lock] = (),
+        lock_wait: float | None = None,
     ) -> T:
         """Run `fn` in the writer's next transaction; return once it is committed (fsync'd).
 
         Exceptions raised by `fn` roll back `fn`'s writes only and are re-raised here. Not
-        committed within `timeout`: withdrawn, never committed (see `db.submit`). `locks` are
-        for PostgreSQL: one writer thread already serialises this file.
+        committed within `timeout`: withdrawn, never committed (see `db.submit`). `locks` and
+        `lock_wait` are for PostgreSQL: one writer thread already serialises this file.
         """
         if self._closed:
             raise StoreUnavailableError("the usage store is closed")
