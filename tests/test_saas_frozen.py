@@ -145,14 +145,11 @@ def test_a_replica_frozen_mid_transaction_stops_no_other_replicas_intake_or_the_
                     **cust.fields(),
                     "dimension": DIMS[n % 3],
                     "quantity": 1 + n % 5,
-                    "id": uuid.uuid4().hex,
+                    "id": _new(book, cust.key),
                 }
                 for _ in range(3)
             ]
             n += 1
-            with book.lock:
-                for r in batch:
-                    book.keys[r["id"]] = cust.key
             began = time.monotonic()
             statuses.append(post_usage(http, healthy, batch, book))
             latencies.append(time.monotonic() - began)

@@ -126,3 +126,49 @@ def test_custom_mode_a_503_for_a_stuck_store_is_never_billed(
         assert totals["users"]["accepted"] == 1
     finally:
         svc.close()
+
+
+def test_postgres_a_lock_held_elsewhere_fails_only_the_writes_that_need_it(
+    pg_url: str, pg_store: PgStore
+) -> None:
+    """A replica frozen while holding a declared lock (here: another connection's open
+    transaction) costs the writes that need that lock a quick 503, never the others in the
+    same transaction, and never a wait as long as the freeze."""
+    inside, release = threading.Event(), threading.Event()
+
+    def gate(db: Db) -> None:  # keeps the writer busy while the two writes queue up
+        inside.set()
+        release.wait(10)
+
+    results: dict[str, Any] = {}
+
+    def write(name: str, key: int) -> None:
+        began = time.monotonic()
+        try:
+            pg_store.write(insert(name), locks=[(key, True)])
+            results[name] = ("ok", time.monotonic() - began)
+        except StoreUnavailableError as exc:
+            results[name] = (type(exc).__name__, time.monotonic() - began)
+
+    with psycopg.connect(pg_url) as other:
+        other.execute("SELECT pg_advisory_xact_lock(41)")  # held until this transaction ends
+        first = threading.Thread(target=pg_store.write, args=(gate,))
+        first.start()
+        assert inside.wait(10)
+        threads = [
+            threading.Thread(target=write, args=("blocked", 41)),
+            threading.Thread(target=write, args=("free", 42)),
+        ]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 5
+        while pg_store._queue.qsize() < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        release.set()
+        for t in (first, *threads):
+            t.join(15)
+        other.rollback()
+    assert results["blocked"][0] == "StoreBusyError" and results["blocked"][1] < 5, results
+    assert results["free"][0] == "ok", results
+    with psycopg.connect(pg_url) as conn:
+        assert [r[0] for r in conn.execute("SELECT id FROM items")] == ["free"]

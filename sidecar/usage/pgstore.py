@@ -294,7 +294,7 @@ class PgStore:
             raise StoreError(f"database URL {self.where} is invalid: {self._scrub(exc)}") from None
         self._client = {k: v for k, v in CLIENT_DEFAULTS.items() if k not in given}
         own = str(given.get("options") or "")
-        self._options = (own + " " + SESSION_OPTIONS).strip()
+        self._options = (SESSION_OPTIONS + " " + own).strip()  # the URL's own -c settings win
         # Shared down-state: why the last connect failed, and when (monotonic).
         self._state_lock = threading.Lock()
         self._down: str | None = None
