@@ -12,7 +12,10 @@ The design is the SQLite store's, so the ledger cannot tell them apart:
   savepoint and retried in the next transaction, not failed.
 - A reader connection: `read` runs in a REPEATABLE READ READ ONLY transaction (one snapshot).
 - A leader connection holding a session-level advisory lock: the fleet's one SENDER.
-- `Db.lock(key)` is pg_advisory_xact_lock: sidecars serialise on a key until COMMIT.
+- `Db.lock(key)` is pg_advisory_xact_lock: sidecars serialise on a key until COMMIT. Locks a
+  write declares (`write(locks=...)`) are taken first, in key order (`_prelock`), so writer
+  transactions of the fleet cannot deadlock on them; every session is bounded by the server
+  (SESSION_OPTIONS), so a sidecar frozen mid-transaction holds them for seconds, not forever.
 
 Why one leader under an advisory lock rather than a `FOR UPDATE SKIP LOCKED` outbox: AWS's
 BatchMeterUsage quota is per account (10 calls/s) and a call carries up to 25 records; one sender
@@ -44,8 +47,10 @@ Down or restarting server: every call raises StoreUnavailableError within `conne
 (3 s; at once when the port refuses), jobs already queued fail with it rather than wait, and for
 `RETRY_SECONDS` after a failed connect no new attempt is made (calls fail at once). The next call
 after that reconnects, so the store recovers by itself. A COMMIT cut by the connection's loss has
-an unknown outcome: it is answered 503 like any failure and the client's retry, with the same
-idempotency id, is answered from the store if it had committed.
+an unknown outcome: it is answered StoreOutcomeUnknownError (503 `store_outcome_unknown`), and the
+client's retry, with the same idempotency id, is answered from the store if it had committed.
+Every other failure is certain: nothing of the write was stored, and nothing will be (a write
+whose caller gave up waiting is withdrawn before COMMIT, see `db.submit`).
 
 The URL's password never appears in a message or log: `where` is the URL without it, and every
 driver message is scrubbed of it. A connection pooler must be in session mode (advisory locks
