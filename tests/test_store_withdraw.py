@@ -145,7 +145,7 @@ def test_postgres_a_lock_held_elsewhere_fails_only_the_writes_that_need_it(
     def write(name: str, key: int) -> None:
         began = time.monotonic()
         try:
-            pg_store.write(insert(name), locks=[(key, True)])
+            pg_store.write(insert(name), locks=[(key, True)], lock_wait=0.5)
             results[name] = ("ok", time.monotonic() - began)
         except StoreUnavailableError as exc:
             results[name] = (type(exc).__name__, time.monotonic() - began)

@@ -136,11 +136,13 @@ SESSION_OPTIONS = (
     "-c tcp_user_timeout=15000"
 )
 # How long a transaction waits by default for the advisory locks its jobs declared
-# (`write(locks=...)`), held by another replica's transaction, before the jobs that need them
-# are answered StoreBusyError (503): long enough for a live replica's transaction to end. An
-# EXCLUSIVE lock that others take shared (the seal) asks for less (`lock_wait`): while it waits,
-# PostgreSQL queues every new shared request behind it.
-PRELOCK_WAIT = 1.0
+# (`write(locks=...)`) before the jobs that need them are answered StoreBusyError (503): longer
+# than a live replica's transaction on a loaded machine, and than the server's bound on a frozen
+# one (IDLE_TX_SECONDS), so a request that needs a frozen replica's lock still gets it once the
+# server ends that transaction, within INTAKE_WAIT. An EXCLUSIVE lock that others take shared
+# (the seal) asks for much less (`lock_wait`): while it waits, PostgreSQL queues every new
+# shared request behind it.
+PRELOCK_WAIT = IDLE_TX_SECONDS + 1.0
 # Store-internal advisory locks use the two-int4 key space, which never meets the bigint keys
 # `Db.lock` takes for the ledger.
 LOCK_CLASS = 0x51DECA5
