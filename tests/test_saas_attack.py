@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,15 @@ def test_a_stale_leader_sending_beside_the_new_one_bills_each_record_once(
     pid = a.store._lconn.info.backend_pid  # type: ignore[attr-defined]
     with psycopg.connect(pg_url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # pg_terminate_backend only signals: the session (and its lock) goes a moment later.
+        deadline = time.monotonic() + 10
+        while admin.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = %s UNION ALL "
+            "SELECT 1 FROM pg_locks WHERE pid = %s",
+            (pid, pid),
+        ).fetchone():
+            assert time.monotonic() < deadline, "the terminated session never went"
+            time.sleep(0.01)
     assert b.store.leading()
     clock.t = hour_start(hour + 1) + 120
     together([a.tick, b.tick, a.tick, b.tick])

@@ -24,14 +24,37 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 T = TypeVar("T")
 
+# How long a caller waits for its write's transaction by default (the leader's own writes: a
+# seal of a big hour may take a while, and withdrawing it would only make it start again).
+WRITE_WAIT = 120.0
+# How long POST /v1/usage waits. A 503 after it means "not stored, and never will be" (the job
+# is withdrawn), so it stays under a product's usual HTTP timeout (the client library's is
+# 10 s): the product hears a certain answer rather than a timeout of its own.
+INTAKE_WAIT = 8.0
+# How long a caller whose COMMIT is already on its way waits for the answer before saying
+# "unknown": bounded by the server's and the network's own limits (pgstore: tcp_user_timeout).
+COMMIT_WAIT = 30.0
+
 
 class StoreError(Exception):
     """The store cannot be opened or trusted. Never answered by starting from zero."""
 
 
 class StoreUnavailableError(Exception):
-    """A write (or read) did not happen: the database is unreachable, restarting, or the disk is
-    full. Nothing was stored by this call; answer 503 with Retry-After and let the client retry."""
+    """A write (or read) did not happen and never will: the database is unreachable,
+    restarting, the disk is full, or the store was too slow and the write was withdrawn before
+    its COMMIT. Answer 503 with Retry-After; resending is safe, with or without an id."""
+
+
+class StoreOutcomeUnknownError(StoreUnavailableError):
+    """The write's COMMIT was sent but its answer never came (the connection was lost during
+    it, or it outlasted the wait): it may be stored. Answer 503 and say so: resend with the SAME
+    idempotency id, which counts once whatever happened; without an id it may count twice."""
+
+
+class StoreBusyError(StoreUnavailableError):
+    """A lock the write needs is held elsewhere (another replica, maybe frozen mid-transaction)
+    past the store's short wait: nothing was written; try again later."""
 
 
 class Cursor(Protocol):
@@ -64,8 +87,15 @@ class Db(Protocol):
 
         PostgreSQL: pg_advisory_xact_lock[_shared], so sidecars of one fleet serialise on it.
         SQLite: nothing to do, one writer thread already serialises every transaction.
+        A lock a transaction may wait for while holding others must also be declared to
+        `write(..., locks=...)`, so the store takes it first, in the fleet's one order.
         """
         ...
+
+
+# (key, exclusive): an advisory lock a write needs. The store takes the union of its batch's
+# locks at the start of the transaction, sorted by key, the strongest mode of each; see pgstore.
+Lock = tuple[int, bool]
 
 
 @dataclass(frozen=True)
@@ -95,11 +125,20 @@ class UsageStore(Protocol):
     @property
     def where(self) -> str: ...  # the file, or the URL without its password
 
-    def write(self, fn: Callable[[Db], T], timeout: float = 120.0) -> T:
+    def write(
+        self,
+        fn: Callable[[Db], T],
+        timeout: float = WRITE_WAIT,
+        locks: Sequence[Lock] = (),
+        lock_wait: float | None = None,
+    ) -> T:
         """Run `fn` in the writer's next transaction; return once it is COMMITTED.
 
-        `fn`'s own exceptions roll back `fn` alone and are re-raised. StoreUnavailableError, at
-        once rather than after `timeout`, when the store cannot write (answer 503).
+        `fn`'s own exceptions roll back `fn` alone and are re-raised. StoreUnavailableError
+        when the store cannot write (at once) or `fn` was not committed within `timeout`: then
+        it is withdrawn and never will be. StoreOutcomeUnknownError when its COMMIT was sent and
+        no answer came (see `submit`). `locks`: the advisory locks `fn` takes (`Db.lock`);
+        `lock_wait`: how long to wait for them (None: the store's default), then StoreBusyError.
         """
         ...
 
@@ -171,26 +210,86 @@ def scrub(message: str, secrets: Iterable[str]) -> str:
 # -- the writer queue both stores share -------------------------------------------------------
 
 
+# One lock for every job's state, so a waiter's give-up and the writer's COMMIT cannot cross.
+_GATE = threading.Lock()
+
+
 @dataclass
 class Job:
-    """One `write` waiting for the writer thread's next transaction."""
+    """One `write` waiting for the writer thread's next transaction.
+
+    `state`: queued (not in a COMMIT yet: its waiter may withdraw it), withdrawn (the waiter
+    answered "not stored"; the writer skips it, or rolls back the transaction it ran in),
+    committing (the writer is sending the COMMIT: its waiter waits for the outcome). The
+    writer moves every job of a transaction to committing in one step before COMMIT (`claim`).
+    """
 
     fn: Callable[[Db], Any]
+    locks: tuple[Lock, ...] = ()
+    lock_wait: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
     attempts: int = 0
+    state: str = "queued"
+
+    def withdrawn(self) -> bool:
+        return self.state == "withdrawn"
+
+
+def claim(jobs: Sequence[Job]) -> list[Job]:
+    """Before COMMIT: every job not withdrawn becomes `committing`, atomically against the
+    waiters; the withdrawn ones are returned. If any were, the caller must roll the transaction
+    back (their writes are in it) and run the others again."""
+    with _GATE:
+        gone = [j for j in jobs if j.state == "withdrawn"]
+        if not gone:
+            for j in jobs:
+                j.state = "committing"
+        return gone
+
+
+def finish(job: Job, result: Any = None, error: BaseException | None = None) -> None:
+    job.result, job.error = result, error
+    job.done.set()
+
+
+def _withdraw(job: Job) -> bool:
+    """The waiter gives up: True if the job can no longer be committed."""
+    with _GATE:
+        if job.state == "committing":
+            return False
+        job.state = "withdrawn"
+        return True
 
 
 JobQueue = queue.SimpleQueue[Job | None]
 
 
-def submit(jobs: JobQueue, fn: Callable[[Db], T], timeout: float) -> T:
-    """Queue `fn` for the writer and wait until its transaction is committed (or failed)."""
-    job = Job(fn)
+def submit(
+    jobs: JobQueue,
+    fn: Callable[[Db], T],
+    timeout: float,
+    locks: Sequence[Lock] = (),
+    lock_wait: float | None = None,
+) -> T:
+    """Queue `fn` for the writer and wait until its transaction is committed (or failed).
+
+    After `timeout` the job is withdrawn unless its COMMIT is already on its way: withdrawn,
+    it is never committed (StoreUnavailableError: resending is safe). Otherwise the outcome is
+    awaited for COMMIT_WAIT more and, still unknown, StoreOutcomeUnknownError."""
+    job = Job(fn, tuple(locks), lock_wait)
     jobs.put(job)
     if not job.done.wait(timeout):
-        raise StoreUnavailableError(f"the usage store did not commit within {timeout:.0f} s")
+        if _withdraw(job):
+            raise StoreUnavailableError(
+                f"the usage store did not commit within {timeout:.0f} s; the write was "
+                "withdrawn and will not be stored"
+            )
+        if not job.done.wait(COMMIT_WAIT):
+            raise StoreOutcomeUnknownError(
+                f"the usage store's COMMIT did not answer within {timeout + COMMIT_WAIT:.0f} s"
+            )
     if job.error is not None:
         raise job.error
     return job.result  # type: ignore[no-any-return]
@@ -198,14 +297,17 @@ def submit(jobs: JobQueue, fn: Callable[[Db], T], timeout: float) -> T:
 
 def take_batch(jobs: JobQueue, first: Job, batch_max: int) -> tuple[list[Job], bool]:
     """`first` and whatever else is already waiting, up to `batch_max`: one transaction, one
-    fsync for all of them (group commit). True when the queue also said stop (None)."""
+    fsync for all of them (group commit). True when the queue also said stop (None). Jobs
+    their waiters withdrew are left out (they never run)."""
     batch = [first]
+    stop = False
     while len(batch) < batch_max:
         try:
             more = jobs.get_nowait()
         except queue.Empty:
-            return batch, False
+            break
         if more is None:
-            return batch, True
+            stop = True
+            break
         batch.append(more)
-    return batch, False
+    return [j for j in batch if not j.withdrawn()], stop

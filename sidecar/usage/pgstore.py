@@ -12,7 +12,10 @@ The design is the SQLite store's, so the ledger cannot tell them apart:
   savepoint and retried in the next transaction, not failed.
 - A reader connection: `read` runs in a REPEATABLE READ READ ONLY transaction (one snapshot).
 - A leader connection holding a session-level advisory lock: the fleet's one SENDER.
-- `Db.lock(key)` is pg_advisory_xact_lock: sidecars serialise on a key until COMMIT.
+- `Db.lock(key)` is pg_advisory_xact_lock: sidecars serialise on a key until COMMIT. Locks a
+  write declares (`write(locks=...)`) are taken first, in key order (`_prelock`), so writer
+  transactions of the fleet cannot deadlock on them; every session is bounded by the server
+  (SESSION_OPTIONS), so a sidecar frozen mid-transaction holds them for seconds, not forever.
 
 Why one leader under an advisory lock rather than a `FOR UPDATE SKIP LOCKED` outbox: AWS's
 BatchMeterUsage quota is per account (10 calls/s) and a call carries up to 25 records; one sender
@@ -44,8 +47,10 @@ Down or restarting server: every call raises StoreUnavailableError within `conne
 (3 s; at once when the port refuses), jobs already queued fail with it rather than wait, and for
 `RETRY_SECONDS` after a failed connect no new attempt is made (calls fail at once). The next call
 after that reconnects, so the store recovers by itself. A COMMIT cut by the connection's loss has
-an unknown outcome: it is answered 503 like any failure and the client's retry, with the same
-idempotency id, is answered from the store if it had committed.
+an unknown outcome: it is answered StoreOutcomeUnknownError (503 `store_outcome_unknown`), and the
+client's retry, with the same idempotency id, is answered from the store if it had committed.
+Every other failure is certain: nothing of the write was stored, and nothing will be (a write
+whose caller gave up waiting is withdrawn before COMMIT, see `db.submit`).
 
 The URL's password never appears in a message or log: `where` is the URL without it, and every
 driver message is scrubbed of it. A connection pooler must be in session mode (advisory locks
@@ -70,13 +75,19 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from sidecar.usage.db import (
+    WRITE_WAIT,
     Cursor,
     Db,
     Job,
     JobQueue,
+    Lock,
     Schema,
+    StoreBusyError,
     StoreError,
+    StoreOutcomeUnknownError,
     StoreUnavailableError,
+    claim,
+    finish,
     redact_url,
     scrub,
     submit,
@@ -108,12 +119,30 @@ CLIENT_DEFAULTS = {
     "tcp_user_timeout": "15000",
     "application_name": "marketplace-sidecar",
 }
-# The leader's session also asks the SERVER to probe the client, so the lock of a sidecar cut off
-# by the network is released within about 20 s instead of the OS default of two hours.
-LEADER_OPTIONS = (
+# Every session asks the SERVER to bound what a stuck sidecar can hold. A sidecar frozen in the
+# middle of a transaction (SIGSTOP, a paused VM, a cgroup freeze) answers TCP keepalives from its
+# kernel, so only idle_in_transaction_session_timeout ends its transaction, and with it the
+# advisory locks every other replica's intake and the leader's seal may need: within IDLE_TX
+# seconds. Keepalives and tcp_user_timeout end the session of a sidecar cut off by the network
+# (and free the sender lock of a partitioned leader) within about 20 s instead of the OS
+# default of two hours. lock_timeout bounds any wait inside a job (a row another session
+# holds): the job is retried in the next transaction, then answered 503.
+IDLE_TX_SECONDS = 5
+LOCK_TIMEOUT_MS = 2000
+SESSION_OPTIONS = (
+    f"-c idle_in_transaction_session_timeout={IDLE_TX_SECONDS * 1000} "
+    f"-c lock_timeout={LOCK_TIMEOUT_MS} "
     "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=3 -c tcp_keepalives_count=3 "
     "-c tcp_user_timeout=15000"
 )
+# How long a transaction waits by default for the advisory locks its jobs declared
+# (`write(locks=...)`) before the jobs that need them are answered StoreBusyError (503): longer
+# than a live replica's transaction on a loaded machine, and than the server's bound on a frozen
+# one (IDLE_TX_SECONDS), so a request that needs a frozen replica's lock still gets it once the
+# server ends that transaction, within INTAKE_WAIT. An EXCLUSIVE lock that others take shared
+# (the seal) asks for much less (`lock_wait`): while it waits, PostgreSQL queues every new
+# shared request behind it.
+PRELOCK_WAIT = IDLE_TX_SECONDS + 1.0
 # Store-internal advisory locks use the two-int4 key space, which never meets the bigint keys
 # `Db.lock` takes for the ledger.
 LOCK_CLASS = 0x51DECA5
@@ -225,9 +254,13 @@ class StoreStats:
 
 
 def _rolled_back(exc: BaseException) -> bool:
-    """SQLSTATE class 40 (deadlock, serialization failure): retry in another transaction.
-    (psycopg's DeadlockDetected is no subclass of its TransactionRollback: ask the code.)"""
-    return isinstance(exc, psycopg.Error) and str(exc.sqlstate or "").startswith("40")
+    """SQLSTATE class 40 (deadlock, serialization failure) or 55P03 (lock_timeout: a row held
+    by a slow or frozen session): retry in another transaction. (psycopg's DeadlockDetected is
+    no subclass of its TransactionRollback: ask the code.)"""
+    if not isinstance(exc, psycopg.Error):
+        return False
+    code = str(exc.sqlstate or "")
+    return code.startswith("40") or code == "55P03"
 
 
 def _connection_lost(conn: Conn, exc: BaseException) -> bool:
@@ -268,7 +301,7 @@ class PgStore:
             raise StoreError(f"database URL {self.where} is invalid: {self._scrub(exc)}") from None
         self._client = {k: v for k, v in CLIENT_DEFAULTS.items() if k not in given}
         own = str(given.get("options") or "")
-        self._leader_options = (own + " " + LEADER_OPTIONS).strip()
+        self._options = (SESSION_OPTIONS + " " + own).strip()  # the URL's own -c settings win
         # Shared down-state: why the last connect failed, and when (monotonic).
         self._state_lock = threading.Lock()
         self._down: str | None = None
@@ -306,11 +339,11 @@ class PgStore:
         text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}".strip()
         return scrub(" ".join(text.split()), self._secrets)
 
-    def _connect(self, *, leader: bool = False) -> Conn:
+    def _connect(self) -> Conn:
         """A new autocommit connection on a set-up database, or StoreUnavailableError."""
         if not self._ready:
             self._setup()
-        return self._open(leader=leader)
+        return self._open()
 
     def _setup(self) -> None:
         """Create or migrate the schema once, on the first connection that succeeds."""
@@ -329,12 +362,10 @@ class PgStore:
                 raise StoreUnavailableError(self._fatal) from None
             self._ready = True
 
-    def _open(self, *, leader: bool = False) -> Conn:
+    def _open(self) -> Conn:
         """A new autocommit connection, or StoreUnavailableError (at once while down)."""
         self._gate()
-        extra: dict[str, Any] = dict(self._client)
-        if leader:
-            extra["options"] = self._leader_options
+        extra: dict[str, Any] = {**self._client, "options": self._options}
         try:
             conn: Conn = psycopg.connect(self._url, autocommit=True, **extra)
         except psycopg.Error as exc:
@@ -383,6 +414,7 @@ class PgStore:
         conn = self._open()  # StoreUnavailableError (down) or RefusedError propagate
         name, target = self.schema.name, self.schema.version
         try:
+            conn.execute("SET lock_timeout = 0")  # a slow migration by another sidecar: wait
             conn.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, _key("schema")))
             # Advisory locks are per DATABASE: two fleets in two schemas of one database (each
             # with its own search_path) must not share one sender lock.
@@ -437,15 +469,24 @@ class PgStore:
 
     # -- writing -------------------------------------------------------------------------
 
-    def write(self, fn: Callable[[Db], T], timeout: float = 120.0) -> T:
+    def write(
+        self,
+        fn: Callable[[Db], T],
+        timeout: float = WRITE_WAIT,
+        locks: Sequence[Lock] = (),
+        lock_wait: float | None = None,
+    ) -> T:
         """Run `fn` in the writer's next transaction; return once it is committed.
 
-        Exceptions raised by `fn` roll back `fn`'s writes only and are re-raised here.
+        Exceptions raised by `fn` roll back `fn`'s writes only and are re-raised here. Not
+        committed within `timeout`: withdrawn, never committed (see `db.submit`). `locks`: the
+        advisory locks `fn` takes, taken first for the whole transaction (see `_prelock`),
+        waiting `lock_wait` seconds for them at most (default PRELOCK_WAIT).
         """
         if self._closed:
             raise StoreUnavailableError("the usage store is closed")
         self._gate()
-        return submit(self._queue, fn, timeout)
+        return submit(self._queue, fn, timeout, locks, lock_wait)
 
     def _write_loop(self) -> None:
         while True:
@@ -454,7 +495,8 @@ class PgStore:
                 return
             batch, stop = take_batch(self._queue, job, self._batch_max)
             try:
-                self._run(batch)
+                if batch:
+                    self._run(batch)
             except BaseException as exc:  # never leave a caller waiting
                 # Nor a transaction half-run: closing the connection rolls it back, so the
                 # next BEGIN cannot land inside it and commit what failed here.
@@ -476,10 +518,66 @@ class PgStore:
             conn = self._wconn = self._connect()
         return conn
 
+    @staticmethod
+    def _prelock(conn: Conn, jobs: list[Job]) -> list[Job]:
+        """Take every advisory lock the jobs declared, first thing in the transaction: sorted by
+        key, each in the strongest mode any job wants. Every writer transaction of the fleet
+        takes its locks in that one order before it touches a row, and its jobs touch only rows
+        those locks guard from one another, so no two transactions wait on each other in a
+        cycle: intake can share the seal lock without deadlocking on hot rows.
+
+        A lock not had within the jobs' shortest `lock_wait` (held by a slow or frozen replica,
+        or sought by the leader's seal) is tried once more without waiting, keeping what can be
+        had: the jobs whose locks are missing are returned, to be answered StoreBusyError; the
+        others run.
+        """
+        want: dict[int, bool] = {}
+        for job in jobs:
+            for key, exclusive in job.locks:
+                want[int(key)] = want.get(int(key), False) or bool(exclusive)
+        if not want:
+            return []
+        keys = sorted(want)
+        waits = [j.lock_wait for j in jobs if j.locks and j.lock_wait is not None]
+        wait_ms = max(1, round(1000 * min(waits, default=PRELOCK_WAIT)))
+        ks = "{" + ",".join(str(k) for k in keys) + "}"
+        xs = "{" + ",".join("t" if want[k] else "f" for k in keys) + "}"
+        table = f"unnest('{ks}'::bigint[], '{xs}'::boolean[]) AS t(k, x)"
+        try:
+            conn.execute(  # one round trip; ints and booleans only, formatted by us
+                f"SAVEPOINT locks; SET LOCAL lock_timeout = {wait_ms}; "  # noqa: S608  # nosec B608
+                "SELECT count(*) FROM (SELECT CASE WHEN x THEN pg_advisory_xact_lock(k)::text "
+                f"ELSE pg_advisory_xact_lock_shared(k)::text END FROM {table}) AS taken; "
+                "RELEASE SAVEPOINT locks; SET LOCAL lock_timeout TO DEFAULT"
+            )
+            return []
+        except psycopg.errors.LockNotAvailable:
+            pass
+        conn.execute("ROLLBACK TO SAVEPOINT locks; RELEASE SAVEPOINT locks")
+        conn.execute("SET LOCAL lock_timeout TO DEFAULT")
+        got = {
+            int(k): mode
+            for k, mode in conn.execute(
+                "SELECT k, CASE WHEN x THEN CASE WHEN pg_try_advisory_xact_lock(k) THEN 'x' "  # noqa: S608  # nosec B608
+                "WHEN pg_try_advisory_xact_lock_shared(k) THEN 's' END "
+                "ELSE CASE WHEN pg_try_advisory_xact_lock_shared(k) THEN 's' END END "
+                f"FROM {table}"
+            ).fetchall()
+        }
+
+        def had(key: int, exclusive: bool) -> bool:
+            mode = got.get(int(key))
+            return mode == "x" or (mode == "s" and not exclusive)
+
+        return [j for j in jobs if not all(had(k, x) for k, x in j.locks)]
+
     def _run(self, batch: list[Job]) -> None:
         pending = batch
         stale_ok = True  # one reconnect when a kept connection turns out dead at BEGIN
         while pending:
+            pending = [j for j in pending if not j.withdrawn()]
+            if not pending:
+                return
             try:
                 reused = self._wconn is not None
                 conn = self._writer_conn()
@@ -502,8 +600,19 @@ class PgStore:
                     continue
                 self._fail(pending, self._lost(exc))
                 return
+            committing = False
             try:
-                for job in pending:
+                busy = self._prelock(conn, pending)
+                for job in busy:
+                    finish(
+                        job,
+                        error=StoreBusyError(
+                            "another replica's transaction holds a lock this write needs; "
+                            "nothing was stored"
+                        ),
+                    )
+                running = [j for j in pending if j not in busy]
+                for job in running:
                     conn.execute("SAVEPOINT job")
                     try:
                         job.result = job.fn(db)
@@ -523,26 +632,48 @@ class PgStore:
                         else:
                             job.error = exc
                     conn.execute("RELEASE SAVEPOINT job")
+                done = [j for j in running if j not in retry]
+                gone = claim(done)
+                if gone:
+                    # A waiter gave up while its job ran: its writes are in this transaction,
+                    # so none of it commits; the others run again in a new one.
+                    conn.execute("ROLLBACK")
+                    for job in gone:
+                        finish(job, error=StoreUnavailableError("withdrawn by its caller"))
+                    pending = [j for j in running if j not in gone]
+                    for job in pending:
+                        job.result, job.error = None, None
+                    continue
+                committing = True
                 conn.execute("COMMIT")
             except psycopg.Error as exc:
                 self.stats.failed_commits += 1
-                if conn.closed or conn.broken:
-                    failure = self._lost(exc)
+                lost = conn.closed or conn.broken
+                if lost:
                     self._drop(conn)
                     self._wconn = None
                 else:
-                    failure = StoreUnavailableError(f"{self.where}: {self._scrub(exc)}")
                     with contextlib.suppress(psycopg.Error):
                         conn.execute("ROLLBACK")
+                failure: StoreUnavailableError
+                if committing and lost:
+                    # The COMMIT was sent and the connection died before its answer: it may
+                    # have committed. The client must resend with the same id.
+                    failure = StoreOutcomeUnknownError(
+                        f"database connection lost during COMMIT: {self.where}: {self._scrub(exc)}"
+                    )
+                elif lost:
+                    failure = self._lost(exc)
+                else:
+                    failure = StoreUnavailableError(f"{self.where}: {self._scrub(exc)}")
                 log.error("usage_store_write_failed", extra={"detail": str(failure)})
-                self._fail(pending, failure)
+                self._fail([j for j in pending if not j.done.is_set()], failure)
                 return
             self.stats.commits += 1
-            self.stats.jobs += len(pending) - len(retry)
+            self.stats.jobs += len(done)
             self.stats.retried_jobs += len(retry)
-            for job in pending:
-                if job not in retry:
-                    job.done.set()
+            for job in done:
+                job.done.set()
             pending = retry
 
     @staticmethod
@@ -629,7 +760,7 @@ class PgStore:
                 self._drop(conn)
                 self._lconn = None
                 try:
-                    conn = self._lconn = self._connect(leader=True)
+                    conn = self._lconn = self._connect()
                 except StoreUnavailableError:
                     return False
             try:

@@ -35,7 +35,14 @@ from sidecar.aws.errors import ErrorInfo
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.ratelimit import TokenBucket
 from sidecar.usage import saas_ledger
-from sidecar.usage.db import Schema, StoreUnavailableError, UsageStore
+from sidecar.usage.db import (
+    INTAKE_WAIT,
+    Schema,
+    StoreBusyError,
+    StoreOutcomeUnknownError,
+    StoreUnavailableError,
+    UsageStore,
+)
 from sidecar.usage.headroom import Headroom, headroom
 from sidecar.usage.hours import HourPolicy, RetryPolicy, hour_of, iso_hour
 from sidecar.usage.saas_ledger import Batch, IdConflictError, SealSpec, Settled
@@ -69,6 +76,7 @@ RETRY_AFTER_SECONDS = 5
 RESOLVE_DEADLINE = 10.0  # seconds of retrying throttling/5xx before answering 503
 TOKEN_LIFETIME = 3600.0  # AWS: "about 1 hour" (another page says 4); the shorter is assumed
 LEADER_RECHECK = 3.0  # a follower asks for the sender role this often
+SEAL_RETRY = 1.0  # seconds between seal tries while the seal lock is busy
 EXPIRED_HINT = "redeem the token as soon as the buyer's browser posts it"
 # DuplicateRecord with a store no other replica can see: a second sender is the likely cause.
 SECOND_SENDER_HINT = (
@@ -133,9 +141,21 @@ def _info(exc: BaseException) -> ErrorInfo | None:
 
 def _unavailable(exc: Exception) -> tuple[int, dict[str, Any]]:
     log.error("saas_store_unavailable", extra={"detail": str(exc)[:300]})
+    if isinstance(exc, StoreOutcomeUnknownError):
+        return 503, outcome_unknown(exc)
     return 503, {
         "error": "store_unavailable",
-        "message": f"nothing was stored ({exc}); send it again later",
+        "message": f"nothing was stored, and nothing of it will be ({exc}); send it again later",
+        "retry_after": RETRY_AFTER_SECONDS,
+    }
+
+
+def outcome_unknown(exc: Exception) -> dict[str, Any]:
+    """The 503 body when the store cannot say whether the usage was stored (custom mode too)."""
+    return {
+        "error": "store_outcome_unknown",
+        "message": f"the usage may or may not have been stored ({exc}); send it again with the "
+        "same id, which counts it once either way (without an id it may count twice)",
         "retry_after": RETRY_AFTER_SECONDS,
     }
 
@@ -183,6 +203,7 @@ class SaasService:
         )
         self._failures = 0
         self._resume_at = 0.0
+        self._seal_resume_at = 0.0  # clock.monotonic() before which no seal is tried again
         self._leader = False
         self._pruned_hour = -1
         self._headroom: tuple[float, Headroom] | None = None
@@ -202,7 +223,9 @@ class SaasService:
         hp, accept = self.policy.hours, self.policy.accept_unresolved
         try:
             status, answers = self.store.write(
-                lambda db: saas_ledger.ingest(db, records, now, hp, accept_unresolved=accept)
+                lambda db: saas_ledger.ingest(db, records, now, hp, accept_unresolved=accept),
+                timeout=INTAKE_WAIT,
+                locks=saas_ledger.ingest_locks(records),
             )
         except RejectedError as exc:
             return exc.status, exc.body()
@@ -607,7 +630,11 @@ class SaasService:
         _, first_open = self.store.read(saas_ledger.seal_status)
         if through <= self._sealed_through and (first_open is None or first_open > through):
             return  # nothing new: no usage to seal, and zero records were written already
-        sealed = self.store.write(lambda db: saas_ledger.seal(db, through, now, self._spec))
+        sealed = self.store.write(
+            lambda db: saas_ledger.seal(db, through, now, self._spec),
+            locks=saas_ledger.SEAL_LOCKS,
+            lock_wait=saas_ledger.SEAL_LOCK_WAIT,
+        )
         self._sealed_through = through
         for hour, records in sealed:
             log.info("saas_hour_sealed", extra={"hour": iso_hour(hour), "records": records})
@@ -616,7 +643,15 @@ class SaasService:
         """One pass as the leader: seal ended hours, send what is sealed."""
         stop = stop or threading.Event()
         now = self.clock.time()
-        self._seal(self.policy.hours.sealable_through(now))
+        if self.clock.monotonic() >= self._seal_resume_at:
+            try:
+                self._seal(self.policy.hours.sealable_through(now))
+            except StoreBusyError as exc:
+                # A replica frozen mid-ingest holds the seal lock until the server ends its
+                # transaction (seconds): send what is sealed, try the seal again in a while
+                # (each try holds up the fleet's intake for up to SEAL_LOCK_WAIT).
+                self._seal_resume_at = self.clock.monotonic() + SEAL_RETRY
+                log.warning("saas_seal_deferred", extra={"detail": str(exc)[:300]})
         self.store.write(lambda db: saas_ledger.track_sending(db, now))
         self._send(stop)
         self.store.write(lambda db: saas_ledger.track_sending(db, self.clock.time()))
@@ -671,6 +706,9 @@ class SaasService:
         pause = self._resume_at - self.clock.monotonic()
         if pause > 0:
             wake.append(now + pause)
+        seal_pause = self._seal_resume_at - self.clock.monotonic()
+        if seal_pause > 0:  # a due seal found its lock busy: try it again then
+            wake.append(now + seal_pause)
         return max(0.01, min(min(wake) - now, LEADER_RECHECK * 5))
 
     def drain(self, budget_seconds: float) -> None:

@@ -17,6 +17,7 @@ quantity it saw, so the ledger's invariants are:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import uuid
@@ -24,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.usage.db import Db
+from sidecar.usage.db import Db, Lock
 from sidecar.usage.headroom import HourSending
 from sidecar.usage.hours import (
     AWS_WINDOW,
@@ -254,6 +255,29 @@ def list_customers(db: Db, limit: int = 1000) -> tuple[list[dict[str, Any]], int
 # -- ingest -------------------------------------------------------------------------------
 
 
+def _row_key(*parts: str) -> int:
+    """An advisory lock key (signed 64-bit) for one row, the same on every sidecar."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def ingest_locks(records: Sequence[SaasRecord]) -> list[Lock]:
+    """The locks `ingest` needs, to declare to `UsageStore.write`: the seal lock shared, and
+    each (customer, dimension) total and each idempotency id exclusively."""
+    locks: set[Lock] = {(SEAL_LOCK, False)}
+    for srec in records:
+        locks.add((_row_key("open", srec.customer, srec.usage.dimension), True))
+        if srec.usage.id is not None:
+            locks.add((_row_key("id", srec.usage.id), True))
+    return sorted(locks)
+
+
+SEAL_LOCKS: tuple[Lock, ...] = ((SEAL_LOCK, True),)  # what `seal` declares
+# How long a seal waits for ingests in flight to end: they take milliseconds, and every new
+# ingest of the fleet queues behind a waiting seal. A frozen ingest makes the seal give up.
+SEAL_LOCK_WAIT = 0.25
+
+
 def ingest(
     db: Db,
     records: list[SaasRecord],
@@ -264,17 +288,22 @@ def ingest(
 ) -> tuple[int, list[dict[str, Any]]]:
     """Store the records, all or nothing: (202, or 200 if each was a repeat; answers).
 
-    SEAL_LOCK: "is hour H sealed?" and "add to H's total" must not straddle a seal. On
+    SEAL_LOCK, SHARED: "is hour H sealed?" and "add to H's total" must not straddle a seal. On
     PostgreSQL (READ COMMITTED, many replicas) a seal committing between them would leave this
-    row in an hour whose record is already written, so it would never be sent. Ingests take the
-    lock EXCLUSIVELY, as sealing does: each replica's writer transaction (a group commit of many
-    requests) upserts the same hot saas_open rows in request order, so two of them held side by
-    side (a shared lock) deadlock on those rows, PostgreSQL breaks the cycle after a second, and
-    after the store's retries the request fails. One ingest transaction at a time across the
-    fleet cannot deadlock; group commit keeps the many requests of each in one commit.
-    On SQLite the one writer thread already serialises everything (the lock is a no-op).
+    row in an hour whose record is already written, so it would never be sent; sealing takes
+    the lock exclusively, so it waits for (or is refused by) every ingest in flight, and every
+    ingest after it sees the hour sealed. Ingests share the lock: one replica frozen in the
+    middle of its transaction does not stop the others' intake.
+
+    Sharing is safe from deadlocks only because the caller declares `ingest_locks(records)`
+    to the store, which takes them first, in key order, for the whole transaction (a group
+    commit of many requests): the saas_open total of a (customer, dimension) and the saas_keys
+    row of an id are each written under their own exclusive key, so two transactions never
+    hold rows the other waits for. (Once, ingests upserted hot saas_open rows in request order
+    under a shared lock and deadlocked; an exclusive lock fixed that and let one frozen replica
+    stop the fleet.) On SQLite the one writer thread serialises everything (locks are no-ops).
     """
-    db.lock(SEAL_LOCK)
+    db.lock(SEAL_LOCK, shared=True)
     sealed_cache: dict[int, bool] = {}
     known: dict[str, str | None] = {}
     answers: list[dict[str, Any]] = []
@@ -436,9 +465,12 @@ def _carry(db: Db, hour: int, now: float, policy: HourPolicy) -> None:
 def seal(db: Db, through: int, now: float, spec: SealSpec) -> list[tuple[int, int]]:
     """Seal every hour up to `through`: [(hour, records)]. Leader only.
 
-    Takes SEAL_LOCK exclusively (see `ingest`). Each sealed hour becomes one outbox row per
-    customer/dimension with usage, plus (zero_records) a quantity-0 row for each active customer
-    and configured dimension without usage: AWS's guidance is to send every hour.
+    Takes SEAL_LOCK exclusively (see `ingest`): the caller declares SEAL_LOCKS to the store,
+    which waits only briefly for it and answers StoreBusyError rather than queue behind a frozen
+    ingest (PostgreSQL would queue every new shared request behind this one). Each sealed hour
+    becomes one outbox row per customer/dimension with usage, plus (zero_records) a quantity-0
+    row for each active customer and configured dimension without usage: AWS's guidance is to
+    send every hour.
     """
     db.lock(SEAL_LOCK)
     policy = spec.hours

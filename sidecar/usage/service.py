@@ -58,6 +58,7 @@ from typing import Any, Protocol
 from sidecar.aws.errors import STATE_DIR_UNWRITABLE, ErrorInfo, classify, clock_skew
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.usage import ledger
+from sidecar.usage.db import INTAKE_WAIT, StoreOutcomeUnknownError
 from sidecar.usage.hours import (
     CONFLICT,
     EXPIRED,
@@ -221,7 +222,7 @@ class UsageService:
 
         before = self._volume
         try:
-            status, answers = self.store.write(job)
+            status, answers = self.store.write(job, timeout=INTAKE_WAIT)
         except VolumeFullError as exc:
             self._volume = exc.reading
             with self._count_lock:
@@ -237,11 +238,21 @@ class UsageService:
             return exc.status, exc.body()
         except IdConflictError as exc:
             return 409, {"error": "id_conflict", "field": exc.field, "message": str(exc)}
+        except StoreOutcomeUnknownError as exc:
+            log.error("usage_outcome_unknown", extra={"detail": str(exc)})
+            return 503, {
+                "error": "store_outcome_unknown",
+                "message": f"the usage may or may not have been stored ({exc}); send it again "
+                "with the same id, which counts it once either way (without an id it may count "
+                "twice)",
+                "retry_after": RETRY_AFTER_SECONDS,
+            }
         except StoreUnavailableError as exc:
             log.error("usage_not_stored", extra={"detail": str(exc)})
             return 503, {
                 "error": "store_unavailable",
-                "message": f"usage was not stored ({exc}); send it again later",
+                "message": f"usage was not stored, and none of it will be ({exc}); send it "
+                "again later",
                 "retry_after": RETRY_AFTER_SECONDS,
             }
         fresh = [a for a in answers if not a.get("repeat")]

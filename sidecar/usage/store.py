@@ -34,13 +34,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sidecar.usage.db import (
+    WRITE_WAIT,
     Cursor,
     Db,
     Job,
     JobQueue,
+    Lock,
     Schema,
     StoreError,
     StoreUnavailableError,
+    claim,
+    finish,
     submit,
     take_batch,
 )
@@ -405,14 +409,22 @@ class Store:
 
     # -- writing -------------------------------------------------------------------------
 
-    def write(self, fn: Callable[[Db], T], timeout: float = 120.0) -> T:
+    def write(
+        self,
+        fn: Callable[[Db], T],
+        timeout: float = WRITE_WAIT,
+        locks: Sequence[Lock] = (),
+        lock_wait: float | None = None,
+    ) -> T:
         """Run `fn` in the writer's next transaction; return once it is committed (fsync'd).
 
-        Exceptions raised by `fn` roll back `fn`'s writes only and are re-raised here.
+        Exceptions raised by `fn` roll back `fn`'s writes only and are re-raised here. Not
+        committed within `timeout`: withdrawn, never committed (see `db.submit`). `locks` and
+        `lock_wait` are for PostgreSQL: one writer thread already serialises this file.
         """
         if self._closed:
             raise StoreUnavailableError("the usage store is closed")
-        return submit(self._queue, fn, timeout)
+        return submit(self._queue, fn, timeout, locks)
 
     def _write_loop(self) -> None:
         while True:
@@ -420,11 +432,14 @@ class Store:
             if job is None:
                 return
             batch, stop = take_batch(self._queue, job, self._batch_max)
-            self._commit(batch)
+            while batch:
+                batch = self._commit(batch)
             if stop:
                 return
 
-    def _commit(self, batch: list[Job]) -> None:
+    def _commit(self, batch: list[Job]) -> list[Job]:
+        """Run `batch` in one transaction; the jobs to run again in a new one (a job withdrawn
+        by its waiter while it ran: the transaction holding its writes is rolled back)."""
         conn = self._conn
         db = SqliteDb(conn)
         failure: str | None = None
@@ -443,6 +458,15 @@ class Store:
                     job.result, job.error = None, exc
                     conn.execute("ROLLBACK TO job")
                 conn.execute("RELEASE job")
+            gone = claim(batch)
+            if gone:
+                conn.execute("ROLLBACK")
+                for job in gone:
+                    finish(job, error=StoreUnavailableError("withdrawn by its caller"))
+                again = [j for j in batch if j not in gone]
+                for job in again:
+                    job.result, job.error = None, None
+                return again
             conn.execute("COMMIT")
             self.stats.commits += 1
             self.stats.jobs += len(batch)
@@ -456,6 +480,7 @@ class Store:
             if failure is not None:
                 job.result, job.error = None, StoreUnavailableError(failure)
             job.done.set()
+        return []
 
     # -- reading -------------------------------------------------------------------------
 
