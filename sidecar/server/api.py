@@ -278,7 +278,14 @@ class Router:
         except Exception as exc:  # a readiness probe answers; it never 500s
             ok, reason = False, f"readiness check failed: {type(exc).__name__}"
         if ok:
-            return Reply(200, {"ready": True, "state": "ready"})
+            body: dict[str, Any] = {"ready": True, "state": "ready"}
+            if reason:  # ready, with "code: message" lines a human should act on
+                notes = [line.partition(": ") for line in reason.splitlines()]
+                body["warnings"] = [
+                    {"code": code} if self.redacted else {"code": code, "message": message}
+                    for code, _, message in notes
+                ]
+            return Reply(200, body)
         error: dict[str, Any] = {"code": "store_unavailable"}
         if not self.redacted:  # a driver's message can name hosts and users
             error["message"] = str(reason or "the usage store is unavailable")[:500]
