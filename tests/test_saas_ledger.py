@@ -477,3 +477,81 @@ def test_no_usage_slips_into_an_hour_while_another_sidecar_seals_it(pg_url: str)
     finally:
         poster.close()
         sealer.close()
+
+
+def test_records_are_stamped_mid_hour_and_never_after_the_sealing_moment() -> None:
+    """Issue 19.1: AWS bills the hour, so the stamp sits where clock skew matters least."""
+    h = hour_of(T0)
+    assert L.record_timestamp(h, hour_start(h + 1) + 60) == hour_start(h) + 1800
+    assert L.record_timestamp(h, hour_start(h) + 100) == hour_start(h)  # the drain, early
+    assert L.record_timestamp(h, hour_start(h) + 1000) == hour_start(h) + 700  # 5 min before
+
+
+def test_a_timestamp_refusal_is_regrouped_by_hour_and_never_rejected(
+    open_db: Callable[[], UsageStore],
+) -> None:
+    """A call of two hours refused for a Timestamp becomes one call per hour (the good hour is
+    billed); a lone record refused inside its window goes back to the pool, never 'rejected'."""
+    store = open_db()
+    resolve(store, range(4), at=T0 - 4 * HOUR)
+    hour = hour_of(T0)
+    usage(store, [(i, "seats", 5) for i in range(3)], T0)
+    usage(store, [(3, "seats", 7)], T0 - 2 * HOUR)
+    spec = L.SealSpec(DIMS, "license", False, HP)
+    now = hour_start(hour + 1) + 120
+    store.write(lambda db: L.seal(db, hour, now, spec))
+    batch, _ = store.write(lambda db: L.next_batch(db, now, None))
+    assert batch is not None and batch.records == 4
+    calls = store.write(
+        lambda db: L.regroup(db, batch.id, now, None, by="hour", code=L.TIMESTAMP_CODE)
+    )
+    assert calls == 2
+    aws = FakeAws(lambda: now)
+    aws.window = now - hour_start(hour - 1)  # the older hour is refused, the newer accepted
+    sent = refused = 0
+    for _ in range(2):
+        b, _ = store.write(lambda db: L.next_batch(db, now, None))
+        assert b is not None
+        try:
+            resp = aws.batch_meter_usage(b.request)
+        except AwsCallError as exc:
+            refused += 1
+            settled = store.write(  # bisection, as an older version did
+                functools.partial(
+                    L.split, batch_id=b.id, now=now, product_code=None, code=exc.info.code
+                )
+            )
+            assert not settled.rejected
+            continue
+        store.write(functools.partial(L.answer, batch_id=b.id, response=resp, now=now))
+        sent += 1
+    assert (sent, refused) == (1, 1)
+    got = states(store)
+    assert got["sent"] == 3 and got["rejected"] == 0 and got["sealed"] == 1
+
+
+def test_a_quarantined_dimension_leaves_the_pool_and_comes_back_only_if_configured(
+    open_db: Callable[[], UsageStore],
+) -> None:
+    store = open_db()
+    resolve(store, range(30))
+    hour = hour_of(T0)
+    usage(store, [(i, d, 1 + i) for i in range(30) for d in DIMS], T0)
+    now = hour_start(hour + 1) + 120
+    store.write(lambda db: L.seal(db, hour, now, SPEC))
+    first, _ = store.write(lambda db: L.next_batch(db, now, None))  # holds some "seats"
+    assert first is not None and '"seats"' in first.body
+    held = store.write(lambda db: L.quarantine(db, "seats", now, L.DIMENSION_CODE, "not published"))
+    assert held == 30
+    aws = FakeAws(lambda: now)
+    aws.unpublished = {"seats"}
+    calls = send_all(store, aws, now)
+    assert calls == math.ceil(60 / 25)  # the released call's good records went back to the pool
+    got = states(store)
+    assert got["sent"] == 60 and got["quarantined"] == 30 and got["rejected"] == 0
+    assert store.write(lambda db: L.release_quarantined(db, ("api_calls", "storage_gb"))) == 0
+    assert states(store)["quarantined"] == 30  # a dimension no longer configured stays held
+    assert store.write(lambda db: L.release_quarantined(db, DIMS)) == 30
+    aws.unpublished = set()
+    assert send_all(store, aws, now) == 2
+    assert len(aws.billed) == 90 and states(store)["sent"] == 90
