@@ -233,6 +233,29 @@ def test_the_probe_listener_hides_why_the_store_is_down() -> None:
     }
 
 
+def test_ready_with_warnings_shows_their_codes_and_only_the_api_shows_messages() -> None:
+    """Issue 19: a quarantined dimension or a clock refusal leaves the sidecar ready (the other
+    dimensions and hours still bill), with the reasons a human should act on."""
+
+    def warned() -> tuple[bool, str | None]:
+        return True, "dimension_quarantined: AWS refused seats\nclock_skew: resent until 12:00"
+
+    api = Router(None, lambda: None, readiness=warned).handle("GET", "/readyz", b"")
+    assert api.status == 200
+    assert api.body == {
+        "ready": True,
+        "state": "ready",
+        "warnings": [
+            {"code": "dimension_quarantined", "message": "AWS refused seats"},
+            {"code": "clock_skew", "message": "resent until 12:00"},
+        ],
+    }
+    probe = Router(None, lambda: None, listener="probe", readiness=warned)
+    reply = probe.handle("GET", "/readyz", b"")
+    assert reply.status == 200
+    assert reply.body["warnings"] == [{"code": "dimension_quarantined"}, {"code": "clock_skew"}]
+
+
 def test_a_readiness_check_that_raises_answers_503_not_500() -> None:
     def broken() -> tuple[bool, str | None]:
         raise RuntimeError("boom")
