@@ -25,7 +25,16 @@ PROMTOOL = ROOT / ".tools" / "bin" / "promtool"
 METRICS: dict[str, tuple[str, set[str]] | None] = {
     "marketplace_saas_records": (
         "state",
-        {"open", "sealed", "sent", "not_subscribed", "conflict", "expired", "rejected"},
+        {
+            "open",
+            "sealed",
+            "sent",
+            "not_subscribed",
+            "conflict",
+            "expired",
+            "rejected",
+            "quarantined",
+        },
     ),
     "marketplace_saas_customers": ("state", {"active", "not_subscribed"}),
     "marketplace_saas_oldest_unsent_hour_age_seconds": None,
@@ -186,6 +195,7 @@ def test_alerts_fire_on_trouble_and_stay_quiet_on_a_healthy_fleet(
         *(series("records", p, "3x12", "sealed") for p in both),
         *(series("records", p, "1x12", "conflict") for p in both),
         *(series("records", p, "0x12", s) for p in both for s in ("expired", "rejected")),
+        *(series("records", p, "100x12", "quarantined") for p in both),
         *(series("customers", p, "2x12", "not_subscribed") for p in both),
         *(series("oldest_unsent_hour_age_seconds", p, "10000+300x12") for p in both),
         series("leader", "backend-1", "1 0x11"),
@@ -207,6 +217,13 @@ def test_alerts_fire_on_trouble_and_stay_quiet_on_a_healthy_fleet(
             "eval_time": "0m",
             "alertname": "MarketplaceSaasUsageConflict",
             "exp_alerts": [expected("MarketplaceSaasUsageConflict", "1", "critical", "conflict")],
+        },
+        {
+            "eval_time": "0m",
+            "alertname": "MarketplaceSaasDimensionQuarantined",
+            "exp_alerts": [
+                expected("MarketplaceSaasDimensionQuarantined", "100", "critical", "quarantined")
+            ],
         },
         {
             "eval_time": "0m",

@@ -455,3 +455,24 @@ def test_reset_forgets_customers_tokens_and_records(
     assert book["records"] == [] and book["counts"]["calls"] == 0 and book["customers"] == []
     token = cust["registration_token"]
     assert code_of(lambda: c.resolve_customer(RegistrationToken=token)) == "InvalidTokenException"
+
+
+def test_clock_offset_set_over_http_moves_aws_clock_against_the_senders(
+    emulator_server: EmulatorServer, emulator: Emulator, clock: Clock
+) -> None:
+    """AWS's clock 400 s behind the sender's, 300 s of future tolerance: a record stamped at
+    the sender's "now - 60 s" is in AWS's future; the same record is accepted without it."""
+    c = client(emulator_server)
+    cust = customer(emulator_server)
+    record = license_record(cust, Timestamp=at(clock.t - 60))
+    config = emulator_server.url + "/_emulator/config"
+    resp = requests.post(
+        config, json={"clock_offset": -400.0, "meter_future_seconds": 300.0}, timeout=5
+    )
+    assert resp.status_code == 200, resp.text
+    assert (
+        code_of(lambda: c.batch_meter_usage(UsageRecords=[record]))
+        == "TimestampOutOfBoundsException"
+    )
+    assert requests.post(config, json={"clock_offset": 0.0}, timeout=5).status_code == 200
+    assert statuses(c.batch_meter_usage(UsageRecords=[record])) == ["Success"]

@@ -233,6 +233,25 @@ def test_the_probe_listener_hides_why_the_store_is_down() -> None:
     }
 
 
+def test_ready_with_warnings_shows_their_codes_and_only_the_api_shows_messages() -> None:
+    """Issue 19: a quarantined dimension or a clock refusal leaves the sidecar ready (the other
+    dimensions and hours still bill), with the reasons a human should act on."""
+
+    def ready() -> tuple[bool, str | None]:
+        return True, None
+
+    def warned() -> list[str]:
+        return ["dimension_quarantined: AWS refused seats", "clock_skew: resent until 12:00"]
+
+    api = Router(None, lambda: None, readiness=ready, notices=warned).handle("GET", "/readyz", b"")
+    assert api.status == 200
+    assert api.body == {"ready": True, "state": "ready", "warnings": warned()}
+    probe = Router(None, lambda: None, listener="probe", readiness=ready, notices=warned)
+    reply = probe.handle("GET", "/readyz", b"")
+    assert reply.status == 200
+    assert reply.body["warnings"] == ["dimension_quarantined", "clock_skew"]
+
+
 def test_a_readiness_check_that_raises_answers_503_not_500() -> None:
     def broken() -> tuple[bool, str | None]:
         raise RuntimeError("boom")

@@ -151,9 +151,9 @@ def test_a_slow_hour_shows_in_metrics_readyz_usage_and_doctor(
         assert ready.status_code == 200, ready.text  # a reason, still ready
         body = ready.json()
         assert body["ready"] is True
-        assert "sending headroom" in body["warnings"][0] and "of an hour" in body["warnings"][0]
+        assert "sending_headroom" in body["warnings"][0] and "of an hour" in body["warnings"][0]
         public = car.get("/readyz", probe=True).json()
-        assert public["ready"] is True and public["warnings"] == ["sending headroom"]
+        assert public["ready"] is True and public["warnings"] == ["sending_headroom"]
         report = car.get("/v1/usage").json()
         room = report["sending"]["headroom"]
         assert room["last_hour_records"] == 150 and room["capacity_per_hour"] == 720_000

@@ -52,8 +52,8 @@ def test_duplicate_records_on_sqlite_name_a_second_sender(
     # Still ready (the store writes, probes must not flap), and /readyz says why, on both
     # listeners (the probe listener: the warning's name only).
     shown: list[tuple[Literal["probe", "api"], str]] = [
-        ("probe", "DuplicateRecord on the SQLite store"),
-        ("api", SECOND_SENDER_HINT),
+        ("probe", "second_sender"),
+        ("api", "second_sender: " + SECOND_SENDER_HINT),
     ]
     for listener, text in shown:
         router = Router(

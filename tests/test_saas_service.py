@@ -378,3 +378,243 @@ def test_through_the_emulator_one_record_per_customer_dimension_hour(
     assert c.records_by_state["sent"] == 33 and c.records_by_state["not_subscribed"] == 3
     assert c.customers_by_state["not_subscribed"] == 1
     svc.close()
+
+
+# -- clocks that disagree, and a dimension AWS does not know (issue 19) -------------------------
+
+
+def emulated_service(
+    server: Any,
+    emulator: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    people: int,
+    zero_records: bool = True,
+) -> tuple[SaasService, ManualClock, list[dict[str, Any]]]:
+    """A SaasService on SQLite sending through boto3 to the emulator over loopback HTTP, with
+    `people` customers resolved. The emulator's clock is the test's (plus its clock_offset).
+    Without zero records, hours without usage seal nothing: "nothing sealed" means "sent"."""
+    import requests
+
+    from sidecar.aws.metering import MeteringGateway
+    from tests.usage_kit import aws_env
+
+    aws_env(monkeypatch, server, "seller")
+    clock = ManualClock()
+    clock.t = hour_start(hour_of(clock.t)) + 600.0
+    emulator.meter_clock = clock.time
+    http = requests.Session()
+    made = []
+    for i in range(people):
+        resp = http.post(
+            server.url + "/_emulator/saas/customers",
+            json={"customer_aws_account_id": f"{300000000000 + i}", "token_ttl_seconds": 86400},
+            timeout=5,
+        )
+        assert resp.status_code == 200, resp.text
+        made.append(dict(resp.json()))
+    store = open_store(SAAS_SCHEMA, state_dir=tmp_path)
+    svc = SaasService(
+        SaasPolicy(
+            dimensions=DIMS,
+            hours=HourPolicy(seal_margin=60, spread=0),
+            calls_per_second=1024.0,  # 1/1024 s pauses add up exactly on the manual clock
+            zero_records=zero_records,
+        ),
+        store,
+        lambda: MeteringGateway("us-east-1", 5.0),
+        clock=clock,
+        rng=lambda: 0.5,
+    )
+    for p in made:
+        status, _ = svc.resolve(
+            json.dumps({"registration_token": p["registration_token"]}).encode()
+        )
+        assert status == 200
+    return svc, clock, made
+
+
+def use(
+    svc: SaasService, people: list[dict[str, Any]], quantity: Callable[[int, str], int]
+) -> dict[tuple[str, str], int]:
+    """Each customer uses each dimension once; what AWS should bill, by (customer, dimension)."""
+    want = {}
+    for n, p in enumerate(people):
+        for dimension in DIMS:
+            doc = {
+                "customer_aws_account_id": p["customer_aws_account_id"],
+                "license_arn": p["license_arn"],
+                "dimension": dimension,
+                "quantity": quantity(n, dimension),
+            }
+            assert svc.post(json.dumps(doc).encode())[0] == 202
+            want[(f"{p['customer_aws_account_id']}/{p['license_arn']}", dimension)] = doc[
+                "quantity"
+            ]
+    return want
+
+
+def billed_in(server: Any, hour: int) -> dict[tuple[str, str], int]:
+    import requests
+
+    book = requests.get(server.url + "/_emulator/saas/ledger", timeout=5).json()
+    assert book["counts"].get("duplicate_record", 0) == 0
+    out: dict[tuple[str, str], int] = {}
+    for r in book["records"]:
+        if r["hour"] == hour:
+            assert (r["customer"], r["dimension"]) not in out
+            out[(r["customer"], r["dimension"])] = r["quantity"]
+    return out
+
+
+def batch_calls(emulator: Any) -> int:
+    return sum(1 for c in emulator.calls if c["op"] == "BatchMeterUsage")
+
+
+def run_until_sent(svc: SaasService, clock: ManualClock, step: float, passes: int) -> int:
+    """Ticks (wall and monotonic time moving `step` between them) until nothing is sealed."""
+    for n in range(passes):
+        svc.tick()
+        if not svc.counters().records_by_state["sealed"]:
+            return n + 1
+        clock.t += step
+        clock.mono += step
+    raise AssertionError(f"records still sealed after {passes} passes")
+
+
+def test_sender_clock_400s_ahead_of_aws_bills_the_hour_instead_of_rejecting_it(
+    emulator_server: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19.1 as reported: AWS's clock 400 s behind the sender's, 300 s of future tolerance,
+    the hour sealed 61 s after it ends. Stamped at the hour's last second, every record was in
+    AWS's future and bisection marked each one rejected; stamped mid-hour, it is billed."""
+    svc, clock, people = emulated_service(
+        emulator_server, emulator, tmp_path, monkeypatch, 5, zero_records=False
+    )
+    emulator.config.clock_offset = -400.0
+    emulator.config.meter_future_seconds = 300.0
+    hour = hour_of(clock.t)
+    want = use(svc, people, lambda n, d: n + 1)
+    clock.t = hour_start(hour + 1) + 61
+    run_until_sent(svc, clock, 30, 5)
+    states = svc.counters().records_by_state
+    assert states["rejected"] == 0 and states["sent"] == 15, states
+    assert billed_in(emulator_server, hour) == want
+    svc.close()
+
+
+def test_a_timestamp_in_aws_future_is_retried_until_accepted_never_rejected(
+    emulator_server: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS's clock two hours behind (beyond any stamp's slack): each call is refused whole as
+    out of bounds. That is a clock problem: the stored call is resent with backoff, reported
+    (warnings, /readyz reason, metric), and billed once the clocks agree, inside the window."""
+    svc, clock, people = emulated_service(
+        emulator_server, emulator, tmp_path, monkeypatch, 5, zero_records=False
+    )
+    emulator.config.clock_offset = -7200.0
+    emulator.config.meter_future_seconds = 30.0
+    hour = hour_of(clock.t)
+    want = use(svc, people, lambda n, d: 10 * n + len(d))
+    clock.t = hour_start(hour + 1) + 61
+    svc.tick()
+    states = svc.counters().records_by_state
+    assert states["sealed"] == 15 and states["rejected"] == 0, states
+    assert svc.counters().batch_calls.get("clock_skew", 0) >= 1
+    ok, why = svc.ready()
+    assert ok and why is not None and why.startswith("clock_skew:"), why
+    warnings = svc.report()["warnings"]
+    assert any("Timestamp inside AWS's window" in w for w in warnings), warnings
+    # AWS accepts once its clock + 30 s reaches the stamp: about 2.5 h after the hour.
+    passes = run_until_sent(svc, clock, 300, 40)
+    assert clock.t < hour_start(hour) + 6 * HOUR - 120  # inside the window, not expired
+    states = svc.counters().records_by_state
+    assert states["sent"] == 15 and states["rejected"] == 0 and states["expired"] == 0
+    assert billed_in(emulator_server, hour) == want
+    assert batch_calls(emulator) <= passes + 1  # one stored call, retried once per pause
+    assert svc.ready() == (True, None)  # healed
+    svc.close()
+
+
+def test_a_clock_that_never_agrees_expires_the_hour_at_its_deadline_not_rejected(
+    emulator_server: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc, clock, people = emulated_service(
+        emulator_server, emulator, tmp_path, monkeypatch, 3, zero_records=False
+    )
+    emulator.config.clock_offset = -8 * 3600.0
+    hour = hour_of(clock.t)
+    use(svc, people, lambda n, d: n + 1)
+    clock.t = hour_start(hour + 1) + 61
+    run_until_sent(svc, clock, 300, 80)
+    states = svc.counters().records_by_state
+    assert states["expired"] == 9 and states["rejected"] == 0 and states["sent"] == 0, states
+    assert clock.t >= hour_start(hour) + 6 * HOUR - 120  # expired only at the deadline
+    assert billed_in(emulator_server, hour) == {}
+    assert batch_calls(emulator) <= 80
+    svc.close()
+
+
+def test_an_unpublished_dimension_is_quarantined_and_the_others_bill_exactly_once(
+    emulator_server: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19.7: 100 customers x 3 dimensions, "seats" not published. One refused call per
+    dimension proves it; its records are held (never rejected), the others bill in full calls:
+    the good records' 8 calls plus a small constant, not hundreds of bisection calls."""
+    svc, clock, people = emulated_service(emulator_server, emulator, tmp_path, monkeypatch, 100)
+    emulator.config.dimensions = ["api_calls", "storage_gb"]
+    hour = hour_of(clock.t)
+    want = use(svc, people, lambda n, d: n + len(d))
+    clock.t = hour_start(hour + 1) + 120
+    run_until_sent(svc, clock, 1, 20)
+    calls = batch_calls(emulator)
+    assert calls <= 8 + 4, calls  # 200 good records = 8 full calls
+    good = {k: v for k, v in want.items() if k[1] != "seats"}
+    assert billed_in(emulator_server, hour) == good
+    states = svc.counters().records_by_state
+    assert states["sent"] == 200 and states["quarantined"] == 100 and states["rejected"] == 0
+    assert svc.counters().batch_calls["dimension_refused"] == 1
+    ok, why = svc.ready()
+    assert ok and why is not None and why.startswith("dimension_quarantined:") and "seats" in why
+    assert any("dimension seats" in w for w in svc.report()["warnings"])
+
+    # The next hour: the quarantined dimension's records never enter a call.
+    use(svc, people, lambda n, d: 1000 + n)
+    clock.t = hour_start(hour + 2) + 120
+    before = batch_calls(emulator)
+    run_until_sent(svc, clock, 1, 20)
+    assert batch_calls(emulator) - before == 8
+    assert svc.counters().records_by_state["quarantined"] == 200
+
+    # A restart with the dimension still configured tries it once more: a few calls, held again.
+    svc.close()
+    again = SaasService(
+        svc.policy,
+        open_store(SAAS_SCHEMA, state_dir=tmp_path),
+        svc._factory,
+        clock=clock,
+        rng=lambda: 0.5,
+    )
+    before = batch_calls(emulator)
+    run_until_sent(again, clock, 1, 20)
+    assert batch_calls(emulator) - before <= 4
+    assert again.counters().records_by_state["quarantined"] == 200
+
+    # The seller publishes it and restarts: the held records, still in AWS's window, bill once.
+    again.close()
+    emulator.config.dimensions = None
+    fixed = SaasService(
+        svc.policy,
+        open_store(SAAS_SCHEMA, state_dir=tmp_path),
+        svc._factory,
+        clock=clock,
+        rng=lambda: 0.5,
+    )
+    before = batch_calls(emulator)
+    run_until_sent(fixed, clock, 1, 20)
+    assert batch_calls(emulator) - before == 8  # 200 held records, in full calls
+    assert billed_in(emulator_server, hour) == want
+    states = fixed.counters().records_by_state
+    assert states["quarantined"] == 0 and states["sent"] == 600 and states["rejected"] == 0
+    assert fixed.ready() == (True, None)
+    fixed.close()

@@ -216,7 +216,9 @@ _SAAS_OVERRIDES: dict[str, tuple[str, str]] = {
     "TimestampOutOfBoundsException": (
         "usage",
         "a record's timestamp is six hours old or more, or in the future; BatchMeterUsage then "
-        "rejects the whole call: send each hour soon after it closes and check the clock",
+        "rejects the whole call. A record the sidecar still counts inside AWS's window means the "
+        "clocks disagree: the call is resent as stored, with backoff, until the hour's deadline; "
+        "synchronise the node clock (NTP, Amazon Time Sync Service)",
     ),
     "InvalidProductCodeException": (
         "configuration",
@@ -231,7 +233,9 @@ _SAAS_OVERRIDES: dict[str, tuple[str, str]] = {
     "InvalidUsageDimensionException": (
         "configuration",
         "a dimension is not published for this product; MARKETPLACE_DIMENSIONS must use the "
-        "API names from the AWS Marketplace Management Portal",
+        "API names from the AWS Marketplace Management Portal. The sidecar quarantines that "
+        "dimension (its records are held unsent) and keeps billing the others; restart the "
+        "sending sidecar once it is fixed",
     ),
 }
 

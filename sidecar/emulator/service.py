@@ -10,7 +10,9 @@ ResolveCustomer and BatchMeterUsage (SaaS) follow `saas.py`: tests create custom
 registration tokens at `POST /_emulator/saas/customers`, end subscriptions at
 `POST /_emulator/saas/unsubscribe`, and read the records and counts at `/_emulator/saas/ledger`.
 For tests that need hours to pass in seconds, `time_scale`/`time_origin` run the emulator's
-MeterUsage clock faster (the sidecar's test-only scaled clock uses the same formula).
+MeterUsage clock faster (the sidecar's test-only scaled clock uses the same formula), and
+`clock_offset` puts AWS's clock ahead of (or behind) the sidecar's, with `meter_future_seconds`
+as AWS's undocumented tolerance for timestamps in its future.
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ class EmulatorConfig:
     # MeterUsage
     dimensions: list[str] | None = None  # None: any dimension is published
     meter_future_seconds: float = 300.0  # AWS's future limit is undocumented
+    # Seconds AWS's clock is ahead of this machine's (negative: behind): where the sidecar's
+    # clock is off, MeterUsage and BatchMeterUsage judge timestamps by AWS's.
+    clock_offset: float = 0.0
     meter_throttle_rps: float | None = None  # AWS: 10 per second per account and region
     meter_throttle_burst: int = 10
     dry_run_answer: str = "ok"  # "ok": 200 with MeteringRecordId DryRunOperation; "error": 400
@@ -191,10 +196,10 @@ class Emulator:
 
     def now(self) -> float:
         """The MeterUsage clock (scaled only when a test asks for it)."""
-        if self.meter_clock is not None:
-            return self.meter_clock()
         cfg = self.config
-        return cfg.time_origin + (time.time() - cfg.time_origin) * cfg.time_scale
+        if self.meter_clock is not None:
+            return self.meter_clock() + cfg.clock_offset
+        return cfg.time_origin + (time.time() - cfg.time_origin) * cfg.time_scale + cfg.clock_offset
 
     # -- the API -------------------------------------------------------------------------
 

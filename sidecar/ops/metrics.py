@@ -233,11 +233,31 @@ class _UsageCollector(Collector):
         )
 
 
-SAAS_RECORD_STATES = ("open", "sealed", "sent", "not_subscribed", "conflict", "expired", "rejected")
+SAAS_RECORD_STATES = (
+    "open",
+    "sealed",
+    "sent",
+    "not_subscribed",
+    "conflict",
+    "expired",
+    "rejected",
+    "quarantined",
+)
 SAAS_CUSTOMER_STATES = ("active", "not_subscribed")
 # One BatchMeterUsage call's outcome, as SaasService counts it; others become "other".
+# clock_skew: a Timestamp refused inside the window (resent); dimension_refused: the proof that
+# quarantined a dimension.
 SAAS_BATCH_RESULTS = frozenset(
-    {"ok", "out_of_bounds", "refused", "throttled", "transient", "error"}
+    {
+        "ok",
+        "out_of_bounds",
+        "clock_skew",
+        "refused",
+        "dimension_refused",
+        "throttled",
+        "transient",
+        "error",
+    }
 )
 
 
@@ -346,8 +366,8 @@ class _SaasCollector(Collector):
         yield units
         records = GaugeMetricFamily(
             "marketplace_saas_records",
-            "Customer/dimension/hour records by state (not_subscribed, conflict and expired "
-            "need a human)",
+            "Customer/dimension/hour records by state (not_subscribed, conflict, expired and "
+            "quarantined need a human)",
             labels=["state"],
         )
         for state in SAAS_RECORD_STATES:

@@ -288,7 +288,7 @@ class Router:
         if ok:
             body: dict[str, Any] = {"ready": True, "state": "ready"}
             warnings = self._notices() if self._notices is not None else []
-            if warnings:  # ready, with something to say (a backlog, a second sender)
+            if warnings:  # ready, with "code: message" lines a human should act on
                 body["warnings"] = [w.split(":")[0] if self.redacted else w for w in warnings]
             return Reply(200, body)
         error: dict[str, Any] = {"code": "store_unavailable"}

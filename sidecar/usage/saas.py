@@ -44,8 +44,15 @@ from sidecar.usage.db import (
     UsageStore,
 )
 from sidecar.usage.headroom import Headroom, headroom
-from sidecar.usage.hours import HourPolicy, RetryPolicy, hour_of, iso_hour
-from sidecar.usage.saas_ledger import Batch, IdConflictError, SealSpec, Settled
+from sidecar.usage.hours import HourPolicy, RetryPolicy, hour_of, hour_start, iso, iso_hour
+from sidecar.usage.saas_ledger import (
+    DIMENSION_CODE,
+    TIMESTAMP_CODE,
+    Batch,
+    IdConflictError,
+    SealSpec,
+    Settled,
+)
 from sidecar.usage.validate import (
     IDENTITIES,
     Limits,
@@ -84,6 +91,12 @@ SECOND_SENDER_HINT = (
     "own SQLite store sends its own count; AWS keeps the first). Run ONE replica, or give the "
     "fleet one PostgreSQL store: MARKETPLACE_USAGE_DATABASE_URL (Helm: "
     "metering.saas.database.existingSecret)"
+)
+CLOCK_HINT = "Synchronise the node clock (NTP, Amazon Time Sync Service); 'doctor' shows the skew"
+QUARANTINE_HINT = (
+    "Publish the dimension in the AWS Marketplace Management Portal or correct "
+    "MARKETPLACE_DIMENSIONS (API names), then restart the sending sidecar: held records still "
+    "inside AWS's window are sent then"
 )
 # Whole-call refusals caused by one record in the call: bisect to find it.
 RECORD_CODES = frozenset(
@@ -130,7 +143,9 @@ class SaasCounters:
     oldest_unsent_hour_age_seconds: float  # marketplace_saas_oldest_unsent_hour_age_seconds
     batch_calls: dict[str, int]  # marketplace_saas_batch_calls_total{result}
     leader: bool  # marketplace_saas_leader
-    alerts: dict[str, int]  # events since start: not_subscribed, conflict, expired, rejected
+    # events since start: not_subscribed, conflict, expired, rejected, clock (a call refused for
+    # its Timestamp inside the window), quarantined (a dimension refused as unpublished)
+    alerts: dict[str, int]
     headroom: Headroom | None = None  # marketplace_saas_send_* and _backlog_* (None: unknown)
 
 
@@ -199,8 +214,13 @@ class SaasService:
         self._units: dict[str, int] = dict.fromkeys(policy.dimensions, 0)
         self._calls: dict[str, int] = {}
         self._alerts: dict[str, int] = dict.fromkeys(
-            ("not_subscribed", "conflict", "expired", "rejected"), 0
+            ("not_subscribed", "conflict", "expired", "rejected", "clock", "quarantined"), 0
         )
+        # This sender's findings (reset when it takes the sender role): dimensions AWS proved
+        # unpublished, and the last Timestamp refusal inside our window (a clock disagreement).
+        self._quarantined: dict[str, dict[str, Any]] = {}
+        self._clock_issue: dict[str, Any] | None = None
+        self._released = False
         self._failures = 0
         self._resume_at = 0.0
         self._seal_resume_at = 0.0  # clock.monotonic() before which no seal is tried again
@@ -420,7 +440,10 @@ class SaasService:
     def report(self) -> dict[str, Any]:
         """GET /v1/usage."""
         now = self.clock.time()
-        out = self.store.read(lambda db: saas_ledger.report(db, now, self.policy.hours))
+        out, retrying = self.store.read(
+            lambda db: (saas_ledger.report(db, now, self.policy.hours), saas_ledger.retrying(db))
+        )
+        out["warnings"].extend(self._warnings(out["records_by_state"], retrying))
         pause = self._resume_at - self.clock.monotonic()
         out["sending"] = {
             "leader": self._leader,
@@ -446,24 +469,74 @@ class SaasService:
         out["identity"] = self.policy.identity
         return out
 
+    def _warnings(
+        self, by_state: dict[str, int], retrying: list[tuple[str, int, float]]
+    ) -> list[str]:
+        """What the ledger cannot say alone: the store's held and clock-refused work (seen by
+        every replica) and this sender's findings (named by the sending sidecar only)."""
+        out = []
+        for code, calls, deadline in retrying:
+            if code == TIMESTAMP_CODE:
+                out.append(
+                    f"{calls} BatchMeterUsage calls refused for their Timestamp inside AWS's "
+                    "window: the sending sidecar's clock disagrees with AWS's (most likely "
+                    f"ahead); resent as stored with backoff until {iso(deadline)}, then expired. "
+                    + CLOCK_HINT
+                )
+        with self._count_lock:
+            quarantined = dict(self._quarantined)
+            clock_issue = dict(self._clock_issue) if self._clock_issue else None
+        for dimension, why in sorted(quarantined.items()):
+            out.append(
+                f"dimension {dimension}: AWS refused it as not published for this product "
+                f"({why['code']}, {why['since']}); its records are held unsent (state "
+                f"quarantined) while the other dimensions keep billing. {QUARANTINE_HINT}"
+            )
+        if by_state.get("quarantined") and not quarantined:
+            out.append(
+                f"{by_state['quarantined']} records held unsent (state quarantined): AWS refused "
+                "their dimension as not published (the sending sidecar's log and GET /v1/usage "
+                f"name it). {QUARANTINE_HINT}"
+            )
+        if clock_issue and not any(c == TIMESTAMP_CODE for c, _, _ in retrying):
+            out.append(
+                f"BatchMeterUsage refused timestamps of hour {clock_issue['hour']} inside AWS's "
+                f"window {clock_issue['refusals']} times since {clock_issue['since']}. "
+                + CLOCK_HINT
+            )
+        return out
+
     def ready(self) -> tuple[bool, str | None]:
-        """Not ready only while the store cannot take usage. A sending backlog or a second
-        sender is a warning (`notices`), not unreadiness: taking replicas out of the Service would
-        refuse the product's usage (an outage on top of a billing problem) and cannot make AWS
-        accept records any faster."""
+        """Not ready only while the store cannot take usage. Everything else a human should act
+        on is a warning (`notices`), not unreadiness: taking replicas out of the Service would
+        refuse the product's usage (an outage on top of a billing problem), and the other
+        dimensions and hours still bill."""
         return self.store.available()
 
     def notices(self) -> list[str]:
-        """Warnings while ready, each "name: detail" (the probe listener shows the name only)."""
+        """Warnings while ready, each "code: message" (the probe listener shows the code only)."""
         out: list[str] = []
-        if self._alerts["conflict"] and self._on_sqlite():
-            out.append(SECOND_SENDER_HINT)  # the store writes; /readyz says why
+        with self._count_lock:
+            if self._quarantined:
+                out.append(
+                    "dimension_quarantined: AWS refused "
+                    + ", ".join(sorted(self._quarantined))
+                    + " as not published; held unsent, the other dimensions bill"
+                )
+            if self._clock_issue:
+                out.append(
+                    "clock_skew: BatchMeterUsage refused timestamps inside AWS's window "
+                    f"(hour {self._clock_issue['hour']}); resent until "
+                    f"{self._clock_issue['deadline']}"
+                )
+            if self._alerts["conflict"] and self._on_sqlite():
+                out.append("second_sender: " + SECOND_SENDER_HINT)  # the store still writes
         try:
             room = self.headroom()
         except StoreUnavailableError:
             return out  # `ready` answers for the store
         if room.reasons:
-            out.append("sending headroom: " + "; ".join(room.reasons))
+            out.append("sending_headroom: " + "; ".join(room.reasons))
         return out
 
     def _on_sqlite(self) -> bool:
@@ -563,6 +636,7 @@ class SaasService:
             )
             self._count("ok")
             self._failures = 0
+            self._clock_issue = None
             self._alert(settled)
             log.info(
                 "saas_batch_sent",
@@ -574,6 +648,10 @@ class SaasService:
             )
             return True
         assert info is not None  # nosec B101 # narrowing: a call that failed has its error
+        if info.code == TIMESTAMP_CODE and not info.retryable:
+            return self._timestamp_refused(batch, info, now)
+        if info.code == DIMENSION_CODE and not info.retryable:
+            return self._dimension_refused(batch, info, now)
         if info.code in RECORD_CODES and not info.retryable:
             settled = self.store.write(
                 lambda db: saas_ledger.split(db, batch.id, now, self._product, code=info.code)
@@ -595,14 +673,106 @@ class SaasService:
             if info.retryable
             else "error"
         )
-        self._failures += 1
-        delay = self._retry.delay(self._failures, self._rng)
-        self._resume_at = self.clock.monotonic() + delay
+        delay = self._pause()
         log.warning(
             "saas_batch_failed",
             extra={"code": info.code, "kind": info.kind, "retry_in": round(delay, 1)},
         )
         return False
+
+    def _pause(self) -> float:
+        self._failures += 1
+        delay = self._retry.delay(self._failures, self._rng)
+        self._resume_at = self.clock.monotonic() + delay
+        return delay
+
+    def _timestamp_refused(self, batch: Batch, info: ErrorInfo, now: float) -> bool:
+        """TimestampOutOfBounds. Records of several hours: one call per hour, no call wasted.
+        One hour: `next_batch` never sends a record past its deadline, so AWS refused a Timestamp
+        our clock puts inside the window: in AWS's future (our clock ahead) or, in the window's
+        last minutes, too old (ours behind). A clock disagreement, not a bad record: the stored
+        request is resent as is after a backoff pause until its deadline, when its records
+        expire (as custom mode does with MeterUsage). Never bisected, never 'rejected'."""
+        hours = sorted({hour_of(float(r["Timestamp"])) for r in batch.request["UsageRecords"]})
+        if len(hours) > 1:
+            calls = self.store.write(
+                lambda db: saas_ledger.regroup(
+                    db, batch.id, now, self._product, by="hour", code=info.code
+                )
+            )
+            self._count("out_of_bounds")
+            log.warning(
+                "saas_batch_refused",
+                extra={"code": info.code, "records": batch.records, "regrouped_by_hour": calls},
+            )
+            return True
+        self.store.write(lambda db: saas_ledger.failed(db, batch.id, info.code, now))
+        self._count("clock_skew")
+        deadline = self.policy.hours.deadline(hour_start(hours[0]))
+        with self._count_lock:
+            self._alerts["clock"] += 1
+            since = self._clock_issue["since"] if self._clock_issue else iso(now)
+            refusals = self._clock_issue["refusals"] + 1 if self._clock_issue else 1
+            self._clock_issue = {
+                "since": since,
+                "refusals": refusals,
+                "hour": iso_hour(hours[0]),
+                "deadline": iso(deadline),
+            }
+        delay = self._pause()
+        log.error(
+            "saas_clock_skew",
+            extra={
+                "code": info.code,
+                "hour": iso_hour(hours[0]),
+                "records": batch.records,
+                "retry_in": round(delay, 1),
+                "deadline": iso(deadline),
+                "hint": CLOCK_HINT,
+            },
+        )
+        return False
+
+    def _dimension_refused(self, batch: Batch, info: ErrorInfo, now: float) -> bool:
+        """InvalidUsageDimension refuses the whole call. Records of several dimensions: one
+        call per dimension. One dimension: the proof that AWS does not know it, so all of its
+        unsent records are quarantined (held, never 'rejected') while the other dimensions
+        keep billing: no more bisection, no more calls, however many customers."""
+        dims = sorted({str(r.get("Dimension")) for r in batch.request["UsageRecords"]})
+        if len(dims) > 1:
+            calls = self.store.write(
+                lambda db: saas_ledger.regroup(
+                    db, batch.id, now, self._product, by="dimension", code=info.code
+                )
+            )
+            self._count("refused")
+            log.warning(
+                "saas_batch_refused",
+                extra={
+                    "code": info.code,
+                    "records": batch.records,
+                    "regrouped_by_dimension": calls,
+                },
+            )
+            return True
+        dimension = dims[0]
+        note = f"AWS: {info.code}: dimension {dimension} is not published for this product"
+        held = self.store.write(
+            lambda db: saas_ledger.quarantine(db, dimension, now, info.code, note)
+        )
+        self._count("dimension_refused")
+        with self._count_lock:
+            self._alerts["quarantined"] += 1
+            self._quarantined[dimension] = {
+                "since": iso(now),
+                "code": info.code,
+                "message": info.message,
+            }
+        log.error(
+            "saas_dimension_quarantined",
+            extra={"dimension": dimension, "records_held": held, "hint": QUARANTINE_HINT},
+        )
+        return True
 
     def _send(self, stop: threading.Event, budget_end: float | None = None) -> None:
         """Send what is sealed, one stored batch after another, until none is left, a failure
@@ -636,12 +806,28 @@ class SaasService:
             lock_wait=saas_ledger.SEAL_LOCK_WAIT,
         )
         self._sealed_through = through
-        for hour, records in sealed:
-            log.info("saas_hour_sealed", extra={"hour": iso_hour(hour), "records": records})
+        for dimension, why in list(self._quarantined.items()):
+            if sealed:  # the new hours' records of a quarantined dimension never enter a call
+                code = str(why["code"])
+                note = f"AWS: {code}: dimension {dimension} is not published for this product"
+                self.store.write(
+                    functools.partial(
+                        saas_ledger.hold, dimension=dimension, code=code, message=note
+                    )
+                )
 
     def tick(self, stop: threading.Event | None = None) -> None:
         """One pass as the leader: seal ended hours, send what is sealed."""
         stop = stop or threading.Event()
+        if not self._released:  # a new sender tries held dimensions once more
+            back = self.store.write(
+                lambda db: saas_ledger.release_quarantined(db, self.policy.dimensions)
+            )
+            with self._count_lock:
+                self._quarantined.clear()
+            self._released = True
+            if back:
+                log.warning("saas_quarantine_released", extra={"records": back})
         now = self.clock.time()
         if self.clock.monotonic() >= self._seal_resume_at:
             try:
@@ -676,6 +862,7 @@ class SaasService:
             leading = False
         if leading != self._leader:
             log.info("saas_leader" if leading else "saas_follower")
+            self._released = False
         self._leader = leading
         return leading
 

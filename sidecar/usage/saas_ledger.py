@@ -35,7 +35,6 @@ from sidecar.usage.hours import (
     hour_start,
     iso,
     iso_hour,
-    request_timestamp,
     target_hour,
 )
 from sidecar.usage.store import dumps
@@ -51,7 +50,25 @@ from sidecar.usage.validate import (
 SEAL_LOCK = 0x5AA50013
 MAX_BATCH_RECORDS = 25
 MAX_BATCH_BYTES = 1_000_000  # AWS: requests under 1 MB
-RECORD_STATES = ("open", "sealed", "sent", "not_subscribed", "conflict", "expired", "rejected")
+RECORD_STATES = (
+    "open",
+    "sealed",
+    "sent",
+    "not_subscribed",
+    "conflict",
+    "expired",
+    "rejected",
+    "quarantined",
+)
+TIMESTAMP_CODE = "TimestampOutOfBoundsException"
+DIMENSION_CODE = "InvalidUsageDimensionException"
+# Where a sealed record's Timestamp sits in its hour. AWS bills the hour, not the second, so the
+# middle of the hour keeps half an hour between the stamp and both edges of AWS's window: a
+# sender clock ahead of AWS's (the stamp "in the future") or behind it (the stamp "too old" at
+# the window's end) by less than that never matters. An hour sealed before it ends (the drain)
+# is stamped STAMP_LEAD before the sealing moment, never before the hour's start.
+STAMP_INTO_HOUR = 1800
+STAMP_LEAD = 300
 CUSTOMER_STATES = ("active", "not_subscribed")
 STATUS_STATE = {
     "Success": "sent",
@@ -111,7 +128,8 @@ CREATE TABLE saas_sealed_hours (
     records BIGINT NOT NULL
 );
 -- One row per sealed (customer, dimension, hour): the exact UsageRecord, never changed.
--- States: sealed, sent, not_subscribed, conflict, expired, rejected.
+-- States: sealed, sent, not_subscribed, conflict, expired, rejected, quarantined (its dimension
+-- was refused as unpublished: held unsent until the sender starts again; see `quarantine`).
 CREATE TABLE saas_outbox (
     customer TEXT NOT NULL,
     dimension TEXT NOT NULL,
@@ -503,6 +521,13 @@ def seal(db: Db, through: int, now: float, spec: SealSpec) -> list[tuple[int, in
     return out
 
 
+def record_timestamp(hour: int, now: float) -> int:
+    """A newly sealed record's Timestamp: inside `hour`, never after `now - STAMP_LEAD` unless
+    that is before the hour (see STAMP_INTO_HOUR). Stored records keep the stamp they have."""
+    start = hour_start(hour)
+    return int(max(start, min(start + STAMP_INTO_HOUR, now - STAMP_LEAD)))
+
+
 def _seal_hour(db: Db, hour: int, now: float, spec: SealSpec) -> int:
     totals: dict[tuple[str, str], int] = {
         (str(c), str(d)): int(q)
@@ -522,7 +547,7 @@ def _seal_hour(db: Db, hour: int, now: float, spec: SealSpec) -> int:
                 if (str(customer), dimension) not in totals:
                     zero.add((str(customer), dimension))
                     totals[(str(customer), dimension)] = 0
-    stamp = request_timestamp(hour, now)
+    stamp = record_timestamp(hour, now)
     deadline = spec.hours.deadline(stamp)
     rows = []
     for (customer, dimension), quantity in sorted(totals.items()):
@@ -806,6 +831,99 @@ def failed(db: Db, batch_id: str, code: str, now: float) -> None:
     )
 
 
+def _release_suspects(db: Db, batch_id: str) -> None:
+    """`batch_id`, the tried half of a bisection, failed: the untried half's records go back to
+    the pool (batched again with others, so no call is wasted on them)."""
+    for (sibling,) in db.execute(
+        "SELECT s.id FROM saas_batches b JOIN saas_batches s ON s.parent = b.parent "
+        "WHERE b.id = ? AND s.state = 'suspect'",
+        (batch_id,),
+    ).fetchall():
+        db.execute("UPDATE saas_batches SET state = 'released' WHERE id = ?", (sibling,))
+        db.execute(
+            "UPDATE saas_outbox SET batch_id = NULL WHERE batch_id = ? AND state = 'sealed'",
+            (sibling,),
+        )
+
+
+def regroup(
+    db: Db, batch_id: str, now: float, product_code: str | None, *, by: str, code: str
+) -> int:
+    """AWS refused the whole call for something all records of one hour (`by` "hour": the
+    Timestamp) or of one dimension (`by` "dimension") share: one new call per hour or
+    dimension, each stored before it is sent, every record keeping its stored text. Returns
+    how many calls it became."""
+    members = _members(db, batch_id)
+    groups: dict[Any, list[tuple[str, str, int, str, float]]] = {}
+    for m in members:
+        groups.setdefault(m[2] if by == "hour" else m[1], []).append(m)
+    db.execute(
+        "UPDATE saas_batches SET state = 'split', attempts = attempts + 1, last_code = ?, "
+        "answered_at = ? WHERE id = ?",
+        (code, now, batch_id),
+    )
+    _release_suspects(db, batch_id)
+    for group in groups.values():
+        _new_batch(db, group, now, product_code, parent=batch_id)
+    return len(groups)
+
+
+def quarantine(db: Db, dimension: str, now: float, code: str, message: str) -> int:
+    """AWS proved `dimension` unpublished: every unsent record of it leaves the pool (state
+    'quarantined'), and every call in progress holding one is released (its other records go
+    back to the pool, the same texts). Nothing of it is sent again until `release_quarantined`.
+    Returns the records held."""
+    for (gone,) in db.execute(
+        "SELECT b.id FROM saas_batches b WHERE b.state IN ('sending', 'suspect') AND EXISTS "
+        "(SELECT 1 FROM saas_outbox o WHERE o.batch_id = b.id AND o.state = 'sealed' "
+        "AND o.dimension = ?)",
+        (dimension,),
+    ).fetchall():
+        db.execute(
+            "UPDATE saas_batches SET state = 'released', last_code = ?, answered_at = ? "
+            "WHERE id = ?",
+            (code, now, gone),
+        )
+        db.execute(
+            "UPDATE saas_outbox SET batch_id = NULL WHERE batch_id = ? AND state = 'sealed'",
+            (gone,),
+        )
+    return hold(db, dimension, code, message)
+
+
+def hold(db: Db, dimension: str, code: str, message: str) -> int:
+    """Move `dimension`'s records waiting in the pool (just sealed, or released) to
+    'quarantined'. Reads only the pool's partial index."""
+    held = db.execute(
+        "UPDATE saas_outbox SET state = 'quarantined', last_code = ?, last_error = ? "
+        "WHERE state = 'sealed' AND batch_id IS NULL AND dimension = ? RETURNING hour",
+        (code, message[:500], dimension),
+    ).fetchall()
+    return len(held)
+
+
+def release_quarantined(db: Db, dimensions: Sequence[str]) -> int:
+    """A new sender tries held records of still-configured dimensions once more (the seller may
+    have fixed the product or the configuration). Records past their window then expire as any
+    unsent record does; a dimension no longer configured stays held. Returns the records."""
+    if not dimensions:
+        return 0
+    marks = ", ".join("?" * len(dimensions))
+    sql = f"UPDATE saas_outbox SET state = 'sealed', batch_id = NULL WHERE state = 'quarantined' AND dimension IN ({marks}) RETURNING hour"  # noqa: S608, E501  # nosec B608 # placeholders only; values are bound
+    back = db.execute(sql, tuple(dimensions)).fetchall()
+    return len(back)
+
+
+def retrying(db: Db) -> list[tuple[str, int, float]]:
+    """Calls waiting to be resent after a refusal or failure: (last code, calls, the earliest
+    deadline) per code. Reads the few 'sending' rows only."""
+    rows = db.execute(
+        "SELECT last_code, COUNT(*), MIN(deadline) FROM saas_batches WHERE state = 'sending' "
+        "AND last_code IS NOT NULL GROUP BY last_code ORDER BY last_code"
+    ).fetchall()
+    return [(str(c), int(n), float(d)) for c, n, d in rows]
+
+
 def split(
     db: Db, batch_id: str, now: float, product_code: str | None, *, code: str | None
 ) -> Settled:
@@ -825,16 +943,7 @@ def split(
         (0 if code is None else 1, code or "window", now, batch_id),
     )
     # This batch was the tried half of a bisection and failed: its suspect sibling is cleared.
-    for (sibling,) in db.execute(
-        "SELECT s.id FROM saas_batches b JOIN saas_batches s ON s.parent = b.parent "
-        "WHERE b.id = ? AND s.state = 'suspect'",
-        (batch_id,),
-    ).fetchall():
-        db.execute("UPDATE saas_batches SET state = 'released' WHERE id = ?", (sibling,))
-        db.execute(
-            "UPDATE saas_outbox SET batch_id = NULL WHERE batch_id = ? AND state = 'sealed'",
-            (sibling,),
-        )
+    _release_suspects(db, batch_id)
     return _bisect(db, batch_id, now, product_code=product_code, code=code, marked=True)
 
 
@@ -860,6 +969,15 @@ def _bisect(
             return Settled()
         customer, dimension, hour, _, deadline = members[0]
         past = now >= hour_start(hour) + AWS_WINDOW or now > deadline
+        if code == TIMESTAMP_CODE and not past:
+            # Inside our own window AWS refused the Timestamp: a clock disagreement, not a bad
+            # record. Back to the pool, to be retried until its deadline (never 'rejected').
+            db.execute(
+                "UPDATE saas_outbox SET batch_id = NULL, last_code = ? WHERE customer = ? "
+                "AND dimension = ? AND hour = ? AND state = 'sealed'",
+                (code, customer, dimension, hour),
+            )
+            return Settled()
         state = "expired" if past else "rejected"
         db.execute(
             "UPDATE saas_outbox SET state = ?, last_code = ?, last_error = ?, done_at = ? "
