@@ -210,12 +210,13 @@ def test_a_version_1_store_is_migrated_with_exact_counters(
         v1 = Schema(name=SAAS_SCHEMA.name, version=1, sqlite=L.DDL, postgresql=L.DDL)
         old = open_store(v1, state_dir=tmp_path / backend, database_url=url)
         resolve(old, range(20), at=hour_start(BASE))
-        aws = FakeAws(lambda: T0)
+        sent_at = hour_start(BASE + 2) + 120
+        aws = FakeAws(lambda: sent_at)  # AWS's clock agrees with the sender's
         aws.unsubscribed.add(key(2))
         for h in (BASE, BASE + 1):
             now = hour_start(h + 1) + 120
             old.write(lambda db, h=h, now=now: L.seal(db, h, now, SPEC))  # type: ignore[misc]
-        send_fast(old, aws, hour_start(BASE + 2) + 120, per_txn=1)
+        send_fast(old, aws, sent_at, per_txn=1)
         rows = by_state(old)
         old.close()
         new = open_store(SAAS_SCHEMA, state_dir=tmp_path / backend, database_url=url)
