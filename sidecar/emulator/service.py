@@ -15,8 +15,10 @@ MeterUsage clock faster (the sidecar's test-only scaled clock uses the same form
 
 from __future__ import annotations
 
+import functools
 import json
 import random
+import re
 import socket
 import struct
 import threading
@@ -292,6 +294,9 @@ class Emulator:
         report = ParamValidator().validate(params, shape)
         if report.has_errors():
             return _error("ValidationException", report.generate_report())
+        broken = _constraint_violation(params, shape, "")
+        if broken is not None:
+            return _error("ValidationException", f"1 validation error detected: {broken}")
         if service is not None and service != SIGNING_NAME:
             return _error(
                 "InvalidSignatureException",
@@ -431,6 +436,52 @@ class Emulator:
     def ledger(self) -> dict[str, Any]:
         with self._lock:
             return self.book.ledger()
+
+
+# Checked by the books with their own error (InvalidTagException), also as whole matches.
+_OWN_ERRORS = frozenset({"TagKey", "TagValue"})
+
+
+@functools.cache
+def _pattern(text: str) -> re.Pattern[str]:
+    return re.compile(text)
+
+
+def _constraint_violation(value: Any, shape: Any, where: str) -> str | None:
+    """The string constraints botocore leaves to the service: the model's `pattern`, matched
+    against the whole value (AWS's services match whole values; Python's `$` would let a
+    trailing newline through), and `max` length. The first violation, worded as AWS does."""
+    kind = shape.type_name
+    if kind == "structure" and isinstance(value, dict):
+        for name, member in shape.members.items():
+            if name in value:
+                inner = (
+                    f"{where}.{name[:1].lower()}{name[1:]}"
+                    if where
+                    else name[:1].lower() + name[1:]
+                )
+                found = _constraint_violation(value[name], member, inner)
+                if found is not None:
+                    return found
+    elif kind == "list" and isinstance(value, list):
+        for i, item in enumerate(value, 1):
+            found = _constraint_violation(item, shape.member, f"{where}.{i}.member")
+            if found is not None:
+                return found
+    elif kind == "string" and isinstance(value, str) and shape.name not in _OWN_ERRORS:
+        pattern = shape.metadata.get("pattern")
+        if pattern is not None and _pattern(pattern).fullmatch(value) is None:
+            return (
+                f"Value at '{where}' failed to satisfy constraint: "
+                f"Member must satisfy regular expression pattern: {pattern}"
+            )
+        limit = shape.metadata.get("max")
+        if limit is not None and len(value) > limit:
+            return (
+                f"Value at '{where}' failed to satisfy constraint: "
+                f"Member must have length less than or equal to {limit}"
+            )
+    return None
 
 
 def _error(code: str, message: str) -> tuple[int, dict[str, Any]]:
