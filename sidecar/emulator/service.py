@@ -109,6 +109,8 @@ class EmulatorConfig:
     batch_throttle_rps: float | None = None  # AWS: 10 per second per account and region
     batch_throttle_burst: int = 10
     unprocessed_rate: float = 0.0  # fraction of records answered as UnprocessedRecords
+    resolve_throttle_rps: float | None = None  # ResolveCustomer's own bucket (AWS: undocumented)
+    resolve_throttle_burst: int = 5
 
 
 def _new_key() -> rsa.RSAPrivateKey:
@@ -126,6 +128,7 @@ class Emulator:
         self._bucket: TokenBucket | None = None
         self._meter_bucket: TokenBucket | None = None
         self._batch_bucket: TokenBucket | None = None
+        self._resolve_bucket: TokenBucket | None = None
         self.book = MeterBook()
         self.saas = SaasBook()
         # In-process tests may drive the MeterUsage clock directly (a manual clock).
@@ -189,6 +192,12 @@ class Emulator:
         brps = self.config.batch_throttle_rps
         self._batch_bucket = (
             TokenBucket(brps, self.config.batch_throttle_burst, time.monotonic()) if brps else None
+        )
+        rrps = self.config.resolve_throttle_rps
+        self._resolve_bucket = (
+            TokenBucket(rrps, self.config.resolve_throttle_burst, time.monotonic())
+            if rrps
+            else None
         )
 
     def now(self) -> float:
@@ -267,6 +276,10 @@ class Emulator:
             return _error("ThrottlingException", "Rate exceeded")
         if batch and self._batch_bucket is not None and self._batch_bucket.take(time.monotonic()):
             self.saas.count("throttled")
+            return _error("ThrottlingException", "Rate exceeded")
+        bucket = self._resolve_bucket
+        if op == "ResolveCustomer" and bucket is not None and bucket.take(time.monotonic()):
+            self.saas.count("resolve_throttled")
             return _error("ThrottlingException", "Rate exceeded")
         if (
             op == "MeterUsage"
