@@ -28,6 +28,7 @@ import contextlib
 import html
 import logging
 import socket
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -351,6 +352,12 @@ class RegistrationServer(ThreadingHTTPServer):
     def _forget(self, request: Any) -> None:
         with self._lock:
             self._conns.pop(request, None)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up (or was evicted) is routine; anything else is logged."""
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        log.exception("request_failed")
 
 
 def main() -> None:
