@@ -228,3 +228,49 @@ def test_a_resolve_flood_on_the_sidecar_leaves_usage_its_connections(
     assert statuses == [202] * len(statuses), statuses
     assert _p99(latencies) < USAGE_P99_BOUND, sorted(latencies)[-5:]
     assert answers.get(429, 0) > answers.get(400, 0), answers  # refused early, not resolved
+
+
+@pytest.mark.parametrize("behind_balancer", [False, True])
+def test_form_posts_are_rate_limited_per_client_before_anything_is_resolved(
+    behind_balancer: bool,
+) -> None:
+    """A client's fifth quick post is a 429 with Retry-After; another client is not affected.
+    Behind a balancer (`client_header`) the header, not the peer, names the client."""
+    example = load_example()
+    page = example.RegistrationServer(
+        ("127.0.0.1", 0),
+        "http://127.0.0.1:9",  # nothing listens: a post that gets through is a 502 page
+        client_header="X-Forwarded-For" if behind_balancer else None,
+    )
+    threading.Thread(target=page.serve_forever, args=(0.1,), daemon=True).start()
+    port = page.server_address[1]
+
+    def post(source: str, forwarded: str) -> tuple[int, str | None]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+        try:
+            conn.request(
+                "POST",
+                "/",
+                body=urlencode({"x-amzn-marketplace-token": "t-" + uuid.uuid4().hex}),
+                headers={
+                    "Content-Type": "application/x-www-form-urlencoded",
+                    "X-Forwarded-For": f"198.51.100.7, {forwarded}",
+                },
+            )
+            resp = conn.getresponse()
+            return resp.status, resp.getheader("Retry-After")
+        finally:
+            conn.close()
+
+    try:
+        burst = example.CLIENT_POSTS[1]
+        # Behind a balancer every post comes from one peer; the header names two buyers.
+        first = [post("127.0.0.3", "203.0.113.1")[0] for _ in range(burst)]
+        assert 429 not in first, first
+        status, retry = post("127.0.0.3", "203.0.113.1")
+        assert status == 429 and retry is not None and int(retry) >= 1
+        other = post("127.0.0.3" if behind_balancer else "127.0.0.4", "203.0.113.2")
+        assert other[0] != 429, other
+    finally:
+        page.shutdown()
+        page.server_close()
