@@ -47,7 +47,6 @@ import gc
 import logging
 import os
 import random
-import signal
 import socket
 import sys
 import threading
@@ -78,6 +77,7 @@ from sidecar.ops.kube import KubeTarget, Mirror, desired
 from sidecar.ops.metrics import Metrics
 from sidecar.server.api import API_LIMITS, METRICS_LIMITS, PROBE_LIMITS, LocalServer, Router
 from sidecar.server.netaddr import parse_hostport
+from sidecar.stopsignals import StopSignals
 
 if TYPE_CHECKING:
     from sidecar.usage.saas import SaasPolicy, SaasService
@@ -598,12 +598,20 @@ def run(
         detail = scrub_url_secret(str(exc), settings.usage_database_url)
         log.error("usage_store_unusable", extra={"detail": detail})
         return 1
-    daemon_stop = daemon.stop_event
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: daemon_stop.set())
-    if stop_requested():  # SIGTERM arrived while starting: close without calling AWS
+    # The handler only stores a flag (a second signal may land inside it, see stopsignals);
+    # this thread sets the daemon's stop event, outside any handler.
+    signals = StopSignals.install()
+    try:
+        return _serve(daemon, signals, stop_requested)
+    finally:
+        signals.close()
+
+
+def _serve(daemon: Daemon, signals: StopSignals, stop_requested: Callable[[], bool]) -> int:
+    settings = daemon.settings
+    if stop_requested() or signals.requested:  # arrived while starting: close, call no AWS
         log.info("stopping", extra={"before": "start"})
-        daemon_stop.set()
+        daemon.stop_event.set()
         for server in daemon.servers:
             server.server_close()
         if daemon.usage is not None:
@@ -620,7 +628,7 @@ def run(
             "metrics": settings.metrics_listen,
         },
     )
-    while not daemon_stop.wait(1.0):
+    while not signals.wait(1.0):
         pass
     log.info("stopping")
     daemon.close()

@@ -246,11 +246,9 @@ def _verify_token(nonce: str | None, max_age: float | None) -> int:
 
 
 def _emulator(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
     from sidecar.emulator.service import Emulator, EmulatorConfig, EmulatorServer
     from sidecar.server.netaddr import parse_hostport
+    from sidecar.stopsignals import StopSignals
 
     host, port = parse_hostport(args.listen)
     config = EmulatorConfig(
@@ -261,17 +259,17 @@ def _emulator(args: argparse.Namespace) -> int:
         with open(args.write_public_key, "w") as f:
             f.write(emulator.public_pem())
     server = EmulatorServer(emulator, host, port)
+    # Installed before the line below: whoever waits for it may signal at once.
+    stop = StopSignals.install()  # takes no lock in the handler: see sidecar/stopsignals.py
     print(
         f"emulator listening on {server.url} "
         f"(export AWS_ENDPOINT_URL_MARKETPLACE_METERING={server.url})",
         flush=True,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     server.start()
     while not stop.wait(1.0):
         pass
+    stop.close()
     server.shutdown()
     server.server_close()
     return 0

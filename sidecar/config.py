@@ -30,11 +30,11 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-PRODUCT_CODE_RE = re.compile(r"^[-a-zA-Z0-9/=:_.@]{1,255}$")
+PRODUCT_CODE_RE = re.compile(r"[-a-zA-Z0-9/=:_.@]{1,255}")  # fullmatch: `$` takes "x\n"
 # A domain-qualified condition type, e.g. aws-marketplace.amazonaws.com/entitled.
 CONDITION_TYPE_RE = re.compile(
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/"
-    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 )
 REGISTRATION_WINDOW_SECONDS = 6 * 3600
 MAX_DIMENSIONS = 24  # AWS: up to 24 custom dimensions per product
@@ -465,7 +465,7 @@ class Settings:
 def check_product_code(v: str | None) -> str | None:
     if not v:
         return None  # blank is unset: a shared template's saas (license) container
-    if not PRODUCT_CODE_RE.match(v):
+    if not PRODUCT_CODE_RE.fullmatch(v):
         raise ValueError("must be 1-255 characters of letters, digits and -/=:_.@")
     return v
 
@@ -484,7 +484,7 @@ def check_dimensions(v: str) -> str:
 
 
 def check_condition_type(v: str) -> str:
-    if v and not CONDITION_TYPE_RE.match(v):
+    if v and not CONDITION_TYPE_RE.fullmatch(v):
         raise ValueError(
             "must be a domain-qualified condition type such as "
             "aws-marketplace.amazonaws.com/entitled (or empty to turn the gate off)"

@@ -18,7 +18,7 @@ from sidecar.aws.errors import ErrorInfo, region_not_found
 log = logging.getLogger(__name__)
 
 IMDS_DEFAULT = "http://169.254.169.254"
-_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+_REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]+")  # fullmatch: `$` takes "x\n"
 _TIMEOUT = (1.0, 2.0)
 
 
@@ -59,12 +59,12 @@ def region_from_task(task: Mapping[str, object]) -> str | None:
     arn = task.get("TaskARN")
     if isinstance(arn, str) and arn.count(":") >= 5:
         candidate = arn.split(":")[3]
-        if _REGION_RE.match(candidate):
+        if _REGION_RE.fullmatch(candidate):
             return candidate
     zone = task.get("AvailabilityZone")
     if isinstance(zone, str) and zone:
         candidate = zone.rstrip("abcdefghijklmnopqrstuvwxyz")
-        if _REGION_RE.match(candidate):
+        if _REGION_RE.fullmatch(candidate):
             return candidate
     return None
 
@@ -103,4 +103,4 @@ def _from_imds(base: str) -> str | None:
         log.warning("IMDSv2 unavailable: %s", type(exc).__name__)
         return None
     region = resp.text.strip()
-    return region if _REGION_RE.match(region) else None
+    return region if _REGION_RE.fullmatch(region) else None

@@ -24,7 +24,7 @@ HOUR = 3600
 WINDOW = 6 * HOUR
 MAX_QUANTITY = 2147483647
 MAX_ALLOCATIONS = 2500
-TAG_RE = re.compile(r"^[a-zA-Z0-9+ -=._:\/@]+$")
+TAG_RE = re.compile(r"[a-zA-Z0-9+ -=._:\/@]+")  # fullmatch, as AWS: not `$`
 
 Answer = tuple[int, dict[str, Any]]
 
@@ -82,7 +82,7 @@ def _allocations(params: dict[str, Any], quantity: int) -> tuple[str, Answer | N
             key, value = str(t.get("Key", "")), str(t.get("Value", ""))
             if not (1 <= len(key) <= 100 and 1 <= len(value) <= 256):
                 return "", error("InvalidTagException", "tag key 1-100, value 1-256 characters")
-            if not (TAG_RE.match(key) and TAG_RE.match(value)):
+            if not (TAG_RE.fullmatch(key) and TAG_RE.fullmatch(value)):
                 return "", error("InvalidTagException", f"tag {key!r} breaks the tag pattern")
             pairs.append((key, value))
         tagset = json.dumps(sorted(pairs))

@@ -17,8 +17,10 @@ as AWS's undocumented tolerance for timestamps in its future.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
+import re
 import socket
 import struct
 import threading
@@ -112,6 +114,8 @@ class EmulatorConfig:
     batch_throttle_rps: float | None = None  # AWS: 10 per second per account and region
     batch_throttle_burst: int = 10
     unprocessed_rate: float = 0.0  # fraction of records answered as UnprocessedRecords
+    resolve_throttle_rps: float | None = None  # ResolveCustomer's own bucket (AWS: undocumented)
+    resolve_throttle_burst: int = 5
 
 
 def _new_key() -> rsa.RSAPrivateKey:
@@ -129,6 +133,7 @@ class Emulator:
         self._bucket: TokenBucket | None = None
         self._meter_bucket: TokenBucket | None = None
         self._batch_bucket: TokenBucket | None = None
+        self._resolve_bucket: TokenBucket | None = None
         self.book = MeterBook()
         self.saas = SaasBook()
         # In-process tests may drive the MeterUsage clock directly (a manual clock).
@@ -192,6 +197,12 @@ class Emulator:
         brps = self.config.batch_throttle_rps
         self._batch_bucket = (
             TokenBucket(brps, self.config.batch_throttle_burst, time.monotonic()) if brps else None
+        )
+        rrps = self.config.resolve_throttle_rps
+        self._resolve_bucket = (
+            TokenBucket(rrps, self.config.resolve_throttle_burst, time.monotonic())
+            if rrps
+            else None
         )
 
     def now(self) -> float:
@@ -271,6 +282,10 @@ class Emulator:
         if batch and self._batch_bucket is not None and self._batch_bucket.take(time.monotonic()):
             self.saas.count("throttled")
             return _error("ThrottlingException", "Rate exceeded")
+        bucket = self._resolve_bucket
+        if op == "ResolveCustomer" and bucket is not None and bucket.take(time.monotonic()):
+            self.saas.count("resolve_throttled")
+            return _error("ThrottlingException", "Rate exceeded")
         if (
             op == "MeterUsage"
             and self._meter_bucket is not None
@@ -297,6 +312,9 @@ class Emulator:
         report = ParamValidator().validate(params, shape)
         if report.has_errors():
             return _error("ValidationException", report.generate_report())
+        broken = _constraint_violation(params, shape, "")
+        if broken is not None:
+            return _error("ValidationException", f"1 validation error detected: {broken}")
         if service is not None and service != SIGNING_NAME:
             return _error(
                 "InvalidSignatureException",
@@ -436,6 +454,52 @@ class Emulator:
     def ledger(self) -> dict[str, Any]:
         with self._lock:
             return self.book.ledger()
+
+
+# Checked by the books with their own error (InvalidTagException), also as whole matches.
+_OWN_ERRORS = frozenset({"TagKey", "TagValue"})
+
+
+@functools.cache
+def _pattern(text: str) -> re.Pattern[str]:
+    return re.compile(text)
+
+
+def _constraint_violation(value: Any, shape: Any, where: str) -> str | None:
+    """The string constraints botocore leaves to the service: the model's `pattern`, matched
+    against the whole value (AWS's services match whole values; Python's `$` would let a
+    trailing newline through), and `max` length. The first violation, worded as AWS does."""
+    kind = shape.type_name
+    if kind == "structure" and isinstance(value, dict):
+        for name, member in shape.members.items():
+            if name in value:
+                inner = (
+                    f"{where}.{name[:1].lower()}{name[1:]}"
+                    if where
+                    else name[:1].lower() + name[1:]
+                )
+                found = _constraint_violation(value[name], member, inner)
+                if found is not None:
+                    return found
+    elif kind == "list" and isinstance(value, list):
+        for i, item in enumerate(value, 1):
+            found = _constraint_violation(item, shape.member, f"{where}.{i}.member")
+            if found is not None:
+                return found
+    elif kind == "string" and isinstance(value, str) and shape.name not in _OWN_ERRORS:
+        pattern = shape.metadata.get("pattern")
+        if pattern is not None and _pattern(pattern).fullmatch(value) is None:
+            return (
+                f"Value at '{where}' failed to satisfy constraint: "
+                f"Member must satisfy regular expression pattern: {pattern}"
+            )
+        limit = shape.metadata.get("max")
+        if limit is not None and len(value) > limit:
+            return (
+                f"Value at '{where}' failed to satisfy constraint: "
+                f"Member must have length less than or equal to {limit}"
+            )
+    return None
 
 
 def _error(code: str, message: str) -> tuple[int, dict[str, Any]]:

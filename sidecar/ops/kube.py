@@ -38,7 +38,7 @@ COMPONENT = "marketplace-sidecar"
 # The chart projects the pod's metadata.uid (downward API) next to the token, so recording an
 # Event needs no `get pods` permission.
 POD_UID_FILE = "pod-uid"
-UID_RE = re.compile(r"^[0-9a-fA-F-]{1,64}$")
+UID_RE = re.compile(r"[0-9a-fA-F-]{1,64}")  # fullmatch: `$` takes "x\n"
 
 
 def desired(snap: Snapshot) -> tuple[str, str, str]:
@@ -135,7 +135,7 @@ def pod_uid(serviceaccount_dir: Path) -> str | None:
     finally:
         os.close(fd)
     text = raw.decode("ascii", "replace").strip()
-    return text if UID_RE.match(text) else None
+    return text if UID_RE.fullmatch(text) else None
 
 
 def _lazy_package(name: str, folder: Path) -> ModuleType:

@@ -50,6 +50,12 @@ MAX_RESOLVE_BODY_BYTES = 16 * 1024
 # license ARN joined by "/" (percent-encode it as %2F in the path).
 MAX_CUSTOMER_KEY_CHARS = 2048
 MAX_NONCE_CHARS = 255
+# Resolve handlers in flight at once. Each may wait on AWS (ResolveCustomer retried for up to
+# 10 s while throttled) holding one of the API's connections; registration faces the internet
+# through the seller's page, usage intake does not. Beyond this many, a resolve is answered 429
+# at once, so junk registrations can never take the connections POST /v1/usage needs.
+MAX_RESOLVES_IN_FLIGHT = 8
+RESOLVE_BUSY_RETRY_SECONDS = 2
 REPORT_RETRY_SECONDS = 5
 Listener = Literal["api", "probe", "metrics"]
 
@@ -171,6 +177,7 @@ class Router:
         self._health = health
         self._extras = extras or dict
         self._cached: tuple[Snapshot, dict[str, Any], Reply] | None = None
+        self._resolves = threading.BoundedSemaphore(MAX_RESOLVES_IN_FLIGHT)
         self.redacted = listener != "api"
         routes: dict[str, dict[str, Callable[[bytes], Reply]]] = {}
         if listener != "metrics":
@@ -397,7 +404,18 @@ class Router:
     def _resolve(self, body: bytes) -> Reply:
         if self._saas is None:
             return _customers_need_saas_mode()
-        return _pipeline_reply(*self._saas.resolve(body))
+        if not self._resolves.acquire(blocking=False):
+            return _problem(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                "resolve_busy",
+                f"{MAX_RESOLVES_IN_FLIGHT} registrations are already being resolved; retry in "
+                f"{RESOLVE_BUSY_RETRY_SECONDS} s (usage reporting is not affected)",
+                **{"Retry-After": str(RESOLVE_BUSY_RETRY_SECONDS)},
+            )
+        try:
+            return _pipeline_reply(*self._saas.resolve(body))
+        finally:
+            self._resolves.release()
 
     def _customers(self, _: bytes) -> Reply:
         if self._saas is None:
@@ -555,7 +573,7 @@ class Limits:
 class _Conn:
     """One accepted connection, as the accept thread's deadline and eviction policy see it."""
 
-    __slots__ = ("deadline", "dropped", "phase", "since", "sock")
+    __slots__ = ("deadline", "dropped", "low", "phase", "since", "sock")
 
     def __init__(self, sock: socket.socket, now: float, idle: float) -> None:
         self.sock = sock
@@ -563,6 +581,7 @@ class _Conn:
         self.since = now
         self.deadline = now + idle
         self.dropped = False
+        self.low = False  # its request is a registration (resolve): shed before usage waits
 
     def enter(self, phase: Phase, seconds: float = math.inf) -> None:
         # Deadline first: the accept thread reads these without a lock, and must never pair
@@ -738,6 +757,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "too_large",
                 f"request body is limited to {limit} bytes",
             )
+        self._conn.low = path == RESOLVE_PATH
         pure = self.server.router.cpu_only(self.command, path)
         if length or not pure:
             self._give_turn()  # a body comes at the client's pace; other handlers may wait
@@ -847,13 +867,12 @@ class LocalServer(HTTPServer):
         conn = _Conn(request, now, self.limits.idle_seconds)
         with self._lock:
             if self._live >= self.limits.max_connections:
-                victims = [c for c in self._conns.values() if c.evictable]
-                if not victims:  # every slot runs a request of ours: refuse, do not queue
+                victim = self._victim()
+                if victim is None:  # every slot runs a request of ours: refuse, do not queue
                     with contextlib.suppress(OSError):
                         request.sendall(self._busy)
                     self.shutdown_request(request)
                     return
-                victim = min(victims, key=lambda c: c.since)
                 self._drop(victim, self._busy if victim.phase is Phase.READING else b"")
             self._conns[request] = conn
             self._live += 1
@@ -864,6 +883,21 @@ class LocalServer(HTTPServer):
         except RuntimeError:  # no thread to be had: give the slot back
             self._release(request, conn)
             self.shutdown_request(request)
+
+    def _victim(self) -> _Conn | None:
+        """Who leaves a full listener. Registrations (resolve) give way first: one between
+        requests, else the newest in progress (most likely one about to be refused 429 over its
+        budget; one cut while AWS answers still stores the customer, and the same token then
+        answers from the store). Then the oldest connection idle or still sending its request."""
+        live = [c for c in self._conns.values() if not c.dropped]
+        lows = [c for c in live if c.low]
+        calm = [c for c in lows if c.phase is not Phase.BUSY]
+        if calm:
+            return min(calm, key=lambda c: c.since)
+        if lows:
+            return max(lows, key=lambda c: c.since)
+        victims = [c for c in live if c.evictable]
+        return min(victims, key=lambda c: c.since) if victims else None
 
     def _serve(self, request: socket.socket, client_address: Any, conn: _Conn) -> None:
         if self.name == "api":  # the product's traffic steps back; probes and metrics do not

@@ -54,6 +54,7 @@ from sidecar.usage.saas_ledger import (
     Settled,
 )
 from sidecar.usage.validate import (
+    CONTROL_RE,
     IDENTITIES,
     Limits,
     RejectedError,
@@ -270,12 +271,17 @@ class SaasService:
         except (ValueError, UnicodeDecodeError):
             doc = None
         token = doc.get("registration_token") if isinstance(doc, dict) else None
-        if not isinstance(token, str) or not 1 <= len(token) <= 8192 or token.strip() != token:
+        if (
+            not isinstance(token, str)
+            or not 1 <= len(token) <= 8192
+            or token.strip() != token
+            or CONTROL_RE.search(token) is not None  # no real token has one: spare AWS the call
+        ):
             return 400, {
                 "error": "invalid_request",
                 "field": "registration_token",
                 "message": 'body must be {"registration_token": "<x-amzn-marketplace-token>"}: '
-                "a non-empty string of at most 8192 characters",
+                "a non-empty string of at most 8192 characters, no control characters",
             }
         digest = hashlib.sha256(token.encode()).hexdigest()
         # One ResolveCustomer call per token at a time in this process: a buyer's reloads and a

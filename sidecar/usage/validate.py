@@ -21,8 +21,12 @@ MAX_QUANTITY = 2147483647
 MAX_ALLOCATIONS = 2500
 MAX_TAGS = 5
 MAX_ID = 128
-TAG_RE = re.compile(r"^[a-zA-Z0-9+ -=._:\/@]+$")
-ID_RE = re.compile(r"^[\x21-\x7e]+$")
+# Always `fullmatch`: `$` (and `match`) also accept a trailing "\n", which AWS refuses (its
+# patterns match the whole value), losing the whole dimension-hour.
+TAG_RE = re.compile(r"[a-zA-Z0-9+ -=._:\/@]+")
+ID_RE = re.compile(r"[\x21-\x7e]+")
+# C0 controls and DEL: NUL cannot be stored in PostgreSQL text, and none is in a real value.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 RECORD_FIELDS = frozenset({"dimension", "quantity", "id", "timestamp", "allocations"})
 ALLOCATION_FIELDS = frozenset({"quantity", "tags"})
 MAX_ERRORS = 20
@@ -128,14 +132,14 @@ def _tags(value: Any, field: str, problems: list[Problem]) -> Tags:
     out = []
     for key, val in value.items():
         where = f"{field}.{key}"
-        if not 1 <= len(key) <= 100 or not TAG_RE.match(key):
+        if not 1 <= len(key) <= 100 or not TAG_RE.fullmatch(key):
             problems.append(
                 Problem(
                     where,
                     "tag keys are 1-100 characters matching AWS's pattern [a-zA-Z0-9+ -=._:/@]",
                 )
             )
-        if not isinstance(val, str) or not 1 <= len(val) <= 256 or not TAG_RE.match(val):
+        if not isinstance(val, str) or not 1 <= len(val) <= 256 or not TAG_RE.fullmatch(val):
             problems.append(
                 Problem(
                     where,
@@ -210,7 +214,7 @@ def _record(
     quantity = _quantity(doc.get("quantity"), _join(field, "quantity"), problems)
     key = doc.get("id")
     if key is not None and (
-        not isinstance(key, str) or not 1 <= len(key) <= MAX_ID or not ID_RE.match(key)
+        not isinstance(key, str) or not 1 <= len(key) <= MAX_ID or not ID_RE.fullmatch(key)
     ):
         problems.append(
             Problem(_join(field, "id"), f"must be 1-{MAX_ID} printable ASCII characters, no spaces")
@@ -299,11 +303,11 @@ def parse(body: bytes, limits: Limits, now: float) -> list[UsageRecord]:
 
 # -- SaaS mode (issue 13): the same record, plus the customer it is for ------------------------
 
-ACCOUNT_RE = re.compile(r"^[0-9]{1,255}$")
+ACCOUNT_RE = re.compile(r"[0-9]{1,255}")
 # botocore's LicenseArn pattern (service model 2016-01-14).
 LICENSE_ARN_RE = re.compile(
-    r"^arn:aws[a-zA-Z-]*:[A-Za-z0-9][A-Za-z0-9_/.-]{0,62}:[A-Za-z0-9_/.-]{0,63}:"
-    r"[A-Za-z0-9_/.-]{0,63}:[A-Za-z0-9][A-Za-z0-9:_/+=,@.-]{0,1023}$"
+    r"arn:aws[a-zA-Z-]*:[A-Za-z0-9][A-Za-z0-9_/.-]{0,62}:[A-Za-z0-9_/.-]{0,63}:"
+    r"[A-Za-z0-9_/.-]{0,63}:[A-Za-z0-9][A-Za-z0-9:_/+=,@.-]{0,1023}"
 )
 LICENSE_FIELDS = ("customer_aws_account_id", "license_arn")
 IDENTIFIER_FIELD = "customer_identifier"
@@ -357,7 +361,7 @@ def _customer(
                     "customer with customer_aws_account_id and license_arn",
                 )
             )
-        if not isinstance(account, str) or not ACCOUNT_RE.match(account):
+        if not isinstance(account, str) or not ACCOUNT_RE.fullmatch(account):
             problems.append(
                 Problem(
                     _join(field, "customer_aws_account_id"),
@@ -365,7 +369,7 @@ def _customer(
                     "ResolveCustomer returned it",
                 )
             )
-        if not isinstance(arn, str) or not LICENSE_ARN_RE.match(arn):
+        if not isinstance(arn, str) or not LICENSE_ARN_RE.fullmatch(arn):
             problems.append(
                 Problem(
                     _join(field, "license_arn"),
@@ -384,12 +388,16 @@ def _customer(
                         "customer_identifier",
                     )
                 )
-        if not isinstance(ident, str) or not 1 <= len(ident) <= 255:
+        if (
+            not isinstance(ident, str)
+            or not 1 <= len(ident) <= 255
+            or CONTROL_RE.search(ident) is not None
+        ):
             problems.append(
                 Problem(
                     _join(field, IDENTIFIER_FIELD),
                     "is required: the CustomerIdentifier ResolveCustomer "
-                    "returned (1-255 characters)",
+                    "returned (1-255 characters, no control characters)",
                 )
             )
     if len(problems) != before:
