@@ -23,8 +23,10 @@ $(SCAN_STAMP):
 	$(SCAN_VENV)/bin/pip install --quiet --disable-pip-version-check --no-compile $(SCANNERS)
 	touch $@
 
+# make demo MODE=custom | MODE=saas: sample usage on a fast clock, then what AWS billed.
+MODE ?= hourly
 demo: $(STAMP)
-	$(BIN)/marketplace-sidecar demo
+	$(BIN)/marketplace-sidecar demo --mode $(MODE)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
