@@ -168,23 +168,23 @@ def banner(mode: str, emulator_url: str, api: str, probe: str, key_file: Path) -
     ]
     if mode == "hourly":
         lines += [
-            f"  curl -s -X POST http://{api}/v1/entitlement/challenge -d '{{\"nonce\": \"n1\"}}' \\",
+            f'  curl -s -X POST http://{api}/v1/entitlement/challenge -d \'{{"nonce": "n1"}}\' \\',
             "    | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"token\"])' \\",
             f"    | MARKETPLACE_PUBLIC_KEY_FILE={key} MARKETPLACE_PRODUCT_CODE={PRODUCT_CODE} \\",
             f"      {cli} verify-token --nonce n1",
         ]
     elif mode == "custom":
         lines += [
-            f"  curl -s -X POST http://{api}/v1/usage -d '{{\"dimension\": \"scans\", "
+            f'  curl -s -X POST http://{api}/v1/usage -d \'{{"dimension": "scans", '
             '"quantity": 3}\'',
             f"  curl -s http://{api}/v1/usage",
         ]
     else:
         lines += [
             f"  curl -s -X POST {emulator_url}/_emulator/saas/customers "
-            f"-d '{{\"product_code\": \"{PRODUCT_CODE}\"}}'",
+            f'-d \'{{"product_code": "{PRODUCT_CODE}"}}\'',
             f"  curl -s -X POST http://{api}/v1/customers/resolve "
-            "-d '{\"registration_token\": \"…\"}'",
+            '-d \'{"registration_token": "…"}\'',
             f"  curl -s http://{api}/v1/usage",
         ]
     if mode != "hourly":
@@ -195,11 +195,9 @@ def banner(mode: str, emulator_url: str, api: str, probe: str, key_file: Path) -
     return "\n".join(line for i, line in enumerate(lines) if line or i in (0, len(lines) - 1))
 
 
-def _http(
-    method: str, url: str, doc: Any | None = None, timeout: float = 10.0
-) -> tuple[int, Any]:
+def _http(method: str, url: str, doc: Any | None = None, timeout: float = 10.0) -> tuple[int, Any]:
     data = None if doc is None else json.dumps(doc).encode()
-    req = urllib.request.Request(url, data=data, method=method)  # noqa: S310 # loopback only
+    req = urllib.request.Request(url, data=data, method=method)  # loopback only
     req.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # nosec B310 # loopback
@@ -262,9 +260,7 @@ def show_billing(
 
     def billed() -> list[dict[str, Any]]:
         ledger = emulator.ledger() if mode == "custom" else emulator.saas_ledger()
-        found = [
-            r for r in ledger["records"] if (r["dimension"], r["quantity"]) in wanted
-        ]
+        found = [r for r in ledger["records"] if (r["dimension"], r["quantity"]) in wanted]
         return found if {(r["dimension"], r["quantity"]) for r in found} == wanted else []
 
     found = _until(billed, max(1.0, BILLED_WITHIN - (time.monotonic() - started)))
