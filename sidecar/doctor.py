@@ -146,8 +146,6 @@ def check_credentials(env: Mapping[str, str]) -> Check:
         return Check(OK, "credentials", f"IRSA ({env.get('AWS_ROLE_ARN')})")
     if method == "container-role":
         return Check(OK, "credentials", "ECS task role")
-    if method in ("env", "shared-credentials-file", "config-file") and _local_fix(env):
-        return Check(OK, "credentials", f"static keys ({method}) for the local emulator")
     if method in ("env", "shared-credentials-file", "config-file"):
         return Check(
             WARN,

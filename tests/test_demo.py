@@ -57,7 +57,7 @@ class Demo:
                 return line
 
     def next_lines(self, n: int, timeout: float) -> list[str]:
-        out = []
+        out: list[str] = []
         deadline = time.monotonic() + timeout
         while len(out) < n:
             line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
@@ -274,11 +274,8 @@ def test_against_a_remote_endpoint_the_hint_stays_the_production_one() -> None:
     remote = for_endpoint(info, "https://metering.marketplace.us-east-1.amazonaws.com")
     assert "IRSA" in remote.hint
     assert "IRSA" not in for_endpoint(info, "http://localhost:8790").hint
-    assert [is_local_endpoint(u) for u in ("http://[::1]:1", "http://127.0.0.2", "http://10.0.0.1")] == [
-        True,
-        True,
-        False,
-    ]
+    urls = ("http://[::1]:1", "http://127.0.0.2", "http://10.0.0.1")
+    assert [is_local_endpoint(u) for u in urls] == [True, True, False]
 
 
 def _doctor(env: dict[str, str]) -> list[str]:
