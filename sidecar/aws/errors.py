@@ -393,4 +393,7 @@ def for_endpoint(info: ErrorInfo, endpoint: str | None) -> ErrorInfo:
         return info
     from dataclasses import replace
 
-    return replace(info, hint=LOCAL_SETUP_HINT.format(endpoint=endpoint))
+    local = LOCAL_SETUP_HINT.format(endpoint=endpoint)
+    if info.code in (REGION_NOT_FOUND, "NoRegionError"):  # still true locally: keep it
+        return replace(info, hint=f"{info.hint}; {local}")
+    return replace(info, hint=local)  # the task role / IRSA advice is wrong for a local run
