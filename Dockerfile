@@ -31,12 +31,13 @@ RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY sidecar ./sidecar
+COPY client ./client
 COPY wheels ./wheels
 # EXTRAS=kubernetes adds the client for the opt-in readiness gate (about +42 MiB). With a
 # wheelhouse in wheels/ the install is offline.
 ARG EXTRAS=""
 RUN python3 -m venv /opt/sidecar \
-    && set -- ".${EXTRAS:+[$EXTRAS]}" \
+    && set -- ./client ".${EXTRAS:+[$EXTRAS]}" \
     && if ls wheels/*.whl >/dev/null 2>&1; then \
         set -- --no-index --find-links wheels "marketplace-sidecar${EXTRAS:+[$EXTRAS]}"; fi \
     && /opt/sidecar/bin/pip install --no-cache-dir --disable-pip-version-check \

@@ -30,7 +30,7 @@ fi
 rm -f wheels/*.whl
 EXTRAS=${EXTRAS:-}
 python3 -m pip wheel --quiet --disable-pip-version-check -c constraints.txt -w wheels \
-  ".${EXTRAS:+[$EXTRAS]}" \
+  ./client ".${EXTRAS:+[$EXTRAS]}" \
   2> >(grep -v "^WARNING: Location" >&2)
 B bud --quiet --format docker --isolation chroot --build-arg BASE_IMAGE="$BASE" \
   --build-arg EXTRAS="$EXTRAS" -t "$TAG" . >/dev/null
