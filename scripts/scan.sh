@@ -2,8 +2,7 @@
 # Security scanners, offline: checkov over the rendered Helm chart (every switch that adds
 # objects on), the plain Kubernetes manifests, the Dockerfile and the CloudFormation template;
 # bandit over sidecar/ and the client package (client/). Any finding fails. Each accepted
-# finding is suppressed inline, next to
-# what it is about, with a one-line reason (checkov.io/skipN annotations, checkov:skip comments,
+# finding is suppressed inline, next to what it is about, with a one-line reason (checkov.io/skipN annotations, checkov:skip comments,
 # template Metadata, `# nosec BXXX # reason`).
 #   scripts/scan.sh SCANNER_BIN_DIR     (the Makefile passes its own venv: .tools/scan-venv/bin)
 set -euo pipefail
