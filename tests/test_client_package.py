@@ -68,7 +68,9 @@ def test_a_fresh_venv_with_only_the_client_verifies_a_token_against_the_emulator
 def test_the_client_package_imports_nothing_but_pyjwt_cryptography_and_the_stdlib() -> None:
     allowed = {"jwt", "cryptography", "marketplace_sidecar_client"}
     wrong = []
-    for path in PACKAGE.rglob("*.py"):
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert {p.name for p in files} == {"__init__.py", "keys.py", "tokens.py"}
+    for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.Import):
