@@ -31,17 +31,32 @@ RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY sidecar ./sidecar
+COPY client ./client
 COPY wheels ./wheels
 # EXTRAS=kubernetes adds the client for the opt-in readiness gate (about +42 MiB). With a
 # wheelhouse in wheels/ the install is offline.
 ARG EXTRAS=""
 RUN python3 -m venv /opt/sidecar \
-    && set -- ".${EXTRAS:+[$EXTRAS]}" \
+    && set -- ./client ".${EXTRAS:+[$EXTRAS]}" \
     && if ls wheels/*.whl >/dev/null 2>&1; then \
         set -- --no-index --find-links wheels "marketplace-sidecar${EXTRAS:+[$EXTRAS]}"; fi \
     && /opt/sidecar/bin/pip install --no-cache-dir --disable-pip-version-check \
         -c constraints.txt "$@" \
     && /opt/sidecar/bin/pip uninstall --yes --quiet pip setuptools
+# The SBOM of the image's Python environment (CycloneDX JSON, from CycloneDX's own cyclonedx-bom,
+# pinned in scripts/sbom-requirements.txt): generated here, in a throw-away virtualenv, from the
+# final /opt/sidecar, and shipped at /usr/share/doc/marketplace-sidecar/sbom.cdx.json. Offline with
+# the wheels in wheels/sbom/ (scripts/build-image.sh fetches them).
+COPY scripts/sbom-requirements.txt ./
+RUN python3 -m venv /tmp/sbom \
+    && set -- -r sbom-requirements.txt \
+    && if ls wheels/sbom/*.whl >/dev/null 2>&1; then \
+        set -- --no-index --find-links wheels/sbom "$@"; fi \
+    && /tmp/sbom/bin/pip install --no-cache-dir --disable-pip-version-check --quiet "$@" \
+    && mkdir -p /opt/sbom \
+    && /tmp/sbom/bin/cyclonedx-py environment --output-reproducible --of JSON \
+        -o /opt/sbom/sbom.cdx.json /opt/sidecar/bin/python \
+    && rm -rf /tmp/sbom
 
 FROM python
 ARG VERSION=0.1.0
@@ -50,6 +65,7 @@ LABEL org.opencontainers.image.title="marketplace-sidecar" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /opt/sidecar /opt/sidecar
+COPY --from=build /opt/sbom/sbom.cdx.json /usr/share/doc/marketplace-sidecar/sbom.cdx.json
 ENV PATH=/opt/sidecar/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

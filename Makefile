@@ -6,10 +6,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck scan check check-platforms bench image image-test clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e ./client -e '.[dev]'
 	touch $(STAMP)
 
 # Security scanners in their own virtualenv, so their dependencies never meet the project's pins.
@@ -23,8 +23,10 @@ $(SCAN_STAMP):
 	$(SCAN_VENV)/bin/pip install --quiet --disable-pip-version-check --no-compile $(SCANNERS)
 	touch $@
 
+# make demo MODE=custom | MODE=saas: sample usage on a fast clock, then what AWS billed.
+MODE ?= hourly
 demo: $(STAMP)
-	$(BIN)/marketplace-sidecar demo
+	$(BIN)/marketplace-sidecar demo --mode $(MODE)
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -96,9 +96,12 @@ def seller_python(extras: str = "") -> Path:
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(python), "-m", "pip", "install", *quiet, "-c", "constraints.txt"]
-    subprocess.run([*pip, target], check=True, cwd=ROOT)
+    # The client package is the sidecar's dependency from this repository (client/).
+    subprocess.run([*pip, "./client", target], check=True, cwd=ROOT)
     # The same version number: force the current sources in without touching dependencies.
-    subprocess.run([*pip, "--no-deps", "--force-reinstall", target], check=True, cwd=ROOT)
+    subprocess.run(
+        [*pip, "--no-deps", "--force-reinstall", "./client", target], check=True, cwd=ROOT
+    )
     for leftover in [ROOT / "build", *ROOT.glob("*.egg-info")]:  # setuptools' in-tree output
         shutil.rmtree(leftover, ignore_errors=True)
     stamp.write_text(want)

@@ -4,6 +4,7 @@ its root filesystem (so it works read-only). Run by `make image-test`, which bui
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -243,3 +244,58 @@ def test_custom_mode_starts_as_10001_on_an_empty_fargate_volume(
         daemon.wait(timeout=10)
         emulator.shutdown()
         buildah("umount", container)
+
+
+SBOM_IN_IMAGE = "/usr/share/doc/marketplace-sidecar/sbom.cdx.json"
+SBOM_OUT = Path(
+    os.environ.get("SBOM_OUT", Path(__file__).parent.parent / "dist/marketplace-sidecar.cdx.json")
+)
+
+
+def _pins() -> dict[str, str]:
+    """constraints.txt as {normalised name: version}."""
+    pins = {}
+    for line in (Path(__file__).parent.parent / "constraints.txt").read_text().splitlines():
+        name, _, version = line.partition("==")
+        if version:
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def test_the_sbom_lists_every_runtime_package_at_its_pinned_version(container: str) -> None:
+    shipped = run_in(container, "cat", SBOM_IN_IMAGE)
+    assert shipped.returncode == 0, shipped.stderr
+    sbom = json.loads(shipped.stdout)
+    assert sbom["bomFormat"] == "CycloneDX"
+    listed = {
+        c["name"].lower().replace("_", "-"): (c["version"], c["purl"]) for c in sbom["components"]
+    }
+    # What the image's Python environment really holds, asked inside the image.
+    installed = json.loads(
+        run_in(
+            container,
+            "python3",
+            "-c",
+            "import importlib.metadata as m, json; print(json.dumps({d.metadata['Name']: "
+            "d.version for d in m.distributions()}))",
+        ).stdout
+    )
+    pins = _pins()
+    ours = {"marketplace-sidecar", "marketplace-sidecar-client"}
+    assert {n.lower().replace("_", "-") for n in installed} == set(listed)
+    for name, version in installed.items():
+        key = name.lower().replace("_", "-")
+        assert listed[key][0] == version
+        assert listed[key][1] == f"pkg:pypi/{key}@{version}"
+        if key in ours:
+            assert version == "0.1.0"
+        else:
+            assert pins[key] == version, f"{name} {version} is not the pinned {pins.get(key)}"
+    assert {"boto3", "botocore", "pyjwt", "cryptography", "pydantic"} <= set(listed)
+    assert "cyclonedx-bom" not in listed and "pip" not in listed  # the tool stays in the build
+    assert run_in(container, "sh", "-c", "command -v cyclonedx-py").returncode != 0
+
+
+def test_the_build_output_holds_the_same_sbom_as_the_image(container: str) -> None:
+    shipped = run_in(container, "cat", SBOM_IN_IMAGE).stdout
+    assert SBOM_OUT.read_text() == shipped

@@ -4,6 +4,7 @@
 # --version, non-root user, and `run` + `probe` inside it against the emulator on loopback.
 #   scripts/build-image.sh [TAG]        (root; installs buildah and mmdebstrap from apt if missing)
 #   EXTRAS=kubernetes scripts/build-image.sh TAG    (the readiness-gate variant)
+# Writes the image's SBOM (CycloneDX JSON) to $SBOM_OUT (default dist/marketplace-sidecar.cdx.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TAG=${1:-localhost/marketplace-sidecar:ci}
@@ -30,8 +31,21 @@ fi
 rm -f wheels/*.whl
 EXTRAS=${EXTRAS:-}
 python3 -m pip wheel --quiet --disable-pip-version-check -c constraints.txt -w wheels \
-  ".${EXTRAS:+[$EXTRAS]}" \
+  ./client ".${EXTRAS:+[$EXTRAS]}" \
   2> >(grep -v "^WARNING: Location" >&2)
+# The SBOM generator's wheels, for the build stage only (never installed in the image).
+rm -rf wheels/sbom
+python3 -m pip wheel --quiet --disable-pip-version-check -w wheels/sbom \
+  -r scripts/sbom-requirements.txt 2> >(grep -v "^WARNING: Location" >&2)
 B bud --quiet --format docker --isolation chroot --build-arg BASE_IMAGE="$BASE" \
   --build-arg EXTRAS="$EXTRAS" -t "$TAG" . >/dev/null
 echo "built $TAG"
+# The SBOM beside the image: the very file the image carries, copied into the build output.
+SBOM_OUT=${SBOM_OUT:-dist/marketplace-sidecar.cdx.json}
+mkdir -p "$(dirname "$SBOM_OUT")"
+ctr=$(B from --quiet "$TAG")
+mnt=$(B mount "$ctr")
+cp "$mnt/usr/share/doc/marketplace-sidecar/sbom.cdx.json" "$SBOM_OUT"
+B umount "$ctr" >/dev/null
+B rm "$ctr" >/dev/null
+echo "SBOM (CycloneDX) $SBOM_OUT, also /usr/share/doc/marketplace-sidecar/sbom.cdx.json in the image"

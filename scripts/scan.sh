@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Security scanners, offline: checkov over the rendered Helm chart (every switch that adds
 # objects on), the plain Kubernetes manifests, the Dockerfile and the CloudFormation template;
-# bandit over sidecar/. Any finding fails. Each accepted finding is suppressed inline, next to
-# what it is about, with a one-line reason (checkov.io/skipN annotations, checkov:skip comments,
+# bandit over sidecar/ and the client package (client/). Any finding fails. Each accepted
+# finding is suppressed inline, next to what it is about, with a one-line reason (checkov.io/skipN annotations, checkov:skip comments,
 # template Metadata, `# nosec BXXX # reason`).
 #   scripts/scan.sh SCANNER_BIN_DIR     (the Makefile passes its own venv: .tools/scan-venv/bin)
 set -euo pipefail
@@ -30,5 +30,5 @@ render saas --set metering.mode=saas --set 'metering.dimensions={users}' \
   -f "$OUT/native.yaml" -f "$OUT/gate-events.yaml" -f "$OUT/classic.yaml" -f "$OUT/saas.yaml" \
   -f manifests/kubernetes/marketplace-sidecar.yaml \
   -f Dockerfile -f manifests/ecs/cloudformation.json
-"$BIN/bandit" --quiet --recursive sidecar/
+"$BIN/bandit" --quiet --recursive sidecar/ client/marketplace_sidecar_client/
 echo "scan: checkov and bandit found nothing unsuppressed"

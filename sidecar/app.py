@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from sidecar import __version__
-from sidecar.aws.errors import classify
+from sidecar.aws.errors import classify, for_endpoint
 from sidecar.config import (
     ENDPOINT_ENV,
     PREFIX,
@@ -192,16 +192,18 @@ def aws_gateway(settings: Settings) -> Callable[[], Any]:
         from sidecar.aws.metering import MeteringGateway
         from sidecar.aws.region import RegionNotFoundError, resolve_region
 
+        endpoint = os.environ.get(ENDPOINT_ENV)
         try:
             region, source = resolve_region()
         except RegionNotFoundError as exc:
-            raise GatewaySetupError(exc.info) from None
+            raise GatewaySetupError(for_endpoint(exc.info, endpoint)) from None
         try:
             gateway = MeteringGateway(
                 region, settings.aws_timeout_seconds, settings.first_call_timeout_seconds
             )
         except Exception as exc:  # botocore setup errors are configuration problems
-            raise GatewaySetupError(classify(type(exc).__name__, str(exc))) from None
+            info = classify(type(exc).__name__, str(exc))
+            raise GatewaySetupError(for_endpoint(info, endpoint)) from None
         log.info(
             "aws_client",
             extra={"region": region, "region_source": source, "endpoint": gateway.endpoint},

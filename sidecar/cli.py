@@ -124,6 +124,14 @@ def _parser() -> argparse.ArgumentParser:
         _configuration_help,
     )
     dm = add("demo", "emulator + sidecar together, no AWS account needed")
+    dm.add_argument(
+        "--mode",
+        default="hourly",
+        choices=["hourly", "custom", "saas"],
+        help="hourly (RegisterUsage), custom (MeterUsage) or saas (ResolveCustomer + "
+        "BatchMeterUsage); custom and saas post sample usage on a fast clock and print what "
+        "AWS billed (default: %(default)s)",
+    )
     dm.add_argument("--exit-after", type=float, help="stop after this many seconds")
 
     def top_epilog() -> str:
@@ -157,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from sidecar.demo import demo
 
-        return demo(args.exit_after)
+        return demo(args.exit_after, args.mode)
     raise AssertionError(args.command)
 
 

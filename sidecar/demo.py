@@ -1,18 +1,42 @@
-"""`marketplace-sidecar demo`: the emulator and the sidecar in one process, no AWS account.
+"""`marketplace-sidecar demo [--mode hourly|custom|saas]`: the emulator and the sidecar in one
+process, no AWS account.
 
-The sidecar trusts the emulator's key only because the demo configures it explicitly, exactly as
-a seller configures the key from their AMMP product page.
+The sidecar trusts the emulator's key only because the demo configures it explicitly (a file the
+banner names), exactly as a seller configures the key from their AMMP product page.
+
+custom and saas run on a fast clock: the sidecar's MARKETPLACE_TEST_ONLY_TIME_SCALE/ORIGIN and the
+emulator's time_scale/time_origin agree, so an hour passes in HOUR_SECONDS real seconds; the
+demo posts sample usage and prints what the emulator "billed" once the hour is sent.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import shlex
+import shutil
+import socket
+import sys
+import tempfile
 import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from sidecar.emulator.service import Emulator, EmulatorServer
+from sidecar.emulator.service import Emulator, EmulatorConfig, EmulatorServer
+
+MODES = ("hourly", "custom", "saas")
+PRODUCT_CODE = "demo-product-code"
+DIMENSIONS = ("scans", "users")
+HOUR_SECONDS = 10.0  # the fast clock: one metering hour in ten real seconds
+TIME_SCALE = 3600.0 / HOUR_SECONDS
+BILLED_WITHIN = 60.0  # seconds: the records are printed by then, or the demo says why not
 
 DEMO_ENV = {
-    "MARKETPLACE_PRODUCT_CODE": "demo-product-code",
+    "MARKETPLACE_PRODUCT_CODE": PRODUCT_CODE,
     "MARKETPLACE_LOG_FORMAT": "text",
     "AWS_REGION": "us-east-1",
     "AWS_ACCESS_KEY_ID": "demo-pod",
@@ -23,41 +47,228 @@ DEMO_ENV = {
 }
 
 
-def demo(exit_after: float | None = None) -> int:
+def demo(exit_after: float | None = None, mode: str = "hourly") -> int:
     from sidecar.app import run
     from sidecar.config import ConfigError, load
 
-    emulator = Emulator()
-    server = EmulatorServer(emulator).start()
+    if mode not in MODES:
+        print(f"demo: --mode must be one of {', '.join(MODES)}, got {mode!r}", file=sys.stderr)
+        return 2
     for name, value in DEMO_ENV.items():
         os.environ.setdefault(name, value)
-    os.environ["AWS_ENDPOINT_URL_MARKETPLACE_METERING"] = server.url
-    os.environ["MARKETPLACE_PUBLIC_KEY"] = emulator.public_pem()
-    os.environ.pop("MARKETPLACE_PUBLIC_KEY_FILE", None)
-    try:
-        settings, keys = load()
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(f"config error: {line}")
+    # Checked before anything starts or prints: a taken port must not follow a banner.
+    taken = taken_ports(os.environ)
+    if taken:
+        for line in taken:
+            print(f"config error: {line}", file=sys.stderr)
         return 2
-    api = settings.listen
-    probe = settings.probe_listen
-    print(
-        f"""
-Metering emulator: {server.url}   (calls: curl -s {server.url}/_emulator/calls)
-Sidecar API:       http://{api}
-  curl -s http://{api}/v1/entitlement
-  curl -s http://{probe}/readyz
-  curl -s -X POST http://{api}/v1/entitlement/challenge -d '{{"nonce": "my-own-nonce"}}'
-  marketplace-sidecar probe && echo ready
-Ctrl-C to stop.
-""",
-        flush=True,
-    )
-    if exit_after is not None:
-        import signal
+    workdir = Path(tempfile.mkdtemp(prefix="marketplace-sidecar-demo-"))
+    origin = time.time()
+    config = EmulatorConfig()
+    if mode != "hourly":
+        config.time_scale, config.time_origin = TIME_SCALE, origin
+    emulator = Emulator(config)
+    server = EmulatorServer(emulator).start()
+    key_file = workdir / "demo-public-key.pem"
+    key_file.write_text(emulator.public_pem())
+    os.environ["AWS_ENDPOINT_URL_MARKETPLACE_METERING"] = server.url
+    os.environ.pop("MARKETPLACE_PUBLIC_KEY", None)
+    os.environ.pop("MARKETPLACE_PUBLIC_KEY_FILE", None)
+    if mode != "saas":  # SaaS verifies no token: AWS's SaaS calls return none
+        os.environ["MARKETPLACE_PUBLIC_KEY_FILE"] = str(key_file)
+    if mode != "hourly":
+        os.environ["MARKETPLACE_MODE"] = mode
+        os.environ.setdefault("MARKETPLACE_DIMENSIONS", ",".join(DIMENSIONS))
+        os.environ["MARKETPLACE_STATE_DIR"] = str(workdir)
+        os.environ["MARKETPLACE_TEST_ONLY_TIME_SCALE"] = repr(TIME_SCALE)
+        os.environ["MARKETPLACE_TEST_ONLY_TIME_ORIGIN"] = repr(origin)
+    try:
+        try:
+            settings, keys = load()
+        except ConfigError as exc:
+            for line in exc.problems:
+                print(f"config error: {line}", file=sys.stderr)
+            return 2
+        api, probe = settings.listen, settings.probe_listen
+        print(banner(mode, server.url, api, probe, key_file), flush=True)
+        outcome: list[bool] = []
+        if mode != "hourly":
+            dims = settings.dimension_list
+            threading.Thread(
+                target=lambda: outcome.append(show_billing(mode, emulator, api, probe, dims)),
+                name="demo-usage",
+                daemon=True,
+            ).start()
+        if exit_after is not None:
+            import signal
 
-        threading.Timer(exit_after, lambda: signal.raise_signal(signal.SIGTERM)).start()
-    code = run(settings, keys)
-    server.shutdown()
-    return code
+            threading.Timer(exit_after, lambda: signal.raise_signal(signal.SIGTERM)).start()
+        code = run(settings, keys)
+        server.shutdown()
+        return code if code or outcome != [False] else 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def taken_ports(env: dict[str, str] | os._Environ[str]) -> list[str]:
+    """The demo's listeners whose port another process holds, each naming its variable."""
+    from sidecar.server.netaddr import parse_hostport
+
+    problems = []
+    for variable, default in (
+        ("MARKETPLACE_LISTEN", "127.0.0.1:8787"),
+        ("MARKETPLACE_PROBE_LISTEN", DEMO_ENV["MARKETPLACE_PROBE_LISTEN"]),
+    ):
+        value = env.get(variable) or default
+        try:
+            host, port = parse_hostport(value)
+        except ValueError:
+            continue  # the configuration check names it
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    continue  # the daemon's own bind reports other failures
+                other = "127.0.0.1:18787" if variable == "MARKETPLACE_LISTEN" else "127.0.0.1:18788"
+                problems.append(
+                    f"{variable}={value}: port {port} is taken (another demo or sidecar?); "
+                    f"stop it, or choose a free port: {variable}={other} "
+                    "marketplace-sidecar demo"
+                )
+    return problems
+
+
+def command_line() -> str:
+    """How to call this program from any shell: the bare name only if PATH finds this one."""
+    script = Path(sys.executable).with_name("marketplace-sidecar")
+    found = shutil.which("marketplace-sidecar")
+    if found and script.exists() and Path(found).resolve() == script.resolve():
+        return "marketplace-sidecar"
+    if script.exists():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m sidecar"
+
+
+def banner(mode: str, emulator_url: str, api: str, probe: str, key_file: Path) -> str:
+    cli = command_line()
+    key = shlex.quote(str(key_file))
+    lines = [
+        "",
+        f"Mode:              {mode}"
+        + ("" if mode == "hourly" else f" (fast clock: one hour every {HOUR_SECONDS:.0f} s)"),
+        f"Metering emulator: {emulator_url}   (calls: curl -s {emulator_url}/_emulator/calls)",
+        f"Demo public key:   {key_file}" if mode != "saas" else "",
+        f"Sidecar API:       http://{api}",
+        f"  curl -s http://{api}/v1/entitlement",
+        f"  curl -s http://{probe}/readyz",
+        f"  {cli} probe --address {probe} && echo ready",
+    ]
+    if mode == "hourly":
+        lines += [
+            f'  curl -s -X POST http://{api}/v1/entitlement/challenge -d \'{{"nonce": "n1"}}\' \\',
+            "    | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"token\"])' \\",
+            f"    | MARKETPLACE_PUBLIC_KEY_FILE={key} MARKETPLACE_PRODUCT_CODE={PRODUCT_CODE} \\",
+            f"      {cli} verify-token --nonce n1",
+        ]
+    elif mode == "custom":
+        lines += [
+            f'  curl -s -X POST http://{api}/v1/usage -d \'{{"dimension": "scans", '
+            '"quantity": 3}\'',
+            f"  curl -s http://{api}/v1/usage",
+        ]
+    else:
+        lines += [
+            f"  curl -s -X POST {emulator_url}/_emulator/saas/customers "
+            f'-d \'{{"product_code": "{PRODUCT_CODE}"}}\'',
+            f"  curl -s -X POST http://{api}/v1/customers/resolve "
+            '-d \'{"registration_token": "…"}\'',
+            f"  curl -s http://{api}/v1/usage",
+        ]
+    if mode != "hourly":
+        lines.append(
+            "The demo posts sample usage now and prints what AWS billed once the hour is sent."
+        )
+    lines += ["Ctrl-C to stop.", ""]
+    return "\n".join(line for i, line in enumerate(lines) if line or i in (0, len(lines) - 1))
+
+
+def _http(method: str, url: str, doc: Any | None = None, timeout: float = 10.0) -> tuple[int, Any]:
+    data = None if doc is None else json.dumps(doc).encode()
+    req = urllib.request.Request(url, data=data, method=method)  # loopback only
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # nosec B310 # loopback
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body or b"null")
+        except ValueError:
+            return exc.code, body.decode("utf-8", "replace")
+
+
+def _until(check: Callable[[], Any], timeout: float, step: float = 0.2) -> Any:
+    """The first truthy result of `check` within `timeout` seconds, else None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = check()
+        except OSError:
+            got = None
+        if got or time.monotonic() >= deadline:
+            return got
+        time.sleep(step)
+
+
+def show_billing(
+    mode: str, emulator: Emulator, api: str, probe: str, dimensions: tuple[str, ...]
+) -> bool:
+    """Post sample usage like a product would, then print what the emulator billed."""
+    started = time.monotonic()
+    if not _until(lambda: _http("GET", f"http://{probe}/readyz")[0] == 200, BILLED_WITHIN):
+        print("demo: the sidecar did not become ready; see its log above", flush=True)
+        return False
+    records: list[dict[str, Any]] = []
+    if mode == "custom":
+        records = [{"dimension": dimensions[0], "quantity": 3}]
+    else:
+        customer = emulator.saas_customer({"product_code": PRODUCT_CODE})
+        status, resolved = _http(
+            "POST",
+            f"http://{api}/v1/customers/resolve",
+            {"registration_token": customer["registration_token"]},
+        )
+        if status != 200:
+            print(f"demo: resolve answered {status}: {resolved}", flush=True)
+            return False
+        print(f"demo: resolved customer {json.dumps(resolved, sort_keys=True)}", flush=True)
+        who = {k: resolved[k] for k in ("customer_aws_account_id", "license_arn") if k in resolved}
+        records = [
+            {**who, "dimension": dimensions[0], "quantity": 3, "id": "demo-1"},
+            {**who, "dimension": dimensions[-1], "quantity": 2, "id": "demo-2"},
+        ]
+    body: Any = records[0] if mode == "custom" else records
+    status, answer = _http("POST", f"http://{api}/v1/usage", body)
+    print(f"demo: POST /v1/usage {json.dumps(body)} -> {status}", flush=True)
+    if status not in (200, 202):
+        print(f"demo: the usage was refused: {answer}", flush=True)
+        return False
+    wanted = {(r["dimension"], r["quantity"]) for r in records}
+
+    def billed() -> list[dict[str, Any]]:
+        ledger = emulator.ledger() if mode == "custom" else emulator.saas_ledger()
+        found = [r for r in ledger["records"] if (r["dimension"], r["quantity"]) in wanted]
+        return found if {(r["dimension"], r["quantity"]) for r in found} == wanted else []
+
+    found = _until(billed, max(1.0, BILLED_WITHIN - (time.monotonic() - started)))
+    if not found:
+        print(f"demo: nothing billed within {BILLED_WITHIN:.0f} s; see the log above", flush=True)
+        return False
+    operation = "MeterUsage" if mode == "custom" else "BatchMeterUsage"
+    print(f"demo: AWS billed ({operation}, after {time.monotonic() - started:.1f} s):", flush=True)
+    for record in found:
+        print(f"  {json.dumps(record, sort_keys=True)}", flush=True)
+    return True

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from sidecar.config import Settings
     from sidecar.usage import saas_ledger
 
-from sidecar.aws.errors import SIGV4_SKEW_SECONDS
+from sidecar.aws.errors import LOCAL_SETUP_HINT, SIGV4_SKEW_SECONDS, is_local_endpoint
 
 OK, WARN, FAIL = "✔", "!", "✘"
 POD_IDENTITY_HOST = "169.254.170.23"
@@ -105,7 +105,8 @@ def check_region(env: Mapping[str, str]) -> tuple[Check, str | None]:
     try:
         region, source = resolve_region(env)
     except RegionNotFoundError as exc:
-        return Check(FAIL, "region", str(exc), "set AWS_REGION to the region the pod runs in"), None
+        fix = _local_fix(env) or "set AWS_REGION to the region the pod runs in"
+        return Check(FAIL, "region", str(exc), fix), None
     return Check(OK, "region", f"{region} (from {source})"), region
 
 
@@ -134,7 +135,8 @@ def check_credentials(env: Mapping[str, str]) -> Check:
             "check the IRSA role trust policy or the ECS task role",
         )
     if creds is None:
-        return Check(FAIL, "credentials", "none found", "use the ECS task role, or IRSA on EKS")
+        fix = _local_fix(env) or "use the ECS task role, or IRSA on EKS"
+        return Check(FAIL, "credentials", "none found", fix)
     method = creds.method
     try:
         creds.get_frozen_credentials()  # IRSA: performs AssumeRoleWithWebIdentity now
@@ -165,6 +167,12 @@ def check_credentials(env: Mapping[str, str]) -> Check:
             "use IRSA on EKS, or set taskRoleArn on ECS",
         )
     return Check(WARN, "credentials", f"from {method}", "")
+
+
+def _local_fix(env: Mapping[str, str]) -> str:
+    """What to set for a local run, when the metering endpoint is the emulator on loopback."""
+    endpoint = env.get("AWS_ENDPOINT_URL_MARKETPLACE_METERING")
+    return LOCAL_SETUP_HINT.format(endpoint=endpoint) if is_local_endpoint(endpoint) else ""
 
 
 def check_endpoint(region: str | None, now: Callable[[], float]) -> list[Check]:
@@ -268,6 +276,14 @@ def check_meter_usage_permission(
 
 
 def _meter_refusal(dimension: str, code: str, message: str) -> Check:
+    if code == "TimestampOutOfBoundsException":  # the time sent is this machine's clock
+        return Check(
+            FAIL,
+            "clock",
+            f"MeterUsage ({dimension}) refused this machine's time: {code}: {message[:200]}",
+            "sync the clock (NTP, chrony; on EKS/ECS the host's); AWS accepts a timestamp up to "
+            "six hours old and not in the future. This says nothing about IAM permissions",
+        )
     if code in ("AccessDeniedException", "AccessDenied", "UnauthorizedException"):
         fix = (
             'grant aws-marketplace:MeterUsage (Resource "*") to the ECS task role or the IRSA '

