@@ -211,7 +211,7 @@ def test_a_version_1_store_is_migrated_with_exact_counters(
         old = open_store(v1, state_dir=tmp_path / backend, database_url=url)
         resolve(old, range(20), at=hour_start(BASE))
         sent_at = hour_start(BASE + 2) + 120
-        aws = FakeAws(lambda: sent_at)  # AWS's clock agrees with the sender's
+        aws = FakeAws(functools.partial(float, sent_at))  # AWS's clock agrees with the sender's
         aws.unsubscribed.add(key(2))
         for h in (BASE, BASE + 1):
             now = hour_start(h + 1) + 120
