@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck scan check check-platforms bench image image-test clean
+.PHONY: demo test test-slow test-all lint typecheck scan check check-platforms bench image image-test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,19 @@ $(SCAN_STAMP):
 demo: $(STAMP)
 	$(BIN)/marketplace-sidecar demo
 
+# Parallel workers (pytest-xdist): the tests mostly wait on sockets, child processes and clocks,
+# so more workers than cores pays. `make test` leaves out the slow set (chaos, fleet and soak
+# scenarios; it prints how many); CI runs `make test-all`.
+TEST_WORKERS ?= 4
+
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS)
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) -m slow
+
+test-all: $(STAMP)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -39,7 +50,7 @@ typecheck: $(STAMP)
 scan: $(SCAN_STAMP)
 	scripts/scan.sh $(SCAN_VENV)/bin
 
-check: lint typecheck scan test
+check: lint typecheck scan test-all
 
 # Every pinned runtime dependency has a wheel for linux/amd64 and linux/arm64 (asks PyPI).
 check-platforms:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -230,7 +231,11 @@ def test_a_stale_leader_sending_beside_the_new_one_bills_each_record_once(
     pid = a.store._lconn.info.backend_pid  # type: ignore[attr-defined]
     with psycopg.connect(pg_url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    assert b.store.leading()
+    # pg_terminate_backend only signals: the lock is free once that backend has exited.
+    deadline = time.monotonic() + 30
+    while not b.store.leading():
+        assert time.monotonic() < deadline, "b never took the lead after a's session was cut"
+        time.sleep(0.05)
     clock.t = hour_start(hour + 1) + 120
     together([a.tick, b.tick, a.tick, b.tick])
     for _ in range(20):
