@@ -3,7 +3,8 @@
 `.ci/run` installs the `postgresql` package; the server runs from a temporary data directory on
 127.0.0.1 and a private port, as the `postgres` user when the tests run as root (initdb refuses
 root). Each pytest-xdist worker starts its own (the fixture is session-scoped, and a session is
-per worker), on its own free port and socket directory. Nothing here is a stand-in: it is the same server a seller runs, with fsync on.
+per worker), on its own free port and socket directory. Nothing here is a stand-in: it is the
+same server a seller runs, with fsync on.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -35,9 +35,9 @@ def _version(path: str) -> int:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from tests.helpers import free_port  # the worker's own block: see there
+
+    return free_port()
 
 
 class PgServer:

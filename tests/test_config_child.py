@@ -3,8 +3,8 @@ and every way that child can fail still ends in exit 2 with nothing bound."""
 
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import os
 import signal
 import socket

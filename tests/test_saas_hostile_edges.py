@@ -76,8 +76,8 @@ def test_doctor_scrubs_a_query_string_password_from_driver_messages() -> None:
 
     url = "postgresql://postgres@127.0.0.1:1/db?password=s3cr+t%2Fx&sslmode=require"
     message = 'invalid value "s3cr+t%2Fx" and "s3cr+t/x" and "s3cr t/x"'
-    scrubbed = scrub_url_secret(message, url)
-    assert "s3cr" not in scrubbed, scrubbed
+    # Every spelling of the password is replaced; the rest of the message is kept.
+    assert scrub_url_secret(message, url) == 'invalid value "***" and "***" and "***"'
 
 
 # -- the registration example: internet-facing in a seller's deployment --------------------
