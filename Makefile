@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck scan check check-platforms bench image image-test clean
+.PHONY: demo test test-slow test-all lint typecheck scan check check-platforms bench image image-test clean
 
 $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,20 @@ MODE ?= hourly
 demo: $(STAMP)
 	$(BIN)/marketplace-sidecar demo --mode $(MODE)
 
+# Parallel workers (pytest-xdist): the tests mostly wait on sockets, child processes and clocks,
+# so more workers than cores pays. `make test` leaves out the slow set (chaos, fleet and soak
+# scenarios; it prints how many); CI runs `make test-all` (both sets).
+TEST_WORKERS ?= 4
+
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS)
+
+# One at a time: each slow scenario (several sidecars, kill -9 rounds, a one-minute soak, a
+# fuzzing campaign) already loads the machine, and its deadlines assume it is not shared.
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow
+
+test-all: test test-slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -41,7 +53,7 @@ typecheck: $(STAMP)
 scan: $(SCAN_STAMP)
 	scripts/scan.sh $(SCAN_VENV)/bin
 
-check: lint typecheck scan test
+check: lint typecheck scan test-all
 
 # Every pinned runtime dependency has a wheel for linux/amd64 and linux/arm64 (asks PyPI).
 check-platforms:

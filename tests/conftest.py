@@ -66,6 +66,48 @@ def guard_attempts() -> list[str]:
     return seen
 
 
+# The slow set: chaos, fleet and soak scenarios that wait on real time (minutes in all). `make
+# test` deselects them and says so at the end; `make test-slow` runs only them, and `make
+# test-all` (what CI runs) everything. Any `-m` expression, or `--slow`, selects by itself.
+SLOW_HINT = (
+    "slow tests (chaos, fleet and soak scenarios) deselected; run them with `make test-slow`, "
+    "or everything with `make test-all` (as CI does), or `pytest --slow`"
+)
+_SLOW_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow") or config.option.markexpr:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if not slow:
+        return
+    config.hook.pytest_deselected(items=slow)
+    items[:] = [item for item in items if not item.get_closest_marker("slow")]
+    config.stash[_SLOW_DESELECTED] = len(slow)
+    output = getattr(config, "workeroutput", None)  # a pytest-xdist worker: tell the controller
+    if output is not None:
+        output["slow_deselected"] = len(slow)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist's controller collects nothing itself: take the count from a worker."""
+    count = getattr(node, "workeroutput", {}).get("slow_deselected", 0)
+    stash = node.config.stash
+    stash[_SLOW_DESELECTED] = max(stash.get(_SLOW_DESELECTED, 0), count)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    count = config.stash.get(_SLOW_DESELECTED, 0)
+    if count:
+        terminalreporter.write_line(f"{count} {SLOW_HINT}", yellow=True, bold=True)
+
+
 @pytest.fixture(autouse=True)
 def _stays_on_loopback() -> Iterator[None]:
     guard_attempts()

@@ -74,10 +74,46 @@ class ManualClock:
         return stop.is_set()
 
 
+def _port_block() -> range:
+    """This process's own block of ports, below the kernel's ephemeral range.
+
+    A port found free with bind(0) comes from the ephemeral range, where every outgoing
+    connection of the machine also takes its local port: with parallel test workers, one of
+    them (or any client) could take it before the sidecar binds it. Below that range only
+    explicit binds land, and each pytest-xdist worker has a block of its own."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    index = int(worker) if worker.isdigit() else 0
+    size, first = 1000, 16000
+    blocks = max(1, (ephemeral_low - first) // size)
+    low = first + (index % blocks) * size
+    return range(low, low + size)
+
+
+_PORTS = _port_block()
+_next_port = [os.getpid() % len(_PORTS)]  # another run beside this one starts elsewhere
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nobody holds now and nobody else is handed (see `_port_block`)."""
+    if _PORTS.start + len(_PORTS) > 65535 or _PORTS.start < 1024:  # odd machine: the old way
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_next_port[0] % len(_PORTS)]
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1}")
 
 
 def loopback_env(endpoint: str, **extra: str) -> dict[str, str]:

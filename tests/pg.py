@@ -2,7 +2,9 @@
 
 `.ci/run` installs the `postgresql` package; the server runs from a temporary data directory on
 127.0.0.1 and a private port, as the `postgres` user when the tests run as root (initdb refuses
-root). Nothing here is a stand-in: it is the same server a seller runs, with fsync on.
+root). Each pytest-xdist worker starts its own (the fixture is session-scoped, and a session is
+per worker), on its own free port and socket directory. Nothing here is a stand-in: it is the
+same server a seller runs, with fsync on.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,9 +35,9 @@ def _version(path: str) -> int:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from tests.helpers import free_port  # the worker's own block: see there
+
+    return free_port()
 
 
 class PgServer:
@@ -61,11 +62,20 @@ class PgServer:
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(
-                f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
+                "listen_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{self.root}'\nfsync = on\n"
                 "max_connections = 200\nshared_buffers = 32MB\n"
             )
-        self.start()
+        for attempt in range(5):
+            try:
+                self.start()
+                break
+            except subprocess.CalledProcessError:
+                # Another test worker (or anyone) took the free port between our look and
+                # PostgreSQL's bind: take another one.
+                if attempt == 4:
+                    raise
+                self.port = _free_port()
 
     def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = [str(self.bin / tool), *args]
@@ -74,7 +84,8 @@ class PgServer:
         return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=120)
 
     def start(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w", "start")
+        log, port = str(self.root / "log"), f"-p {self.port}"
+        self._run("pg_ctl", "-D", str(self.data), "-l", log, "-o", port, "-w", "start")
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)

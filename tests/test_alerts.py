@@ -4,6 +4,7 @@ kept here), pass a real `promtool check rules`, and fire, or stay quiet, on synt
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -66,7 +67,11 @@ def promtool() -> Path:
             (deb,) = Path(tmp).glob("prometheus_*.deb")
             subprocess.run(["dpkg-deb", "-x", str(deb), f"{tmp}/x"], check=True, timeout=60)
             PROMTOOL.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(f"{tmp}/x/usr/bin/promtool", PROMTOOL)
+            # Parallel workers may fetch it at once: copy beside it, then rename over it
+            # (atomic), so no worker ever runs a half-copied binary.
+            part = PROMTOOL.with_name(f".promtool.{os.getpid()}")
+            shutil.copy(f"{tmp}/x/usr/bin/promtool", part)
+            os.replace(part, PROMTOOL)
     return PROMTOOL
 
 

@@ -242,7 +242,9 @@ def test_handlers_that_can_block_run_without_the_turn(
     held = {name for name, locked in seen.seen.items() if locked}
     assert held == {"healthz"}, "only the memory-only route runs under the turn"
     assert len(seen.seen) == 7
-    # The probe listener has no turn at all.
+    # The probe listener has no turn at all. `seen` reads the shared turn: wait until the API
+    # thread of the last request, whose answer may arrive a moment before it lets go, gave it back.
+    wait_until(lambda: not seen.turn.locked())
     seen.seen.clear()
     assert requests.get(url(probe) + "/healthz", timeout=5).status_code == 200
     assert seen.seen == {"healthz": False}

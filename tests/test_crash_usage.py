@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from sidecar.emulator.service import Emulator, EmulatorServer
@@ -163,6 +164,7 @@ def check(emulator: Emulator, book: Ledger, report: dict[str, Any]) -> dict[str,
     return ledger
 
 
+@pytest.mark.slow  # a chaos run: kill -9 at random moments
 def test_kill_9_at_random_moments_loses_and_doubles_nothing(
     emulator_server: EmulatorServer, emulator: Emulator, tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.helpers import Launch
@@ -25,6 +26,7 @@ SPEC = Path(str(resources.files("sidecar").joinpath("openapi.yaml")))
 REJECTIONS = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
 
 
+@pytest.mark.slow  # a fuzzing campaign
 def test_schemathesis_finds_no_5xx_and_no_schema_violation(launch: Launch, tmp_path: Path) -> None:
     car = launch(MARKETPLACE_CHALLENGE_BURST="20", MARKETPLACE_CHALLENGE_RATE_PER_SECOND="5")
     config = tmp_path / "schemathesis.toml"
@@ -134,6 +136,7 @@ def _answers_in_time(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow  # a one-minute soak
 def test_slow_drip_on_both_listeners_for_a_minute_does_not_starve_probes(launch: Launch) -> None:
     """64 drippers per listener (the probe listener holds 32): the probes, and the product's
     own reads, keep answering in time; slots go to new requests, not to the oldest drip."""

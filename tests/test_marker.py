@@ -3,8 +3,11 @@ place read cautiously ("sent, answer unknown"), never as "answered"."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,6 +70,30 @@ def test_a_fifo_does_not_hang_the_reader(tmp_path: Path) -> None:
     assert FirstCallMarker(tmp_path).status() is FirstCall.SENT
 
 
-def test_an_unwritable_directory_raises_before_the_call(tmp_path: Path) -> None:
-    with pytest.raises(OSError):
-        FirstCallMarker(tmp_path / "missing").mark_sent()
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory that exists and cannot be written, even by root (file modes do not stop
+    root, so as root a read-only tmpfs is mounted on it; as a user, mode 0555 does)."""
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        yield directory
+        directory.chmod(0o755)
+        return
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(directory)]
+    out = subprocess.run(mount, capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        pytest.skip(f"root without the right to mount a read-only tmpfs: {out.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True, timeout=30)
+
+
+def test_an_unwritable_directory_raises_before_the_call(read_only_dir: Path) -> None:
+    marker = FirstCallMarker(read_only_dir)
+    with pytest.raises(OSError) as raised:
+        marker.mark_sent()
+    assert raised.value.errno in (errno.EROFS, errno.EACCES), raised.value
+    assert marker.status() is FirstCall.UNSENT

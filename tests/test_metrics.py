@@ -11,6 +11,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar import __version__
 from sidecar.emulator.service import Emulator
 from tests.helpers import ROOT, Launch, Sidecar, free_port, loopback_env
 
@@ -42,7 +43,7 @@ def test_metrics_after_an_entitled_start(launch: Launch, emulator: Emulator) -> 
     assert m[("marketplace_challenges_total", (("result", "ok"),))] == 1
     requests_total = "marketplace_api_requests_total"
     assert m[(requests_total, (("listener", "api"), ("path", "other"), ("status", "404")))] == 1
-    assert m[("marketplace_sidecar_build_info", (("version", "0.1.0"),))] == 1
+    assert m[("marketplace_sidecar_build_info", (("version", __version__),))] == 1
     assert 0 <= m[("marketplace_last_registration_success_age_seconds", ())] < 60
     assert m[("marketplace_next_registration_timestamp_seconds", ())] > 1.7e9
     assert m[("process_resident_memory_bytes", ())] > 10e6

@@ -45,6 +45,9 @@ from tests.saas_kit import (
 SCALE = 600.0  # one hour every six seconds; AWS's six-hour window is 36 s
 PRODUCT = "prod-saas-fleet"
 
+# Fleet scenarios on real time (several sidecars, leader kills, restarts): the slow set.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def ops(emulator_server: EmulatorServer, emulator: Emulator) -> Ops:

@@ -199,6 +199,7 @@ def states(store: UsageStore) -> dict[str, int]:
     return store.read(lambda db: L.counts(db, T0 + 10 * HOUR))[0]
 
 
+@pytest.mark.slow  # 30,000 records: minutes on PostgreSQL
 def test_thirty_thousand_records_seal_into_full_calls(
     open_db: Callable[[], UsageStore],
 ) -> None:

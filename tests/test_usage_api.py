@@ -306,6 +306,7 @@ def test_client_module_still_imports_without_boto3() -> None:
     assert out.stdout.split() == ["False", "False"], out.stderr
 
 
+@pytest.mark.slow  # a fuzzing campaign
 def test_schemathesis_in_custom_mode_finds_no_5xx_and_no_schema_violation(
     custom: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

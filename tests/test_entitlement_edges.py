@@ -1,4 +1,5 @@
-"""Issue 10, attacked again: holes found after the fixes, each pinned by a test."""
+"""The entitlement path's edges: a bad sidecar URL in the client, a kill right after the first
+refusal, a key version in non-ASCII digits; each a hole once found, pinned by a test."""
 
 from __future__ import annotations
 
