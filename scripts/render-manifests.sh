@@ -18,6 +18,6 @@ REPLACE_WITH_THE_PEM_PUBLIC_KEY_FROM_YOUR_AMMP_PRODUCT_PAGE
   echo "# Generated from the Helm chart by scripts/render-manifests.sh; do not edit by hand."
   echo "# Native sidecar (Kubernetes >= 1.29). Replace the REPLACE_WITH_* values and the namespace my-product;"
   echo "# in the image, replace the registry and replace-with-your-seller-prefix with your Marketplace"
-  echo "# repository and pin the digest you pushed: <repository URI>@sha256:... (README, \"Container image\")."
+  echo "# repository and pin the digest you pushed: <repository URI>@sha256:... (docs/image.md)."
   render | grep -v '^# Source:'
 } > manifests/kubernetes/marketplace-sidecar.yaml

@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="marketplace-sidecar",
         description="AWS Marketplace metering sidecar: verifies the product's entitlement "
         "(RegisterUsage, or MeterUsage in custom mode), meters custom dimensions exactly once "
-        "per hour, and serves both on a local API.",
+        "per hour, resolves SaaS customers and meters their usage (ResolveCustomer, "
+        "BatchMeterUsage in saas mode), and serves all of it on a local API.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"marketplace-sidecar {__version__}")
