@@ -555,6 +555,40 @@ def test_a_clock_that_never_agrees_expires_the_hour_at_its_deadline_not_rejected
     svc.close()
 
 
+def test_a_dimension_quarantined_mid_bisection_strands_no_good_record(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    """A call refused for one customer's license is bisected; its tried half holds only the
+    unpublished dimension, so that half's refusal quarantines it. The untried half (good
+    records of a published dimension, and the bad license) must go back to the pool: billed,
+    and the bad record rejected, not held by a half-call nothing will ever send or expire."""
+    aws = Aws(clock)
+    aws.unpublished = {"seats"}
+    aws.bad_licenses = {license_arn(99)}  # AWS refuses any call holding this record
+    svc = make_service(backend(), aws, clock, zero_records=False)
+    people = [*range(1, 25), 99]
+    for i in people:
+        aws.tokens[f"t{i}"] = i
+        assert svc.resolve(json.dumps({"registration_token": f"t{i}"}).encode())[0] == 200
+    for i in range(1, 14):  # sorted first in the call: the tried half is all "seats"
+        assert svc.post(body(i, "seats", 1))[0] == 202
+    good = {}
+    for i in range(14, 25):
+        assert svc.post(body(i, "api_calls", 7))[0] == 202
+        good[key(i)] = 7
+    assert svc.post(body(99, "api_calls", 5))[0] == 202
+    hour = hour_of(clock.t)
+    clock.t = hour_start(hour + 1) + 120
+    for _ in range(10):
+        svc.tick()
+    billed = {c: q for (c, d, h), q in aws.billed.items() if d == "api_calls" and h == hour}
+    assert billed == good  # 77 acknowledged units, each billed once
+    states = svc.counters().records_by_state
+    assert states["quarantined"] == 13 and states["rejected"] == 1 and states["sealed"] == 0
+    assert svc.counters().batch_calls["dimension_refused"] == 1
+    svc.close()
+
+
 def test_an_unpublished_dimension_is_quarantined_and_the_others_bill_exactly_once(
     emulator_server: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -764,7 +764,7 @@ class SaasService:
         dimension = dims[0]
         note = f"AWS: {info.code}: dimension {dimension} is not published for this product"
         held = self.store.write(
-            lambda db: saas_ledger.quarantine(db, dimension, now, info.code, note)
+            lambda db: saas_ledger.quarantine(db, dimension, now, info.code, note, batch.id)
         )
         self._count("dimension_refused")
         with self._count_lock:

@@ -868,11 +868,17 @@ def regroup(
     return len(groups)
 
 
-def quarantine(db: Db, dimension: str, now: float, code: str, message: str) -> int:
+def quarantine(
+    db: Db, dimension: str, now: float, code: str, message: str, refused: str | None = None
+) -> int:
     """AWS proved `dimension` unpublished: every unsent record of it leaves the pool (state
     'quarantined'), and every call in progress holding one is released (its other records go
     back to the pool, the same texts). Nothing of it is sent again until `release_quarantined`.
-    Returns the records held."""
+    `refused`, the call that proved it, may be the tried half of a bisection: its untried half
+    goes back to the pool too, or nothing would ever send or expire it. Returns the records
+    held."""
+    if refused is not None:
+        _release_suspects(db, refused)
     for (gone,) in db.execute(
         "SELECT b.id FROM saas_batches b WHERE b.state IN ('sending', 'suspect') AND EXISTS "
         "(SELECT 1 FROM saas_outbox o WHERE o.batch_id = b.id AND o.state = 'sealed' "
