@@ -37,7 +37,7 @@ COPY wheels ./wheels
 # wheelhouse in wheels/ the install is offline.
 ARG EXTRAS=""
 RUN python3 -m venv /opt/sidecar \
-    && set -- ./client ".${EXTRAS:+[$EXTRAS]}" \
+    && set -- ".${EXTRAS:+[$EXTRAS]}" \
     && if ls wheels/*.whl >/dev/null 2>&1; then \
         set -- --no-index --find-links wheels "marketplace-sidecar${EXTRAS:+[$EXTRAS]}"; fi \
     && /opt/sidecar/bin/pip install --no-cache-dir --disable-pip-version-check \

@@ -31,7 +31,7 @@ fi
 rm -f wheels/*.whl
 EXTRAS=${EXTRAS:-}
 python3 -m pip wheel --quiet --disable-pip-version-check -c constraints.txt -w wheels \
-  ./client ".${EXTRAS:+[$EXTRAS]}" \
+  ".${EXTRAS:+[$EXTRAS]}" \
   2> >(grep -v "^WARNING: Location" >&2)
 # The SBOM generator's wheels, for the build stage only (never installed in the image).
 rm -rf wheels/sbom

@@ -11,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SCRATCH=$(mktemp -d); trap 'rm -rf "$SCRATCH"' EXIT
 quiet() { "$@" 2> >(grep -v "^WARNING: Location" >&2); }
-# The sidecar and the client package it depends on (client/), both from this repository: pip
-# finds the client's wheel in own/ (--find-links), never on the package index.
+# The sidecar (its wheel carries the client package too) and the client's own distribution, both
+# from this repository: nothing of ours is looked up on the package index.
 quiet python3 -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$SCRATCH/own" . ./client
 WHEEL=$(ls "$SCRATCH"/own/marketplace_sidecar-*.whl)
 for arch in x86_64 aarch64; do
