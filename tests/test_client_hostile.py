@@ -430,7 +430,9 @@ def test_a_hostile_sidecars_problem_list_is_capped_and_made_printable(
 ) -> None:
     from marketplace_sidecar_client import MAX_PROBLEMS, UsageError, report_usage
 
-    problems = [{"field": f"f{i}\x1b[31m", "message": "m\n" * 200} for i in range(100)]
+    problems: list[dict[str, object]] = [
+        {"field": f"f{i}\x1b[31m", "message": "m\n" * 200} for i in range(100)
+    ]
     problems[1] = {"field": 7, "message": "not a field name"}  # skipped, not a crash
     body = json.dumps({"error": {"code": "invalid_usage\r\n", "problems": problems}})
     server = hostile(answer("400 Bad Request", body.encode()))
