@@ -10,8 +10,16 @@ cd "$(dirname "$0")/.."
 BIN=${1:-.tools/scan-venv/bin}
 scripts/get-helm.sh >/dev/null
 OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT
+# A stand-in RSA-2048 public key (its private half was never kept): the chart's schema refuses
+# anything the sidecar would refuse at start.
 PEM='-----BEGIN PUBLIC KEY-----
-MIIBIjANBgkqhkiG9w0BscanOnly
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAo+lrnrwJ1GKi4VZtJB6x
+qD0wuxYV2vMyPDzeDCKBlYbCD8J7KW/sWrOINt1bORCnUa1d72LYmNecKeK6+SLc
+YjVzQBs1izQ303QoZYxaivGu7odQ1hQi2NtBlrA68SdUklXVUBW4U2hkwQBGMeOY
+06OzCfIFEaWrNNcIk30YEKVzUBjLrsb1k8H20f+DUq+Nba6B/Dv+C+ZuQUdY/pVV
+1eqnEWIcvvkCs3DGluMbwf3p3vykXIW9raVuEMdcild4xXVZNfrqTGbi9QwvHJ+U
+eOwUS/lk/Sc/ZmgaVz1Xoswcp2RHMVcYTJNT+2VR+OuEh5LpVMDSClCbPBqbvZuJ
+2QIDAQAB
 -----END PUBLIC KEY-----'
 render() {  # name, then extra --set flags
   local name=$1; shift

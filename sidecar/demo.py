@@ -6,13 +6,18 @@ banner names), exactly as a seller configures the key from their AMMP product pa
 
 custom and saas run on a fast clock: the sidecar's MARKETPLACE_TEST_ONLY_TIME_SCALE/ORIGIN and the
 emulator's time_scale/time_origin agree, so an hour passes in HOUR_SECONDS real seconds; the
-demo posts sample usage and prints what the emulator "billed" once the hour is sent.
+demo posts sample usage and prints what the emulator "billed" once the hour is sent. The clock
+starts at the same minute of an hour in every run (START_MINUTE), so the wait for the bill does
+not depend on the minute the demo was started.
+
+The demo sets only what its mode reads: a newcomer's first run shows no warning.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -22,7 +27,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,10 @@ DIMENSIONS = ("scans", "users")
 HOUR_SECONDS = 10.0  # the fast clock: one metering hour in ten real seconds
 TIME_SCALE = 3600.0 / HOUR_SECONDS
 BILLED_WITHIN = 60.0  # seconds: the records are printed by then, or the demo says why not
+# The fast clock starts at this minute of an hour: late enough that the first hour ends soon,
+# early enough (12 simulated minutes = 2 real seconds) that start-up and the sample usage land
+# in it even on a loaded machine.
+START_MINUTE = 48
 
 DEMO_ENV = {
     "MARKETPLACE_PRODUCT_CODE": PRODUCT_CODE,
@@ -45,6 +54,10 @@ DEMO_ENV = {
     # The demo stays on this machine: the probe listener too (production binds all interfaces).
     "MARKETPLACE_PROBE_LISTEN": "127.0.0.1:8788",
 }
+LISTENERS = (
+    ("MARKETPLACE_LISTEN", "127.0.0.1:8787"),
+    ("MARKETPLACE_PROBE_LISTEN", DEMO_ENV["MARKETPLACE_PROBE_LISTEN"]),
+)
 
 
 def demo(exit_after: float | None = None, mode: str = "hourly") -> int:
@@ -57,31 +70,33 @@ def demo(exit_after: float | None = None, mode: str = "hourly") -> int:
     for name, value in DEMO_ENV.items():
         os.environ.setdefault(name, value)
     # Checked before anything starts or prints: a taken port must not follow a banner.
-    taken = taken_ports(os.environ)
+    taken = taken_ports(os.environ, mode)
     if taken:
         for line in taken:
-            print(f"config error: {line}", file=sys.stderr)
+            print(line, file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="marketplace-sidecar-demo-"))
-    origin = time.time()
     config = EmulatorConfig()
-    if mode != "hourly":
-        config.time_scale, config.time_origin = TIME_SCALE, origin
     emulator = Emulator(config)
     server = EmulatorServer(emulator).start()
     key_file = workdir / "demo-public-key.pem"
-    key_file.write_text(emulator.public_pem())
     os.environ["AWS_ENDPOINT_URL_MARKETPLACE_METERING"] = server.url
     os.environ.pop("MARKETPLACE_PUBLIC_KEY", None)
     os.environ.pop("MARKETPLACE_PUBLIC_KEY_FILE", None)
-    if mode != "saas":  # SaaS verifies no token: AWS's SaaS calls return none
+    if mode == "hourly":  # only hourly verifies a token: MeterUsage and SaaS calls return none
+        key_file.write_text(emulator.public_pem())
         os.environ["MARKETPLACE_PUBLIC_KEY_FILE"] = str(key_file)
-    if mode != "hourly":
+    else:
+        origin = fast_clock_origin(time.time())
+        config.time_scale, config.time_origin = TIME_SCALE, origin
         os.environ["MARKETPLACE_MODE"] = mode
         os.environ.setdefault("MARKETPLACE_DIMENSIONS", ",".join(DIMENSIONS))
         os.environ["MARKETPLACE_STATE_DIR"] = str(workdir)
         os.environ["MARKETPLACE_TEST_ONLY_TIME_SCALE"] = repr(TIME_SCALE)
         os.environ["MARKETPLACE_TEST_ONLY_TIME_ORIGIN"] = repr(origin)
+        # The banner announces the fast clock; the daemon's warning is for a run that did not
+        # ask for it, so in the demo it is an info line.
+        logging.getLogger("sidecar").addFilter(_FastClockIsAnnounced())
     try:
         try:
             settings, keys = load()
@@ -110,35 +125,68 @@ def demo(exit_after: float | None = None, mode: str = "hourly") -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def taken_ports(env: dict[str, str] | os._Environ[str]) -> list[str]:
-    """The demo's listeners whose port another process holds, each naming its variable."""
+def taken_ports(env: Mapping[str, str], mode: str = "hourly") -> list[str]:
+    """One line per demo listener whose port another process holds, naming its variable, then
+    a command that moves both ports to free ones and keeps the mode, runnable as printed."""
     from sidecar.server.netaddr import parse_hostport
 
     problems = []
-    for variable, default in (
-        ("MARKETPLACE_LISTEN", "127.0.0.1:8787"),
-        ("MARKETPLACE_PROBE_LISTEN", DEMO_ENV["MARKETPLACE_PROBE_LISTEN"]),
-    ):
+    for variable, default in LISTENERS:
         value = env.get(variable) or default
         try:
             host, port = parse_hostport(value)
         except ValueError:
             continue  # the configuration check names it
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
-            try:
-                s.bind((host, port))
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    continue  # the daemon's own bind reports other failures
-                other = "127.0.0.1:18787" if variable == "MARKETPLACE_LISTEN" else "127.0.0.1:18788"
-                problems.append(
-                    f"{variable}={value}: port {port} is taken (another demo or sidecar?); "
-                    f"stop it, or choose a free port: {variable}={other} "
-                    "marketplace-sidecar demo"
-                )
+        if _bindable(host, port) is False:
+            problems.append(
+                f"config error: {variable}={value}: port {port} is taken (another demo or sidecar?)"
+            )
+    if not problems:
+        return []
+    moved, seen = [], set()
+    for variable, default in LISTENERS:
+        host, port = "127.0.0.1", int(default.rsplit(":", 1)[1]) + 10000
+        for _ in range(100):  # a free port now: the printed command works when pasted
+            if port not in seen and _bindable(host, port):
+                break
+            port += 1
+        seen.add(port)
+        moved.append(f"{variable}={host}:{port}")
+    problems.append(
+        "  stop it, or move the demo's ports (MARKETPLACE_LISTEN: the API, "
+        "MARKETPLACE_PROBE_LISTEN: the probe), e.g.:"
+    )
+    problems.append(f"  {' '.join(moved)} {command_line()} demo --mode {mode}")
     return problems
+
+
+def _bindable(host: str, port: int) -> bool | None:
+    """Whether `port` can be bound as the servers bind it; None for errors other than in use."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return False if exc.errno == errno.EADDRINUSE else None  # the daemon reports others
+    return True
+
+
+def fast_clock_origin(now: float) -> float:
+    """The origin that puts the scaled clock (origin + (t - origin) * scale) at START_MINUTE of
+    an hour at real time `now`, never behind the real clock."""
+    hour = 3600.0
+    target = now // hour * hour + START_MINUTE * 60
+    if target < now:
+        target += hour
+    return (now * TIME_SCALE - target) / (TIME_SCALE - 1)
+
+
+class _FastClockIsAnnounced(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "test_only_clock" and record.levelno == logging.WARNING:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def command_line() -> str:
@@ -160,7 +208,7 @@ def banner(mode: str, emulator_url: str, api: str, probe: str, key_file: Path) -
         f"Mode:              {mode}"
         + ("" if mode == "hourly" else f" (fast clock: one hour every {HOUR_SECONDS:.0f} s)"),
         f"Metering emulator: {emulator_url}   (calls: curl -s {emulator_url}/_emulator/calls)",
-        f"Demo public key:   {key_file}" if mode != "saas" else "",
+        f"Demo public key:   {key_file}" if mode == "hourly" else "",
         f"Sidecar API:       http://{api}",
         f"  curl -s http://{api}/v1/entitlement",
         f"  curl -s http://{probe}/readyz",

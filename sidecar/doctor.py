@@ -105,8 +105,12 @@ def check_region(env: Mapping[str, str]) -> tuple[Check, str | None]:
     try:
         region, source = resolve_region(env)
     except RegionNotFoundError as exc:
+        # The message names what was tried; the fix says what to set (once each, not the
+        # exception's text, which repeats the sources in its hint).
         fix = _local_fix(env) or "set AWS_REGION to the region the pod runs in"
-        return Check(FAIL, "region", str(exc), fix), None
+        if exc.info.retryable:
+            fix += " (metadata lookups are retried with backoff at start)"
+        return Check(FAIL, "region", exc.info.message, fix), None
     return Check(OK, "region", f"{region} (from {source})"), region
 
 

@@ -423,3 +423,23 @@ def test_a_localhost_url_reaches_the_sidecar(
     assert all(
         r.startswith(b"POST /v1/entitlement/challenge HTTP/1.1\r\n") for r in sidecar.requests
     )
+
+
+def test_a_hostile_sidecars_problem_list_is_capped_and_made_printable(
+    hostile: Callable[[Behaviour], HostileSidecar],
+) -> None:
+    from marketplace_sidecar_client import MAX_PROBLEMS, UsageError, report_usage
+
+    problems: list[dict[str, object]] = [
+        {"field": f"f{i}\x1b[31m", "message": "m\n" * 200} for i in range(100)
+    ]
+    problems[1] = {"field": 7, "message": "not a field name"}  # skipped, not a crash
+    body = json.dumps({"error": {"code": "invalid_usage\r\n", "problems": problems}})
+    server = hostile(answer("400 Bad Request", body.encode()))
+    with pytest.raises(UsageError) as caught:
+        report_usage({"dimension": "a", "quantity": 1}, url=server.url, timeout=TIMEOUT)
+    error = caught.value
+    assert error.reason == "invalid" and len(error.problems) == MAX_PROBLEMS - 1
+    assert error.problems[0].field == "f0?[31m"
+    assert all(len(p.message) <= 300 and p.message.isprintable() for p in error.problems)
+    assert str(error).isprintable() and len(str(error)) < 8_000

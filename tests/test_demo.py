@@ -3,6 +3,7 @@ newcomer gets when starting a mode against the emulator by hand."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -75,7 +76,8 @@ def _pump(stream: Any, into: queue.Queue[str]) -> None:
 def start_demo() -> Iterator[Any]:
     started: list[Demo] = []
 
-    def start(*args: str, **env: str) -> Demo:
+    def start(*args: str, logs: bool = False, **env: str) -> Demo:
+        """`logs`: the sidecar's log (stderr) comes in the same stream as the banner."""
         api, probe = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         full_env = {
             "PATH": PLAIN_PATH,
@@ -90,7 +92,7 @@ def start_demo() -> Iterator[Any]:
             env=full_env,
             cwd=ROOT,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if logs else subprocess.DEVNULL,
             text=True,
         )
         lines: queue.Queue[str] = queue.Queue()
@@ -126,31 +128,91 @@ def _stop(demo: Demo) -> int:
     return demo.proc.wait(timeout=30)
 
 
+# A log line at warning level or above (text format: "<time>Z warning <event> ..."), a config
+# error, or a traceback: a newcomer's first run of any mode shows none.
+ALARM = re.compile(r"^\S+Z (warning|error|critical)\b|config error|Traceback|Exception")
+
+
+def _alarms(demo: Demo) -> list[str]:
+    """Every alarming line of the demo's whole output (call after _stop: the process is gone,
+    so the pump reaches the end of its output within moments)."""
+    while True:
+        try:
+            demo.seen.append(demo.lines.get(timeout=2))
+        except queue.Empty:
+            break
+    return [line for line in demo.seen if ALARM.search(line)]
+
+
 # -- item 8: a demo per mode ----------------------------------------------------------------------
 
 
-def test_custom_demo_prints_the_meter_usage_record_aws_billed(start_demo: Any) -> None:
-    demo = start_demo("--mode", "custom")
+def _records(demo: Demo, n: int) -> list[dict[str, Any]]:
+    """The n billed records printed after the demo's "AWS billed" line (the sidecar's log lines
+    may come between them: it logs from its own threads into the same stream)."""
+    billed = max(i for i, s in enumerate(demo.seen) if s.startswith("demo: AWS billed"))
+    deadline = time.monotonic() + 10
+    while True:
+        later = [s for s in demo.seen[billed + 1 :] if s.startswith("  {")]
+        if len(later) >= n:
+            return [json.loads(s) for s in later[:n]]
+        assert time.monotonic() < deadline, demo.seen
+        with contextlib.suppress(queue.Empty):
+            demo.seen.append(demo.lines.get(timeout=0.5))
+
+
+def test_custom_demo_prints_the_meter_usage_record_aws_billed_and_no_warning(
+    start_demo: Any,
+) -> None:
+    demo = start_demo("--mode", "custom", logs=True)
     assert "Mode:              custom" in demo.wait_line(r"^Mode:", 30)
     posted = demo.wait_line(r"^demo: POST /v1/usage", 30)
     assert posted.endswith("-> 202")
     demo.wait_line(r"^demo: AWS billed \(MeterUsage", BILLED_WITHIN)
-    record = json.loads(demo.next_lines(1, 5)[0])
+    [record] = _records(demo, 1)
     assert (record["dimension"], record["quantity"]) == ("scans", 3)
     assert record["metering_record_id"]
+    # custom mode has no token: the demo neither sets nor shows a public key
+    assert not any(s.startswith("Demo public key") for s in demo.seen)
     assert _stop(demo) == 0
+    assert _alarms(demo) == []
 
 
-def test_saas_demo_prints_a_resolved_customer_and_its_batch_records(start_demo: Any) -> None:
-    demo = start_demo("--mode", "saas")
+def test_saas_demo_prints_a_resolved_customer_and_its_batch_records_and_no_warning(
+    start_demo: Any,
+) -> None:
+    demo = start_demo("--mode", "saas", logs=True)
     resolved = demo.wait_line(r"^demo: resolved customer ", 30)
     customer = json.loads(resolved.removeprefix("demo: resolved customer "))
     assert customer["state"] == "active" and customer["product_code"] == "demo-product-code"
     demo.wait_line(r"^demo: AWS billed \(BatchMeterUsage", BILLED_WITHIN)
-    records = [json.loads(line) for line in demo.next_lines(2, 5)]
+    records = _records(demo, 2)
     assert sorted((r["dimension"], r["quantity"]) for r in records) == [("scans", 3), ("users", 2)]
     assert {r["customer"] for r in records} == {customer["customer"]}
     assert _stop(demo) == 0
+    assert _alarms(demo) == []
+
+
+def test_hourly_demo_shows_no_warning(start_demo: Any) -> None:
+    demo = start_demo(logs=True)
+    demo.wait_line(r" state_changed .*to=entitled", 30)
+    assert _stop(demo) == 0
+    assert _alarms(demo) == []
+
+
+@pytest.mark.parametrize("minute", [0.0, 1 / 60, 30.0, 47.99, 48.0, 48.5, 59.99])
+def test_the_fast_clock_starts_at_the_same_minute_whatever_the_minute_now(minute: float) -> None:
+    """The wait for the first bill (the hour after the entitlement check's hour, sealed) does
+    not depend on when a newcomer starts the demo: the scaled clock starts at minute 48."""
+    from sidecar.demo import START_MINUTE, TIME_SCALE, fast_clock_origin
+
+    now = 1_796_666_400.0 + minute * 60  # an hour's start, plus `minute`
+    origin = fast_clock_origin(now)
+    scaled = origin + (now - origin) * TIME_SCALE  # the sidecar's and the emulator's formula
+    assert 0 <= scaled - now < 3600  # never behind the real clock, never an hour ahead
+    assert scaled % 3600 == pytest.approx(START_MINUTE * 60, abs=1e-3)
+    # the clock runs at the demo's speed from there
+    assert (origin + (now + 1 - origin) * TIME_SCALE) - scaled == pytest.approx(TIME_SCALE)
 
 
 def test_make_demo_passes_the_mode() -> None:
@@ -201,8 +263,13 @@ def test_the_demo_key_file_verifies_the_challenge_and_verify_token(start_demo: A
     assert json.loads(out.stdout)["nonce"] == "n1"
 
 
-@pytest.mark.parametrize("variable", ["MARKETPLACE_LISTEN", "MARKETPLACE_PROBE_LISTEN"])
-def test_a_taken_port_is_named_before_any_banner(start_demo: Any, variable: str) -> None:
+@pytest.mark.parametrize(
+    ("variable", "mode"), [("MARKETPLACE_LISTEN", "custom"), ("MARKETPLACE_PROBE_LISTEN", "saas")]
+)
+def test_a_taken_port_is_named_before_any_banner_with_a_command_that_works_as_printed(
+    variable: str, mode: str
+) -> None:
+    shell = {"PATH": PLAIN_PATH, "HOME": os.environ.get("HOME", "/tmp")}  # no .venv/bin
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -210,8 +277,8 @@ def test_a_taken_port_is_named_before_any_banner(start_demo: Any, variable: str)
         api, probe = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         env = {"MARKETPLACE_LISTEN": api, "MARKETPLACE_PROBE_LISTEN": probe, variable: taken}
         out = subprocess.run(
-            [sys.executable, "-m", "sidecar", "demo"],
-            env={"PATH": PLAIN_PATH, "HOME": os.environ.get("HOME", "/tmp"), **env},
+            [sys.executable, "-m", "sidecar", "demo", "--mode", mode],
+            env={**shell, **env},
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -219,8 +286,47 @@ def test_a_taken_port_is_named_before_any_banner(start_demo: Any, variable: str)
         )
     assert out.returncode == 2
     assert out.stdout == ""  # no banner, no curl lines
-    assert f"config error: {variable}={taken}: port" in out.stderr
-    assert f"{variable}=127.0.0.1:" in out.stderr.split("choose a free port:", 1)[1]
+    lines = out.stderr.splitlines()
+    assert lines[0].startswith(f"config error: {variable}={taken}: port"), lines
+    assert "MARKETPLACE_LISTEN" in lines[1] and "MARKETPLACE_PROBE_LISTEN" in lines[1], lines
+    command = lines[2].strip()
+    assert command.endswith(f" demo --mode {mode}"), command  # the user's mode, repeated
+    moved = dict(w.split("=", 1) for w in command.split() if w.startswith("MARKETPLACE_"))
+    assert set(moved) == {"MARKETPLACE_LISTEN", "MARKETPLACE_PROBE_LISTEN"}, command
+    if mode != "custom":
+        return  # one case runs it: two would race for the same suggested ports
+    # Pasted into a shell that never activated the virtualenv, from another directory.
+    proc = subprocess.Popen(
+        ["bash", "-c", command],
+        env=shell,
+        cwd="/",
+        start_new_session=True,  # its own group: the demo is stopped even if bash forked it
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    readyz = f"http://{moved['MARKETPLACE_PROBE_LISTEN']}/readyz"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if requests.get(readyz, timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "the printed command never became ready"
+            time.sleep(0.1)
+        api_url = f"http://{moved['MARKETPLACE_LISTEN']}/v1/usage"
+        assert requests.get(api_url, timeout=5).status_code == 200  # custom and saas serve it
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0
 
 
 # -- item 8: hints against the emulator -----------------------------------------------------------

@@ -179,3 +179,21 @@ def test_ecs_task_role_passes(
     out = doctor(env)
     assert out.returncode == 0, out.stdout
     assert "✔ credentials: ECS task role" in out.stdout
+
+
+@pytest.mark.parametrize("ecs", [False, True])
+def test_the_region_line_names_what_was_tried_once(
+    emulator_server: EmulatorServer, emulator: Emulator, ecs: bool
+) -> None:
+    env = base_env(emulator_server, emulator)
+    del env["AWS_REGION"]
+    if ecs:  # a metadata lookup that fails (nothing listens there)
+        env["ECS_CONTAINER_METADATA_URI_V4"] = f"http://127.0.0.1:{free_port()}/v4/task"
+    lines = doctor(env).stdout.splitlines()
+    at = next(i for i, s in enumerate(lines) if s.startswith("✘ region:"))
+    region, fix = lines[at], lines[at + 1]
+    tried = "AWS_REGION, AWS_DEFAULT_REGION" + (", ECS task metadata" if ecs else "")
+    assert region == f"✘ region: no AWS region found (tried {tried})", lines
+    assert fix.strip().startswith("fix: ") and "AWS_REGION=us-east-1" in fix, lines
+    assert "AWS_DEFAULT_REGION" not in fix and "(tried" not in fix, lines
+    assert ("retried with backoff" in fix) is ecs, lines

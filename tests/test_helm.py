@@ -12,13 +12,17 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar import __version__
+from sidecar.entitlement.keys import UnusableKeyError, load_public_key
 from tests.helpers import ROOT, new_key, pem
+from tests.test_keys import JWT_IO_DEMO_KEY
 
 HELM = ROOT / ".tools" / "bin" / "helm"
 CHART = ROOT / "helm"
-PEM = "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BtestOnly\n-----END PUBLIC KEY-----"
+PEM = pem(new_key()).strip()  # a real key: the schema refuses what the sidecar would refuse
 BASE = ["product.code=prod-abc"]
 KUBE_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
 GATE = "aws-marketplace.amazonaws.com/entitled"
@@ -385,6 +389,79 @@ def test_missing_product_code_and_key_say_what_to_set() -> None:
     assert "product.code is required" in out.stderr
     out = helm("template", "x", str(CHART), "--set", "product.code=p", check=False)
     assert "product.publicKey is required" in out.stderr
+
+
+def _spki(key: Any) -> str:
+    return str(
+        key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+    )
+
+
+def _key_cases() -> dict[str, str]:
+    """Values a seller might paste as product.publicKey, by name."""
+    good = pem(new_key()).strip()
+    body = good.splitlines()[1:-1]
+    other = pem(new_key())
+    return {
+        "rsa-2048": good,
+        "rsa-3072": pem(new_key(3072)),
+        "rsa-4096, one base64 line, CRLF": "-----BEGIN PUBLIC KEY-----\r\n"
+        + "".join(pem(new_key(4096)).splitlines()[1:-1])
+        + "\r\n-----END PUBLIC KEY-----\r\n",
+        "indented (a YAML block)": "\n".join("  " + line for line in good.splitlines()) + "\n",
+        "the docs' ...": "-----BEGIN PUBLIC KEY-----\n...\n-----END PUBLIC KEY-----",
+        "a REPLACE_WITH placeholder": "-----BEGIN PUBLIC KEY-----\nREPLACE_WITH_THE_KEY\n"
+        "-----END PUBLIC KEY-----",
+        "bare ...": "...",
+        "truncated": "\n".join([good.splitlines()[0], *body[:3], good.splitlines()[-1]]),
+        "rsa-1024": pem(new_key(1024)),
+        "the jwt.io demo key (1024 bits)": JWT_IO_DEMO_KEY,
+        "ec p-256": _spki(ec.generate_private_key(ec.SECP256R1()).public_key()),
+        "a private key": new_key()
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode(),
+        "two keys": good + "\n" + other,
+        "text before": "my key:\n" + good,
+        "text after": good + "\nfrom AMMP",
+        "base64 with a stray character": good.replace(body[2], body[2][:10] + "!" + body[2][11:]),
+    }
+
+
+KEY_CASES = _key_cases()
+
+
+@pytest.mark.parametrize("name", sorted(KEY_CASES))
+def test_the_schema_refuses_exactly_the_keys_the_sidecar_refuses_at_start(name: str) -> None:
+    """Issue: a placeholder key passed the schema, and the pod then crash-looped on
+    `MARKETPLACE_PUBLIC_KEY ... not a PEM public key`. The chart now refuses it at `helm
+    template`/`install`, naming the value; every key the sidecar accepts still renders."""
+    value = KEY_CASES[name]
+    try:
+        load_public_key(value)
+        sidecar_accepts = True
+    except UnusableKeyError:
+        sidecar_accepts = False
+    args = ["template", "x", str(CHART), "--set", "product.code=p"]
+    out = helm(*args, "--set-string", f"product.publicKey={value}", check=False)
+    if sidecar_accepts:
+        assert out.returncode == 0, out.stderr
+    else:
+        assert out.returncode != 0 and "at '/product/publicKey'" in out.stderr, out.stderr
+    assert sidecar_accepts is (name in KEYS_THE_SIDECAR_ACCEPTS)  # each case is what it says
+
+
+KEYS_THE_SIDECAR_ACCEPTS = {
+    "rsa-2048",
+    "rsa-3072",
+    "rsa-4096, one base64 line, CRLF",
+    "indented (a YAML block)",
+}
 
 
 def test_notes_explain_checks_and_warn_without_irsa(tmp_path: Path) -> None:
@@ -1198,6 +1275,15 @@ def test_each_modes_values_block_is_complete_when_copied_alone(tmp_path: Path, m
     values = yaml.safe_load((chart / "values.yaml").read_text())
     values["marketplace-sidecar"] = ours  # the block replaces the example's own
     (chart / "values.yaml").write_text(yaml.safe_dump(values))
+    if "publicKey" in ours.get("product", {}):
+        # Copied with its placeholder left in, the block fails at `helm template`, naming the
+        # value, instead of a pod that crash-loops; with the seller's key it renders.
+        assert "\n...\n" in ours["product"]["publicKey"]
+        refused = helm("template", "shop", str(chart), "--kube-version", "1.33.0", check=False)
+        assert refused.returncode != 0
+        assert "marketplace-sidecar:\n- at '/product/publicKey'" in refused.stderr, refused.stderr
+        ours["product"]["publicKey"] = PEM
+        (chart / "values.yaml").write_text(yaml.safe_dump(values))
     for kube in ("1.28.0", "1.33.0"):
         docs = render_parent(chart, kube=kube)
         validate(docs, kube)

@@ -18,7 +18,7 @@ import pytest
 import requests
 import yaml
 
-from sidecar.client import UsageError, report_usage
+from sidecar.client import FieldProblem, UsageError, report_usage
 from sidecar.emulator.service import Emulator, EmulatorServer
 from tests.helpers import Sidecar, loopback_env, start_sidecar
 
@@ -248,6 +248,36 @@ def test_report_usage_client(custom: Any) -> None:
     with pytest.raises(UsageError) as caught:
         report_usage({"dimension": "users", "quantity": {1}}, url=car.api)
     assert caught.value.reason == "invalid"
+
+
+def test_report_usage_keeps_every_field_the_sidecars_400_names(custom: Any) -> None:
+    """A product's log line must say which field of which record to fix, not only the first."""
+    car = custom(MARKETPLACE_ENTITLEMENT_CHECK="none")
+    wait_ready(car)
+    bad = [
+        {"dimension": "users", "quantity": 1},
+        {"dimension": "nope", "quantity": -1},
+        {"dimension": "scans", "quantity": 1, "colour": "red"},
+    ]
+    raw = requests.post(car.api + "/v1/usage", json=bad, timeout=10)
+    assert raw.status_code == 400
+    listed = raw.json()["error"]["problems"]
+    assert len(listed) >= 3  # the real answer: one entry per bad field
+    with pytest.raises(UsageError) as caught:
+        report_usage(bad, url=car.api)
+    error = caught.value
+    assert (error.reason, error.status) == ("invalid", 400)
+    assert error.problems == [FieldProblem(p["field"], p["message"]) for p in listed]
+    text = str(error)
+    for p in listed:
+        assert f"{p['field']}: {p['message']}" in text, text
+    # A one-field refusal (a conflicting id) is named the same way.
+    assert report_usage({"dimension": "users", "quantity": 2, "id": "k"}, url=car.api)
+    with pytest.raises(UsageError) as caught:
+        report_usage({"dimension": "users", "quantity": 3, "id": "k"}, url=car.api)
+    assert caught.value.reason == "conflict"
+    assert [p.field for p in caught.value.problems] == ["id"]
+    assert str(caught.value).startswith("conflict: id_conflict: id: ")
 
 
 def test_report_usage_fails_typed_without_a_sidecar_and_against_a_dripping_one() -> None:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
@@ -45,11 +45,13 @@ __all__ = [
     "DEFAULT_URL",
     "MAX_BODY_BYTES",
     "MAX_HEADER_BYTES",
+    "MAX_PROBLEMS",
     "MAX_REGISTRATION_TOKEN_CHARS",
     "RETRY_AFTER_MAX",
     "RETRY_AFTER_MIN",
     "CustomerError",
     "EntitlementError",
+    "FieldProblem",
     "UsageError",
     "challenge",
     "parse_retry_after",
@@ -386,11 +388,25 @@ def _clean(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text[:_MESSAGE_CHARS])
 
 
+class FieldProblem(NamedTuple):
+    """One thing the sidecar refused in a request: the field (e.g. `quantity`, `[1].dimension`)
+    and what is allowed there."""
+
+    field: str
+    message: str
+
+
+# The sidecar lists at most 20 problems per answer; a hostile one gets no more room than that.
+MAX_PROBLEMS = 20
+
+
 class UsageError(Exception):
     """The sidecar did not acknowledge the usage. `reason` is a stable word.
 
     Unless `reason` is "invalid", "conflict" or "too_large", the units may or may not have been
     stored: send the same records with the same `id` again and they are counted once.
+    `problems`: the fields the sidecar's answer named (400, 409), each with what is allowed;
+    str() shows them all, so a log line says which field of which record to fix.
     """
 
     def __init__(
@@ -400,12 +416,29 @@ class UsageError(Exception):
         *,
         status: int | None = None,
         retry_after: float | None = None,
+        problems: Sequence[FieldProblem] = (),
     ) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
         self.status = status
         self.retry_after = retry_after
+        self.problems = list(problems)
+
+
+def _field_problems(error: Mapping[str, Any]) -> list[FieldProblem]:
+    """The (field, message) pairs of a sidecar error: its `problems` list, else its `field`."""
+    listed = error.get("problems")
+    pairs: list[Any] = listed if isinstance(listed, list) else [error]
+    out = []
+    for item in pairs[:MAX_PROBLEMS]:
+        if not isinstance(item, Mapping):
+            continue
+        field, message = item.get("field"), item.get("message")
+        if isinstance(field, str) and field:
+            text = message if isinstance(message, str) and message else "refused"
+            out.append(FieldProblem(_clean(field), _clean(text)))
+    return out
 
 
 _USAGE_REASONS = {400: "invalid", 409: "conflict", 413: "too_large", 429: "unavailable"}
@@ -445,13 +478,17 @@ def report_usage(
         raise UsageError("bad_answer", f"HTTP {status}: the answer is not JSON", status=status)
     error = doc.get("error") if isinstance(doc, dict) else None
     error = error if isinstance(error, dict) else {}
-    code = str(error.get("code") or f"http_{status}")
-    message = f"{code}: {error.get('message') or 'no message'}"
+    code = _clean(str(error.get("code") or f"http_{status}"))
+    problems = _field_problems(error)
+    if problems:  # every field named, not only the first one's message
+        message = f"{code}: " + "; ".join(f"{p.field}: {p.message}" for p in problems)
+    else:
+        message = f"{code}: {_clean(str(error.get('message') or 'no message'))}"
     reason = _USAGE_REASONS.get(status, f"sidecar_{status}")
     if code == "usage_needs_custom_mode":
         reason = "not_custom_mode"
     retry_after = parse_retry_after(headers.get("retry-after"), time.time())
-    raise UsageError(reason, message, status=status, retry_after=retry_after)
+    raise UsageError(reason, message, status=status, retry_after=retry_after, problems=problems)
 
 
 class CustomerError(Exception):
