@@ -4,7 +4,6 @@ License Manager. Each test grants (or withholds) a license and watches what the 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -404,4 +403,40 @@ def test_contract_settings_are_refused_in_other_modes() -> None:
     assert "MARKETPLACE_LICENSE_CHECKOUT_TYPE: only used with MARKETPLACE_MODE=contract" in err
 
 
-_ = os  # the environment is built explicitly (loopback_env)
+def test_doctor_checks_contract_mode_without_consuming(
+    lm: Any, server: EmulatorServer, tmp_path: Path
+) -> None:
+    grant(lm, seats=1)
+    token = tmp_path / "license_token"
+    token.write_text("a-license-token-never-printed")
+    env = {
+        **loopback_env(server.url, AWS_ENDPOINT_URL_LICENSE_MANAGER=server.url),
+        "MARKETPLACE_MODE": "contract",
+        "MARKETPLACE_LICENSE_PRODUCT_SKU": SKU,
+        "MARKETPLACE_LICENSE_ENTITLEMENTS": json.dumps(SEATS),
+        "MARKETPLACE_LICENSE_TOKEN_FILE": str(token),
+        "MARKETPLACE_LICENSE_ROLE_ARN": "arn:aws:iam::123456789012:role/license",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar", "doctor"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert f"✔ configuration: contract mode, product SKU {SKU}" in out
+    assert "✔ identity: license token file" in out and "never-printed" not in out
+    assert "✔ license-manager:ExtendLicenseConsumption: allowed (DryRun" in out
+    assert "✔ endpoint: " + server.url in out
+    assert not calls(server, "CheckoutLicense")  # nothing consumed
+    token.write_text("")
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar", "doctor"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert "✘ identity: license token file" in out and "empty" in out

@@ -286,12 +286,12 @@ class LicenseBook:
         return jwt.encode(claims, self.key, algorithm="PS256")
 
     def _extend(self, p: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        if p.get("DryRun"):  # permissions only, checked before the resource (as EC2 does)
+            return _error("DryRunOperation", "Request would have succeeded")
         c = self.consumptions.get(p["LicenseConsumptionToken"])
         grant = self.grants.get(c.sku) if c is not None else None
         if c is None or grant is None or grant.revoked:
             return _error("ResourceNotFoundException", "License consumption not found")
-        if p.get("DryRun"):
-            return _error("DryRunOperation", "Request would have succeeded")
         c.expires_at = self.now() + self.ttl
         return 200, {
             "LicenseConsumptionToken": p["LicenseConsumptionToken"],
