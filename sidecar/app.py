@@ -80,6 +80,7 @@ from sidecar.server.netaddr import parse_hostport
 from sidecar.stopsignals import StopSignals
 
 if TYPE_CHECKING:
+    from sidecar.entitlement.contract import ContractService
     from sidecar.usage.saas import SaasPolicy, SaasService
     from sidecar.usage.service import EntitlementResult, UsagePolicy, UsageService
 
@@ -173,6 +174,68 @@ def open_saas(settings: Settings, factory: Callable[[], Any], clock: Clock) -> S
     except BaseException:
         store.close()
         raise
+
+
+def contract_service(
+    settings: Settings,
+    factory: Callable[[], Any] | None,
+    clock: Clock,
+    stop: threading.Event,
+) -> ContractService:
+    """Contract mode's worker, from the settings (validated: SKU and entitlements are set)."""
+    from sidecar.config import parse_license_entitlements
+    from sidecar.entitlement.contract import ContractService
+    from sidecar.entitlement.license import Asked
+
+    asked = Asked(
+        product_sku=settings.license_product_sku or "",
+        key_fingerprint=settings.license_key_fingerprint,
+        entitlements=parse_license_entitlements(settings.license_entitlements),
+        checkout_type=settings.license_checkout_type,
+        node_id=settings.pod_name or None,
+    )
+    return ContractService(
+        asked,
+        factory or license_gateway(settings),
+        clock,
+        stop,
+        check_seconds=settings.license_check_seconds,
+        deadline=settings.register_deadline_seconds,
+        backoff=Backoff(settings.backoff_base_seconds, settings.backoff_cap_seconds),
+        on_loss=settings.license_on_loss,
+        rng=random.random,
+    )
+
+
+def license_gateway(settings: Settings) -> Callable[[], Any]:
+    """The License Manager client, built on first use (a setup failure is a failed attempt)."""
+
+    def factory() -> Any:
+        from sidecar.aws.license import LicenseCallError, LicenseGateway, classify_license
+        from sidecar.aws.region import RegionNotFoundError, resolve_region
+
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_LICENSE_MANAGER")
+        try:
+            region, source = resolve_region()
+        except RegionNotFoundError as exc:
+            raise LicenseCallError(for_endpoint(exc.info, endpoint)) from None
+        try:
+            gateway = LicenseGateway(
+                region,
+                settings.aws_timeout_seconds,
+                token_file=settings.license_token_file,
+                role_arn=settings.license_role_arn,
+            )
+        except Exception as exc:  # botocore setup errors are configuration problems
+            info = classify_license(type(exc).__name__, str(exc))
+            raise LicenseCallError(for_endpoint(info, endpoint)) from None
+        log.info(
+            "aws_client",
+            extra={"region": region, "region_source": source, "endpoint": gateway.endpoint},
+        )
+        return gateway
+
+    return factory
 
 
 def usage_clock(settings: Settings) -> Clock:
@@ -325,8 +388,10 @@ class Daemon:
         self.stop_event = threading.Event()
         self.machine = Entitlement()
         saas = settings.mode == "saas"
+        contract = settings.mode == "contract"
         # SaaS mode has no entitlement state: no state gauges that would say "registering".
-        self.metrics = Metrics(None if saas else self.machine.snapshot, ROUTES)
+        # Contract mode's state is the license's (sidecar.entitlement.license).
+        self.metrics = Metrics(None if saas or contract else self.machine.snapshot, ROUTES)
         custom = settings.mode == "custom"
         self.clock = clock or (usage_clock(settings) if custom or saas else SystemClock())
         factory = gateway_factory or aws_gateway(settings)
@@ -337,7 +402,10 @@ class Daemon:
         # In custom mode the registrar never runs: the Router reads its state machine only.
         # SaaS mode has none at all (no RegisterUsage, no key, no verdict files).
         self.registrar: Registrar | None = None
-        if not saas:
+        self.contract: ContractService | None = None
+        if contract:
+            self.contract = contract_service(settings, gateway_factory, self.clock, self.stop_event)
+        elif not saas:
             self.registrar = Registrar(
                 policy_from(settings, keys),
                 factory,
@@ -366,8 +434,14 @@ class Daemon:
             self.metrics.watch_usage(usage.counters, frozenset(settings.dimension_list))
         self._crash: str | None = None
         self._worker = threading.Thread(
-            target=self._work_saas if saas else self._work_usage if custom else self._work,
-            name="saas" if saas else "usage" if custom else "registrar",
+            target=self._work_saas
+            if saas
+            else self._work_usage
+            if custom
+            else self._work_contract
+            if contract
+            else self._work,
+            name="saas" if saas else "usage" if custom else "contract" if contract else "registrar",
             daemon=True,
         )
         self.mirrors: list[Mirror] = []
@@ -376,6 +450,8 @@ class Daemon:
         # SaaS mode: no registrar behind the routes (hourly and custom mode keep theirs).
         registrar = self.registrar
         readiness = self.saas.ready if self.saas is not None else None
+        if self.contract is not None:
+            readiness = self.contract.readiness
         notices = (
             self.usage.notices
             if self.usage is not None
@@ -393,6 +469,7 @@ class Daemon:
             saas=self.saas,
             readiness=readiness,
             notices=notices,
+            contract=self.contract,
         )
         self.api = bind(
             f"{PREFIX}LISTEN",
@@ -414,6 +491,7 @@ class Daemon:
                         metrics=self.metrics,
                         readiness=readiness,
                         notices=notices,
+                        contract=self.contract,
                     ),
                     PROBE_LIMITS,
                     name="probe",
@@ -519,6 +597,29 @@ class Daemon:
             self._crash = f"usage loop crashed: {type(exc).__name__}"
             log.exception("usage_crashed")
 
+    def _work_contract(self) -> None:
+        if self.contract is None:
+            return
+        try:
+            self.contract.run()
+        except Exception as exc:
+            self._crash = f"license loop crashed: {type(exc).__name__}"
+            log.exception("contract_crashed")
+
+    def _checkin(self, budget: float) -> None:
+        """CheckInLicense at stop, never past `budget` seconds (a hung call is left behind)."""
+        contract = self.contract
+        if contract is None:
+            return
+        started = time.monotonic()
+        self._worker.join(timeout=budget)  # the loop ends at its next wake; calls run out
+        left = max(0.0, budget - (time.monotonic() - started))
+        done = threading.Thread(target=contract.checkin_at_stop, name="checkin", daemon=True)
+        done.start()
+        done.join(timeout=left)
+        if done.is_alive():
+            log.warning("license_checkin_abandoned", extra={"budget_seconds": budget})
+
     def _work_saas(self) -> None:
         if self.saas is None:
             return
@@ -537,6 +638,7 @@ class Daemon:
 
     def close(self) -> None:
         self.stop_event.set()
+        self._checkin(self.settings.drain_seconds)
         pipeline = self.usage or self.saas
         if pipeline is not None:
             # The API stays up while draining: a classic sidecar's product may still report.
