@@ -404,6 +404,47 @@ def test_contract_settings_are_refused_in_other_modes() -> None:
     assert "MARKETPLACE_LICENSE_CHECKOUT_TYPE: only used with MARKETPLACE_MODE=contract" in err
 
 
+def test_anywhere_identity_checks_out_with_the_role_the_license_token_assumes(
+    lm: Any, server: EmulatorServer, tmp_path: Path
+) -> None:
+    """Off AWS: no platform credentials; the buyer's license token and role. GetAccessToken at
+    the emulator, AssumeRoleWithWebIdentity at moto's STS, then CheckoutLicense signed with the
+    role's credentials."""
+    from tests.metadata_fake import MotoSts
+
+    arn = grant(lm, seats=1)
+    role = "arn:aws:iam::111122223333:role/AWSLicenseManagerConsumptionRole"
+    token = lm("tokens", {"license_arn": arn, "role_arns": [role]})["token"]
+    token_file = tmp_path / "license_token"
+    token_file.write_text(token + "\n")
+    sts = MotoSts()
+    try:
+        env = loopback_env(
+            server.url,
+            AWS_ENDPOINT_URL_LICENSE_MANAGER=server.url,
+            AWS_ENDPOINT_URL_STS=sts.url,
+            MARKETPLACE_LICENSE_ENTITLEMENTS=json.dumps(SEATS),
+            MARKETPLACE_LICENSE_TOKEN_FILE=str(token_file),
+            MARKETPLACE_LICENSE_ROLE_ARN=role,
+        )
+        del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+        p = Pod(env, tmp_path / "anywhere.log")
+        try:
+            p.wait(checked_out)
+            exchanged = calls(server, "GetAccessToken")
+            assert [c["code"] for c in exchanged] == ["ok"]
+            assert exchanged[0]["access_key"] is None  # unsigned, as the guide's provider
+            [checkout] = calls(server, "CheckoutLicense")
+            assumed = {a.access_key_id for a in sts.assumed() if a.role_arn == role}
+            assert checkout["access_key"] in assumed
+            assert p.stop() == 0
+            assert token not in p.logs()
+        finally:
+            p.stop()
+    finally:
+        sts.close()
+
+
 def test_doctor_checks_contract_mode_without_consuming(
     lm: Any, server: EmulatorServer, tmp_path: Path
 ) -> None:
