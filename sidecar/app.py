@@ -35,6 +35,12 @@
     0.0.0.0:8788    /healthz /readyz (ready, state, error code only) /metrics (saas counters
                     read from SaasService.counters() at scrape time)
 
+      or MARKETPLACE_MODE=contract (no registrar, no key; sidecar.entitlement.contract)
+    contract thread: License Manager CheckoutLicense at start (one ClientToken, retried until
+    the deadline), ExtendLicenseConsumption half-way through each grant, a fresh checkout every
+    MARKETPLACE_LICENSE_CHECK_SECONDS; /readyz and /v1/entitlement read its License state;
+    CheckInLicense at SIGTERM within MARKETPLACE_DRAIN_SECONDS
+
 SIGTERM or SIGINT sets one stop event. Custom mode then seals the partial hour and sends what
 is pending within MARKETPLACE_DRAIN_SECONDS (the API still accepts usage meanwhile); saas mode
 drains the same way (the leader sends what is due); the servers close and the process exits 0.
@@ -289,7 +295,8 @@ def credential_warnings(env: Mapping[str, str]) -> list[str]:
             "EKS Pod Identity credentials detected: AWS Marketplace metering does not accept "
             "them; use IRSA (serviceAccount annotation eks.amazonaws.com/role-arn)"
         ]
-    if env.get("AWS_ACCESS_KEY_ID") and not env.get(ENDPOINT_ENV):
+    local = env.get(ENDPOINT_ENV) or env.get("AWS_ENDPOINT_URL_LICENSE_MANAGER")
+    if env.get("AWS_ACCESS_KEY_ID") and not local:
         return [
             "static AWS access keys in the environment: AWS Marketplace metering expects the "
             "ECS task role or IRSA, and AWS advises against keys in containers"
