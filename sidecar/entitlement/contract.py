@@ -331,6 +331,13 @@ class ContractService:
         """A new checkout (fresh token); then the old one is checked in."""
         old = self.machine.snapshot().held
         held, error, warnings = self._checkout(uuid.uuid4().hex)
+        if held is not None and old is not None and self._short_for_swap(old, held):
+            # Fewer entitlements than we hold, with counted ones asked: the pool may lack the
+            # spare units for the moment of the swap (our own seat fills it). Give the smaller
+            # checkout back and keep ours; a real reduction shows when an extension fails.
+            self._checkin(held.checkout.consumption_token)
+            self._refused("a smaller answer than the live checkout")
+            return
         if held is not None:
             self._adopt(held, warnings)
             if old is not None and self._provisional:
@@ -341,17 +348,26 @@ class ContractService:
         if not error.retryable and self._provisional and self.asked.counted:
             # AWS answers "no license" and "not enough left" alike: the pool may simply have no
             # spare units for the swap. The live checkout stands until it fails to extend.
-            self.machine.warn(
-                (
-                    "recheck_refused: License Manager refused the periodic re-check ("
-                    f"{error.code}); the live checkout stands until an extension fails",
-                )
-            )
+            self._refused(error.code)
             return
         if error.retryable:
             self.machine.failed(error, self._clock.time())
         else:
             self._withdrawn(error)
+
+    def _short_for_swap(self, old: Held, new: Held) -> bool:
+        if not (self._provisional and self.asked.counted):
+            return False
+        names = {e.get("Name") for e in new.checkout.entitlements_allowed}
+        return not {e.get("Name") for e in old.checkout.entitlements_allowed} <= names
+
+    def _refused(self, why: str) -> None:
+        self.machine.warn(
+            (
+                f"recheck_refused: License Manager refused the periodic re-check ({why}); "
+                "the live checkout stands until an extension fails",
+            )
+        )
 
     def _withdrawn(self, error: ErrorInfo) -> None:
         with self._lock:
