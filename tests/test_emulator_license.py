@@ -166,6 +166,10 @@ def test_revoked_or_reduced_licenses(lm: Any, server: EmulatorServer) -> None:
     with pytest.raises(ClientError) as exc:
         checkout(lm, "b")
     assert code(exc) == "NoEntitlementsAllowedException"
+    post(server, "change", {"sku": SKU, "name": "Seats", "max": 5, "expires_in": -1})
+    with pytest.raises(ClientError) as exc:  # the contract ended
+        checkout(lm, "c")
+    assert code(exc) == "NoEntitlementsAllowedException"
     post(server, "change", {"sku": SKU, "revoke": True})
     with pytest.raises(ClientError) as exc:
         lm.extend_license_consumption(LicenseConsumptionToken=a["LicenseConsumptionToken"])
