@@ -720,8 +720,14 @@ def parse_volume_bytes(v: object) -> int | None:
     return value
 
 
+def parse_blank_as_unset(v: object) -> object:
+    """Templates set every variable and leave unused ones blank: blank is unset (never ".")."""
+    return None if isinstance(v, str) and not v.strip() else v
+
+
 # field names -> their parser, run on the raw value before pydantic's own type coercion.
 FIELD_PARSERS: tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...] = (
+    (("license_token_file", "license_role_arn"), parse_blank_as_unset),
     (("fleet_size",), parse_fleet_size),
     (("state_volume_bytes",), parse_volume_bytes),
 )

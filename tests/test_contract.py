@@ -390,6 +390,21 @@ def test_contract_refuses_other_modes_settings_and_half_an_identity(tmp_path: Pa
     assert "MARKETPLACE_LICENSE_TOKEN_FILE and MARKETPLACE_LICENSE_ROLE_ARN: set both" in err
 
 
+def test_blank_identity_settings_are_unset_not_the_current_directory() -> None:
+    from sidecar.config_validate import validated
+
+    settings = validated(
+        {
+            "mode": "contract",
+            "license_product_sku": SKU,
+            "license_entitlements": json.dumps(TIER),
+            "license_token_file": "",
+            "license_role_arn": " ",
+        }
+    )
+    assert settings.license_token_file is None and settings.license_role_arn is None
+
+
 def test_contract_settings_are_refused_in_other_modes() -> None:
     code, err, _ = _run_config(
         {

@@ -109,7 +109,7 @@ class ContractService:
             "consumption_token": None,
             "signed_token": {"present": False, "verified": False, "why": SIGNED_NOTE},
             "consecutive_failures": snap.consecutive_failures,
-            "next_check_at": snap.next_check_at,
+            "next_check_at": _iso(snap.next_check_at) if snap.next_check_at else None,
             "error": snap.error.to_json() if snap.error else None,
             "warnings": list(snap.warnings),
         }
