@@ -340,7 +340,7 @@ def test_consumption_token_never_in_logs_or_probe(
     assert p.stop() == 0
     assert calls(server, "CheckInLicense")  # the token was used to the end
     seen.append(p.logs())
-    assert len(p.logs()) > 1000  # DEBUG did log botocore's traffic
+    assert "license_extended" in p.logs() and "license_checked_in" in p.logs()
     for text in seen:
         assert token not in text
 

@@ -209,3 +209,33 @@ def test_get_access_token_exchanges_a_license_token(lm: Any, server: EmulatorSer
     with pytest.raises(ClientError) as exc:
         lm.get_access_token(Token=token, TokenProperties=["unknown"])
     assert code(exc) == "ValidationException"
+
+
+def test_botocore_debug_records_never_carry_the_consumption_token(
+    server: EmulatorServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The daemon keeps botocore at WARNING; if someone lowers it, bodies are still dropped."""
+    import logging
+
+    from sidecar.aws.license import LicenseGateway
+
+    requests.post(f"{server.url}/_emulator/license/reset", json={}, timeout=5)
+    seats(server, 1)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_LICENSE_MANAGER", server.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "local")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local")
+    gateway = LicenseGateway("us-east-1", 5.0)
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("botocore").setLevel(logging.DEBUG)
+        got = gateway.checkout(
+            SKU,
+            MARKETPLACE_FINGERPRINT,
+            ({"Name": "Seats", "Unit": "Count", "Value": "1"},),
+            "PROVISIONAL",
+            "t1",
+        )
+        gateway.extend(got.consumption_token)
+        gateway.checkin(got.consumption_token)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "botocore" in " ".join(r.name for r in caplog.records)  # it did log at DEBUG
+    assert got.consumption_token not in text

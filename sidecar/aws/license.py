@@ -141,8 +141,14 @@ def _token_filter() -> None:
 
 
 class _NoBodies(logging.Filter):
+    """Drop records that carry a License Manager body (the daemon keeps botocore at WARNING;
+    this holds if anyone lowers it)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        text = str(record.msg)
+        try:
+            text = record.getMessage()
+        except Exception:  # a record that cannot format is dropped, never half-shown
+            return False
         return "LicenseConsumptionToken" not in text and "body" not in text.lower()
 
 
