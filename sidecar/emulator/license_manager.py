@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import secrets
 import socket
 import struct
@@ -422,8 +423,6 @@ def call(
 def _invalid(op: str, params: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
     from botocore.validate import ParamValidator
 
-    from sidecar.emulator.service import _constraint_violation
-
     model = _model()
     if op not in model.operation_names:
         return _error("UnknownOperationException", f"unknown operation {op!r}")
@@ -432,9 +431,39 @@ def _invalid(op: str, params: dict[str, Any]) -> tuple[int, dict[str, Any]] | No
     report = ParamValidator().validate(params, shape)
     if report.has_errors():
         return _error("ValidationException", report.generate_report())
-    broken = _constraint_violation(params, shape, "")
+    broken = _violation(params, shape, "")
     if broken is not None:
         return _error("ValidationException", f"1 validation error detected: {broken}")
+    return None
+
+
+def _violation(value: Any, shape: Any, where: str) -> str | None:
+    """What botocore leaves to the service: each string's `pattern` (matched whole: AWS matches
+    whole values, Python's `$` would let a trailing newline through), `enum` and `max` length;
+    the first violation, worded as AWS words them. Kept here, apart from the Metering side."""
+    kind = shape.type_name
+    if kind == "structure" and isinstance(value, dict):
+        for name, member in shape.members.items():
+            if name in value:
+                inner = name[:1].lower() + name[1:]
+                found = _violation(value[name], member, f"{where}.{inner}" if where else inner)
+                if found is not None:
+                    return found
+    elif kind == "list" and isinstance(value, list):
+        for i, item in enumerate(value, 1):
+            found = _violation(item, shape.member, f"{where}.{i}.member")
+            if found is not None:
+                return found
+    elif kind == "string" and isinstance(value, str):
+        must = f"Value at '{where}' failed to satisfy constraint: Member must"
+        pattern = shape.metadata.get("pattern")
+        if pattern is not None and re.fullmatch(pattern, value) is None:
+            return f"{must} satisfy regular expression pattern: {pattern}"
+        if shape.enum and value not in shape.enum:
+            return f"{must} satisfy enum value set: [{', '.join(shape.enum)}]"
+        limit = shape.metadata.get("max")
+        if limit is not None and len(value) > limit:
+            return f"{must} have length less than or equal to {limit}"
     return None
 
 
