@@ -32,10 +32,15 @@ render gate-events --set readinessGate.enabled=true --set events.enabled=true \
 render classic --set mode=classic --set readinessGate.enabled=true
 render saas --set metering.mode=saas --set 'metering.dimensions={users}' \
   --set metering.saas.database.existingSecret=metering-db
+render contract --set metering.mode=contract --set product.code= --set-string product.publicKey= \
+  --set metering.contract.productSku=scan --set 'metering.contract.entitlements[0].name=Tier' \
+  --set 'metering.contract.entitlements[0].unit=None' \
+  --set metering.contract.anywhere.existingSecret=aws-marketplace-license-config
 # One run (checkov's start-up is most of its time); --skip-download: no network, no platform.
 "$BIN/checkov" --quiet --compact --skip-download \
   --framework kubernetes dockerfile cloudformation \
   -f "$OUT/native.yaml" -f "$OUT/gate-events.yaml" -f "$OUT/classic.yaml" -f "$OUT/saas.yaml" \
+  -f "$OUT/contract.yaml" \
   -f manifests/kubernetes/marketplace-sidecar.yaml \
   -f Dockerfile -f manifests/ecs/cloudformation.json
 "$BIN/bandit" --quiet --recursive sidecar/ client/marketplace_sidecar_client/

@@ -35,6 +35,12 @@
     0.0.0.0:8788    /healthz /readyz (ready, state, error code only) /metrics (saas counters
                     read from SaasService.counters() at scrape time)
 
+      or MARKETPLACE_MODE=contract (no registrar, no key; sidecar.entitlement.contract)
+    contract thread: License Manager CheckoutLicense at start (one ClientToken, retried until
+    the deadline), ExtendLicenseConsumption half-way through each grant, a fresh checkout every
+    MARKETPLACE_LICENSE_CHECK_SECONDS; /readyz and /v1/entitlement read its License state;
+    CheckInLicense at SIGTERM within MARKETPLACE_DRAIN_SECONDS
+
 SIGTERM or SIGINT sets one stop event. Custom mode then seals the partial hour and sends what
 is pending within MARKETPLACE_DRAIN_SECONDS (the API still accepts usage meanwhile); saas mode
 drains the same way (the leader sends what is due); the servers close and the process exits 0.
@@ -80,6 +86,7 @@ from sidecar.server.netaddr import parse_hostport
 from sidecar.stopsignals import StopSignals
 
 if TYPE_CHECKING:
+    from sidecar.entitlement.contract import ContractService
     from sidecar.usage.saas import SaasPolicy, SaasService
     from sidecar.usage.service import EntitlementResult, UsagePolicy, UsageService
 
@@ -175,6 +182,68 @@ def open_saas(settings: Settings, factory: Callable[[], Any], clock: Clock) -> S
         raise
 
 
+def contract_service(
+    settings: Settings,
+    factory: Callable[[], Any] | None,
+    clock: Clock,
+    stop: threading.Event,
+) -> ContractService:
+    """Contract mode's worker, from the settings (validated: SKU and entitlements are set)."""
+    from sidecar.config import parse_license_entitlements
+    from sidecar.entitlement.contract import ContractService
+    from sidecar.entitlement.license import Asked
+
+    asked = Asked(
+        product_sku=settings.license_product_sku or "",
+        key_fingerprint=settings.license_key_fingerprint,
+        entitlements=parse_license_entitlements(settings.license_entitlements),
+        checkout_type=settings.license_checkout_type,
+        node_id=settings.pod_name or None,
+    )
+    return ContractService(
+        asked,
+        factory or license_gateway(settings),
+        clock,
+        stop,
+        check_seconds=settings.license_check_seconds,
+        deadline=settings.register_deadline_seconds,
+        backoff=Backoff(settings.backoff_base_seconds, settings.backoff_cap_seconds),
+        on_loss=settings.license_on_loss,
+        rng=random.random,
+    )
+
+
+def license_gateway(settings: Settings) -> Callable[[], Any]:
+    """The License Manager client, built on first use (a setup failure is a failed attempt)."""
+
+    def factory() -> Any:
+        from sidecar.aws.license import LicenseCallError, LicenseGateway, classify_license
+        from sidecar.aws.region import RegionNotFoundError, resolve_region
+
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_LICENSE_MANAGER")
+        try:
+            region, source = resolve_region()
+        except RegionNotFoundError as exc:
+            raise LicenseCallError(for_endpoint(exc.info, endpoint)) from None
+        try:
+            gateway = LicenseGateway(
+                region,
+                settings.aws_timeout_seconds,
+                token_file=settings.license_token_file,
+                role_arn=settings.license_role_arn,
+            )
+        except Exception as exc:  # botocore setup errors are configuration problems
+            info = classify_license(type(exc).__name__, str(exc))
+            raise LicenseCallError(for_endpoint(info, endpoint)) from None
+        log.info(
+            "aws_client",
+            extra={"region": region, "region_source": source, "endpoint": gateway.endpoint},
+        )
+        return gateway
+
+    return factory
+
+
 def usage_clock(settings: Settings) -> Clock:
     """The system clock; a scaled one only for tests (config refuses it unless on loopback)."""
     if settings.test_only_time_scale is None or settings.test_only_time_origin is None:
@@ -226,7 +295,8 @@ def credential_warnings(env: Mapping[str, str]) -> list[str]:
             "EKS Pod Identity credentials detected: AWS Marketplace metering does not accept "
             "them; use IRSA (serviceAccount annotation eks.amazonaws.com/role-arn)"
         ]
-    if env.get("AWS_ACCESS_KEY_ID") and not env.get(ENDPOINT_ENV):
+    local = env.get(ENDPOINT_ENV) or env.get("AWS_ENDPOINT_URL_LICENSE_MANAGER")
+    if env.get("AWS_ACCESS_KEY_ID") and not local:
         return [
             "static AWS access keys in the environment: AWS Marketplace metering expects the "
             "ECS task role or IRSA, and AWS advises against keys in containers"
@@ -325,8 +395,10 @@ class Daemon:
         self.stop_event = threading.Event()
         self.machine = Entitlement()
         saas = settings.mode == "saas"
+        contract = settings.mode == "contract"
         # SaaS mode has no entitlement state: no state gauges that would say "registering".
-        self.metrics = Metrics(None if saas else self.machine.snapshot, ROUTES)
+        # Contract mode's state is the license's (sidecar.entitlement.license).
+        self.metrics = Metrics(None if saas or contract else self.machine.snapshot, ROUTES)
         custom = settings.mode == "custom"
         self.clock = clock or (usage_clock(settings) if custom or saas else SystemClock())
         factory = gateway_factory or aws_gateway(settings)
@@ -337,7 +409,10 @@ class Daemon:
         # In custom mode the registrar never runs: the Router reads its state machine only.
         # SaaS mode has none at all (no RegisterUsage, no key, no verdict files).
         self.registrar: Registrar | None = None
-        if not saas:
+        self.contract: ContractService | None = None
+        if contract:
+            self.contract = contract_service(settings, gateway_factory, self.clock, self.stop_event)
+        elif not saas:
             self.registrar = Registrar(
                 policy_from(settings, keys),
                 factory,
@@ -366,8 +441,14 @@ class Daemon:
             self.metrics.watch_usage(usage.counters, frozenset(settings.dimension_list))
         self._crash: str | None = None
         self._worker = threading.Thread(
-            target=self._work_saas if saas else self._work_usage if custom else self._work,
-            name="saas" if saas else "usage" if custom else "registrar",
+            target=self._work_saas
+            if saas
+            else self._work_usage
+            if custom
+            else self._work_contract
+            if contract
+            else self._work,
+            name="saas" if saas else "usage" if custom else "contract" if contract else "registrar",
             daemon=True,
         )
         self.mirrors: list[Mirror] = []
@@ -376,6 +457,8 @@ class Daemon:
         # SaaS mode: no registrar behind the routes (hourly and custom mode keep theirs).
         registrar = self.registrar
         readiness = self.saas.ready if self.saas is not None else None
+        if self.contract is not None:
+            readiness = self.contract.readiness
         notices = (
             self.usage.notices
             if self.usage is not None
@@ -393,6 +476,7 @@ class Daemon:
             saas=self.saas,
             readiness=readiness,
             notices=notices,
+            contract=self.contract,
         )
         self.api = bind(
             f"{PREFIX}LISTEN",
@@ -414,6 +498,7 @@ class Daemon:
                         metrics=self.metrics,
                         readiness=readiness,
                         notices=notices,
+                        contract=self.contract,
                     ),
                     PROBE_LIMITS,
                     name="probe",
@@ -519,6 +604,29 @@ class Daemon:
             self._crash = f"usage loop crashed: {type(exc).__name__}"
             log.exception("usage_crashed")
 
+    def _work_contract(self) -> None:
+        if self.contract is None:
+            return
+        try:
+            self.contract.run()
+        except Exception as exc:
+            self._crash = f"license loop crashed: {type(exc).__name__}"
+            log.exception("contract_crashed")
+
+    def _checkin(self, budget: float) -> None:
+        """CheckInLicense at stop, never past `budget` seconds (a hung call is left behind)."""
+        contract = self.contract
+        if contract is None:
+            return
+        started = time.monotonic()
+        self._worker.join(timeout=budget)  # the loop ends at its next wake; calls run out
+        left = max(0.0, budget - (time.monotonic() - started))
+        done = threading.Thread(target=contract.checkin_at_stop, name="checkin", daemon=True)
+        done.start()
+        done.join(timeout=left)
+        if done.is_alive():
+            log.warning("license_checkin_abandoned", extra={"budget_seconds": budget})
+
     def _work_saas(self) -> None:
         if self.saas is None:
             return
@@ -537,6 +645,7 @@ class Daemon:
 
     def close(self) -> None:
         self.stop_event.set()
+        self._checkin(self.settings.drain_seconds)
         pipeline = self.usage or self.saas
         if pipeline is not None:
             # The API stays up while draining: a classic sidecar's product may still report.

@@ -9,6 +9,7 @@ import contextlib
 import difflib
 import importlib.util
 import ipaddress
+import json
 import math
 import os
 import re
@@ -43,6 +44,27 @@ MAX_FLEET_SIZE = 100_000  # MARKETPLACE_FLEET_SIZE; the registration deadline bo
 # Kubernetes' default terminationGracePeriodSeconds is 30: leave room for the product's own exit.
 DEFAULT_DRAIN_SECONDS = 20.0
 ENDPOINT_ENV = "AWS_ENDPOINT_URL_MARKETPLACE_METERING"
+LICENSE_ENDPOINT_ENV = "AWS_ENDPOINT_URL_LICENSE_MANAGER"
+# The issuer fingerprint of every license AWS Marketplace issues (seller guide, "Contract pricing
+# for container products with AWS License Manager": not a placeholder).
+MARKETPLACE_KEY_FINGERPRINT = "aws:294406891311:AWS/Marketplace:issuer-fingerprint"
+# The same guide: "We recommend that you perform the CheckoutLicense API call every 15 minutes".
+LICENSE_CHECK_SECONDS = 900.0
+# botocore license-manager 2018-08-01, EntitlementDataUnit.
+LICENSE_UNITS = frozenset(
+    {
+        "Count", "None", "Seconds", "Microseconds", "Milliseconds", "Bytes", "Kilobytes",
+        "Megabytes", "Gigabytes", "Terabytes", "Bits", "Kilobits", "Megabits", "Gigabits",
+        "Terabits", "Percent", "Bytes/Second", "Kilobytes/Second", "Megabytes/Second",
+        "Gigabytes/Second", "Terabytes/Second", "Bits/Second", "Kilobits/Second",
+        "Megabits/Second", "Gigabits/Second", "Terabits/Second", "Count/Second",
+    }
+)  # fmt: skip
+MAX_LICENSE_ENTITLEMENTS = 50
+# The model's String has no pattern for ProductSKU, KeyFingerprint or entitlement names: these
+# bounds are ours (no whitespace or control characters, as every example in the guides).
+LICENSE_TEXT_RE = re.compile(r"[!-~]{1,255}")
+ROLE_ARN_RE = re.compile(r"arn:aws[a-zA-Z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}")
 PREFIX = "MARKETPLACE_"
 _NO_KEY = (
     f"{PREFIX}PUBLIC_KEY / {PREFIX}PUBLIC_KEY_FILE: set exactly one (the product's PEM public "
@@ -81,10 +103,57 @@ class Settings:
         "(1-255 of A-Za-z0-9-/=:_.@); required except in saas mode with "
         "MARKETPLACE_SAAS_IDENTITY=license, where it pins ResolveCustomer to this product",
     )
-    mode: Literal["hourly", "custom", "saas"] = setting(
+    mode: Literal["hourly", "custom", "saas", "contract"] = setting(
         "hourly",
-        description="hourly (RegisterUsage), custom (MeterUsage, custom dimensions) or saas "
-        "(ResolveCustomer and BatchMeterUsage for SaaS products)",
+        description="hourly (RegisterUsage), custom (MeterUsage, custom dimensions), saas "
+        "(ResolveCustomer and BatchMeterUsage for SaaS products) or contract (AWS License "
+        "Manager CheckoutLicense for contract-priced container products)",
+    )
+    license_product_sku: str | None = setting(
+        None,
+        description="contract mode: the product ID from the AWS Marketplace Management Portal "
+        "(CheckoutLicense ProductSKU; 1-255 non-blank characters)",
+    )
+    license_entitlements: str = setting(
+        "",
+        description='contract mode: JSON list of {"name", "unit", "value"?} to check out at '
+        "start (unit from License Manager's EntitlementDataUnit; no value for unlimited or "
+        "boolean features); ready when AWS allows at least one of them",
+    )
+    license_checkout_type: Literal["PROVISIONAL", "PERPETUAL"] = setting(
+        "PROVISIONAL",
+        description="contract mode: PROVISIONAL (floating: extended while the pod runs, "
+        "checked in at stop) or PERPETUAL (consumed for good; counted ones are checked out "
+        "once per start, never re-checked)",
+    )
+    license_check_seconds: float = setting(
+        LICENSE_CHECK_SECONDS,
+        ge=60.0,
+        le=86400.0,
+        description="contract mode: period of the CheckoutLicense re-check that picks up "
+        "renewals, upgrades, expiry and revocation (AWS's seller guide: every 15 minutes)",
+    )
+    license_key_fingerprint: str = setting(
+        MARKETPLACE_KEY_FINGERPRINT,
+        description="contract mode: CheckoutLicense KeyFingerprint, the trusted issuer (AWS "
+        "Marketplace's, unless testing with a license you issued yourself)",
+    )
+    license_on_loss: Literal["unready", "serve"] = setting(
+        "unready",
+        description="contract mode: when a running pod's license is revoked, reduced or "
+        "expired: unready (readiness fails: no license, no product) or serve (stay ready; "
+        "GET /v1/entitlement says entitled false, so the product can fall back to a free "
+        "tier, as AWS's guide suggests for on-premises deployments)",
+    )
+    license_token_file: Path | None = setting(  # noqa: RUF009 # a field(), not a call per instance
+        None,
+        description="contract mode, off AWS (EKS/ECS Anywhere, on-premises): the License "
+        "Manager license token file (the buyer's secret); with MARKETPLACE_LICENSE_ROLE_ARN",
+    )
+    license_role_arn: str | None = setting(
+        None,
+        description="contract mode, off AWS: the IAM role the license token assumes "
+        "(AssumeRoleWithWebIdentity); with MARKETPLACE_LICENSE_TOKEN_FILE",
     )
     dimensions: str = setting(
         "",
@@ -106,7 +175,8 @@ class Settings:
         DEFAULT_DRAIN_SECONDS,
         ge=0.0,
         le=3600.0,
-        description="custom and saas mode: on SIGTERM, how long to keep sending pending usage",
+        description="custom and saas mode: on SIGTERM, how long to keep sending pending usage; "
+        "contract mode: the bound on CheckInLicense at stop",
     )
     saas_identity: Literal["license", "customer_identifier"] = setting(
         "license",
@@ -345,6 +415,8 @@ class Settings:
         if self.product_code is None and self.needs_product_code:
             problems.append(f"{PREFIX}PRODUCT_CODE: is required{_product_code_why(self)}")
         problems += self._foreign_settings()
+        if self.mode == "contract":
+            return problems + self._contract_problems()
         if self.mode == "hourly":
             if (self.public_key is None) == (self.public_key_file is None):
                 problems.append(_NO_KEY)
@@ -366,6 +438,27 @@ class Settings:
                 f"{PREFIX}USAGE_DATABASE_URL or {PREFIX}STATE_DIR: saas mode needs a usage "
                 "store: a PostgreSQL URL shared by every replica, or (one replica only) a "
                 "writable directory for SQLite"
+            )
+        return problems
+
+    def _contract_problems(self) -> list[str]:
+        """What contract mode needs: the SKU, the entitlements, both or neither identity file."""
+        problems = []
+        if self.license_product_sku is None:
+            problems.append(
+                f"{PREFIX}LICENSE_PRODUCT_SKU: is required with {PREFIX}MODE=contract: the "
+                "product ID from the AWS Marketplace Management Portal (Assets > Container)"
+            )
+        if not self.license_entitlements.strip():
+            problems.append(
+                f"{PREFIX}LICENSE_ENTITLEMENTS: is required with {PREFIX}MODE=contract: a JSON "
+                'list such as [{"name": "PremiumTier", "unit": "None"}]'
+            )
+        if (self.license_token_file is None) != (self.license_role_arn is None):
+            problems.append(
+                f"{PREFIX}LICENSE_TOKEN_FILE and {PREFIX}LICENSE_ROLE_ARN: set both (off AWS: "
+                "the buyer's license token and the role it assumes) or neither (on AWS: the "
+                "ECS task role or IRSA)"
             )
         return problems
 
@@ -398,6 +491,8 @@ class Settings:
 
     @property
     def needs_product_code(self) -> bool:
+        if self.mode == "contract":
+            return False  # License Manager knows the product by its SKU
         return self.mode != "saas" or self.saas_identity == "customer_identifier"
 
     def _foreign_settings(self) -> list[str]:
@@ -418,7 +513,12 @@ class Settings:
                         f"{PREFIX}{name.upper()}: only used with {PREFIX}MODE=custom "
                         f"(the mode is hourly); set {PREFIX}MODE=custom or remove it"
                     )
-        for name, why in (SAAS_ONLY if self.mode != "saas" else NOT_SAAS).items():
+        refused = (
+            NOT_CONTRACT
+            if self.mode == "contract"
+            else {**CONTRACT_ONLY, **(SAAS_ONLY if self.mode != "saas" else NOT_SAAS)}
+        )
+        for name, why in refused.items():
             if name not in self.explicit:
                 continue
             value = getattr(self, name)
@@ -468,6 +568,79 @@ def check_product_code(v: str | None) -> str | None:
     if not PRODUCT_CODE_RE.fullmatch(v):
         raise ValueError("must be 1-255 characters of letters, digits and -/=:_.@")
     return v
+
+
+def check_license_sku(v: str | None) -> str | None:
+    if v is None or not v.strip():
+        return None  # templates set every variable and leave unused ones blank
+    return check_license_fingerprint(v)
+
+
+def check_license_fingerprint(v: str) -> str:
+    if not LICENSE_TEXT_RE.fullmatch(v):
+        raise ValueError("must be 1-255 printable characters without spaces")
+    return v
+
+
+def check_role_arn(v: str | None) -> str | None:
+    if not v:
+        return None  # templates set every variable and leave unused ones blank
+    if not ROLE_ARN_RE.fullmatch(v):
+        raise ValueError("must be an IAM role ARN: arn:aws:iam::<12-digit account>:role/<name>")
+    return v
+
+
+def check_license_entitlements(v: str) -> str:
+    if v.strip():
+        parse_license_entitlements(v)
+    return v
+
+
+def parse_license_entitlements(text: str) -> tuple[dict[str, str], ...]:
+    """The JSON list as CheckoutLicense's Entitlements ({"Name", "Unit", "Value"?}).
+
+    Raise ValueError naming the item and what is allowed."""
+    try:
+        items = json.loads(text)
+    except ValueError:
+        raise ValueError(
+            'must be a JSON list such as [{"name": "PremiumTier", "unit": "None"}]'
+        ) from None
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_LICENSE_ENTITLEMENTS:
+        raise ValueError(f"must be a JSON list of 1-{MAX_LICENSE_ENTITLEMENTS} entitlements")
+    out: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items, 1):
+        where = f"item {i}"
+        if not isinstance(item, dict) or not {"name", "unit"} <= set(item):
+            raise ValueError(f'{where}: must be an object with "name" and "unit" (and "value"?)')
+        extra = set(item) - {"name", "unit", "value"}
+        if extra:
+            raise ValueError(f"{where}: unknown key(s) {sorted(extra)}; allowed: name, unit, value")
+        name, unit = item["name"], item["unit"]
+        if not isinstance(name, str) or not LICENSE_TEXT_RE.fullmatch(name):
+            raise ValueError(f"{where}: name must be 1-255 printable characters without spaces")
+        if name in seen:
+            raise ValueError(f"{where}: name {name!r} is listed twice")
+        seen.add(name)
+        if unit not in LICENSE_UNITS:
+            raise ValueError(
+                f"{where}: unit must be one of License Manager's units (Count, None, "
+                f"Gigabytes, ...; see EntitlementDataUnit), got {str(unit)[:40]!r}"
+            )
+        entry = {"Name": name, "Unit": unit}
+        if "value" in item:
+            value = item["value"]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10**9:
+                raise ValueError(
+                    f"{where}: value must be a whole number from 1 to 1000000000 (omit it for "
+                    "unlimited or boolean features)"
+                )
+            if unit == "None":
+                raise ValueError(f"{where}: a feature (unit None) takes no value; omit it")
+            entry["Value"] = str(value)
+        out.append(entry)
+    return tuple(out)
 
 
 def check_database_url(v: str | None) -> str | None:
@@ -547,14 +720,24 @@ def parse_volume_bytes(v: object) -> int | None:
     return value
 
 
+def parse_blank_as_unset(v: object) -> object:
+    """Templates set every variable and leave unused ones blank: blank is unset (never ".")."""
+    return None if isinstance(v, str) and not v.strip() else v
+
+
 # field names -> their parser, run on the raw value before pydantic's own type coercion.
 FIELD_PARSERS: tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...] = (
+    (("license_token_file", "license_role_arn"), parse_blank_as_unset),
     (("fleet_size",), parse_fleet_size),
     (("state_volume_bytes",), parse_volume_bytes),
 )
 # field names -> their check, in the order pydantic runs them (field order).
 FIELD_CHECKS: tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...] = (
     (("product_code",), check_product_code),
+    (("license_product_sku",), check_license_sku),
+    (("license_key_fingerprint",), check_license_fingerprint),
+    (("license_entitlements",), check_license_entitlements),
+    (("license_role_arn",), check_role_arn),
     (("usage_database_url",), check_database_url),
     (("dimensions",), check_dimensions),
     (("readiness_gate",), check_condition_type),
@@ -666,6 +849,60 @@ NOT_SAAS = {
     "readiness_gate": _NO_STATE,
     "kube_events": _NO_STATE,
     "state_volume_bytes": "only used with MARKETPLACE_MODE=custom (its usage store's volume)",
+}
+
+
+# Settings of contract mode alone, refused by name in the other modes.
+CONTRACT_ONLY = {
+    name: f"only used with {PREFIX}MODE=contract (AWS License Manager)"
+    for name in (
+        "license_product_sku",
+        "license_entitlements",
+        "license_checkout_type",
+        "license_check_seconds",
+        "license_key_fingerprint",
+        "license_on_loss",
+        "license_token_file",
+        "license_role_arn",
+    )
+}
+_NOT_METERED = "contract mode meters nothing: License Manager's CheckoutLicense is the check"
+# Settings of the other modes, refused by name in contract mode.
+NOT_CONTRACT = {
+    **SAAS_ONLY,
+    "product_code": "contract mode names the product by MARKETPLACE_LICENSE_PRODUCT_SKU",
+    **{
+        name: _NOT_METERED
+        for name in (
+            "dimensions",
+            "entitlement_check",
+            "entitlement_dimension",
+            "state_volume_bytes",
+            "public_key",
+            "public_key_file",
+            "public_key_version",
+        )
+    },
+    **{
+        name: _HOURLY_ONLY
+        for name in (
+            "register_interval_seconds",
+            "register_jitter",
+            "throttle_schedule_seconds",
+            "fleet_size",
+            "first_call_timeout_seconds",
+            "strict_first_answer",
+            "clock_skew_seconds",
+            "challenge_rate_per_second",
+            "challenge_burst",
+            "challenge_deadline_seconds",
+            "aws_call_rate_per_second",
+            "aws_call_burst",
+        )
+    },
+    "state_dir": "contract mode keeps no state on disk (a checkout lives in License Manager)",
+    "readiness_gate": "contract mode does not mirror its state to the pod (yet)",
+    "kube_events": "contract mode does not mirror its state to the pod (yet)",
 }
 
 
@@ -938,7 +1175,19 @@ def complete(settings: Settings) -> dict[int, RSAPublicKey]:
         parsed = urlparse(endpoint)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             problems.append(f"{ENDPOINT_ENV}: must be an http(s) URL, got {endpoint[:80]!r}")
-    if settings.test_only_time_scale is not None:
+    license_endpoint = os.environ.get(LICENSE_ENDPOINT_ENV)
+    if license_endpoint and settings.mode == "contract":
+        parsed = urlparse(license_endpoint)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            problems.append(
+                f"{LICENSE_ENDPOINT_ENV}: must be an http(s) URL, got {license_endpoint[:80]!r}"
+            )
+    if settings.mode == "contract" and settings.test_only_time_scale is not None:
+        problems.append(
+            f"{PREFIX}TEST_ONLY_TIME_SCALE: not supported with {PREFIX}MODE=contract (a "
+            "checkout's expiry is License Manager's, counted on this machine's monotonic clock)"
+        )
+    elif settings.test_only_time_scale is not None:
         host = urlparse(endpoint or "").hostname or ""
         if host not in ("127.0.0.1", "localhost", "::1"):
             problems.append(

@@ -342,10 +342,13 @@ def _cfn_sidecar() -> dict[str, Any]:
     return out
 
 
+CONTRACT_TASK: dict[str, Any] = json.loads((ECS / "task-definition-contract.json").read_text())
+
 EXAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "task-definition.json": (TASK, TASK["containerDefinitions"][0]),
     "task-definition-custom.json": (CUSTOM_TASK, CUSTOM_TASK["containerDefinitions"][0]),
     "task-definition-saas.json": (SAAS_TASK, SAAS_TASK["containerDefinitions"][0]),
+    "task-definition-contract.json": (CONTRACT_TASK, CONTRACT_TASK["containerDefinitions"][0]),
     "cloudformation.json": ({"requiresCompatibilities": ["FARGATE"]}, _cfn_sidecar()),
 }
 
@@ -491,7 +494,13 @@ def test_custom_state_volume_is_the_images_volume() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["task-definition.json", "task-definition-custom.json", "task-definition-saas.json"]
+    "name",
+    [
+        "task-definition.json",
+        "task-definition-custom.json",
+        "task-definition-saas.json",
+        "task-definition-contract.json",
+    ],
 )
 def test_run_starts_from_each_task_definition_without_a_warning(
     name: str, monkeypatch: pytest.MonkeyPatch
@@ -532,6 +541,7 @@ def test_docs_deploy_every_mode_with_its_own_files() -> None:
         "task-definition.json": "policy.json",
         "task-definition-custom.json": "policy-custom-metering.json",
         "task-definition-saas.json": "policy-saas.json",
+        "task-definition-contract.json": "policy-contract.json",
     }
     for task, policy in policy_of.items():
         (block,) = [b for b in blocks if f"file://manifests/ecs/{task}" in b]
@@ -543,3 +553,82 @@ def test_docs_deploy_every_mode_with_its_own_files() -> None:
         assert f"--role-name {role} " in block
     custom = json.loads((ROOT / "manifests" / "iam" / "policy-custom-metering.json").read_text())
     assert "aws-marketplace:MeterUsage" in json.dumps(custom)
+
+
+# -- Contract pricing: AWS License Manager, the task role as identity ----------------------------
+
+CONTRACT_ENV = {
+    "MARKETPLACE_MODE": "contract",
+    "MARKETPLACE_LICENSE_PRODUCT_SKU": "REPLACE_WITH_PRODUCT_ID",
+    "MARKETPLACE_LICENSE_ENTITLEMENTS": json.dumps(
+        [{"name": "REPLACE_WITH_ENTITLEMENT_NAME", "unit": "None"}]
+    ),
+    "MARKETPLACE_LICENSE_CHECKOUT_TYPE": "PROVISIONAL",
+    "MARKETPLACE_DRAIN_SECONDS": "20",
+    "MARKETPLACE_LISTEN": "127.0.0.1:8787",
+    "MARKETPLACE_PROBE_LISTEN": "127.0.0.1:8788",
+}
+
+
+def test_contract_task_definition_is_valid_register_task_definition_input() -> None:
+    assert problems(CONTRACT_TASK) == []
+
+
+def test_contract_sidecar_wiring_has_no_metering_settings_and_no_volume() -> None:
+    sidecar, product = CONTRACT_TASK["containerDefinitions"]
+    assert sidecar["name"] == SIDECAR and sidecar["essential"] is True
+    env = {e["name"]: e["value"] for e in sidecar["environment"]}
+    assert env == CONTRACT_ENV  # no product code, key, dimensions or state dir: refused there
+    assert "mountPoints" not in sidecar and "volumes" not in CONTRACT_TASK
+    assert "secrets" not in sidecar  # the task role is the identity, no license token
+    assert sidecar["readonlyRootFilesystem"] is True and sidecar["user"] == "10001:10001"
+    # ECS sends SIGKILL after stopTimeout: CheckInLicense's bound must fit before it.
+    assert sidecar["stopTimeout"] > float(env["MARKETPLACE_DRAIN_SECONDS"])
+    assert product["dependsOn"] == [{"containerName": SIDECAR, "condition": "HEALTHY"}]
+    assert CONTRACT_TASK["taskRoleArn"].endswith("/my-contract-product-task-role")
+
+
+def _license_operations_called() -> set[str]:
+    """The License Manager operations sidecar/aws/license.py calls (`_call("method", ...)`)."""
+    import re
+
+    import botocore.session
+
+    source = (ROOT / "sidecar" / "aws" / "license.py").read_text()
+    methods = set(re.findall(r'_call\(\s*"([a-z_]+)"', source))
+    client = botocore.session.get_session().create_client(
+        "license-manager", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    mapping: dict[str, str] = client.meta.method_to_api_mapping
+    assert methods and methods <= set(mapping), methods
+    return {mapping[m] for m in methods}
+
+
+def test_contract_iam_policy_grants_exactly_what_the_sidecar_calls() -> None:
+    """Least privilege tied to the code: a call added without its permission (or a permission
+    left after its call is gone) fails here. GetAccessToken and AssumeRoleWithWebIdentity (the
+    anywhere identity) are unsigned: no permission of the role is involved."""
+    policy = json.loads((ROOT / "manifests" / "iam" / "policy-contract.json").read_text())
+    assert policy["Version"] == "2012-10-17"
+    (statement,) = policy["Statement"]
+    assert statement["Effect"] == "Allow" and statement["Resource"] == "*"
+    granted = {a.removeprefix("license-manager:") for a in statement["Action"]}
+    assert all(a.startswith("license-manager:") for a in statement["Action"])
+    assert granted == _license_operations_called()
+    assert granted == {"CheckoutLicense", "ExtendLicenseConsumption", "CheckInLicense"}
+
+
+def test_license_token_trust_policy_admits_only_tokens_issued_in_the_buyers_account() -> None:
+    """The seller guide's role for off-AWS installs: License Manager's OIDC issuer, web identity
+    only, and only tokens whose amr names the buyer's account as issuer."""
+    trust = json.loads((ROOT / "manifests" / "iam" / "license-token-trust-policy.json").read_text())
+    (statement,) = trust["Statement"]
+    assert statement["Principal"] == {"Federated": "openid-license-manager.amazonaws.com"}
+    assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
+    condition = statement["Condition"]["ForAnyValue:StringLike"]
+    assert condition == {
+        "openid-license-manager.amazonaws.com:amr": (
+            "aws:license-manager:token-issuer-account-id:111122223333"
+        )
+    }
+    assert "*" not in json.dumps(condition)

@@ -140,13 +140,28 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
 identity needs it; there it is optional and, when given, pins ResolveCustomer to this product. */}}
 {{- define "marketplace-sidecar.needsProductCode" -}}
 {{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- if ne $v.metering.mode "contract" -}}
 {{- if or (ne $v.metering.mode "saas") (eq $v.metering.saas.identity "customer_identifier") $v.product.code $v.product.existingSecret $v.product.existingConfigMap -}}true{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* "true" when the usage store is the sidecar's own SQLite file in the state volume. */}}
 {{- define "marketplace-sidecar.localState" -}}
 {{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
-{{- if not (and (eq $v.metering.mode "saas") $v.metering.saas.database.existingSecret) -}}true{{- end -}}
+{{- if not (or (eq $v.metering.mode "contract") (and (eq $v.metering.mode "saas") $v.metering.saas.database.existingSecret)) -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" in contract mode off AWS: the buyer's license token (a Secret) and role, not IRSA. */}}
+{{- define "marketplace-sidecar.anywhere" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- $a := $v.metering.contract.anywhere -}}
+{{- if and (eq $v.metering.mode "contract") (or $a.existingSecret $a.token) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the license token: the buyer's own, or the one this chart creates. */}}
+{{- define "marketplace-sidecar.licenseSecret" -}}
+{{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
+{{- $v.metering.contract.anywhere.existingSecret | default (printf "%s-license" (include "marketplace-sidecar.fullname" .)) -}}
 {{- end -}}
 
 {{- define "marketplace-sidecar.container" -}}
@@ -154,6 +169,16 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
 {{- $src := include "marketplace-sidecar.configSource" . | fromYaml -}}
 {{- $native := include "marketplace-sidecar.native" . -}}
 {{- $saas := eq $v.metering.mode "saas" -}}
+{{- $contract := eq $v.metering.mode "contract" -}}
+{{- $anywhere := include "marketplace-sidecar.anywhere" . -}}
+{{- if $contract -}}
+{{- if or $v.readinessGate.enabled $v.events.enabled -}}
+{{- fail "readinessGate.enabled and events.enabled are not supported with metering.mode=contract yet (the sidecar refuses them): the pod's readiness follows /readyz" -}}
+{{- end -}}
+{{- if and $v.metering.contract.anywhere.existingSecret $v.metering.contract.anywhere.token -}}
+{{- fail "metering.contract.anywhere: set existingSecret or token, not both (the token is a credential: prefer existingSecret)" -}}
+{{- end -}}
+{{- end -}}
 {{- if and $v.metering.fleetSize (ne $v.metering.mode "hourly") -}}
 {{- fail "metering.fleetSize is only used with metering.mode=hourly (RegisterUsage at start): remove it" -}}
 {{- end -}}
@@ -209,6 +234,33 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
       valueFrom:
         secretKeyRef: {name: {{ . }}, key: {{ $v.metering.saas.database.key }}}
     {{- end }}
+    {{- else if $contract }}
+    {{- $c := $v.metering.contract }}
+    - {name: MARKETPLACE_MODE, value: contract}
+    - {name: MARKETPLACE_LICENSE_PRODUCT_SKU, value: {{ $c.productSku | quote }}}
+    - {name: MARKETPLACE_LICENSE_ENTITLEMENTS, value: {{ toJson $c.entitlements | quote }}}
+    - {name: MARKETPLACE_LICENSE_CHECKOUT_TYPE, value: {{ $c.checkoutType | quote }}}
+    - {name: MARKETPLACE_LICENSE_ON_LOSS, value: {{ $c.onLoss | quote }}}
+    {{- with $c.checkSeconds }}
+    - {name: MARKETPLACE_LICENSE_CHECK_SECONDS, value: {{ int64 . | toString | quote }}}
+    {{- end }}
+    {{- with $c.keyFingerprint }}
+    - {name: MARKETPLACE_LICENSE_KEY_FINGERPRINT, value: {{ . | quote }}}
+    {{- end }}
+    - {name: MARKETPLACE_DRAIN_SECONDS, value: {{ $v.metering.drainSeconds | quote }}}
+    {{- if $anywhere }}
+    # Off AWS: the buyer's license token (a file from the Secret, in this container only) and
+    # the role it assumes; no metadata service to find the region from.
+    - {name: MARKETPLACE_LICENSE_TOKEN_FILE, value: /var/run/secrets/marketplace-license/license_token}
+    {{- if $c.anywhere.roleArn }}
+    - {name: MARKETPLACE_LICENSE_ROLE_ARN, value: {{ $c.anywhere.roleArn | quote }}}
+    {{- else }}
+    - name: MARKETPLACE_LICENSE_ROLE_ARN
+      valueFrom:
+        secretKeyRef: {name: {{ include "marketplace-sidecar.licenseSecret" . }}, key: {{ $c.anywhere.roleArnKey }}}
+    {{- end }}
+    - {name: AWS_REGION, value: {{ $c.anywhere.region | quote }}}
+    {{- end }}
     {{- else if eq $v.metering.mode "custom" }}
     - {name: MARKETPLACE_MODE, value: custom}
     - {name: MARKETPLACE_DIMENSIONS, value: {{ join "," $v.metering.dimensions | quote }}}
@@ -231,7 +283,9 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
     {{- if include "marketplace-sidecar.localState" . }}
     - {name: MARKETPLACE_STATE_DIR, value: /var/lib/marketplace-sidecar}
     {{- end }}
-    {{- if not $saas }}
+    {{- if $contract }}
+    - {name: MARKETPLACE_REGISTER_DEADLINE_SECONDS, value: {{ $v.config.registerDeadlineSeconds | quote }}}
+    {{- else if not $saas }}
     - {name: MARKETPLACE_REGISTER_INTERVAL_SECONDS, value: {{ $v.config.registerIntervalSeconds | quote }}}
     - {name: MARKETPLACE_REGISTER_DEADLINE_SECONDS, value: {{ $v.config.registerDeadlineSeconds | quote }}}
     {{- end }}
@@ -274,7 +328,7 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
     {{- toYaml (ternary $v.readinessGate.resources $v.resources (include "marketplace-sidecar.kubeApi" . | eq "true")) | nindent 4 }}
   securityContext:
     {{- toYaml $v.securityContext | nindent 4 }}
-  {{- if or (include "marketplace-sidecar.localState" .) (include "marketplace-sidecar.kubeApi" .) }}
+  {{- if or (include "marketplace-sidecar.localState" .) (include "marketplace-sidecar.kubeApi" .) $anywhere }}
   volumeMounts:
     {{- if eq $v.metering.mode "hourly" }}
     - {name: marketplace-sidecar-key, mountPath: /etc/marketplace-sidecar, readOnly: true}
@@ -285,6 +339,10 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
     {{- if include "marketplace-sidecar.kubeApi" . }}
     # The API token, CA, namespace and pod UID: in this container only (see "volumes").
     - {name: marketplace-sidecar-kube-api, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true}
+    {{- end }}
+    {{- if $anywhere }}
+    # The buyer's license token: in this container only (see "volumes").
+    - {name: marketplace-sidecar-license, mountPath: /var/run/secrets/marketplace-license, readOnly: true}
     {{- end }}
   {{- end }}
 {{- end -}}
@@ -343,6 +401,16 @@ prometheus.io/path: /metrics
 - name: marketplace-sidecar-state
   emptyDir: {sizeLimit: {{ ternary "1Mi" $v.metering.stateSizeLimit (eq $v.metering.mode "hourly") }}}
 {{- end }}
+{{- end }}
+{{- if include "marketplace-sidecar.anywhere" . }}
+# The buyer's License Manager license token, for the sidecar container alone. A Secret update
+# (a rotated token) reaches the file within the kubelet's sync period; the sidecar reads it at
+# every credential refresh.
+- name: marketplace-sidecar-license
+  secret:
+    secretName: {{ include "marketplace-sidecar.licenseSecret" . }}
+    defaultMode: 292  # 0444: the sidecar runs as a non-root user
+    items: [{key: {{ $v.metering.contract.anywhere.tokenKey }}, path: license_token}]
 {{- end }}
 {{- if $v.productToken.enabled }}
 # What automount would give every container, for YOUR container only (productToken.enabled):

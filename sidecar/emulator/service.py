@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.core import quantity
 from sidecar.core.ratelimit import TokenBucket
+from sidecar.emulator import license_manager
 from sidecar.emulator.meter import MeterBook
 from sidecar.emulator.saas import MAX_BODY_BYTES, SaasBook
 
@@ -674,6 +675,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self._body()
+        if license_manager.handles(self.path, self.headers.get("X-Amz-Target", "")):
+            license_manager.serve_post(self, body)  # AWS License Manager: its own module
+            return None
         emulator = self.server.emulator
         if self.path == "/_emulator/config":
             try:
@@ -709,6 +713,9 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
     def do_GET(self) -> None:
+        if self.path.startswith(license_manager.PATH_PREFIX):
+            license_manager.serve_get(self)
+            return None
         if self.path == "/_emulator/calls":
             return self._json(200, self.server.emulator.snapshot()["calls"])
         if self.path == "/_emulator/ledger":

@@ -140,6 +140,12 @@ class SaasEndpoint(Protocol):
     def customer(self, key: str) -> tuple[int, dict[str, Any]]: ...
 
 
+class ContractEndpoint(Protocol):
+    """ContractService as the API sees it (contract mode): reads of memory only."""
+
+    def document(self) -> dict[str, Any]: ...
+
+
 class Router:
     """Maps (method, path, body) to a `Reply`. No sockets here."""
 
@@ -157,6 +163,7 @@ class Router:
         saas: SaasEndpoint | None = None,
         readiness: Callable[[], tuple[bool, str | None]] | None = None,
         notices: Callable[[], list[str]] | None = None,
+        contract: ContractEndpoint | None = None,
     ) -> None:
         """`listener` picks the routes: "api" everything but /metrics; "probe" /healthz and a
         /readyz that tells the cluster only the state and error code (AWS messages can name
@@ -166,8 +173,9 @@ class Router:
         `notices` adds `warnings` to a ready /readyz: custom mode's state volume filling (from
         memory), saas mode's sending headroom (a store read at most every few seconds) and a
         second sender on SQLite. The probe listener shows each warning's name only."""
-        if registrar is None and readiness is None:
+        if registrar is None and readiness is None and contract is None:
             raise ValueError("a Router needs a registrar or a readiness function")
+        self._contract = contract
         self._registrar = registrar
         self._readiness = readiness
         self._notices = notices
@@ -196,6 +204,8 @@ class Router:
             routes[CUSTOMER_ROUTE] = {"GET": self._customer}
             if usage is not None:
                 routes["/v1/entitlement/challenge"] = {"POST": self._no_challenge}
+            if contract is not None:
+                routes["/v1/entitlement/challenge"] = {"POST": self._no_challenge}
             if saas is not None:
                 routes["/v1/entitlement"] = {"GET": self._no_entitlement}
                 routes["/v1/entitlement/challenge"] = {"POST": self._no_entitlement}
@@ -207,7 +217,7 @@ class Router:
         # store's commit, SQLite or PostgreSQL for usage and customers, the store again for
         # SaaS mode's /readyz) and runs without it.
         pure = {("/healthz", "GET"), ("/v1/entitlement", "GET")}
-        if registrar is not None:
+        if registrar is not None or contract is not None:
             pure.add(("/readyz", "GET"))
         self._pure = frozenset(pure)
 
@@ -274,6 +284,8 @@ class Router:
         return Reply(200, {"status": "ok", "version": __version__})
 
     def _readyz(self, _: bytes) -> Reply:
+        if self._contract is not None:
+            return self._contract_readyz()
         if self._registrar is None:
             return self._store_readyz()
         snap = self._registrar.machine.snapshot()
@@ -284,6 +296,18 @@ class Router:
         if notices:
             body["warnings"] = notices
         return Reply(200 if snap.entitled else 503, body)
+
+    def _contract_readyz(self) -> Reply:
+        """Contract mode: ready while a license checkout is live (or as ON_LOSS says)."""
+        assert self._contract is not None  # nosec B101 # routed only in contract mode
+        doc = self._contract.document()
+        body: dict[str, Any] = {"ready": doc["ready"], "state": doc["state"]}
+        error = doc.get("error")
+        if error:  # AWS messages can name accounts and ARNs: the probe listener gets the code
+            body["error"] = {"code": error["code"]} if self.redacted else error
+        if doc.get("warnings"):
+            body["warnings"] = [w.split(":")[0] for w in doc["warnings"]]
+        return Reply(200 if doc["ready"] else 503, body)
 
     def _store_readyz(self) -> Reply:
         """SaaS mode: ready while the usage store can take writes (PostgreSQL up)."""
@@ -308,6 +332,9 @@ class Router:
         return Reply(200, {}, encoded=self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     def _entitlement(self, _: bytes) -> Reply:
+        if self._contract is not None:
+            doc = self._contract.document()
+            return Reply(200, {**doc, "warnings": [*self._warnings, *doc["warnings"]]})
         if self._registrar is None:
             return self._no_entitlement(b"")
         # Snapshots are immutable: serialise each one once, not on every poll.

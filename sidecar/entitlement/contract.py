@@ -1,0 +1,419 @@
+"""Contract mode's worker: check out at start, keep the checkout alive, re-check, check in.
+
+- Start: one ClientToken per start, reused by every retry of that checkout. The model gives
+  ClientToken as the "unique, case-sensitive identifier that you provide to ensure the
+  idempotency of the request": a retry after a lost answer (read timeout, reset) must be the
+  same request, or a PERPETUAL checkout consumes twice and a PROVISIONAL one holds two seats
+  for an hour. A new logical checkout (the periodic re-check, a checkout after expiry) gets a
+  fresh token, as the guide recommends ("a random UUID for each unique request").
+- NoEntitlementsAllowedException / ResourceNotFoundException at start: not entitled, final for
+  that start (no retries: a new pod checks again). Throttling, 5xx and network errors: retried
+  with capped backoff until MARKETPLACE_REGISTER_DEADLINE_SECONDS, never ready meanwhile.
+- PROVISIONAL: ExtendLicenseConsumption once half the checkout's lifetime has passed (retried
+  until its deadline); re-check every MARKETPLACE_LICENSE_CHECK_SECONDS with a new checkout,
+  then check the old one in. PERPETUAL: re-checked only when nothing counted is asked for
+  (a counted perpetual checkout draws the units down for good).
+- Stop: CheckInLicense of the live PROVISIONAL checkout, bounded by the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from sidecar.aws.errors import ErrorInfo
+from sidecar.aws.license import GONE_CODES, Checkout, LicenseCallError, parse_time, redact
+from sidecar.core.backoff import Backoff
+from sidecar.core.clock import Clock
+from sidecar.entitlement.license import (
+    HOLDING,
+    Asked,
+    Held,
+    License,
+    LicenseSnapshot,
+    LicenseState,
+    ready,
+    verify_checkout,
+)
+
+log = logging.getLogger("sidecar.contract")
+
+SIGNED_NOTE = (
+    "not verified: AWS publishes no public key, algorithm or claim set for the SignedToken of "
+    "licenses AWS Marketplace issues (License Manager signs them with a KMS key of the issuer, "
+    "aws:294406891311:AWS/Marketplace); the checkout is trusted through TLS to License Manager "
+    "and the KeyFingerprint asked for"
+)
+
+
+class ContractService:
+    """Owns the live checkout. `run` is the worker thread; `document`/`readiness` are reads."""
+
+    def __init__(
+        self,
+        asked: Asked,
+        gateway_factory: Callable[[], Any],
+        clock: Clock,
+        stop: threading.Event,
+        *,
+        check_seconds: float,
+        deadline: float,
+        backoff: Backoff,
+        on_loss: str,
+        rng: Callable[[], float],
+    ) -> None:
+        self.asked = asked
+        self.machine = License()
+        self._factory = gateway_factory
+        self._gateway: Any = None
+        self._clock = clock
+        self._stop = stop
+        self._check_seconds = check_seconds
+        self._deadline = deadline
+        self._backoff = backoff
+        self.on_loss = on_loss
+        self._rng = rng
+        self._token: str | None = None  # the live checkout's consumption token
+        self._lock = threading.Lock()
+        self.calls: dict[str, int] = {}
+        self.checked_in = False
+
+    # -- reads (any thread) ----------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str | None]:
+        snap = self.machine.snapshot()
+        return ready(snap, self.on_loss), snap.error.code if snap.error else None
+
+    def document(self) -> dict[str, Any]:
+        snap = self.machine.snapshot()
+        held = snap.held
+        now = self._clock.monotonic()
+        doc: dict[str, Any] = {
+            "mode": "contract",
+            "state": snap.state.value,
+            "entitled": snap.state in HOLDING,
+            "ready": ready(snap, self.on_loss),
+            "on_loss": self.on_loss,
+            "product_sku": self.asked.product_sku,
+            "checkout_type": self.asked.checkout_type,
+            "entitlements_requested": [dict(e) for e in self.asked.entitlements],
+            "entitlements_allowed": [],
+            "license_arn": None,
+            "issued_at": None,
+            "expiration": None,
+            "expires_in_seconds": None,
+            "consumption_token": None,
+            "signed_token": {"present": False, "verified": False, "why": SIGNED_NOTE},
+            "consecutive_failures": snap.consecutive_failures,
+            "next_check_at": _iso(snap.next_check_at) if snap.next_check_at else None,
+            "error": snap.error.to_json() if snap.error else None,
+            "warnings": list(snap.warnings),
+        }
+        if held is not None:
+            c = held.checkout
+            doc.update(
+                entitlements_allowed=[dict(e) for e in c.entitlements_allowed],
+                license_arn=c.license_arn,
+                issued_at=c.issued_at,
+                expiration=_iso(held.expiration),
+                expires_in_seconds=max(0, round(held.deadline - now)),
+                consumption_token=redact(c.consumption_token),
+            )
+            doc["signed_token"]["present"] = bool(c.signed_token)
+        return doc
+
+    # -- the worker ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Start, then keep the checkout alive until stopped; check in on the way out."""
+        if self._start():
+            self._keep()
+
+    def _gw(self) -> Any:
+        if self._gateway is None:
+            self._gateway = self._factory()
+        return self._gateway
+
+    def _count(self, op: str) -> None:
+        self.calls[op] = self.calls.get(op, 0) + 1
+
+    def _checkout(self, client_token: str) -> tuple[Held | None, ErrorInfo | None, tuple[str, ...]]:
+        """One CheckoutLicense attempt: (held, None, warnings) or (None, error, ())."""
+        a = self.asked
+        self._count("CheckoutLicense")
+        try:
+            gateway = self._gw()  # built on first use: not part of the call's time
+            sent = self._clock.monotonic()
+            answer: Checkout = gateway.checkout(
+                a.product_sku,
+                a.key_fingerprint,
+                a.entitlements,
+                a.checkout_type,
+                client_token,
+                a.node_id,
+            )
+        except LicenseCallError as exc:
+            return None, exc.info, ()
+        error, warnings = verify_checkout(a.entitlements, answer, self._clock.time())
+        if error is not None:
+            return None, error, ()
+        issued, expires = parse_time(answer.issued_at), parse_time(answer.expiration)
+        assert issued is not None and expires is not None  # nosec B101 # verified above
+        held = Held(answer, sent, issued, expires, self._clock.time())
+        return held, None, warnings
+
+    def _adopt(self, held: Held, warnings: tuple[str, ...]) -> None:
+        with self._lock:
+            self._token = held.checkout.consumption_token
+        self.machine.checked_out(held, warnings, self._clock.time() + self._check_seconds)
+        log.info(
+            "license_checked_out",
+            extra={
+                "license_arn": held.checkout.license_arn,
+                "allowed": [e.get("Name") for e in held.checkout.entitlements_allowed],
+                "expires_in_seconds": round(held.ttl),
+                "consumption_token": redact(held.checkout.consumption_token),
+            },
+        )
+
+    def _start(self) -> bool:
+        """Check out within the deadline. False: not entitled, unavailable, or stopped."""
+        token = uuid.uuid4().hex  # one per start: every retry is the same request
+        started = self._clock.monotonic()
+        attempt = 0
+        while not self._stop.is_set():
+            held, error, warnings = self._checkout(token)
+            if held is not None:
+                self._adopt(held, warnings)
+                return True
+            assert error is not None  # nosec B101 # narrowing
+            log.warning("license_checkout_failed", extra={"error": error.to_json()})
+            if not error.retryable:
+                self.machine.failed(error, self._clock.time(), final=True)
+                return False
+            self.machine.failed(error, self._clock.time())
+            delay = self._backoff.delay(attempt + 1, self._rng)
+            attempt += 1
+            if self._clock.monotonic() + delay - started > self._deadline:
+                self.machine.give_up()
+                log.error("license_unavailable", extra={"deadline_seconds": self._deadline})
+                return False
+            if self._clock.wait(self._stop, delay):
+                return False
+        return False
+
+    def _keep(self) -> None:
+        """The running pod: extend, re-check, recover after expiry or loss."""
+        attempt = 0
+        next_check = self._clock.monotonic() + self._check_seconds
+        retry_at: float | None = None
+        stale: Held | None = None  # expired here, perhaps not yet at AWS (our deadline is early)
+        while not self._stop.is_set():
+            now = self._clock.monotonic()
+            snap = self.machine.snapshot()
+            if self._provisional and self.machine.expire(now):
+                log.error("license_expired", extra={"on_loss": self.on_loss})
+                stale = snap.held
+                snap = self.machine.snapshot()
+                retry_at = now
+            if snap.state in HOLDING and snap.held is not None:
+                held = snap.held
+                extend_at = held.extend_at if self._provisional else float("inf")
+                if retry_at is not None:
+                    extend_at = retry_at
+                due = min(extend_at, next_check if self._rechecks else float("inf"))
+                if now < due:
+                    until = min(due, held.deadline) if self._provisional else due
+                    self._clock.wait(self._stop, min(until - now, self._check_seconds))
+                    continue
+                if self._rechecks and now >= next_check:
+                    next_check = now + self._check_seconds
+                    self._recheck()
+                    attempt, retry_at = 0, None
+                    continue
+                if self._extend(held):
+                    attempt, retry_at = 0, None
+                else:
+                    delay = self._backoff.delay(attempt + 1, self._rng)
+                    attempt += 1
+                    retry_at = now + delay
+                continue
+            # Not holding (expired or lost): a fresh checkout, at backoff after transient
+            # errors, at the check period after AWS said no (no retry storm).
+            if retry_at is not None and now < retry_at:
+                self._clock.wait(self._stop, retry_at - now)
+                continue
+            if stale is not None:
+                # The same seat first: a fresh checkout while AWS still counts the old one
+                # would need a second unit (and fail on a full pool).
+                outcome = self._revive(stale)
+                if outcome == "retry":
+                    retry_at = now + self._backoff.delay(attempt + 1, self._rng)
+                    attempt += 1
+                    continue
+                stale = None
+                if outcome == "ok":
+                    next_check = self._clock.monotonic() + self._check_seconds
+                    attempt, retry_at = 0, None
+                    continue
+            fresh, error, warnings = self._checkout(uuid.uuid4().hex)
+            if fresh is not None:
+                self._adopt(fresh, warnings)
+                next_check = self._clock.monotonic() + self._check_seconds
+                attempt, retry_at = 0, None
+                continue
+            assert error is not None  # nosec B101 # narrowing
+            if error.retryable:
+                self.machine.failed(error, self._clock.time())
+                retry_at = now + self._backoff.delay(attempt + 1, self._rng)
+                attempt += 1
+            else:
+                self.machine.lost(error, self._clock.time())
+                retry_at = now + self._check_seconds
+
+    @property
+    def _provisional(self) -> bool:
+        return self.asked.checkout_type == "PROVISIONAL"
+
+    @property
+    def _rechecks(self) -> bool:
+        return self._provisional or not self.asked.counted
+
+    def _extend(self, held: Held) -> bool:
+        self._count("ExtendLicenseConsumption")
+        try:
+            gateway = self._gw()
+            sent = self._clock.monotonic()
+            value = gateway.extend(held.checkout.consumption_token)
+        except LicenseCallError as exc:
+            log.warning("license_extend_failed", extra={"error": exc.info.to_json()})
+            if exc.info.code in GONE_CODES:
+                self._withdrawn(exc.info)
+                return True  # nothing left to extend: not a retry
+            self.machine.failed(exc.info, self._clock.time())
+            return False
+        expires = parse_time(value)
+        if expires is None:
+            self.machine.failed(_bad_extension(value), self._clock.time())
+            return False
+        self.machine.extended(expires, sent)
+        log.info("license_extended", extra={"expiration": value})
+        return True
+
+    def _revive(self, stale: Held) -> str:
+        """Extend a checkout that expired on our clock: "ok", "gone" or "retry"."""
+        self._count("ExtendLicenseConsumption")
+        try:
+            gateway = self._gw()
+            sent = self._clock.monotonic()
+            value = gateway.extend(stale.checkout.consumption_token)
+        except LicenseCallError as exc:
+            if exc.info.code in GONE_CODES:
+                with self._lock:
+                    if self._token == stale.checkout.consumption_token:
+                        self._token = None
+                return "gone"
+            self.machine.failed(exc.info, self._clock.time())
+            return "retry" if exc.info.retryable else "gone"
+        expires = parse_time(value)
+        if expires is None:
+            return "gone"
+        revived = replace(stale, expiration=max(expires, stale.expiration), renewed_at=sent)
+        self.machine.checked_out(revived, (), self._clock.time() + self._check_seconds)
+        log.info("license_revived", extra={"expiration": value})
+        return "ok"
+
+    def _recheck(self) -> None:
+        """A new checkout (fresh token); then the old one is checked in."""
+        old = self.machine.snapshot().held
+        held, error, warnings = self._checkout(uuid.uuid4().hex)
+        if held is not None and old is not None and self._short_for_swap(old, held):
+            # Fewer entitlements than we hold, with counted ones asked: the pool may lack the
+            # spare units for the moment of the swap (our own seat fills it). Give the smaller
+            # checkout back and keep ours; a real reduction shows when an extension fails.
+            self._checkin(held.checkout.consumption_token)
+            self._refused("a smaller answer than the live checkout")
+            return
+        if held is not None:
+            self._adopt(held, warnings)
+            if old is not None and self._provisional:
+                self._checkin(old.checkout.consumption_token)
+            return
+        assert error is not None  # nosec B101 # narrowing
+        log.warning("license_recheck_failed", extra={"error": error.to_json()})
+        if not error.retryable and self._provisional and self.asked.counted:
+            # AWS answers "no license" and "not enough left" alike: the pool may simply have no
+            # spare units for the swap. The live checkout stands until it fails to extend.
+            self._refused(error.code)
+            return
+        if error.retryable:
+            self.machine.failed(error, self._clock.time())
+        else:
+            self._withdrawn(error)
+
+    def _short_for_swap(self, old: Held, new: Held) -> bool:
+        if not (self._provisional and self.asked.counted):
+            return False
+        names = {e.get("Name") for e in new.checkout.entitlements_allowed}
+        return not {e.get("Name") for e in old.checkout.entitlements_allowed} <= names
+
+    def _refused(self, why: str) -> None:
+        self.machine.warn(
+            (
+                f"recheck_refused: License Manager refused the periodic re-check ({why}); "
+                "the live checkout stands until an extension fails",
+            )
+        )
+
+    def _withdrawn(self, error: ErrorInfo) -> None:
+        with self._lock:
+            self._token = None
+        self.machine.lost(error, self._clock.time())
+        log.error("license_lost", extra={"code": error.code, "on_loss": self.on_loss})
+
+    def _checkin(self, token: str) -> bool:
+        self._count("CheckInLicense")
+        try:
+            self._gw().checkin(token)
+        except LicenseCallError as exc:
+            log.warning(
+                "license_checkin_failed",
+                extra={"error": exc.info.to_json(), "consumption_token": redact(token)},
+            )
+            return False
+        log.info("license_checked_in", extra={"consumption_token": redact(token)})
+        return True
+
+    def checkin_at_stop(self) -> None:
+        """CheckInLicense of the live PROVISIONAL checkout (the caller bounds the time)."""
+        with self._lock:
+            token, self._token = self._token, None
+        if token is None or not self._provisional:
+            return
+        self.checked_in = self._checkin(token)
+
+    def snapshot(self) -> LicenseSnapshot:
+        return self.machine.snapshot()
+
+
+def _iso(ts: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _bad_extension(value: object) -> ErrorInfo:
+    return ErrorInfo(
+        "ExtensionNotVerified",
+        f"ExtendLicenseConsumption answered Expiration {str(value)[:60]!r}",
+        "retried; an answer without a valid Expiration does not extend the checkout",
+        "verification",
+        True,
+    )
+
+
+__all__ = ["ContractService", "LicenseState"]
