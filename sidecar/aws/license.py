@@ -172,7 +172,7 @@ class LicenseGateway:
             from sidecar.aws.anywhere import license_session  # type: ignore[import-not-found,unused-ignore]
 
             session = license_session(token_file, role_arn, region)
-            self._client: Any = session.client(SERVICE, region_name=region, config=config)
+            self._client: Any = session.client("license-manager", region_name=region, config=config)
         else:
             import botocore.session
 
