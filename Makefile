@@ -23,7 +23,8 @@ $(SCAN_STAMP):
 	$(SCAN_VENV)/bin/pip install --quiet --disable-pip-version-check --no-compile $(SCANNERS)
 	touch $@
 
-# make demo MODE=custom | MODE=saas: sample usage on a fast clock, then what AWS billed.
+# make demo MODE=custom | MODE=saas: sample usage on a fast clock, then what AWS billed;
+# MODE=contract: a License Manager checkout.
 MODE ?= hourly
 demo: $(STAMP)
 	$(BIN)/marketplace-sidecar demo --mode $(MODE)

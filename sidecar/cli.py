@@ -128,10 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     dm.add_argument(
         "--mode",
         default="hourly",
-        choices=["hourly", "custom", "saas"],
-        help="hourly (RegisterUsage), custom (MeterUsage) or saas (ResolveCustomer + "
-        "BatchMeterUsage); custom and saas post sample usage on a fast clock and print what "
-        "AWS billed (default: %(default)s)",
+        choices=["hourly", "custom", "saas", "contract"],
+        help="hourly (RegisterUsage), custom (MeterUsage), saas (ResolveCustomer + "
+        "BatchMeterUsage) or contract (License Manager CheckoutLicense); custom and saas post "
+        "sample usage on a fast clock and print what AWS billed, contract prints the checkout "
+        "(default: %(default)s)",
     )
     dm.add_argument("--exit-after", type=float, help="stop after this many seconds")
 

@@ -99,6 +99,15 @@ def validate() -> Settings:
     ):
         # the model check does not run when a field failed
         found.insert(0, f"{PREFIX}PRODUCT_CODE: is required")
+    if mode == "contract":  # the model check does not run when a field failed
+        for name, line in (
+            ("LICENSE_PRODUCT_SKU", "is required with MARKETPLACE_MODE=contract"),
+            ("LICENSE_ENTITLEMENTS", "is required with MARKETPLACE_MODE=contract"),
+        ):
+            if not env.get(f"{PREFIX}{name}", "").strip() and not any(
+                f.startswith(f"{PREFIX}{name}:") for f in found
+            ):
+                found.append(f"{PREFIX}{name}: {line}")
     hourly = mode == "hourly"
     if hourly and not any(env.get(f"{PREFIX}{n}") for n in ("PUBLIC_KEY", "PUBLIC_KEY_FILE")):
         found.append(_NO_KEY)  # the model check does not run when a field failed

@@ -1,5 +1,5 @@
-"""`marketplace-sidecar demo [--mode hourly|custom|saas]`: the emulator and the sidecar in one
-process, no AWS account.
+"""`marketplace-sidecar demo [--mode hourly|custom|saas|contract]`: the emulator and the sidecar
+in one process, no AWS account.
 
 The sidecar trusts the emulator's key only because the demo configures it explicitly (a file the
 banner names), exactly as a seller configures the key from their AMMP product page.
@@ -7,6 +7,8 @@ banner names), exactly as a seller configures the key from their AMMP product pa
 custom and saas run on a fast clock: the sidecar's MARKETPLACE_TEST_ONLY_TIME_SCALE/ORIGIN and the
 emulator's time_scale/time_origin agree, so an hour passes in HOUR_SECONDS real seconds; the
 demo posts sample usage and prints what the emulator "billed" once the hour is sent.
+
+contract grants a demo license in the emulator's License Manager and prints the pod's checkout.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from typing import Any
 
 from sidecar.emulator.service import Emulator, EmulatorConfig, EmulatorServer
 
-MODES = ("hourly", "custom", "saas")
+MODES = ("hourly", "custom", "saas", "contract")
+DEMO_SKU = "demo-product-id"
+DEMO_ENTITLEMENTS = [{"name": "PremiumTier", "unit": "None"}, {"name": "Seats", "unit": "Count"}]
 PRODUCT_CODE = "demo-product-code"
 DIMENSIONS = ("scans", "users")
 HOUR_SECONDS = 10.0  # the fast clock: one metering hour in ten real seconds
@@ -55,7 +59,8 @@ def demo(exit_after: float | None = None, mode: str = "hourly") -> int:
         print(f"demo: --mode must be one of {', '.join(MODES)}, got {mode!r}", file=sys.stderr)
         return 2
     for name, value in DEMO_ENV.items():
-        os.environ.setdefault(name, value)
+        if not (mode == "contract" and name == "MARKETPLACE_PRODUCT_CODE"):
+            os.environ.setdefault(name, value)
     # Checked before anything starts or prints: a taken port must not follow a banner.
     taken = taken_ports(os.environ)
     if taken:
@@ -74,9 +79,11 @@ def demo(exit_after: float | None = None, mode: str = "hourly") -> int:
     os.environ["AWS_ENDPOINT_URL_MARKETPLACE_METERING"] = server.url
     os.environ.pop("MARKETPLACE_PUBLIC_KEY", None)
     os.environ.pop("MARKETPLACE_PUBLIC_KEY_FILE", None)
-    if mode != "saas":  # SaaS verifies no token: AWS's SaaS calls return none
+    if mode in ("hourly", "custom"):  # SaaS and contract verify no RegisterUsage token
         os.environ["MARKETPLACE_PUBLIC_KEY_FILE"] = str(key_file)
-    if mode != "hourly":
+    if mode == "contract":
+        contract_env(emulator, server.url)
+    elif mode != "hourly":
         os.environ["MARKETPLACE_MODE"] = mode
         os.environ.setdefault("MARKETPLACE_DIMENSIONS", ",".join(DIMENSIONS))
         os.environ["MARKETPLACE_STATE_DIR"] = str(workdir)
@@ -92,7 +99,13 @@ def demo(exit_after: float | None = None, mode: str = "hourly") -> int:
         api, probe = settings.listen, settings.probe_listen
         print(banner(mode, server.url, api, probe, key_file), flush=True)
         outcome: list[bool] = []
-        if mode != "hourly":
+        if mode == "contract":
+            threading.Thread(
+                target=lambda: outcome.append(show_checkout(server.url, probe, api)),
+                name="demo-license",
+                daemon=True,
+            ).start()
+        elif mode != "hourly":
             dims = settings.dimension_list
             threading.Thread(
                 target=lambda: outcome.append(show_billing(mode, emulator, api, probe, dims)),
@@ -108,6 +121,41 @@ def demo(exit_after: float | None = None, mode: str = "hourly") -> int:
         return code if code or outcome != [False] else 1
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def contract_env(emulator: Emulator, url: str) -> None:
+    """A demo license in the emulator's License Manager, and the settings that check it out."""
+    from sidecar.emulator.license_manager import book
+
+    license_book = book(emulator)
+    with license_book.lock:
+        license_book.grant({"sku": DEMO_SKU, "entitlements": [*DEMO_ENTITLEMENTS[:1], {
+            "name": "Seats", "unit": "Count", "max": 10}]})  # fmt: skip
+    os.environ["AWS_ENDPOINT_URL_LICENSE_MANAGER"] = url
+    os.environ["MARKETPLACE_MODE"] = "contract"
+    os.environ.setdefault("MARKETPLACE_LICENSE_PRODUCT_SKU", DEMO_SKU)
+    os.environ.setdefault(
+        "MARKETPLACE_LICENSE_ENTITLEMENTS",
+        json.dumps([DEMO_ENTITLEMENTS[0], {**DEMO_ENTITLEMENTS[1], "value": 1}]),
+    )
+
+
+def show_checkout(emulator_url: str, probe: str, api: str) -> bool:
+    """Print the pod's checkout once it is ready, and the pool it came from."""
+    started = time.monotonic()
+    if not _until(lambda: _http("GET", f"http://{probe}/readyz")[0] == 200, BILLED_WITHIN):
+        print("demo: the sidecar did not check out a license; see its log above", flush=True)
+        return False
+    _, doc = _http("GET", f"http://{api}/v1/entitlement")
+    shown = {k: doc.get(k) for k in ("state", "license_arn", "entitlements_allowed", "expiration")}
+    print(
+        f"demo: License Manager checkout (after {time.monotonic() - started:.1f} s): "
+        f"{json.dumps(shown, sort_keys=True)}",
+        flush=True,
+    )
+    _, pool = _http("GET", f"{emulator_url}/_emulator/license/state")
+    print(f"demo: seats in use: {json.dumps(pool['licenses'][DEMO_SKU]['in_use'])}", flush=True)
+    return True
 
 
 def taken_ports(env: dict[str, str] | os._Environ[str]) -> list[str]:
@@ -158,9 +206,15 @@ def banner(mode: str, emulator_url: str, api: str, probe: str, key_file: Path) -
     lines = [
         "",
         f"Mode:              {mode}"
-        + ("" if mode == "hourly" else f" (fast clock: one hour every {HOUR_SECONDS:.0f} s)"),
-        f"Metering emulator: {emulator_url}   (calls: curl -s {emulator_url}/_emulator/calls)",
-        f"Demo public key:   {key_file}" if mode != "saas" else "",
+        + (
+            ""
+            if mode in ("hourly", "contract")
+            else f" (fast clock: one hour every {HOUR_SECONDS:.0f} s)"
+        ),
+        f"Metering emulator: {emulator_url}   (calls: curl -s {emulator_url}/_emulator/calls)"
+        if mode != "contract"
+        else f"License Manager emulator: {emulator_url}",
+        f"Demo public key:   {key_file}" if mode in ("hourly", "custom") else "",
         f"Sidecar API:       http://{api}",
         f"  curl -s http://{api}/v1/entitlement",
         f"  curl -s http://{probe}/readyz",
@@ -172,6 +226,13 @@ def banner(mode: str, emulator_url: str, api: str, probe: str, key_file: Path) -
             "    | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"token\"])' \\",
             f"    | MARKETPLACE_PUBLIC_KEY_FILE={key} MARKETPLACE_PRODUCT_CODE={PRODUCT_CODE} \\",
             f"      {cli} verify-token --nonce n1",
+        ]
+    elif mode == "contract":
+        lines += [
+            f"  curl -s {emulator_url}/_emulator/license/state",
+            f"  curl -s -X POST {emulator_url}/_emulator/license/change "
+            f'-d \'{{"sku": "{DEMO_SKU}", "revoke": true}}\'',
+            "The demo prints the pod's checkout; Ctrl-C checks the seat back in.",
         ]
     elif mode == "custom":
         lines += [
@@ -187,7 +248,7 @@ def banner(mode: str, emulator_url: str, api: str, probe: str, key_file: Path) -
             '-d \'{"registration_token": "…"}\'',
             f"  curl -s http://{api}/v1/usage",
         ]
-    if mode != "hourly":
+    if mode in ("custom", "saas"):
         lines.append(
             "The demo posts sample usage now and prints what AWS billed once the hour is sent."
         )

@@ -2,7 +2,9 @@
 and never calls RegisterUsage (that would register, and bill, this pod), nor a MeterUsage that
 meters: custom mode is checked with DryRun only. SaaS mode reads the usage store without
 creating or migrating it, and calls ResolveCustomer with a token AWS cannot know and
-BatchMeterUsage with no records: neither resolves, stores nor bills anything."""
+BatchMeterUsage with no records: neither resolves, stores nor bills anything. Contract mode never
+calls CheckoutLicense (it would consume the buyer's units): it checks the settings, the license
+token file off AWS, License Manager's endpoint and clock, and the extension permission (DryRun)."""
 
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ def load_config() -> tuple[list[Check], Settings | None]:
         settings, keys = load()
     except ConfigError as exc:
         return [Check(FAIL, "configuration", p) for p in exc.problems], None
+    if settings.mode == "contract":
+        return contract_config(settings), settings
     if settings.mode == "saas":
         from sidecar.config import redact_url
 
@@ -169,20 +173,109 @@ def check_credentials(env: Mapping[str, str]) -> Check:
     return Check(WARN, "credentials", f"from {method}", "")
 
 
+def contract_config(settings: Settings) -> list[Check]:
+    """Contract mode: what the pod will check out, and (off AWS) the license token file."""
+    from sidecar.config import parse_license_entitlements
+
+    asked = parse_license_entitlements(settings.license_entitlements)
+    names = ", ".join(e["Name"] + (f"={e['Value']}" if "Value" in e else "") for e in asked)
+    checks = [
+        Check(OK, "configuration", f"contract mode, product SKU {settings.license_product_sku}"),
+        Check(
+            OK,
+            "license",
+            f"{settings.license_checkout_type} checkout of {len(asked)} entitlement(s) "
+            f"({names[:200]}), re-checked every {settings.license_check_seconds:g} s, on loss: "
+            f"{settings.license_on_loss}",
+        ),
+    ]
+    path = settings.license_token_file
+    if path is None:
+        checks.append(Check(OK, "identity", "platform credentials (ECS task role or IRSA)"))
+        return checks
+    try:
+        size = path.stat().st_size
+        readable = os.access(path, os.R_OK)
+    except OSError as exc:
+        size, readable = -1, False
+        detail = exc.strerror or str(exc)
+    else:
+        detail = "empty" if size == 0 else "unreadable" if not readable else ""
+    if size > 0 and readable:
+        checks.append(
+            Check(
+                OK,
+                "identity",
+                f"license token file {path} ({size} bytes, not shown), role "
+                f"{settings.license_role_arn}",
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                FAIL,
+                "identity",
+                f"license token file {path}: {detail}",
+                "mount the buyer's license secret (key license_token) at that path",
+            )
+        )
+    return checks
+
+
+def check_license_permission(region: str | None) -> list[Check]:
+    """ExtendLicenseConsumption with DryRun: a permission check that consumes nothing."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if region is None:
+        return [Check(FAIL, "license-manager:ExtendLicenseConsumption", "skipped: no region")]
+    name = "license-manager:ExtendLicenseConsumption"
+    client = boto3.client(
+        "license-manager",
+        region_name=region,
+        config=Config(retries={"mode": "standard", "total_max_attempts": 1}, read_timeout=10),
+    )
+    try:
+        client.extend_license_consumption(
+            LicenseConsumptionToken="doctor-permission-check", DryRun=True
+        )
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code == "DryRunOperation":
+            return [Check(OK, name, "allowed (DryRun: nothing extended)")]
+        if code in ("AccessDeniedException", "AuthorizationException"):
+            return [
+                Check(
+                    FAIL,
+                    name,
+                    f"refused ({code})",
+                    "grant license-manager:CheckoutLicense, ExtendLicenseConsumption and "
+                    "CheckInLicense (AWSLicenseManagerConsumptionPolicy) to the pod's role",
+                )
+            ]
+        return [Check(WARN, name, f"not confirmed: License Manager answered {code}")]
+    except BotoCoreError as exc:
+        return [Check(FAIL, name, f"no answer: {type(exc).__name__}")]
+    return [Check(OK, name, "allowed")]
+
+
 def _local_fix(env: Mapping[str, str]) -> str:
     """What to set for a local run, when the metering endpoint is the emulator on loopback."""
     endpoint = env.get("AWS_ENDPOINT_URL_MARKETPLACE_METERING")
     return LOCAL_SETUP_HINT.format(endpoint=endpoint) if is_local_endpoint(endpoint) else ""
 
 
-def check_endpoint(region: str | None, now: Callable[[], float]) -> list[Check]:
+def check_endpoint(
+    region: str | None, now: Callable[[], float], service: str = "meteringmarketplace"
+) -> list[Check]:
     import boto3
     import requests
 
     if region is None:
         return [Check(FAIL, "endpoint", "skipped: no region")]
     client = boto3.client(
-        "meteringmarketplace",
+        service,  # type: ignore[call-overload]
         region_name=region,
         aws_access_key_id="doctor",
         aws_secret_access_key="doctor",  # noqa: S106  # nosec B106 # placeholder: only the URL is read
@@ -597,7 +690,15 @@ def doctor(
     env = os.environ if env is None else env
     checks, settings = load_config()
     region_check, region = check_region(env)
-    checks += [region_check, check_credentials(env), *check_endpoint(region, now)]
+    contract = settings is not None and settings.mode == "contract"
+    service = "license-manager" if contract else "meteringmarketplace"
+    anywhere = contract and settings is not None and settings.license_token_file is not None
+    checks.append(region_check)
+    if not anywhere:  # off AWS the license token is the identity (checked with the settings)
+        checks.append(check_credentials(env))
+    checks += check_endpoint(region, now, service)
+    if contract:
+        checks += check_license_permission(region)
     if settings is not None and settings.mode == "custom":
         checks += check_meter_usage_permission(settings, region, now)
     if settings is not None and settings.mode == "saas":

@@ -123,7 +123,11 @@ def test_twenty_four_long_dimensions_are_accepted(env: pytest.MonkeyPatch, tmp_p
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [
-        ("MODE", "Custom", "MARKETPLACE_MODE: Input should be 'hourly', 'custom', 'saas' or 'contract'"),
+        (
+            "MODE",
+            "Custom",
+            "MARKETPLACE_MODE: Input should be 'hourly', 'custom', 'saas' or 'contract'",
+        ),
         (
             "ENTITLEMENT_CHECK",
             "always",

@@ -153,6 +153,16 @@ def test_saas_demo_prints_a_resolved_customer_and_its_batch_records(start_demo: 
     assert _stop(demo) == 0
 
 
+def test_contract_demo_prints_a_license_manager_checkout(start_demo: Any) -> None:
+    demo = start_demo("--mode", "contract")
+    line = demo.wait_line(r"^demo: License Manager checkout", BILLED_WITHIN)
+    doc = json.loads(line.split("): ", 1)[1])
+    assert doc["state"] == "checked_out" and doc["license_arn"].startswith("arn:aws:")
+    assert {"Name": "Seats", "Unit": "Count", "Value": "1"} in doc["entitlements_allowed"]
+    assert demo.next_lines(1, 5)[0] == 'demo: seats in use: {"Seats": 1}'
+    assert _stop(demo) == 0
+
+
 def test_make_demo_passes_the_mode() -> None:
     out = subprocess.run(
         ["make", "-n", "demo", "MODE=saas"], cwd=ROOT, capture_output=True, text=True, timeout=30

@@ -169,7 +169,7 @@ class LicenseGateway:
         if token_file is not None and role_arn is not None:
             # Off AWS: credentials from the buyer's license token (GetAccessToken, then STS
             # AssumeRoleWithWebIdentity), refreshed by the session itself.
-            from sidecar.aws.anywhere import license_session  # type: ignore[import-not-found,unused-ignore]
+            from sidecar.aws.anywhere import license_session
 
             session = license_session(token_file, role_arn, region)
             self._client: Any = session.client("license-manager", region_name=region, config=config)
@@ -200,7 +200,14 @@ class LicenseGateway:
             )
             raise LicenseCallError(_scrub(info, params)) from None
         except BotoCoreError as exc:
-            info = for_endpoint(classify_license(type(exc).__name__, str(exc)), self.endpoint)
+            # The anywhere identity's own errors carry what to do (token file, role, token).
+            own = getattr(exc, "info", None)
+            info = (
+                own
+                if isinstance(own, ErrorInfo)
+                else classify_license(type(exc).__name__, str(exc))
+            )
+            info = for_endpoint(info, self.endpoint)
             raise LicenseCallError(_scrub(info, params)) from None
         return resp
 

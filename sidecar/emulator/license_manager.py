@@ -286,12 +286,12 @@ class LicenseBook:
         return jwt.encode(claims, self.key, algorithm="PS256")
 
     def _extend(self, p: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        if p.get("DryRun"):  # permissions only, checked before the resource (as EC2 does)
+            return _error("DryRunOperation", "Request would have succeeded")
         c = self.consumptions.get(p["LicenseConsumptionToken"])
         grant = self.grants.get(c.sku) if c is not None else None
         if c is None or grant is None or grant.revoked:
             return _error("ResourceNotFoundException", "License consumption not found")
-        if p.get("DryRun"):
-            return _error("DryRunOperation", "Request would have succeeded")
         c.expires_at = self.now() + self.ttl
         return 200, {
             "LicenseConsumptionToken": p["LicenseConsumptionToken"],
@@ -368,7 +368,8 @@ def serve_post(handler: Any, body: bytes) -> Any:
                 return handler._json(200, act(spec))
         except (ValueError, TypeError, KeyError) as exc:
             return handler._json(400, {"error": str(exc)})
-    status, payload = call(b, handler.headers.get("X-Amz-Target", ""), body)
+    auth = handler.headers.get("Authorization", "")
+    status, payload = call(b, handler.headers.get("X-Amz-Target", ""), body, auth)
     if payload is None:
         handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         handler.close_connection = True
@@ -382,7 +383,9 @@ def serve_get(handler: Any) -> Any:
         return handler._json(200, b.state())
 
 
-def call(b: LicenseBook, target: str, body: bytes) -> tuple[int, dict[str, Any] | None]:
+def call(
+    b: LicenseBook, target: str, body: bytes, auth: str = ""
+) -> tuple[int, dict[str, Any] | None]:
     """One License Manager call: validated against botocore's model, then answered."""
     op = target.removeprefix(TARGET_PREFIX)
     try:
@@ -406,6 +409,10 @@ def call(b: LicenseBook, target: str, body: bytes) -> tuple[int, dict[str, Any] 
                 "status": status,
                 "code": (payload or {}).get("__type", "ok" if status else RESET),
                 "client_token": params.get("ClientToken"),
+                # the access key id of the SigV4 credential scope (None: an unsigned call)
+                "access_key": auth.split("Credential=", 1)[1].split("/", 1)[0]
+                if "Credential=" in auth
+                else None,
                 "at": time.time(),
             }
         )

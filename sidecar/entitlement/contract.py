@@ -22,6 +22,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from sidecar.aws.errors import ErrorInfo
@@ -143,10 +144,11 @@ class ContractService:
     def _checkout(self, client_token: str) -> tuple[Held | None, ErrorInfo | None, tuple[str, ...]]:
         """One CheckoutLicense attempt: (held, None, warnings) or (None, error, ())."""
         a = self.asked
-        sent = self._clock.monotonic()
         self._count("CheckoutLicense")
         try:
-            answer: Checkout = self._gw().checkout(
+            gateway = self._gw()  # built on first use: not part of the call's time
+            sent = self._clock.monotonic()
+            answer: Checkout = gateway.checkout(
                 a.product_sku,
                 a.key_fingerprint,
                 a.entitlements,
@@ -209,13 +211,13 @@ class ContractService:
         attempt = 0
         next_check = self._clock.monotonic() + self._check_seconds
         retry_at: float | None = None
+        stale: Held | None = None  # expired here, perhaps not yet at AWS (our deadline is early)
         while not self._stop.is_set():
             now = self._clock.monotonic()
             snap = self.machine.snapshot()
             if self._provisional and self.machine.expire(now):
                 log.error("license_expired", extra={"on_loss": self.on_loss})
-                with self._lock:
-                    self._token = None
+                stale = snap.held
                 snap = self.machine.snapshot()
                 retry_at = now
             if snap.state in HOLDING and snap.held is not None:
@@ -245,6 +247,19 @@ class ContractService:
             if retry_at is not None and now < retry_at:
                 self._clock.wait(self._stop, retry_at - now)
                 continue
+            if stale is not None:
+                # The same seat first: a fresh checkout while AWS still counts the old one
+                # would need a second unit (and fail on a full pool).
+                outcome = self._revive(stale)
+                if outcome == "retry":
+                    retry_at = now + self._backoff.delay(attempt + 1, self._rng)
+                    attempt += 1
+                    continue
+                stale = None
+                if outcome == "ok":
+                    next_check = self._clock.monotonic() + self._check_seconds
+                    attempt, retry_at = 0, None
+                    continue
             fresh, error, warnings = self._checkout(uuid.uuid4().hex)
             if fresh is not None:
                 self._adopt(fresh, warnings)
@@ -270,9 +285,10 @@ class ContractService:
 
     def _extend(self, held: Held) -> bool:
         self._count("ExtendLicenseConsumption")
-        sent = self._clock.monotonic()
         try:
-            value = self._gw().extend(held.checkout.consumption_token)
+            gateway = self._gw()
+            sent = self._clock.monotonic()
+            value = gateway.extend(held.checkout.consumption_token)
         except LicenseCallError as exc:
             log.warning("license_extend_failed", extra={"error": exc.info.to_json()})
             if exc.info.code in GONE_CODES:
@@ -287,6 +303,29 @@ class ContractService:
         self.machine.extended(expires, sent)
         log.info("license_extended", extra={"expiration": value})
         return True
+
+    def _revive(self, stale: Held) -> str:
+        """Extend a checkout that expired on our clock: "ok", "gone" or "retry"."""
+        self._count("ExtendLicenseConsumption")
+        try:
+            gateway = self._gw()
+            sent = self._clock.monotonic()
+            value = gateway.extend(stale.checkout.consumption_token)
+        except LicenseCallError as exc:
+            if exc.info.code in GONE_CODES:
+                with self._lock:
+                    if self._token == stale.checkout.consumption_token:
+                        self._token = None
+                return "gone"
+            self.machine.failed(exc.info, self._clock.time())
+            return "retry" if exc.info.retryable else "gone"
+        expires = parse_time(value)
+        if expires is None:
+            return "gone"
+        revived = replace(stale, expiration=max(expires, stale.expiration), renewed_at=sent)
+        self.machine.checked_out(revived, (), self._clock.time() + self._check_seconds)
+        log.info("license_revived", extra={"expiration": value})
+        return "ok"
 
     def _recheck(self) -> None:
         """A new checkout (fresh token); then the old one is checked in."""
