@@ -318,7 +318,9 @@ def test_notes_say_where_the_license_token_comes_from(tmp_path: Path) -> None:
     assert "license token in Secret aws-marketplace-license-config" in off_aws
     assert "no eks.amazonaws.com/role-arn" not in off_aws  # off AWS, IRSA is not the way
     in_aws = notes(tmp_path, *CONTRACT)
-    assert "license token" not in in_aws and "no eks.amazonaws.com/role-arn" in in_aws
+    assert "no eks.amazonaws.com/role-arn and\nmetering.contract.anywhere is empty" in in_aws
+    assert "AWS Marketplace\nmetering accepts only IRSA" not in in_aws  # License Manager's rules
+    assert "credentials from the license token" not in in_aws
 
 
 def test_the_docs_values_block_renders_as_a_dependency(tmp_path: Path) -> None:
