@@ -419,6 +419,12 @@ def fifo(path: Path) -> None:
     os.mkfifo(path)
 
 
+def fifo_behind_a_symlink(path: Path) -> None:
+    """A Secret volume's layout (the key a symlink), its target swapped for a FIFO."""
+    os.mkfifo(path.with_name("..data_fifo"))
+    path.symlink_to("..data_fifo")
+
+
 def dev_zero(path: Path) -> None:
     path.symlink_to("/dev/zero")
 
@@ -434,6 +440,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
     "blank": (lambda p: write(p, b" \n\t\n"), "is empty"),
     "directory": (lambda p: p.mkdir(), "is a directory, not a regular file"),
     "fifo": (fifo, "is a FIFO (named pipe), not a regular file"),
+    "fifo_behind_a_symlink": (fifo_behind_a_symlink, "is a FIFO (named pipe), not a regular file"),
     "dev_zero_symlink": (dev_zero, "is a character device, not a regular file"),
     "huge": (huge, f"is 104857600 bytes; at most {FILE_LIMIT}"),
     "two_lines": (lambda p: write(p, b"eyJhbGc.one\neyJhbGc.two\n"), "is not a license token"),
