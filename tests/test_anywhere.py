@@ -384,7 +384,7 @@ def test_a_revoked_token_is_named_as_rejected(
     with pytest.raises(LicenseTokenRejectedError) as caught:
         caller_arn(session)
     info = caught.value.info
-    assert (info.kind, info.retryable) == ("configuration", False)
+    assert (info.kind, info.retryable) == ("configuration", True)  # a new Secret heals it
     assert "License Manager refused the license token" in info.message
     assert "AuthorizationException" in info.message
     assert "CreateToken" in info.hint
@@ -406,7 +406,7 @@ def test_sts_refusing_the_role_is_named_with_the_trust_policy_to_fix(
     info = caught.value.info
     assert ROLE in info.message and "AccessDenied" in info.message
     assert "openid-license-manager.amazonaws.com" in info.hint
-    assert (info.kind, info.retryable) == ("configuration", False)
+    assert (info.kind, info.retryable) == ("configuration", True)
     assert refusing.seen == lm.issued, "STS got the access token License Manager issued"
     assert lm.issued[0] not in str(caught.value)
 
@@ -417,6 +417,12 @@ def write(path: Path, data: bytes) -> None:
 
 def fifo(path: Path) -> None:
     os.mkfifo(path)
+
+
+def fifo_behind_a_symlink(path: Path) -> None:
+    """A Secret volume's layout (the key a symlink), its target swapped for a FIFO."""
+    os.mkfifo(path.with_name("..data_fifo"))
+    path.symlink_to("..data_fifo")
 
 
 def dev_zero(path: Path) -> None:
@@ -434,6 +440,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
     "blank": (lambda p: write(p, b" \n\t\n"), "is empty"),
     "directory": (lambda p: p.mkdir(), "is a directory, not a regular file"),
     "fifo": (fifo, "is a FIFO (named pipe), not a regular file"),
+    "fifo_behind_a_symlink": (fifo_behind_a_symlink, "is a FIFO (named pipe), not a regular file"),
     "dev_zero_symlink": (dev_zero, "is a character device, not a regular file"),
     "huge": (huge, f"is 104857600 bytes; at most {FILE_LIMIT}"),
     "two_lines": (lambda p: write(p, b"eyJhbGc.one\neyJhbGc.two\n"), "is not a license token"),
@@ -465,7 +472,7 @@ def test_a_hostile_token_file_is_refused_with_a_sentence_without_hanging(
     [error] = result
     assert isinstance(error, LicenseTokenFileError), repr(error)
     assert f"license token file {path} {expected}" in error.info.message
-    assert not error.info.retryable
+    assert error.info.kind == "configuration" and error.info.retryable
     assert lm.seen == [], "nothing is sent for a file that is not a token"
 
 

@@ -318,4 +318,29 @@ def test_notes_say_where_the_license_token_comes_from(tmp_path: Path) -> None:
     assert "license token in Secret aws-marketplace-license-config" in off_aws
     assert "no eks.amazonaws.com/role-arn" not in off_aws  # off AWS, IRSA is not the way
     in_aws = notes(tmp_path, *CONTRACT)
-    assert "license token" not in in_aws and "no eks.amazonaws.com/role-arn" in in_aws
+    assert "no eks.amazonaws.com/role-arn and\nmetering.contract.anywhere is empty" in in_aws
+    assert "AWS Marketplace\nmetering accepts only IRSA" not in in_aws  # License Manager's rules
+    assert "credentials from the license token" not in in_aws
+
+
+def test_the_docs_values_block_renders_as_a_dependency(tmp_path: Path) -> None:
+    """docs/contract-anywhere.md's values, merged into the example product chart's own: valid
+    manifests, the buyer's Secret mounted into the sidecar only, the SKU and entitlements sent."""
+    import re
+
+    text = (CHART.parent / "docs" / "contract-anywhere.md").read_text()
+    (block,) = re.findall(r"```yaml\n(marketplace-sidecar:\n.*?)```", text, re.S)
+    ours = yaml.safe_load(block)["marketplace-sidecar"]
+    chart = parent_chart(tmp_path, None)
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    values["marketplace-sidecar"].pop("product")  # contract mode refuses product.*
+    values["marketplace-sidecar"]["metering"] = ours["metering"]
+    (chart / "values.yaml").write_text(yaml.safe_dump(values))
+    for kube in ("1.28.0", "1.33.0"):
+        docs = render_parent(chart, kube=kube)
+        validate(docs, kube)
+        spec = pod_spec(docs)
+        env = env_of(sidecar(spec))
+        assert env["MARKETPLACE_LICENSE_PRODUCT_SKU"] == ours["metering"]["contract"]["productSku"]
+        assert json.loads(env["MARKETPLACE_LICENSE_ENTITLEMENTS"]) == ENTITLEMENTS
+        assert license_mounts(spec) == {"marketplace-sidecar": [LICENSE_DIR]}

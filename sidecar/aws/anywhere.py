@@ -95,21 +95,27 @@ class AnywhereIdentityError(BotoCoreError):
 
 
 class LicenseTokenFileError(AnywhereIdentityError):
-    """The token file is missing, unreadable, empty, hostile or not a token."""
+    """The token file is missing, unreadable, empty, hostile or not a token.
+
+    Retryable, as the other refusals: the buyer fixes the Secret (or the role) and the next
+    attempt, which reads the file again, heals it without restarting the pod."""
 
     code = "LicenseTokenFileError"
+    retryable = True
 
 
 class LicenseTokenRejectedError(AnywhereIdentityError):
     """License Manager refused the token (expired, revoked, malformed, another account's)."""
 
     code = "LicenseTokenRejectedError"
+    retryable = True
 
 
 class RoleNotAssumableError(AnywhereIdentityError):
     """STS refused AssumeRoleWithWebIdentity (trust policy, role ARN, token's role list)."""
 
     code = "RoleNotAssumableError"
+    retryable = True
 
 
 class AnywhereIdentityUnavailableError(AnywhereIdentityError):

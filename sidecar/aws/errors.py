@@ -33,8 +33,21 @@ RETRYABLE_CODES = frozenset(
         "RequestTimeout",
         "RequestTimeoutException",
         "TooManyRequestsException",
+        "AnywhereIdentityUnavailableError",  # sidecar.aws.anywhere: License Manager or STS silent
     }
 )
+# The anywhere identity's refusals (sidecar.aws.anywhere, contract mode off AWS). The buyer fixes
+# the Secret or the role and the next attempt heals it without a restart (the token file is read
+# again at every attempt): configuration, yet retried with backoff.
+ANYWHERE_CODES: dict[str, str] = {
+    "LicenseTokenFileError": "mount the buyer's license token (the chart's metering.contract."
+    "anywhere Secret) at MARKETPLACE_LICENSE_TOKEN_FILE; see docs/contract-anywhere.md",
+    "LicenseTokenRejectedError": "License Manager refused the license token (expired, revoked or "
+    "not a token): the buyer creates a new one and updates the Secret; see "
+    "docs/contract-anywhere.md",
+    "RoleNotAssumableError": "STS refused MARKETPLACE_LICENSE_ROLE_ARN for this token: check the "
+    "role's trust policy and that the token names the role; see docs/contract-anywhere.md",
+}
 
 # botocore transport exceptions (class names) raised before the request was written: DNS,
 # refused or timed-out connects, a proxy that would not connect. AWS surely never saw the call.
@@ -191,6 +204,7 @@ KNOWN_CODES = (
     | TRANSPORT_CODES
     | CLOCK_CODES
     | {CLOCK_SKEW, FIRST_ANSWER_LOST, STATE_DIR_UNWRITABLE}
+    | frozenset(ANYWHERE_CODES)
 )
 
 _TRANSIENT_HINT = "temporary; retried with backoff (check network egress to the metering endpoint)"
@@ -272,6 +286,8 @@ def classify(
         code == "InvalidSignatureException" and any(m in message.lower() for m in _CLOCK_MESSAGES)
     ):
         return ErrorInfo(code, message, _CLOCK_HINT, "clock", True, request_id)
+    if code in ANYWHERE_CODES:
+        return ErrorInfo(code, message, ANYWHERE_CODES[code], "configuration", True, request_id)
     if code in RETRYABLE_CODES or code in TRANSPORT_CODES:
         return ErrorInfo(code, message, _TRANSIENT_HINT, "transient", True, request_id)
     if (
