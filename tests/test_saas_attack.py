@@ -461,7 +461,8 @@ def test_aws_clock_ahead_with_throttling_and_unprocessed_records_sends_the_rest(
     emulator.config.faults = []
     emulator.config.unprocessed_rate = 0.3
     emulator.meter_clock = lambda: clock.t + 3900.0
-    clock.t = hour_start(old) + 6 * 3600 - 200  # the sidecar: 80 s left; AWS: already past
+    # BatchMeterUsage's window is 24 h (issue 21; this test used MeterUsage's 6 h before)
+    clock.t = hour_start(old) + 24 * 3600 - 200  # the sidecar: 80 s left; AWS: already past
     svc._failures, svc._resume_at = 0, 0.0
     for _ in range(20):  # the backoff pauses pass on the monotonic clock too
         svc.tick()
