@@ -10,6 +10,7 @@ the records expire, and say so (state, metric, warning)."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -180,4 +181,51 @@ def test_the_closed_months_last_hour_is_billed_until_0600_utc_on_the_first(
         assert batch_calls(emulator) == calls  # none refused by AWS: expired before
         rows = [r for r in svc.report()["records"] if r["state"] == "expired"]
         assert {r["deadline"] for r in rows} == {"2027-02-01T05:58:00Z"}
+    svc.close()
+
+
+def test_a_fleet_down_for_ten_hours_bills_each_hour_in_its_own_hour(
+    emulator_server: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every sidecar down (no tick) for 10 hours, then back: the unsealed hours are still inside
+    BatchMeterUsage's window, so each is sealed and billed as its own hour. Under the six-hour
+    window they were too old to seal and their usage was carried into the open hour."""
+    svc, clock, people = emulated_service(
+        emulator_server, emulator, tmp_path, monkeypatch, 3, zero_records=False
+    )
+    first = hour_of(clock.t)
+    want = {first: use(svc, people, lambda n, d: n + 5)}
+    clock.t = hour_start(first + 2) + 900
+    want[first + 2] = use(svc, people, lambda n, d: n + 50)
+    clock.t = hour_start(first) + 10 * HOUR + 300  # nobody sealed anything meanwhile
+    drain(svc, clock)
+    for hour, usage in want.items():
+        assert billed_in(emulator_server, hour) == usage
+    assert billed_in(emulator_server, first + 10) == {}  # nothing carried
+    svc.close()
+
+
+def test_saas_intake_takes_timestamps_up_to_batchmeterusages_24_hours(
+    emulator_server: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A product reporting usage it recorded during its own 10-hour outage: accepted (counted in
+    the open hour, its own being sealed). 25 hours old: a 400 naming the field and the window."""
+    svc, clock, people = emulated_service(
+        emulator_server, emulator, tmp_path, monkeypatch, 1, zero_records=False
+    )
+    p = people[0]
+    doc = {
+        "customer_aws_account_id": p["customer_aws_account_id"],
+        "license_arn": p["license_arn"],
+        "dimension": DIMS[0],
+        "quantity": 3,
+    }
+    late = {**doc, "timestamp": iso(clock.t - 10 * HOUR)}
+    status, answer = svc.post(json.dumps(late).encode())
+    assert status == 202, answer
+    too_old = {**doc, "timestamp": iso(clock.t - 25 * HOUR)}
+    status, answer = svc.post(json.dumps(too_old).encode())
+    assert status == 400, answer
+    assert answer["field"] == "timestamp", answer
+    assert "BatchMeterUsage takes at most 24 hours" in answer["message"], answer
     svc.close()
