@@ -229,3 +229,107 @@ def test_saas_intake_takes_timestamps_up_to_batchmeterusages_24_hours(
     assert answer["field"] == "timestamp", answer
     assert "BatchMeterUsage takes at most 24 hours" in answer["message"], answer
     svc.close()
+
+
+# -- a real `run` process on the test-only scaled clock ---------------------------------------
+
+SCALE = 3600.0  # one real second is an hour, for the sidecar and the emulator alike
+
+
+def running_car(emulator_server: Any, emulator: Any, tmp_path: Path, people: int) -> Any:
+    """A SaaS `run` process and the emulator on one scaled clock (a few minutes into an hour),
+    with `people` customers resolved. Retries every 5 scaled minutes (12 calls a real second)."""
+    from tests.saas_kit import Ops, aligned_origin, resolve, saas_env, spawn, wait_up
+
+    ops = Ops(emulator_server.url)
+    origin = aligned_origin(SCALE, into_hour=300.0)
+    ops.configure(time_scale=SCALE, time_origin=origin)
+    customers = [ops.customer(i) for i in range(people)]
+    env = saas_env(
+        emulator_server.url,
+        state_dir=tmp_path,
+        scale=SCALE,
+        origin=origin,
+        MARKETPLACE_ZERO_USAGE_RECORDS="false",
+        MARKETPLACE_BACKOFF_BASE_SECONDS="60",
+        MARKETPLACE_BACKOFF_CAP_SECONDS="300",
+    )
+    car = wait_up(spawn(env, tmp_path, "windows"))
+    for c in customers:
+        resolve(car, c)
+    return car, customers, origin
+
+
+def post_usage(car: Any, customers: list[Any]) -> dict[tuple[str, str, int], int]:
+    """One record per customer and dimension; what AWS should bill, by the hour each answer
+    names (a post may cross an hour on the fast clock)."""
+    import requests
+
+    from tests.saas_kit import epoch_hour
+
+    want = {}
+    for n, c in enumerate(customers):
+        for dimension in ("api_calls", "storage_gb"):
+            doc = {**c.fields(), "dimension": dimension, "quantity": 10 + n}
+            resp = requests.post(car.api + "/v1/usage", json=doc, timeout=10)
+            assert resp.status_code == 202, resp.text
+            hour = epoch_hour(resp.json()["records"][0]["hour"])
+            want[(c.key, dimension, hour)] = 10 + n
+    return want
+
+
+def wait_scaled(origin: float, until: float, *, real_timeout: float) -> None:
+    import time
+
+    from tests.saas_kit import scaled_now
+
+    deadline = time.monotonic() + real_timeout
+    while scaled_now(SCALE, origin) < until:
+        assert time.monotonic() < deadline, "the scaled clock did not get there"
+        time.sleep(0.05)
+
+
+def test_a_running_sidecar_bills_a_seven_hour_outage_exactly_once(
+    emulator_server: Any, emulator: Any, tmp_path: Path
+) -> None:
+    """The wiring (`run`, MARKETPLACE_MODE=saas) gives SaaS records BatchMeterUsage's window:
+    seven scaled hours of refused calls, then every record billed once."""
+    import time
+
+    car, customers, origin = running_car(emulator_server, emulator, tmp_path, 4)
+    try:
+        emulator.reconfigure(
+            {
+                "faults": [
+                    {"error": "InternalServiceErrorException", "rate": 1.0, "op": "BatchMeterUsage"}
+                ]
+            }
+        )
+        want = post_usage(car, customers)
+        last = max(h for _, _, h in want)
+        wait_scaled(origin, hour_start(last) + 7 * HOUR, real_timeout=30)
+        usage = car.get("/v1/usage").json()
+        assert usage["records_by_state"]["sealed"] == len(want), usage["records_by_state"]
+        emulator.reconfigure({"faults": []})
+        deadline = time.monotonic() + 20
+        book: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            book = emulator.saas_ledger()
+            if len(book["records"]) >= len(want):
+                break
+            time.sleep(0.1)
+        billed = {
+            (r["customer"], r["dimension"], r["hour"]): r["quantity"] for r in book["records"]
+        }
+        assert billed == want and len(book["records"]) == len(want)
+        assert book["counts"].get("duplicate_record", 0) == 0
+        states: dict[str, int] = {}
+        while time.monotonic() < deadline:  # AWS answered; the sidecar stores the answer
+            states = car.get("/v1/usage").json()["records_by_state"]
+            if states["sent"] == len(want):
+                break
+            time.sleep(0.1)
+        assert states["sent"] == len(want) and states["expired"] == 0, states
+    finally:
+        emulator.reconfigure({"faults": []})
+        assert car.stop() == 0
