@@ -19,7 +19,7 @@ import pytest
 from sidecar.aws.errors import classify
 from sidecar.aws.metering import AwsCallError
 from sidecar.usage.db import UsageStore, open_store
-from sidecar.usage.hours import HOUR, HourPolicy, hour_of, hour_start
+from sidecar.usage.hours import HOUR, HourPolicy, hour_of, hour_start, iso
 from sidecar.usage.saas import EXPIRED_HINT, SAAS_SCHEMA, SaasPolicy, SaasService
 from tests.helpers import ManualClock
 from tests.test_saas_ledger import DIMS, FakeAws, account, key, license_arn
@@ -573,6 +573,10 @@ def test_aws_clock_eight_hours_behind_is_waited_out_inside_the_day(
     hour = hour_of(clock.t)
     want = use(svc, people, lambda n, d: n + 1)
     clock.t = hour_start(hour + 1) + 61
+    svc.tick()
+    deadline = iso(hour_start(hour) + 24 * HOUR - 120)  # /readyz and GET /v1/usage say so
+    assert [n for n in svc.notices() if n.startswith("clock_skew:") and deadline in n]
+    assert any(f"until {deadline}, then expired" in w for w in svc.report()["warnings"])
     run_until_sent(svc, clock, 900, 60)
     assert hour_start(hour) + 8 * HOUR < clock.t < hour_start(hour) + 10 * HOUR
     states = svc.counters().records_by_state
