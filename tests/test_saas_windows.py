@@ -333,3 +333,38 @@ def test_a_running_sidecar_bills_a_seven_hour_outage_exactly_once(
     finally:
         emulator.reconfigure({"faults": []})
         assert car.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_running_sidecar_expires_a_25_hour_outage_in_state_metric_and_warning(
+    emulator_server: Any, emulator: Any, tmp_path: Path
+) -> None:
+    """25 scaled hours of refused calls (about 30 real seconds): the records expire at their
+    deadline and say so on the real endpoints; nothing is billed, nothing sent after it."""
+    car, customers, origin = running_car(emulator_server, emulator, tmp_path, 3)
+    try:
+        emulator.reconfigure(
+            {
+                "faults": [
+                    {"error": "InternalServiceErrorException", "rate": 1.0, "op": "BatchMeterUsage"}
+                ]
+            }
+        )
+        want = post_usage(car, customers)
+        last = max(h for _, _, h in want)
+        wait_scaled(origin, hour_start(last) + 25 * HOUR, real_timeout=60)
+        emulator.reconfigure({"faults": []})  # AWS back, too late
+        usage = car.get("/v1/usage").json()
+        assert usage["records_by_state"]["expired"] == len(want), usage["records_by_state"]
+        assert any(f"{len(want)} records expired unsent" in w for w in usage["warnings"])
+        metrics = {
+            (s.name, s.labels.get("state", "")): s.value
+            for family in text_string_to_metric_families(car.get("/metrics", probe=True).text)
+            for s in family.samples
+        }
+        assert metrics[("marketplace_saas_records", "expired")] == len(want)
+        assert emulator.saas_ledger()["records"] == []
+        assert "saas_record_expired" in car.logs()
+    finally:
+        emulator.reconfigure({"faults": []})
+        assert car.stop() == 0
