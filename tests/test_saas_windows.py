@@ -23,7 +23,8 @@ from sidecar.ops.metrics import Metrics
 from sidecar.usage.hours import HOUR, hour_of, hour_start, iso
 from sidecar.usage.saas import SaasService
 from tests.helpers import ManualClock
-from tests.test_saas_service import DIMS, batch_calls, billed_in, emulated_service, use
+from tests.test_saas_ledger import DIMS
+from tests.test_saas_service import batch_calls, billed_in, emulated_service, use
 
 STEP = 600.0  # the sidecar's loop, ten minutes apart on the test's clock
 
