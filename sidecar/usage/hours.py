@@ -65,8 +65,8 @@ def window_closes(api: str, hour: int) -> float:
     the 1st) during which its records still count, and it only ever shortens the 24 hours (for
     the closed month's last 18 hours). So the window is min(24 h, 06:00 UTC on the 1st of the
     next month). The same text's "On April 1 at 05:00 UTC, you can still submit records for
-    March 31" holds for March 31's hours from 05:00 on; reading it as "all of March 31 until
-    06:00" would extend the 24 hours by up to 6, which the model says nowhere else, so the
+    March 31" holds for March 31's records stamped after 05:00; reading it as "all of March 31
+    until 06:00" would extend the 24 hours by up to 6, which the model says nowhere else, so the
     sidecar does not count on it (the cost: the first six hours of a month's last day expire
     up to 6 h before AWS might refuse them, after an outage of a day).
     """
@@ -229,7 +229,7 @@ class ScaledClock:
     """TEST ONLY: wall time running `scale` times faster from `origin`, so hours pass in seconds.
 
     The emulator applies the same formula (its `time_scale`/`time_origin` settings), so both
-    agree on hours and the six-hour window. The wiring accepts it only against a loopback
+    agree on hours and on each API's window. The wiring accepts it only against a loopback
     metering endpoint; production always uses the system clock.
     """
 
