@@ -440,9 +440,6 @@ def test_aws_clock_ahead_with_throttling_and_unprocessed_records_sends_the_rest(
     from sidecar.emulator.service import Fault
 
     server, emulator, clock = world
-    # The sidecar still gives SaaS records six hours (AWS's BatchMeterUsage takes 24): this
-    # scenario needs AWS's window to close with the sidecar's, so it sets it to six.
-    emulator.config.batch_window_seconds = 6 * 3600.0
     people = [new_customer(server, 600 + i) for i in range(12)]
     stores.append(open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=None))
     svc = service(stores[0], clock)
@@ -464,7 +461,8 @@ def test_aws_clock_ahead_with_throttling_and_unprocessed_records_sends_the_rest(
     emulator.config.faults = []
     emulator.config.unprocessed_rate = 0.3
     emulator.meter_clock = lambda: clock.t + 3900.0
-    clock.t = hour_start(old) + 6 * 3600 - 200  # the sidecar: 80 s left; AWS: already past
+    # BatchMeterUsage's window is 24 h (issue 21; this test used MeterUsage's 6 h before)
+    clock.t = hour_start(old) + 24 * 3600 - 200  # the sidecar: 80 s left; AWS: already past
     svc._failures, svc._resume_at = 0, 0.0
     for _ in range(20):  # the backoff pauses pass on the monotonic clock too
         svc.tick()

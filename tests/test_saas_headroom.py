@@ -7,13 +7,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.emulator.service import Emulator, EmulatorServer
 from sidecar.usage.headroom import HourSending, capacity_per_hour, headroom, send_seconds
-from sidecar.usage.hours import HOUR, hour_start
+from sidecar.usage.hours import HOUR, hour_of, hour_start
 from tests.helpers import ROOT
 from tests.saas_kit import Ops, aligned_origin, resolve, saas_env, spawn, wait_up
 
@@ -87,10 +88,11 @@ def test_a_growing_backlog_is_a_trend_and_expiry_is_projected() -> None:
     room = headroom(T, hours, backlog=400_000, calls_per_second=8.0, oldest_unsent_hour=H - 1)
     assert room.trend_per_hour == 150_000
     assert "growing by 150000 records an hour" in " ".join(room.reasons)
-    # 400,000 records need 2,000 s; the oldest unsent hour's window ends in 5 h: no expiry yet.
+    # 400,000 records need 2,000 s; the oldest unsent hour's window (BatchMeterUsage: 24 h)
+    # ends in 22 h: no expiry yet.
     assert room.backlog_seconds == 2_000.0 and not room.expires_unsent
     late = headroom(
-        hour_start(H - 1) + 6 * HOUR - 1_000,
+        hour_start(H - 1) + 24 * HOUR - 1_000,
         hours,
         backlog=400_000,
         calls_per_second=8.0,
@@ -173,3 +175,21 @@ def test_a_slow_hour_shows_in_metrics_readyz_usage_and_doctor(
     finally:
         ops.configure(latency=0.0)
         car.stop()
+
+
+def test_at_a_month_end_the_projection_uses_the_0600_utc_cut_off() -> None:
+    """Issue 21: the closed month's records are refused from 06:00 UTC on the 1st, whatever
+    their 24 hours say. The same backlog 5 h 40 min after the hour: fine mid-month, expiring
+    when that hour was the last of January."""
+    last_of_january = hour_of(datetime(2027, 2, 1, tzinfo=UTC).timestamp()) - 1
+    for oldest, expires in ((H - 1, False), (last_of_january, True)):
+        now = hour_start(oldest + 1) + 5 * HOUR + 40 * 60
+        room = headroom(
+            now,
+            [hour(oldest, 600_000, 0, took=None)],
+            backlog=400_000,
+            calls_per_second=8.0,
+            oldest_unsent_hour=oldest,
+        )
+        assert room.expires_unsent is expires
+    assert "2027-02-01T06:00:00Z" in " ".join(room.reasons), room.reasons

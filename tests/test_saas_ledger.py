@@ -13,6 +13,7 @@ import functools
 import json
 import math
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,20 @@ class FakeAws:
         self.unsubscribed: set[str] = set()
         self.unprocessed_once: set[tuple[str, str, int]] = set()
         self.fail_next: list[str] = []
-        self.window: float = 6 * HOUR
+        # BatchMeterUsage's window (model 1.44.8): "up to 24 hours in the past"; the previous
+        # billing month's records "until 06:00 UTC on the first day of the next month".
+        self.window: float = 24 * HOUR
+        self.month_grace: float = 6 * HOUR
         self.future: float = 300.0  # AWS's (undocumented) tolerance for future timestamps
         self.out_of_bounds_calls = 0
         self.bad_licenses: set[str] = set()  # InvalidLicenseException for any record of these
         self.unpublished: set[str] = set()  # InvalidUsageDimensionException
+
+    def in_window(self, stamp: float, now: float) -> bool:
+        day = datetime.fromtimestamp(stamp, UTC)
+        after = datetime(day.year + day.month // 12, day.month % 12 + 1, 1, tzinfo=UTC)
+        closed = now >= after.timestamp() + self.month_grace
+        return now - self.window < stamp <= now + self.future and not closed
 
     @staticmethod
     def key_of(r: dict[str, Any]) -> tuple[str, str, int]:
@@ -79,7 +89,7 @@ class FakeAws:
         if any(r["Dimension"] in self.unpublished for r in records):
             raise AwsCallError(classify("InvalidUsageDimensionException", "not published"))
         now = self.now()
-        if any(not now - self.window <= r["Timestamp"] <= now + self.future for r in records):
+        if any(not self.in_window(float(r["Timestamp"]), now) for r in records):
             self.out_of_bounds_calls += 1
             raise AwsCallError(classify("TimestampOutOfBoundsException", "out of bounds"))
         results, unprocessed = [], []
@@ -351,7 +361,13 @@ def test_throttled_batch_keeps_its_exact_request(open_db: Callable[[], UsageStor
     assert second.attempts == 1
 
 
-def test_records_past_the_window_expire_unsent(open_db: Callable[[], UsageStore]) -> None:
+@pytest.mark.parametrize("hours_late", [7, 20, 23.9])
+def test_records_inside_batchmeterusages_day_are_billed_not_expired(
+    open_db: Callable[[], UsageStore], hours_late: float
+) -> None:
+    """Issue 21: BatchMeterUsage takes records up to 24 hours old; a call stored at sealing and
+    never answered (AWS down) is still billed, whole, once AWS answers 7 to 23 hours later.
+    Before, SaaS records expired after MeterUsage's six hours."""
     store = open_db()
     resolve(store, range(30))
     hour = hour_of(T0)
@@ -359,11 +375,31 @@ def test_records_past_the_window_expire_unsent(open_db: Callable[[], UsageStore]
     store.write(lambda db: L.seal(db, hour, now, SPEC))
     batch, _ = store.write(lambda db: L.next_batch(db, now, None))  # stored, never answered
     assert batch is not None
-    late = hour_start(hour) + 6 * HOUR + 1
+    late = hour_start(hour) + hours_late * HOUR
+    aws = FakeAws(lambda: late)
+    assert send_all(store, aws, late) == 4
+    assert aws.bodies[0] == batch.body  # the stored call, resent as is
+    assert len(aws.billed) == 90 and states(store)["sent"] == 90
+    assert states(store)["expired"] == 0
+
+
+def test_records_past_the_window_expire_unsent(open_db: Callable[[], UsageStore]) -> None:
+    """Past BatchMeterUsage's 24 hours (counted from the hour's start, minus the safety
+    margin), nothing is sent: every record expires, named in the report."""
+    store = open_db()
+    resolve(store, range(30))
+    hour = hour_of(T0)
+    now = hour_start(hour + 1) + 120
+    store.write(lambda db: L.seal(db, hour, now, SPEC))
+    batch, _ = store.write(lambda db: L.next_batch(db, now, None))  # stored, never answered
+    assert batch is not None
+    late = hour_start(hour) + 24 * HOUR - HP.window_safety + 1
     aws = FakeAws(lambda: late)
     assert send_all(store, aws, late) == 0
     assert aws.bodies == []
     assert states(store)["expired"] == 90
+    warnings = store.read(lambda db: L.report(db, late, HP))["warnings"]
+    assert any("90 records expired unsent" in w and "24 h" in w for w in warnings), warnings
 
 
 def test_ingest_refuses_unknown_customers_and_keeps_ids_idempotent(

@@ -19,7 +19,7 @@ import pytest
 from sidecar.aws.errors import classify
 from sidecar.aws.metering import AwsCallError
 from sidecar.usage.db import UsageStore, open_store
-from sidecar.usage.hours import HOUR, HourPolicy, hour_of, hour_start
+from sidecar.usage.hours import HOUR, HourPolicy, hour_of, hour_start, iso
 from sidecar.usage.saas import EXPIRED_HINT, SAAS_SCHEMA, SaasPolicy, SaasService
 from tests.helpers import ManualClock
 from tests.test_saas_ledger import DIMS, FakeAws, account, key, license_arn
@@ -390,9 +390,11 @@ def emulated_service(
     monkeypatch: pytest.MonkeyPatch,
     people: int,
     zero_records: bool = True,
+    at: float | None = None,
 ) -> tuple[SaasService, ManualClock, list[dict[str, Any]]]:
     """A SaasService on SQLite sending through boto3 to the emulator over loopback HTTP, with
-    `people` customers resolved. The emulator's clock is the test's (plus its clock_offset).
+    `people` customers resolved. The emulator's clock is the test's (plus its clock_offset),
+    starting at `at` (default: ten minutes into the current hour).
     Without zero records, hours without usage seal nothing: "nothing sealed" means "sent"."""
     import requests
 
@@ -401,7 +403,7 @@ def emulated_service(
 
     aws_env(monkeypatch, server, "seller")
     clock = ManualClock()
-    clock.t = hour_start(hour_of(clock.t)) + 600.0
+    clock.t = hour_start(hour_of(clock.t)) + 600.0 if at is None else at
     emulator.meter_clock = clock.time
     http = requests.Session()
     made = []
@@ -539,19 +541,48 @@ def test_a_timestamp_in_aws_future_is_retried_until_accepted_never_rejected(
 def test_a_clock_that_never_agrees_expires_the_hour_at_its_deadline_not_rejected(
     emulator_server: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """AWS's clock a day behind: every stamp stays in its future for the whole of
+    BatchMeterUsage's 24-hour window (issue 21; it was 8 h behind against a 6-hour window)."""
+    svc, clock, people = emulated_service(
+        emulator_server, emulator, tmp_path, monkeypatch, 3, zero_records=False
+    )
+    emulator.config.clock_offset = -25 * 3600.0
+    hour = hour_of(clock.t)
+    use(svc, people, lambda n, d: n + 1)
+    clock.t = hour_start(hour + 1) + 61
+    run_until_sent(svc, clock, 900, 110)
+    states = svc.counters().records_by_state
+    assert states["expired"] == 9 and states["rejected"] == 0 and states["sent"] == 0, states
+    assert clock.t >= hour_start(hour) + 24 * HOUR - 120  # expired only at the deadline
+    assert billed_in(emulator_server, hour) == {}
+    assert batch_calls(emulator) <= 110
+    svc.close()
+
+
+def test_aws_clock_eight_hours_behind_is_waited_out_inside_the_day(
+    emulator_server: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 21: the clock-skew resend lasts until BatchMeterUsage's deadline (24 h), not
+    MeterUsage's (6 h): AWS 8 h behind accepts the stamps about 8.5 h after the hour starts,
+    and the hour is billed, once, where it used to expire."""
     svc, clock, people = emulated_service(
         emulator_server, emulator, tmp_path, monkeypatch, 3, zero_records=False
     )
     emulator.config.clock_offset = -8 * 3600.0
+    emulator.config.meter_future_seconds = 30.0
     hour = hour_of(clock.t)
-    use(svc, people, lambda n, d: n + 1)
+    want = use(svc, people, lambda n, d: n + 1)
     clock.t = hour_start(hour + 1) + 61
-    run_until_sent(svc, clock, 300, 80)
+    svc.tick()
+    deadline = iso(hour_start(hour) + 24 * HOUR - 120)  # /readyz and GET /v1/usage say so
+    assert [n for n in svc.notices() if n.startswith("clock_skew:") and deadline in n]
+    assert any(f"until {deadline}, then expired" in w for w in svc.report()["warnings"])
+    run_until_sent(svc, clock, 900, 60)
+    assert hour_start(hour) + 8 * HOUR < clock.t < hour_start(hour) + 10 * HOUR
     states = svc.counters().records_by_state
-    assert states["expired"] == 9 and states["rejected"] == 0 and states["sent"] == 0, states
-    assert clock.t >= hour_start(hour) + 6 * HOUR - 120  # expired only at the deadline
-    assert billed_in(emulator_server, hour) == {}
-    assert batch_calls(emulator) <= 80
+    assert states["sent"] == 9 and states["expired"] == 0 and states["rejected"] == 0, states
+    assert billed_in(emulator_server, hour) == want
+    assert svc.counters().batch_calls.get("clock_skew", 0) >= 1
     svc.close()
 
 

@@ -5,10 +5,16 @@ from __future__ import annotations
 import random
 import threading
 import time
+from datetime import datetime
+
+import pytest
 
 from sidecar.usage.hours import (
+    BATCH_METER_USAGE,
     CONFLICT,
     EXPIRED,
+    HOUR,
+    METER_USAGE,
     REJECTED,
     RETRY,
     SENT,
@@ -16,10 +22,13 @@ from sidecar.usage.hours import (
     RetryPolicy,
     ScaledClock,
     decide,
+    first_hour_open,
     hour_of,
     hour_start,
+    iso,
     request_timestamp,
     target_hour,
+    window_closes,
 )
 
 H = 500_000  # an hour index
@@ -105,3 +114,111 @@ def test_the_test_only_clock_runs_hours_in_seconds() -> None:
     clock.wait(stop, 360.0)  # six scaled minutes
     assert time.monotonic() - started < 0.5
     assert clock.time() - before >= 300
+
+
+# -- windows per API (issue 21) -------------------------------------------------------------
+
+
+def at(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def closes(api: str, hour_text: str) -> str:
+    return iso(window_closes(api, hour_of(at(hour_text))))
+
+
+def test_meterusage_keeps_six_hours_even_across_a_month_end() -> None:
+    assert closes(METER_USAGE, "2027-01-15T08:00:00Z") == "2027-01-15T14:00:00Z"
+    assert closes(METER_USAGE, "2027-01-31T23:00:00Z") == "2027-02-01T05:00:00Z"
+    assert closes(METER_USAGE, "2026-12-31T20:00:00Z") == "2027-01-01T02:00:00Z"
+
+
+def test_batchmeterusage_takes_24_hours_inside_a_month() -> None:
+    assert closes(BATCH_METER_USAGE, "2027-01-15T08:00:00Z") == "2027-01-16T08:00:00Z"
+    # the first hours of a month: a full day, never the month before's cut-off
+    assert closes(BATCH_METER_USAGE, "2027-02-01T00:00:00Z") == "2027-02-02T00:00:00Z"
+    assert closes(BATCH_METER_USAGE, "2027-01-30T23:00:00Z") == "2027-01-31T23:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("last_day", "next_first"),
+    [
+        ("2027-01-31", "2027-02-01"),  # 31-day month
+        ("2027-04-30", "2027-05-01"),  # 30-day month
+        ("2028-02-29", "2028-03-01"),  # February of a leap year
+        ("2027-02-28", "2027-03-01"),  # February of a common year
+        ("2026-12-31", "2027-01-01"),  # December into January: a new year
+    ],
+)
+def test_the_closed_months_records_are_cut_at_0600_utc_on_the_first(
+    last_day: str, next_first: str
+) -> None:
+    """AWS: "After 06:00 UTC on April 1, March records are rejected regardless of the normal
+    24-hour submission window": a cut-off that shortens the last day's hours from 06:00 on,
+    never an extension of the earlier ones."""
+    cut = f"{next_first}T06:00:00Z"
+    for h in range(6):  # 00:00-05:00 on the last day: their 24 h end before the cut-off
+        assert closes(BATCH_METER_USAGE, f"{last_day}T0{h}:00:00Z") == f"{next_first}T0{h}:00:00Z"
+    for h in (6, 12, 23):
+        assert closes(BATCH_METER_USAGE, f"{last_day}T{h:02}:00:00Z") == cut
+    assert closes(BATCH_METER_USAGE, f"{next_first}T00:00:00Z") == (
+        iso(at(f"{next_first}T00:00:00Z") + 24 * HOUR)
+    )
+
+
+def test_february_28_of_a_leap_year_keeps_its_full_day() -> None:
+    assert closes(BATCH_METER_USAGE, "2028-02-28T23:00:00Z") == "2028-02-29T23:00:00Z"
+    assert closes(BATCH_METER_USAGE, "2027-02-28T23:00:00Z") == "2027-03-01T06:00:00Z"
+
+
+def test_windows_never_close_earlier_for_a_later_hour_and_first_hour_open_agrees() -> None:
+    """What sealing, expiry and the warnings rely on: hour order is deadline order."""
+    start = hour_of(at("2027-12-29T00:00:00Z"))
+    for api in (METER_USAGE, BATCH_METER_USAGE):
+        ends = [window_closes(api, h) for h in range(start, start + 24 * 70)]
+        assert ends == sorted(ends)
+        for t in (
+            at("2027-12-31T23:30:00Z"),
+            at("2028-01-01T05:59:59Z"),
+            at("2028-01-01T06:00:00Z"),
+            at("2028-02-01T03:00:00Z"),
+            at("2028-01-15T10:20:00Z"),
+        ):
+            first = first_hour_open(api, t)
+            assert window_closes(api, first) > t >= window_closes(api, first - 1)
+
+
+def test_the_policy_follows_its_apis_window_with_an_injected_clock() -> None:
+    saas = P.using(BATCH_METER_USAGE)
+    last = hour_of(at("2027-01-31T23:00:00Z"))
+    stamp = hour_start(last) + 1800
+    assert P.deadline(stamp) == at("2027-02-01T05:00:00Z") - P.window_safety
+    assert saas.deadline(stamp) == at("2027-02-01T06:00:00Z") - P.window_safety
+    # sealing after an outage: 5 h 40 min after the month ended, the last hour is still worth
+    # sealing for BatchMeterUsage (20 min left, more than seal_floor's 10) but not at 05:55
+    assert saas.worth_sealing(last, at("2027-02-01T05:40:00Z"))
+    assert not saas.worth_sealing(last, at("2027-02-01T05:55:00Z"))
+    mid = hour_of(at("2027-01-15T08:00:00Z"))
+    assert saas.worth_sealing(mid, hour_start(mid) + 23 * HOUR)
+    assert not P.worth_sealing(mid, hour_start(mid) + 6 * HOUR)
+    assert saas.countable(mid, hour_start(mid) + 22 * HOUR)
+    assert not saas.countable(mid, hour_start(mid) + 23 * HOUR + 1)
+    assert saas.first_unexpired(at("2027-02-01T05:59:00Z")) == hour_of(at("2027-02-01T00:00:00Z"))
+    assert saas.first_unexpired(at("2027-01-20T12:00:00Z")) == hour_of(at("2027-01-19T13:00:00Z"))
+    assert P.first_unexpired(at("2027-01-20T12:00:00Z")) == hour_of(at("2027-01-20T07:00:00Z"))
+
+
+def test_an_unknown_api_is_refused() -> None:
+    with pytest.raises(ValueError, match="MeterUsage, BatchMeterUsage"):
+        HourPolicy(api="RegisterUsage")
+    with pytest.raises(ValueError, match="api must be"):
+        window_closes("Other", 1)
+
+
+def test_saas_policies_always_follow_batchmeterusage() -> None:
+    from sidecar.usage.saas import SaasPolicy
+    from sidecar.usage.saas_ledger import SealSpec
+
+    assert SaasPolicy(dimensions=("a",), hours=P).hours.api == BATCH_METER_USAGE
+    assert SealSpec(("a",), "license", True, P).hours.api == BATCH_METER_USAGE
+    assert P.api == METER_USAGE  # custom mode's default

@@ -384,7 +384,8 @@ class _SaasCollector(Collector):
         yield GaugeMetricFamily(
             "marketplace_saas_oldest_unsent_hour_age_seconds",
             "Seconds since the end of the oldest sealed hour with a record not yet accepted "
-            "by AWS (0 when none); AWS refuses records 6 hours or more after their usage",
+            "by AWS (0 when none); BatchMeterUsage refuses records 24 hours or more after "
+            "their usage, and a closed month's records from 06:00 UTC on the 1st",
             value=float(counts.oldest_unsent_hour_age_seconds),
         )
         calls = CounterMetricFamily(

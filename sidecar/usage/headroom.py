@@ -4,7 +4,7 @@ AWS allows 10 BatchMeterUsage calls per second per account and region, 25 record
 900,000 records an hour. The sidecar paces at `calls_per_second` (8 by default: 720,000 an
 hour). Each sealed hour brings one record per active customer and dimension (with quantity-0
 records on), so a product with enough customers needs more than an hour to send an hour: the
-backlog grows and records pass AWS's six-hour window unsent. Everything here is computed from
+backlog grows and records pass BatchMeterUsage's window unsent. Everything here is computed from
 facts the ledger stores (per sealed hour: when it was sealed, its records, the backlog it found,
 when its last record was settled) and the time `now` the caller passes in.
 """
@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sidecar.usage.hours import AWS_WINDOW, HOUR, hour_start, iso_hour
+from sidecar.usage.hours import BATCH_METER_USAGE, HOUR, iso, iso_hour, window_closes
 
 BATCH_RECORDS = 25
 AWS_CALLS_PER_SECOND = 10.0  # AWS's BatchMeterUsage quota per account and region (default)
@@ -93,7 +93,7 @@ def headroom(
     running = max(0.0, now - unfinished[0].sealed_at) if unfinished else 0.0
     ratio = max(took or 0.0, running) / HOUR
     left = (
-        hour_start(oldest_unsent_hour) + AWS_WINDOW - now
+        window_closes(BATCH_METER_USAGE, oldest_unsent_hour) - now
         if oldest_unsent_hour is not None
         else None
     )
@@ -123,8 +123,8 @@ def headroom(
         )
     if expires:
         reasons.append(
-            "at the paced rate the backlog outlasts AWS's six-hour window: records will expire "
-            "unsent"
+            "at the paced rate the backlog outlasts BatchMeterUsage's window for the oldest "
+            f"unsent hour (it closes {iso(now + (left or 0.0))}): records will expire unsent"
         )
     return Headroom(
         calls_per_second=calls_per_second,

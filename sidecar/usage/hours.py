@@ -1,9 +1,10 @@
-"""Hour arithmetic for MeterUsage. Pure: every function takes the time it needs.
+"""Hour arithmetic for MeterUsage and BatchMeterUsage. Pure: every function takes the time it needs.
 
-AWS keeps one record per pod, dimension and hour (the request's Timestamp rounded down), and a
-record sent before its hour ends locks the rest of that hour. So hour H is sealed only once H has
-ended plus `seal_margin` (in-flight POSTs, product clocks a little behind), and sent with a
-timestamp inside H. AWS refuses timestamps more than six hours old: that is each hour's window.
+AWS keeps one record per pod (or customer), dimension and hour (the Timestamp rounded down), and
+a record sent before its hour ends locks the rest of that hour. So hour H is sealed only once H
+has ended plus `seal_margin` (in-flight POSTs, product clocks a little behind), and sent with a
+timestamp inside H. How long AWS accepts a record afterwards (each hour's window) depends on the
+API: see `window_closes`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 HOUR = 3600
-AWS_WINDOW = 6 * HOUR
+AWS_WINDOW = 6 * HOUR  # MeterUsage: "up to six hours in the past"
+METER_USAGE = "MeterUsage"  # custom mode
+BATCH_METER_USAGE = "BatchMeterUsage"  # SaaS mode
+APIS = (METER_USAGE, BATCH_METER_USAGE)
+BATCH_WINDOW = 24 * HOUR  # BatchMeterUsage: "up to 24 hours in the past"
+MONTH_END_GRACE = 6 * HOUR  # BatchMeterUsage: a closed month's records, until 06:00 UTC on the 1st
 
 
 def hour_of(t: float) -> int:
@@ -36,6 +42,53 @@ def iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def next_month_start(t: float) -> float:
+    """00:00 UTC on the first day of the month after the one holding `t`: when AWS's billing
+    month of `t` ends."""
+    day = datetime.fromtimestamp(t, UTC)
+    year, month = (day.year + 1, 1) if day.month == 12 else (day.year, day.month + 1)
+    return datetime(year, month, 1, tzinfo=UTC).timestamp()
+
+
+def window_closes(api: str, hour: int) -> float:
+    """The instant from which AWS refuses a record of `hour` sent with `api`; it accepts the
+    record strictly before it. Counted from the hour's START (whether AWS rounds the Timestamp
+    down before comparing is undocumented), so never later than AWS's own count.
+
+    MeterUsage (model, `MeterUsageRequest.Timestamp`): "up to six hours in the past".
+
+    BatchMeterUsage (model, `UsageRecord.Timestamp` and the operation's documentation): "up to
+    24 hours in the past", and "We accept usage records for the previous billing month until
+    06:00 UTC on the first day of the next month ... After 06:00 UTC on April 1, March records
+    are rejected regardless of the normal 24-hour submission window." The 6-hour grace is a
+    CUT-OFF, not an extension: it is the time after the billing month closes (00:00 UTC on
+    the 1st) during which its records still count, and it only ever shortens the 24 hours (for
+    the closed month's last 18 hours). So the window is min(24 h, 06:00 UTC on the 1st of the
+    next month). The same text's "On April 1 at 05:00 UTC, you can still submit records for
+    March 31" holds for March 31's records stamped after 05:00; reading it as "all of March 31
+    until 06:00" would extend the 24 hours by up to 6, which the model says nowhere else, so the
+    sidecar does not count on it (the cost: the first six hours of a month's last day expire
+    up to 6 h before AWS might refuse them, after an outage of a day).
+    """
+    start = hour_start(hour)
+    if api == METER_USAGE:
+        return start + AWS_WINDOW
+    if api == BATCH_METER_USAGE:
+        return min(start + BATCH_WINDOW, next_month_start(start) + MONTH_END_GRACE)
+    raise ValueError(f"api must be one of {', '.join(APIS)}, not {api!r}")
+
+
+def first_hour_open(api: str, t: float) -> int:
+    """The oldest hour whose window (`window_closes`) is still open at `t`: every older hour's
+    record is refused by then. `window_closes` never decreases from one hour to the next (an
+    hour of a new month always closes 24 h after its start, after any hour of the month
+    before), so the hours refused at `t` are exactly those before this one."""
+    hour = hour_of(t - BATCH_WINDOW) - 1  # every window is at most a day long
+    while window_closes(api, hour) <= t:
+        hour += 1
+    return hour
+
+
 @dataclass(frozen=True)
 class HourPolicy:
     seal_margin: float = 60.0  # after the hour ends, before sealing it
@@ -47,7 +100,22 @@ class HourPolicy:
     # carried into the open hour at sealing instead of being sent at the last minute.
     seal_floor: float = 600.0
     warn_before: float = HOUR  # warn when an unsent hour's window closes within this
-    window_safety: float = 120.0  # stop trying this long before AWS's six hours are over
+    window_safety: float = 120.0  # stop trying this long before AWS's window closes
+    # Whose window the hours follow (`window_closes`): custom mode sends with MeterUsage; SaaS
+    # mode (SaasPolicy, SealSpec) always turns this into BatchMeterUsage.
+    api: str = METER_USAGE
+
+    def __post_init__(self) -> None:
+        if self.api not in APIS:
+            raise ValueError(f"api must be one of {', '.join(APIS)}, not {self.api!r}")
+
+    def using(self, api: str) -> HourPolicy:
+        """The same margins, with `api`'s window."""
+        return self if api == self.api else replace(self, api=api)
+
+    def closes(self, hour: int) -> float:
+        """When AWS stops accepting a record of `hour` sent with this policy's API."""
+        return window_closes(self.api, hour)
 
     def seal_due(self, hour: int) -> float:
         """Earliest time hour `hour` may be sealed."""
@@ -64,14 +132,18 @@ class HourPolicy:
     def deadline(self, timestamp: float) -> float:
         """Last moment worth sending a request with this Timestamp (AWS's window, conservatively
         counted from the hour's start, since whether AWS rounds before comparing is unknown)."""
-        return hour_start(hour_of(timestamp)) + AWS_WINDOW - self.window_safety
+        return self.closes(hour_of(timestamp)) - self.window_safety
 
     def worth_sealing(self, hour: int, now: float) -> bool:
-        return hour_start(hour) + AWS_WINDOW - self.window_safety - now >= self.seal_floor
+        return self.closes(hour) - self.window_safety - now >= self.seal_floor
 
     def countable(self, hour: int, now: float) -> bool:
         """Whether a record for an unsealed past `hour` may still be counted in it."""
-        return hour_start(hour) + AWS_WINDOW - now >= self.late_floor
+        return self.closes(hour) - now >= self.late_floor
+
+    def first_unexpired(self, now: float) -> int:
+        """The oldest hour whose deadline is not past at `now` (older ones expire unsent)."""
+        return first_hour_open(self.api, now + self.window_safety)
 
 
 def request_timestamp(hour: int, now: float) -> int:
@@ -157,7 +229,7 @@ class ScaledClock:
     """TEST ONLY: wall time running `scale` times faster from `origin`, so hours pass in seconds.
 
     The emulator applies the same formula (its `time_scale`/`time_origin` settings), so both
-    agree on hours and the six-hour window. The wiring accepts it only against a loopback
+    agree on hours and on each API's window. The wiring accepts it only against a loopback
     metering endpoint; production always uses the system clock.
     """
 

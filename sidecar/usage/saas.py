@@ -44,7 +44,16 @@ from sidecar.usage.db import (
     UsageStore,
 )
 from sidecar.usage.headroom import Headroom, headroom
-from sidecar.usage.hours import HourPolicy, RetryPolicy, hour_of, hour_start, iso, iso_hour
+from sidecar.usage.hours import (
+    BATCH_METER_USAGE,
+    BATCH_WINDOW,
+    HourPolicy,
+    RetryPolicy,
+    hour_of,
+    hour_start,
+    iso,
+    iso_hour,
+)
 from sidecar.usage.saas_ledger import (
     DIMENSION_CODE,
     TIMESTAMP_CODE,
@@ -133,6 +142,11 @@ class SaasPolicy:
     max_sleep: float = 30.0
     calls_per_second: float = 8.0  # under AWS's 10/s BatchMeterUsage quota, per fleet
 
+    def __post_init__(self) -> None:
+        # SaaS sends with BatchMeterUsage: its hours follow that API's window (24 h, cut at
+        # 06:00 UTC on the 1st for the closed month), whatever policy the caller built.
+        object.__setattr__(self, "hours", self.hours.using(BATCH_METER_USAGE))
+
 
 @dataclass(frozen=True)
 class SaasCounters:
@@ -203,7 +217,12 @@ class SaasService:
         self._gateway: SaasGateway | None = None
         self._gateway_lock = threading.Lock()
         self._rng = rng
-        self._limits = Limits(policy.dimensions, future_skew=policy.future_skew)
+        self._limits = Limits(
+            policy.dimensions,
+            future_skew=policy.future_skew,
+            max_age=BATCH_WINDOW,
+            api=BATCH_METER_USAGE,
+        )
         self._retry = RetryPolicy(policy.backoff_base, policy.backoff_cap)
         self._spec = SealSpec(policy.dimensions, policy.identity, policy.zero_records, policy.hours)
         # The request's ProductCode: only with CustomerIdentifier records (license records carry

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,14 +27,14 @@ from typing import Any
 from sidecar.usage.db import Db, Lock
 from sidecar.usage.headroom import HourSending
 from sidecar.usage.hours import (
-    AWS_WINDOW,
-    HOUR,
+    BATCH_METER_USAGE,
     HourPolicy,
     hour_of,
     hour_start,
     iso,
     iso_hour,
     target_hour,
+    window_closes,
 )
 from sidecar.usage.store import dumps
 from sidecar.usage.validate import (
@@ -61,6 +60,10 @@ RECORD_STATES = (
     "quarantined",
 )
 TIMESTAMP_CODE = "TimestampOutOfBoundsException"
+EXPIRED_ERROR = (
+    "not sent within BatchMeterUsage's window (24 hours; the closed month's records until "
+    "06:00 UTC on the 1st)"
+)
 DIMENSION_CODE = "InvalidUsageDimensionException"
 # Where a sealed record's Timestamp sits in its hour. AWS bills the hour, not the second, so the
 # middle of the hour keeps half an hour between the stamp and both edges of AWS's window: a
@@ -442,6 +445,10 @@ class SealSpec:
     zero_records: bool
     hours: HourPolicy
 
+    def __post_init__(self) -> None:
+        # Sealed records are sent with BatchMeterUsage: their deadlines follow its window.
+        object.__setattr__(self, "hours", self.hours.using(BATCH_METER_USAGE))
+
 
 def _sealed(db: Db, hour: int) -> bool:
     return (
@@ -512,7 +519,7 @@ def seal(db: Db, through: int, now: float, spec: SealSpec) -> list[tuple[int, in
             starts.append(hour_of(float(first_customer[0])))
     if not starts:
         return []
-    start = max(min(starts), hour_of(now - AWS_WINDOW))  # older hours cannot be sent anyway
+    start = max(min(starts), policy.first_unexpired(now))  # older hours cannot be sent anyway
     out = []
     for hour in range(start, through + 1):
         if _sealed(db, hour) or not policy.worth_sealing(hour, now):
@@ -701,10 +708,10 @@ def next_batch(db: Db, now: float, product_code: str | None) -> tuple[Batch | No
             )
         return next_batch(db, now, product_code)
     expired = db.execute(
-        "UPDATE saas_outbox SET state = 'expired', done_at = ?, last_error = "
-        "'not sent within AWS''s six-hour window' WHERE state = 'sealed' AND batch_id IS NULL "
-        "AND deadline < ? RETURNING customer, dimension, hour",
-        (now, now),
+        "UPDATE saas_outbox SET state = 'expired', done_at = ?, last_error = ? "
+        "WHERE state = 'sealed' AND batch_id IS NULL AND deadline < ? "
+        "RETURNING customer, dimension, hour",
+        (now, EXPIRED_ERROR, now),
     ).fetchall()
     settled = Settled(expired=tuple((str(c), str(d), int(h)) for c, d, h in expired))
     rows = db.execute(
@@ -974,7 +981,7 @@ def _bisect(
         if not members:
             return Settled()
         customer, dimension, hour, _, deadline = members[0]
-        past = now >= hour_start(hour) + AWS_WINDOW or now > deadline
+        past = now >= window_closes(BATCH_METER_USAGE, hour) or now > deadline
         if code == TIMESTAMP_CODE and not past:
             # Inside our own window AWS refused the Timestamp: a clock disagreement, not a bad
             # record. Back to the pool, to be retried until its deadline (never 'rejected').
@@ -991,7 +998,7 @@ def _bisect(
             (
                 state,
                 code,
-                "not sent within AWS's six-hour window" if code is None else f"AWS: {code}",
+                EXPIRED_ERROR if code is None else f"AWS: {code}",
                 now,
                 customer,
                 dimension,
@@ -1147,6 +1154,7 @@ def counts(db: Db, now: float) -> tuple[dict[str, int], dict[str, int], float | 
 def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str, Any]:
     """Per customer/dimension/hour state (newest first, `limit` rows), totals, warnings.
     Totals come from the maintained counters (pruned hours included)."""
+    policy = policy.using(BATCH_METER_USAGE)
     items: list[dict[str, Any]] = []
     totals: dict[str, dict[str, int]] = {}
     warnings: list[str] = []
@@ -1198,12 +1206,12 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
             }
         )
     # Unsent records whose window closes soon, from the counters: sealing sets a record's
-    # deadline from its hour (HourPolicy.deadline), so "deadline < t" is "hour < h".
-    bound = now + policy.warn_before - AWS_WINDOW + policy.window_safety
+    # deadline from its hour (HourPolicy.deadline), which never decreases from one hour to the
+    # next (hours.first_hour_open), so "deadline < t" is "hour < h".
     closing = db.execute(
         "SELECT SUM(records), MIN(hour) FROM saas_counts WHERE state = 'sealed' AND records > 0 "
         "AND hour < ?",
-        (math.ceil(bound / HOUR),),
+        (policy.first_unexpired(now + policy.warn_before),),
     ).fetchone()
     if closing and closing[0] and int(closing[0]):
         warnings.append(
@@ -1213,7 +1221,11 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
     records, customers, oldest = counts(db, now)
     for state, label in (
         ("conflict", "DuplicateRecord: AWS holds another quantity (never re-sent)"),
-        ("expired", "expired unsent (past AWS's six-hour window)"),
+        (
+            "expired",
+            "expired unsent (past BatchMeterUsage's window: 24 h, or 06:00 UTC on the 1st "
+            "for the closed month)",
+        ),
         ("rejected", "rejected by AWS"),
         ("not_subscribed", "answered CustomerNotSubscribed (kept, not billed)"),
     ):

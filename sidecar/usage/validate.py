@@ -93,6 +93,7 @@ class Limits:
     dimensions: tuple[str, ...]
     future_skew: float = 300.0  # a product clock this far ahead is tolerated
     max_age: float = 6 * 3600.0  # MeterUsage refuses timestamps more than six hours old
+    api: str = "MeterUsage"  # whose window `max_age` is (SaaS: BatchMeterUsage, 24 hours)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -239,7 +240,7 @@ def _record(
                 problems.append(
                     Problem(
                         where,
-                        f"is older than AWS accepts (MeterUsage takes at most "
+                        f"is older than AWS accepts ({limits.api} takes at most "
                         f"{limits.max_age / 3600:.0f} hours in the past)",
                     )
                 )
