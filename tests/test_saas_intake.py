@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from sidecar.usage import saas_ledger as L  # noqa: N812
@@ -296,3 +297,58 @@ def test_intake_racing_the_seal_on_another_replica_loses_and_doubles_nothing(
         with contextlib.suppress(Exception):
             intake.close()
         sealer.close()
+
+
+def waiters(conn: psycopg.Connection[Any]) -> int:
+    """Sessions waiting for an advisory lock."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_post_waiting_for_another_replicas_lock_holds_up_no_other_post(pg_url: str) -> None:
+    """Another replica's transaction holds the total of (customer 0, seats) (slow, or frozen
+    until the server ends it). A POST for it waits; a POST for another customer on the same
+    replica is answered meanwhile, not after that wait (one writer per replica made it
+    queue behind the waiting transaction for the whole lock wait)."""
+    store = PgStore(SAAS_SCHEMA, pg_url)
+    try:
+        resolve(store, range(2))
+        now = T0
+        held = records([item(0, "seats", 1)], now)
+        free = records([item(1, "seats", 1)], now)
+        (key_held,) = [k for k, exclusive in L.ingest_locks(held) if exclusive]
+        done: dict[str, float] = {}
+
+        def post(name: str, recs: list[SaasRecord]) -> None:
+            with contextlib.suppress(StoreUnavailableError):
+                store.write(
+                    lambda db: L.ingest(db, recs, now, HP, accept_unresolved=False),
+                    INTAKE_WAIT,
+                    L.ingest_locks(recs),
+                )
+            done[name] = time.monotonic()
+
+        with (
+            psycopg.connect(pg_url, autocommit=True) as other,
+            psycopg.connect(pg_url, autocommit=True) as watch,
+        ):
+            other.execute("BEGIN")
+            other.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (key_held,))
+            waiting = threading.Thread(target=post, args=("held", held))
+            waiting.start()
+            deadline = time.monotonic() + 10
+            while not waiters(watch):
+                assert time.monotonic() < deadline, "the POST never waited for the lock"
+                time.sleep(0.01)
+            answered = threading.Thread(target=post, args=("free", free))
+            answered.start()
+            answered.join(30)
+            still_waiting = "held" not in done
+            other.execute("COMMIT")
+            waiting.join(30)
+        assert "free" in done and still_waiting, "the free POST waited for the held one"
+        assert done["free"] < done["held"]
+    finally:
+        store.close()
