@@ -15,13 +15,17 @@ requests count (202); any other answer or a dropped connection is listed as a fa
 The issue's goal (docs/saas-capacity.md): with 16 clients, 1-record and 25-record POSTs each
 at least 0.5x the floor, p99 acknowledgement at most 50 ms.
 
+`--sqlite`: one sidecar on its own SQLite store (a single replica), against plain INSERTs of the
+same rows into a SQLite WAL file, one transaction (one fsync) per request.
+
 Usage: python benchmarks/saas_ingest.py [--quick] [--seconds 4] [--rounds 3] [--clients 1,16]
-                                        [--batch 1,25]
+                                        [--batch 1,25] [--sqlite]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
@@ -145,6 +149,48 @@ def floor(
     return out
 
 
+def sqlite_floor(
+    directory: Path, customers: list[Customer], clients: int, seconds: float, batch: int
+) -> tuple[float, list[float], Counter[str]]:
+    """The same rows as plain INSERTs into a SQLite WAL file, one transaction per request
+    (synchronous=FULL: one fsync per commit), each client its own connection."""
+    import sqlite3
+
+    path = directory / f"floor-{uuid.uuid4().hex}.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as setup:
+        setup.execute("PRAGMA journal_mode=WAL")
+        setup.execute(FLOOR_DDL)
+    conns = []
+    for _ in range(clients):
+        c = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
+        c.execute("PRAGMA synchronous=FULL")
+        conns.append(c)
+    rngs = [random.Random(i) for i in range(clients)]  # test data
+
+    def one(i: int) -> str | None:
+        rows = [
+            (
+                r["id"],
+                r["customer_aws_account_id"],
+                r["license_arn"],
+                r["dimension"],
+                r["quantity"],
+                time.time(),
+            )
+            for r in _rows(customers, rngs[i], batch)
+        ]
+        c = conns[i]
+        c.execute("BEGIN IMMEDIATE")
+        c.executemany("INSERT INTO floor_usage VALUES (?, ?, ?, ?, ?, ?)", rows)
+        c.execute("COMMIT")
+        return None
+
+    out = _drive(clients, seconds, one)
+    for c in conns:
+        c.close()
+    return out
+
+
 def sidecars(
     cars: list[Car], customers: list[Customer], clients: int, seconds: float, batch: int
 ) -> tuple[float, list[float], Counter[str]]:
@@ -175,7 +221,14 @@ def main() -> None:
     )
     ap.add_argument("--customers", type=int, default=50)
     ap.add_argument("--sidecars", type=int, default=3)
+    ap.add_argument(
+        "--sqlite",
+        action="store_true",
+        help="one sidecar on its own SQLite store; floor: SQLite WAL INSERTs, fsync per commit",
+    )
     args = ap.parse_args()
+    if args.sqlite:
+        args.sidecars = 1
     if args.quick:
         args.seconds, args.rounds, args.clients = 2.0, 1, "16"
     counts = [int(c) for c in args.clients.split(",")]
@@ -194,12 +247,17 @@ def main() -> None:
             conn.execute(FLOOR_DDL)
         ops = Ops(server.url)
         customers = [ops.customer(i) for i in range(args.customers)]
-        envs = [{**saas_env(server.url, database_url=url), **guarded} for _ in range(args.sidecars)]
+        store: dict[str, Any] = {"database_url": url}
+        if args.sqlite:
+            store = {"state_dir": logs / "state"}
+            store["state_dir"].mkdir()
+        envs = [{**saas_env(server.url, **store), **guarded} for _ in range(args.sidecars)]
         cars = start_fleet(envs, logs)
         for i, cust in enumerate(customers):
             resolve(cars[i % len(cars)], cust)
+        where = "SQLite (WAL)" if args.sqlite else f"PostgreSQL {pg.bin.parent.name}"
         print(
-            f"PostgreSQL {pg.bin.parent.name}, {args.sidecars} sidecars, "
+            f"{where}, {args.sidecars} sidecar(s), "
             f"{args.customers} customers; rounds: {args.rounds} x {args.seconds:g} s; "
             f"load average before: {load[0]:.2f} ({os.cpu_count()} CPUs)"
         )
@@ -211,7 +269,12 @@ def main() -> None:
             ratios, rows = [], []
             failed: Counter[str] = Counter()
             for _ in range(args.rounds):
-                f_rate, f_lat, f_fail = floor(url, customers, clients, args.seconds, batch)
+                if args.sqlite:
+                    f_rate, f_lat, f_fail = sqlite_floor(
+                        logs, customers, clients, args.seconds, batch
+                    )
+                else:
+                    f_rate, f_lat, f_fail = floor(url, customers, clients, args.seconds, batch)
                 s_rate, s_lat, s_fail = sidecars(cars, customers, clients, args.seconds, batch)
                 failed.update({f"floor {k}": v for k, v in f_fail.items()})
                 failed.update({f"sidecars {k}": v for k, v in s_fail.items()})
