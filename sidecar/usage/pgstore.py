@@ -10,8 +10,10 @@ The design is the SQLite store's, so the ledger cannot tell them apart:
   COMMIT's flush or for a lock another replica holds (one writer left the round trips of its
   transaction and the flush as the whole sidecar's limit). Jobs of one writer's transaction and
   of another's are independent, as those of two replicas always were: a caller's next write
-  starts after its previous one returned, so its own writes keep their order. At most 64 jobs per transaction: more
-  savepoints than that overflow PostgreSQL's per-backend subtransaction cache and slow every
+  starts after its previous one returned, so its own writes keep their order. A job that needs
+  a lock the other writer's transaction declared waits for it in the sidecar and joins the next
+  transaction with whatever queued meanwhile (`_write_jobs`). At most 64 jobs per transaction:
+  more savepoints than that overflow PostgreSQL's per-backend subtransaction cache and slow every
   other session's snapshots. A job that loses a deadlock or serialization race against another
   sidecar (two group commits touching the same rows in a different order) is rolled back to its
   savepoint and retried in the next transaction, not failed.
@@ -331,6 +333,11 @@ class PgStore:
             )
         self._started = True  # from now on nothing stops the process: the store is unavailable
         self._wconns: dict[int, Conn | None] = {}  # each writer thread's own connection
+        # Advisory keys the writers' transactions declared: exclusive holders, all holders.
+        self._held: dict[int, int] = {}
+        self._holders: dict[int, int] = {}
+        self._held_changed = threading.Condition()
+        self._waiter: int | None = None  # the writer waiting for a clash to end
         self._rconn: Conn | None = None
         self._lconn: Conn | None = None
         self._holding = False
@@ -515,12 +522,40 @@ class PgStore:
             self._drop(self._wconn)
             self._wconn = None
 
+    def _clash(self, job: Job) -> bool:
+        """`job` needs a lock another writer of this store holds (either side exclusive)."""
+        return any(
+            key in self._held and (exclusive or self._held[key] > 0) for key, exclusive in job.locks
+        )
+
     def _write_jobs(self) -> None:
+        """Take the next job and whatever is queued behind it: one transaction. A job needing
+        a lock this store's other writer holds waits for that transaction to end first, while
+        the queue fills: what must run one after the other shares one transaction (as with
+        one writer) instead of two transactions queueing on the lock at the server."""
         while True:
             job = self._queue.get()
             if job is None:
                 return
-            batch, stop = take_batch(self._queue, job, self._batch_max)
+            me = threading.get_ident()
+            with self._held_changed:
+                while not job.withdrawn():
+                    # First come, first served: a writer already waiting goes first, or the
+                    # other writer, done, could take the next job and clash with it again.
+                    ahead = self._waiter not in (None, me)
+                    if not ahead and not self._clash(job):
+                        break
+                    if self._waiter is None:
+                        self._waiter = me
+                    self._held_changed.wait(0.5)
+                if self._waiter == me:
+                    self._waiter = None
+                batch, stop = take_batch(self._queue, job, self._batch_max)
+                mine = [(int(k), 1 if x else 0) for j in batch for k, x in j.locks]
+                for key, exclusive in mine:
+                    self._held[key] = self._held.get(key, 0) + exclusive
+                    self._holders[key] = self._holders.get(key, 0) + 1
+                self._held_changed.notify_all()
             try:
                 if batch:
                     self._run(batch)
@@ -534,6 +569,14 @@ class PgStore:
                         j.result, j.error = None, StoreUnavailableError(self._scrub(exc))
                         j.done.set()
                 log.error("usage_store_writer_failed", extra={"detail": self._scrub(exc)})
+            finally:
+                with self._held_changed:
+                    for key, exclusive in mine:
+                        self._held[key] -= exclusive
+                        self._holders[key] -= 1
+                        if not self._holders[key]:
+                            del self._held[key], self._holders[key]
+                    self._held_changed.notify_all()
             if stop:
                 return
 
