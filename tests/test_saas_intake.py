@@ -113,7 +113,8 @@ def test_a_post_costs_the_same_few_statements_whatever_its_records(store: UsageS
     (status, answers), batch = ingest_counted(store, many, now)
     assert status == 202 and len(answers) == 30
     # customers + sealed hours, keys, totals, audit rows: per POST, not per record (the
-    # record-by-record intake sent 4-5 per record: 1 for one record was 5, 30 records 147)
+    # record-by-record intake sent two to four per record plus one per customer: 6 for one
+    # record with an id, 141 for these 30)
     assert single <= 4 and batch <= 4, (single, batch)
     # The same POST again: every id answered from the store in one more statement, nothing added.
     again = records([item(i, DIMS[i % 3], i + 1, id=f"many-{i}") for i in range(25)], now)
