@@ -12,12 +12,20 @@ clients are threads of this process on the same machine as the server and the si
 Rounds alternate floor and sidecars; the ratio is the median over rounds. Only acknowledged
 requests count (202); any other answer or a dropped connection is listed as a failure.
 
+The issue's goal (docs/saas-capacity.md): with 16 clients, 1-record and 25-record POSTs each
+at least 0.5x the floor, p99 acknowledgement at most 50 ms.
+
+`--sqlite`: one sidecar on its own SQLite store (a single replica), against plain INSERTs of the
+same rows into a SQLite WAL file, one transaction (one fsync) per request.
+
 Usage: python benchmarks/saas_ingest.py [--quick] [--seconds 4] [--rounds 3] [--clients 1,16]
+                                        [--batch 1,25] [--sqlite]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
@@ -141,6 +149,48 @@ def floor(
     return out
 
 
+def sqlite_floor(
+    directory: Path, customers: list[Customer], clients: int, seconds: float, batch: int
+) -> tuple[float, list[float], Counter[str]]:
+    """The same rows as plain INSERTs into a SQLite WAL file, one transaction per request
+    (synchronous=FULL: one fsync per commit), each client its own connection."""
+    import sqlite3
+
+    path = directory / f"floor-{uuid.uuid4().hex}.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as setup:
+        setup.execute("PRAGMA journal_mode=WAL")
+        setup.execute(FLOOR_DDL)
+    conns = []
+    for _ in range(clients):
+        c = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
+        c.execute("PRAGMA synchronous=FULL")
+        conns.append(c)
+    rngs = [random.Random(i) for i in range(clients)]  # test data
+
+    def one(i: int) -> str | None:
+        rows = [
+            (
+                r["id"],
+                r["customer_aws_account_id"],
+                r["license_arn"],
+                r["dimension"],
+                r["quantity"],
+                time.time(),
+            )
+            for r in _rows(customers, rngs[i], batch)
+        ]
+        c = conns[i]
+        c.execute("BEGIN IMMEDIATE")
+        c.executemany("INSERT INTO floor_usage VALUES (?, ?, ?, ?, ?, ?)", rows)
+        c.execute("COMMIT")
+        return None
+
+    out = _drive(clients, seconds, one)
+    for c in conns:
+        c.close()
+    return out
+
+
 def sidecars(
     cars: list[Car], customers: list[Customer], clients: int, seconds: float, batch: int
 ) -> tuple[float, list[float], Counter[str]]:
@@ -166,13 +216,23 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", default="1,16", help="comma-separated client thread counts")
-    ap.add_argument("--batch", type=int, default=1, help="records per request / transaction")
+    ap.add_argument(
+        "--batch", default="1,25", help="comma-separated records per request / transaction"
+    )
     ap.add_argument("--customers", type=int, default=50)
     ap.add_argument("--sidecars", type=int, default=3)
+    ap.add_argument(
+        "--sqlite",
+        action="store_true",
+        help="one sidecar on its own SQLite store; floor: SQLite WAL INSERTs, fsync per commit",
+    )
     args = ap.parse_args()
+    if args.sqlite:
+        args.sidecars = 1
     if args.quick:
         args.seconds, args.rounds, args.clients = 2.0, 1, "16"
     counts = [int(c) for c in args.clients.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
     guarded = loopback_guard.child_env(guard())
     load = os.getloadavg()
     pg = PgServer()
@@ -187,34 +247,43 @@ def main() -> None:
             conn.execute(FLOOR_DDL)
         ops = Ops(server.url)
         customers = [ops.customer(i) for i in range(args.customers)]
-        envs = [{**saas_env(server.url, database_url=url), **guarded} for _ in range(args.sidecars)]
+        store: dict[str, Any] = {"database_url": url}
+        if args.sqlite:
+            store = {"state_dir": logs / "state"}
+            store["state_dir"].mkdir()
+        envs = [{**saas_env(server.url, **store), **guarded} for _ in range(args.sidecars)]
         cars = start_fleet(envs, logs)
         for i, cust in enumerate(customers):
             resolve(cars[i % len(cars)], cust)
+        where = "SQLite (WAL)" if args.sqlite else f"PostgreSQL {pg.bin.parent.name}"
         print(
-            f"PostgreSQL {pg.bin.parent.name}, {args.sidecars} sidecars, "
-            f"{args.customers} customers, "
-            f"{args.batch} record(s) per request; rounds: {args.rounds} x {args.seconds:g} s; "
+            f"{where}, {args.sidecars} sidecar(s), "
+            f"{args.customers} customers; rounds: {args.rounds} x {args.seconds:g} s; "
             f"load average before: {load[0]:.2f} ({os.cpu_count()} CPUs)"
         )
         print(
-            f"{'clients':>7} {'floor rec/s':>12} {'sidecars rec/s':>15} {'ratio':>6} "
-            f"{'floor p99 ms':>13} {'sidecars p99 ms':>16}  failed requests"
+            f"{'records':>7} {'clients':>7} {'floor rec/s':>12} {'sidecars rec/s':>15} "
+            f"{'ratio':>6} {'floor p99 ms':>13} {'sidecars p99 ms':>16}  failed requests"
         )
-        for clients in counts:
+        for batch, clients in ((b, c) for b in batches for c in counts):
             ratios, rows = [], []
             failed: Counter[str] = Counter()
             for _ in range(args.rounds):
-                f_rate, f_lat, f_fail = floor(url, customers, clients, args.seconds, args.batch)
-                s_rate, s_lat, s_fail = sidecars(cars, customers, clients, args.seconds, args.batch)
+                if args.sqlite:
+                    f_rate, f_lat, f_fail = sqlite_floor(
+                        logs, customers, clients, args.seconds, batch
+                    )
+                else:
+                    f_rate, f_lat, f_fail = floor(url, customers, clients, args.seconds, batch)
+                s_rate, s_lat, s_fail = sidecars(cars, customers, clients, args.seconds, batch)
                 failed.update({f"floor {k}": v for k, v in f_fail.items()})
                 failed.update({f"sidecars {k}": v for k, v in s_fail.items()})
                 ratios.append(s_rate / f_rate)
-                rows.append((f_rate * args.batch, s_rate * args.batch, p99(f_lat), p99(s_lat)))
+                rows.append((f_rate * batch, s_rate * batch, p99(f_lat), p99(s_lat)))
             med = statistics.median(ratios)
             f_rate, s_rate, f_p99, s_p99 = sorted(rows, key=lambda r: r[1] / r[0])[len(rows) // 2]
             print(
-                f"{clients:7d} {f_rate:12.0f} {s_rate:15.0f} {med:6.2f} "
+                f"{batch:7d} {clients:7d} {f_rate:12.0f} {s_rate:15.0f} {med:6.2f} "
                 f"{f_p99 * 1000:13.1f} {s_p99 * 1000:16.1f}  {dict(failed) or 'none'}"
             )
         print(f"load average after: {os.getloadavg()[0]:.2f}")

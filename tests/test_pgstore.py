@@ -153,7 +153,8 @@ def test_open_store_picks_the_backend(pg_url: str, tmp_path: Path) -> None:
 
 
 def test_three_stores_in_threads_share_commits(pg_url: str, stores: list[PgStore]) -> None:
-    stores.extend(PgStore(SCHEMA, pg_url) for _ in range(3))
+    # One writer each: the jobs queued behind its blocker share its next transaction.
+    stores.extend(PgStore(SCHEMA, pg_url, writers=1) for _ in range(3))
     release = threading.Event()
     inside = threading.Semaphore(0)
 
@@ -197,7 +198,7 @@ def test_three_processes_write_concurrently_and_locks_serialise_them(pg_url: str
 
 
 def test_a_failing_job_rolls_back_alone(pg_url: str, stores: list[PgStore]) -> None:
-    store = PgStore(SCHEMA, pg_url)
+    store = PgStore(SCHEMA, pg_url, writers=1)  # the jobs queued behind the blocker: one txn
     stores.append(store)
     store.write(insert("taken"))
     release = threading.Event()

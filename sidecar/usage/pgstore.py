@@ -3,10 +3,17 @@
 Imported only when a database URL is configured (psycopg is imported here and nowhere else).
 The design is the SQLite store's, so the ledger cannot tell them apart:
 
-- ONE writer connection and thread. Each pending `write` runs in its own savepoint inside one
-  transaction and they share one COMMIT (group commit): many concurrent POSTs cost one WAL flush
-  on the server, and a job that raises rolls back alone. At most 64 jobs per transaction: more
-  savepoints than that overflow PostgreSQL's per-backend subtransaction cache and slow every
+- WRITERS (2) writer connections, each with its own thread, taking jobs from one queue. Each
+  pending `write` runs in its own savepoint inside one transaction and they share one COMMIT
+  (group commit): many concurrent POSTs cost one WAL flush on the server, and a job that raises
+  rolls back alone. A second writer starts the next transaction while the first waits for its
+  COMMIT's flush or for a lock another replica holds (one writer left the round trips of its
+  transaction and the flush as the whole sidecar's limit). Jobs of one writer's transaction and
+  of another's are independent, as those of two replicas always were: a caller's next write
+  starts after its previous one returned, so its own writes keep their order. A job that needs
+  a lock the other writer's transaction declared waits for it in the sidecar and joins the next
+  transaction with whatever queued meanwhile (`_write_jobs`). At most 64 jobs per transaction:
+  more savepoints than that overflow PostgreSQL's per-backend subtransaction cache and slow every
   other session's snapshots. A job that loses a deadlock or serialization race against another
   sidecar (two group commits touching the same rows in a different order) is rolled back to its
   savepoint and retried in the next transaction, not failed.
@@ -101,6 +108,7 @@ T = TypeVar("T")
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 BATCH_MAX = 64  # savepoints per transaction; see the module docstring
+WRITERS = 2  # writer connections, each running its own transactions; see the module docstring
 JOB_RETRIES = 3  # deadlock / serialization failures retried in the next transaction
 RETRY_SECONDS = 1.0  # after a failed connect, calls fail at once for this long
 CONNECT_TIMEOUT = 3  # seconds (libpq's minimum is 2)
@@ -284,6 +292,7 @@ class PgStore:
         *,
         batch_max: int = BATCH_MAX,
         retry_seconds: float = RETRY_SECONDS,
+        writers: int = WRITERS,
     ) -> None:
         self.schema = schema
         self.where = redact_url(url)
@@ -323,15 +332,33 @@ class PgStore:
                 extra={"detail": f"{exc}; answering 503 until it is reachable"},
             )
         self._started = True  # from now on nothing stops the process: the store is unavailable
-        self._wconn: Conn | None = None
+        self._wconns: dict[int, Conn | None] = {}  # each writer thread's own connection
+        # Advisory keys the writers' transactions declared: exclusive holders, all holders.
+        self._held: dict[int, int] = {}
+        self._holders: dict[int, int] = {}
+        self._held_changed = threading.Condition()
+        self._waiter: int | None = None  # the writer waiting for a clash to end
         self._rconn: Conn | None = None
         self._lconn: Conn | None = None
         self._holding = False
         self._read_lock = threading.Lock()
         self._leader_lock = threading.Lock()
         self._queue: JobQueue = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write_loop, name="usage-writer", daemon=True)
-        self._writer.start()
+        self._writers = [
+            threading.Thread(target=self._write_loop, name=f"usage-writer-{i}", daemon=True)
+            for i in range(max(1, writers))
+        ]
+        for writer in self._writers:
+            writer.start()
+
+    @property
+    def _wconn(self) -> Conn | None:
+        """The calling writer thread's own connection."""
+        return self._wconns.get(threading.get_ident())
+
+    @_wconn.setter
+    def _wconn(self, conn: Conn | None) -> None:
+        self._wconns[threading.get_ident()] = conn
 
     # -- connections ---------------------------------------------------------------------
 
@@ -489,11 +516,46 @@ class PgStore:
         return submit(self._queue, fn, timeout, locks, lock_wait)
 
     def _write_loop(self) -> None:
+        try:
+            self._write_jobs()
+        finally:
+            self._drop(self._wconn)
+            self._wconn = None
+
+    def _clash(self, job: Job) -> bool:
+        """`job` needs a lock another writer of this store holds (either side exclusive)."""
+        return any(
+            key in self._held and (exclusive or self._held[key] > 0) for key, exclusive in job.locks
+        )
+
+    def _write_jobs(self) -> None:
+        """Take the next job and whatever is queued behind it: one transaction. A job needing
+        a lock this store's other writer holds waits for that transaction to end first, while
+        the queue fills: what must run one after the other shares one transaction (as with
+        one writer) instead of two transactions queueing on the lock at the server."""
         while True:
             job = self._queue.get()
             if job is None:
                 return
-            batch, stop = take_batch(self._queue, job, self._batch_max)
+            me = threading.get_ident()
+            with self._held_changed:
+                while not job.withdrawn():
+                    # First come, first served: a writer already waiting goes first, or the
+                    # other writer, done, could take the next job and clash with it again.
+                    ahead = self._waiter not in (None, me)
+                    if not ahead and not self._clash(job):
+                        break
+                    if self._waiter is None:
+                        self._waiter = me
+                    self._held_changed.wait(0.5)
+                if self._waiter == me:
+                    self._waiter = None
+                batch, stop = take_batch(self._queue, job, self._batch_max)
+                mine = [(int(k), 1 if x else 0) for j in batch for k, x in j.locks]
+                for key, exclusive in mine:
+                    self._held[key] = self._held.get(key, 0) + exclusive
+                    self._holders[key] = self._holders.get(key, 0) + 1
+                self._held_changed.notify_all()
             try:
                 if batch:
                     self._run(batch)
@@ -507,6 +569,14 @@ class PgStore:
                         j.result, j.error = None, StoreUnavailableError(self._scrub(exc))
                         j.done.set()
                 log.error("usage_store_writer_failed", extra={"detail": self._scrub(exc)})
+            finally:
+                with self._held_changed:
+                    for key, exclusive in mine:
+                        self._held[key] -= exclusive
+                        self._holders[key] -= 1
+                        if not self._holders[key]:
+                            del self._held[key], self._holders[key]
+                    self._held_changed.notify_all()
             if stop:
                 return
 
@@ -612,8 +682,10 @@ class PgStore:
                         ),
                     )
                 running = [j for j in pending if j not in busy]
-                for job in running:
-                    conn.execute("SAVEPOINT job")
+                for n, job in enumerate(running):
+                    # The previous job's savepoint is released with the same round trip (the
+                    # last one by COMMIT, which releases every savepoint).
+                    conn.execute("RELEASE SAVEPOINT job; SAVEPOINT job" if n else "SAVEPOINT job")
                     try:
                         job.result = job.fn(db)
                     except Exception as exc:
@@ -631,7 +703,6 @@ class PgStore:
                             )
                         else:
                             job.error = exc
-                    conn.execute("RELEASE SAVEPOINT job")
                 done = [j for j in running if j not in retry]
                 gone = claim(done)
                 if gone:
@@ -786,14 +857,15 @@ class PgStore:
         if self._closed:
             return
         self._closed = True
-        if self._writer.is_alive():
-            self._queue.put(None)
-            self._writer.join(timeout=30)
+        for _ in self._writers:
+            self._queue.put(None)  # each writer stops at the first it takes
+        for writer in self._writers:
+            writer.join(timeout=30)
         with self._leader_lock:
             self._drop(self._lconn)  # ends the session: the sender lock is released
             self._lconn, self._holding = None, False
         with self._read_lock:
             self._drop(self._rconn)
             self._rconn = None
-        self._drop(self._wconn)
-        self._wconn = None
+        for conn in list(self._wconns.values()):  # a writer still stuck: its session ends
+            self._drop(conn)

@@ -299,6 +299,64 @@ SEAL_LOCKS: tuple[Lock, ...] = ((SEAL_LOCK, True),)  # what `seal` declares
 SEAL_LOCK_WAIT = 0.25
 
 
+def _rows(n: int, width: int) -> str:
+    """`(?, ?), (?, ?)`: n rows of a multi-row VALUES list (or an IN list, width 1)."""
+    row = "(" + ", ".join(["?"] * width) + ")" if width > 1 else "?"
+    return ", ".join([row] * n)
+
+
+OpenKey = tuple[str, str, int]  # (customer, dimension, hour): one saas_open total
+
+
+def refuse_over_maximum(
+    records: Sequence[SaasRecord],
+    fresh: Sequence[tuple[int, OpenKey]],
+    totals: dict[OpenKey, int],
+) -> RejectedError | None:
+    """THE range check of an hour's total, at intake: `totals` are the new totals the statement
+    that added this POST's usage returned (`_add_to_totals`). The record named is the first of
+    the POST whose running sum passes the maximum, as if the records had been added one by one.
+    A total is never truncated later: what is acknowledged can always be sent."""
+    added: dict[OpenKey, int] = {}
+    for i, key in fresh:
+        added[key] = added.get(key, 0) + records[i].usage.quantity
+    before = {key: totals[key] - n for key, n in added.items()}
+    running: dict[OpenKey, int] = {}
+    for i, key in fresh:
+        rec = records[i].usage
+        running[key] = running.get(key, 0) + rec.quantity
+        if before[key] + running[key] > MAX_QUANTITY:
+            return RejectedError(
+                400,
+                [
+                    Problem(
+                        f"{rec.field}.quantity" if rec.field else "quantity",
+                        f"{rec.dimension} would exceed {MAX_QUANTITY} units for this customer in "
+                        f"hour {iso_hour(key[2])} (BatchMeterUsage's maximum per record); "
+                        "use a larger unit",
+                    )
+                ],
+            )
+    return None
+
+
+def _add_to_totals(db: Db, added: dict[OpenKey, int]) -> dict[OpenKey, int]:
+    """One statement: add to each (customer, dimension, hour) total, in key order (the row
+    locks of one statement are taken in a fixed order); returns the new totals."""
+    keys = sorted(added)
+    return {
+        (str(c), str(d), int(h)): int(q)
+        for c, d, h, q in db.execute(
+            "INSERT INTO saas_open (customer, dimension, hour, quantity) VALUES "  # noqa: S608  # nosec B608 # placeholders only; values are bound
+            + _rows(len(keys), 4)
+            + " ON CONFLICT (customer, dimension, hour) DO UPDATE SET "
+            "quantity = saas_open.quantity + excluded.quantity "
+            "RETURNING customer, dimension, hour, quantity",
+            [v for key in keys for v in (*key, added[key])],
+        )
+    }
+
+
 def ingest(
     db: Db,
     records: list[SaasRecord],
@@ -309,116 +367,83 @@ def ingest(
 ) -> tuple[int, list[dict[str, Any]]]:
     """Store the records, all or nothing: (202, or 200 if each was a repeat; answers).
 
-    SEAL_LOCK, SHARED: "is hour H sealed?" and "add to H's total" must not straddle a seal. On
-    PostgreSQL (READ COMMITTED, many replicas) a seal committing between them would leave this
-    row in an hour whose record is already written, so it would never be sent; sealing takes
-    the lock exclusively, so it waits for (or is refused by) every ingest in flight, and every
-    ingest after it sees the hour sealed. Ingests share the lock: one replica frozen in the
-    middle of its transaction does not stop the others' intake.
+    Set-based: whatever the number of records, at most four statements (five when an id was
+    seen before): the customers' states and the sealed hours (one SELECT), the idempotency
+    keys with their answers (one INSERT ... ON CONFLICT DO NOTHING RETURNING; the stored
+    answers of the ids it did not take), the hour totals (one upsert RETURNING the new totals:
+    the range check, `refuse_over_maximum`) and the audit rows (one INSERT). Every check runs
+    as the record-by-record version did, in the same order: the first record that fails
+    (unresolved customer, then its id, then its total) names the answer.
 
-    Sharing is safe from deadlocks only because the caller declares `ingest_locks(records)`
-    to the store, which takes them first, in key order, for the whole transaction (a group
-    commit of many requests): the saas_open total of a (customer, dimension) and the saas_keys
-    row of an id are each written under their own exclusive key, so two transactions never
-    hold rows the other waits for. (Once, ingests upserted hot saas_open rows in request order
-    under a shared lock and deadlocked; an exclusive lock fixed that and let one frozen replica
-    stop the fleet.) On SQLite the one writer thread serialises everything (locks are no-ops).
+    Why sealing never misses a record acknowledged for hour H (the seal lock). Intake holds
+    SEAL_LOCK SHARED for its whole transaction (declared, so the store takes it before any
+    statement: `ingest_locks`); `seal` takes it EXCLUSIVELY before it reads anything. So a seal
+    and an intake transaction never overlap: either the intake commits first, and the seal (a
+    later statement of READ COMMITTED, after the lock) reads its total in `saas_open` and seals
+    it; or the seal commits first, and the intake's SELECT of `saas_sealed_hours` (a statement
+    after the lock, so it sees the seal's commit) finds H sealed, and `target_hour` counts the
+    record in a later, unsealed hour (its answer says `carried_from`). No third order exists:
+    neither side looks at the other's tables before it holds the lock. Intakes share the lock
+    (no intake waits for another on it); PostgreSQL's only exclusive locks on the path are per
+    (customer, dimension) total and per id, each a key of its own, not the fleet's.
+
+    Deadlocks: the totals and keys a transaction writes (a group commit of many POSTs, each its
+    own statements) are guarded by the exclusive advisory keys `ingest_locks` declares, taken
+    first, in key order, by the store; two transactions therefore never hold rows the other
+    waits for. On SQLite the one writer thread serialises everything (locks are no-ops).
     """
     db.lock(SEAL_LOCK, shared=True)
-    sealed_cache: dict[int, bool] = {}
-    known: dict[str, str | None] = {}
+    if not records:
+        return 200, []
+    owns = [hour_of(s.usage.timestamp if s.usage.timestamp is not None else now) for s in records]
+    customers = sorted({s.customer for s in records})
+    known: dict[str, str] = {}
+    sealed_hours: set[int] = set()
+    # Every hour `target_hour` may ask about is >= the lowest own hour or the current one.
+    for kind, key, state in db.execute(
+        "SELECT 'c', customer, state FROM saas_customers WHERE customer IN ("  # noqa: S608  # nosec B608 # placeholders only; values are bound
+        + _rows(len(customers), 1)
+        + ") UNION ALL SELECT 'h', CAST(hour AS TEXT), NULL FROM saas_sealed_hours "
+        "WHERE hour >= ?",
+        (*customers, min(*owns, hour_of(now))),
+    ):
+        if kind == "c":
+            known[str(key)] = str(state)
+        else:
+            sealed_hours.add(int(key))
+    # The first failing record and why: (index, phase, error); phases in the order checked.
+    failures: list[tuple[int, int, Exception]] = []
+    if not accept_unresolved:
+        for i, srec in enumerate(records):
+            if srec.customer not in known:
+                rec = srec.usage
+                problem = Problem(
+                    f"{rec.field}.customer" if rec.field else "customer",
+                    f"customer {srec.customer!r} was never resolved by this fleet; "
+                    "resolve its registration token first (POST /v1/customers/resolve), "
+                    "or set MARKETPLACE_ACCEPT_UNRESOLVED_CUSTOMERS=true",
+                )
+                failures.append((i, 0, RejectedError(400, [problem])))
+                break
     answers: list[dict[str, Any]] = []
-    fresh = 0
-
-    def sealed(hour: int) -> bool:
-        if hour not in sealed_cache:
-            row = db.execute("SELECT 1 FROM saas_sealed_hours WHERE hour = ?", (hour,)).fetchone()
-            sealed_cache[hour] = row is not None
-        return sealed_cache[hour]
-
-    for srec in records:
+    hours: list[int] = []
+    for srec, own in zip(records, owns, strict=True):
         rec = srec.usage
-        if srec.customer not in known:
-            row = db.execute(
-                "SELECT state FROM saas_customers WHERE customer = ?", (srec.customer,)
-            ).fetchone()
-            known[srec.customer] = str(row[0]) if row else None
-        state = known[srec.customer]
-        if state is None and not accept_unresolved:
-            raise RejectedError(
-                400,
-                [
-                    Problem(
-                        f"{rec.field}.customer" if rec.field else "customer",
-                        f"customer {srec.customer!r} was never resolved by this fleet; "
-                        "resolve its registration token first (POST /v1/customers/resolve), "
-                        "or set MARKETPLACE_ACCEPT_UNRESOLVED_CUSTOMERS=true",
-                    )
-                ],
-            )
-        where = f"{rec.field}.id" if rec.field else "id"
-        if rec.id is not None:
-            took = db.execute(
-                "INSERT INTO saas_keys (id, digest, answer, created_at) VALUES (?, ?, '', ?) "
-                "ON CONFLICT (id) DO NOTHING RETURNING id",
-                (rec.id, srec.digest, now),
-            ).fetchone()
-            if took is None:
-                row = db.execute(
-                    "SELECT digest, answer FROM saas_keys WHERE id = ?", (rec.id,)
-                ).fetchone()
-                if row is None or row[0] != srec.digest:
-                    raise IdConflictError(where, rec.id)
-                answers.append({**json.loads(row[1]), "repeat": True})
-                continue
-        own = hour_of(rec.timestamp if rec.timestamp is not None else now)
-        hour = target_hour(own, now, sealed, policy)
-        total = db.execute(
-            "INSERT INTO saas_open (customer, dimension, hour, quantity) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (customer, dimension, hour) DO UPDATE SET "
-            "quantity = saas_open.quantity + excluded.quantity RETURNING quantity",
-            (srec.customer, rec.dimension, hour, rec.quantity),
-        ).fetchone()
-        if total is not None and int(total[0]) > MAX_QUANTITY:
-            raise RejectedError(
-                400,
-                [
-                    Problem(
-                        f"{rec.field}.quantity" if rec.field else "quantity",
-                        f"{rec.dimension} would exceed {MAX_QUANTITY} units for this customer in "
-                        f"hour {iso_hour(hour)} (BatchMeterUsage's maximum per record); "
-                        "use a larger unit",
-                    )
-                ],
-            )
-        rid = rec.id or f"u-{uuid.uuid4().hex}"
-        carried = own if hour != own else None
-        db.execute(
-            "INSERT INTO saas_records (id, customer, dimension, hour, quantity, received_at, "
-            "carried_from) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                rid if rec.id is None else f"k-{uuid.uuid4().hex}",
-                srec.customer,
-                rec.dimension,
-                hour,
-                rec.quantity,
-                now,
-                carried,
-            ),
-        )
+        hour = target_hour(own, now, sealed_hours.__contains__, policy)
         answer: dict[str, Any] = {
-            "id": rid,
+            "id": rec.id or f"u-{uuid.uuid4().hex}",
             "customer": srec.customer,
             "dimension": rec.dimension,
             "quantity": rec.quantity,
             "hour": iso_hour(hour),
         }
-        if carried is not None:
+        if hour != own:
             answer["carried_from"] = iso_hour(own)
             answer["note"] = (
                 f"hour {iso_hour(own)} is already sealed or too old to send; "
                 f"counted in {iso_hour(hour)}"
             )
+        state = known.get(srec.customer)
         if state == "not_subscribed":
             answer["warning"] = (
                 "AWS answered CustomerNotSubscribed for this customer; the usage is kept and "
@@ -426,11 +451,98 @@ def ingest(
             )
         elif state is None:
             answer["warning"] = "customer not resolved by this fleet (accepted by configuration)"
-        if rec.id is not None:
-            db.execute("UPDATE saas_keys SET answer = ? WHERE id = ?", (dumps(answer), rec.id))
         answers.append(answer)
-        fresh += 1
-    return (202 if fresh else 200), answers
+        hours.append(hour)
+    # Idempotency keys: the first record of each id claims it, with its answer.
+    first_of: dict[str, int] = {}
+    for i, srec in enumerate(records):
+        if srec.usage.id is not None:
+            first_of.setdefault(srec.usage.id, i)
+    repeat: dict[int, dict[str, Any]] = {}  # record index -> the answer it repeats
+    if first_of:
+        ids = sorted(first_of)
+        took = {
+            str(r[0])
+            for r in db.execute(
+                "INSERT INTO saas_keys (id, digest, answer, created_at) VALUES "  # noqa: S608  # nosec B608 # placeholders only; values are bound
+                + _rows(len(ids), 4)
+                + " ON CONFLICT (id) DO NOTHING RETURNING id",
+                [
+                    v
+                    for key in ids
+                    for v in (
+                        key,
+                        records[first_of[key]].digest,
+                        dumps(answers[first_of[key]]),
+                        now,
+                    )
+                ],
+            )
+        }
+        seen = [key for key in ids if key not in took]
+        stored = (
+            {
+                str(k): (str(d), str(a))
+                for k, d, a in db.execute(
+                    "SELECT id, digest, answer FROM saas_keys WHERE id IN ("  # noqa: S608  # nosec B608 # placeholders only; values are bound
+                    + _rows(len(seen), 1)
+                    + ")",
+                    seen,
+                )
+            }
+            if seen
+            else {}
+        )
+        for i, srec in enumerate(records):
+            key = srec.usage.id
+            if key is None:
+                continue
+            if key in stored:
+                digest, text = stored[key]
+                if digest != srec.digest:
+                    where = f"{srec.usage.field}.id" if srec.usage.field else "id"
+                    failures.append((i, 1, IdConflictError(where, key)))
+                    break
+                repeat[i] = json.loads(text)
+            elif first_of[key] != i:
+                repeat[i] = answers[first_of[key]]
+    limit = min(f[0] for f in failures) if failures else len(records)
+    fresh = [
+        (i, (records[i].customer, records[i].usage.dimension, hours[i]))
+        for i in range(limit)
+        if i not in repeat
+    ]
+    if fresh:
+        added: dict[OpenKey, int] = {}
+        for i, key in fresh:
+            added[key] = added.get(key, 0) + records[i].usage.quantity
+        over = refuse_over_maximum(records, fresh, _add_to_totals(db, added))
+        if over is not None:
+            raise over
+    if failures:
+        raise min(failures, key=lambda f: f[:2])[2]
+    if fresh:
+        db.execute(
+            "INSERT INTO saas_records (id, customer, dimension, hour, quantity, received_at, "  # noqa: S608  # nosec B608 # placeholders only; values are bound
+            "carried_from) VALUES " + _rows(len(fresh), 7),
+            [
+                v
+                for i, (customer, dimension, hour) in fresh
+                for v in (
+                    answers[i]["id"] if records[i].usage.id is None else f"k-{uuid.uuid4().hex}",
+                    customer,
+                    dimension,
+                    hour,
+                    records[i].usage.quantity,
+                    now,
+                    owns[i] if hour != owns[i] else None,
+                )
+            ],
+        )
+    out = [
+        {**repeat[i], "repeat": True} if i in repeat else answers[i] for i in range(len(records))
+    ]
+    return (202 if fresh else 200), out
 
 
 # -- sealing ------------------------------------------------------------------------------
