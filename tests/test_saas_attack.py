@@ -440,6 +440,9 @@ def test_aws_clock_ahead_with_throttling_and_unprocessed_records_sends_the_rest(
     from sidecar.emulator.service import Fault
 
     server, emulator, clock = world
+    # The sidecar still gives SaaS records six hours (AWS's BatchMeterUsage takes 24): this
+    # scenario needs AWS's window to close with the sidecar's, so it sets it to six.
+    emulator.config.batch_window_seconds = 6 * 3600.0
     people = [new_customer(server, 600 + i) for i in range(12)]
     stores.append(open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=None))
     svc = service(stores[0], clock)

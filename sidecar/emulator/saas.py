@@ -12,8 +12,12 @@ BatchMeterUsage (seller guide and API reference):
   quantity, after rounding the time to the hour) is Success with the same MeteringRecordId,
   in any grouping; another quantity is DuplicateRecord and the original quantity stays;
 - an unknown or unsubscribed customer is CustomerNotSubscribed;
-- one timestamp six hours old or more, or ahead of `future_limit`, rejects the whole call
-  with TimestampOutOfBoundsException;
+- quantities are exact and compared by value (`Quantity` 17 = `QuantityAsDecimal` "17.00");
+  a record naming both is refused, and so is the whole request ("If any usage record fails
+  these checks, the entire BatchMeterUsage request fails and no records are processed");
+- one timestamp 24 hours old or more (`window`), or of the previous month once the month's
+  grace (`month_grace`, 06:00 UTC on the 1st) has passed, or ahead of `future_limit`, rejects
+  the whole call with TimestampOutOfBoundsException;
 - `unprocessed` picks records answered as UnprocessedRecords (not recorded; resend them).
 
 Pure apart from the lock its owner holds: the caller passes the time and the dice.
@@ -21,15 +25,35 @@ Pure apart from the lock its owner holds: the caller passes the time and the dic
 
 from __future__ import annotations
 
+import calendar
+import hashlib
 import json
 import math
+import re
 import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from sidecar.emulator.meter import HOUR, WINDOW, Answer, _allocations, _timestamp, error
+from sidecar.core import quantity as qty
+from sidecar.emulator.meter import (
+    HOUR,
+    RECORD_FIELDS,
+    Answer,
+    _allocations,
+    _timestamp,
+    error,
+    quantity_of,
+)
+
+# BatchMeterUsage: "Usage records aren't accepted 24 hours or more after an event" and "We
+# accept usage records for the previous billing month until 06:00 UTC on the first day of the
+# next month" (the pinned model's operation documentation).
+BATCH_WINDOW = 24 * HOUR
+MONTH_GRACE = 6 * HOUR
+AGREEMENT_RE = re.compile(r"[A-Za-z0-9_/-]{1,64}")  # the model's AgreementId shape
 
 MAX_RECORDS = 25
 MAX_BODY_BYTES = 1_000_000
@@ -54,6 +78,11 @@ class Customer:
     license_arn: str | None = None
     customer_identifier: str | None = None
     subscribed: bool = True
+    agreement_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.agreement_id:
+            self.agreement_id = default_agreement_id(self.key)
 
     @property
     def key(self) -> str:
@@ -66,6 +95,7 @@ class Customer:
         answer: dict[str, Any] = {
             "CustomerAWSAccountId": self.account_id,
             "ProductCode": self.product_code,
+            "Metadata": {"AgreementId": self.agreement_id},
         }
         if self.license_arn is not None:
             answer["LicenseArn"] = self.license_arn
@@ -82,7 +112,26 @@ class Customer:
             "customer_identifier": self.customer_identifier,
             "product_code": self.product_code,
             "subscribed": self.subscribed,
+            "agreement_id": self.agreement_id,
         }
+
+
+def default_agreement_id(key: str) -> str:
+    """A stable agreement id per customer (the same customer key, the same id on every run),
+    shaped like AWS's `agmt-…` ids and inside the model's AgreementId pattern."""
+    return "agmt-" + hashlib.sha256(key.encode()).hexdigest()[:25]
+
+
+def batch_out_of_bounds(stamp: float, now: float, window: float, month_grace: float) -> bool:
+    """BatchMeterUsage's window: `window` or more old, or of an earlier month than `now`'s once
+    `month_grace` has passed since `now`'s month began (06:00 UTC on the 1st for AWS)."""
+    if now - stamp >= window:
+        return True
+    then, current = datetime.fromtimestamp(stamp, UTC), datetime.fromtimestamp(now, UTC)
+    if (then.year, then.month) == (current.year, current.month):
+        return False
+    month_start = calendar.timegm((current.year, current.month, 1, 0, 0, 0))
+    return stamp < month_start and now >= month_start + month_grace
 
 
 @dataclass
@@ -91,8 +140,8 @@ class Entry:
     product_code: str
     dimension: str
     hour: int
-    quantity: int
-    value: str  # canonical quantity, decimal quantity and allocations
+    quantity: int  # micro-units
+    value: str  # canonical quantity and allocations, by value
     metering_record_id: str
     recorded_at: float
     repeats: int = 0
@@ -126,6 +175,7 @@ class SaasBook:
             "subscribed",
             "token_ttl_seconds",
             "identity",
+            "agreement_id",
         }
         unknown = set(spec) - known
         if unknown:
@@ -149,6 +199,11 @@ class SaasBook:
         )
         if not account.isdigit():
             raise ValueError("customer_aws_account_id must be digits")
+        agreement = spec.get("agreement_id")
+        if agreement is not None and (
+            not isinstance(agreement, str) or not AGREEMENT_RE.fullmatch(agreement)
+        ):
+            raise ValueError("agreement_id must be 1-64 characters of A-Z a-z 0-9 _ / -")
         product = spec.get("product_code") or DEFAULT_PRODUCT
         if identity == "license":
             license_arn = spec.get("license_arn") or (
@@ -170,6 +225,8 @@ class SaasBook:
         existing = self.customers.get(customer.key)
         if existing is not None:
             customer = existing
+        if agreement is not None:
+            customer.agreement_id = agreement
         customer.subscribed = subscribed
         self.customers[customer.key] = customer
         if customer.license_arn is not None:
@@ -224,6 +281,8 @@ class SaasBook:
         product_codes: list[str] | None,
         future_limit: float,
         unprocessed: Callable[[], bool],
+        window: float = BATCH_WINDOW,
+        month_grace: float = MONTH_GRACE,
     ) -> Answer:
         """One validated BatchMeterUsage call (model checks done by the caller)."""
         records = params.get("UsageRecords") or []
@@ -234,7 +293,9 @@ class SaasBook:
                 f"constraint: Member must have length less than or equal to {MAX_RECORDS} "
                 f"(got {len(records)})",
             )
-        problem = self._check(params, records, now, dimensions, product_codes, future_limit)
+        problem = self._check(
+            params, records, now, dimensions, product_codes, future_limit, window, month_grace
+        )
         if problem is not None:
             if problem[1].get("__type") == "TimestampOutOfBoundsException":
                 self.count("out_of_bounds_batches")
@@ -257,6 +318,8 @@ class SaasBook:
         dimensions: list[str] | None,
         product_codes: list[str] | None,
         future_limit: float,
+        window: float = BATCH_WINDOW,
+        month_grace: float = MONTH_GRACE,
     ) -> Answer | None:
         """The request's own validity, all or nothing: an error, or None."""
         by_identifier = [i for i, r in enumerate(records) if "CustomerIdentifier" in r]
@@ -300,22 +363,22 @@ class SaasBook:
                 return error(
                     "InvalidUsageDimensionException", f"record {i}: dimension is not published"
                 )
-            if "Quantity" in r and "QuantityAsDecimal" in r:
-                return error(
-                    "ValidationException", f"record {i}: Quantity or QuantityAsDecimal, not both"
-                )
-            _, problem = _allocations(r, int(r.get("Quantity", 0)))
+            where = f"usageRecords.{i + 1}.member"
+            micros, kind, problem = quantity_of(r, RECORD_FIELDS, where)
+            if problem is None:
+                _, problem = _allocations(r, micros, kind, f"{where}.usageAllocations")
             if problem is not None:
                 return problem
         for i, r in enumerate(records):
             stamp = _timestamp(r.get("Timestamp"))
             if stamp is None or not math.isfinite(stamp):
                 return error("ValidationException", f"record {i}: Timestamp is not a timestamp")
-            if now - stamp >= WINDOW or stamp > now + future_limit:
+            if stamp > now + future_limit or batch_out_of_bounds(stamp, now, window, month_grace):
                 return error(
                     "TimestampOutOfBoundsException",
-                    f"record {i}: Timestamp must be within the past six hours and not in the "
-                    "future; the whole request is rejected",
+                    f"record {i}: Timestamp must be less than {window / HOUR:g} hours old, of "
+                    "this billing month (or the previous one until the grace ends) and not in "
+                    "the future; the whole request is rejected",
                 )
         return None
 
@@ -332,9 +395,9 @@ class SaasBook:
         ):
             self.count("customer_not_subscribed")
             return {"UsageRecord": record, "Status": "CustomerNotSubscribed"}
-        quantity = int(record.get("Quantity", 0))
-        allocations, _ = _allocations(record, quantity)
-        value = json.dumps([quantity, record.get("QuantityAsDecimal"), allocations])
+        quantity, kind, _ = quantity_of(record, RECORD_FIELDS, "record")
+        allocations, _ = _allocations(record, quantity, kind)
+        value = json.dumps([quantity, allocations])  # by value, whichever field carried it
         stamp = _timestamp(record["Timestamp"])
         assert stamp is not None  # nosec B101 # _check refused it otherwise
         dedup = (customer.product_code, key, str(record["Dimension"]), math.floor(stamp / HOUR))
@@ -373,7 +436,8 @@ class SaasBook:
                     "product_code": e.product_code,
                     "dimension": e.dimension,
                     "hour": e.hour,
-                    "quantity": e.quantity,
+                    "quantity": qty.to_json(e.quantity),
+                    "quantity_micros": e.quantity,
                     "metering_record_id": e.metering_record_id,
                     "repeats": e.repeats,
                 }

@@ -35,6 +35,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from sidecar.core import quantity
 from sidecar.core.ratelimit import TokenBucket
 from sidecar.emulator.meter import MeterBook
 from sidecar.emulator.saas import MAX_BODY_BYTES, SaasBook
@@ -100,6 +101,12 @@ class EmulatorConfig:
     # MeterUsage
     dimensions: list[str] | None = None  # None: any dimension is published
     meter_future_seconds: float = 300.0  # AWS's future limit is undocumented
+    # How far in the past each API takes a timestamp (the pinned model's documentation):
+    # MeterUsage "up to six hours"; BatchMeterUsage "24 hours or more" refused, and the previous
+    # billing month's records only until 06:00 UTC on the 1st (the month-end grace).
+    meter_window_seconds: float = 6 * 3600.0
+    batch_window_seconds: float = 24 * 3600.0
+    batch_month_grace_seconds: float = 6 * 3600.0
     # Seconds AWS's clock is ahead of this machine's (negative: behind): where the sidecar's
     # clock is off, MeterUsage and BatchMeterUsage judge timestamps by AWS's.
     clock_offset: float = 0.0
@@ -244,7 +251,7 @@ class Emulator:
                     "pod": pod,
                     "nonce": params.get("Nonce"),
                     "dimension": params.get("UsageDimension"),
-                    "quantity": params.get("UsageQuantity"),
+                    "quantity": _shown_quantity(params),
                     "dry_run": params.get("DryRun"),
                     "records": len(records) if isinstance(records, list) else None,
                     "status": status,
@@ -347,6 +354,7 @@ class Emulator:
             dimensions=cfg.dimensions,
             product_codes=cfg.product_codes,
             future_limit=cfg.meter_future_seconds,
+            window=cfg.meter_window_seconds,
         )
         if problem is not None:
             return problem
@@ -378,6 +386,8 @@ class Emulator:
             product_codes=cfg.product_codes,
             future_limit=cfg.meter_future_seconds,
             unprocessed=lambda: rate > 0 and self._rng.random() < rate,
+            window=cfg.batch_window_seconds,
+            month_grace=cfg.batch_month_grace_seconds,
         )
 
     def saas_customer(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -499,6 +509,18 @@ def _constraint_violation(value: Any, shape: Any, where: str) -> str | None:
                 f"Value at '{where}' failed to satisfy constraint: "
                 f"Member must have length less than or equal to {limit}"
             )
+    return None
+
+
+def _shown_quantity(params: dict[str, Any]) -> Any:
+    """A MeterUsage call's quantity for `/_emulator/calls`, by value: a JSON integer when whole
+    (whichever field carried it), the exact decimal string otherwise, else what was sent."""
+    for name in ("UsageQuantityAsDecimal", "UsageQuantity"):
+        if name in params:
+            try:
+                return quantity.to_json(quantity.parse(params[name]))
+            except quantity.QuantityError:
+                return params[name]
     return None
 
 
