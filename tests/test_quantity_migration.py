@@ -290,3 +290,40 @@ def test_the_hour_total_limit_is_the_decimal_fields_for_saas_too(
     assert info.value.body()["field"] == "records[0].quantity"
     report = store.read(lambda db: L.report(db, now, HP))
     assert report["totals"]["users"]["open"] == qty.MAX_TEXT
+
+
+def test_a_replica_of_the_integer_sidecar_still_running_cannot_write_the_upgraded_database(
+    pg_url: str,
+) -> None:
+    """During a rollout an old replica keeps its connections and never reads the schema version
+    again. Its own statements (word for word from the integer sidecar's ingest and seal), on a
+    session without this sidecar's settings, are refused: 7 units must never be added to a
+    micro-unit total (billing 0.000007), nor a micro-unit sum be sealed as whole units.
+    (SQLite needs no guard: one replica holds the file's lock, and an older one refuses a
+    version-3 file at open.)"""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as pg:
+        pg.execute((LEGACY / "saas_postgresql.sql").read_text().encode())
+    store = open_store(SAAS_SCHEMA, database_url=pg_url)  # today's sidecar migrates it
+    try:
+        store.read(lambda db: db.execute("SELECT 1").fetchone())
+        old_statements = [
+            "INSERT INTO saas_open (customer, dimension, hour, quantity) VALUES "
+            "(%s, 'scans', 500000, 7) ON CONFLICT (customer, dimension, hour) DO UPDATE SET "
+            "quantity = saas_open.quantity + excluded.quantity RETURNING quantity",
+            "INSERT INTO saas_records (id, customer, dimension, hour, quantity, received_at, "
+            "carried_from) VALUES ('old-1', %s, 'scans', 500000, 7, 0, NULL)",
+            "INSERT INTO saas_outbox (customer, dimension, hour, quantity, zero, record, state, "
+            "sealed_at, deadline) VALUES (%s, 'scans', 499999, 5000000, 0, '{}', 'sealed', 0, 0)",
+        ]
+        with psycopg.connect(pg_url, autocommit=True) as old:
+            for sql in old_statements:
+                with pytest.raises(psycopg.errors.RaiseException, match="micro-unit"):
+                    old.execute(sql, (A,))
+        rows = store.read(lambda db: db.execute("SELECT quantity FROM saas_open").fetchall())
+        assert [int(q) for (q,) in rows] == [5 * qty.SCALE]  # untouched
+        body = f'{{{_who(A)}, "dimension": "scans", "quantity": 1, {LATE}}}'
+        assert _ingest(store, body, NOW)[0] == 202  # today's sidecar writes as usual
+    finally:
+        store.close()

@@ -1136,7 +1136,30 @@ UPDATE saas_outbox SET quantity = quantity * 1000000;
 UPDATE saas_counts SET quantity = quantity * 1000000;
 UPDATE saas_hour_summary SET quantity = quantity * 1000000;
 """
-MIGRATION_3 = (_MICROS_V3, _MICROS_V3)
+# PostgreSQL is shared by a fleet, and a replica of the integer sidecar still running during a
+# rollout never looks at the schema version again: its ingest would add whole units to
+# micro-unit totals (billing 7 units as 0.000007) and its seal would send micro-unit sums as
+# whole units. Its statements are refused instead (an error answered to its POST, the usage not
+# stored; a seal that fails and is retried): every session of this sidecar sets
+# `sidecar.quantity_unit` (pgstore.SESSION_OPTIONS); the triggers fire once per statement.
+_GUARD_V3_POSTGRESQL = """
+CREATE FUNCTION saas_quantity_unit_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('sidecar.quantity_unit', true) IS DISTINCT FROM 'micro' THEN
+        RAISE EXCEPTION USING MESSAGE = 'this usage database holds micro-unit quantities '
+            || '(schema 3): a sidecar older than that must not write usage to it; '
+            || 'upgrade every replica';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER saas_open_unit_guard BEFORE INSERT OR UPDATE ON saas_open
+    FOR EACH STATEMENT EXECUTE FUNCTION saas_quantity_unit_guard();
+CREATE TRIGGER saas_records_unit_guard BEFORE INSERT ON saas_records
+    FOR EACH STATEMENT EXECUTE FUNCTION saas_quantity_unit_guard();
+CREATE TRIGGER saas_outbox_unit_guard BEFORE INSERT ON saas_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION saas_quantity_unit_guard();
+"""
+MIGRATION_3 = (_MICROS_V3, _MICROS_V3 + _GUARD_V3_POSTGRESQL)
 
 
 def _state_counts(db: Db) -> dict[str, int]:
