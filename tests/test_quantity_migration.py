@@ -327,3 +327,39 @@ def test_a_replica_of_the_integer_sidecar_still_running_cannot_write_the_upgrade
         assert _ingest(store, body, NOW)[0] == 202  # today's sidecar writes as usual
     finally:
         store.close()
+
+
+def test_postgresql_counters_hold_more_history_than_a_bigint_of_micro_units(pg_url: str) -> None:
+    """A dimension's counters add up its whole history. In BIGINT micro-units they would end at
+    9.2e12 units and every later state change (the trigger) would fail: no record sent again.
+    (SQLite, one replica, has no wider integer: its counters turn inexact past that, never
+    fail; docs/saas.md says so.)"""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as pg:
+        pg.execute((LEGACY / "saas_postgresql.sql").read_text().encode())
+    store = open_store(SAAS_SCHEMA, database_url=pg_url)
+    try:
+        _counters_past_a_bigint(store)
+    finally:
+        store.close()
+
+
+def _counters_past_a_bigint(store: UsageStore) -> None:
+    huge = 2**63 - 1  # a BIGINT's largest value, in micro-units: ~9.2e12 units already counted
+    store.write(
+        lambda db: db.execute(
+            "INSERT INTO saas_counts (hour, dimension, state, records, quantity) "
+            "VALUES (?, 'scans', 'sent', 0, ?)",
+            (H0 - 2, huge),
+        )
+    )
+    batch, _ = store.write(lambda db: L.next_batch(db, NOW, None))
+    assert batch is not None
+    aws = FakeAws(lambda: NOW)
+    settled = store.write(
+        lambda db: L.answer(db, batch.id, aws.batch_meter_usage(batch.request), NOW)
+    )
+    assert settled.sent == 2
+    report = store.read(lambda db: L.report(db, NOW, HP))
+    assert report["totals"]["scans"]["sent"] == qty.to_json(huge + 2 * qty.SCALE + 7 * qty.SCALE)

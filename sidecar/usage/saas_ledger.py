@@ -1159,7 +1159,14 @@ CREATE TRIGGER saas_records_unit_guard BEFORE INSERT ON saas_records
 CREATE TRIGGER saas_outbox_unit_guard BEFORE INSERT ON saas_outbox
     FOR EACH STATEMENT EXECUTE FUNCTION saas_quantity_unit_guard();
 """
-MIGRATION_3 = (_MICROS_V3, _MICROS_V3 + _GUARD_V3_POSTGRESQL)
+# The counters add up a dimension's whole history (pruned hours fold into hour -1): in BIGINT
+# micro-units that would stop at 9.2e12 units, which a busy fleet reaches in months, and then
+# every state change's trigger would fail. NUMERIC(38) holds 1e32 units, exactly.
+_WIDE_COUNTERS_V3 = """
+ALTER TABLE saas_counts ALTER COLUMN quantity TYPE NUMERIC(38, 0);
+ALTER TABLE saas_hour_summary ALTER COLUMN quantity TYPE NUMERIC(38, 0);
+"""
+MIGRATION_3 = (_MICROS_V3, _WIDE_COUNTERS_V3 + _MICROS_V3 + _GUARD_V3_POSTGRESQL)
 
 
 def _state_counts(db: Db) -> dict[str, int]:
