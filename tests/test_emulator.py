@@ -86,7 +86,12 @@ def test_modelled_validation_region_product_and_key_version(
     raw = requests.post(
         emulator_server.url,
         data=b'{"ProductCode": "prod-abc", "PublicKeyVersion": 0}',
-        headers={"X-Amz-Target": "AWSMPMeteringService.RegisterUsage"},
+        headers={
+            "X-Amz-Target": "AWSMPMeteringService.RegisterUsage",
+            "X-Amz-Date": "20270115T080000Z",
+            "Authorization": "AWS4-HMAC-SHA256 Credential=raw/20270115/us-east-1/aws-marketplace/"
+            "aws4_request, SignedHeaders=host;x-amz-date, Signature=0",
+        },
         timeout=5,
     )
     assert raw.status_code == 400 and raw.json()["__type"] == "ValidationException"

@@ -313,7 +313,7 @@ def test_the_1_mb_limit_is_enforced_on_the_body_botocore_sends(
     assert ledger(emulator_server)["counts"]["records"] == 1
 
 
-def test_never_both_identifier_kinds_and_no_product_code_with_licenses(
+def test_never_both_identifier_kinds_in_one_request(
     emulator_server: EmulatorServer, emulator: Emulator, clock: Clock
 ) -> None:
     c = client(emulator_server)
@@ -325,16 +325,36 @@ def test_never_both_identifier_kinds_and_no_product_code_with_licenses(
         code_of(lambda: c.batch_meter_usage(ProductCode="prod-1", UsageRecords=mixed))
         == "ValidationException"
     )
-    assert (
-        code_of(
-            lambda: c.batch_meter_usage(ProductCode="prod-1", UsageRecords=[license_record(lic)])
-        )
-        == "ValidationException"
-    )
     # one record naming both kinds is refused too
     both = license_record(lic, CustomerIdentifier="cust-1")
     assert code_of(lambda: c.batch_meter_usage(UsageRecords=[both])) == "ValidationException"
     assert ledger(emulator_server)["records"] == []
+
+
+def test_a_product_code_with_license_records_is_accepted_and_bills_twice(
+    emulator_server: EmulatorServer, emulator: Emulator, clock: Clock
+) -> None:
+    """The model only advises against it: "For new integrations using LicenseArn ..., do NOT
+    include ProductCode at the request level ... Sending metering records with both ProductCode
+    and LicenseArn for the same customer within the same hour will result in duplicate
+    billing." Accepted (today's main refuses it), and the ledger shows the double billing."""
+    c = client(emulator_server)
+    lic = customer(emulator_server, product_code="prod-1")
+    plain = c.batch_meter_usage(UsageRecords=[license_record(lic)])
+    named = c.batch_meter_usage(ProductCode="prod-1", UsageRecords=[license_record(lic)])
+    assert statuses(plain) == statuses(named) == ["Success"]
+    assert plain["Results"][0]["MeteringRecordId"] != named["Results"][0]["MeteringRecordId"]
+    again = c.batch_meter_usage(ProductCode="prod-1", UsageRecords=[license_record(lic)])
+    assert again["Results"][0]["MeteringRecordId"] == named["Results"][0]["MeteringRecordId"]
+    book = ledger(emulator_server)
+    assert sorted((r["scope"], r["quantity"]) for r in book["records"]) == [
+        ("license", 5),
+        ("product", 5),
+    ]
+    assert book["counts"]["product_code_with_license"] == 1
+    # another product's code is not this customer's subscription
+    other = c.batch_meter_usage(ProductCode="prod-2", UsageRecords=[license_record(lic)])
+    assert statuses(other) == ["CustomerNotSubscribed"]
 
 
 @pytest.mark.parametrize(

@@ -235,7 +235,10 @@ def test_a_slow_call_from_before_an_emulator_reset_does_not_leak_into_the_next_t
     # The cause of a flaky call count here: an earlier test's 3 s-latency call landed after the
     # next test's reset and was counted (and marked its pod seen) there.
     body = json.dumps({"ProductCode": "prod-abc", "PublicKeyVersion": 1, "Nonce": "n"}).encode()
-    auth = "AWS4-HMAC-SHA256 Credential=old-pod/20260101/us-east-1/aws-marketplace/aws4_request"
+    auth = (
+        "AWS4-HMAC-SHA256 Credential=old-pod/20260101/us-east-1/aws-marketplace/aws4_request, "
+        "SignedHeaders=host;x-amz-date, Signature=0"
+    )
     emulator.reconfigure({"latency": 0.5})
     call = threading.Thread(
         target=emulator.handle, args=("AWSMPMeteringService.RegisterUsage", body, auth)

@@ -6,8 +6,13 @@ the token lives, ExpiredTokenException after its ttl, InvalidTokenException for 
 
 BatchMeterUsage (seller guide and API reference):
 - at most 25 records, a body under 1 MB (1,000,000 bytes, the stricter reading of the unit);
-- never CustomerIdentifier and CustomerAWSAccountId in one request; ProductCode goes with
-  CustomerIdentifier records only (license records name the product through the license);
+- never CustomerIdentifier and CustomerAWSAccountId in one request; ProductCode is required
+  with CustomerIdentifier records. With license records the model only advises against it
+  ("do NOT include ProductCode ... Sending metering records with both ProductCode and
+  LicenseArn for the same customer within the same hour will result in duplicate billing"):
+  accepted, and such a record is metered in the product's scope, apart from the same
+  customer's license-scoped record of that hour, so the ledger shows the duplicate billing
+  (counted as `product_code_with_license`);
 - one record per product, customer, dimension and hour. The same record again (same
   quantity, after rounding the time to the hour) is Success with the same MeteringRecordId,
   in any grouping; another quantity is DuplicateRecord and the original quantity stays;
@@ -145,6 +150,7 @@ class Entry:
     metering_record_id: str
     recorded_at: float
     repeats: int = 0
+    scope: str = "license"  # "product" when the request named ProductCode
 
 
 class SaasBook:
@@ -154,7 +160,7 @@ class SaasBook:
         self.customers: dict[str, Customer] = {}
         self.licenses: dict[str, Customer] = {}  # LicenseArn -> its customer
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (customer key, expires at)
-        self.entries: dict[tuple[str, str, str, int], Entry] = {}
+        self.entries: dict[tuple[str, str, str, str, int], Entry] = {}
         self.counts: dict[str, int] = dict.fromkeys(COUNTS, 0)
 
     def count(self, what: str, n: int = 1) -> None:
@@ -333,11 +339,6 @@ class SaasBook:
                 f"same request (records {by_identifier[:3]} and {by_account[:3]})",
             )
         product = params.get("ProductCode")
-        if by_account and product is not None:
-            return error(
-                "ValidationException",
-                "ProductCode cannot be used with CustomerAWSAccountId and LicenseArn records",
-            )
         if by_identifier and product is None:
             return error(
                 "ValidationException", "ProductCode is required with CustomerIdentifier records"
@@ -400,21 +401,28 @@ class SaasBook:
         value = json.dumps([quantity, allocations])  # by value, whichever field carried it
         stamp = _timestamp(record["Timestamp"])
         assert stamp is not None  # nosec B101 # _check refused it otherwise
-        dedup = (customer.product_code, key, str(record["Dimension"]), math.floor(stamp / HOUR))
+        # The scope AWS deduplicates in: (ProductCode, customer) for requests naming the
+        # product, (account, LicenseArn) for license records sent without it.
+        scope = "product" if product is not None else "license"
+        hour = math.floor(stamp / HOUR)
+        dedup = (scope, customer.product_code, key, str(record["Dimension"]), hour)
         entry = self.entries.get(dedup)
         if entry is None:
             entry = Entry(
                 customer=key,
                 product_code=customer.product_code,
-                dimension=dedup[2],
-                hour=dedup[3],
+                dimension=dedup[3],
+                hour=hour,
                 quantity=quantity,
                 value=value,
                 metering_record_id=str(uuid.uuid4()),
                 recorded_at=now,
+                scope=scope,
             )
             self.entries[dedup] = entry
             self.count("records")
+            if scope == "product" and customer.license_arn is not None and "LicenseArn" in record:
+                self.count("product_code_with_license")
         elif entry.value != value:
             self.count("duplicate_record")
             return {"UsageRecord": record, "Status": "DuplicateRecord"}
@@ -440,6 +448,7 @@ class SaasBook:
                     "quantity_micros": e.quantity,
                     "metering_record_id": e.metering_record_id,
                     "repeats": e.repeats,
+                    "scope": e.scope,
                 }
                 for e in self.entries.values()
             ],

@@ -221,8 +221,11 @@ class Emulator:
 
     # -- the API -------------------------------------------------------------------------
 
-    def handle(self, target: str, body: bytes, auth: str) -> tuple[int, dict[str, Any] | None]:
-        """Answer one call: (HTTP status, JSON body), or (0, None) to drop the connection."""
+    def handle(
+        self, target: str, body: bytes, auth: str, dated: bool = True
+    ) -> tuple[int, dict[str, Any] | None]:
+        """Answer one call: (HTTP status, JSON body), or (0, None) to drop the connection.
+        `auth` is the Authorization header; `dated` whether X-Amz-Date or Date came with it."""
         op = target.removeprefix(TARGET_PREFIX) if target.startswith(TARGET_PREFIX) else ""
         oversize = op == "BatchMeterUsage" and len(body) >= MAX_BODY_BYTES
         try:
@@ -243,7 +246,9 @@ class Emulator:
                 # A slow call from before a reset (an earlier test's sidecar, long gone) must
                 # not count against, or mark pods seen in, the new run: drop it unrecorded.
                 return 0, None
-            status, payload = self._dispatch(op, params, pod, region, service, len(body))
+            status, payload = self._dispatch(
+                op, params, pod, region, service, len(body), auth_problem(auth, dated)
+            )
             records = params.get("UsageRecords")
             self.calls.append(
                 {
@@ -269,10 +274,13 @@ class Emulator:
         region: str | None,
         service: str | None,
         size: int = 0,
+        unsigned: tuple[int, dict[str, Any]] | None = None,
     ) -> tuple[int, dict[str, Any] | None]:
         cfg = self.config
         if op not in self._model.operation_names:
             return _error("UnknownOperationException", f"unknown operation {op!r}")
+        if unsigned is not None:  # AWS's front end refuses it before the operation runs
+            return unsigned
         batch = op == "BatchMeterUsage"
         if batch:
             self.saas.count("calls")
@@ -312,20 +320,21 @@ class Emulator:
     def _validated(
         self, op: str, params: dict[str, Any], pod: str, region: str | None, service: str | None
     ) -> tuple[int, dict[str, Any] | None]:
-        from botocore.validate import ParamValidator
-
-        shape = self._model.operation_model(op).input_shape
-        assert shape is not None  # nosec B101 # narrowing for mypy, not a check
-        report = ParamValidator().validate(params, shape)
-        if report.has_errors():
-            return _error("ValidationException", report.generate_report())
-        broken = _constraint_violation(params, shape, "")
-        if broken is not None:
-            return _error("ValidationException", f"1 validation error detected: {broken}")
         if service is not None and service != SIGNING_NAME:
             return _error(
                 "InvalidSignatureException",
                 f"Credential should be scoped to correct service: '{SIGNING_NAME}'.",
+            )
+        shape = self._model.operation_model(op).input_shape
+        assert shape is not None  # nosec B101 # narrowing for mypy, not a check
+        types, broken = model_violations(params, shape)
+        if types:
+            return _error("SerializationException", "; ".join(types))
+        if broken:
+            n = len(broken)
+            return _error(
+                "ValidationException",
+                f"{n} validation error{'s' if n > 1 else ''} detected: {'; '.join(broken)}",
             )
         if op == "MeterUsage":
             return self._meter_usage(params, pod, region)
@@ -467,7 +476,8 @@ class Emulator:
 
 
 # Checked by the books with their own error (InvalidTagException), also as whole matches.
-_OWN_ERRORS = frozenset({"TagKey", "TagValue"})
+_OWN_ERRORS = frozenset({"TagKey", "TagValue", "TagList"})
+SHOWN_VALUE = 100  # characters of an offending value quoted back, as AWS quotes it
 
 
 @functools.cache
@@ -475,40 +485,124 @@ def _pattern(text: str) -> re.Pattern[str]:
     return re.compile(text)
 
 
-def _constraint_violation(value: Any, shape: Any, where: str) -> str | None:
-    """The string constraints botocore leaves to the service: the model's `pattern`, matched
-    against the whole value (AWS's services match whole values; Python's `$` would let a
-    trailing newline through), and `max` length. The first violation, worded as AWS does."""
+def _member_path(where: str, name: str) -> str:
+    """AWS's spelling of a member's path: lower-camel names, list items as `.N.member`."""
+    inner = name[:1].lower() + name[1:]
+    return f"{where}.{inner}" if where else inner
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "Value null"
+    if isinstance(value, dict | list):
+        return "Value"
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    if len(text) > SHOWN_VALUE:
+        text = text[:SHOWN_VALUE] + "..."
+    return f"Value '{text}'"
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "structure": (dict,),
+    "list": (list,),
+    "map": (dict,),
+    "string": (str,),
+    "integer": (int,),
+    "long": (int,),
+    "boolean": (bool,),
+    "float": (int, float),
+    "double": (int, float),
+    "timestamp": (int, float, str),  # epoch seconds, as botocore sends it; ISO text tolerated
+}
+
+
+def model_violations(value: Any, shape: Any, where: str = "") -> tuple[list[str], list[str]]:
+    """Every way `value` breaks the pinned service model, worded as AWS words them:
+    (type mismatches, answered SerializationException; constraint violations, answered
+    ValidationException). Everything comes from the model: required members, each string's
+    `pattern` (matched against the whole value: Python's `$` would let a trailing newline
+    through), `enum`, `min`/`max` lengths of strings and lists, `min`/`max` values of numbers.
+    A model update (a botocore version bump) changes what is enforced with no code change."""
+    types: list[str] = []
+    broken: list[str] = []
+    _walk(value, shape, where, types, broken)
+    return types, broken
+
+
+def _walk(value: Any, shape: Any, where: str, types: list[str], broken: list[str]) -> None:
     kind = shape.type_name
-    if kind == "structure" and isinstance(value, dict):
-        for name, member in shape.members.items():
-            if name in value:
-                inner = (
-                    f"{where}.{name[:1].lower()}{name[1:]}"
-                    if where
-                    else name[:1].lower() + name[1:]
+    allowed = _JSON_TYPES.get(kind)
+    wrong = allowed is not None and (
+        not isinstance(value, allowed) or (isinstance(value, bool) and kind != "boolean")
+    )
+    if wrong:
+        types.append(f"{_shown(value)} at '{where}' is not a {kind}")
+        return
+    meta = shape.metadata
+    if shape.name in _OWN_ERRORS:
+        return
+
+    def fail(constraint: str) -> None:
+        broken.append(
+            f"{_shown(value)} at '{where}' failed to satisfy constraint: Member must {constraint}"
+        )
+
+    if kind == "structure":
+        for name in shape.required_members:
+            if value.get(name) is None:
+                broken.append(
+                    f"Value null at '{_member_path(where, name)}' failed to satisfy constraint: "
+                    "Member must not be null"
                 )
-                found = _constraint_violation(value[name], member, inner)
-                if found is not None:
-                    return found
-    elif kind == "list" and isinstance(value, list):
+        for name, member in shape.members.items():
+            if value.get(name) is not None:
+                _walk(value[name], member, _member_path(where, name), types, broken)
+    elif kind == "list":
+        if "min" in meta and len(value) < meta["min"]:
+            fail(f"have length greater than or equal to {meta['min']}")
+        if "max" in meta and len(value) > meta["max"]:
+            fail(f"have length less than or equal to {meta['max']}")
         for i, item in enumerate(value, 1):
-            found = _constraint_violation(item, shape.member, f"{where}.{i}.member")
-            if found is not None:
-                return found
-    elif kind == "string" and isinstance(value, str) and shape.name not in _OWN_ERRORS:
-        pattern = shape.metadata.get("pattern")
+            _walk(item, shape.member, f"{where}.{i}.member", types, broken)
+    elif kind == "string":
+        if "min" in meta and len(value) < meta["min"]:
+            fail(f"have length greater than or equal to {meta['min']}")
+        if "max" in meta and len(value) > meta["max"]:
+            fail(f"have length less than or equal to {meta['max']}")
+        pattern = meta.get("pattern")
         if pattern is not None and _pattern(pattern).fullmatch(value) is None:
-            return (
-                f"Value at '{where}' failed to satisfy constraint: "
-                f"Member must satisfy regular expression pattern: {pattern}"
-            )
-        limit = shape.metadata.get("max")
-        if limit is not None and len(value) > limit:
-            return (
-                f"Value at '{where}' failed to satisfy constraint: "
-                f"Member must have length less than or equal to {limit}"
-            )
+            fail(f"satisfy regular expression pattern: {pattern}")
+        enum = shape.enum
+        if enum and value not in enum:
+            fail(f"satisfy enum value set: [{', '.join(enum)}]")
+    elif kind in ("integer", "long", "float", "double"):
+        if "min" in meta and value < meta["min"]:
+            fail(f"have value greater than or equal to {meta['min']}")
+        if "max" in meta and value > meta["max"]:
+            fail(f"have value less than or equal to {meta['max']}")
+
+
+def auth_problem(auth: str, dated: bool = True) -> tuple[int, dict[str, Any]] | None:
+    """What AWS's front end answers a request whose SigV4 material is missing or incomplete,
+    before the operation runs (the emulator checks no signature): no `Authorization` header, or
+    one that is not SigV4, is MissingAuthenticationTokenException; a SigV4 header missing its
+    Credential, SignedHeaders or Signature, or a request with neither X-Amz-Date nor Date, is
+    IncompleteSignatureException naming what is missing."""
+    if not auth.startswith("AWS4-"):
+        return _error(
+            "MissingAuthenticationTokenException", "Request is missing Authentication Token"
+        )
+    missing = [
+        f"Authorization header requires '{part}' parameter."
+        for part in ("Credential", "Signature", "SignedHeaders")
+        if f"{part}=" not in auth
+    ]
+    if not dated:
+        missing.append(
+            "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header."
+        )
+    if missing:
+        return _error("IncompleteSignatureException", " ".join([*missing, f"Authorization={auth}"]))
     return None
 
 
@@ -598,7 +692,10 @@ class _Handler(BaseHTTPRequestHandler):
             except (ValueError, TypeError) as exc:
                 return self._json(400, {"error": str(exc)})
         status, payload = emulator.handle(
-            self.headers.get("X-Amz-Target", ""), body, self.headers.get("Authorization", "")
+            self.headers.get("X-Amz-Target", ""),
+            body,
+            self.headers.get("Authorization", ""),
+            dated=bool(self.headers.get("X-Amz-Date") or self.headers.get("Date")),
         )
         if payload is None:
             # SO_LINGER 0: closing sends RST, as a dropped connection or a proxy reset would.
