@@ -292,3 +292,17 @@ def test_saas_records_take_fractions_too() -> None:
         )
     err = info.value
     assert err.body()["field"] == "quantity"
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        b"0." + b"0" * 900_000 + b"1",  # a megabyte of fraction
+        b"1" + b"0" * 900_000 + b".5",  # a megabyte of whole part, with a fraction
+        b"1e-999999999",
+        b"1e999999999",  # never scaled into a billion-digit integer
+    ],
+)
+def test_hostile_numbers_are_refused_naming_the_field(number: bytes) -> None:
+    err = refused(None, b'{"dimension": "scans", "quantity": ' + number + b"}")
+    assert err.status == 400 and err.body()["field"] == "quantity"
