@@ -5,6 +5,7 @@ Driven by unmodified boto3 over HTTP, as a seller's tests would drive AWS."""
 from __future__ import annotations
 
 import calendar
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -155,6 +156,8 @@ def test_both_quantity_fields_or_mixed_allocation_kinds_are_refused(
     # decimal allocations sum exactly: 0.1 + 0.2 is 0.3 here, as in AWS's decimal arithmetic
     ok = meter(c, "0.3", UsageAllocations=[alloc("0.1", team="a"), alloc("0.2", team="b")])
     assert ok["MeteringRecordId"]
+    (entry,) = meter_ledger(emulator_server)["records"]
+    assert json.loads(entry["allocations"]) == [["0.1", [["team", "a"]]], ["0.2", [["team", "b"]]]]
     assert (
         code_of(
             lambda: meter(

@@ -125,6 +125,7 @@ def test_resolve_customer_answers_without_response_metadata(
         "CustomerAWSAccountId": "123456789012",
         "LicenseArn": cust["license_arn"],
         "ProductCode": cust["product_code"],
+        "Metadata": {"AgreementId": cust["agreement_id"]},
     }
     legacy = new_customer(emulator_server, customer_identifier="cust-9", product_code="p-1")
     assert saas.resolve_customer(legacy["registration_token"])["CustomerIdentifier"] == "cust-9"
@@ -276,7 +277,7 @@ def test_one_out_of_range_timestamp_fails_the_call_as_usage(
     cust = new_customer(emulator_server)
     now = HOUR0 + 2 * 3600 + 100
     request = {
-        "UsageRecords": [record(cust), record(cust, Dimension="old", Timestamp=now - 6 * 3600)]
+        "UsageRecords": [record(cust), record(cust, Dimension="old", Timestamp=now - 24 * 3600)]
     }
     with pytest.raises(AwsCallError) as failed:
         saas.batch_meter_usage(request)

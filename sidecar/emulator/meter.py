@@ -53,7 +53,7 @@ class LedgerEntry:
     dimension: str
     hour: int
     quantity: int  # micro-units (`sidecar.core.quantity`); the ledger shows it as AWS bills it
-    allocations: str  # canonical JSON, "" when none
+    allocations: str  # canonical JSON [[quantity, [[key, value], ...]], ...], "" when none
     timestamp: float
     client_token: str | None
     metering_record_id: str
@@ -123,7 +123,7 @@ def _allocations(
         return "", error("InvalidUsageAllocationsException", "1 to 2500 allocations")
     seen: set[str] = set()
     total = 0
-    canonical = []
+    canonical: list[tuple[int, list[tuple[str, str]]]] = []
     kinds: set[str] = set()
     for i, a in enumerate(allocs, 1):
         if not isinstance(a, dict):
@@ -160,14 +160,16 @@ def _allocations(
             return "", error("InvalidUsageAllocationsException", "two allocations share tags")
         seen.add(tagset)
         total += value
-        canonical.append([value, sorted(pairs)])
+        canonical.append((value, sorted(pairs)))
     if total != micros:
         return "", error(
             "InvalidUsageAllocationsException",
             f"allocations sum to {qty.text(total) if total <= qty.MAX_MICROS else total}, "
             f"the usage quantity is {qty.text(micros)}",
         )
-    return json.dumps(sorted(canonical)), None
+    # By value and as the ledger shows quantities: whole ones as integers (as before decimals),
+    # fractional ones as exact decimal strings.
+    return json.dumps([[qty.to_json(q), tags] for q, tags in sorted(canonical)]), None
 
 
 class MeterBook:

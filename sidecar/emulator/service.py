@@ -1,10 +1,13 @@
 """An AWS Marketplace Metering Service emulator: the demo default and the test double.
 
 Unmodified boto3 reaches it through AWS_ENDPOINT_URL_MARKETPLACE_METERING. It speaks awsJson1.1
-(`POST /`, `X-Amz-Target: AWSMPMeteringService.<Op>`), validates requests against botocore's
-service model, signs PS256 tokens with its own key, raises entitlement errors only on a pod's
-first call (as AWS does; a "pod" is the access key id in the SigV4 credential scope), and
-injects faults. Tests drive it through `/_emulator/config` and read `/_emulator/calls`.
+(`POST /`, `X-Amz-Target: AWSMPMeteringService.<Op>`), refuses requests without SigV4 material
+as AWS's front end does (it verifies no signature), validates requests against the constraints
+of botocore's pinned service model (`model_violations`: nothing hard-coded, so a botocore bump
+brings the next model's rules), signs PS256 tokens with its own key, raises entitlement
+errors only on a pod's first call (as AWS does; a "pod" is the access key id in the SigV4
+credential scope), and injects faults. Tests drive it through `/_emulator/config` and read
+`/_emulator/calls`.
 MeterUsage follows AWS's hour rules (see `meter.py`); its records are read at `/_emulator/ledger`.
 ResolveCustomer and BatchMeterUsage (SaaS) follow `saas.py`: tests create customers and their
 registration tokens at `POST /_emulator/saas/customers`, end subscriptions at
