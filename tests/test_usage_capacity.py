@@ -293,7 +293,7 @@ def test_a_version_1_store_is_migrated_in_place_losing_nothing(
     assert ledger_totals(emulator) == {"scans": 7 + 12, "users": 4}
     users = [r for r in emulator.ledger()["records"] if r["dimension"] == "users"]
     allocations = {tags[0][1]: q for q, tags in json.loads(users[0]["allocations"])}
-    assert allocations == {"x": 2_000_000, "y": 2_000_000}  # the emulator keeps micro-units
+    assert allocations == {"x": 2, "y": 2}
     svc.close()
 
 
