@@ -179,9 +179,9 @@ def test_one_id_posted_to_two_replicas_at_once_is_stored_once(
 def test_two_replicas_cannot_push_one_total_past_aws_maximum(
     world: tuple[Any, Any, ManualClock], pg_url: str, stores: list[UsageStore]
 ) -> None:
-    """BatchMeterUsage's Quantity tops out at 2^31-1. Two pods each adding just over half of it
-    to one customer/dimension/hour at the same moment: one is refused (400, field named), the
-    sent record is exactly what was acknowledged."""
+    """BatchMeterUsage's QuantityAsDecimal tops out at 9999999999.999999. Two pods each adding
+    just over half of it to one customer/dimension/hour at the same moment: one is refused (400,
+    field named), the sent record is exactly what was acknowledged."""
     server, _, clock = world
     person = new_customer(server, 3)
     a = service(open_store(SAAS_SCHEMA, state_dir=None, database_url=pg_url), clock)

@@ -21,6 +21,7 @@ import pytest
 
 from sidecar.aws.errors import classify
 from sidecar.aws.metering import AwsCallError
+from sidecar.core import quantity as qty
 from sidecar.usage import saas_ledger as L  # noqa: N812
 from sidecar.usage.db import Db, UsageStore, open_store
 from sidecar.usage.hours import HOUR, HourPolicy, hour_of, hour_start, iso
@@ -51,7 +52,7 @@ class FakeAws:
 
     def __init__(self, now: Callable[[], float]) -> None:
         self.now = now
-        self.billed: dict[tuple[str, str, int], int] = {}
+        self.billed: dict[tuple[str, str, int], Any] = {}  # int, or a decimal string
         self.bodies: list[str] = []  # every request, as sent (sorted-key JSON)
         self.unsubscribed: set[str] = set()
         self.unprocessed_once: set[tuple[str, str, int]] = set()
@@ -99,12 +100,20 @@ class FakeAws:
                 self.unprocessed_once.discard(k)
                 unprocessed.append(r)
                 continue
+            # One kind per record; compared by value (17 and "17.0" are one quantity). Billed
+            # as `qty.to_json` shows it: whole values as ints.
+            assert not ("Quantity" in r and "QuantityAsDecimal" in r), r
+            value = qty.to_json(
+                qty.parse(r["QuantityAsDecimal"])
+                if "QuantityAsDecimal" in r
+                else qty.parse(r.get("Quantity", 0))
+            )
             if k[0] in self.unsubscribed:
                 status = "CustomerNotSubscribed"
-            elif k in self.billed and self.billed[k] != r["Quantity"]:
+            elif k in self.billed and self.billed[k] != value:
                 status = "DuplicateRecord"
             else:
-                self.billed.setdefault(k, r["Quantity"])
+                self.billed.setdefault(k, value)
                 status = "Success"
             results.append(
                 {"UsageRecord": r, "Status": status, "MeteringRecordId": f"m-{hash(k) & 0xFFFF}"}
@@ -450,7 +459,7 @@ def test_late_usage_for_a_sealed_hour_is_carried_into_the_open_hour(
     assert status == 202
     assert answers[0]["carried_from"] != answers[0]["hour"]
     rows = store.read(lambda db: db.execute("SELECT hour, quantity FROM saas_open").fetchall())
-    assert [(int(h), int(q)) for h, q in rows] == [(hour + 1, 7)]
+    assert [(int(h), int(q)) for h, q in rows] == [(hour + 1, 7 * qty.SCALE)]  # micro-units
 
 
 def test_no_usage_slips_into_an_hour_while_another_sidecar_seals_it(pg_url: str) -> None:
@@ -510,7 +519,7 @@ def test_no_usage_slips_into_an_hour_while_another_sidecar_seals_it(pg_url: str)
         )
         assert sealed and int(sealed) > 0
         assert all(int(h) > hour for h, _ in open_rows)  # nothing left behind in the sealed hour
-        assert int(sealed) + sum(int(q) for _, q in open_rows) == acked
+        assert int(sealed) + sum(int(q) for _, q in open_rows) == acked * qty.SCALE  # micro-units
     finally:
         poster.close()
         sealer.close()

@@ -19,7 +19,18 @@ from sidecar.usage import saas_ledger as L  # noqa: N812
 from sidecar.usage.db import Db, Schema, UsageStore, open_store
 from sidecar.usage.hours import hour_of, hour_start, iso_hour
 from sidecar.usage.saas import SAAS_SCHEMA
-from tests.test_saas_ledger import DIMS, HP, SPEC, T0, FakeAws, key, resolve, send_fast
+from tests.test_saas_ledger import (
+    DIMS,
+    HP,
+    SPEC,
+    T0,
+    FakeAws,
+    account,
+    key,
+    license_arn,
+    resolve,
+    send_fast,
+)
 
 CUSTOMERS = 100  # x 3 dimensions: 300 records an hour (quantity-0 records on)
 BASE = hour_of(T0)
@@ -209,7 +220,18 @@ def test_a_version_1_store_is_migrated_with_exact_counters(
         (tmp_path / backend).mkdir()
         v1 = Schema(name=SAAS_SCHEMA.name, version=1, sqlite=L.DDL, postgresql=L.DDL)
         old = open_store(v1, state_dir=tmp_path / backend, database_url=url)
-        resolve(old, range(20), at=hour_start(BASE))
+        # Customers as the version-1 table holds them (today's save_customer also writes the
+        # agreement id, a version-3 column).
+        old.write(
+            lambda db: db.executemany(
+                "INSERT INTO saas_customers (customer, account_id, license_arn, product_code, "
+                "state, state_since, resolved_at) VALUES (?, ?, ?, 'prod-1', 'active', ?, ?)",
+                [
+                    (key(i), account(i), license_arn(i), hour_start(BASE), hour_start(BASE))
+                    for i in range(20)
+                ],
+            )
+        )
         sent_at = hour_start(BASE + 2) + 120
         aws = FakeAws(functools.partial(float, sent_at))  # AWS's clock agrees with the sender's
         aws.unsubscribed.add(key(2))

@@ -270,7 +270,7 @@ def test_a_version_1_store_is_migrated_in_place_losing_nothing(
     tables = svc.store.read(
         lambda c: {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     )
-    assert version == "2" and not {"records", "keys"} & tables
+    assert version == "3" and not {"records", "keys"} & tables
     # Every id is still known: the same answer for a repeat, 409 for other content.
     status, body = post(svc, {"dimension": "scans", "quantity": 5, "id": "a1"})
     assert status == 200 and body["records"] == [{**answers["a1"], "repeat": True}]

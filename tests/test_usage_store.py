@@ -123,10 +123,10 @@ def test_an_empty_store_file_is_damage_not_a_fresh_start(tmp_path: Path) -> None
 def test_a_store_from_a_newer_sidecar_is_refused(tmp_path: Path) -> None:
     Store(tmp_path).close()
     conn = sqlite3.connect(tmp_path / DB_NAME)
-    conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
-    with pytest.raises(StoreError, match="schema version 3"):
+    with pytest.raises(StoreError, match="schema version 4"):
         Store(tmp_path)
 
 
@@ -275,7 +275,7 @@ def test_a_version_without_its_migration_is_refused_untouched(tmp_path: Path) ->
 def test_the_custom_store_keeps_its_file_and_version(tmp_path: Path) -> None:
     Store(tmp_path).close()
     assert CUSTOM_SCHEMA.name == DB_NAME == "usage.sqlite3"
-    assert _meta_version(tmp_path / DB_NAME) == "2"
+    assert _meta_version(tmp_path / DB_NAME) == "3"
 
 
 def test_psycopg_is_imported_only_for_a_database_url(tmp_path: Path) -> None:

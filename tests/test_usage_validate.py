@@ -7,7 +7,15 @@ from typing import Any
 
 import pytest
 
-from sidecar.usage.validate import MAX_QUANTITY, Limits, RejectedError, UsageRecord, parse
+from sidecar.core.quantity import SCALE
+from sidecar.usage.validate import (
+    MAX_QUANTITY,
+    Limits,
+    RejectedError,
+    UsageRecord,
+    parse,
+    parse_saas,
+)
 from tests.helpers import NOW
 
 LIMITS = Limits(("scans", "users"))
@@ -24,7 +32,7 @@ def refused(doc: Any, raw: bytes | None = None) -> RejectedError:
 
 
 def test_one_record_a_list_and_a_records_object_are_accepted() -> None:
-    assert ok({"dimension": "scans", "quantity": 3})[0].quantity == 3
+    assert ok({"dimension": "scans", "quantity": 3})[0].micros == 3 * SCALE
     assert [r.dimension for r in ok([{"dimension": "scans", "quantity": 1}] * 2)] == ["scans"] * 2
     assert ok({"records": [{"dimension": "users", "quantity": 0}]})[0].field == "records[0]"
 
@@ -33,10 +41,10 @@ def test_one_record_a_list_and_a_records_object_are_accepted() -> None:
     ("doc", "field", "words"),
     [
         ({"dimension": "gb", "quantity": 1}, "dimension", "scans, users"),
-        ({"dimension": "scans", "quantity": -1}, "quantity", "integer from 0"),
-        ({"dimension": "scans", "quantity": 1.5}, "quantity", "integer"),
-        ({"dimension": "scans", "quantity": True}, "quantity", "integer"),
-        ({"dimension": "scans", "quantity": MAX_QUANTITY + 1}, "quantity", str(MAX_QUANTITY)),
+        ({"dimension": "scans", "quantity": -1}, "quantity", "an integer, or a decimal string"),
+        ({"dimension": "scans", "quantity": "1.5000001"}, "quantity", "at most 6 decimal places"),
+        ({"dimension": "scans", "quantity": True}, "quantity", "boolean"),
+        ({"dimension": "scans", "quantity": MAX_QUANTITY + 1}, "quantity", "9999999999.999999"),
         ({"dimension": "scans"}, "quantity", "required"),
         ({"dimension": "scans", "quantity": 1, "quantiy": 2}, "quantiy", "unknown field"),
         ({"dimension": "scans", "quantity": 1, "id": ""}, "id", "printable"),
@@ -149,3 +157,152 @@ def test_several_problems_are_all_listed() -> None:
         "records[2].dimension",
         "records[2].quantity",
     ]
+
+
+# -- fractional quantities (issue 21) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "micros"),
+    [
+        (b'{"dimension": "scans", "quantity": 2.5}', 2_500_000),
+        (b'{"dimension": "scans", "quantity": "2.5"}', 2_500_000),
+        (b'{"dimension": "scans", "quantity": 0.1}', 100_000),
+        (b'{"dimension": "scans", "quantity": 17.0}', 17_000_000),
+        (b'{"dimension": "scans", "quantity": 1e2}', 100_000_000),
+        (b'{"dimension": "scans", "quantity": 9999999999.999999}', 9_999_999_999_999_999),
+        (b'{"dimension": "scans", "quantity": 0.000001}', 1),
+    ],
+)
+def test_a_json_number_with_a_fraction_is_read_from_its_text(raw: bytes, micros: int) -> None:
+    """Through a float, 9999999999.999999 would be 9999999999.999998 and 0.1 not a tenth."""
+    assert parse(raw, LIMITS, NOW)[0].micros == micros
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"dimension": "scans", "quantity": 0.0000001}',  # 7 places: refused, never rounded
+        b'{"dimension": "scans", "quantity": 1.50000000}',
+        b'{"dimension": "scans", "quantity": "0.0000001"}',
+        b'{"dimension": "scans", "quantity": NaN}',
+        b'{"dimension": "scans", "quantity": Infinity}',
+        b'{"dimension": "scans", "quantity": -0.5}',
+        b'{"dimension": "scans", "quantity": "-0.5"}',
+        b'{"dimension": "scans", "quantity": "1e3"}',
+        b'{"dimension": "scans", "quantity": 1e999999999}',
+        b'{"dimension": "scans", "quantity": 10000000000.0}',
+    ],
+)
+def test_quantities_aws_cannot_carry_are_refused_naming_the_field(raw: bytes) -> None:
+    err = refused(None, raw)
+    assert err.status == 400
+    assert err.body()["field"] == "quantity"
+    assert "decimal string" in err.body()["message"]
+
+
+def test_allocations_must_sum_exactly_and_may_be_fractional() -> None:
+    recs = ok(
+        {
+            "dimension": "scans",
+            "quantity": "0.3",
+            "allocations": [
+                {"quantity": "0.1", "tags": {"team": "a"}},
+                {"quantity": "0.2", "tags": {"team": "b"}},
+            ],
+        }
+    )
+    assert [a.micros for a in recs[0].allocations] == [100_000, 200_000]
+    # 0.1 + 0.2 is 0.30000000000000004 in floats: exactness is what makes this pass.
+    raw = (
+        b'{"dimension": "scans", "quantity": 0.3, "allocations": [{"quantity": 0.1, '
+        b'"tags": {"team": "a"}}, {"quantity": 0.2, "tags": {"team": "b"}}]}'
+    )
+    assert parse(raw, LIMITS, NOW)[0].micros == 300_000
+    off = refused(
+        {
+            "dimension": "scans",
+            "quantity": "0.3",
+            "allocations": [
+                {"quantity": "0.1", "tags": {"team": "a"}},
+                {"quantity": "0.200001", "tags": {"team": "b"}},
+            ],
+        }
+    )
+    assert off.body()["field"] == "allocations"
+    assert "sum to 0.300001" in off.body()["message"] and "sum to 0.3" in off.body()["message"]
+    bad = refused(
+        {
+            "dimension": "scans",
+            "quantity": 1,
+            "allocations": [{"quantity": 0.5e-7, "tags": {"team": "a"}}],
+        }
+    )
+    assert bad.body()["field"] == "allocations[0].quantity"
+
+
+def test_the_same_value_spelled_differently_is_one_record_and_other_values_differ() -> None:
+    """The idempotency digest compares by value: 17, "17", 17.0 and "17.000" are one record;
+    a whole quantity keeps the digest it had before decimals (stored ids still match)."""
+    spellings = [b"17", b'"17"', b"17.0", b'"17.000"', b"17.000000"]
+    digests = {
+        parse(b'{"dimension": "scans", "id": "k", "quantity": ' + q + b"}", LIMITS, NOW)[0].digest
+        for q in spellings
+    }
+    assert len(digests) == 1
+    before = UsageRecord("scans", 17 * SCALE, "k", None, (), "").digest
+    import hashlib
+    import json as _json
+
+    old = {"d": "scans", "q": 17, "t": None, "a": []}  # what the integer-only sidecar hashed
+    assert before == hashlib.sha256(_json.dumps(old, sort_keys=True).encode()).hexdigest()
+    assert digests == {before}
+    other = parse(b'{"dimension": "scans", "id": "k", "quantity": "17.000001"}', LIMITS, NOW)
+    assert other[0].digest != before
+    mixed = refused(
+        None,
+        b'[{"dimension": "scans", "id": "k", "quantity": 17.0}, '
+        b'{"dimension": "scans", "id": "k", "quantity": "17.5"}]',
+    )
+    assert mixed.body()["field"] == "records[1].id"
+    assert (
+        len(
+            parse(
+                b'[{"dimension": "scans", "id": "k", "quantity": 17.0}, '
+                b'{"dimension": "scans", "id": "k", "quantity": "17"}]',
+                LIMITS,
+                NOW,
+            )
+        )
+        == 2
+    )
+
+
+def test_saas_records_take_fractions_too() -> None:
+    body = b'{"dimension": "scans", "quantity": 0.1, "customer_identifier": "c-1", "id": "x"}'
+    (rec,) = parse_saas(body, LIMITS, NOW, "customer_identifier")
+    assert rec.usage.micros == 100_000 and rec.customer == "c-1"
+    err = None
+    with pytest.raises(RejectedError) as info:
+        parse_saas(
+            b'{"dimension": "scans", "quantity": 0.1234567, "customer_identifier": "c-1"}',
+            LIMITS,
+            NOW,
+            "customer_identifier",
+        )
+    err = info.value
+    assert err.body()["field"] == "quantity"
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        b"0." + b"0" * 900_000 + b"1",  # a megabyte of fraction
+        b"1" + b"0" * 900_000 + b".5",  # a megabyte of whole part, with a fraction
+        b"1e-999999999",
+        b"1e999999999",  # never scaled into a billion-digit integer
+    ],
+)
+def test_hostile_numbers_are_refused_naming_the_field(number: bytes) -> None:
+    err = refused(None, b'{"dimension": "scans", "quantity": ' + number + b"}")
+    assert err.status == 400 and err.body()["field"] == "quantity"

@@ -29,6 +29,7 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC
+from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -454,14 +455,21 @@ def report_usage(
     """POST /v1/usage: the sidecar's answer once the units are durable, or `UsageError`.
 
     `records`: one `{"dimension", "quantity", "id"?, "timestamp"?, "allocations"?}` or a list of
-    up to 1,000. In saas mode each record also names its customer: `customer_aws_account_id` and
+    up to 1,000. A quantity (a record's or an allocation's) is an `int`, a `decimal.Decimal` or a
+    decimal string such as "2.5" (at most 6 decimal places), sent exactly; a `float` is refused
+    (`UsageError` "invalid"): 0.1 as a float is not one tenth, and billed usage must be exact.
+    In saas mode each record also names its customer: `customer_aws_account_id` and
     `license_arn` (MARKETPLACE_SAAS_IDENTITY=license), or `customer_identifier`. `timeout`
     bounds the whole call, connection to last byte (the same transport, deadline and caps as
     `challenge`).
     """
     if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
         raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
-    body = records if isinstance(records, Mapping) else list(records)
+    body: Any
+    if isinstance(records, Mapping):
+        body = _exact(records, "")
+    else:
+        body = [_exact(r, f"records[{i}]") for i, r in enumerate(records)]
     try:
         json.dumps(body)
     except (TypeError, ValueError) as exc:
@@ -489,6 +497,42 @@ def report_usage(
         reason = "not_custom_mode"
     retry_after = parse_retry_after(headers.get("retry-after"), time.time())
     raise UsageError(reason, message, status=status, retry_after=retry_after, problems=problems)
+
+
+def _exact_quantity(value: Any, field: str) -> Any:
+    """A Decimal as its exact decimal string; a float refused; anything else as given (the
+    sidecar checks it and names the field)."""
+    if isinstance(value, float):
+        raise UsageError(
+            "invalid",
+            f"{field} is a float ({value!r}); pass an int, a decimal.Decimal or a decimal string "
+            'such as "2.5": a float is not exact, and billed usage must be',
+        )
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise UsageError("invalid", f"{field} must be a finite number, got {value}")
+        return format(value, "f")  # 2.50 -> "2.50", 1E+2 -> "100": the same value, exactly
+    return value
+
+
+def _exact(record: Any, field: str) -> Any:
+    """A shallow copy of a record with its quantities (and its allocations') made exact."""
+    if not isinstance(record, Mapping):
+        return record
+    out = dict(record)
+    where = f"{field}.quantity" if field else "quantity"
+    if "quantity" in out:
+        out["quantity"] = _exact_quantity(out["quantity"], where)
+    allocations = out.get("allocations")
+    if isinstance(allocations, Sequence) and not isinstance(allocations, (str, bytes)):
+        base = f"{field}.allocations" if field else "allocations"
+        out["allocations"] = [
+            {**a, "quantity": _exact_quantity(a["quantity"], f"{base}[{i}].quantity")}
+            if isinstance(a, Mapping) and "quantity" in a
+            else a
+            for i, a in enumerate(allocations)
+        ]
+    return out
 
 
 class CustomerError(Exception):

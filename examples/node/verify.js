@@ -4,6 +4,11 @@
 //   node verify.js challenge <public-key.pem> <product-code> [sidecar-url] [timeout-seconds]
 //     run the whole challenge: exit 0 and print the claims, or exit 1 and print
 //     {"reason", "message", "retry_after"} as one JSON line on stderr
+//   node verify.js usage [sidecar-url] < records.json
+//     report usage (custom or saas mode): exit 0 and print the sidecar's answer, or exit 1 and
+//     print {"reason", "message", "retry_after"}. Fractional quantities are decimal STRINGS
+//     ("0.1"): a JSON number with a fraction becomes a binary float in JavaScript, so it is
+//     refused rather than sent inexactly.
 // The sidecar may be hostile: one deadline bounds the whole call (a server dripping one byte at a
 // time cannot stretch it), the answer is capped, redirects are not followed, no proxy is used, and
 // every failure rejects with EntitlementError (fail closed on any `reason`).
@@ -218,9 +223,89 @@ async function challenge(publicKeyPem, productCode, options = {}) {
   return verify(doc.token, publicKeyPem, productCode, nonce, maxAgeSeconds, keyVersion);
 }
 
-module.exports = { verify, challenge, parseRetryAfter, EntitlementError };
+class UsageError extends Error {
+  constructor(reason, message, status = null, retryAfter = null) {
+    super(`${reason}: ${message}`);
+    this.reason = reason; // invalid, conflict, too_large, unavailable, or a transport reason
+    this.detail = message;
+    this.status = status;
+    this.retryAfter = retryAfter;
+  }
+}
+
+// AWS's UsageQuantityAsDecimal pattern (botocore's model), whole match: JavaScript's `$` never
+// matches before a trailing newline.
+const DECIMAL = /^(0|[1-9][0-9]{0,9})(\.[0-9]{1,6})?$/;
+
+function exactQuantity(value, field) {
+  if (typeof value === "string") {
+    if (!DECIMAL.test(value)) {
+      throw new UsageError("invalid", `${field} must be a decimal string such as "2.5" ` +
+        `(at most 6 decimal places, 0 to 9999999999.999999), got ${clean(value)}`);
+    }
+    return value;
+  }
+  if (typeof value === "bigint") return value.toString();
+  if (typeof value === "number" && !Number.isSafeInteger(value)) {
+    throw new UsageError("invalid", `${field} is ${value}, not a whole number: pass fractions ` +
+      `as decimal strings such as "2.5" (a JavaScript number is a binary float, not exact)`);
+  }
+  return value; // integers as they are; anything else is the sidecar's to refuse, by field
+}
+
+function exactRecord(record, field) {
+  if (record === null || typeof record !== "object" || Array.isArray(record)) return record;
+  const out = { ...record };
+  const where = (name) => (field ? `${field}.${name}` : name);
+  if ("quantity" in out) out.quantity = exactQuantity(out.quantity, where("quantity"));
+  if (Array.isArray(out.allocations)) {
+    out.allocations = out.allocations.map((a, i) => (a !== null && typeof a === "object" &&
+      "quantity" in a
+      ? { ...a, quantity: exactQuantity(a.quantity, `${where("allocations")}[${i}].quantity`) }
+      : a));
+  }
+  return out;
+}
+
+const USAGE_REASONS = { 400: "invalid", 409: "conflict", 413: "too_large", 429: "unavailable",
+  503: "unavailable" };
+
+// POST /v1/usage: the sidecar's answer once the usage is durable, or a UsageError. `records`
+// is one record or a list; a quantity is an integer Number, a BigInt or a decimal string.
+async function reportUsage(records, options = {}) {
+  const { url = DEFAULT_URL, timeoutSeconds = 10 } = options;
+  if (!(Number.isFinite(timeoutSeconds) && timeoutSeconds > 0)) {
+    throw new RangeError("timeoutSeconds must be a positive finite number");
+  }
+  const body = Array.isArray(records)
+    ? records.map((r, i) => exactRecord(r, `records[${i}]`))
+    : exactRecord(records, "");
+  let answer;
+  try {
+    answer = await request("POST", `${url.replace(/\/+$/, "")}/v1/usage`, body,
+      Date.now() + timeoutSeconds * 1000);
+  } catch (err) {
+    if (err instanceof EntitlementError) throw new UsageError(err.reason, err.detail);
+    throw err;
+  }
+  const { status, headers, doc } = answer;
+  if ((status === 200 || status === 202) && doc !== null && typeof doc === "object") return doc;
+  const error = doc && typeof doc.error === "object" && doc.error !== null ? doc.error : {};
+  throw new UsageError(USAGE_REASONS[status] || `sidecar_${status}`,
+    `${clean(String(error.code || `http_${status}`))}: ` +
+    `${clean(String(error.message || "no message"))}`,
+    status, parseRetryAfter(headers["retry-after"]));
+}
+
+module.exports = {
+  verify, challenge, reportUsage, parseRetryAfter, EntitlementError, UsageError,
+};
 
 function report(err) {
+  if (err instanceof UsageError) {
+    console.error(JSON.stringify({ reason: err.reason, message: err.detail, retry_after: err.retryAfter }));
+    process.exit(1);
+  }
   if (err instanceof EntitlementError) {
     console.error(JSON.stringify({ reason: err.reason, message: err.detail, retry_after: err.retryAfter }));
     process.exit(1);
@@ -231,7 +316,16 @@ function report(err) {
 
 if (require.main === module) {
   const args = process.argv.slice(2);
-  if (args[0] === "challenge") {
+  if (args[0] === "usage") {
+    let records;
+    try {
+      records = JSON.parse(fs.readFileSync(0, "utf8"));
+    } catch (err) {
+      report(new UsageError("invalid", "stdin must hold the records as JSON"));
+    }
+    reportUsage(records, { url: args[1] || DEFAULT_URL })
+      .then((doc) => console.log(JSON.stringify(doc)), report);
+  } else if (args[0] === "challenge") {
     const [, keyFile, productCode, url, timeout] = args;
     challenge(fs.readFileSync(keyFile, "utf8"), productCode,
       { url: url || DEFAULT_URL, timeoutSeconds: Number(timeout || 30) })

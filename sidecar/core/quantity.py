@@ -71,6 +71,10 @@ def text(micros: int) -> str:
 
 def to_json(micros: int) -> int | str:
     """How responses show a quantity: whole values stay JSON integers (today's clients keep
-    working); fractional ones are decimal strings, exact, as AWS's own decimal fields are."""
-    whole, frac = divmod(micros, SCALE)
-    return whole if not frac else text(micros)
+    working); fractional ones are decimal strings, exact, as AWS's own decimal fields are.
+    Any integer: totals over many hours may exceed what one record can carry."""
+    sign, magnitude = ("-", -micros) if micros < 0 else ("", micros)
+    whole, frac = divmod(magnitude, SCALE)
+    if not frac:
+        return -whole if sign else whole
+    return sign + f"{whole}.{frac:06d}".rstrip("0")

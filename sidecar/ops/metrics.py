@@ -123,7 +123,7 @@ class UsageCounts(Protocol):
     """What the usage pipeline reports at scrape time (custom mode)."""
 
     @property
-    def units_accepted(self) -> Mapping[str, int]: ...  # durable units, by dimension
+    def units_accepted(self) -> Mapping[str, float]: ...  # durable units, by dimension
 
     @property
     def hours_by_state(self) -> Mapping[str, int]: ...  # (dimension, hour) rows by state
@@ -135,10 +135,10 @@ class UsageCounts(Protocol):
     def send_attempts(self) -> Mapping[tuple[str, str], int]: ...  # by (result, code)
 
     @property
-    def future_hour_units(self) -> Mapping[str, int]: ...  # by dimension: no drain sends them
+    def future_hour_units(self) -> Mapping[str, float]: ...  # by dimension: no drain sends them
 
     @property
-    def unsent_at_exit(self) -> Mapping[str, int]: ...  # by dimension: left when a drain ended
+    def unsent_at_exit(self) -> Mapping[str, float]: ...  # by dimension: left when a drain ended
 
     @property
     def volume_used_bytes(self) -> int: ...  # the state volume, as its limit counts it
@@ -265,7 +265,7 @@ class SaasCounts(Protocol):
     """What SaasService.counters() reports at scrape time (saas mode)."""
 
     @property
-    def units_accepted(self) -> Mapping[str, int]: ...  # durable units, by dimension
+    def units_accepted(self) -> Mapping[str, float]: ...  # durable units, by dimension
 
     @property
     def records_by_state(self) -> Mapping[str, int]: ...  # customer/dimension/hour records

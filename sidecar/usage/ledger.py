@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.core import quantity as qty
 from sidecar.usage.db import Db
 from sidecar.usage.hours import (
     HourPolicy,
@@ -25,7 +26,6 @@ from sidecar.usage.hours import (
 from sidecar.usage.store import dumps
 from sidecar.usage.validate import (
     MAX_ALLOCATIONS,
-    MAX_QUANTITY,
     Problem,
     RejectedError,
     UsageRecord,
@@ -89,11 +89,11 @@ def body_key(digest: str) -> bytes:
     return bytes.fromhex(digest)[:BODY_KEY_BYTES]
 
 
-def _answer(rid: str, dimension: str, quantity: int, hour: int, own: int) -> dict[str, Any]:
+def _answer(rid: str, dimension: str, micros: int, hour: int, own: int) -> dict[str, Any]:
     answer: dict[str, Any] = {
         "id": rid,
         "dimension": dimension,
-        "quantity": quantity,
+        "quantity": qty.to_json(micros),
         "hour": iso_hour(hour),
     }
     if own != hour:
@@ -138,7 +138,7 @@ def ingest(
                 if bytes(row[0]) != body_key(rec.digest):
                     raise IdConflictError(where, rec.id)
                 hour = int(row[1]) + int(row[2])
-                answer = _answer(rec.id, rec.dimension, rec.quantity, hour, hour + int(row[3]))
+                answer = _answer(rec.id, rec.dimension, rec.micros, hour, hour + int(row[3]))
                 answers.append({**answer, "repeat": True})
                 continue
         own = hour_of(rec.timestamp if rec.timestamp is not None else now)
@@ -150,21 +150,22 @@ def ingest(
             ).fetchone()
             hours[key] = [int(row[0]), int(row[1])] if row else [0, 0]
         totals = hours[key]
-        totals[0] += rec.quantity
-        if totals[0] > MAX_QUANTITY:
+        totals[0] += rec.micros  # micro-units: exact, and compared by value
+        if totals[0] > qty.MAX_MICROS:
             raise RejectedError(
                 400,
                 [
                     Problem(
                         f"{rec.field}.quantity" if rec.field else "quantity",
-                        f"{rec.dimension} would exceed {MAX_QUANTITY} units in hour "
-                        f"{iso_hour(hour)} (MeterUsage's maximum per record); use a larger unit",
+                        f"{rec.dimension} would exceed {qty.MAX_TEXT} units in hour "
+                        f"{iso_hour(hour)} (the most MeterUsage's UsageQuantityAsDecimal holds); "
+                        "use a larger unit",
                     )
                 ],
             )
-        rows: list[tuple[int, str]] = [(rec.quantity, UNTAGGED)]
+        rows: list[tuple[int, str]] = [(rec.micros, UNTAGGED)]
         if rec.allocations:
-            rows = [(a.quantity, dumps(dict(a.tags))) for a in rec.allocations]
+            rows = [(a.micros, dumps(dict(a.tags))) for a in rec.allocations]
             for _, tags in rows:
                 tag_key = (rec.dimension, hour, tags)
                 if tag_key in known_tags:
@@ -198,7 +199,7 @@ def ingest(
                 "INSERT INTO ids (id, body, made, counted, carried) VALUES (?, ?, ?, ?, ?)",
                 (id_key(rec.id), body_key(rec.digest), made, hour - made, own - hour),
             )
-        answers.append(_answer(rid, rec.dimension, rec.quantity, hour, own))
+        answers.append(_answer(rid, rec.dimension, rec.micros, hour, own))
         fresh += 1
     conn.executemany(
         "INSERT INTO open_hours (dimension, hour, quantity, tagsets) VALUES (?, ?, ?, ?) "
@@ -222,7 +223,10 @@ def _allocations(rows: Iterable[tuple[str, int]]) -> list[dict[str, Any]] | None
     if not tagged:
         return None
     return [
-        {"AllocatedUsageQuantity": q, "Tags": [{"Key": k, "Value": v} for k, v in tags]}
+        {
+            "AllocatedUsageQuantityAsDecimal": qty.text(q),
+            "Tags": [{"Key": k, "Value": v} for k, v in tags],
+        }
         for tags, q in sorted(by_tags.items())
     ]
 
@@ -275,13 +279,16 @@ def seal(
             "SELECT tags, quantity FROM open_tags WHERE dimension = ? AND hour = ?",
             (dimension, hour),
         ).fetchall()
-        quantity = sum(int(q) for _, q in rows)
+        quantity = sum(int(q) for _, q in rows)  # micro-units
         stamp = request_timestamp(hour, now)
+        # The decimal field only (the model: UsageQuantity "Use UsageQuantityAsDecimal
+        # instead"; a request may not carry both). Requests sealed before decimals keep their
+        # integer field: a stored request is resent byte for byte, never rewritten.
         request: dict[str, Any] = {
             "ProductCode": product_code,
             "Timestamp": stamp,
             "UsageDimension": dimension,
-            "UsageQuantity": quantity,
+            "UsageQuantityAsDecimal": qty.text(quantity),
             "ClientToken": uuid.uuid4().hex,
         }
         allocations = _allocations(rows)
@@ -360,7 +367,7 @@ def _carry(conn: Db, dimension: str, hour: int, now: float, policy: HourPolicy) 
             (dimension, hour, h),
         ).fetchone()[0]
         # One allocation is kept for untagged usage, as at ingest.
-        return int(row[0]) + amount > MAX_QUANTITY or int(tagsets) >= MAX_ALLOCATIONS
+        return int(row[0]) + amount > qty.MAX_MICROS or int(tagsets) >= MAX_ALLOCATIONS
 
     while full(target) or sealed(target):
         target += 1
@@ -402,7 +409,7 @@ def claim_entitlement(
             "ProductCode": product_code,
             "Timestamp": stamp,
             "UsageDimension": dimension,
-            "UsageQuantity": 0,
+            "UsageQuantityAsDecimal": "0",
             "ClientToken": uuid.uuid4().hex,
         }
         _insert_hour(
@@ -496,7 +503,7 @@ def prune(conn: Db, now: float, keep_seconds: float = 48 * 3600.0) -> None:
     conn.execute("DELETE FROM ids WHERE made < ?", (oldest,))
     conn.execute(
         "UPDATE hours SET request = json_object('Timestamp', json_extract(request, "
-        "'$.Timestamp'), 'UsageQuantity', quantity) WHERE hour < ? AND state != 'sealed' AND "
+        "'$.Timestamp')) WHERE hour < ? AND state != 'sealed' AND "
         "json_extract(request, '$.UsageAllocations') IS NOT NULL",
         (oldest,),
     )
@@ -519,7 +526,7 @@ def load_verdict(conn: Db) -> dict[str, Any] | None:
 
 def report(conn: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str, Any]:
     hours: list[dict[str, Any]] = []
-    totals: dict[str, dict[str, int]] = {}
+    totals: dict[str, dict[str, int]] = {}  # micro-units until the answer is built
     by_state = dict.fromkeys(STATES, 0)
     warnings: list[str] = []
 
@@ -539,7 +546,7 @@ def report(conn: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[s
                 "dimension": dimension,
                 "hour": iso_hour(hour),
                 "state": "open",
-                "quantity": int(quantity),
+                "quantity": qty.to_json(int(quantity)),
                 "carried_records": int(carried),
                 "seal_after": iso(policy.seal_due(hour)),
             }
@@ -555,7 +562,7 @@ def report(conn: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[s
             "hour": iso_hour(hour),
             "state": state,
             "purpose": purpose,
-            "quantity": int(quantity),
+            "quantity": qty.to_json(int(quantity)),
             "timestamp": iso(json.loads(row[5])["Timestamp"]),
             "metering_record_id": row[9],
             "attempts": row[6],
@@ -575,7 +582,7 @@ def report(conn: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[s
         "now": iso(now),
         "hours": hours[:limit],
         "hours_total": len(hours),
-        "totals": totals,
+        "totals": {d: {state: qty.to_json(m) for state, m in t.items()} for d, t in totals.items()},
         "hours_by_state": by_state,
         "entitlement_refusal": verdict,
         "warnings": warnings,
@@ -591,7 +598,7 @@ def hours_by_state(conn: Db) -> dict[str, int]:
 
 
 def unsent(conn: Db) -> list[tuple[str, int, int, str]]:
-    """(dimension, hour, quantity, state) of every hour holding acknowledged units that AWS
+    """(dimension, hour, micro-units, state) of every hour holding acknowledged units that AWS
     has not accepted: open (not sealed yet) or sealed (not sent yet)."""
     rows = conn.execute(
         "SELECT dimension, hour, quantity, 'open' FROM open_hours WHERE quantity > 0 "
@@ -602,7 +609,7 @@ def unsent(conn: Db) -> list[tuple[str, int, int, str]]:
 
 
 def future_hour_units(conn: Db, now: float) -> dict[str, int]:
-    """Units per dimension counted in an hour that has not started yet (carried past an hour
+    """Micro-units per dimension counted in an hour that has not started yet (carried past an hour
     already taken): a drain cannot send them before the pod goes."""
     rows = conn.execute(
         "SELECT dimension, SUM(quantity) FROM open_hours WHERE hour > ? GROUP BY dimension",

@@ -141,7 +141,11 @@ SESSION_OPTIONS = (
     f"-c idle_in_transaction_session_timeout={IDLE_TX_SECONDS * 1000} "
     f"-c lock_timeout={LOCK_TIMEOUT_MS} "
     "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=3 -c tcp_keepalives_count=3 "
-    "-c tcp_user_timeout=15000"
+    "-c tcp_user_timeout=15000 "
+    # This sidecar writes quantities as integer micro-units (SaaS schema 3). The schema's
+    # statement triggers refuse usage writes from a session without it: a replica of an older
+    # sidecar still running during a rollout must not add whole units to micro-unit totals.
+    "-c sidecar.quantity_unit=micro"
 )
 # How long a transaction waits by default for the advisory locks its jobs declared
 # (`write(locks=...)`) before the jobs that need them are answered StoreBusyError (503): longer

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sidecar.aws.errors import ErrorInfo
+from sidecar.core import quantity as qty
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.ratelimit import TokenBucket
 from sidecar.usage import saas_ledger
@@ -83,10 +84,10 @@ log = logging.getLogger(__name__)
 
 SAAS_SCHEMA = Schema(
     name="saas.sqlite3",
-    version=2,
-    sqlite=saas_ledger.DDL + saas_ledger.MIGRATION_2[0],
-    postgresql=saas_ledger.DDL + saas_ledger.MIGRATION_2[1],
-    migrations={2: saas_ledger.MIGRATION_2},
+    version=3,
+    sqlite=saas_ledger.DDL + saas_ledger.MIGRATION_2[0] + saas_ledger.MIGRATION_3[0],
+    postgresql=saas_ledger.DDL + saas_ledger.MIGRATION_2[1] + saas_ledger.MIGRATION_3[1],
+    migrations={2: saas_ledger.MIGRATION_2, 3: saas_ledger.MIGRATION_3},
 )
 HEADROOM_TTL = 10.0  # seconds a computed headroom serves /readyz and scrapes
 RETRY_AFTER_SECONDS = 5
@@ -152,7 +153,7 @@ class SaasPolicy:
 class SaasCounters:
     """Read at scrape time (metric names in the shared contract)."""
 
-    units_accepted: dict[str, int]  # marketplace_usage_units_accepted_total{dimension}
+    units_accepted: dict[str, float]  # marketplace_usage_units_accepted_total{dimension}
     records_by_state: dict[str, int]  # marketplace_saas_records{state}
     customers_by_state: dict[str, int]  # marketplace_saas_customers{state}
     oldest_unsent_hour_age_seconds: float  # marketplace_saas_oldest_unsent_hour_age_seconds
@@ -231,7 +232,7 @@ class SaasService:
         self._bucket = TokenBucket(policy.calls_per_second, 1.0, self.clock.monotonic())
         self._send_lock = threading.Lock()
         self._count_lock = threading.Lock()
-        self._units: dict[str, int] = dict.fromkeys(policy.dimensions, 0)
+        self._units: dict[str, int] = dict.fromkeys(policy.dimensions, 0)  # micro-units
         self._calls: dict[str, int] = {}
         self._alerts: dict[str, int] = dict.fromkeys(
             ("not_subscribed", "conflict", "expired", "rejected", "clock", "quarantined"), 0
@@ -276,7 +277,8 @@ class SaasService:
         fresh = [a for a in answers if not a.get("repeat")]
         with self._count_lock:
             for a in fresh:
-                self._units[a["dimension"]] = self._units.get(a["dimension"], 0) + a["quantity"]
+                micros = qty.parse(a["quantity"])
+                self._units[a["dimension"]] = self._units.get(a["dimension"], 0) + micros
         return status, {
             "accepted": len(fresh),
             "repeats": len(answers) - len(fresh),
@@ -587,7 +589,7 @@ class SaasService:
         room = self.headroom()
         with self._count_lock:
             return SaasCounters(
-                units_accepted=dict(self._units),
+                units_accepted={d: m / qty.SCALE for d, m in self._units.items()},
                 records_by_state=records,
                 customers_by_state=customers,
                 oldest_unsent_hour_age_seconds=max(0.0, now - oldest) if oldest else 0.0,

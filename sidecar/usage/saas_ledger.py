@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.core import quantity as qty
 from sidecar.usage.db import Db, Lock
 from sidecar.usage.headroom import HourSending
 from sidecar.usage.hours import (
@@ -38,7 +39,6 @@ from sidecar.usage.hours import (
 )
 from sidecar.usage.store import dumps
 from sidecar.usage.validate import (
-    MAX_QUANTITY,
     Problem,
     RejectedError,
     SaasRecord,
@@ -188,7 +188,7 @@ class IdConflictError(Exception):
 
 _CUSTOMER_COLS = (
     "customer, account_id, license_arn, product_code, customer_identifier, state, state_since, "
-    "state_reason, resolved_at"
+    "state_reason, resolved_at, agreement_id"
 )
 
 
@@ -203,6 +203,9 @@ def _customer_json(row: Sequence[Any]) -> dict[str, Any]:
         "state_since": iso(float(row[6])),
         "state_reason": row[7],
         "resolved_at": iso(float(row[8])),
+        # ResolveCustomer's Metadata.AgreementId (the agreement the buyer accepted); None for a
+        # customer resolved before the sidecar kept it, or when AWS's answer had none.
+        "agreement_id": row[9],
     }
 
 
@@ -223,17 +226,21 @@ def save_customer(
     token_expires: float,
 ) -> dict[str, Any]:
     """Store a ResolveCustomer answer. A fresh registration makes the customer active again (a
-    buyer who registers again has subscribed again; AWS will say otherwise if not)."""
+    buyer who registers again has subscribed again; AWS will say otherwise if not). An answer
+    without Metadata.AgreementId keeps the one stored before."""
+    metadata = answer.get("Metadata")
+    agreement = metadata.get("AgreementId") if isinstance(metadata, dict) else None
     db.execute(
         "INSERT INTO saas_customers (customer, account_id, license_arn, product_code, "
         "customer_identifier, state, state_since, state_reason, resolved_at, token_digest, "
-        "token_expires) VALUES (?, ?, ?, ?, ?, 'active', ?, NULL, ?, ?, ?) "
+        "token_expires, agreement_id) VALUES (?, ?, ?, ?, ?, 'active', ?, NULL, ?, ?, ?, ?) "
         "ON CONFLICT (customer) DO UPDATE SET account_id = excluded.account_id, "
         "license_arn = excluded.license_arn, product_code = excluded.product_code, "
         "customer_identifier = excluded.customer_identifier, state = 'active', "
         "state_since = CASE WHEN saas_customers.state = 'active' THEN saas_customers.state_since "
         "ELSE excluded.state_since END, state_reason = NULL, resolved_at = excluded.resolved_at, "
-        "token_digest = excluded.token_digest, token_expires = excluded.token_expires",
+        "token_digest = excluded.token_digest, token_expires = excluded.token_expires, "
+        "agreement_id = COALESCE(excluded.agreement_id, saas_customers.agreement_id)",
         (
             key,
             answer.get("CustomerAWSAccountId"),
@@ -244,6 +251,7 @@ def save_customer(
             now,
             token_digest,
             token_expires,
+            str(agreement) if agreement is not None else None,
         ),
     )
     row = db.execute(
@@ -319,21 +327,21 @@ def refuse_over_maximum(
     A total is never truncated later: what is acknowledged can always be sent."""
     added: dict[OpenKey, int] = {}
     for i, key in fresh:
-        added[key] = added.get(key, 0) + records[i].usage.quantity
+        added[key] = added.get(key, 0) + records[i].usage.micros
     before = {key: totals[key] - n for key, n in added.items()}
     running: dict[OpenKey, int] = {}
     for i, key in fresh:
         rec = records[i].usage
-        running[key] = running.get(key, 0) + rec.quantity
-        if before[key] + running[key] > MAX_QUANTITY:
+        running[key] = running.get(key, 0) + rec.micros
+        if before[key] + running[key] > qty.MAX_MICROS:
             return RejectedError(
                 400,
                 [
                     Problem(
                         f"{rec.field}.quantity" if rec.field else "quantity",
-                        f"{rec.dimension} would exceed {MAX_QUANTITY} units for this customer in "
-                        f"hour {iso_hour(key[2])} (BatchMeterUsage's maximum per record); "
-                        "use a larger unit",
+                        f"{rec.dimension} would exceed {qty.MAX_TEXT} units for this customer in "
+                        f"hour {iso_hour(key[2])} (the most BatchMeterUsage's QuantityAsDecimal "
+                        "holds); use a larger unit",
                     )
                 ],
             )
@@ -434,7 +442,7 @@ def ingest(
             "id": rec.id or f"u-{uuid.uuid4().hex}",
             "customer": srec.customer,
             "dimension": rec.dimension,
-            "quantity": rec.quantity,
+            "quantity": qty.to_json(rec.micros),
             "hour": iso_hour(hour),
         }
         if hour != own:
@@ -515,7 +523,7 @@ def ingest(
     if fresh:
         added: dict[OpenKey, int] = {}
         for i, key in fresh:
-            added[key] = added.get(key, 0) + records[i].usage.quantity
+            added[key] = added.get(key, 0) + records[i].usage.micros
         over = refuse_over_maximum(records, fresh, _add_to_totals(db, added))
         if over is not None:
             raise over
@@ -533,7 +541,7 @@ def ingest(
                     customer,
                     dimension,
                     hour,
-                    records[i].usage.quantity,
+                    records[i].usage.micros,
                     now,
                     owns[i] if hour != owns[i] else None,
                 )
@@ -581,7 +589,7 @@ def _carry(db: Db, hour: int, now: float, policy: HourPolicy) -> None:
                 "SELECT quantity FROM saas_open WHERE customer = ? AND dimension = ? AND hour = ?",
                 (customer, dimension, target),
             ).fetchone()
-            if _sealed(db, target) or (row and int(row[0]) + int(quantity) > MAX_QUANTITY):
+            if _sealed(db, target) or (row and int(row[0]) + int(quantity) > qty.MAX_MICROS):
                 target += 1  # that record would exceed AWS's maximum: one hour further
                 continue
             break
@@ -670,10 +678,12 @@ def _seal_hour(db: Db, hour: int, now: float, spec: SealSpec) -> int:
     deadline = spec.hours.deadline(stamp)
     rows = []
     for (customer, dimension), quantity in sorted(totals.items()):
+        # The decimal field only (the model: Quantity "Use QuantityAsDecimal instead"; one
+        # kind per record). Records sealed before decimals keep their stored text.
         record = {
             "Timestamp": stamp,
             "Dimension": dimension,
-            "Quantity": quantity,
+            "QuantityAsDecimal": qty.text(quantity),
             **record_identity(spec.identity, customer),
         }
         rows.append(
@@ -1228,6 +1238,56 @@ MIGRATION_2 = (
 )
 
 
+# Version 3: quantities in integer micro-units (1 unit = 1,000,000; sidecar.core.quantity), and
+# ResolveCustomer's Metadata.AgreementId kept with the customer (NULL for customers resolved
+# before). Integer history is scaled exactly (today's rows hold at most 2147483647 units, and
+# the counters' sums stay far below BIGINT's 9.2e18 micro-units). The stored record and request
+# texts (`saas_outbox.record`, `saas_batches.request`, the integer `Quantity`) are NOT
+# rewritten: a request AWS may have seen is resent byte for byte. `saas_keys.answer` needs
+# nothing: a whole quantity is shown as the integer it was. SQLite's counting trigger fires on
+# `state` only; PostgreSQL's statement trigger nets the quantity-only update to no change
+# (HAVING SUM(d_records) <> 0), so the counters are scaled by their own statement.
+_MICROS_V3 = """
+ALTER TABLE saas_customers ADD COLUMN agreement_id TEXT;
+UPDATE saas_records SET quantity = quantity * 1000000;
+UPDATE saas_open SET quantity = quantity * 1000000;
+UPDATE saas_outbox SET quantity = quantity * 1000000;
+UPDATE saas_counts SET quantity = quantity * 1000000;
+UPDATE saas_hour_summary SET quantity = quantity * 1000000;
+"""
+# PostgreSQL is shared by a fleet, and a replica of the integer sidecar still running during a
+# rollout never looks at the schema version again: its ingest would add whole units to
+# micro-unit totals (billing 7 units as 0.000007) and its seal would send micro-unit sums as
+# whole units. Its statements are refused instead (an error answered to its POST, the usage not
+# stored; a seal that fails and is retried): every session of this sidecar sets
+# `sidecar.quantity_unit` (pgstore.SESSION_OPTIONS); the triggers fire once per statement.
+_GUARD_V3_POSTGRESQL = """
+CREATE FUNCTION saas_quantity_unit_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('sidecar.quantity_unit', true) IS DISTINCT FROM 'micro' THEN
+        RAISE EXCEPTION USING MESSAGE = 'this usage database holds micro-unit quantities '
+            || '(schema 3): a sidecar older than that must not write usage to it; '
+            || 'upgrade every replica';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER saas_open_unit_guard BEFORE INSERT OR UPDATE ON saas_open
+    FOR EACH STATEMENT EXECUTE FUNCTION saas_quantity_unit_guard();
+CREATE TRIGGER saas_records_unit_guard BEFORE INSERT ON saas_records
+    FOR EACH STATEMENT EXECUTE FUNCTION saas_quantity_unit_guard();
+CREATE TRIGGER saas_outbox_unit_guard BEFORE INSERT ON saas_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION saas_quantity_unit_guard();
+"""
+# The counters add up a dimension's whole history (pruned hours fold into hour -1): in BIGINT
+# micro-units that would stop at 9.2e12 units, which a busy fleet reaches in months, and then
+# every state change's trigger would fail. NUMERIC(38) holds 1e32 units, exactly.
+_WIDE_COUNTERS_V3 = """
+ALTER TABLE saas_counts ALTER COLUMN quantity TYPE NUMERIC(38, 0);
+ALTER TABLE saas_hour_summary ALTER COLUMN quantity TYPE NUMERIC(38, 0);
+"""
+MIGRATION_3 = (_MICROS_V3, _WIDE_COUNTERS_V3 + _MICROS_V3 + _GUARD_V3_POSTGRESQL)
+
+
 def _state_counts(db: Db) -> dict[str, int]:
     records = dict.fromkeys(RECORD_STATES, 0)
     for state, n in db.execute("SELECT state, SUM(records) FROM saas_counts GROUP BY state"):
@@ -1268,7 +1328,7 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
     Totals come from the maintained counters (pruned hours included)."""
     policy = policy.using(BATCH_METER_USAGE)
     items: list[dict[str, Any]] = []
-    totals: dict[str, dict[str, int]] = {}
+    totals: dict[str, dict[str, int]] = {}  # micro-units until the answer is built
     warnings: list[str] = []
 
     def add(dimension: str, state: str, quantity: int) -> None:
@@ -1293,7 +1353,7 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
                 "dimension": dimension,
                 "hour": iso_hour(int(hour)),
                 "state": "open",
-                "quantity": int(quantity),
+                "quantity": qty.to_json(int(quantity)),
                 "seal_after": iso(policy.seal_due(int(hour))),
             }
         )
@@ -1309,7 +1369,7 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
                 "dimension": row[1],
                 "hour": iso_hour(int(row[2])),
                 "state": row[4],
-                "quantity": int(row[3]),
+                "quantity": qty.to_json(int(row[3])),
                 "zero_record": bool(row[9]),
                 "metering_record_id": row[5],
                 "last_code": row[6],
@@ -1354,7 +1414,7 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
         "records": items,
         "records_by_state": records,
         "customers_by_state": customers,
-        "totals": totals,
+        "totals": {d: {st: qty.to_json(m) for st, m in t.items()} for d, t in totals.items()},
         "batches_sending": int(sending[0]) if sending else 0,
         "oldest_unsent_hour_end": iso(oldest) if oldest else None,
         "warnings": warnings,
@@ -1437,7 +1497,7 @@ def hour_summary(db: Db, since: int) -> list[dict[str, Any]]:
             "dimension": str(d),
             "state": str(s),
             "records": int(r),
-            "quantity": int(q),
+            "quantity": qty.to_json(int(q)),
             "zero_records": int(z),
         }
         for h, d, s, r, q, z in db.execute(

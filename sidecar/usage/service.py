@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sidecar.aws.errors import STATE_DIR_UNWRITABLE, ErrorInfo, classify, clock_skew
+from sidecar.core import quantity as qty
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.usage import ledger
 from sidecar.usage.db import INTAKE_WAIT, StoreOutcomeUnknownError
@@ -134,18 +135,32 @@ class EntitlementResult:
 
 @dataclass(frozen=True)
 class UsageCounters:
-    units_accepted: dict[str, int]
+    # units (micro-units / 1,000,000: Prometheus values are floats; the ledger stays exact)
+    units_accepted: dict[str, float]
     hours_by_state: dict[str, int]
     oldest_unsent_age_seconds: float
     send_attempts: dict[tuple[str, str], int]
     # units counted in an hour that has not started: a drain cannot send them (AWS refuses
     # future timestamps), so they are lost if the pod ends before that hour does
-    future_hour_units: dict[str, int] = field(default_factory=dict)
+    future_hour_units: dict[str, float] = field(default_factory=dict)
     # units still unsent when a drain ended (kept in the store; lost if the pod goes)
-    unsent_at_exit: dict[str, int] = field(default_factory=dict)
+    unsent_at_exit: dict[str, float] = field(default_factory=dict)
     volume_used_bytes: int = 0
     volume_limit_bytes: int = 0
     refused_volume_full: int = 0
+
+
+def _units(micros: dict[str, int]) -> dict[str, float]:
+    """Micro-units to the units a metric shows."""
+    return {d: m / qty.SCALE for d, m in micros.items()}
+
+
+def request_quantity(request: dict[str, Any]) -> int | str:
+    """A stored MeterUsage request's quantity, for logs: the decimal field, or the integer one
+    of a request sealed before decimals (resent as stored)."""
+    if "UsageQuantityAsDecimal" in request:
+        return qty.to_json(qty.parse(str(request["UsageQuantityAsDecimal"])))
+    return int(request.get("UsageQuantity", 0))
 
 
 def _store_unwritable(exc: StoreUnavailableError) -> ErrorInfo:
@@ -190,8 +205,8 @@ class UsageService:
         self._retry = RetryPolicy(policy.backoff_base, policy.backoff_cap)
         self._send_lock = threading.Lock()
         self._count_lock = threading.Lock()
-        self._units: dict[str, int] = dict.fromkeys(policy.usage_dimensions, 0)
-        self._unsent_at_exit: dict[str, int] = {}
+        self._units: dict[str, int] = dict.fromkeys(policy.usage_dimensions, 0)  # micro-units
+        self._unsent_at_exit: dict[str, int] = {}  # micro-units
         self._store_error: str | None = None  # the loop's last store failure, until a pass works
         self._attempts: dict[tuple[str, str], int] = {}
         self._failures = 0  # consecutive failed sends: all sending pauses after a failure
@@ -258,7 +273,8 @@ class UsageService:
         fresh = [a for a in answers if not a.get("repeat")]
         with self._count_lock:
             for a in fresh:
-                self._units[a["dimension"]] = self._units.get(a["dimension"], 0) + a["quantity"]
+                micros = qty.parse(a["quantity"])
+                self._units[a["dimension"]] = self._units.get(a["dimension"], 0) + micros
         return status, {
             "accepted": len(fresh),
             "repeats": len(answers) - len(fresh),
@@ -324,12 +340,12 @@ class UsageService:
         volume = self._measure_volume()
         with self._count_lock:
             return UsageCounters(
-                units_accepted=dict(self._units),
+                units_accepted=_units(self._units),
                 hours_by_state=by_state,
                 oldest_unsent_age_seconds=max(0.0, now - oldest_end) if oldest_end else 0.0,
                 send_attempts=dict(self._attempts),
-                future_hour_units=future,
-                unsent_at_exit=dict(self._unsent_at_exit),
+                future_hour_units=_units(future),
+                unsent_at_exit=_units(self._unsent_at_exit),
                 volume_used_bytes=volume.used if volume else 0,
                 volume_limit_bytes=volume.limit if volume else 0,
                 refused_volume_full=self._volume_refusals,
@@ -393,7 +409,7 @@ class UsageService:
         where = {
             "dimension": p.dimension,
             "hour": iso_hour(p.hour),
-            "quantity": p.request["UsageQuantity"],
+            "quantity": request_quantity(p.request),
         }
         if info is None:
             self._failures = 0
@@ -549,7 +565,7 @@ class UsageService:
                 "ProductCode": self.policy.product_code,
                 "Timestamp": int(self.clock.time()),
                 "UsageDimension": dimension,
-                "UsageQuantity": 0,
+                "UsageQuantityAsDecimal": "0",
             }
             _, info = self._retrying(stop, lambda r=request: self._call(r, dry_run=True))  # type: ignore[misc]
             self._count("dry_run", info.code if info else "ok")
@@ -706,26 +722,26 @@ class UsageService:
         now = self.clock.time()
         left = self.store.read(lambda c: ledger.unsent(c))
         current = hour_of(now)
-        for dimension, hour, quantity, state in left:
+        for dimension, hour, micros, state in left:
             reason = "future_hour" if state == "open" and hour > current else "not_sent"
             log.warning(
                 "usage_unsent_at_exit",
                 extra={
                     "dimension": dimension,
                     "hour": iso_hour(hour),
-                    "quantity": quantity,
+                    "quantity": qty.to_json(micros),
                     "state": state,
                     "reason": reason,
                 },
             )
             with self._count_lock:
-                self._unsent_at_exit[dimension] = self._unsent_at_exit.get(dimension, 0) + quantity
+                self._unsent_at_exit[dimension] = self._unsent_at_exit.get(dimension, 0) + micros
         if left:
             log.warning(
                 "drain_incomplete",
                 extra={
                     "unsent_hours": len(left),
-                    "unsent_units": sum(q for _, _, q, _ in left),
+                    "unsent_units": qty.to_json(sum(q for _, _, q, _ in left)),
                     "detail": "kept in the state dir: sent by a restarted container, lost if "
                     "the pod ends",
                 },

@@ -163,7 +163,18 @@ DROP TABLE records;
 DROP TABLE keys
 """
 
-SCHEMA_VERSION = 2
+# Version 3: quantities are integer micro-units (1 unit = 1,000,000; sidecar.core.quantity), so
+# fractional usage is exact. Integer history is scaled exactly (at most 2147483647 units a row
+# before: 2.1e15 micro-units, far inside SQLite's 64-bit integers). The sealed requests keep their
+# text (the integer `UsageQuantity`): a request AWS may have seen is resent byte for byte. The
+# idempotency digests need nothing: a whole quantity enters the digest as the integer it was.
+_V2_TO_V3 = """
+UPDATE open_tags SET quantity = quantity * 1000000;
+UPDATE open_hours SET quantity = quantity * 1000000;
+UPDATE hours SET quantity = quantity * 1000000
+"""
+
+SCHEMA_VERSION = 3
 
 
 # Custom mode's schema: no PostgreSQL form (custom mode is one pod, one file).
@@ -172,7 +183,7 @@ CUSTOM_SCHEMA = Schema(
     version=SCHEMA_VERSION,
     sqlite=SCHEMA,
     postgresql="",
-    migrations={2: (_V1_TO_V2, "")},
+    migrations={2: (_V1_TO_V2, ""), 3: (_V2_TO_V3, "")},
 )
 # The WAL file is cut back to this after a checkpoint: a burst must not keep the volume full.
 WAL_LIMIT_BYTES = 4 * 1024 * 1024

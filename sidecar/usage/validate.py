@@ -1,9 +1,14 @@
 """What a product may POST to /v1/usage, checked before anything is stored. Pure.
 
-The rules are MeterUsage's own (quantity 0..2147483647, 1..2500 allocations summing to the
+The rules are MeterUsage's own (a quantity AWS's `…AsDecimal` fields can carry: 0 to
+9999999999.999999, at most six decimal places; 1..2500 allocations summing EXACTLY to the
 quantity, 1..5 tags per allocation, AWS's key/value lengths and pattern, no two allocations with
 the same tag set), so a record the sidecar accepts can always be sent. Every problem names its
 field (`records[3].allocations[1].tags.team`) and what is allowed.
+
+Quantities become integer micro-units (`sidecar.core.quantity`): bodies are decoded with
+`parse_float=Decimal`, so a JSON number such as `2.5` is read from its text, never through a
+binary float, and `17`, `"17"` and `"17.0"` are one value.
 """
 
 from __future__ import annotations
@@ -14,10 +19,15 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
+from sidecar.core import quantity as qty
+
 MAX_RECORDS = 1000
-MAX_QUANTITY = 2147483647
+# The largest whole number of units a record (and an hour's total) may hold: the decimal
+# field's 9999999999.999999, in whole units. Limits are checked in micro-units (qty.MAX_MICROS).
+MAX_QUANTITY = qty.MAX_MICROS // qty.SCALE
 MAX_ALLOCATIONS = 2500
 MAX_TAGS = 5
 MAX_ID = 128
@@ -36,14 +46,14 @@ Tags = tuple[tuple[str, str], ...]
 
 @dataclass(frozen=True)
 class Allocation:
-    quantity: int
+    micros: int  # the quantity in micro-units (sidecar.core.quantity)
     tags: Tags  # sorted by key: one canonical form per tag set
 
 
 @dataclass(frozen=True)
 class UsageRecord:
     dimension: str
-    quantity: int
+    micros: int  # the quantity in micro-units (sidecar.core.quantity)
     id: str | None
     timestamp: float | None
     allocations: tuple[Allocation, ...]
@@ -51,12 +61,16 @@ class UsageRecord:
 
     @property
     def digest(self) -> str:
-        """Content fingerprint for the idempotency key: same id + same digest = a repeat."""
+        """Content fingerprint for the idempotency key: same id + same digest = a repeat.
+
+        Quantities enter by value, as `qty.to_json` shows them: `17`, `"17"` and `"17.0"` hash
+        alike, and a whole quantity hashes as the integer it was before decimals, so a digest
+        stored by an older sidecar still matches the same record posted again."""
         doc = {
             "d": self.dimension,
-            "q": self.quantity,
+            "q": qty.to_json(self.micros),
             "t": self.timestamp,
-            "a": [[a.quantity, list(a.tags)] for a in self.allocations],
+            "a": [[qty.to_json(a.micros), list(a.tags)] for a in self.allocations],
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -115,13 +129,22 @@ def parse_timestamp(value: Any) -> float:
 
 
 def _quantity(value: Any, field: str, problems: list[Problem]) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        problems.append(Problem(field, f"must be an integer from 0 to {MAX_QUANTITY}"))
+    """Micro-units, or 0 with a problem naming the field."""
+    try:
+        return qty.parse(value)
+    except qty.QuantityError as exc:
+        problems.append(Problem(field, str(exc)))
         return 0
-    if not 0 <= value <= MAX_QUANTITY:
-        problems.append(Problem(field, f"must be an integer from 0 to {MAX_QUANTITY}"))
-        return 0
-    return value
+
+
+def _loads(body: bytes) -> Any:
+    """JSON with every number that has a fraction or exponent read as an exact `Decimal`."""
+    try:
+        return json.loads(body, parse_float=Decimal)
+    except (ValueError, UnicodeDecodeError):
+        raise RejectedError(
+            400, [Problem("body", "must be JSON: one usage record or a list")]
+        ) from None
 
 
 def _tags(value: Any, field: str, problems: list[Problem]) -> Tags:
@@ -164,7 +187,7 @@ def _allocations(
     for i, item in enumerate(value):
         where = f"{field}[{i}]"
         if not isinstance(item, dict):
-            problems.append(Problem(where, 'must be an object {"quantity": n, "tags": {...}}'))
+            problems.append(Problem(where, 'must be an object {"quantity": q, "tags": {...}}'))
             continue
         for extra in sorted(set(item) - ALLOCATION_FIELDS):
             problems.append(Problem(f"{where}.{extra}", "unknown field; allowed: quantity, tags"))
@@ -181,10 +204,14 @@ def _allocations(
             )
         seen.setdefault(tags, i)
         out.append(Allocation(q, tags))
-    total = sum(a.quantity for a in out)
+    total = sum(a.micros for a in out)  # exact: integers
     if len(problems) == before and total != quantity:
         problems.append(
-            Problem(field, f"allocated quantities sum to {total}; they must sum to {quantity}")
+            Problem(
+                field,
+                f"allocated quantities sum to {qty.text(min(total, qty.MAX_MICROS))}"
+                f"{'+' if total > qty.MAX_MICROS else ''}; they must sum to {qty.text(quantity)}",
+            )
         )
     return tuple(out)
 
@@ -256,12 +283,10 @@ def _record(
 
 def parse(body: bytes, limits: Limits, now: float) -> list[UsageRecord]:
     """Body -> records, or `RejectedError` (400, or 413 for more than MAX_RECORDS records)."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise RejectedError(
-            400, [Problem("body", "must be JSON: one usage record or a list")]
-        ) from None
+    return _parse_doc(_loads(body), limits, now)
+
+
+def _parse_doc(doc: Any, limits: Limits, now: float) -> list[UsageRecord]:
     if isinstance(doc, dict) and "records" in doc and "dimension" not in doc:
         if set(doc) != {"records"}:
             raise RejectedError(
@@ -410,12 +435,7 @@ def parse_saas(body: bytes, limits: Limits, now: float, identity: str) -> list[S
     """Body -> SaaS records, or `RejectedError`. The record rules are custom mode's (`parse`),
     plus the customer named as `identity` wants; allocations are refused (not supported in SaaS
     mode yet: the sidecar would have to merge them per customer, dimension and hour)."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise RejectedError(
-            400, [Problem("body", "must be JSON: one usage record or a list")]
-        ) from None
+    doc = _loads(body)
     single = not (
         isinstance(doc, list)
         or (isinstance(doc, dict) and "records" in doc and "dimension" not in doc)
@@ -449,7 +469,7 @@ def parse_saas(body: bytes, limits: Limits, now: float, identity: str) -> list[S
     else:
         rebuilt = {**doc, "records": stripped} if stripped or doc.get("records") == [] else doc
     try:
-        records = parse(json.dumps(rebuilt).encode(), limits, now)
+        records = _parse_doc(rebuilt, limits, now)
     except RejectedError as exc:
         if exc.status != 400:
             raise
