@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from sidecar.core.quantity import SCALE
 from sidecar.usage import saas_ledger as L  # noqa: N812
 from sidecar.usage.db import (
     INTAKE_WAIT,
@@ -125,7 +126,7 @@ def test_a_post_costs_the_same_few_statements_whatever_its_records(store: UsageS
     totals = store.read(
         lambda db: db.execute("SELECT SUM(quantity), COUNT(*) FROM saas_records").fetchone()
     )
-    assert (int(totals[0]), int(totals[1])) == (1 + sum(range(1, 26)) + 5, 31)
+    assert (int(totals[0]), int(totals[1])) == ((1 + sum(range(1, 26)) + 5) * SCALE, 31)
 
 
 def test_set_based_intake_keeps_the_record_by_record_answers(store: UsageStore) -> None:
@@ -150,7 +151,7 @@ def test_set_based_intake_keeps_the_record_by_record_answers(store: UsageStore) 
     assert isinstance(got, RejectedError) and got.problems[0].field == "records[0].customer"
     # A total pushed past the maximum by the second of two records for one total, before a
     # conflicting id: 400 names that record's quantity.
-    big = 2_147_483_647
+    big = 9_999_999_999  # QuantityAsDecimal's largest whole number
     got = post(
         [item(2, "api_calls", big - 10), item(2, "api_calls", 11), item(0, "seats", 6, id="k1")]
     )
@@ -163,8 +164,8 @@ def test_set_based_intake_keeps_the_record_by_record_answers(store: UsageStore) 
         lambda db: db.execute("SELECT customer, dimension, quantity FROM saas_open").fetchall()
     )
     assert sorted((str(c), str(d), int(q)) for c, d, q in open_) == [
-        (key(0), "seats", 5),
-        (key(1), "seats", 2),
+        (key(0), "seats", 5 * SCALE),
+        (key(1), "seats", 2 * SCALE),
     ]
 
 
@@ -288,7 +289,7 @@ def test_intake_racing_the_seal_on_another_replica_loses_and_doubles_nothing(
 
         got, left_open = sealer.read(outbox)
         assert left_open == 0, "usage left in an hour already sealed: never sent"
-        assert got == want, "the outbox differs from what was acknowledged"
+        assert got == {k: v * SCALE for k, v in want.items()}, "the outbox differs from the acks"
         assert len(acked) > ROUNDS * 20 and carried > 0, (len(acked), carried)
         assert len(refused) < len(acked) // 10, refused[:5]
 
