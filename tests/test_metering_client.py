@@ -171,6 +171,21 @@ def test_the_registration_token_never_reaches_botocores_debug_log(
     assert token[:6] in caplog.text  # enough to tell two apart
 
 
+def test_a_license_manager_client_in_the_process_leaves_metering_bodies_debuggable(
+    saas: MeteringGateway, emulator_server: EmulatorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """License Manager's log filter sits on botocore's process-wide loggers: it once dropped
+    every record mentioning a body, so a Metering request could no longer be debugged."""
+    from sidecar.aws.license import LicenseGateway
+
+    LicenseGateway("us-east-1", 1.0)
+    token = new_customer(emulator_server)["registration_token"]
+    caplog.set_level(logging.DEBUG, logger="botocore")
+    saas.resolve_customer(token)
+    assert "RegistrationToken" in caplog.text and token[:6] in caplog.text
+    assert token not in caplog.text
+
+
 def test_batch_meter_usage_round_trip_with_epoch_timestamps(
     saas: MeteringGateway, emulator_server: EmulatorServer, emulator: Emulator
 ) -> None:

@@ -142,14 +142,18 @@ def _token_filter() -> None:
 
 class _NoBodies(logging.Filter):
     """Drop records that carry a License Manager body (the daemon keeps botocore at WARNING;
-    this holds if anyone lowers it)."""
+    this holds if anyone lowers it). Only License Manager's: the loggers are process-wide, and
+    the Metering client's own redaction keeps its bodies useful for debugging."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             text = record.getMessage()
         except Exception:  # a record that cannot format is dropped, never half-shown
             return False
-        return "LicenseConsumptionToken" not in text and "body" not in text.lower()
+        if "LicenseConsumptionToken" in text:
+            return False
+        ours = "AWSLicenseManager" in text or "license-manager" in text
+        return not (ours and "body" in text.lower())
 
 
 class LicenseGateway:
