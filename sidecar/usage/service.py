@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +73,7 @@ from sidecar.usage.hours import (
     iso_hour,
 )
 from sidecar.usage.ledger import IdConflictError, Pending
+from sidecar.usage.pacing import DEFAULT_CALLS_PER_SECOND, Slots, frame_slots, home_slot
 from sidecar.usage.store import Store, StoreError, StoreUnavailableError
 from sidecar.usage.validate import Limits, RejectedError, parse
 from sidecar.usage.volume import Reading, VolumeFullError, check, measure
@@ -90,6 +92,7 @@ log = logging.getLogger(__name__)
 REMEMBERED_KINDS = frozenset({"entitlement", "platform"})
 RETRY_AFTER_SECONDS = 5
 TIMESTAMP_REFUSED = "TimestampOutOfBoundsException"
+THROTTLED = "ThrottlingException"
 
 
 class MeterGateway(Protocol):
@@ -119,6 +122,12 @@ class UsagePolicy:
         return tuple(d for d in self.dimensions if d != self.check_dimension)
 
     volume_bytes: int | None = None  # the state volume's size limit (the emptyDir's sizeLimit)
+    # Hourly sends are paced in slots (sidecar.usage.pacing): the pods sending MeterUsage with
+    # this account and region (None: as many as fit `hours.spread`), the fleet's calls per
+    # second, and this pod's name (its slot; empty: the host name, the pod's name in Kubernetes).
+    fleet_size: int | None = None
+    calls_per_second: float = DEFAULT_CALLS_PER_SECOND
+    pod_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,10 @@ def _store_unwritable(exc: StoreUnavailableError) -> ErrorInfo:
         "transient",
         True,
     )
+
+
+def _no_spread() -> float:
+    return 0.0
 
 
 def _info(exc: BaseException) -> ErrorInfo | None:
@@ -201,6 +214,18 @@ class UsageService:
         self._refused = False
         self._volume: Reading | None = None  # the last reading (readyz and warnings read it)
         self._volume_refusals = 0
+        self._slots = Slots(
+            policy.calls_per_second,
+            frame_slots(
+                policy.fleet_size,
+                policy.hours.spread,
+                policy.calls_per_second,
+                len(policy.usage_dimensions),
+            ),
+        )
+        self._home = home_slot(policy.pod_name or socket.gethostname(), self._slots.slots)
+        self._not_before: int | None = None  # the slot index the next paced send waits for
+        self._throttles = 0  # consecutive ThrottlingExceptions of paced sends
         self._measure_volume()
 
     # -- the local API ---------------------------------------------------------------------
@@ -603,8 +628,9 @@ class UsageService:
         through = hp.sealable_through(now)
         first_open = self.store.read(ledger.next_open_hour)
         if first_open is not None and first_open <= through:
+            # Sent from the seal on, in this pod's slots: the slots spread the fleet.
             sealed = self.store.write(
-                lambda c: ledger.seal(c, through, now, hp, self.policy.product_code, self._rng)
+                lambda c: ledger.seal(c, through, now, hp, self.policy.product_code, _no_spread)
             )
             for dimension, hour in sealed:
                 log.info("usage_sealed", extra={"dimension": dimension, "hour": iso_hour(hour)})
@@ -649,8 +675,31 @@ class UsageService:
                     )
                 if self.clock.monotonic() < self._resume_at:
                     return
-                if self._send(p)[0] == RETRY:
-                    return
+                if ignore_spread:
+                    if self._send(p)[0] == RETRY:
+                        return
+                    continue
+                slot = self._slots.next_index(self._home, now, self._not_before)
+                if self._slots.at(slot) > now:
+                    return  # `_sleep` wakes the loop at this pod's next slot
+                outcome, _, info = self._send(p)
+                self._paced(slot, outcome, info)
+                return  # one record per frame: the next waits for this pod's next slot
+
+    def _paced(self, slot: int, outcome: str, info: ErrorInfo | None) -> None:
+        """After a paced send in `slot`: the next one waits for this pod's slot in the next
+        frame; after a throttle, for a random slot of the next frames, which becomes this
+        pod's own (another pod holds this one)."""
+        if outcome == RETRY and info is not None and info.code == THROTTLED:
+            self._throttles += 1
+            index = self._slots.retry_index(self.clock.time(), self._throttles, self._rng)
+            self._home = index % self._slots.slots
+            self._not_before = index
+            self._resume_at = self.clock.monotonic()  # the slot is the backoff
+            return
+        if outcome != RETRY:
+            self._throttles = 0
+        self._not_before = slot + 1
 
     def _sleep(self, now: float) -> float:
         hp = self.policy.hours
@@ -660,7 +709,8 @@ class UsageService:
             wake.append(hp.seal_due(first_open))
         after = self.store.read(ledger.next_send_after)
         if after is not None:
-            wake.append(max(after, now + (self._resume_at - self.clock.monotonic())))
+            at = max(after, now + (self._resume_at - self.clock.monotonic()))
+            wake.append(self._slots.at(self._slots.next_index(self._home, at, self._not_before)))
         return max(0.01, min(wake) - now)
 
     def drain(self, budget_seconds: float) -> None:
