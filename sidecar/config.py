@@ -458,13 +458,12 @@ class Settings:
             "public_key_version",
             "challenge_rate_per_second",
         )
-        out = [
+        return [
             f"{PREFIX}{name.upper()} is ignored with {PREFIX}MODE=custom (MeterUsage returns "
             "no signed token)"
             for name in unused
             if name in self.explicit
         ]
-        return out
 
 
 # Checks of one field each, run by sidecar.config_validate after pydantic's type check (as
