@@ -226,6 +226,7 @@ class UsageService:
         self._home = home_slot(policy.pod_name or socket.gethostname(), self._slots.slots)
         self._not_before: int | None = None  # the slot index the next paced send waits for
         self._throttles = 0  # consecutive ThrottlingExceptions of paced sends
+        self._closing_at = float("inf")  # the earliest deadline of the hours found due
         self._measure_volume()
 
     # -- the local API ---------------------------------------------------------------------
@@ -648,7 +649,9 @@ class UsageService:
     ) -> None:
         horizon = None if ignore_spread else now
         with self._send_lock:
-            for p in self.store.read(lambda c: ledger.due(c, horizon)):
+            pending = self.store.read(lambda c: ledger.due(c, horizon))
+            self._closing_at = min((p.deadline for p in pending), default=float("inf"))
+            for p in pending:
                 now = self.clock.time()
                 if budget_end is not None and time.monotonic() >= budget_end:
                     return
@@ -675,12 +678,14 @@ class UsageService:
                     )
                 if self.clock.monotonic() < self._resume_at:
                     return
-                if ignore_spread:
+                if ignore_spread or p.deadline - now < self.policy.hours.warn_before:
+                    # A drain, or a backlog whose window is closing (the pod was down for
+                    # hours): at once, not one record per frame; throttles back off.
                     if self._send(p)[0] == RETRY:
                         return
                     continue
                 slot = self._slots.next_index(self._home, now, self._not_before)
-                if self._slots.at(slot) > now:
+                if self._slots.at(slot) - self._slots.width / 2 > now:
                     return  # `_sleep` wakes the loop at this pod's next slot
                 outcome, _, info = self._send(p)
                 self._paced(slot, outcome, info)
@@ -710,7 +715,9 @@ class UsageService:
         after = self.store.read(ledger.next_send_after)
         if after is not None:
             at = max(after, now + (self._resume_at - self.clock.monotonic()))
-            wake.append(self._slots.at(self._slots.next_index(self._home, at, self._not_before)))
+            if at < self._closing_at - hp.warn_before:  # paced, see `_send_due`
+                at = self._slots.at(self._slots.next_index(self._home, at, self._not_before))
+            wake.append(at)
         return max(0.01, min(wake) - now)
 
     def drain(self, budget_seconds: float) -> None:
