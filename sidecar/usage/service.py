@@ -76,7 +76,7 @@ from sidecar.usage.ledger import IdConflictError, Pending
 from sidecar.usage.pacing import DEFAULT_CALLS_PER_SECOND, Slots, frame_slots, home_slot
 from sidecar.usage.store import Store, StoreError, StoreUnavailableError
 from sidecar.usage.validate import Limits, RejectedError, parse
-from sidecar.usage.volume import Reading, VolumeFullError, check, measure
+from sidecar.usage.volume import Guard, Reading, VolumeFullError, check, measure
 
 __all__ = [
     "EntitlementResult",
@@ -214,6 +214,7 @@ class UsageService:
         self._refused = False
         self._volume: Reading | None = None  # the last reading (readyz and warnings read it)
         self._volume_refusals = 0
+        self._guard = Guard()  # when a write measures the volume (at most once a second)
         self._slots = Slots(
             policy.calls_per_second,
             frame_slots(
@@ -242,8 +243,12 @@ class UsageService:
 
         def job(c: Any) -> tuple[int, list[dict[str, Any]]]:
             out = ledger.ingest(c, records, now, policy)
-            if out[0] == 202:  # something new: measured with it, rolled back if over
-                self._volume = check(self._reading(c))
+            mono = self.clock.monotonic()
+            if out[0] == 202 and self._guard.due(mono, len(body)):
+                # something new, maybe near the limit: measured with it, rolled back if over
+                found = self._reading(c)
+                self._guard.measured(found, mono)
+                self._volume = check(found)
             return out
 
         before = self._volume
@@ -331,7 +336,9 @@ class UsageService:
     def _measure_volume(self) -> Reading | None:
         """A fresh reading from a read snapshot; the last one when that fails."""
         try:
+            mono = self.clock.monotonic()
             self._volume = self.store.read(self._reading)
+            self._guard.measured(self._volume, mono)
         except (OSError, StoreUnavailableError) as exc:
             log.warning("state_volume_unreadable", extra={"detail": str(exc)[:300]})
         return self._volume
