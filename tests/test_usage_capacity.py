@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,7 @@ def test_the_running_sidecar_warns_on_readyz_and_metrics_then_refuses(
         volume = car.get("/v1/usage").json()["state_volume"]
         ballast = tmp_path / "ballast"
         ballast.write_bytes(b"\1" * (int(0.84 * 16 * MIB) - volume["used_bytes"]))
+        time.sleep(1.05)  # a POST measures when the last reading is a second old (volume.Guard)
         second = {"dimension": "scans", "quantity": 3, "id": "y"}
         assert requests.post(car.api + "/v1/usage", json=second, timeout=10).status_code == 202
         for probe in (False, True):
