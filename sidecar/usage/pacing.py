@@ -12,7 +12,8 @@ records each is done D frames (D * N / rate seconds) after the seal, while a pod
 
 The slot comes from the pod's name: the ordinal of a StatefulSet pod (`name-3`), which is
 distinct for every pod of the fleet, otherwise a hash of the name (a Deployment's pods may share
-a slot: the later one is throttled, moves to a random slot and keeps that one). Slots are
+a slot: the later one is throttled, moves to a random slot and keeps that one; a StatefulSet
+pod throttled once in its own slot was late, not sharing it, and keeps it). Slots are
 counted from the epoch, so pods agree on them through their clocks alone, and a frame may be
 longer than an hour. On a throttle the pod retries in a random slot of the next c/2 frames
 (c: consecutive throttles, up to 4): pods throttled together do not retry together, and a fleet
@@ -31,6 +32,11 @@ AWS_CALLS_PER_SECOND = 10.0  # AWS's MeterUsage quota per account and region (de
 DEFAULT_CALLS_PER_SECOND = 9.0  # the fleet's default share of it: 10% left for start checks
 MAX_RETRY_FRAMES = 2.0  # a throttled pod retries within at most this many frames
 _ORDINAL = re.compile(r".*-([0-9]{1,9})")
+
+
+def is_ordinal(name: str) -> bool:
+    """A StatefulSet's pod name (`name-3`): its slot is its own, not a hash's."""
+    return _ORDINAL.fullmatch(name) is not None
 
 
 def home_slot(name: str, slots: int) -> int:

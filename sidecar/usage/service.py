@@ -73,7 +73,13 @@ from sidecar.usage.hours import (
     iso_hour,
 )
 from sidecar.usage.ledger import IdConflictError, Pending
-from sidecar.usage.pacing import DEFAULT_CALLS_PER_SECOND, Slots, frame_slots, home_slot
+from sidecar.usage.pacing import (
+    DEFAULT_CALLS_PER_SECOND,
+    Slots,
+    frame_slots,
+    home_slot,
+    is_ordinal,
+)
 from sidecar.usage.store import Store, StoreError, StoreUnavailableError
 from sidecar.usage.validate import Limits, RejectedError, parse
 from sidecar.usage.volume import Guard, Reading, VolumeFullError, check, measure
@@ -224,7 +230,9 @@ class UsageService:
                 len(policy.usage_dimensions),
             ),
         )
-        self._home = home_slot(policy.pod_name or socket.gethostname(), self._slots.slots)
+        name = policy.pod_name or socket.gethostname()
+        self._home = home_slot(name, self._slots.slots)
+        self._own_slot = is_ordinal(name)  # a StatefulSet's ordinal: no other pod's slot
         self._not_before: int | None = None  # the slot index the next paced send waits for
         self._throttles = 0  # consecutive ThrottlingExceptions of paced sends
         self._closing_at = float("inf")  # the earliest deadline of the hours found due
@@ -701,13 +709,19 @@ class UsageService:
     def _paced(self, slot: int, outcome: str, info: ErrorInfo | None) -> None:
         """After a paced send in `slot`: the next one waits for this pod's slot in the next
         frame; after a throttle, for a random slot of the next frames, which becomes this
-        pod's own (another pod holds this one)."""
+        pod's own (another pod holds this one); a StatefulSet pod's first throttle keeps its
+        own slot (a late call, not a shared slot)."""
         if outcome == RETRY and info is not None and info.code == THROTTLED:
             self._throttles += 1
+            self._resume_at = self.clock.monotonic()  # the slot is the backoff
+            if self._own_slot and self._throttles == 1:
+                # This pod's own slot: the call was late (the bucket refilled too little
+                # since the previous slot's call). Moving would take another pod's slot.
+                self._not_before = slot + 1
+                return
             index = self._slots.retry_index(self.clock.time(), self._throttles, self._rng)
             self._home = index % self._slots.slots
             self._not_before = index
-            self._resume_at = self.clock.monotonic()  # the slot is the backoff
             return
         if outcome != RETRY:
             self._throttles = 0
