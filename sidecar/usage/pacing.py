@@ -77,7 +77,8 @@ class Slots:
 
     def next_index(self, home: int, now: float, after: int | None = None) -> int:
         """The first slot of `home` not before `now` (a slot is still current for half its
-        width, so a sender woken a little late keeps it) and not before slot `after`."""
+        width, so a sender woken a little late keeps it; one not yet reached is waited for)
+        and not before slot `after`."""
         first = math.ceil(now / self.width - 0.5)
         if after is not None:
             first = max(first, after)

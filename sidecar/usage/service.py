@@ -99,6 +99,9 @@ REMEMBERED_KINDS = frozenset({"entitlement", "platform"})
 RETRY_AFTER_SECONDS = 5
 TIMESTAMP_REFUSED = "TimestampOutOfBoundsException"
 THROTTLED = "ThrottlingException"
+# A paced send may leave this much before its slot (timer and float rounding); sooner, it
+# would land in the previous slot, on another pod's call.
+SLOT_EARLY = 0.001
 
 
 class MeterGateway(Protocol):
@@ -700,8 +703,8 @@ class UsageService:
                         return
                     continue
                 slot = self._slots.next_index(self._home, now, self._not_before)
-                if self._slots.at(slot) - self._slots.width / 2 > now:
-                    return  # `_sleep` wakes the loop at this pod's next slot
+                if self._slots.at(slot) > now + SLOT_EARLY:
+                    return  # `_sleep` wakes the loop at this pod's next slot; never early
                 outcome, _, info = self._send(p)
                 self._paced(slot, outcome, info)
                 return  # one record per frame: the next waits for this pod's next slot
