@@ -59,7 +59,7 @@ def _used(directory: Path) -> int:
         )
     finally:
         conn.close()
-    files, store = files_bytes(directory, DB_NAME)
+    files, store, _ = files_bytes(directory, DB_NAME)
     return reading(files, store, pages, free, size, 1 << 50, None, "").used
 
 

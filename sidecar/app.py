@@ -143,6 +143,9 @@ def usage_policy(settings: Settings) -> UsagePolicy:
         backoff_base=settings.backoff_base_seconds,
         backoff_cap=settings.backoff_cap_seconds,
         volume_bytes=settings.state_volume_bytes,
+        fleet_size=settings.fleet_size,
+        calls_per_second=settings.meter_calls_per_second,
+        pod_name=settings.pod_name,
     )
 
 

@@ -265,11 +265,22 @@ class Settings:
         None,
         ge=1,
         le=MAX_FLEET_SIZE,
-        description="how many pods registering with this account and region can start at the "
-        "same moment (the replicas, or the autoscaler's maximum): after its first "
+        description="hourly mode: how many pods registering with this account and region can "
+        "start at the same moment (the replicas, or the autoscaler's maximum): after its first "
         "ThrottlingException at start a pod retries within 1.2 x this / 5 s (the first call is "
         "never delayed); a value far too large makes a pod throttled once by anything else in "
-        "the account wait up to that long; empty: adaptive windows",
+        "the account wait up to that long; empty: adaptive windows. custom mode: how many pods "
+        "send MeterUsage with this account and region: each sends its hourly records in its own "
+        "slot of a frame of this many slots at MARKETPLACE_METER_CALLS_PER_SECOND; empty: as "
+        "many pods as fit a 600 s window",
+    )
+    meter_calls_per_second: float = setting(
+        9.0,
+        gt=0.0,
+        le=1000.0,
+        description="custom mode: MeterUsage calls per second the whole fleet may make for its "
+        "hourly records (AWS's quota: 10 per account and region, shared with the start checks "
+        "and other products); every pod of the fleet must have the same value",
     )
     aws_timeout_seconds: float = setting(
         10.0, gt=0.0, le=120.0, description="read timeout of one AWS call (connect: min(5, this))"
@@ -391,7 +402,7 @@ class Settings:
         return problems
 
     def _fleet_size_problems(self) -> list[str]:
-        if self.fleet_size is None:
+        if self.fleet_size is None or self.mode != "hourly":
             return []
         name = f"{PREFIX}FLEET_SIZE"
         if self.throttle_schedule_seconds.strip():
@@ -507,6 +518,7 @@ class Settings:
                 "entitlement_check",
                 "entitlement_dimension",
                 "state_volume_bytes",
+                "meter_calls_per_second",
             ):
                 if name in self.explicit and getattr(self, name):
                     out.append(
@@ -546,18 +558,12 @@ class Settings:
             "public_key_version",
             "challenge_rate_per_second",
         )
-        out = [
+        return [
             f"{PREFIX}{name.upper()} is ignored with {PREFIX}MODE=custom (MeterUsage returns "
             "no signed token)"
             for name in unused
             if name in self.explicit
         ]
-        if self.fleet_size is not None:  # a blank value (a shared template's) is no setting
-            out.append(
-                f"{PREFIX}FLEET_SIZE is ignored with {PREFIX}MODE=custom (it spreads "
-                "RegisterUsage's retries at start; custom mode calls MeterUsage)"
-            )
-        return out
 
 
 # Checks of one field each, run by sidecar.config_validate after pydantic's type check (as
@@ -838,7 +844,10 @@ NOT_SAAS = {
     "register_interval_seconds": _HOURLY_ONLY,
     "register_jitter": _HOURLY_ONLY,
     "throttle_schedule_seconds": _HOURLY_ONLY,
-    "fleet_size": _HOURLY_ONLY,
+    "fleet_size": "only used with MARKETPLACE_MODE=hourly or custom (it paces RegisterUsage "
+    "and MeterUsage), never in saas mode",
+    "meter_calls_per_second": "only used with MARKETPLACE_MODE=custom (MeterUsage's pace); saas "
+    "mode paces with MARKETPLACE_SAAS_CALLS_PER_SECOND",
     "first_call_timeout_seconds": _HOURLY_ONLY,
     "strict_first_answer": _HOURLY_ONLY,
     "clock_skew_seconds": _HOURLY_ONLY,

@@ -78,19 +78,47 @@ def test_custom_mode_with_a_key_says_the_key_is_ignored(
 
 
 @pytest.mark.parametrize("value", ["50", " 7 "])
-def test_custom_mode_with_a_fleet_size_says_it_is_ignored(
+def test_custom_mode_paces_its_hourly_sends_with_the_fleet_size(
     env: pytest.MonkeyPatch, tmp_path: Path, value: str
 ) -> None:
-    """The hint shapes RegisterUsage's retries at start; custom mode never calls RegisterUsage
-    (Helm refuses metering.fleetSize there): a seller setting it must not trust a no-op."""
-    custom(env, tmp_path, FLEET_SIZE=value)
+    """Custom mode uses the hint: each pod sends its hourly records in its own slot of a frame
+    of that many slots (sidecar.usage.pacing); the fleet's rate is its own setting."""
+    from sidecar.app import usage_policy
+
+    custom(env, tmp_path, FLEET_SIZE=value, METER_CALLS_PER_SECOND="4.5", POD_NAME="web-3")
     settings, _ = load()
-    assert settings.ignored() == [
-        "MARKETPLACE_FLEET_SIZE is ignored with MARKETPLACE_MODE=custom (it spreads "
-        "RegisterUsage's retries at start; custom mode calls MeterUsage)"
+    assert settings.ignored() == []
+    policy = usage_policy(settings)
+    assert (policy.fleet_size, policy.calls_per_second, policy.pod_name) == (
+        int(value),
+        4.5,
+        "web-3",
+    )
+    env.delenv("MARKETPLACE_METER_CALLS_PER_SECOND")
+    custom(env, tmp_path, FLEET_SIZE="")
+    policy = usage_policy(load()[0])  # a blank fleet size is unset; the default rate
+    assert (policy.fleet_size, policy.calls_per_second) == (None, 9.0)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1001", "fast", "nan"])
+def test_a_meter_rate_out_of_range_is_one_line_naming_it(
+    env: pytest.MonkeyPatch, tmp_path: Path, value: str
+) -> None:
+    custom(env, tmp_path, METER_CALLS_PER_SECOND=value)
+    found = problems()
+    assert len(found) == 1 and found[0].startswith("MARKETPLACE_METER_CALLS_PER_SECOND"), found
+
+
+def test_the_meter_rate_is_refused_outside_custom_mode(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env.setenv("MARKETPLACE_PUBLIC_KEY", pem(new_key()))
+    env.setenv("MARKETPLACE_METER_CALLS_PER_SECOND", "5")
+    found = problems()
+    assert found == [
+        "MARKETPLACE_METER_CALLS_PER_SECOND: only used with MARKETPLACE_MODE=custom "
+        "(the mode is hourly); set MARKETPLACE_MODE=custom or remove it"
     ]
-    custom(env, tmp_path, FLEET_SIZE="")  # a template's blank value is no setting at all
-    assert load()[0].ignored() == []
 
 
 @pytest.mark.parametrize(

@@ -787,6 +787,32 @@ def test_fleet_size_is_rendered_only_when_set_and_the_sidecar_accepts_it(tmp_pat
     assert sidecar_accepts(plain, "s.mode, s.fleet_size") == ["hourly", "300"]
 
 
+def test_custom_mode_renders_the_fleets_slots_and_the_sidecar_accepts_them(
+    tmp_path: Path,
+) -> None:
+    """Custom mode paces its hourly MeterUsage in slots: metering.fleetSize and
+    metering.meterCallsPerSecond reach the sidecar, which takes them (main: refused to render)."""
+    env = env_of(sidecar(pod_spec(render_custom())))
+    assert "MARKETPLACE_FLEET_SIZE" not in env and env["MARKETPLACE_METER_CALLS_PER_SECOND"] == "9"
+    docs = render_custom("metering.fleetSize=40", "metering.meterCallsPerSecond=4")
+    validate(docs, "1.33.0")
+    env = env_of(sidecar(pod_spec(docs)))
+    assert (env["MARKETPLACE_FLEET_SIZE"], env["MARKETPLACE_METER_CALLS_PER_SECOND"]) == (
+        "40",
+        "4",
+    )
+    plain = {k: v for k, v in env.items() if isinstance(v, str)}
+    plain["MARKETPLACE_PRODUCT_CODE"] = "prod-abc"  # from the ConfigMap in the pod
+    plain["MARKETPLACE_STATE_DIR"] = str(tmp_path)  # the emptyDir in the pod
+    fields = "s.mode, s.fleet_size, s.meter_calls_per_second, len(s.ignored())"
+    assert sidecar_accepts(plain, fields) == ["custom", "40", "4.0", "0"]
+    out = helm(
+        "template", "x", str(CHART), *[a for s in (*BASE, *CUSTOM) for a in ("--set", s)],
+        "--set", "metering.meterCallsPerSecond=0", check=False,
+    )  # fmt: skip
+    assert out.returncode != 0 and "/metering/meterCallsPerSecond" in out.stderr, out.stderr
+
+
 def test_plain_manifests_pull_the_sidecar_from_a_marketplace_registry_and_match_irsa() -> None:
     """A seller applying the plain YAML must not pull `marketplace-sidecar:<tag>` from Docker Hub,
     and the IRSA trust policy must name the ServiceAccount that YAML creates, or STS refuses."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ def test_a_full_volume_answers_503_and_stores_nothing_then_heals(
     assert post(svc, {"dimension": "scans", "quantity": 1, "id": "before"})[0] == 202
     ballast = tmp_path / "ballast"
     ballast.write_bytes(b"\1" * int(12.6 * MIB))
+    clock.mono += 1  # a file from outside the store is seen within a second (volume.Guard)
     records = [{"dimension": "scans", "quantity": 1, "id": f"r{i}"} for i in range(1000)]
     status, body = post(svc, records)
     assert status == 503, body
@@ -99,6 +101,36 @@ def test_a_full_volume_answers_503_and_stores_nothing_then_heals(
     assert post(svc, records)[0] == 200
     run_for(svc, clock, 3 * 3600)
     assert ledger_totals(emulator) == {"scans": 1001}
+    svc.close()
+
+
+def test_the_stores_own_writes_are_refused_before_the_volume_is_full(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """Writes measure the volume at most once a second, and this clock never moves: only the
+    bound on the store's own growth (volume.Guard) can make them measure. A 16 MiB volume
+    (the smallest allowed) filled by 1,000-record POSTs is refused at 90%, and its files never
+    pass the limit."""
+    svc = service(tmp_path, clock, volume_bytes=16 * MIB)
+    (tmp_path / "ballast").write_bytes(b"\1" * (8 * MIB))
+    svc.report()  # a reading with the ballast (as the loop takes every pass)
+    largest = 0
+    for n in range(400):
+        records = [
+            {"dimension": "scans", "quantity": 1, "id": f"{n}-{i}-{'x' * 40}"} for i in range(1000)
+        ]
+        status, body = post(svc, records)
+        largest = max(largest, files_bytes(tmp_path, DB_NAME)[0])
+        if status == 503:
+            assert body["error"] == "state_volume_full"
+            break
+        assert status == 202, body
+    else:
+        raise AssertionError("a filling volume was never refused")
+    assert n > 3  # the store grew before it was refused
+    assert largest < 16 * MIB
+    reading = svc.report()["state_volume"]
+    assert reading["percent"] >= 90 and reading["used_bytes"] < 16 * MIB
     svc.close()
 
 
@@ -141,6 +173,7 @@ def test_the_running_sidecar_warns_on_readyz_and_metrics_then_refuses(
         volume = car.get("/v1/usage").json()["state_volume"]
         ballast = tmp_path / "ballast"
         ballast.write_bytes(b"\1" * (int(0.84 * 16 * MIB) - volume["used_bytes"]))
+        time.sleep(1.05)  # a POST measures when the last reading is a second old (volume.Guard)
         second = {"dimension": "scans", "quantity": 3, "id": "y"}
         assert requests.post(car.api + "/v1/usage", json=second, timeout=10).status_code == 202
         for probe in (False, True):

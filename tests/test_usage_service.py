@@ -105,7 +105,7 @@ def test_late_usage_for_a_sealed_hour_goes_to_the_open_hour_and_says_so(
 def test_a_restart_resends_the_stored_request_and_aws_returns_the_same_record(
     tmp_path: Path, clock: ManualClock, emulator: Emulator
 ) -> None:
-    svc = service(tmp_path, clock)
+    svc = service(tmp_path, clock, fleet_size=1)  # a pod alone: its slot is every slot
     post(svc, {"dimension": "scans", "quantity": 9})
     emulator.reconfigure(
         {"faults": [{"error": "RecordedThenReset", "first": 1, "op": "MeterUsage"}]}
@@ -118,7 +118,7 @@ def test_a_restart_resends_the_stored_request_and_aws_returns_the_same_record(
         svc.store.read(lambda c: c.execute("SELECT request FROM hours").fetchone()[0])
     )["ClientToken"]
     svc.close()
-    svc = service(tmp_path, clock)  # a new container on the same state dir
+    svc = service(tmp_path, clock, fleet_size=1)  # a new container on the same state dir
     clock.t += 400
     svc.tick(clock.t)
     row = svc.report()["hours"][0]
@@ -240,7 +240,7 @@ def test_a_full_disk_answers_503_with_a_retry_hint_and_stores_nothing(
 
 
 def test_counters_for_metrics(tmp_path: Path, clock: ManualClock, emulator: Emulator) -> None:
-    svc = service(tmp_path, clock)
+    svc = service(tmp_path, clock, fleet_size=1)  # a pod alone: its slot is every slot
     post(svc, {"dimension": "scans", "quantity": 3})
     post(svc, {"dimension": "scans", "quantity": 3, "id": "a"})
     post(svc, {"dimension": "scans", "quantity": 3, "id": "a"})
@@ -253,7 +253,8 @@ def test_counters_for_metrics(tmp_path: Path, clock: ManualClock, emulator: Emul
     svc.tick(clock.t)
     assert svc.counters().send_attempts == {("retry", "InternalServiceErrorException"): 1}
     clock.mono += 301  # past the longest pause
-    svc.tick(clock.t + 700)
+    clock.t += 600  # and this pod's slot in the next frame (a frame is at most the spread)
+    svc.tick(clock.t)
     assert svc.counters().send_attempts == {
         ("retry", "InternalServiceErrorException"): 1,
         ("sent", "ok"): 1,

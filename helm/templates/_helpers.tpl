@@ -179,8 +179,8 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
 {{- fail "metering.contract.anywhere: set existingSecret or token, not both (the token is a credential: prefer existingSecret)" -}}
 {{- end -}}
 {{- end -}}
-{{- if and $v.metering.fleetSize (ne $v.metering.mode "hourly") -}}
-{{- fail "metering.fleetSize is only used with metering.mode=hourly (RegisterUsage at start): remove it" -}}
+{{- if and $v.metering.fleetSize (or $saas $contract) -}}
+{{- fail "metering.fleetSize is only used with metering.mode=hourly (RegisterUsage at start) or custom (MeterUsage's slots): remove it" -}}
 {{- end -}}
 {{- with $v.metering.entitlementDimension -}}
 {{- if or (ne $v.metering.mode "custom") (ne $v.metering.entitlementCheck "meter_zero") -}}
@@ -197,11 +197,13 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
 {{- fail (printf "metering.stateSizeLimit=%s: custom mode needs at least 16Mi (the usage store, its WAL and a margin); see docs/custom-capacity.md" $limit) -}}
 {{- end -}}
 {{- end -}}
+{{- if eq $v.metering.mode "hourly" -}}
 {{- with $v.metering.fleetSize -}}
 {{- /* the sidecar's own check (1.2 x fleet / 5 s, at least 5 s, within half the deadline): else every pod exits 2 */ -}}
 {{- $window := maxf 5.0 (divf (mulf 1.2 (float64 .)) 5.0) -}}
 {{- if gt $window (divf (float64 $v.config.registerDeadlineSeconds) 2.0) -}}
 {{- fail (printf "metering.fleetSize=%d: the pods spread their retries over %g s, more than half of config.registerDeadlineSeconds=%v: lower it or raise the deadline" (int64 .) $window $v.config.registerDeadlineSeconds) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 - name: marketplace-sidecar
@@ -271,6 +273,11 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
     - {name: MARKETPLACE_DRAIN_SECONDS, value: {{ $v.metering.drainSeconds | quote }}}
     # The emptyDir's sizeLimit, which statvfs cannot show: usage is refused (503) at 90% of it.
     - {name: MARKETPLACE_STATE_VOLUME_BYTES, value: {{ $v.metering.stateSizeLimit | quote }}}
+    # The hourly MeterUsage slots: the fleet's calls per second and, if set, its size.
+    - {name: MARKETPLACE_METER_CALLS_PER_SECOND, value: {{ $v.metering.meterCallsPerSecond | quote }}}
+    {{- with $v.metering.fleetSize }}
+    - {name: MARKETPLACE_FLEET_SIZE, value: {{ int64 . | toString | quote }}}
+    {{- end }}
     {{- else }}
     - {name: MARKETPLACE_PUBLIC_KEY_FILE, value: /etc/marketplace-sidecar/public-key.pem}
     - {name: MARKETPLACE_PUBLIC_KEY_VERSION, value: {{ $v.product.publicKeyVersion | quote }}}

@@ -92,7 +92,9 @@ def first_hour_open(api: str, t: float) -> int:
 @dataclass(frozen=True)
 class HourPolicy:
     seal_margin: float = 60.0  # after the hour ends, before sealing it
-    spread: float = 600.0  # each (dimension, hour) is first sent at a random point of this window
+    # The window a pod's hourly records are spread over when the fleet's size is unknown
+    # (sidecar.usage.pacing sizes its frame from it); `send_after` spreads with `rng` over it.
+    spread: float = 600.0
     # A record for a past, still unsealed hour is counted there only if that hour can still be
     # sent comfortably; otherwise it is carried into the open hour.
     late_floor: float = HOUR

@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -73,9 +74,16 @@ from sidecar.usage.hours import (
     iso_hour,
 )
 from sidecar.usage.ledger import IdConflictError, Pending
+from sidecar.usage.pacing import (
+    DEFAULT_CALLS_PER_SECOND,
+    Slots,
+    frame_slots,
+    home_slot,
+    is_ordinal,
+)
 from sidecar.usage.store import Store, StoreError, StoreUnavailableError
 from sidecar.usage.validate import Limits, RejectedError, parse
-from sidecar.usage.volume import Reading, VolumeFullError, check, measure
+from sidecar.usage.volume import Guard, Reading, VolumeFullError, check, measure
 
 __all__ = [
     "EntitlementResult",
@@ -91,6 +99,10 @@ log = logging.getLogger(__name__)
 REMEMBERED_KINDS = frozenset({"entitlement", "platform"})
 RETRY_AFTER_SECONDS = 5
 TIMESTAMP_REFUSED = "TimestampOutOfBoundsException"
+THROTTLED = "ThrottlingException"
+# A paced send may leave this much before its slot (timer and float rounding); sooner, it
+# would land in the previous slot, on another pod's call.
+SLOT_EARLY = 0.001
 
 
 class MeterGateway(Protocol):
@@ -120,6 +132,12 @@ class UsagePolicy:
         return tuple(d for d in self.dimensions if d != self.check_dimension)
 
     volume_bytes: int | None = None  # the state volume's size limit (the emptyDir's sizeLimit)
+    # Hourly sends are paced in slots (sidecar.usage.pacing): the pods sending MeterUsage with
+    # this account and region (None: as many as fit `hours.spread`), the fleet's calls per
+    # second, and this pod's name (its slot; empty: the host name, the pod's name in Kubernetes).
+    fleet_size: int | None = None
+    calls_per_second: float = DEFAULT_CALLS_PER_SECOND
+    pod_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -175,6 +193,10 @@ def _store_unwritable(exc: StoreUnavailableError) -> ErrorInfo:
     )
 
 
+def _no_spread() -> float:
+    return 0.0
+
+
 def _info(exc: BaseException) -> ErrorInfo | None:
     info = getattr(exc, "info", None)
     return info if isinstance(info, ErrorInfo) else None
@@ -216,6 +238,22 @@ class UsageService:
         self._refused = False
         self._volume: Reading | None = None  # the last reading (readyz and warnings read it)
         self._volume_refusals = 0
+        self._guard = Guard()  # when a write measures the volume (at most once a second)
+        self._slots = Slots(
+            policy.calls_per_second,
+            frame_slots(
+                policy.fleet_size,
+                policy.hours.spread,
+                policy.calls_per_second,
+                len(policy.usage_dimensions),
+            ),
+        )
+        name = policy.pod_name or socket.gethostname()
+        self._home = home_slot(name, self._slots.slots)
+        self._own_slot = is_ordinal(name)  # a StatefulSet's ordinal: no other pod's slot
+        self._not_before: int | None = None  # the slot index the next paced send waits for
+        self._throttles = 0  # consecutive ThrottlingExceptions of paced sends
+        self._closing_at = float("inf")  # the earliest deadline of the hours found due
         self._measure_volume()
 
     # -- the local API ---------------------------------------------------------------------
@@ -231,8 +269,12 @@ class UsageService:
 
         def job(c: Any) -> tuple[int, list[dict[str, Any]]]:
             out = ledger.ingest(c, records, now, policy)
-            if out[0] == 202:  # something new: measured with it, rolled back if over
-                self._volume = check(self._reading(c))
+            mono = self.clock.monotonic()
+            if out[0] == 202 and self._guard.due(mono, len(body)):
+                # something new, maybe near the limit: measured with it, rolled back if over
+                found = self._reading(c)
+                self._guard.measured(found, mono)
+                self._volume = check(found)
             return out
 
         before = self._volume
@@ -321,7 +363,9 @@ class UsageService:
     def _measure_volume(self) -> Reading | None:
         """A fresh reading from a read snapshot; the last one when that fails."""
         try:
+            mono = self.clock.monotonic()
             self._volume = self.store.read(self._reading)
+            self._guard.measured(self._volume, mono)
         except (OSError, StoreUnavailableError) as exc:
             log.warning("state_volume_unreadable", extra={"detail": str(exc)[:300]})
         return self._volume
@@ -619,8 +663,9 @@ class UsageService:
         through = hp.sealable_through(now)
         first_open = self.store.read(ledger.next_open_hour)
         if first_open is not None and first_open <= through:
+            # Sent from the seal on, in this pod's slots: the slots spread the fleet.
             sealed = self.store.write(
-                lambda c: ledger.seal(c, through, now, hp, self.policy.product_code, self._rng)
+                lambda c: ledger.seal(c, through, now, hp, self.policy.product_code, _no_spread)
             )
             for dimension, hour in sealed:
                 log.info("usage_sealed", extra={"dimension": dimension, "hour": iso_hour(hour)})
@@ -638,7 +683,9 @@ class UsageService:
     ) -> None:
         horizon = None if ignore_spread else now
         with self._send_lock:
-            for p in self.store.read(lambda c: ledger.due(c, horizon)):
+            pending = self.store.read(lambda c: ledger.due(c, horizon))
+            self._closing_at = min((p.deadline for p in pending), default=float("inf"))
+            for p in pending:
                 now = self.clock.time()
                 if budget_end is not None and time.monotonic() >= budget_end:
                     return
@@ -665,8 +712,39 @@ class UsageService:
                     )
                 if self.clock.monotonic() < self._resume_at:
                     return
-                if self._send(p)[0] == RETRY:
-                    return
+                if ignore_spread or p.deadline - now < self.policy.hours.warn_before:
+                    # A drain, or a backlog whose window is closing (the pod was down for
+                    # hours): at once, not one record per frame; throttles back off.
+                    if self._send(p)[0] == RETRY:
+                        return
+                    continue
+                slot = self._slots.next_index(self._home, now, self._not_before)
+                if self._slots.at(slot) > now + SLOT_EARLY:
+                    return  # `_sleep` wakes the loop at this pod's next slot; never early
+                outcome, _, info = self._send(p)
+                self._paced(slot, outcome, info)
+                return  # one record per frame: the next waits for this pod's next slot
+
+    def _paced(self, slot: int, outcome: str, info: ErrorInfo | None) -> None:
+        """After a paced send in `slot`: the next one waits for this pod's slot in the next
+        frame; after a throttle, for a random slot of the next frames, which becomes this
+        pod's own (another pod holds this one); a StatefulSet pod's first throttle keeps its
+        own slot (a late call, not a shared slot)."""
+        if outcome == RETRY and info is not None and info.code == THROTTLED:
+            self._throttles += 1
+            self._resume_at = self.clock.monotonic()  # the slot is the backoff
+            if self._own_slot and self._throttles == 1:
+                # This pod's own slot: the call was late (the bucket refilled too little
+                # since the previous slot's call). Moving would take another pod's slot.
+                self._not_before = slot + 1
+                return
+            index = self._slots.retry_index(self.clock.time(), self._throttles, self._rng)
+            self._home = index % self._slots.slots
+            self._not_before = index
+            return
+        if outcome != RETRY:
+            self._throttles = 0
+        self._not_before = slot + 1
 
     def _sleep(self, now: float) -> float:
         hp = self.policy.hours
@@ -676,7 +754,10 @@ class UsageService:
             wake.append(hp.seal_due(first_open))
         after = self.store.read(ledger.next_send_after)
         if after is not None:
-            wake.append(max(after, now + (self._resume_at - self.clock.monotonic())))
+            at = max(after, now + (self._resume_at - self.clock.monotonic()))
+            if at < self._closing_at - hp.warn_before:  # paced, see `_send_due`
+                at = self._slots.at(self._slots.next_index(self._home, at, self._not_before))
+            wake.append(at)
         return max(0.01, min(wake) - now)
 
     def drain(self, budget_seconds: float) -> None:

@@ -10,7 +10,9 @@ file grows, so they count as room.
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,16 @@ REFUSE_FRACTION = 0.9  # new usage is refused: the rest is for sealing, sending 
 # Dirty pages of an open transaction stay in SQLite's page cache (2 MiB by default) until
 # commit or a spill, where the files do not show them yet.
 CACHE_RESERVE = 2 * MIB
+# A full reading (a walk of the state dir, statvfs, three PRAGMAs) costs more than the write it
+# guards, so writes measure at most once a second (MEASURE_EVERY) unless they could have
+# brought the volume to the refusal threshold since the last reading. Between two readings the
+# store's own writes can add at most: the WAL up to its ceiling (checkpointed at 1,000 pages
+# and cut back to 4 MiB: the store's WAL_LIMIT_BYTES), and the rows the accepted POSTs brought,
+# at most GROWTH_PER_BODY_BYTE bytes per byte of their bodies (a row holds less than its JSON:
+# ids are 20-byte digests, tags JSON at most 3x escaped, in B-tree pages at least half full).
+MEASURE_EVERY = 1.0
+WAL_CEILING = 4 * MIB + 1000 * 24  # 1,000 frames of 4 KiB pages and their headers
+GROWTH_PER_BODY_BYTE = 8
 
 
 class VolumeFullError(Exception):
@@ -40,6 +52,7 @@ class Reading:
     used: int  # the files' bytes, less the store's free pages, plus its pending growth and cache
     limit: int
     source: str  # the setting, or "filesystem" when the disk has less room
+    wal: int = 0  # of `used`, the store's WAL file
 
     @property
     def fraction(self) -> float:
@@ -84,6 +97,7 @@ def reading(
     fs_room: int,
     configured: int | None,
     setting: str,
+    wal: int = 0,
 ) -> Reading:
     """Pure: `files` bytes in the volume, the store file's size on disk and its logical size
     (`store_pages`, of which `free_pages` are free), and `fs_room` bytes free on the disk.
@@ -92,13 +106,14 @@ def reading(
     used = max(0, files + growth - free_pages * page_size) + CACHE_RESERVE
     fs_limit = files + fs_room
     if configured is not None and configured <= fs_limit:
-        return Reading(used, configured, setting)
-    return Reading(used, fs_limit, "filesystem")
+        return Reading(used, configured, setting, wal)
+    return Reading(used, fs_limit, "filesystem", wal)
 
 
-def files_bytes(directory: Path, name: str) -> tuple[int, int]:
-    """(bytes of every file under `directory`, bytes of the store file `name`), as du counts."""
-    total = store = 0
+def files_bytes(directory: Path, name: str) -> tuple[int, int, int]:
+    """(bytes of every file under `directory`, of the store file `name`, of its WAL), as du
+    counts."""
+    total = store = wal = 0
     for root, _, names in os.walk(directory):
         for n in names:
             try:
@@ -109,18 +124,20 @@ def files_bytes(directory: Path, name: str) -> tuple[int, int]:
             total += size
             if n == name and root == str(directory):
                 store = size
-    return total, store
+            elif n == name + "-wal" and root == str(directory):
+                wal = size
+    return total, store, wal
 
 
 def measure(db: Db, directory: Path, name: str, configured: int | None, setting: str) -> Reading:
     """A reading inside a transaction (or a read snapshot) of the store `name` in `directory`."""
-    files, store = files_bytes(directory, name)
+    files, store, wal = files_bytes(directory, name)
     pages = int(db.execute("PRAGMA page_count").fetchone()[0])
     free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
     page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
     st = os.statvfs(directory)
     return reading(
-        files, store, pages, free, page_size, st.f_bavail * st.f_frsize, configured, setting
+        files, store, pages, free, page_size, st.f_bavail * st.f_frsize, configured, setting, wal
     )
 
 
@@ -129,3 +146,32 @@ def check(found: Reading) -> Reading:
     if found.refusing:
         raise VolumeFullError(found)
     return found
+
+
+class Guard:
+    """When a write must take a full reading: at most once per MEASURE_EVERY seconds, unless
+    the last reading is at the warning level or above (then every write), or the store's own
+    writes since (see GROWTH_PER_BODY_BYTE) could have reached the refusal threshold. Usage
+    from outside the store (other files, the node's disk) is seen within a second."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: Reading | None = None
+        self._at = -math.inf
+        self._written = 0
+
+    def due(self, now: float, body_bytes: int) -> bool:
+        """A write of a POST of `body_bytes` at monotonic `now`: measure before accepting?"""
+        with self._lock:
+            self._written += body_bytes
+            last = self._last
+            if last is None or now - self._at >= MEASURE_EVERY or last.fraction >= WARN_FRACTION:
+                return True
+            bound = (
+                last.used + max(0, WAL_CEILING - last.wal) + GROWTH_PER_BODY_BYTE * self._written
+            )
+            return bound >= REFUSE_FRACTION * last.limit
+
+    def measured(self, found: Reading, now: float) -> None:
+        with self._lock:
+            self._last, self._at, self._written = found, now, 0
