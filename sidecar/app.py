@@ -131,12 +131,13 @@ def usage_policy(settings: Settings) -> UsagePolicy:
     from sidecar.usage.service import UsagePolicy
 
     if settings.state_dir is None:  # the mode validator requires it
-        raise ValueError("MARKETPLACE_STATE_DIR is required with MARKETPLACE_MODE=custom")
+        raise ValueError("MARKETPLACE_STATE_DIR is required with MARKETPLACE_DIMENSIONS")
+    contract = settings.mode == "contract"
     return UsagePolicy(
-        product_code=settings.product_code or "",  # custom mode requires it
+        product_code=settings.product_code or "",  # custom mode (and consumption) require it
         dimensions=settings.dimension_list,
         state_dir=settings.state_dir,
-        entitlement_check=settings.entitlement_check,
+        entitlement_check="license" if contract else settings.entitlement_check,
         check_dimension=settings.entitlement_dimension or None,
         drain_seconds=settings.drain_seconds,
         entitlement_deadline=settings.register_deadline_seconds,
@@ -214,6 +215,37 @@ def contract_service(
         on_loss=settings.license_on_loss,
         rng=random.random,
     )
+
+
+def license_gate(
+    contract: ContractService, clock: Clock, poll: float = 0.2
+) -> Callable[[threading.Event], EntitlementResult]:
+    """Contract with consumption: the usage pipeline's start check is the license.
+
+    Not meter_zero (a quantity-0 MeterUsage proves a subscription the license already
+    proves, and would lock a dimension's first hour), not `none` with readiness alone (the
+    pipeline would send usage of a pod that was never licensed, and drain it at SIGTERM).
+    It waits for the contract thread's first verdict through the service's public snapshot:
+    a live checkout opens sending; "not entitled" or "unavailable" (final for this start)
+    keeps every posted unit in the store, unsent. A later loss does not close it again: the
+    units were acknowledged under a license and AWS's MeterUsage answer judges them."""
+    from sidecar.entitlement.license import HOLDING, LicenseState
+    from sidecar.usage.service import EntitlementResult
+
+    def gate(stop: threading.Event) -> EntitlementResult:
+        while True:
+            snap = contract.snapshot()
+            if snap.state in HOLDING:
+                log.info("usage_license_checked", extra={"state": snap.state.value})
+                return EntitlementResult("entitled")
+            if snap.state is LicenseState.NOT_ENTITLED:
+                return EntitlementResult("refused", snap.error)
+            if snap.state is LicenseState.UNAVAILABLE:
+                return EntitlementResult("unavailable", snap.error)
+            if clock.wait(stop, poll):
+                return EntitlementResult("unavailable", snap.error)
+
+    return gate
 
 
 def license_gateway(settings: Settings) -> Callable[[], Any]:
@@ -433,12 +465,17 @@ class Daemon:
             )
         self.usage: UsageService | None = None
         self._entitlement_check = "none"
-        if custom:
+        consumption = contract and bool(settings.dimensions)
+        if custom or consumption:
             from sidecar.usage.service import UsageService
 
             # Raises StoreError before any port is bound: never a silent reset to zero.
             self.usage = UsageService(
-                usage_policy(settings), factory, clock=self.clock, on_entitlement=self._entitled
+                usage_policy(settings),
+                factory,
+                clock=self.clock,
+                on_entitlement=None if consumption else self._entitled,
+                gate=license_gate(self.contract, self.clock) if self.contract else None,
             )
             usage = self.usage
             self.metrics.watch_usage(usage.counters, frozenset(settings.dimension_list))
@@ -454,6 +491,12 @@ class Daemon:
             name="saas" if saas else "usage" if custom else "contract" if contract else "registrar",
             daemon=True,
         )
+        # Contract with consumption: the usage pipeline beside the license thread.
+        self._usage_worker: threading.Thread | None = None
+        if consumption:
+            self._usage_worker = threading.Thread(
+                target=self._work_consumption, name="usage", daemon=True
+            )
         self.mirrors: list[Mirror] = []
         if settings.readiness_gate or settings.kube_events:
             self.mirrors = kube_mirrors(settings, self.machine, self.clock, self.stop_event)
@@ -607,6 +650,27 @@ class Daemon:
             self._crash = f"usage loop crashed: {type(exc).__name__}"
             log.exception("usage_crashed")
 
+    def _work_consumption(self) -> None:
+        """Contract with consumption: send usage only after the license gate opened."""
+        if self.usage is None:
+            return
+        try:
+            result = self.usage.check_entitlement(self.stop_event)
+            if result.outcome == "entitled":
+                self.usage.run(self.stop_event)
+            else:
+                log.warning(
+                    "usage_held",
+                    extra={
+                        "outcome": result.outcome,
+                        "code": result.error.code if result.error else None,
+                        "detail": "no license: posted usage stays in the state dir, unsent",
+                    },
+                )
+        except Exception as exc:
+            self._crash = f"usage loop crashed: {type(exc).__name__}"
+            log.exception("usage_crashed")
+
     def _work_contract(self) -> None:
         if self.contract is None:
             return
@@ -643,24 +707,33 @@ class Daemon:
         for server in self.servers:
             server.serve_in_thread(server.name)
         self._worker.start()
+        if self._usage_worker is not None:
+            self._usage_worker.start()
         for mirror in self.mirrors:
             threading.Thread(target=mirror.run, name=mirror.name, daemon=True).start()
 
     def close(self) -> None:
         self.stop_event.set()
-        self._checkin(self.settings.drain_seconds)
+        budget = self.settings.drain_seconds
+        # Contract with consumption: the check-in runs beside the usage drain, both inside
+        # one budget (a hung MeterUsage must not cost the seat's return, nor the reverse).
+        checkin = threading.Thread(target=self._checkin, args=(budget,), name="stop-checkin")
+        checkin.start()
+        if self._usage_worker is None:
+            checkin.join()  # the other modes: as before, then the drain
         pipeline = self.usage or self.saas
         if pipeline is not None:
             # The API stays up while draining: a classic sidecar's product may still report.
             started = time.monotonic()
-            budget = self.settings.drain_seconds
-            self._worker.join(timeout=min(2.0, budget))
+            worker = self._usage_worker or self._worker
+            worker.join(timeout=min(2.0, budget))
             left = max(0.0, budget - (time.monotonic() - started))
             log.info("draining", extra={"budget_seconds": round(left, 1)})
             try:
                 pipeline.drain(left)
             except Exception:
                 log.exception("drain_failed")  # unsent hours stay in the store
+        checkin.join()  # bounded by the same budget inside `_checkin`
         for server in self.servers:
             server.shutdown()
             server.server_close()
@@ -685,7 +758,8 @@ def run(
     for ignored in settings.ignored():
         log.warning("config_ignored", extra={"detail": ignored})
     store_errors: tuple[type[Exception], ...] = ()
-    if settings.mode == "custom":  # hourly mode never loads the usage pipeline
+    if settings.mode == "custom" or (settings.mode == "contract" and settings.dimensions):
+        # hourly mode (and contract mode without dimensions) never load the usage pipeline
         from sidecar.usage.service import StoreError
 
         store_errors = (StoreError,)

@@ -427,7 +427,7 @@ class Settings:
             problems.append(f"{PREFIX}PRODUCT_CODE: is required{_product_code_why(self)}")
         problems += self._foreign_settings()
         if self.mode == "contract":
-            return problems + self._contract_problems()
+            return problems + self._contract_problems() + self._consumption_problems()
         if self.mode == "hourly":
             if (self.public_key is None) == (self.public_key_file is None):
                 problems.append(_NO_KEY)
@@ -473,6 +473,17 @@ class Settings:
             )
         return problems
 
+    def _consumption_problems(self) -> list[str]:
+        """Contract with consumption (MARKETPLACE_DIMENSIONS in contract mode): custom mode's
+        usage store must exist; without dimensions nothing changes."""
+        if not self.dimensions or self.state_dir is not None:
+            return []
+        return [
+            f"{PREFIX}STATE_DIR: is required with {PREFIX}DIMENSIONS in {PREFIX}MODE=contract: "
+            "usage above the contract is kept there until MeterUsage takes it (mount an "
+            "emptyDir: it survives container restarts)"
+        ]
+
     def _check_dimension_problems(self) -> list[str]:
         name = self.entitlement_dimension
         if not name:
@@ -503,7 +514,9 @@ class Settings:
     @property
     def needs_product_code(self) -> bool:
         if self.mode == "contract":
-            return False  # License Manager knows the product by its SKU
+            # License Manager knows the product by its SKU; MeterUsage (contract with
+            # consumption) only by its product code.
+            return bool(self.dimensions)
         return self.mode != "saas" or self.saas_identity == "customer_identifier"
 
     def _foreign_settings(self) -> list[str]:
@@ -526,7 +539,7 @@ class Settings:
                         f"(the mode is hourly); set {PREFIX}MODE=custom or remove it"
                     )
         refused = (
-            NOT_CONTRACT
+            not_contract(bool(self.dimensions))
             if self.mode == "contract"
             else {**CONTRACT_ONLY, **(SAAS_ONLY if self.mode != "saas" else NOT_SAAS)}
         )
@@ -913,9 +926,30 @@ NOT_CONTRACT = {
     "readiness_gate": "contract mode does not mirror its state to the pod (yet)",
     "kube_events": "contract mode does not mirror its state to the pod (yet)",
 }
+# Contract with consumption: with MARKETPLACE_DIMENSIONS, custom mode's usage settings apply
+# (MeterUsage needs the product code; the usage store lives in the state dir).
+CONSUMPTION = ("product_code", "dimensions", "state_dir", "state_volume_bytes", "fleet_size")
+_LICENSE_IS_THE_CHECK = (
+    "contract mode checks the license (CheckoutLicense) before any usage is sent, never MeterUsage"
+)
+
+
+def not_contract(consumption: bool) -> dict[str, str]:
+    """The settings refused in contract mode: as listed, less the usage settings when
+    MARKETPLACE_DIMENSIONS turns on contract with consumption."""
+    if not consumption:
+        return NOT_CONTRACT
+    out = {k: v for k, v in NOT_CONTRACT.items() if k not in CONSUMPTION}
+    out["entitlement_check"] = out["entitlement_dimension"] = _LICENSE_IS_THE_CHECK
+    return out
 
 
 def _product_code_why(settings: Settings) -> str:
+    if settings.mode == "contract":
+        return (
+            f" with {PREFIX}DIMENSIONS in contract mode: MeterUsage names the product by its "
+            f"product code, not by {PREFIX}LICENSE_PRODUCT_SKU (the product ID)"
+        )
     if settings.mode == "saas":
         return f" with {PREFIX}SAAS_IDENTITY=customer_identifier (BatchMeterUsage sends it)"
     return ""

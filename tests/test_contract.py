@@ -382,11 +382,12 @@ def test_contract_refuses_other_modes_settings_and_half_an_identity(tmp_path: Pa
             "MARKETPLACE_LICENSE_PRODUCT_SKU": SKU,
             "MARKETPLACE_LICENSE_ENTITLEMENTS": json.dumps(TIER),
             "MARKETPLACE_LICENSE_TOKEN_FILE": str(tmp_path / "token"),
-            "MARKETPLACE_DIMENSIONS": "users",
+            # (MARKETPLACE_DIMENSIONS is contract with consumption: test_contract_consumption)
+            "MARKETPLACE_ENTITLEMENT_CHECK": "dry_run",
         }
     )
     assert code == 2
-    assert "MARKETPLACE_DIMENSIONS: contract mode meters nothing" in err
+    assert "MARKETPLACE_ENTITLEMENT_CHECK: contract mode meters nothing" in err
     assert "MARKETPLACE_LICENSE_TOKEN_FILE and MARKETPLACE_LICENSE_ROLE_ARN: set both" in err
 
 

@@ -9,6 +9,7 @@ CONTRACT with the wiring (agreed with H6b; change only together):
         dimensions=settings.dimension_list,          # tuple[str, ...], 1..24
         state_dir=settings.state_dir,                # Path, required in custom mode
         entitlement_check=settings.entitlement_check,  # "meter_zero" | "dry_run" | "none"
+                                                       # | "license" (contract mode: `gate`)
         check_dimension=settings.entitlement_dimension or None,  # meter_zero's dimension
         drain_seconds=settings.drain_seconds,
         entitlement_deadline=settings.register_deadline_seconds,
@@ -28,6 +29,9 @@ CONTRACT with the wiring (agreed with H6b; change only together):
         # 503 with body["retry_after"] (seconds) when the store cannot write.
     service.report() -> dict[str, Any]           # GET /v1/usage
     service.check_entitlement(stop: threading.Event) -> EntitlementResult   # blocking, retries
+        # "license" (contract with consumption): the injected `gate(stop)` answers instead
+        #   (entitled | refused | unavailable); nothing is sent, not even at drain, until it
+        #   answered "entitled"
         # EntitlementResult.outcome: "entitled" | "permitted" (dry_run: permission only)
         #   | "refused" (final; .error: ErrorInfo; remembered in the store across restarts)
         #   | "unavailable" (retryable errors until the deadline; .error) | "skipped" (none)
@@ -211,12 +215,19 @@ class UsageService:
         clock: Clock | None = None,
         rng: Callable[[], float] = random.random,
         on_entitlement: Callable[[EntitlementResult], None] | None = None,
+        gate: Callable[[threading.Event], EntitlementResult] | None = None,
     ) -> None:
         if not policy.usage_dimensions:
             raise ValueError("at least one usage dimension is needed")
         if policy.check_dimension is not None and policy.check_dimension not in policy.dimensions:
             raise ValueError("the check dimension must be one of the dimensions")
+        if (policy.entitlement_check == "license") != (gate is not None):
+            raise ValueError('entitlement_check "license" and a gate go together')
         self.policy = policy
+        self._gate = gate
+        # Contract with consumption: False until the license gate opened (no MeterUsage at all
+        # before, not even at drain). The other checks keep their own behaviour: always True.
+        self.sending_open = gate is None
         self.clock: Clock = clock or SystemClock()
         self.store = Store(policy.state_dir)
         self._factory = gateway_factory
@@ -335,6 +346,11 @@ class UsageService:
         }
         if self._store_error is not None:
             out["warnings"].append(f"usage store cannot write: {self._store_error}")
+        if not self.sending_open:
+            out["warnings"].append(
+                "usage_held: no license checked out yet; usage is stored and sent only once "
+                "License Manager allows the license (GET /v1/entitlement)"
+            )
         out["dimensions"] = list(self.policy.usage_dimensions)
         out["entitlement_check"] = self.policy.entitlement_check
         if self.policy.entitlement_check == "meter_zero":
@@ -490,6 +506,13 @@ class UsageService:
         mode = self.policy.entitlement_check
         if mode == "none":
             return EntitlementResult("skipped")
+        if self._gate is not None:
+            # The license is this pod's entitlement, checked out at every start: a MeterUsage
+            # refusal remembered from an earlier container does not outrank it (and a start
+            # check by MeterUsage would bill nothing the license has not already said).
+            result = self._gate(stop)
+            self.sending_open = result.outcome == "entitled"
+            return result
         remembered = self.store.read(ledger.load_verdict)
         if remembered is not None:
             self._refused = True
@@ -767,6 +790,13 @@ class UsageService:
         end = time.monotonic() + max(0.0, budget_seconds)
         now = self.clock.time()
         hp = self.policy.hours
+        if not self.sending_open:
+            # Never licensed in this process: nothing goes to MeterUsage. The open hours stay
+            # open (sealed by the next container once its license is checked out, or expired
+            # there if that comes too late) and every unit is logged as unsent.
+            log.warning("usage_held_at_exit", extra={"reason": "no license checked out"})
+            self._report_unsent()
+            return
         try:
             sealed = self.store.write(
                 lambda c: ledger.seal(

@@ -1,0 +1,304 @@
+"""Contract with consumption end to end: a real `run` process in contract mode with
+MARKETPLACE_DIMENSIONS, boto3 over real HTTP to the emulator's License Manager (the license)
+and MeterUsage (usage above it). The license, not a quantity-0 MeterUsage, opens sending."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from sidecar.emulator.service import Emulator, EmulatorServer
+from tests.helpers import ROOT, free_port, loopback_env
+
+SKU = "2205b290-19e6-4c76-9eea-377d6bf71a47"
+CODE = "prod-consume"
+TIER = [{"name": "PremiumTier", "unit": "None"}]
+
+
+class Pod:
+    """One sidecar process on a state dir; stderr to a file (a pipe could fill and block)."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.api = f"http://127.0.0.1:{free_port()}"
+        self.probe = f"http://127.0.0.1:{free_port()}"
+        self.log = log
+        self._err = log.open("w")
+        env = {
+            **env,
+            "MARKETPLACE_LISTEN": self.api.removeprefix("http://"),
+            "MARKETPLACE_PROBE_LISTEN": self.probe.removeprefix("http://"),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=self._err,
+            text=True,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.logs()
+            try:
+                requests.get(self.api + "/healthz", timeout=5)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        raise AssertionError("sidecar did not start")
+
+    def doc(self) -> dict[str, Any]:
+        body: dict[str, Any] = requests.get(self.api + "/v1/entitlement", timeout=5).json()
+        return body
+
+    def usage(self) -> dict[str, Any]:
+        body: dict[str, Any] = requests.get(self.api + "/v1/usage", timeout=5).json()
+        return body
+
+    def post(self, records: list[dict[str, Any]]) -> requests.Response:
+        return requests.post(self.api + "/v1/usage", json=records, timeout=5)
+
+    def wait(self, what: Callable[[], bool], timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if what():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"not met in {timeout}s: {json.dumps(self.doc())[:600]}")
+
+    def state(self, want: str) -> None:
+        self.wait(lambda: self.doc()["state"] == want)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self._err.close()
+
+    def logs(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def lm(emulator_server: EmulatorServer, emulator: Emulator) -> Callable[[str, dict[str, Any]], Any]:
+    """The emulator's License Manager test API (reset), MeterUsage pinned to this product."""
+    emulator.reconfigure({"product_codes": [CODE], "dimensions": ["scans", "users"]})
+
+    def post(action: str, body: dict[str, Any]) -> Any:
+        r = requests.post(f"{emulator_server.url}/_emulator/license/{action}", json=body, timeout=5)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    post("reset", {})
+    return post
+
+
+@pytest.fixture
+def pod(emulator_server: EmulatorServer, tmp_path: Path) -> Iterator[Callable[..., Pod]]:
+    """Sidecars of one pod: the same state dir (emptyDir) and AWS identity across restarts."""
+    pods: list[Pod] = []
+    key = "pod-" + str(time.monotonic_ns())
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+
+    def start(**extra: str) -> Pod:
+        env = loopback_env(
+            emulator_server.url,
+            AWS_ACCESS_KEY_ID=key,
+            AWS_ENDPOINT_URL_LICENSE_MANAGER=emulator_server.url,
+            MARKETPLACE_MODE="contract",
+            MARKETPLACE_LICENSE_PRODUCT_SKU=SKU,
+            MARKETPLACE_LICENSE_ENTITLEMENTS=json.dumps(TIER),
+            MARKETPLACE_PRODUCT_CODE=CODE,
+            MARKETPLACE_DIMENSIONS="scans,users",
+            MARKETPLACE_STATE_DIR=str(state_dir),
+            MARKETPLACE_BACKOFF_BASE_SECONDS="0.05",
+            MARKETPLACE_BACKOFF_CAP_SECONDS="0.2",
+            **extra,
+        )
+        p = Pod(env, tmp_path / f"pod{len(pods)}.log")
+        pods.append(p)
+        return p
+
+    yield start
+    for p in pods:
+        p.stop()
+
+
+def grant(lm: Callable[[str, dict[str, Any]], Any]) -> None:
+    lm("licenses", {"sku": SKU, "entitlements": [{"name": "PremiumTier", "unit": "None"}]})
+
+
+def meter_calls(emulator: Emulator) -> list[dict[str, Any]]:
+    return [c for c in emulator.calls if c["op"] == "MeterUsage"]
+
+
+def billed(emulator: Emulator) -> dict[str, int]:
+    """Units AWS recorded per dimension (across hours)."""
+    out: dict[str, int] = {}
+    for r in emulator.ledger()["records"]:
+        out[r["dimension"]] = out.get(r["dimension"], 0) + r["quantity"]
+    return out
+
+
+def lm_calls(emulator_server: EmulatorServer, op: str) -> list[dict[str, Any]]:
+    state = requests.get(f"{emulator_server.url}/_emulator/license/state", timeout=5).json()
+    return [c for c in state["calls"] if c["op"] == op]
+
+
+def held(p: Pod) -> bool:
+    return any(w.startswith("usage_held") for w in p.usage()["warnings"])
+
+
+def test_licensed_pod_bills_posted_usage_once_without_meter_zero(
+    lm: Any, pod: Any, emulator: Emulator, emulator_server: EmulatorServer
+) -> None:
+    grant(lm)
+    p = pod()
+    p.state("checked_out")
+    p.wait(lambda: not held(p))  # the license opened the usage pipeline
+    assert p.post([{"dimension": "scans", "quantity": 5, "id": "s1"}]).status_code == 202
+    assert p.post([{"dimension": "users", "quantity": 2}]).status_code == 202
+    assert p.post([{"dimension": "scans", "quantity": 5, "id": "s1"}]).status_code == 200
+    report = p.usage()
+    assert report["entitlement_check"] == "license" and "check_dimension" not in report
+    assert requests.get(p.probe + "/readyz", timeout=5).status_code == 200
+    assert meter_calls(emulator) == []  # no quantity-0 start check: the license is the check
+    assert p.stop() == 0  # SIGTERM: the drain sends both hours, then checks the seat in
+    assert billed(emulator) == {"scans": 5, "users": 2}
+    assert all(c["quantity"] != 0 for c in meter_calls(emulator))
+    assert len(meter_calls(emulator)) == 2  # one MeterUsage per dimension-hour
+    assert len(lm_calls(emulator_server, "CheckInLicense")) == 1
+
+    again = pod()  # a restarted container on the same state dir sends nothing twice
+    again.state("checked_out")
+    again.wait(lambda: not held(again))
+    assert again.stop() == 0
+    assert billed(emulator) == {"scans": 5, "users": 2}
+    assert len(meter_calls(emulator)) == 2
+
+
+def test_unlicensed_pod_never_meters_and_keeps_the_usage(
+    lm: Any, pod: Any, emulator: Emulator
+) -> None:
+    p = pod()
+    p.state("not_entitled")
+    assert p.post([{"dimension": "users", "quantity": 3, "id": "u1"}]).status_code == 202
+    report = p.usage()
+    assert held(p)  # what the seller sees: the usage, held, and why
+    assert report["totals"]["users"]["accepted"] == 3
+    assert requests.get(p.probe + "/readyz", timeout=5).status_code == 503
+    assert p.stop() == 0
+    assert meter_calls(emulator) == []  # never, not even in the drain
+    logs = p.logs()
+    assert "usage_held_at_exit" in logs and "usage_unsent_at_exit" in logs
+
+    grant(lm)  # the buyer's contract arrives; the container restarts on the same emptyDir
+    later = pod()
+    later.state("checked_out")
+    later.wait(lambda: not held(later))
+    assert later.stop() == 0
+    assert billed(emulator) == {"users": 3}  # acknowledged once, billed once
+    assert len(meter_calls(emulator)) == 1
+
+
+def test_license_revoked_with_usage_pending_still_bills_it_once(
+    lm: Any, pod: Any, emulator: Emulator
+) -> None:
+    """The units were acknowledged under a license: a later loss does not withhold them
+    (AWS's MeterUsage answer judges them); the pod goes unready as ON_LOSS says."""
+    grant(lm)
+    lm("config", {"ttl_seconds": 2})
+    p = pod()
+    p.state("checked_out")
+    p.wait(lambda: not held(p))
+    assert p.post([{"dimension": "scans", "quantity": 4}]).status_code == 202
+    lm("change", {"sku": SKU, "revoke": True})
+    p.state("not_entitled")
+    assert requests.get(p.probe + "/readyz", timeout=5).status_code == 503
+    assert p.post([{"dimension": "scans", "quantity": 1}]).status_code == 202
+    assert not held(p)
+    assert p.stop() == 0
+    assert billed(emulator) == {"scans": 5}
+    assert len(meter_calls(emulator)) == 1
+
+
+def test_sigterm_drains_usage_while_check_in_hangs(
+    lm: Any, pod: Any, emulator: Emulator, emulator_server: EmulatorServer
+) -> None:
+    """One budget for both: a hung CheckInLicense does not cost the usage, and the process
+    still ends inside MARKETPLACE_DRAIN_SECONDS."""
+    grant(lm)
+    p = pod(MARKETPLACE_DRAIN_SECONDS="3")
+    p.state("checked_out")
+    p.wait(lambda: not held(p))
+    assert p.post([{"dimension": "users", "quantity": 7}]).status_code == 202
+    lm("config", {"latency": 8})  # License Manager hangs from now on
+    started = time.monotonic()
+    assert p.stop() == 0
+    assert time.monotonic() - started < 6
+    assert billed(emulator) == {"users": 7}
+    assert "license_checkin_abandoned" in p.logs()
+
+
+def _config(env: dict[str, str]) -> tuple[int, str]:
+    base = {
+        **loopback_env("http://127.0.0.1:9"),
+        "MARKETPLACE_MODE": "contract",
+        "MARKETPLACE_LISTEN": f"127.0.0.1:{free_port()}",
+        "MARKETPLACE_LICENSE_PRODUCT_SKU": SKU,
+        "MARKETPLACE_LICENSE_ENTITLEMENTS": json.dumps(TIER),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run"],
+        env={**base, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return done.returncode, done.stderr
+
+
+def test_dimensions_without_state_dir_or_product_code_exit_2_one_line_each() -> None:
+    code, err = _config({"MARKETPLACE_DIMENSIONS": "scans"})
+    assert code == 2
+    lines = [x.removeprefix("config error: ") for x in err.splitlines()]
+    assert any(
+        x.startswith("MARKETPLACE_STATE_DIR: is required with MARKETPLACE_DIMENSIONS")
+        for x in lines
+    ), err
+    assert any(
+        x.startswith("MARKETPLACE_PRODUCT_CODE: is required") and "product ID" in x for x in lines
+    ), err
+
+
+def test_contract_without_dimensions_refuses_usage_settings_as_before(tmp_path: Path) -> None:
+    code, err = _config(
+        {"MARKETPLACE_PRODUCT_CODE": CODE, "MARKETPLACE_STATE_VOLUME_BYTES": "64Mi"}
+    )
+    assert code == 2
+    assert "MARKETPLACE_PRODUCT_CODE: contract mode names the product by" in err
+    assert "MARKETPLACE_STATE_VOLUME_BYTES: contract mode meters nothing" in err
+    code, err = _config(
+        {
+            "MARKETPLACE_DIMENSIONS": "scans",
+            "MARKETPLACE_PRODUCT_CODE": CODE,
+            "MARKETPLACE_STATE_DIR": str(tmp_path),
+            "MARKETPLACE_ENTITLEMENT_CHECK": "dry_run",
+        }
+    )
+    assert code == 2
+    assert "MARKETPLACE_ENTITLEMENT_CHECK: contract mode checks the license" in err
