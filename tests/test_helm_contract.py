@@ -216,6 +216,26 @@ def test_contract_env_passes_the_sidecars_own_validation(tmp_path: Path, anywher
     ]
 
 
+def test_contract_with_consumption_env_passes_the_sidecars_own_validation() -> None:
+    """metering.dimensions in contract mode: the product code, the dimensions and a state
+    volume whose sizeLimit is the MARKETPLACE_STATE_VOLUME_BYTES the sidecar guards."""
+    docs = render_contract(
+        "metering.dimensions[0]=scans", "metering.dimensions[1]=users", "product.code=prod-abc"
+    )
+    validate(docs, "1.33.0")
+    spec = pod_spec(docs)
+    env = env_of(sidecar(spec))
+    plain = {k: v for k, v in env.items() if isinstance(v, str)}
+    plain["MARKETPLACE_PRODUCT_CODE"] = "prod-abc"  # from the ConfigMap in the pod
+    assert "MARKETPLACE_PRODUCT_CODE" in env and "MARKETPLACE_STATE_DIR" in env
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    limit = volumes["marketplace-sidecar-state"]["emptyDir"]["sizeLimit"]
+    assert env["MARKETPLACE_STATE_VOLUME_BYTES"] == limit == "128Mi"
+    plain["MARKETPLACE_STATE_DIR"] = "/"  # an existing directory on this machine
+    fields = "s.mode, s.product_code, s.dimensions, s.state_volume_bytes"
+    assert sidecar_accepts(plain, fields) == ["contract", "prod-abc", "scans,users", "134217728"]
+
+
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
@@ -235,7 +255,8 @@ def test_contract_env_passes_the_sidecars_own_validation(tmp_path: Path, anywher
         (["product.code=p", "metering.contract.checkSeconds=600"], "checkSeconds"),
         # Other modes' settings in contract mode.
         ([*CONTRACT, "product.code=p"], "/product/code"),
-        ([*CONTRACT, "metering.dimensions[0]=users"], "/metering/dimensions"),
+        # Contract with consumption takes dimensions and a product code, never a public key.
+        ([*CONTRACT, "metering.dimensions[0]=users", "product.publicKey=k"], "/product/publicKey"),
         ([*CONTRACT, "readinessGate.enabled=true"], "/readinessGate/enabled"),
         ([*CONTRACT, "events.enabled=true"], "/events/enabled"),
         # Bad values, named.

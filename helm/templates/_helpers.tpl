@@ -140,15 +140,17 @@ configMap: {{ include "marketplace-sidecar.fullname" . }}
 identity needs it; there it is optional and, when given, pins ResolveCustomer to this product. */}}
 {{- define "marketplace-sidecar.needsProductCode" -}}
 {{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
-{{- if ne $v.metering.mode "contract" -}}
+{{- if and (eq $v.metering.mode "contract") $v.metering.dimensions -}}true{{/* MeterUsage: contract with consumption */}}
+{{- else if ne $v.metering.mode "contract" -}}
 {{- if or (ne $v.metering.mode "saas") (eq $v.metering.saas.identity "customer_identifier") $v.product.code $v.product.existingSecret $v.product.existingConfigMap -}}true{{- end -}}
 {{- end -}}
 {{- end -}}
 
-{{/* "true" when the usage store is the sidecar's own SQLite file in the state volume. */}}
+{{/* "true" when the usage store is the sidecar's own SQLite file in the state volume (in
+contract mode: contract with consumption, metering.dimensions set). */}}
 {{- define "marketplace-sidecar.localState" -}}
 {{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
-{{- if not (or (eq $v.metering.mode "contract") (and (eq $v.metering.mode "saas") $v.metering.saas.database.existingSecret)) -}}true{{- end -}}
+{{- if not (or (and (eq $v.metering.mode "contract") (not $v.metering.dimensions)) (and (eq $v.metering.mode "saas") $v.metering.saas.database.existingSecret)) -}}true{{- end -}}
 {{- end -}}
 
 {{/* "true" in contract mode off AWS: the buyer's license token (a Secret) and role, not IRSA. */}}
@@ -262,6 +264,13 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
         secretKeyRef: {name: {{ include "marketplace-sidecar.licenseSecret" . }}, key: {{ $c.anywhere.roleArnKey }}}
     {{- end }}
     - {name: AWS_REGION, value: {{ $c.anywhere.region | quote }}}
+    {{- end }}
+    {{- if $v.metering.dimensions }}
+    # Contract with consumption: usage above the contract goes to MeterUsage through the usage
+    # store in the state volume, sent only once the license is checked out.
+    - {name: MARKETPLACE_DIMENSIONS, value: {{ join "," $v.metering.dimensions | quote }}}
+    - {name: MARKETPLACE_STATE_VOLUME_BYTES, value: {{ $v.metering.stateSizeLimit | quote }}}
+    - {name: MARKETPLACE_METER_CALLS_PER_SECOND, value: {{ $v.metering.meterCallsPerSecond | quote }}}
     {{- end }}
     {{- else if eq $v.metering.mode "custom" }}
     - {name: MARKETPLACE_MODE, value: custom}
