@@ -158,7 +158,7 @@ class Settings:
     dimensions: str = setting(
         "",
         description="custom and saas mode: the product's dimension names as published, "
-        "comma-separated (1-24)",
+        "comma-separated (1-24); contract mode: usage above the contract (MeterUsage)",
     )
     entitlement_check: Literal["meter_zero", "dry_run", "none"] = setting(
         "meter_zero",

@@ -302,3 +302,35 @@ def test_contract_without_dimensions_refuses_usage_settings_as_before(tmp_path: 
     )
     assert code == 2
     assert "MARKETPLACE_ENTITLEMENT_CHECK: contract mode checks the license" in err
+
+
+def test_ecs_note_passes_the_sidecars_own_validation(tmp_path: Path) -> None:
+    """The contract task definition plus the variables docs/contract-consumption.md adds is a
+    configuration the sidecar accepts as contract with consumption."""
+    import re
+
+    task = json.loads((ROOT / "manifests" / "ecs" / "task-definition-contract.json").read_text())
+    env = {e["name"]: e["value"] for e in task["containerDefinitions"][0]["environment"]}
+    text = (ROOT / "docs" / "contract-consumption.md").read_text()
+    (block,) = re.findall(r"```json\n(.*?)```", text, re.S)
+    added = {e["name"]: e["value"] for e in json.loads(block)}
+    assert added["MARKETPLACE_STATE_DIR"] == "/var/lib/marketplace-sidecar"
+    env.update(added)
+    env["MARKETPLACE_LICENSE_ENTITLEMENTS"] = json.dumps(TIER)  # the placeholder's name
+    env["MARKETPLACE_STATE_DIR"] = str(tmp_path)  # the task volume, here
+    fields = "s.mode, s.product_code, s.dimensions, str(s.state_dir)"
+    out = subprocess.run(
+        [sys.executable, "-c", f"from sidecar.config import load; s, k = load(); print({fields})"],
+        env={"PATH": "/usr/bin:/bin", **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [
+        "contract",
+        "REPLACE_WITH_PRODUCT_CODE",
+        "REPLACE_WITH_DIMENSION_A,REPLACE_WITH_DIMENSION_B",
+        str(tmp_path),
+    ]
