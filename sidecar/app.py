@@ -39,7 +39,10 @@
     contract thread: License Manager CheckoutLicense at start (one ClientToken, retried until
     the deadline), ExtendLicenseConsumption half-way through each grant, a fresh checkout every
     MARKETPLACE_LICENSE_CHECK_SECONDS; /readyz and /v1/entitlement read its License state;
-    CheckInLicense at SIGTERM within MARKETPLACE_DRAIN_SECONDS
+    CheckInLicense at SIGTERM within MARKETPLACE_DRAIN_SECONDS. With MARKETPLACE_DIMENSIONS
+    (contract with consumption) a usage thread runs custom mode's pipeline too, its start
+    check the license (`license_gate`): nothing goes to MeterUsage before a checkout; at
+    SIGTERM the drain and the check-in share the one budget
 
 SIGTERM or SIGINT sets one stop event. Custom mode then seals the partial hour and sends what
 is pending within MARKETPLACE_DRAIN_SECONDS (the API still accepts usage meanwhile); saas mode

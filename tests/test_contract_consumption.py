@@ -158,6 +158,19 @@ def lm_calls(emulator_server: EmulatorServer, op: str) -> list[dict[str, Any]]:
     return [c for c in state["calls"] if c["op"] == op]
 
 
+def conforms(resp: requests.Response) -> None:
+    """GET /v1/usage's answer against the OpenAPI document the package ships."""
+    from importlib import resources
+
+    import jsonschema
+    import yaml
+
+    spec = yaml.safe_load(resources.files("sidecar").joinpath("openapi.yaml").read_text())
+    declared = spec["paths"]["/v1/usage"]["get"]["responses"][str(resp.status_code)]
+    schema = {**declared["content"]["application/json"]["schema"], "components": spec["components"]}
+    jsonschema.validate(resp.json(), schema, cls=jsonschema.Draft202012Validator)
+
+
 def held(p: Pod) -> bool:
     return any(w.startswith("usage_held") for w in p.usage()["warnings"])
 
@@ -172,8 +185,10 @@ def test_licensed_pod_bills_posted_usage_once_without_meter_zero(
     assert p.post([{"dimension": "scans", "quantity": 5, "id": "s1"}]).status_code == 202
     assert p.post([{"dimension": "users", "quantity": 2}]).status_code == 202
     assert p.post([{"dimension": "scans", "quantity": 5, "id": "s1"}]).status_code == 200
-    report = p.usage()
-    assert report["entitlement_check"] == "license" and "check_dimension" not in report
+    report = requests.get(p.api + "/v1/usage", timeout=5)
+    conforms(report)  # the documented answer, with the new check's name
+    assert report.json()["entitlement_check"] == "license"
+    assert "check_dimension" not in report.json()
     assert requests.get(p.probe + "/readyz", timeout=5).status_code == 200
     assert meter_calls(emulator) == []  # no quantity-0 start check: the license is the check
     assert p.stop() == 0  # SIGTERM: the drain sends both hours, then checks the seat in
