@@ -229,6 +229,26 @@ def test_unlicensed_pod_never_meters_and_keeps_the_usage(
     assert len(meter_calls(emulator)) == 1
 
 
+def test_usage_posted_while_the_license_is_checked_is_held_then_billed_once(
+    lm: Any, pod: Any, emulator: Emulator
+) -> None:
+    """License Manager throttles the start checkout: usage posted meanwhile is durable (202),
+    held, and sent once the checkout succeeds; not a single MeterUsage before that."""
+    grant(lm)
+    lm("config", {"faults": [{"error": "RateLimitExceededException", "first": 100000}]})
+    p = pod()
+    p.wait(lambda: p.doc()["consecutive_failures"] >= 2)
+    assert p.post([{"dimension": "users", "quantity": 6, "id": "early"}]).status_code == 202
+    assert p.doc()["state"] == "checking" and held(p)
+    assert meter_calls(emulator) == []
+    lm("config", {"faults": []})  # License Manager answers again
+    p.state("checked_out")
+    p.wait(lambda: not held(p))
+    assert p.stop() == 0
+    assert billed(emulator) == {"users": 6}
+    assert len(meter_calls(emulator)) == 1
+
+
 def test_license_revoked_with_usage_pending_still_bills_it_once(
     lm: Any, pod: Any, emulator: Emulator
 ) -> None:
