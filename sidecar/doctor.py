@@ -193,6 +193,20 @@ def contract_config(settings: Settings) -> list[Check]:
             f"{settings.license_on_loss}",
         ),
     ]
+    if settings.dimensions:
+        # Contract with consumption: doctor reaches License Manager only; say what it leaves.
+        checks.append(
+            Check(
+                WARN,
+                "consumption",
+                f"usage above the contract goes to MeterUsage as product code "
+                f"{settings.product_code} on {', '.join(settings.dimension_list)[:200]}, once the "
+                "license is checked out; doctor checks neither the Metering endpoint nor the "
+                "role's aws-marketplace:MeterUsage",
+                "attach manifests/iam/policy-custom-metering.json too; run doctor with "
+                "MARKETPLACE_MODE=custom and the same product code to check MeterUsage",
+            )
+        )
     path = settings.license_token_file
     if path is None:
         checks.append(Check(OK, "identity", "platform credentials (ECS task role or IRSA)"))

@@ -369,3 +369,32 @@ def test_ecs_note_passes_the_sidecars_own_validation(tmp_path: Path) -> None:
         "REPLACE_WITH_DIMENSION_A,REPLACE_WITH_DIMENSION_B",
         str(tmp_path),
     ]
+
+
+def test_doctor_says_what_it_does_not_check_for_consumption(
+    lm: Any, emulator: Emulator, emulator_server: EmulatorServer, tmp_path: Path
+) -> None:
+    grant(lm)
+    env = loopback_env(
+        emulator_server.url,
+        AWS_ENDPOINT_URL_LICENSE_MANAGER=emulator_server.url,
+        MARKETPLACE_MODE="contract",
+        MARKETPLACE_LICENSE_PRODUCT_SKU=SKU,
+        MARKETPLACE_LICENSE_ENTITLEMENTS=json.dumps(TIER),
+        MARKETPLACE_PRODUCT_CODE=CODE,
+        MARKETPLACE_DIMENSIONS="scans,users",
+        MARKETPLACE_STATE_DIR=str(tmp_path),
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar", "doctor"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert (
+        f"! consumption: usage above the contract goes to MeterUsage as product code {CODE}" in out
+    )
+    assert "policy-custom-metering.json" in out
+    assert not lm_calls(emulator_server, "CheckoutLicense") and meter_calls(emulator) == []
