@@ -496,6 +496,7 @@ class Daemon:
         )
         # Contract with consumption: the usage pipeline beside the license thread.
         self._usage_worker: threading.Thread | None = None
+        self._checkin_thread: threading.Thread | None = None
         if consumption:
             self._usage_worker = threading.Thread(
                 target=self._work_consumption, name="usage", daemon=True
@@ -688,6 +689,16 @@ class Daemon:
         contract = self.contract
         if contract is None:
             return
+        if self._usage_worker is not None and self._checkin_thread is None:
+            # Contract with consumption: beside the usage drain, both inside one budget (a
+            # hung MeterUsage must not cost the seat's return, nor the reverse); `close`
+            # joins it before the servers go.
+            self._checkin_thread = threading.Thread(
+                target=self._checkin, args=(budget,), name="stop-checkin", daemon=True
+            )
+            self._checkin_thread.start()
+            return
+
         started = time.monotonic()
         self._worker.join(timeout=budget)  # the loop ends at its next wake; calls run out
         left = max(0.0, budget - (time.monotonic() - started))
@@ -709,25 +720,20 @@ class Daemon:
     def start(self) -> None:
         for server in self.servers:
             server.serve_in_thread(server.name)
-        self._worker.start()
         if self._usage_worker is not None:
-            self._usage_worker.start()
+            self._usage_worker.start()  # its gate waits for the license thread's verdict
+        self._worker.start()
         for mirror in self.mirrors:
             threading.Thread(target=mirror.run, name=mirror.name, daemon=True).start()
 
     def close(self) -> None:
         self.stop_event.set()
-        budget = self.settings.drain_seconds
-        # Contract with consumption: the check-in runs beside the usage drain, both inside
-        # one budget (a hung MeterUsage must not cost the seat's return, nor the reverse).
-        checkin = threading.Thread(target=self._checkin, args=(budget,), name="stop-checkin")
-        checkin.start()
-        if self._usage_worker is None:
-            checkin.join()  # the other modes: as before, then the drain
+        self._checkin(self.settings.drain_seconds)
         pipeline = self.usage or self.saas
         if pipeline is not None:
             # The API stays up while draining: a classic sidecar's product may still report.
             started = time.monotonic()
+            budget = self.settings.drain_seconds
             worker = self._usage_worker or self._worker
             worker.join(timeout=min(2.0, budget))
             left = max(0.0, budget - (time.monotonic() - started))
@@ -736,7 +742,8 @@ class Daemon:
                 pipeline.drain(left)
             except Exception:
                 log.exception("drain_failed")  # unsent hours stay in the store
-        checkin.join()  # bounded by the same budget inside `_checkin`
+        if self._checkin_thread is not None:
+            self._checkin_thread.join()  # bounded by the same budget inside `_checkin`
         for server in self.servers:
             server.shutdown()
             server.server_close()
