@@ -828,7 +828,7 @@ SAAS_ONLY = {
     )
 }
 _WITHOUT_KEY = "saas mode verifies no token: ResolveCustomer and BatchMeterUsage return none"
-_HOURLY_ONLY = "only used with MARKETPLACE_MODE=hourly (RegisterUsage), never in saas mode"
+_HOURLY_ONLY = "only used with MARKETPLACE_MODE=hourly (RegisterUsage), never in this mode"
 _NO_STATE = "saas mode has no entitlement state to mirror (readiness is the usage store's)"
 # Settings of hourly and custom mode, refused by name in saas mode.
 NOT_SAAS = {
@@ -845,7 +845,7 @@ NOT_SAAS = {
     "register_jitter": _HOURLY_ONLY,
     "throttle_schedule_seconds": _HOURLY_ONLY,
     "fleet_size": "only used with MARKETPLACE_MODE=hourly or custom (it paces RegisterUsage "
-    "and MeterUsage), never in saas mode",
+    "and MeterUsage), never in this mode",
     "meter_calls_per_second": "only used with MARKETPLACE_MODE=custom (MeterUsage's pace); saas "
     "mode paces with MARKETPLACE_SAAS_CALLS_PER_SECOND",
     "first_call_timeout_seconds": _HOURLY_ONLY,
