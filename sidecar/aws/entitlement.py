@@ -210,6 +210,7 @@ def get_entitlements(
     }
     found: list[Entitlement] = []
     seen: set[str] = set()
+    message = f"GetEntitlements answered a NextToken on each of {MAX_PAGES} pages"
     for _ in range(MAX_PAGES):
         resp = _page(client, params)
         for raw in resp.get("Entitlements") or []:
@@ -220,13 +221,11 @@ def get_entitlements(
         if not token:
             return found
         if token in seen:
+            message = f"GetEntitlements repeated a NextToken after {len(seen) + 1} pages"
             break
         seen.add(token)
         params["NextToken"] = token
-    message = (
-        f"GetEntitlements kept answering with a NextToken after {len(seen)} pages "
-        f"(limit {MAX_PAGES}) or repeated one; the list was not used"
-    )
+    message += "; the list was not used"
     raise EntitlementCallError(
         ErrorInfo(
             PAGINATION_LOOP,
