@@ -651,7 +651,8 @@ class Daemon:
             except Exception:  # one bad tick must not end the keeper: log and go on
                 log.exception("lease_keeper_failed")
                 pause = 1.0
-            self.clock.wait(self.stop_event, pause)
+            leases.wake.wait(pause)  # close() sets it too
+            leases.wake.clear()
 
     def contract_counts(self) -> ContractCounts:
         """What /metrics shows of contract mode, read at scrape time."""
@@ -706,6 +707,8 @@ class Daemon:
 
     def close(self) -> None:
         self.stop_event.set()
+        if self.leases is not None:
+            self.leases.wake.set()
         self._checkin(self.settings.drain_seconds)
         pipeline = self.usage or self.saas
         if pipeline is not None:

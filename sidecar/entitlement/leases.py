@@ -68,6 +68,7 @@ class LeaseBook:
         self._lock = threading.Lock()  # memory and the store
         self._aws = threading.Lock()  # one lease CheckoutLicense in flight
         self.results: dict[tuple[str, str], int] = {}
+        self.wake = threading.Event()  # set when a lease is added: the keeper plans again
         self._leases: dict[str, dict[str, Any]] = {}  # id -> record (persisted fields)
         self._renewed: dict[str, float] = {}  # id -> monotonic, last renewal by the product
         self._deadline: dict[str, float] = {}  # id -> monotonic, AWS's expiry counted here
@@ -258,6 +259,7 @@ class LeaseBook:
             self._renewed[lease_id] = self._clock.monotonic()
             self._deadline[lease_id] = sent + (expires - issued)
             self._extend_at[lease_id] = sent + (expires - issued) / 2
+            self.wake.set()
             log.info(
                 "lease_checked_out",
                 extra={
@@ -345,7 +347,20 @@ class LeaseBook:
                 continue
             if state == "held" and now >= self._extend_at.get(lease_id, now):
                 self._extend(lease_id, r)
-        return max(0.05, min(self.timeout / 4, 5.0))
+        return self._next_due()
+
+    def _next_due(self) -> float:
+        """Seconds until the next extension or timeout is due (at most 5, at least 0.05)."""
+        now = self._clock.monotonic()
+        due = now + 5.0
+        with self._lock:
+            for lease_id, r in self._leases.items():
+                if r["state"] in ("pending", "returning"):
+                    due = min(due, now + 1.0)
+                if r["state"] == "held":
+                    due = min(due, self._extend_at.get(lease_id, now))
+                due = min(due, self._renewed.get(lease_id, now) + self.timeout)
+        return max(0.05, due - now)
 
     def _extend(self, lease_id: str, r: dict[str, Any]) -> None:
         sent = self._clock.monotonic()
