@@ -411,3 +411,24 @@ def test_leases_hold_across_extensions_with_a_skewed_clock(
     assert in_use(server) == {"Seats": 1}
     ok = [c for c in calls(server, "ExtendLicenseConsumption") if c["code"] == "ok"]
     assert len(ok) >= 2
+
+
+def test_contract_and_lease_answers_match_the_openapi_document(
+    lm: Any, pod: Any, server: EmulatorServer
+) -> None:
+    from tests.test_openapi import check
+
+    grant(lm, seats=1)
+    p = pod()
+    p.wait(checked_out)
+    check("/v1/entitlement", "GET", p.get("/v1/entitlement"))
+    check("/v1/licenses/checkout", "POST", lease(p, "a", 1))
+    check("/v1/licenses/checkout", "POST", lease(p, "a", 1))
+    check("/v1/licenses/checkout", "POST", lease(p, "b", 1))  # 409: no units left
+    check("/v1/licenses/checkout", "POST", lease(p, "a", 0))  # 400
+    check("/v1/licenses", "GET", p.get("/v1/licenses"))
+    check("/v1/licenses/renew", "POST", post(p, "/v1/licenses/renew", {"id": "a"}))
+    check("/v1/licenses/renew", "POST", post(p, "/v1/licenses/renew", {"id": "zz"}))
+    check("/v1/licenses/renew", "POST", post(p, "/v1/licenses/renew", {"ids": "a"}))
+    check("/v1/licenses/checkin", "POST", post(p, "/v1/licenses/checkin", {"id": "a"}))
+    check("/v1/licenses/checkin", "POST", post(p, "/v1/licenses/checkin", {"id": "a"}))
