@@ -432,3 +432,26 @@ def test_contract_and_lease_answers_match_the_openapi_document(
     check("/v1/licenses/renew", "POST", post(p, "/v1/licenses/renew", {"ids": "a"}))
     check("/v1/licenses/checkin", "POST", post(p, "/v1/licenses/checkin", {"id": "a"}))
     check("/v1/licenses/checkin", "POST", post(p, "/v1/licenses/checkin", {"id": "a"}))
+
+
+def test_the_client_package_holds_and_returns_a_seat(
+    lm: Any, pod: Any, server: EmulatorServer
+) -> None:
+    from sidecar.client import LeaseError, checkin_lease, checkout_lease, renew_lease
+
+    grant(lm, seats=1)
+    p = pod()
+    p.wait(checked_out)
+    url = f"http://127.0.0.1:{p.api_port}"
+    held = checkout_lease("worker-7", "Seats", 1, url=url)
+    assert held["state"] == "held" and held["renew_within_seconds"] > 0
+    assert renew_lease("worker-7", url=url)["id"] == "worker-7"
+    with pytest.raises(LeaseError) as full:
+        checkout_lease("worker-8", "Seats", 1, url=url)
+    assert full.value.reason == "no_units_left"
+    assert full.value.details == {"entitlement": "Seats", "units_asked": 1, "held_here": 1}
+    assert checkin_lease("worker-7", url=url)["returned_to_license"]
+    with pytest.raises(LeaseError) as gone:
+        renew_lease("worker-7", url=url)
+    assert gone.value.reason == "unknown_lease"
+    assert in_use(server) == {}
