@@ -664,7 +664,9 @@ class Daemon:
                 results[key] = results.get(key, 0) + n
             leases = self.leases.held_by_entitlement()
         doc = self.contract.document()
-        return ContractCounts(doc["state"], doc["expires_in_seconds"], results, leases)
+        # A PERPETUAL checkout is never extended and never expires here: no time left to show.
+        left = doc["expires_in_seconds"] if doc["checkout_type"] == "PROVISIONAL" else None
+        return ContractCounts(doc["state"], left, results, leases)
 
     def _checkin(self, budget: float) -> None:
         """CheckInLicense at stop, never past `budget` seconds (a hung call is left behind)."""

@@ -192,6 +192,8 @@ def test_lease_checkout_is_idempotent_by_id_and_checked_in_once(
     listed = p.get("/v1/licenses").json()
     assert [x["id"] for x in listed["leases"]] == ["job-1"]
     assert listed["held_by_entitlement"] == {"Seats": 2}
+    held_metric = 'marketplace_license_lease_units{entitlement="Seats"} 2.0'
+    assert held_metric in p.get("/metrics", probe=True).text
     assert p.get("/v1/licenses", probe=True).status_code == 404  # loopback API only
     assert post(p, "/v1/licenses/renew", {"id": "job-1"}).status_code == 200
     out = post(p, "/v1/licenses/checkin", {"id": "job-1"})
@@ -200,6 +202,9 @@ def test_lease_checkout_is_idempotent_by_id_and_checked_in_once(
     assert post(p, "/v1/licenses/checkin", {"id": "job-1"}).status_code == 404
     metrics = p.get("/metrics", probe=True).text
     assert 'marketplace_license_state{state="checked_out"} 1.0' in metrics
+    left = [x for x in metrics.splitlines() if x.startswith("marketplace_license_expires_in")]
+    assert len(left) == 1 and 3000 < float(left[0].split()[-1]) <= 3600
+    assert 'marketplace_license_lease_units{entitlement="Seats"} 0.0' not in metrics
     assert 'marketplace_license_calls_total{operation="CheckoutLicense",result="gone"} 1.0' in (
         metrics
     )
