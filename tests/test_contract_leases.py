@@ -460,3 +460,21 @@ def test_the_client_package_holds_and_returns_a_seat(
         renew_lease("worker-7", url=url)
     assert gone.value.reason == "unknown_lease"
     assert in_use(server) == {}
+
+
+def test_a_lease_that_cannot_be_kept_on_disk_is_refused_before_any_checkout(
+    lm: Any, pod: Any, server: EmulatorServer, tmp_path: Path
+) -> None:
+    """Something sits where the state file goes (here a directory: the rename over it fails,
+    as on a full or read-only volume): the lease is refused with 503 and nothing is consumed."""
+    grant(lm, seats=3)
+    (tmp_path / "state" / STATE_FILE).mkdir()
+    p = pod()
+    p.wait(checked_out)  # the pod itself still runs (its restart protection is off: logged)
+    assert "contract_state_not_saved" in p.logs()
+    before = len(calls(server, "CheckoutLicense"))
+    r = lease(p, "a", 1)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "state_not_saved"
+    assert "Retry-After" in r.headers
+    assert len(calls(server, "CheckoutLicense")) == before
+    assert in_use(server) == {}
