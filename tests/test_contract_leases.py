@@ -87,6 +87,36 @@ def until(predicate: Callable[[], bool], timeout: float = 20, what: str = "") ->
     raise AssertionError(f"not met in {timeout}s: {what}")
 
 
+@pytest.fixture
+def held_answer(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], threading.Event]]:
+    """`held_answer(n)`: the n-th CheckoutLicense is consumed by the emulator, then its answer
+    is held back until the test ends; the Event is set once AWS has consumed the units, so
+    the test kills the sidecar exactly between AWS's consumption and the answer."""
+    import sidecar.emulator.license_manager as emulated
+
+    real = emulated.call
+    release = threading.Event()
+    seen = [0]
+
+    def arm(n: int) -> threading.Event:
+        consumed = threading.Event()
+
+        def call(b: Any, target: str, body: bytes, auth: str = "") -> Any:
+            answer = real(b, target, body, auth)
+            if target.endswith(".CheckoutLicense"):
+                seen[0] += 1
+                if seen[0] == n:
+                    consumed.set()
+                    release.wait(30)  # the caller is killed meanwhile
+            return answer
+
+        monkeypatch.setattr(emulated, "call", call)
+        return consumed
+
+    yield arm
+    release.set()
+
+
 def kill(p: Pod) -> None:
     p.proc.kill()  # SIGKILL: no check-in, no drain, nothing flushed
     p.proc.wait(timeout=10)
@@ -122,19 +152,15 @@ def test_a_restarted_sidecar_extends_its_seat_instead_of_taking_a_second(
 
 
 def test_a_start_killed_with_its_checkout_in_flight_resends_the_same_client_token(
-    lm: Any, pod: Any, server: EmulatorServer, tmp_path: Path
+    lm: Any, pod: Any, server: EmulatorServer, held_answer: Callable[[int], threading.Event]
 ) -> None:
     """The sidecar dies after the request left and before the answer came back; AWS consumed
     the last seat. The restart resends the kept ClientToken: AWS answers the same checkout."""
     grant(lm, seats=1)
-    lm("config", {"latency": 1.5})
+    consumed = held_answer(1)
     first = pod(SEATS)
-    kept = tmp_path / "state" / STATE_FILE
-    until(lambda: kept.exists() and "client_token" in kept.read_text(), what="token kept")
-    time.sleep(0.3)  # the request is out (the emulator sleeps 1.5 s before answering it)
+    assert consumed.wait(20), "the checkout never reached the emulator"
     kill(first)
-    until(lambda: len(calls(server, "CheckoutLicense")) == 1, what="AWS consumed the seat")
-    lm("config", {"latency": 0})
     assert in_use(server) == {"Seats": 1}
     second = pod(SEATS)
     assert second.wait(checked_out)["ready"]
@@ -299,12 +325,12 @@ def test_sidecar_killed_with_leases_out_restarts_without_double_counting(
 
 
 def test_a_lease_checkout_killed_in_flight_is_resolved_with_the_same_client_token(
-    lm: Any, pod: Any, server: EmulatorServer, tmp_path: Path
+    lm: Any, pod: Any, server: EmulatorServer, held_answer: Callable[[int], threading.Event]
 ) -> None:
     grant(lm, seats=1)
+    consumed = held_answer(2)  # the pod's own checkout is the first
     first = pod(MARKETPLACE_LICENSE_LEASE_TIMEOUT_SECONDS="5")
     first.wait(checked_out)
-    lm("config", {"latency": 1.5})
     out: list[requests.Response | Exception] = []
 
     def ask() -> None:
@@ -315,13 +341,9 @@ def test_a_lease_checkout_killed_in_flight_is_resolved_with_the_same_client_toke
 
     t = threading.Thread(target=ask)
     t.start()
-    kept = tmp_path / "state" / STATE_FILE
-    until(lambda: '"pending"' in kept.read_text(), what="the pending lease kept")
-    time.sleep(0.3)
+    assert consumed.wait(20), "the lease checkout never reached the emulator"
     kill(first)
     t.join(timeout=10)
-    until(lambda: len(calls(server, "CheckoutLicense")) == 2, what="AWS consumed the seat")
-    lm("config", {"latency": 0})
     assert in_use(server) == {"Seats": 1}
     second = pod(MARKETPLACE_LICENSE_LEASE_TIMEOUT_SECONDS="5")
     r = lease(second, "x", 1)  # the product retries the same id
@@ -478,3 +500,39 @@ def test_a_lease_that_cannot_be_kept_on_disk_is_refused_before_any_checkout(
     assert "Retry-After" in r.headers
     assert len(calls(server, "CheckoutLicense")) == before
     assert in_use(server) == {}
+
+
+def test_a_restart_while_license_manager_throttles_keeps_the_leases(
+    lm: Any, pod: Any, server: EmulatorServer
+) -> None:
+    """After a SIGKILL, the first extensions of the restored leases are throttled: the leases
+    still have most of their grant (counted from the last extension), so they stay held and
+    are extended once License Manager answers, not reported lost at the first refusal."""
+    grant(lm, seats=3)
+    first = pod()
+    first.wait(checked_out)
+    assert lease(first, "a", 2).status_code == 200
+    kill(first)
+    lm(
+        "config",
+        {
+            "faults": [
+                {
+                    "error": "RateLimitExceededException",
+                    "first": 4,
+                    "op": "ExtendLicenseConsumption",
+                }
+            ]
+        },
+    )
+    second = pod()
+    second.wait(checked_out)
+
+    def extended_twice() -> bool:
+        assert post(second, "/v1/licenses/renew", {"id": "a"}).status_code == 200
+        ok = [c for c in calls(server, "ExtendLicenseConsumption") if c["code"] == "ok"]
+        return len(ok) >= 2  # the pod's own checkout and the lease
+
+    until(extended_twice, what="the lease extended after the throttling")
+    assert in_use(server) == {"Seats": 2}
+    assert "lease_lost" not in second.logs()

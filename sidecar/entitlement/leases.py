@@ -73,14 +73,16 @@ class LeaseBook:
         self._renewed: dict[str, float] = {}  # id -> monotonic, last renewal by the product
         self._deadline: dict[str, float] = {}  # id -> monotonic, AWS's expiry counted here
         self._extend_at: dict[str, float] = {}
-        now = clock.monotonic()
+        now, wall = clock.monotonic(), clock.time()
         for lease_id, record in (store.get("leases") or {}).items():
             if isinstance(record, dict) and ID_RE.fullmatch(str(lease_id)):
                 self._leases[lease_id] = record
                 # A restart: the product gets a full timeout to renew; AWS's checkout is
-                # extended at once (we cannot know how much of its grant is left).
+                # extended at once. What is left of its grant is counted on this machine's
+                # wall clock from the last checkout or extension sent (AWS's clock is never
+                # compared with ours); unknown: nothing left, so an outage means "lost".
                 self._renewed[lease_id] = now
-                self._deadline[lease_id] = now
+                self._deadline[lease_id] = now + _left(record, wall)
                 self._extend_at[lease_id] = now
         if self._leases:
             log.info("leases_restored", extra={"leases": len(self._leases)})
@@ -188,7 +190,7 @@ class LeaseBook:
             "Unit": record["unit"],
             "Value": str(record["units"]),
         }
-        sent = self._clock.monotonic()
+        sent, sent_wall = self._clock.monotonic(), self._clock.time()
         try:
             answer = self._gw().checkout(
                 self._sku,
@@ -243,6 +245,7 @@ class LeaseBook:
                 "license_arn": answer.license_arn,
                 "expiration": answer.expiration,
                 "ttl": expires - issued,
+                "renewed_wall": sent_wall,
             }
             saved, why = self._save({**self._leases, lease_id: held})
             if not saved:
@@ -363,7 +366,7 @@ class LeaseBook:
         return max(0.05, due - now)
 
     def _extend(self, lease_id: str, r: dict[str, Any]) -> None:
-        sent = self._clock.monotonic()
+        sent, sent_wall = self._clock.monotonic(), self._clock.time()
         try:
             value = self._gw().extend(str(r["consumption_token"]))
         except LicenseCallError as exc:
@@ -402,7 +405,11 @@ class LeaseBook:
             ttl = float(r.get("ttl") or 3600.0)
             self._deadline[lease_id] = sent + ttl
             self._extend_at[lease_id] = sent + ttl / 2
-            self._leases[lease_id] = {**self._leases[lease_id], "expiration": value}
+            self._leases[lease_id] = {
+                **self._leases[lease_id],
+                "expiration": value,
+                "renewed_wall": sent_wall,
+            }
             self._save(dict(self._leases))
 
     def _return(self, lease_id: str, token: Any, why: str) -> bool:
@@ -464,6 +471,15 @@ class LeaseBook:
         self._renewed.pop(lease_id, None)
         self._deadline.pop(lease_id, None)
         self._extend_at.pop(lease_id, None)
+
+
+def _left(record: dict[str, Any], wall_now: float) -> float:
+    """Seconds of AWS's grant left, by this machine's wall clock (0 when unknown)."""
+    try:
+        ttl, renewed = float(record["ttl"]), float(record["renewed_wall"])
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    return max(0.0, min(ttl, ttl - (wall_now - renewed)))
 
 
 def _label(info: ErrorInfo) -> str:
