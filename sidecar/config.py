@@ -147,6 +147,13 @@ class Settings:
         "GET /v1/entitlement says entitled false, so the product can fall back to a free "
         "tier, as AWS's guide suggests for on-premises deployments)",
     )
+    license_lease_timeout_seconds: float = setting(
+        300.0,
+        ge=5.0,
+        le=3000.0,
+        description="contract mode: a product lease (POST /v1/licenses/checkout) not renewed "
+        "for this long is checked back in (the product died); needs MARKETPLACE_STATE_DIR",
+    )
     license_token_file: Path | None = setting(  # noqa: RUF009 # a field(), not a call per instance
         None,
         description="contract mode, off AWS (EKS/ECS Anywhere, on-premises): the License "
@@ -873,6 +880,7 @@ CONTRACT_ONLY = {
         "license_check_seconds",
         "license_key_fingerprint",
         "license_on_loss",
+        "license_lease_timeout_seconds",
         "license_token_file",
         "license_role_arn",
     )
@@ -911,7 +919,6 @@ NOT_CONTRACT = {
             "aws_call_burst",
         )
     },
-    "state_dir": "contract mode keeps no state on disk (a checkout lives in License Manager)",
     "readiness_gate": "contract mode does not mirror its state to the pod (yet)",
     "kube_events": "contract mode does not mirror its state to the pod (yet)",
 }

@@ -49,6 +49,8 @@ METRICS: dict[str, tuple[str, set[str]] | None] = {
         "outcome",
         {"applied", "duplicate", "stale", "dead_letter", "queue_error", "store_error"},
     ),
+    # Contract mode (sidecar/ops/metrics.py, _ContractCollector).
+    "marketplace_license_expires_in_seconds": None,
 }
 PROMQL_WORDS = {
     "sum", "max", "min", "avg", "count", "without", "by", "on", "ignoring", "group_left",
@@ -360,6 +362,60 @@ def test_lifecycle_alerts_fire_on_a_dead_letter_and_a_failing_queue(
         ],
     }
     test_file = tmp_path / "lifecycle.test.yaml"
+    test_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = subprocess.run(
+        [str(promtool), "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_contract_alert_fires_on_a_checkout_nobody_extends(
+    promtool: Path, tmp_path: Path
+) -> None:
+    """Per pod: a healthy checkout saws between 60 and 30 minutes left (extended half-way);
+    one whose extensions fail runs down, and pages once under 15 minutes for 2 minutes."""
+    name = "marketplace_license_expires_in_seconds"
+
+    def pod(p: str, values: str) -> dict[str, str]:
+        labels = f'job="product",namespace="shop",pod="{p}",instance="10.0.0.{p[-1]}:8788"'
+        return {"series": f"{name}{{{labels}}}", "values": values}
+
+    alert = "MarketplaceLicenseCheckoutExpiring"
+    labels = {
+        "job": "product",
+        "namespace": "shop",
+        "pod": "product-2",
+        "instance": "10.0.0.2:8788",
+        "severity": "critical",
+    }
+    spec: dict[str, Any] = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "5m",
+                "input_series": [
+                    pod("product-1", "3600-300x6 3600-300x6"),  # extended every 30 minutes
+                    pod("product-2", "2000-300x8"),  # 2000 s, then 300 s less every 5 minutes
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "15m", "alertname": alert, "exp_alerts": []},  # 1100 s
+                    {"eval_time": "20m", "alertname": alert, "exp_alerts": []},  # 800 s: pending
+                    {
+                        "eval_time": "25m",
+                        "alertname": alert,
+                        "exp_alerts": [
+                            {
+                                "exp_labels": labels,
+                                "exp_annotations": rendered_annotations(alert, "8m 20s"),
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    test_file = tmp_path / "contract.test.yaml"
     test_file.write_text(yaml.safe_dump(spec, sort_keys=False))
     out = subprocess.run(
         [str(promtool), "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60
