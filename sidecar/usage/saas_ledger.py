@@ -524,7 +524,12 @@ def ingest(
         added: dict[OpenKey, int] = {}
         for i, key in fresh:
             added[key] = added.get(key, 0) + records[i].usage.micros
-        over = refuse_over_maximum(records, fresh, _add_to_totals(db, added))
+        if any(n > qty.MAX_MICROS for n in added.values()):
+            # Over whatever is stored (totals are >= 0), and the sum may not even fit the
+            # column (1,000 records of the maximum: 1e19 micro-units > BIGINT): refused here.
+            over = refuse_over_maximum(records, fresh, added)
+        else:
+            over = refuse_over_maximum(records, fresh, _add_to_totals(db, added))
         if over is not None:
             raise over
     if failures:
