@@ -6,6 +6,7 @@ Each test here failed on the code it was written against; the docstring says how
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,3 +57,62 @@ def test_a_saas_post_summing_past_what_a_counter_holds_is_a_400_naming_the_recor
     )
     assert status == 202 and answers[0]["quantity"] == qty.MAX_TEXT
     assert json.dumps(answers)  # plain JSON
+
+
+def test_an_old_replicas_write_in_flight_during_the_upgrade_is_scaled_not_kept_as_micro_units(
+    pg_url: str,
+) -> None:
+    """A rolling upgrade: an integer-sidecar replica's intake transaction has added 7 units for
+    a new (customer, dimension, hour) and not committed yet when a new replica migrates the
+    database. The migration scaled `saas_open` BEFORE creating the guard, so its UPDATE did not
+    see the uncommitted row; its CREATE TRIGGER then waited for the old transaction, which
+    committed its 7, and the total held 7 micro-units: 7 units billed as 0.000007. The
+    migration now takes the tables' locks first: the old transaction commits before the
+    scaling (its 7 become 7,000,000), and any later statement of it waits and is refused."""
+    import threading
+
+    import psycopg
+
+    from tests.test_quantity_migration import LEGACY
+
+    with psycopg.connect(pg_url, autocommit=True) as pg:
+        pg.execute((LEGACY / "saas_postgresql.sql").read_text().encode())
+    who = "333333333333/arn:aws:license-manager::333333333333:license:l-333333333333"
+    old = psycopg.connect(pg_url)  # the old replica: no session settings, one transaction
+    old.execute(
+        "INSERT INTO saas_open (customer, dimension, hour, quantity) VALUES "
+        "(%s, 'scans', 500000, 7) ON CONFLICT (customer, dimension, hour) DO UPDATE SET "
+        "quantity = saas_open.quantity + excluded.quantity",
+        (who,),
+    )
+    opened: list[UsageStore] = []
+    upgrade = threading.Thread(
+        target=lambda: opened.append(open_store(SAAS_SCHEMA, database_url=pg_url)), daemon=True
+    )
+    upgrade.start()
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as watch:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # the migration waits for the old transaction
+                row = watch.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND NOT granted"
+                ).fetchone()
+                if row and int(row[0]) > 0:
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("the migration never waited for the old replica's transaction")
+        old.commit()
+        upgrade.join(60)
+        assert opened, "the upgrade did not finish"
+        store = opened[0]
+        rows = store.read(
+            lambda db: db.execute(
+                "SELECT quantity FROM saas_open WHERE customer = ? AND hour = 500000", (who,)
+            ).fetchall()
+        )
+        assert [int(q) for (q,) in rows] == [7 * qty.SCALE]
+    finally:
+        old.close()
+        for s in opened:
+            s.close()
