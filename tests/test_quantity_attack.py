@@ -102,8 +102,35 @@ def test_an_old_replicas_write_in_flight_during_the_upgrade_is_scaled_not_kept_a
                 time.sleep(0.02)
             else:
                 pytest.fail("the migration never waited for the old replica's transaction")
+            later: list[BaseException | None] = []
+
+            def old_again() -> None:  # another old replica's POST, queued behind the upgrade
+                try:
+                    with psycopg.connect(pg_url, autocommit=True) as other:
+                        other.execute(
+                            "INSERT INTO saas_open (customer, dimension, hour, quantity) "
+                            "VALUES (%s, 'users', 500000, 5)",
+                            (who,),
+                        )
+                    later.append(None)
+                except psycopg.Error as exc:
+                    later.append(exc)
+
+            queued = threading.Thread(target=old_again, daemon=True)
+            queued.start()
+            while time.monotonic() < deadline:
+                row = watch.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND NOT granted"
+                ).fetchone()
+                if row and int(row[0]) > 1:
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("the second old write never queued")
         old.commit()
         upgrade.join(60)
+        queued.join(60)
+        assert len(later) == 1 and isinstance(later[0], psycopg.errors.RaiseException)
         assert opened, "the upgrade did not finish"
         store = opened[0]
         rows = store.read(

@@ -1290,7 +1290,17 @@ _WIDE_COUNTERS_V3 = """
 ALTER TABLE saas_counts ALTER COLUMN quantity TYPE NUMERIC(38, 0);
 ALTER TABLE saas_hour_summary ALTER COLUMN quantity TYPE NUMERIC(38, 0);
 """
-MIGRATION_3 = (_MICROS_V3, _WIDE_COUNTERS_V3 + _MICROS_V3 + _GUARD_V3_POSTGRESQL)
+# First, before anything is scaled: the tables an older replica writes usage to, so its
+# transactions in flight commit before the scaling (their whole units are scaled with the rest)
+# and its later statements wait, then meet the guard. Created after the scaling, the guard came
+# too late for a row inserted under the UPDATE's snapshot: 7 units stayed 7 micro-units.
+_QUIESCE_V3_POSTGRESQL = """
+LOCK TABLE saas_open, saas_records, saas_outbox IN EXCLUSIVE MODE;
+"""
+MIGRATION_3 = (
+    _MICROS_V3,
+    _QUIESCE_V3_POSTGRESQL + _WIDE_COUNTERS_V3 + _MICROS_V3 + _GUARD_V3_POSTGRESQL,
+)
 
 
 def _state_counts(db: Db) -> dict[str, int]:
