@@ -143,3 +143,29 @@ def test_an_old_replicas_write_in_flight_during_the_upgrade_is_scaled_not_kept_a
         old.close()
         for s in opened:
             s.close()
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        b"1" + b"0" * 5000,  # past Python's 4,300-digit limit for int()
+        b"-" + b"9" * 900_000,  # a megabyte of digits, no fraction
+        b"99999999999999999999",  # 20 digits: fits no field, read exactly
+    ],
+)
+def test_a_whole_number_too_long_for_any_quantity_is_a_400_naming_quantity(number: bytes) -> None:
+    """A JSON integer of more than 4,300 digits made `json.loads` fail, so the answer said the
+    body was not JSON (field `body`) although it was, and named no field. It names the
+    quantity, like the same number with a fraction (tests/test_usage_validate.py)."""
+    from sidecar.usage.validate import Limits, parse
+
+    for body in (
+        b'{"dimension": "scans", "quantity": ' + number + b"}",
+        b'{"dimension": "scans", "quantity": 1, "allocations": [{"quantity": '
+        + number
+        + b', "tags": {"a": "b"}}]}',
+    ):
+        with pytest.raises(RejectedError) as caught:
+            parse(body, Limits(("scans",)), T0)
+        assert caught.value.status == 400
+        assert caught.value.body()["field"] in ("quantity", "allocations[0].quantity")
