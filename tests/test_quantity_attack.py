@@ -39,7 +39,7 @@ def test_a_saas_post_summing_past_what_a_counter_holds_is_a_400_naming_the_recor
     resolve(store, range(1))
     now = T0 + 100
     recs = records(
-        [item(0, DIMS[0], qty.MAX_TEXT, id=f"big-{i}") for i in range(1000)], now  # type: ignore[arg-type]
+        [{**item(0, DIMS[0], 1, id=f"big-{i}"), "quantity": qty.MAX_TEXT} for i in range(1000)], now
     )
     with pytest.raises(RejectedError) as caught:
         store.write(
@@ -50,7 +50,7 @@ def test_a_saas_post_summing_past_what_a_counter_holds_is_a_400_naming_the_recor
     assert caught.value.problems[0].field == "records[1].quantity"
     assert qty.MAX_TEXT in caught.value.problems[0].message
     # Nothing of the POST was kept: the same ids with one record's worth are fresh.
-    one = records([item(0, DIMS[0], qty.MAX_TEXT, id="big-0")], now)  # type: ignore[arg-type]
+    one = records([{**item(0, DIMS[0], 1, id="big-0"), "quantity": qty.MAX_TEXT}], now)
     status, answers = store.write(
         lambda db: L.ingest(db, one, now, HP, accept_unresolved=False),
         locks=L.ingest_locks(one),
