@@ -1293,9 +1293,11 @@ ALTER TABLE saas_hour_summary ALTER COLUMN quantity TYPE NUMERIC(38, 0);
 # First, before anything is scaled: the tables an older replica writes usage to, so its
 # transactions in flight commit before the scaling (their whole units are scaled with the rest)
 # and its later statements wait, then meet the guard. Created after the scaling, the guard came
-# too late for a row inserted under the UPDATE's snapshot: 7 units stayed 7 micro-units.
+# too late for a row inserted under the UPDATE's snapshot: 7 units stayed 7 micro-units. The
+# order is the older sidecar's (its seal writes the outbox, then the totals; its intake the
+# totals, then the records), so the migration waits for it rather than deadlocking with it.
 _QUIESCE_V3_POSTGRESQL = """
-LOCK TABLE saas_open, saas_records, saas_outbox IN EXCLUSIVE MODE;
+LOCK TABLE saas_outbox, saas_open, saas_records IN EXCLUSIVE MODE;
 """
 MIGRATION_3 = (
     _MICROS_V3,
