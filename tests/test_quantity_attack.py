@@ -169,3 +169,64 @@ def test_a_whole_number_too_long_for_any_quantity_is_a_400_naming_quantity(numbe
             parse(body, Limits(("scans",)), T0)
         assert caught.value.status == 400
         assert caught.value.body()["field"] in ("quantity", "allocations[0].quantity")
+
+
+def test_an_old_replicas_seal_in_flight_during_the_upgrade_is_waited_for_not_deadlocked(
+    pg_url: str,
+) -> None:
+    """The older sidecar's seal writes the outbox, then deletes the sealed totals. The upgrade
+    takes its locks in that order, so it waits for the seal instead of holding the totals the
+    seal needs next (a deadlock: PostgreSQL aborts one of them, failing the new replica's
+    start or the old seal). Both finish; the sealed whole units are scaled with the rest."""
+    import threading
+
+    import psycopg
+
+    from tests.test_quantity_migration import LEGACY
+
+    with psycopg.connect(pg_url, autocommit=True) as pg:
+        pg.execute((LEGACY / "saas_postgresql.sql").read_text().encode())
+    who = "333333333333/arn:aws:license-manager::333333333333:license:l-333333333333"
+    old = psycopg.connect(pg_url)
+    old.execute(
+        "INSERT INTO saas_outbox (customer, dimension, hour, quantity, zero, record, state, "
+        "sealed_at, deadline) VALUES (%s, 'scans', 400000, 5, 0, '{}', 'sealed', 0, 0)",
+        (who,),
+    )
+    opened: list[UsageStore] = []
+    failed: list[BaseException] = []
+
+    def upgrade() -> None:
+        try:
+            opened.append(open_store(SAAS_SCHEMA, database_url=pg_url))
+        except BaseException as exc:  # reported by the assertion below
+            failed.append(exc)
+
+    thread = threading.Thread(target=upgrade, daemon=True)
+    thread.start()
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as watch:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                row = watch.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND NOT granted"
+                ).fetchone()
+                if row and int(row[0]) > 0:
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("the migration never waited for the old seal")
+        old.execute("DELETE FROM saas_open WHERE hour = 400000")  # the seal's next statement
+        old.commit()
+        thread.join(60)
+        assert not failed and opened, failed
+        rows = opened[0].read(
+            lambda db: db.execute(
+                "SELECT quantity FROM saas_outbox WHERE customer = ? AND hour = 400000", (who,)
+            ).fetchall()
+        )
+        assert [int(q) for (q,) in rows] == [5 * qty.SCALE]
+    finally:
+        old.close()
+        for s in opened:
+            s.close()
