@@ -505,6 +505,9 @@ def report_usage(
     raise UsageError(reason, message, status=status, retry_after=retry_after, problems=problems)
 
 
+_DECIMAL_CEILING = Decimal(10) ** 10  # AWS's …AsDecimal pattern: at most 10 whole digits
+
+
 def _exact_quantity(value: Any, field: str) -> Any:
     """A Decimal as its exact decimal string; a float refused; anything else as given (the
     sidecar checks it and names the field)."""
@@ -515,8 +518,11 @@ def _exact_quantity(value: Any, field: str) -> Any:
             'such as "2.5": a float is not exact, and billed usage must be',
         )
     if isinstance(value, Decimal):
-        if not value.is_finite():
-            raise UsageError("invalid", f"{field} must be a finite number, got {value}")
+        if not value.is_finite() or not 0 <= value < _DECIMAL_CEILING:
+            # Checked before formatting: `Decimal("1E+999999999")` would write a gigabyte.
+            raise UsageError(
+                "invalid", f"{field} must be from 0 to 9999999999.999999, got {value:.6}"
+            )
         return format(value, "f")  # 2.50 -> "2.50", 1E+2 -> "100": the same value, exactly
     return value
 
