@@ -133,7 +133,7 @@ RECORD_CODES = frozenset(
 )
 
 
-EntitlementReader = Callable[[str], list[dict[str, Any]]]
+EntitlementReader = Callable[[str, str], list[dict[str, Any]]]  # (product code, account id)
 LIFECYCLE_OUTCOMES = ("applied", "duplicate", "stale", "dead_letter", "queue_error", "store_error")
 QUEUE_BACKOFF_CAP = 60.0  # seconds between ReceiveMessage tries while the queue is unreachable
 CHANGES_WAIT_MAX = 20.0  # the longest long poll of GET /v1/customers/changes
@@ -231,7 +231,7 @@ class SaasService:
         rng: Callable[[], float] = random.random,
         entitlements: EntitlementReader | None = None,
     ) -> None:
-        """`entitlements(account_id)`: GetEntitlements for one buyer, as
+        """`entitlements(product_code, account_id)`: GetEntitlements for one buyer, as
         [{"dimension", "value", "expiration"}] (None: contract entitlements are not read)."""
         if not policy.dimensions:
             raise ValueError("at least one dimension is needed")
@@ -418,6 +418,14 @@ class SaasService:
         log.info(
             "saas_customer_resolved", extra={"customer": key, "product_code": code or "unknown"}
         )
+        if self._entitlements is not None and customer.get("customer_aws_account_id"):
+            # First sight of the buyer: its contract's entitlements, without delaying the answer.
+            threading.Thread(
+                target=self._first_entitlements,
+                args=(str(customer["customer_aws_account_id"]),),
+                name="entitlements",
+                daemon=True,
+            ).start()
         return 200, {**customer, "from_store": False}
 
     def _resolve_with_retries(
@@ -718,17 +726,21 @@ class SaasService:
         could not be read (logged; the next event or resolve tries again)."""
         if self._entitlements is None:
             return False
-        account: str | None = subject if not subject.startswith("ci:") else None
-        if account is None:
-            rows = self.store.read(lambda db: saas_ledger.find_customers(db, subject[3:]))
-            account = next(
-                (r["customer_aws_account_id"] for r in rows if r.get("customer_aws_account_id")),
-                None,
-            )
-        if account is None:
+        key = subject[3:] if subject.startswith("ci:") else subject
+        rows = self.store.read(lambda db: saas_ledger.find_customers(db, key))
+        account = next(
+            (r["customer_aws_account_id"] for r in rows if r.get("customer_aws_account_id")),
+            None if subject.startswith("ci:") else subject,
+        )
+        product = self.policy.product_code or next(
+            (r["product_code"] for r in rows if r.get("product_code")), None
+        )
+        if product is None:
+            product = self.store.read(lambda db: saas_events.product_of(db, subject))
+        if account is None or product is None:
             return False
         try:
-            found = self._entitlements(account)
+            found = self._entitlements(product, account)
         except Exception as exc:  # an AWS refusal or outage: logged, the state stays as it was
             log.warning(
                 "saas_entitlements_failed",
@@ -740,6 +752,12 @@ class SaasService:
         if changed:
             self._wake()
         return True
+
+    def _first_entitlements(self, account: str) -> None:
+        try:
+            self.refresh_entitlements(account)
+        except StoreUnavailableError as exc:
+            log.warning("saas_entitlements_not_stored", extra={"detail": str(exc)[:300]})
 
     def consume(self, queue: EventSource, stop: threading.Event) -> None:
         """Long-poll the lifecycle queue until `stop`: each message applied (or dead-lettered)

@@ -475,3 +475,11 @@ def left_customers_sql() -> str:
         "OR l.subject = 'ci:' || saas_customers.customer_identifier) "
         "AND l.left_at IS NOT NULL AND l.left_at < ?)"
     )
+
+
+def product_of(db: Db, subject: str) -> str | None:
+    """The product code a license event named for the subject, if any."""
+    row = db.execute(
+        "SELECT product_code FROM saas_lifecycle WHERE subject = ?", (subject,)
+    ).fetchone()
+    return str(row[0]) if row and row[0] else None
