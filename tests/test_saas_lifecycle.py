@@ -25,7 +25,7 @@ from sidecar.usage.hours import HOUR, hour_of, hour_start
 from sidecar.usage.saas import SAAS_SCHEMA, SaasService
 from sidecar.usage.saas_events import FINAL_MARGIN
 from tests.helpers import ManualClock
-from tests.test_saas_ledger import DIMS, account, key, license_arn
+from tests.test_saas_ledger import account, key, license_arn
 from tests.test_saas_service import Aws, Killed, body, make_service
 
 AGREEMENT = "agmt-4mwg1nevbokzw95eca5797ixs"
