@@ -36,6 +36,7 @@ DEAD_LETTER_MAX = 64 * 1024  # characters of a poison message's body kept
 # customer's remaining open usage is sealed then (docs/saas-lifecycle.md).
 FINAL_MARGIN = 600.0
 LEFT_STATES = ("pending_unsubscribe", "unsubscribed", "subscribe_failed")
+NO_EVENT = "GetEntitlements"  # `last_event` of a row no lifecycle event has set yet
 
 _COMMON = """
 -- One row per buyer the lifecycle events name (`subject`: the account id, or 'ci:' and the
@@ -250,6 +251,13 @@ def set_entitlements(
         )
     }
     after = {(str(e["dimension"]), dumps(e["value"]), e.get("expiration")) for e in entitlements}
+    # A buyer seen first by resolving (no event yet): a row to hang the entitlements on, whose
+    # time 0 lets any event set its state (`enrich` shows the resolved state meanwhile).
+    db.execute(
+        "INSERT INTO saas_lifecycle (subject, state, state_time, event_time, last_event, "
+        "updated_at) VALUES (?, 'subscribed', 0, 0, ?, ?) ON CONFLICT (subject) DO NOTHING",
+        (subject, NO_EVENT, now),
+    )
     db.execute("UPDATE saas_lifecycle SET entitlements_at = ? WHERE subject = ?", (now, subject))
     if before == after:
         return False
@@ -326,11 +334,10 @@ def enrich(db: Db, customer: dict[str, Any]) -> dict[str, Any]:
         if s is not None
     ]
     found.sort(key=lambda s: s["state_since"], reverse=True)
-    if found:
-        life = found[0]
+    life = found[0] if found else None
+    if life is not None and life["last_event"] != NO_EVENT:
         state = life["state"]
     else:
-        life = None
         state = "unsubscribed" if customer.get("state") == "not_subscribed" else "subscribed"
     return {
         **customer,
