@@ -171,11 +171,11 @@ def entitlement_reader(settings: Settings) -> Callable[[str, str], list[dict[str
     guard = threading.Lock()
 
     def read(product_code: str, account_id: str) -> list[dict[str, Any]]:
-        from sidecar.aws import entitlement  # type: ignore[attr-defined,unused-ignore]
+        from sidecar.aws import entitlement
 
         with guard:
             if not client:
-                client.append(entitlement.entitlement_client(settings.aws_timeout_seconds))
+                client.append(entitlement.entitlement_client(timeout=settings.aws_timeout_seconds))
         return [
             {"dimension": e.dimension, "value": e.value, "expiration": e.expiration}
             for e in entitlement.get_entitlements(client[0], product_code, account_id)

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import SplitResult, unquote, unquote_plus, urlparse, urlsplit
 
+from sidecar.aws.entitlement import ENDPOINT_ENV as ENTITLEMENT_ENDPOINT_ENV
+from sidecar.aws.entitlement import endpoint_problem as entitlement_problem
 from sidecar.aws.errors import SIGV4_SKEW_SECONDS
 from sidecar.core.backoff import ThrottleSchedule
 from sidecar.core.files import UnsafeFileError, read_small_file
@@ -1230,6 +1232,9 @@ def complete(settings: Settings) -> dict[int, RSAPublicKey]:
                 f"{SQS_ENDPOINT_ENV}: plain http only to a loopback address (a test queue); "
                 f"got host {parsed.hostname[:80]!r}: use https"
             )
+    entitlement_endpoint = os.environ.get(ENTITLEMENT_ENDPOINT_ENV)
+    if settings.mode == "saas" and entitlement_problem(entitlement_endpoint):
+        problems.append(str(entitlement_problem(entitlement_endpoint)))
     if settings.mode == "contract" and settings.test_only_time_scale is not None:
         problems.append(
             f"{PREFIX}TEST_ONLY_TIME_SCALE: not supported with {PREFIX}MODE=contract (a "
@@ -1241,6 +1246,16 @@ def complete(settings: Settings) -> dict[int, RSAPublicKey]:
             problems.append(
                 f"{PREFIX}TEST_ONLY_TIME_SCALE: only for tests against a loopback emulator "
                 f"({ENDPOINT_ENV} must point at 127.0.0.1); never set it in production"
+            )
+        entitlement_host = urlparse(entitlement_endpoint or "").hostname
+        if entitlement_host is not None and entitlement_host not in (
+            "127.0.0.1",
+            "localhost",
+            "::1",
+        ):
+            problems.append(
+                f"{PREFIX}TEST_ONLY_TIME_SCALE: only for tests against a loopback emulator "
+                f"({ENTITLEMENT_ENDPOINT_ENV} must point at 127.0.0.1 or be unset)"
             )
         if settings.test_only_time_origin is None:
             problems.append(
