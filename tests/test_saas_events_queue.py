@@ -141,7 +141,9 @@ def test_a_message_redelivered_after_a_crash_between_apply_and_delete_is_applied
     again = service(tmp_path)  # the restarted sidecar
     with consuming(again, queue):
         wait_for(lambda: left(client, url) == 0, 20, "the redelivered message was not deleted")
-    assert again.counters().lifecycle["duplicate"] == 1
+    # Seen again (more than once if a slow delete let the visibility timeout lapse), never
+    # applied again.
+    assert again.counters().lifecycle["duplicate"] >= 1
     assert again.counters().lifecycle["applied"] == 0
     assert events(again) == 1
     changes = again.store.read(

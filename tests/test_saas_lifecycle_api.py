@@ -14,7 +14,7 @@ import boto3
 import pytest
 import requests
 
-from sidecar.emulator.service import Emulator
+from sidecar.emulator.service import Emulator, EmulatorServer
 from tests.test_saas_api import check, issue, resolve, saas_car
 from tests.test_saas_events_queue import REGION, Moto, new_queue
 from tests.test_saas_lifecycle import eb
@@ -40,11 +40,12 @@ def event(i_account: str, kind: str, t: float) -> str:
 
 
 def test_a_buyer_leaving_is_seen_through_the_change_feed_and_metered_until_the_window(
-    saas_car: Any, emulator: Emulator, moto: Moto, tmp_path: Path
+    saas_car: Any, emulator: Emulator, emulator_server: EmulatorServer, moto: Moto, tmp_path: Path
 ) -> None:
     url, client = new_queue(moto.url, visibility=5)
     car = saas_car(
         MARKETPLACE_STATE_DIR=str(tmp_path),
+        AWS_ENDPOINT_URL_MARKETPLACE_ENTITLEMENT_SERVICE=emulator_server.url,
         MARKETPLACE_SAAS_EVENTS_QUEUE_URL=url,
         AWS_ENDPOINT_URL_SQS=moto.url,
         AWS_REGION=REGION,
@@ -97,4 +98,66 @@ def test_a_buyer_leaving_is_seen_through_the_change_feed_and_metered_until_the_w
         QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"]
     )
     assert attrs["Attributes"]["ApproximateNumberOfMessages"] == "0"
+    assert car.stop() == 0
+
+
+def test_contract_entitlements_follow_license_updates_through_the_emulator(
+    saas_car: Any,
+    emulator: Emulator,
+    emulator_server: EmulatorServer,
+    moto: Moto,
+    tmp_path: Path,
+) -> None:
+    """The emulator's events API puts a License Updated on the queue; the sidecar asks the
+    emulator's GetEntitlements over HTTP and the backend sees the contract, then its downgrade."""
+    server = emulator_server.url
+    url, _ = new_queue(moto.url, visibility=5)
+    car = saas_car(
+        MARKETPLACE_STATE_DIR=str(tmp_path),
+        MARKETPLACE_SAAS_EVENTS_QUEUE_URL=url,
+        AWS_ENDPOINT_URL_SQS=moto.url,
+        AWS_ENDPOINT_URL_MARKETPLACE_ENTITLEMENT_SERVICE=server,
+        AWS_REGION=REGION,
+    )
+    account = "444455556666"
+    buyer = issue(emulator, customer_aws_account_id=account)
+    product = resolve(car, buyer["registration_token"]).json()["product_code"]
+
+    def contract(seats: int) -> None:
+        body = {
+            "product_code": product,
+            "customer_aws_account_id": account,
+            "entitlements": [{"dimension": "users", "integer": seats, "expiration": 1_900_000_000}],
+        }
+        r = requests.post(server + "/_emulator/entitlements", json=body, timeout=5)
+        assert r.status_code == 200, r.text
+
+    def license_updated() -> None:
+        spec = {
+            "type": "license-updated",
+            "product_code": product,
+            "customer_aws_account_id": account,
+            "license_arn": buyer["license_arn"],
+            "queue_url": url,
+        }
+        r = requests.post(server + "/_emulator/saas/events", json=spec, timeout=10)
+        assert r.status_code == 200, r.text
+
+    def seats_seen(expected: int) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            doc = car.get(f"/v1/customers/{account}").json()
+            got = [e["value"] for e in (doc.get("lifecycle") or {}).get("entitlements", [])]
+            if got == [expected]:
+                check("/v1/customers/{id}", "GET", car.get(f"/v1/customers/{account}"))
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"entitlements never showed {expected} users: {doc}")
+
+    contract(20)
+    license_updated()
+    seats_seen(20)
+    contract(5)  # the buyer's contract is amended down
+    license_updated()
+    seats_seen(5)
     assert car.stop() == 0

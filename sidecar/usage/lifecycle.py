@@ -64,8 +64,11 @@ TRANSITION: dict[str, str | None] = {
 REFRESH = frozenset(
     {"created", "amended", "license_updated", "subscribe_success", "entitlement_updated"}
 )
-# Kinds that open the final metering window (sealing the customer's open hour at once).
-FINAL = frozenset({"deprovisioned", "unsubscribe_pending"})
+# Kinds that open the final metering window (sealing the customer's open hour at once). The
+# EventBridge guide starts it at License Deprovisioned; for the SNS topics, sellers' accounts
+# (and hosted vendors) start it at unsubscribe-pending. unsubscribe-success opens one only if
+# no unsubscribe-pending was seen (a lost or late message): the earlier window is kept.
+FINAL = frozenset({"deprovisioned", "unsubscribe_pending", "unsubscribe_success"})
 _ACCOUNT = re.compile(r"\d{12}")
 _TEXT = re.compile(r"[\x21-\x7e]{1,2048}")
 _LICENSE_ID = re.compile(r"l-[0-9a-zA-Z]+")

@@ -192,6 +192,13 @@ def _move(db: Db, event: Event, state: str, now: float) -> None:
             "final_window_end = NULL, updated_at = ? WHERE subject = ?",
             (state, event.time, now, event.subject),
         )
+    elif event.kind == "unsubscribe_success":  # the window of unsubscribe-pending, if seen
+        end = event.time + lifecycle.FINAL_WINDOW
+        db.execute(
+            "UPDATE saas_lifecycle SET state = ?, state_time = ?, left_at = COALESCE(left_at, ?), "
+            "final_window_end = COALESCE(final_window_end, ?), updated_at = ? WHERE subject = ?",
+            (state, event.time, event.time, end, now, event.subject),
+        )
     elif event.kind in lifecycle.FINAL:
         end = event.time + lifecycle.FINAL_WINDOW
         db.execute(
@@ -199,9 +206,8 @@ def _move(db: Db, event: Event, state: str, now: float) -> None:
             "final_window_end = ?, updated_at = ? WHERE subject = ?",
             (state, event.time, event.time, end, now, event.subject),
         )
-    elif state in ("unsubscribed", "subscribe_failed"):
-        # Unsubscribed without a deprovisioning seen (SNS unsubscribe-success alone), or never
-        # subscribed: the window, if any was opened, stays; none opens now.
+    elif state == "subscribe_failed":
+        # Never subscribed: nothing to meter; usage is refused from now on.
         db.execute(
             "UPDATE saas_lifecycle SET state = ?, state_time = ?, "
             "left_at = COALESCE(left_at, ?), final_window_end = COALESCE(final_window_end, ?), "
