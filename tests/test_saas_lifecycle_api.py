@@ -13,6 +13,7 @@ from typing import Any
 import boto3
 import pytest
 import requests
+from marketplace_sidecar_client import CustomerError, customer_changes, get_customer
 
 from sidecar.emulator.service import Emulator, EmulatorServer
 from tests.test_saas_api import check, issue, resolve, saas_car
@@ -65,15 +66,25 @@ def test_a_buyer_leaving_is_seen_through_the_change_feed_and_metered_until_the_w
     )
     seen: list[dict[str, Any]] = []
     while not seen and time.monotonic() - sent < 30:
-        r = requests.get(f"{car.api}/v1/customers/changes?since={cursor}&wait=5", timeout=15)
-        check("/v1/customers/changes", "GET", r)
-        seen, cursor = r.json()["changes"], r.json()["cursor"]
+        # The product's client, as a backend would wait for news.
+        page = customer_changes(cursor, wait=5, url=car.api)
+        seen, cursor = page["changes"], page["cursor"]
     took = time.monotonic() - sent
     assert seen and seen[0]["state"] == "unsubscribed" and seen[0]["customers"], seen
     assert took < 10, f"the backend saw the departure {took:.1f} s after the event"
     one = car.get(f"/v1/customers/{ACCOUNT}")
     check("/v1/customers/{id}", "GET", one)
     assert one.json()["subscription"] == "unsubscribed"
+    assert get_customer(ACCOUNT, url=car.api)["subscription"] == "unsubscribed"
+    with pytest.raises(CustomerError) as unknown:
+        get_customer("999988887777", url=car.api)
+    assert unknown.value.reason == "unknown_customer"
+    with pytest.raises(CustomerError) as bad:
+        customer_changes("-1", url=car.api)
+    assert bad.value.reason == "invalid"
+    r = requests.get(f"{car.api}/v1/customers/changes?since={cursor}&wait=0.2", timeout=10)
+    check("/v1/customers/changes", "GET", r)
+    assert r.json()["changes"] == [] and r.json()["cursor"] == cursor
     listed = car.get("/v1/customers")
     check("/v1/customers", "GET", listed)
     assert listed.json()["customers"][0]["lifecycle"]["final_window_end"]
