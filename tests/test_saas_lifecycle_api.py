@@ -70,6 +70,7 @@ def test_a_buyer_leaving_is_seen_through_the_change_feed_and_metered_until_the_w
         page = customer_changes(cursor, wait=5, url=car.api)
         seen, cursor = page["changes"], page["cursor"]
     took = time.monotonic() - sent
+    print(f"feed latency {took:.2f} s")  # docs/saas-lifecycle.md quotes it (pytest -s)
     assert seen and seen[0]["state"] == "unsubscribed" and seen[0]["customers"], seen
     assert took < 10, f"the backend saw the departure {took:.1f} s after the event"
     one = car.get(f"/v1/customers/{ACCOUNT}")
