@@ -209,7 +209,9 @@ def test_three_replicas_on_postgresql_consume_one_queue_and_apply_each_event_onc
         wait_for(lambda: left(client, url) == 0, 60, "the fleet did not empty the queue")
     applied = sum(s.counters().lifecycle["applied"] for s in fleet)
     duplicates = sum(s.counters().lifecycle["duplicate"] for s in fleet)
-    assert applied == len(bodies) and duplicates == 6
+    # Each event applied once by the fleet; every second copy (and any redelivery of a message
+    # whose visibility timeout lapsed on a loaded machine) seen as a duplicate.
+    assert applied == len(bodies) and duplicates >= 6
     assert events(fleet[0]) == len(bodies)
     cursor, feed = 0, []
     while True:

@@ -698,7 +698,9 @@ class SaasService:
             )
             self._note("dead_letter")
             return "dead_letter"
-        applied = self.store.write(lambda db: saas_events.apply(db, event, now))
+        applied = self.store.write(
+            lambda db: saas_events.apply(db, event, now), locks=saas_events.CHANGES_LOCKS
+        )
         outcome = "duplicate" if applied.duplicate else "stale" if applied.stale else "applied"
         self._note(outcome)
         log.info(
@@ -748,7 +750,10 @@ class SaasService:
             )
             return False
         now = self.clock.time()
-        changed = self.store.write(lambda db: saas_events.set_entitlements(db, subject, found, now))
+        changed = self.store.write(
+            lambda db: saas_events.set_entitlements(db, subject, found, now),
+            locks=saas_events.CHANGES_LOCKS,
+        )
         if changed:
             self._wake()
         return True

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sidecar.usage import lifecycle
-from sidecar.usage.db import Db
+from sidecar.usage.db import Db, Lock
 from sidecar.usage.hours import hour_of, iso
 from sidecar.usage.lifecycle import Event
 from sidecar.usage.store import dumps
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from sidecar.usage.saas_ledger import SealSpec
 
 CHANGES_LOCK = 0x5AA50014
+# Declared to the store (taken first, in key order, with every other lock of the transaction:
+# no deadlock with intake's locks in a group commit).
+CHANGES_LOCKS: tuple[Lock, ...] = ((CHANGES_LOCK, True),)
 DEAD_LETTER_MAX = 64 * 1024  # characters of a poison message's body kept
 # The final window's last minutes are kept for sending: usage is refused from then on, and the
 # customer's remaining open usage is sealed then (docs/saas-lifecycle.md).
