@@ -412,3 +412,15 @@ def test_events_for_another_product_are_kept_aside(tmp_path: Path, clock: Manual
     assert svc.handle_message("x", eb("License Deprovisioned", 1, clock.t)) == "dead_letter"
     assert count(svc, "SELECT COUNT(*) FROM saas_lifecycle") == 0
     svc.store.close()
+
+
+def test_a_license_update_dates_no_state_an_older_end_still_counts(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    svc = make_service(backend(), Aws(clock), clock)
+    t = clock.t
+    assert svc.handle_message("u", eb("License Updated", 1, t - 5)) == "applied"
+    # The end happened before the update but arrived after it: still the buyer's last state.
+    assert svc.handle_message("e", eb("Purchase Agreement Ended", 1, t - 30)) == "applied"
+    states = [c["state"] for c in svc.changes(0, 0)[1]["changes"]]
+    assert states == ["pending_unsubscribe"]

@@ -135,7 +135,9 @@ def apply(db: Db, event: Event, now: float) -> Applied:
     moves = target is not None and lifecycle.newer(event.time, target, known_time, known_state)
     facts_newer = row is None or event.time >= float(row[2])
     if row is None:
-        state = target or "subscribed"  # an amendment or license update implies a contract
+        # An amendment or license update implies a contract, but dates no state: time 0 lets
+        # any state event (an Ended delivered late among them) set it.
+        state = target or "subscribed"
         db.execute(
             "INSERT INTO saas_lifecycle (subject, state, state_time, event_time, agreement_id, "
             "license_arn, product_code, offer_id, free_trial, last_event, updated_at) "
@@ -143,7 +145,7 @@ def apply(db: Db, event: Event, now: float) -> Applied:
             (
                 event.subject,
                 state,
-                event.time,
+                event.time if target else 0.0,
                 event.time,
                 event.agreement_id,
                 event.license_arn,
