@@ -307,3 +307,46 @@ def test_the_cbor_protocol_answers_what_botocores_cbor_parser_reads(
     (only,) = parsed["Entitlements"]
     assert only["Value"] == {"IntegerValue": 7}
     assert only["ExpirationDate"].timestamp() == 1_830_000_000
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({ENDPOINT_ENV: "ftp://127.0.0.1:1"}, f"{ENDPOINT_ENV}: must be an http(s) URL"),
+        (
+            {
+                ENDPOINT_ENV: "http://entitlement.example:80",
+                "MARKETPLACE_TEST_ONLY_TIME_SCALE": "60",
+                "MARKETPLACE_TEST_ONLY_TIME_ORIGIN": "1800000000",
+            },
+            f"({ENDPOINT_ENV} must point at 127.0.0.1 or be unset)",
+        ),
+    ],
+)
+def test_run_refuses_a_bad_entitlement_endpoint_before_binding(
+    emulator_server: EmulatorServer, extra: dict[str, str], says: str, tmp_path: Any
+) -> None:
+    """The same guard as the metering endpoint: an http(s) URL, and loopback under the
+    test-only fast clock; exit 2 with one line naming the variable."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, loopback_env
+
+    env = loopback_env(
+        emulator_server.url,
+        MARKETPLACE_MODE="saas",
+        MARKETPLACE_DIMENSIONS="users",
+        MARKETPLACE_STATE_DIR=str(tmp_path),
+        **extra,
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    assert says in out.stderr

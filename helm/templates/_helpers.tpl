@@ -227,6 +227,9 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
     - {name: MARKETPLACE_SAAS_IDENTITY, value: {{ $v.metering.saas.identity | quote }}}
     - {name: MARKETPLACE_ACCEPT_UNRESOLVED_CUSTOMERS, value: {{ $v.metering.saas.acceptUnresolvedCustomers | toString | quote }}}
     - {name: MARKETPLACE_ZERO_USAGE_RECORDS, value: {{ $v.metering.saas.zeroUsageRecords | toString | quote }}}
+    {{- with ($v.metering.saas.events | default dict).queueUrl }}
+    - {name: MARKETPLACE_SAAS_EVENTS_QUEUE_URL, value: {{ . | quote }}}
+    {{- end }}
     - {name: MARKETPLACE_DRAIN_SECONDS, value: {{ $v.metering.drainSeconds | quote }}}
     {{- with $v.metering.saas.database.existingSecret }}
     # The URL holds a password: from your Secret, into this container only.
