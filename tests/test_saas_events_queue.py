@@ -225,3 +225,43 @@ def test_three_replicas_on_postgresql_consume_one_queue_and_apply_each_event_onc
     }
     for svc in fleet:
         svc.store.close()
+
+
+class DownStore:
+    """The real store, reported unavailable until `up` is set (as a database outage looks to
+    the consumer: `available()` says why)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.up = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def available(self) -> tuple[bool, str | None]:
+        return (True, None) if self.up.is_set() else (False, "database down (test)")
+
+
+def test_nothing_is_received_while_the_store_is_down(moto: Moto, tmp_path: Path) -> None:
+    """Each receive counts towards the queue's redrive limit: a store outage must not push
+    events to the SQS dead-letter queue by receiving them again and again."""
+    url, client = new_queue(moto.url)
+    client.send_message(QueueUrl=url, MessageBody=eb("License Deprovisioned", 3, time.time()))
+    svc = service(tmp_path)
+    down = DownStore(svc.store)
+    svc.store = down
+    received: list[int] = []
+
+    class Counting(EventQueue):
+        def receive(self) -> list[Message]:
+            got = super().receive()
+            received.extend(m.receives for m in got)
+            return got
+
+    with consuming(svc, Counting(url, REGION, wait_seconds=1)):
+        wait_for(lambda: svc.counters().lifecycle["store_error"] >= 3, 20, "no outage seen")
+        assert received == []
+        down.up.set()
+        wait_for(lambda: left(client, url) == 0, 20, "not applied after the outage")
+    assert received == [1] and events(svc) == 1
+    down.store.close()

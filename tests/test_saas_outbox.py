@@ -237,8 +237,11 @@ def test_a_version_1_store_is_migrated_with_exact_counters(
         aws.unsubscribed.add(key(2))
         # Today's seal also reads who left (schema 4's saas_lifecycle): an empty one for the
         # seal, dropped after, so the store is version 1 again when it is migrated.
-        lifecycle = "CREATE TABLE saas_lifecycle (subject TEXT, left_at DOUBLE PRECISION)"
-        old.write(lambda db: db.execute(lifecycle))
+        old.write(
+            lambda db: db.execute(
+                "CREATE TABLE saas_lifecycle (subject TEXT, left_at DOUBLE PRECISION)"
+            )
+        )
         for h in (BASE, BASE + 1):
             now = hour_start(h + 1) + 120
             old.write(lambda db, h=h, now=now: L.seal(db, h, now, SPEC))  # type: ignore[misc]

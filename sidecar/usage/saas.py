@@ -770,6 +770,17 @@ class SaasService:
         not deleted comes back after its visibility timeout."""
         failures = 0
         while not stop.is_set():
+            # While the store cannot write, nothing is received: each receive counts towards the
+            # queue's redrive limit, and a message past it would go to the SQS dead-letter queue.
+            up, why = self.store.available()
+            if not up:
+                failures += 1
+                self._note("store_error")
+                log.warning("saas_lifecycle_store_unavailable", extra={"detail": str(why)[:300]})
+                self.clock.wait(
+                    stop, min(QUEUE_BACKOFF_CAP, self._retry.delay(failures, self._rng))
+                )
+                continue
             try:
                 messages = queue.receive()
             except Exception as exc:
