@@ -176,6 +176,45 @@ def saas_policy(settings: Settings) -> SaasPolicy:
     )
 
 
+def entitlement_reader(settings: Settings) -> Callable[[str, str], list[dict[str, Any]]]:
+    """GetEntitlements (marketplace-entitlement, us-east-1) for one buyer, as plain dicts; the
+    client is built on first use."""
+    client: list[Any] = []
+    guard = threading.Lock()
+
+    def read(product_code: str, account_id: str) -> list[dict[str, Any]]:
+        from sidecar.aws import entitlement
+
+        with guard:
+            if not client:
+                client.append(entitlement.entitlement_client(timeout=settings.aws_timeout_seconds))
+        return [
+            {"dimension": e.dimension, "value": e.value, "expiration": e.expiration}
+            for e in entitlement.get_entitlements(client[0], product_code, account_id)
+        ]
+
+    return read
+
+
+def queue_region(url: str) -> str:
+    """The queue's region from its URL (sqs.<region>.amazonaws.com); else AWS_REGION and the
+    other usual places; else us-east-1, where AWS Marketplace's events are delivered."""
+    from urllib.parse import urlparse
+
+    from sidecar.aws.region import RegionNotFoundError, resolve_region
+
+    host = urlparse(url).hostname or ""
+    parts = host.split(".")
+    if len(parts) >= 4 and parts[0] == "sqs" and parts[2] == "amazonaws":
+        return parts[1]
+    if len(parts) >= 4 and parts[1] == "queue" and parts[2] == "amazonaws":
+        return parts[0]
+    try:
+        return resolve_region()[0]
+    except RegionNotFoundError:
+        return "us-east-1"
+
+
 def open_saas(settings: Settings, factory: Callable[[], Any], clock: Clock) -> SaasService:
     """The store (PostgreSQL for a fleet, else SQLite for one replica) and the service on it.
 
@@ -188,7 +227,13 @@ def open_saas(settings: Settings, factory: Callable[[], Any], clock: Clock) -> S
     )
     log.info("usage_store", extra={"backend": store.backend, "where": store.where})
     try:
-        return SaasService(saas_policy(settings), store, factory, clock=clock)
+        return SaasService(
+            saas_policy(settings),
+            store,
+            factory,
+            clock=clock,
+            entitlements=entitlement_reader(settings) if settings.saas_events_queue_url else None,
+        )
     except BaseException:
         store.close()
         raise
@@ -770,6 +815,20 @@ class Daemon:
         if done.is_alive():
             log.warning("license_checkin_abandoned", extra={"budget_seconds": budget})
 
+    def _consume_events(self) -> None:
+        """The lifecycle queue's consumer (saas mode with MARKETPLACE_SAAS_EVENTS_QUEUE_URL)."""
+        url = self.settings.saas_events_queue_url
+        if self.saas is None or not url:
+            return
+        from sidecar.aws.sqs import EventQueue
+
+        try:
+            queue = EventQueue(url, queue_region(url))
+            self.saas.consume(queue, self.stop_event)
+        except Exception as exc:
+            self._crash = f"lifecycle consumer crashed: {type(exc).__name__}"
+            log.exception("saas_lifecycle_crashed")
+
     def _work_saas(self) -> None:
         if self.saas is None:
             return
@@ -787,6 +846,8 @@ class Daemon:
         self._worker.start()
         if self.leases is not None:
             threading.Thread(target=self._work_leases, name="leases", daemon=True).start()
+        if self.saas is not None and self.settings.saas_events_queue_url:
+            threading.Thread(target=self._consume_events, name="lifecycle", daemon=True).start()
         for mirror in self.mirrors:
             threading.Thread(target=mirror.run, name=mirror.name, daemon=True).start()
 

@@ -209,6 +209,13 @@ class Settings:
         description="saas mode: send a quantity-0 record for each active customer's dimension "
         "with no usage in an hour (AWS's guidance: send every hour)",
     )
+    saas_events_queue_url: str | None = setting(
+        None,
+        description="saas mode: the SQS queue URL an EventBridge rule (source "
+        "aws.agreement-marketplace) and/or the SNS subscription topics deliver to; the sidecar "
+        "long-polls it and keeps each buyer's subscription state (docs/saas-lifecycle.md); "
+        "unset: buyers' departures are learned only from BatchMeterUsage",
+    )
     saas_calls_per_second: float = setting(
         8.0,
         gt=0.0,
@@ -678,6 +685,31 @@ def check_database_url(v: str | None) -> str | None:
     return v
 
 
+# https://sqs.<region>.amazonaws.com/<account>/<queue> (a FIFO queue ends with .fifo); the legacy
+# https://<region>.queue.amazonaws.com form too. Another host only with AWS_ENDPOINT_URL_SQS.
+SQS_URL_RE = re.compile(
+    r"https://(?:sqs\.[a-z0-9-]+\.amazonaws\.com(?:\.cn)?|[a-z0-9-]+\.queue\.amazonaws\.com)"
+    r"/\d{12}/[A-Za-z0-9_-]{1,80}(?:\.fifo)?"
+)
+SQS_PATH_RE = re.compile(r"/\d{12}/[A-Za-z0-9_-]{1,80}(?:\.fifo)?")
+SQS_ENDPOINT_ENV = "AWS_ENDPOINT_URL_SQS"
+
+
+def check_queue_url(v: str | None) -> str | None:
+    if v is None or not v.strip():
+        return None  # templates set every variable and leave unused ones blank
+    parsed = urlparse(v)
+    if os.environ.get(SQS_ENDPOINT_ENV):
+        if parsed.scheme not in ("http", "https") or SQS_PATH_RE.fullmatch(parsed.path) is None:
+            raise ValueError("an SQS queue URL ending /<12-digit account>/<queue name> is required")
+    elif SQS_URL_RE.fullmatch(v) is None:
+        raise ValueError(
+            "an SQS queue URL is required: https://sqs.<region>.amazonaws.com/<12-digit "
+            "account>/<queue name> (1-80 of A-Z a-z 0-9 _ -, .fifo for a FIFO queue)"
+        )
+    return v
+
+
 def check_dimensions(v: str) -> str:
     if v:
         parse_dimensions(v)
@@ -767,6 +799,7 @@ FIELD_CHECKS: tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...] = (
     (("license_entitlements",), check_license_entitlements),
     (("license_role_arn",), check_role_arn),
     (("usage_database_url",), check_database_url),
+    (("saas_events_queue_url",), check_queue_url),
     (("dimensions",), check_dimensions),
     (("readiness_gate",), check_condition_type),
     (("throttle_schedule_seconds",), check_schedule),
@@ -847,6 +880,7 @@ SAAS_ONLY = {
         "accept_unresolved_customers",
         "zero_usage_records",
         "saas_calls_per_second",
+        "saas_events_queue_url",
     )
 }
 _WITHOUT_KEY = "saas mode verifies no token: ResolveCustomer and BatchMeterUsage return none"
@@ -1233,6 +1267,20 @@ def complete(settings: Settings) -> dict[int, RSAPublicKey]:
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             problems.append(
                 f"{LICENSE_ENDPOINT_ENV}: must be an http(s) URL, got {license_endpoint[:80]!r}"
+            )
+    sqs_endpoint = os.environ.get(SQS_ENDPOINT_ENV)
+    if sqs_endpoint and settings.saas_events_queue_url:
+        parsed = urlparse(sqs_endpoint)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            problems.append(
+                f"{SQS_ENDPOINT_ENV}: must be an http(s) URL, got {sqs_endpoint[:80]!r}"
+            )
+        elif parsed.scheme == "http" and not is_loopback(parsed.hostname):
+            # A test queue (moto, the emulator) on this machine only: buyer events in clear
+            # text over a network are refused.
+            problems.append(
+                f"{SQS_ENDPOINT_ENV}: plain http only to a loopback address (a test queue); "
+                f"got host {parsed.hostname[:80]!r}: use https"
             )
     entitlement_endpoint = os.environ.get(ENTITLEMENT_ENDPOINT_ENV)
     if settings.mode == "saas" and entitlement_problem(entitlement_endpoint):

@@ -197,6 +197,10 @@ class Seen:
         self._saw("customer")
         return 200, {}
 
+    def changes(self, since: int, wait: float) -> tuple[int, dict[str, Any]]:
+        self._saw("changes")
+        return 200, {"cursor": str(since), "changes": []}
+
     def ready(self) -> tuple[bool, str | None]:
         self._saw("readyz")
         return True, None

@@ -422,3 +422,45 @@ def test_license_identity_still_pins_a_set_product_code(env: pytest.MonkeyPatch)
     saas(env, PRODUCT_CODE="prod-abc")
     policy = saas_policy(load()[0])
     assert policy.identity == "license" and policy.product_code == "prod-abc"
+
+
+@pytest.mark.parametrize(
+    ("url", "endpoint", "expected"),
+    [
+        ("http://sqs.us-east-1.amazonaws.com/123456789012/q", None, "an SQS queue URL is required"),
+        ("https://sqs.us-east-1.amazonaws.com/1234/q", None, "an SQS queue URL is required"),
+        ("https://evil.example/123456789012/q", None, "an SQS queue URL is required"),
+        ("https://sqs.us-east-1.amazonaws.com/123456789012/q q", None, "SQS queue URL"),
+        ("http://127.0.0.1:9/123456789012", "http://127.0.0.1:9", "ending /<12-digit account>"),
+        (
+            "http://10.0.0.5:9324/123456789012/q",
+            "http://10.0.0.5:9324",
+            "AWS_ENDPOINT_URL_SQS: plain http only to a loopback address",
+        ),
+    ],
+)
+def test_a_bad_events_queue_is_named(
+    env: pytest.MonkeyPatch, url: str, endpoint: str | None, expected: str
+) -> None:
+    saas(env, SAAS_EVENTS_QUEUE_URL=url)
+    if endpoint:
+        env.setenv("AWS_ENDPOINT_URL_SQS", endpoint)
+    else:
+        env.delenv("AWS_ENDPOINT_URL_SQS", raising=False)
+    found = problems()
+    assert len(found) == 1 and expected in found[0], found
+    name = (
+        "AWS_ENDPOINT_URL_SQS" if "plain http" in expected else "MARKETPLACE_SAAS_EVENTS_QUEUE_URL"
+    )
+    assert found[0].startswith(name), found
+
+
+def test_the_events_queue_is_saas_only_and_a_good_one_is_accepted(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env.delenv("AWS_ENDPOINT_URL_SQS", raising=False)
+    good = "https://sqs.eu-west-1.amazonaws.com/123456789012/marketplace-events"
+    saas(env, SAAS_EVENTS_QUEUE_URL=good)
+    assert load()[0].saas_events_queue_url == good
+    custom(env, tmp_path, SAAS_EVENTS_QUEUE_URL=good)
+    assert any(p.startswith("MARKETPLACE_SAAS_EVENTS_QUEUE_URL") for p in problems())

@@ -60,6 +60,8 @@ __all__ = [
     "challenge",
     "checkin_lease",
     "checkout_lease",
+    "customer_changes",
+    "get_customer",
     "parse_retry_after",
     "renew_lease",
     "report_usage",
@@ -81,6 +83,7 @@ _MESSAGE_CHARS = 300
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?")
 _HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*")
 _DIGITS = re.compile(r"[0-9]{1,12}")
+_CURSOR = re.compile(r"[0-9]{1,19}")
 _SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 
 
@@ -767,3 +770,61 @@ def _lease_call(
         field=_clean(field) if isinstance(field, str) else None,
         details=details,
     )
+
+
+def _customer_read(path: str, timeout: float) -> dict[str, Any]:
+    """GET a saas-mode customer route: the JSON object, or `CustomerError`."""
+    try:
+        status, headers, doc = _request("GET", path, None, time.monotonic() + timeout)
+    except EntitlementError as exc:  # the transport's reasons
+        raise CustomerError(exc.reason, exc.message) from None
+    if status == 200 and isinstance(doc, dict):
+        return doc
+    error = doc.get("error") if isinstance(doc, dict) else None
+    error = error if isinstance(error, dict) else {}
+    code = _clean(str(error.get("code") or f"http_{status}"))
+    message = f"{code}: {_clean(str(error.get('message') or 'no message'))}"
+    reason = {
+        404: "unknown_customer" if code == "unknown_customer" else "not_saas_mode",
+        400: "invalid",
+        503: "unavailable",
+    }.get(status, f"sidecar_{status}")
+    retry_after = parse_retry_after(headers.get("retry-after"), time.time())
+    if retry_after is None and status == 503:
+        retry_after = RETRY_AFTER_MIN
+    raise CustomerError(reason, message, status=status, retry_after=retry_after)
+
+
+def get_customer(customer: str, *, url: str = DEFAULT_URL, timeout: float = 10.0) -> dict[str, Any]:
+    """GET /v1/customers/{customer} (saas mode): what the sidecar knows of the buyer, including
+    `subscription` (subscribed, pending_unsubscribe, unsubscribed, subscribe_failed) and
+    `lifecycle` (agreement, license, free trial, final window, entitlements) when AWS's events
+    reach it. `customer`: the AWS account id, customer identifier or customer key. An account
+    with several licenses answers {"customers": [...]}. Raises `CustomerError` (reason
+    unknown_customer, unavailable, not_saas_mode, invalid, or a transport reason)."""
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+    if not isinstance(customer, str) or not 0 < len(customer) <= 2048 or not customer.isprintable():
+        raise CustomerError("invalid", "customer: 1-2048 printable characters")
+    from urllib.parse import quote
+
+    return _customer_read(url.rstrip("/") + "/v1/customers/" + quote(customer, safe=""), timeout)
+
+
+def customer_changes(
+    since: str = "0", *, wait: float = 0.0, url: str = DEFAULT_URL, timeout: float | None = None
+) -> dict[str, Any]:
+    """GET /v1/customers/changes (saas mode): the buyers whose subscription state or
+    entitlements changed after the cursor `since` ("0": every change kept), waiting up to
+    `wait` seconds (0-20) for one. Returns {"cursor": ..., "changes": [...]}: keep the cursor
+    (it is the store's: it works on any replica and after restarts) and pass it next time.
+    Raises `CustomerError` (unavailable: retry after `retry_after`; invalid; transport)."""
+    if not isinstance(wait, (int, float)) or not 0 <= wait <= 20:
+        raise ValueError(f"wait must be 0-20 seconds, got {wait!r}")
+    if not isinstance(since, str) or _CURSOR.fullmatch(since) is None:
+        raise CustomerError("invalid", "since: the cursor of a previous answer (digits)")
+    budget = wait + 10.0 if timeout is None else timeout
+    if not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+    query = f"?since={since}&wait={wait:g}"
+    return _customer_read(url.rstrip("/") + "/v1/customers/changes" + query, budget)

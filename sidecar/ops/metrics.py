@@ -287,6 +287,14 @@ class SaasCounts(Protocol):
     def headroom(self) -> Headroom | None: ...  # sending headroom (None: not known)
 
 
+SAAS_LIFECYCLE_OUTCOMES = (
+    "applied",
+    "duplicate",
+    "stale",
+    "dead_letter",
+    "queue_error",
+    "store_error",
+)
 # name, help, Headroom attribute: the sending headroom's gauges (issue 19, item 12).
 SAAS_HEADROOM_GAUGES = (
     (
@@ -406,6 +414,16 @@ class _SaasCollector(Collector):
             "1 when this sidecar is the fleet's sender (holds the store's sender lock)",
             value=1.0 if counts.leader else 0.0,
         )
+        lifecycle: Mapping[str, int] = getattr(counts, "lifecycle", None) or {}
+        messages = CounterMetricFamily(
+            "marketplace_saas_lifecycle_messages",
+            "Lifecycle queue messages by outcome (applied, duplicate, stale, dead_letter: kept "
+            "in the store unparsed, alert on any; queue_error, store_error: retried)",
+            labels=["outcome"],
+        )
+        for outcome in SAAS_LIFECYCLE_OUTCOMES:
+            messages.add_metric([outcome], float(lifecycle.get(outcome, 0)))
+        yield messages
         room = getattr(counts, "headroom", None)
         if room is None:
             return

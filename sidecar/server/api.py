@@ -44,6 +44,7 @@ CUSTOMERS_PATH = "/v1/customers"
 RESOLVE_PATH = "/v1/customers/resolve"
 CUSTOMER_PREFIX = "/v1/customers/"
 CUSTOMER_ROUTE = "/v1/customers/{id}"  # the route's name in metrics and the OpenAPI document
+CHANGES_PATH = "/v1/customers/changes"  # ?since=<cursor>&wait=<seconds, 0-20>
 # A registration token is opaque and AWS documents no maximum; observed ones are far below this.
 MAX_RESOLVE_BODY_BYTES = 16 * 1024
 # An account id (12 digits), a CustomerIdentifier (1-255) or the ledger's key, account id and
@@ -139,6 +140,8 @@ class SaasEndpoint(Protocol):
 
     def customer(self, key: str) -> tuple[int, dict[str, Any]]: ...
 
+    def changes(self, since: int, wait: float) -> tuple[int, dict[str, Any]]: ...
+
 
 class ContractEndpoint(Protocol):
     """ContractService as the API sees it (contract mode): reads of memory only."""
@@ -219,6 +222,7 @@ class Router:
             routes[RESOLVE_PATH] = {"POST": self._resolve}
             routes[CUSTOMERS_PATH] = {"GET": self._customers}
             routes[CUSTOMER_ROUTE] = {"GET": self._customer}
+            routes[CHANGES_PATH] = {"GET": self._customer}  # routed by `handle`, with the query
             if usage is not None:
                 routes["/v1/entitlement/challenge"] = {"POST": self._no_challenge}
             if contract is not None:
@@ -272,11 +276,13 @@ class Router:
         allowed = list(methods)
         return [*allowed, "HEAD"] if "GET" in allowed else allowed
 
-    def handle(self, method: str, path: str, body: bytes) -> Reply:
+    def handle(self, method: str, path: str, body: bytes, query: str = "") -> Reply:
         route = self.route(path)
         methods = self.routes.get(route)
         if methods is None:
             return _problem(HTTPStatus.NOT_FOUND, "not_found", f"no such path: {path[:100]}")
+        if route == CHANGES_PATH and method in ("GET", "HEAD"):
+            return self._changes(query)
         if route == CUSTOMER_ROUTE:
             handler = methods.get("GET" if method == "HEAD" else method)
             if handler is not None:
@@ -481,6 +487,43 @@ class Router:
 
     def _customer(self, _: bytes) -> Reply:  # routed by `handle`, with the key from the path
         return _customers_need_saas_mode()
+
+    def _changes(self, query: str) -> Reply:
+        """GET /v1/customers/changes?since=<cursor>&wait=<seconds>: the change feed."""
+        if self._saas is None:
+            return _customers_need_saas_mode()
+        from urllib.parse import parse_qs
+
+        try:
+            args = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
+        except ValueError:
+            args = {"": [""]}
+        unknown = sorted(set(args) - {"since", "wait"})
+        since_text = (args.get("since") or ["0"])[-1]
+        wait_text = (args.get("wait") or ["0"])[-1]
+        if unknown:
+            return _problem(
+                HTTPStatus.BAD_REQUEST,
+                "invalid_query",
+                f"{unknown[0][:40] or 'query'}: only since=<cursor> and wait=<seconds> are allowed",
+            )
+        if not since_text.isdigit() or len(since_text) > 19:
+            return _problem(
+                HTTPStatus.BAD_REQUEST,
+                "invalid_query",
+                "since: the cursor of the previous answer (a non-negative integer; 0 for all)",
+            )
+        try:
+            wait = float(wait_text)
+        except ValueError:
+            wait = -1.0
+        if not 0.0 <= wait <= 20.0:
+            return _problem(
+                HTTPStatus.BAD_REQUEST,
+                "invalid_query",
+                "wait: seconds to wait for a change, 0 to 20",
+            )
+        return _pipeline_reply(*self._saas.changes(int(since_text), wait))
 
     def _customer_at(self, raw: str) -> Reply:
         if self._saas is None:
@@ -836,7 +879,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._take_turn()
         self._conn.enter(Phase.BUSY)
         try:
-            reply = self.server.router.handle(self.command, path, body)
+            query = self.path.split("?", 1)[1] if "?" in self.path else ""
+            reply = self.server.router.handle(self.command, path, body, query)
         except Exception:  # our bug: the client gets an answer it can act on, the log the trace
             self._give_turn()  # logging writes to a pipe that may be full
             log.exception("request_failed", extra={"path": path[:100]})

@@ -35,7 +35,7 @@ from sidecar.aws.errors import ErrorInfo
 from sidecar.core import quantity as qty
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.ratelimit import TokenBucket
-from sidecar.usage import saas_ledger
+from sidecar.usage import lifecycle, saas_events, saas_ledger
 from sidecar.usage.db import (
     INTAKE_WAIT,
     Schema,
@@ -84,10 +84,20 @@ log = logging.getLogger(__name__)
 
 SAAS_SCHEMA = Schema(
     name="saas.sqlite3",
-    version=3,
-    sqlite=saas_ledger.DDL + saas_ledger.MIGRATION_2[0] + saas_ledger.MIGRATION_3[0],
-    postgresql=saas_ledger.DDL + saas_ledger.MIGRATION_2[1] + saas_ledger.MIGRATION_3[1],
-    migrations={2: saas_ledger.MIGRATION_2, 3: saas_ledger.MIGRATION_3},
+    version=4,
+    sqlite=saas_ledger.DDL
+    + saas_ledger.MIGRATION_2[0]
+    + saas_ledger.MIGRATION_3[0]
+    + saas_events.MIGRATION_4[0],
+    postgresql=saas_ledger.DDL
+    + saas_ledger.MIGRATION_2[1]
+    + saas_ledger.MIGRATION_3[1]
+    + saas_events.MIGRATION_4[1],
+    migrations={
+        2: saas_ledger.MIGRATION_2,
+        3: saas_ledger.MIGRATION_3,
+        4: saas_events.MIGRATION_4,
+    },
 )
 HEADROOM_TTL = 10.0  # seconds a computed headroom serves /readyz and scrapes
 RETRY_AFTER_SECONDS = 5
@@ -121,6 +131,20 @@ RECORD_CODES = frozenset(
         "ValidationException",
     }
 )
+
+
+EntitlementReader = Callable[[str, str], list[dict[str, Any]]]  # (product code, account id)
+LIFECYCLE_OUTCOMES = ("applied", "duplicate", "stale", "dead_letter", "queue_error", "store_error")
+QUEUE_BACKOFF_CAP = 60.0  # seconds between ReceiveMessage tries while the queue is unreachable
+CHANGES_WAIT_MAX = 20.0  # the longest long poll of GET /v1/customers/changes
+CHANGES_POLL = 0.5  # how often a long poll looks at the store (other replicas' changes)
+
+
+class EventSource(Protocol):
+    """The lifecycle queue (sidecar.aws.sqs.EventQueue)."""
+
+    def receive(self) -> list[Any]: ...  # Message: id, receipt, body, sent_at, receives
+    def delete(self, message: Any) -> None: ...
 
 
 class SaasGateway(Protocol):
@@ -163,6 +187,9 @@ class SaasCounters:
     # its Timestamp inside the window), quarantined (a dimension refused as unpublished)
     alerts: dict[str, int]
     headroom: Headroom | None = None  # marketplace_saas_send_* and _backlog_* (None: unknown)
+    # lifecycle queue messages since start by outcome (applied, duplicate, stale, dead_letter,
+    # queue_error): marketplace_saas_lifecycle_messages_total{outcome}
+    lifecycle: dict[str, int] = field(default_factory=dict)
 
 
 def _info(exc: BaseException) -> ErrorInfo | None:
@@ -202,7 +229,10 @@ class SaasService:
         *,
         clock: Clock | None = None,
         rng: Callable[[], float] = random.random,
+        entitlements: EntitlementReader | None = None,
     ) -> None:
+        """`entitlements(product_code, account_id)`: GetEntitlements for one buyer, as
+        [{"dimension", "value", "expiration"}] (None: contract entitlements are not read)."""
         if not policy.dimensions:
             raise ValueError("at least one dimension is needed")
         if policy.identity not in IDENTITIES:
@@ -235,7 +265,16 @@ class SaasService:
         self._units: dict[str, int] = dict.fromkeys(policy.dimensions, 0)  # micro-units
         self._calls: dict[str, int] = {}
         self._alerts: dict[str, int] = dict.fromkeys(
-            ("not_subscribed", "conflict", "expired", "rejected", "clock", "quarantined"), 0
+            (
+                "not_subscribed",
+                "conflict",
+                "expired",
+                "rejected",
+                "clock",
+                "quarantined",
+                "dead_letter",
+            ),
+            0,
         )
         # This sender's findings (reset when it takes the sender role): dimensions AWS proved
         # unpublished, and the last Timestamp refusal inside our window (a clock disagreement).
@@ -251,6 +290,9 @@ class SaasService:
         self._sealed_through = -1
         self._inflight_guard = threading.Lock()
         self._inflight: dict[str, tuple[threading.Lock, int]] = {}
+        self._entitlements = entitlements
+        self._lifecycle: dict[str, int] = dict.fromkeys(LIFECYCLE_OUTCOMES, 0)
+        self._changed = threading.Condition()  # wakes change-feed long polls of this replica
 
     # -- the local API ---------------------------------------------------------------------
 
@@ -376,6 +418,14 @@ class SaasService:
         log.info(
             "saas_customer_resolved", extra={"customer": key, "product_code": code or "unknown"}
         )
+        if self._entitlements is not None and customer.get("customer_aws_account_id"):
+            # First sight of the buyer: its contract's entitlements, without delaying the answer.
+            threading.Thread(
+                target=self._first_entitlements,
+                args=(str(customer["customer_aws_account_id"]),),
+                name="entitlements",
+                daemon=True,
+            ).start()
         return 200, {**customer, "from_store": False}
 
     def _resolve_with_retries(
@@ -440,7 +490,14 @@ class SaasService:
     def customers(self) -> tuple[int, dict[str, Any]]:
         """GET /v1/customers."""
         try:
-            rows, total = self.store.read(saas_ledger.list_customers)
+            rows, total = self.store.read(
+                lambda db: (
+                    lambda found: (
+                        [saas_events.enrich(db, r) for r in found[0]],
+                        found[1],
+                    )
+                )(saas_ledger.list_customers(db))
+            )
         except StoreUnavailableError as exc:
             return _unavailable(exc)
         return 200, {"customers": rows, "total": total}
@@ -451,7 +508,9 @@ class SaasService:
         if not 1 <= len(key) <= 2048:
             return 400, {"error": "invalid_request", "field": "id", "message": "1-2048 characters"}
         try:
-            rows = self.store.read(lambda db: saas_ledger.find_customers(db, key))
+            rows = self.store.read(
+                lambda db: [saas_events.enrich(db, r) for r in saas_ledger.find_customers(db, key)]
+            )
         except StoreUnavailableError as exc:
             return _unavailable(exc)
         if not rows:
@@ -597,10 +656,183 @@ class SaasService:
                 leader=self._leader,
                 alerts=dict(self._alerts),
                 headroom=room,
+                lifecycle=dict(self._lifecycle),
             )
 
     def close(self) -> None:
         self.store.close()
+
+    # -- the buyer lifecycle (docs/saas-lifecycle.md) ---------------------------------------
+
+    def _note(self, outcome: str) -> None:
+        with self._count_lock:
+            self._lifecycle[outcome] = self._lifecycle.get(outcome, 0) + 1
+
+    def handle_message(self, message_id: str, body: str, sent_at: float | None = None) -> str:
+        """Apply one queue message to the store, once for the fleet: its outcome (applied,
+        duplicate, stale, dead_letter). Raises StoreUnavailableError when nothing could be
+        stored: the message must then stay on the queue (it comes back)."""
+        now = self.clock.time()
+        try:
+            event = lifecycle.parse(body, sent_at if sent_at is not None else now)
+        except lifecycle.EventError as exc:
+            why = str(exc)
+            fresh = self.store.write(
+                lambda db: saas_events.dead_letter(db, message_id, body, why, now)
+            )
+            self._note("dead_letter")
+            if fresh:
+                with self._count_lock:
+                    self._alerts["dead_letter"] = self._alerts.get("dead_letter", 0) + 1
+                log.error(
+                    "saas_lifecycle_dead_letter",
+                    extra={"message_id": message_id[:100], "detail": str(exc)[:300]},
+                )
+            return "dead_letter"
+        if self.policy.product_code and event.product_code not in (None, self.policy.product_code):
+            # Another product's event on a shared queue: kept as a dead letter, not applied.
+            fresh = self.store.write(
+                lambda db: saas_events.dead_letter(
+                    db, message_id, body, f"product {event.product_code}: not this sidecar's", now
+                )
+            )
+            self._note("dead_letter")
+            return "dead_letter"
+        applied = self.store.write(
+            lambda db: saas_events.apply(db, event, now), locks=saas_events.CHANGES_LOCKS
+        )
+        outcome = "duplicate" if applied.duplicate else "stale" if applied.stale else "applied"
+        self._note(outcome)
+        log.info(
+            "saas_lifecycle_event",
+            extra={
+                "event": event.detail_type,
+                "subject": event.subject,
+                "outcome": outcome,
+                "final_window": applied.final,
+            },
+        )
+        if applied.changed:
+            self._wake()
+        if applied.refresh:
+            self.refresh_entitlements(event.subject)
+        return outcome
+
+    def _wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def refresh_entitlements(self, subject: str) -> bool:
+        """GetEntitlements for the subject's account (an SNS subject names a CustomerIdentifier:
+        its account comes from the resolved customer, if any); stores the answer. False when it
+        could not be read (logged; the next event or resolve tries again)."""
+        if self._entitlements is None:
+            return False
+        key = subject[3:] if subject.startswith("ci:") else subject
+        rows = self.store.read(lambda db: saas_ledger.find_customers(db, key))
+        account = next(
+            (r["customer_aws_account_id"] for r in rows if r.get("customer_aws_account_id")),
+            None if subject.startswith("ci:") else subject,
+        )
+        product = self.policy.product_code or next(
+            (r["product_code"] for r in rows if r.get("product_code")), None
+        )
+        if product is None:
+            product = self.store.read(lambda db: saas_events.product_of(db, subject))
+        if account is None or product is None:
+            return False
+        try:
+            found = self._entitlements(product, account)
+        except Exception as exc:  # an AWS refusal or outage: logged, the state stays as it was
+            log.warning(
+                "saas_entitlements_failed",
+                extra={"subject": subject, "detail": f"{type(exc).__name__}: {str(exc)[:200]}"},
+            )
+            return False
+        now = self.clock.time()
+        changed = self.store.write(
+            lambda db: saas_events.set_entitlements(db, subject, found, now),
+            locks=saas_events.CHANGES_LOCKS,
+        )
+        if changed:
+            self._wake()
+        return True
+
+    def _first_entitlements(self, account: str) -> None:
+        try:
+            self.refresh_entitlements(account)
+        except StoreUnavailableError as exc:
+            log.warning("saas_entitlements_not_stored", extra={"detail": str(exc)[:300]})
+
+    def consume(self, queue: EventSource, stop: threading.Event) -> None:
+        """Long-poll the lifecycle queue until `stop`: each message applied (or dead-lettered)
+        before it is deleted. An unreachable queue or store is retried with backoff; a message
+        not deleted comes back after its visibility timeout."""
+        failures = 0
+        while not stop.is_set():
+            # While the store cannot write, nothing is received: each receive counts towards the
+            # queue's redrive limit, and a message past it would go to the SQS dead-letter queue.
+            up, why = self.store.available()
+            if not up:
+                failures += 1
+                self._note("store_error")
+                log.warning("saas_lifecycle_store_unavailable", extra={"detail": str(why)[:300]})
+                self.clock.wait(
+                    stop, min(QUEUE_BACKOFF_CAP, self._retry.delay(failures, self._rng))
+                )
+                continue
+            try:
+                messages = queue.receive()
+            except Exception as exc:
+                failures += 1
+                self._note("queue_error")
+                delay = min(QUEUE_BACKOFF_CAP, self._retry.delay(failures, self._rng))
+                log.warning(
+                    "saas_lifecycle_queue_unreachable",
+                    extra={"detail": str(exc)[:300], "retry_in": round(delay, 1)},
+                )
+                self.clock.wait(stop, delay)
+                continue
+            if failures:
+                log.info("saas_lifecycle_queue_reachable", extra={"after_failures": failures})
+            failures = 0
+            for message in messages:
+                if stop.is_set():
+                    return
+                try:
+                    self.handle_message(message.id, message.body, message.sent_at)
+                except StoreUnavailableError as exc:
+                    self._note("store_error")
+                    log.warning(
+                        "saas_lifecycle_store_unavailable", extra={"detail": str(exc)[:300]}
+                    )
+                    self.clock.wait(stop, LEADER_RECHECK)
+                    break  # the rest come back after their visibility timeout
+                try:
+                    queue.delete(message)
+                except Exception as exc:  # applied already: a redelivery is a duplicate
+                    self._note("queue_error")
+                    log.warning("saas_lifecycle_delete_failed", extra={"detail": str(exc)[:300]})
+
+    def changes(self, since: int, wait: float) -> tuple[int, dict[str, Any]]:
+        """GET /v1/customers/changes: subjects changed after `since`, waiting up to `wait`
+        seconds for one (this replica's changes wake it at once, other replicas' within
+        CHANGES_POLL)."""
+        end = time.monotonic() + max(0.0, min(wait, CHANGES_WAIT_MAX))
+        while True:
+            try:
+                cursor, items = self.store.read(lambda db: saas_events.changes(db, since))
+            except StoreUnavailableError as exc:
+                return _unavailable(exc)
+            left = end - time.monotonic()
+            if items or left <= 0:
+                return 200, {"cursor": str(cursor), "changes": items}
+            with self._changed:
+                self._changed.wait(min(left, CHANGES_POLL))
+
+    def dead_letters(self) -> dict[str, Any]:
+        total, recent = self.store.read(saas_events.dead_letters)
+        return {"total": total, "recent": recent}
 
     # -- AWS -----------------------------------------------------------------------------
 
@@ -843,6 +1075,19 @@ class SaasService:
                     )
                 )
 
+    def _final_seal(self, now: float) -> None:
+        """Customers in their final window: their open usage sealed now, to be sent inside it."""
+        sealed = self.store.write(
+            lambda db: saas_events.final_seal(db, now, self._spec),
+            locks=saas_ledger.SEAL_LOCKS,
+            lock_wait=saas_ledger.SEAL_LOCK_WAIT,
+        )
+        for customer, hour, records in sealed:
+            log.info(
+                "saas_final_window_sealed",
+                extra={"customer": customer, "hour": iso_hour(hour), "records": records},
+            )
+
     def tick(self, stop: threading.Event | None = None) -> None:
         """One pass as the leader: seal ended hours, send what is sealed."""
         stop = stop or threading.Event()
@@ -865,6 +1110,11 @@ class SaasService:
                 # (each try holds up the fleet's intake for up to SEAL_LOCK_WAIT).
                 self._seal_resume_at = self.clock.monotonic() + SEAL_RETRY
                 log.warning("saas_seal_deferred", extra={"detail": str(exc)[:300]})
+            try:
+                self._final_seal(now)
+            except StoreBusyError as exc:
+                self._seal_resume_at = self.clock.monotonic() + SEAL_RETRY
+                log.warning("saas_final_seal_deferred", extra={"detail": str(exc)[:300]})
         self.store.write(lambda db: saas_ledger.track_sending(db, now))
         self._send(stop)
         self.store.write(lambda db: saas_ledger.track_sending(db, self.clock.time()))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.core import quantity as qty
+from sidecar.usage import saas_events
 from sidecar.usage.db import Db, Lock
 from sidecar.usage.headroom import HourSending
 from sidecar.usage.hours import (
@@ -408,17 +409,35 @@ def ingest(
     known: dict[str, str] = {}
     sealed_hours: set[int] = set()
     # Every hour `target_hour` may ask about is >= the lowest own hour or the current one.
+    # ... and, in the same statement, what the lifecycle events say of these customers (their
+    # states and final windows) and the hours sealed early for one of them (saas_events).
+    lives: list[tuple[str, str, float, float | None]] = []
+    sealed_for: set[tuple[str, int]] = set()
+    first = min(*owns, hour_of(now))
+    marks = _rows(len(customers), 1)
     for kind, key, state in db.execute(
         "SELECT 'c', customer, state FROM saas_customers WHERE customer IN ("  # noqa: S608  # nosec B608 # placeholders only; values are bound
-        + _rows(len(customers), 1)
+        + marks
         + ") UNION ALL SELECT 'h', CAST(hour AS TEXT), NULL FROM saas_sealed_hours "
-        "WHERE hour >= ?",
-        (*customers, min(*owns, hour_of(now))),
+        "WHERE hour >= ? UNION ALL SELECT 'l', c.customer, l.state || '|' || "
+        "CAST(l.state_time AS TEXT) || '|' || COALESCE(CAST(l.final_window_end AS TEXT), '') "
+        "FROM saas_customers c JOIN saas_lifecycle l ON l.subject = c.account_id "
+        "OR l.subject = 'ci:' || c.customer_identifier WHERE c.customer IN ("
+        + marks
+        + ") UNION ALL SELECT 's', customer, CAST(hour AS TEXT) FROM saas_customer_seals "
+        "WHERE hour >= ? AND customer IN (" + marks + ")",
+        (*customers, first, *customers, first, *customers),
     ):
         if kind == "c":
             known[str(key)] = str(state)
-        else:
+        elif kind == "h":
             sealed_hours.add(int(key))
+        elif kind == "l":
+            life, at, until = str(state).split("|")
+            lives.append((str(key), life, float(at), float(until) if until else None))
+        else:
+            sealed_for.add((str(key), int(state)))
+    refused = saas_events.refused(lives, now)
     # The first failing record and why: (index, phase, error); phases in the order checked.
     failures: list[tuple[int, int, Exception]] = []
     if not accept_unresolved:
@@ -433,11 +452,28 @@ def ingest(
                 )
                 failures.append((i, 0, RejectedError(400, [problem])))
                 break
+    for i, srec in enumerate(records):
+        if srec.customer in refused:
+            left, end = refused[srec.customer]
+            rec = srec.usage
+            problem = Problem(
+                f"{rec.field}.customer" if rec.field else "customer",
+                f"customer {srec.customer!r} is {left}: its final metering window "
+                f"{'closes' if end > now else 'closed'} at {iso(end)} (usage is refused "
+                f"{int(saas_events.FINAL_MARGIN)} s before, to leave time to send it)",
+            )
+            failures.append((i, 0, RejectedError(400, [problem])))
+            break
     answers: list[dict[str, Any]] = []
     hours: list[int] = []
     for srec, own in zip(records, owns, strict=True):
         rec = srec.usage
-        hour = target_hour(own, now, sealed_hours.__contains__, policy)
+        hour = target_hour(
+            own,
+            now,
+            lambda h, c=srec.customer: h in sealed_hours or (c, h) in sealed_for,  # type: ignore[misc]
+            policy,
+        )
         answer: dict[str, Any] = {
             "id": rec.id or f"u-{uuid.uuid4().hex}",
             "customer": srec.customer,
@@ -672,8 +708,9 @@ def _seal_hour(db: Db, hour: int, now: float, spec: SealSpec) -> int:
         for (customer,) in db.execute(
             # Active since (first resolve, or re-subscription), not the last resolve: a buyer
             # opening the registration page again after the hour was active all of it.
-            "SELECT customer FROM saas_customers WHERE state = 'active' AND state_since < ?",
-            (hour_start(hour + 1),),
+            "SELECT customer FROM saas_customers WHERE state = 'active' AND state_since < ? "  # noqa: S608  # nosec B608 # constant SQL
+            "AND " + saas_events.left_customers_sql(),
+            (hour_start(hour + 1), hour_start(hour + 1)),
         ).fetchall():
             for dimension in spec.dimensions:
                 if (str(customer), dimension) not in totals:

@@ -1,0 +1,503 @@
+"""The SaaS lifecycle in the store (schema 4): events applied once, customer states, entitlements,
+the change feed, dead letters, the final-window seal. Pure apart from the `Db`; every function runs
+inside one store transaction, the same statements on SQLite and PostgreSQL.
+
+Why each event is applied once by a fleet: its id is the primary key of `saas_events`, inserted
+first in the transaction that applies it (ON CONFLICT DO NOTHING RETURNING): a replica that
+receives it again (SQS redelivers, EventBridge and SNS deliver twice) finds it taken and changes
+nothing. Out of order: each subject keeps the time of the event that set its state; an older one
+never overrides a newer state (`lifecycle.newer`).
+
+Why the change cursor never skips a change: every transaction that appends to `saas_changes`
+takes CHANGES_LOCK first (exclusive, to its end), so the sequence numbers commit in order; a
+reader that saw seq N never later finds a smaller one committed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sidecar.usage import lifecycle
+from sidecar.usage.db import Db, Lock
+from sidecar.usage.hours import hour_of, iso
+from sidecar.usage.lifecycle import Event
+from sidecar.usage.store import dumps
+from sidecar.usage.validate import record_identity
+
+if TYPE_CHECKING:
+    from sidecar.usage.saas_ledger import SealSpec
+
+CHANGES_LOCK = 0x5AA50014
+# Declared to the store (taken first, in key order, with every other lock of the transaction:
+# no deadlock with intake's locks in a group commit).
+CHANGES_LOCKS: tuple[Lock, ...] = ((CHANGES_LOCK, True),)
+DEAD_LETTER_MAX = 64 * 1024  # characters of a poison message's body kept
+# The final window's last minutes are kept for sending: usage is refused from then on, and the
+# customer's remaining open usage is sealed then (docs/saas-lifecycle.md).
+FINAL_MARGIN = 600.0
+LEFT_STATES = ("pending_unsubscribe", "unsubscribed", "subscribe_failed")
+NO_EVENT = "GetEntitlements"  # `last_event` of a row no lifecycle event has set yet
+
+_COMMON = """
+-- One row per buyer the lifecycle events name (`subject`: the account id, or 'ci:' and the
+-- CustomerIdentifier for the SNS topics). state_time: the time of the event that set `state`.
+CREATE TABLE saas_lifecycle (
+    subject TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    state_time DOUBLE PRECISION NOT NULL,
+    event_time DOUBLE PRECISION NOT NULL,
+    left_at DOUBLE PRECISION,
+    final_window_end DOUBLE PRECISION,
+    agreement_id TEXT,
+    license_arn TEXT,
+    product_code TEXT,
+    offer_id TEXT,
+    free_trial INTEGER,
+    last_event TEXT NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    entitlements_at DOUBLE PRECISION
+);
+-- Every event applied, by its id: the same id again changes nothing.
+CREATE TABLE saas_events (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    event_time DOUBLE PRECISION NOT NULL,
+    applied_at DOUBLE PRECISION NOT NULL,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX saas_events_by_applied ON saas_events (applied_at);
+-- Messages that could not be parsed: kept (body capped), never lost, never retried.
+CREATE TABLE saas_dead_letters (
+    id TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    bytes BIGINT NOT NULL,
+    error TEXT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL
+);
+-- The contract's entitlements, as GetEntitlements last answered for the subject.
+CREATE TABLE saas_entitlements (
+    subject TEXT NOT NULL,
+    dimension TEXT NOT NULL,
+    value TEXT NOT NULL,
+    expiration DOUBLE PRECISION,
+    learned_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (subject, dimension)
+);
+-- Hours of one customer sealed early (final window): its later usage goes to the next hour.
+CREATE TABLE saas_customer_seals (
+    customer TEXT NOT NULL,
+    hour BIGINT NOT NULL,
+    sealed_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (customer, hour)
+);
+"""
+MIGRATION_4 = (
+    _COMMON
+    + "CREATE TABLE saas_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, subject TEXT NOT NULL, "
+    "at DOUBLE PRECISION NOT NULL);\n",
+    _COMMON + "CREATE TABLE saas_changes (seq BIGSERIAL PRIMARY KEY, subject TEXT NOT NULL, "
+    "at DOUBLE PRECISION NOT NULL);\n",
+)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What applying one event did."""
+
+    duplicate: bool = False  # its id was applied before (by any replica)
+    changed: bool = False  # the subject's state or facts changed
+    stale: bool = False  # older than the state known: facts kept, state untouched
+    refresh: bool = False  # GetEntitlements is due for the subject
+    final: bool = False  # a final metering window opened
+
+
+def apply(db: Db, event: Event, now: float) -> Applied:
+    """Apply one parsed event, once for the fleet."""
+    db.lock(CHANGES_LOCK)
+    took = db.execute(
+        "INSERT INTO saas_events (id, kind, subject, event_time, applied_at, outcome) "
+        "VALUES (?, ?, ?, ?, ?, 'applied') ON CONFLICT (id) DO NOTHING RETURNING id",
+        (event.id, event.kind, event.subject, event.time, now),
+    ).fetchone()
+    if took is None:
+        return Applied(duplicate=True)
+    row = db.execute(
+        "SELECT state, state_time, event_time FROM saas_lifecycle WHERE subject = ?",
+        (event.subject,),
+    ).fetchone()
+    target = event.state
+    known_state = None if row is None else str(row[0])
+    known_time = None if row is None else float(row[1])
+    moves = target is not None and lifecycle.newer(event.time, target, known_time, known_state)
+    facts_newer = row is None or event.time >= float(row[2])
+    if row is None:
+        # An amendment or license update implies a contract, but dates no state: time 0 lets
+        # any state event (an Ended delivered late among them) set it.
+        state = target or "subscribed"
+        db.execute(
+            "INSERT INTO saas_lifecycle (subject, state, state_time, event_time, agreement_id, "
+            "license_arn, product_code, offer_id, free_trial, last_event, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.subject,
+                state,
+                event.time if target else 0.0,
+                event.time,
+                event.agreement_id,
+                event.license_arn,
+                event.product_code,
+                event.offer_id,
+                event.free_trial,
+                event.detail_type,
+                now,
+            ),
+        )
+    elif facts_newer:
+        db.execute(
+            "UPDATE saas_lifecycle SET event_time = ?, agreement_id = COALESCE(?, agreement_id), "
+            "license_arn = COALESCE(?, license_arn), product_code = COALESCE(?, product_code), "
+            "offer_id = COALESCE(?, offer_id), free_trial = COALESCE(?, free_trial), "
+            "last_event = ?, updated_at = ? WHERE subject = ?",
+            (
+                event.time,
+                event.agreement_id,
+                event.license_arn,
+                event.product_code,
+                event.offer_id,
+                event.free_trial,
+                event.detail_type,
+                now,
+                event.subject,
+            ),
+        )
+    if moves and target is not None:
+        _move(db, event, target, now)
+    stale = row is not None and not moves and not facts_newer
+    if stale:
+        db.execute("UPDATE saas_events SET outcome = 'stale' WHERE id = ?", (event.id,))
+    changed = row is None or moves or facts_newer
+    if changed:
+        db.execute("INSERT INTO saas_changes (subject, at) VALUES (?, ?)", (event.subject, now))
+    return Applied(
+        changed=changed,
+        stale=stale,
+        refresh=event.kind in lifecycle.REFRESH and not stale and target != "unsubscribed",
+        final=moves and event.kind in lifecycle.FINAL,
+    )
+
+
+def _move(db: Db, event: Event, state: str, now: float) -> None:
+    if state == "subscribed":  # (re)subscribed: no window, no departure
+        db.execute(
+            "UPDATE saas_lifecycle SET state = ?, state_time = ?, left_at = NULL, "
+            "final_window_end = NULL, updated_at = ? WHERE subject = ?",
+            (state, event.time, now, event.subject),
+        )
+    elif event.kind == "unsubscribe_success":  # the window of unsubscribe-pending, if seen
+        end = event.time + lifecycle.FINAL_WINDOW
+        db.execute(
+            "UPDATE saas_lifecycle SET state = ?, state_time = ?, left_at = COALESCE(left_at, ?), "
+            "final_window_end = COALESCE(final_window_end, ?), updated_at = ? WHERE subject = ?",
+            (state, event.time, event.time, end, now, event.subject),
+        )
+    elif event.kind in lifecycle.FINAL:
+        end = event.time + lifecycle.FINAL_WINDOW
+        db.execute(
+            "UPDATE saas_lifecycle SET state = ?, state_time = ?, left_at = ?, "
+            "final_window_end = ?, updated_at = ? WHERE subject = ?",
+            (state, event.time, event.time, end, now, event.subject),
+        )
+    elif state == "subscribe_failed":
+        # Never subscribed: nothing to meter; usage is refused from now on.
+        db.execute(
+            "UPDATE saas_lifecycle SET state = ?, state_time = ?, "
+            "left_at = COALESCE(left_at, ?), final_window_end = COALESCE(final_window_end, ?), "
+            "updated_at = ? WHERE subject = ?",
+            (state, event.time, event.time, event.time, now, event.subject),
+        )
+    else:  # pending_unsubscribe from an agreement's end: metering goes on until deprovisioning
+        db.execute(
+            "UPDATE saas_lifecycle SET state = ?, state_time = ?, updated_at = ? WHERE subject = ?",
+            (state, event.time, now, event.subject),
+        )
+
+
+def dead_letter(db: Db, message_id: str, body: str, error: str, now: float) -> bool:
+    """Keep a message that could not be parsed (once per SQS message id)."""
+    took = db.execute(
+        "INSERT INTO saas_dead_letters (id, body, bytes, error, received_at) VALUES "
+        "(?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING id",
+        (message_id, body[:DEAD_LETTER_MAX], len(body.encode()), error[:500], now),
+    ).fetchone()
+    return took is not None
+
+
+def dead_letters(db: Db, limit: int = 20) -> tuple[int, list[dict[str, Any]]]:
+    total = db.execute("SELECT COUNT(*) FROM saas_dead_letters").fetchone()
+    rows = db.execute(
+        "SELECT id, bytes, error, received_at FROM saas_dead_letters ORDER BY received_at DESC "
+        "LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return int(total[0]) if total else 0, [
+        {"message_id": r[0], "bytes": int(r[1]), "error": r[2], "received_at": iso(float(r[3]))}
+        for r in rows
+    ]
+
+
+def set_entitlements(
+    db: Db, subject: str, entitlements: Sequence[dict[str, Any]], now: float
+) -> bool:
+    """Replace the subject's entitlements with GetEntitlements' answer; True if they changed."""
+    db.lock(CHANGES_LOCK)
+    before = {
+        (str(d), str(v), None if e is None else float(e))
+        for d, v, e in db.execute(
+            "SELECT dimension, value, expiration FROM saas_entitlements WHERE subject = ?",
+            (subject,),
+        )
+    }
+    after = {(str(e["dimension"]), dumps(e["value"]), e.get("expiration")) for e in entitlements}
+    # A buyer seen first by resolving (no event yet): a row to hang the entitlements on, whose
+    # time 0 lets any event set its state (`enrich` shows the resolved state meanwhile).
+    db.execute(
+        "INSERT INTO saas_lifecycle (subject, state, state_time, event_time, last_event, "
+        "updated_at) VALUES (?, 'subscribed', 0, 0, ?, ?) ON CONFLICT (subject) DO NOTHING",
+        (subject, NO_EVENT, now),
+    )
+    db.execute("UPDATE saas_lifecycle SET entitlements_at = ? WHERE subject = ?", (now, subject))
+    if before == after:
+        return False
+    db.execute("DELETE FROM saas_entitlements WHERE subject = ?", (subject,))
+    for dimension, value, expiration in sorted(after, key=lambda t: t[0]):
+        db.execute(
+            "INSERT INTO saas_entitlements (subject, dimension, value, expiration, learned_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (subject, dimension) DO UPDATE SET "
+            "value = excluded.value, expiration = excluded.expiration, "
+            "learned_at = excluded.learned_at",
+            (subject, dimension, value, expiration, now),
+        )
+    db.execute("INSERT INTO saas_changes (subject, at) VALUES (?, ?)", (subject, now))
+    return True
+
+
+def subjects_of(account_id: str | None, customer_identifier: str | None) -> list[str]:
+    out = [account_id] if account_id else []
+    if customer_identifier:
+        out.append(f"ci:{customer_identifier}")
+    return out
+
+
+def _subject_json(db: Db, subject: str) -> dict[str, Any] | None:
+    row = db.execute(
+        "SELECT state, state_time, left_at, final_window_end, agreement_id, license_arn, "
+        "product_code, offer_id, free_trial, last_event, updated_at, entitlements_at "
+        "FROM saas_lifecycle WHERE subject = ?",
+        (subject,),
+    ).fetchone()
+    if row is None:
+        return None
+    return {
+        "subject": subject,
+        "state": row[0],
+        "state_since": iso(float(row[1])),
+        "left_at": None if row[2] is None else iso(float(row[2])),
+        "final_window_end": None if row[3] is None else iso(float(row[3])),
+        "agreement_id": row[4],
+        "license_arn": row[5],
+        "product_code": row[6],
+        "offer_id": row[7],
+        "free_trial": None if row[8] is None else bool(row[8]),
+        "last_event": row[9],
+        "learned_at": iso(float(row[10])),
+        "entitlements_learned_at": None if row[11] is None else iso(float(row[11])),
+        "entitlements": [
+            {
+                "dimension": d,
+                "value": json.loads(str(v)),
+                "expiration": None if e is None else iso(float(e)),
+                "learned_at": iso(float(at)),
+            }
+            for d, v, e, at in db.execute(
+                "SELECT dimension, value, expiration, learned_at FROM saas_entitlements "
+                "WHERE subject = ? ORDER BY dimension",
+                (subject,),
+            )
+        ],
+    }
+
+
+def enrich(db: Db, customer: dict[str, Any]) -> dict[str, Any]:
+    """A customer row (saas_ledger._customer_json) with what the lifecycle events told: the
+    newest of its subjects' states, else what resolving and metering told."""
+    found = [
+        s
+        for s in (
+            _subject_json(db, subject)
+            for subject in subjects_of(
+                customer.get("customer_aws_account_id"), customer.get("customer_identifier")
+            )
+        )
+        if s is not None
+    ]
+    found.sort(key=lambda s: s["state_since"], reverse=True)
+    life = found[0] if found else None
+    if life is not None and life["last_event"] != NO_EVENT:
+        state = life["state"]
+    else:
+        state = "unsubscribed" if customer.get("state") == "not_subscribed" else "subscribed"
+    return {
+        **customer,
+        "subscription": state,
+        "lifecycle": life,
+        "agreement_id": customer.get("agreement_id") or (life or {}).get("agreement_id"),
+    }
+
+
+def changes(db: Db, since: int, limit: int = 200) -> tuple[int, list[dict[str, Any]]]:
+    """Subjects changed after cursor `since` (the newest state of each), and the next cursor."""
+    rows = db.execute(
+        "SELECT seq, subject FROM saas_changes WHERE seq > ? ORDER BY seq LIMIT ?",
+        (since, limit),
+    ).fetchall()
+    if not rows:
+        top = db.execute("SELECT MAX(seq) FROM saas_changes").fetchone()
+        last = int(top[0]) if top and top[0] is not None else 0
+        return max(since, last) if since <= last else last, []
+    out: dict[str, dict[str, Any]] = {}
+    for seq, subject in rows:
+        out.pop(str(subject), None)
+        info = _subject_json(db, str(subject)) or {"subject": str(subject)}
+        customers = [
+            str(c)
+            for (c,) in db.execute(
+                "SELECT customer FROM saas_customers WHERE account_id = ? "
+                "OR 'ci:' || customer_identifier = ? ORDER BY customer",
+                (str(subject), str(subject)),
+            )
+        ]
+        out[str(subject)] = {"seq": int(seq), **info, "customers": customers}
+    return int(rows[-1][0]), list(out.values())
+
+
+# -- metering follows the lifecycle -------------------------------------------------------
+
+
+def refused(
+    lives: Sequence[tuple[str, str, float, float | None]], now: float
+) -> dict[str, tuple[str, float]]:
+    """From (customer, state, state time, final window end) rows (several subjects may name one
+    customer: the newest state counts): the customers whose final window has closed, less
+    FINAL_MARGIN -> (state, window end). Usage for them is refused at intake."""
+    newest: dict[str, tuple[str, float, float | None]] = {}
+    for customer, state, at, end in lives:
+        known = newest.get(customer)
+        if known is None or at > known[1]:
+            newest[customer] = (state, at, end)
+    return {
+        c: (state, end)
+        for c, (state, _, end) in newest.items()
+        if state in LEFT_STATES and end is not None and now >= end - FINAL_MARGIN
+    }
+
+
+def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]:
+    """Leader only. Seal, for each customer inside a final window, its open usage at once (the
+    open hour too, before that hour ends), and once more in the window's last FINAL_MARGIN for
+    what came after: [(customer, hour, records)]. Takes SEAL_LOCK exclusively, as `seal` does,
+    so no intake of that customer's hour is in flight (see `saas_ledger.ingest`)."""
+    from sidecar.usage.saas_ledger import SEAL_LOCK, record_timestamp  # it imports this module
+
+    db.lock(SEAL_LOCK)
+    out: list[tuple[str, int, int]] = []
+    rows = db.execute(
+        "SELECT c.customer, l.left_at, l.final_window_end FROM saas_customers c "
+        "JOIN saas_lifecycle l ON l.subject = c.account_id "
+        "OR l.subject = 'ci:' || c.customer_identifier "
+        "WHERE l.final_window_end IS NOT NULL AND l.left_at IS NOT NULL "
+        "AND l.final_window_end > ? AND l.state IN ('pending_unsubscribe', 'unsubscribed') "
+        "ORDER BY c.customer",
+        (now - 2 * lifecycle.FINAL_WINDOW,),
+    ).fetchall()
+    current = hour_of(now)
+    for customer, left_at, end in rows:
+        customer = str(customer)
+        sealed_since = db.execute(
+            "SELECT MAX(sealed_at) FROM saas_customer_seals WHERE customer = ?", (customer,)
+        ).fetchone()
+        first_done = (
+            sealed_since
+            and sealed_since[0] is not None
+            and float(sealed_since[0]) >= float(left_at)
+        )
+        if first_done and now < float(end) - FINAL_MARGIN:
+            continue
+        totals: dict[int, list[tuple[str, int]]] = {}
+        for dimension, hour, quantity in db.execute(
+            "SELECT dimension, hour, quantity FROM saas_open WHERE customer = ? AND hour <= ? "
+            "ORDER BY hour, dimension",
+            (customer, current),
+        ).fetchall():
+            totals.setdefault(int(hour), []).append((str(dimension), int(quantity)))
+        if not totals and first_done:
+            continue
+        if not totals:  # nothing open: note the first pass so the second waits for its time
+            totals = {}
+            db.execute(
+                "INSERT INTO saas_customer_seals (customer, hour, sealed_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (customer, hour) DO UPDATE SET sealed_at = excluded.sealed_at",
+                (customer, -1, now),
+            )
+            continue
+        for hour, dims in totals.items():
+            stamp = record_timestamp(hour, now)
+            deadline = spec.hours.deadline(stamp)
+            for dimension, quantity in dims:
+                record = {
+                    "Timestamp": stamp,
+                    "Dimension": dimension,
+                    "QuantityAsDecimal": _text(quantity),
+                    **record_identity(spec.identity, customer),
+                }
+                db.execute(
+                    "INSERT INTO saas_outbox (customer, dimension, hour, quantity, zero, record, "
+                    "state, sealed_at, deadline) VALUES (?, ?, ?, ?, 0, ?, 'sealed', ?, ?) "
+                    "ON CONFLICT (customer, dimension, hour) DO NOTHING",
+                    (customer, dimension, hour, quantity, dumps(record), now, deadline),
+                )
+            db.execute("DELETE FROM saas_open WHERE customer = ? AND hour = ?", (customer, hour))
+            db.execute(
+                "INSERT INTO saas_customer_seals (customer, hour, sealed_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (customer, hour) DO UPDATE SET sealed_at = excluded.sealed_at",
+                (customer, hour, now),
+            )
+            out.append((customer, hour, len(dims)))
+    return out
+
+
+def _text(micros: int) -> str:
+    from sidecar.core import quantity as qty
+
+    return qty.text(micros)
+
+
+def left_customers_sql() -> str:
+    """A condition on `saas_customers` (unaliased) true for customers who left before the
+    hour whose end is the bound parameter: no zero-usage record for them."""
+    return (
+        "NOT EXISTS (SELECT 1 FROM saas_lifecycle l WHERE (l.subject = saas_customers.account_id "
+        "OR l.subject = 'ci:' || saas_customers.customer_identifier) "
+        "AND l.left_at IS NOT NULL AND l.left_at < ?)"
+    )
+
+
+def product_of(db: Db, subject: str) -> str | None:
+    """The product code a license event named for the subject, if any."""
+    row = db.execute(
+        "SELECT product_code FROM saas_lifecycle WHERE subject = ?", (subject,)
+    ).fetchone()
+    return str(row[0]) if row and row[0] else None
