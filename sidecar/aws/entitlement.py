@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlparse
 
-from sidecar.aws.errors import ErrorInfo, classify, for_endpoint
+from sidecar.aws.errors import ErrorInfo, classify_known, for_endpoint
 
 SERVICE = "marketplace-entitlement"
 # botocore: AWS_ENDPOINT_URL_ + serviceId upper-cased with spaces as underscores.
@@ -68,14 +68,9 @@ def classify_entitlement(
     code: str, message: str, *, http_status: int | None = None, request_id: str | None = None
 ) -> ErrorInfo:
     """A GetEntitlements error as the sidecar reports it: retryable or not, and what to do."""
-    known = _KNOWN.get(code)
-    if known is None:
-        info = classify(code, message, http_status=http_status, request_id=request_id)
-        if info.kind == "transient":
-            return replace(info, hint=_TRANSIENT_HINT)
-        return info
-    kind, hint, retryable = known
-    return ErrorInfo(code, message[:500], hint, kind, retryable, request_id)
+    return classify_known(
+        _KNOWN, _TRANSIENT_HINT, code, message, http_status=http_status, request_id=request_id
+    )
 
 
 class EntitlementCallError(Exception):

@@ -20,7 +20,7 @@ picks the meaning; SaaS operations get their own IAM and disabled-API hints.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 RETRYABLE_CODES = frozenset(
@@ -311,6 +311,29 @@ def classify(
     return ErrorInfo(code, message, hint, kind, False, request_id)
 
 
+# Another service's own codes: (kind, hint, retryable) by error code.
+KnownCodes = dict[str, tuple[str, str, bool]]
+
+
+def classify_known(
+    known: KnownCodes,
+    transient_hint: str,
+    code: str,
+    message: str,
+    *,
+    http_status: int | None = None,
+    request_id: str | None = None,
+) -> ErrorInfo:
+    """An error of a service with codes of its own (License Manager, the Entitlement Service):
+    its table first, then the shared classification with that service's transient hint."""
+    entry = known.get(code)
+    if entry is None:
+        info = classify(code, message, http_status=http_status, request_id=request_id)
+        return replace(info, hint=transient_hint) if info.kind == "transient" else info
+    kind, hint, retryable = entry
+    return ErrorInfo(code, message[:500], hint, kind, retryable, request_id)
+
+
 def verification_failure(reason: str, message: str) -> ErrorInfo:
     """A token that does not verify is never entitlement: it is a fault or an attack."""
     return ErrorInfo(
@@ -411,8 +434,6 @@ def for_endpoint(info: ErrorInfo, endpoint: str | None) -> ErrorInfo:
     """The error with a local-run hint when the endpoint is the emulator on this machine."""
     if info.code not in LOCAL_SETUP_CODES or not is_local_endpoint(endpoint):
         return info
-    from dataclasses import replace
-
     local = LOCAL_SETUP_HINT.format(endpoint=endpoint)
     if info.code in (REGION_NOT_FOUND, "NoRegionError"):  # still true locally: keep it
         return replace(info, hint=f"{info.hint}; {local}")

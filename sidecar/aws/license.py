@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sidecar.aws.errors import ErrorInfo, classify, for_endpoint
+from sidecar.aws.errors import ErrorInfo, classify_known, for_endpoint
 
 SERVICE = "license-manager"
 ENDPOINT_ENV = "AWS_ENDPOINT_URL_LICENSE_MANAGER"
@@ -85,14 +85,9 @@ def classify_license(
     code: str, message: str, *, http_status: int | None = None, request_id: str | None = None
 ) -> ErrorInfo:
     """A License Manager error as the sidecar reports it: retryable or not, and what to do."""
-    known = _KNOWN.get(code)
-    if known is None:
-        info = classify(code, message, http_status=http_status, request_id=request_id)
-        if info.kind == "transient":
-            return replace(info, hint=_TRANSIENT_HINT)
-        return info
-    kind, hint, retryable = known
-    return ErrorInfo(code, message[:500], hint, kind, retryable, request_id)
+    return classify_known(
+        _KNOWN, _TRANSIENT_HINT, code, message, http_status=http_status, request_id=request_id
+    )
 
 
 def redact(token: str | None) -> str | None:
