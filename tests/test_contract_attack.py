@@ -5,6 +5,13 @@ emulator (real HTTP, unmodified boto3), as in test_contract_service."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
+import pytest
+
+from sidecar.aws.license import LicenseCallError, LicenseGateway
 from sidecar.emulator.license_manager import LicenseBook
 from sidecar.entitlement.contract import ContractService
 from tests.helpers import ManualClock
@@ -35,3 +42,72 @@ def test_an_extension_that_does_not_move_the_expiration_is_not_retried_in_a_busy
     # (on a real clock, ExtendLicenseConsumption as fast as License Manager answers).
     instant = [w for w in clocks[0].waits if w < 0.1]
     assert len(instant) <= 2, (len(instant), ops.count("ExtendLicenseConsumption"))
+
+
+class DripServer:
+    """A loopback HTTP server that answers every request with a status line, then one header
+    byte every 0.2 s, forever: each socket read succeeds within botocore's read timeout."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.stop = threading.Event()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not self.stop.wait(0.2):
+                conn.sendall(b"a")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def test_a_license_manager_that_drips_its_answer_fails_the_call_within_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every read returns a byte in time, so botocore's read timeout never fires: without a
+    bound on the whole call the worker hangs in ExtendLicenseConsumption past the checkout's
+    deadline, and the pod stays ready on a checkout AWS has let go."""
+    drip = DripServer()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_LICENSE_MANAGER", drip.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "local")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local")
+    gateway = LicenseGateway("us-east-1", 1.0)
+    outcome: list[BaseException] = []
+
+    def extend() -> None:
+        try:
+            gateway.extend("t" * 32)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=extend, daemon=True)
+    started = time.monotonic()
+    worker.start()
+    worker.join(timeout=30)
+    try:
+        assert not worker.is_alive(), "ExtendLicenseConsumption still hanging after 30 s"
+        assert time.monotonic() - started < 30
+        assert len(outcome) == 1 and isinstance(outcome[0], LicenseCallError)
+        info = outcome[0].info
+        assert info.retryable and info.kind == "transient", info
+    finally:
+        drip.close()
