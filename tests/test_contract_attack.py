@@ -6,18 +6,26 @@ emulator (real HTTP, unmodified boto3), as in test_contract_service."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sidecar.aws.license import LicenseCallError, LicenseGateway
+from sidecar.emulator.service import EmulatorServer
 from sidecar.emulator.license_manager import LicenseBook
 from sidecar.entitlement.contract import ContractService
-from tests.helpers import ManualClock
+from tests.helpers import ROOT, ManualClock, loopback_env
+from tests.metadata_fake import MotoSts
+from tests.test_anywhere_sidecar import ROLE, emulator_post, sts
 from tests.test_contract_service import SEAT, grant, lm, run, server
 
-__all__ = ["lm", "server"]  # fixtures
+__all__ = ["lm", "server", "sts"]  # fixtures
+ANYWHERE_SKU = "prod-sku-anywhere-doctor"
 
 
 def test_an_extension_that_does_not_move_the_expiration_is_not_retried_in_a_busy_loop(
@@ -111,3 +119,84 @@ def test_a_license_manager_that_drips_its_answer_fails_the_call_within_a_bound(
         assert info.retryable and info.kind == "transient", info
     finally:
         drip.close()
+
+
+def _doctor(env: dict[str, str]) -> tuple[int, str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "doctor"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    return done.returncode, done.stdout
+
+
+def test_doctor_off_aws_checks_the_permission_with_the_license_token_identity(
+    emulator_server: EmulatorServer, sts: MotoSts, tmp_path: Path
+) -> None:
+    """Off AWS the license token is the only identity (no AWS credentials in the pod, as in
+    test_anywhere_sidecar): doctor must check the extension permission with the role the token
+    assumes, not fail a correct install for want of credentials it was never meant to have."""
+    arn = emulator_post(
+        emulator_server,
+        "licenses",
+        {"sku": ANYWHERE_SKU, "entitlements": [{"name": "PremiumTier", "unit": "None"}]},
+    )["license_arn"]
+    token = emulator_post(emulator_server, "tokens", {"license_arn": arn, "role_arns": [ROLE]})
+    token_file = tmp_path / "license_token"
+    token_file.write_text(token["token"] + "\n")
+    env = loopback_env(
+        emulator_server.url,
+        MARKETPLACE_MODE="contract",
+        MARKETPLACE_PRODUCT_CODE="",
+        MARKETPLACE_THROTTLE_SCHEDULE_SECONDS="",
+        MARKETPLACE_LICENSE_PRODUCT_SKU=ANYWHERE_SKU,
+        MARKETPLACE_LICENSE_ENTITLEMENTS='[{"name": "PremiumTier", "unit": "None"}]',
+        MARKETPLACE_LICENSE_TOKEN_FILE=str(token_file),
+        MARKETPLACE_LICENSE_ROLE_ARN=ROLE,
+        AWS_ENDPOINT_URL_LICENSE_MANAGER=emulator_server.url,
+        AWS_ENDPOINT_URL_STS=sts.url,
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(name)
+    code, out = _doctor(env)
+    assert "✔ license-manager:ExtendLicenseConsumption: allowed (DryRun" in out, out
+    assert code == 0, out
+    assert token["token"] not in out
+    [assumed] = sts.assumed()
+    assert assumed.role_arn == ROLE
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda p: p.mkdir(), id="directory"),
+        pytest.param(lambda p: p.write_text(" \n\t\n"), id="blank"),
+        pytest.param(lambda p: p.write_bytes(b"t" * 20000), id="huge"),
+        pytest.param(lambda p: p.write_text("two words"), id="not-a-token"),
+    ],
+)
+def test_doctor_refuses_a_token_file_that_run_would_refuse(
+    make: Any, emulator_server: EmulatorServer, tmp_path: Path
+) -> None:
+    """doctor said ✔ for a file `run` refuses (its own size/readability check, not the reader
+    `run` uses): a directory, a blank file, a 20 KB file, two words."""
+    token_file = tmp_path / "license_token"
+    make(token_file)
+    env = loopback_env(
+        emulator_server.url,
+        MARKETPLACE_MODE="contract",
+        MARKETPLACE_PRODUCT_CODE="",
+        MARKETPLACE_THROTTLE_SCHEDULE_SECONDS="",
+        MARKETPLACE_LICENSE_PRODUCT_SKU=ANYWHERE_SKU,
+        MARKETPLACE_LICENSE_ENTITLEMENTS='[{"name": "PremiumTier", "unit": "None"}]',
+        MARKETPLACE_LICENSE_TOKEN_FILE=str(token_file),
+        MARKETPLACE_LICENSE_ROLE_ARN=ROLE,
+        AWS_ENDPOINT_URL_LICENSE_MANAGER=emulator_server.url,
+        AWS_ENDPOINT_URL_STS="http://127.0.0.1:9",
+    )
+    code, out = _doctor(env)
+    assert "✘ identity: license token file" in out, out
+    assert code != 0
