@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from sidecar.aws.license import LicenseCallError, LicenseGateway
+from sidecar.emulator.license_manager import MARKETPLACE_FINGERPRINT, LicenseBook
 from sidecar.emulator.service import EmulatorServer
-from sidecar.emulator.license_manager import LicenseBook
 from sidecar.entitlement.contract import ContractService
 from tests.helpers import ROOT, ManualClock, loopback_env
 from tests.metadata_fake import MotoSts
@@ -200,3 +200,28 @@ def test_doctor_refuses_a_token_file_that_run_would_refuse(
     code, out = _doctor(env)
     assert "✘ identity: license token file" in out, out
     assert code != 0
+
+
+@pytest.mark.parametrize("offset", [7200.0, -7200.0])
+def test_a_node_clock_hours_off_is_refused_by_sigv4_as_aws_does(
+    lm: LicenseBook, offset: float
+) -> None:
+    """AWS denies a signed request that does not reach it within five minutes of its time stamp
+    (IAM User Guide, "Signing AWS API requests"). The emulator answered a CheckoutLicense signed
+    two hours off, so the docs could claim that a node clock hours off "changes nothing"."""
+    grant(lm, seats=1)
+    with lm.lock:
+        lm.clock_offset = offset
+    with pytest.raises(LicenseCallError) as caught:
+        LicenseGateway("us-east-1", 5.0).checkout(
+            "prod-virtual", MARKETPLACE_FINGERPRINT, SEAT, "PROVISIONAL", "skewed-token"
+        )
+    info = caught.value.info
+    assert info.kind == "clock" and info.retryable, info
+    assert "synchronise the node clock" in info.hint
+    with lm.lock:
+        lm.clock_offset = 240.0  # inside the tolerance: served
+    checkout = LicenseGateway("us-east-1", 5.0).checkout(
+        "prod-virtual", MARKETPLACE_FINGERPRINT, SEAT, "PROVISIONAL", "near-token"
+    )
+    assert checkout.consumption_token
