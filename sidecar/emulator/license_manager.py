@@ -34,6 +34,9 @@ PATH_PREFIX = "/_emulator/license/"
 MARKETPLACE_FINGERPRINT = "aws:294406891311:AWS/Marketplace:issuer-fingerprint"
 RESET = "ConnectionReset"
 ACCESS_TOKEN_SECONDS = 3600  # GetAccessToken: "Access tokens are valid for one hour"
+# "In most cases, a request must reach AWS within five minutes of the time stamp in the request.
+# Otherwise, AWS denies the request." (IAM User Guide, "Signing AWS API requests").
+SIGV4_SKEW_SECONDS = 300.0
 
 
 @dataclass
@@ -370,7 +373,8 @@ def serve_post(handler: Any, body: bytes) -> Any:
         except (ValueError, TypeError, KeyError) as exc:
             return handler._json(400, {"error": str(exc)})
     auth = handler.headers.get("Authorization", "")
-    status, payload = call(b, handler.headers.get("X-Amz-Target", ""), body, auth)
+    stamp = handler.headers.get("X-Amz-Date")
+    status, payload = call(b, handler.headers.get("X-Amz-Target", ""), body, auth, stamp)
     if payload is None:
         handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         handler.close_connection = True
@@ -385,9 +389,11 @@ def serve_get(handler: Any) -> Any:
 
 
 def call(
-    b: LicenseBook, target: str, body: bytes, auth: str = ""
+    b: LicenseBook, target: str, body: bytes, auth: str = "", stamp: str | None = None
 ) -> tuple[int, dict[str, Any] | None]:
-    """One License Manager call: validated against botocore's model, then answered."""
+    """One License Manager call: validated against botocore's model, then answered. A signed
+    call whose X-Amz-Date is more than five minutes from License Manager's clock (this
+    machine's plus `clock_offset`) is denied as AWS denies it."""
     op = target.removeprefix(TARGET_PREFIX)
     try:
         params = json.loads(body or b"{}")
@@ -398,6 +404,10 @@ def call(
     if b.latency:
         time.sleep(b.latency)
     problem = _invalid(op, params)
+    if problem is None and "Credential=" in auth:
+        # botocore stamps with the real clock, also under a test's virtual `b.clock`: the
+        # skew modelled is the configured offset.
+        problem = _stale_signature(stamp, time.time() + b.clock_offset)
     payload: dict[str, Any] | None
     with b.lock:
         if problem is not None:
@@ -465,6 +475,33 @@ def _violation(value: Any, shape: Any, where: str) -> str | None:
         if limit is not None and len(value) > limit:
             return f"{must} have length less than or equal to {limit}"
     return None
+
+
+def _stale_signature(stamp: str | None, now: float) -> tuple[int, dict[str, Any]] | None:
+    """InvalidSignatureException worded as AWS words it, for a time stamp out of tolerance."""
+    if not stamp:
+        return None  # a Date header instead: not modelled
+    try:
+        signed = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return 400, {"__type": "IncompleteSignatureException", "message": "bad X-Amz-Date"}
+    fmt = "%Y%m%dT%H%M%SZ"
+    here = datetime.fromtimestamp(now, UTC)
+    if signed < now - SIGV4_SKEW_SECONDS:
+        limit = datetime.fromtimestamp(now - SIGV4_SKEW_SECONDS, UTC).strftime(fmt)
+        message = (
+            f"Signature expired: {stamp} is now earlier than {limit} "
+            f"({here.strftime(fmt)} - 5 min.)"
+        )
+    elif signed > now + SIGV4_SKEW_SECONDS:
+        limit = datetime.fromtimestamp(now + SIGV4_SKEW_SECONDS, UTC).strftime(fmt)
+        message = (
+            f"Signature not yet current: {stamp} is still later than {limit} "
+            f"({here.strftime(fmt)} + 5 min.)"
+        )
+    else:
+        return None
+    return 403, {"__type": "InvalidSignatureException", "message": message}
 
 
 _MODEL: list[Any] = []
