@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from sidecar.aws.license import LicenseCallError, LicenseGateway
+from sidecar.aws.license import Checkout, LicenseCallError, LicenseGateway, parse_time
 from sidecar.emulator.license_manager import MARKETPLACE_FINGERPRINT, LicenseBook
 from sidecar.emulator.service import EmulatorServer
 from sidecar.entitlement.contract import ContractService
+from sidecar.entitlement.license import verify_checkout
 from tests.helpers import ROOT, ManualClock, loopback_env
 from tests.metadata_fake import MotoSts
 from tests.test_anywhere_sidecar import ROLE, emulator_post, sts
@@ -225,3 +226,39 @@ def test_a_node_clock_hours_off_is_refused_by_sigv4_as_aws_does(
         "prod-virtual", MARKETPLACE_FINGERPRINT, SEAT, "PROVISIONAL", "near-token"
     )
     assert checkout.consumption_token
+
+
+def _answer(allowed: tuple[dict[str, str], ...]) -> Checkout:
+    return Checkout(
+        consumption_token="c" * 32,
+        entitlements_allowed=allowed,
+        issued_at="2026-12-07T10:00:00Z",
+        expiration="2026-12-07T11:00:00Z",
+        license_arn="arn:aws:license-manager::294406891311:license:l-1",
+        checkout_type="PROVISIONAL",
+        signed_token=None,
+        node_id=None,
+    )
+
+
+@pytest.mark.parametrize(
+    "got",
+    [
+        pytest.param({"Name": "Seats", "Unit": "Count"}, id="value-missing"),
+        pytest.param({"Name": "Seats", "Unit": "Count", "Value": ""}, id="value-blank"),
+        pytest.param({"Name": "Seats", "Unit": "Count", "Value": "0.5"}, id="value-fraction"),
+        pytest.param({"Name": "Seats", "Unit": "Count", "Value": "4"}, id="value-smaller"),
+    ],
+)
+def test_a_counted_entitlement_answered_without_its_count_is_not_a_checkout(
+    got: dict[str, str],
+) -> None:
+    """Five seats asked; an answer that names the entitlement but not five of it (no Value, a
+    blank or fractional one) passed the check, which compared counts only when both parsed."""
+    asked = ({"Name": "Seats", "Unit": "Count", "Value": "5"},)
+    error, _ = verify_checkout(asked, _answer((got,)), parse_time("2026-12-07T10:00:00Z") or 0)
+    assert error is not None and "Seats" in error.message, error
+    fine, _ = verify_checkout(
+        asked, _answer(({"Name": "Seats", "Unit": "Count", "Value": "5"},)), 1796637600.0
+    )
+    assert fine is None
