@@ -118,6 +118,12 @@ def test_a_license_manager_that_drips_its_answer_fails_the_call_within_a_bound(
         assert len(outcome) == 1 and isinstance(outcome[0], LicenseCallError)
         info = outcome[0].info
         assert info.retryable and info.kind == "transient", info
+        # The abandoned call still drips: the next one fails at once, no second thread.
+        again = time.monotonic()
+        with pytest.raises(LicenseCallError) as caught:
+            gateway.extend("t" * 32)
+        assert time.monotonic() - again < 2
+        assert "still unanswered" in caught.value.info.message
     finally:
         drip.close()
 

@@ -232,9 +232,11 @@ class LicenseGateway:
 
     def _bounded(self, op: str, params: dict[str, Any]) -> dict[str, Any]:
         """The call, given up after `_budget` seconds (a transient error). The abandoned call runs
-        on until the server lets go; while it does, further calls fail at once instead of
-        piling up threads on a server that drips forever."""
-        if self._hung is not None and self._hung.is_alive():
+        on until the server lets go; while it does, further calls (but a check-in) fail at once
+        instead of piling up threads on a server that drips forever."""
+        # CheckInLicense is still tried (at stop, a seat back beats an hour held); it runs once
+        # per re-check or stop, so it cannot pile up.
+        if op != "check_in_license" and self._hung is not None and self._hung.is_alive():
             raise LicenseCallError(self._timed_out(op, "an earlier call is still unanswered"))
         box: list[Any] = []
 
