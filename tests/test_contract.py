@@ -527,3 +527,21 @@ def test_doctor_checks_contract_mode_without_consuming(
         timeout=60,
     ).stdout
     assert "✘ identity: license token file" in out and "empty" in out
+
+
+def test_sigterm_while_the_first_checkout_is_in_flight_leaves_no_seat_out(
+    lm: Any, pod: Any, server: EmulatorServer
+) -> None:
+    """SIGTERM lands while CheckoutLicense is on its way (License Manager answers after 4 s):
+    the stop waits for the answer inside the drain and checks that checkout in, rather than
+    checking in nothing (no token yet) and leaving a seat out for an hour."""
+    grant(lm, seats=1)
+    lm("config", {"latency": 4})
+    p = pod(SEATS, MARKETPLACE_DRAIN_SECONDS="15")
+    time.sleep(1.5)  # the worker sends at start; License Manager holds the answer 4 s
+    assert not calls(server, "CheckoutLicense")  # still unanswered when SIGTERM lands
+    assert p.stop() == 0
+    lm("config", {"latency": 0})
+    assert [c["code"] for c in calls(server, "CheckoutLicense")] == ["ok"]  # it was in flight
+    assert [c["code"] for c in calls(server, "CheckInLicense")] == ["ok"], p.logs()
+    assert state(server)["licenses"][SKU]["in_use"] == {}
