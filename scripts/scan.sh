@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Security scanners, offline: checkov over the rendered Helm chart (every switch that adds
-# objects on), the plain Kubernetes manifests, the Dockerfile and the CloudFormation template;
+# objects on), the plain Kubernetes manifests, the Dockerfile and the CloudFormation templates;
 # bandit over sidecar/ and the client package (client/). Any finding fails. Each accepted
 # finding is suppressed inline, next to what it is about, with a one-line reason (checkov.io/skipN annotations, checkov:skip comments,
 # template Metadata, `# nosec BXXX # reason`).
@@ -42,6 +42,6 @@ render contract --set metering.mode=contract --set product.code= --set-string pr
   -f "$OUT/native.yaml" -f "$OUT/gate-events.yaml" -f "$OUT/classic.yaml" -f "$OUT/saas.yaml" \
   -f "$OUT/contract.yaml" \
   -f manifests/kubernetes/marketplace-sidecar.yaml \
-  -f Dockerfile -f manifests/ecs/cloudformation.json
+  -f Dockerfile -f manifests/ecs/cloudformation.json -f manifests/saas-events/cloudformation.json
 "$BIN/bandit" --quiet --recursive sidecar/ client/marketplace_sidecar_client/
 echo "scan: checkov and bandit found nothing unsuppressed"

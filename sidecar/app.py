@@ -80,13 +80,14 @@ from sidecar.entitlement.state import Entitlement, Snapshot
 from sidecar.entitlement.verdict import VerdictStore
 from sidecar.ops import logs
 from sidecar.ops.kube import KubeTarget, Mirror, desired
-from sidecar.ops.metrics import Metrics
+from sidecar.ops.metrics import ContractCounts, Metrics
 from sidecar.server.api import API_LIMITS, METRICS_LIMITS, PROBE_LIMITS, LocalServer, Router
 from sidecar.server.netaddr import parse_hostport
 from sidecar.stopsignals import StopSignals
 
 if TYPE_CHECKING:
     from sidecar.entitlement.contract import ContractService
+    from sidecar.entitlement.leases import LeaseBook
     from sidecar.usage.saas import SaasPolicy, SaasService
     from sidecar.usage.service import EntitlementResult, UsagePolicy, UsageService
 
@@ -103,6 +104,10 @@ ROUTES = frozenset(
         "/v1/customers",
         "/v1/customers/resolve",
         "/v1/customers/{id}",
+        "/v1/licenses",
+        "/v1/licenses/checkout",
+        "/v1/licenses/renew",
+        "/v1/licenses/checkin",
     }
 )
 
@@ -194,6 +199,7 @@ def contract_service(
     """Contract mode's worker, from the settings (validated: SKU and entitlements are set)."""
     from sidecar.config import parse_license_entitlements
     from sidecar.entitlement.contract import ContractService
+    from sidecar.entitlement.contract_store import ContractStore
     from sidecar.entitlement.license import Asked
 
     asked = Asked(
@@ -213,6 +219,25 @@ def contract_service(
         backoff=Backoff(settings.backoff_base_seconds, settings.backoff_cap_seconds),
         on_loss=settings.license_on_loss,
         rng=random.random,
+        store=ContractStore(settings.state_dir) if settings.state_dir is not None else None,
+    )
+
+
+def lease_book(settings: Settings, service: ContractService, clock: Clock) -> LeaseBook | None:
+    """The product's leases: only with a state directory (they must survive a restart)."""
+    if service.store is None:
+        return None
+    from sidecar.entitlement.leases import LeaseBook
+
+    return LeaseBook(
+        service.store,
+        service.gateway,
+        clock,
+        product_sku=service.asked.product_sku,
+        key_fingerprint=service.asked.key_fingerprint,
+        units_of={e["Name"]: e["Unit"] for e in service.asked.entitlements},
+        timeout=settings.license_lease_timeout_seconds,
+        node_id=service.asked.node_id,
     )
 
 
@@ -413,8 +438,11 @@ class Daemon:
         # SaaS mode has none at all (no RegisterUsage, no key, no verdict files).
         self.registrar: Registrar | None = None
         self.contract: ContractService | None = None
+        self.leases: LeaseBook | None = None
         if contract:
             self.contract = contract_service(settings, gateway_factory, self.clock, self.stop_event)
+            self.leases = lease_book(settings, self.contract, self.clock)
+            self.metrics.watch_contract(self.contract_counts)
         elif not saas:
             self.registrar = Registrar(
                 policy_from(settings, keys),
@@ -480,6 +508,7 @@ class Daemon:
             readiness=readiness,
             notices=notices,
             contract=self.contract,
+            leases=self.leases,
         )
         self.api = bind(
             f"{PREFIX}LISTEN",
@@ -616,6 +645,32 @@ class Daemon:
             self._crash = f"license loop crashed: {type(exc).__name__}"
             log.exception("contract_crashed")
 
+    def _work_leases(self) -> None:
+        """The lease keeper: time out, extend and finish the product's leases."""
+        leases = self.leases
+        while leases is not None and not self.stop_event.is_set():
+            try:
+                pause = leases.tick()
+            except Exception:  # one bad tick must not end the keeper: log and go on
+                log.exception("lease_keeper_failed")
+                pause = 1.0
+            leases.wake.wait(pause)  # close() sets it too
+            leases.wake.clear()
+
+    def contract_counts(self) -> ContractCounts:
+        """What /metrics shows of contract mode, read at scrape time."""
+        assert self.contract is not None  # nosec B101 # registered in contract mode only
+        results = dict(self.contract.results)
+        leases: dict[str, int] = {}
+        if self.leases is not None:
+            for key, n in self.leases.results.items():
+                results[key] = results.get(key, 0) + n
+            leases = self.leases.held_by_entitlement()
+        doc = self.contract.document()
+        # A PERPETUAL checkout is never extended and never expires here: no time left to show.
+        left = doc["expires_in_seconds"] if doc["checkout_type"] == "PROVISIONAL" else None
+        return ContractCounts(doc["state"], left, results, leases)
+
     def _checkin(self, budget: float) -> None:
         """CheckInLicense at stop, never past `budget` seconds (a hung call is left behind)."""
         contract = self.contract
@@ -624,7 +679,14 @@ class Daemon:
         started = time.monotonic()
         self._worker.join(timeout=budget)  # the loop ends at its next wake; calls run out
         left = max(0.0, budget - (time.monotonic() - started))
-        done = threading.Thread(target=contract.checkin_at_stop, name="checkin", daemon=True)
+        leases = self.leases
+
+        def checkin() -> None:
+            if leases is not None:
+                leases.checkin_all()
+            contract.checkin_at_stop()
+
+        done = threading.Thread(target=checkin, name="checkin", daemon=True)
         done.start()
         done.join(timeout=left)
         if done.is_alive():
@@ -643,11 +705,15 @@ class Daemon:
         for server in self.servers:
             server.serve_in_thread(server.name)
         self._worker.start()
+        if self.leases is not None:
+            threading.Thread(target=self._work_leases, name="leases", daemon=True).start()
         for mirror in self.mirrors:
             threading.Thread(target=mirror.run, name=mirror.name, daemon=True).start()
 
     def close(self) -> None:
         self.stop_event.set()
+        if self.leases is not None:
+            self.leases.wake.set()
         self._checkin(self.settings.drain_seconds)
         pipeline = self.usage or self.saas
         if pipeline is not None:

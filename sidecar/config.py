@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import SplitResult, unquote, unquote_plus, urlparse, urlsplit
 
+from sidecar.aws.entitlement import ENDPOINT_ENV as ENTITLEMENT_ENDPOINT_ENV
+from sidecar.aws.entitlement import endpoint_problem as entitlement_problem
 from sidecar.aws.errors import SIGV4_SKEW_SECONDS
 from sidecar.core.backoff import ThrottleSchedule
 from sidecar.core.files import UnsafeFileError, read_small_file
@@ -144,6 +146,13 @@ class Settings:
         "expired: unready (readiness fails: no license, no product) or serve (stay ready; "
         "GET /v1/entitlement says entitled false, so the product can fall back to a free "
         "tier, as AWS's guide suggests for on-premises deployments)",
+    )
+    license_lease_timeout_seconds: float = setting(
+        300.0,
+        ge=5.0,
+        le=3000.0,
+        description="contract mode: a product lease (POST /v1/licenses/checkout) not renewed "
+        "for this long is checked back in (the product died); needs MARKETPLACE_STATE_DIR",
     )
     license_token_file: Path | None = setting(  # noqa: RUF009 # a field(), not a call per instance
         None,
@@ -828,7 +837,7 @@ SAAS_ONLY = {
     )
 }
 _WITHOUT_KEY = "saas mode verifies no token: ResolveCustomer and BatchMeterUsage return none"
-_HOURLY_ONLY = "only used with MARKETPLACE_MODE=hourly (RegisterUsage), never in saas mode"
+_HOURLY_ONLY = "only used with MARKETPLACE_MODE=hourly (RegisterUsage), never in this mode"
 _NO_STATE = "saas mode has no entitlement state to mirror (readiness is the usage store's)"
 # Settings of hourly and custom mode, refused by name in saas mode.
 NOT_SAAS = {
@@ -845,7 +854,7 @@ NOT_SAAS = {
     "register_jitter": _HOURLY_ONLY,
     "throttle_schedule_seconds": _HOURLY_ONLY,
     "fleet_size": "only used with MARKETPLACE_MODE=hourly or custom (it paces RegisterUsage "
-    "and MeterUsage), never in saas mode",
+    "and MeterUsage), never in this mode",
     "meter_calls_per_second": "only used with MARKETPLACE_MODE=custom (MeterUsage's pace); saas "
     "mode paces with MARKETPLACE_SAAS_CALLS_PER_SECOND",
     "first_call_timeout_seconds": _HOURLY_ONLY,
@@ -871,6 +880,7 @@ CONTRACT_ONLY = {
         "license_check_seconds",
         "license_key_fingerprint",
         "license_on_loss",
+        "license_lease_timeout_seconds",
         "license_token_file",
         "license_role_arn",
     )
@@ -909,7 +919,6 @@ NOT_CONTRACT = {
             "aws_call_burst",
         )
     },
-    "state_dir": "contract mode keeps no state on disk (a checkout lives in License Manager)",
     "readiness_gate": "contract mode does not mirror its state to the pod (yet)",
     "kube_events": "contract mode does not mirror its state to the pod (yet)",
 }
@@ -1191,6 +1200,9 @@ def complete(settings: Settings) -> dict[int, RSAPublicKey]:
             problems.append(
                 f"{LICENSE_ENDPOINT_ENV}: must be an http(s) URL, got {license_endpoint[:80]!r}"
             )
+    entitlement_endpoint = os.environ.get(ENTITLEMENT_ENDPOINT_ENV)
+    if settings.mode == "saas" and entitlement_problem(entitlement_endpoint):
+        problems.append(str(entitlement_problem(entitlement_endpoint)))
     if settings.mode == "contract" and settings.test_only_time_scale is not None:
         problems.append(
             f"{PREFIX}TEST_ONLY_TIME_SCALE: not supported with {PREFIX}MODE=contract (a "
@@ -1202,6 +1214,16 @@ def complete(settings: Settings) -> dict[int, RSAPublicKey]:
             problems.append(
                 f"{PREFIX}TEST_ONLY_TIME_SCALE: only for tests against a loopback emulator "
                 f"({ENDPOINT_ENV} must point at 127.0.0.1); never set it in production"
+            )
+        entitlement_host = urlparse(entitlement_endpoint or "").hostname
+        if entitlement_host is not None and entitlement_host not in (
+            "127.0.0.1",
+            "localhost",
+            "::1",
+        ):
+            problems.append(
+                f"{PREFIX}TEST_ONLY_TIME_SCALE: only for tests against a loopback emulator "
+                f"({ENTITLEMENT_ENDPOINT_ENV} must point at 127.0.0.1 or be unset)"
             )
         if settings.test_only_time_origin is None:
             problems.append(

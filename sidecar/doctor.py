@@ -693,6 +693,139 @@ def check_saas_permissions(settings: Settings, region: str | None) -> list[Check
     return checks
 
 
+# An account id no buyer has: GetEntitlements for it returns nothing, whatever the product.
+_NOBODY_ACCOUNT = "000000000000"
+_QUEUE_FIX = (
+    "grant sqs:ReceiveMessage, sqs:DeleteMessage, sqs:ChangeMessageVisibility and "
+    "sqs:GetQueueAttributes on the queue to the task role / IRSA role "
+    "(manifests/iam/policy-saas-events.json, or the events stack's ConsumerPolicyArn)"
+)
+
+
+def check_saas_events(queue_url: str, product_code: str | None) -> list[Check]:
+    """The lifecycle queue and GetEntitlements, without taking or billing anything.
+
+    Reachable: GetQueueAttributes (also reads the depth and the redrive policy). ReceiveMessage
+    permission: a receive that cannot take a message from the sidecars. It runs only when the
+    queue reports no message waiting, with WaitTimeSeconds=0 (returns at once) and
+    VisibilityTimeout=0: should a message arrive in between and be returned, it stays visible
+    to every consumer at once and is never deleted here; only its receive count rises by one
+    (what counts toward the queue's maxReceiveCount), which the line says. With messages
+    waiting the receive is skipped (a warning): each receive would count toward their
+    dead-letter limit. GetEntitlements: for an account no buyer has (nothing to read).
+    """
+    import botocore.session
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    config = Config(
+        retries={"mode": "standard", "total_max_attempts": 1},
+        connect_timeout=3.0,
+        read_timeout=5.0,
+    )
+    # The queue's own region (from its URL), else us-east-1 where AWS Marketplace sends events.
+    host = queue_url.split("/")[2] if queue_url.count("/") >= 3 else ""
+    parts = host.split(".")
+    region = parts[1] if len(parts) > 2 and parts[0] == "sqs" else "us-east-1"
+    checks: list[Check] = []
+    sqs: Any = botocore.session.get_session().create_client(
+        "sqs", region_name=region, config=config
+    )
+    denied = ("AccessDenied", "AccessDeniedException", "UnauthorizedException")
+    try:
+        attrs = sqs.get_queue_attributes(
+            QueueUrl=queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "RedrivePolicy", "VisibilityTimeout"],
+        )["Attributes"]
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code") or "Unknown")
+        fix = (
+            _QUEUE_FIX
+            if code in denied
+            else (
+                "check MARKETPLACE_SAAS_EVENTS_QUEUE_URL (the stack's QueueUrl output) and "
+                "that the queue exists"
+            )
+        )
+        return [Check(FAIL, "events queue", f"{code}: {str(exc)[:200]}", fix)]
+    except BotoCoreError as exc:
+        return [
+            Check(
+                FAIL,
+                "events queue",
+                f"unreachable: {type(exc).__name__}: {str(exc)[:200]}",
+                "check egress to SQS in the queue's region (us-east-1) and the credentials",
+            )
+        ]
+    waiting = int(attrs.get("ApproximateNumberOfMessages") or 0)
+    checks.append(Check(OK, "events queue", f"reachable, {waiting} message(s) waiting"))
+    if "RedrivePolicy" not in attrs:
+        checks.append(
+            Check(
+                WARN,
+                "events dead-letter queue",
+                "the queue has no redrive policy: a message no sidecar can delete is received "
+                "again forever",
+                "give it a dead-letter queue (manifests/saas-events/cloudformation.json does)",
+            )
+        )
+    if waiting:
+        checks.append(
+            Check(
+                WARN,
+                "ReceiveMessage permission",
+                f"not verified: {waiting} message(s) waiting, and a receive would count toward "
+                "their dead-letter limit; the sidecars' own receives tell (their metrics, logs)",
+            )
+        )
+    else:
+        try:
+            got = sqs.receive_message(
+                QueueUrl=queue_url,
+                MaxNumberOfMessages=1,
+                WaitTimeSeconds=0,
+                VisibilityTimeout=0,
+            ).get("Messages", [])
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code") or "Unknown")
+            mark = FAIL if code in denied else WARN
+            checks.append(
+                Check(mark, "ReceiveMessage permission", f"{code}: {str(exc)[:200]}", _QUEUE_FIX)
+            )
+        except BotoCoreError as exc:
+            checks.append(Check(FAIL, "ReceiveMessage permission", f"{type(exc).__name__}: {exc}"))
+        else:
+            note = (
+                " (a message arrived meanwhile: left visible, not deleted; its receive count "
+                "rose by one)"
+                if got
+                else ""
+            )
+            checks.append(Check(OK, "ReceiveMessage permission", "allowed" + note))
+    checks.append(_entitlements_permission(product_code))
+    return checks
+
+
+def _entitlements_permission(product_code: str | None) -> Check:
+    from sidecar.aws.entitlement import EntitlementCallError, entitlement_client, get_entitlements
+
+    name = "GetEntitlements permission"
+    if not product_code:
+        return Check(
+            WARN,
+            name,
+            "not checked: GetEntitlements needs the product code",
+            "set MARKETPLACE_PRODUCT_CODE for contract entitlements",
+        )
+    try:
+        get_entitlements(entitlement_client(timeout=5.0), product_code, _NOBODY_ACCOUNT)
+    except EntitlementCallError as exc:
+        info = exc.info
+        mark = FAIL if info.kind == "configuration" else WARN
+        return Check(mark, name, f"{info.code}: {info.message[:200]}", info.hint)
+    return Check(OK, name, "allowed (an account with no entitlements: nothing read)")
+
+
 def doctor(
     out: TextIO, env: Mapping[str, str] | None = None, now: Callable[[], float] = time.time
 ) -> int:
@@ -714,6 +847,9 @@ def doctor(
         checks += check_saas_store(settings)
         checks += check_saas_headroom(settings, now())
         checks += check_saas_permissions(settings, region)
+        queue_url = getattr(settings, "saas_events_queue_url", None)
+        if queue_url:
+            checks += check_saas_events(queue_url, settings.product_code)
     for c in checks:
         print(c.line(), file=out)
     failed = sum(c.mark == FAIL for c in checks)

@@ -43,6 +43,14 @@ METRICS: dict[str, tuple[str, set[str]] | None] = {
     "marketplace_usage_units_accepted_total": ("dimension", set()),
     "marketplace_saas_leader": None,
     "marketplace_saas_send_headroom_low": None,
+    # The lifecycle consumer's messages by outcome (a per-process counter): the name the
+    # s19-events consumer exports (sidecar/ops/metrics.py, SAAS_LIFECYCLE_OUTCOMES).
+    "marketplace_saas_lifecycle_messages_total": (
+        "outcome",
+        {"applied", "duplicate", "stale", "dead_letter", "queue_error", "store_error"},
+    ),
+    # Contract mode (sidecar/ops/metrics.py, _ContractCollector).
+    "marketplace_license_expires_in_seconds": None,
 }
 PROMQL_WORDS = {
     "sum", "max", "min", "avg", "count", "without", "by", "on", "ignoring", "group_left",
@@ -286,3 +294,130 @@ def test_alerts_fire_on_trouble_and_stay_quiet_on_a_healthy_fleet(
         [str(promtool), "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60
     )
     assert out.returncode != 0
+
+
+def lifecycle(pod: str, outcome: str, values: str) -> dict[str, str]:
+    labels = f'job="saas-backend",namespace="shop",pod="{pod}",instance="10.0.0.{pod[-1]}:8788"'
+    return {
+        "series": f'marketplace_saas_lifecycle_messages_total{{{labels},outcome="{outcome}"}}',
+        "values": values,
+    }
+
+
+def test_lifecycle_alerts_fire_on_a_dead_letter_and_a_failing_queue(
+    promtool: Path, tmp_path: Path
+) -> None:
+    """Per-process counters, summed over the replicas: one dead letter on one replica fires at
+    once; a receive failing every 5 minutes fires after 10 minutes; applied events and a
+    single failed receive that recovers stay quiet."""
+    both = ("backend-1", "backend-2")
+    healthy = [
+        *(lifecycle(p, "applied", "0+3x24") for p in both),
+        *(lifecycle(p, "dead_letter", "0x24") for p in both),
+        lifecycle("backend-1", "queue_error", "0 1x23"),  # one blip, then fine
+        lifecycle("backend-2", "queue_error", "0x24"),
+    ]
+    trouble = [
+        lifecycle("backend-1", "dead_letter", "0 0 1x22"),
+        lifecycle("backend-2", "dead_letter", "0x24"),
+        *(lifecycle(p, "queue_error", "0+1x24") for p in both),
+    ]
+    names = ("MarketplaceSaasEventDeadLettered", "MarketplaceSaasEventsQueueUnreachable")
+    quiet: list[dict[str, Any]] = [
+        {"eval_time": t, "alertname": a, "exp_alerts": []}
+        for t in ("5m", "30m", "100m")
+        for a in names
+    ]
+    labels = {"job": "saas-backend", "namespace": "shop", "severity": "critical"}
+    loud = [
+        {"eval_time": "5m", "alertname": names[0], "exp_alerts": []},
+        {
+            "eval_time": "15m",
+            "alertname": names[0],
+            "exp_alerts": [
+                {
+                    "exp_labels": {**labels, "outcome": "dead_letter"},
+                    "exp_annotations": rendered_annotations(names[0], "1"),
+                }
+            ],
+        },
+        {"eval_time": "10m", "alertname": names[1], "exp_alerts": []},
+        {
+            "eval_time": "30m",
+            "alertname": names[1],
+            "exp_alerts": [
+                {
+                    "exp_labels": {**labels, "outcome": "queue_error"},
+                    "exp_annotations": rendered_annotations(names[1], "4"),
+                }
+            ],
+        },
+    ]
+    spec: dict[str, Any] = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {"interval": "5m", "input_series": healthy, "alert_rule_test": quiet},
+            {"interval": "5m", "input_series": trouble, "alert_rule_test": loud},
+        ],
+    }
+    test_file = tmp_path / "lifecycle.test.yaml"
+    test_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = subprocess.run(
+        [str(promtool), "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_contract_alert_fires_on_a_checkout_nobody_extends(
+    promtool: Path, tmp_path: Path
+) -> None:
+    """Per pod: a healthy checkout saws between 60 and 30 minutes left (extended half-way);
+    one whose extensions fail runs down, and pages once under 15 minutes for 2 minutes."""
+    name = "marketplace_license_expires_in_seconds"
+
+    def pod(p: str, values: str) -> dict[str, str]:
+        labels = f'job="product",namespace="shop",pod="{p}",instance="10.0.0.{p[-1]}:8788"'
+        return {"series": f"{name}{{{labels}}}", "values": values}
+
+    alert = "MarketplaceLicenseCheckoutExpiring"
+    labels = {
+        "job": "product",
+        "namespace": "shop",
+        "pod": "product-2",
+        "instance": "10.0.0.2:8788",
+        "severity": "critical",
+    }
+    spec: dict[str, Any] = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "5m",
+                "input_series": [
+                    pod("product-1", "3600-300x6 3600-300x6"),  # extended every 30 minutes
+                    pod("product-2", "2000-300x8"),  # 2000 s, then 300 s less every 5 minutes
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "15m", "alertname": alert, "exp_alerts": []},  # 1100 s
+                    {"eval_time": "20m", "alertname": alert, "exp_alerts": []},  # 800 s: pending
+                    {
+                        "eval_time": "25m",
+                        "alertname": alert,
+                        "exp_alerts": [
+                            {
+                                "exp_labels": labels,
+                                "exp_annotations": rendered_annotations(alert, "8m 20s"),
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    test_file = tmp_path / "contract.test.yaml"
+    test_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = subprocess.run(
+        [str(promtool), "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -443,3 +443,65 @@ def test_a_hostile_sidecars_problem_list_is_capped_and_made_printable(
     assert error.problems[0].field == "f0?[31m"
     assert all(len(p.message) <= 300 and p.message.isprintable() for p in error.problems)
     assert str(error).isprintable() and len(str(error)) < 8_000
+
+
+_LEASE_REASON = {
+    "no_token": "bad_answer",  # an HTTP 200 without this lease's id
+    "token_malformed": "bad_answer",
+    "rate_limited": "unavailable",
+    "sidecar_503": "unavailable",
+}
+
+
+@pytest.mark.parametrize("call", ["checkout", "renew", "checkin"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_lease_calls_fail_closed_within_their_deadline(
+    hostile: Callable[[Behaviour], HostileSidecar], name: str, call: str
+) -> None:
+    from marketplace_sidecar_client import (
+        LeaseError,
+        checkin_lease,
+        checkout_lease,
+        renew_lease,
+    )
+
+    case = CASES[name]
+    server = hostile(case.behave)
+    started = time.monotonic()
+    with pytest.raises(LeaseError) as caught:  # nothing else may escape
+        if call == "checkout":
+            checkout_lease("job-1", "Seats", 1, url=server.url, timeout=TIMEOUT)
+        elif call == "renew":
+            renew_lease("job-1", url=server.url, timeout=TIMEOUT)
+        else:
+            checkin_lease("job-1", url=server.url, timeout=TIMEOUT)
+    elapsed = time.monotonic() - started
+    err = caught.value
+    assert err.reason == _LEASE_REASON.get(case.reason, case.reason), err
+    assert elapsed <= case.within + MARGIN, f"{elapsed:.2f}s"
+    if case.retry_after is not None:
+        assert err.retry_after is not None
+        assert case.retry_after[0] <= err.retry_after <= case.retry_after[1]
+    assert str(err).isprintable() and len(str(err)) < 2_000
+
+
+def test_a_hostile_no_units_answer_keeps_only_sane_details(
+    hostile: Callable[[Behaviour], HostileSidecar],
+) -> None:
+    from marketplace_sidecar_client import LeaseError, checkout_lease
+
+    body = json.dumps(
+        {
+            "error": {"code": "no_units_left", "message": "x\x1b" * 500},
+            "entitlement": "Seats\r\n" * 100,
+            "units_asked": True,
+            "held_here": -4,
+        }
+    )
+    server = hostile(answer("409 Conflict", body.encode()))
+    with pytest.raises(LeaseError) as caught:
+        checkout_lease("job-1", "Seats", 1, url=server.url, timeout=TIMEOUT)
+    err = caught.value
+    assert err.reason == "no_units_left" and err.status == 409
+    assert set(err.details) == {"entitlement"} and err.details["entitlement"].isprintable()
+    assert len(err.message) < 700 and err.message.isprintable()

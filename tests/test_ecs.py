@@ -632,3 +632,110 @@ def test_license_token_trust_policy_admits_only_tokens_issued_in_the_buyers_acco
         )
     }
     assert "*" not in json.dumps(condition)
+
+
+# -- SaaS lifecycle events: the us-east-1 stack (rule, queue, dead-letter queue, policies) -------
+
+EVENTS_STACK = ROOT / "manifests" / "saas-events" / "cloudformation.json"
+
+
+def _events_stack() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(EVENTS_STACK.read_text())
+    return loaded
+
+
+def test_saas_events_stack_passes_cfn_lint() -> None:
+    from cfnlint.api import lint_all
+
+    matches = lint_all(EVENTS_STACK.read_text())
+    assert [str(m) for m in matches if m.rule.id[0] in "EW"] == []
+    broken = _events_stack()
+    broken["Resources"]["Queue"]["Properties"]["VisibilityTimeout"] = 99999
+    assert any(m.rule.id[0] == "E" for m in lint_all(json.dumps(broken)))
+
+
+def test_saas_events_rule_takes_marketplace_saas_events_from_the_default_bus_in_us_east_1() -> None:
+    stack = _events_stack()
+    (assertion,) = stack["Rules"]["OnlyUsEast1"]["Assertions"]
+    assert assertion["Assert"] == {"Fn::Equals": [{"Ref": "AWS::Region"}, "us-east-1"]}
+    rule = stack["Resources"]["Rule"]["Properties"]
+    assert rule["EventBusName"] == "default" and rule["State"] == "ENABLED"
+    assert rule["EventPattern"]["source"] == ["aws.agreement-marketplace"]
+    types = set(rule["EventPattern"]["detail-type"])
+    for kind in ("Created", "Amended", "Ended"):
+        assert {
+            f"Purchase Agreement {kind} - Manufacturer",
+            f"Purchase Agreement {kind} - Proposer",
+        } <= types
+    assert {"License Updated - Manufacturer", "License Deprovisioned - Manufacturer"} <= types
+    (target,) = rule["Targets"]
+    assert target["Arn"] == {"Fn::GetAtt": ["Queue", "Arn"]}
+    # Undeliverable events land in the dead-letter queue, not nowhere.
+    assert target["DeadLetterConfig"]["Arn"] == {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}
+    queue = stack["Resources"]["Queue"]["Properties"]
+    assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {
+        "Fn::GetAtt": ["DeadLetterQueue", "Arn"]
+    }
+    assert queue["MessageRetentionPeriod"] == 1209600  # 14 days: the longest outage it bridges
+    outputs = stack["Outputs"]
+    assert outputs["QueueUrl"]["Value"] == {"Ref": "Queue"}
+
+
+def test_saas_events_queue_policy_admits_only_the_rule_and_the_products_topics() -> None:
+    statements = _events_stack()["Resources"]["QueuePolicy"]["Properties"]["PolicyDocument"][
+        "Statement"
+    ]
+    rule = statements[0]
+    assert rule["Principal"] == {"Service": "events.amazonaws.com"}
+    assert rule["Action"] == "sqs:SendMessage"
+    assert rule["Condition"] == {"ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": ["Rule", "Arn"]}}}
+    topics = [s["Fn::If"] for s in statements if "Fn::If" in s]
+    assert [t[0] for t in topics] == ["HasSubscriptionTopic", "HasEntitlementTopic"]
+    for (_, allow, absent), param in zip(
+        topics, ("SubscriptionTopicArn", "EntitlementTopicArn"), strict=True
+    ):
+        assert allow["Principal"] == {"Service": "sns.amazonaws.com"}
+        assert allow["Condition"] == {"ArnEquals": {"aws:SourceArn": {"Ref": param}}}
+        assert absent == {"Ref": "AWS::NoValue"}
+    deny = statements[-1]
+    assert deny["Effect"] == "Deny" and deny["Condition"] == {
+        "Bool": {"aws:SecureTransport": "false"}
+    }
+    params = _events_stack()["Parameters"]
+    import re
+
+    pattern = re.compile(params["SubscriptionTopicArn"]["AllowedPattern"])
+    assert pattern.fullmatch("")
+    assert pattern.fullmatch(
+        "arn:aws:sns:us-east-1:287250355862:aws-mp-subscription-notification-abc123"
+    )
+    assert not pattern.fullmatch("arn:aws:sns:us-east-1:287250355862:someone-elses-topic")
+
+
+def test_saas_events_consumer_policy_and_iam_file_grant_what_the_sidecar_calls() -> None:
+    """ReceiveMessage, DeleteMessage, ChangeMessageVisibility (and GetQueueAttributes, for
+    doctor) on the queue alone; GetEntitlements. Each action exists in its service's model."""
+    stack_policy = _events_stack()["Resources"]["ConsumerPolicy"]["Properties"]["PolicyDocument"]
+    file_policy = json.loads((ROOT / "manifests" / "iam" / "policy-saas-events.json").read_text())
+    for policy in (stack_policy, file_policy):
+        queue, entitlements = policy["Statement"]
+        assert queue["Action"] == [
+            "sqs:ReceiveMessage",
+            "sqs:DeleteMessage",
+            "sqs:ChangeMessageVisibility",
+            "sqs:GetQueueAttributes",
+        ]
+        assert queue["Resource"] != "*"
+        assert entitlements["Action"] == ["aws-marketplace:GetEntitlements"]
+    import botocore.session
+
+    session = botocore.session.get_session()
+    sqs = session.get_service_model("sqs").operation_names
+    assert {
+        "ReceiveMessage",
+        "DeleteMessage",
+        "ChangeMessageVisibility",
+        "GetQueueAttributes",
+    } <= set(sqs)
+    assert "GetEntitlements" in session.get_service_model("marketplace-entitlement").operation_names
+    assert '"MARKETPLACE_SAAS_EVENTS_QUEUE_URL"' in (ROOT / "docs" / "ecs.md").read_text()

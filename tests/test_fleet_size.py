@@ -89,8 +89,8 @@ def test_saas_mode_refuses_it_by_name_and_tolerates_a_blank(env: pytest.MonkeyPa
     env.setenv("MARKETPLACE_USAGE_DATABASE_URL", "postgresql://app:pw@db.internal:5432/m")
     env.setenv("MARKETPLACE_FLEET_SIZE", "50")
     assert problems() == [
-        "MARKETPLACE_FLEET_SIZE: only used with MARKETPLACE_MODE=hourly (RegisterUsage), never "
-        "in saas mode (the mode is saas); remove it"
+        "MARKETPLACE_FLEET_SIZE: only used with MARKETPLACE_MODE=hourly or custom (it paces "
+        "RegisterUsage and MeterUsage), never in this mode (the mode is saas); remove it"
     ]
     env.setenv("MARKETPLACE_FLEET_SIZE", "")
     assert load()[0].fleet_size is None

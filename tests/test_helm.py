@@ -1338,3 +1338,26 @@ def test_custom_mode_refuses_a_volume_too_small_for_the_store() -> None:
     out = helm(*args, check=False)
     assert out.returncode != 0
     assert "metering.stateSizeLimit=8Mi: custom mode needs at least 16Mi" in out.stderr
+
+
+def test_saas_events_queue_reaches_the_env_only_when_set() -> None:
+    """metering.saas.events.queueUrl: the sidecar's MARKETPLACE_SAAS_EVENTS_QUEUE_URL, and only
+    an https SQS queue URL (a typo or a plain-http endpoint is refused at render, naming the
+    value's path)."""
+    url = "https://sqs.us-east-1.amazonaws.com/111122223333/marketplace-saas-events"
+    off = env_of(sidecar(pod_spec(render_saas(DB_SECRET))))
+    assert "MARKETPLACE_SAAS_EVENTS_QUEUE_URL" not in off
+    docs = render_saas(DB_SECRET, f"metering.saas.events.queueUrl={url}")
+    validate(docs, "1.33.0")
+    assert env_of(sidecar(pod_spec(docs)))["MARKETPLACE_SAAS_EVENTS_QUEUE_URL"] == url
+    for bad in (
+        "http://sqs.us-east-1.amazonaws.com/111122223333/q",
+        "https://sqs.us-east-1.amazonaws.com/111122223333/q.fifo",
+        "https://evil.example/111122223333/q",
+        "sqs.us-east-1.amazonaws.com/111122223333/q",
+    ):
+        args = ["template", "x", str(CHART), "--set", DB_SECRET]
+        for s in [*SAAS, f"metering.saas.events.queueUrl={bad}"]:
+            args += ["--set", s]
+        out = helm(*args, check=False)
+        assert out.returncode != 0 and "/metering/saas/events/queueUrl" in out.stderr, bad

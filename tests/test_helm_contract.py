@@ -96,7 +96,6 @@ def test_contract_mode_in_aws_renders_valid_manifests_with_irsa_and_no_key(kube:
     for name in (
         "MARKETPLACE_PRODUCT_CODE",
         "MARKETPLACE_PUBLIC_KEY_FILE",
-        "MARKETPLACE_STATE_DIR",
         "MARKETPLACE_REGISTER_INTERVAL_SECONDS",
         "MARKETPLACE_DIMENSIONS",
         "MARKETPLACE_LICENSE_TOKEN_FILE",
@@ -104,7 +103,19 @@ def test_contract_mode_in_aws_renders_valid_manifests_with_irsa_and_no_key(kube:
         "AWS_REGION",
     ):
         assert name not in env, name
-    assert "volumes" not in spec and "volumeMounts" not in c
+    # The checkout and the product's leases survive a sidecar restart: a pod-lifetime volume.
+    assert env["MARKETPLACE_STATE_DIR"] == "/var/lib/marketplace-sidecar"
+    assert spec["volumes"] == [
+        {"name": "marketplace-sidecar-state", "emptyDir": {"sizeLimit": "4Mi"}}
+    ]
+    assert c["volumeMounts"] == [
+        {"name": "marketplace-sidecar-state", "mountPath": "/var/lib/marketplace-sidecar"}
+    ]
+    assert all(
+        "marketplace-sidecar-state" not in str(other.get("volumeMounts"))
+        for other in spec["containers"]
+        if other["name"] != "marketplace-sidecar"
+    )
     sa = next(d for d in docs if d["kind"] == "ServiceAccount")
     assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == ROLE
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"  # ready only with a license
@@ -190,11 +201,14 @@ def test_contract_env_passes_the_sidecars_own_validation(tmp_path: Path, anywher
         "metering.contract.checkSeconds=3600",
         "metering.contract.onLoss=serve",
         "metering.contract.keyFingerprint=aws:111122223333:Seller:issuer-fingerprint",
+        "metering.contract.leaseTimeoutSeconds=120",
     ]
     if anywhere:
         sets += [*EXISTING, f"metering.contract.anywhere.roleArn={ROLE}"]
     env = env_of(sidecar(pod_spec(render_contract(*sets))))
     plain = {k: v for k, v in env.items() if isinstance(v, str)}
+    assert plain["MARKETPLACE_STATE_DIR"] == "/var/lib/marketplace-sidecar"
+    plain["MARKETPLACE_STATE_DIR"] = str(tmp_path)  # the emptyDir in the pod
     if anywhere:
         token = tmp_path / "license_token"
         token.write_text("eyJhbGciOiJSUzUxMiJ9.e30.c2ln\n")
@@ -202,7 +216,8 @@ def test_contract_env_passes_the_sidecars_own_validation(tmp_path: Path, anywher
     fields = (
         "s.mode, s.license_product_sku, s.license_checkout_type, int(s.license_check_seconds), "
         "s.license_on_loss, s.license_key_fingerprint, s.license_role_arn, "
-        "len(s.license_entitlements) > 0"
+        "len(s.license_entitlements) > 0, int(s.license_lease_timeout_seconds), "
+        "str(s.state_dir)"
     )
     assert sidecar_accepts(plain, fields) == [
         "contract",
@@ -213,6 +228,8 @@ def test_contract_env_passes_the_sidecars_own_validation(tmp_path: Path, anywher
         "aws:111122223333:Seller:issuer-fingerprint",
         ROLE if anywhere else "None",
         "True",
+        "120",
+        str(tmp_path),
     ]
 
 
@@ -233,6 +250,7 @@ def test_contract_env_passes_the_sidecars_own_validation(tmp_path: Path, anywher
         ),
         (["product.code=p", "metering.contract.onLoss=serve"], "/metering/contract/onLoss"),
         (["product.code=p", "metering.contract.checkSeconds=600"], "checkSeconds"),
+        (["product.code=p", "metering.contract.leaseTimeoutSeconds=60"], "leaseTimeoutSeconds"),
         # Other modes' settings in contract mode.
         ([*CONTRACT, "product.code=p"], "/product/code"),
         ([*CONTRACT, "metering.dimensions[0]=users"], "/metering/dimensions"),
@@ -244,6 +262,7 @@ def test_contract_env_passes_the_sidecars_own_validation(tmp_path: Path, anywher
         ([*CONTRACT, "metering.contract.entitlements[1].value=0"], "/value"),
         ([*CONTRACT, "metering.contract.checkoutType=FLOATING"], "checkoutType"),
         ([*CONTRACT, "metering.contract.checkSeconds=30"], "checkSeconds"),
+        ([*CONTRACT, "metering.contract.leaseTimeoutSeconds=4"], "leaseTimeoutSeconds"),
         ([*CONTRACT, "metering.contract.productSku=has space"], "productSku"),
         ([*CONTRACT, "metering.contract.anywhere.roleArn=role/x"], "/anywhere/roleArn"),
         ([*CONTRACT, "metering.contract.anywhere.region=mars"], "/anywhere/region"),

@@ -112,6 +112,22 @@ def test_a_float_is_refused_before_anything_is_sent() -> None:
     assert caught.value.reason == "invalid"
 
 
+def test_an_astronomic_decimal_is_refused_before_it_is_written_out() -> None:
+    """`Decimal("1E+999999999")` is finite: formatted, it would be a gigabyte of zeros in the
+    caller's own process. The client refuses it by range first, and sends nothing."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        for value in (Decimal("1E+999999999"), Decimal("1E+10"), Decimal("-0.5")):
+            with pytest.raises(UsageError, match=r"from 0 to 9999999999\.999999"):
+                report_usage({"dimension": "a", "quantity": value}, url=f"http://127.0.0.1:{port}")
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+
+
 def _node(script: str, url: str) -> dict[str, Any]:
     assert NODE is not None, "node is required (.ci/run installs it)"
     driver = (

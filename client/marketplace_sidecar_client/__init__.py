@@ -7,7 +7,9 @@ A deleted sidecar yields no token, a fake one cannot sign, a replayed token carr
 nonce. Build the product code and public key into the product image, not its configuration.
 Custom-metered products report usage with `report_usage` (MARKETPLACE_MODE=custom); SaaS
 backends (MARKETPLACE_MODE=saas) redeem a buyer's registration token with `resolve_customer`
-and report usage with `report_usage`, each record naming its customer.
+and report usage with `report_usage`, each record naming its customer. Contract products
+(MARKETPLACE_MODE=contract) hold floating seats with `checkout_lease`, `renew_lease` and
+`checkin_lease`.
 Its own distribution (`marketplace-sidecar-client`, the repository's client/ directory): the
 standard library, PyJWT and cryptography only; it imports nothing of the sidecar, and the sidecar
 imports its token and key checks from here (one way), so both verify exactly alike.
@@ -53,9 +55,13 @@ __all__ = [
     "CustomerError",
     "EntitlementError",
     "FieldProblem",
+    "LeaseError",
     "UsageError",
     "challenge",
+    "checkin_lease",
+    "checkout_lease",
     "parse_retry_after",
+    "renew_lease",
     "report_usage",
     "resolve_customer",
     "verify",
@@ -499,6 +505,9 @@ def report_usage(
     raise UsageError(reason, message, status=status, retry_after=retry_after, problems=problems)
 
 
+_DECIMAL_CEILING = Decimal(10) ** 10  # AWS's …AsDecimal pattern: at most 10 whole digits
+
+
 def _exact_quantity(value: Any, field: str) -> Any:
     """A Decimal as its exact decimal string; a float refused; anything else as given (the
     sidecar checks it and names the field)."""
@@ -509,8 +518,11 @@ def _exact_quantity(value: Any, field: str) -> Any:
             'such as "2.5": a float is not exact, and billed usage must be',
         )
     if isinstance(value, Decimal):
-        if not value.is_finite():
-            raise UsageError("invalid", f"{field} must be a finite number, got {value}")
+        if not value.is_finite() or not 0 <= value < _DECIMAL_CEILING:
+            # Checked before formatting: `Decimal("1E+999999999")` would write a gigabyte.
+            raise UsageError(
+                "invalid", f"{field} must be from 0 to 9999999999.999999, got {value:.6}"
+            )
         return format(value, "f")  # 2.50 -> "2.50", 1E+2 -> "100": the same value, exactly
     return value
 
@@ -635,4 +647,123 @@ def resolve_customer(
         status=status,
         retry_after=retry_after,
         hint=_clean(hint) if isinstance(hint, str) else None,
+    )
+
+
+class LeaseError(Exception):
+    """The sidecar did not grant, renew or return the lease. `reason` is a stable word:
+
+    no_units_left (409: `entitlement`, `units_asked`, `held_here` say what), conflict (the id
+    names another lease), lost (410: License Manager no longer honours it: stop using the
+    units), unknown_lease (404: checked in, timed out or never checked out), invalid (400:
+    `field` names it), unavailable (503: retry after `retry_after` with the same id: the same
+    request), no_state_dir, or a transport reason (bad_url, no_sidecar, timeout, bad_answer).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        field: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.field = field
+        self.details = dict(details or {})
+
+
+_LEASE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_LEASE_CODES = {
+    "no_units_left": "no_units_left",
+    "lease_id_in_use": "conflict",
+    "lease_lost": "lost",
+    "unknown_lease": "unknown_lease",
+    "leases_need_state_dir": "no_state_dir",
+}
+
+
+def checkout_lease(
+    lease_id: str, entitlement: str, units: int, *, url: str = DEFAULT_URL, timeout: float = 20.0
+) -> dict[str, Any]:
+    """POST /v1/licenses/checkout: `units` of `entitlement` as a lease, or `LeaseError`.
+
+    The same `lease_id` with the same entitlement and units is the same lease (safe to retry
+    after a lost answer or a 503: it never takes the units twice). Renew it with `renew_lease`
+    within the answer's `renew_within_seconds`, and give it back with `checkin_lease`.
+    """
+    if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+        raise LeaseError("invalid", "units must be a whole number >= 1", field="units")
+    if not isinstance(entitlement, str) or not entitlement:
+        raise LeaseError("invalid", "entitlement must be a non-empty string", field="entitlement")
+    body = {"id": lease_id, "entitlement": entitlement, "units": units}
+    return _lease_call("checkout", lease_id, body, url, timeout)
+
+
+def renew_lease(lease_id: str, *, url: str = DEFAULT_URL, timeout: float = 10.0) -> dict[str, Any]:
+    """POST /v1/licenses/renew: the product still uses the lease; `LeaseError` "lost" or
+    "unknown_lease" means it must stop using the units (check out again for new ones)."""
+    return _lease_call("renew", lease_id, {"id": lease_id}, url, timeout)
+
+
+def checkin_lease(
+    lease_id: str, *, url: str = DEFAULT_URL, timeout: float = 20.0
+) -> dict[str, Any]:
+    """POST /v1/licenses/checkin: the units go back to the license (the sidecar retries
+    CheckInLicense itself when License Manager cannot be reached)."""
+    return _lease_call("checkin", lease_id, {"id": lease_id}, url, timeout)
+
+
+def _lease_call(
+    action: str, lease_id: str, body: dict[str, Any], url: str, timeout: float
+) -> dict[str, Any]:
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+    if not isinstance(lease_id, str) or not _LEASE_ID.fullmatch(lease_id):
+        raise LeaseError("invalid", "lease_id must be 1-64 of A-Z a-z 0-9 . _ : -", field="id")
+    try:
+        status, headers, doc = _request(
+            "POST", url.rstrip("/") + f"/v1/licenses/{action}", body, time.monotonic() + timeout
+        )
+    except EntitlementError as exc:  # the transport's reasons
+        raise LeaseError(exc.reason, exc.message) from None
+    if status == 200:
+        if not isinstance(doc, dict) or doc.get("id") != lease_id:
+            raise LeaseError("bad_answer", "HTTP 200 without this lease's id", status=status)
+        return doc
+    error = doc.get("error") if isinstance(doc, dict) else None
+    error = error if isinstance(error, dict) else {}
+    code = _clean(str(error.get("code") or f"http_{status}"))
+    message = f"{code}: {_clean(str(error.get('message') or 'no message'))}"
+    if status in (429, 503):
+        reason = "unavailable"
+    elif status == 400:
+        reason = "invalid"
+    else:
+        reason = _LEASE_CODES.get(code, f"sidecar_{status}")
+    retry_after = parse_retry_after(headers.get("retry-after"), time.time())
+    if retry_after is None and status in (429, 503):
+        retry_after = RETRY_AFTER_MIN
+    field = error.get("field")
+    details: dict[str, Any] = {}
+    if isinstance(doc, dict):
+        if isinstance(doc.get("entitlement"), str):
+            details["entitlement"] = _clean(doc["entitlement"])
+        for key in ("units_asked", "held_here"):
+            value = doc.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                details[key] = value
+    raise LeaseError(
+        reason,
+        message,
+        status=status,
+        retry_after=retry_after,
+        field=_clean(field) if isinstance(field, str) else None,
+        details=details,
     )

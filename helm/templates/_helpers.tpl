@@ -145,10 +145,11 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
 {{- end -}}
 {{- end -}}
 
-{{/* "true" when the usage store is the sidecar's own SQLite file in the state volume. */}}
+{{/* "true" when the sidecar keeps its state in the state volume: every mode but SaaS on
+PostgreSQL (contract mode keeps its checkout and the product's leases there). */}}
 {{- define "marketplace-sidecar.localState" -}}
 {{- $v := include "marketplace-sidecar.values" . | fromYaml -}}
-{{- if not (or (eq $v.metering.mode "contract") (and (eq $v.metering.mode "saas") $v.metering.saas.database.existingSecret)) -}}true{{- end -}}
+{{- if not (and (eq $v.metering.mode "saas") $v.metering.saas.database.existingSecret) -}}true{{- end -}}
 {{- end -}}
 
 {{/* "true" in contract mode off AWS: the buyer's license token (a Secret) and role, not IRSA. */}}
@@ -229,6 +230,9 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
     - {name: MARKETPLACE_SAAS_IDENTITY, value: {{ $v.metering.saas.identity | quote }}}
     - {name: MARKETPLACE_ACCEPT_UNRESOLVED_CUSTOMERS, value: {{ $v.metering.saas.acceptUnresolvedCustomers | toString | quote }}}
     - {name: MARKETPLACE_ZERO_USAGE_RECORDS, value: {{ $v.metering.saas.zeroUsageRecords | toString | quote }}}
+    {{- with ($v.metering.saas.events | default dict).queueUrl }}
+    - {name: MARKETPLACE_SAAS_EVENTS_QUEUE_URL, value: {{ . | quote }}}
+    {{- end }}
     - {name: MARKETPLACE_DRAIN_SECONDS, value: {{ $v.metering.drainSeconds | quote }}}
     {{- with $v.metering.saas.database.existingSecret }}
     # The URL holds a password: from your Secret, into this container only.
@@ -248,6 +252,9 @@ identity needs it; there it is optional and, when given, pins ResolveCustomer to
     {{- end }}
     {{- with $c.keyFingerprint }}
     - {name: MARKETPLACE_LICENSE_KEY_FINGERPRINT, value: {{ . | quote }}}
+    {{- end }}
+    {{- with $c.leaseTimeoutSeconds }}
+    - {name: MARKETPLACE_LICENSE_LEASE_TIMEOUT_SECONDS, value: {{ int64 . | toString | quote }}}
     {{- end }}
     - {name: MARKETPLACE_DRAIN_SECONDS, value: {{ $v.metering.drainSeconds | quote }}}
     {{- if $anywhere }}
@@ -404,9 +411,10 @@ prometheus.io/path: /metrics
 - name: marketplace-sidecar-state
   persistentVolumeClaim: {claimName: {{ $v.metering.saas.state.existingClaim }}}
 {{- else -}}
-# Pod-lifetime state: survives sidecar restarts so AWS's first-call verdict is not lost.
+# Pod-lifetime state: survives sidecar restarts so AWS's first-call verdict (hourly), the
+# usage store (custom) or the license checkout and the product's leases (contract) are kept.
 - name: marketplace-sidecar-state
-  emptyDir: {sizeLimit: {{ ternary "1Mi" $v.metering.stateSizeLimit (eq $v.metering.mode "hourly") }}}
+  emptyDir: {sizeLimit: {{ eq $v.metering.mode "hourly" | ternary "1Mi" (eq $v.metering.mode "contract" | ternary "4Mi" $v.metering.stateSizeLimit) }}}
 {{- end }}
 {{- end }}
 {{- if include "marketplace-sidecar.anywhere" . }}

@@ -16,7 +16,10 @@ BatchMeterUsage (seller guide and API reference):
 - one record per product, customer, dimension and hour. The same record again (same
   quantity, after rounding the time to the hour) is Success with the same MeteringRecordId,
   in any grouping; another quantity is DuplicateRecord and the original quantity stays;
-- an unknown or unsubscribed customer is CustomerNotSubscribed;
+- an unknown or unsubscribed customer is CustomerNotSubscribed; a deprovisioned one (License
+  Deprovisioned or unsubscribe-success through `POST /_emulator/saas/events`) keeps being
+  metered for FINAL_WINDOW after the event (the guide: one hour to send the remaining usage),
+  then is CustomerNotSubscribed;
 - quantities are exact and compared by value (`Quantity` 17 = `QuantityAsDecimal` "17.00");
   a record naming both is refused, and so is the whole request ("If any usage record fails
   these checks, the entire BatchMeterUsage request fails and no records are processed");
@@ -60,6 +63,9 @@ BATCH_WINDOW = 24 * HOUR
 MONTH_GRACE = 6 * HOUR
 AGREEMENT_RE = re.compile(r"[A-Za-z0-9_/-]{1,64}")  # the model's AgreementId shape
 
+# Seller Guide ("Managing SaaS subscription events with Amazon EventBridge"): after License
+# Deprovisioned the seller has one hour to meter the remaining usage.
+FINAL_WINDOW = HOUR
 MAX_RECORDS = 25
 MAX_BODY_BYTES = 1_000_000
 DEFAULT_TTL = 3600.0
@@ -84,6 +90,7 @@ class Customer:
     customer_identifier: str | None = None
     subscribed: bool = True
     agreement_id: str = ""
+    deprovisioned_at: float | None = None  # emulator time of License Deprovisioned
 
     def __post_init__(self) -> None:
         if not self.agreement_id:
@@ -118,6 +125,7 @@ class Customer:
             "product_code": self.product_code,
             "subscribed": self.subscribed,
             "agreement_id": self.agreement_id,
+            "deprovisioned_at": self.deprovisioned_at,
         }
 
 
@@ -162,6 +170,7 @@ class SaasBook:
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (customer key, expires at)
         self.entries: dict[tuple[str, str, str, str, int], Entry] = {}
         self.counts: dict[str, int] = dict.fromkeys(COUNTS, 0)
+        self.final_window = FINAL_WINDOW
 
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n
@@ -259,6 +268,33 @@ class SaasBook:
             raise ValueError("no such customer")
         for c in hit:
             c.subscribed = False
+        return [c.key for c in hit]
+
+    def lifecycle(
+        self,
+        *,
+        deprovision: bool,
+        account: str | None,
+        customer_identifier: str | None,
+        product: str,
+        now: float,
+    ) -> list[str]:
+        """Apply a lifecycle event to the matching customers: deprovision (the final window
+        starts now) or subscribe again. Their keys (none: the event names no known customer)."""
+        hit = [
+            c
+            for c in self.customers.values()
+            if c.product_code == product
+            and (account is None or c.account_id == account)
+            and (customer_identifier is None or c.customer_identifier == customer_identifier)
+        ]
+        for c in hit:
+            if deprovision:
+                if c.deprovisioned_at is None:
+                    c.deprovisioned_at = now
+            else:
+                c.deprovisioned_at = None
+                c.subscribed = True
         return [c.key for c in hit]
 
     def _license_owner(self, license_arn: str) -> Customer | None:
@@ -393,6 +429,10 @@ class SaasBook:
             customer is None
             or not customer.subscribed
             or (product is not None and customer.product_code != product)
+            or (
+                customer.deprovisioned_at is not None
+                and now >= customer.deprovisioned_at + self.final_window
+            )
         ):
             self.count("customer_not_subscribed")
             return {"UsageRecord": record, "Status": "CustomerNotSubscribed"}

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.core import quantity
 from sidecar.core.ratelimit import TokenBucket
-from sidecar.emulator import license_manager
+from sidecar.emulator import entitlements, license_manager, saas_events
 from sidecar.emulator.meter import MeterBook
 from sidecar.emulator.saas import MAX_BODY_BYTES, SaasBook
 
@@ -195,6 +195,7 @@ class Emulator:
             self.saas = SaasBook()
             self.meter_clock = None
             self._apply_throttle()
+        entitlements.reset(self)
 
     def _apply_throttle(self) -> None:
         rps = self.config.throttle_rps
@@ -412,6 +413,40 @@ class Emulator:
         with self._lock:
             return self.saas.unsubscribe(spec)
 
+    def saas_event(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Build one lifecycle event, apply it to the ledger, send it (and `copies` - 1 repeats)
+        to the test's SQS queue (ValueError names a bad field; nothing is applied then)."""
+        queue = saas_events.loopback_queue(spec.get("queue_url"))
+        copies = spec.get("copies", 1)
+        if not isinstance(copies, int) or isinstance(copies, bool) or not 1 <= copies <= 10:
+            raise ValueError("copies must be a whole number from 1 to 10")
+        fields = {k: v for k, v in spec.items() if k not in ("queue_url", "copies")}
+        with self._lock:
+            built = saas_events.build(fields, self.now())
+        message_ids = saas_events.send(queue, [built.body] * copies)
+        applied: list[str] = []
+        if built.type in saas_events.DEPROVISIONING | saas_events.SUBSCRIBING:
+            deprovision = built.type in saas_events.DEPROVISIONING
+            with self._lock:
+                applied = self.saas.lifecycle(
+                    deprovision=deprovision,
+                    account=built.account_id,
+                    customer_identifier=built.customer_identifier,
+                    product=built.product_code,
+                    now=self.now(),
+                )
+            if deprovision and built.account_id is not None:
+                ents = entitlements.book(self)
+                with ents.lock:
+                    ents.revoke(built.product_code, built.account_id)
+        return {
+            "event_id": built.event_id,
+            "type": built.type,
+            "message_ids": message_ids,
+            "body": built.body,
+            "applied_to": applied,
+        }
+
     def saas_ledger(self) -> dict[str, Any]:
         with self._lock:
             return self.saas.ledger()
@@ -561,6 +596,10 @@ def _walk(value: Any, shape: Any, where: str, types: list[str], broken: list[str
         for name, member in shape.members.items():
             if value.get(name) is not None:
                 _walk(value[name], member, _member_path(where, name), types, broken)
+    elif kind == "map":
+        for key, item in value.items():
+            _walk(key, shape.key, f"{where}.key", types, broken)
+            _walk(item, shape.value, f"{where}.{key}", types, broken)
     elif kind == "list":
         if "min" in meta and len(value) < meta["min"]:
             fail(f"have length greater than or equal to {meta['min']}")
@@ -678,6 +717,9 @@ class _Handler(BaseHTTPRequestHandler):
         if license_manager.handles(self.path, self.headers.get("X-Amz-Target", "")):
             license_manager.serve_post(self, body)  # AWS License Manager: its own module
             return None
+        if entitlements.handles(self.path, self.headers.get("X-Amz-Target", "")):
+            entitlements.serve_post(self, body)  # the Entitlement Service (GetEntitlements)
+            return None
         emulator = self.server.emulator
         if self.path == "/_emulator/config":
             try:
@@ -688,6 +730,16 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/_emulator/reset":
             emulator.reset()
             return self._json(200, {"reset": True})
+        if self.path == "/_emulator/saas/events":
+            try:
+                spec = json.loads(body or b"{}")
+                if not isinstance(spec, dict):
+                    raise ValueError("the body must be a JSON object")
+                return self._json(200, emulator.saas_event(spec))
+            except (ValueError, TypeError) as exc:
+                return self._json(400, {"error": str(exc)})
+            except Exception as exc:  # the queue did not take it: the test's SQS, not a 500
+                return self._json(502, {"error": f"SQS send failed: {type(exc).__name__}: {exc}"})
         if self.path in ("/_emulator/saas/customers", "/_emulator/saas/unsubscribe"):
             try:
                 spec = json.loads(body or b"{}")
@@ -715,6 +767,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path.startswith(license_manager.PATH_PREFIX):
             license_manager.serve_get(self)
+            return None
+        if self.path == entitlements.PATH:
+            entitlements.serve_get(self)
             return None
         if self.path == "/_emulator/calls":
             return self._json(200, self.server.emulator.snapshot()["calls"])

@@ -14,6 +14,10 @@
   then check the old one in. PERPETUAL: re-checked only when nothing counted is asked for
   (a counted perpetual checkout draws the units down for good).
 - Stop: CheckInLicense of the live PROVISIONAL checkout, bounded by the caller.
+- With a state directory (`ContractStore`) the start's ClientToken is kept before the request
+  leaves and the live checkout once it is answered: a restarted sidecar extends the checkout it
+  held (the same seat) instead of taking a second one, resends a lost start with the same
+  ClientToken, and adopts a counted PERPETUAL checkout instead of drawing the units down again.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from sidecar.aws.errors import ErrorInfo
 from sidecar.aws.license import GONE_CODES, Checkout, LicenseCallError, parse_time, redact
 from sidecar.core.backoff import Backoff
 from sidecar.core.clock import Clock
+from sidecar.entitlement.contract_store import ContractStore
 from sidecar.entitlement.license import (
     HOLDING,
     Asked,
@@ -65,6 +70,7 @@ class ContractService:
         backoff: Backoff,
         on_loss: str,
         rng: Callable[[], float],
+        store: ContractStore | None = None,
     ) -> None:
         self.asked = asked
         self.machine = License()
@@ -80,7 +86,10 @@ class ContractService:
         self._token: str | None = None  # the live checkout's consumption token
         self._lock = threading.Lock()
         self.calls: dict[str, int] = {}
+        self.results: dict[tuple[str, str], int] = {}  # (operation, result) -> count
         self.checked_in = False
+        self.store = store
+        self.resumed = False  # this start extended the checkout a previous process held
 
     # -- reads (any thread) ----------------------------------------------------------------
 
@@ -106,7 +115,7 @@ class ContractService:
             "issued_at": None,
             "expiration": None,
             "expires_in_seconds": None,
-            "consumption_token": None,
+            "consumption_token": None,  # nosec B105 # a field name, not a secret: the token is shown redacted below
             "signed_token": {"present": False, "verified": False, "why": SIGNED_NOTE},
             "consecutive_failures": snap.consecutive_failures,
             "next_check_at": _iso(snap.next_check_at) if snap.next_check_at else None,
@@ -133,6 +142,10 @@ class ContractService:
         if self._start():
             self._keep()
 
+    def gateway(self) -> Any:
+        """The License Manager client (shared with the lease book), built on first use."""
+        return self._gw()
+
     def _gw(self) -> Any:
         if self._gateway is None:
             self._gateway = self._factory()
@@ -140,6 +153,131 @@ class ContractService:
 
     def _count(self, op: str) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1
+
+    def _result(self, op: str, result: str) -> None:
+        key = (op, result)
+        self.results[key] = self.results.get(key, 0) + 1
+
+    # -- the state directory ---------------------------------------------------------------
+
+    def _asked_key(self) -> dict[str, Any]:
+        a = self.asked
+        return {
+            "sku": a.product_sku,
+            "fingerprint": a.key_fingerprint,
+            "entitlements": [dict(e) for e in a.entitlements],
+            "type": a.checkout_type,
+        }
+
+    def _persist(self, client_token: str | None, held: Held | None) -> None:
+        """Keep the start's ClientToken (held None) or the live checkout; None, None: nothing."""
+        if self.store is None:
+            return
+        record: dict[str, Any] | None = None
+        if client_token is not None or held is not None:
+            record = {"asked": self._asked_key(), "client_token": client_token, "held": None}
+            if held is not None:
+                c = held.checkout
+                record["held"] = {
+                    "consumption_token": c.consumption_token,
+                    "entitlements_allowed": [dict(e) for e in c.entitlements_allowed],
+                    "issued_at": c.issued_at,
+                    "expiration": _iso(held.expiration),
+                    "ttl": held.ttl,
+                    "license_arn": c.license_arn,
+                    "checkout_type": c.checkout_type,
+                    "node_id": c.node_id,
+                }
+        try:
+            self.store.save(checkout=record)
+        except OSError as exc:  # the restart hole reopens for this checkout: say so
+            log.error("contract_state_not_saved", extra={"detail": str(exc)[:300]})
+
+    def _saved(self) -> tuple[str | None, dict[str, Any] | None]:
+        """(the start's ClientToken to resend, the checkout a previous process held)."""
+        if self.store is None:
+            return None, None
+        record = self.store.get("checkout")
+        if not isinstance(record, dict):
+            return None, None
+        held = record.get("held") if isinstance(record.get("held"), dict) else None
+        token = record.get("client_token") if isinstance(record.get("client_token"), str) else None
+        if record.get("asked") != self._asked_key():
+            # The settings changed: what was held is not what this start asks for.
+            if held is not None and self.asked.checkout_type == "PROVISIONAL":
+                self._checkin(str(held.get("consumption_token") or ""))
+            self._persist(None, None)
+            return None, None
+        return token, held
+
+    def _restore(self, saved: dict[str, Any], expiration: str | None, sent: float) -> Held | None:
+        """A Held from the saved checkout and AWS's new Expiration (None: unusable)."""
+        try:
+            ttl = float(saved["ttl"])
+            checkout = Checkout(
+                consumption_token=str(saved["consumption_token"]),
+                entitlements_allowed=tuple(
+                    {str(k): str(v) for k, v in e.items()} for e in saved["entitlements_allowed"]
+                ),
+                issued_at=saved.get("issued_at"),
+                expiration=expiration or saved.get("expiration"),
+                license_arn=saved.get("license_arn"),
+                checkout_type=saved.get("checkout_type"),
+                signed_token=None,
+                node_id=saved.get("node_id"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        expires = parse_time(expiration or saved.get("expiration"))
+        if expires is None or not checkout.consumption_token or ttl <= 0:
+            return None
+        # AWS extends to its now + the checkout's lifetime: count that lifetime from `sent`.
+        return Held(checkout, sent, expires - ttl, expires, self._clock.time())
+
+    def _resume(self, saved: dict[str, Any], started: float) -> str:
+        """Extend the checkout a previous process held: "ok", "gone" or "stopped"/"late"."""
+        if self.asked.checkout_type == "PERPETUAL":
+            # Consumed for good: resending or re-checking out would draw the units down again.
+            held = self._restore(saved, None, self._clock.monotonic())
+            if held is None:
+                return "gone"
+            self._adopt(held, (), persist=False)
+            self.resumed = True
+            log.info("license_resumed", extra={"license_arn": held.checkout.license_arn})
+            return "ok"
+        token = str(saved.get("consumption_token") or "")
+        attempt = 0
+        while not self._stop.is_set():
+            self._count("ExtendLicenseConsumption")
+            try:
+                sent = self._clock.monotonic()
+                value = self._gw().extend(token)
+            except LicenseCallError as exc:
+                self._result("ExtendLicenseConsumption", _outcome(exc.info))
+                if exc.info.code in GONE_CODES or not exc.info.retryable:
+                    log.info("license_resume_gone", extra={"code": exc.info.code})
+                    return "gone"
+                self.machine.failed(exc.info, self._clock.time())
+                delay = self._backoff.delay(attempt + 1, self._rng)
+                attempt += 1
+                if self._clock.monotonic() + delay - started > self._deadline:
+                    return "late"
+                if self._clock.wait(self._stop, delay):
+                    return "stopped"
+                continue
+            held = self._restore(saved, value, sent)
+            if held is None:
+                self._result("ExtendLicenseConsumption", "unverified")
+                return "gone"
+            self._result("ExtendLicenseConsumption", "ok")
+            self._adopt(held, ())
+            self.resumed = True
+            log.info(
+                "license_resumed",
+                extra={"license_arn": held.checkout.license_arn, "expiration": value},
+            )
+            return "ok"
+        return "stopped"
 
     def _checkout(self, client_token: str) -> tuple[Held | None, ErrorInfo | None, tuple[str, ...]]:
         """One CheckoutLicense attempt: (held, None, warnings) or (None, error, ())."""
@@ -157,18 +295,23 @@ class ContractService:
                 a.node_id,
             )
         except LicenseCallError as exc:
+            self._result("CheckoutLicense", _outcome(exc.info))
             return None, exc.info, ()
         error, warnings = verify_checkout(a.entitlements, answer, self._clock.time())
         if error is not None:
+            self._result("CheckoutLicense", "unverified")
             return None, error, ()
+        self._result("CheckoutLicense", "ok")
         issued, expires = parse_time(answer.issued_at), parse_time(answer.expiration)
         assert issued is not None and expires is not None  # nosec B101 # verified above
         held = Held(answer, sent, issued, expires, self._clock.time())
         return held, None, warnings
 
-    def _adopt(self, held: Held, warnings: tuple[str, ...]) -> None:
+    def _adopt(self, held: Held, warnings: tuple[str, ...], *, persist: bool = True) -> None:
         with self._lock:
             self._token = held.checkout.consumption_token
+        if persist:
+            self._persist(None, held)
         self.machine.checked_out(held, warnings, self._clock.time() + self._check_seconds)
         log.info(
             "license_checked_out",
@@ -182,8 +325,23 @@ class ContractService:
 
     def _start(self) -> bool:
         """Check out within the deadline. False: not entitled, unavailable, or stopped."""
-        token = uuid.uuid4().hex  # one per start: every retry is the same request
         started = self._clock.monotonic()
+        resend, saved = self._saved()
+        if saved is not None:
+            outcome = self._resume(saved, started)
+            if outcome == "ok":
+                return True
+            if outcome == "late":
+                self.machine.give_up()
+                log.error("license_unavailable", extra={"deadline_seconds": self._deadline})
+                return False
+            if outcome == "stopped":
+                return False
+            resend = None  # gone: that checkout's token is spent; a new logical checkout
+        # One per start: every retry is the same request. A start whose answer was lost (the
+        # process died with the request out) resends its token: AWS answers the same checkout.
+        token = resend or uuid.uuid4().hex
+        self._persist(token, None)
         attempt = 0
         while not self._stop.is_set():
             held, error, warnings = self._checkout(token)
@@ -194,6 +352,7 @@ class ContractService:
             log.warning("license_checkout_failed", extra={"error": error.to_json()})
             if not error.retryable:
                 self.machine.failed(error, self._clock.time(), final=True)
+                self._persist(None, None)
                 return False
             self.machine.failed(error, self._clock.time())
             delay = self._backoff.delay(attempt + 1, self._rng)
@@ -290,6 +449,7 @@ class ContractService:
             sent = self._clock.monotonic()
             value = gateway.extend(held.checkout.consumption_token)
         except LicenseCallError as exc:
+            self._result("ExtendLicenseConsumption", _outcome(exc.info))
             log.warning("license_extend_failed", extra={"error": exc.info.to_json()})
             if exc.info.code in GONE_CODES:
                 self._withdrawn(exc.info)
@@ -298,9 +458,14 @@ class ContractService:
             return False
         expires = parse_time(value)
         if expires is None:
+            self._result("ExtendLicenseConsumption", "unverified")
             self.machine.failed(_bad_extension(value), self._clock.time())
             return False
+        self._result("ExtendLicenseConsumption", "ok")
         self.machine.extended(expires, sent)
+        snap = self.machine.snapshot()
+        if snap.held is not None:
+            self._persist(None, snap.held)
         log.info("license_extended", extra={"expiration": value})
         return True
 
@@ -312,18 +477,23 @@ class ContractService:
             sent = self._clock.monotonic()
             value = gateway.extend(stale.checkout.consumption_token)
         except LicenseCallError as exc:
+            self._result("ExtendLicenseConsumption", _outcome(exc.info))
             if exc.info.code in GONE_CODES:
                 with self._lock:
                     if self._token == stale.checkout.consumption_token:
                         self._token = None
+                self._persist(None, None)
                 return "gone"
             self.machine.failed(exc.info, self._clock.time())
             return "retry" if exc.info.retryable else "gone"
         expires = parse_time(value)
         if expires is None:
+            self._result("ExtendLicenseConsumption", "unverified")
             return "gone"
+        self._result("ExtendLicenseConsumption", "ok")
         revived = replace(stale, expiration=max(expires, stale.expiration), renewed_at=sent)
         self.machine.checked_out(revived, (), self._clock.time() + self._check_seconds)
+        self._persist(None, revived)
         log.info("license_revived", extra={"expiration": value})
         return "ok"
 
@@ -372,6 +542,7 @@ class ContractService:
     def _withdrawn(self, error: ErrorInfo) -> None:
         with self._lock:
             self._token = None
+        self._persist(None, None)
         self.machine.lost(error, self._clock.time())
         log.error("license_lost", extra={"code": error.code, "on_loss": self.on_loss})
 
@@ -380,11 +551,13 @@ class ContractService:
         try:
             self._gw().checkin(token)
         except LicenseCallError as exc:
+            self._result("CheckInLicense", _outcome(exc.info))
             log.warning(
                 "license_checkin_failed",
                 extra={"error": exc.info.to_json(), "consumption_token": redact(token)},
             )
             return False
+        self._result("CheckInLicense", "ok")
         log.info("license_checked_in", extra={"consumption_token": redact(token)})
         return True
 
@@ -395,6 +568,8 @@ class ContractService:
         if token is None or not self._provisional:
             return
         self.checked_in = self._checkin(token)
+        if self.checked_in:  # else a restart in this pod extends it again (the same seat)
+            self._persist(None, None)
 
     def snapshot(self) -> LicenseSnapshot:
         return self.machine.snapshot()
@@ -404,6 +579,13 @@ def _iso(ts: float) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _outcome(info: ErrorInfo) -> str:
+    """A bounded metric label for a failed call."""
+    if info.code in GONE_CODES:
+        return "gone"
+    return "retryable_error" if info.retryable else "terminal_error"
 
 
 def _bad_extension(value: object) -> ErrorInfo:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Info
@@ -420,6 +421,65 @@ class _SaasCollector(Collector):
         )
 
 
+@dataclass(frozen=True)
+class ContractCounts:
+    """Contract mode at scrape time: the checkout's state, its expiry, call results, leases."""
+
+    state: str
+    expires_in_seconds: float | None
+    results: Mapping[tuple[str, str], int]  # (License Manager operation, result) -> calls
+    leases_by_entitlement: Mapping[str, int]  # units the product's leases hold
+
+
+CONTRACT_STATES = (
+    "checking",
+    "checked_out",
+    "extending",
+    "expired",
+    "not_entitled",
+    "unavailable",
+)
+LICENSE_OPS = frozenset({"CheckoutLicense", "ExtendLicenseConsumption", "CheckInLicense"})
+LICENSE_RESULTS = frozenset({"ok", "gone", "retryable_error", "terminal_error", "unverified"})
+MAX_LEASE_LABELS = 50  # entitlement names come from the product: bounded, the rest "other"
+
+
+class _ContractCollector(Collector):
+    def __init__(self, counts: Callable[[], ContractCounts]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        c = self._counts()
+        state = GaugeMetricFamily(
+            "marketplace_license_state", "1 for contract mode's checkout state", labels=["state"]
+        )
+        for s in CONTRACT_STATES:
+            state.add_metric([s], 1.0 if c.state == s else 0.0)
+        yield state
+        yield GaugeMetricFamily(
+            "marketplace_license_expires_in_seconds",
+            "Seconds until the pod's checkout expires on this machine's count (NaN: none held); "
+            "an extension half-way through the grant resets it",
+            value=float("nan") if c.expires_in_seconds is None else float(c.expires_in_seconds),
+        )
+        calls = CounterMetricFamily(
+            "marketplace_license_calls",
+            "License Manager calls (pod checkout and product leases) by operation and result",
+            labels=["operation", "result"],
+        )
+        for (op, result), n in sorted(c.results.items()):
+            calls.add_metric([_bounded(op, LICENSE_OPS), _bounded(result, LICENSE_RESULTS)], n)
+        yield calls
+        leases = GaugeMetricFamily(
+            "marketplace_license_lease_units",
+            "Units the product's leases hold, by entitlement",
+            labels=["entitlement"],
+        )
+        for i, (name, n) in enumerate(sorted(c.leases_by_entitlement.items())):
+            leases.add_metric([name if i < MAX_LEASE_LABELS else "other"], float(n))
+        yield leases
+
+
 class Metrics:
     def __init__(
         self,
@@ -462,6 +522,10 @@ class Metrics:
     def watch_usage(self, counts: Callable[[], UsageCounts], dimensions: frozenset[str]) -> None:
         """Custom mode: export the usage pipeline's counters (label values bounded by config)."""
         self.registry.register(_UsageCollector(counts, dimensions))
+
+    def watch_contract(self, counts: Callable[[], ContractCounts]) -> None:
+        """Contract mode: the checkout, its calls and the product's leases."""
+        self.registry.register(_ContractCollector(counts))
 
     def watch_saas(self, counts: Callable[[], SaasCounts], dimensions: frozenset[str]) -> None:
         """SaaS mode: export SaasService's counters (label values bounded by config)."""

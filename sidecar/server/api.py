@@ -146,6 +146,22 @@ class ContractEndpoint(Protocol):
     def document(self) -> dict[str, Any]: ...
 
 
+class LeaseEndpoint(Protocol):
+    """LeaseBook as the API sees it (contract mode with a state directory)."""
+
+    def checkout(self, body: bytes) -> tuple[int, dict[str, Any]]: ...
+
+    def renew(self, body: bytes) -> tuple[int, dict[str, Any]]: ...
+
+    def checkin(self, body: bytes) -> tuple[int, dict[str, Any]]: ...
+
+    def listing(self) -> tuple[int, dict[str, Any]]: ...
+
+
+LEASES_PATH = "/v1/licenses"
+LEASE_PATHS = ("checkout", "renew", "checkin")
+
+
 class Router:
     """Maps (method, path, body) to a `Reply`. No sockets here."""
 
@@ -164,6 +180,7 @@ class Router:
         readiness: Callable[[], tuple[bool, str | None]] | None = None,
         notices: Callable[[], list[str]] | None = None,
         contract: ContractEndpoint | None = None,
+        leases: LeaseEndpoint | None = None,
     ) -> None:
         """`listener` picks the routes: "api" everything but /metrics; "probe" /healthz and a
         /readyz that tells the cluster only the state and error code (AWS messages can name
@@ -206,6 +223,10 @@ class Router:
                 routes["/v1/entitlement/challenge"] = {"POST": self._no_challenge}
             if contract is not None:
                 routes["/v1/entitlement/challenge"] = {"POST": self._no_challenge}
+                # Leases hold the buyer's units: loopback API only, never the probe listener.
+                routes[LEASES_PATH] = {"GET": self._lease_route(leases, "listing")}
+                for name in LEASE_PATHS:
+                    routes[f"{LEASES_PATH}/{name}"] = {"POST": self._lease_route(leases, name)}
             if saas is not None:
                 routes["/v1/entitlement"] = {"GET": self._no_entitlement}
                 routes["/v1/entitlement/challenge"] = {"POST": self._no_entitlement}
@@ -388,6 +409,15 @@ class Router:
         status = HTTPStatus.FORBIDDEN if out.status == "refused" else HTTPStatus.BAD_GATEWAY
         return Reply(status, payload)
 
+    @staticmethod
+    def _lease_route(leases: LeaseEndpoint | None, name: str) -> Callable[[bytes], Reply]:
+        if leases is None:
+            return _leases_need_state_dir
+        if name == "listing":
+            return lambda _: _pipeline_reply(*leases.listing())
+        call: Callable[[bytes], tuple[int, dict[str, Any]]] = getattr(leases, name)
+        return lambda body: _pipeline_reply(*call(body))
+
     def _no_challenge(self, _: bytes) -> Reply:
         # 404, not 409: in this mode the resource does not exist (and fuzzers expect 404).
         return _problem(
@@ -509,6 +539,15 @@ def _pipeline_reply(status: int, doc: dict[str, Any]) -> Reply:
         seconds = retry if isinstance(retry, int | float) and math.isfinite(retry) else 1
         headers["Retry-After"] = str(max(1, int(seconds + 0.999)))
     return Reply(status, _as_problem(doc), headers)
+
+
+def _leases_need_state_dir(_: bytes) -> Reply:
+    return _problem(
+        HTTPStatus.NOT_FOUND,
+        "leases_need_state_dir",
+        "product leases are kept in MARKETPLACE_STATE_DIR (so they survive a restart and are "
+        "never counted twice); set it to a writable pod-lifetime directory",
+    )
 
 
 def _customers_need_saas_mode() -> Reply:

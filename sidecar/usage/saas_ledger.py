@@ -524,7 +524,12 @@ def ingest(
         added: dict[OpenKey, int] = {}
         for i, key in fresh:
             added[key] = added.get(key, 0) + records[i].usage.micros
-        over = refuse_over_maximum(records, fresh, _add_to_totals(db, added))
+        if any(n > qty.MAX_MICROS for n in added.values()):
+            # Over whatever is stored (totals are >= 0), and the sum may not even fit the
+            # column (1,000 records of the maximum: 1e19 micro-units > BIGINT): refused here.
+            over = refuse_over_maximum(records, fresh, added)
+        else:
+            over = refuse_over_maximum(records, fresh, _add_to_totals(db, added))
         if over is not None:
             raise over
     if failures:
@@ -1285,7 +1290,19 @@ _WIDE_COUNTERS_V3 = """
 ALTER TABLE saas_counts ALTER COLUMN quantity TYPE NUMERIC(38, 0);
 ALTER TABLE saas_hour_summary ALTER COLUMN quantity TYPE NUMERIC(38, 0);
 """
-MIGRATION_3 = (_MICROS_V3, _WIDE_COUNTERS_V3 + _MICROS_V3 + _GUARD_V3_POSTGRESQL)
+# First, before anything is scaled: the tables an older replica writes usage to, so its
+# transactions in flight commit before the scaling (their whole units are scaled with the rest)
+# and its later statements wait, then meet the guard. Created after the scaling, the guard came
+# too late for a row inserted under the UPDATE's snapshot: 7 units stayed 7 micro-units. The
+# order is the older sidecar's (its seal writes the outbox, then the totals; its intake the
+# totals, then the records), so the migration waits for it rather than deadlocking with it.
+_QUIESCE_V3_POSTGRESQL = """
+LOCK TABLE saas_outbox, saas_open, saas_records IN EXCLUSIVE MODE;
+"""
+MIGRATION_3 = (
+    _MICROS_V3,
+    _QUIESCE_V3_POSTGRESQL + _WIDE_COUNTERS_V3 + _MICROS_V3 + _GUARD_V3_POSTGRESQL,
+)
 
 
 def _state_counts(db: Db) -> dict[str, int]:
