@@ -373,8 +373,25 @@ def serve_post(handler: Any, body: bytes) -> Any:
         except (ValueError, TypeError, KeyError) as exc:
             return handler._json(400, {"error": str(exc)})
     auth = handler.headers.get("Authorization", "")
-    stamp = handler.headers.get("X-Amz-Date")
-    status, payload = call(b, handler.headers.get("X-Amz-Target", ""), body, auth, stamp)
+    target = handler.headers.get("X-Amz-Target", "")
+    # A signed call stamped over five minutes from License Manager's clock (this machine's
+    # plus `clock_offset`; botocore stamps with the real clock, also under a test's virtual
+    # `b.clock`) is denied as AWS denies it, before anything else.
+    stale = _stale_signature(handler.headers.get("X-Amz-Date"), time.time() + b.clock_offset)
+    if stale is not None and "Credential=" in auth:
+        with b.lock:
+            b.calls.append(
+                {
+                    "op": target.removeprefix(TARGET_PREFIX),
+                    "status": stale[0],
+                    "code": stale[1]["__type"],
+                    "client_token": None,
+                    "access_key": auth.split("Credential=", 1)[1].split("/", 1)[0],
+                    "at": time.time(),
+                }
+            )
+        return handler._json(stale[0], stale[1], "application/x-amz-json-1.1")
+    status, payload = call(b, target, body, auth)
     if payload is None:
         handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         handler.close_connection = True
@@ -389,11 +406,9 @@ def serve_get(handler: Any) -> Any:
 
 
 def call(
-    b: LicenseBook, target: str, body: bytes, auth: str = "", stamp: str | None = None
+    b: LicenseBook, target: str, body: bytes, auth: str = ""
 ) -> tuple[int, dict[str, Any] | None]:
-    """One License Manager call: validated against botocore's model, then answered. A signed
-    call whose X-Amz-Date is more than five minutes from License Manager's clock (this
-    machine's plus `clock_offset`) is denied as AWS denies it."""
+    """One License Manager call: validated against botocore's model, then answered."""
     op = target.removeprefix(TARGET_PREFIX)
     try:
         params = json.loads(body or b"{}")
@@ -404,10 +419,6 @@ def call(
     if b.latency:
         time.sleep(b.latency)
     problem = _invalid(op, params)
-    if problem is None and "Credential=" in auth:
-        # botocore stamps with the real clock, also under a test's virtual `b.clock`: the
-        # skew modelled is the configured offset.
-        problem = _stale_signature(stamp, time.time() + b.clock_offset)
     payload: dict[str, Any] | None
     with b.lock:
         if problem is not None:
