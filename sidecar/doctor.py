@@ -211,37 +211,37 @@ def contract_config(settings: Settings) -> list[Check]:
     if path is None:
         checks.append(Check(OK, "identity", "platform credentials (ECS task role or IRSA)"))
         return checks
+    # The reader `run` uses (bounded, no FIFO or directory, one token line), so doctor
+    # passes exactly the files the sidecar accepts; the token itself is never shown.
+    from sidecar.aws.anywhere import LicenseTokenFileError, read_token
+
     try:
-        size = path.stat().st_size
-        readable = os.access(path, os.R_OK)
-    except OSError as exc:
-        size, readable = -1, False
-        detail = exc.strerror or str(exc)
-    else:
-        detail = "empty" if size == 0 else "unreadable" if not readable else ""
-    if size > 0 and readable:
-        checks.append(
-            Check(
-                OK,
-                "identity",
-                f"license token file {path} ({size} bytes, not shown), role "
-                f"{settings.license_role_arn}",
-            )
-        )
-    else:
+        size = len(read_token(path))
+    except LicenseTokenFileError as exc:
         checks.append(
             Check(
                 FAIL,
                 "identity",
-                f"license token file {path}: {detail}",
+                exc.info.message,
                 "mount the buyer's license secret (key license_token) at that path",
             )
         )
+        return checks
+    checks.append(
+        Check(
+            OK,
+            "identity",
+            f"license token file {path} ({size} characters, not shown), role "
+            f"{settings.license_role_arn}",
+        )
+    )
     return checks
 
 
-def check_license_permission(region: str | None) -> list[Check]:
-    """ExtendLicenseConsumption with DryRun: a permission check that consumes nothing."""
+def check_license_permission(region: str | None, settings: Settings | None = None) -> list[Check]:
+    """ExtendLicenseConsumption with DryRun: a permission check that consumes nothing. Off AWS
+    it goes with the credentials the license token's role gives (GetAccessToken, then STS),
+    as `run` does: there are no others there."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
@@ -249,11 +249,13 @@ def check_license_permission(region: str | None) -> list[Check]:
     if region is None:
         return [Check(FAIL, "license-manager:ExtendLicenseConsumption", "skipped: no region")]
     name = "license-manager:ExtendLicenseConsumption"
-    client = boto3.client(
-        "license-manager",
-        region_name=region,
-        config=Config(retries={"mode": "standard", "total_max_attempts": 1}, read_timeout=10),
-    )
+    config = Config(retries={"mode": "standard", "total_max_attempts": 1}, read_timeout=10)
+    session: Any = boto3
+    if settings is not None and settings.license_token_file and settings.license_role_arn:
+        from sidecar.aws.anywhere import license_session
+
+        session = license_session(settings.license_token_file, settings.license_role_arn, region)
+    client = session.client("license-manager", region_name=region, config=config)
     try:
         client.extend_license_consumption(
             LicenseConsumptionToken="doctor-permission-check", DryRun=True
@@ -274,6 +276,9 @@ def check_license_permission(region: str | None) -> list[Check]:
             ]
         return [Check(WARN, name, f"not confirmed: License Manager answered {code}")]
     except BotoCoreError as exc:
+        own = getattr(exc, "info", None)  # the anywhere identity's errors say what to do
+        if own is not None:
+            return [Check(FAIL, name, f"no credentials: {own.code}: {own.message}", own.hint)]
         return [Check(FAIL, name, f"no answer: {type(exc).__name__}")]
     return [Check(OK, name, "allowed")]
 
@@ -849,7 +854,7 @@ def doctor(
         checks.append(check_credentials(env))
     checks += check_endpoint(region, now, service)
     if contract:
-        checks += check_license_permission(region)
+        checks += check_license_permission(region, settings)
     if settings is not None and settings.mode == "custom":
         checks += check_meter_usage_permission(settings, region, now)
     if settings is not None and settings.mode == "saas":

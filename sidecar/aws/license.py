@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -77,6 +78,11 @@ _KNOWN: dict[str, tuple[str, str, bool]] = {
     "RateLimitExceededException": ("transient", _TRANSIENT_HINT, True),
     "ServerInternalException": ("transient", _TRANSIENT_HINT, True),
 }
+# A whole call (credential refresh included) gets this many read timeouts, plus the anywhere
+# identity's worst case when it refreshes inside the call: botocore's timeouts bound each
+# socket read, not the call, and a server that drips one byte at a time never trips them.
+CALL_TIMEOUTS = 3
+ANYWHERE_EXTRA_SECONDS = 60.0
 # Codes that say this checkout (or the license behind it) no longer exists.
 GONE_CODES = frozenset({"NoEntitlementsAllowedException", "ResourceNotFoundException"})
 
@@ -171,7 +177,10 @@ class LicenseGateway:
             user_agent_extra="marketplace-sidecar",
         )
         _token_filter()
+        self._budget = CALL_TIMEOUTS * timeout + 5.0
+        self._hung: threading.Thread | None = None  # a call abandoned at its bound, still running
         if token_file is not None and role_arn is not None:
+            self._budget += ANYWHERE_EXTRA_SECONDS
             # Off AWS: credentials from the buyer's license token (GetAccessToken, then STS
             # AssumeRoleWithWebIdentity), refreshed by the session itself.
             from sidecar.aws.anywhere import license_session
@@ -193,7 +202,7 @@ class LicenseGateway:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            resp: dict[str, Any] = getattr(self._client, op)(**params)
+            resp = self._bounded(op, params)
         except ClientError as exc:
             err = exc.response.get("Error", {})
             meta = exc.response.get("ResponseMetadata", {})
@@ -215,6 +224,39 @@ class LicenseGateway:
             info = for_endpoint(info, self.endpoint)
             raise LicenseCallError(_scrub(info, params)) from None
         return resp
+
+    def _bounded(self, op: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The call, given up after `_budget` seconds (a transient error). The abandoned call runs
+        on until the server lets go; while it does, further calls (but a check-in) fail at once
+        instead of piling up threads on a server that drips forever."""
+        # CheckInLicense is still tried (at stop, a seat back beats an hour held); it runs once
+        # per re-check or stop, so it cannot pile up.
+        if op != "check_in_license" and self._hung is not None and self._hung.is_alive():
+            raise LicenseCallError(self._timed_out(op, "an earlier call is still unanswered"))
+        box: list[Any] = []
+
+        def work() -> None:
+            try:
+                box.append(getattr(self._client, op)(**params))
+            except BaseException as exc:  # handed to the caller's thread
+                box.append(exc)
+
+        worker = threading.Thread(target=work, name=f"license-{op}", daemon=True)
+        worker.start()
+        worker.join(self._budget)
+        if worker.is_alive():
+            self._hung = worker
+            raise LicenseCallError(self._timed_out(op, f"no whole answer in {self._budget:.0f} s"))
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        result: dict[str, Any] = box[0]
+        return result
+
+    def _timed_out(self, op: str, why: str) -> ErrorInfo:
+        return for_endpoint(
+            ErrorInfo("CallTimeout", f"{op}: {why}", _TRANSIENT_HINT, "transient", True),
+            self.endpoint,
+        )
 
     def checkout(
         self,

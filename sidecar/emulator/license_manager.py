@@ -34,6 +34,9 @@ PATH_PREFIX = "/_emulator/license/"
 MARKETPLACE_FINGERPRINT = "aws:294406891311:AWS/Marketplace:issuer-fingerprint"
 RESET = "ConnectionReset"
 ACCESS_TOKEN_SECONDS = 3600  # GetAccessToken: "Access tokens are valid for one hour"
+# "In most cases, a request must reach AWS within five minutes of the time stamp in the request.
+# Otherwise, AWS denies the request." (IAM User Guide, "Signing AWS API requests").
+SIGV4_SKEW_SECONDS = 300.0
 
 
 @dataclass
@@ -370,7 +373,25 @@ def serve_post(handler: Any, body: bytes) -> Any:
         except (ValueError, TypeError, KeyError) as exc:
             return handler._json(400, {"error": str(exc)})
     auth = handler.headers.get("Authorization", "")
-    status, payload = call(b, handler.headers.get("X-Amz-Target", ""), body, auth)
+    target = handler.headers.get("X-Amz-Target", "")
+    # A signed call stamped over five minutes from License Manager's clock (this machine's
+    # plus `clock_offset`; botocore stamps with the real clock, also under a test's virtual
+    # `b.clock`) is denied as AWS denies it, before anything else.
+    stale = _stale_signature(handler.headers.get("X-Amz-Date"), time.time() + b.clock_offset)
+    if stale is not None and "Credential=" in auth:
+        with b.lock:
+            b.calls.append(
+                {
+                    "op": target.removeprefix(TARGET_PREFIX),
+                    "status": stale[0],
+                    "code": stale[1]["__type"],
+                    "client_token": None,
+                    "access_key": auth.split("Credential=", 1)[1].split("/", 1)[0],
+                    "at": time.time(),
+                }
+            )
+        return handler._json(stale[0], stale[1], "application/x-amz-json-1.1")
+    status, payload = call(b, target, body, auth)
     if payload is None:
         handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         handler.close_connection = True
@@ -465,6 +486,33 @@ def _violation(value: Any, shape: Any, where: str) -> str | None:
         if limit is not None and len(value) > limit:
             return f"{must} have length less than or equal to {limit}"
     return None
+
+
+def _stale_signature(stamp: str | None, now: float) -> tuple[int, dict[str, Any]] | None:
+    """InvalidSignatureException worded as AWS words it, for a time stamp out of tolerance."""
+    if not stamp:
+        return None  # a Date header instead: not modelled
+    try:
+        signed = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return 400, {"__type": "IncompleteSignatureException", "message": "bad X-Amz-Date"}
+    fmt = "%Y%m%dT%H%M%SZ"
+    here = datetime.fromtimestamp(now, UTC)
+    if signed < now - SIGV4_SKEW_SECONDS:
+        limit = datetime.fromtimestamp(now - SIGV4_SKEW_SECONDS, UTC).strftime(fmt)
+        message = (
+            f"Signature expired: {stamp} is now earlier than {limit} "
+            f"({here.strftime(fmt)} - 5 min.)"
+        )
+    elif signed > now + SIGV4_SKEW_SECONDS:
+        limit = datetime.fromtimestamp(now + SIGV4_SKEW_SECONDS, UTC).strftime(fmt)
+        message = (
+            f"Signature not yet current: {stamp} is still later than {limit} "
+            f"({here.strftime(fmt)} + 5 min.)"
+        )
+    else:
+        return None
+    return 403, {"__type": "InvalidSignatureException", "message": message}
 
 
 _MODEL: list[Any] = []
