@@ -457,7 +457,9 @@ class ContractService:
             self.machine.failed(exc.info, self._clock.time())
             return False
         expires = parse_time(value)
-        if expires is None:
+        if expires is None or expires <= held.expiration:
+            # An Expiration that did not move is no extension (AWS's clock stepped back, or the
+            # license ends there): counted a success, the waits would shrink to a busy loop.
             self._result("ExtendLicenseConsumption", "unverified")
             self.machine.failed(_bad_extension(value), self._clock.time())
             return False
@@ -492,6 +494,8 @@ class ContractService:
             return "gone"
         self._result("ExtendLicenseConsumption", "ok")
         revived = replace(stale, expiration=max(expires, stale.expiration), renewed_at=sent)
+        if revived.deadline <= self._clock.monotonic():
+            return "gone"  # nothing left of it here: adopting it would loop without a wait
         self.machine.checked_out(revived, (), self._clock.time() + self._check_seconds)
         self._persist(None, revived)
         log.info("license_revived", extra={"expiration": value})
