@@ -88,3 +88,14 @@ def test_redact_never_shows_the_token() -> None:
     token = "f1603b3c1f574b7284db84a9e771ee12"
     shown = redact(token) or ""
     assert token not in shown and shown.startswith("f160") and "32" in shown
+
+
+def test_readiness_judges_the_deadline_itself_while_the_worker_is_stuck() -> None:
+    """The worker marks a checkout expired only between calls: one stuck in a call whose
+    answer drips in for tens of seconds must not keep /readyz green past the deadline."""
+    m = License()
+    m.checked_out(Held(answer(ASKED), 0.0, 0.0, 10.0, 0.0), (), 0.0)
+    snap = m.snapshot()  # still CHECKED_OUT: nobody called expire()
+    assert ready(snap, "unready", now=9.9) and not ready(snap, "unready", now=10.0)
+    assert ready(snap, "serve", now=10.0)  # "serve" keeps a license once held
+    assert ready(snap, "unready", now=10.0, expires=False)  # PERPETUAL: no local expiry

@@ -95,7 +95,8 @@ class ContractService:
 
     def readiness(self) -> tuple[bool, str | None]:
         snap = self.machine.snapshot()
-        return ready(snap, self.on_loss), snap.error.code if snap.error else None
+        live = ready(snap, self.on_loss, self._clock.monotonic(), self._provisional)
+        return live, snap.error.code if snap.error else None
 
     def document(self) -> dict[str, Any]:
         snap = self.machine.snapshot()
@@ -105,7 +106,7 @@ class ContractService:
             "mode": "contract",
             "state": snap.state.value,
             "entitled": snap.state in HOLDING,
-            "ready": ready(snap, self.on_loss),
+            "ready": ready(snap, self.on_loss, now, self._provisional),
             "on_loss": self.on_loss,
             "product_sku": self.asked.product_sku,
             "checkout_type": self.asked.checkout_type,

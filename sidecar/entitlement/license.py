@@ -219,10 +219,18 @@ class License:
         self._set(warnings=warnings)
 
 
-def ready(snap: LicenseSnapshot, on_loss: str) -> bool:
-    """Ready while a checkout is live; after a loss, as MARKETPLACE_LICENSE_ON_LOSS says."""
+def ready(
+    snap: LicenseSnapshot, on_loss: str, now: float | None = None, expires: bool = True
+) -> bool:
+    """Ready while a checkout is live; after a loss, as MARKETPLACE_LICENSE_ON_LOSS says.
+
+    `now` (monotonic) judges liveness itself: a worker stuck in a call (an answer dripping in)
+    cannot mark an expiring checkout expired, and readiness must not outlive the deadline."""
     if snap.state in HOLDING:
-        return True
+        held = snap.held
+        if not (expires and now is not None and held is not None and now >= held.deadline):
+            return True
+        return on_loss == "serve"  # expired here, whatever the worker has not yet noticed
     lost = snap.state in (LicenseState.EXPIRED, LicenseState.NOT_ENTITLED) and snap.had_license
     return lost and on_loss == "serve"
 
