@@ -172,11 +172,29 @@ def test_both_envelopes_and_both_roles_parse_to_the_same_facts() -> None:
         (json.dumps({"Type": "Notification", "Message": "{", "MessageId": "m"}), "Message"),
         (json.dumps({"action": "explode", "customer-identifier": "c"}), "action"),
         ("x" * (lifecycle.MAX_BODY + 1), "bytes"),
+        ("[" * 100_000, "nested"),  # under MAX_BODY; json.loads raised RecursionError
+        (json.dumps({"Type": "Notification", "Message": "[" * 100_000, "MessageId": "m"}), "nested"),
+        (eb("License Updated", 1, 10.0 + 3 * 86400), "future"),  # received at 10.0
     ],
 )
 def test_a_message_that_is_no_lifecycle_event_is_named_not_guessed(text: str, named: str) -> None:
     with pytest.raises(lifecycle.EventError, match=named):
         lifecycle.parse(text, 0.0)
+
+
+def test_a_hostile_message_is_a_dead_letter_and_the_consumer_goes_on(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """Deep nesting used to escape handle_message as RecursionError (killing the consumer);
+    a far-future time used to freeze the buyer's state: no real event was ever newer."""
+    svc = make_service(open_store(SAAS_SCHEMA, state_dir=tmp_path), Aws(clock), clock)
+    assert svc.handle_message("deep", "[" * 100_000) == "dead_letter"
+    future = eb("Purchase Agreement Created", 1, clock.t + 10 * 365 * 86400)
+    assert svc.handle_message("fut", future, clock.t) == "dead_letter"
+    assert svc.handle_message("end", eb("License Deprovisioned", 1, clock.t - 5)) == "applied"
+    assert svc.changes(0, 0)[1]["changes"][-1]["state"] == "unsubscribed"
+    assert count(svc, "SELECT COUNT(*) FROM saas_dead_letters") == 2
+    svc.store.close()
 
 
 # -- the store decides once -------------------------------------------------------------------
