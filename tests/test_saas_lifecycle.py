@@ -118,7 +118,7 @@ def count(svc: SaasService, sql: str) -> int:
 def test_both_envelopes_and_both_roles_parse_to_the_same_facts() -> None:
     t = 1_800_000_000.0
     for role in ("Manufacturer", "Proposer"):
-        ev = lifecycle.parse(eb("Purchase Agreement Created", 7, t, role=role), 0.0)
+        ev = lifecycle.parse(eb("Purchase Agreement Created", 7, t, role=role), t)
         assert (ev.kind, ev.state, ev.account_id, ev.time) == (
             "created",
             "subscribed",
@@ -126,7 +126,7 @@ def test_both_envelopes_and_both_roles_parse_to_the_same_facts() -> None:
             t,
         )
         assert ev.agreement_id == f"{AGREEMENT}7" and ev.subject == account(7)
-    dep = lifecycle.parse(eb("License Deprovisioned", 7, t), 0.0)
+    dep = lifecycle.parse(eb("License Deprovisioned", 7, t), t)
     assert dep.kind == "deprovisioned" and dep.license_arn == license_arn(7)
     assert dep.product_code == "prod-1" and dep.kind in lifecycle.FINAL
     # The guide's example prints the ARN without "arn:": the license id is what matches.
@@ -141,7 +141,7 @@ def test_both_envelopes_and_both_roles_parse_to_the_same_facts() -> None:
             isFreeTrialTermPresent="true",
             **{"offer-identifier": "offer-abc"},
         ),
-        0.0,
+        t,
     )
     assert (ok.kind, ok.subject, ok.free_trial, ok.offer_id) == (
         "subscribe_success",
@@ -173,7 +173,10 @@ def test_both_envelopes_and_both_roles_parse_to_the_same_facts() -> None:
         (json.dumps({"action": "explode", "customer-identifier": "c"}), "action"),
         ("x" * (lifecycle.MAX_BODY + 1), "bytes"),
         ("[" * 100_000, "nested"),  # under MAX_BODY; json.loads raised RecursionError
-        (json.dumps({"Type": "Notification", "Message": "[" * 100_000, "MessageId": "m"}), "nested"),
+        (
+            json.dumps({"Type": "Notification", "Message": "[" * 100_000, "MessageId": "m"}),
+            "nested",
+        ),
         (eb("License Updated", 1, 10.0 + 3 * 86400), "future"),  # received at 10.0
     ],
 )
