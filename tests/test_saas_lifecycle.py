@@ -445,3 +445,20 @@ def test_a_license_update_dates_no_state_an_older_end_still_counts(
     assert svc.handle_message("e", eb("Purchase Agreement Ended", 1, t - 30)) == "applied"
     states = [c["state"] for c in svc.changes(0, 0)[1]["changes"]]
     assert states == ["pending_unsubscribe"]
+
+
+@pytest.mark.parametrize("cursor", ["²", "9999999999999999999"])
+def test_a_cursor_that_is_no_int64_is_a_400_naming_since(
+    backend: Callable[[], UsageStore], clock: ManualClock, cursor: str
+) -> None:
+    """`str.isdigit` takes superscripts and other scripts' digits, and 19 digits pass int64's
+    top: both reached the store (a 500) instead of the client's 400."""
+    from urllib.parse import quote
+
+    from sidecar.server.api import Router
+
+    svc = make_service(backend(), Aws(clock), clock)
+    router = Router(None, lambda: None, saas=svc, readiness=lambda: (True, None))
+    reply = router.handle("GET", "/v1/customers/changes", b"", f"since={quote(cursor)}")
+    assert reply.status == 400 and "since" in reply.body["error"]["message"], reply.body
+    assert router.handle("GET", "/v1/customers/changes", b"", "since=0").status == 200
