@@ -507,7 +507,9 @@ class Router:
                 "invalid_query",
                 f"{unknown[0][:40] or 'query'}: only since=<cursor> and wait=<seconds> are allowed",
             )
-        if not since_text.isdigit() or len(since_text) > 19:
+        # ASCII digits only (isdigit also takes '²'), and within the store's int64 sequence.
+        digits = since_text.isascii() and since_text.isdigit() and len(since_text) <= 19
+        if not digits or int(since_text) >= 2**63:
             return _problem(
                 HTTPStatus.BAD_REQUEST,
                 "invalid_query",
