@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -462,3 +463,49 @@ def test_a_cursor_that_is_no_int64_is_a_400_naming_since(
     reply = router.handle("GET", "/v1/customers/changes", b"", f"since={quote(cursor)}")
     assert reply.status == 400 and "since" in reply.body["error"]["message"], reply.body
     assert router.handle("GET", "/v1/customers/changes", b"", "since=0").status == 200
+
+
+def test_long_polls_of_the_change_feed_never_take_usage_intakes_connections(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """The API listener has API_LIMITS.max_connections slots; each long poll holds one for up to
+    20 s. As many polls as slots used to fill it: POST /v1/usage was answered 503 busy."""
+    import requests
+
+    from sidecar.server.api import API_LIMITS, LocalServer, Router
+
+    aws = Aws(clock)
+    svc = make_service(open_store(SAAS_SCHEMA, state_dir=tmp_path), aws, clock)
+    resolved(svc, aws, 1)
+    router = Router(None, lambda: None, saas=svc, readiness=lambda: (True, None))
+    server = LocalServer(("127.0.0.1", 0), router, API_LIMITS, name="api")
+    server.serve_in_thread("api")
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    _, top = svc.changes(0, 0)
+    polls = API_LIMITS.max_connections
+    answers: list[int] = []
+
+    def poll() -> None:
+        r = requests.get(f"{base}/v1/customers/changes?since={top['cursor']}&wait=20", timeout=30)
+        answers.append(r.status_code)
+
+    pollers = [threading.Thread(target=poll, daemon=True) for _ in range(polls)]
+    try:
+        for p in pollers:
+            p.start()
+        deadline = time.monotonic() + 15
+        while server._live + len(answers) < polls:  # every poll in flight or answered
+            assert time.monotonic() < deadline, (server._live, answers)
+            time.sleep(0.02)
+        r = requests.post(f"{base}/v1/usage", data=body(1, "users", 1), timeout=10)
+        assert r.status_code == 202, r.text
+        # A poll turned away is told when to come back, not left hanging.
+        assert all(code in (200, 429) for code in answers), answers
+    finally:
+        svc.handle_message("wake", eb("Purchase Agreement Created", 2, clock.t - 1))
+        for p in pollers:
+            p.join(timeout=30)
+        server.shutdown()
+        server.server_close()
+        svc.store.close()
+    assert len(answers) == polls and answers.count(200) >= 1, answers
