@@ -497,7 +497,7 @@ def test_long_polls_of_the_change_feed_never_take_usage_intakes_connections(
         while server._live + len(answers) < polls:  # every poll in flight or answered
             assert time.monotonic() < deadline, (server._live, answers)
             time.sleep(0.02)
-        r = requests.post(f"{base}/v1/usage", data=body(1, "users", 1), timeout=10)
+        r = requests.post(f"{base}/v1/usage", data=body(1, "seats", 1), timeout=10)
         assert r.status_code == 202, r.text
         # A poll turned away is told when to come back, not left hanging.
         assert all(code in (200, 429) for code in answers), answers
