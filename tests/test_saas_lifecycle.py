@@ -501,6 +501,11 @@ def test_long_polls_of_the_change_feed_never_take_usage_intakes_connections(
         assert r.status_code == 202, r.text
         # A poll turned away is told when to come back, not left hanging.
         assert all(code in (200, 429) for code in answers), answers
+        from marketplace_sidecar_client import CustomerError, customer_changes
+
+        with pytest.raises(CustomerError) as busy:
+            customer_changes(top["cursor"], wait=5, url=base)
+        assert busy.value.reason == "unavailable" and busy.value.retry_after, busy.value
     finally:
         svc.handle_message("wake", eb("Purchase Agreement Created", 2, clock.t - 1))
         for p in pollers:
