@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -118,7 +119,7 @@ def count(svc: SaasService, sql: str) -> int:
 def test_both_envelopes_and_both_roles_parse_to_the_same_facts() -> None:
     t = 1_800_000_000.0
     for role in ("Manufacturer", "Proposer"):
-        ev = lifecycle.parse(eb("Purchase Agreement Created", 7, t, role=role), 0.0)
+        ev = lifecycle.parse(eb("Purchase Agreement Created", 7, t, role=role), t)
         assert (ev.kind, ev.state, ev.account_id, ev.time) == (
             "created",
             "subscribed",
@@ -126,7 +127,7 @@ def test_both_envelopes_and_both_roles_parse_to_the_same_facts() -> None:
             t,
         )
         assert ev.agreement_id == f"{AGREEMENT}7" and ev.subject == account(7)
-    dep = lifecycle.parse(eb("License Deprovisioned", 7, t), 0.0)
+    dep = lifecycle.parse(eb("License Deprovisioned", 7, t), t)
     assert dep.kind == "deprovisioned" and dep.license_arn == license_arn(7)
     assert dep.product_code == "prod-1" and dep.kind in lifecycle.FINAL
     # The guide's example prints the ARN without "arn:": the license id is what matches.
@@ -141,7 +142,7 @@ def test_both_envelopes_and_both_roles_parse_to_the_same_facts() -> None:
             isFreeTrialTermPresent="true",
             **{"offer-identifier": "offer-abc"},
         ),
-        0.0,
+        t,
     )
     assert (ok.kind, ok.subject, ok.free_trial, ok.offer_id) == (
         "subscribe_success",
@@ -172,11 +173,32 @@ def test_both_envelopes_and_both_roles_parse_to_the_same_facts() -> None:
         (json.dumps({"Type": "Notification", "Message": "{", "MessageId": "m"}), "Message"),
         (json.dumps({"action": "explode", "customer-identifier": "c"}), "action"),
         ("x" * (lifecycle.MAX_BODY + 1), "bytes"),
+        ("[" * 100_000, "nested"),  # under MAX_BODY; json.loads raised RecursionError
+        (
+            json.dumps({"Type": "Notification", "Message": "[" * 100_000, "MessageId": "m"}),
+            "nested",
+        ),
+        (eb("License Updated", 1, 10.0 + 3 * 86400), "future"),  # received at 10.0
     ],
 )
 def test_a_message_that_is_no_lifecycle_event_is_named_not_guessed(text: str, named: str) -> None:
     with pytest.raises(lifecycle.EventError, match=named):
         lifecycle.parse(text, 0.0)
+
+
+def test_a_hostile_message_is_a_dead_letter_and_the_consumer_goes_on(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """Deep nesting used to escape handle_message as RecursionError (killing the consumer);
+    a far-future time used to freeze the buyer's state: no real event was ever newer."""
+    svc = make_service(open_store(SAAS_SCHEMA, state_dir=tmp_path), Aws(clock), clock)
+    assert svc.handle_message("deep", "[" * 100_000) == "dead_letter"
+    future = eb("Purchase Agreement Created", 1, clock.t + 10 * 365 * 86400)
+    assert svc.handle_message("fut", future, clock.t) == "dead_letter"
+    assert svc.handle_message("end", eb("License Deprovisioned", 1, clock.t - 5)) == "applied"
+    assert svc.changes(0, 0)[1]["changes"][-1]["state"] == "unsubscribed"
+    assert count(svc, "SELECT COUNT(*) FROM saas_dead_letters") == 2
+    svc.store.close()
 
 
 # -- the store decides once -------------------------------------------------------------------
@@ -424,3 +446,71 @@ def test_a_license_update_dates_no_state_an_older_end_still_counts(
     assert svc.handle_message("e", eb("Purchase Agreement Ended", 1, t - 30)) == "applied"
     states = [c["state"] for c in svc.changes(0, 0)[1]["changes"]]
     assert states == ["pending_unsubscribe"]
+
+
+@pytest.mark.parametrize("cursor", ["²", "9999999999999999999"])
+def test_a_cursor_that_is_no_int64_is_a_400_naming_since(
+    backend: Callable[[], UsageStore], clock: ManualClock, cursor: str
+) -> None:
+    """`str.isdigit` takes superscripts and other scripts' digits, and 19 digits pass int64's
+    top: both reached the store (a 500) instead of the client's 400."""
+    from urllib.parse import quote
+
+    from sidecar.server.api import Router
+
+    svc = make_service(backend(), Aws(clock), clock)
+    router = Router(None, lambda: None, saas=svc, readiness=lambda: (True, None))
+    reply = router.handle("GET", "/v1/customers/changes", b"", f"since={quote(cursor)}")
+    assert reply.status == 400 and "since" in reply.body["error"]["message"], reply.body
+    assert router.handle("GET", "/v1/customers/changes", b"", "since=0").status == 200
+
+
+def test_long_polls_of_the_change_feed_never_take_usage_intakes_connections(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """The API listener has API_LIMITS.max_connections slots; each long poll holds one for up to
+    20 s. As many polls as slots used to fill it: POST /v1/usage was answered 503 busy."""
+    import requests
+
+    from sidecar.server.api import API_LIMITS, LocalServer, Router
+
+    aws = Aws(clock)
+    svc = make_service(open_store(SAAS_SCHEMA, state_dir=tmp_path), aws, clock)
+    resolved(svc, aws, 1)
+    router = Router(None, lambda: None, saas=svc, readiness=lambda: (True, None))
+    server = LocalServer(("127.0.0.1", 0), router, API_LIMITS, name="api")
+    server.serve_in_thread("api")
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    _, top = svc.changes(0, 0)
+    polls = API_LIMITS.max_connections
+    answers: list[int] = []
+
+    def poll() -> None:
+        r = requests.get(f"{base}/v1/customers/changes?since={top['cursor']}&wait=20", timeout=30)
+        answers.append(r.status_code)
+
+    pollers = [threading.Thread(target=poll, daemon=True) for _ in range(polls)]
+    try:
+        for p in pollers:
+            p.start()
+        deadline = time.monotonic() + 15
+        while server._live + len(answers) < polls:  # every poll in flight or answered
+            assert time.monotonic() < deadline, (server._live, answers)
+            time.sleep(0.02)
+        r = requests.post(f"{base}/v1/usage", data=body(1, "seats", 1), timeout=10)
+        assert r.status_code == 202, r.text
+        # A poll turned away is told when to come back, not left hanging.
+        assert all(code in (200, 429) for code in answers), answers
+        from marketplace_sidecar_client import CustomerError, customer_changes
+
+        with pytest.raises(CustomerError) as busy:
+            customer_changes(top["cursor"], wait=5, url=base)
+        assert busy.value.reason == "unavailable" and busy.value.retry_after, busy.value
+    finally:
+        svc.handle_message("wake", eb("Purchase Agreement Created", 2, clock.t - 1))
+        for p in pollers:
+            p.join(timeout=30)
+        server.shutdown()
+        server.server_close()
+        svc.store.close()
+    assert len(answers) == polls and answers.count(200) >= 1, answers

@@ -787,10 +787,11 @@ def _customer_read(path: str, timeout: float) -> dict[str, Any]:
     reason = {
         404: "unknown_customer" if code == "unknown_customer" else "not_saas_mode",
         400: "invalid",
+        429: "unavailable",  # the change feed's long polls are all taken (changes_busy)
         503: "unavailable",
     }.get(status, f"sidecar_{status}")
     retry_after = parse_retry_after(headers.get("retry-after"), time.time())
-    if retry_after is None and status == 503:
+    if retry_after is None and status in (429, 503):
         retry_after = RETRY_AFTER_MIN
     raise CustomerError(reason, message, status=status, retry_after=retry_after)
 

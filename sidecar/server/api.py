@@ -57,6 +57,11 @@ MAX_NONCE_CHARS = 255
 # at once, so junk registrations can never take the connections POST /v1/usage needs.
 MAX_RESOLVES_IN_FLIGHT = 8
 RESOLVE_BUSY_RETRY_SECONDS = 2
+# Change-feed long polls waiting at once. Each holds one of the API's connections for up to
+# 20 s; beyond this many, a poll that would wait is answered 429 at once, so pollers can never
+# take the connections POST /v1/usage needs (API_LIMITS.max_connections is 64).
+MAX_CHANGE_WAITS = 16
+CHANGES_BUSY_RETRY_SECONDS = 1
 REPORT_RETRY_SECONDS = 5
 Listener = Literal["api", "probe", "metrics"]
 
@@ -206,6 +211,7 @@ class Router:
         self._extras = extras or dict
         self._cached: tuple[Snapshot, dict[str, Any], Reply] | None = None
         self._resolves = threading.BoundedSemaphore(MAX_RESOLVES_IN_FLIGHT)
+        self._change_waits = threading.BoundedSemaphore(MAX_CHANGE_WAITS)
         self.redacted = listener != "api"
         routes: dict[str, dict[str, Callable[[bytes], Reply]]] = {}
         if listener != "metrics":
@@ -507,7 +513,9 @@ class Router:
                 "invalid_query",
                 f"{unknown[0][:40] or 'query'}: only since=<cursor> and wait=<seconds> are allowed",
             )
-        if not since_text.isdigit() or len(since_text) > 19:
+        # ASCII digits only (isdigit also takes '²'), and within the store's int64 sequence.
+        digits = since_text.isascii() and since_text.isdigit() and len(since_text) <= 19
+        if not digits or int(since_text) >= 2**63:
             return _problem(
                 HTTPStatus.BAD_REQUEST,
                 "invalid_query",
@@ -523,7 +531,20 @@ class Router:
                 "invalid_query",
                 "wait: seconds to wait for a change, 0 to 20",
             )
-        return _pipeline_reply(*self._saas.changes(int(since_text), wait))
+        if wait == 0.0:
+            return _pipeline_reply(*self._saas.changes(int(since_text), 0.0))
+        if not self._change_waits.acquire(blocking=False):
+            return _problem(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                "changes_busy",
+                f"{MAX_CHANGE_WAITS} change-feed polls are already waiting; retry in "
+                f"{CHANGES_BUSY_RETRY_SECONDS} s (usage reporting is not affected)",
+                **{"Retry-After": str(CHANGES_BUSY_RETRY_SECONDS)},
+            )
+        try:
+            return _pipeline_reply(*self._saas.changes(int(since_text), wait))
+        finally:
+            self._change_waits.release()
 
     def _customer_at(self, raw: str) -> Reply:
         if self._saas is None:

@@ -30,6 +30,9 @@ STATES = ("subscribed", "pending_unsubscribe", "unsubscribed", "subscribe_failed
 # The Seller Guide: after License Deprovisioned, "a 1-hour final reporting window" for
 # BatchMeterUsage; the SNS unsubscribe-pending is the same moment in the older integration.
 FINAL_WINDOW = 3600.0
+# How far an event's own time may lie after its arrival (SentTimestamp): an event "from the
+# future" would outrank every real event of its buyer for good (older never overrides newer).
+MAX_AHEAD = 900.0
 
 # detail-type without its role suffix -> what it means here.
 _EVENTBRIDGE = {
@@ -153,30 +156,44 @@ def parse(body: str, received_at: float) -> Event:
     queue's SentTimestamp) dates a raw SNS message, which carries no time of its own."""
     if len(body.encode()) > MAX_BODY:
         raise EventError(f"body over {MAX_BODY} bytes")
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise EventError("body is not JSON") from None
+    doc = _json(body, "body")
     if not isinstance(doc, dict):
         raise EventError("body is not a JSON object")
     if "detail-type" in doc or doc.get("source") == SOURCE:
-        return _eventbridge(doc)
+        return _ahead(_eventbridge(doc), received_at)
     if doc.get("Type") == "Notification" and "Message" in doc:
         message = doc.get("Message")
         if not isinstance(message, str):
             raise EventError("Message: the SNS notification's text is required")
-        try:
-            inner = json.loads(message)
-        except ValueError:
-            raise EventError("Message: not JSON") from None
+        inner = _json(message, "Message")
         event_id = _text(doc.get("MessageId"), "MessageId", required=True)
         assert event_id is not None  # nosec B101 # narrowing: required
-        return _sns(inner, event_id, _time(doc.get("Timestamp"), "Timestamp"))
+        return _ahead(_sns(inner, event_id, _time(doc.get("Timestamp"), "Timestamp")), received_at)
     if "action" in doc:
         # Raw message delivery: no envelope, no id, no time of AWS's own.
         digest = hashlib.sha256(body.encode()).hexdigest()[:32]
         return _sns(doc, f"raw-{digest}", received_at)
     raise EventError("neither an EventBridge event nor an SNS notification")
+
+
+def _json(text: str, field: str) -> Any:
+    """json.loads, every failure an EventError: deep nesting raises RecursionError, which
+    would otherwise escape the consumer and stop it."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise EventError(f"{field}: JSON nested too deeply") from None
+    except ValueError:
+        raise EventError(f"{field}: not JSON" if field != "body" else "body is not JSON") from None
+
+
+def _ahead(event: Event, received_at: float) -> Event:
+    if event.time > received_at + MAX_AHEAD:
+        raise EventError(
+            f"time: {event.time - received_at:.0f} s after the message arrived (future events "
+            f"are refused beyond {MAX_AHEAD:.0f} s)"
+        )
+    return event
 
 
 def _eventbridge(doc: dict[str, Any]) -> Event:
