@@ -231,12 +231,15 @@ class Router:
             routes[CHANGES_PATH] = {"GET": self._customer}  # routed by `handle`, with the query
             if usage is not None:
                 routes["/v1/entitlement/challenge"] = {"POST": self._no_challenge}
+            # Leases hold the buyer's units: loopback API only, never the probe listener. The
+            # routes exist in every mode (a wrong method is a 405, as for usage and customers);
+            # outside contract mode they answer 404 naming the mode.
+            lease = self._lease_route if contract is not None else self._no_leases
+            routes[LEASES_PATH] = {"GET": lease(leases, "listing")}
+            for name in LEASE_PATHS:
+                routes[f"{LEASES_PATH}/{name}"] = {"POST": lease(leases, name)}
             if contract is not None:
                 routes["/v1/entitlement/challenge"] = {"POST": self._no_challenge}
-                # Leases hold the buyer's units: loopback API only, never the probe listener.
-                routes[LEASES_PATH] = {"GET": self._lease_route(leases, "listing")}
-                for name in LEASE_PATHS:
-                    routes[f"{LEASES_PATH}/{name}"] = {"POST": self._lease_route(leases, name)}
             if saas is not None:
                 routes["/v1/entitlement"] = {"GET": self._no_entitlement}
                 routes["/v1/entitlement/challenge"] = {"POST": self._no_entitlement}
@@ -429,6 +432,14 @@ class Router:
             return lambda _: _pipeline_reply(*leases.listing())
         call: Callable[[bytes], tuple[int, dict[str, Any]]] = getattr(leases, name)
         return lambda body: _pipeline_reply(*call(body))
+
+    @staticmethod
+    def _no_leases(_leases: LeaseEndpoint | None, _name: str) -> Callable[[bytes], Reply]:
+        return lambda _: _problem(
+            HTTPStatus.NOT_FOUND,
+            "no_leases_in_this_mode",
+            "floating leases are License Manager checkouts: MARKETPLACE_MODE=contract only",
+        )
 
     def _no_challenge(self, _: bytes) -> Reply:
         # 404, not 409: in this mode the resource does not exist (and fuzzers expect 404).
