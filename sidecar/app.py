@@ -18,7 +18,7 @@
                                  │                   pod condition, Events)
                                  ▼
     127.0.0.1:8787  /healthz /readyz /v1/entitlement /v1/entitlement/challenge (hourly only)
-                    /v1/usage (custom only: POST records, GET per-hour state); one request
+                    /v1/usage (custom: POST records, GET per-hour state); one request
                     computes at a time (CpuTurn), never while it waits on a client or AWS
     0.0.0.0:8788    /healthz /readyz (state and code only) /metrics (MARKETPLACE_METRICS_LISTEN:
                     here, a listener of its own, or off); deadlines, oldest-idle eviction
@@ -29,8 +29,11 @@
     │ seal, one record per customer/dimension/hour,      │    shared by the fleet) or SQLite
     │ BatchMeterUsage <= 25 records; others: idle-check  │    in MARKETPLACE_STATE_DIR (one
     └────────────────────────────────────────────────────┘    replica)
+    lifecycle thread (MARKETPLACE_SAAS_EVENTS_QUEUE_URL): SQS long poll ─> parse EventBridge /
+    SNS envelopes ─> apply once per fleet in the store (GetEntitlements on changes) ─> delete
     127.0.0.1:8787  /healthz /readyz (the store is available) /v1/usage (POST, GET)
                     /v1/customers/resolve (POST: ResolveCustomer) /v1/customers[/{id}] (GET)
+                    /v1/customers/changes (GET: the change feed, long poll)
                     /v1/entitlement: 404 naming the mode
     0.0.0.0:8788    /healthz /readyz (ready, state, error code only) /metrics (saas counters
                     read from SaasService.counters() at scrape time)
@@ -39,8 +42,10 @@
     contract thread: License Manager CheckoutLicense at start (one ClientToken, retried until
     the deadline), ExtendLicenseConsumption half-way through each grant, a fresh checkout every
     MARKETPLACE_LICENSE_CHECK_SECONDS; /readyz and /v1/entitlement read its License state;
-    CheckInLicense at SIGTERM within MARKETPLACE_DRAIN_SECONDS. With MARKETPLACE_DIMENSIONS
-    (contract with consumption) a usage thread runs custom mode's pipeline too, its start
+    CheckInLicense at SIGTERM within MARKETPLACE_DRAIN_SECONDS. With MARKETPLACE_STATE_DIR the
+    checkout survives restarts and a leases thread keeps the product's /v1/licenses leases.
+    With MARKETPLACE_DIMENSIONS (contract with consumption) a usage thread runs custom mode's
+    pipeline too, its start
     check the license (`license_gate`): nothing goes to MeterUsage before a checkout; at
     SIGTERM the drain and the check-in share the one budget
 
