@@ -45,9 +45,8 @@
     CheckInLicense at SIGTERM within MARKETPLACE_DRAIN_SECONDS. With MARKETPLACE_STATE_DIR the
     checkout survives restarts and a leases thread keeps the product's /v1/licenses leases.
     With MARKETPLACE_DIMENSIONS (contract with consumption) a usage thread runs custom mode's
-    pipeline too, its start
-    check the license (`license_gate`): nothing goes to MeterUsage before a checkout; at
-    SIGTERM the drain and the check-in share the one budget
+    pipeline too, its start check the license (`license_gate`): nothing goes to MeterUsage
+    before a checkout; at SIGTERM the drain and the check-in share the one budget
 
 SIGTERM or SIGINT sets one stop event. Custom mode then seals the partial hour and sends what
 is pending within MARKETPLACE_DRAIN_SECONDS (the API still accepts usage meanwhile); saas mode
