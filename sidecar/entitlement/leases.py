@@ -275,13 +275,9 @@ class LeaseBook:
             return 200, {**self._view(lease_id), "created": True}
 
     def renew(self, body: bytes) -> Answer:
-        doc, problem = _parse(body, frozenset({"id"}))
+        lease_id, problem = _lease_id(body)
         if problem is not None:
             return problem
-        assert doc is not None  # nosec B101 # narrowing
-        lease_id = doc.get("id")
-        if not isinstance(lease_id, str) or not ID_RE.fullmatch(lease_id):
-            return _bad("id", "the id the lease was checked out with")
         with self._lock:
             record = self._leases.get(lease_id)
             if record is None:
@@ -301,13 +297,9 @@ class LeaseBook:
             return 200, self._view(lease_id)
 
     def checkin(self, body: bytes) -> Answer:
-        doc, problem = _parse(body, frozenset({"id"}))
+        lease_id, problem = _lease_id(body)
         if problem is not None:
             return problem
-        assert doc is not None  # nosec B101 # narrowing
-        lease_id = doc.get("id")
-        if not isinstance(lease_id, str) or not ID_RE.fullmatch(lease_id):
-            return _bad("id", "the id the lease was checked out with")
         with self._lock:
             record = self._leases.get(lease_id)
             if record is None:
@@ -527,3 +519,15 @@ def _parse(body: bytes, fields: frozenset[str]) -> tuple[dict[str, Any] | None, 
             },
         )
     return doc, None
+
+
+def _lease_id(body: bytes) -> tuple[str, Answer | None]:
+    """The `id` of a renew or check-in body, or the 400 that says what is wrong with it."""
+    doc, problem = _parse(body, frozenset({"id"}))
+    if problem is not None:
+        return "", problem
+    assert doc is not None  # nosec B101 # narrowing
+    lease_id = doc.get("id")
+    if not isinstance(lease_id, str) or not ID_RE.fullmatch(lease_id):
+        return "", _bad("id", "the id the lease was checked out with")
+    return lease_id, None
