@@ -17,80 +17,8 @@ import requests
 
 from sidecar.emulator.license_manager import book
 from sidecar.emulator.service import Emulator, EmulatorServer
+from tests.contract_kit import SEATS, SKU, TIER, LicenseApi, Pod, license_api
 from tests.helpers import ROOT, free_port, loopback_env
-
-SKU = "2205b290-19e6-4c76-9eea-377d6bf71a47"
-SEATS = [{"name": "Seats", "unit": "Count", "value": 1}]
-TIER = [{"name": "PremiumTier", "unit": "None"}]
-
-
-class Pod:
-    """One sidecar process; stderr goes to a file (DEBUG logs would fill a pipe)."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.api_port, self.probe_port = free_port(), free_port()
-        self.log = log
-        env = {
-            "MARKETPLACE_MODE": "contract",
-            "MARKETPLACE_LICENSE_PRODUCT_SKU": SKU,
-            "MARKETPLACE_LISTEN": f"127.0.0.1:{self.api_port}",
-            "MARKETPLACE_PROBE_LISTEN": f"127.0.0.1:{self.probe_port}",
-            "MARKETPLACE_BACKOFF_BASE_SECONDS": "0.05",
-            "MARKETPLACE_BACKOFF_CAP_SECONDS": "0.2",
-            **env,
-        }
-        self._err = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=self._err,
-            text=True,
-        )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.logs()
-            try:
-                self.get("/healthz")
-                return
-            except requests.ConnectionError:
-                time.sleep(0.05)
-        raise AssertionError("sidecar did not start")
-
-    def get(self, path: str, *, probe: bool = False) -> requests.Response:
-        port = self.probe_port if probe else self.api_port
-        return requests.get(f"http://127.0.0.1:{port}{path}", timeout=5)
-
-    def doc(self) -> dict[str, Any]:
-        body: dict[str, Any] = self.get("/v1/entitlement").json()
-        return body
-
-    def wait(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15
-    ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        doc: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            doc = self.doc()
-            if predicate(doc):
-                return doc
-            time.sleep(0.05)
-        raise AssertionError(f"not met in {timeout}s: {json.dumps(doc)[:800]}\n{self.logs()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=10)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self._err.close()
-
-    def logs(self) -> str:
-        return self.log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -101,16 +29,9 @@ def server() -> Iterator[EmulatorServer]:
 
 
 @pytest.fixture
-def lm(server: EmulatorServer) -> Iterator[Callable[[str, dict[str, Any]], Any]]:
-    """POST to the emulator's License Manager test API (reset before each test)."""
-
-    def post(action: str, body: dict[str, Any]) -> Any:
-        r = requests.post(f"{server.url}/_emulator/license/{action}", json=body, timeout=5)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    post("reset", {})
-    yield post
+def lm(server: EmulatorServer) -> LicenseApi:
+    """The emulator's License Manager test API, reset before each test."""
+    return license_api(server.url)
 
 
 def state(server: EmulatorServer) -> dict[str, Any]:

@@ -5,7 +5,6 @@ and MeterUsage (usage above it). The license, not a quantity-0 MeterUsage, opens
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -17,92 +16,18 @@ import pytest
 import requests
 
 from sidecar.emulator.service import Emulator, EmulatorServer
+from tests.contract_kit import SKU, TIER, LicenseApi, Pod, license_api
 from tests.helpers import ROOT, free_port, loopback_env
 
-SKU = "2205b290-19e6-4c76-9eea-377d6bf71a47"
 CODE = "prod-consume"
-TIER = [{"name": "PremiumTier", "unit": "None"}]
-
-
-class Pod:
-    """One sidecar process on a state dir; stderr to a file (a pipe could fill and block)."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.api = f"http://127.0.0.1:{free_port()}"
-        self.probe = f"http://127.0.0.1:{free_port()}"
-        self.log = log
-        self._err = log.open("w")
-        env = {
-            **env,
-            "MARKETPLACE_LISTEN": self.api.removeprefix("http://"),
-            "MARKETPLACE_PROBE_LISTEN": self.probe.removeprefix("http://"),
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=self._err,
-            text=True,
-        )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.logs()
-            try:
-                requests.get(self.api + "/healthz", timeout=5)
-                return
-            except requests.ConnectionError:
-                time.sleep(0.05)
-        raise AssertionError("sidecar did not start")
-
-    def doc(self) -> dict[str, Any]:
-        body: dict[str, Any] = requests.get(self.api + "/v1/entitlement", timeout=5).json()
-        return body
-
-    def usage(self) -> dict[str, Any]:
-        body: dict[str, Any] = requests.get(self.api + "/v1/usage", timeout=5).json()
-        return body
-
-    def post(self, records: list[dict[str, Any]]) -> requests.Response:
-        return requests.post(self.api + "/v1/usage", json=records, timeout=5)
-
-    def wait(self, what: Callable[[], bool], timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if what():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"not met in {timeout}s: {json.dumps(self.doc())[:600]}")
-
-    def state(self, want: str) -> None:
-        self.wait(lambda: self.doc()["state"] == want)
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self._err.close()
-
-    def logs(self) -> str:
-        return self.log.read_text()
 
 
 @pytest.fixture
-def lm(emulator_server: EmulatorServer, emulator: Emulator) -> Callable[[str, dict[str, Any]], Any]:
+def lm(emulator_server: EmulatorServer, emulator: Emulator) -> LicenseApi:
     """The emulator's License Manager test API (reset), MeterUsage pinned to this product."""
     emulator.reconfigure({"product_codes": [CODE], "dimensions": ["scans", "users"]})
 
-    def post(action: str, body: dict[str, Any]) -> Any:
-        r = requests.post(f"{emulator_server.url}/_emulator/license/{action}", json=body, timeout=5)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    post("reset", {})
-    return post
+    return license_api(emulator_server.url)
 
 
 @pytest.fixture
@@ -124,8 +49,6 @@ def pod(emulator_server: EmulatorServer, tmp_path: Path) -> Iterator[Callable[..
             MARKETPLACE_PRODUCT_CODE=CODE,
             MARKETPLACE_DIMENSIONS="scans,users",
             MARKETPLACE_STATE_DIR=str(state_dir),
-            MARKETPLACE_BACKOFF_BASE_SECONDS="0.05",
-            MARKETPLACE_BACKOFF_CAP_SECONDS="0.2",
             **extra,
         )
         p = Pod(env, tmp_path / f"pod{len(pods)}.log")
@@ -181,7 +104,7 @@ def test_licensed_pod_bills_posted_usage_once_without_meter_zero(
     grant(lm)
     p = pod()
     p.state("checked_out")
-    p.wait(lambda: not held(p))  # the license opened the usage pipeline
+    p.until(lambda: not held(p))  # the license opened the usage pipeline
     assert p.post([{"dimension": "scans", "quantity": 5, "id": "s1"}]).status_code == 202
     assert p.post([{"dimension": "users", "quantity": 2}]).status_code == 202
     assert p.post([{"dimension": "scans", "quantity": 5, "id": "s1"}]).status_code == 200
@@ -199,7 +122,7 @@ def test_licensed_pod_bills_posted_usage_once_without_meter_zero(
 
     again = pod()  # a restarted container on the same state dir sends nothing twice
     again.state("checked_out")
-    again.wait(lambda: not held(again))
+    again.until(lambda: not held(again))
     assert again.stop() == 0
     assert billed(emulator) == {"scans": 5, "users": 2}
     assert len(meter_calls(emulator)) == 2
@@ -223,7 +146,7 @@ def test_unlicensed_pod_never_meters_and_keeps_the_usage(
     grant(lm)  # the buyer's contract arrives; the container restarts on the same emptyDir
     later = pod()
     later.state("checked_out")
-    later.wait(lambda: not held(later))
+    later.until(lambda: not held(later))
     assert later.stop() == 0
     assert billed(emulator) == {"users": 3}  # acknowledged once, billed once
     assert len(meter_calls(emulator)) == 1
@@ -237,13 +160,13 @@ def test_usage_posted_while_the_license_is_checked_is_held_then_billed_once(
     grant(lm)
     lm("config", {"faults": [{"error": "RateLimitExceededException", "first": 100000}]})
     p = pod()
-    p.wait(lambda: p.doc()["consecutive_failures"] >= 2)
+    p.until(lambda: p.doc()["consecutive_failures"] >= 2)
     assert p.post([{"dimension": "users", "quantity": 6, "id": "early"}]).status_code == 202
     assert p.doc()["state"] == "checking" and held(p)
     assert meter_calls(emulator) == []
     lm("config", {"faults": []})  # License Manager answers again
     p.state("checked_out")
-    p.wait(lambda: not held(p))
+    p.until(lambda: not held(p))
     assert p.stop() == 0
     assert billed(emulator) == {"users": 6}
     assert len(meter_calls(emulator)) == 1
@@ -258,7 +181,7 @@ def test_license_revoked_with_usage_pending_still_bills_it_once(
     lm("config", {"ttl_seconds": 2})
     p = pod()
     p.state("checked_out")
-    p.wait(lambda: not held(p))
+    p.until(lambda: not held(p))
     assert p.post([{"dimension": "scans", "quantity": 4}]).status_code == 202
     lm("change", {"sku": SKU, "revoke": True})
     p.state("not_entitled")
@@ -278,7 +201,7 @@ def test_sigterm_drains_usage_while_check_in_hangs(
     grant(lm)
     p = pod(MARKETPLACE_DRAIN_SECONDS="3")
     p.state("checked_out")
-    p.wait(lambda: not held(p))
+    p.until(lambda: not held(p))
     assert p.post([{"dimension": "users", "quantity": 7}]).status_code == 202
     lm("config", {"latency": 8})  # License Manager hangs from now on
     started = time.monotonic()

@@ -17,8 +17,9 @@ import pytest
 import requests
 
 from sidecar.emulator.service import Emulator, EmulatorServer
+from tests.contract_kit import SEATS, SKU, TIER, LicenseApi, Pod, license_api
 from tests.helpers import loopback_env
-from tests.test_contract import SEATS, SKU, TIER, Pod, calls, checked_out, grant, state
+from tests.test_contract import calls, checked_out, grant, state
 
 STATE_FILE = "contract-state.json"
 
@@ -31,14 +32,8 @@ def server() -> Iterator[EmulatorServer]:
 
 
 @pytest.fixture
-def lm(server: EmulatorServer) -> Iterator[Callable[[str, dict[str, Any]], Any]]:
-    def post(action: str, body: dict[str, Any]) -> Any:
-        r = requests.post(f"{server.url}/_emulator/license/{action}", json=body, timeout=5)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    post("reset", {})
-    yield post
+def lm(server: EmulatorServer) -> LicenseApi:
+    return license_api(server.url)
 
 
 @pytest.fixture
