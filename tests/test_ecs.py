@@ -567,6 +567,7 @@ CONTRACT_ENV = {
     "MARKETPLACE_DRAIN_SECONDS": "20",
     "MARKETPLACE_LISTEN": "127.0.0.1:8787",
     "MARKETPLACE_PROBE_LISTEN": "127.0.0.1:8788",
+    "MARKETPLACE_STATE_DIR": "/var/lib/marketplace-sidecar",
 }
 
 
@@ -574,12 +575,21 @@ def test_contract_task_definition_is_valid_register_task_definition_input() -> N
     assert problems(CONTRACT_TASK) == []
 
 
-def test_contract_sidecar_wiring_has_no_metering_settings_and_no_volume() -> None:
+def test_contract_sidecar_wiring_has_no_metering_settings_and_keeps_its_checkout() -> None:
     sidecar, product = CONTRACT_TASK["containerDefinitions"]
     assert sidecar["name"] == SIDECAR and sidecar["essential"] is True
     env = {e["name"]: e["value"] for e in sidecar["environment"]}
-    assert env == CONTRACT_ENV  # no product code, key, dimensions or state dir: refused there
-    assert "mountPoints" not in sidecar and "volumes" not in CONTRACT_TASK
+    assert env == CONTRACT_ENV  # no product code, key or dimensions: refused there
+    # The checkout and the product's leases live on the task volume, the image's VOLUME path,
+    # so a sidecar restarted in place (its restart policy) extends the same seat.
+    assert CONTRACT_TASK["volumes"] == [{"name": "marketplace-sidecar-state"}]
+    assert sidecar["mountPoints"] == [
+        {"sourceVolume": "marketplace-sidecar-state", "containerPath": env["MARKETPLACE_STATE_DIR"]}
+    ]
+    assert (
+        env["MARKETPLACE_STATE_DIR"]
+        == CUSTOM_TASK["containerDefinitions"][0]["mountPoints"][0]["containerPath"]
+    )
     assert "secrets" not in sidecar  # the task role is the identity, no license token
     assert sidecar["readonlyRootFilesystem"] is True and sidecar["user"] == "10001:10001"
     # ECS sends SIGKILL after stopTimeout: CheckInLicense's bound must fit before it.
@@ -739,3 +749,38 @@ def test_saas_events_consumer_policy_and_iam_file_grant_what_the_sidecar_calls()
     } <= set(sqs)
     assert "GetEntitlements" in session.get_service_model("marketplace-entitlement").operation_names
     assert '"MARKETPLACE_SAAS_EVENTS_QUEUE_URL"' in (ROOT / "docs" / "ecs.md").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_example_restarts_a_crashed_sidecar_in_place(name: str) -> None:
+    """Without a restart policy an essential sidecar that crashes stops the whole task, and a
+    replaced task starts with an empty volume: custom mode's acknowledged, unsent usage and
+    contract mode's checkout go with it. ECS restarts a container in place, keeping the task's
+    volumes, if it ran `restartAttemptPeriod` seconds (60: the minimum) and its exit code is
+    not ignored (0: the sidecar's clean stop; a config error exits at once, so it is never
+    restarted into a loop)."""
+    task, sidecar = EXAMPLES[name]
+    assert sidecar["restartPolicy"] == {
+        "enabled": True,
+        "ignoredExitCodes": [0],
+        "restartAttemptPeriod": 60,
+    }
+    if name == "task-definition-saas.json":
+        return  # its store is PostgreSQL, shared by the tasks; nothing lives in the task
+    # Hourly mode too: a restarted container's RegisterUsage is not the task's first call, so
+    # AWS would answer a refused task with a token; the kept verdict on the volume stops that.
+    (mount,) = sidecar["mountPoints"]
+    assert json.dumps({"name": "MARKETPLACE_STATE_DIR", "value": mount["containerPath"]}) in (
+        json.dumps(sidecar["environment"])
+    )
+    if name != "cloudformation.json":
+        assert task["volumes"] == [{"name": mount["sourceVolume"]}]
+    else:
+        props = CFN["Resources"]["TaskDefinition"]["Properties"]
+        assert props["Volumes"] == [{"Name": mount["sourceVolume"]}]
+
+
+def test_the_checker_refuses_a_malformed_restart_policy() -> None:
+    broken = json.loads(json.dumps(CUSTOM_TASK))
+    broken["containerDefinitions"][0]["restartPolicy"]["enabled"] = "yes"
+    assert problems(broken)
