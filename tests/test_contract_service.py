@@ -12,9 +12,16 @@ import pytest
 
 from sidecar.aws.license import LicenseGateway
 from sidecar.core.backoff import Backoff
-from sidecar.emulator.license_manager import MARKETPLACE_FINGERPRINT, LicenseBook, book
+from sidecar.emulator.license_manager import (
+    LOST,
+    MARKETPLACE_FINGERPRINT,
+    Fault,
+    LicenseBook,
+    book,
+)
 from sidecar.emulator.service import Emulator, EmulatorServer
 from sidecar.entitlement.contract import ContractService
+from sidecar.entitlement.contract_store import ContractStore
 from sidecar.entitlement.license import Asked, LicenseState
 from tests.helpers import ManualClock
 
@@ -47,6 +54,7 @@ def run(
     waits: int,
     kind: str = "PROVISIONAL",
     between: Any = None,
+    store: ContractStore | None = None,
 ) -> tuple[ContractService, list[str]]:
     """Run the service until it has waited `waits` times; `between(service, clock)` runs at
     each wait. Returns the service and the License Manager operations called, in order."""
@@ -63,6 +71,7 @@ def run(
         backoff=Backoff(1.0, 60.0),
         on_loss="unready",
         rng=lambda: 0.5,
+        store=store,
     )
     real_wait = clock.wait
 
@@ -155,3 +164,52 @@ def test_extensions_keep_a_provisional_checkout_for_hours(lm: LicenseBook) -> No
     # the re-check answered Premium alone (our own seat fills the pool): the seat was kept
     assert snap.held is not None
     assert {e["Name"] for e in snap.held.checkout.entitlements_allowed} == {"Premium", "Seats"}
+
+
+def lose_the_recheck_answer(b: LicenseBook) -> Any:
+    """A `between`: at the first wait (the start's checkout is held) the next CheckoutLicense,
+    the re-check, is made by AWS but its answer never arrives (the connection drops)."""
+    armed: list[bool] = []
+
+    def between(service: ContractService, clock: Any) -> None:
+        if not armed:
+            armed.append(True)
+            with b.lock:
+                b.faults = [Fault(LOST, 1, "CheckoutLicense")]
+
+    return between
+
+
+def _checkout_tokens(b: LicenseBook) -> list[str]:
+    with b.lock:
+        return [c["client_token"] for c in b.calls if c["op"] == "CheckoutLicense"]
+
+
+def test_a_recheck_whose_answer_was_lost_is_resent_with_its_token_not_a_new_one(
+    lm: LicenseBook,
+) -> None:
+    """The re-check's checkout was made but its answer lost; the next re-check asks again. A
+    new token would draw a third seat and leave the lost one out for an hour; the same token
+    gets AWS's checkout back, and the old one is checked in: one seat."""
+    grant(lm, seats=3)
+    service, _ = run(lm, SEAT, waits=4, between=lose_the_recheck_answer(lm))
+    tokens = _checkout_tokens(lm)
+    assert len(tokens) >= 3 and tokens[1] == tokens[2] != tokens[0], tokens
+    assert service.snapshot().state is LicenseState.CHECKED_OUT
+    assert in_use(lm) == {"Seats": 1}
+
+
+def test_a_restart_finishes_the_recheck_that_was_in_flight(lm: LicenseBook, tmp_path: Any) -> None:
+    """The sidecar dies with a re-check's answer lost (AWS made that checkout). The restart
+    extends the checkout it held, resends the re-check with its kept token (AWS answers the
+    checkout it made) and checks the old one in: one seat, not two for an hour."""
+    grant(lm, seats=3)
+    run(lm, SEAT, waits=2, between=lose_the_recheck_answer(lm), store=ContractStore(tmp_path))
+    lost = _checkout_tokens(lm)[1]
+    assert in_use(lm) == {"Seats": 2}  # the held seat and the one whose answer was lost
+    with lm.lock:
+        lm.faults = []
+    again, _ = run(lm, SEAT, waits=1, store=ContractStore(tmp_path))
+    assert again.resumed and again.snapshot().state is LicenseState.CHECKED_OUT
+    assert _checkout_tokens(lm)[-1] == lost
+    assert in_use(lm) == {"Seats": 1}

@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 TARGET_PREFIX = "AWSLicenseManager."
 PATH_PREFIX = "/_emulator/license/"
 MARKETPLACE_FINGERPRINT = "aws:294406891311:AWS/Marketplace:issuer-fingerprint"
-RESET = "ConnectionReset"
+RESET = "ConnectionReset"  # a fault: the connection drops before the call is processed
+LOST = "AnswerLost"  # a fault: the call is processed (units consumed), then the connection drops
 ACCESS_TOKEN_SECONDS = 3600  # GetAccessToken: "Access tokens are valid for one hour"
 # "In most cases, a request must reach AWS within five minutes of the time stamp in the request.
 # Otherwise, AWS denies the request." (IAM User Guide, "Signing AWS API requests").
@@ -210,9 +211,12 @@ class LicenseBook:
 
     def dispatch(self, op: str, params: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
         self._expire()
+        lost = False
         for f in self.faults:
             if f.fires(op):
-                return (0, None) if f.error == RESET else _error(f.error, "injected fault")
+                if f.error != LOST:
+                    return (0, None) if f.error == RESET else _error(f.error, "injected fault")
+                lost = True
         handler = {
             "CheckoutLicense": self._checkout,
             "ExtendLicenseConsumption": self._extend,
@@ -221,7 +225,8 @@ class LicenseBook:
         }.get(op)
         if handler is None:
             return _error("UnsupportedOperation", f"the emulator does not implement {op}")
-        return handler(params)
+        answer = handler(params)
+        return (0, None) if lost else answer
 
     def _checkout(self, p: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
         request = json.dumps({k: v for k, v in p.items() if k != "ClientToken"}, sort_keys=True)

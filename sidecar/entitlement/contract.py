@@ -1,11 +1,12 @@
 """Contract mode's worker: check out at start, keep the checkout alive, re-check, check in.
 
-- Start: one ClientToken per start, reused by every retry of that checkout. The model gives
-  ClientToken as the "unique, case-sensitive identifier that you provide to ensure the
-  idempotency of the request": a retry after a lost answer (read timeout, reset) must be the
-  same request, or a PERPETUAL checkout consumes twice and a PROVISIONAL one holds two seats
-  for an hour. A new logical checkout (the periodic re-check, a checkout after expiry) gets a
-  fresh token, as the guide recommends ("a random UUID for each unique request").
+- Every checkout (the start's, the periodic re-check's, one after a loss) has one ClientToken,
+  reused by every attempt until AWS's answer is certain. The model gives ClientToken as the
+  "unique, case-sensitive identifier that you provide to ensure the idempotency of the
+  request": a retry after a lost answer (read timeout, reset) must be the same request, or a
+  PERPETUAL checkout consumes twice and a PROVISIONAL one holds two seats for an hour. The next
+  logical checkout gets a fresh token, as the guide recommends ("a random UUID for each unique
+  request").
 - NoEntitlementsAllowedException / ResourceNotFoundException at start: not entitled, final for
   that start (no retries: a new pod checks again). Throttling, 5xx and network errors: retried
   with capped backoff until MARKETPLACE_REGISTER_DEADLINE_SECONDS, never ready meanwhile.
@@ -14,10 +15,11 @@
   then check the old one in. PERPETUAL: re-checked only when nothing counted is asked for
   (a counted perpetual checkout draws the units down for good).
 - Stop: CheckInLicense of the live PROVISIONAL checkout, bounded by the caller.
-- With a state directory (`ContractStore`) the start's ClientToken is kept before the request
-  leaves and the live checkout once it is answered: a restarted sidecar extends the checkout it
-  held (the same seat) instead of taking a second one, resends a lost start with the same
-  ClientToken, and adopts a counted PERPETUAL checkout instead of drawing the units down again.
+- With a state directory (`ContractStore`) each checkout's ClientToken is kept before the
+  request leaves and the live checkout once it is answered: a restarted sidecar extends the
+  checkout it held (the same seat) instead of taking a second one, resends a checkout that was
+  in flight with the same ClientToken (a re-check's is then finished: the old seat checked
+  in), and adopts a counted PERPETUAL checkout instead of drawing the units down again.
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ class ContractService:
         self.on_loss = on_loss
         self._rng = rng
         self._token: str | None = None  # the live checkout's consumption token
+        # The ClientToken of a checkout sent without a certain answer yet: the next attempt (a
+        # retry, the next re-check, a restart) resends it, so AWS answers that same checkout.
+        self._inflight: str | None = None
         self._lock = threading.Lock()
         self.calls: dict[str, int] = {}
         self.results: dict[tuple[str, str], int] = {}  # (operation, result) -> count
@@ -170,10 +175,11 @@ class ContractService:
             "type": a.checkout_type,
         }
 
-    def _persist(self, client_token: str | None, held: Held | None) -> None:
-        """Keep the start's ClientToken (held None) or the live checkout; None, None: nothing."""
+    def _persist(self, held: Held | None) -> None:
+        """Keep the live checkout and the in-flight checkout's ClientToken (None: nothing)."""
         if self.store is None:
             return
+        client_token = self._inflight
         record: dict[str, Any] | None = None
         if client_token is not None or held is not None:
             record = {"asked": self._asked_key(), "client_token": client_token, "held": None}
@@ -195,7 +201,8 @@ class ContractService:
             log.error("contract_state_not_saved", extra={"detail": str(exc)[:300]})
 
     def _saved(self) -> tuple[str | None, dict[str, Any] | None]:
-        """(the start's ClientToken to resend, the checkout a previous process held)."""
+        """(the in-flight checkout's ClientToken to resend, the checkout a previous process
+        held)."""
         if self.store is None:
             return None, None
         record = self.store.get("checkout")
@@ -207,7 +214,7 @@ class ContractService:
             # The settings changed: what was held is not what this start asks for.
             if held is not None and self.asked.checkout_type == "PROVISIONAL":
                 self._checkin(str(held.get("consumption_token") or ""))
-            self._persist(None, None)
+            self._persist(None)
             return None, None
         return token, held
 
@@ -311,8 +318,9 @@ class ContractService:
     def _adopt(self, held: Held, warnings: tuple[str, ...], *, persist: bool = True) -> None:
         with self._lock:
             self._token = held.checkout.consumption_token
+        self._inflight = None  # answered: the next checkout is a new request
         if persist:
-            self._persist(None, held)
+            self._persist(held)
         self.machine.checked_out(held, warnings, self._clock.time() + self._check_seconds)
         log.info(
             "license_checked_out",
@@ -331,6 +339,11 @@ class ContractService:
         if saved is not None:
             outcome = self._resume(saved, started)
             if outcome == "ok":
+                if resend is not None:
+                    # A re-check (or a checkout after a loss) was in flight: finish it with its
+                    # token. AWS answers the checkout it made, and the old one is checked in.
+                    self._inflight = resend
+                    self._recheck()
                 return True
             if outcome == "late":
                 self.machine.give_up()
@@ -338,11 +351,9 @@ class ContractService:
                 return False
             if outcome == "stopped":
                 return False
-            resend = None  # gone: that checkout's token is spent; a new logical checkout
         # One per start: every retry is the same request. A start whose answer was lost (the
         # process died with the request out) resends its token: AWS answers the same checkout.
-        token = resend or uuid.uuid4().hex
-        self._persist(token, None)
+        token = self._token_for(None, resend)
         attempt = 0
         while not self._stop.is_set():
             held, error, warnings = self._checkout(token)
@@ -353,7 +364,7 @@ class ContractService:
             log.warning("license_checkout_failed", extra={"error": error.to_json()})
             if not error.retryable:
                 self.machine.failed(error, self._clock.time(), final=True)
-                self._persist(None, None)
+                self._answered(None)  # no checkout was made
                 return False
             self.machine.failed(error, self._clock.time())
             delay = self._backoff.delay(attempt + 1, self._rng)
@@ -420,7 +431,7 @@ class ContractService:
                     next_check = self._clock.monotonic() + self._check_seconds
                     attempt, retry_at = 0, None
                     continue
-            fresh, error, warnings = self._checkout(uuid.uuid4().hex)
+            fresh, error, warnings = self._checkout(self._token_for(None))
             if fresh is not None:
                 self._adopt(fresh, warnings)
                 next_check = self._clock.monotonic() + self._check_seconds
@@ -432,6 +443,7 @@ class ContractService:
                 retry_at = now + self._backoff.delay(attempt + 1, self._rng)
                 attempt += 1
             else:
+                self._answered(None)  # no checkout was made
                 self.machine.lost(error, self._clock.time())
                 retry_at = now + self._check_seconds
 
@@ -468,7 +480,7 @@ class ContractService:
         self.machine.extended(expires, sent)
         snap = self.machine.snapshot()
         if snap.held is not None:
-            self._persist(None, snap.held)
+            self._persist(snap.held)
         log.info("license_extended", extra={"expiration": value})
         return True
 
@@ -485,7 +497,7 @@ class ContractService:
                 with self._lock:
                     if self._token == stale.checkout.consumption_token:
                         self._token = None
-                self._persist(None, None)
+                self._persist(None)
                 return "gone"
             self.machine.failed(exc.info, self._clock.time())
             return "retry" if exc.info.retryable else "gone"
@@ -498,19 +510,20 @@ class ContractService:
         if revived.deadline <= self._clock.monotonic():
             return "gone"  # nothing left of it here: adopting it would loop without a wait
         self.machine.checked_out(revived, (), self._clock.time() + self._check_seconds)
-        self._persist(None, revived)
+        self._persist(revived)
         log.info("license_revived", extra={"expiration": value})
         return "ok"
 
     def _recheck(self) -> None:
         """A new checkout (fresh token); then the old one is checked in."""
         old = self.machine.snapshot().held
-        held, error, warnings = self._checkout(uuid.uuid4().hex)
+        held, error, warnings = self._checkout(self._token_for(old))
         if held is not None and old is not None and self._short_for_swap(old, held):
             # Fewer entitlements than we hold, with counted ones asked: the pool may lack the
             # spare units for the moment of the swap (our own seat fills it). Give the smaller
             # checkout back and keep ours; a real reduction shows when an extension fails.
             self._checkin(held.checkout.consumption_token)
+            self._answered(old)
             self._refused("a smaller answer than the live checkout")
             return
         if held is not None:
@@ -520,6 +533,8 @@ class ContractService:
             return
         assert error is not None  # nosec B101 # narrowing
         log.warning("license_recheck_failed", extra={"error": error.to_json()})
+        if not error.retryable:
+            self._answered(old)  # no checkout was made; a retryable error keeps the token
         if not error.retryable and self._provisional and self.asked.counted:
             # AWS answers "no license" and "not enough left" alike: the pool may simply have no
             # spare units for the swap. The live checkout stands until it fails to extend.
@@ -529,6 +544,21 @@ class ContractService:
             self.machine.failed(error, self._clock.time())
         else:
             self._withdrawn(error)
+
+    def _token_for(self, held: Held | None, resend: str | None = None) -> str:
+        """The ClientToken of the checkout about to be sent, kept (with what is held) before
+        it leaves: the one whose answer is still unknown, else `resend`, else a new one. A
+        kill or a lost answer at any point then costs no second seat: the next attempt is the
+        same request, and AWS answers the checkout it made."""
+        if self._inflight is None:
+            self._inflight = resend or uuid.uuid4().hex
+        self._persist(held)
+        return self._inflight
+
+    def _answered(self, held: Held | None) -> None:
+        """AWS's answer is certain (no checkout made, or it was given back): a new token next."""
+        self._inflight = None
+        self._persist(held)
 
     def _short_for_swap(self, old: Held, new: Held) -> bool:
         if not (self._provisional and self.asked.counted):
@@ -547,7 +577,7 @@ class ContractService:
     def _withdrawn(self, error: ErrorInfo) -> None:
         with self._lock:
             self._token = None
-        self._persist(None, None)
+        self._persist(None)
         self.machine.lost(error, self._clock.time())
         log.error("license_lost", extra={"code": error.code, "on_loss": self.on_loss})
 
@@ -574,7 +604,7 @@ class ContractService:
             return
         self.checked_in = self._checkin(token)
         if self.checked_in:  # else a restart in this pod extends it again (the same seat)
-            self._persist(None, None)
+            self._persist(None)
 
     def snapshot(self) -> LicenseSnapshot:
         return self.machine.snapshot()
