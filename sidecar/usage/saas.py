@@ -830,9 +830,27 @@ class SaasService:
             with self._changed:
                 self._changed.wait(min(left, CHANGES_POLL))
 
-    def dead_letters(self) -> dict[str, Any]:
-        total, recent = self.store.read(saas_events.dead_letters)
-        return {"total": total, "recent": recent}
+    def dead_letters(self, limit: int = 20, offset: int = 0) -> tuple[int, dict[str, Any]]:
+        """GET /v1/saas/dead-letters: the poison messages kept, newest first."""
+        try:
+            total, recent = self.store.read(lambda db: saas_events.dead_letters(db, limit, offset))
+        except StoreUnavailableError as exc:
+            return _unavailable(exc)
+        return 200, {"total": total, "dead_letters": recent}
+
+    def dead_letter(self, message_id: str) -> tuple[int, dict[str, Any]]:
+        """GET /v1/saas/dead-letters/{message id}: one of them, with its body as kept."""
+        try:
+            found = self.store.read(lambda db: saas_events.dead_letter_of(db, message_id))
+        except StoreUnavailableError as exc:
+            return _unavailable(exc)
+        if found is None:
+            return 404, {
+                "error": "unknown_dead_letter",
+                "field": "id",
+                "message": "no dead letter with this SQS message id is kept",
+            }
+        return 200, found
 
     # -- AWS -----------------------------------------------------------------------------
 
