@@ -194,7 +194,9 @@ def test_an_hour_of_blackholed_then_refused_queue_is_seen_survived_and_caught_up
         assert count(svc, "SELECT COUNT(*) FROM saas_events") == 1  # nothing heard meanwhile
 
         # 3. The queue comes back: each event queued meanwhile is applied once.
+        outage = clock.time() - left
         gate.set("pass")
+        print(f"outage {outage / 60:.0f} simulated minutes")  # docs/saas-lifecycle.md (-s)
         wait_for(
             lambda: count(svc, "SELECT COUNT(*) FROM saas_events") == 3,
             30,
