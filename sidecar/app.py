@@ -34,6 +34,7 @@
     127.0.0.1:8787  /healthz /readyz (the store is available) /v1/usage (POST, GET)
                     /v1/customers/resolve (POST: ResolveCustomer) /v1/customers[/{id}] (GET)
                     /v1/customers/changes (GET: the change feed, long poll)
+                    /v1/saas/dead-letters[/{id}] (GET: the queue's poison messages kept)
                     /v1/entitlement: 404 naming the mode
     0.0.0.0:8788    /healthz /readyz (ready, state, error code only) /metrics (saas counters
                     read from SaasService.counters() at scrape time)
@@ -111,6 +112,8 @@ ROUTES = frozenset(
         "/v1/customers",
         "/v1/customers/resolve",
         "/v1/customers/{id}",
+        "/v1/saas/dead-letters",
+        "/v1/saas/dead-letters/{id}",
         "/v1/licenses",
         "/v1/licenses/checkout",
         "/v1/licenses/renew",

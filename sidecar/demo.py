@@ -13,10 +13,17 @@ not depend on the minute the demo was started.
 The demo sets only what its mode reads: a newcomer's first run shows no warning.
 
 contract grants a demo license in the emulator's License Manager and prints the pod's checkout.
+
+saas also plays the buyer's lifecycle when moto's SQS server can start here (moto[server] is a
+development dependency, installed by `make demo`; never a runtime one): a local queue is the
+sidecar's MARKETPLACE_SAAS_EVENTS_QUEUE_URL, the emulator's events API puts a "Purchase Agreement
+Ended" on it, and the demo prints the customer's subscription from GET /v1/customers/{id} before
+and after. Without moto the demo says so and skips that step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -81,6 +88,7 @@ def demo(exit_after: float | None = None, mode: str = "hourly") -> int:
             print(line, file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="marketplace-sidecar-demo-"))
+    events: LifecycleQueue | None = None
     config = EmulatorConfig()
     emulator = Emulator(config)
     server = EmulatorServer(emulator).start()
@@ -93,7 +101,9 @@ def demo(exit_after: float | None = None, mode: str = "hourly") -> int:
         os.environ["MARKETPLACE_PUBLIC_KEY_FILE"] = str(key_file)
     elif mode == "contract":
         contract_env(emulator, server.url)
-    else:
+    if mode == "saas":
+        events = lifecycle_queue(server.url)
+    if mode in ("custom", "saas"):
         origin = fast_clock_origin(time.time())
         config.time_scale, config.time_origin = TIME_SCALE, origin
         os.environ["MARKETPLACE_MODE"] = mode
@@ -122,11 +132,15 @@ def demo(exit_after: float | None = None, mode: str = "hourly") -> int:
             ).start()
         elif mode != "hourly":
             dims = settings.dimension_list
-            threading.Thread(
-                target=lambda: outcome.append(show_billing(mode, emulator, api, probe, dims)),
-                name="demo-usage",
-                daemon=True,
-            ).start()
+
+            def usage_then_lifecycle() -> None:
+                customer = show_billing(mode, emulator, api, probe, dims)
+                ok = customer is not None
+                if ok and mode == "saas" and isinstance(customer, dict):
+                    ok = show_lifecycle(emulator, api, customer, events)
+                outcome.append(ok)
+
+            threading.Thread(target=usage_then_lifecycle, name="demo-usage", daemon=True).start()
         if exit_after is not None:
             import signal
 
@@ -135,6 +149,8 @@ def demo(exit_after: float | None = None, mode: str = "hourly") -> int:
         server.shutdown()
         return code if code or outcome != [False] else 1
     finally:
+        if events is not None:
+            events.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -300,6 +316,11 @@ def banner(mode: str, emulator_url: str, api: str, probe: str, key_file: Path) -
         lines.append(
             "The demo posts sample usage now and prints what AWS billed once the hour is sent."
         )
+    if mode == "saas" and os.environ.get("MARKETPLACE_SAAS_EVENTS_QUEUE_URL"):
+        lines.append(
+            "Then it ends the buyer's agreement (an event on a local SQS queue) and prints "
+            "GET /v1/customers/{id}."
+        )
     lines += ["Ctrl-C to stop.", ""]
     return "\n".join(line for i, line in enumerate(lines) if line or i in (0, len(lines) - 1))
 
@@ -334,13 +355,15 @@ def _until(check: Callable[[], Any], timeout: float, step: float = 0.2) -> Any:
 
 def show_billing(
     mode: str, emulator: Emulator, api: str, probe: str, dimensions: tuple[str, ...]
-) -> bool:
-    """Post sample usage like a product would, then print what the emulator billed."""
+) -> dict[str, Any] | None:
+    """Post sample usage like a product would, then print what the emulator billed. Returns the
+    resolved customer (saas; {} in custom mode), or None when a step failed (printed)."""
     started = time.monotonic()
     if not _until(lambda: _http("GET", f"http://{probe}/readyz")[0] == 200, BILLED_WITHIN):
         print("demo: the sidecar did not become ready; see its log above", flush=True)
-        return False
+        return None
     records: list[dict[str, Any]] = []
+    resolved: Any = {}
     if mode == "custom":
         records = [{"dimension": dimensions[0], "quantity": 3}]
     else:
@@ -352,9 +375,10 @@ def show_billing(
         )
         if status != 200:
             print(f"demo: resolve answered {status}: {resolved}", flush=True)
-            return False
+            return None
         print(f"demo: resolved customer {json.dumps(resolved, sort_keys=True)}", flush=True)
-        who = {k: resolved[k] for k in ("customer_aws_account_id", "license_arn") if k in resolved}
+        keys = ("customer_aws_account_id", "license_arn")
+        who: dict[str, Any] = {k: resolved[k] for k in keys if k in resolved}
         records = [
             {**who, "dimension": dimensions[0], "quantity": 3, "id": "demo-1"},
             {**who, "dimension": dimensions[-1], "quantity": 2, "id": "demo-2"},
@@ -364,7 +388,7 @@ def show_billing(
     print(f"demo: POST /v1/usage {json.dumps(body)} -> {status}", flush=True)
     if status not in (200, 202):
         print(f"demo: the usage was refused: {answer}", flush=True)
-        return False
+        return None
     wanted = {(r["dimension"], r["quantity"]) for r in records}
 
     def billed() -> list[dict[str, Any]]:
@@ -375,9 +399,100 @@ def show_billing(
     found = _until(billed, max(1.0, BILLED_WITHIN - (time.monotonic() - started)))
     if not found:
         print(f"demo: nothing billed within {BILLED_WITHIN:.0f} s; see the log above", flush=True)
-        return False
+        return None
     operation = "MeterUsage" if mode == "custom" else "BatchMeterUsage"
     print(f"demo: AWS billed ({operation}, after {time.monotonic() - started:.1f} s):", flush=True)
     for record in found:
         print(f"  {json.dumps(record, sort_keys=True)}", flush=True)
+    return dict(resolved) if mode == "saas" else {}
+
+
+class LifecycleQueue:
+    """moto's SQS server on a free loopback port and one queue on it: the demo's stand-in for the
+    queue AWS Marketplace's EventBridge rule delivers to."""
+
+    def __init__(self, server: Any, url: str) -> None:
+        self._server = server
+        self.url = url
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._server.stop()
+
+
+def lifecycle_queue(emulator_url: str) -> LifecycleQueue | None:
+    """Start moto's SQS server and a queue, and point the sidecar at them (its events queue, and
+    GetEntitlements at the emulator); None, said in one line, when moto is not installed."""
+    try:
+        from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+    except ImportError:
+        print(
+            "demo: the SaaS lifecycle step needs moto's SQS server (a development dependency: "
+            "make demo installs it, or pip install 'moto[server]'); skipped",
+            flush=True,
+        )
+        return None
+    import botocore.session
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request lines
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client: Any = botocore.session.get_session().create_client(
+        "sqs", region_name="us-east-1", endpoint_url=endpoint
+    )
+    try:
+        url = str(client.create_queue(QueueName="marketplace-saas-events")["QueueUrl"])
+    finally:
+        client.close()
+    os.environ["MARKETPLACE_SAAS_EVENTS_QUEUE_URL"] = url
+    os.environ["AWS_ENDPOINT_URL_SQS"] = endpoint
+    os.environ["AWS_ENDPOINT_URL_MARKETPLACE_ENTITLEMENT_SERVICE"] = emulator_url
+    return LifecycleQueue(server, url)
+
+
+def show_lifecycle(
+    emulator: Emulator, api: str, customer: dict[str, Any], events: LifecycleQueue | None
+) -> bool:
+    """Put a "Purchase Agreement Ended" for the demo's buyer on the queue (the emulator's events
+    API) and print its subscription in GET /v1/customers/{id} before and after."""
+    if events is None:
+        return True  # said at start-up
+    account = str(customer.get("customer_aws_account_id") or "")
+    path = f"http://{api}/v1/customers/{account}"
+    _, before = _http("GET", path)
+    started = time.monotonic()
+    # Dated by the real clock: SQS's SentTimestamp is real time, and the sidecar refuses events
+    # dated more than 15 minutes after it (the fast clock runs hours ahead).
+    emulator.saas_event(
+        {
+            "type": "purchase-agreement-ended",
+            "product_code": PRODUCT_CODE,
+            "customer_aws_account_id": account,
+            "queue_url": events.url,
+            "time": time.time(),
+        }
+    )
+
+    def changed() -> dict[str, Any] | None:
+        status, doc = _http("GET", path)
+        if status == 200 and isinstance(doc, dict) and doc.get("subscription") != "subscribed":
+            return doc
+        return None
+
+    after = _until(changed, BILLED_WITHIN)
+    was = before.get("subscription") if isinstance(before, dict) else before
+    if not after:
+        print(f"demo: the lifecycle event did not reach GET /v1/customers/{account}", flush=True)
+        return False
+    life = after.get("lifecycle") or {}
+    print(
+        f"demo: SaaS lifecycle: Purchase Agreement Ended sent to the queue; GET "
+        f"/v1/customers/{account}: subscription {was} -> {after['subscription']} "
+        f"(after {time.monotonic() - started:.1f} s; last_event {life.get('last_event')!r})",
+        flush=True,
+    )
     return True

@@ -201,6 +201,14 @@ class Seen:
         self._saw("changes")
         return 200, {"cursor": str(since), "changes": []}
 
+    def dead_letters(self, limit: int, offset: int) -> tuple[int, dict[str, Any]]:
+        self._saw("dead letters")
+        return 200, {"total": 0, "dead_letters": []}
+
+    def dead_letter(self, message_id: str) -> tuple[int, dict[str, Any]]:
+        self._saw("dead letter")
+        return 404, {"error": "unknown_dead_letter", "message": "none"}
+
     def ready(self) -> tuple[bool, str | None]:
         self._saw("readyz")
         return True, None
@@ -241,11 +249,13 @@ def test_handlers_that_can_block_run_without_the_turn(
         assert s.post(base + "/v1/customers/resolve", data=b"{}", timeout=5).status_code == 200
         assert s.get(base + "/v1/customers", timeout=5).status_code == 200
         assert s.get(base + "/v1/customers/123456789012", timeout=5).status_code == 200
+        assert s.get(base + "/v1/saas/dead-letters", timeout=5).status_code == 200
+        assert s.get(base + "/v1/saas/dead-letters/m-1", timeout=5).status_code == 404
         assert s.get(base + "/readyz", timeout=5).status_code == 200  # asks the store
         assert s.get(base + "/healthz", timeout=5).status_code == 200
     held = {name for name, locked in seen.seen.items() if locked}
     assert held == {"healthz"}, "only the memory-only route runs under the turn"
-    assert len(seen.seen) == 7
+    assert len(seen.seen) == 9
     # The probe listener has no turn at all. `seen` reads the shared turn: wait until the API
     # thread of the last request, whose answer may arrive a moment before it lets go, gave it back.
     wait_until(lambda: not seen.turn.locked())

@@ -189,8 +189,26 @@ def test_saas_demo_prints_a_resolved_customer_and_its_batch_records_and_no_warni
     records = _records(demo, 2)
     assert sorted((r["dimension"], r["quantity"]) for r in records) == [("scans", 3), ("users", 2)]
     assert {r["customer"] for r in records} == {customer["customer"]}
+    # The lifecycle step: an event on the demo's queue changes the buyer's state in the API.
+    changed = demo.wait_line(r"^demo: SaaS lifecycle: ", BILLED_WITHIN)
+    assert f"/v1/customers/{customer['customer_aws_account_id']}" in changed
+    assert "subscription subscribed -> pending_unsubscribe" in changed, changed
     assert _stop(demo) == 0
     assert _alarms(demo) == []
+
+
+def test_without_moto_the_saas_demo_says_it_skips_the_lifecycle_step(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """moto is a development dependency: an install without it runs the demo, and says why the
+    lifecycle step is missing instead of failing or staying silent."""
+    from sidecar.demo import lifecycle_queue
+
+    monkeypatch.setitem(sys.modules, "moto.moto_server.threaded_moto_server", None)
+    monkeypatch.delenv("MARKETPLACE_SAAS_EVENTS_QUEUE_URL", raising=False)
+    assert lifecycle_queue("http://127.0.0.1:1") is None
+    assert "skipped" in capsys.readouterr().out
+    assert "MARKETPLACE_SAAS_EVENTS_QUEUE_URL" not in os.environ
 
 
 def test_hourly_demo_shows_no_warning(start_demo: Any) -> None:

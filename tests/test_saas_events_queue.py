@@ -163,9 +163,11 @@ def test_a_poison_message_is_kept_alerted_and_deleted_never_blocking_the_queue(
     with consuming(svc, EventQueue(url, REGION, wait_seconds=1)):
         wait_for(lambda: left(client, url) == 0, 20, "the queue was not emptied")
         wait_for(lambda: events(svc) == 1, 10, "the good event behind the poison was not applied")
-    letters = svc.dead_letters()
-    assert letters["total"] == 1 and "not JSON" in letters["recent"][0]["error"]
-    assert letters["recent"][0]["bytes"] == 100_009
+    status, letters = svc.dead_letters()
+    assert status == 200 and letters["total"] == 1
+    assert "not JSON" in letters["dead_letters"][0]["reason"]
+    assert letters["dead_letters"][0]["bytes"] == 100_009
+    assert letters["dead_letters"][0]["truncated"] is True
     kept = svc.store.read(lambda db: db.execute("SELECT body FROM saas_dead_letters").fetchone()[0])
     assert str(kept).startswith("{not json") and len(str(kept)) == 64 * 1024  # capped
     counters = svc.counters()

@@ -174,3 +174,81 @@ def test_contract_entitlements_follow_license_updates_through_the_emulator(
     license_updated()
     seats_seen(5)
     assert car.stop() == 0
+
+
+def test_dead_letters_are_read_through_the_api_and_the_client(
+    saas_car: Any, emulator_server: EmulatorServer, moto: Moto, tmp_path: Path
+) -> None:
+    """A poison message on the queue: the operator finds it (why, when, its size), reads its
+    body and can send it again, all without database access; never on the probe listener."""
+    from marketplace_sidecar_client import dead_letters, get_dead_letter
+
+    url, client = new_queue(moto.url, visibility=5)
+    car = saas_car(
+        MARKETPLACE_STATE_DIR=str(tmp_path),
+        AWS_ENDPOINT_URL_MARKETPLACE_ENTITLEMENT_SERVICE=emulator_server.url,
+        MARKETPLACE_SAAS_EVENTS_QUEUE_URL=url,
+        AWS_ENDPOINT_URL_SQS=moto.url,
+        AWS_REGION=REGION,
+    )
+    empty = car.get("/v1/saas/dead-letters")
+    check("/v1/saas/dead-letters", "GET", empty)
+    assert empty.json() == {"total": 0, "dead_letters": []}
+    poison = '{"source": "aws.agreement-marketplace", "detail-type": "Seat Count Changed"}'
+    sent = client.send_message(QueueUrl=url, MessageBody=poison)["MessageId"]
+    big = "{not json " + "é" * 70_000  # kept cut at 65,536 characters
+    sent_big = client.send_message(QueueUrl=url, MessageBody=big)["MessageId"]
+    deadline = time.monotonic() + 30
+    while dead_letters(url=car.api)["total"] < 2:
+        assert time.monotonic() < deadline, "the poison messages never showed"
+        time.sleep(0.1)
+    listed = car.get("/v1/saas/dead-letters?limit=100")
+    check("/v1/saas/dead-letters", "GET", listed)
+    by_id = {d["message_id"]: d for d in listed.json()["dead_letters"]}
+    assert set(by_id) == {sent, sent_big}
+    assert "Seat Count Changed" in by_id[sent]["reason"] and by_id[sent]["truncated"] is False
+    assert by_id[sent_big]["truncated"] is True
+    assert by_id[sent_big]["bytes"] == len(big.encode())
+    assert all("body" not in d for d in by_id.values())  # the list stays small
+    one = car.get(f"/v1/saas/dead-letters/{sent}")
+    check("/v1/saas/dead-letters/{id}", "GET", one)
+    assert one.json()["body"] == poison and one.json()["received_at"]
+    assert get_dead_letter(sent_big, url=car.api)["body"] == big[: 64 * 1024]
+    page = dead_letters(limit=1, offset=1, url=car.api)
+    assert page["total"] == 2 and len(page["dead_letters"]) == 1
+    with pytest.raises(CustomerError) as unknown:
+        get_dead_letter("no-such-message", url=car.api)
+    assert unknown.value.reason == "unknown_dead_letter"
+    gone = car.get("/v1/saas/dead-letters/no-such-message")
+    check("/v1/saas/dead-letters/{id}", "GET", gone)
+    assert gone.status_code == 404
+    # Client mistakes are a 400 naming the parameter, never a 500.
+    for query, named in (
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("limit=²", "limit"),
+        ("offset=-1", "offset"),
+        ("offset=1e3", "offset"),
+        ("since=1", "since"),
+        ("limit", "limit"),
+        ("%zz", "query"),
+    ):
+        bad = car.get(f"/v1/saas/dead-letters?{query}")
+        check("/v1/saas/dead-letters", "GET", bad)
+        assert bad.status_code == 400 and named in bad.json()["error"]["message"], (query, bad.text)
+    for raw in ("%ff", "a" * 101, "%0a"):
+        bad = car.get(f"/v1/saas/dead-letters/{raw}")
+        check("/v1/saas/dead-letters/{id}", "GET", bad)
+        assert bad.status_code == 400, (raw, bad.text)
+    # Bodies may name buyers: the probe listener (all interfaces) has no such route.
+    assert car.get("/v1/saas/dead-letters", probe=True).status_code == 404
+    assert car.get(f"/v1/saas/dead-letters/{sent}", probe=True).status_code == 404
+    # Acting on one: its body, sent to the queue again, is dead-lettered again (nothing lost).
+    client.send_message(QueueUrl=url, MessageBody=get_dead_letter(sent, url=car.api)["body"])
+    while dead_letters(url=car.api)["total"] < 3:
+        assert time.monotonic() < deadline + 30, "the resent message never showed"
+        time.sleep(0.1)
+    metrics = car.get("/metrics", probe=True).text
+    assert 'marketplace_saas_lifecycle_messages_total{outcome="dead_letter"} 3.0' in metrics
+    assert 'path="/v1/saas/dead-letters/{id}",status="200"' in metrics  # one series, any id
+    assert car.stop() == 0

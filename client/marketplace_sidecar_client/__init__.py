@@ -61,7 +61,9 @@ __all__ = [
     "checkin_lease",
     "checkout_lease",
     "customer_changes",
+    "dead_letters",
     "get_customer",
+    "get_dead_letter",
     "parse_retry_after",
     "renew_lease",
     "report_usage",
@@ -71,6 +73,7 @@ __all__ = [
 
 DEFAULT_URL = "http://127.0.0.1:8787"
 DEFAULT_MAX_AGE = 300.0
+DEAD_LETTER_ANSWER_BYTES = 1 << 20  # one dead letter with its body (see get_dead_letter)
 CHALLENGE_PATH = "/v1/entitlement/challenge"
 # The sidecar's answers are a few KiB; anything much larger is not the sidecar talking.
 MAX_HEADER_BYTES = 16 * 1024
@@ -172,13 +175,15 @@ def _public_key(key: RSAPublicKey | str | bytes) -> RSAPublicKey:
 # -- transport ---------------------------------------------------------------------------
 
 
-def _request(method: str, url: str, body: Any, deadline: float) -> tuple[int, dict[str, str], Any]:
+def _request(
+    method: str, url: str, body: Any, deadline: float, limit: int = MAX_BODY_BYTES
+) -> tuple[int, dict[str, str], Any]:
     """One HTTP/1.1 exchange with the sidecar, finished by `deadline` (a time.monotonic() value).
 
     Sends `body` as JSON (None: no body). Returns (status, headers with lower-case names,
     the parsed JSON answer or None when the body is empty or not JSON). Never follows a
     redirect (a 3xx is just a status), never uses a proxy, reads at most MAX_HEADER_BYTES +
-    MAX_BODY_BYTES. Raises EntitlementError: bad_url, no_sidecar (could not connect),
+    `limit` (MAX_BODY_BYTES). Raises EntitlementError: bad_url, no_sidecar (could not connect),
     timeout (the deadline passed), bad_answer (not HTTP, too large, cut short).
     Only the host name lookup is outside the deadline: use an IP address or localhost.
     """
@@ -224,7 +229,7 @@ def _request(method: str, url: str, body: Any, deadline: float) -> tuple[int, di
         try:
             _settimeout(sock, deadline)
             sock.sendall(head + payload)
-            raw = _receive(sock, deadline)
+            raw = _receive(sock, deadline, limit)
         except TimeoutError:
             raise EntitlementError(
                 "timeout", f"the sidecar at {url} did not answer in time"
@@ -273,7 +278,9 @@ def _settimeout(sock: socket.socket, deadline: float) -> None:
     sock.settimeout(remaining)
 
 
-def _receive(sock: socket.socket, deadline: float) -> tuple[int, dict[str, str], bytes]:
+def _receive(
+    sock: socket.socket, deadline: float, limit: int = MAX_BODY_BYTES
+) -> tuple[int, dict[str, str], bytes]:
     buf = bytearray()
     while True:  # the head: status line and headers
         end = buf.find(b"\r\n\r\n")
@@ -291,16 +298,16 @@ def _receive(sock: socket.socket, deadline: float) -> tuple[int, dict[str, str],
         raise _bad("chunked or encoded answers are not accepted")
     length_text = headers.get("content-length")
     if length_text is None:
-        while len(buf) <= MAX_BODY_BYTES and _recv_into(sock, buf, deadline):
+        while len(buf) <= limit and _recv_into(sock, buf, deadline):
             pass
-        if len(buf) > MAX_BODY_BYTES:
-            raise _bad(f"answer larger than {MAX_BODY_BYTES} bytes")
+        if len(buf) > limit:
+            raise _bad(f"answer larger than {limit} bytes")
         return status, headers, bytes(buf)
     if not _DIGITS.fullmatch(length_text):
         raise _bad(f"Content-Length is not a number: {length_text[:20]!r}")
     length = int(length_text)
-    if length > MAX_BODY_BYTES:
-        raise _bad(f"answer of {length} bytes is larger than {MAX_BODY_BYTES}")
+    if length > limit:
+        raise _bad(f"answer of {length} bytes is larger than {limit}")
     while len(buf) < length:
         if not _recv_into(sock, buf, deadline):
             raise _bad(f"the answer ended after {len(buf)} of {length} bytes")
@@ -772,10 +779,10 @@ def _lease_call(
     )
 
 
-def _customer_read(path: str, timeout: float) -> dict[str, Any]:
+def _customer_read(path: str, timeout: float, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
     """GET a saas-mode customer route: the JSON object, or `CustomerError`."""
     try:
-        status, headers, doc = _request("GET", path, None, time.monotonic() + timeout)
+        status, headers, doc = _request("GET", path, None, time.monotonic() + timeout, limit)
     except EntitlementError as exc:  # the transport's reasons
         raise CustomerError(exc.reason, exc.message) from None
     if status == 200 and isinstance(doc, dict):
@@ -785,7 +792,7 @@ def _customer_read(path: str, timeout: float) -> dict[str, Any]:
     code = _clean(str(error.get("code") or f"http_{status}"))
     message = f"{code}: {_clean(str(error.get('message') or 'no message'))}"
     reason = {
-        404: "unknown_customer" if code == "unknown_customer" else "not_saas_mode",
+        404: code if code in ("unknown_customer", "unknown_dead_letter") else "not_saas_mode",
         400: "invalid",
         429: "unavailable",  # the change feed's long polls are all taken (changes_busy)
         503: "unavailable",
@@ -829,3 +836,38 @@ def customer_changes(
         raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
     query = f"?since={since}&wait={wait:g}"
     return _customer_read(url.rstrip("/") + "/v1/customers/changes" + query, budget)
+
+
+def dead_letters(
+    *, limit: int = 20, offset: int = 0, url: str = DEFAULT_URL, timeout: float = 10.0
+) -> dict[str, Any]:
+    """GET /v1/saas/dead-letters (saas mode): the lifecycle queue's messages that were no event
+    the sidecar understands, newest first: {"total": n, "dead_letters": [{message_id, bytes,
+    reason, received_at, truncated}]}. Raises `CustomerError` (invalid, unavailable,
+    not_saas_mode, or a transport reason)."""
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+    for name, value, low, high in (("limit", limit, 1, 100), ("offset", offset, 0, 999_999_999)):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+    query = f"?limit={limit}&offset={offset}"
+    return _customer_read(url.rstrip("/") + "/v1/saas/dead-letters" + query, timeout)
+
+
+def get_dead_letter(
+    message_id: str, *, url: str = DEFAULT_URL, timeout: float = 10.0
+) -> dict[str, Any]:
+    """GET /v1/saas/dead-letters/{message_id} (saas mode): one dead letter with its `body` as
+    kept (its first 65,536 characters; `truncated` says if that is all). Raises `CustomerError`
+    (unknown_dead_letter, invalid, unavailable, not_saas_mode, or a transport reason)."""
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+    if not isinstance(message_id, str) or not 0 < len(message_id) <= 100:
+        raise CustomerError("invalid", "message_id: 1-100 printable characters")
+    if not message_id.isprintable():
+        raise CustomerError("invalid", "message_id: 1-100 printable characters")
+    from urllib.parse import quote
+
+    path = "/v1/saas/dead-letters/" + quote(message_id, safe="")
+    # 65,536 characters kept, each up to 12 bytes once JSON escapes it (a surrogate pair).
+    return _customer_read(url.rstrip("/") + path, timeout, DEAD_LETTER_ANSWER_BYTES)

@@ -424,6 +424,13 @@ class _SaasCollector(Collector):
         for outcome in SAAS_LIFECYCLE_OUTCOMES:
             messages.add_metric([outcome], float(lifecycle.get(outcome, 0)))
         yield messages
+        yield CounterMetricFamily(
+            "marketplace_saas_final_windows_missed",
+            "Deprovisionings learned after their one-hour final window had closed (the queue "
+            "unreachable or the event late): that buyer's last usage is sent anyway and AWS "
+            "may refuse it (kept as not_subscribed)",
+            value=float(lifecycle.get("final_window_missed", 0)),
+        )
         room = getattr(counts, "headroom", None)
         if room is None:
             return

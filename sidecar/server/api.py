@@ -45,6 +45,11 @@ RESOLVE_PATH = "/v1/customers/resolve"
 CUSTOMER_PREFIX = "/v1/customers/"
 CUSTOMER_ROUTE = "/v1/customers/{id}"  # the route's name in metrics and the OpenAPI document
 CHANGES_PATH = "/v1/customers/changes"  # ?since=<cursor>&wait=<seconds, 0-20>
+DEAD_LETTERS_PATH = "/v1/saas/dead-letters"  # ?limit=<1-100>&offset=<n>
+DEAD_LETTER_PREFIX = "/v1/saas/dead-letters/"
+DEAD_LETTER_ROUTE = "/v1/saas/dead-letters/{id}"
+MAX_DEAD_LETTERS_PAGE = 100
+MAX_MESSAGE_ID_CHARS = 100  # an SQS MessageId is a UUID (36)
 # A registration token is opaque and AWS documents no maximum; observed ones are far below this.
 MAX_RESOLVE_BODY_BYTES = 16 * 1024
 # An account id (12 digits), a CustomerIdentifier (1-255) or the ledger's key, account id and
@@ -147,6 +152,10 @@ class SaasEndpoint(Protocol):
 
     def changes(self, since: int, wait: float) -> tuple[int, dict[str, Any]]: ...
 
+    def dead_letters(self, limit: int, offset: int) -> tuple[int, dict[str, Any]]: ...
+
+    def dead_letter(self, message_id: str) -> tuple[int, dict[str, Any]]: ...
+
 
 class ContractEndpoint(Protocol):
     """ContractService as the API sees it (contract mode): reads of memory only."""
@@ -229,6 +238,9 @@ class Router:
             routes[CUSTOMERS_PATH] = {"GET": self._customers}
             routes[CUSTOMER_ROUTE] = {"GET": self._customer}
             routes[CHANGES_PATH] = {"GET": self._customer}  # routed by `handle`, with the query
+            # The lifecycle queue's poison messages (bodies may name buyers): loopback API only.
+            routes[DEAD_LETTERS_PATH] = {"GET": self._customer}  # by `handle`, with the query
+            routes[DEAD_LETTER_ROUTE] = {"GET": self._customer}  # by `handle`, with the id
             if usage is not None:
                 routes["/v1/entitlement/challenge"] = {"POST": self._no_challenge}
             # Leases hold the buyer's units: loopback API only, never the probe listener. The
@@ -264,11 +276,18 @@ class Router:
         return method not in methods or (self.route(path), method) in self._pure
 
     def route(self, path: str) -> str:
-        """The route a path belongs to: /v1/customers/<one segment> is /v1/customers/{id}."""
-        if path in self.routes or not path.startswith(CUSTOMER_PREFIX):
+        """The route a path belongs to: /v1/customers/<one segment> is /v1/customers/{id}, and
+        /v1/saas/dead-letters/<one segment> is /v1/saas/dead-letters/{id}."""
+        if path in self.routes:
             return path
-        key = path[len(CUSTOMER_PREFIX) :]
-        return CUSTOMER_ROUTE if key and "/" not in key else path
+        for prefix, route in (
+            (CUSTOMER_PREFIX, CUSTOMER_ROUTE),
+            (DEAD_LETTER_PREFIX, DEAD_LETTER_ROUTE),
+        ):
+            if path.startswith(prefix):
+                key = path[len(prefix) :]
+                return route if key and "/" not in key else path
+        return path
 
     def max_body(self, path: str) -> int:
         """1 MiB for usage on the API listener (in hourly mode too: a clear 404, not a 413)."""
@@ -292,6 +311,10 @@ class Router:
             return _problem(HTTPStatus.NOT_FOUND, "not_found", f"no such path: {path[:100]}")
         if route == CHANGES_PATH and method in ("GET", "HEAD"):
             return self._changes(query)
+        if route == DEAD_LETTERS_PATH and method in ("GET", "HEAD"):
+            return self._dead_letters(query)
+        if route == DEAD_LETTER_ROUTE and method in ("GET", "HEAD"):
+            return self._dead_letter_at(path[len(DEAD_LETTER_PREFIX) :])
         if route == CUSTOMER_ROUTE:
             handler = methods.get("GET" if method == "HEAD" else method)
             if handler is not None:
@@ -557,6 +580,57 @@ class Router:
         finally:
             self._change_waits.release()
 
+    def _dead_letters(self, query: str) -> Reply:
+        """GET /v1/saas/dead-letters?limit=<1-100>&offset=<n>: the lifecycle queue's poison
+        messages kept, newest first."""
+        if self._saas is None:
+            return _customers_need_saas_mode()
+        from urllib.parse import parse_qs
+
+        try:
+            args = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
+        except ValueError:
+            args = {"": [""]}
+        unknown = sorted(set(args) - {"limit", "offset"})
+        if unknown:
+            return _problem(
+                HTTPStatus.BAD_REQUEST,
+                "invalid_query",
+                f"{unknown[0][:40] or 'query'}: only limit=<1-{MAX_DEAD_LETTERS_PAGE}> and "
+                "offset=<n> are allowed",
+            )
+        limit = _small_int((args.get("limit") or ["20"])[-1])
+        if limit is None or not 1 <= limit <= MAX_DEAD_LETTERS_PAGE:
+            return _problem(
+                HTTPStatus.BAD_REQUEST,
+                "invalid_query",
+                f"limit: how many dead letters to list, 1 to {MAX_DEAD_LETTERS_PAGE}",
+            )
+        offset = _small_int((args.get("offset") or ["0"])[-1])
+        if offset is None:
+            return _problem(
+                HTTPStatus.BAD_REQUEST,
+                "invalid_query",
+                "offset: how many of the newest to skip, 0 to 999999999",
+            )
+        return _pipeline_reply(*self._saas.dead_letters(limit, offset))
+
+    def _dead_letter_at(self, raw: str) -> Reply:
+        if self._saas is None:
+            return _customers_need_saas_mode()
+        try:
+            key = unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            key = ""
+        if not 0 < len(key) <= MAX_MESSAGE_ID_CHARS or not key.isprintable():
+            return _problem(
+                HTTPStatus.BAD_REQUEST,
+                "invalid_dead_letter",
+                "id: the path ends with a dead letter's message_id from GET "
+                f"{DEAD_LETTERS_PATH} (1-{MAX_MESSAGE_ID_CHARS} printable characters)",
+            )
+        return _pipeline_reply(*self._saas.dead_letter(key))
+
     def _customer_at(self, raw: str) -> Reply:
         if self._saas is None:
             return _customers_need_saas_mode()
@@ -592,6 +666,13 @@ class Router:
             "warnings": [*self._warnings, *snap.warnings],
             **(self._extras() if extra is None else extra),
         }
+
+
+def _small_int(text: str) -> int | None:
+    """ASCII digits (isdigit also takes '²'), at most 9 of them; else None."""
+    if text.isascii() and text.isdigit() and len(text) <= 9:
+        return int(text)
+    return None
 
 
 def _as_problem(doc: dict[str, Any]) -> dict[str, Any]:

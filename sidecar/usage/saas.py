@@ -292,6 +292,8 @@ class SaasService:
         self._inflight: dict[str, tuple[threading.Lock, int]] = {}
         self._entitlements = entitlements
         self._lifecycle: dict[str, int] = dict.fromkeys(LIFECYCLE_OUTCOMES, 0)
+        # The lifecycle queue failing since (clock time, failed receives, last error): /readyz.
+        self._queue_down: tuple[float, int, str] | None = None
         self._changed = threading.Condition()  # wakes change-feed long polls of this replica
 
     # -- the local API ---------------------------------------------------------------------
@@ -617,6 +619,13 @@ class SaasService:
                 )
             if self._alerts["conflict"] and self._on_sqlite():
                 out.append("second_sender: " + SECOND_SENDER_HINT)  # the store still writes
+            if self._queue_down is not None:
+                since, tries, why = self._queue_down
+                out.append(
+                    f"events_queue_unreachable: receiving lifecycle events failing since "
+                    f"{iso(since)} ({tries} tries; last: {why}); events wait on the queue, "
+                    "but a buyer who leaves now has one hour to be billed"
+                )
         try:
             room = self.headroom()
         except StoreUnavailableError:
@@ -703,6 +712,20 @@ class SaasService:
         )
         outcome = "duplicate" if applied.duplicate else "stale" if applied.stale else "applied"
         self._note(outcome)
+        if applied.final and now >= event.time + lifecycle.FINAL_WINDOW:
+            # Learned after AWS's final window closed (the queue was unreachable, or the event
+            # late): the buyer's open usage is still sealed and sent at once, and AWS may answer
+            # CustomerNotSubscribed (kept as not_subscribed). docs/saas-lifecycle.md.
+            self._note("final_window_missed")
+            log.error(
+                "saas_final_window_missed",
+                extra={
+                    "subject": event.subject,
+                    "event": event.detail_type,
+                    "event_time": iso(event.time),
+                    "window_closed_seconds_ago": round(now - event.time - lifecycle.FINAL_WINDOW),
+                },
+            )
         log.info(
             "saas_lifecycle_event",
             extra={
@@ -786,6 +809,9 @@ class SaasService:
             except Exception as exc:
                 failures += 1
                 self._note("queue_error")
+                with self._count_lock:
+                    since = self._queue_down[0] if self._queue_down else self.clock.time()
+                    self._queue_down = (since, failures, str(exc)[:200])
                 delay = min(QUEUE_BACKOFF_CAP, self._retry.delay(failures, self._rng))
                 log.warning(
                     "saas_lifecycle_queue_unreachable",
@@ -796,6 +822,8 @@ class SaasService:
             if failures:
                 log.info("saas_lifecycle_queue_reachable", extra={"after_failures": failures})
             failures = 0
+            with self._count_lock:
+                self._queue_down = None
             for message in messages:
                 if stop.is_set():
                     return
@@ -812,6 +840,10 @@ class SaasService:
                     queue.delete(message)
                 except Exception as exc:  # applied already: a redelivery is a duplicate
                     self._note("queue_error")
+                    with self._count_lock:
+                        since = self._queue_down[0] if self._queue_down else self.clock.time()
+                        tries = self._queue_down[1] + 1 if self._queue_down else 1
+                        self._queue_down = (since, tries, str(exc)[:200])
                     log.warning("saas_lifecycle_delete_failed", extra={"detail": str(exc)[:300]})
 
     def changes(self, since: int, wait: float) -> tuple[int, dict[str, Any]]:
@@ -830,9 +862,27 @@ class SaasService:
             with self._changed:
                 self._changed.wait(min(left, CHANGES_POLL))
 
-    def dead_letters(self) -> dict[str, Any]:
-        total, recent = self.store.read(saas_events.dead_letters)
-        return {"total": total, "recent": recent}
+    def dead_letters(self, limit: int = 20, offset: int = 0) -> tuple[int, dict[str, Any]]:
+        """GET /v1/saas/dead-letters: the poison messages kept, newest first."""
+        try:
+            total, recent = self.store.read(lambda db: saas_events.dead_letters(db, limit, offset))
+        except StoreUnavailableError as exc:
+            return _unavailable(exc)
+        return 200, {"total": total, "dead_letters": recent}
+
+    def dead_letter(self, message_id: str) -> tuple[int, dict[str, Any]]:
+        """GET /v1/saas/dead-letters/{message id}: one of them, with its body as kept."""
+        try:
+            found = self.store.read(lambda db: saas_events.dead_letter_of(db, message_id))
+        except StoreUnavailableError as exc:
+            return _unavailable(exc)
+        if found is None:
+            return 404, {
+                "error": "unknown_dead_letter",
+                "field": "id",
+                "message": "no dead letter with this SQS message id is kept",
+            }
+        return 200, found
 
     # -- AWS -----------------------------------------------------------------------------
 

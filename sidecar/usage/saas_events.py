@@ -236,17 +236,39 @@ def dead_letter(db: Db, message_id: str, body: str, error: str, now: float) -> b
     return took is not None
 
 
-def dead_letters(db: Db, limit: int = 20) -> tuple[int, list[dict[str, Any]]]:
+def dead_letters(db: Db, limit: int = 20, offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
+    """The dead letters kept, newest first (without their bodies: `dead_letter_of` has it)."""
     total = db.execute("SELECT COUNT(*) FROM saas_dead_letters").fetchone()
+    # The body is read only where it may have been cut (to compare its size with `bytes`).
     rows = db.execute(
-        "SELECT id, bytes, error, received_at FROM saas_dead_letters ORDER BY received_at DESC "
-        "LIMIT ?",
-        (limit,),
+        "SELECT id, bytes, error, received_at, CASE WHEN LENGTH(body) >= ? THEN body END "
+        "FROM saas_dead_letters ORDER BY received_at DESC, id LIMIT ? OFFSET ?",
+        (DEAD_LETTER_MAX, limit, offset),
     ).fetchall()
-    return int(total[0]) if total else 0, [
-        {"message_id": r[0], "bytes": int(r[1]), "error": r[2], "received_at": iso(float(r[3]))}
-        for r in rows
-    ]
+    return int(total[0]) if total else 0, [_letter(r) for r in rows]
+
+
+def dead_letter_of(db: Db, message_id: str) -> dict[str, Any] | None:
+    """One dead letter by its SQS message id, with the body as kept (up to DEAD_LETTER_MAX
+    characters: `truncated` says whether that is all of it)."""
+    row = db.execute(
+        "SELECT id, bytes, error, received_at, body, body FROM saas_dead_letters WHERE id = ?",
+        (message_id,),
+    ).fetchone()
+    return None if row is None else {**_letter(row), "body": str(row[5])}
+
+
+def _letter(row: Sequence[Any]) -> dict[str, Any]:
+    # A poison message is deleted from the queue once kept: it is seen once (a redelivery of
+    # the same message id, after a failed delete, adds nothing), so `received_at` is when.
+    return {
+        "message_id": row[0],
+        "bytes": int(row[1]),
+        "reason": row[2],
+        "received_at": iso(float(row[3])),
+        # Cut at DEAD_LETTER_MAX characters: only a body kept that long can have been cut.
+        "truncated": row[4] is not None and len(str(row[4]).encode()) < int(row[1]),
+    }
 
 
 def set_entitlements(
