@@ -49,6 +49,8 @@ METRICS: dict[str, tuple[str, set[str]] | None] = {
         "outcome",
         {"applied", "duplicate", "stale", "dead_letter", "queue_error", "store_error"},
     ),
+    # Deprovisionings learned after their final window (sidecar/ops/metrics.py, per process).
+    "marketplace_saas_final_windows_missed_total": None,
     # Contract mode (sidecar/ops/metrics.py, _ContractCollector).
     "marketplace_license_expires_in_seconds": None,
 }
@@ -362,6 +364,52 @@ def test_lifecycle_alerts_fire_on_a_dead_letter_and_a_failing_queue(
         ],
     }
     test_file = tmp_path / "lifecycle.test.yaml"
+    test_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = subprocess.run(
+        [str(promtool), "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_final_window_missed_on_any_replica_pages_once_for_an_hour(
+    promtool: Path, tmp_path: Path
+) -> None:
+    """The counter is per process: one missed window on one replica pages at once, and the
+    alert clears an hour later; replicas that missed nothing stay quiet."""
+    alert = "MarketplaceSaasFinalWindowMissed"
+    quiet = [series("final_windows_missed_total", p, "0x24") for p in ("backend-1", "backend-2")]
+    one = [
+        series("final_windows_missed_total", "backend-1", "0 0 1x22"),
+        series("final_windows_missed_total", "backend-2", "0x24"),
+    ]
+    spec: dict[str, Any] = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "5m",
+                "input_series": quiet,
+                "alert_rule_test": [
+                    {"eval_time": t, "alertname": alert, "exp_alerts": []}
+                    for t in ("5m", "30m", "100m")
+                ],
+            },
+            {
+                "interval": "5m",
+                "input_series": one,
+                "alert_rule_test": [
+                    {"eval_time": "5m", "alertname": alert, "exp_alerts": []},
+                    {
+                        "eval_time": "15m",
+                        "alertname": alert,
+                        "exp_alerts": [expected(alert, "1", "critical")],
+                    },
+                    {"eval_time": "75m", "alertname": alert, "exp_alerts": []},
+                ],
+            },
+        ],
+    }
+    test_file = tmp_path / "final-window.test.yaml"
     test_file.write_text(yaml.safe_dump(spec, sort_keys=False))
     out = subprocess.run(
         [str(promtool), "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60
