@@ -229,7 +229,7 @@ class UsageService:
         # before, not even at drain). The other checks keep their own behaviour: always True.
         self.sending_open = gate is None
         self.clock: Clock = clock or SystemClock()
-        self.store = Store(policy.state_dir)
+        self.store = Store(policy.state_dir, volume_bytes=policy.volume_bytes)
         self._factory = gateway_factory
         self._gateway: MeterGateway | None = None
         self._rng = rng
