@@ -38,6 +38,8 @@ from sidecar.usage.hours import (
     target_hour,
     window_closes,
 )
+from sidecar.usage.intake import IdConflictError as IdConflictError  # the intake's 409
+from sidecar.usage.intake import record_answer
 from sidecar.usage.store import dumps
 from sidecar.usage.validate import (
     Problem,
@@ -174,15 +176,6 @@ CREATE TABLE saas_batches (
 );
 CREATE INDEX saas_batches_by_state ON saas_batches (state, created_at);
 """
-
-
-class IdConflictError(Exception):
-    """An idempotency key came back with different content (HTTP 409)."""
-
-    def __init__(self, field: str, key: str) -> None:
-        super().__init__(f"id {key!r} was used before for different usage")
-        self.field = field
-        self.key = key
 
 
 # -- customers ----------------------------------------------------------------------------
@@ -474,19 +467,8 @@ def ingest(
             lambda h, c=srec.customer: h in sealed_hours or (c, h) in sealed_for,  # type: ignore[misc]
             policy,
         )
-        answer: dict[str, Any] = {
-            "id": rec.id or f"u-{uuid.uuid4().hex}",
-            "customer": srec.customer,
-            "dimension": rec.dimension,
-            "quantity": qty.to_json(rec.micros),
-            "hour": iso_hour(hour),
-        }
-        if hour != own:
-            answer["carried_from"] = iso_hour(own)
-            answer["note"] = (
-                f"hour {iso_hour(own)} is already sealed or too old to send; "
-                f"counted in {iso_hour(hour)}"
-            )
+        rid = rec.id or f"u-{uuid.uuid4().hex}"
+        answer = record_answer(rid, rec.dimension, rec.micros, hour, own, srec.customer)
         state = known.get(srec.customer)
         if state == "not_subscribed":
             answer["warning"] = (
