@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from sidecar.usage.saas import SAAS_SCHEMA, SaasPolicy, SaasService
 from sidecar.usage.service import UsagePolicy, UsageService
 from sidecar.usage.store import DB_NAME
 from tests.helpers import NOW, ManualClock
+from tests.test_quantity_migration import Recording, _dumped
 from tests.usage_kit import aws_env, post, run_for
 
 LEGACY = Path(__file__).parent / "legacy_v3"
@@ -40,25 +40,7 @@ B = ("222222222222", "arn:aws:license-manager::222222222222:license:l-2222222222
 
 
 def _stored(name: str, table: str) -> list[str]:
-    """The request texts exactly as the old sidecar stored them (from its dump)."""
-    texts = []
-    for line in (LEGACY / name).read_text().splitlines():
-        if line.startswith((f'INSERT INTO "{table}"', f"INSERT INTO public.{table} ")):
-            texts += [t.replace("''", "'") for t in re.findall(r"'(\{.*?\})'", line)]
-    return texts
-
-
-# -- custom mode --------------------------------------------------------------------------------
-
-
-class Recording(MeteringGateway):
-    """The real boto3 gateway, keeping each request it is given (what goes on the wire)."""
-
-    sent: ClassVar[list[dict[str, Any]]] = []
-
-    def meter_usage(self, request: dict[str, Any], dry_run: bool = False) -> str:
-        Recording.sent.append(json.loads(json.dumps(request)))
-        return super().meter_usage(request, dry_run)
+    return _dumped(name, table, LEGACY)
 
 
 def _custom(state: Path, clock: ManualClock) -> UsageService:

@@ -39,10 +39,10 @@ A = "111111111111/arn:aws:license-manager::111111111111:license:l-111111111111"
 B = "222222222222/arn:aws:license-manager::222222222222:license:l-222222222222"
 
 
-def _dumped(name: str, table: str) -> list[str]:
+def _dumped(name: str, table: str, folder: Path = LEGACY) -> list[str]:
     """The request texts exactly as the old sidecar stored them (from its dump)."""
     texts = []
-    for line in (LEGACY / name).read_text().splitlines():
+    for line in (folder / name).read_text().splitlines():
         if line.startswith(f'INSERT INTO "{table}"') or line.startswith(
             f"INSERT INTO public.{table} "
         ):
