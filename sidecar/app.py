@@ -11,8 +11,8 @@
       or MARKETPLACE_MODE=custom │
     ┌──────────────── usage thread ──────────────────────┐   usage store (SQLite WAL in the
     │ entitlement: MeterUsage 0 | DryRun | none          │<─> same emptyDir) <── POST /v1/usage
-    │ then each ended hour: seal, MeterUsage it once     │    (202 only after fsync)
-    └────────────────────────────┬───────────────────────┘
+    │ then each ended hour: seal, MeterUsage it once     │    (202 only after fsync; hour totals,
+    └────────────────────────────┬───────────────────────┘    id digests; migrated if it fits)
                                  ▼
                      Entitlement (state machine) ──> Metrics, kube mirrors (opt-in:
                                  │                   pod condition, Events)
@@ -28,7 +28,7 @@
     │ leader only (store.leading()): each ended hour:    │<─> (MARKETPLACE_USAGE_DATABASE_URL,
     │ seal, one record per customer/dimension/hour,      │    shared by the fleet) or SQLite
     │ BatchMeterUsage <= 25 records; others: idle-check  │    in MARKETPLACE_STATE_DIR (one
-    └────────────────────────────────────────────────────┘    replica)
+    └────────────────────────────────────────────────────┘    replica); intake: totals and keys
     lifecycle thread (MARKETPLACE_SAAS_EVENTS_QUEUE_URL): SQS long poll ─> parse EventBridge /
     SNS envelopes ─> apply once per fleet in the store (GetEntitlements on changes) ─> delete
     127.0.0.1:8787  /healthz /readyz (the store is available) /v1/usage (POST, GET)

@@ -17,14 +17,16 @@ import pytest
 
 from sidecar.aws.metering import MeteringGateway
 from sidecar.core import quantity as qty
+from sidecar.emulator.service import EmulatorServer
 from sidecar.usage import saas_ledger as L  # noqa: N812
-from sidecar.usage.db import UsageStore, open_store
+from sidecar.usage.db import StoreError, UsageStore, open_store
 from sidecar.usage.hours import HourPolicy, hour_of, iso
 from sidecar.usage.saas import SAAS_SCHEMA
 from sidecar.usage.service import UsagePolicy, UsageService
 from sidecar.usage.store import DB_NAME
 from sidecar.usage.validate import Limits, RejectedError, parse_saas
-from tests.helpers import NOW, ManualClock
+from sidecar.usage.volume import CACHE_RESERVE, MIB, files_bytes
+from tests.helpers import NOW, ManualClock, loopback_env, start_sidecar
 from tests.test_saas_ledger import FakeAws
 from tests.usage_kit import post, run_for
 
@@ -37,10 +39,10 @@ A = "111111111111/arn:aws:license-manager::111111111111:license:l-111111111111"
 B = "222222222222/arn:aws:license-manager::222222222222:license:l-222222222222"
 
 
-def _dumped(name: str, table: str) -> list[str]:
+def _dumped(name: str, table: str, folder: Path = LEGACY) -> list[str]:
     """The request texts exactly as the old sidecar stored them (from its dump)."""
     texts = []
-    for line in (LEGACY / name).read_text().splitlines():
+    for line in (folder / name).read_text().splitlines():
         if line.startswith(f'INSERT INTO "{table}"') or line.startswith(
             f"INSERT INTO public.{table} "
         ):
@@ -61,7 +63,7 @@ class Recording(MeteringGateway):
         return super().meter_usage(request, dry_run)
 
 
-def _custom(state: Path, clock: ManualClock) -> UsageService:
+def _custom(state: Path, clock: ManualClock, volume_bytes: int | None = None) -> UsageService:
     policy = UsagePolicy(
         product_code="prod-abc",
         dimensions=DIMS,
@@ -70,6 +72,7 @@ def _custom(state: Path, clock: ManualClock) -> UsageService:
         backoff_base=2.0,
         backoff_cap=300.0,
         hours=HP,
+        volume_bytes=volume_bytes,
     )
     return UsageService(policy, lambda: Recording("us-east-1", 5.0), clock=clock, rng=lambda: 0.5)
 
@@ -363,3 +366,99 @@ def _counters_past_a_bigint(store: UsageStore) -> None:
     assert settled.sent == 2
     report = store.read(lambda db: L.report(db, NOW, HP))
     assert report["totals"]["scans"]["sent"] == qty.to_json(huge + 2 * qty.SCALE + 7 * qty.SCALE)
+
+
+# -- room for the migration: the configured volume, not the disk ------------------------------
+
+
+def _big_v2_store(state: Path) -> bytes:
+    """The integer sidecar's store (legacy_v2/custom.sql) after two busy days: 48 settled hours
+    of two dimensions, each request with 1,000 allocations (~55 kB, kept 48 hours), about 6 MiB
+    the v2 -> v3 step rewrites. Its bytes, checkpointed, as the volume holds them at rest."""
+    conn = sqlite3.connect(state / DB_NAME)
+    conn.executescript((LEGACY / "custom.sql").read_text())
+    conn.execute("PRAGMA journal_mode=WAL")
+    rows = []
+    for back in range(4, 52):
+        hour = H0 - back
+        for dimension in DIMS:
+            allocations = [
+                {"AllocatedUsageQuantity": 1, "Tags": [{"Key": "job", "Value": f"job-{i:05}"}]}
+                for i in range(1000)
+            ]
+            request = {
+                "ClientToken": f"{hour:08}{dimension:>24}".replace(" ", "0"),
+                "ProductCode": "prod-abc",
+                "Timestamp": hour * 3600 + 3599,
+                "UsageAllocations": allocations,
+                "UsageDimension": dimension,
+                "UsageQuantity": 1000,
+            }
+            stamp = float(hour * 3600 + 3660)
+            rows.append(
+                (dimension, hour, "sent", "usage", 1000, json.dumps(request), stamp, stamp,
+                 stamp + 6 * 3600, 1, None, None, f"m-{hour}-{dimension}", stamp + 60)
+            )  # fmt: skip
+    conn.executemany("INSERT INTO hours VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.commit()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return (state / DB_NAME).read_bytes()
+
+
+def test_a_migration_that_would_overrun_the_configured_volume_is_refused_untouched(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """The kubelet evicts a pod whose emptyDir holds more than its sizeLimit, while the disk
+    (statvfs) still shows room: the v2 -> v3 step writes its WAL beside the store, so it is
+    measured against MARKETPLACE_STATE_VOLUME_BYTES before anything is written. Refused: a
+    clear error, the store byte for byte as it was, still version 2. With room, the same store
+    migrates, and its WAL stays within what the check counted (the check is an upper bound)."""
+    before = _big_v2_store(tmp_path)
+    clock.t = NOW
+    with pytest.raises(StoreError) as caught:
+        _custom(tmp_path, clock, volume_bytes=16 * MIB)
+    message = str(caught.value)
+    assert "MARKETPLACE_STATE_VOLUME_BYTES" in message and "version 2, untouched" in message
+    needed = float(re.findall(r"needs up to ([0-9.]+) MiB", message)[0]) * MIB
+    assert (tmp_path / DB_NAME).read_bytes() == before
+    conn = sqlite3.connect(tmp_path / DB_NAME)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    conn.close()
+    at_rest = files_bytes(tmp_path, DB_NAME)[0]
+    svc = _custom(tmp_path, clock, volume_bytes=64 * MIB)
+    try:
+        peak = files_bytes(tmp_path, DB_NAME)[0]  # the migration's WAL, not yet cut back
+        version = svc.store.read(
+            lambda c: c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        )
+        assert version == ("3",)
+        # What the refused start protected against: the WAL alone would have filled 16 MiB.
+        assert peak + CACHE_RESERVE > 16 * MIB, peak
+        assert peak - at_rest <= needed, (peak - at_rest, needed)
+        sent = [h for h in svc.report()["hours"] if h["state"] == "sent"]
+        assert len(sent) == 1 + 48 * 2 and sum(h["quantity"] for h in sent) == 2 + 96_000
+    finally:
+        svc.close()
+
+
+def test_the_running_sidecar_refuses_the_migration_before_it_listens(
+    tmp_path: Path, emulator_server: EmulatorServer
+) -> None:
+    """The wiring: the chart's setting reaches the migration; the sidecar exits 1 naming it,
+    before any port is bound, and the store is left as it was."""
+    before = _big_v2_store(tmp_path)
+    car = start_sidecar(
+        loopback_env(
+            emulator_server.url,
+            MARKETPLACE_MODE="custom",
+            MARKETPLACE_DIMENSIONS=",".join(DIMS),
+            MARKETPLACE_STATE_DIR=str(tmp_path),
+            MARKETPLACE_STATE_VOLUME_BYTES="16Mi",
+        ),
+        wait=False,
+    )
+    assert car.proc.wait(timeout=60) == 1
+    logs = car.logs()
+    assert "usage_store_unusable" in logs and "MARKETPLACE_STATE_VOLUME_BYTES" in logs
+    assert (tmp_path / DB_NAME).read_bytes() == before

@@ -107,6 +107,8 @@ class Schema:
     'schema_version' (a schema may create `meta` itself, as custom mode's does, or leave it to the
     store). `migrations[k]` = (sqlite DDL, postgresql DDL) taking version k-1 to k; all the steps
     an open needs run in ONE transaction, and a store newer than `version` is refused untouched.
+    `migration_room[k]` is a SQLite query giving an upper bound of the bytes step k writes beside
+    the store (its WAL); a step without one is bounded by the whole file (see store.Store).
     """
 
     name: str
@@ -114,6 +116,7 @@ class Schema:
     sqlite: str
     postgresql: str
     migrations: Mapping[int, tuple[str, str]] = field(default_factory=dict)
+    migration_room: Mapping[int, str] = field(default_factory=dict)
 
 
 class UsageStore(Protocol):

@@ -23,6 +23,7 @@ from sidecar.usage.hours import (
     request_timestamp,
     target_hour,
 )
+from sidecar.usage.intake import IdConflictError, record_answer
 from sidecar.usage.store import dumps
 from sidecar.usage.validate import (
     MAX_ALLOCATIONS,
@@ -52,15 +53,6 @@ FINAL_STATES = ("sent", "conflict", "expired", "rejected")
 STATES = ("open", "sealed", *FINAL_STATES)
 
 
-class IdConflictError(Exception):
-    """An idempotency key came back with different content (HTTP 409)."""
-
-    def __init__(self, field: str, key: str) -> None:
-        super().__init__(f"id {key!r} was used before for different usage")
-        self.field = field
-        self.key = key
-
-
 @dataclass(frozen=True)
 class Pending:
     """A sealed hour, as the sender needs it."""
@@ -87,22 +79,6 @@ def body_key(digest: str) -> bytes:
     """What the store keeps of a record's content digest (`UsageRecord.digest`): 8 bytes, so an
     id sent again with other content is still a 409."""
     return bytes.fromhex(digest)[:BODY_KEY_BYTES]
-
-
-def _answer(rid: str, dimension: str, micros: int, hour: int, own: int) -> dict[str, Any]:
-    answer: dict[str, Any] = {
-        "id": rid,
-        "dimension": dimension,
-        "quantity": qty.to_json(micros),
-        "hour": iso_hour(hour),
-    }
-    if own != hour:
-        answer["carried_from"] = iso_hour(own)
-        answer["note"] = (
-            f"hour {iso_hour(own)} is already sealed or too old to send; "
-            f"counted in {iso_hour(hour)}"
-        )
-    return answer
 
 
 def ingest(
@@ -138,7 +114,7 @@ def ingest(
                 if bytes(row[0]) != body_key(rec.digest):
                     raise IdConflictError(where, rec.id)
                 hour = int(row[1]) + int(row[2])
-                answer = _answer(rec.id, rec.dimension, rec.micros, hour, hour + int(row[3]))
+                answer = record_answer(rec.id, rec.dimension, rec.micros, hour, hour + int(row[3]))
                 answers.append({**answer, "repeat": True})
                 continue
         own = hour_of(rec.timestamp if rec.timestamp is not None else now)
@@ -199,7 +175,7 @@ def ingest(
                 "INSERT INTO ids (id, body, made, counted, carried) VALUES (?, ?, ?, ?, ?)",
                 (id_key(rec.id), body_key(rec.digest), made, hour - made, own - hour),
             )
-        answers.append(_answer(rid, rec.dimension, rec.micros, hour, own))
+        answers.append(record_answer(rid, rec.dimension, rec.micros, hour, own))
         fresh += 1
     conn.executemany(
         "INSERT INTO open_hours (dimension, hour, quantity, tagsets) VALUES (?, ?, ?, ?) "

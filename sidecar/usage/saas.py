@@ -55,11 +55,11 @@ from sidecar.usage.hours import (
     iso,
     iso_hour,
 )
+from sidecar.usage.intake import IdConflictError, accepted
 from sidecar.usage.saas_ledger import (
     DIMENSION_CODE,
     TIMESTAMP_CODE,
     Batch,
-    IdConflictError,
     SealSpec,
     Settled,
 )
@@ -315,19 +315,10 @@ class SaasService:
         except RejectedError as exc:
             return exc.status, exc.body()
         except IdConflictError as exc:
-            return 409, {"error": "id_conflict", "field": exc.field, "message": str(exc)}
+            return 409, exc.body()
         except StoreUnavailableError as exc:
             return _unavailable(exc)
-        fresh = [a for a in answers if not a.get("repeat")]
-        with self._count_lock:
-            for a in fresh:
-                micros = qty.parse(a["quantity"])
-                self._units[a["dimension"]] = self._units.get(a["dimension"], 0) + micros
-        return status, {
-            "accepted": len(fresh),
-            "repeats": len(answers) - len(fresh),
-            "records": answers,
-        }
+        return accepted(status, answers, self._units, self._count_lock)
 
     def resolve(self, body: bytes) -> tuple[int, dict[str, Any]]:
         """POST /v1/customers/resolve {"registration_token": ...}."""

@@ -38,6 +38,8 @@ from sidecar.usage.hours import (
     target_hour,
     window_closes,
 )
+from sidecar.usage.intake import IdConflictError as IdConflictError  # the intake's 409
+from sidecar.usage.intake import record_answer
 from sidecar.usage.store import dumps
 from sidecar.usage.validate import (
     Problem,
@@ -105,7 +107,8 @@ CREATE TABLE saas_keys (
     id TEXT PRIMARY KEY, digest TEXT NOT NULL, answer TEXT NOT NULL,
     created_at DOUBLE PRECISION NOT NULL
 );
--- Every accepted record, for audit (and carrying).
+-- Every accepted record, for audit: written by sidecars before the ledger kept totals only, as
+-- custom mode's does (no row per record); what is left of it goes with `prune` after 48 hours.
 CREATE TABLE saas_records (
     id TEXT PRIMARY KEY,
     customer TEXT NOT NULL,
@@ -174,15 +177,6 @@ CREATE TABLE saas_batches (
 );
 CREATE INDEX saas_batches_by_state ON saas_batches (state, created_at);
 """
-
-
-class IdConflictError(Exception):
-    """An idempotency key came back with different content (HTTP 409)."""
-
-    def __init__(self, field: str, key: str) -> None:
-        super().__init__(f"id {key!r} was used before for different usage")
-        self.field = field
-        self.key = key
 
 
 # -- customers ----------------------------------------------------------------------------
@@ -376,11 +370,13 @@ def ingest(
 ) -> tuple[int, list[dict[str, Any]]]:
     """Store the records, all or nothing: (202, or 200 if each was a repeat; answers).
 
-    Set-based: whatever the number of records, at most four statements (five when an id was
+    Set-based: whatever the number of records, at most three statements (four when an id was
     seen before): the customers' states and the sealed hours (one SELECT), the idempotency
     keys with their answers (one INSERT ... ON CONFLICT DO NOTHING RETURNING; the stored
-    answers of the ids it did not take), the hour totals (one upsert RETURNING the new totals:
-    the range check, `refuse_over_maximum`) and the audit rows (one INSERT). Every check runs
+    answers of the ids it did not take) and the hour totals (one upsert RETURNING the new
+    totals: the range check, `refuse_over_maximum`). No row is kept per record, as in custom
+    mode's ledger: the totals are what is sealed, the keys what a repeat is answered from (the
+    record rows of older sidecars, `saas_records`, are only pruned). Every check runs
     as the record-by-record version did, in the same order: the first record that fails
     (unresolved customer, then its id, then its total) names the answer.
 
@@ -474,19 +470,8 @@ def ingest(
             lambda h, c=srec.customer: h in sealed_hours or (c, h) in sealed_for,  # type: ignore[misc]
             policy,
         )
-        answer: dict[str, Any] = {
-            "id": rec.id or f"u-{uuid.uuid4().hex}",
-            "customer": srec.customer,
-            "dimension": rec.dimension,
-            "quantity": qty.to_json(rec.micros),
-            "hour": iso_hour(hour),
-        }
-        if hour != own:
-            answer["carried_from"] = iso_hour(own)
-            answer["note"] = (
-                f"hour {iso_hour(own)} is already sealed or too old to send; "
-                f"counted in {iso_hour(hour)}"
-            )
+        rid = rec.id or f"u-{uuid.uuid4().hex}"
+        answer = record_answer(rid, rec.dimension, rec.micros, hour, own, srec.customer)
         state = known.get(srec.customer)
         if state == "not_subscribed":
             answer["warning"] = (
@@ -570,24 +555,6 @@ def ingest(
             raise over
     if failures:
         raise min(failures, key=lambda f: f[:2])[2]
-    if fresh:
-        db.execute(
-            "INSERT INTO saas_records (id, customer, dimension, hour, quantity, received_at, "  # noqa: S608  # nosec B608 # placeholders only; values are bound
-            "carried_from) VALUES " + _rows(len(fresh), 7),
-            [
-                v
-                for i, (customer, dimension, hour) in fresh
-                for v in (
-                    answers[i]["id"] if records[i].usage.id is None else f"k-{uuid.uuid4().hex}",
-                    customer,
-                    dimension,
-                    hour,
-                    records[i].usage.micros,
-                    now,
-                    owns[i] if hour != owns[i] else None,
-                )
-            ],
-        )
     out = [
         {**repeat[i], "repeat": True} if i in repeat else answers[i] for i in range(len(records))
     ]
@@ -639,11 +606,6 @@ def _carry(db: Db, hour: int, now: float, policy: HourPolicy) -> None:
             "ON CONFLICT (customer, dimension, hour) DO UPDATE SET "
             "quantity = saas_open.quantity + excluded.quantity",
             (customer, dimension, target, quantity),
-        )
-        db.execute(
-            "UPDATE saas_records SET hour = ?, carried_from = COALESCE(carried_from, ?) "
-            "WHERE hour = ? AND customer = ? AND dimension = ?",
-            (target, hour, hour, customer, dimension),
         )
     db.execute("DELETE FROM saas_open WHERE hour = ?", (hour,))
 

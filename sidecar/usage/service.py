@@ -77,7 +77,8 @@ from sidecar.usage.hours import (
     iso,
     iso_hour,
 )
-from sidecar.usage.ledger import IdConflictError, Pending
+from sidecar.usage.intake import IdConflictError, accepted
+from sidecar.usage.ledger import Pending
 from sidecar.usage.pacing import (
     DEFAULT_CALLS_PER_SECOND,
     Slots,
@@ -229,7 +230,7 @@ class UsageService:
         # before, not even at drain). The other checks keep their own behaviour: always True.
         self.sending_open = gate is None
         self.clock: Clock = clock or SystemClock()
-        self.store = Store(policy.state_dir)
+        self.store = Store(policy.state_dir, volume_bytes=policy.volume_bytes)
         self._factory = gateway_factory
         self._gateway: MeterGateway | None = None
         self._rng = rng
@@ -305,7 +306,7 @@ class UsageService:
         except RejectedError as exc:
             return exc.status, exc.body()
         except IdConflictError as exc:
-            return 409, {"error": "id_conflict", "field": exc.field, "message": str(exc)}
+            return 409, exc.body()
         except StoreOutcomeUnknownError as exc:
             log.error("usage_outcome_unknown", extra={"detail": str(exc)})
             return 503, {
@@ -323,16 +324,7 @@ class UsageService:
                 "again later",
                 "retry_after": RETRY_AFTER_SECONDS,
             }
-        fresh = [a for a in answers if not a.get("repeat")]
-        with self._count_lock:
-            for a in fresh:
-                micros = qty.parse(a["quantity"])
-                self._units[a["dimension"]] = self._units.get(a["dimension"], 0) + micros
-        return status, {
-            "accepted": len(fresh),
-            "repeats": len(answers) - len(fresh),
-            "records": answers,
-        }
+        return accepted(status, answers, self._units, self._count_lock)
 
     def report(self) -> dict[str, Any]:
         """GET /v1/usage."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sidecar.usage import volume
 from sidecar.usage.db import (
     WRITE_WAIT,
     Cursor,
@@ -176,6 +177,17 @@ UPDATE hours SET quantity = quantity * 1000000
 
 SCHEMA_VERSION = 3
 
+# What each step writes beside the store at most (its WAL), for the room check before a
+# migration (`Store._check_room`). Version 2's tables are built from version 1's records (the
+# open hours' totals: at most the records' pages) and keys (~30 bytes an id, in B-tree pages at
+# least half full: 64); version 3 rewrites every page of the three tables it scales.
+_ROOM_V2 = (
+    "SELECT (SELECT COALESCE(SUM(pgsize), 0) FROM dbstat WHERE name = 'records') "
+    "+ 64 * (SELECT COUNT(*) FROM keys)"
+)
+_ROOM_V3 = (
+    "SELECT COALESCE(SUM(pgsize), 0) FROM dbstat WHERE name IN ('open_tags', 'open_hours', 'hours')"
+)
 
 # Custom mode's schema: no PostgreSQL form (custom mode is one pod, one file).
 CUSTOM_SCHEMA = Schema(
@@ -184,7 +196,10 @@ CUSTOM_SCHEMA = Schema(
     sqlite=SCHEMA,
     postgresql="",
     migrations={2: (_V1_TO_V2, ""), 3: (_V2_TO_V3, "")},
+    migration_room={2: _ROOM_V2, 3: _ROOM_V3},
 )
+# The setting that bounds the state volume (the emptyDir's sizeLimit), named in refusals.
+VOLUME_SETTING = "MARKETPLACE_STATE_VOLUME_BYTES"
 # The WAL file is cut back to this after a checkpoint: a burst must not keep the volume full.
 WAL_LIMIT_BYTES = 4 * 1024 * 1024
 
@@ -276,10 +291,17 @@ class Store:
     backend = "sqlite"
 
     def __init__(
-        self, directory: Path, *, schema: Schema = CUSTOM_SCHEMA, batch_max: int = 512
+        self,
+        directory: Path,
+        *,
+        schema: Schema = CUSTOM_SCHEMA,
+        batch_max: int = 512,
+        volume_bytes: int | None = None,
     ) -> None:
         self.directory = directory
         self.schema = schema
+        # The state volume's size limit (None: the filesystem's room only), for migrations.
+        self.volume_bytes = volume_bytes
         self.path = directory / schema.name
         self.where = str(self.path)
         self.stats = StoreStats()
@@ -396,6 +418,7 @@ class Store:
                 f"{self.path} has schema version {found}; this sidecar (version {target}) has no "
                 f"migration to version {missing[0]}. It is left as it is"
             )
+        self._check_room(conn, found)
         steps = "".join(self.schema.migrations[k][0] + ";\n" for k in range(found + 1, target + 1))
         # Debian's SQLite zeroes every freed page (SECURE_DELETE): dropping an old table would
         # write all of it to the WAL again, and a nearly full volume would overflow.
@@ -417,6 +440,55 @@ class Store:
             "usage_store_migrated",
             extra={"detail": f"{self.path}: schema version {found} -> {target}"},
         )
+
+    def _check_room(self, conn: sqlite3.Connection, found: int) -> None:
+        """Refuse, before writing anything, a migration whose WAL would not fit the state
+        volume. The kubelet evicts a pod whose emptyDir holds more than its sizeLimit while the
+        disk (statvfs) still shows room: the bound is the configured size (VOLUME_SETTING), or
+        the filesystem's room when that is less, as for usage (volume.reading)."""
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+        free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        whole = pages * page_size
+        written = 0
+        for k in range(found + 1, self.schema.version + 1):
+            query = self.schema.migration_room.get(k)
+            try:
+                row = conn.execute(query).fetchone() if query else None
+            except sqlite3.Error:  # no dbstat in this SQLite build: the whole file
+                row = None
+            written += int(row[0] or 0) if row is not None else whole
+        # Each page goes to the WAL once per transaction, as a frame with a 24-byte header. A
+        # row rewritten with its overflow pages frees and takes pages again: the freelist's
+        # pages and the file's growth (2% of the pages, measured under 1.2%), the schema's
+        # pages and the shared-memory index (32 KiB) besides.
+        frames = -(-written // page_size) + pages // 50 + 64
+        needed = 32 * 1024 + frames * (page_size + 24)
+        files, store_file, _ = volume.files_bytes(self.directory, self.schema.name)
+        st = os.statvfs(self.directory)
+        room = volume.reading(
+            files,
+            store_file,
+            pages,
+            free,
+            page_size,
+            st.f_bavail * st.f_frsize,
+            self.volume_bytes,
+            VOLUME_SETTING,
+        )
+        left = room.limit - room.used
+        if needed > left:
+            fix = (
+                f"give the volume more room ({VOLUME_SETTING} and the emptyDir's sizeLimit)"
+                if room.source == VOLUME_SETTING
+                else "free room on the disk"
+            )
+            raise StoreError(
+                f"{self.path}: migrating schema version {found} to {self.schema.version} needs "
+                f"up to {needed / volume.MIB:.2f} MiB beside the store, and the state volume has "
+                f"{max(0, left) / volume.MIB:.1f} MiB left ({room.describe()}). The store is "
+                f"left at version {found}, untouched: {fix}, then start again"
+            )
 
     # -- writing -------------------------------------------------------------------------
 
