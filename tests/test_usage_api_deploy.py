@@ -122,7 +122,11 @@ def test_cloudformation_custom_mode_grants_meter_usage_and_mounts_state() -> Non
     sidecar = cfn["Resources"]["TaskDefinition"]["Properties"]["ContainerDefinitions"][0]
     custom_env = [e["Fn::If"][1] for e in sidecar["Environment"] if "Fn::If" in e]
     names = {e["Name"] for e in custom_env if isinstance(e, dict) and "Name" in e}
-    assert {"MARKETPLACE_MODE", "MARKETPLACE_DIMENSIONS", "MARKETPLACE_STATE_DIR"} <= names
+    assert {"MARKETPLACE_MODE", "MARKETPLACE_DIMENSIONS"} <= names
+    # Every mode keeps its state on the task volume (the restarted sidecar finds it there).
+    assert {"Name": "MARKETPLACE_STATE_DIR", "Value": "/var/lib/marketplace-sidecar"} in sidecar[
+        "Environment"
+    ]
     assert sidecar["StopTimeout"] == {"Fn::If": ["Custom", 30, 5]}
     iam = json.loads((ROOT / "manifests" / "iam" / "policy-custom-metering.json").read_text())
     assert iam["Statement"] == [
