@@ -74,7 +74,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -107,7 +107,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Conn = psycopg.Connection[tuple[Any, ...]]
 
-INERROR = psycopg.pq.TransactionStatus.INERROR
 BATCH_MAX = 64  # savepoints per transaction; see the module docstring
 WRITERS = 2  # writer connections, each running its own transactions; see the module docstring
 JOB_RETRIES = 3  # deadlock / serialization failures retried in the next transaction
@@ -236,32 +235,6 @@ def _params(params: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(int(p) if isinstance(p, bool) else p for p in params)
 
 
-class _Pipelined:
-    """A statement sent in pipeline mode: its rows are fetched on demand (psycopg waits for
-    them), and so is its row count, which psycopg would otherwise give as -1 until then."""
-
-    __slots__ = ("_conn", "_cur")
-
-    def __init__(self, conn: Conn, cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
-        self._conn, self._cur = conn, cur
-
-    @property
-    def rowcount(self) -> int:
-        if self._conn.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF:
-            with self._conn.pipeline() as pipe:
-                pipe.sync()
-        return self._cur.rowcount
-
-    def fetchone(self) -> Any:
-        return self._cur.fetchone()
-
-    def fetchall(self) -> list[tuple[Any, ...]]:
-        return self._cur.fetchall()
-
-    def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        return iter(self._cur)
-
-
 class PgDb:
     """`Db` over a psycopg connection."""
 
@@ -275,10 +248,7 @@ class PgDb:
         self.held: dict[int, bool] = {}
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        cur = self.conn.execute(pg_sql(sql), _params(params))
-        if self.conn.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF:
-            return _Pipelined(self.conn, cur)
-        return cur
+        return self.conn.execute(pg_sql(sql), _params(params))
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self.conn.cursor() as cur:
@@ -627,12 +597,6 @@ class PgStore:
             self._drop(conn)
             self._wconn = None
             conn = self._wconn = self._connect()
-            # No server-side prepared statements on the pipelined writer: psycopg prepares a
-            # statement on its fifth use, and when that use lands in a pipeline segment the
-            # server skips (after a job's error) psycopg still believes it prepared: the next
-            # use fails with "prepared statement ... does not exist" (seen in
-            # test_a_write_still_aborted_after_its_retries_is_an_outage_not_a_crash).
-            conn.prepare_threshold = None
         return conn
 
     @staticmethod
@@ -733,31 +697,17 @@ class PgStore:
                         ),
                     )
                 running = [j for j in pending if j not in busy]
-                last = len(running) - 1
                 for n, job in enumerate(running):
+                    # The first job's savepoint came with BEGIN; the previous job's is released
+                    # with the same round trip as the next one's (the last one by COMMIT, which
+                    # releases every savepoint).
+                    if n:
+                        conn.execute("RELEASE SAVEPOINT job; SAVEPOINT job")
                     try:
-                        # Pipelined (psycopg's pipeline mode): what the job does not read (its last
-                        # INSERT, usually) is not waited for one by one; the block's end waits
-                        # for it all, so an error of this job's surfaces here, in its own
-                        # savepoint, and the next job's savepoint travels with its first read.
-                        with conn.pipeline():
-                            if n:  # the first job's savepoint came with BEGIN (`_prelock`)
-                                conn.execute("RELEASE SAVEPOINT job")
-                                conn.execute("SAVEPOINT job")
-                            job.result = job.fn(db)
-                            if n == last and not claim([j for j in running if j not in retry]):
-                                # The last job's unread statements and the COMMIT: one round
-                                # trip. If one of them fails, the COMMIT does not run (the
-                                # pipeline skips what follows an error): see below.
-                                committing = True
-                                conn.execute("COMMIT")
+                        job.result = job.fn(db)
                     except Exception as exc:
                         if isinstance(exc, psycopg.Error) and _connection_lost(conn, exc):
                             raise
-                        if committing:
-                            if conn.info.transaction_status != INERROR:
-                                raise  # the COMMIT itself failed: the transaction is gone
-                            committing = False  # this job failed, the COMMIT never ran
                         job.result = None
                         conn.execute("ROLLBACK TO SAVEPOINT job")
                         if _rolled_back(exc) and job.attempts < JOB_RETRIES:
@@ -771,20 +721,19 @@ class PgStore:
                         else:
                             job.error = exc
                 done = [j for j in running if j not in retry]
-                if not committing:
-                    gone = claim(done)
-                    if gone:
-                        # A waiter gave up while its job ran: its writes are in this
-                        # transaction, so none of it commits; the others run again in a new one.
-                        conn.execute("ROLLBACK")
-                        for job in gone:
-                            finish(job, error=StoreUnavailableError("withdrawn by its caller"))
-                        pending = [j for j in running if j not in gone]
-                        for job in pending:
-                            job.result, job.error = None, None
-                        continue
-                    committing = True
-                    conn.execute("COMMIT")
+                gone = claim(done)
+                if gone:
+                    # A waiter gave up while its job ran: its writes are in this transaction,
+                    # so none of it commits; the others run again in a new one.
+                    conn.execute("ROLLBACK")
+                    for job in gone:
+                        finish(job, error=StoreUnavailableError("withdrawn by its caller"))
+                    pending = [j for j in running if j not in gone]
+                    for job in pending:
+                        job.result, job.error = None, None
+                    continue
+                committing = True
+                conn.execute("COMMIT")
             except psycopg.Error as exc:
                 self.stats.failed_commits += 1
                 lost = conn.closed or conn.broken
