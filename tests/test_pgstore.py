@@ -115,12 +115,33 @@ def insert(key: str, n: int = 0) -> Any:
 # -- SQL dialect ---------------------------------------------------------------------------
 
 
-def test_placeholders_become_psycopgs_and_a_literal_percent_survives() -> None:
-    assert pg_sql("SELECT ? FROM t WHERE a = ?") == "SELECT %s FROM t WHERE a = %s"
-    assert pg_sql("SELECT '?', \"a?\", '50%' -- ?\n, ?") == (
-        "SELECT '?', \"a?\", '50%%' -- ?\n, %s"
+def test_placeholders_become_numbered_and_a_literal_percent_survives() -> None:
+    assert pg_sql("SELECT ? FROM t WHERE a = ?") == "SELECT $1 FROM t WHERE a = $2"
+    assert pg_sql("SELECT '?', \"a?\", '50%' -- ?\n, ? /* ? */, ?") == (
+        "SELECT '?', \"a?\", '50%' -- ?\n, $1 /* ? */, $2"
     )
-    assert pg_sql("SELECT 'it''s ?', ?") == "SELECT 'it''s ?', %s"
+    assert pg_sql("SELECT 'it''s ?', ?") == "SELECT 'it''s ?', $1"
+
+
+def test_a_long_statement_and_a_percent_literal_run_on_postgresql(
+    pg_url: str, stores: list[PgStore]
+) -> None:
+    """A multi-row VALUES list of 200 parameters (past psycopg's own query cache) and a `%`
+    inside a literal, through the store's raw placeholders."""
+    store = PgStore(SCHEMA, pg_url)
+    stores.append(store)
+    keys = [f"k{i}%" for i in range(100)]
+    store.write(
+        lambda db: db.execute(
+            "INSERT INTO items VALUES " + ", ".join(["(?, ?)"] * len(keys)),  # noqa: S608
+            [v for i, k in enumerate(keys) for v in (k, i)],
+        )
+    )
+    assert store.read(
+        lambda db: db.execute(
+            "SELECT COUNT(*) FROM items WHERE id LIKE 'k%\\%' AND n >= ?", (0,)
+        ).fetchone()[0]
+    ) == len(keys)
 
 
 def test_the_same_statements_run_on_postgresql(pg_url: str, stores: list[PgStore]) -> None:
