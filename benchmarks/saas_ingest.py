@@ -237,6 +237,35 @@ def sidecars(
                 c.close()
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes (Linux /proc; NaN elsewhere): under a load
+    that moves the rates, what a request costs in CPU moves much less."""
+    total = 0.0
+    try:
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _children(parents: list[int]) -> list[int]:
+    """The processes whose parent is one of `parents` (a postmaster's backends)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) in parents:
+                out.append(int(stat.parent.name))
+    return out
+
+
+def _postmaster(data: Path) -> list[int]:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return [int((data / "postmaster.pid").read_text().split()[0])]
+    return []
+
+
 def p99(values: list[float]) -> float:
     return sorted(values)[int(0.99 * (len(values) - 1))] if values else float("nan")
 
@@ -294,10 +323,13 @@ def main() -> None:
         )
         print(
             f"{'records':>7} {'clients':>7} {'floor rec/s':>12} {'sidecars rec/s':>15} "
-            f"{'ratio':>6} {'floor p99 ms':>13} {'sidecars p99 ms':>16}  failed requests"
+            f"{'ratio':>6} {'floor p99 ms':>13} {'sidecars p99 ms':>16} "
+            f"{'CPU ms/POST: sidecars':>21} {'postgres':>8}  failed requests"
         )
         for batch, clients in ((b, c) for b in batches for c in counts):
             ratios, rows = [], []
+            cpu_car: list[float] = []
+            cpu_pg: list[float] = []
             failed: Counter[str] = Counter()
             for _ in range(args.rounds):
                 if args.sqlite:
@@ -306,7 +338,14 @@ def main() -> None:
                     )
                 else:
                     f_rate, f_lat, f_fail = floor(url, customers, clients, args.seconds, batch)
+                cars_pids = [car.proc.pid for car in cars]
+                pg_pids = [] if args.sqlite else _children(_postmaster(pg.data))
+                cpu0 = _cpu_seconds(cars_pids), _cpu_seconds(pg_pids)
                 s_rate, s_lat, s_fail = sidecars(cars, customers, clients, args.seconds, batch)
+                cpu1 = _cpu_seconds(cars_pids), _cpu_seconds(pg_pids)
+                done = max(1.0, s_rate * args.seconds)  # requests (approximately: the rate's)
+                cpu_car.append((cpu1[0] - cpu0[0]) / done)
+                cpu_pg.append((cpu1[1] - cpu0[1]) / done if pg_pids else float("nan"))
                 failed.update({f"floor {k}": v for k, v in f_fail.items()})
                 failed.update({f"sidecars {k}": v for k, v in s_fail.items()})
                 ratios.append(s_rate / f_rate)
@@ -315,7 +354,9 @@ def main() -> None:
             f_rate, s_rate, f_p99, s_p99 = sorted(rows, key=lambda r: r[1] / r[0])[len(rows) // 2]
             print(
                 f"{batch:7d} {clients:7d} {f_rate:12.0f} {s_rate:15.0f} {med:6.2f} "
-                f"{f_p99 * 1000:13.1f} {s_p99 * 1000:16.1f}  {dict(failed) or 'none'}"
+                f"{f_p99 * 1000:13.1f} {s_p99 * 1000:16.1f} "
+                f"{statistics.median(cpu_car) * 1000:21.2f} {statistics.median(cpu_pg) * 1000:8.2f}"
+                f"  {dict(failed) or 'none'}"
             )
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:
