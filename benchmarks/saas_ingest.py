@@ -237,17 +237,21 @@ def sidecars(
                 c.close()
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of these processes (Linux /proc; NaN elsewhere): under a load
-    that moves the rates, what a request costs in CPU moves much less."""
-    total = 0.0
-    try:
-        for pid in pids:
+def _cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU time of each of these processes still running (Linux /proc): under a
+    load that moves the rates, what a request costs in CPU moves much less."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-    return total / os.sysconf("SC_CLK_TCK")
+            out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def _spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two `_cpu_seconds`, by the processes seen both times."""
+    both = before.keys() & after.keys()
+    return sum(after[p] - before[p] for p in both) if both else float("nan")
 
 
 def _children(parents: list[int]) -> list[int]:
@@ -344,8 +348,8 @@ def main() -> None:
                 s_rate, s_lat, s_fail = sidecars(cars, customers, clients, args.seconds, batch)
                 cpu1 = _cpu_seconds(cars_pids), _cpu_seconds(pg_pids)
                 done = max(1.0, s_rate * args.seconds)  # requests (approximately: the rate's)
-                cpu_car.append((cpu1[0] - cpu0[0]) / done)
-                cpu_pg.append((cpu1[1] - cpu0[1]) / done if pg_pids else float("nan"))
+                cpu_car.append(_spent(cpu0[0], cpu1[0]) / done)
+                cpu_pg.append(_spent(cpu0[1], cpu1[1]) / done)
                 failed.update({f"floor {k}": v for k, v in f_fail.items()})
                 failed.update({f"sidecars {k}": v for k, v in s_fail.items()})
                 ratios.append(s_rate / f_rate)
