@@ -6,6 +6,7 @@ password kept out of every message."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -114,12 +115,33 @@ def insert(key: str, n: int = 0) -> Any:
 # -- SQL dialect ---------------------------------------------------------------------------
 
 
-def test_placeholders_become_psycopgs_and_a_literal_percent_survives() -> None:
-    assert pg_sql("SELECT ? FROM t WHERE a = ?") == "SELECT %s FROM t WHERE a = %s"
-    assert pg_sql("SELECT '?', \"a?\", '50%' -- ?\n, ?") == (
-        "SELECT '?', \"a?\", '50%%' -- ?\n, %s"
+def test_placeholders_become_numbered_and_a_literal_percent_survives() -> None:
+    assert pg_sql("SELECT ? FROM t WHERE a = ?") == "SELECT $1 FROM t WHERE a = $2"
+    assert pg_sql("SELECT '?', \"a?\", '50%' -- ?\n, ? /* ? */, ?") == (
+        "SELECT '?', \"a?\", '50%' -- ?\n, $1 /* ? */, $2"
     )
-    assert pg_sql("SELECT 'it''s ?', ?") == "SELECT 'it''s ?', %s"
+    assert pg_sql("SELECT 'it''s ?', ?") == "SELECT 'it''s ?', $1"
+
+
+def test_a_long_statement_and_a_percent_literal_run_on_postgresql(
+    pg_url: str, stores: list[PgStore]
+) -> None:
+    """A multi-row VALUES list of 200 parameters (past psycopg's own query cache) and a `%`
+    inside a literal, through the store's raw placeholders."""
+    store = PgStore(SCHEMA, pg_url)
+    stores.append(store)
+    keys = [f"k{i}%" for i in range(100)]
+    store.write(
+        lambda db: db.execute(
+            "INSERT INTO items VALUES " + ", ".join(["(?, ?)"] * len(keys)),  # noqa: S608
+            [v for i, k in enumerate(keys) for v in (k, i)],
+        )
+    )
+    assert store.read(
+        lambda db: db.execute(
+            "SELECT COUNT(*) FROM items WHERE id LIKE 'k%\\%' AND n >= ?", (0,)
+        ).fetchone()[0]
+    ) == len(keys)
 
 
 def test_the_same_statements_run_on_postgresql(pg_url: str, stores: list[PgStore]) -> None:
@@ -811,3 +833,112 @@ def test_readyz_is_not_fooled_by_a_read_stuck_connecting(stores: list[PgStore]) 
         stuck.join(10)
     finally:
         stop_fake(listener, thread)
+
+
+# -- round trips per transaction ---------------------------------------------------
+
+
+def traced_round_trips(store: PgStore, job: Any, tmp_path: Path, **kw: Any) -> int:
+    """Run `job` alone in `store` (one writer) with libpq's protocol trace on the writer's
+    connection: how many times the client sent something and waited for the answer."""
+    store.write(insert("warm-up"))  # the writer's connection exists, idle between writes
+    (conn,) = [c for c in store._wconns.values() if c is not None]
+    path = tmp_path / "trace.txt"
+    with path.open("w") as out:
+        conn.pgconn.trace(out.fileno())
+        conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            store.write(job, **kw)
+        finally:
+            conn.pgconn.untrace()
+    sides = [line.split("\t", 1)[0] for line in path.read_text().splitlines()]
+    # A round trip: what the client sent, then the server's answers (F lines, then B lines).
+    return sum(1 for a, b in itertools.pairwise(sides) if (a, b) == ("F", "B"))
+
+
+def test_a_write_with_declared_locks_costs_four_round_trips(
+    pg_url: str, stores: list[PgStore], tmp_path: Path
+) -> None:
+    """BEGIN, the declared locks and the first savepoint in one round trip; `db.lock` on a
+    declared key costs none; then the job's two statements and the COMMIT. The store before
+    this took seven (BEGIN, locks, SAVEPOINT, lock, SELECT, INSERT, COMMIT)."""
+    store = PgStore(SCHEMA, pg_url, writers=1)
+    stores.append(store)
+
+    def job(db: Db) -> None:
+        db.lock(7)
+        v = db.execute("SELECT v FROM counter WHERE k = 1").fetchone()[0]
+        db.execute("INSERT INTO items VALUES (?, ?)", ("traced", v))
+
+    assert traced_round_trips(store, job, tmp_path, locks=[(7, True)]) == 4
+    assert count(pg_url) == 2
+
+
+def test_a_failing_statement_of_the_last_job_rolls_back_that_job_alone(
+    pg_url: str, stores: list[PgStore]
+) -> None:
+    """The last job of a group commit fails on its last statement: that job alone is rolled
+    back and answered its error, the others commit (once). (A pipelined variant sent that
+    statement with the COMMIT; this guards the same contract for whatever comes next.)"""
+    store = PgStore(SCHEMA, pg_url, writers=1)
+    stores.append(store)
+    store.write(insert("taken"))
+    release, inside = threading.Event(), threading.Event()
+    errors: dict[str, BaseException] = {}
+
+    def blocker(db: Db) -> None:
+        inside.set()
+        release.wait(10)
+
+    def duplicate_last(db: Db) -> None:
+        db.execute("INSERT INTO items VALUES ('dup-side', 1)")
+        db.execute("UPDATE counter SET v = v + 100 WHERE k = 1")
+        db.execute("INSERT INTO items VALUES ('taken', 1)")  # fails: the key is taken
+
+    def run(name: str, fn: Any) -> None:
+        try:
+            store.write(fn)
+        except Exception as exc:
+            errors[name] = exc
+
+    first = threading.Thread(target=run, args=("blocker", blocker))
+    first.start()
+    assert inside.wait(10)
+    good = threading.Thread(target=run, args=("good", insert("good")))
+    good.start()
+    queued([store], 1)  # good first, then the failing one: the last job of the transaction
+    dup = threading.Thread(target=run, args=("dup", duplicate_last))
+    dup.start()
+    queued([store], 2)
+    release.set()
+    for t in (first, good, dup):
+        t.join(30)
+    assert set(errors) == {"dup"} and type(errors["dup"]).__name__ == "UniqueViolation"
+    ids = store.read(lambda db: {r[0] for r in db.execute("SELECT id FROM items")})
+    assert ids == {"taken", "good"}
+    assert count(pg_url, "SELECT v FROM counter WHERE k = 1") == 0
+    assert store.stats.commits == 3 and store.stats.failed_commits == 0
+
+
+def test_a_failing_commit_fails_every_job_of_its_transaction(
+    pg_url: str, stores: list[PgStore]
+) -> None:
+    """A COMMIT that fails itself (a deferred constraint) has rolled the whole transaction
+    back: every job in it is answered 503-style (StoreUnavailableError), nothing is stored,
+    and the store goes on."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE deferred (k INTEGER UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+    store = PgStore(SCHEMA, pg_url, writers=1)
+    stores.append(store)
+
+    def twice(db: Db) -> None:
+        db.execute("INSERT INTO items VALUES ('with-it', 1)")
+        db.execute("INSERT INTO deferred VALUES (1)")
+        db.execute("INSERT INTO deferred VALUES (1)")  # refused only at COMMIT
+
+    with pytest.raises(StoreUnavailableError):
+        store.write(twice)
+    assert count(pg_url) == 0 and count(pg_url, "SELECT COUNT(*) FROM deferred") == 0
+    assert store.stats.failed_commits == 1
+    store.write(insert("after"))
+    assert count(pg_url) == 1
