@@ -192,6 +192,7 @@ def test_the_page_under_attack_registers_buyers_and_usage_keeps_flowing(
         page.server_close()
 
 
+@pytest.mark.slow  # 80 flooding threads throughout: a load run
 def test_a_resolve_flood_on_the_sidecar_leaves_usage_its_connections(
     car: Sidecar, emulator: Emulator
 ) -> None:
