@@ -51,7 +51,6 @@ def _post_tenths(car: Sidecar, who: dict[str, str]) -> None:
     assert again.status_code == 200  # the same id, the same value: counted once
 
 
-@pytest.mark.slow  # waits for a scaled hour to seal
 def test_ten_tenths_bill_exactly_one_in_custom_mode(
     emulator_server: EmulatorServer, emulator: Emulator, tmp_path: Path
 ) -> None:

@@ -10,7 +10,6 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.emulator.service import Emulator, EmulatorServer
@@ -118,7 +117,6 @@ def metric_values(text: str) -> dict[str, float]:
     }
 
 
-@pytest.mark.slow  # waits out a slow hour in real time
 def test_a_slow_hour_shows_in_metrics_readyz_usage_and_doctor(
     emulator_server: EmulatorServer, emulator: Emulator, tmp_path: Path
 ) -> None:
