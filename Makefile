@@ -33,14 +33,17 @@ demo: $(STAMP)
 # so more workers than cores pays. `make test` leaves out the slow set (chaos, fleet and soak
 # scenarios; it prints how many); CI runs `make test-all` (both sets).
 TEST_WORKERS ?= 4
+# pytest keeps its assertion-rewritten test modules in __pycache__; with PYTHONDONTWRITEBYTECODE
+# set (some shells and CI images set it) every worker rewrites every module on every run.
+TEST_ENV := PYTHONDONTWRITEBYTECODE=
 
 test: $(STAMP)
-	$(BIN)/pytest -q -n $(TEST_WORKERS)
+	$(TEST_ENV) $(BIN)/pytest -q -n $(TEST_WORKERS)
 
 # One at a time: each slow scenario (several sidecars, kill -9 rounds, a one-minute soak, a
 # fuzzing campaign) already loads the machine, and its deadlines assume it is not shared.
 test-slow: $(STAMP)
-	$(BIN)/pytest -q -m slow
+	$(TEST_ENV) $(BIN)/pytest -q -m slow
 
 test-all: test test-slow
 

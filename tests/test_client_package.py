@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sidecar.emulator.service import Emulator
 from tests.helpers import ROOT, Launch
 
@@ -33,6 +35,7 @@ print(json.dumps({"claims": claims, "imported": heavy, "boto3_installed": instal
 """
 
 
+@pytest.mark.slow  # builds a virtualenv and pip-installs the client into it
 def test_a_fresh_venv_with_only_the_client_verifies_a_token_against_the_emulator(
     launch: Launch, emulator: Emulator, tmp_path: Path
 ) -> None:

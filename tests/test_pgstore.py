@@ -329,6 +329,7 @@ def test_a_write_still_aborted_after_its_retries_is_an_outage_not_a_crash(
 # -- the server down, restarting -----------------------------------------------------------
 
 
+@pytest.mark.slow  # writers against a crashing server
 def test_a_restart_under_load_loses_no_acknowledged_write(
     pg_server: Any, pg_url: str, stores: list[PgStore]
 ) -> None:

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -27,6 +27,7 @@ import requests
 
 from sidecar.client import UsageError, report_usage
 from sidecar.emulator.service import Emulator, EmulatorServer
+from sidecar.server.api import MAX_RESOLVES_IN_FLIGHT, RESOLVE_BUSY_RETRY_SECONDS
 from tests.helpers import Sidecar, loopback_env, start_sidecar
 from tests.test_saas_registration import load_example
 
@@ -192,6 +193,39 @@ def test_the_page_under_attack_registers_buyers_and_usage_keeps_flowing(
         page.server_close()
 
 
+def test_a_resolve_past_the_in_flight_limit_is_429_at_once_and_usage_still_flows(
+    car: Sidecar, emulator: Emulator
+) -> None:
+    """The flood below in seconds (`make test` runs this; the flood is in the slow set): junk
+    registrations that AWS answers slowly hold every resolve slot, the next resolve is a 429
+    naming resolve_busy with Retry-After, and usage posted meanwhile is 202."""
+    emulator.reconfigure({"latency": 3.0})  # every AWS call: ResolveCustomer holds its slot
+
+    def junk() -> requests.Response:
+        body = {"registration_token": "junk-" + uuid.uuid4().hex}
+        return requests.post(car.api + "/v1/customers/resolve", json=body, timeout=30)
+
+    with ThreadPoolExecutor(4 * MAX_RESOLVES_IN_FLIGHT) as pool:
+        sent: list[Future[requests.Response]] = []
+        busy = None
+        try:
+            while busy is None and len(sent) < 4 * MAX_RESOLVES_IN_FLIGHT:
+                sent.append(pool.submit(junk))  # one more registration every 50 ms
+                time.sleep(0.05)
+                done = [f.result() for f in sent if f.done()]
+                busy = next((r for r in done if r.status_code == 429), None)
+            assert busy is not None, "the resolve slots never filled"
+            assert busy.json()["error"]["code"] == "resolve_busy", busy.text
+            assert busy.headers["Retry-After"] == str(RESOLVE_BUSY_RETRY_SECONDS)
+            statuses, _ = _usage(car, 3)  # AWS is still slow: intake does not wait on it
+            assert statuses == [202] * 3
+        finally:
+            emulator.reconfigure({"latency": 0.0})
+        codes = [f.result().status_code for f in sent]
+    assert codes.count(429) >= 1 and all(c < 500 for c in codes), codes
+
+
+@pytest.mark.slow  # 80 flooding threads throughout: a load run
 def test_a_resolve_flood_on_the_sidecar_leaves_usage_its_connections(
     car: Sidecar, emulator: Emulator
 ) -> None:

@@ -164,6 +164,7 @@ def _fleet(
     return sent, len(calls), throttled
 
 
+@pytest.mark.slow  # a fleet: 8 sidecars sealing together
 def test_a_fleet_sealing_together_sends_each_record_about_once(
     tmp_path: Path, emulator_server: EmulatorServer, emulator: Emulator
 ) -> None:
