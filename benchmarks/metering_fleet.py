@@ -56,9 +56,10 @@ class OffsetClock:
         self.hour_end = 0.0
 
     def align(self, lead: float) -> None:
-        now = time.time()
+        """Jump (forward only) to `lead` seconds before the end of this clock's hour."""
+        now = self.time()
         self.hour_end = (math.floor(now / HOUR) + 1) * HOUR
-        self.offset = self.hour_end - lead - now
+        self.offset += self.hour_end - lead - now
 
     def time(self) -> float:
         return time.time() + self.offset
