@@ -49,12 +49,14 @@ class OffsetClock:
     """Real time, shifted so that an hour ends `lead` seconds from now."""
 
     def __init__(self) -> None:
+        self.offset = 0.0
         self.align(3600.0)
 
     def align(self, lead: float) -> None:
-        now = time.time()
+        """Jump (forward only) to `lead` seconds before the end of this clock's hour."""
+        now = self.time()
         self.hour_end = (math.floor(now / HOUR) + 1) * HOUR
-        self.offset = self.hour_end - lead - now
+        self.offset += self.hour_end - lead - now
 
     def time(self) -> float:
         return time.time() + self.offset
@@ -247,16 +249,23 @@ def test_throttled_pods_retry_in_different_slots() -> None:
 
 
 def _fleet(
-    tmp_path: Path, server: EmulatorServer, emulator: Emulator, pods: int, dims: int
-) -> tuple[int, int, int]:
-    """`pods` pods with usage on `dims` dimensions each in the hour ending seconds from now,
-    paced at 5 calls/s against a quota of 20/s with a burst of 1 (a slot is four times as long
-    as the bucket's refill, so a call late by less than 150 ms is never throttled). Returns
-    (records sent, MeterUsage calls, throttles)."""
+    tmp_path: Path,
+    server: EmulatorServer,
+    emulator: Emulator,
+    pods: int,
+    dims: int,
+    names: list[str] | None = None,
+    hours: int = 1,
+) -> list[tuple[int, int, int]]:
+    """`pods` pods (StatefulSet names, or `names`) with usage on `dims` dimensions each in the
+    hour ending seconds from now, and then in each of the next `hours` - 1 hours (the clock
+    jumps there), paced at 5 calls/s against a quota of 20/s with a burst of 1 (a slot is four
+    times as long as the bucket's refill, so a call late by less than 150 ms is never
+    throttled). Returns (records sent, MeterUsage calls, throttles) per hour."""
     emulator.reconfigure({"meter_throttle_rps": 20.0, "meter_throttle_burst": 1})
     clock = OffsetClock()
     emulator.meter_clock = clock.time
-    names = tuple(f"dim{i}" for i in range(dims))
+    dimensions = tuple(f"dim{i}" for i in range(dims))
     services = []
     for i in range(pods):
         state = tmp_path / f"pod{i}"
@@ -264,42 +273,48 @@ def _fleet(
         gateway = PodGateway(server.url, f"fleet-pod-{i}")
         policy = UsagePolicy(
             "prod-fleet",
-            names,
+            dimensions,
             state,
             entitlement_check="none",
             hours=HourPolicy(seal_margin=0.5, spread=600.0),
             max_sleep=0.5,
             fleet_size=pods,
             calls_per_second=5.0,
-            pod_name=f"fleet-{i}",
+            pod_name=names[i] if names else f"fleet-{i}",
         )
-        services.append(UsageService(policy, lambda g=gateway: g, clock=clock))  # type: ignore[misc]
-    clock.align(lead=3.0)  # the usage is in the hour that ends three seconds from now
-    for i, svc in enumerate(services):
-        for d in names:
-            status, _ = svc.post(f'{{"dimension": "{d}", "quantity": {i + 1}}}'.encode())
-            assert status == 202
+        rng = random.Random(i).random  # the same retry choices every run
+        services.append(UsageService(policy, lambda g=gateway: g, clock=clock, rng=rng))  # type: ignore[misc]
     stop = threading.Event()
     threads = [threading.Thread(target=s.run, args=(stop,), daemon=True) for s in services]
-    for t in threads:
-        t.start()
     records = pods * dims
-    deadline = time.monotonic() + 60
-    sent = 0
-    while time.monotonic() < deadline:
-        sent = sum(s.counters().hours_by_state["sent"] for s in services)
-        if sent >= records:
-            break
-        time.sleep(0.1)
+    out = []
+    for hour in range(1, hours + 1):
+        clock.align(lead=3.0)  # the usage is in the hour that ends three seconds from now
+        first_call = len(emulator.calls)
+        for i, svc in enumerate(services):
+            for d in dimensions:
+                status, _ = svc.post(f'{{"dimension": "{d}", "quantity": {i + 1}}}'.encode())
+                assert status == 202
+        if hour == 1:
+            for t in threads:
+                t.start()
+        deadline = time.monotonic() + 60
+        sent = 0
+        while time.monotonic() < deadline:
+            sent = sum(s.counters().hours_by_state["sent"] for s in services) - records * (hour - 1)
+            if sent >= records:
+                break
+            time.sleep(0.1)
+        calls = [c for c in emulator.calls[first_call:] if c["op"] == "MeterUsage"]
+        throttled = sum(1 for c in calls if c["code"] == "ThrottlingException")
+        out.append((sent, len(calls), throttled))
     stop.set()
     for t in threads:
         t.join(10)
     for s in services:
         s.close()
-    calls = [c for c in emulator.calls if c["op"] == "MeterUsage"]
-    throttled = sum(1 for c in calls if c["code"] == "ThrottlingException")
     emulator.reconfigure({"meter_throttle_rps": None})
-    return sent, len(calls), throttled
+    return out
 
 
 def test_a_fleet_sealing_together_sends_each_record_about_once(
@@ -308,11 +323,45 @@ def test_a_fleet_sealing_together_sends_each_record_about_once(
     """8 pods x 3 dimensions seal at the same second: with the fleet's size each pod has its
     own slot, so every record is sent and (nearly) every call is accepted: at most 1.2 calls
     per record, the issue's goal (main: no slots, the pods' random spread collides)."""
-    sent, calls, throttled = _fleet(tmp_path, emulator_server, emulator, pods=8, dims=3)
+    ((sent, calls, throttled),) = _fleet(tmp_path, emulator_server, emulator, pods=8, dims=3)
     assert sent == 24, (sent, calls, throttled)
     assert calls <= 1.2 * 24, (calls, throttled)
     ledger = emulator.ledger()
     assert len(ledger["records"]) == 24
+    assert ledger["counts"].get("DuplicateRequestException", 0) == 0
+
+
+# Eight Deployment pods whose names hash into 8 slots as 0, 0, 2, 2, 3, 5, 7, 7: three of
+# them lose a shared slot in the first frame.
+DEPLOYMENT_PODS = [
+    "api-5d4f8b7c9-2c9tq",
+    "api-5d4f8b7c9-6h29r",
+    "api-5d4f8b7c9-dn8qx",
+    "api-5d4f8b7c9-f7x5s",
+    "api-5d4f8b7c9-hmwq6",
+    "api-5d4f8b7c9-jx4b8",
+    "api-5d4f8b7c9-p9zk2",
+    "api-5d4f8b7c9-24567",  # an all-digit suffix: hashed like the others (main: "ordinal")
+]
+
+
+def test_a_deployment_fleet_sends_its_second_hour_without_throttles(
+    tmp_path: Path, emulator_server: EmulatorServer, emulator: Emulator
+) -> None:
+    """8 Deployment pods x 3 dimensions, two hours: the pods sharing a hashed slot are
+    throttled in the first hour and probe forward to the slots nobody hashed to; every record
+    of both hours is sent, none twice, and the second hour goes out at one call per record
+    (main: the throttled pods moved to random slots, which other pods held)."""
+    homes = sorted(home_slot(n, 8) for n in DEPLOYMENT_PODS)
+    assert len(set(homes)) < 8  # the hash shares slots: the case this is about
+    first, second = _fleet(
+        tmp_path, emulator_server, emulator, pods=8, dims=3, names=DEPLOYMENT_PODS, hours=2
+    )
+    assert first[0] == second[0] == 24, (first, second)
+    assert first[2] > 0, first  # the shared slots were found out
+    assert second[1] <= 24 + 1, second  # a call late by 150 ms may cost one retry
+    ledger = emulator.ledger()
+    assert len(ledger["records"]) == 48
     assert ledger["counts"].get("DuplicateRequestException", 0) == 0
 
 
