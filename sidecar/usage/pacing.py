@@ -19,7 +19,7 @@ A Deployment's hashed slots collide (50 names in 50 slots leave a third of the p
 the later pod of a shared slot probes forward, one or two slots on, and keeps the first slot
 where a call goes through. A forward probe stays in the frame it lost (its record is not a
 frame late) and fills the gaps the hash left, so the fleet settles on one slot per pod within
-its first hour and sends the hours after without throttles; its cost is that first hour's
+its first hour and sends the hours after without sharing one; its cost is that first hour's
 probes (more with the fleet's size: clusters of taken slots are walked one slot at a time).
 Slots are counted from the epoch, so pods agree on them through their clocks alone, and a
 frame may be longer than an hour.
@@ -49,7 +49,6 @@ _ORDINAL = re.compile(r"[a-z0-9]([-.a-z0-9]*[a-z0-9])?-(0|[1-9][0-9]{0,8})")
 _DEPLOYMENT = re.compile(r".+-[0-9bcdf]{1,10}-[bcdfghjklmnpqrstvwxz2456789]{5}")
 _GENERATED = 63  # a generated name cut to 58 characters plus 5: never a StatefulSet pod's
 _EC2_HOST = re.compile(r"ip-[0-9]{1,3}(-[0-9]{1,3}){3}")  # an EC2 host name (ECS, no pod name)
-POD_INDEX = re.compile(r"0|[1-9][0-9]{0,8}")  # the pod-index label's value (strconv.Itoa)
 
 
 def ordinal(name: str, index: int | None = None) -> int | None:
