@@ -94,7 +94,7 @@ def deployment_pod(rng: random.Random, deployment: str = "api") -> str:
         ("web-3", 3),
         ("my-app-db-12", 12),
         ("cache.v2-7", 7),
-        ("shop-45678", 45678),  # a StatefulSet's 45679th pod: "shop" is no template hash
+        ("shop-10345", 10345),  # 0, 1 and 3 are never in a generated suffix
         ("x" * 50 + "-123456789", 123456789),  # 52 + 1 + 9: the longest a StatefulSet makes
     ],
 )
@@ -110,6 +110,9 @@ def test_a_statefulset_pods_name_gives_its_ordinal(name: str, number: int) -> No
         "api-5f6d4c9b8f-99999",
         "api-779bd5b64d-22222",
         "web-1234567890-45678",  # pod-template-hash in raw digits (Kubernetes before 1.11)
+        "api-4567894567-24567",  # an all-digit pod-template-hash and an all-digit suffix
+        "fluentd-24567",  # a DaemonSet's pod (and a Job's, a bare ReplicaSet's): <owner>-<5>
+        "shop-45678",  # so a StatefulSet's 45679th pod without the pod-index label is hashed
         "api-7d9f8b6c5-x2x9k",
         "web-007",  # leading zeros: strconv.Itoa never writes them
         "web-1234567890",  # ten digits: more than a StatefulSet's ordinals

@@ -42,11 +42,12 @@ SETTLED = 3  # frames in a row a hashed pod's calls went through in its slot: th
 # zeros (the controller writes strconv.Itoa), the whole name at most 62 characters (the
 # StatefulSet's name is at most 52: its controller-revision-hash label must fit 63).
 _ORDINAL = re.compile(r"[a-z0-9]([-.a-z0-9]*[a-z0-9])?-(0|[1-9][0-9]{0,8})")
-# A Deployment's pod: `<deployment>-<pod-template-hash>-<5 random>`. The hash is a uint32 in
-# decimal, each digit mapped into "bcdf456789" (rand.SafeEncodeString; raw digits before
-# Kubernetes 1.11), and the suffix is 5 of "bcdfghjklmnpqrstvwxz2456789" (rand.String): 0.12%
-# of suffixes are all digits, which `name-<digits>` alone would take for an ordinal.
-_DEPLOYMENT = re.compile(r".+-[0-9bcdf]{1,10}-[bcdfghjklmnpqrstvwxz2456789]{5}")
+# A generated pod name: `<owner>-<5 random>` (a DaemonSet's, a Job's, a bare ReplicaSet's) or a
+# Deployment's `<deployment>-<pod-template-hash>-<5 random>`, the suffix 5 of
+# "bcdfghjklmnpqrstvwxz2456789" (rand.String): 0.12% of suffixes are all digits, which
+# `name-<digits>` alone would take for an ordinal. So 5 digits of that alphabet are a suffix:
+# a StatefulSet needs 24,567 pods or more before one of its ordinals looks like one.
+_SUFFIX = re.compile(r".+-[2456789]{5}")
 _GENERATED = 63  # a generated name cut to 58 characters plus 5: never a StatefulSet pod's
 _EC2_HOST = re.compile(r"ip-[0-9]{1,3}(-[0-9]{1,3}){3}")  # an EC2 host name (ECS, no pod name)
 
@@ -56,7 +57,7 @@ def ordinal(name: str, index: int | None = None) -> int | None:
     StatefulSet pod's name ends with; None for any other pod (a Deployment's, a host name)."""
     if index is not None:
         return index
-    if len(name) >= _GENERATED or _DEPLOYMENT.fullmatch(name) or _EC2_HOST.fullmatch(name):
+    if len(name) >= _GENERATED or _SUFFIX.fullmatch(name) or _EC2_HOST.fullmatch(name):
         return None
     found = _ORDINAL.fullmatch(name)
     return int(found.group(2)) if found else None
