@@ -14,10 +14,13 @@ To keep a run short, time is real and the window small: the load that matters is
 The pods are paced as a seller configures them: MARKETPLACE_FLEET_SIZE = --pods (unless
 --no-fleet-size: the slots then come from the spread window) and MARKETPLACE_METER_CALLS_PER_SECOND
 = --pace x the quota. Pods are named like a StatefulSet's (`fleet-0`, `fleet-1`, ...: one slot
-each) or, with --names random, like a Deployment's (`fleet-7d9f8b6c5d-x2x9k`: hashed slots).
+each) or, with --names random, like a Deployment's (`fleet-7d9f8b6c5d-x2x9k`: hashed slots,
+drawn with --seed). With --hours 2 or more the same pods send one hour after another (the clock
+jumps to a few seconds before each next hour ends): the hours after the first show the slots the
+pods settled on.
 
 Usage: python benchmarks/metering_fleet.py [--pods 50] [--dims 4] [--rps 2] [--spread 30]
-       [--names ordinal|random] [--pace 0.9] [--no-fleet-size]
+       [--names ordinal|random] [--pace 0.9] [--no-fleet-size] [--seed 7] [--hours 1]
 """
 
 from __future__ import annotations
@@ -53,9 +56,10 @@ class OffsetClock:
         self.hour_end = 0.0
 
     def align(self, lead: float) -> None:
-        now = time.time()
+        """Jump (forward only) to `lead` seconds before the end of this clock's hour."""
+        now = self.time()
         self.hour_end = (math.floor(now / HOUR) + 1) * HOUR
-        self.offset = self.hour_end - lead - now
+        self.offset += self.hour_end - lead - now
 
     def time(self) -> float:
         return time.time() + self.offset
@@ -103,6 +107,8 @@ def main() -> None:
     ap.add_argument("--names", choices=("ordinal", "random"), default="ordinal")
     ap.add_argument("--pace", type=float, default=0.9, help="the fleet's rate / the quota")
     ap.add_argument("--no-fleet-size", action="store_true")
+    ap.add_argument("--seed", type=int, default=7, help="the random pod names' seed")
+    ap.add_argument("--hours", type=int, default=1, help="hours in a row, the same pods")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     logging.disable(logging.CRITICAL)
@@ -118,7 +124,7 @@ def main() -> None:
     dims = tuple(f"dim{i}" for i in range(args.dims))
     base = Path(tempfile.mkdtemp())
     services: list[UsageService] = []
-    names = random.Random(7)
+    names = random.Random(args.seed)
     alphabet = "bcdfghjklmnpqrstvwxz2456789"  # a ReplicaSet's pod-name suffixes
     for i in range(args.pods):
         if args.names == "ordinal":
@@ -148,39 +154,9 @@ def main() -> None:
                 rng=random.Random(i).random,
             )
         )
-    clock.align(lead=3.0)  # the fleet's usage is in the hour that ends in three seconds
-    for i, svc in enumerate(services):
-        for d in dims:
-            status, _ = svc.post(f'{{"dimension": "{d}", "quantity": {i + 1}}}'.encode())
-            assert status == 202
     stop = threading.Event()
     threads = [threading.Thread(target=s.run, args=(stop,), daemon=True) for s in services]
-    for t in threads:
-        t.start()
-    hour_end = clock.hour_end
     records = args.pods * args.dims
-    deadline = hour_end + args.margin + args.spread * 3 + records / args.rps * 3 + 60
-    states: Counter[str] = Counter()
-    while clock.time() < deadline:
-        time.sleep(0.5)
-        states = Counter()
-        for s in services:
-            states.update(s.counters().hours_by_state)
-        if states["sent"] + states["expired"] + states["conflict"] + states["rejected"] >= records:
-            break
-        if args.verbose:
-            print(f"{clock.time() - hour_end:7.1f} s {dict(states)}", flush=True)
-    done = clock.time() - hour_end
-    stop.set()
-    for t in threads:
-        t.join(timeout=15)
-    calls = [c for c in emulator.calls if c["op"] == "MeterUsage"]
-    throttled = sum(1 for c in calls if c["code"] == "ThrottlingException")
-    per_second: Counter[int] = Counter(int(c["at"]) for c in calls if c["code"] == "ok")
-    ledger: dict[str, Any] = emulator.ledger()
-    for s in services:
-        s.close()
-    server.shutdown()
     floor = records / args.rps
     print(
         f"pods={args.pods} dims={args.dims} records={records} quota={args.rps:g}/s "
@@ -189,19 +165,60 @@ def main() -> None:
     print(
         f"pacing: {args.pace * args.rps:g} calls/s, fleet size "
         f"{'unset' if args.no_fleet_size else args.pods}, pod names {args.names}"
+        + ("" if args.names == "ordinal" else f" (seed {args.seed})")
     )
-    print(f"{'measure':40} {'value':>9} {'goal':>9}")
-    print(f"{'all sent, s after the hour ended':40} {done:9.1f}")
-    print(f"{'floor N*D/quota (s)':40} {floor:9.1f} {1.25 * floor:>9.1f}")
-    print(f"{'margin + spread window (s)':40} {args.margin + args.spread:9.1f}")
-    print(f"{'records sent (AWS ledger)':40} {len(ledger['records']):9d} {records:>9d}")
-    print(f"{'MeterUsage calls per record':40} {len(calls) / records:9.2f} {'<= 1.2':>9}")
-    print(f"{'throttled calls':40} {throttled:9d}")
-    print(f"{'records expired':40} {states['expired']:9d} {'0':>9}")
-    duplicates = ledger["counts"].get("DuplicateRequestException", 0)
-    print(f"{'DuplicateRequestException':40} {duplicates:9d} {'0':>9}")
-    busiest = max(per_second.values()) if per_second else 0
-    print(f"{'busiest second, accepted calls':40} {busiest:9d} {'<= quota+burst':>9}")
+    for hour in range(1, args.hours + 1):
+        # The fleet's usage is in the hour that ends in three seconds: from the second hour
+        # on, the clock jumps there (the pods keep the slots the hours before settled on).
+        clock.align(lead=3.0)
+        first_call = len(emulator.calls)
+        for i, svc in enumerate(services):
+            for d in dims:
+                status, _ = svc.post(f'{{"dimension": "{d}", "quantity": {i + 1}}}'.encode())
+                assert status == 202
+        if hour == 1:
+            for t in threads:
+                t.start()
+        hour_end = clock.hour_end
+        deadline = hour_end + args.margin + args.spread * 3 + records / args.rps * 3 + 60
+        states: Counter[str] = Counter()
+        while clock.time() < deadline:
+            time.sleep(0.5)
+            states = Counter()
+            for s in services:
+                states.update(s.counters().hours_by_state)
+            settled = states["sent"] + states["expired"] + states["conflict"] + states["rejected"]
+            if settled >= records * hour:
+                break
+            if args.verbose:
+                print(f"{clock.time() - hour_end:7.1f} s {dict(states)}", flush=True)
+        done = clock.time() - hour_end
+        calls = [c for c in emulator.calls[first_call:] if c["op"] == "MeterUsage"]
+        throttled = sum(1 for c in calls if c["code"] == "ThrottlingException")
+        per_second: Counter[int] = Counter(int(c["at"]) for c in calls if c["code"] == "ok")
+        ledger: dict[str, Any] = emulator.ledger()
+        print(f"-- hour {hour} of {args.hours} (load average {os.getloadavg()[0]:.1f})")
+        print(f"{'measure':40} {'value':>9} {'goal':>9}")
+        print(f"{'all sent, s after the hour ended':40} {done:9.1f}")
+        print(f"{'floor N*D/quota (s)':40} {floor:9.1f} {1.25 * floor:>9.1f}")
+        print(f"{'margin + spread window (s)':40} {args.margin + args.spread:9.1f}")
+        print(
+            f"{'records sent (AWS ledger), all hours':40} {len(ledger['records']):9d} "
+            f"{records * hour:>9d}"
+        )
+        print(f"{'MeterUsage calls per record':40} {len(calls) / records:9.2f} {'<= 1.2':>9}")
+        print(f"{'throttled calls':40} {throttled:9d}")
+        print(f"{'records expired, all hours':40} {states['expired']:9d} {'0':>9}")
+        duplicates = ledger["counts"].get("DuplicateRequestException", 0)
+        print(f"{'DuplicateRequestException, all hours':40} {duplicates:9d} {'0':>9}")
+        busiest = max(per_second.values()) if per_second else 0
+        print(f"{'busiest second, accepted calls':40} {busiest:9d} {'<= quota+burst':>9}")
+    stop.set()
+    for t in threads:
+        t.join(timeout=15)
+    for s in services:
+        s.close()
+    server.shutdown()
     guard_report()
 
 

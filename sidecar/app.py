@@ -162,6 +162,7 @@ def usage_policy(settings: Settings) -> UsagePolicy:
         fleet_size=settings.fleet_size,
         calls_per_second=settings.meter_calls_per_second,
         pod_name=settings.pod_name,
+        pod_index=settings.pod_index,
     )
 
 

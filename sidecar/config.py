@@ -355,6 +355,14 @@ class Settings:
     pod_namespace: str = setting(
         "", description="this pod's namespace (downward API metadata.namespace)"
     )
+    pod_index: int | None = setting(
+        None,
+        ge=0,
+        le=999_999_999,
+        description="custom mode: this pod's StatefulSet ordinal, its own MeterUsage slot "
+        "(downward API metadata.labels['apps.kubernetes.io/pod-index'], Kubernetes 1.28+); "
+        "empty: a StatefulSet's ordinal from the pod's name, else a hash of the name",
+    )
     serviceaccount_dir: Path = setting(  # noqa: RUF009 # a field(), not a call per instance
         Path("/var/run/secrets/kubernetes.io/serviceaccount"),
         description="service-account token, CA and namespace for the Kubernetes API",
@@ -780,6 +788,19 @@ def parse_volume_bytes(v: object) -> int | None:
     return value
 
 
+def parse_pod_index(v: object) -> int | None:
+    """Before type coercion: the pod-index label's text (strconv.Itoa), blank on other pods."""
+    text = str(v).strip() if not isinstance(v, bool) and v is not None else ""
+    if v is None or (isinstance(v, str) and not text):
+        return None  # a Deployment's pod has no pod-index label: the downward API gives ""
+    if not re.fullmatch(r"0|[1-9][0-9]{0,8}", text):
+        raise ValueError(
+            "must be a StatefulSet pod's ordinal, 0 to 999999999 without leading zeros (the "
+            f"apps.kubernetes.io/pod-index label), or empty, got {text[:20]!r}"
+        )
+    return int(text)
+
+
 def parse_blank_as_unset(v: object) -> object:
     """Templates set every variable and leave unused ones blank: blank is unset (never ".")."""
     return None if isinstance(v, str) and not v.strip() else v
@@ -789,6 +810,7 @@ def parse_blank_as_unset(v: object) -> object:
 FIELD_PARSERS: tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...] = (
     (("license_token_file", "license_role_arn"), parse_blank_as_unset),
     (("fleet_size",), parse_fleet_size),
+    (("pod_index",), parse_pod_index),
     (("state_volume_bytes",), parse_volume_bytes),
 )
 # field names -> their check, in the order pydantic runs them (field order).

@@ -686,6 +686,28 @@ def sidecar_accepts(env: dict[str, str], fields: str) -> list[str]:
     return out.stdout.split()
 
 
+POD_INDEX = {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+
+
+@pytest.mark.parametrize("kube", ["1.28.0", "1.33.0"])
+def test_custom_mode_passes_the_statefulset_pod_index_and_the_sidecar_takes_it(
+    kube: str, tmp_path: Path
+) -> None:
+    """The pod's StatefulSet ordinal is its MeterUsage slot: the chart passes the pod-index
+    label with the downward API (no RBAC), which is "" on a Deployment's pods; the sidecar
+    takes both (main: not rendered, so a StatefulSet's slot came from its name alone)."""
+    docs = render_custom(kube=kube)
+    validate(docs, kube)  # a label subscript is a valid env fieldRef
+    env = env_of(sidecar(pod_spec(docs)))
+    assert env["MARKETPLACE_POD_INDEX"] == POD_INDEX
+    assert "MARKETPLACE_POD_INDEX" not in env_of(sidecar(pod_spec(render())))  # hourly mode
+    plain = {k: v for k, v in env.items() if isinstance(v, str)}
+    plain["MARKETPLACE_PRODUCT_CODE"] = "prod-abc"  # from the ConfigMap in the pod
+    plain["MARKETPLACE_STATE_DIR"] = str(tmp_path)  # the emptyDir in the pod
+    for label, taken in (("", "None"), ("0", "0"), ("17", "17")):  # Deployment, StatefulSet
+        assert sidecar_accepts({**plain, "MARKETPLACE_POD_INDEX": label}, "s.pod_index") == [taken]
+
+
 def test_custom_mode_env_passes_the_sidecars_own_validation(tmp_path: Path) -> None:
     """What the chart renders is what `marketplace-sidecar run` accepts (and nothing more)."""
     env = env_of(

@@ -251,6 +251,9 @@ def test_contract_with_consumption_env_passes_the_sidecars_own_validation() -> N
     plain["MARKETPLACE_STATE_DIR"] = "/"  # an existing directory on this machine
     fields = "s.mode, s.product_code, s.dimensions, s.state_volume_bytes"
     assert sidecar_accepts(plain, fields) == ["contract", "prod-abc", "scans,users", "134217728"]
+    # Its MeterUsage sends are paced in slots as custom mode's: a StatefulSet's ordinal too.
+    label = "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert env["MARKETPLACE_POD_INDEX"] == {"fieldRef": {"fieldPath": label}}
 
 
 @pytest.mark.parametrize(

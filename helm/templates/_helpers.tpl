@@ -277,6 +277,7 @@ PostgreSQL (contract mode keeps its checkout and the product's leases there). */
     - {name: MARKETPLACE_DIMENSIONS, value: {{ join "," $v.metering.dimensions | quote }}}
     - {name: MARKETPLACE_STATE_VOLUME_BYTES, value: {{ $v.metering.stateSizeLimit | quote }}}
     - {name: MARKETPLACE_METER_CALLS_PER_SECOND, value: {{ $v.metering.meterCallsPerSecond | quote }}}
+    {{- include "marketplace-sidecar.podIndexEnv" . }}
     {{- end }}
     {{- else if eq $v.metering.mode "custom" }}
     - {name: MARKETPLACE_MODE, value: custom}
@@ -293,6 +294,7 @@ PostgreSQL (contract mode keeps its checkout and the product's leases there). */
     {{- with $v.metering.fleetSize }}
     - {name: MARKETPLACE_FLEET_SIZE, value: {{ int64 . | toString | quote }}}
     {{- end }}
+    {{- include "marketplace-sidecar.podIndexEnv" . }}
     {{- else }}
     - {name: MARKETPLACE_PUBLIC_KEY_FILE, value: /etc/marketplace-sidecar/public-key.pem}
     - {name: MARKETPLACE_PUBLIC_KEY_VERSION, value: {{ $v.product.publicKeyVersion | quote }}}
@@ -467,4 +469,15 @@ prometheus.io/path: /metrics
             - {path: namespace, fieldRef: {apiVersion: v1, fieldPath: metadata.namespace}}
             - {path: pod-uid, fieldRef: {apiVersion: v1, fieldPath: metadata.uid}}
 {{- end }}
+{{- end -}}
+
+{{/*
+A StatefulSet pod's ordinal, its own hourly MeterUsage slot: Kubernetes 1.28+ labels the pods
+of a StatefulSet with apps.kubernetes.io/pod-index. Any other pod (a Deployment's) has no such
+label and the downward API gives "": the sidecar then reads the ordinal from a StatefulSet
+pod's name or hashes the name (docs/custom-capacity.md). No RBAC: the kubelet fills it in.
+*/}}
+{{- define "marketplace-sidecar.podIndexEnv" }}
+    - name: MARKETPLACE_POD_INDEX
+      valueFrom: {fieldRef: {fieldPath: "metadata.labels['apps.kubernetes.io/pod-index']"}}
 {{- end -}}

@@ -143,6 +143,7 @@ class UsagePolicy:
     fleet_size: int | None = None
     calls_per_second: float = DEFAULT_CALLS_PER_SECOND
     pod_name: str = ""
+    pod_index: int | None = None  # a StatefulSet pod's ordinal (its pod-index label)
 
 
 @dataclass(frozen=True)
@@ -261,10 +262,11 @@ class UsageService:
             ),
         )
         name = policy.pod_name or socket.gethostname()
-        self._home = home_slot(name, self._slots.slots)
-        self._own_slot = is_ordinal(name)  # a StatefulSet's ordinal: no other pod's slot
+        self._home = home_slot(name, self._slots.slots, policy.pod_index)
+        self._own_slot = is_ordinal(name, policy.pod_index)  # a StatefulSet's: no other pod's
         self._not_before: int | None = None  # the slot index the next paced send waits for
         self._throttles = 0  # consecutive ThrottlingExceptions of paced sends
+        self._held = 0  # paced sends in a row that went through in this pod's slot
         self._closing_at = float("inf")  # the earliest deadline of the hours found due
         self._measure_volume()
 
@@ -742,23 +744,22 @@ class UsageService:
 
     def _paced(self, slot: int, outcome: str, info: ErrorInfo | None) -> None:
         """After a paced send in `slot`: the next one waits for this pod's slot in the next
-        frame; after a throttle, for a random slot of the next frames, which becomes this
-        pod's own (another pod holds this one); a StatefulSet pod's first throttle keeps its
-        own slot (a late call, not a shared slot)."""
+        frame; after a throttle, for the slot `Slots.after_throttle` picks, whose place in
+        the frame becomes this pod's own."""
         if outcome == RETRY and info is not None and info.code == THROTTLED:
             self._throttles += 1
             self._resume_at = self.clock.monotonic()  # the slot is the backoff
-            if self._own_slot and self._throttles == 1:
-                # This pod's own slot: the call was late (the bucket refilled too little
-                # since the previous slot's call). Moving would take another pod's slot.
-                self._not_before = slot + 1
-                return
-            index = self._slots.retry_index(self.clock.time(), self._throttles, self._rng)
+            index = self._slots.after_throttle(
+                slot, self._throttles, self._own_slot, self.clock.time(), self._rng, self._held
+            )
+            if index % self._slots.slots != self._home:
+                self._held = 0  # a new slot, not held yet
             self._home = index % self._slots.slots
             self._not_before = index
             return
         if outcome != RETRY:
             self._throttles = 0
+            self._held += 1
         self._not_before = slot + 1
 
     def _sleep(self, now: float) -> float:
