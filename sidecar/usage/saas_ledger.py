@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.core import quantity as qty
-from sidecar.usage import saas_events
+from sidecar.usage import saas_contract, saas_events
 from sidecar.usage.db import Db, Lock
 from sidecar.usage.headroom import HourSending
 from sidecar.usage.hours import (
@@ -40,6 +40,7 @@ from sidecar.usage.hours import (
 )
 from sidecar.usage.intake import IdConflictError as IdConflictError  # the intake's 409
 from sidecar.usage.intake import record_answer
+from sidecar.usage.overage import Basis
 from sidecar.usage.store import dumps
 from sidecar.usage.validate import (
     Problem,
@@ -572,6 +573,9 @@ class SealSpec:
     identity: str
     zero_records: bool
     hours: HourPolicy
+    # Dimensions the customers' contracts cover, and how (MARKETPLACE_SAAS_CONTRACT_DIMENSIONS):
+    # their records bill only what the contract does not cover (sidecar.usage.saas_contract).
+    contract: tuple[tuple[str, Basis], ...] = ()
 
     def __post_init__(self) -> None:
         # Sealed records are sent with BatchMeterUsage: their deadlines follow its window.
@@ -681,7 +685,14 @@ def _seal_hour(db: Db, hour: int, now: float, spec: SealSpec) -> int:
     stamp = record_timestamp(hour, now)
     deadline = spec.hours.deadline(stamp)
     rows = []
-    for (customer, dimension), quantity in sorted(totals.items()):
+    contract = dict(spec.contract)
+    book = saas_contract.Entitlements(db)
+    for (customer, dimension), used in sorted(totals.items()):
+        quantity = used
+        if dimension in contract and (customer, dimension) not in zero:
+            quantity = saas_contract.charge(
+                db, book, contract, (customer, dimension, hour), used, now
+            )
         # The decimal field only (the model: Quantity "Use QuantityAsDecimal instead"; one
         # kind per record). Records sealed before decimals keep their stored text.
         record = {
@@ -1374,9 +1385,11 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
             }
         )
     for row in db.execute(
-        "SELECT customer, dimension, hour, quantity, state, metering_record_id, last_code, "
-        "last_error, deadline, zero FROM saas_outbox ORDER BY hour DESC, customer, dimension "
-        "LIMIT ?",
+        "SELECT o.customer, o.dimension, o.hour, o.quantity, o.state, o.metering_record_id, "
+        "o.last_code, o.last_error, o.deadline, o.zero, k.basis, k.used, k.entitled, k.covered, "
+        "k.billed, k.term_end, k.why FROM saas_outbox o LEFT JOIN saas_contract_hours k "
+        "ON k.customer = o.customer AND k.dimension = o.dimension AND k.hour = o.hour "
+        "ORDER BY o.hour DESC, o.customer, o.dimension LIMIT ?",
         (max(0, limit - len(items)),),
     ):
         items.append(
@@ -1391,6 +1404,8 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
                 "last_code": row[6],
                 "last_error": row[7],
                 "deadline": iso(float(row[8])),
+                # A contract dimension: used, covered by the contract, billed (= quantity).
+                "contract": None if row[10] is None else saas_contract.explain(tuple(row[10:])),
             }
         )
     # Unsent records whose window closes soon, from the counters: sealing sets a record's

@@ -1,0 +1,199 @@
+"""SaaS contracts with consumption at sealing (schema 5): the part of a customer's hour that the
+contract does not cover, computed in the sealing transaction and kept for the seller to explain
+an invoice. Pure apart from the `Db`; the arithmetic is sidecar.usage.overage's.
+
+AWS: "For SaaS contracts, you only meter for usage beyond a customer's contract entitlements"
+(Seller Guide, "Configuring metering for usage with SaaS subscriptions"). AWS does not net the
+contract, so for a dimension the seller names as covered (MARKETPLACE_SAAS_CONTRACT_DIMENSIONS)
+the sealed record carries only the billable part, 0 when covered (still one record an hour).
+
+Why the numbers are exact and current: sealing (`saas_ledger.seal`, `saas_events.final_seal`)
+holds SEAL_LOCK exclusively and runs on the leader only, so the entitlements read here are the
+ones committed before the seal (a downgrade learned before sealing applies to that hour), and a
+term pool's earlier draws (`saas_contract_hours.covered`) are all committed and none is being
+written: nothing else writes that table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from sidecar.core import quantity as qty
+from sidecar.usage.db import Db
+from sidecar.usage.hours import iso, iso_hour
+from sidecar.usage.overage import Basis, Billable, Entitlement, billable, entitled_micros
+
+NEVER_READ = "entitlements never read: every unit"
+
+MIGRATION_5_DDL = """
+-- Which EntitlementValue member GetEntitlements set (integer, double, boolean, string): a
+-- DoubleValue's exact text and a StringValue look alike in `value`. NULL: learned before.
+ALTER TABLE saas_entitlements ADD COLUMN kind TEXT;
+-- One row per sealed (customer, dimension, hour) of a dimension covered by the contract
+-- (MARKETPLACE_SAAS_CONTRACT_DIMENSIONS): what was used, what the contract covered and what the
+-- outbox record bills. Never pruned: a term pool sums `covered` over its term (term_end: the
+-- entitlement's expiration; -1 when it has none).
+CREATE TABLE saas_contract_hours (
+    customer TEXT NOT NULL,
+    dimension TEXT NOT NULL,
+    hour BIGINT NOT NULL,
+    basis TEXT NOT NULL,
+    used BIGINT NOT NULL,
+    entitled BIGINT,
+    covered BIGINT NOT NULL,
+    billed BIGINT NOT NULL,
+    term_end DOUBLE PRECISION NOT NULL,
+    why TEXT NOT NULL,
+    sealed_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (customer, dimension, hour)
+);
+CREATE INDEX saas_contract_hours_by_term ON saas_contract_hours (customer, dimension, term_end);
+"""
+MIGRATION_5 = (MIGRATION_5_DDL, MIGRATION_5_DDL)
+NO_TERM = -1.0
+
+
+class Entitlements:
+    """Each customer's entitlements as stored, read once per sealing transaction."""
+
+    def __init__(self, db: Db) -> None:
+        self._db = db
+        self._seen: dict[str, list[Entitlement] | None] = {}
+
+    def of(self, customer: str) -> list[Entitlement] | None:
+        """None when GetEntitlements never answered for the customer."""
+        if customer not in self._seen:
+            self._seen[customer] = _read(self._db, customer)
+        return self._seen[customer]
+
+
+def _read(db: Db, customer: str) -> list[Entitlement] | None:
+    # The customer's subjects (its account; 'ci:' and its CustomerIdentifier): the one read
+    # last counts. They hold the same contract, so they are never added up.
+    row = db.execute(
+        "SELECT l.subject FROM saas_customers c JOIN saas_lifecycle l "
+        "ON l.subject = c.account_id OR l.subject = 'ci:' || c.customer_identifier "
+        "WHERE c.customer = ? AND l.entitlements_at IS NOT NULL "
+        "ORDER BY l.entitlements_at DESC, l.subject LIMIT 1",
+        (customer,),
+    ).fetchone()
+    if row is None:
+        return None
+    return [
+        Entitlement(str(d), value_of(str(v), None if k is None else str(k)), _float(e))
+        for d, v, e, k in db.execute(
+            "SELECT dimension, value, expiration, kind FROM saas_entitlements WHERE subject = ?",
+            (str(row[0]),),
+        )
+    ]
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def value_of(stored: str, kind: str | None) -> int | Decimal | bool | str | None:
+    """A stored value (JSON) as overage.Entitlement takes it: a DoubleValue as an exact Decimal.
+    Learned before schema 5 (kind NULL): a decimal text is taken as the DoubleValue it was
+    stored from (entitlement.exact_value), a StringValue on a quantity dimension being unlikely."""
+    value = json.loads(stored)
+    if isinstance(value, str) and kind in ("double", None):
+        try:
+            number = Decimal(value)
+        except InvalidOperation:
+            return value
+        return number if number.is_finite() else value
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    return None
+
+
+def charge(
+    db: Db,
+    book: Entitlements,
+    contract: Mapping[str, Basis],
+    key: tuple[str, str, int],
+    used: int,
+    now: float,
+) -> int:
+    """The quantity to seal for (customer, dimension, hour) whose usage totals `used`; for a
+    contract dimension, the row that explains it is written. Call before the outbox row, in
+    the same transaction; an hour already explained keeps its row (its record is not resealed)."""
+    customer, dimension, hour = key
+    basis = contract.get(dimension)
+    if basis is None or basis is Basis.ALL:
+        return used
+    ents = book.of(customer)
+    entitled = None if ents is None else entitled_micros(ents, dimension, hour)
+    term_end = NO_TERM
+    before = 0
+    if basis is Basis.TERM and entitled is not None and ents is not None:
+        term_end = _term_end(ents, dimension, hour)
+        row = db.execute(
+            "SELECT SUM(covered) FROM saas_contract_hours WHERE customer = ? AND dimension = ? "
+            "AND term_end = ? AND basis = 'term' AND hour <> ?",
+            (customer, dimension, term_end, hour),
+        ).fetchone()
+        before = int(row[0]) if row and row[0] is not None else 0
+    got: Billable = billable(used, entitled, basis, used_before_micros=before)
+    why = NEVER_READ if ents is None else got.why
+    db.execute(
+        "INSERT INTO saas_contract_hours (customer, dimension, hour, basis, used, entitled, "
+        "covered, billed, term_end, why, sealed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (customer, dimension, hour) DO NOTHING",
+        (
+            customer,
+            dimension,
+            hour,
+            basis.value,
+            used,
+            entitled,
+            got.covered_micros,
+            got.quantity_micros,
+            term_end,
+            why,
+            now,
+        ),
+    )
+    return got.quantity_micros
+
+
+def _term_end(ents: list[Entitlement], dimension: str, hour: int) -> float:
+    """The pool's term: the latest expiration among the entitlements valid at the hour (a
+    renewal has a new expiration, so a new pool; an amendment keeps it). NO_TERM: none."""
+    ends = [
+        e.expiration
+        for e in ents
+        if e.dimension == dimension and entitled_micros([e], dimension, hour) is not None
+    ]
+    known = [e for e in ends if e is not None]
+    return max(known) if known and len(known) == len(ends) else NO_TERM
+
+
+def explain(row: tuple[Any, ...]) -> dict[str, Any]:
+    """One saas_contract_hours row (basis .. why) as GET /v1/usage and the customer show it."""
+    basis, used, entitled, covered, billed, term_end, why = row
+    return {
+        "basis": str(basis),
+        "used": qty.to_json(int(used)),
+        "entitled": None if entitled is None else qty.to_json(int(entitled)),
+        "covered": qty.to_json(int(covered)),
+        "billed": qty.to_json(int(billed)),
+        "term_end": None if float(term_end) == NO_TERM else iso(float(term_end)),
+        "why": str(why),
+    }
+
+
+def customer_hours(db: Db, customer: str, limit: int = 48) -> list[dict[str, Any]]:
+    """The customer's newest contract hours (GET /v1/customers/{id})."""
+    return [
+        {"dimension": str(r[0]), "hour": iso_hour(int(r[1])), **explain(tuple(r[2:]))}
+        for r in db.execute(
+            "SELECT dimension, hour, basis, used, entitled, covered, billed, term_end, why "
+            "FROM saas_contract_hours WHERE customer = ? ORDER BY hour DESC, dimension LIMIT ?",
+            (customer, limit),
+        )
+    ]
