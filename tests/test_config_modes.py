@@ -208,6 +208,15 @@ def test_settings_fields_use_the_documented_names() -> None:
         ({"MARKETPLACE_MODE": "custom"}, "MARKETPLACE_DIMENSIONS: is required"),
         (
             {
+                "MARKETPLACE_MODE": "saas",
+                "MARKETPLACE_DIMENSIONS": "users",
+                "MARKETPLACE_USAGE_DATABASE_URL": "postgresql://app:hunter2@db/x",
+                "MARKETPLACE_SAAS_CONTRACT_DIMENSIONS": "users:seat",
+            },
+            "MARKETPLACE_SAAS_CONTRACT_DIMENSIONS: 'users': basis must be hour",
+        ),
+        (
+            {
                 "MARKETPLACE_MODE": "custom",
                 "MARKETPLACE_DIMENSIONS": "a",
                 "MARKETPLACE_STATE_DIR": "/nonexistent-dir",
