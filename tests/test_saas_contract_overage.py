@@ -414,3 +414,16 @@ def test_the_pool_is_exact_with_two_replicas_on_one_postgresql(
     assert [a.billed(h, "api_calls") for h in hours] == [0, 0, 0, 20]
     a.svc.close()
     b.close()
+
+
+def test_a_string_or_boolean_entitlement_is_a_feature_and_covers_nothing(car: Any) -> None:
+    """A StringValue "10" looks like a DoubleValue's text once stored: the kind kept with it
+    tells them apart, so a feature never hides billable usage."""
+    c = car()
+    c.contract({"users": ("string", "10", FAR), "gb": ("boolean", True, FAR)})
+    c.learn()
+    c.use("users", 12)
+    c.use("gb", 3)
+    hour = c.next_hour()
+    assert (c.billed(hour, "users"), c.billed(hour, "gb")) == (12, 3)
+    assert c.explained(hour, "users")["contract"]["why"] == "no contract quantity"
