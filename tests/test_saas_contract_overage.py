@@ -427,3 +427,14 @@ def test_a_string_or_boolean_entitlement_is_a_feature_and_covers_nothing(car: An
     hour = c.next_hour()
     assert (c.billed(hour, "users"), c.billed(hour, "gb")) == (12, 3)
     assert c.explained(hour, "users")["contract"]["why"] == "no contract quantity"
+
+
+def test_an_entitlement_beyond_any_column_still_seals(car: Any) -> None:
+    """A DoubleValue of 1e300 is 1e306 micro-units: kept as text, the hour seals (covered)."""
+    c = car()
+    c.contract({"users": ("double", 1e300, FAR)})
+    c.learn()
+    c.use("users", 12)
+    hour = c.next_hour()
+    assert c.billed(hour, "users") == 0
+    assert str(c.explained(hour, "users")["contract"]["entitled"]).startswith("1000000000")

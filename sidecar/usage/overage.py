@@ -93,12 +93,19 @@ def billable(
         return Billable(total_micros, 0, entitled, why)
     if basis is Basis.HOUR:
         covered = min(total_micros, entitled)
-        why = f"above {qty.text(entitled)} an hour"
+        why = f"above {_shown(entitled)} an hour"
     else:
         left = max(0, entitled - used_before_micros)
         covered = min(total_micros, left)
-        why = f"above the term's {qty.text(entitled)} ({qty.text(left)} left before this hour)"
+        why = f"above the term's {_shown(entitled)} ({_shown(left)} left before this hour)"
     return Billable(total_micros - covered, covered, entitled, why)
+
+
+def _shown(micros: int) -> str:
+    """Micro-units as exact decimal text, of any size (an entitlement may exceed what a record
+    can carry, qty.text's range: the hour must still seal)."""
+    whole, frac = divmod(micros, qty.SCALE)
+    return f"{whole}.{frac:06d}".rstrip("0").rstrip(".")
 
 
 def _micros(value: object) -> int | None:

@@ -34,15 +34,16 @@ MIGRATION_5_DDL = """
 ALTER TABLE saas_entitlements ADD COLUMN kind TEXT;
 -- One row per sealed (customer, dimension, hour) of a dimension covered by the contract
 -- (MARKETPLACE_SAAS_CONTRACT_DIMENSIONS): what was used, what the contract covered and what the
--- outbox record bills. Never pruned: a term pool sums `covered` over its term (term_end: the
--- entitlement's expiration; -1 when it has none).
+-- outbox record bills (micro-units; `entitled` as decimal text: a DoubleValue may exceed BIGINT).
+-- Never pruned: a term pool sums `covered` over its term (term_end: the entitlement's
+-- expiration; -1 when it has none).
 CREATE TABLE saas_contract_hours (
     customer TEXT NOT NULL,
     dimension TEXT NOT NULL,
     hour BIGINT NOT NULL,
     basis TEXT NOT NULL,
     used BIGINT NOT NULL,
-    entitled BIGINT,
+    entitled TEXT,
     covered BIGINT NOT NULL,
     billed BIGINT NOT NULL,
     term_end DOUBLE PRECISION NOT NULL,
@@ -150,7 +151,7 @@ def charge(
             hour,
             basis.value,
             used,
-            entitled,
+            None if entitled is None else str(entitled),
             got.covered_micros,
             got.quantity_micros,
             term_end,
