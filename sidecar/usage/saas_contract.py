@@ -17,7 +17,7 @@ written: nothing else writes that table.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -57,39 +57,58 @@ MIGRATION_5 = (MIGRATION_5_DDL, MIGRATION_5_DDL)
 NO_TERM = -1.0
 
 
-class Entitlements:
-    """Each customer's entitlements as stored, read once per sealing transaction."""
-
-    def __init__(self, db: Db) -> None:
-        self._db = db
-        self._seen: dict[str, list[Entitlement] | None] = {}
-
-    def of(self, customer: str) -> list[Entitlement] | None:
-        """None when GetEntitlements never answered for the customer."""
-        if customer not in self._seen:
-            self._seen[customer] = _read(self._db, customer)
-        return self._seen[customer]
+CHUNK = 500  # customers per IN list; rows per multi-row INSERT
 
 
-def _read(db: Db, customer: str) -> list[Entitlement] | None:
-    # The customer's subjects (its account; 'ci:' and its CustomerIdentifier): the one read
-    # last counts. They hold the same contract, so they are never added up.
-    row = db.execute(
-        "SELECT l.subject FROM saas_customers c JOIN saas_lifecycle l "
-        "ON l.subject = c.account_id OR l.subject = 'ci:' || c.customer_identifier "
-        "WHERE c.customer = ? AND l.entitlements_at IS NOT NULL "
-        "ORDER BY l.entitlements_at DESC, l.subject LIMIT 1",
-        (customer,),
-    ).fetchone()
-    if row is None:
-        return None
-    return [
-        Entitlement(str(d), value_of(str(v), None if k is None else str(k)), _float(e))
-        for d, v, e, k in db.execute(
-            "SELECT dimension, value, expiration, kind FROM saas_entitlements WHERE subject = ?",
-            (str(row[0]),),
-        )
-    ]
+def _entitlements(db: Db, customers: Sequence[str]) -> dict[str, list[Entitlement]]:
+    """Each customer's entitlements as stored; a customer GetEntitlements never answered for is
+    absent. Its subjects (its account; 'ci:' and its CustomerIdentifier) hold the same contract:
+    the one read last counts, they are never added up. One query per CHUNK customers."""
+    found: dict[str, tuple[float, str]] = {}
+    rows: dict[tuple[str, str], list[Entitlement]] = {}
+    for i in range(0, len(customers), CHUNK):
+        chunk = customers[i : i + CHUNK]
+        marks = ", ".join(["?"] * len(chunk))
+        # Two equality joins, not one OR: each can use saas_lifecycle's key.
+        for c, subject, at, d, v, e, k in db.execute(
+            "SELECT c.customer, l.subject, l.entitlements_at, e.dimension, e.value, "  # noqa: S608  # nosec B608 # placeholders only; values are bound
+            "e.expiration, e.kind FROM saas_customers c JOIN saas_lifecycle l "
+            "ON l.subject = c.account_id "
+            "LEFT JOIN saas_entitlements e ON e.subject = l.subject "
+            f"WHERE l.entitlements_at IS NOT NULL AND c.customer IN ({marks}) "
+            "UNION ALL SELECT c.customer, l.subject, l.entitlements_at, e.dimension, e.value, "
+            "e.expiration, e.kind FROM saas_customers c JOIN saas_lifecycle l "
+            "ON l.subject = 'ci:' || c.customer_identifier "
+            "LEFT JOIN saas_entitlements e ON e.subject = l.subject "
+            f"WHERE l.entitlements_at IS NOT NULL AND c.customer IN ({marks})",
+            [*chunk, *chunk],
+        ):
+            customer, subject, learned = str(c), str(subject), float(at)
+            best = found.get(customer)
+            if best is None or (learned, best[1]) > (best[0], subject):  # newest; then smallest
+                found[customer] = (learned, subject)
+            listed = rows.setdefault((customer, subject), [])
+            if d is not None:
+                listed.append(
+                    Entitlement(str(d), value_of(str(v), None if k is None else str(k)), _float(e))
+                )
+    return {c: rows[(c, subject)] for c, (_, subject) in found.items()}
+
+
+def _drawn(db: Db, customers: Sequence[str], hour: int) -> dict[tuple[str, str, float], int]:
+    """What each term pool of these customers covered in the hours sealed before."""
+    out: dict[tuple[str, str, float], int] = {}
+    for i in range(0, len(customers), CHUNK):
+        chunk = customers[i : i + CHUNK]
+        for c, d, end, n in db.execute(
+            "SELECT customer, dimension, term_end, SUM(covered) FROM saas_contract_hours "  # noqa: S608  # nosec B608 # placeholders only; values are bound
+            "WHERE basis = 'term' AND hour <> ? AND customer IN ("
+            + ", ".join(["?"] * len(chunk))
+            + ") GROUP BY customer, dimension, term_end",
+            [hour, *chunk],
+        ):
+            out[(str(c), str(d), float(end))] = int(n or 0)
+    return out
 
 
 def _float(value: Any) -> float | None:
@@ -112,54 +131,63 @@ def value_of(stored: str, kind: str | None) -> int | Decimal | bool | str | None
     return None
 
 
-def charge(
+def charge_hour(
     db: Db,
-    book: Entitlements,
     contract: Mapping[str, Basis],
-    key: tuple[str, str, int],
-    used: int,
+    hour: int,
+    used: Mapping[tuple[str, str], int],
     now: float,
-) -> int:
-    """The quantity to seal for (customer, dimension, hour) whose usage totals `used`; for a
-    contract dimension, the row that explains it is written. Call before the outbox row, in
-    the same transaction; an hour already explained keeps its row (its record is not resealed)."""
-    customer, dimension, hour = key
-    basis = contract.get(dimension)
-    if basis is None or basis is Basis.ALL:
-        return used
-    ents = book.of(customer)
-    entitled = None if ents is None else entitled_micros(ents, dimension, hour)
-    term_end = NO_TERM
-    before = 0
-    if basis is Basis.TERM and entitled is not None and ents is not None:
-        term_end = _term_end(ents, dimension, hour)
-        row = db.execute(
-            "SELECT SUM(covered) FROM saas_contract_hours WHERE customer = ? AND dimension = ? "
-            "AND term_end = ? AND basis = 'term' AND hour <> ?",
-            (customer, dimension, term_end, hour),
-        ).fetchone()
-        before = int(row[0]) if row and row[0] is not None else 0
-    got: Billable = billable(used, entitled, basis, used_before_micros=before)
-    why = NEVER_READ if ents is None else got.why
-    db.execute(
-        "INSERT INTO saas_contract_hours (customer, dimension, hour, basis, used, entitled, "
-        "covered, billed, term_end, why, sealed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (customer, dimension, hour) DO NOTHING",
-        (
-            customer,
-            dimension,
-            hour,
-            basis.value,
-            used,
-            None if entitled is None else str(entitled),
-            got.covered_micros,
-            got.quantity_micros,
-            term_end,
-            why,
-            now,
-        ),
-    )
-    return got.quantity_micros
+) -> dict[tuple[str, str], int]:
+    """The quantity to seal for each (customer, dimension) of `hour` whose usage totals
+    `used[...]`: the part its contract does not cover for a contract dimension, else all of it.
+    For each contract dimension the row that explains it is written, in the caller's sealing
+    transaction, before the outbox rows; an hour already explained keeps its row (its record is
+    never resealed)."""
+    out = dict(used)
+    keys = sorted(k for k in used if contract.get(k[1], Basis.ALL) is not Basis.ALL)
+    if not keys:
+        return out
+    customers = sorted({c for c, _ in keys})
+    book = _entitlements(db, customers)
+    drawn = _drawn(db, customers, hour) if any(contract[d] is Basis.TERM for _, d in keys) else {}
+    rows = []
+    for customer, dimension in keys:
+        basis = contract[dimension]
+        ents = book.get(customer)
+        entitled = None if ents is None else entitled_micros(ents, dimension, hour)
+        term_end = NO_TERM
+        before = 0
+        if basis is Basis.TERM and entitled is not None and ents is not None:
+            term_end = _term_end(ents, dimension, hour)
+            before = drawn.get((customer, dimension, term_end), 0)
+        total = used[(customer, dimension)]
+        got: Billable = billable(total, entitled, basis, used_before_micros=before)
+        out[(customer, dimension)] = got.quantity_micros
+        rows.append(
+            (
+                customer,
+                dimension,
+                hour,
+                basis.value,
+                total,
+                None if entitled is None else str(entitled),
+                got.covered_micros,
+                got.quantity_micros,
+                term_end,
+                NEVER_READ if ents is None else got.why,
+                now,
+            )
+        )
+    for i in range(0, len(rows), CHUNK):
+        chunk = rows[i : i + CHUNK]
+        db.execute(
+            "INSERT INTO saas_contract_hours (customer, dimension, hour, basis, used, entitled, "  # noqa: S608  # nosec B608 # constant columns; values are bound
+            "covered, billed, term_end, why, sealed_at) VALUES "
+            + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+            + " ON CONFLICT (customer, dimension, hour) DO NOTHING",
+            [v for row in chunk for v in row],
+        )
+    return out
 
 
 def _term_end(ents: list[Entitlement], dimension: str, hour: int) -> float:

@@ -451,7 +451,6 @@ def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]
     ).fetchall()
     current = hour_of(now)
     contract = dict(spec.contract)
-    book = saas_contract.Entitlements(db)
     for customer, left_at, end in rows:
         customer = str(customer)
         sealed_since = db.execute(
@@ -484,10 +483,11 @@ def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]
         for hour, dims in totals.items():
             stamp = record_timestamp(hour, now)
             deadline = spec.hours.deadline(stamp)
-            for dimension, used in dims:
-                quantity = saas_contract.charge(
-                    db, book, contract, (customer, dimension, hour), used, now
-                )
+            billed = saas_contract.charge_hour(
+                db, contract, hour, {(customer, d): used for d, used in dims}, now
+            )
+            for dimension, _used in dims:
+                quantity = billed[(customer, dimension)]
                 record = {
                     "Timestamp": stamp,
                     "Dimension": dimension,

@@ -685,14 +685,15 @@ def _seal_hour(db: Db, hour: int, now: float, spec: SealSpec) -> int:
     stamp = record_timestamp(hour, now)
     deadline = spec.hours.deadline(stamp)
     rows = []
-    contract = dict(spec.contract)
-    book = saas_contract.Entitlements(db)
-    for (customer, dimension), used in sorted(totals.items()):
-        quantity = used
-        if dimension in contract and (customer, dimension) not in zero:
-            quantity = saas_contract.charge(
-                db, book, contract, (customer, dimension, hour), used, now
-            )
+    billed = saas_contract.charge_hour(
+        db,
+        dict(spec.contract),
+        hour,
+        {k: v for k, v in totals.items() if k not in zero},
+        now,
+    )
+    for (customer, dimension), _used in sorted(totals.items()):
+        quantity = billed.get((customer, dimension), 0)
         # The decimal field only (the model: Quantity "Use QuantityAsDecimal instead"; one
         # kind per record). Records sealed before decimals keep their stored text.
         record = {
