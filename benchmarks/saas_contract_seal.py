@@ -73,7 +73,7 @@ def main() -> int:
                 store.write(lambda db: fill(db, args.customers, hour))
                 spec = L.SealSpec(DIMS, "license", False, HourPolicy(seal_margin=60), contract)
                 t = time.perf_counter()
-                store.write(lambda db: L.seal(db, hour, now, spec), locks=L.SEAL_LOCKS)
+                store.write(lambda db, s=spec: L.seal(db, hour, now, s), locks=L.SEAL_LOCKS)
                 took = time.perf_counter() - t
                 billed = store.read(
                     lambda db: sorted(
