@@ -438,3 +438,42 @@ def test_an_entitlement_beyond_any_column_still_seals(car: Any) -> None:
     hour = c.next_hour()
     assert c.billed(hour, "users") == 0
     assert str(c.explained(hour, "users")["contract"]["entitled"]).startswith("1000000000")
+
+
+def test_a_pool_downgraded_below_its_draws_bills_everything_after(car: Any) -> None:
+    c = car()
+    c.contract({"api_calls": ("integer", 100, FAR)})
+    c.learn()
+    c.use("api_calls", 60)
+    first = c.next_hour()
+    c.contract({"api_calls": ("integer", 50, FAR)})  # amended down, same term
+    c.learn()
+    c.use("api_calls", 10)
+    second = c.next_hour()
+    assert (c.billed(first, "api_calls"), c.billed(second, "api_calls")) == (0, 10)
+
+
+def test_explanations_are_kept_two_invoice_months_and_a_live_pool_keeps_its_draws(
+    car: Any,
+) -> None:
+    from sidecar.usage import saas_ledger
+
+    c = car()
+    ends = c.clock.t + 90 * 86400
+    c.contract({"users": ("integer", 10, FAR), "api_calls": ("integer", 100, ends)})
+    c.learn()
+    c.use("users", 12)
+    c.use("api_calls", 70)
+    first = c.next_hour()
+
+    def rows() -> list[str]:
+        got = c.svc.store.read(
+            lambda db: db.execute("SELECT basis FROM saas_contract_hours ORDER BY basis").fetchall()
+        )
+        return [str(b) for (b,) in got]
+
+    for days, left in ((61, ["hour", "term"]), (63, ["term"]), (90 + 63, [])):
+        now = c.clock.t + days * 86400
+        c.svc.store.write(lambda db, t=now: saas_ledger.prune(db, t))
+        assert rows() == left, days
+    assert c.billed(first, "api_calls") == 0

@@ -23,7 +23,7 @@ from typing import Any
 
 from sidecar.core import quantity as qty
 from sidecar.usage.db import Db
-from sidecar.usage.hours import iso, iso_hour
+from sidecar.usage.hours import hour_of, iso, iso_hour
 from sidecar.usage.overage import Basis, Billable, Entitlement, billable, entitled_micros
 
 NEVER_READ = "entitlements never read: every unit"
@@ -35,8 +35,8 @@ ALTER TABLE saas_entitlements ADD COLUMN kind TEXT;
 -- One row per sealed (customer, dimension, hour) of a dimension covered by the contract
 -- (MARKETPLACE_SAAS_CONTRACT_DIMENSIONS): what was used, what the contract covered and what the
 -- outbox record bills (micro-units; `entitled` as decimal text: a DoubleValue may exceed BIGINT).
--- Never pruned: a term pool sums `covered` over its term (term_end: the entitlement's
--- expiration; -1 when it has none).
+-- Kept KEEP_SECONDS (two invoice months) after the hour, a term pool's rows as long after its
+-- term (term_end: the entitlement's expiration; -1 when it has none: kept).
 CREATE TABLE saas_contract_hours (
     customer TEXT NOT NULL,
     dimension TEXT NOT NULL,
@@ -52,9 +52,26 @@ CREATE TABLE saas_contract_hours (
     PRIMARY KEY (customer, dimension, hour)
 );
 CREATE INDEX saas_contract_hours_by_term ON saas_contract_hours (customer, dimension, term_end);
+CREATE INDEX saas_contract_hours_hourly ON saas_contract_hours (hour) WHERE basis = 'hour';
+CREATE INDEX saas_contract_hours_ended ON saas_contract_hours (term_end)
+    WHERE basis = 'term' AND term_end <> -1;
 """
 MIGRATION_5 = (MIGRATION_5_DDL, MIGRATION_5_DDL)
 NO_TERM = -1.0
+KEEP_SECONDS = 62 * 86400.0  # a seller explains last month's invoice from these rows
+
+
+def prune(db: Db, now: float) -> None:
+    """Drop explanations older than KEEP_SECONDS: hourly ones by their hour, a pool's once its
+    term ended that long ago (before, the pool still draws on them)."""
+    db.execute(
+        "DELETE FROM saas_contract_hours WHERE basis = 'hour' AND hour < ?",
+        (hour_of(now - KEEP_SECONDS),),
+    )
+    db.execute(
+        "DELETE FROM saas_contract_hours WHERE basis = 'term' AND term_end <> -1 AND term_end < ?",
+        (now - KEEP_SECONDS,),
+    )
 
 
 CHUNK = 500  # customers per IN list; rows per multi-row INSERT

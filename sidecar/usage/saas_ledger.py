@@ -1481,6 +1481,7 @@ def prune(
             "DELETE FROM saas_hour_sending WHERE hour < ?",
             (hour_of(now) - SENDING_KEEP_HOURS,),
         )
+        saas_contract.prune(db, now)
     row = db.execute(
         "SELECT MIN(hour) FROM saas_outbox WHERE hour >= ?", (after or -(2**62),)
     ).fetchone()
