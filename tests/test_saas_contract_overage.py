@@ -477,3 +477,20 @@ def test_explanations_are_kept_two_invoice_months_and_a_live_pool_keeps_its_draw
         c.svc.store.write(lambda db, t=now: saas_ledger.prune(db, t))
         assert rows() == left, days
     assert c.billed(first, "api_calls") == 0
+
+
+def test_entitlements_never_read_bill_every_unit_and_say_so(car: Any, emulator_server: Any) -> None:
+    """GetEntitlements refused when the buyer was resolved, and no event since: the sidecar
+    cannot know the contract, so it bills every unit rather than guess, and warns."""
+    resp = requests.post(
+        emulator_server.url + "/_emulator/entitlements/config",
+        json={"faults": [{"error": "AccessDeniedException", "first": 5}]},
+        timeout=5,
+    )
+    assert resp.status_code == 200, resp.text
+    c = car()
+    c.use("users", 12)
+    hour = c.next_hour()
+    assert c.billed(hour, "users") == 12
+    assert c.explained(hour, "users")["contract"]["why"].startswith("entitlements never read")
+    assert any("entitlements were never read" in w for w in c.svc.report()["warnings"])

@@ -1440,6 +1440,16 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
         "LIMIT 20"
     ):
         warnings.append(f"customer {customer}: not subscribed (AWS CustomerNotSubscribed)")
+    blind = db.execute(
+        "SELECT COUNT(*) FROM saas_contract_hours WHERE why = ? AND hour >= ?",
+        (saas_contract.NEVER_READ, hour_of(now) - 48),
+    ).fetchone()
+    if blind and int(blind[0]):
+        warnings.append(
+            f"{int(blind[0])} records of contract dimensions in the last 48 hours billed every "
+            "unit: the customer's entitlements were never read (GetEntitlements; see "
+            "`contract.why` on each record)"
+        )
     sending = db.execute("SELECT COUNT(*) FROM saas_batches WHERE state = 'sending'").fetchone()
     return {
         "now": iso(now),
