@@ -11,6 +11,8 @@ real PostgreSQL server; the test's clock drives the sidecar and the emulator.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -31,6 +33,15 @@ from tests.usage_kit import aws_env
 DIMS = ("users", "api_calls", "gb")
 CONTRACT = (("users", Basis.HOUR), ("api_calls", Basis.TERM), ("gb", Basis.HOUR))
 FAR = 1_900_000_000.0  # an expiry years away
+
+
+def settled() -> None:
+    """Wait for the sidecar's first-sight GetEntitlements threads: a late one would store the
+    contract as it was before a test changed it."""
+    deadline = time.monotonic() + 30
+    while any(t.name == "entitlements" and t.is_alive() for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "GetEntitlements at resolve never finished"
+        time.sleep(0.01)
 
 
 def new_buyer(url: str) -> dict[str, Any]:
@@ -81,6 +92,7 @@ class Car:
         if buyer is None:  # else resolved by the store's earlier sidecar
             token = json.dumps({"registration_token": self.buyer["registration_token"]}).encode()
             assert self.svc.resolve(token)[0] == 200
+            settled()  # resolving reads the contract in a thread: done before the test moves on
 
     def contract(self, ents: dict[str, tuple[str, Any, float | None]]) -> None:
         """The buyer's contract in the emulator: dimension -> (kind, value, expiration)."""
