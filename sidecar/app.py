@@ -167,6 +167,7 @@ def usage_policy(settings: Settings) -> UsagePolicy:
 
 
 def saas_policy(settings: Settings) -> SaasPolicy:
+    from sidecar.usage.overage import Basis
     from sidecar.usage.saas import SaasPolicy
 
     return SaasPolicy(
@@ -177,6 +178,7 @@ def saas_policy(settings: Settings) -> SaasPolicy:
         product_code=settings.product_code,
         accept_unresolved=settings.accept_unresolved_customers,
         zero_records=settings.zero_usage_records,
+        contract=tuple((d, Basis(b)) for d, b in settings.contract_dimensions.items()),
         calls_per_second=settings.saas_calls_per_second,
         drain_seconds=settings.drain_seconds,
         backoff_base=settings.backoff_base_seconds,
@@ -197,7 +199,12 @@ def entitlement_reader(settings: Settings) -> Callable[[str, str], list[dict[str
             if not client:
                 client.append(entitlement.entitlement_client(timeout=settings.aws_timeout_seconds))
         return [
-            {"dimension": e.dimension, "value": e.value, "expiration": e.expiration}
+            {
+                "dimension": e.dimension,
+                "value": e.value,
+                "expiration": e.expiration,
+                "kind": e.kind,
+            }
             for e in entitlement.get_entitlements(client[0], product_code, account_id)
         ]
 

@@ -216,6 +216,14 @@ class Settings:
         "long-polls it and keeps each buyer's subscription state (docs/saas-lifecycle.md); "
         "unset: buyers' departures are learned only from BatchMeterUsage",
     )
+    saas_contract_dimensions: str = setting(
+        "",
+        description="saas mode, contracts with consumption: the dimensions the buyers' "
+        "contract entitlements cover and how, comma-separated dimension:basis (hour: the "
+        "entitlement covers that much every hour, e.g. users; term: a pool drawn down over the "
+        "entitlement's term, e.g. api_calls); their records bill only usage above the "
+        "contract (needs MARKETPLACE_SAAS_EVENTS_QUEUE_URL); unset: every unit is metered",
+    )
     saas_calls_per_second: float = setting(
         8.0,
         gt=0.0,
@@ -393,6 +401,12 @@ class Settings:
         return parse_dimensions(self.dimensions) if self.dimensions else ()
 
     @property
+    def contract_dimensions(self) -> dict[str, str]:
+        """MARKETPLACE_SAAS_CONTRACT_DIMENSIONS: dimension -> basis (hour or term)."""
+        text = self.saas_contract_dimensions
+        return parse_contract_dimensions(text) if text.strip() else {}
+
+    @property
     def throttle_schedule(self) -> tuple[float, ...]:
         """() = adaptive windows; else fixed slots tuned for one fleet size."""
         text = self.throttle_schedule_seconds
@@ -468,6 +482,8 @@ class Settings:
                 f"{PREFIX}STATE_DIR: is required with {PREFIX}MODE=custom: the usage store "
                 "lives there (mount an emptyDir: it survives container restarts)"
             )
+        if self.mode == "saas":
+            problems += self._contract_dimension_problems()
         if self.mode == "saas" and self.state_dir is None and self.usage_database_url is None:
             problems.append(
                 f"{PREFIX}USAGE_DATABASE_URL or {PREFIX}STATE_DIR: saas mode needs a usage "
@@ -507,6 +523,30 @@ class Settings:
             "usage above the contract is kept there until MeterUsage takes it (mount an "
             "emptyDir: it survives container restarts)"
         ]
+
+    def _contract_dimension_problems(self) -> list[str]:
+        """Contract dimensions must be the product's, and their entitlements kept current."""
+        if not self.saas_contract_dimensions.strip():
+            return []
+        var = f"{PREFIX}SAAS_CONTRACT_DIMENSIONS"
+        try:
+            named = parse_contract_dimensions(self.saas_contract_dimensions)
+            listed = parse_dimensions(self.dimensions) if self.dimensions else ()
+        except ValueError:
+            return []  # the variable's own line says what is wrong
+        out = []
+        unknown = [d for d in named if d not in listed]
+        if unknown:
+            out.append(
+                f"{var}: {', '.join(unknown)[:200]!s} not among {PREFIX}DIMENSIONS "
+                f"({', '.join(listed)[:200]}); name dimensions of the product"
+            )
+        if not self.saas_events_queue_url:
+            out.append(
+                f"{var}: needs {PREFIX}SAAS_EVENTS_QUEUE_URL: the contracts' entitlements are "
+                "read again on each agreement or license event, so a change is billed right"
+            )
+        return out
 
     def _check_dimension_problems(self) -> list[str]:
         name = self.entitlement_dimension
@@ -724,6 +764,12 @@ def check_dimensions(v: str) -> str:
     return v
 
 
+def check_contract_dimensions(v: str) -> str:
+    if v.strip():
+        parse_contract_dimensions(v)
+    return v
+
+
 def check_condition_type(v: str) -> str:
     if v and not CONDITION_TYPE_RE.fullmatch(v):
         raise ValueError(
@@ -823,6 +869,7 @@ FIELD_CHECKS: tuple[tuple[tuple[str, ...], Callable[[Any], Any]], ...] = (
     (("usage_database_url",), check_database_url),
     (("saas_events_queue_url",), check_queue_url),
     (("dimensions",), check_dimensions),
+    (("saas_contract_dimensions",), check_contract_dimensions),
     (("readiness_gate",), check_condition_type),
     (("throttle_schedule_seconds",), check_schedule),
     (("listen", "probe_listen"), check_hostport),
@@ -903,6 +950,7 @@ SAAS_ONLY = {
         "zero_usage_records",
         "saas_calls_per_second",
         "saas_events_queue_url",
+        "saas_contract_dimensions",
     )
 }
 _WITHOUT_KEY = "saas mode verifies no token: ResolveCustomer and BatchMeterUsage return none"
@@ -1109,6 +1157,31 @@ def parse_dimensions(text: str) -> tuple[str, ...]:
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"lists {', '.join(dupes)[:80]} more than once")
     return names
+
+
+CONTRACT_BASES = ("hour", "term")
+
+
+def parse_contract_dimensions(text: str) -> dict[str, str]:
+    """'users:hour, api_calls:term' -> {'users': 'hour', 'api_calls': 'term'}."""
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        name, sep, basis = part.strip().rpartition(":")
+        name, basis = name.strip(), basis.strip()
+        if not sep or not name:
+            raise ValueError(
+                f"each entry is dimension:basis with basis hour or term (got {part.strip()[:60]!r})"
+            )
+        if basis not in CONTRACT_BASES:
+            raise ValueError(
+                f"{name[:60]!r}: basis must be hour (covered every hour) or term (a pool over "
+                f"the entitlement's term), got {basis[:20]!r}"
+            )
+        if name in out:
+            raise ValueError(f"lists {name[:80]!r} more than once")
+        out[name] = basis
+    parse_dimensions(",".join(out))  # names as MARKETPLACE_DIMENSIONS takes them
+    return out
 
 
 def is_loopback(host: str) -> bool:

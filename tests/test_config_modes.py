@@ -208,6 +208,15 @@ def test_settings_fields_use_the_documented_names() -> None:
         ({"MARKETPLACE_MODE": "custom"}, "MARKETPLACE_DIMENSIONS: is required"),
         (
             {
+                "MARKETPLACE_MODE": "saas",
+                "MARKETPLACE_DIMENSIONS": "users",
+                "MARKETPLACE_USAGE_DATABASE_URL": "postgresql://app:hunter2@db/x",
+                "MARKETPLACE_SAAS_CONTRACT_DIMENSIONS": "users:seat",
+            },
+            "MARKETPLACE_SAAS_CONTRACT_DIMENSIONS: 'users': basis must be hour",
+        ),
+        (
+            {
                 "MARKETPLACE_MODE": "custom",
                 "MARKETPLACE_DIMENSIONS": "a",
                 "MARKETPLACE_STATE_DIR": "/nonexistent-dir",
@@ -464,3 +473,44 @@ def test_the_events_queue_is_saas_only_and_a_good_one_is_accepted(
     assert load()[0].saas_events_queue_url == good
     custom(env, tmp_path, SAAS_EVENTS_QUEUE_URL=good)
     assert any(p.startswith("MARKETPLACE_SAAS_EVENTS_QUEUE_URL") for p in problems())
+
+
+QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/marketplace-events"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("users", "each entry is dimension:basis"),
+        ("users:seat", "basis must be hour"),
+        ("users:hour,users:term", "more than once"),
+        (":hour", "each entry is dimension:basis"),
+        ("photos:hour", "photos not among MARKETPLACE_DIMENSIONS (users, scans)"),
+    ],
+)
+def test_a_bad_contract_dimension_setting_is_named(
+    env: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    env.delenv("AWS_ENDPOINT_URL_SQS", raising=False)
+    saas(env, SAAS_EVENTS_QUEUE_URL=QUEUE, SAAS_CONTRACT_DIMENSIONS=value)
+    found = problems()
+    assert len(found) == 1 and expected in found[0], found
+    assert found[0].startswith("MARKETPLACE_SAAS_CONTRACT_DIMENSIONS"), found
+
+
+def test_contract_dimensions_are_saas_only_and_need_the_events_queue(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env.delenv("AWS_ENDPOINT_URL_SQS", raising=False)
+    saas(env, SAAS_EVENTS_QUEUE_URL=QUEUE, SAAS_CONTRACT_DIMENSIONS="users:hour, scans:term")
+    assert load()[0].contract_dimensions == {"users": "hour", "scans": "term"}
+    env.delenv("MARKETPLACE_SAAS_EVENTS_QUEUE_URL")
+    found = problems()
+    assert len(found) == 1 and "needs MARKETPLACE_SAAS_EVENTS_QUEUE_URL" in found[0], found
+    env.setenv("MARKETPLACE_SAAS_CONTRACT_DIMENSIONS", "")  # a template's blank: today's default
+    assert load()[0].contract_dimensions == {}
+    custom(env, tmp_path, SAAS_CONTRACT_DIMENSIONS="users:hour")
+    assert any(
+        p.startswith("MARKETPLACE_SAAS_CONTRACT_DIMENSIONS") and "MODE=saas" in p
+        for p in problems()
+    )

@@ -80,8 +80,19 @@ def test_every_value_type_comes_back_exact_with_its_expiry(
         ],
     )
     got = {e.dimension: e for e in get_entitlements(ent, PRODUCT, BUYER)}
-    assert got["seats"] == Entitlement("seats", 25, 1_830_000_000.0, BUYER)
+    assert got["seats"] == Entitlement("seats", 25, 1_830_000_000.0, BUYER, "integer")
     assert got["storage_tb"].value == "0.1"
+    # The member AWS set: a DoubleValue's exact text and a StringValue look alike otherwise.
+    kinds = {d: e.kind for d, e in got.items()}
+    assert kinds == {
+        "seats": "integer",
+        "storage_tb": "double",
+        "tiny": "double",
+        "whole": "double",
+        "sso": "boolean",
+        "tier": "string",
+        "flag": None,
+    }
     assert got["tiny"].value == "0.0000001"
     assert got["whole"].value == "2"
     assert got["sso"].value is False

@@ -1362,6 +1362,27 @@ def test_custom_mode_refuses_a_volume_too_small_for_the_store() -> None:
     assert "metering.stateSizeLimit=8Mi: custom mode needs at least 16Mi" in out.stderr
 
 
+def test_saas_contract_dimensions_reach_the_env_only_when_set() -> None:
+    """metering.saas.contractDimensions: MARKETPLACE_SAAS_CONTRACT_DIMENSIONS; a malformed value
+    is refused at render, naming the value's path."""
+    url = "https://sqs.us-east-1.amazonaws.com/111122223333/marketplace-saas-events"
+    off = env_of(sidecar(pod_spec(render_saas(DB_SECRET))))
+    assert "MARKETPLACE_SAAS_CONTRACT_DIMENSIONS" not in off
+    docs = render_saas(
+        DB_SECRET,
+        f"metering.saas.events.queueUrl={url}",
+        "metering.saas.contractDimensions=api_calls:term",
+    )
+    validate(docs, "1.33.0")
+    env = env_of(sidecar(pod_spec(docs)))
+    assert env["MARKETPLACE_SAAS_CONTRACT_DIMENSIONS"] == "api_calls:term"
+    args = ["template", "x", str(CHART), "--set", DB_SECRET]
+    for s in [*SAAS, "metering.saas.contractDimensions=api_calls:seat"]:
+        args += ["--set", s]
+    out = helm(*args, check=False)
+    assert out.returncode != 0 and "/metering/saas/contractDimensions" in out.stderr
+
+
 def test_saas_events_queue_reaches_the_env_only_when_set() -> None:
     """metering.saas.events.queueUrl: the sidecar's MARKETPLACE_SAAS_EVENTS_QUEUE_URL, and only
     an https SQS queue URL (a typo or a plain-http endpoint is refused at render, naming the

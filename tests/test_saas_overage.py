@@ -78,3 +78,11 @@ def test_negative_quantities_are_refused() -> None:
         billable(-1, 0, Basis.HOUR)
     with pytest.raises(ValueError):
         billable(1, 0, Basis.TERM, used_before_micros=-1)
+
+
+def test_an_entitlement_beyond_a_records_range_is_explained_not_refused() -> None:
+    huge = entitled_micros([Entitlement("gb", Decimal("1e30"), None)], "gb", HOUR)
+    assert huge == 10**36
+    for basis in (Basis.HOUR, Basis.TERM):
+        got = billable(5 * M, huge, basis)
+        assert got.quantity_micros == 0 and "1" + "0" * 30 in got.why

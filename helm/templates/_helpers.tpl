@@ -234,6 +234,9 @@ PostgreSQL (contract mode keeps its checkout and the product's leases there). */
     {{- with ($v.metering.saas.events | default dict).queueUrl }}
     - {name: MARKETPLACE_SAAS_EVENTS_QUEUE_URL, value: {{ . | quote }}}
     {{- end }}
+    {{- with $v.metering.saas.contractDimensions }}
+    - {name: MARKETPLACE_SAAS_CONTRACT_DIMENSIONS, value: {{ . | quote }}}
+    {{- end }}
     - {name: MARKETPLACE_DRAIN_SECONDS, value: {{ $v.metering.drainSeconds | quote }}}
     {{- with $v.metering.saas.database.existingSecret }}
     # The URL holds a password: from your Secret, into this container only.

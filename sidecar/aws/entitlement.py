@@ -91,6 +91,9 @@ class Entitlement:
     value: object
     expiration: float | None
     customer_aws_account_id: str
+    # Which EntitlementValue member was set ("integer", "double", "boolean", "string"), or None:
+    # a DoubleValue's exact text and a StringValue look alike once stored.
+    kind: str | None = None
 
 
 def endpoint_problem(value: str | None) -> str | None:
@@ -149,6 +152,23 @@ def exact_value(raw: Any) -> object:
     return None
 
 
+def value_kind(raw: Any) -> str | None:
+    """Which member `exact_value` read: integer, double, boolean, string; None for none."""
+    if not isinstance(raw, dict):
+        return None
+    if isinstance(raw.get("IntegerValue"), int) and not isinstance(raw["IntegerValue"], bool):
+        return "integer"
+    if isinstance(raw.get("DoubleValue"), (int, float)) and not isinstance(
+        raw["DoubleValue"], bool
+    ):
+        return "double" if math.isfinite(float(raw["DoubleValue"])) else None
+    if isinstance(raw.get("BooleanValue"), bool):
+        return "boolean"
+    if isinstance(raw.get("StringValue"), str):
+        return "string"
+    return None
+
+
 def _epoch(value: Any) -> float | None:
     if isinstance(value, datetime):
         return value.timestamp()
@@ -165,6 +185,7 @@ def _entitlement(raw: Any, account: str) -> Entitlement | None:
         value=exact_value(raw.get("Value")),
         expiration=_epoch(raw.get("ExpirationDate")),
         customer_aws_account_id=str(raw.get("CustomerAWSAccountId") or account),
+        kind=value_kind(raw.get("Value")),
     )
 
 

@@ -1,19 +1,21 @@
 """SaaS contract with consumption: how much of one customer's hour to meter, given what the
 contract already covers. Pure (no I/O, no clock: the entitlements and the hour are passed in);
-nothing in the sidecar calls it yet (docs/saas-lifecycle.md, "Contracts with consumption").
+sealing calls it through sidecar.usage.saas_contract (docs/saas-lifecycle.md, "Contracts with
+consumption").
 
 A contract's entitlement for a dimension (GetEntitlements: `Value`, `ExpirationDate`) is what the
-buyer paid for up front. When the seller's listing bills usage beyond it, the seller sends AWS
-either every unit (AWS nets the contract) or only the units above it; which one depends on how the
-listing is priced, and AWS's pages we could read do not settle it for SaaS. So the choice is the
-seller's (`Basis`), and this module computes the quantity for each:
+buyer paid for up front. AWS: "For SaaS contracts, you only meter for usage beyond a customer's
+contract entitlements" (Seller Guide, "Configuring metering for usage with SaaS subscriptions").
+How an entitlement covers usage is the seller's to say (`Basis`), and this module computes the
+quantity for each:
 
-- `ALL`: every unit, the entitlement ignored (AWS nets it, or the dimension is not in the contract).
+- `ALL`: every unit, the entitlement ignored (the dimension is not in the contract).
 - `HOUR`: a capacity dimension (users, seats): the entitlement covers that much in every hour;
   the hour's units above it are billed.
 - `TERM`: a pool (API calls per contract term): the entitlement is drawn down across the hours of
-  the term; only what the pool no longer covers is billed. The caller passes what earlier hours
-  of the same term used (`used_before_micros`), so the answer stays a pure function.
+  the term; only what the pool no longer covers is billed. The caller passes what the pool
+  covered of earlier hours of the same term (`used_before_micros`), so the answer stays a pure
+  function.
 
 All quantities are micro-units (sidecar.core.quantity): no float touches a billed number.
 """
@@ -91,12 +93,19 @@ def billable(
         return Billable(total_micros, 0, entitled, why)
     if basis is Basis.HOUR:
         covered = min(total_micros, entitled)
-        why = f"above {qty.text(entitled)} an hour"
+        why = f"above {_shown(entitled)} an hour"
     else:
         left = max(0, entitled - used_before_micros)
         covered = min(total_micros, left)
-        why = f"above the term's {qty.text(entitled)} ({qty.text(left)} left before this hour)"
+        why = f"above the term's {_shown(entitled)} ({_shown(left)} left before this hour)"
     return Billable(total_micros - covered, covered, entitled, why)
+
+
+def _shown(micros: int) -> str:
+    """Micro-units as exact decimal text, of any size (an entitlement may exceed what a record
+    can carry, qty.text's range: the hour must still seal)."""
+    whole, frac = divmod(micros, qty.SCALE)
+    return f"{whole}.{frac:06d}".rstrip("0").rstrip(".")
 
 
 def _micros(value: object) -> int | None:

@@ -35,7 +35,7 @@ from sidecar.aws.errors import ErrorInfo
 from sidecar.core import quantity as qty
 from sidecar.core.clock import Clock, SystemClock
 from sidecar.core.ratelimit import TokenBucket
-from sidecar.usage import lifecycle, saas_events, saas_ledger
+from sidecar.usage import lifecycle, saas_contract, saas_events, saas_ledger
 from sidecar.usage.db import (
     INTAKE_WAIT,
     Schema,
@@ -56,6 +56,7 @@ from sidecar.usage.hours import (
     iso_hour,
 )
 from sidecar.usage.intake import IdConflictError, accepted
+from sidecar.usage.overage import Basis
 from sidecar.usage.saas_ledger import (
     DIMENSION_CODE,
     TIMESTAMP_CODE,
@@ -84,19 +85,22 @@ log = logging.getLogger(__name__)
 
 SAAS_SCHEMA = Schema(
     name="saas.sqlite3",
-    version=4,
+    version=5,
     sqlite=saas_ledger.DDL
     + saas_ledger.MIGRATION_2[0]
     + saas_ledger.MIGRATION_3[0]
-    + saas_events.MIGRATION_4[0],
+    + saas_events.MIGRATION_4[0]
+    + saas_contract.MIGRATION_5[0],
     postgresql=saas_ledger.DDL
     + saas_ledger.MIGRATION_2[1]
     + saas_ledger.MIGRATION_3[1]
-    + saas_events.MIGRATION_4[1],
+    + saas_events.MIGRATION_4[1]
+    + saas_contract.MIGRATION_5[1],
     migrations={
         2: saas_ledger.MIGRATION_2,
         3: saas_ledger.MIGRATION_3,
         4: saas_events.MIGRATION_4,
+        5: saas_contract.MIGRATION_5,
     },
 )
 HEADROOM_TTL = 10.0  # seconds a computed headroom serves /readyz and scrapes
@@ -166,6 +170,9 @@ class SaasPolicy:
     future_skew: float = 300.0
     max_sleep: float = 30.0
     calls_per_second: float = 8.0  # under AWS's 10/s BatchMeterUsage quota, per fleet
+    # Dimensions covered by the customers' contracts, and how (saas_contract; config's
+    # MARKETPLACE_SAAS_CONTRACT_DIMENSIONS): only usage above the contract is billed.
+    contract: tuple[tuple[str, Basis], ...] = ()
 
     def __post_init__(self) -> None:
         # SaaS sends with BatchMeterUsage: its hours follow that API's window (24 h, cut at
@@ -255,7 +262,12 @@ class SaasService:
             api=BATCH_METER_USAGE,
         )
         self._retry = RetryPolicy(policy.backoff_base, policy.backoff_cap)
-        self._spec = SealSpec(policy.dimensions, policy.identity, policy.zero_records, policy.hours)
+        unknown = [d for d, _ in policy.contract if d not in policy.dimensions]
+        if unknown:
+            raise ValueError(f"contract dimensions not among the dimensions: {unknown}")
+        self._spec = SealSpec(
+            policy.dimensions, policy.identity, policy.zero_records, policy.hours, policy.contract
+        )
         # The request's ProductCode: only with CustomerIdentifier records (license records carry
         # their own identity; AWS: never both kinds in one request).
         self._product = policy.product_code if policy.identity == "customer_identifier" else None

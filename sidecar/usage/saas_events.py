@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sidecar.usage import lifecycle
+from sidecar.usage import lifecycle, saas_contract
 from sidecar.usage.db import Db, Lock
 from sidecar.usage.hours import hour_of, iso
 from sidecar.usage.lifecycle import Event
@@ -277,13 +277,16 @@ def set_entitlements(
     """Replace the subject's entitlements with GetEntitlements' answer; True if they changed."""
     db.lock(CHANGES_LOCK)
     before = {
-        (str(d), str(v), None if e is None else float(e))
-        for d, v, e in db.execute(
-            "SELECT dimension, value, expiration FROM saas_entitlements WHERE subject = ?",
+        (str(d), str(v), None if e is None else float(e), None if k is None else str(k))
+        for d, v, e, k in db.execute(
+            "SELECT dimension, value, expiration, kind FROM saas_entitlements WHERE subject = ?",
             (subject,),
         )
     }
-    after = {(str(e["dimension"]), dumps(e["value"]), e.get("expiration")) for e in entitlements}
+    after = {
+        (str(e["dimension"]), dumps(e["value"]), e.get("expiration"), e.get("kind"))
+        for e in entitlements
+    }
     # A buyer seen first by resolving (no event yet): a row to hang the entitlements on, whose
     # time 0 lets any event set its state (`enrich` shows the resolved state meanwhile).
     db.execute(
@@ -295,13 +298,13 @@ def set_entitlements(
     if before == after:
         return False
     db.execute("DELETE FROM saas_entitlements WHERE subject = ?", (subject,))
-    for dimension, value, expiration in sorted(after, key=lambda t: t[0]):
+    for dimension, value, expiration, kind in sorted(after, key=lambda t: t[0]):
         db.execute(
-            "INSERT INTO saas_entitlements (subject, dimension, value, expiration, learned_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (subject, dimension) DO UPDATE SET "
+            "INSERT INTO saas_entitlements (subject, dimension, value, expiration, learned_at, "
+            "kind) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (subject, dimension) DO UPDATE SET "
             "value = excluded.value, expiration = excluded.expiration, "
-            "learned_at = excluded.learned_at",
-            (subject, dimension, value, expiration, now),
+            "learned_at = excluded.learned_at, kind = excluded.kind",
+            (subject, dimension, value, expiration, now, kind),
         )
     db.execute("INSERT INTO saas_changes (subject, at) VALUES (?, ?)", (subject, now))
     return True
@@ -376,6 +379,7 @@ def enrich(db: Db, customer: dict[str, Any]) -> dict[str, Any]:
         **customer,
         "subscription": state,
         "lifecycle": life,
+        "contract_hours": saas_contract.customer_hours(db, str(customer.get("customer", ""))),
         "agreement_id": customer.get("agreement_id") or (life or {}).get("agreement_id"),
     }
 
@@ -446,6 +450,7 @@ def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]
         (now - 2 * lifecycle.FINAL_WINDOW,),
     ).fetchall()
     current = hour_of(now)
+    contract = dict(spec.contract)
     for customer, left_at, end in rows:
         customer = str(customer)
         sealed_since = db.execute(
@@ -478,7 +483,11 @@ def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]
         for hour, dims in totals.items():
             stamp = record_timestamp(hour, now)
             deadline = spec.hours.deadline(stamp)
-            for dimension, quantity in dims:
+            billed = saas_contract.charge_hour(
+                db, contract, hour, {(customer, d): used for d, used in dims}, now
+            )
+            for dimension, _used in dims:
+                quantity = billed[(customer, dimension)]
                 record = {
                     "Timestamp": stamp,
                     "Dimension": dimension,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.core import quantity as qty
-from sidecar.usage import saas_events
+from sidecar.usage import saas_contract, saas_events
 from sidecar.usage.db import Db, Lock
 from sidecar.usage.headroom import HourSending
 from sidecar.usage.hours import (
@@ -40,6 +40,7 @@ from sidecar.usage.hours import (
 )
 from sidecar.usage.intake import IdConflictError as IdConflictError  # the intake's 409
 from sidecar.usage.intake import record_answer
+from sidecar.usage.overage import Basis
 from sidecar.usage.store import dumps
 from sidecar.usage.validate import (
     Problem,
@@ -572,6 +573,9 @@ class SealSpec:
     identity: str
     zero_records: bool
     hours: HourPolicy
+    # Dimensions the customers' contracts cover, and how (MARKETPLACE_SAAS_CONTRACT_DIMENSIONS):
+    # their records bill only what the contract does not cover (sidecar.usage.saas_contract).
+    contract: tuple[tuple[str, Basis], ...] = ()
 
     def __post_init__(self) -> None:
         # Sealed records are sent with BatchMeterUsage: their deadlines follow its window.
@@ -681,7 +685,15 @@ def _seal_hour(db: Db, hour: int, now: float, spec: SealSpec) -> int:
     stamp = record_timestamp(hour, now)
     deadline = spec.hours.deadline(stamp)
     rows = []
-    for (customer, dimension), quantity in sorted(totals.items()):
+    billed = saas_contract.charge_hour(
+        db,
+        dict(spec.contract),
+        hour,
+        {k: v for k, v in totals.items() if k not in zero},
+        now,
+    )
+    for (customer, dimension), _used in sorted(totals.items()):
+        quantity = billed.get((customer, dimension), 0)
         # The decimal field only (the model: Quantity "Use QuantityAsDecimal instead"; one
         # kind per record). Records sealed before decimals keep their stored text.
         record = {
@@ -1374,9 +1386,11 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
             }
         )
     for row in db.execute(
-        "SELECT customer, dimension, hour, quantity, state, metering_record_id, last_code, "
-        "last_error, deadline, zero FROM saas_outbox ORDER BY hour DESC, customer, dimension "
-        "LIMIT ?",
+        "SELECT o.customer, o.dimension, o.hour, o.quantity, o.state, o.metering_record_id, "
+        "o.last_code, o.last_error, o.deadline, o.zero, k.basis, k.used, k.entitled, k.covered, "
+        "k.billed, k.term_end, k.why FROM saas_outbox o LEFT JOIN saas_contract_hours k "
+        "ON k.customer = o.customer AND k.dimension = o.dimension AND k.hour = o.hour "
+        "ORDER BY o.hour DESC, o.customer, o.dimension LIMIT ?",
         (max(0, limit - len(items)),),
     ):
         items.append(
@@ -1391,6 +1405,8 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
                 "last_code": row[6],
                 "last_error": row[7],
                 "deadline": iso(float(row[8])),
+                # A contract dimension: used, covered by the contract, billed (= quantity).
+                "contract": None if row[10] is None else saas_contract.explain(tuple(row[10:])),
             }
         )
     # Unsent records whose window closes soon, from the counters: sealing sets a record's
@@ -1424,6 +1440,16 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
         "LIMIT 20"
     ):
         warnings.append(f"customer {customer}: not subscribed (AWS CustomerNotSubscribed)")
+    blind = db.execute(
+        "SELECT COUNT(*) FROM saas_contract_hours WHERE why = ? AND hour >= ?",
+        (saas_contract.NEVER_READ, hour_of(now) - 48),
+    ).fetchone()
+    if blind and int(blind[0]):
+        warnings.append(
+            f"{int(blind[0])} records of contract dimensions in the last 48 hours billed every "
+            "unit: the customer's entitlements were never read (GetEntitlements; see "
+            "`contract.why` on each record)"
+        )
     sending = db.execute("SELECT COUNT(*) FROM saas_batches WHERE state = 'sending'").fetchone()
     return {
         "now": iso(now),
@@ -1465,6 +1491,7 @@ def prune(
             "DELETE FROM saas_hour_sending WHERE hour < ?",
             (hour_of(now) - SENDING_KEEP_HOURS,),
         )
+        saas_contract.prune(db, now)
     row = db.execute(
         "SELECT MIN(hour) FROM saas_outbox WHERE hour >= ?", (after or -(2**62),)
     ).fetchone()
