@@ -287,6 +287,33 @@ def test_deprovisioning_seals_the_open_hour_at_once_and_stops_zero_records(
     assert len([k for k in aws.billed if k[0] == key(1)]) == 2  # nothing but its usage
 
 
+def test_a_buyer_leaving_early_in_an_hour_has_that_hour_sealed_once_inside_the_window(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    """Deprovisioned at minute 2: the window ends at minute 2 of the next hour, and its last
+    pass (10 minutes before) falls in this hour. Sealing this hour at once would carry the
+    buyer's later usage to the next hour, which cannot be sent before it starts: after the
+    window. The hour is sealed once, at the last pass, with everything in it."""
+    aws = Aws(clock)
+    svc = make_service(backend(), aws, clock)
+    resolved(svc, aws, 1)
+    h = hour_of(clock.t)
+    clock.t = hour_start(h) + 120
+    assert svc.post(body(1, "seats", 5))[0] == 202
+    svc.handle_message("d", eb("License Deprovisioned", 1, clock.t))
+    svc.tick()
+    clock.t = hour_start(h) + 1200
+    status, doc = svc.post(body(1, "seats", 2))
+    assert status == 202 and "carried_from" not in doc["records"][0], doc
+    clock.t = hour_start(h) + 120 + lifecycle.FINAL_WINDOW - FINAL_MARGIN + 1  # minute 52
+    svc.tick()
+    assert aws.billed[(key(1), "seats", h)] in (7, "7")
+    assert svc.post(body(1, "seats", 1))[0] == 400  # intake closed for the buyer
+    clock.t = hour_start(h + 2) + 600
+    svc.tick()
+    assert [k for k in aws.billed if k[0] == key(1)] == [(key(1), "seats", h)]
+
+
 def test_the_leader_killed_inside_the_final_window_loses_nothing(
     tmp_path: Path, clock: ManualClock
 ) -> None:

@@ -433,8 +433,9 @@ def refused(
 
 def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]:
     """Leader only. Seal, for each customer inside a final window, its open usage at once (the
-    open hour too, before that hour ends), and once more in the window's last FINAL_MARGIN for
-    what came after: [(customer, hour, records)]. Takes SEAL_LOCK exclusively, as `seal` does,
+    open hour too, before that hour ends, unless the window's last pass falls in that same
+    hour), and once more in the window's last FINAL_MARGIN for what came after:
+    [(customer, hour, records)]. Takes SEAL_LOCK exclusively, as `seal` does,
     so no intake of that customer's hour is in flight (see `saas_ledger.ingest`)."""
     from sidecar.usage.saas_ledger import SEAL_LOCK, record_timestamp  # it imports this module
 
@@ -461,13 +462,21 @@ def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]
             and sealed_since[0] is not None
             and float(sealed_since[0]) >= float(left_at)
         )
-        if first_done and now < float(end) - FINAL_MARGIN:
+        last_pass = float(end) - FINAL_MARGIN
+        if first_done and now < last_pass:
             continue
+        through = current
+        if now < last_pass and hour_of(last_pass) == current:
+            # The window's last pass falls in this very hour (the buyer left early in it):
+            # sealed now, this hour's later usage would go to the next hour, which cannot be
+            # sent before it starts (late in the window, or after it). The last pass seals it,
+            # once intake for the buyer is closed.
+            through = current - 1
         totals: dict[int, list[tuple[str, int]]] = {}
         for dimension, hour, quantity in db.execute(
             "SELECT dimension, hour, quantity FROM saas_open WHERE customer = ? AND hour <= ? "
             "ORDER BY hour, dimension",
-            (customer, current),
+            (customer, through),
         ).fetchall():
             totals.setdefault(int(hour), []).append((str(dimension), int(quantity)))
         if not totals and first_done:
