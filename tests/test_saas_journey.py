@@ -118,11 +118,14 @@ class SqsProxy:
                 except requests.RequestException:
                     self.close_connection = True
                     return
-                self.send_response(resp.status_code)
-                self.send_header("Content-Type", resp.headers.get("Content-Type", "text/xml"))
-                self.send_header("Content-Length", str(len(resp.content)))
-                self.end_headers()
-                self.wfile.write(resp.content)
+                try:
+                    self.send_response(resp.status_code)
+                    self.send_header("Content-Type", resp.headers.get("Content-Type", "text/xml"))
+                    self.send_header("Content-Length", str(len(resp.content)))
+                    self.end_headers()
+                    self.wfile.write(resp.content)
+                except OSError:  # the sidecar was killed while its call was in flight
+                    self.close_connection = True
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -419,11 +422,20 @@ class Usage:
             self.book.unexpected.append(f"{resp.status_code} {resp.text[:300]}")
         return resp.status_code
 
-    def close(self) -> None:
+    def finish(self, timeout: float = 60.0) -> None:
+        """Stop posting new batches; post a batch of unknown fate again until answered."""
         self.stop.set()
         self.thread.join(timeout=30)
         assert not self.thread.is_alive()
-        assert self.pending is None, "a batch's fate was never learned"
+        http = requests.Session()
+        deadline = time.monotonic() + timeout
+        while self.pending is not None:
+            assert time.monotonic() < deadline, "a batch's fate was never learned"
+            if self.post(http) not in (200, 202, 400):
+                time.sleep(0.2)
+
+    def close(self) -> None:
+        self.finish()
 
 
 def customer_doc(world: World, buyer: Customer) -> dict[str, Any]:
@@ -465,7 +477,9 @@ def journey(
     prompt: bool = True,
 ) -> Report:
     """Subscribe, change the contract, leave; with `window`, use the final window to its end.
-    `crash(step)` runs after each step (a SIGKILL and restart, a redelivery, ...)."""
+    `crash(step)` runs right after each event is sent (`... sent`: it may or may not have
+    been received, applied or deleted yet) and after each step is seen done (a SIGKILL and
+    restart, a redelivery, ...)."""
     report = Report()
     buyer = world.ops.customer(1)
     product = str(resolve(world.live(), buyer)["product_code"])
@@ -477,6 +491,7 @@ def journey(
         sent, created = world.emit(
             "purchase-agreement-created", buyer, product, copies=copies, hold=reorder
         )
+        crash("created sent")
         if not reorder:
             report.latencies["subscribed"] = backend.wait(buyer.account, "subscribed", sent)
         until(lambda: usage.book.acked, 30, "no usage acknowledged")
@@ -486,6 +501,7 @@ def journey(
             world.contract(buyer, product, n)
             sent, _ = world.emit("purchase-agreement-amended", buyer, product, copies=copies)
             world.emit("license-updated", buyer, product, copies=copies)
+            crash(f"{n} seats sent")
             until(
                 lambda n=n: seats(customer_doc(world, buyer)) == [n],  # type: ignore[misc]
                 30,
@@ -503,18 +519,19 @@ def journey(
         sent, ended = world.emit(
             "purchase-agreement-ended", buyer, product, copies=copies, hold=reorder
         )
+        crash("ended sent")
         if not reorder:
             report.latencies["pending_unsubscribe"] = backend.wait(
                 buyer.account, "pending_unsubscribe", sent
             )
             crash("ended")
         if not window:  # the last usage comes before the buyer leaves
-            usage.stop.set()
+            usage.finish()
         with usage.paused():
-            assert usage.pending is None
             left_at = world.now()
             sent, _ = world.emit("license-deprovisioned", buyer, product, copies=copies)
             usage.window_opened.set()
+        crash("deprovisioned sent")
         report.latencies["unsubscribed"] = backend.wait(buyer.account, "unsubscribed", sent)
         crash("deprovisioned")
         if reorder:  # what was held arrives now: Ended after Deprovisioned, Created last
@@ -580,11 +597,12 @@ def journey(
         backend.close()
 
 
-def check_latencies(report: Report) -> None:
+def check_latencies(report: Report, *, restarts: bool = False) -> None:
     print(f"journey: {report}")  # pytest -s shows what the backend saw, and when
     for step, took in report.latencies.items():
-        # "within seconds of the event": generous on a loaded machine.
-        assert took < 15.0, f"{step} seen {took:.1f} s after the event"
+        # "within seconds of the event": generous on a loaded machine (and a sidecar
+        # SIGKILLed just after the event was sent must first be restarted).
+        assert took < (30.0 if restarts else 15.0), f"{step} seen {took:.1f} s after the event"
 
 
 # -- scenarios -------------------------------------------------------------------------------
@@ -683,8 +701,19 @@ def test_the_journey_with_a_sigkill_and_restart_after_each_step(
         steps.append(step)
         w.restart(car)
 
-    check_latencies(journey(w, copies=1, crash=crash, window=True))
-    assert steps == ["subscribed", "amended", "ended", "deprovisioned", "after"]
+    check_latencies(journey(w, copies=1, crash=crash, window=True), restarts=True)
+    assert steps == [
+        "created sent",
+        "subscribed",
+        "10 seats sent",
+        "4 seats sent",
+        "amended",
+        "ended sent",
+        "ended",
+        "deprovisioned sent",
+        "deprovisioned",
+        "after",
+    ]
 
 
 @pytest.mark.slow
