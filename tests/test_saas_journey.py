@@ -527,6 +527,8 @@ def journey(
             crash("ended")
         if not window:  # the last usage comes before the buyer leaves
             usage.finish()
+        if prompt:  # leave in an hour's first half: its hourly seal is then 15+ s away
+            until(lambda: world.now() % HOUR < HOUR / 2, HOUR / SCALE + 30, "no half hour")
         with usage.paused():
             left_at = world.now()
             sent, _ = world.emit("license-deprovisioned", buyer, product, copies=copies)
@@ -611,7 +613,7 @@ def check_latencies(report: Report, *, restarts: bool = False) -> None:
 def test_the_journey_with_every_event_delivered_twice(world: Callable[..., World]) -> None:
     """Subscribe, contract changes, leave; each event on the queue twice. The backend sees each
     state within seconds, the open hour is billed at once, each unit once."""
-    w = world(into_hour=50 * 60.0)
+    w = world(into_hour=10 * 60.0)
     w.start(w.env(MARKETPLACE_STATE_DIR=w.state_dir()))
     check_latencies(journey(w, copies=2))
 
@@ -619,7 +621,7 @@ def test_the_journey_with_every_event_delivered_twice(world: Callable[..., World
 def test_the_journey_with_events_out_of_order(world: Callable[..., World]) -> None:
     """Created and Ended delivered late (Ended after Deprovisioned, Created after Ended), and
     twice: the late events change nothing; the buyer stays unsubscribed with the same window."""
-    w = world(into_hour=50 * 60.0)
+    w = world(into_hour=10 * 60.0)
     w.start(w.env(MARKETPLACE_STATE_DIR=w.state_dir()))
     check_latencies(journey(w, copies=2, reorder=True))
 
