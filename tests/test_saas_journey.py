@@ -54,6 +54,14 @@ SCALE = 120.0  # an emulated hour every 30 s: the window's last 10 minutes are 5
 LEAD = 300.0  # real seconds the scaled clock needs to catch up with the real one
 FINAL_WINDOW = 3600.0
 FINAL_MARGIN = 600.0  # usage is refused this long before the window ends (saas_events)
+PRODUCT = "prod-saas-journey"
+# The legacy SNS notification for each step of the EventBridge journey.
+SNS = {
+    "purchase-agreement-created": "subscribe-success",
+    "license-updated": "entitlement-updated",
+    "purchase-agreement-ended": "unsubscribe-pending",
+    "license-deprovisioned": "unsubscribe-success",
+}
 
 
 def behind_origin(into_hour: float) -> float:
@@ -204,10 +212,13 @@ class World:
         spec: dict[str, Any] = {
             "type": kind,
             "product_code": product,
-            "customer_aws_account_id": buyer.account,
             "queue_url": self.held if hold else self.queue,
             "copies": copies,
         }
+        if kind in SNS.values():  # the legacy topics name the buyer by CustomerIdentifier
+            spec["customer_identifier"] = buyer.identifier
+        else:
+            spec["customer_aws_account_id"] = buyer.account
         if kind.startswith("license-"):
             spec["license_arn"] = buyer.license_arn
         sent = time.monotonic()
@@ -439,7 +450,7 @@ class Usage:
 
 
 def customer_doc(world: World, buyer: Customer) -> dict[str, Any]:
-    resp = world.live().get(f"/v1/customers/{buyer.account}", timeout=10)
+    resp = world.live().get(f"/v1/customers/{buyer.identifier or buyer.account}", timeout=10)
     assert resp.status_code == 200, resp.text
     doc: dict[str, Any] = resp.json()
     return doc
@@ -475,32 +486,41 @@ def journey(
     crash: Callable[[str], None] = lambda step: None,
     window: bool = False,
     prompt: bool = True,
+    sns: bool = False,
 ) -> Report:
     """Subscribe, change the contract, leave; with `window`, use the final window to its end.
     `crash(step)` runs right after each event is sent (`... sent`: it may or may not have
     been received, applied or deleted yet) and after each step is seen done (a SIGKILL and
     restart, a redelivery, ...)."""
     report = Report()
-    buyer = world.ops.customer(1)
+    buyer = world.ops.customer(1, identifier=sns, product_code=PRODUCT if sns else None)
     product = str(resolve(world.live(), buyer)["product_code"])
     world.buyer, world.product = buyer, product
+    # SNS: subscribe-success, entitlement-updated, unsubscribe-pending (the final window opens
+    # here), unsubscribe-success; named by CustomerIdentifier.
+    subject = f"ci:{buyer.identifier}" if sns else buyer.account
+
+    def emit(kind: str, **kw: Any) -> tuple[float, str]:
+        return world.emit(SNS[kind] if sns else kind, buyer, product, copies=copies, **kw)
+
     backend = Backend(world)
     usage = Usage(world, buyer).start()
     try:
         # 1. The buyer subscribes; with `reorder` its Created is delivered only after it left.
-        sent, created = world.emit(
-            "purchase-agreement-created", buyer, product, copies=copies, hold=reorder
-        )
+        sent, created = emit("purchase-agreement-created", hold=reorder)
         crash("created sent")
         if not reorder:
-            report.latencies["subscribed"] = backend.wait(buyer.account, "subscribed", sent)
+            report.latencies["subscribed"] = backend.wait(subject, "subscribed", sent)
         until(lambda: usage.book.acked, 30, "no usage acknowledged")
         crash("subscribed")
         # 2. The contract changes: 10 seats, then 4 (the buyer amends down).
         for n in (10, 4):
             world.contract(buyer, product, n)
-            sent, _ = world.emit("purchase-agreement-amended", buyer, product, copies=copies)
-            world.emit("license-updated", buyer, product, copies=copies)
+            if sns:
+                sent, _ = emit("license-updated")
+            else:
+                sent, _ = emit("purchase-agreement-amended")
+                emit("license-updated")
             crash(f"{n} seats sent")
             until(
                 lambda n=n: seats(customer_doc(world, buyer)) == [n],  # type: ignore[misc]
@@ -511,30 +531,30 @@ def journey(
                 ),
             )
             report.latencies[f"{n} seats"] = time.monotonic() - sent
-            assert backend.wait(buyer.account, "subscribed", sent) >= 0
+            assert backend.wait(subject, "subscribed", sent) >= 0
         crash("amended")
         # 3. The buyer leaves: Ended, then (AWS) License Deprovisioned.
         acked_before = len(usage.book.acked)
         until(lambda: len(usage.book.acked) > acked_before, 30, "no usage between steps")
-        sent, ended = world.emit(
-            "purchase-agreement-ended", buyer, product, copies=copies, hold=reorder
-        )
-        crash("ended sent")
-        if not reorder:
-            report.latencies["pending_unsubscribe"] = backend.wait(
-                buyer.account, "pending_unsubscribe", sent
-            )
-            crash("ended")
         if not window:  # the last usage comes before the buyer leaves
             usage.finish()
         if prompt:  # leave in an hour's first half: its hourly seal is then 15+ s away
             until(lambda: world.now() % HOUR < HOUR / 2, HOUR / SCALE + 30, "no half hour")
+        left_at = world.now()  # unsubscribe-pending opens the window
+        sent, ended = emit("purchase-agreement-ended", hold=reorder)
+        crash("ended sent")
+        if not reorder:
+            report.latencies["pending_unsubscribe"] = backend.wait(
+                subject, "pending_unsubscribe", sent
+            )
+            crash("ended")
         with usage.paused():
-            left_at = world.now()
-            sent, _ = world.emit("license-deprovisioned", buyer, product, copies=copies)
+            if not sns:  # License Deprovisioned opens the window
+                left_at = world.now()
+            sent, _ = emit("license-deprovisioned")
             usage.window_opened.set()
         crash("deprovisioned sent")
-        report.latencies["unsubscribed"] = backend.wait(buyer.account, "unsubscribed", sent)
+        report.latencies["unsubscribed"] = backend.wait(subject, "unsubscribed", sent)
         crash("deprovisioned")
         if reorder:  # what was held arrives now: Ended after Deprovisioned, Created last
             before = customer_doc(world, buyer)["lifecycle"]
@@ -544,7 +564,7 @@ def journey(
             doc = customer_doc(world, buyer)
             assert doc["subscription"] == "unsubscribed", doc
             assert doc["lifecycle"]["final_window_end"] == before["final_window_end"], doc
-            assert backend.state(buyer.account)["state"] == "unsubscribed"  # type: ignore[index]
+            assert backend.state(subject)["state"] == "unsubscribed"  # type: ignore[index]
         end = float(left_at) + FINAL_WINDOW
         if not window:
             # The open hour is sealed and sent at once, not at the hourly seal: billed before
@@ -566,7 +586,7 @@ def journey(
             refused_at = world.now()
             assert refused_at >= end - FINAL_MARGIN - 60, (refused_at, end)
             report.refusal = str(usage.refusals[0]["error"]["message"])
-            assert "unsubscribed" in report.refusal and buyer.account in report.refusal
+            assert "unsubscribed" in report.refusal and buyer.key in report.refusal
             assert usage.accepted_in_window >= 3, usage.accepted_in_window
             usage.close()
             # Billed up to the end of the window (the emulator's ledger enforces it).
@@ -614,8 +634,12 @@ def test_the_journey_with_every_event_delivered_twice(world: Callable[..., World
     """Subscribe, contract changes, leave; each event on the queue twice. The backend sees each
     state within seconds, the open hour is billed at once, each unit once."""
     w = world(into_hour=10 * 60.0)
-    w.start(w.env(MARKETPLACE_STATE_DIR=w.state_dir()))
+    car = w.start(w.env(MARKETPLACE_STATE_DIR=w.state_dir()))
     check_latencies(journey(w, copies=2))
+    # Created, Amended x2, License Updated x2, Ended, Deprovisioned: each applied once; each
+    # second copy (and any message redelivered on a loaded machine) a duplicate.
+    assert lifecycle_applied(car) == 7
+    assert lifecycle_count(car, "duplicate") >= 7
 
 
 def test_the_journey_with_events_out_of_order(world: Callable[..., World]) -> None:
@@ -678,6 +702,23 @@ def lifecycle_applied(car: Car) -> int:
     return lifecycle_count(car, "applied")
 
 
+def test_the_legacy_sns_journey_with_every_notification_delivered_twice(
+    world: Callable[..., World],
+) -> None:
+    """The same journey through the legacy SNS topics (subscribe-success, entitlement-updated,
+    unsubscribe-pending, unsubscribe-success, inside SNS's envelope), the buyer named by its
+    CustomerIdentifier."""
+    w = world(into_hour=10 * 60.0)
+    w.start(
+        w.env(
+            MARKETPLACE_STATE_DIR=w.state_dir(),
+            MARKETPLACE_SAAS_IDENTITY="customer_identifier",
+            MARKETPLACE_PRODUCT_CODE=PRODUCT,
+        )
+    )
+    check_latencies(journey(w, copies=2, sns=True))
+
+
 @pytest.mark.slow
 def test_the_journey_through_the_final_window(world: Callable[..., World]) -> None:
     """Usage in the final window is billed; from 10 minutes before its end it is refused with a
@@ -685,6 +726,21 @@ def test_the_journey_through_the_final_window(world: Callable[..., World]) -> No
     w = world(into_hour=50 * 60.0)
     w.start(w.env(MARKETPLACE_STATE_DIR=w.state_dir()))
     check_latencies(journey(w, copies=2, window=True))
+
+
+@pytest.mark.slow
+def test_the_legacy_sns_journey_through_the_final_window(world: Callable[..., World]) -> None:
+    """SNS: the window opens at unsubscribe-pending (the sidecar's reading; the emulator's
+    ledger counts it from unsubscribe-success, later): billed inside it, refused after."""
+    w = world(into_hour=50 * 60.0)
+    w.start(
+        w.env(
+            MARKETPLACE_STATE_DIR=w.state_dir(),
+            MARKETPLACE_SAAS_IDENTITY="customer_identifier",
+            MARKETPLACE_PRODUCT_CODE=PRODUCT,
+        )
+    )
+    check_latencies(journey(w, copies=2, sns=True, window=True))
 
 
 @pytest.mark.slow
