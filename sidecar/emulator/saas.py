@@ -489,6 +489,7 @@ class SaasBook:
                     "metering_record_id": e.metering_record_id,
                     "repeats": e.repeats,
                     "scope": e.scope,
+                    "recorded_at": e.recorded_at,  # emulator time: billed inside a window?
                 }
                 for e in self.entries.values()
             ],
