@@ -506,3 +506,30 @@ def test_entitlements_never_read_bill_every_unit_and_say_so(car: Any, emulator_s
     assert c.billed(hour, "users") == 12
     assert c.explained(hour, "users")["contract"]["why"].startswith("entitlements never read")
     assert any("entitlements were never read" in w for w in c.svc.report()["warnings"])
+
+
+@pytest.mark.parametrize("order", [(5, 10), (10, 5)])
+def test_a_dimension_listed_twice_keeps_the_last_listed_value(
+    car: Any, order: tuple[int, int]
+) -> None:
+    """docs/saas-lifecycle.md: "GetEntitlements may list one dimension twice (concurrent
+    agreements); the store keeps one value per dimension, the last listed". Both orders: the
+    one kept must follow the answer, not the process's hash order."""
+    c = car()
+    resp = c.http.post(
+        c.server.url + "/_emulator/entitlements",
+        json={
+            "product_code": c.product,
+            "customer_aws_account_id": c.account,
+            "entitlements": [
+                {"dimension": "users", "integer": n, "expiration": FAR} for n in order
+            ],
+        },
+        timeout=5,
+    )
+    assert resp.status_code == 200, resp.text
+    c.learn()
+    c.use("users", 12)
+    hour = c.next_hour()
+    assert c.billed(hour, "users") == 12 - order[-1]
+    assert c.explained(hour, "users")["contract"]["covered"] == order[-1]

@@ -283,10 +283,18 @@ def set_entitlements(
             (subject,),
         )
     }
-    after = {
-        (str(e["dimension"]), dumps(e["value"]), e.get("expiration"), e.get("kind"))
+    # One value per dimension, the last listed (a dimension listed twice: concurrent
+    # agreements); a set would keep whichever the process's hash order put last.
+    last = {
+        str(e["dimension"]): (
+            str(e["dimension"]),
+            dumps(e["value"]),
+            e.get("expiration"),
+            e.get("kind"),
+        )
         for e in entitlements
     }
+    after = set(last.values())
     # A buyer seen first by resolving (no event yet): a row to hang the entitlements on, whose
     # time 0 lets any event set its state (`enrich` shows the resolved state meanwhile).
     db.execute(
