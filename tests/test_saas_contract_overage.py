@@ -319,6 +319,44 @@ def test_usage_sealed_in_a_final_window_is_charged_too(car: Any) -> None:
     assert c.billed(hour, "users") == 2
 
 
+def test_a_final_window_learned_hours_late_still_seals_at_once(car: Any) -> None:
+    """docs/saas-lifecycle.md, "A final window that closed while the queue was unreachable": the
+    buyer's open usage "is sealed by the leader's next pass and sent at once", however long the
+    queue was down (SQS keeps messages for days): here the event is learned 4 hours late."""
+    c = car(contract=())
+    c.use("users", 12)
+    hour = hour_of(c.clock.t)
+    event = {
+        "version": "0",
+        "id": "evt-final-late",
+        "detail-type": "License Deprovisioned - Manufacturer",
+        "source": "aws.agreement-marketplace",
+        "account": "294406891311",
+        "time": "",
+        "region": "us-east-1",
+        "resources": [],
+        "detail": {
+            "agreement": {"id": "agmt-1"},
+            "acceptor": {"accountId": c.account},
+            "product": {"code": c.product},
+            "license": {"arn": c.buyer["license_arn"]},
+        },
+    }
+    from datetime import UTC, datetime
+
+    late = c.clock.t - 4 * HOUR
+    event["time"] = datetime.fromtimestamp(late, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert c.svc.handle_message("m-late", json.dumps(event)) == "applied"
+    for _ in range(10):  # the leader's next passes, well before the hour ends
+        c.svc.tick()
+        if c.billed(hour, "users") is not None:
+            break
+        c.clock.t += 30
+        c.clock.mono += 30
+    assert hour_of(c.clock.t) == hour
+    assert c.billed(hour, "users") == 12
+
+
 # -- schema 4 -> 5: a store written by the sidecar before this change ---------------------------
 
 SCHEMA_4 = Schema(
