@@ -319,6 +319,44 @@ def test_usage_sealed_in_a_final_window_is_charged_too(car: Any) -> None:
     assert c.billed(hour, "users") == 2
 
 
+def test_a_final_window_learned_hours_late_still_seals_at_once(car: Any) -> None:
+    """docs/saas-lifecycle.md, "A final window that closed while the queue was unreachable": the
+    buyer's open usage "is sealed by the leader's next pass and sent at once", however long the
+    queue was down (SQS keeps messages for days): here the event is learned 4 hours late."""
+    c = car(contract=())
+    c.use("users", 12)
+    hour = hour_of(c.clock.t)
+    event = {
+        "version": "0",
+        "id": "evt-final-late",
+        "detail-type": "License Deprovisioned - Manufacturer",
+        "source": "aws.agreement-marketplace",
+        "account": "294406891311",
+        "time": "",
+        "region": "us-east-1",
+        "resources": [],
+        "detail": {
+            "agreement": {"id": "agmt-1"},
+            "acceptor": {"accountId": c.account},
+            "product": {"code": c.product},
+            "license": {"arn": c.buyer["license_arn"]},
+        },
+    }
+    from datetime import UTC, datetime
+
+    late = c.clock.t - 4 * HOUR
+    event["time"] = datetime.fromtimestamp(late, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert c.svc.handle_message("m-late", json.dumps(event)) == "applied"
+    for _ in range(10):  # the leader's next passes, well before the hour ends
+        c.svc.tick()
+        if c.billed(hour, "users") is not None:
+            break
+        c.clock.t += 30
+        c.clock.mono += 30
+    assert hour_of(c.clock.t) == hour
+    assert c.billed(hour, "users") == 12
+
+
 # -- schema 4 -> 5: a store written by the sidecar before this change ---------------------------
 
 SCHEMA_4 = Schema(
@@ -506,3 +544,30 @@ def test_entitlements_never_read_bill_every_unit_and_say_so(car: Any, emulator_s
     assert c.billed(hour, "users") == 12
     assert c.explained(hour, "users")["contract"]["why"].startswith("entitlements never read")
     assert any("entitlements were never read" in w for w in c.svc.report()["warnings"])
+
+
+@pytest.mark.parametrize("order", [(5, 10), (10, 5)])
+def test_a_dimension_listed_twice_keeps_the_last_listed_value(
+    car: Any, order: tuple[int, int]
+) -> None:
+    """docs/saas-lifecycle.md: "GetEntitlements may list one dimension twice (concurrent
+    agreements); the store keeps one value per dimension, the last listed". Both orders: the
+    one kept must follow the answer, not the process's hash order."""
+    c = car()
+    resp = c.http.post(
+        c.server.url + "/_emulator/entitlements",
+        json={
+            "product_code": c.product,
+            "customer_aws_account_id": c.account,
+            "entitlements": [
+                {"dimension": "users", "integer": n, "expiration": FAR} for n in order
+            ],
+        },
+        timeout=5,
+    )
+    assert resp.status_code == 200, resp.text
+    c.learn()
+    c.use("users", 12)
+    hour = c.next_hour()
+    assert c.billed(hour, "users") == 12 - order[-1]
+    assert c.explained(hour, "users")["contract"]["covered"] == order[-1]

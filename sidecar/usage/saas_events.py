@@ -283,10 +283,18 @@ def set_entitlements(
             (subject,),
         )
     }
-    after = {
-        (str(e["dimension"]), dumps(e["value"]), e.get("expiration"), e.get("kind"))
+    # One value per dimension, the last listed (a dimension listed twice: concurrent
+    # agreements); a set would keep whichever the process's hash order put last.
+    last = {
+        str(e["dimension"]): (
+            str(e["dimension"]),
+            dumps(e["value"]),
+            e.get("expiration"),
+            e.get("kind"),
+        )
         for e in entitlements
     }
+    after = set(last.values())
     # A buyer seen first by resolving (no event yet): a row to hang the entitlements on, whose
     # time 0 lets any event set its state (`enrich` shows the resolved state meanwhile).
     db.execute(
@@ -446,9 +454,11 @@ def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]
         "JOIN saas_lifecycle l ON l.subject = c.account_id "
         "OR l.subject = 'ci:' || c.customer_identifier "
         "WHERE l.final_window_end IS NOT NULL AND l.left_at IS NOT NULL "
-        "AND l.final_window_end > ? AND l.state IN ('pending_unsubscribe', 'unsubscribed') "
-        "ORDER BY c.customer",
-        (now - 2 * lifecycle.FINAL_WINDOW,),
+        "AND (l.final_window_end > ? OR l.updated_at > ?) "
+        "AND l.state IN ('pending_unsubscribe', 'unsubscribed') ORDER BY c.customer",
+        # A window learned after it closed (the queue down for hours) is recent by when it was
+        # learned: its buyer's open usage is still sealed at once.
+        (now - 2 * lifecycle.FINAL_WINDOW, now - 2 * lifecycle.FINAL_WINDOW),
     ).fetchall()
     current = hour_of(now)
     contract = dict(spec.contract)
