@@ -376,3 +376,31 @@ def test_slots_of_a_frame_never_coincide_for_a_statefulset(fleet: int) -> None:
     firsts = [slots.next_index(home_slot(f"app-{i}", fleet), now) for i in range(fleet)]
     assert len(set(firsts)) == fleet
     assert all(slots.at(k) - slots.width / 2 <= now + slots.frame for k in firsts)
+
+
+@pytest.mark.parametrize(("fleet", "index", "dims"), [(4, 6, 1), (None, 2000, 4)])
+def test_an_ordinal_past_the_frame_says_the_fleet_size_is_too_small(
+    tmp_path: Path, clock: ManualClock, fleet: int | None, index: int, dims: int
+) -> None:
+    """A StatefulSet scaled past MARKETPLACE_FLEET_SIZE (or past what fits the spread window
+    when it is unset): ordinal 6 of a frame of 4 slots shares slot 2 with pod 2, and one of
+    them is throttled every hour. The pod knows it from its own ordinal, so it says so (GET
+    /v1/usage and /readyz warnings) instead of paying the throttles silently; pods inside the
+    frame say nothing."""
+    names = tuple(f"d{i}" for i in range(dims))
+    svc = service(tmp_path, clock, dimensions=names, fleet_size=fleet, pod_index=index)
+    try:
+        warnings = svc.report()["warnings"]
+        assert any("MARKETPLACE_FLEET_SIZE" in w and f"ordinal {index}" in w for w in warnings), (
+            warnings
+        )
+        assert svc.notices() == [w for w in warnings if w.startswith("fleet_size_too_small")]
+    finally:
+        svc.close()
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    ok = service(inside, clock, dimensions=names, fleet_size=fleet, pod_index=1)
+    try:
+        assert not [w for w in ok.report()["warnings"] if "FLEET_SIZE" in w]
+    finally:
+        ok.close()
