@@ -23,7 +23,7 @@ from sidecar.usage.hours import HOUR, HourPolicy
 from sidecar.usage.pacing import Slots, frame_slots, home_slot, is_ordinal, ordinal
 from sidecar.usage.service import UsagePolicy, UsageService
 from tests.helpers import ManualClock
-from tests.usage_kit import post, service
+from tests.usage_kit import post, run_for, service
 
 
 class PodGateway(MeteringGateway):
@@ -404,3 +404,26 @@ def test_an_ordinal_past_the_frame_says_the_fleet_size_is_too_small(
         assert not [w for w in ok.report()["warnings"] if "FLEET_SIZE" in w]
     finally:
         ok.close()
+
+
+def test_a_small_fleet_throttled_by_a_neighbour_backs_off(
+    tmp_path: Path, clock: ManualClock, emulator: Emulator
+) -> None:
+    """Another product of the account uses the whole MeterUsage quota (every call throttled for
+    a while). A frame of one slot is 1/9 s: moving the slot is no backoff, and a pod alone would
+    call 9 times a second for as long as the neighbour runs, taking the neighbour's quota with
+    it (AWS does not say throttled calls are free of it). Consecutive throttles back off as any
+    other retryable error does (capped exponential, MARKETPLACE_BACKOFF_*)."""
+    emulator.reconfigure({"faults": [{"error": "ThrottlingException", "first": 10_000}]})
+    svc = service(tmp_path, clock, dimensions=("a",), fleet_size=1)
+    try:
+        post(svc, {"dimension": "a", "quantity": 1})
+        hp = svc.policy.hours
+        clock.t = math.floor(clock.t / HOUR) * HOUR + HOUR + hp.seal_margin
+        run_for(svc, clock, 60.0)
+        calls = [c for c in emulator.calls if c["op"] == "MeterUsage"]
+        # Backoff from the second throttle, 1-2 s doubling: about 7 calls in a minute, not 270.
+        assert 1 <= len(calls) <= 10, len(calls)
+        assert svc.counters().hours_by_state["sealed"] == 1  # still kept, sent later
+    finally:
+        svc.close()

@@ -780,6 +780,13 @@ class UsageService:
                 self._held = 0  # a new slot, not held yet
             self._home = index % self._slots.slots
             self._not_before = index
+            over = self._throttles - self._slots.slots
+            if over > 0:
+                # Throttled in more slots in a row than the frame has: not a shared slot but a
+                # quota in use elsewhere (another product of the account). A short frame (a
+                # pod alone: 1/rate s) would retry at the full rate: back off as from any
+                # other retryable error, then send in the slot.
+                self._resume_at += self._retry.delay(over, self._rng)
             return
         if outcome != RETRY:
             self._throttles = 0
