@@ -163,6 +163,25 @@ def test_a_start_killed_with_its_checkout_in_flight_resends_the_same_client_toke
     assert len({c["client_token"] for c in calls(server, "CheckoutLicense")}) == 1
 
 
+def test_an_in_flight_token_is_not_resent_by_a_pod_of_another_name(
+    lm: Any, pod: Any, server: EmulatorServer, held_answer: Callable[[int], threading.Event]
+) -> None:
+    """The state directory outlives the pod (a Deployment's PersistentVolumeClaim): the next
+    pod has another name, so another NodeId. Resending the kept ClientToken with it is the same
+    token with other parameters, which AWS refuses (ValidationException): without care the new
+    pod is refused for good while the buyer's license has seats."""
+    grant(lm, seats=2)
+    consumed = held_answer(1)
+    first = pod(SEATS, MARKETPLACE_POD_NAME="app-7d9f-abcde")
+    assert consumed.wait(20), "the checkout never reached the emulator"
+    kill(first)
+    second = pod(SEATS, MARKETPLACE_POD_NAME="app-7d9f-fghij")
+    doc = second.wait(lambda d: d["state"] in ("checked_out", "not_entitled"))
+    assert doc["state"] == "checked_out", doc
+    codes = [c["code"] for c in calls(server, "CheckoutLicense")]
+    assert "ValidationException" not in codes, codes
+
+
 def test_a_restart_with_other_entitlements_checks_the_old_checkout_in(
     lm: Any, pod: Any, server: EmulatorServer
 ) -> None:

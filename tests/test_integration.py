@@ -229,6 +229,27 @@ def test_a_restarted_sidecar_remembers_the_pods_verdict(
     assert third.wait_for(lambda d: d["state"] != "registering")["state"] == "entitled"
 
 
+def test_a_sidecar_killed_after_the_refusal_stays_refused_when_restarted_in_place(
+    launch: Launch, emulator: Emulator, tmp_path: object
+) -> None:
+    """ECS restarts a crashed sidecar in place (restartPolicy) on the same state volume: the
+    first process is refused and SIGKILLed (nothing flushed at exit); the second must stay
+    not entitled without a new call, though AWS would now answer the same pod with a token."""
+    import pathlib
+
+    state = pathlib.Path(str(tmp_path))
+    emulator.reconfigure({"entitled": False})
+    first = launch(MARKETPLACE_STATE_DIR=str(state), AWS_ACCESS_KEY_ID="same-task")
+    first.wait_for(lambda d: d["state"] == "not_entitled")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(5)
+    second = launch(MARKETPLACE_STATE_DIR=str(state), AWS_ACCESS_KEY_ID="same-task")
+    doc = second.wait_for(lambda d: d["state"] != "registering")
+    assert doc["state"] == "not_entitled", doc
+    assert doc["error"]["code"] == "CustomerNotEntitledException"
+    assert len(emulator.calls) == 1
+
+
 def test_a_slow_call_from_before_an_emulator_reset_does_not_leak_into_the_next_test(
     emulator: Emulator,
 ) -> None:

@@ -462,3 +462,53 @@ def test_the_running_sidecar_refuses_the_migration_before_it_listens(
     logs = car.logs()
     assert "usage_store_unusable" in logs and "MARKETPLACE_STATE_VOLUME_BYTES" in logs
     assert (tmp_path / DB_NAME).read_bytes() == before
+
+
+def test_a_volume_smaller_than_the_store_refuses_the_migration_untouched(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """MARKETPLACE_STATE_VOLUME_BYTES below what the store already takes (a sizeLimit cut after
+    the fact): no room at all, refused before anything is written, the store as it was."""
+    before = _big_v2_store(tmp_path)
+    assert len(before) > 4 * MIB
+    clock.t = NOW
+    with pytest.raises(StoreError) as caught:
+        _custom(tmp_path, clock, volume_bytes=4 * MIB)
+    assert "version 2, untouched" in str(caught.value) and "0.0 MiB left" in str(caught.value)
+    assert (tmp_path / DB_NAME).read_bytes() == before
+    assert {p.name for p in tmp_path.iterdir()} <= {DB_NAME, "usage.lock"}
+
+
+def test_a_nearly_full_tmpfs_refuses_the_migration_untouched(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """No volume setting: the filesystem's room bounds the migration. A real 12 MiB tmpfs
+    holding the 6 MiB store has no room for its rewrite: refused cleanly, never half-made (an
+    ENOSPC in the middle would roll back, but only after filling the volume)."""
+    import subprocess
+
+    built = tmp_path / "built"
+    built.mkdir()
+    before = _big_v2_store(built)
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "tmpfs", str(vol)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (root needed): {out.stderr.strip()}")
+    try:
+        (vol / DB_NAME).write_bytes(before)
+        clock.t = NOW
+        with pytest.raises(StoreError) as caught:
+            _custom(vol, clock)
+        assert "version 2, untouched" in str(caught.value), caught.value
+        assert "free room on the disk" in str(caught.value)
+        assert (vol / DB_NAME).read_bytes() == before
+        assert {p.name for p in vol.iterdir()} <= {DB_NAME, "usage.lock"}
+    finally:
+        if subprocess.run(["umount", str(vol)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(vol)], check=True)

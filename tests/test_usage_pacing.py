@@ -23,7 +23,7 @@ from sidecar.usage.hours import HOUR, HourPolicy
 from sidecar.usage.pacing import Slots, frame_slots, home_slot, is_ordinal, ordinal
 from sidecar.usage.service import UsagePolicy, UsageService
 from tests.helpers import ManualClock
-from tests.usage_kit import post, service
+from tests.usage_kit import post, run_for, service
 
 
 class PodGateway(MeteringGateway):
@@ -376,3 +376,54 @@ def test_slots_of_a_frame_never_coincide_for_a_statefulset(fleet: int) -> None:
     firsts = [slots.next_index(home_slot(f"app-{i}", fleet), now) for i in range(fleet)]
     assert len(set(firsts)) == fleet
     assert all(slots.at(k) - slots.width / 2 <= now + slots.frame for k in firsts)
+
+
+@pytest.mark.parametrize(("fleet", "index", "dims"), [(4, 6, 1), (None, 2000, 4)])
+def test_an_ordinal_past_the_frame_says_the_fleet_size_is_too_small(
+    tmp_path: Path, clock: ManualClock, fleet: int | None, index: int, dims: int
+) -> None:
+    """A StatefulSet scaled past MARKETPLACE_FLEET_SIZE (or past what fits the spread window
+    when it is unset): ordinal 6 of a frame of 4 slots shares slot 2 with pod 2, and one of
+    them is throttled every hour. The pod knows it from its own ordinal, so it says so (GET
+    /v1/usage and /readyz warnings) instead of paying the throttles silently; pods inside the
+    frame say nothing."""
+    names = tuple(f"d{i}" for i in range(dims))
+    svc = service(tmp_path, clock, dimensions=names, fleet_size=fleet, pod_index=index)
+    try:
+        warnings = svc.report()["warnings"]
+        assert any("MARKETPLACE_FLEET_SIZE" in w and f"ordinal {index}" in w for w in warnings), (
+            warnings
+        )
+        assert svc.notices() == [w for w in warnings if w.startswith("fleet_size_too_small")]
+    finally:
+        svc.close()
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    ok = service(inside, clock, dimensions=names, fleet_size=fleet, pod_index=1)
+    try:
+        assert not [w for w in ok.report()["warnings"] if "FLEET_SIZE" in w]
+    finally:
+        ok.close()
+
+
+def test_a_small_fleet_throttled_by_a_neighbour_backs_off(
+    tmp_path: Path, clock: ManualClock, emulator: Emulator
+) -> None:
+    """Another product of the account uses the whole MeterUsage quota (every call throttled for
+    a while). A frame of one slot is 1/9 s: moving the slot is no backoff, and a pod alone would
+    call 9 times a second for as long as the neighbour runs, taking the neighbour's quota with
+    it (AWS does not say throttled calls are free of it). Consecutive throttles back off as any
+    other retryable error does (capped exponential, MARKETPLACE_BACKOFF_*)."""
+    emulator.reconfigure({"faults": [{"error": "ThrottlingException", "first": 10_000}]})
+    svc = service(tmp_path, clock, dimensions=("a",), fleet_size=1)
+    try:
+        post(svc, {"dimension": "a", "quantity": 1})
+        hp = svc.policy.hours
+        clock.t = math.floor(clock.t / HOUR) * HOUR + HOUR + hp.seal_margin
+        run_for(svc, clock, 60.0)
+        calls = [c for c in emulator.calls if c["op"] == "MeterUsage"]
+        # Backoff from the second throttle, 1-2 s doubling: about 7 calls in a minute, not 270.
+        assert 1 <= len(calls) <= 10, len(calls)
+        assert svc.counters().hours_by_state["sealed"] == 1  # still kept, sent later
+    finally:
+        svc.close()

@@ -183,6 +183,7 @@ class ContractService:
         record: dict[str, Any] | None = None
         if client_token is not None or held is not None:
             record = {"asked": self._asked_key(), "client_token": client_token, "held": None}
+            record["node_id"] = self.asked.node_id  # the token's request names it
             if held is not None:
                 c = held.checkout
                 record["held"] = {
@@ -216,6 +217,12 @@ class ContractService:
                 self._checkin(str(held.get("consumption_token") or ""))
             self._persist(None)
             return None, None
+        if token is not None and record.get("node_id", self.asked.node_id) != self.asked.node_id:
+            # Sent by a pod of another name (a volume that outlived its pod): the same token
+            # with another NodeId is refused (ValidationException). A new checkout instead;
+            # the one in flight, if AWS made it, returns to the pool at its expiry.
+            log.warning("contract_inflight_token_dropped", extra={"reason": "another node id"})
+            token = None
         return token, held
 
     def _restore(self, saved: dict[str, Any], expiration: str | None, sent: float) -> Held | None:

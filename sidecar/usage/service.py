@@ -85,6 +85,7 @@ from sidecar.usage.pacing import (
     frame_slots,
     home_slot,
     is_ordinal,
+    ordinal,
 )
 from sidecar.usage.store import Store, StoreError, StoreUnavailableError
 from sidecar.usage.validate import Limits, RejectedError, parse
@@ -203,6 +204,24 @@ def _no_spread() -> float:
     return 0.0
 
 
+def _fleet_too_small(found: int | None, slots: int, fleet_size: int | None) -> str | None:
+    """A StatefulSet ordinal past the frame: the fleet is larger than the frame, and this pod
+    shares its slot with a lower ordinal's every hour. Known from the ordinal alone: said."""
+    if found is None or found < slots:
+        return None
+    size = (
+        f"MARKETPLACE_FLEET_SIZE={fleet_size}"
+        if fleet_size is not None
+        else f"MARKETPLACE_FLEET_SIZE unset ({slots} slots fit the spread window)"
+    )
+    return (
+        f"fleet_size_too_small: this pod's StatefulSet ordinal {found} is past the frame's "
+        f"{slots} slots ({size}): it shares slot {found % slots} with ordinal "
+        f"{found % slots} and one of them is throttled every hour; set MARKETPLACE_FLEET_SIZE "
+        "to the number of pods sending MeterUsage with this account and region"
+    )
+
+
 def _info(exc: BaseException) -> ErrorInfo | None:
     info = getattr(exc, "info", None)
     return info if isinstance(info, ErrorInfo) else None
@@ -264,6 +283,11 @@ class UsageService:
         name = policy.pod_name or socket.gethostname()
         self._home = home_slot(name, self._slots.slots, policy.pod_index)
         self._own_slot = is_ordinal(name, policy.pod_index)  # a StatefulSet's: no other pod's
+        self._fleet_warning = _fleet_too_small(
+            ordinal(name, policy.pod_index), self._slots.slots, policy.fleet_size
+        )
+        if self._fleet_warning:
+            log.warning("fleet_size_too_small", extra={"detail": self._fleet_warning})
         self._not_before: int | None = None  # the slot index the next paced send waits for
         self._throttles = 0  # consecutive ThrottlingExceptions of paced sends
         self._held = 0  # paced sends in a row that went through in this pod's slot
@@ -359,7 +383,7 @@ class UsageService:
         """Warnings from memory (for /readyz): the state volume's last reading."""
         reading = self._volume
         warning = reading.warning() if reading is not None else None
-        return [warning] if warning else []
+        return [w for w in (self._fleet_warning, warning) if w]
 
     def _reading(self, c: Any) -> Reading:
         return measure(
@@ -756,6 +780,13 @@ class UsageService:
                 self._held = 0  # a new slot, not held yet
             self._home = index % self._slots.slots
             self._not_before = index
+            over = self._throttles - self._slots.slots
+            if over > 0:
+                # Throttled in more slots in a row than the frame has: not a shared slot but a
+                # quota in use elsewhere (another product of the account). A short frame (a
+                # pod alone: 1/rate s) would retry at the full rate: back off as from any
+                # other retryable error, then send in the slot.
+                self._resume_at += self._retry.delay(over, self._rng)
             return
         if outcome != RETRY:
             self._throttles = 0
