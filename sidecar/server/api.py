@@ -618,11 +618,8 @@ class Router:
     def _dead_letter_at(self, raw: str) -> Reply:
         if self._saas is None:
             return _customers_need_saas_mode()
-        try:
-            key = unquote(raw, errors="strict")
-        except UnicodeDecodeError:
-            key = ""
-        if not 0 < len(key) <= MAX_MESSAGE_ID_CHARS or not key.isprintable():
+        key = _path_key(raw, MAX_MESSAGE_ID_CHARS)
+        if key is None:
             return _problem(
                 HTTPStatus.BAD_REQUEST,
                 "invalid_dead_letter",
@@ -634,11 +631,8 @@ class Router:
     def _customer_at(self, raw: str) -> Reply:
         if self._saas is None:
             return _customers_need_saas_mode()
-        try:
-            key = unquote(raw, errors="strict")
-        except UnicodeDecodeError:
-            key = ""
-        if not 0 < len(key) <= MAX_CUSTOMER_KEY_CHARS or not key.isprintable():
+        key = _path_key(raw, MAX_CUSTOMER_KEY_CHARS)
+        if key is None:
             return _problem(
                 HTTPStatus.BAD_REQUEST,
                 "invalid_customer",
@@ -831,6 +825,15 @@ def _canned(status: HTTPStatus, code: str, message: str) -> bytes:
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
         b"Connection: close\r\n\r\n%s" % (status, status.phrase.encode(), len(body), body)
     )
+
+
+def _path_key(raw: str, most: int) -> str | None:
+    """The last path segment, percent-decoded: 1 to `most` printable characters, else None."""
+    try:
+        key = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        return None
+    return key if 0 < len(key) <= most and key.isprintable() else None
 
 
 class _Handler(BaseHTTPRequestHandler):
