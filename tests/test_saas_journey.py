@@ -658,6 +658,7 @@ def test_the_journey_with_events_out_of_order(world: Callable[..., World]) -> No
     check_latencies(journey(w, copies=2, reorder=True))
 
 
+@pytest.mark.slow  # fast twin in process: test_saas_events_queue's redelivery after a crash
 def test_a_message_redelivered_after_a_kill_between_apply_and_delete(
     world: Callable[..., World],
 ) -> None:

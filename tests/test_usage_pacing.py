@@ -349,6 +349,7 @@ DEPLOYMENT_PODS = [
 ]
 
 
+@pytest.mark.slow  # fast twin: the slot-by-slot model test of the first hour
 def test_a_deployment_fleet_sends_its_second_hour_without_throttles(
     tmp_path: Path, emulator_server: EmulatorServer, emulator: Emulator
 ) -> None:
