@@ -711,9 +711,9 @@ class UsageService:
             for dimension, hour in sealed:
                 log.info("usage_sealed", extra={"dimension": dimension, "hour": iso_hour(hour)})
         self._send_due(now, ignore_spread=False)
-        if hour_of(now) != self._pruned_hour:
-            self._pruned_hour = hour_of(now)
+        if hour_of(now) != self._pruned_hour:  # once an hour, again next pass if it failed
             self.store.write(lambda c: ledger.prune(c, now))
+            self._pruned_hour = hour_of(now)
         before = self._volume
         after = self._measure_volume()
         if after is not None and after.warning() and (before is None or not before.warning()):
