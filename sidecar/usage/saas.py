@@ -142,6 +142,10 @@ LIFECYCLE_OUTCOMES = ("applied", "duplicate", "stale", "dead_letter", "queue_err
 QUEUE_BACKOFF_CAP = 60.0  # seconds between ReceiveMessage tries while the queue is unreachable
 CHANGES_WAIT_MAX = 20.0  # the longest long poll of GET /v1/customers/changes
 CHANGES_POLL = 0.5  # how often a long poll looks at the store (other replicas' changes)
+# A GetEntitlements read that failed (or whose process died) is tried again after this, by the
+# consumer of any replica, doubling to REFRESH_RETRY_MAX while it keeps failing.
+REFRESH_RETRY = 60.0
+REFRESH_RETRY_MAX = 900.0
 
 
 class EventSource(Protocol):
@@ -304,6 +308,8 @@ class SaasService:
         self._inflight: dict[str, tuple[threading.Lock, int]] = {}
         self._entitlements = entitlements
         self._lifecycle: dict[str, int] = dict.fromkeys(LIFECYCLE_OUTCOMES, 0)
+        self._refresh_retry_at = 0.0  # monotonic: when `retry_entitlements` looks again
+        self._refresh_backoff = REFRESH_RETRY
         # The lifecycle queue failing since (clock time, failed receives, last error): /readyz.
         self._queue_down: tuple[float, int, str] | None = None
         self._changed = threading.Condition()  # wakes change-feed long polls of this replica
@@ -767,6 +773,7 @@ class SaasService:
             product = self.store.read(lambda db: saas_events.product_of(db, subject))
         if account is None or product is None:
             return False
+        due = self.store.read(lambda db: saas_events.refresh_ids(db, subject))
         try:
             found = self._entitlements(product, account)
         except Exception as exc:  # an AWS refusal or outage: logged, the state stays as it was
@@ -777,12 +784,30 @@ class SaasService:
             return False
         now = self.clock.time()
         changed = self.store.write(
-            lambda db: saas_events.set_entitlements(db, subject, found, now),
+            lambda db: saas_events.set_entitlements(db, subject, found, now, due),
             locks=saas_events.CHANGES_LOCKS,
         )
         if changed:
             self._wake()
         return True
+
+    def retry_entitlements(self) -> None:
+        """Read again the entitlements of events whose read failed or was cut by a crash (their
+        message is deleted, or a redelivery may never come): at most every REFRESH_RETRY
+        seconds, backing off to REFRESH_RETRY_MAX while reads keep failing."""
+        if self._entitlements is None or self.clock.monotonic() < self._refresh_retry_at:
+            return
+        subjects = self.store.read(saas_events.due_refreshes)
+        failed = [s for s in subjects if not self.refresh_entitlements(s)]
+        self._refresh_backoff = (
+            min(REFRESH_RETRY_MAX, self._refresh_backoff * 2) if failed else REFRESH_RETRY
+        )
+        self._refresh_retry_at = self.clock.monotonic() + self._refresh_backoff
+        if failed:
+            log.warning(
+                "saas_entitlements_still_due",
+                extra={"subjects": len(failed), "retry_in": round(self._refresh_backoff)},
+            )
 
     def _first_entitlements(self, account: str) -> None:
         try:
@@ -825,6 +850,10 @@ class SaasService:
             if failures:
                 log.info("saas_lifecycle_queue_reachable", extra={"after_failures": failures})
             failures = 0
+            try:
+                self.retry_entitlements()
+            except StoreUnavailableError as exc:
+                log.warning("saas_entitlements_not_stored", extra={"detail": str(exc)[:300]})
             with self._count_lock:
                 self._queue_down = None
             for message in messages:

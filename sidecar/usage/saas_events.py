@@ -40,6 +40,8 @@ DEAD_LETTER_MAX = 64 * 1024  # characters of a poison message's body kept
 FINAL_MARGIN = 600.0
 LEFT_STATES = ("pending_unsubscribe", "unsubscribed", "subscribe_failed")
 NO_EVENT = "GetEntitlements"  # `last_event` of a row no lifecycle event has set yet
+# `saas_events.outcome` of an event applied whose GetEntitlements answer is not stored yet.
+REFRESH_DUE = "refresh_due"
 
 _COMMON = """
 -- One row per buyer the lifecycle events name (`subject`: the account id, or 'ci:' and the
@@ -124,7 +126,10 @@ def apply(db: Db, event: Event, now: float) -> Applied:
         (event.id, event.kind, event.subject, event.time, now),
     ).fetchone()
     if took is None:
-        return Applied(duplicate=True)
+        # A redelivery after a crash between this event's commit and its GetEntitlements (or
+        # a read that failed): the read is still due, whoever applied the event.
+        due = db.execute("SELECT outcome FROM saas_events WHERE id = ?", (event.id,)).fetchone()
+        return Applied(duplicate=True, refresh=due is not None and due[0] == REFRESH_DUE)
     row = db.execute(
         "SELECT state, state_time, event_time FROM saas_lifecycle WHERE subject = ?",
         (event.subject,),
@@ -176,17 +181,44 @@ def apply(db: Db, event: Event, now: float) -> Applied:
         )
     if moves and target is not None:
         _move(db, event, target, now)
-    stale = row is not None and not moves and not facts_newer
+    earlier = row is not None and not moves and _window_from_pending(db, event, now)
+    stale = row is not None and not moves and not facts_newer and not earlier
     if stale:
         db.execute("UPDATE saas_events SET outcome = 'stale' WHERE id = ?", (event.id,))
-    changed = row is None or moves or facts_newer
+    changed = row is None or moves or facts_newer or earlier
     if changed:
         db.execute("INSERT INTO saas_changes (subject, at) VALUES (?, ?)", (event.subject, now))
+    refresh = event.kind in lifecycle.REFRESH and not stale and target != "unsubscribed"
+    if refresh:
+        # Done only when GetEntitlements' answer is stored (`set_entitlements`): a failed read,
+        # or a crash before it, leaves it due (`due_refreshes`), never forgotten.
+        db.execute("UPDATE saas_events SET outcome = ? WHERE id = ?", (REFRESH_DUE, event.id))
     return Applied(
         changed=changed,
         stale=stale,
-        refresh=event.kind in lifecycle.REFRESH and not stale and target != "unsubscribed",
-        final=moves and event.kind in lifecycle.FINAL,
+        refresh=refresh,
+        final=(moves and event.kind in lifecycle.FINAL) or earlier,
+    )
+
+
+def _window_from_pending(db: Db, event: Event, now: float) -> bool:
+    """An unsubscribe-pending delivered after its unsubscribe-success (SQS keeps no order):
+    too old to set the state, but the final window counts from it (AWS's, which closes an hour
+    after it), not from the success. Only for the same departure: no subscription between."""
+    if event.kind != "unsubscribe_pending":
+        return False
+    end = event.time + lifecycle.FINAL_WINDOW
+    return (
+        db.execute(
+            "UPDATE saas_lifecycle SET left_at = ?, final_window_end = ?, updated_at = ? "
+            "WHERE subject = ? AND state IN ('pending_unsubscribe', 'unsubscribed') "
+            "AND left_at > ? AND NOT EXISTS (SELECT 1 FROM saas_events e "
+            "WHERE e.subject = saas_lifecycle.subject "
+            "AND e.kind IN ('created', 'subscribe_success') "
+            "AND e.event_time > ? AND e.event_time <= saas_lifecycle.left_at) RETURNING subject",
+            (event.time, end, now, event.subject, event.time, event.time),
+        ).fetchone()
+        is not None
     )
 
 
@@ -271,11 +303,48 @@ def _letter(row: Sequence[Any]) -> dict[str, Any]:
     }
 
 
+def due_refreshes(db: Db, limit: int = 20) -> list[str]:
+    """Subjects with an event whose GetEntitlements read is still due (it failed, or its
+    process died before it), oldest first."""
+    return [
+        str(s)
+        for (s,) in db.execute(
+            "SELECT subject FROM saas_events WHERE outcome = ? GROUP BY subject "
+            "ORDER BY MIN(applied_at) LIMIT ?",
+            (REFRESH_DUE, limit),
+        )
+    ]
+
+
+def refresh_ids(db: Db, subject: str) -> list[str]:
+    """The subject's events waiting for a read, taken before GetEntitlements is called: a read
+    settles these only (an event applied meanwhile may be newer than the answer)."""
+    return [
+        str(i)
+        for (i,) in db.execute(
+            "SELECT id FROM saas_events WHERE subject = ? AND outcome = ?", (subject, REFRESH_DUE)
+        )
+    ]
+
+
 def set_entitlements(
-    db: Db, subject: str, entitlements: Sequence[dict[str, Any]], now: float
+    db: Db,
+    subject: str,
+    entitlements: Sequence[dict[str, Any]],
+    now: float,
+    done: Sequence[str] = (),
 ) -> bool:
-    """Replace the subject's entitlements with GetEntitlements' answer; True if they changed."""
+    """Replace the subject's entitlements with GetEntitlements' answer; True if they changed.
+    `done`: the events (`refresh_ids`) whose read this answer is."""
     db.lock(CHANGES_LOCK)
+    for i in range(0, len(done), 500):
+        chunk = list(done[i : i + 500])
+        db.execute(
+            "UPDATE saas_events SET outcome = 'applied' WHERE outcome = ? AND id IN ("  # noqa: S608  # nosec B608 # placeholders only; values are bound
+            + ", ".join(["?"] * len(chunk))
+            + ")",
+            [REFRESH_DUE, *chunk],
+        )
     before = {
         (str(d), str(v), None if e is None else float(e), None if k is None else str(k))
         for d, v, e, k in db.execute(

@@ -1,0 +1,202 @@
+"""Attacks on the SaaS buyer lifecycle and contract overage (issue 23): what a queue, a crash or
+a throttled GetEntitlements can do to a buyer's bill or to the backend's picture of it.
+
+AWS's BatchMeterUsage is `FakeAws` (tests/test_saas_ledger.py), the clock a ManualClock, the
+store SQLite and a real PostgreSQL (tests/pg.py), as in tests/test_saas_lifecycle.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.usage import lifecycle
+from sidecar.usage.db import UsageStore, open_store
+from sidecar.usage.hours import hour_of, hour_start, iso
+from sidecar.usage.overage import Basis
+from sidecar.usage.saas import SAAS_SCHEMA, SaasService
+from sidecar.usage.saas_events import FINAL_MARGIN
+from tests.helpers import ManualClock
+from tests.test_saas_ledger import account
+from tests.test_saas_lifecycle import eb, sns
+from tests.test_saas_service import Aws, Killed, body, make_service
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    c = ManualClock()
+    c.t = hour_start(hour_of(c.t)) + 600.0
+    return c
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], UsageStore]]:
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    opened: list[UsageStore] = []
+
+    def make() -> UsageStore:
+        s = open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=url)
+        opened.append(s)
+        return s
+
+    yield make
+    for s in opened:
+        with contextlib.suppress(Exception):
+            s.close()
+
+
+class Contract:
+    """GetEntitlements as the buyer's contract answers it; `fail` raises on the next calls."""
+
+    def __init__(self, clock: ManualClock, seats: int) -> None:
+        self.clock = clock
+        self.seats = seats
+        self.fail: list[BaseException] = []
+        self.calls = 0
+
+    def __call__(self, product: str, acct: str) -> list[dict[str, Any]]:
+        self.calls += 1
+        if self.fail:
+            raise self.fail.pop(0)
+        return [{"dimension": "seats", "value": self.seats, "expiration": None, "kind": "integer"}]
+
+
+def contract_service(
+    store: UsageStore, aws: Aws, clock: ManualClock, contract: Contract
+) -> SaasService:
+    base = make_service(store, aws, clock)
+    policy = type(base.policy)(
+        **{**base.policy.__dict__, "contract": (("seats", Basis.HOUR),)}  # seats: a capacity
+    )
+    return SaasService(
+        policy, store, lambda: aws, clock=clock, rng=lambda: 0.5, entitlements=contract
+    )
+
+
+def seats_entitled(svc: SaasService) -> list[Any]:
+    doc = svc.customer(account(1))[1]
+    return [e["value"] for e in (doc["lifecycle"] or {}).get("entitlements", [])]
+
+
+class Queue:
+    """An event queue that hands out its messages, then nothing; every receive is a long poll
+    of 20 s on the ManualClock, and the consumer is stopped after `polls` of them."""
+
+    def __init__(self, clock: ManualClock, stop: threading.Event, polls: int, *texts: str):
+        self.clock, self.stop, self.polls = clock, stop, polls
+        self.waiting = [(f"m{i}", t) for i, t in enumerate(texts, 1)]
+        self.deleted: list[str] = []
+
+    def receive(self) -> list[Any]:
+        self.polls -= 1
+        if self.polls <= 0:
+            self.stop.set()
+        self.clock.t += 20
+        self.clock.mono += 20
+        out, self.waiting = self.waiting, []
+        return [_Msg(i, b) for i, b in out]
+
+    def delete(self, message: Any) -> None:
+        self.deleted.append(message.id)
+
+
+class _Msg:
+    def __init__(self, mid: str, text: str) -> None:
+        self.id, self.receipt, self.body, self.sent_at, self.receives = mid, mid, text, None, 1
+
+
+# -- an entitlement change whose read failed ----------------------------------------------------
+
+
+def test_an_upgrade_whose_getentitlements_was_throttled_is_read_again_without_a_new_event(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    """The buyer upgrades from 10 to 100 seats; GetEntitlements is throttled once at the
+    event, which is deleted from the queue. Without another read the buyer is billed 90 seats
+    an hour the contract covers, until some unrelated event comes (weeks)."""
+    aws = Aws(clock)
+    contract = Contract(clock, seats=10)
+    svc = contract_service(backend(), aws, clock, contract)
+    aws.tokens["tok-1"] = 1
+    assert svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())[0] == 200
+    svc.refresh_entitlements(account(1))  # the first read (a thread in production)
+    assert seats_entitled(svc) == [10]
+    contract.seats = 100
+    contract.fail.append(RuntimeError("ThrottlingException: Rate exceeded"))
+    stop = threading.Event()
+    queue = Queue(clock, stop, 40, eb("Purchase Agreement Amended", 1, clock.t))
+    svc.consume(queue, stop)  # 40 long polls: about 13 minutes
+    assert queue.deleted == ["m1"]
+    assert seats_entitled(svc) == [100], "the amendment's entitlements were never read again"
+    svc.store.close()
+
+
+def test_a_crash_between_applying_an_amendment_and_reading_it_is_read_on_redelivery(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    """SIGKILL after the event's transaction committed, before GetEntitlements answered: SQS
+    redelivers the message, which is then a duplicate, and a duplicate read nothing."""
+    aws = Aws(clock)
+    contract = Contract(clock, seats=10)
+    svc = contract_service(backend(), aws, clock, contract)
+    aws.tokens["tok-1"] = 1
+    assert svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())[0] == 200
+    svc.refresh_entitlements(account(1))
+    contract.seats = 100
+    contract.fail.append(Killed())
+    text = eb("Purchase Agreement Amended", 1, clock.t)
+    with pytest.raises(Killed):
+        svc.handle_message("m1", text)
+    # A new process; the message comes back after its visibility timeout.
+    clock.t += 30
+    again = contract_service(svc.store, aws, clock, contract)
+    assert again.handle_message("m1", text) == "duplicate"
+    assert seats_entitled(again) == [100]
+    # ... and the hour bills only what the new contract does not cover.
+    h = hour_of(clock.t)
+    assert again.post(body(1, "seats", 40))[0] == 202
+    clock.t = hour_start(h + 1) + 600
+    again.tick()
+    billed = {k[2]: v for k, v in aws.billed.items() if k[1] == "seats"}
+    assert billed[h] in (0, "0"), billed
+
+
+# -- SNS: unsubscribe-success before unsubscribe-pending ----------------------------------------
+
+
+def test_an_unsubscribe_pending_received_after_its_success_moves_the_window_back(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    """The SNS window counts from unsubscribe-pending (docs/saas-lifecycle.md). Delivered after
+    unsubscribe-success (the queue was down; SQS does not keep order), the pending is stale
+    and the window stayed success + 1 h: usage was acknowledged up to 50 minutes after AWS's
+    window closed, and answered CustomerNotSubscribed."""
+    aws = SnsAws(clock)
+    svc = make_service(backend(), aws, clock, identity="customer_identifier", product_code="prod-1")
+    aws.tokens["tok-1"] = 1
+    assert svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())[0] == 200
+    ci = "ci-1"
+    pending_at = clock.t - 3000
+    assert svc.handle_message("s", sns("unsubscribe-success", ci, clock.t)) == "applied"
+    svc.handle_message("p", sns("unsubscribe-pending", ci, pending_at))
+    life = svc.customer(ci)[1]["lifecycle"]
+    assert life["left_at"] == iso(pending_at)
+    assert life["final_window_end"] == iso(pending_at + lifecycle.FINAL_WINDOW)
+    clock.t = pending_at + lifecycle.FINAL_WINDOW - FINAL_MARGIN + 1  # (.123 s in the stamp)
+    usage = {"customer_identifier": ci, "dimension": "seats", "quantity": 1}
+    assert svc.post(json.dumps(usage).encode())[0] == 400
+    svc.store.close()
+
+
+class SnsAws(Aws):
+    """ResolveCustomer as an SNS-era product sees it: a CustomerIdentifier too."""
+
+    def resolve_customer(self, token: str) -> dict[str, Any]:
+        answer = super().resolve_customer(token)
+        return {**answer, "CustomerIdentifier": f"ci-{self.tokens[token]}"}
