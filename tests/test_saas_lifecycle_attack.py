@@ -20,7 +20,7 @@ from sidecar.usage import lifecycle
 from sidecar.usage.db import UsageStore, open_store
 from sidecar.usage.hours import hour_of, hour_start, iso
 from sidecar.usage.overage import Basis
-from sidecar.usage.saas import SAAS_SCHEMA, SaasService
+from sidecar.usage.saas import SAAS_SCHEMA, EntitlementReader, SaasService
 from sidecar.usage.saas_events import FINAL_MARGIN
 from tests.helpers import ManualClock
 from tests.test_saas_ledger import account
@@ -68,7 +68,7 @@ class Contract:
 
 
 def contract_service(
-    store: UsageStore, aws: Aws, clock: ManualClock, contract: Contract
+    store: UsageStore, aws: Aws, clock: ManualClock, contract: EntitlementReader
 ) -> SaasService:
     base = make_service(store, aws, clock)
     policy = type(base.policy)(
@@ -200,3 +200,62 @@ class SnsAws(Aws):
     def resolve_customer(self, token: str) -> dict[str, Any]:
         answer = super().resolve_customer(token)
         return {**answer, "CustomerIdentifier": f"ci-{self.tokens[token]}"}
+
+
+# -- a renewal listed next to the entitlement it replaces ---------------------------------------
+
+
+@pytest.mark.parametrize("old_last", [True, False])
+def test_a_renewal_listed_with_the_expiring_entitlement_keeps_covering_after_the_expiry(
+    backend: Callable[[], UsageStore], clock: ManualClock, old_last: bool
+) -> None:
+    """GetEntitlements lists seats twice: the term ending in an hour and its renewal. Kept the
+    expiring one (listed last), every seat was billed from its expiry until the next event,
+    possibly the whole new term."""
+    aws = Aws(clock)
+    h = hour_of(clock.t)
+    old = {"dimension": "seats", "value": 10, "expiration": hour_start(h + 1) + 1800}
+    new = {"dimension": "seats", "value": 10, "expiration": hour_start(h + 24 * 365)}
+    listed = [new, old] if old_last else [old, new]
+    svc = contract_service(
+        backend(), aws, clock, lambda p, a: [dict(e, kind="integer") for e in listed]
+    )
+    aws.tokens["tok-1"] = 1
+    assert svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())[0] == 200
+    svc.refresh_entitlements(account(1))
+    clock.t = hour_start(h + 2) + 60  # the old term ended half an hour ago
+    assert svc.post(body(1, "seats", 12))[0] == 202
+    clock.t = hour_start(h + 3) + 600
+    svc.tick()
+    billed = {k[2]: v for k, v in aws.billed.items() if k[1] == "seats"}
+    assert billed[h + 2] in (2, "2"), billed
+    svc.store.close()
+
+
+# -- an event time no event can have ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00+01:00", "0001-01-01T00:30:00Z"])
+def test_an_event_dated_before_aws_marketplace_is_a_dead_letter_not_a_wedged_feed(
+    backend: Callable[[], UsageStore], clock: ManualClock, when: str
+) -> None:
+    """A time ISO 8601 allows but no event can carry (year 1, or year 0 once in UTC). Applied,
+    it made the buyer `unsubscribed` (a final window closed 2,000 years ago: usage refused),
+    crashed the consumer on the log line naming the time, and every read of the change feed
+    or the customer answered 500 from then on."""
+    aws = Aws(clock)
+    svc = make_service(backend(), aws, clock)
+    aws.tokens["tok-1"] = 1
+    assert svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())[0] == 200
+    doc = json.loads(eb("License Deprovisioned", 1, clock.t))
+    doc["time"] = when
+    stop = threading.Event()
+    queue = Queue(clock, stop, 2, json.dumps(doc), eb("License Updated", 1, clock.t))
+    svc.consume(queue, stop)  # the consumer goes on to the next message
+    assert queue.deleted == ["m1", "m2"]
+    assert svc.dead_letters()[1]["total"] == 1
+    status, feed = svc.changes(0, 0)
+    assert status == 200 and [c["state"] for c in feed["changes"]] == ["subscribed"]
+    assert svc.customer(account(1))[0] == 200
+    assert svc.post(body(1, "seats", 1))[0] == 202  # the buyer was never unsubscribed
+    svc.store.close()

@@ -33,6 +33,10 @@ FINAL_WINDOW = 3600.0
 # How far an event's own time may lie after its arrival (SentTimestamp): an event "from the
 # future" would outrank every real event of its buyer for good (older never overrides newer).
 MAX_AHEAD = 900.0
+# No event is older than AWS Marketplace (2012): an earlier time (ISO 8601 allows year 1, which
+# is year 0 in UTC for a positive offset) would close the buyer's final window millennia ago
+# and break every date shown for it.
+EARLIEST = 1_325_376_000.0  # 2012-01-01T00:00:00Z
 
 # detail-type without its role suffix -> what it means here.
 _EVENTBRIDGE = {
@@ -125,7 +129,10 @@ def _time(text: Any, field: str) -> float:
         raise EventError(f"{field}: {text[:40]!r} is not an ISO 8601 time") from None
     if stamp.tzinfo is None:
         raise EventError(f"{field}: {text[:40]!r} has no time zone")
-    return stamp.timestamp()
+    at = stamp.timestamp()
+    if at < EARLIEST:
+        raise EventError(f"{field}: {text[:40]!r} is before any AWS Marketplace event (2012)")
+    return at
 
 
 def _text(value: Any, field: str, *, required: bool = False) -> str | None:

@@ -352,17 +352,16 @@ def set_entitlements(
             (subject,),
         )
     }
-    # One value per dimension, the last listed (a dimension listed twice: concurrent
-    # agreements); a set would keep whichever the process's hash order put last.
-    last = {
-        str(e["dimension"]): (
-            str(e["dimension"]),
-            dumps(e["value"]),
-            e.get("expiration"),
-            e.get("kind"),
-        )
-        for e in entitlements
-    }
+    # One value per dimension (a dimension listed twice: concurrent agreements, or a renewal
+    # next to the term it replaces): the one that lasts longest (no expiration: for good), so
+    # an expiring term kept instead of its renewal never leaves the dimension uncovered from
+    # its expiry on; of equal ones the last listed (a set would follow the hash order).
+    last: dict[str, tuple[str, str, Any, Any]] = {}
+    for e in entitlements:
+        dimension, expiration = str(e["dimension"]), e.get("expiration")
+        kept = last.get(dimension)
+        if kept is None or _lasting(expiration) >= _lasting(kept[2]):
+            last[dimension] = (dimension, dumps(e["value"]), expiration, e.get("kind"))
     after = set(last.values())
     # A buyer seen first by resolving (no event yet): a row to hang the entitlements on, whose
     # time 0 lets any event set its state (`enrich` shows the resolved state meanwhile).
@@ -385,6 +384,10 @@ def set_entitlements(
         )
     db.execute("INSERT INTO saas_changes (subject, at) VALUES (?, ?)", (subject, now))
     return True
+
+
+def _lasting(expiration: Any) -> float:
+    return float("inf") if expiration is None else float(expiration)
 
 
 def subjects_of(account_id: str | None, customer_identifier: str | None) -> list[str]:
