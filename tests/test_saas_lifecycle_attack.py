@@ -79,6 +79,15 @@ def contract_service(
     )
 
 
+def resolve_and_read(svc: SaasService, aws: Aws) -> None:
+    """Resolve buyer 1 and wait for the entitlements read that resolving starts (a thread)."""
+    aws.tokens["tok-1"] = 1
+    assert svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())[0] == 200
+    for t in [t for t in threading.enumerate() if t.name == "entitlements"]:
+        t.join(10)
+        assert not t.is_alive()
+
+
 def seats_entitled(svc: SaasService) -> list[Any]:
     doc = svc.customer(account(1))[1]
     return [e["value"] for e in (doc["lifecycle"] or {}).get("entitlements", [])]
@@ -123,9 +132,7 @@ def test_an_upgrade_whose_getentitlements_was_throttled_is_read_again_without_a_
     aws = Aws(clock)
     contract = Contract(clock, seats=10)
     svc = contract_service(backend(), aws, clock, contract)
-    aws.tokens["tok-1"] = 1
-    assert svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())[0] == 200
-    svc.refresh_entitlements(account(1))  # the first read (a thread in production)
+    resolve_and_read(svc, aws)  # the first read (a thread in production)
     assert seats_entitled(svc) == [10]
     contract.seats = 100
     contract.fail.append(RuntimeError("ThrottlingException: Rate exceeded"))
@@ -145,9 +152,7 @@ def test_a_crash_between_applying_an_amendment_and_reading_it_is_read_on_redeliv
     aws = Aws(clock)
     contract = Contract(clock, seats=10)
     svc = contract_service(backend(), aws, clock, contract)
-    aws.tokens["tok-1"] = 1
-    assert svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())[0] == 200
-    svc.refresh_entitlements(account(1))
+    resolve_and_read(svc, aws)
     contract.seats = 100
     contract.fail.append(Killed())
     text = eb("Purchase Agreement Amended", 1, clock.t)
@@ -220,9 +225,7 @@ def test_a_renewal_listed_with_the_expiring_entitlement_keeps_covering_after_the
     svc = contract_service(
         backend(), aws, clock, lambda p, a: [dict(e, kind="integer") for e in listed]
     )
-    aws.tokens["tok-1"] = 1
-    assert svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())[0] == 200
-    svc.refresh_entitlements(account(1))
+    resolve_and_read(svc, aws)
     clock.t = hour_start(h + 2) + 60  # the old term ended half an hour ago
     assert svc.post(body(1, "seats", 12))[0] == 202
     clock.t = hour_start(h + 3) + 600
@@ -258,4 +261,136 @@ def test_an_event_dated_before_aws_marketplace_is_a_dead_letter_not_a_wedged_fee
     assert status == 200 and [c["state"] for c in feed["changes"]] == ["subscribed"]
     assert svc.customer(account(1))[0] == 200
     assert svc.post(body(1, "seats", 1))[0] == 202  # the buyer was never unsubscribed
+    svc.store.close()
+
+
+# -- two reads of one buyer's entitlements, answered out of order ------------------------------
+
+
+def test_an_older_getentitlements_answer_stored_last_never_replaces_a_newer_one(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    """A read started before an upgrade (the first read after resolving, or a retry) answers
+    slowly; the upgrade's own read answers at once and is stored; then the slow, older answer
+    was stored over it: the buyer billed on the old contract until the next event."""
+    aws = Aws(clock)
+    contract = Contract(clock, seats=10)
+    started = threading.Event()
+    release = threading.Event()
+
+    def read(product: str, acct: str) -> list[dict[str, Any]]:
+        answer = contract(product, acct)  # read now; answered after `release`
+        if not started.is_set():
+            started.set()
+            assert release.wait(10)
+        return answer
+
+    svc = contract_service(backend(), aws, clock, read)
+    aws.tokens["tok-1"] = 1
+    # Resolving reads the buyer's entitlements in a thread of its own: the slow read.
+    assert svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())[0] == 200
+    assert started.wait(10)
+    (slow,) = [t for t in threading.enumerate() if t.name == "entitlements"]
+    clock.t += 5
+    contract.seats = 100  # the buyer upgrades; its event's read answers at once
+    assert svc.handle_message("m1", eb("Purchase Agreement Amended", 1, clock.t)) == "applied"
+    assert seats_entitled(svc) == [100]
+    release.set()
+    slow.join(10)
+    assert not slow.is_alive()
+    assert seats_entitled(svc) == [100], "an older answer replaced the newer one"
+    svc.store.close()
+
+
+def test_an_sns_buyer_never_resolved_is_not_retried_for_ever(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    """subscribe-success for a buyer who never finished registering: no account to read
+    entitlements for. Its read is settled, not retried every few minutes for good."""
+    aws = Aws(clock)
+    contract = Contract(clock, seats=10)
+    svc = contract_service(backend(), aws, clock, contract)
+    assert svc.handle_message("m1", sns("subscribe-success", "ci-9", clock.t)) == "applied"
+    stop = threading.Event()
+    svc.consume(Queue(clock, stop, 10), stop)
+    assert contract.calls == 0
+    due = svc.store.read(
+        lambda db: db.execute(
+            "SELECT COUNT(*) FROM saas_events WHERE outcome = 'refresh_due'"
+        ).fetchone()[0]
+    )
+    assert due == 0
+    svc.store.close()
+
+
+# -- GetEntitlements that pages slowly for ever -------------------------------------------------
+
+
+def test_endless_slow_pages_stop_at_the_read_budget_not_after_an_hour(
+    emulator_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Empty pages, each with a new NextToken, each taking the client's read timeout (10 s,
+    played by the injected monotonic clock): MAX_PAGES (400) of them held the lifecycle
+    consumer, and every event queued behind it, for over an hour (a final window missed)."""
+    import requests
+
+    from sidecar.aws import entitlement
+
+    monkeypatch.setenv(entitlement.ENDPOINT_ENV, emulator_server.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "local")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    r = requests.post(
+        emulator_server.url + "/_emulator/entitlements/config",
+        json={"endless_pages": True},
+        timeout=5,
+    )
+    assert r.status_code == 200, r.text
+    elapsed = [0.0]
+
+    def monotonic() -> float:
+        elapsed[0] += 10.0  # every page answered just inside the read timeout
+        return elapsed[0]
+
+    with pytest.raises(entitlement.EntitlementCallError) as caught:
+        entitlement.get_entitlements(
+            entitlement.entitlement_client(), "prod-1", "111122223333", monotonic=monotonic
+        )
+    assert caught.value.info.retryable
+    assert "still paging" in caught.value.info.message
+    assert elapsed[0] <= entitlement.READ_BUDGET + 20
+
+
+def test_a_slow_entitlements_read_never_holds_back_the_events_behind_it(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    """One receive: buyer 1's amendment, then buyer 2's deprovisioning. The amendment's read
+    ran before the deprovisioning was applied and before either message was deleted: a slow
+    read (up to its budget) delayed the final window and could outlast the messages'
+    visibility timeout (each then delivered again)."""
+    aws = Aws(clock)
+    seen: list[tuple[list[str], str | None]] = []
+    stop = threading.Event()
+    queue = Queue(
+        clock,
+        stop,
+        2,
+        eb("Purchase Agreement Amended", 1, clock.t),
+        eb("License Deprovisioned", 2, clock.t),
+    )
+
+    def read(product: str, acct: str) -> list[dict[str, Any]]:
+        doc = svc.customer(account(2))[1]
+        seen.append((list(queue.deleted), doc.get("subscription")))
+        return [{"dimension": "seats", "value": 5, "expiration": None, "kind": "integer"}]
+
+    svc = contract_service(backend(), aws, clock, read)
+    for i in (1, 2):
+        aws.tokens[f"tok-{i}"] = i
+        assert svc.resolve(json.dumps({"registration_token": f"tok-{i}"}).encode())[0] == 200
+    for t in [t for t in threading.enumerate() if t.name == "entitlements"]:
+        t.join(10)
+    seen.clear()
+    svc.consume(queue, stop)
+    assert seen == [(["m1", "m2"], "unsubscribed")], seen
     svc.store.close()

@@ -20,7 +20,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 SOURCE = "aws.agreement-marketplace"
@@ -129,10 +129,7 @@ def _time(text: Any, field: str) -> float:
         raise EventError(f"{field}: {text[:40]!r} is not an ISO 8601 time") from None
     if stamp.tzinfo is None:
         raise EventError(f"{field}: {text[:40]!r} has no time zone")
-    at = stamp.timestamp()
-    if at < EARLIEST:
-        raise EventError(f"{field}: {text[:40]!r} is before any AWS Marketplace event (2012)")
-    return at
+    return stamp.timestamp()
 
 
 def _text(value: Any, field: str, *, required: bool = False) -> str | None:
@@ -200,7 +197,17 @@ def _ahead(event: Event, received_at: float) -> Event:
             f"time: {event.time - received_at:.0f} s after the message arrived (future events "
             f"are refused beyond {MAX_AHEAD:.0f} s)"
         )
+    if event.time < EARLIEST:
+        raise EventError(f"time: {iso_text(event.time)} is before any AWS Marketplace event (2012)")
     return event
+
+
+def iso_text(t: float) -> str:
+    """A time for an error message, whatever its year (datetime has none before year 1)."""
+    try:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):
+        return f"{t:.0f} s from 1970"
 
 
 def _eventbridge(doc: dict[str, Any]) -> Event:

@@ -327,24 +327,40 @@ def refresh_ids(db: Db, subject: str) -> list[str]:
     ]
 
 
-def set_entitlements(
-    db: Db,
-    subject: str,
-    entitlements: Sequence[dict[str, Any]],
-    now: float,
-    done: Sequence[str] = (),
-) -> bool:
-    """Replace the subject's entitlements with GetEntitlements' answer; True if they changed.
-    `done`: the events (`refresh_ids`) whose read this answer is."""
-    db.lock(CHANGES_LOCK)
-    for i in range(0, len(done), 500):
-        chunk = list(done[i : i + 500])
+def settle_refreshes(db: Db, ids: Sequence[str]) -> None:
+    """These events' reads are done (answered, or there is no account to read for)."""
+    for i in range(0, len(ids), 500):
+        chunk = list(ids[i : i + 500])
         db.execute(
             "UPDATE saas_events SET outcome = 'applied' WHERE outcome = ? AND id IN ("  # noqa: S608  # nosec B608 # placeholders only; values are bound
             + ", ".join(["?"] * len(chunk))
             + ")",
             [REFRESH_DUE, *chunk],
         )
+
+
+def set_entitlements(
+    db: Db,
+    subject: str,
+    entitlements: Sequence[dict[str, Any]],
+    now: float,
+    done: Sequence[str] = (),
+    read_at: float | None = None,
+) -> bool:
+    """Replace the subject's entitlements with GetEntitlements' answer; True if they changed.
+    `done`: the events (`refresh_ids`) whose read this answer is. `read_at`: when the call
+    was made (default `now`): an answer from a call made before the one stored last (a slow
+    read, on any replica) is older news and replaces nothing."""
+    db.lock(CHANGES_LOCK)
+    read_at = now if read_at is None else read_at
+    stored = db.execute(
+        "SELECT entitlements_at FROM saas_lifecycle WHERE subject = ?", (subject,)
+    ).fetchone()
+    if stored is not None and stored[0] is not None and float(stored[0]) > read_at:
+        # `done` stays due: read again a minute later (`due_refreshes`), so a replica whose
+        # clock runs behind another's cannot lose an event's read this way.
+        return False
+    settle_refreshes(db, done)
     before = {
         (str(d), str(v), None if e is None else float(e), None if k is None else str(k))
         for d, v, e, k in db.execute(
@@ -370,7 +386,9 @@ def set_entitlements(
         "updated_at) VALUES (?, 'subscribed', 0, 0, ?, ?) ON CONFLICT (subject) DO NOTHING",
         (subject, NO_EVENT, now),
     )
-    db.execute("UPDATE saas_lifecycle SET entitlements_at = ? WHERE subject = ?", (now, subject))
+    db.execute(
+        "UPDATE saas_lifecycle SET entitlements_at = ? WHERE subject = ?", (read_at, subject)
+    )
     if before == after:
         return False
     db.execute("DELETE FROM saas_entitlements WHERE subject = ?", (subject,))
