@@ -394,3 +394,50 @@ def test_a_slow_entitlements_read_never_holds_back_the_events_behind_it(
     svc.consume(queue, stop)
     assert seen == [(["m1", "m2"], "unsubscribed")], seen
     svc.store.close()
+
+
+# -- a renewal or replacement: a new agreement created, the old one ended -----------------------
+
+
+def agreement_event(kind: str, agreement: str, t: float) -> str:
+    doc = json.loads(eb(kind, 1, t))
+    doc["detail"]["agreement"]["id"] = agreement
+    return json.dumps(doc)
+
+
+@pytest.mark.parametrize("ended_first", [True, False])
+@pytest.mark.parametrize("created_earlier_by", [0, 2])
+def test_a_renewal_ending_the_old_agreement_leaves_the_buyer_subscribed(
+    backend: Callable[[], UsageStore],
+    clock: ManualClock,
+    ended_first: bool,
+    created_earlier_by: int,
+) -> None:
+    """AWS: `Purchase Agreement Created` is "sent when a new purchase agreement is created,
+    renewed, or replaced", `Ended` "when a purchase agreement is cancelled, expired,
+    terminated, renewed, or replaced" (Buyer Guide, "AWS Marketplace Agreement EventBridge
+    Events"). A renewal sends both, at the same second or nearly. The later lifecycle step won:
+    the renewing buyer showed `pending_unsubscribe` for good, on the old agreement."""
+    aws = Aws(clock)
+    svc = make_service(backend(), aws, clock)
+    aws.tokens["tok-1"] = 1
+    assert svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())[0] == 200
+    t = clock.t
+    assert (
+        svc.handle_message("c0", agreement_event("Purchase Agreement Created", "agmt-old", t - 900))
+        == "applied"
+    )
+    created = agreement_event("Purchase Agreement Created", "agmt-new", t - created_earlier_by)
+    ended = agreement_event("Purchase Agreement Ended", "agmt-old", t)
+    for mid, text in (
+        [("e", ended), ("c", created)] if ended_first else [("c", created), ("e", ended)]
+    ):
+        svc.handle_message(mid, text)
+    doc = svc.customer(account(1))[1]
+    assert doc["subscription"] == "subscribed", doc["lifecycle"]
+    assert doc["lifecycle"]["agreement_id"] == "agmt-new"
+    assert svc.changes(0, 0)[1]["changes"][-1]["state"] == "subscribed"
+    # ... and a real cancellation of the new agreement still ends it.
+    svc.handle_message("x", agreement_event("Purchase Agreement Ended", "agmt-new", t + 60))
+    assert svc.customer(account(1))[1]["subscription"] == "pending_unsubscribe"
+    svc.store.close()

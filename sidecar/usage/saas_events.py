@@ -40,6 +40,9 @@ DEAD_LETTER_MAX = 64 * 1024  # characters of a poison message's body kept
 FINAL_MARGIN = 600.0
 LEFT_STATES = ("pending_unsubscribe", "unsubscribed", "subscribe_failed")
 NO_EVENT = "GetEntitlements"  # `last_event` of a row no lifecycle event has set yet
+# How much earlier than the end of an agreement the creation of the one replacing it may be
+# dated and still win over it (a renewal's two events are sent together).
+RENEWAL_SKEW = 3600.0
 # `saas_events.outcome` of an event applied whose GetEntitlements answer is not stored yet.
 REFRESH_DUE = "refresh_due"
 
@@ -131,7 +134,7 @@ def apply(db: Db, event: Event, now: float) -> Applied:
         due = db.execute("SELECT outcome FROM saas_events WHERE id = ?", (event.id,)).fetchone()
         return Applied(duplicate=True, refresh=due is not None and due[0] == REFRESH_DUE)
     row = db.execute(
-        "SELECT state, state_time, event_time FROM saas_lifecycle WHERE subject = ?",
+        "SELECT state, state_time, event_time, agreement_id FROM saas_lifecycle WHERE subject = ?",
         (event.subject,),
     ).fetchone()
     target = event.state
@@ -139,6 +142,26 @@ def apply(db: Db, event: Event, now: float) -> Applied:
     known_time = None if row is None else float(row[1])
     moves = target is not None and lifecycle.newer(event.time, target, known_time, known_state)
     facts_newer = row is None or event.time >= float(row[2])
+    other = (
+        row is not None
+        and row[3] is not None
+        and event.agreement_id is not None
+        and event.agreement_id != str(row[3])
+    )
+    if other and event.kind == "ended" and known_state == "subscribed":
+        # A renewal or replacement: AWS sends `Created` for the new agreement and `Ended` for
+        # the one it replaces, at the same second or nearly, in either order. The buyer's
+        # current agreement is another one: this end changes neither its state nor its facts.
+        moves = facts_newer = False
+    elif (
+        other
+        and event.kind == "created"
+        and known_state == "pending_unsubscribe"
+        and known_time is not None
+        and event.time >= known_time - RENEWAL_SKEW
+    ):
+        # The same pair, the end applied first: the new agreement's creation wins.
+        moves = facts_newer = True
     if row is None:
         # An amendment or license update implies a contract, but dates no state: time 0 lets
         # any state event (an Ended delivered late among them) set it.
