@@ -441,3 +441,50 @@ def test_a_renewal_ending_the_old_agreement_leaves_the_buyer_subscribed(
     svc.handle_message("x", agreement_event("Purchase Agreement Ended", "agmt-new", t + 60))
     assert svc.customer(account(1))[1]["subscription"] == "pending_unsubscribe"
     svc.store.close()
+
+
+# -- an SNS subscribe naming a free trial --------------------------------------------------------
+
+
+def test_a_free_trial_flag_is_stored_on_both_stores(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    """isFreeTrialTermPresent goes into an INTEGER column: a Python bool must be stored as
+    such on PostgreSQL too (a type error there would stop the consumer at every delivery)."""
+    aws = SnsAws(clock)
+    svc = make_service(backend(), aws, clock, identity="customer_identifier", product_code="prod-1")
+    aws.tokens["tok-1"] = 1
+    assert svc.resolve(json.dumps({"registration_token": "tok-1"}).encode())[0] == 200
+    text = sns("subscribe-success", "ci-1", clock.t, isFreeTrialTermPresent="true")
+    assert svc.handle_message("m1", text) == "applied"
+    later = sns("entitlement-updated", "ci-1", clock.t + 1, isFreeTrialTermPresent="false")
+    assert svc.handle_message("m2", later) == "applied"
+    assert svc.customer("ci-1")[1]["lifecycle"]["free_trial"] is False
+    svc.store.close()
+
+
+# -- the first read, at resolve, throttled -----------------------------------------------------
+
+
+def test_a_first_read_throttled_at_resolve_is_read_again_before_the_hour_is_billed_whole(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    """Resolving reads the buyer's entitlements once, in a thread. Throttled (many buyers
+    registering at once), they were never read until some event came: every covered seat
+    billed ("entitlements never read: every unit")."""
+    aws = Aws(clock)
+    contract = Contract(clock, seats=10)
+    contract.fail.append(RuntimeError("ThrottlingException: Rate exceeded"))
+    svc = contract_service(backend(), aws, clock, contract)
+    h = hour_of(clock.t)
+    resolve_and_read(svc, aws)
+    assert seats_entitled(svc) == []
+    assert svc.post(body(1, "seats", 12))[0] == 202
+    stop = threading.Event()
+    svc.consume(Queue(clock, stop, 10), stop)  # no event at all: a few empty long polls
+    assert seats_entitled(svc) == [10]
+    clock.t = hour_start(h + 1) + 600
+    svc.tick()
+    billed = {k[2]: v for k, v in aws.billed.items() if k[1] == "seats"}
+    assert billed[h] in (2, "2"), billed
+    svc.store.close()

@@ -812,7 +812,8 @@ class SaasService:
         seconds, backing off to REFRESH_RETRY_MAX while reads keep failing."""
         if self._entitlements is None or self.clock.monotonic() < self._refresh_retry_at:
             return
-        subjects = self.store.read(saas_events.due_refreshes)
+        now = self.clock.time()
+        subjects = self.store.read(lambda db: saas_events.due_refreshes(db, now))
         failed = [s for s in subjects if not self.refresh_entitlements(s)]
         self._refresh_backoff = (
             min(REFRESH_RETRY_MAX, self._refresh_backoff * 2) if failed else REFRESH_RETRY

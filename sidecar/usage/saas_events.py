@@ -45,6 +45,10 @@ NO_EVENT = "GetEntitlements"  # `last_event` of a row no lifecycle event has set
 RENEWAL_SKEW = 3600.0
 # `saas_events.outcome` of an event applied whose GetEntitlements answer is not stored yet.
 REFRESH_DUE = "refresh_due"
+# A read still failing this long after its event is retried no more (a week of
+# `saas_entitlements_still_due` warnings went before).
+REFRESH_GIVE_UP = 7 * 86400.0
+FIRST_READ_GRACE = 60.0  # a resolve's own read is left alone this long
 
 _COMMON = """
 -- One row per buyer the lifecycle events name (`subject`: the account id, or 'ci:' and the
@@ -326,16 +330,31 @@ def _letter(row: Sequence[Any]) -> dict[str, Any]:
     }
 
 
-def due_refreshes(db: Db, limit: int = 20) -> list[str]:
+def due_refreshes(db: Db, now: float, limit: int = 20) -> list[str]:
     """Subjects with an event whose GetEntitlements read is still due (it failed, or its
-    process died before it), oldest first."""
-    return [
+    process died before it), oldest first; events applied in the last REFRESH_GIVE_UP seconds
+    only (the applied_at index bounds the scan; `saas_events` is never pruned). Then accounts
+    resolved whose first read never answered."""
+    due = [
         str(s)
         for (s,) in db.execute(
-            "SELECT subject FROM saas_events WHERE outcome = ? GROUP BY subject "
-            "ORDER BY MIN(applied_at) LIMIT ?",
-            (REFRESH_DUE, limit),
+            "SELECT subject FROM saas_events WHERE applied_at >= ? AND outcome = ? "
+            "GROUP BY subject ORDER BY MIN(applied_at) LIMIT ?",
+            (now - REFRESH_GIVE_UP, REFRESH_DUE, limit),
         )
+    ]
+    # Buyers resolved whose first read (a thread at resolve) never stored an answer: their
+    # contract would bill every unit. Not the last minute's: that read may be under way.
+    return due + [
+        str(a)
+        for (a,) in db.execute(
+            "SELECT c.account_id FROM saas_customers c LEFT JOIN saas_lifecycle l "
+            "ON l.subject = c.account_id WHERE c.account_id IS NOT NULL "
+            "AND l.entitlements_at IS NULL AND c.resolved_at >= ? AND c.resolved_at < ? "
+            "GROUP BY c.account_id ORDER BY MIN(c.resolved_at) LIMIT ?",
+            (now - REFRESH_GIVE_UP, now - FIRST_READ_GRACE, limit),
+        )
+        if str(a) not in due
     ]
 
 
