@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -42,6 +44,8 @@ PAGE_SIZE = 25
 # dimensions; more means the service is looping.
 MAX_PAGES = 400
 PAGINATION_LOOP = "EntitlementPaginationLoop"
+# One buyer's read, all pages, at most this long (a buyer has a few entitlements: one page).
+READ_BUDGET = 60.0
 INVALID_ENDPOINT = "InvalidEntitlementEndpoint"
 
 _IAM_HINT = (
@@ -212,13 +216,21 @@ def _page(client: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def get_entitlements(
-    client: Any, product_code: str, customer_aws_account_id: str
+    client: Any,
+    product_code: str,
+    customer_aws_account_id: str,
+    *,
+    budget: float = READ_BUDGET,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> list[Entitlement]:
     """Every entitlement of one buyer (by AWS account id) for one product, all pages.
 
-    Raises EntitlementCallError (with an ErrorInfo) on an AWS error or a NextToken loop; a
-    partial list is never returned, so a caller cannot mistake a cut answer for a downgrade.
+    Raises EntitlementCallError (with an ErrorInfo) on an AWS error, a NextToken loop or pages
+    still coming after `budget` seconds (each page may take the client's read timeout: 400 of
+    them would hold the caller, the lifecycle consumer, for an hour); a partial list is never
+    returned, so a caller cannot mistake a cut answer for a downgrade.
     """
+    deadline = monotonic() + budget
     params: dict[str, Any] = {
         "ProductCode": product_code,
         "Filter": {"CUSTOMER_AWS_ACCOUNT_ID": [customer_aws_account_id]},
@@ -227,7 +239,10 @@ def get_entitlements(
     found: list[Entitlement] = []
     seen: set[str] = set()
     message = f"GetEntitlements answered a NextToken on each of {MAX_PAGES} pages"
-    for _ in range(MAX_PAGES):
+    for page in range(MAX_PAGES):
+        if page and monotonic() > deadline:
+            message = f"GetEntitlements still paging after {budget:.0f} s ({page} pages)"
+            break
         resp = _page(client, params)
         for raw in resp.get("Entitlements") or []:
             item = _entitlement(raw, customer_aws_account_id)
@@ -246,8 +261,8 @@ def get_entitlements(
         ErrorInfo(
             PAGINATION_LOOP,
             message,
-            "the Entitlement Service (or whatever answers at its endpoint) is looping; "
-            "retried with backoff",
+            "the Entitlement Service (or whatever answers at its endpoint) is looping or too "
+            "slow; retried with backoff",
             "transient",
             True,
         )

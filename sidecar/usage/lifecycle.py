@@ -20,7 +20,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 SOURCE = "aws.agreement-marketplace"
@@ -33,6 +33,10 @@ FINAL_WINDOW = 3600.0
 # How far an event's own time may lie after its arrival (SentTimestamp): an event "from the
 # future" would outrank every real event of its buyer for good (older never overrides newer).
 MAX_AHEAD = 900.0
+# No event is older than AWS Marketplace (2012): an earlier time (ISO 8601 allows year 1, which
+# is year 0 in UTC for a positive offset) would close the buyer's final window millennia ago
+# and break every date shown for it.
+EARLIEST = 1_325_376_000.0  # 2012-01-01T00:00:00Z
 
 # detail-type without its role suffix -> what it means here.
 _EVENTBRIDGE = {
@@ -193,7 +197,17 @@ def _ahead(event: Event, received_at: float) -> Event:
             f"time: {event.time - received_at:.0f} s after the message arrived (future events "
             f"are refused beyond {MAX_AHEAD:.0f} s)"
         )
+    if event.time < EARLIEST:
+        raise EventError(f"time: {iso_text(event.time)} is before any AWS Marketplace event (2012)")
     return event
+
+
+def iso_text(t: float) -> str:
+    """A time for an error message, whatever its year (datetime has none before year 1)."""
+    try:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):
+        return f"{t:.0f} s from 1970"
 
 
 def _eventbridge(doc: dict[str, Any]) -> Event:

@@ -142,6 +142,10 @@ LIFECYCLE_OUTCOMES = ("applied", "duplicate", "stale", "dead_letter", "queue_err
 QUEUE_BACKOFF_CAP = 60.0  # seconds between ReceiveMessage tries while the queue is unreachable
 CHANGES_WAIT_MAX = 20.0  # the longest long poll of GET /v1/customers/changes
 CHANGES_POLL = 0.5  # how often a long poll looks at the store (other replicas' changes)
+# A GetEntitlements read that failed (or whose process died) is tried again after this, by the
+# consumer of any replica, doubling to REFRESH_RETRY_MAX while it keeps failing.
+REFRESH_RETRY = 60.0
+REFRESH_RETRY_MAX = 900.0
 
 
 class EventSource(Protocol):
@@ -304,6 +308,8 @@ class SaasService:
         self._inflight: dict[str, tuple[threading.Lock, int]] = {}
         self._entitlements = entitlements
         self._lifecycle: dict[str, int] = dict.fromkeys(LIFECYCLE_OUTCOMES, 0)
+        self._refresh_retry_at = 0.0  # monotonic: when `retry_entitlements` looks again
+        self._refresh_backoff = REFRESH_RETRY
         # The lifecycle queue failing since (clock time, failed receives, last error): /readyz.
         self._queue_down: tuple[float, int, str] | None = None
         self._changed = threading.Condition()  # wakes change-feed long polls of this replica
@@ -680,10 +686,18 @@ class SaasService:
         with self._count_lock:
             self._lifecycle[outcome] = self._lifecycle.get(outcome, 0) + 1
 
-    def handle_message(self, message_id: str, body: str, sent_at: float | None = None) -> str:
+    def handle_message(
+        self,
+        message_id: str,
+        body: str,
+        sent_at: float | None = None,
+        reads: list[str] | None = None,
+    ) -> str:
         """Apply one queue message to the store, once for the fleet: its outcome (applied,
         duplicate, stale, dead_letter). Raises StoreUnavailableError when nothing could be
-        stored: the message must then stay on the queue (it comes back)."""
+        stored: the message must then stay on the queue (it comes back). The subject's
+        entitlements are read at once, or, given `reads`, the subject is added to it for the
+        caller to read (the event stays due in the store until then)."""
         now = self.clock.time()
         try:
             event = lifecycle.parse(body, sent_at if sent_at is not None else now)
@@ -740,7 +754,9 @@ class SaasService:
         )
         if applied.changed:
             self._wake()
-        if applied.refresh:
+        if applied.refresh and reads is not None:
+            reads.append(event.subject)
+        elif applied.refresh:
             self.refresh_entitlements(event.subject)
         return outcome
 
@@ -750,8 +766,10 @@ class SaasService:
 
     def refresh_entitlements(self, subject: str) -> bool:
         """GetEntitlements for the subject's account (an SNS subject names a CustomerIdentifier:
-        its account comes from the resolved customer, if any); stores the answer. False when it
-        could not be read (logged; the next event or resolve tries again)."""
+        its account comes from the resolved customer, if any); stores the answer. False when the
+        call failed (logged; `retry_entitlements` tries again). A subject with no account
+        or product to read for (an SNS buyer never resolved) is not read: its events' reads are
+        settled, not retried (its first resolve reads by its account)."""
         if self._entitlements is None:
             return False
         key = subject[3:] if subject.startswith("ci:") else subject
@@ -765,8 +783,12 @@ class SaasService:
         )
         if product is None:
             product = self.store.read(lambda db: saas_events.product_of(db, subject))
+        due = self.store.read(lambda db: saas_events.refresh_ids(db, subject))
         if account is None or product is None:
-            return False
+            if due:
+                self.store.write(lambda db: saas_events.settle_refreshes(db, due))
+            return True
+        read_at = self.clock.time()
         try:
             found = self._entitlements(product, account)
         except Exception as exc:  # an AWS refusal or outage: logged, the state stays as it was
@@ -777,12 +799,31 @@ class SaasService:
             return False
         now = self.clock.time()
         changed = self.store.write(
-            lambda db: saas_events.set_entitlements(db, subject, found, now),
+            lambda db: saas_events.set_entitlements(db, subject, found, now, due, read_at),
             locks=saas_events.CHANGES_LOCKS,
         )
         if changed:
             self._wake()
         return True
+
+    def retry_entitlements(self) -> None:
+        """Read again the entitlements of events whose read failed or was cut by a crash (their
+        message is deleted, or a redelivery may never come): at most every REFRESH_RETRY
+        seconds, backing off to REFRESH_RETRY_MAX while reads keep failing."""
+        if self._entitlements is None or self.clock.monotonic() < self._refresh_retry_at:
+            return
+        now = self.clock.time()
+        subjects = self.store.read(lambda db: saas_events.due_refreshes(db, now))
+        failed = [s for s in subjects if not self.refresh_entitlements(s)]
+        self._refresh_backoff = (
+            min(REFRESH_RETRY_MAX, self._refresh_backoff * 2) if failed else REFRESH_RETRY
+        )
+        self._refresh_retry_at = self.clock.monotonic() + self._refresh_backoff
+        if failed:
+            log.warning(
+                "saas_entitlements_still_due",
+                extra={"subjects": len(failed), "retry_in": round(self._refresh_backoff)},
+            )
 
     def _first_entitlements(self, account: str) -> None:
         try:
@@ -827,11 +868,15 @@ class SaasService:
             failures = 0
             with self._count_lock:
                 self._queue_down = None
+            # Entitlements are read once the batch is applied and deleted: a slow read never
+            # holds back the events behind it (a deprovisioning's final window) nor outlasts
+            # their visibility timeout. A crash before the read leaves it due in the store.
+            reads: list[str] = []
             for message in messages:
                 if stop.is_set():
                     return
                 try:
-                    self.handle_message(message.id, message.body, message.sent_at)
+                    self.handle_message(message.id, message.body, message.sent_at, reads)
                 except StoreUnavailableError as exc:
                     self._note("store_error")
                     log.warning(
@@ -848,6 +893,14 @@ class SaasService:
                         tries = self._queue_down[1] + 1 if self._queue_down else 1
                         self._queue_down = (since, tries, str(exc)[:200])
                     log.warning("saas_lifecycle_delete_failed", extra={"detail": str(exc)[:300]})
+            try:
+                for subject in dict.fromkeys(reads):
+                    if stop.is_set():
+                        return
+                    self.refresh_entitlements(subject)
+                self.retry_entitlements()
+            except StoreUnavailableError as exc:
+                log.warning("saas_entitlements_not_stored", extra={"detail": str(exc)[:300]})
 
     def changes(self, since: int, wait: float) -> tuple[int, dict[str, Any]]:
         """GET /v1/customers/changes: subjects changed after `since`, waiting up to `wait`

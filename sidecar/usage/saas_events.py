@@ -40,6 +40,15 @@ DEAD_LETTER_MAX = 64 * 1024  # characters of a poison message's body kept
 FINAL_MARGIN = 600.0
 LEFT_STATES = ("pending_unsubscribe", "unsubscribed", "subscribe_failed")
 NO_EVENT = "GetEntitlements"  # `last_event` of a row no lifecycle event has set yet
+# How much earlier than the end of an agreement the creation of the one replacing it may be
+# dated and still win over it (a renewal's two events are sent together).
+RENEWAL_SKEW = 3600.0
+# `saas_events.outcome` of an event applied whose GetEntitlements answer is not stored yet.
+REFRESH_DUE = "refresh_due"
+# A read still failing this long after its event is retried no more (a week of
+# `saas_entitlements_still_due` warnings went before).
+REFRESH_GIVE_UP = 7 * 86400.0
+FIRST_READ_GRACE = 60.0  # a resolve's own read is left alone this long
 
 _COMMON = """
 -- One row per buyer the lifecycle events name (`subject`: the account id, or 'ci:' and the
@@ -124,9 +133,12 @@ def apply(db: Db, event: Event, now: float) -> Applied:
         (event.id, event.kind, event.subject, event.time, now),
     ).fetchone()
     if took is None:
-        return Applied(duplicate=True)
+        # A redelivery after a crash between this event's commit and its GetEntitlements (or
+        # a read that failed): the read is still due, whoever applied the event.
+        due = db.execute("SELECT outcome FROM saas_events WHERE id = ?", (event.id,)).fetchone()
+        return Applied(duplicate=True, refresh=due is not None and due[0] == REFRESH_DUE)
     row = db.execute(
-        "SELECT state, state_time, event_time FROM saas_lifecycle WHERE subject = ?",
+        "SELECT state, state_time, event_time, agreement_id FROM saas_lifecycle WHERE subject = ?",
         (event.subject,),
     ).fetchone()
     target = event.state
@@ -134,6 +146,26 @@ def apply(db: Db, event: Event, now: float) -> Applied:
     known_time = None if row is None else float(row[1])
     moves = target is not None and lifecycle.newer(event.time, target, known_time, known_state)
     facts_newer = row is None or event.time >= float(row[2])
+    other = (
+        row is not None
+        and row[3] is not None
+        and event.agreement_id is not None
+        and event.agreement_id != str(row[3])
+    )
+    if other and event.kind == "ended" and known_state == "subscribed":
+        # A renewal or replacement: AWS sends `Created` for the new agreement and `Ended` for
+        # the one it replaces, at the same second or nearly, in either order. The buyer's
+        # current agreement is another one: this end changes neither its state nor its facts.
+        moves = facts_newer = False
+    elif (
+        other
+        and event.kind == "created"
+        and known_state == "pending_unsubscribe"
+        and known_time is not None
+        and event.time >= known_time - RENEWAL_SKEW
+    ):
+        # The same pair, the end applied first: the new agreement's creation wins.
+        moves = facts_newer = True
     if row is None:
         # An amendment or license update implies a contract, but dates no state: time 0 lets
         # any state event (an Ended delivered late among them) set it.
@@ -176,17 +208,44 @@ def apply(db: Db, event: Event, now: float) -> Applied:
         )
     if moves and target is not None:
         _move(db, event, target, now)
-    stale = row is not None and not moves and not facts_newer
+    earlier = row is not None and not moves and _window_from_pending(db, event, now)
+    stale = row is not None and not moves and not facts_newer and not earlier
     if stale:
         db.execute("UPDATE saas_events SET outcome = 'stale' WHERE id = ?", (event.id,))
-    changed = row is None or moves or facts_newer
+    changed = row is None or moves or facts_newer or earlier
     if changed:
         db.execute("INSERT INTO saas_changes (subject, at) VALUES (?, ?)", (event.subject, now))
+    refresh = event.kind in lifecycle.REFRESH and not stale and target != "unsubscribed"
+    if refresh:
+        # Done only when GetEntitlements' answer is stored (`set_entitlements`): a failed read,
+        # or a crash before it, leaves it due (`due_refreshes`), never forgotten.
+        db.execute("UPDATE saas_events SET outcome = ? WHERE id = ?", (REFRESH_DUE, event.id))
     return Applied(
         changed=changed,
         stale=stale,
-        refresh=event.kind in lifecycle.REFRESH and not stale and target != "unsubscribed",
-        final=moves and event.kind in lifecycle.FINAL,
+        refresh=refresh,
+        final=(moves and event.kind in lifecycle.FINAL) or earlier,
+    )
+
+
+def _window_from_pending(db: Db, event: Event, now: float) -> bool:
+    """An unsubscribe-pending delivered after its unsubscribe-success (SQS keeps no order):
+    too old to set the state, but the final window counts from it (AWS's, which closes an hour
+    after it), not from the success. Only for the same departure: no subscription between."""
+    if event.kind != "unsubscribe_pending":
+        return False
+    end = event.time + lifecycle.FINAL_WINDOW
+    return (
+        db.execute(
+            "UPDATE saas_lifecycle SET left_at = ?, final_window_end = ?, updated_at = ? "
+            "WHERE subject = ? AND state IN ('pending_unsubscribe', 'unsubscribed') "
+            "AND left_at > ? AND NOT EXISTS (SELECT 1 FROM saas_events e "
+            "WHERE e.subject = saas_lifecycle.subject "
+            "AND e.kind IN ('created', 'subscribe_success') "
+            "AND e.event_time > ? AND e.event_time <= saas_lifecycle.left_at) RETURNING subject",
+            (event.time, end, now, event.subject, event.time, event.time),
+        ).fetchone()
+        is not None
     )
 
 
@@ -271,11 +330,79 @@ def _letter(row: Sequence[Any]) -> dict[str, Any]:
     }
 
 
+def due_refreshes(db: Db, now: float, limit: int = 20) -> list[str]:
+    """Subjects with an event whose GetEntitlements read is still due (it failed, or its
+    process died before it), oldest first; events applied in the last REFRESH_GIVE_UP seconds
+    only (the applied_at index bounds the scan; `saas_events` is never pruned). Then accounts
+    resolved whose first read never answered."""
+    due = [
+        str(s)
+        for (s,) in db.execute(
+            "SELECT subject FROM saas_events WHERE applied_at >= ? AND outcome = ? "
+            "GROUP BY subject ORDER BY MIN(applied_at) LIMIT ?",
+            (now - REFRESH_GIVE_UP, REFRESH_DUE, limit),
+        )
+    ]
+    # Buyers resolved whose first read (a thread at resolve) never stored an answer: their
+    # contract would bill every unit. Not the last minute's: that read may be under way.
+    return due + [
+        str(a)
+        for (a,) in db.execute(
+            "SELECT c.account_id FROM saas_customers c LEFT JOIN saas_lifecycle l "
+            "ON l.subject = c.account_id WHERE c.account_id IS NOT NULL "
+            "AND l.entitlements_at IS NULL AND c.resolved_at >= ? AND c.resolved_at < ? "
+            "GROUP BY c.account_id ORDER BY MIN(c.resolved_at) LIMIT ?",
+            (now - REFRESH_GIVE_UP, now - FIRST_READ_GRACE, limit),
+        )
+        if str(a) not in due
+    ]
+
+
+def refresh_ids(db: Db, subject: str) -> list[str]:
+    """The subject's events waiting for a read, taken before GetEntitlements is called: a read
+    settles these only (an event applied meanwhile may be newer than the answer)."""
+    return [
+        str(i)
+        for (i,) in db.execute(
+            "SELECT id FROM saas_events WHERE subject = ? AND outcome = ?", (subject, REFRESH_DUE)
+        )
+    ]
+
+
+def settle_refreshes(db: Db, ids: Sequence[str]) -> None:
+    """These events' reads are done (answered, or there is no account to read for)."""
+    for i in range(0, len(ids), 500):
+        chunk = list(ids[i : i + 500])
+        db.execute(
+            "UPDATE saas_events SET outcome = 'applied' WHERE outcome = ? AND id IN ("  # noqa: S608  # nosec B608 # placeholders only; values are bound
+            + ", ".join(["?"] * len(chunk))
+            + ")",
+            [REFRESH_DUE, *chunk],
+        )
+
+
 def set_entitlements(
-    db: Db, subject: str, entitlements: Sequence[dict[str, Any]], now: float
+    db: Db,
+    subject: str,
+    entitlements: Sequence[dict[str, Any]],
+    now: float,
+    done: Sequence[str] = (),
+    read_at: float | None = None,
 ) -> bool:
-    """Replace the subject's entitlements with GetEntitlements' answer; True if they changed."""
+    """Replace the subject's entitlements with GetEntitlements' answer; True if they changed.
+    `done`: the events (`refresh_ids`) whose read this answer is. `read_at`: when the call
+    was made (default `now`): an answer from a call made before the one stored last (a slow
+    read, on any replica) is older news and replaces nothing."""
     db.lock(CHANGES_LOCK)
+    read_at = now if read_at is None else read_at
+    stored = db.execute(
+        "SELECT entitlements_at FROM saas_lifecycle WHERE subject = ?", (subject,)
+    ).fetchone()
+    if stored is not None and stored[0] is not None and float(stored[0]) > read_at:
+        # `done` stays due: read again a minute later (`due_refreshes`), so a replica whose
+        # clock runs behind another's cannot lose an event's read this way.
+        return False
+    settle_refreshes(db, done)
     before = {
         (str(d), str(v), None if e is None else float(e), None if k is None else str(k))
         for d, v, e, k in db.execute(
@@ -283,17 +410,16 @@ def set_entitlements(
             (subject,),
         )
     }
-    # One value per dimension, the last listed (a dimension listed twice: concurrent
-    # agreements); a set would keep whichever the process's hash order put last.
-    last = {
-        str(e["dimension"]): (
-            str(e["dimension"]),
-            dumps(e["value"]),
-            e.get("expiration"),
-            e.get("kind"),
-        )
-        for e in entitlements
-    }
+    # One value per dimension (a dimension listed twice: concurrent agreements, or a renewal
+    # next to the term it replaces): the one that lasts longest (no expiration: for good), so
+    # an expiring term kept instead of its renewal never leaves the dimension uncovered from
+    # its expiry on; of equal ones the last listed (a set would follow the hash order).
+    last: dict[str, tuple[str, str, Any, Any]] = {}
+    for e in entitlements:
+        dimension, expiration = str(e["dimension"]), e.get("expiration")
+        kept = last.get(dimension)
+        if kept is None or _lasting(expiration) >= _lasting(kept[2]):
+            last[dimension] = (dimension, dumps(e["value"]), expiration, e.get("kind"))
     after = set(last.values())
     # A buyer seen first by resolving (no event yet): a row to hang the entitlements on, whose
     # time 0 lets any event set its state (`enrich` shows the resolved state meanwhile).
@@ -302,7 +428,9 @@ def set_entitlements(
         "updated_at) VALUES (?, 'subscribed', 0, 0, ?, ?) ON CONFLICT (subject) DO NOTHING",
         (subject, NO_EVENT, now),
     )
-    db.execute("UPDATE saas_lifecycle SET entitlements_at = ? WHERE subject = ?", (now, subject))
+    db.execute(
+        "UPDATE saas_lifecycle SET entitlements_at = ? WHERE subject = ?", (read_at, subject)
+    )
     if before == after:
         return False
     db.execute("DELETE FROM saas_entitlements WHERE subject = ?", (subject,))
@@ -316,6 +444,10 @@ def set_entitlements(
         )
     db.execute("INSERT INTO saas_changes (subject, at) VALUES (?, ?)", (subject, now))
     return True
+
+
+def _lasting(expiration: Any) -> float:
+    return float("inf") if expiration is None else float(expiration)
 
 
 def subjects_of(account_id: str | None, customer_identifier: str | None) -> list[str]:
