@@ -310,3 +310,36 @@ def test_unsubscribe_success_starts_the_window_for_a_customer_identifier_custome
     (shown,) = [c for c in ledger["customers"] if c["customer"] == "cust-legacy-9"]
     assert shown["deprovisioned_at"] is not None
     assert cust["customer_identifier"] == "cust-legacy-9"
+
+
+def test_a_buyers_events_name_the_agreement_resolve_customer_answers(
+    emulator_server: EmulatorServer, sqs: MotoSqs, queue: str
+) -> None:
+    """AWS names the buyer's agreement in each of its events: without `agreement_id`, every
+    event of one buyer and product carries the id ResolveCustomer's Metadata.AgreementId gives
+    (a fresh id per event made every Ended look like a renewal's end of another agreement)."""
+    cust = requests.post(
+        emulator_server.url + "/_emulator/saas/customers",
+        json={"customer_aws_account_id": BUYER, "product_code": PRODUCT},
+        timeout=5,
+    ).json()
+    kinds = ("purchase-agreement-created", "purchase-agreement-amended", "purchase-agreement-ended")
+    for kind in kinds:
+        ok(
+            emulator_server,
+            queue_url=queue,
+            type=kind,
+            product_code=PRODUCT,
+            customer_aws_account_id=BUYER,
+        )
+    ok(
+        emulator_server,
+        queue_url=queue,
+        type="license-updated",
+        product_code=PRODUCT,
+        customer_aws_account_id="111122223333",
+    )
+    docs = sqs.bodies(queue, 4)
+    named = [d["detail"]["agreement"]["id"] for d in docs]
+    assert named[:3] == [cust["agreement_id"]] * 3
+    assert named[3] != cust["agreement_id"]  # another buyer, another agreement

@@ -250,6 +250,14 @@ class SaasBook:
         self.tokens[token] = (customer.key, now + float(ttl))
         return {"registration_token": token, "expires_at": now + float(ttl), **customer.fields()}
 
+    def agreement_of(self, account: str, product: str) -> str:
+        """The agreement a buyer's events name: the one ResolveCustomer answers for that
+        account and product (a stable id when the buyer was never issued a token)."""
+        for customer in self.customers.values():
+            if customer.account_id == account and customer.product_code == product:
+                return customer.agreement_id
+        return default_agreement_id(f"{account}/{product}")
+
     def unsubscribe(self, spec: dict[str, Any]) -> list[str]:
         """Mark customers unsubscribed; their keys. ValueError when nothing matches."""
         account = spec.get("customer_aws_account_id")

@@ -422,6 +422,14 @@ class Emulator:
             raise ValueError("copies must be a whole number from 1 to 10")
         fields = {k: v for k, v in spec.items() if k not in ("queue_url", "copies")}
         with self._lock:
+            account, product = fields.get("customer_aws_account_id"), fields.get("product_code")
+            if (
+                fields.get("type") in saas_events.EVENTBRIDGE
+                and "agreement_id" not in fields
+                and isinstance(account, str)
+                and isinstance(product, str)
+            ):  # AWS names the buyer's agreement in each of its events, not a new one each time
+                fields["agreement_id"] = self.saas.agreement_of(account, product)
             built = saas_events.build(fields, self.now())
         message_ids = saas_events.send(queue, [built.body] * copies)
         applied: list[str] = []
