@@ -22,6 +22,7 @@ import requests
 
 from sidecar.app import entitlement_reader
 from sidecar.aws.metering import MeteringGateway
+from sidecar.usage import saas_contract
 from sidecar.usage.db import Schema, open_store
 from sidecar.usage.hours import HOUR, HourPolicy, hour_of, hour_start
 from sidecar.usage.overage import Basis
@@ -362,8 +363,8 @@ def test_a_final_window_learned_hours_late_still_seals_at_once(car: Any) -> None
 SCHEMA_4 = Schema(
     name=SAAS_SCHEMA.name,
     version=4,
-    sqlite=SAAS_SCHEMA.sqlite.split("\n-- Which EntitlementValue member")[0],
-    postgresql=SAAS_SCHEMA.postgresql.split("\n-- Which EntitlementValue member")[0],
+    sqlite=SAAS_SCHEMA.sqlite.removesuffix(saas_contract.MIGRATION_5[0]),
+    postgresql=SAAS_SCHEMA.postgresql.removesuffix(saas_contract.MIGRATION_5[1]),
     migrations={k: v for k, v in SAAS_SCHEMA.migrations.items() if k <= 4},
 )
 
@@ -571,3 +572,179 @@ def test_a_dimension_listed_twice_keeps_the_last_listed_value(
     hour = c.next_hour()
     assert c.billed(hour, "users") == 12 - order[-1]
     assert c.explained(hour, "users")["contract"]["covered"] == order[-1]
+
+
+# -- schema 4 -> 5 on a fleet: a replica of the schema-4 sidecar still running ------------------
+
+LEGACY_V3 = Path(__file__).parent / "legacy_v3"
+# What the schema-4 sidecar's sessions set (its pgstore.SESSION_OPTIONS, commit ff6babb):
+# micro-units, so schema 3's guard lets it write; nothing about contracts.
+SCHEMA_4_SESSION = (
+    "-c idle_in_transaction_session_timeout=5000 -c lock_timeout=2000 "
+    "-c sidecar.quantity_unit=micro"
+)
+# The schema-4 sidecar's seal statements, word for word (its saas_ledger._seal_hour and
+# saas_events.final_seal, placeholders in psycopg's form): the one that bills is the outbox insert.
+OLD_SEAL_OUTBOX = (
+    "INSERT INTO saas_outbox (customer, dimension, hour, quantity, zero, record, state, "
+    "sealed_at, deadline) VALUES (%s, %s, %s, %s, %s, %s, 'sealed', %s, %s), "
+    "(%s, %s, %s, %s, %s, %s, 'sealed', %s, %s) ON CONFLICT (customer, dimension, hour) DO NOTHING"
+)
+OLD_FINAL_SEAL_OUTBOX = (
+    "INSERT INTO saas_outbox (customer, dimension, hour, quantity, zero, record, "
+    "state, sealed_at, deadline) VALUES (%s, %s, %s, %s, 0, %s, 'sealed', %s, %s) "
+    "ON CONFLICT (customer, dimension, hour) DO NOTHING"
+)
+
+
+def test_a_schema_4_replica_still_running_cannot_seal_contract_hours_whole(pg_url: str) -> None:
+    """A rolling upgrade on one PostgreSQL: a replica of the schema-4 sidecar (tests/legacy_v3:
+    the store as its own code left it) keeps its session and never reads the schema version
+    again. After a new replica migrated the store, the old one's seal of the ended hour is
+    refused by the database, loudly, and changes nothing; the new replica then seals that hour
+    net of the contract: 6 used with 10 entitled bills 0, not 6."""
+    import psycopg
+
+    from sidecar.core import quantity as qty
+    from sidecar.usage import saas_ledger as L  # noqa: N812
+    from sidecar.usage.hours import iso_hour
+    from tests.helpers import NOW
+
+    with psycopg.connect(pg_url, autocommit=True) as pg:
+        pg.execute((LEGACY_V3 / "saas_postgresql.sql").read_text().encode())
+    a = "111111111111/arn:aws:license-manager::111111111111:license:l-111111111111"
+    b = "222222222222/arn:aws:license-manager::222222222222:license:l-222222222222"
+    hour = hour_of(NOW) - 1  # open in the fixture: A used 6 scans, B 0.25
+    old = psycopg.connect(pg_url, options=SCHEMA_4_SESSION)  # opened before the upgrade
+    new = open_store(SAAS_SCHEMA, database_url=pg_url)  # migrates 4 -> 5
+    try:
+        # The buyer A's contract covers 10 scans an hour, as GetEntitlements stored it.
+        new.write(
+            lambda db: [
+                db.execute(
+                    "INSERT INTO saas_lifecycle (subject, state, state_time, event_time, "
+                    "last_event, updated_at, entitlements_at) VALUES "
+                    "('111111111111', 'subscribed', 0, 0, 'GetEntitlements', ?, ?)",
+                    (NOW, NOW),
+                ),
+                db.execute(
+                    "INSERT INTO saas_entitlements (subject, dimension, value, expiration, "
+                    "learned_at, kind) VALUES ('111111111111', 'scans', '10', ?, ?, 'integer')",
+                    (FAR, NOW),
+                ),
+            ]
+        )
+        now = NOW + 120
+        # The old leader's seal of the hour: its totals, then its outbox rows (whole).
+        totals = old.execute(
+            "SELECT customer, dimension, quantity FROM saas_open WHERE hour = %s ORDER BY customer",
+            (hour,),
+        ).fetchall()
+        assert [(c, int(q)) for c, _, q in totals] == [(a, 6 * qty.SCALE), (b, qty.SCALE // 4)]
+        rows = _old_rows(totals, hour, now)
+        with pytest.raises(psycopg.errors.RaiseException) as refused:
+            old.execute(OLD_SEAL_OUTBOX, rows)
+        assert "schema 5" in str(refused.value) and "upgrade every replica" in str(refused.value)
+        old.rollback()
+        with pytest.raises(psycopg.errors.RaiseException, match="upgrade every replica"):
+            old.execute(OLD_FINAL_SEAL_OUTBOX, rows[:5] + rows[6:8])  # its final-window seal
+        old.rollback()
+
+        def outbox() -> list[tuple[str, int]]:
+            got = new.read(
+                lambda db: db.execute(
+                    "SELECT customer, quantity FROM saas_outbox WHERE hour = ? ORDER BY customer",
+                    (hour,),
+                ).fetchall()
+            )
+            return [(str(c), int(q)) for c, q in got]
+
+        assert outbox() == []  # nothing billed whole, the totals still open
+        spec = L.SealSpec(("scans", "users"), "license", False, HourPolicy(60, 0), CONTRACT_4)
+        assert new.write(lambda db: L.seal(db, hour, now, spec), locks=L.SEAL_LOCKS) == [(hour, 2)]
+        assert outbox() == [(a, 0), (b, qty.SCALE // 4)]  # A's 6 covered by its 10
+        why = new.read(lambda db: L.report(db, now, HourPolicy(60, 0)))["records"]
+        assert {
+            r["customer"]: r["contract"]["covered"] for r in why if r["hour"] == iso_hour(hour)
+        } == {a: 6, b: 0}
+    finally:
+        old.close()
+        new.close()
+
+
+CONTRACT_4 = (("scans", Basis.HOUR),)
+
+
+def _old_rows(totals: list[tuple[Any, ...]], hour: int, now: float) -> list[Any]:
+    """The schema-4 seal's outbox values for the hour's totals, flat (one row per total)."""
+    rows: list[Any] = []
+    for customer, dimension, quantity in totals:
+        record = json.dumps({"Timestamp": int(hour_start(hour)), "Dimension": dimension})
+        rows += [customer, dimension, hour, quantity, 0, record, now, now + 6 * HOUR]
+    return rows
+
+
+def test_a_schema_4_seal_in_flight_during_the_upgrade_commits_first_and_the_next_is_refused(
+    pg_url: str,
+) -> None:
+    """The old leader is writing an hour's records when a new replica starts: the migration
+    waits for that seal (its guard is created first, on the outbox the seal holds) instead of
+    failing or deadlocking, the hour commits as sealed before the upgrade, and the old
+    replica's next seal is refused."""
+    import psycopg
+
+    from tests.helpers import NOW
+
+    with psycopg.connect(pg_url, autocommit=True) as pg:
+        pg.execute((LEGACY_V3 / "saas_postgresql.sql").read_text().encode())
+    hour, now = hour_of(NOW) - 1, NOW + 120
+    old = psycopg.connect(pg_url, options=SCHEMA_4_SESSION)
+    totals = old.execute(
+        "SELECT customer, dimension, quantity FROM saas_open WHERE hour = %s ORDER BY customer",
+        (hour,),
+    ).fetchall()
+    old.execute(OLD_SEAL_OUTBOX, _old_rows(totals, hour, now))  # in flight, not committed
+    opened: list[Any] = []
+    failed: list[BaseException] = []
+
+    def upgrade() -> None:
+        try:
+            opened.append(open_store(SAAS_SCHEMA, database_url=pg_url))
+        except BaseException as exc:  # reported by the assertion below
+            failed.append(exc)
+
+    thread = threading.Thread(target=upgrade, daemon=True)
+    thread.start()
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as watch:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                row = watch.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND NOT granted"
+                ).fetchone()
+                if row and int(row[0]) > 0:
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("the migration never waited for the old seal")
+        old.execute("DELETE FROM saas_open WHERE hour = %s", (hour,))  # the seal's next steps
+        old.execute(
+            "INSERT INTO saas_sealed_hours (hour, sealed_at, records) VALUES (%s, %s, %s)",
+            (hour, now, len(totals)),
+        )
+        old.commit()
+        thread.join(60)
+        assert not failed and opened, failed
+        sealed = opened[0].read(
+            lambda db: db.execute(
+                "SELECT COUNT(*) FROM saas_outbox WHERE hour = ?", (hour,)
+            ).fetchone()
+        )
+        assert int(sealed[0]) == len(totals) == 2
+        with pytest.raises(psycopg.errors.RaiseException, match="upgrade every replica"):
+            old.execute(OLD_SEAL_OUTBOX, _old_rows(totals, hour + 1, now + HOUR))
+        old.rollback()
+    finally:
+        old.close()
+        for s in opened:
+            s.close()

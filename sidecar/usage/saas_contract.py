@@ -56,7 +56,29 @@ CREATE INDEX saas_contract_hours_hourly ON saas_contract_hours (hour) WHERE basi
 CREATE INDEX saas_contract_hours_ended ON saas_contract_hours (term_end)
     WHERE basis = 'term' AND term_end <> -1;
 """
-MIGRATION_5 = (MIGRATION_5_DDL, MIGRATION_5_DDL)
+# PostgreSQL is shared by a fleet, and a replica of the schema-4 sidecar still running during a
+# rollout never looks at the schema version again: while it leads, its seal would bill every
+# unit of a contract dimension (it knows no contract) and explain nothing. Its seals are refused
+# instead (the error logged by its seal pass, retried; sealing waits until a replica of this
+# sidecar leads): every session of this sidecar sets `sidecar.contract_seal`
+# (pgstore.SESSION_OPTIONS). Its intake is left alone: usage it accepts is sealed by the new
+# code. Created first: CREATE TRIGGER waits for an old seal already writing the outbox, which
+# commits as the hours sealed before the upgrade did, and no later one slips past it. Triggers
+# fire in name order: schema 3's first, so an older sidecar still hears about micro-units.
+_GUARD_V5_POSTGRESQL = """
+CREATE FUNCTION saas_contract_seal_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('sidecar.contract_seal', true) IS DISTINCT FROM 'net' THEN
+        RAISE EXCEPTION USING MESSAGE = 'this usage database bills contract dimensions net of '
+            || 'the contract (schema 5): a sidecar older than that must not seal hours in it; '
+            || 'upgrade every replica';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER saas_outbox_v5_seal_guard BEFORE INSERT ON saas_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION saas_contract_seal_guard();
+"""
+MIGRATION_5 = (MIGRATION_5_DDL, _GUARD_V5_POSTGRESQL + MIGRATION_5_DDL)
 NO_TERM = -1.0
 KEEP_SECONDS = 62 * 86400.0  # a seller explains last month's invoice from these rows
 
