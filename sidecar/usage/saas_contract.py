@@ -22,7 +22,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from sidecar.core import quantity as qty
-from sidecar.usage.db import Db
+from sidecar.usage.db import Db, insert_new
 from sidecar.usage.hours import hour_of, iso, iso_hour
 from sidecar.usage.overage import Basis, Billable, Entitlement, billable, entitled_micros
 
@@ -96,7 +96,20 @@ def prune(db: Db, now: float) -> None:
     )
 
 
-CHUNK = 500  # customers per IN list; rows per multi-row INSERT
+CHUNK = 500  # customers per IN list
+HOUR_COLUMNS = (
+    "customer",
+    "dimension",
+    "hour",
+    "basis",
+    "used",
+    "entitled",
+    "covered",
+    "billed",
+    "term_end",
+    "why",
+    "sealed_at",
+)
 
 
 def _entitlements(db: Db, customers: Sequence[str]) -> dict[str, list[Entitlement]]:
@@ -217,15 +230,7 @@ def charge_hour(
                 now,
             )
         )
-    for i in range(0, len(rows), CHUNK):
-        chunk = rows[i : i + CHUNK]
-        db.execute(
-            "INSERT INTO saas_contract_hours (customer, dimension, hour, basis, used, entitled, "  # noqa: S608  # nosec B608 # constant columns; values are bound
-            "covered, billed, term_end, why, sealed_at) VALUES "
-            + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
-            + " ON CONFLICT (customer, dimension, hour) DO NOTHING",
-            [v for row in chunk for v in row],
-        )
+    insert_new(db, "saas_contract_hours", HOUR_COLUMNS, "customer, dimension, hour", rows)
     return out
 
 
