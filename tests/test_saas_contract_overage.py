@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -145,6 +146,28 @@ class Car:
         assert len(got) <= 1, got
         return got[0] if got else None
 
+    def deprovisioned(self, event_id: str, at: float) -> None:
+        """AWS's "License Deprovisioned" for the buyer, timed `at`, applied: a final window."""
+        from datetime import UTC, datetime
+
+        event = {
+            "version": "0",
+            "id": event_id,
+            "detail-type": "License Deprovisioned - Manufacturer",
+            "source": "aws.agreement-marketplace",
+            "account": "294406891311",
+            "time": datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "region": "us-east-1",
+            "resources": [],
+            "detail": {
+                "agreement": {"id": "agmt-1"},
+                "acceptor": {"accountId": self.account},
+                "product": {"code": self.product},
+                "license": {"arn": self.buyer["license_arn"]},
+            },
+        }
+        assert self.svc.handle_message("m-" + event_id, json.dumps(event)) == "applied"
+
     def explained(self, hour: int, dimension: str) -> dict[str, Any]:
         """GET /v1/usage's row for the hour: its quantity and what the contract covered."""
         from sidecar.usage.hours import iso_hour
@@ -153,6 +176,20 @@ class Car:
             if item["hour"] == iso_hour(hour) and item["dimension"] == dimension:
                 return dict(item)
         raise AssertionError(f"no record for {dimension} at {hour}")
+
+
+def passes(
+    clock: ManualClock, services: list[Any], until: Callable[[], bool] = lambda: False
+) -> None:
+    """Up to 10 of the leader's passes, 30 s apart, each service ticking in turn; stops early
+    once `until()` holds."""
+    for _ in range(10):
+        for svc in services:
+            svc.tick()
+        if until():
+            return
+        clock.t += 30
+        clock.mono += 30
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -290,32 +327,8 @@ def test_usage_sealed_in_a_final_window_is_charged_too(car: Any) -> None:
     c.learn()
     c.use("users", 12)
     hour = hour_of(c.clock.t)
-    event = {
-        "version": "0",
-        "id": "evt-final-1",
-        "detail-type": "License Deprovisioned - Manufacturer",
-        "source": "aws.agreement-marketplace",
-        "account": "294406891311",
-        "time": "",
-        "region": "us-east-1",
-        "resources": [],
-        "detail": {
-            "agreement": {"id": "agmt-1"},
-            "acceptor": {"accountId": c.account},
-            "product": {"code": c.product},
-            "license": {"arn": c.buyer["license_arn"]},
-        },
-    }
-    from datetime import UTC, datetime
-
-    event["time"] = datetime.fromtimestamp(c.clock.t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    assert c.svc.handle_message("m1", json.dumps(event)) == "applied"
-    for _ in range(10):  # sealed inside the window, before the hour ends
-        c.svc.tick()
-        if c.billed(hour, "users") is not None:
-            break
-        c.clock.t += 30
-        c.clock.mono += 30
+    c.deprovisioned("evt-final-1", c.clock.t)
+    passes(c.clock, [c.svc], until=lambda: c.billed(hour, "users") is not None)  # in the window
     assert hour_of(c.clock.t) == hour
     assert c.billed(hour, "users") == 2
 
@@ -327,33 +340,8 @@ def test_a_final_window_learned_hours_late_still_seals_at_once(car: Any) -> None
     c = car(contract=())
     c.use("users", 12)
     hour = hour_of(c.clock.t)
-    event = {
-        "version": "0",
-        "id": "evt-final-late",
-        "detail-type": "License Deprovisioned - Manufacturer",
-        "source": "aws.agreement-marketplace",
-        "account": "294406891311",
-        "time": "",
-        "region": "us-east-1",
-        "resources": [],
-        "detail": {
-            "agreement": {"id": "agmt-1"},
-            "acceptor": {"accountId": c.account},
-            "product": {"code": c.product},
-            "license": {"arn": c.buyer["license_arn"]},
-        },
-    }
-    from datetime import UTC, datetime
-
-    late = c.clock.t - 4 * HOUR
-    event["time"] = datetime.fromtimestamp(late, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    assert c.svc.handle_message("m-late", json.dumps(event)) == "applied"
-    for _ in range(10):  # the leader's next passes, well before the hour ends
-        c.svc.tick()
-        if c.billed(hour, "users") is not None:
-            break
-        c.clock.t += 30
-        c.clock.mono += 30
+    c.deprovisioned("evt-final-late", c.clock.t - 4 * HOUR)
+    passes(c.clock, [c.svc], until=lambda: c.billed(hour, "users") is not None)  # next passes
     assert hour_of(c.clock.t) == hour
     assert c.billed(hour, "users") == 12
 
@@ -457,11 +445,7 @@ def test_the_pool_is_exact_with_two_replicas_on_one_postgresql(
             assert b.post(json.dumps(doc).encode())[0] == 202
         hours.append(hour_of(clock.t))
         clock.t = hour_start(hours[-1] + 1) + 120
-        for _ in range(10):  # both sidecars seal and send; the seal lock lets one at a time
-            a.svc.tick()
-            b.tick()
-            clock.t += 30
-            clock.mono += 30
+        passes(clock, [a.svc, b])  # both seal and send; the seal lock lets one at a time
     assert [a.billed(h, "api_calls") for h in hours] == [0, 0, 0, 20]
     a.svc.close()
     b.close()
@@ -610,12 +594,10 @@ def test_a_schema_4_replica_still_running_cannot_seal_contract_hours_whole(pg_ur
     from sidecar.usage.hours import iso_hour
     from tests.helpers import NOW
 
-    with psycopg.connect(pg_url, autocommit=True) as pg:
-        pg.execute((LEGACY_V3 / "saas_postgresql.sql").read_text().encode())
     a = "111111111111/arn:aws:license-manager::111111111111:license:l-111111111111"
     b = "222222222222/arn:aws:license-manager::222222222222:license:l-222222222222"
     hour = hour_of(NOW) - 1  # open in the fixture: A used 6 scans, B 0.25
-    old = psycopg.connect(pg_url, options=SCHEMA_4_SESSION)  # opened before the upgrade
+    old = _schema_4_replica(pg_url)  # its session opened before the upgrade
     new = open_store(SAAS_SCHEMA, database_url=pg_url)  # migrates 4 -> 5
     try:
         # The buyer A's contract covers 10 scans an hour, as GetEntitlements stored it.
@@ -636,10 +618,7 @@ def test_a_schema_4_replica_still_running_cannot_seal_contract_hours_whole(pg_ur
         )
         now = NOW + 120
         # The old leader's seal of the hour: its totals, then its outbox rows (whole).
-        totals = old.execute(
-            "SELECT customer, dimension, quantity FROM saas_open WHERE hour = %s ORDER BY customer",
-            (hour,),
-        ).fetchall()
+        totals = _old_totals(old, hour)
         assert [(c, int(q)) for c, _, q in totals] == [(a, 6 * qty.SCALE), (b, qty.SCALE // 4)]
         rows = _old_rows(totals, hour, now)
         with pytest.raises(psycopg.errors.RaiseException) as refused:
@@ -675,6 +654,26 @@ def test_a_schema_4_replica_still_running_cannot_seal_contract_hours_whole(pg_ur
 CONTRACT_4 = (("scans", Basis.HOUR),)
 
 
+def _schema_4_replica(pg_url: str) -> Any:
+    """The schema-4 store as its own code left it (tests/legacy_v3), and a session of that
+    sidecar on it (a psycopg connection, in a transaction), opened before any upgrade."""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as pg:
+        pg.execute((LEGACY_V3 / "saas_postgresql.sql").read_text().encode())
+    return psycopg.connect(pg_url, options=SCHEMA_4_SESSION)
+
+
+def _old_totals(old: Any, hour: int) -> list[tuple[Any, ...]]:
+    """The schema-4 seal's first statement (ordered here, for the assertions): the hour's totals."""
+    return list(
+        old.execute(
+            "SELECT customer, dimension, quantity FROM saas_open WHERE hour = %s ORDER BY customer",
+            (hour,),
+        ).fetchall()
+    )
+
+
 def _old_rows(totals: list[tuple[Any, ...]], hour: int, now: float) -> list[Any]:
     """The schema-4 seal's outbox values for the hour's totals, flat (one row per total)."""
     rows: list[Any] = []
@@ -695,14 +694,9 @@ def test_a_schema_4_seal_in_flight_during_the_upgrade_commits_first_and_the_next
 
     from tests.helpers import NOW
 
-    with psycopg.connect(pg_url, autocommit=True) as pg:
-        pg.execute((LEGACY_V3 / "saas_postgresql.sql").read_text().encode())
     hour, now = hour_of(NOW) - 1, NOW + 120
-    old = psycopg.connect(pg_url, options=SCHEMA_4_SESSION)
-    totals = old.execute(
-        "SELECT customer, dimension, quantity FROM saas_open WHERE hour = %s ORDER BY customer",
-        (hour,),
-    ).fetchall()
+    old = _schema_4_replica(pg_url)
+    totals = _old_totals(old, hour)
     old.execute(OLD_SEAL_OUTBOX, _old_rows(totals, hour, now))  # in flight, not committed
     opened: list[Any] = []
     failed: list[BaseException] = []
