@@ -67,6 +67,7 @@ class Car:
         clock: ManualClock,
         contract: Any,
         buyer: dict[str, Any] | None = None,
+        zero_records: bool = False,
     ) -> None:
         self.server, self.clock, self.http = server, clock, requests.Session()
         emulator.meter_clock = clock.time
@@ -82,7 +83,7 @@ class Car:
                 dimensions=DIMS,
                 hours=HourPolicy(seal_margin=60, spread=0),
                 calls_per_second=1024.0,
-                zero_records=False,
+                zero_records=zero_records,
                 contract=contract,
             ),
             store,
@@ -205,11 +206,11 @@ def car(
     monkeypatch.setenv("AWS_ENDPOINT_URL_MARKETPLACE_ENTITLEMENT_SERVICE", emulator_server.url)
     made: list[Car] = []
 
-    def make(contract: Any = CONTRACT, store: Any = None) -> Car:
+    def make(contract: Any = CONTRACT, store: Any = None, zero_records: bool = False) -> Car:
         clock = ManualClock()
         clock.t = hour_start(hour_of(clock.t)) + 600.0
         s = store or open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=url)
-        made.append(Car(emulator_server, emulator, s, clock, contract))
+        made.append(Car(emulator_server, emulator, s, clock, contract, zero_records=zero_records))
         return made[-1]
 
     yield make
@@ -236,6 +237,55 @@ def test_twelve_used_with_ten_entitled_an_hour_bills_exactly_two(car: Any) -> No
     assert c.explained(second, "users")["contract"]["covered"] == 7
     seen = c.svc.customer(c.account)[1]["contract_hours"]
     assert [(h["used"], h["covered"], h["billed"]) for h in seen] == [(7, 7, 0), (12, 10, 2)]
+
+
+def test_a_zero_record_of_a_contract_dimension_shows_the_contract_it_held(car: Any) -> None:
+    """An hour the buyer used nothing of a contract dimension is still sent (a quantity-0 record,
+    MARKETPLACE_SAAS_ZERO_RECORDS) and explained like any other: what was entitled, covered and
+    left of the pool, not `contract: null`. Those rows go with the outbox's after 48 hours (an
+    idle fleet's zero hours would otherwise fill the table for 62 days); hours with usage stay."""
+    from sidecar.usage import saas_ledger
+
+    c = car(zero_records=True)
+    c.contract({"users": ("integer", 10, FAR), "api_calls": ("integer", 100, FAR)})
+    c.learn()
+    c.use("api_calls", 30)
+    first = c.next_hour()  # users: nothing used
+    second = c.next_hour()  # nothing used at all
+    assert [c.billed(h, d) for h in (first, second) for d in ("users", "api_calls")] == [0] * 4
+    users = c.explained(first, "users")
+    assert users["zero_record"] and users["quantity"] == 0
+    assert users["contract"] == {
+        "basis": "hour",
+        "used": 0,
+        "entitled": 10,
+        "covered": 0,
+        "billed": 0,
+        "term_end": None,
+        "why": "above 10 an hour",
+    }
+    pool = c.explained(second, "api_calls")
+    assert pool["zero_record"] and pool["contract"]["entitled"] == 100
+    assert pool["contract"]["why"] == "above the term's 100 (70 left before this hour)"
+    assert c.explained(second, "gb")["contract"]["why"] == "no contract quantity"
+    seen = c.svc.customer(c.account)[1]["contract_hours"]
+    assert len(seen) == 6  # 3 contract dimensions, 2 hours
+    # The pool still holds 70: the zero hour drew nothing.
+    c.use("api_calls", 75)
+    third = c.next_hour()
+    assert c.billed(third, "api_calls") == 5
+
+    def kept() -> list[tuple[str, int]]:
+        got = c.svc.store.read(
+            lambda db: db.execute(
+                "SELECT dimension, hour FROM saas_contract_hours ORDER BY hour, dimension"
+            ).fetchall()
+        )
+        return [(str(d), int(h)) for d, h in got]
+
+    later = c.clock.t + 49 * HOUR
+    c.svc.store.write(lambda db: saas_ledger.prune(db, later))
+    assert kept() == [("api_calls", first), ("api_calls", third)]
 
 
 def test_without_the_setting_every_unit_is_metered_as_before(car: Any) -> None:
@@ -523,12 +573,15 @@ def test_entitlements_never_read_bill_every_unit_and_say_so(car: Any, emulator_s
         timeout=5,
     )
     assert resp.status_code == 200, resp.text
-    c = car()
+    c = car(zero_records=True)
     c.use("users", 12)
     hour = c.next_hour()
     assert c.billed(hour, "users") == 12
     assert c.explained(hour, "users")["contract"]["why"].startswith("entitlements never read")
-    assert any("entitlements were never read" in w for w in c.svc.report()["warnings"])
+    # The zero records of its other contract dimensions billed nothing whole: not counted.
+    assert c.explained(hour, "gb")["contract"]["why"].startswith("entitlements never read")
+    blind = [w for w in c.svc.report()["warnings"] if "entitlements were never read" in w]
+    assert len(blind) == 1 and blind[0].startswith("1 records of contract dimensions")
 
 
 @pytest.mark.parametrize("order", [(5, 10), (10, 5)])

@@ -55,6 +55,7 @@ CREATE INDEX saas_contract_hours_by_term ON saas_contract_hours (customer, dimen
 CREATE INDEX saas_contract_hours_hourly ON saas_contract_hours (hour) WHERE basis = 'hour';
 CREATE INDEX saas_contract_hours_ended ON saas_contract_hours (term_end)
     WHERE basis = 'term' AND term_end <> -1;
+CREATE INDEX saas_contract_hours_unused ON saas_contract_hours (hour) WHERE used = 0;
 """
 # PostgreSQL is shared by a fleet, and a replica of the schema-4 sidecar still running during a
 # rollout never looks at the schema version again: while it leads, its seal would bill every
@@ -83,9 +84,15 @@ NO_TERM = -1.0
 KEEP_SECONDS = 62 * 86400.0  # a seller explains last month's invoice from these rows
 
 
-def prune(db: Db, now: float) -> None:
+def prune(db: Db, now: float, unused_seconds: float) -> None:
     """Drop explanations older than KEEP_SECONDS: hourly ones by their hour, a pool's once its
-    term ended that long ago (before, the pool still draws on them)."""
+    term ended that long ago (before, the pool still draws on them); those of hours without
+    usage (zero records: nothing billed, nothing drawn) after `unused_seconds`, with the outbox's
+    record, so an idle fleet does not keep a row per customer and hour for two months."""
+    db.execute(
+        "DELETE FROM saas_contract_hours WHERE used = 0 AND hour < ?",
+        (hour_of(now - unused_seconds),),
+    )
     db.execute(
         "DELETE FROM saas_contract_hours WHERE basis = 'hour' AND hour < ?",
         (hour_of(now - KEEP_SECONDS),),

@@ -718,9 +718,8 @@ def seal_records(
     already sealed is kept as it is. Returns how many records were given."""
     stamp = record_timestamp(hour, now)
     deadline = spec.hours.deadline(stamp)
-    billed = saas_contract.charge_hour(
-        db, dict(spec.contract), hour, {k: v for k, v in totals.items() if k not in zero}, now
-    )
+    # Zero records too: their explanation shows what the contract held in an hour without usage.
+    billed = saas_contract.charge_hour(db, dict(spec.contract), hour, totals, now)
     rows = []
     for customer, dimension in sorted(totals):
         quantity = billed.get((customer, dimension), 0)
@@ -1450,7 +1449,8 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
     ):
         warnings.append(f"customer {customer}: not subscribed (AWS CustomerNotSubscribed)")
     blind = db.execute(
-        "SELECT COUNT(*) FROM saas_contract_hours WHERE why = ? AND hour >= ?",
+        # Zero records bill nothing whole: not counted.
+        "SELECT COUNT(*) FROM saas_contract_hours WHERE why = ? AND hour >= ? AND used > 0",
         (saas_contract.NEVER_READ, hour_of(now) - 48),
     ).fetchone()
     if blind and int(blind[0]):
@@ -1500,7 +1500,7 @@ def prune(
             "DELETE FROM saas_hour_sending WHERE hour < ?",
             (hour_of(now) - SENDING_KEEP_HOURS,),
         )
-        saas_contract.prune(db, now)
+        saas_contract.prune(db, now, keep_seconds)
     row = db.execute(
         "SELECT MIN(hour) FROM saas_outbox WHERE hour >= ?", (after or -(2**62),)
     ).fetchone()
