@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -22,6 +23,7 @@ import requests
 
 from sidecar.app import entitlement_reader
 from sidecar.aws.metering import MeteringGateway
+from sidecar.usage import saas_contract
 from sidecar.usage.db import Schema, open_store
 from sidecar.usage.hours import HOUR, HourPolicy, hour_of, hour_start
 from sidecar.usage.overage import Basis
@@ -65,6 +67,7 @@ class Car:
         clock: ManualClock,
         contract: Any,
         buyer: dict[str, Any] | None = None,
+        zero_records: bool = False,
     ) -> None:
         self.server, self.clock, self.http = server, clock, requests.Session()
         emulator.meter_clock = clock.time
@@ -80,7 +83,7 @@ class Car:
                 dimensions=DIMS,
                 hours=HourPolicy(seal_margin=60, spread=0),
                 calls_per_second=1024.0,
-                zero_records=False,
+                zero_records=zero_records,
                 contract=contract,
             ),
             store,
@@ -144,6 +147,28 @@ class Car:
         assert len(got) <= 1, got
         return got[0] if got else None
 
+    def deprovisioned(self, event_id: str, at: float) -> None:
+        """AWS's "License Deprovisioned" for the buyer, timed `at`, applied: a final window."""
+        from datetime import UTC, datetime
+
+        event = {
+            "version": "0",
+            "id": event_id,
+            "detail-type": "License Deprovisioned - Manufacturer",
+            "source": "aws.agreement-marketplace",
+            "account": "294406891311",
+            "time": datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "region": "us-east-1",
+            "resources": [],
+            "detail": {
+                "agreement": {"id": "agmt-1"},
+                "acceptor": {"accountId": self.account},
+                "product": {"code": self.product},
+                "license": {"arn": self.buyer["license_arn"]},
+            },
+        }
+        assert self.svc.handle_message("m-" + event_id, json.dumps(event)) == "applied"
+
     def explained(self, hour: int, dimension: str) -> dict[str, Any]:
         """GET /v1/usage's row for the hour: its quantity and what the contract covered."""
         from sidecar.usage.hours import iso_hour
@@ -152,6 +177,20 @@ class Car:
             if item["hour"] == iso_hour(hour) and item["dimension"] == dimension:
                 return dict(item)
         raise AssertionError(f"no record for {dimension} at {hour}")
+
+
+def passes(
+    clock: ManualClock, services: list[Any], until: Callable[[], bool] = lambda: False
+) -> None:
+    """Up to 10 of the leader's passes, 30 s apart, each service ticking in turn; stops early
+    once `until()` holds."""
+    for _ in range(10):
+        for svc in services:
+            svc.tick()
+        if until():
+            return
+        clock.t += 30
+        clock.mono += 30
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -167,11 +206,11 @@ def car(
     monkeypatch.setenv("AWS_ENDPOINT_URL_MARKETPLACE_ENTITLEMENT_SERVICE", emulator_server.url)
     made: list[Car] = []
 
-    def make(contract: Any = CONTRACT, store: Any = None) -> Car:
+    def make(contract: Any = CONTRACT, store: Any = None, zero_records: bool = False) -> Car:
         clock = ManualClock()
         clock.t = hour_start(hour_of(clock.t)) + 600.0
         s = store or open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=url)
-        made.append(Car(emulator_server, emulator, s, clock, contract))
+        made.append(Car(emulator_server, emulator, s, clock, contract, zero_records=zero_records))
         return made[-1]
 
     yield make
@@ -198,6 +237,55 @@ def test_twelve_used_with_ten_entitled_an_hour_bills_exactly_two(car: Any) -> No
     assert c.explained(second, "users")["contract"]["covered"] == 7
     seen = c.svc.customer(c.account)[1]["contract_hours"]
     assert [(h["used"], h["covered"], h["billed"]) for h in seen] == [(7, 7, 0), (12, 10, 2)]
+
+
+def test_a_zero_record_of_a_contract_dimension_shows_the_contract_it_held(car: Any) -> None:
+    """An hour the buyer used nothing of a contract dimension is still sent (a quantity-0 record,
+    MARKETPLACE_SAAS_ZERO_RECORDS) and explained like any other: what was entitled, covered and
+    left of the pool, not `contract: null`. Those rows go with the outbox's after 48 hours (an
+    idle fleet's zero hours would otherwise fill the table for 62 days); hours with usage stay."""
+    from sidecar.usage import saas_ledger
+
+    c = car(zero_records=True)
+    c.contract({"users": ("integer", 10, FAR), "api_calls": ("integer", 100, FAR)})
+    c.learn()
+    c.use("api_calls", 30)
+    first = c.next_hour()  # users: nothing used
+    second = c.next_hour()  # nothing used at all
+    assert [c.billed(h, d) for h in (first, second) for d in ("users", "api_calls")] == [0] * 4
+    users = c.explained(first, "users")
+    assert users["zero_record"] and users["quantity"] == 0
+    assert users["contract"] == {
+        "basis": "hour",
+        "used": 0,
+        "entitled": 10,
+        "covered": 0,
+        "billed": 0,
+        "term_end": None,
+        "why": "above 10 an hour",
+    }
+    pool = c.explained(second, "api_calls")
+    assert pool["zero_record"] and pool["contract"]["entitled"] == 100
+    assert pool["contract"]["why"] == "above the term's 100 (70 left before this hour)"
+    assert c.explained(second, "gb")["contract"]["why"] == "no contract quantity"
+    seen = c.svc.customer(c.account)[1]["contract_hours"]
+    assert len(seen) == 6  # 3 contract dimensions, 2 hours
+    # The pool still holds 70: the zero hour drew nothing.
+    c.use("api_calls", 75)
+    third = c.next_hour()
+    assert c.billed(third, "api_calls") == 5
+
+    def kept() -> list[tuple[str, int]]:
+        got = c.svc.store.read(
+            lambda db: db.execute(
+                "SELECT dimension, hour FROM saas_contract_hours ORDER BY hour, dimension"
+            ).fetchall()
+        )
+        return [(str(d), int(h)) for d, h in got]
+
+    later = c.clock.t + 49 * HOUR
+    c.svc.store.write(lambda db: saas_ledger.prune(db, later))
+    assert kept() == [("api_calls", first), ("api_calls", third)]
 
 
 def test_without_the_setting_every_unit_is_metered_as_before(car: Any) -> None:
@@ -289,32 +377,8 @@ def test_usage_sealed_in_a_final_window_is_charged_too(car: Any) -> None:
     c.learn()
     c.use("users", 12)
     hour = hour_of(c.clock.t)
-    event = {
-        "version": "0",
-        "id": "evt-final-1",
-        "detail-type": "License Deprovisioned - Manufacturer",
-        "source": "aws.agreement-marketplace",
-        "account": "294406891311",
-        "time": "",
-        "region": "us-east-1",
-        "resources": [],
-        "detail": {
-            "agreement": {"id": "agmt-1"},
-            "acceptor": {"accountId": c.account},
-            "product": {"code": c.product},
-            "license": {"arn": c.buyer["license_arn"]},
-        },
-    }
-    from datetime import UTC, datetime
-
-    event["time"] = datetime.fromtimestamp(c.clock.t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    assert c.svc.handle_message("m1", json.dumps(event)) == "applied"
-    for _ in range(10):  # sealed inside the window, before the hour ends
-        c.svc.tick()
-        if c.billed(hour, "users") is not None:
-            break
-        c.clock.t += 30
-        c.clock.mono += 30
+    c.deprovisioned("evt-final-1", c.clock.t)
+    passes(c.clock, [c.svc], until=lambda: c.billed(hour, "users") is not None)  # in the window
     assert hour_of(c.clock.t) == hour
     assert c.billed(hour, "users") == 2
 
@@ -326,33 +390,8 @@ def test_a_final_window_learned_hours_late_still_seals_at_once(car: Any) -> None
     c = car(contract=())
     c.use("users", 12)
     hour = hour_of(c.clock.t)
-    event = {
-        "version": "0",
-        "id": "evt-final-late",
-        "detail-type": "License Deprovisioned - Manufacturer",
-        "source": "aws.agreement-marketplace",
-        "account": "294406891311",
-        "time": "",
-        "region": "us-east-1",
-        "resources": [],
-        "detail": {
-            "agreement": {"id": "agmt-1"},
-            "acceptor": {"accountId": c.account},
-            "product": {"code": c.product},
-            "license": {"arn": c.buyer["license_arn"]},
-        },
-    }
-    from datetime import UTC, datetime
-
-    late = c.clock.t - 4 * HOUR
-    event["time"] = datetime.fromtimestamp(late, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    assert c.svc.handle_message("m-late", json.dumps(event)) == "applied"
-    for _ in range(10):  # the leader's next passes, well before the hour ends
-        c.svc.tick()
-        if c.billed(hour, "users") is not None:
-            break
-        c.clock.t += 30
-        c.clock.mono += 30
+    c.deprovisioned("evt-final-late", c.clock.t - 4 * HOUR)
+    passes(c.clock, [c.svc], until=lambda: c.billed(hour, "users") is not None)  # next passes
     assert hour_of(c.clock.t) == hour
     assert c.billed(hour, "users") == 12
 
@@ -362,8 +401,8 @@ def test_a_final_window_learned_hours_late_still_seals_at_once(car: Any) -> None
 SCHEMA_4 = Schema(
     name=SAAS_SCHEMA.name,
     version=4,
-    sqlite=SAAS_SCHEMA.sqlite.split("\n-- Which EntitlementValue member")[0],
-    postgresql=SAAS_SCHEMA.postgresql.split("\n-- Which EntitlementValue member")[0],
+    sqlite=SAAS_SCHEMA.sqlite.removesuffix(saas_contract.MIGRATION_5[0]),
+    postgresql=SAAS_SCHEMA.postgresql.removesuffix(saas_contract.MIGRATION_5[1]),
     migrations={k: v for k, v in SAAS_SCHEMA.migrations.items() if k <= 4},
 )
 
@@ -456,11 +495,7 @@ def test_the_pool_is_exact_with_two_replicas_on_one_postgresql(
             assert b.post(json.dumps(doc).encode())[0] == 202
         hours.append(hour_of(clock.t))
         clock.t = hour_start(hours[-1] + 1) + 120
-        for _ in range(10):  # both sidecars seal and send; the seal lock lets one at a time
-            a.svc.tick()
-            b.tick()
-            clock.t += 30
-            clock.mono += 30
+        passes(clock, [a.svc, b])  # both seal and send; the seal lock lets one at a time
     assert [a.billed(h, "api_calls") for h in hours] == [0, 0, 0, 20]
     a.svc.close()
     b.close()
@@ -538,12 +573,15 @@ def test_entitlements_never_read_bill_every_unit_and_say_so(car: Any, emulator_s
         timeout=5,
     )
     assert resp.status_code == 200, resp.text
-    c = car()
+    c = car(zero_records=True)
     c.use("users", 12)
     hour = c.next_hour()
     assert c.billed(hour, "users") == 12
     assert c.explained(hour, "users")["contract"]["why"].startswith("entitlements never read")
-    assert any("entitlements were never read" in w for w in c.svc.report()["warnings"])
+    # The zero records of its other contract dimensions billed nothing whole: not counted.
+    assert c.explained(hour, "gb")["contract"]["why"].startswith("entitlements never read")
+    blind = [w for w in c.svc.report()["warnings"] if "entitlements were never read" in w]
+    assert len(blind) == 1 and blind[0].startswith("1 records of contract dimensions")
 
 
 @pytest.mark.parametrize("order", [(5, 10), (10, 5)])
@@ -571,3 +609,189 @@ def test_a_dimension_listed_twice_keeps_the_last_listed_value(
     hour = c.next_hour()
     assert c.billed(hour, "users") == 12 - order[-1]
     assert c.explained(hour, "users")["contract"]["covered"] == order[-1]
+
+
+# -- schema 4 -> 5 on a fleet: a replica of the schema-4 sidecar still running ------------------
+
+LEGACY_V3 = Path(__file__).parent / "legacy_v3"
+# What the schema-4 sidecar's sessions set (its pgstore.SESSION_OPTIONS, commit ff6babb):
+# micro-units, so schema 3's guard lets it write; nothing about contracts.
+SCHEMA_4_SESSION = (
+    "-c idle_in_transaction_session_timeout=5000 -c lock_timeout=2000 "
+    "-c sidecar.quantity_unit=micro"
+)
+# The schema-4 sidecar's seal statements, word for word (its saas_ledger._seal_hour and
+# saas_events.final_seal, placeholders in psycopg's form): the one that bills is the outbox insert.
+OLD_SEAL_OUTBOX = (
+    "INSERT INTO saas_outbox (customer, dimension, hour, quantity, zero, record, state, "
+    "sealed_at, deadline) VALUES (%s, %s, %s, %s, %s, %s, 'sealed', %s, %s), "
+    "(%s, %s, %s, %s, %s, %s, 'sealed', %s, %s) ON CONFLICT (customer, dimension, hour) DO NOTHING"
+)
+OLD_FINAL_SEAL_OUTBOX = (
+    "INSERT INTO saas_outbox (customer, dimension, hour, quantity, zero, record, "
+    "state, sealed_at, deadline) VALUES (%s, %s, %s, %s, 0, %s, 'sealed', %s, %s) "
+    "ON CONFLICT (customer, dimension, hour) DO NOTHING"
+)
+
+
+def test_a_schema_4_replica_still_running_cannot_seal_contract_hours_whole(pg_url: str) -> None:
+    """A rolling upgrade on one PostgreSQL: a replica of the schema-4 sidecar (tests/legacy_v3:
+    the store as its own code left it) keeps its session and never reads the schema version
+    again. After a new replica migrated the store, the old one's seal of the ended hour is
+    refused by the database, loudly, and changes nothing; the new replica then seals that hour
+    net of the contract: 6 used with 10 entitled bills 0, not 6."""
+    import psycopg
+
+    from sidecar.core import quantity as qty
+    from sidecar.usage import saas_ledger as L  # noqa: N812
+    from sidecar.usage.hours import iso_hour
+    from tests.helpers import NOW
+
+    a = "111111111111/arn:aws:license-manager::111111111111:license:l-111111111111"
+    b = "222222222222/arn:aws:license-manager::222222222222:license:l-222222222222"
+    hour = hour_of(NOW) - 1  # open in the fixture: A used 6 scans, B 0.25
+    old = _schema_4_replica(pg_url)  # its session opened before the upgrade
+    new = open_store(SAAS_SCHEMA, database_url=pg_url)  # migrates 4 -> 5
+    try:
+        # The buyer A's contract covers 10 scans an hour, as GetEntitlements stored it.
+        new.write(
+            lambda db: [
+                db.execute(
+                    "INSERT INTO saas_lifecycle (subject, state, state_time, event_time, "
+                    "last_event, updated_at, entitlements_at) VALUES "
+                    "('111111111111', 'subscribed', 0, 0, 'GetEntitlements', ?, ?)",
+                    (NOW, NOW),
+                ),
+                db.execute(
+                    "INSERT INTO saas_entitlements (subject, dimension, value, expiration, "
+                    "learned_at, kind) VALUES ('111111111111', 'scans', '10', ?, ?, 'integer')",
+                    (FAR, NOW),
+                ),
+            ]
+        )
+        now = NOW + 120
+        # The old leader's seal of the hour: its totals, then its outbox rows (whole).
+        totals = _old_totals(old, hour)
+        assert [(c, int(q)) for c, _, q in totals] == [(a, 6 * qty.SCALE), (b, qty.SCALE // 4)]
+        rows = _old_rows(totals, hour, now)
+        with pytest.raises(psycopg.errors.RaiseException) as refused:
+            old.execute(OLD_SEAL_OUTBOX, rows)
+        assert "schema 5" in str(refused.value) and "upgrade every replica" in str(refused.value)
+        old.rollback()
+        with pytest.raises(psycopg.errors.RaiseException, match="upgrade every replica"):
+            old.execute(OLD_FINAL_SEAL_OUTBOX, rows[:5] + rows[6:8])  # its final-window seal
+        old.rollback()
+
+        def outbox() -> list[tuple[str, int]]:
+            got = new.read(
+                lambda db: db.execute(
+                    "SELECT customer, quantity FROM saas_outbox WHERE hour = ? ORDER BY customer",
+                    (hour,),
+                ).fetchall()
+            )
+            return [(str(c), int(q)) for c, q in got]
+
+        assert outbox() == []  # nothing billed whole, the totals still open
+        spec = L.SealSpec(("scans", "users"), "license", False, HourPolicy(60, 0), CONTRACT_4)
+        assert new.write(lambda db: L.seal(db, hour, now, spec), locks=L.SEAL_LOCKS) == [(hour, 2)]
+        assert outbox() == [(a, 0), (b, qty.SCALE // 4)]  # A's 6 covered by its 10
+        why = new.read(lambda db: L.report(db, now, HourPolicy(60, 0)))["records"]
+        assert {
+            r["customer"]: r["contract"]["covered"] for r in why if r["hour"] == iso_hour(hour)
+        } == {a: 6, b: 0}
+    finally:
+        old.close()
+        new.close()
+
+
+CONTRACT_4 = (("scans", Basis.HOUR),)
+
+
+def _schema_4_replica(pg_url: str) -> Any:
+    """The schema-4 store as its own code left it (tests/legacy_v3), and a session of that
+    sidecar on it (a psycopg connection, in a transaction), opened before any upgrade."""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as pg:
+        pg.execute((LEGACY_V3 / "saas_postgresql.sql").read_text().encode())
+    return psycopg.connect(pg_url, options=SCHEMA_4_SESSION)
+
+
+def _old_totals(old: Any, hour: int) -> list[tuple[Any, ...]]:
+    """The schema-4 seal's first statement (ordered here, for the assertions): the hour's totals."""
+    return list(
+        old.execute(
+            "SELECT customer, dimension, quantity FROM saas_open WHERE hour = %s ORDER BY customer",
+            (hour,),
+        ).fetchall()
+    )
+
+
+def _old_rows(totals: list[tuple[Any, ...]], hour: int, now: float) -> list[Any]:
+    """The schema-4 seal's outbox values for the hour's totals, flat (one row per total)."""
+    rows: list[Any] = []
+    for customer, dimension, quantity in totals:
+        record = json.dumps({"Timestamp": int(hour_start(hour)), "Dimension": dimension})
+        rows += [customer, dimension, hour, quantity, 0, record, now, now + 6 * HOUR]
+    return rows
+
+
+def test_a_schema_4_seal_in_flight_during_the_upgrade_commits_first_and_the_next_is_refused(
+    pg_url: str,
+) -> None:
+    """The old leader is writing an hour's records when a new replica starts: the migration
+    waits for that seal (its guard is created first, on the outbox the seal holds) instead of
+    failing or deadlocking, the hour commits as sealed before the upgrade, and the old
+    replica's next seal is refused."""
+    import psycopg
+
+    from tests.helpers import NOW
+
+    hour, now = hour_of(NOW) - 1, NOW + 120
+    old = _schema_4_replica(pg_url)
+    totals = _old_totals(old, hour)
+    old.execute(OLD_SEAL_OUTBOX, _old_rows(totals, hour, now))  # in flight, not committed
+    opened: list[Any] = []
+    failed: list[BaseException] = []
+
+    def upgrade() -> None:
+        try:
+            opened.append(open_store(SAAS_SCHEMA, database_url=pg_url))
+        except BaseException as exc:  # reported by the assertion below
+            failed.append(exc)
+
+    thread = threading.Thread(target=upgrade, daemon=True)
+    thread.start()
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as watch:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                row = watch.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND NOT granted"
+                ).fetchone()
+                if row and int(row[0]) > 0:
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("the migration never waited for the old seal")
+        old.execute("DELETE FROM saas_open WHERE hour = %s", (hour,))  # the seal's next steps
+        old.execute(
+            "INSERT INTO saas_sealed_hours (hour, sealed_at, records) VALUES (%s, %s, %s)",
+            (hour, now, len(totals)),
+        )
+        old.commit()
+        thread.join(60)
+        assert not failed and opened, failed
+        sealed = opened[0].read(
+            lambda db: db.execute(
+                "SELECT COUNT(*) FROM saas_outbox WHERE hour = ?", (hour,)
+            ).fetchone()
+        )
+        assert int(sealed[0]) == len(totals) == 2
+        with pytest.raises(psycopg.errors.RaiseException, match="upgrade every replica"):
+            old.execute(OLD_SEAL_OUTBOX, _old_rows(totals, hour + 1, now + HOUR))
+        old.rollback()
+    finally:
+        old.close()
+        for s in opened:
+            s.close()

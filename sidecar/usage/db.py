@@ -93,6 +93,26 @@ class Db(Protocol):
         ...
 
 
+INSERT_ROWS = 500  # rows per multi-row INSERT: one round trip each, far below either parameter cap
+
+
+def insert_new(
+    db: Db, table: str, columns: Sequence[str], key: str, rows: Sequence[Sequence[Any]]
+) -> None:
+    """Insert `rows` (values in `columns` order), INSERT_ROWS per multi-row statement; a row whose
+    `key` is taken is skipped (ON CONFLICT DO NOTHING). `table`, `columns` and `key` are the
+    caller's constants, never input."""
+    row = "(" + ", ".join(["?"] * len(columns)) + ")"
+    for i in range(0, len(rows), INSERT_ROWS):
+        chunk = rows[i : i + INSERT_ROWS]
+        db.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES "  # noqa: S608  # nosec B608 # constant names; values are bound
+            + ", ".join([row] * len(chunk))
+            + f" ON CONFLICT ({key}) DO NOTHING",
+            [v for r in chunk for v in r],
+        )
+
+
 # (key, exclusive): an advisory lock a write needs. The store takes the union of its batch's
 # locks at the start of the transaction, sorted by key, the strongest mode of each; see pgstore.
 Lock = tuple[int, bool]

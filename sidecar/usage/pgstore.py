@@ -145,7 +145,10 @@ SESSION_OPTIONS = (
     # This sidecar writes quantities as integer micro-units (SaaS schema 3). The schema's
     # statement triggers refuse usage writes from a session without it: a replica of an older
     # sidecar still running during a rollout must not add whole units to micro-unit totals.
-    "-c sidecar.quantity_unit=micro"
+    "-c sidecar.quantity_unit=micro "
+    # This sidecar seals contract dimensions net of the contract (SaaS schema 5); a trigger
+    # refuses the seal of a session without it (saas_contract.MIGRATION_5).
+    "-c sidecar.contract_seal=net"
 )
 # How long a transaction waits by default for the advisory locks its jobs declared
 # (`write(locks=...)`) before the jobs that need them are answered StoreBusyError (503): longer

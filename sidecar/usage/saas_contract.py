@@ -22,7 +22,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from sidecar.core import quantity as qty
-from sidecar.usage.db import Db
+from sidecar.usage.db import Db, insert_new
 from sidecar.usage.hours import hour_of, iso, iso_hour
 from sidecar.usage.overage import Basis, Billable, Entitlement, billable, entitled_micros
 
@@ -55,15 +55,44 @@ CREATE INDEX saas_contract_hours_by_term ON saas_contract_hours (customer, dimen
 CREATE INDEX saas_contract_hours_hourly ON saas_contract_hours (hour) WHERE basis = 'hour';
 CREATE INDEX saas_contract_hours_ended ON saas_contract_hours (term_end)
     WHERE basis = 'term' AND term_end <> -1;
+CREATE INDEX saas_contract_hours_unused ON saas_contract_hours (hour) WHERE used = 0;
 """
-MIGRATION_5 = (MIGRATION_5_DDL, MIGRATION_5_DDL)
+# PostgreSQL is shared by a fleet, and a replica of the schema-4 sidecar still running during a
+# rollout never looks at the schema version again: while it leads, its seal would bill every
+# unit of a contract dimension (it knows no contract) and explain nothing. Its seals are refused
+# instead (the error logged by its seal pass, retried; sealing waits until a replica of this
+# sidecar leads): every session of this sidecar sets `sidecar.contract_seal`
+# (pgstore.SESSION_OPTIONS). Its intake is left alone: usage it accepts is sealed by the new
+# code. Created first: CREATE TRIGGER waits for an old seal already writing the outbox, which
+# commits as the hours sealed before the upgrade did, and no later one slips past it. Triggers
+# fire in name order: schema 3's first, so an older sidecar still hears about micro-units.
+_GUARD_V5_POSTGRESQL = """
+CREATE FUNCTION saas_contract_seal_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('sidecar.contract_seal', true) IS DISTINCT FROM 'net' THEN
+        RAISE EXCEPTION USING MESSAGE = 'this usage database bills contract dimensions net of '
+            || 'the contract (schema 5): a sidecar older than that must not seal hours in it; '
+            || 'upgrade every replica';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER saas_outbox_v5_seal_guard BEFORE INSERT ON saas_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION saas_contract_seal_guard();
+"""
+MIGRATION_5 = (MIGRATION_5_DDL, _GUARD_V5_POSTGRESQL + MIGRATION_5_DDL)
 NO_TERM = -1.0
 KEEP_SECONDS = 62 * 86400.0  # a seller explains last month's invoice from these rows
 
 
-def prune(db: Db, now: float) -> None:
+def prune(db: Db, now: float, unused_seconds: float) -> None:
     """Drop explanations older than KEEP_SECONDS: hourly ones by their hour, a pool's once its
-    term ended that long ago (before, the pool still draws on them)."""
+    term ended that long ago (before, the pool still draws on them); those of hours without
+    usage (zero records: nothing billed, nothing drawn) after `unused_seconds`, with the outbox's
+    record, so an idle fleet does not keep a row per customer and hour for two months."""
+    db.execute(
+        "DELETE FROM saas_contract_hours WHERE used = 0 AND hour < ?",
+        (hour_of(now - unused_seconds),),
+    )
     db.execute(
         "DELETE FROM saas_contract_hours WHERE basis = 'hour' AND hour < ?",
         (hour_of(now - KEEP_SECONDS),),
@@ -74,7 +103,20 @@ def prune(db: Db, now: float) -> None:
     )
 
 
-CHUNK = 500  # customers per IN list; rows per multi-row INSERT
+CHUNK = 500  # customers per IN list
+HOUR_COLUMNS = (
+    "customer",
+    "dimension",
+    "hour",
+    "basis",
+    "used",
+    "entitled",
+    "covered",
+    "billed",
+    "term_end",
+    "why",
+    "sealed_at",
+)
 
 
 def _entitlements(db: Db, customers: Sequence[str]) -> dict[str, list[Entitlement]]:
@@ -195,15 +237,7 @@ def charge_hour(
                 now,
             )
         )
-    for i in range(0, len(rows), CHUNK):
-        chunk = rows[i : i + CHUNK]
-        db.execute(
-            "INSERT INTO saas_contract_hours (customer, dimension, hour, basis, used, entitled, "  # noqa: S608  # nosec B608 # constant columns; values are bound
-            "covered, billed, term_end, why, sealed_at) VALUES "
-            + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
-            + " ON CONFLICT (customer, dimension, hour) DO NOTHING",
-            [v for row in chunk for v in row],
-        )
+    insert_new(db, "saas_contract_hours", HOUR_COLUMNS, "customer, dimension, hour", rows)
     return out
 
 

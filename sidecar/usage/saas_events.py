@@ -25,7 +25,6 @@ from sidecar.usage.db import Db, Lock
 from sidecar.usage.hours import hour_of, iso
 from sidecar.usage.lifecycle import Event
 from sidecar.usage.store import dumps
-from sidecar.usage.validate import record_identity
 
 if TYPE_CHECKING:
     from sidecar.usage.saas_ledger import SealSpec
@@ -577,7 +576,7 @@ def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]
     hour), and once more in the window's last FINAL_MARGIN for what came after:
     [(customer, hour, records)]. Takes SEAL_LOCK exclusively, as `seal` does,
     so no intake of that customer's hour is in flight (see `saas_ledger.ingest`)."""
-    from sidecar.usage.saas_ledger import SEAL_LOCK, record_timestamp  # it imports this module
+    from sidecar.usage.saas_ledger import SEAL_LOCK, seal_records  # it imports this module
 
     db.lock(SEAL_LOCK)
     out: list[tuple[str, int, int]] = []
@@ -593,7 +592,6 @@ def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]
         (now - 2 * lifecycle.FINAL_WINDOW, now - 2 * lifecycle.FINAL_WINDOW),
     ).fetchall()
     current = hour_of(now)
-    contract = dict(spec.contract)
     for customer, left_at, end in rows:
         customer = str(customer)
         sealed_since = db.execute(
@@ -632,25 +630,7 @@ def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]
             )
             continue
         for hour, dims in totals.items():
-            stamp = record_timestamp(hour, now)
-            deadline = spec.hours.deadline(stamp)
-            billed = saas_contract.charge_hour(
-                db, contract, hour, {(customer, d): used for d, used in dims}, now
-            )
-            for dimension, _used in dims:
-                quantity = billed[(customer, dimension)]
-                record = {
-                    "Timestamp": stamp,
-                    "Dimension": dimension,
-                    "QuantityAsDecimal": _text(quantity),
-                    **record_identity(spec.identity, customer),
-                }
-                db.execute(
-                    "INSERT INTO saas_outbox (customer, dimension, hour, quantity, zero, record, "
-                    "state, sealed_at, deadline) VALUES (?, ?, ?, ?, 0, ?, 'sealed', ?, ?) "
-                    "ON CONFLICT (customer, dimension, hour) DO NOTHING",
-                    (customer, dimension, hour, quantity, dumps(record), now, deadline),
-                )
+            seal_records(db, hour, now, spec, {(customer, d): used for d, used in dims})
             db.execute("DELETE FROM saas_open WHERE customer = ? AND hour = ?", (customer, hour))
             db.execute(
                 "INSERT INTO saas_customer_seals (customer, hour, sealed_at) VALUES (?, ?, ?) "
@@ -659,12 +639,6 @@ def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]
             )
             out.append((customer, hour, len(dims)))
     return out
-
-
-def _text(micros: int) -> str:
-    from sidecar.core import quantity as qty
-
-    return qty.text(micros)
 
 
 def left_customers_sql() -> str:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
 from sidecar.core import quantity as qty
 from sidecar.usage import saas_contract, saas_events
-from sidecar.usage.db import Db, Lock
+from sidecar.usage.db import Db, Lock, insert_new
 from sidecar.usage.headroom import HourSending
 from sidecar.usage.hours import (
     BATCH_METER_USAGE,
@@ -682,17 +682,46 @@ def _seal_hour(db: Db, hour: int, now: float, spec: SealSpec) -> int:
                 if (str(customer), dimension) not in totals:
                     zero.add((str(customer), dimension))
                     totals[(str(customer), dimension)] = 0
+    records = seal_records(db, hour, now, spec, totals, zero)
+    db.execute("DELETE FROM saas_open WHERE hour = ?", (hour,))
+    db.execute(
+        "INSERT INTO saas_sealed_hours (hour, sealed_at, records) VALUES (?, ?, ?)",
+        (hour, now, records),
+    )
+    return records
+
+
+OUTBOX_COLUMNS = (
+    "customer",
+    "dimension",
+    "hour",
+    "quantity",
+    "zero",
+    "record",
+    "state",
+    "sealed_at",
+    "deadline",
+)
+
+
+def seal_records(
+    db: Db,
+    hour: int,
+    now: float,
+    spec: SealSpec,
+    totals: Mapping[tuple[str, str], int],
+    zero: Set[tuple[str, str]] = frozenset(),
+) -> int:
+    """Write the sealed records of `hour`, one per (customer, dimension) of `totals` (its usage;
+    `zero`: quantity-0 records of customers without usage), each billing what its contract does
+    not cover (saas_contract.charge_hour): the hourly seal's and a final window's. A record
+    already sealed is kept as it is. Returns how many records were given."""
     stamp = record_timestamp(hour, now)
     deadline = spec.hours.deadline(stamp)
+    # Zero records too: their explanation shows what the contract held in an hour without usage.
+    billed = saas_contract.charge_hour(db, dict(spec.contract), hour, totals, now)
     rows = []
-    billed = saas_contract.charge_hour(
-        db,
-        dict(spec.contract),
-        hour,
-        {k: v for k, v in totals.items() if k not in zero},
-        now,
-    )
-    for (customer, dimension), _used in sorted(totals.items()):
+    for customer, dimension in sorted(totals):
         quantity = billed.get((customer, dimension), 0)
         # The decimal field only (the model: Quantity "Use QuantityAsDecimal instead"; one
         # kind per record). Records sealed before decimals keep their stored text.
@@ -702,32 +731,11 @@ def _seal_hour(db: Db, hour: int, now: float, spec: SealSpec) -> int:
             "QuantityAsDecimal": qty.text(quantity),
             **record_identity(spec.identity, customer),
         }
+        zeroed = int((customer, dimension) in zero)
         rows.append(
-            (
-                customer,
-                dimension,
-                hour,
-                quantity,
-                int((customer, dimension) in zero),
-                dumps(record),
-                now,
-                deadline,
-            )
+            (customer, dimension, hour, quantity, zeroed, dumps(record), "sealed", now, deadline)
         )
-    for i in range(0, len(rows), 500):  # multi-row VALUES: one round trip per 500 rows
-        chunk = rows[i : i + 500]
-        db.execute(
-            "INSERT INTO saas_outbox (customer, dimension, hour, quantity, zero, record, state, "  # noqa: S608  # nosec B608 # constant columns; values are bound
-            "sealed_at, deadline) VALUES "
-            + ", ".join(["(?, ?, ?, ?, ?, ?, 'sealed', ?, ?)"] * len(chunk))
-            + " ON CONFLICT (customer, dimension, hour) DO NOTHING",
-            [v for row in chunk for v in row],
-        )
-    db.execute("DELETE FROM saas_open WHERE hour = ?", (hour,))
-    db.execute(
-        "INSERT INTO saas_sealed_hours (hour, sealed_at, records) VALUES (?, ?, ?)",
-        (hour, now, len(rows)),
-    )
+    insert_new(db, "saas_outbox", OUTBOX_COLUMNS, "customer, dimension, hour", rows)
     return len(rows)
 
 
@@ -1441,7 +1449,8 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
     ):
         warnings.append(f"customer {customer}: not subscribed (AWS CustomerNotSubscribed)")
     blind = db.execute(
-        "SELECT COUNT(*) FROM saas_contract_hours WHERE why = ? AND hour >= ?",
+        # Zero records bill nothing whole: not counted.
+        "SELECT COUNT(*) FROM saas_contract_hours WHERE why = ? AND hour >= ? AND used > 0",
         (saas_contract.NEVER_READ, hour_of(now) - 48),
     ).fetchone()
     if blind and int(blind[0]):
@@ -1491,7 +1500,7 @@ def prune(
             "DELETE FROM saas_hour_sending WHERE hour < ?",
             (hour_of(now) - SENDING_KEEP_HOURS,),
         )
-        saas_contract.prune(db, now)
+        saas_contract.prune(db, now, keep_seconds)
     row = db.execute(
         "SELECT MIN(hour) FROM saas_outbox WHERE hour >= ?", (after or -(2**62),)
     ).fetchone()
