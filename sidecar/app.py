@@ -814,9 +814,11 @@ class Daemon:
             self._checkin_thread.start()
             return
 
+        # The check-in runs at once, beside the worker: a worker stuck in a call (a hung
+        # extension, a re-check out) must not spend the budget the seat's return needs. A
+        # checkout the worker has answered after this is checked in by the worker itself
+        # (`ContractService._adopt`), inside what is left of the budget.
         started = time.monotonic()
-        self._worker.join(timeout=budget)  # the loop ends at its next wake; calls run out
-        left = max(0.0, budget - (time.monotonic() - started))
         leases = self.leases
 
         def checkin() -> None:
@@ -826,9 +828,12 @@ class Daemon:
 
         done = threading.Thread(target=checkin, name="checkin", daemon=True)
         done.start()
-        done.join(timeout=left)
+        done.join(timeout=budget)
         if done.is_alive():
             log.warning("license_checkin_abandoned", extra={"budget_seconds": budget})
+        self._worker.join(timeout=max(0.0, budget - (time.monotonic() - started)))
+        if self._worker.is_alive():
+            log.warning("license_call_abandoned_at_stop", extra={"budget_seconds": budget})
 
     def _consume_events(self) -> None:
         """The lifecycle queue's consumer (saas mode with MARKETPLACE_SAAS_EVENTS_QUEUE_URL)."""
