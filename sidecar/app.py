@@ -818,18 +818,17 @@ class Daemon:
         # extension, a re-check out) must not spend the budget the seat's return needs. A
         # checkout the worker has answered after this is checked in by the worker itself
         # (`ContractService._adopt`), inside what is left of the budget.
+        # The pod's seat and the product's leases go back side by side: a lease whose
+        # check-in hangs must not cost the pod's own (nor the reverse).
         started = time.monotonic()
-        leases = self.leases
-
-        def checkin() -> None:
-            if leases is not None:
-                leases.checkin_all()
-            contract.checkin_at_stop()
-
-        done = threading.Thread(target=checkin, name="checkin", daemon=True)
-        done.start()
-        done.join(timeout=budget)
-        if done.is_alive():
+        jobs = [threading.Thread(target=contract.checkin_at_stop, args=(budget,), daemon=True)]
+        if self.leases is not None:
+            jobs.append(threading.Thread(target=self.leases.checkin_all, daemon=True))
+        for job in jobs:
+            job.start()
+        for job in jobs:
+            job.join(timeout=max(0.0, budget - (time.monotonic() - started)))
+        if any(job.is_alive() for job in jobs):
             log.warning("license_checkin_abandoned", extra={"budget_seconds": budget})
         self._worker.join(timeout=max(0.0, budget - (time.monotonic() - started)))
         if self._worker.is_alive():

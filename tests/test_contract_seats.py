@@ -30,6 +30,7 @@ from sidecar.emulator.license_manager import (
 from sidecar.emulator.service import EmulatorServer
 from sidecar.entitlement.contract import ContractService
 from sidecar.entitlement.contract_store import ContractStore
+from sidecar.entitlement.leases import LeaseBook
 from sidecar.entitlement.license import Asked, LicenseState
 from tests.contract_kit import SKU as POD_SKU
 from tests.contract_kit import Pod, license_api
@@ -257,6 +258,31 @@ def test_a_restart_returns_the_check_in_a_killed_sidecar_owed(
     assert in_use(lm) == {"Seats": 1}
 
 
+def test_a_kill_while_the_old_checkout_goes_back_leaves_it_owed_on_disk(
+    lm: LicenseBook, tmp_path: Path
+) -> None:
+    """The re-check's new checkout is kept, the old one's CheckInLicense is on its way: what is
+    on disk at that instant is what a SIGKILL leaves a restart. Before, the old checkout was
+    named nowhere (held for an hour, unknown); it must be owed there."""
+    grant(lm, seats=3)
+    h = Harness(
+        lm, store=ContractStore(tmp_path), at_wait=arm(lm, Fault(HELD, 1, "CheckInLicense"))
+    )
+    until(lambda: len(ops(lm, "CheckInLicense")) == 1)  # the old one's check-in, answer held
+    on_disk = ContractStore(tmp_path).get("checkout")  # what a SIGKILL now would leave
+    first, second = (c["client_token"] for c in ops(lm, "CheckoutLicense")[:2])
+    with lm.lock:
+        old = lm.consumptions.get(lm.client_tokens[first][1])
+        new_token = lm.client_tokens[second][1]
+        old_token = lm.client_tokens[first][1]
+    assert old is None  # AWS has taken it back (the call was processed)...
+    assert on_disk["held"]["consumption_token"] == new_token
+    assert old_token in on_disk.get("returning", []), on_disk  # ...and the restart would know
+    h.stop.set()
+    lm.gate.set()
+    h.join()
+
+
 # -- 4. a SIGKILL between a checkout and keeping its answer ----------------------------------
 
 
@@ -342,3 +368,102 @@ def test_sigterm_during_a_hung_extension_still_checks_the_seat_in_within_the_dra
     assert "license_checked_in" in logs and "license_checkin_abandoned" not in logs, logs
     assert took < 3 + 3, took
     assert _lm_state(server)["licenses"][POD_SKU]["in_use"] == {}
+
+
+def test_a_throttled_check_in_at_stop_is_retried_within_the_drain(
+    api: Any, pods: Any, server: EmulatorServer
+) -> None:
+    """CheckInLicense at SIGTERM answered RateLimitExceededException: one attempt, and the
+    seat stayed out for an hour. It is retried with backoff inside the drain."""
+    api(
+        "licenses", {"sku": POD_SKU, "entitlements": [{"name": "Seats", "unit": "Count", "max": 1}]}
+    )
+    p = pods(MARKETPLACE_DRAIN_SECONDS="5")
+    p.wait(lambda d: d["state"] == "checked_out")
+    api(
+        "config",
+        {"faults": [{"error": "RateLimitExceededException", "first": 2, "op": "CheckInLicense"}]},
+    )
+    started = time.monotonic()
+    assert p.stop() == 0
+    assert time.monotonic() - started < 5 + 3
+    codes = [c["code"] for c in _lm_state(server)["calls"] if c["op"] == "CheckInLicense"]
+    assert codes == ["RateLimitExceededException"] * 2 + ["ok"], p.logs()
+    assert _lm_state(server)["licenses"][POD_SKU]["in_use"] == {}
+
+
+def test_license_manager_unreachable_at_stop_still_stops_within_the_drain(
+    api: Any, pods: Any, server: EmulatorServer
+) -> None:
+    """Every CheckInLicense at stop fails (the connection drops): the retries end with the
+    drain, the pod exits 0 in time, and the log says the seat stays out until it expires."""
+    api(
+        "licenses", {"sku": POD_SKU, "entitlements": [{"name": "Seats", "unit": "Count", "max": 1}]}
+    )
+    p = pods(MARKETPLACE_DRAIN_SECONDS="2")
+    p.wait(lambda d: d["state"] == "checked_out")
+    api("config", {"faults": [{"error": RESET, "first": 10_000, "op": "CheckInLicense"}]})
+    started = time.monotonic()
+    assert p.stop() == 0
+    assert time.monotonic() - started < 2 + 3
+    codes = [c["code"] for c in _lm_state(server)["calls"] if c["op"] == "CheckInLicense"]
+    assert len(codes) >= 2 and set(codes) == {RESET}, codes  # retried, never succeeded
+    logs = p.logs()
+    assert "license_checkin_failed" in logs and "license_not_returned_at_stop" in logs, logs
+
+
+# -- 6. the product's leases at stop ---------------------------------------------------------
+
+
+def _book(b: LicenseBook, tmp_path: Path) -> LeaseBook:
+    b.clock = time.time
+    gateway = LicenseGateway("us-east-1", 5.0)
+    return LeaseBook(
+        ContractStore(tmp_path),
+        lambda: gateway,
+        ManualClock(),
+        product_sku=SKU,
+        key_fingerprint=MARKETPLACE_FINGERPRINT,
+        units_of={"Seats": "Count"},
+        timeout=300.0,
+    )
+
+
+def test_a_lease_asked_for_after_the_stop_returned_the_leases_is_refused(
+    lm: LicenseBook, tmp_path: Path
+) -> None:
+    """The stop checked every lease in; the API is still up (the drain), and the product,
+    stopping too, asks for a lease again. Granted, it was never checked in: the process
+    exits holding a seat at AWS for an hour. Refused (503, nothing checked out)."""
+    grant(lm, seats=2)
+    leases = _book(lm, tmp_path)
+    status, _ = leases.checkout(
+        json.dumps({"id": "a", "entitlement": "Seats", "units": 1}).encode()
+    )
+    assert status == 200 and in_use(lm) == {"Seats": 1}
+    leases.checkin_all()
+    assert in_use(lm) == {}
+    status, body = leases.checkout(
+        json.dumps({"id": "b", "entitlement": "Seats", "units": 1}).encode()
+    )
+    assert status == 503 and body["error"] == "stopping", body
+    assert in_use(lm) == {} and len(ops(lm, "CheckoutLicense")) == 1
+
+
+def test_a_lease_answered_after_the_stop_is_checked_in(lm: LicenseBook, tmp_path: Path) -> None:
+    """A lease's CheckoutLicense is out when the stop returns the leases; its answer comes
+    after. It goes straight back (the product is told 503), not into a book nobody keeps."""
+    grant(lm, seats=2)
+    leases = _book(lm, tmp_path)
+    with lm.lock:
+        lm.faults = [Fault(HELD, 1, "CheckoutLicense")]
+    answers: list[tuple[int, dict[str, Any]]] = []
+    body = json.dumps({"id": "a", "entitlement": "Seats", "units": 1}).encode()
+    asker = threading.Thread(target=lambda: answers.append(leases.checkout(body)), daemon=True)
+    asker.start()
+    until(lambda: len(ops(lm, "CheckoutLicense")) == 1)
+    leases.checkin_all()
+    lm.gate.set()
+    asker.join(timeout=20)
+    assert answers and answers[0][0] in (404, 503), answers
+    assert in_use(lm) == {}

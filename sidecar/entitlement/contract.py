@@ -106,6 +106,7 @@ class ContractService:
         self.store = store
         self.resumed = False  # this start extended the checkout a previous process held
         self._closed = False  # the stop began: no answer is adopted any more
+        self._stop_deadline = 0.0  # monotonic: the stop's check-ins are retried until then
         # Check-ins owed (consumption token -> monotonic time after which the checkout has
         # surely expired at AWS anyway), retried from `_owed_at`.
         self._owed: dict[str, float] = {}
@@ -242,7 +243,8 @@ class ContractService:
         if record.get("asked") != self._asked_key():
             # The settings changed: what was held is not what this start asks for.
             if held is not None and self.asked.checkout_type == "PROVISIONAL":
-                self._checkin(str(held.get("consumption_token") or ""))
+                token = str(held.get("consumption_token") or "")
+                self._give_back(token, self._clock.monotonic() + OWED_SECONDS)
             self._persist(None)
             return None, None
         if token is not None and record.get("node_id", self.asked.node_id) != self.asked.node_id:
@@ -376,7 +378,8 @@ class ContractService:
                 extra={"consumption_token": redact(token), "checked_in": self._provisional},
             )
             if self._provisional:
-                self._give_back(token, held.deadline)
+                if not self._return_by(token, self._stop_deadline):
+                    self._owe(token, held.deadline)  # kept for a restart in this pod
                 self._persist(None)
             elif persist:
                 self._persist(held)  # PERPETUAL: drawn for good; a restart adopts it
@@ -596,10 +599,22 @@ class ContractService:
             self._refused("a smaller answer than the live checkout")
             return
         if held is not None:
-            if self._adopt(held, warnings) and old is not None and self._provisional:
-                self._give_back(old.checkout.consumption_token, old.deadline)
+            swapped = old.checkout.consumption_token if old is not None else None
+            if swapped is not None and self._provisional:
+                # Owed from the moment the new one is kept (the same save): a kill before
+                # its check-in leaves it to the restart, not out for an hour unknown.
+                self._owe(swapped, old.deadline if old is not None else 0.0)
+            if not self._adopt(held, warnings):
+                # The stop began first: its check-in took the old one.
+                with self._lock:
+                    self._owed.pop(swapped or "", None)
+                self._persist(None)
+                return
+            if swapped is not None and self._provisional and self._returned(swapped):
+                with self._lock:
+                    self._owed.pop(swapped, None)
                 self._persist(held)
-            return  # not adopted: the stop began and checked the old one in
+            return
         assert error is not None  # nosec B101 # narrowing
         log.warning("license_recheck_failed", extra={"error": error.to_json()})
         if not error.retryable:
@@ -689,28 +704,49 @@ class ContractService:
         log.info("license_checked_in", extra={"consumption_token": redact(token)})
         return "ok"
 
-    def checkin_at_stop(self) -> None:
-        """CheckInLicense of the live PROVISIONAL checkout and of every check-in still owed
-        (the caller bounds the time). From here on no answer is adopted (`_adopt`)."""
+    def checkin_at_stop(self, budget: float = 0.0) -> None:
+        """CheckInLicense of the live PROVISIONAL checkout, then of every check-in still owed;
+        a retryable failure (throttled, network down) is retried with backoff for `budget`
+        seconds. The caller bounds the time (a call hung past it is left behind). From here on
+        no answer is adopted (`_adopt`)."""
+        deadline = self._clock.monotonic() + budget
         with self._lock:
             self._closed = True
+            self._stop_deadline = deadline
             token, self._token = self._token, None
-            owed = list(self._owed)
         if self._inflight is not None:
             # Its answer, if it comes while this process lives, is checked in by the worker;
             # if not, AWS holds that checkout until it expires (a restart resends its token).
             log.warning("license_checkout_in_flight_at_stop")
+        if token is not None and self._provisional:
+            self.checked_in = self._return_by(token, deadline)
+            if not self.checked_in:  # a restart in this pod extends it again (the same seat)
+                log.error(
+                    "license_not_returned_at_stop",
+                    extra={"consumption_token": redact(token), "budget_seconds": budget},
+                )
+        with self._lock:
+            owed = list(self._owed)
         for returning in owed:
-            if self._returned(returning):
+            if self._return_by(returning, deadline):
                 with self._lock:
                     self._owed.pop(returning, None)
-        if owed:
-            self._persist(None if token is None else self.machine.snapshot().held)
-        if token is None or not self._provisional:
-            return
-        self.checked_in = self._checkin(token)
-        if self.checked_in:  # else a restart in this pod extends it again (the same seat)
+        if self.checked_in or token is None or not self._provisional:
             self._persist(None)
+
+    def _return_by(self, token: str, deadline: float) -> bool:
+        """`_returned`, retried with backoff while a retryable failure leaves time."""
+        attempt = 0
+        never = threading.Event()  # the stop event is set: wait on one that is not
+        while True:
+            outcome = self._checkin_call(token)
+            if outcome in ("ok", "gone"):
+                return True
+            attempt += 1
+            delay = self._backoff.delay(attempt, self._rng)
+            if outcome != "retryable_error" or self._clock.monotonic() + delay > deadline:
+                return False
+            self._clock.wait(never, delay)
 
     # -- check-ins owed ---------------------------------------------------------------------
 
@@ -718,12 +754,15 @@ class ContractService:
         """CheckInLicense of a checkout we do not keep; a failed one is owed (retried)."""
         if self._returned(token):
             return True
+        self._owe(token, until)
+        return False
+
+    def _owe(self, token: str, until: float) -> None:
         with self._lock:
             self._owed[token] = max(until, self._clock.monotonic())
             if self._owed_at == float("inf"):
                 self._owed_attempt = 0
                 self._owed_at = self._clock.monotonic() + self._backoff.delay(1, self._rng)
-        return False
 
     def _return_owed(self, *, persist: bool = True) -> None:
         """Retry the owed check-ins; those AWS has surely expired by now are dropped."""

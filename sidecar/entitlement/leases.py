@@ -69,6 +69,7 @@ class LeaseBook:
         self._aws = threading.Lock()  # one lease CheckoutLicense in flight
         self.results: dict[tuple[str, str], int] = {}
         self.wake = threading.Event()  # set when a lease is added: the keeper plans again
+        self._closed = False  # the stop returned the leases: no new checkout from here on
         self._leases: dict[str, dict[str, Any]] = {}  # id -> record (persisted fields)
         self._renewed: dict[str, float] = {}  # id -> monotonic, last renewal by the product
         self._deadline: dict[str, float] = {}  # id -> monotonic, AWS's expiry counted here
@@ -141,6 +142,14 @@ class LeaseBook:
             return _bad("units", f"a whole number from 1 to {MAX_UNITS}")
         with self._aws:
             with self._lock:
+                if self._closed:
+                    # The stop has returned the leases and the process is about to exit: a
+                    # checkout now would hold units at AWS that nobody checks in.
+                    return 503, _problem(
+                        "stopping",
+                        "the sidecar is stopping (SIGTERM): no new leases; ask the next pod",
+                        retry_after=5,
+                    )
                 known = self._leases.get(lease_id)
                 if known is not None:
                     if (known["entitlement"], known["units"]) != (name, units):
@@ -425,6 +434,7 @@ class LeaseBook:
     def checkin_all(self) -> None:
         """At stop: every held lease goes back (the pod, and its products, are going away)."""
         with self._lock:
+            self._closed = True
             items = [(i, r.get("consumption_token")) for i, r in self._leases.items()]
         for lease_id, token in items:
             self._return(lease_id, token, "stop")
