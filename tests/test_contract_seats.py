@@ -462,8 +462,33 @@ def test_a_lease_answered_after_the_stop_is_checked_in(lm: LicenseBook, tmp_path
     asker = threading.Thread(target=lambda: answers.append(leases.checkout(body)), daemon=True)
     asker.start()
     until(lambda: len(ops(lm, "CheckoutLicense")) == 1)
-    leases.checkin_all()
+    stopper = threading.Thread(target=leases.checkin_all, daemon=True)
+    stopper.start()  # it returns the leases; the pending one waits for its answer
+    until(lambda: leases.checkout(body)[0] == 503)  # the stop has begun: no new checkout
     lm.gate.set()
     asker.join(timeout=20)
+    stopper.join(timeout=20)
+    assert not asker.is_alive() and not stopper.is_alive()
     assert answers and answers[0][0] in (404, 503), answers
     assert in_use(lm) == {}
+
+
+def test_a_pending_lease_whose_answer_was_lost_goes_back_at_stop(
+    lm: LicenseBook, tmp_path: Path
+) -> None:
+    """A lease's CheckoutLicense was made at AWS but its answer lost (the product got a 503
+    and the pending lease kept its ClientToken). The stop forgot the pending lease, token and
+    all: AWS held those units for an hour. The stop resends the token (AWS answers the
+    checkout it made) and checks it in."""
+    grant(lm, seats=2)
+    leases = _book(lm, tmp_path)
+    with lm.lock:
+        lm.faults = [Fault(LOST, 1, "CheckoutLicense")]
+    body = json.dumps({"id": "a", "entitlement": "Seats", "units": 1}).encode()
+    status, _ = leases.checkout(body)
+    assert status == 503 and in_use(lm) == {"Seats": 1}  # made at AWS, unknown here
+    leases.checkin_all()
+    tokens = [c["client_token"] for c in ops(lm, "CheckoutLicense")]
+    assert len(tokens) == 2 and tokens[0] == tokens[1], tokens  # the same request, once more
+    assert in_use(lm) == {}
+    assert ContractStore(tmp_path).get("leases") == {}

@@ -140,16 +140,15 @@ class LeaseBook:
             return _bad("entitlement", "the entitlement's name: 1-255 printable characters")
         if isinstance(units, bool) or not isinstance(units, int) or not 0 < units <= MAX_UNITS:
             return _bad("units", f"a whole number from 1 to {MAX_UNITS}")
+        # The stop has returned the leases and the process is about to exit: a checkout now
+        # would hold units at AWS that nobody checks in. Asked at once (not after a checkout
+        # in flight), and again once it is this request's turn.
+        if self._closed:
+            return _stopping()
         with self._aws:
             with self._lock:
                 if self._closed:
-                    # The stop has returned the leases and the process is about to exit: a
-                    # checkout now would hold units at AWS that nobody checks in.
-                    return 503, _problem(
-                        "stopping",
-                        "the sidecar is stopping (SIGTERM): no new leases; ask the next pod",
-                        retry_after=5,
-                    )
+                    return _stopping()
                 known = self._leases.get(lease_id)
                 if known is not None:
                     if (known["entitlement"], known["units"]) != (name, units):
@@ -247,6 +246,13 @@ class LeaseBook:
             if lease_id not in self._leases:  # checked in meanwhile (a keeper timeout)
                 self._checkin_now(answer.consumption_token)
                 return 404, _problem("unknown_lease", f"lease {lease_id!r} was checked in")
+            if self._closed:  # answered after the stop returned the leases: straight back
+                self._checkin_now(answer.consumption_token)
+                self._forget_locked(lease_id)
+                log.info("lease_checked_in", extra={"lease": lease_id, "why": "stop"})
+                return 503, _problem(
+                    "stopping", "the sidecar is stopping (SIGTERM): the lease was checked back in"
+                )
             held = {
                 **record,
                 "state": "held",
@@ -432,12 +438,28 @@ class LeaseBook:
         return ok
 
     def checkin_all(self) -> None:
-        """At stop: every held lease goes back (the pod, and its products, are going away)."""
+        """At stop: every lease goes back (the pod, and its products, are going away); held
+        ones first, then pending ones (which may wait for a checkout in flight)."""
         with self._lock:
             self._closed = True
             items = [(i, r.get("consumption_token")) for i, r in self._leases.items()]
         for lease_id, token in items:
-            self._return(lease_id, token, "stop")
+            if token:
+                self._return(lease_id, token, "stop")
+        for lease_id, token in items:
+            if token:
+                continue
+            # Pending: its CheckoutLicense may have been made at AWS with the answer lost.
+            # Resent with its kept ClientToken, AWS answers that checkout (or makes it), and
+            # `_send` checks it straight back in; forgotten, it would hold units for an hour.
+            with self._aws:
+                with self._lock:
+                    record = self._leases.get(lease_id)
+                    pending = record is not None and record["state"] == "pending"
+                if pending and record is not None:
+                    status, _ = self._send(lease_id, dict(record))
+                    if status == 503 and lease_id in self._leases:
+                        log.warning("lease_pending_at_stop", extra={"lease": lease_id})
 
     def _checkin_now(self, token: str) -> bool:
         try:
@@ -495,6 +517,14 @@ def _problem(code: str, message: str, *, retry_after: int | None = None) -> dict
     if retry_after is not None:
         body["retry_after"] = retry_after
     return body
+
+
+def _stopping() -> Answer:
+    return 503, _problem(
+        "stopping",
+        "the sidecar is stopping (SIGTERM): no new leases; ask another pod",
+        retry_after=5,
+    )
 
 
 def _bad(field: str, allowed: str) -> Answer:
