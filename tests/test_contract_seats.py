@@ -492,3 +492,18 @@ def test_a_pending_lease_whose_answer_was_lost_goes_back_at_stop(
     assert len(tokens) == 2 and tokens[0] == tokens[1], tokens  # the same request, once more
     assert in_use(lm) == {}
     assert ContractStore(tmp_path).get("leases") == {}
+
+
+def test_a_counted_perpetual_checkout_is_still_kept_after_the_stop(
+    lm: LicenseBook, tmp_path: Path
+) -> None:
+    """PERPETUAL is never checked in: the stop must leave it kept, so a container restarted
+    in the same pod adopts it instead of drawing the units down a second time."""
+    grant(lm, seats=5)
+    first = Harness(lm, store=ContractStore(tmp_path), kind="PERPETUAL", max_waits=1)
+    first.join()
+    first.service.checkin_at_stop(1.0)
+    again = Harness(lm, store=ContractStore(tmp_path), kind="PERPETUAL", max_waits=1)
+    again.join()
+    assert again.service.resumed and len(ops(lm, "CheckoutLicense")) == 1
+    assert not ops(lm, "CheckInLicense")

@@ -106,6 +106,7 @@ class ContractService:
         self.store = store
         self.resumed = False  # this start extended the checkout a previous process held
         self._closed = False  # the stop began: no answer is adopted any more
+        self._kept: Held | None = None  # the checkout last kept in the state directory
         self._stop_deadline = 0.0  # monotonic: the stop's check-ins are retried until then
         # Check-ins owed (consumption token -> monotonic time after which the checkout has
         # surely expired at AWS anyway), retried from `_owed_at`.
@@ -194,6 +195,7 @@ class ContractService:
 
     def _persist(self, held: Held | None) -> None:
         """Keep the live checkout and the in-flight checkout's ClientToken (None: nothing)."""
+        self._kept = held
         if self.store is None:
             return
         client_token = self._inflight
@@ -386,6 +388,8 @@ class ContractService:
             return False
         if persist:
             self._persist(held)
+        else:
+            self._kept = held  # kept already (a PERPETUAL checkout adopted at restart)
         self.machine.checked_out(held, warnings, self._clock.time() + self._check_seconds)
         log.info(
             "license_checked_out",
@@ -731,8 +735,10 @@ class ContractService:
             if self._return_by(returning, deadline):
                 with self._lock:
                     self._owed.pop(returning, None)
-        if self.checked_in or token is None or not self._provisional:
+        if self.checked_in or (token is None and self._provisional):
             self._persist(None)
+        elif owed:
+            self._persist(self._kept)  # the owed list changed; what was kept stays kept
 
     def _return_by(self, token: str, deadline: float) -> bool:
         """`_returned`, retried with backoff while a retryable failure leaves time."""
@@ -790,7 +796,7 @@ class ContractService:
                 else float("inf")
             )
         if persist:
-            self._persist(self.machine.snapshot().held)
+            self._persist(self._kept)  # an expired-here checkout stays kept (it may revive)
 
     def snapshot(self) -> LicenseSnapshot:
         return self.machine.snapshot()
