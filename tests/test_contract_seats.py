@@ -19,6 +19,7 @@ import requests
 from sidecar.aws.license import LicenseGateway
 from sidecar.core.backoff import Backoff
 from sidecar.emulator.license_manager import (
+    DELAYED,
     HELD,
     LOST,
     MARKETPLACE_FINGERPRINT,
@@ -507,3 +508,62 @@ def test_a_counted_perpetual_checkout_is_still_kept_after_the_stop(
     again.join()
     assert again.service.resumed and len(ops(lm, "CheckoutLicense")) == 1
     assert not ops(lm, "CheckInLicense")
+
+
+def test_an_extension_failing_for_a_checked_in_lease_does_not_mark_its_successor_lost(
+    lm: LicenseBook, tmp_path: Path
+) -> None:
+    """The keeper's ExtendLicenseConsumption of lease "a" is on its way; meanwhile the product
+    checks "a" in and checks out "a" again (a new checkout). The old checkout's extension then
+    answers ResourceNotFoundException: that was the old one's, not the new lease's, which must
+    stay held (marked lost, the product is told 410 and drops units it holds at AWS)."""
+    grant(lm, seats=2)
+    leases = _book(lm, tmp_path)
+    body = json.dumps({"id": "a", "entitlement": "Seats", "units": 1}).encode()
+    assert leases.checkout(body)[0] == 200
+    with lm.lock:
+        lm.faults = [Fault(DELAYED, 1, "ExtendLicenseConsumption")]
+    clock = leases._clock
+    assert isinstance(clock, ManualClock)
+    clock.mono += 3000.0  # the extension is due (half the hour); the lease renewed just now
+    leases.renew(json.dumps({"id": "a"}).encode())
+    keeper = threading.Thread(target=leases.tick, daemon=True)
+    keeper.start()
+    until(lambda: bool(lm.faults) and lm.faults[0].seen == 1)  # the extension is on its way
+    assert leases.checkin(json.dumps({"id": "a"}).encode())[0] == 200
+    assert leases.checkout(body)[0] == 200  # the same id: a new checkout
+    lm.gate.set()
+    keeper.join(timeout=20)
+    assert not keeper.is_alive()
+    assert [c["code"] for c in ops(lm, "ExtendLicenseConsumption")] == ["ResourceNotFoundException"]
+    status, view = leases.renew(json.dumps({"id": "a"}).encode())
+    assert status == 200 and view["state"] == "held", view
+    assert in_use(lm) == {"Seats": 1}
+
+
+def test_a_timed_out_lease_returned_late_does_not_forget_its_successor(
+    lm: LicenseBook, tmp_path: Path
+) -> None:
+    """The keeper times lease "a" out and checks it in; that CheckInLicense is on its way while
+    the product checks "a" in itself and checks out "a" again. The keeper's late success must
+    not forget the new lease: forgotten, its units stay out at AWS for an hour, unknown."""
+    grant(lm, seats=2)
+    leases = _book(lm, tmp_path)
+    body = json.dumps({"id": "a", "entitlement": "Seats", "units": 1}).encode()
+    assert leases.checkout(body)[0] == 200
+    with lm.lock:
+        lm.faults = [Fault(DELAYED, 1, "CheckInLicense")]
+    clock = leases._clock
+    assert isinstance(clock, ManualClock)
+    clock.mono += 400.0  # past the 300 s lease timeout, before the extension is due
+    keeper = threading.Thread(target=leases.tick, daemon=True)
+    keeper.start()
+    until(lambda: bool(lm.faults) and lm.faults[0].seen == 1)  # the keeper's check-in is out
+    assert leases.checkin(json.dumps({"id": "a"}).encode())[0] == 200
+    assert leases.checkout(body)[0] == 200  # the same id: a new checkout
+    lm.gate.set()
+    keeper.join(timeout=20)
+    assert not keeper.is_alive()
+    status, view = leases.renew(json.dumps({"id": "a"}).encode())
+    assert status == 200 and view["state"] == "held", view
+    assert in_use(lm) == {"Seats": 1}

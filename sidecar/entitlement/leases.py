@@ -379,7 +379,7 @@ class LeaseBook:
         except LicenseCallError as exc:
             self._count("ExtendLicenseConsumption", _label(exc.info))
             with self._lock:
-                if lease_id not in self._leases:
+                if not self._same_checkout(lease_id, r):
                     return
                 if exc.info.code in GONE_CODES or not exc.info.retryable:
                     self._leases[lease_id] = {**self._leases[lease_id], "state": "lost"}
@@ -402,7 +402,7 @@ class LeaseBook:
             return
         expires = parse_time(value)
         with self._lock:
-            if lease_id not in self._leases:
+            if not self._same_checkout(lease_id, r):
                 return
             if expires is None:
                 self._count("ExtendLicenseConsumption", "unverified")
@@ -419,6 +419,12 @@ class LeaseBook:
             }
             self._save(dict(self._leases))
 
+    def _same_checkout(self, lease_id: str, r: dict[str, Any]) -> bool:
+        """The lease still holds the checkout `r` named (under `_lock`): not checked in, nor
+        replaced by a new lease of the same id while a call about the old one was out."""
+        now = self._leases.get(lease_id)
+        return now is not None and now.get("consumption_token") == r.get("consumption_token")
+
     def _return(self, lease_id: str, token: Any, why: str) -> bool:
         """Check the lease's units in; a failed call leaves it `returning` (retried by the
         keeper until AWS says it is gone). True when AWS took the units back now."""
@@ -426,8 +432,8 @@ class LeaseBook:
         if token:
             ok = self._checkin_now(str(token))
         with self._lock:
-            if lease_id not in self._leases:
-                return ok
+            if not self._same_checkout(lease_id, {"consumption_token": token}):
+                return ok  # gone, or a new lease of the same id meanwhile: not this one's
             if ok:
                 self._forget_locked(lease_id)
                 if why != "retry":
