@@ -814,21 +814,25 @@ class Daemon:
             self._checkin_thread.start()
             return
 
+        # The check-in runs at once, beside the worker: a worker stuck in a call (a hung
+        # extension, a re-check out) must not spend the budget the seat's return needs. A
+        # checkout the worker has answered after this is checked in by the worker itself
+        # (`ContractService._adopt`), inside what is left of the budget.
+        # The pod's seat and the product's leases go back side by side: a lease whose
+        # check-in hangs must not cost the pod's own (nor the reverse).
         started = time.monotonic()
-        self._worker.join(timeout=budget)  # the loop ends at its next wake; calls run out
-        left = max(0.0, budget - (time.monotonic() - started))
-        leases = self.leases
-
-        def checkin() -> None:
-            if leases is not None:
-                leases.checkin_all()
-            contract.checkin_at_stop()
-
-        done = threading.Thread(target=checkin, name="checkin", daemon=True)
-        done.start()
-        done.join(timeout=left)
-        if done.is_alive():
+        jobs = [threading.Thread(target=contract.checkin_at_stop, args=(budget,), daemon=True)]
+        if self.leases is not None:
+            jobs.append(threading.Thread(target=self.leases.checkin_all, daemon=True))
+        for job in jobs:
+            job.start()
+        for job in jobs:
+            job.join(timeout=max(0.0, budget - (time.monotonic() - started)))
+        if any(job.is_alive() for job in jobs):
             log.warning("license_checkin_abandoned", extra={"budget_seconds": budget})
+        self._worker.join(timeout=max(0.0, budget - (time.monotonic() - started)))
+        if self._worker.is_alive():
+            log.warning("license_call_abandoned_at_stop", extra={"budget_seconds": budget})
 
     def _consume_events(self) -> None:
         """The lifecycle queue's consumer (saas mode with MARKETPLACE_SAAS_EVENTS_QUEUE_URL)."""

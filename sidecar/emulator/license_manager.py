@@ -34,6 +34,16 @@ PATH_PREFIX = "/_emulator/license/"
 MARKETPLACE_FINGERPRINT = "aws:294406891311:AWS/Marketplace:issuer-fingerprint"
 RESET = "ConnectionReset"  # a fault: the connection drops before the call is processed
 LOST = "AnswerLost"  # a fault: the call is processed (units consumed), then the connection drops
+# A fault: the call is processed (units consumed), its answer held back until the test releases
+# it (`release`, or `LicenseBook.gate`): an answer that arrives late, at a moment the test picks.
+HELD = "AnswerHeld"
+# A fault: the checkout is made (units consumed), its answer names an entitlement nobody asked
+# for (what a proxy, or an answer meant for another request, looks like): not verifiable.
+ODD = "AnswerUnasked"
+# A fault: the request waits for the same release before it is processed (a request still on
+# its way while other calls go through).
+DELAYED = "RequestHeld"
+HOLD_MAX_SECONDS = 30.0  # a held answer nobody releases goes out after this (no hung tests)
 ACCESS_TOKEN_SECONDS = 3600  # GetAccessToken: "Access tokens are valid for one hour"
 # "In most cases, a request must reach AWS within five minutes of the time stamp in the request.
 # Otherwise, AWS denies the request." (IAM User Guide, "Signing AWS API requests").
@@ -91,6 +101,8 @@ class LicenseBook:
         self.calls: list[dict[str, Any]] = []
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.clock: Callable[[], float] = time.time
+        self.gate = threading.Event()  # set: held answers go out
+        self.held_now = False  # the call being dispatched is to be held (read by `call`)
         self._rng = random.Random()  # noqa: S311  # nosec B311 # ids, not security
 
     def now(self) -> float:
@@ -211,12 +223,19 @@ class LicenseBook:
 
     def dispatch(self, op: str, params: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
         self._expire()
-        lost = False
+        lost = odd = False
         for f in self.faults:
+            if f.error == DELAYED:
+                continue  # taken before the lock (`call`)
             if f.fires(op):
-                if f.error != LOST:
+                if f.error == HELD:
+                    self.held_now = True
+                elif f.error == ODD:
+                    odd = True
+                elif f.error != LOST:
                     return (0, None) if f.error == RESET else _error(f.error, "injected fault")
-                lost = True
+                else:
+                    lost = True
         handler = {
             "CheckoutLicense": self._checkout,
             "ExtendLicenseConsumption": self._extend,
@@ -226,6 +245,11 @@ class LicenseBook:
         if handler is None:
             return _error("UnsupportedOperation", f"the emulator does not implement {op}")
         answer = handler(params)
+        if odd and answer[1] is not None and "EntitlementsAllowed" in answer[1]:
+            unasked = {"Name": "NotAsked", "Unit": "None"}
+            answer = (answer[0], {**answer[1]})
+            assert answer[1] is not None  # nosec B101 # narrowing for mypy
+            answer[1]["EntitlementsAllowed"] = [*answer[1]["EntitlementsAllowed"], unasked]
         return (0, None) if lost else answer
 
     def _checkout(self, p: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
@@ -363,8 +387,12 @@ def serve_post(handler: Any, body: bytes) -> Any:
                 raise ValueError("the body must be a JSON object")
             with b.lock:
                 if action == "reset":
+                    b.gate.set()  # held answers of the old book go out
                     _BOOKS[handler.server.emulator] = LicenseBook()
                     return handler._json(200, {"reset": True})
+                if action == "release":
+                    b.gate.set()
+                    return handler._json(200, {"released": True})
                 actions: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
                     "licenses": b.grant,
                     "change": b.change,
@@ -423,13 +451,19 @@ def call(
         return _error("SerializationException", "body must be a JSON object")
     if b.latency:
         time.sleep(b.latency)
+    with b.lock:
+        delayed = any(f.fires(op) for f in b.faults if f.error == DELAYED)
+    if delayed:
+        b.gate.wait(HOLD_MAX_SECONDS)
     problem = _invalid(op, params)
     payload: dict[str, Any] | None
     with b.lock:
+        b.held_now = False
         if problem is not None:
             status, payload = problem
         else:
             status, payload = b.dispatch(op, params)
+        held, b.held_now = b.held_now, False
         b.calls.append(
             {
                 "op": op,
@@ -443,6 +477,8 @@ def call(
                 "at": time.time(),
             }
         )
+    if held:
+        b.gate.wait(HOLD_MAX_SECONDS)
     return status, payload
 
 

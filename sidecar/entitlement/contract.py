@@ -14,7 +14,13 @@
   until its deadline); re-check every MARKETPLACE_LICENSE_CHECK_SECONDS with a new checkout,
   then check the old one in. PERPETUAL: re-checked only when nothing counted is asked for
   (a counted perpetual checkout draws the units down for good).
-- Stop: CheckInLicense of the live PROVISIONAL checkout, bounded by the caller.
+- Stop: CheckInLicense of the live PROVISIONAL checkout, bounded by the caller. A checkout
+  answered after the stop began is never adopted: the worker checks it in itself.
+- Every checkout AWS made is held or given back: an answer that does not verify is checked in
+  at once (never resent with its ClientToken: AWS would answer the same checkout again); a
+  check-in that fails (the swapped-out checkout of a re-check, a late answer) is owed, kept in
+  the state directory and retried with backoff, at stop and by a restart, until its checkout
+  has surely expired anyway.
 - With a state directory (`ContractStore`) each checkout's ClientToken is kept before the
   request leaves and the live checkout once it is answered: a restarted sidecar extends the
   checkout it held (the same seat) instead of taking a second one, resends a checkout that was
@@ -48,6 +54,10 @@ from sidecar.entitlement.license import (
 )
 
 log = logging.getLogger("sidecar.contract")
+
+# A checkout whose lifetime is unknown here has surely expired at AWS after this long: "a
+# failed check-in returns to the pool after about 60 minutes" (seller guide).
+OWED_SECONDS = 3600.0
 
 SIGNED_NOTE = (
     "not verified: AWS publishes no public key, algorithm or claim set for the SignedToken of "
@@ -95,6 +105,14 @@ class ContractService:
         self.checked_in = False
         self.store = store
         self.resumed = False  # this start extended the checkout a previous process held
+        self._closed = False  # the stop began: no answer is adopted any more
+        self._kept: Held | None = None  # the checkout last kept in the state directory
+        self._stop_deadline = 0.0  # monotonic: the stop's check-ins are retried until then
+        # Check-ins owed (consumption token -> monotonic time after which the checkout has
+        # surely expired at AWS anyway), retried from `_owed_at`.
+        self._owed: dict[str, float] = {}
+        self._owed_at = float("inf")
+        self._owed_attempt = 0
 
     # -- reads (any thread) ----------------------------------------------------------------
 
@@ -177,12 +195,16 @@ class ContractService:
 
     def _persist(self, held: Held | None) -> None:
         """Keep the live checkout and the in-flight checkout's ClientToken (None: nothing)."""
+        self._kept = held
         if self.store is None:
             return
         client_token = self._inflight
+        with self._lock:
+            owed = sorted(self._owed)
         record: dict[str, Any] | None = None
-        if client_token is not None or held is not None:
+        if client_token is not None or held is not None or owed:
             record = {"asked": self._asked_key(), "client_token": client_token, "held": None}
+            record["returning"] = owed  # checkouts whose check-in is still owed
             record["node_id"] = self.asked.node_id  # the token's request names it
             if held is not None:
                 c = held.checkout
@@ -209,12 +231,22 @@ class ContractService:
         record = self.store.get("checkout")
         if not isinstance(record, dict):
             return None, None
+        returning = record.get("returning")
+        if isinstance(returning, list):
+            # Check-ins a previous process owed: its checkouts may still hold seats at AWS.
+            now = self._clock.monotonic()
+            with self._lock:
+                for token in returning:
+                    if isinstance(token, str) and token:
+                        self._owed[token] = now + OWED_SECONDS
+                self._owed_at = now if self._owed else self._owed_at
         held = record.get("held") if isinstance(record.get("held"), dict) else None
         token = record.get("client_token") if isinstance(record.get("client_token"), str) else None
         if record.get("asked") != self._asked_key():
             # The settings changed: what was held is not what this start asks for.
             if held is not None and self.asked.checkout_type == "PROVISIONAL":
-                self._checkin(str(held.get("consumption_token") or ""))
+                token = str(held.get("consumption_token") or "")
+                self._give_back(token, self._clock.monotonic() + OWED_SECONDS)
             self._persist(None)
             return None, None
         if token is not None and record.get("node_id", self.asked.node_id) != self.asked.node_id:
@@ -256,7 +288,8 @@ class ContractService:
             held = self._restore(saved, None, self._clock.monotonic())
             if held is None:
                 return "gone"
-            self._adopt(held, (), persist=False)
+            if not self._adopt(held, (), persist=False):
+                return "stopped"
             self.resumed = True
             log.info("license_resumed", extra={"license_arn": held.checkout.license_arn})
             return "ok"
@@ -285,7 +318,8 @@ class ContractService:
                 self._result("ExtendLicenseConsumption", "unverified")
                 return "gone"
             self._result("ExtendLicenseConsumption", "ok")
-            self._adopt(held, ())
+            if not self._adopt(held, ()):
+                return "stopped"
             self.resumed = True
             log.info(
                 "license_resumed",
@@ -315,6 +349,15 @@ class ContractService:
         error, warnings = verify_checkout(a.entitlements, answer, self._clock.time())
         if error is not None:
             self._result("CheckoutLicense", "unverified")
+            if answer.consumption_token:
+                # AWS made a checkout we will not use: give it back now, not in an hour. Not
+                # resent: the same ClientToken would get the same checkout, the same verdict.
+                log.warning(
+                    "license_checkout_unverified",
+                    extra={"error": error.to_json(), "checked_in": self._provisional},
+                )
+                if self._provisional:
+                    self._give_back(answer.consumption_token, sent + _ttl(answer))
             return None, error, ()
         self._result("CheckoutLicense", "ok")
         issued, expires = parse_time(answer.issued_at), parse_time(answer.expiration)
@@ -322,12 +365,31 @@ class ContractService:
         held = Held(answer, sent, issued, expires, self._clock.time())
         return held, None, warnings
 
-    def _adopt(self, held: Held, warnings: tuple[str, ...], *, persist: bool = True) -> None:
+    def _adopt(self, held: Held, warnings: tuple[str, ...], *, persist: bool = True) -> bool:
+        """Make `held` the live checkout; False when the stop began first (the stop's check-in
+        has run or is running without it): then it is checked in here, never adopted."""
         with self._lock:
-            self._token = held.checkout.consumption_token
+            closed = self._closed
+            if not closed:
+                self._token = held.checkout.consumption_token
         self._inflight = None  # answered: the next checkout is a new request
+        if closed:
+            token = held.checkout.consumption_token
+            log.warning(
+                "license_answered_after_stop",
+                extra={"consumption_token": redact(token), "checked_in": self._provisional},
+            )
+            if self._provisional:
+                if not self._return_by(token, self._stop_deadline):
+                    self._owe(token, held.deadline)  # kept for a restart in this pod
+                self._persist(None)
+            elif persist:
+                self._persist(held)  # PERPETUAL: drawn for good; a restart adopts it
+            return False
         if persist:
             self._persist(held)
+        else:
+            self._kept = held  # kept already (a PERPETUAL checkout adopted at restart)
         self.machine.checked_out(held, warnings, self._clock.time() + self._check_seconds)
         log.info(
             "license_checked_out",
@@ -338,11 +400,13 @@ class ContractService:
                 "consumption_token": redact(held.checkout.consumption_token),
             },
         )
+        return True
 
     def _start(self) -> bool:
         """Check out within the deadline. False: not entitled, unavailable, or stopped."""
         started = self._clock.monotonic()
         resend, saved = self._saved()
+        self._return_owed(persist=False)  # the saved checkout stays kept until resumed
         if saved is not None:
             outcome = self._resume(saved, started)
             if outcome == "ok":
@@ -365,8 +429,7 @@ class ContractService:
         while not self._stop.is_set():
             held, error, warnings = self._checkout(token)
             if held is not None:
-                self._adopt(held, warnings)
-                return True
+                return self._adopt(held, warnings)
             assert error is not None  # nosec B101 # narrowing
             log.warning("license_checkout_failed", extra={"error": error.to_json()})
             if not error.retryable:
@@ -392,6 +455,9 @@ class ContractService:
         stale: Held | None = None  # expired here, perhaps not yet at AWS (our deadline is early)
         while not self._stop.is_set():
             now = self._clock.monotonic()
+            if now >= self._owed_at:
+                self._return_owed()
+                continue
             snap = self.machine.snapshot()
             if self._provisional and self.machine.expire(now):
                 log.error("license_expired", extra={"on_loss": self.on_loss})
@@ -406,6 +472,7 @@ class ContractService:
                 due = min(extend_at, next_check if self._rechecks else float("inf"))
                 if now < due:
                     until = min(due, held.deadline) if self._provisional else due
+                    until = min(until, self._owed_at)
                     self._clock.wait(self._stop, min(until - now, self._check_seconds))
                     continue
                 if self._rechecks and now >= next_check:
@@ -423,7 +490,7 @@ class ContractService:
             # Not holding (expired or lost): a fresh checkout, at backoff after transient
             # errors, at the check period after AWS said no (no retry storm).
             if retry_at is not None and now < retry_at:
-                self._clock.wait(self._stop, retry_at - now)
+                self._clock.wait(self._stop, min(retry_at, self._owed_at) - now)
                 continue
             if stale is not None:
                 # The same seat first: a fresh checkout while AWS still counts the old one
@@ -440,7 +507,8 @@ class ContractService:
                     continue
             fresh, error, warnings = self._checkout(self._token_for(None))
             if fresh is not None:
-                self._adopt(fresh, warnings)
+                if not self._adopt(fresh, warnings):
+                    return
                 next_check = self._clock.monotonic() + self._check_seconds
                 attempt, retry_at = 0, None
                 continue
@@ -486,7 +554,7 @@ class ContractService:
         self._result("ExtendLicenseConsumption", "ok")
         self.machine.extended(expires, sent)
         snap = self.machine.snapshot()
-        if snap.held is not None:
+        if snap.held is not None and not self._closed:  # else the stop's check-in decides
             self._persist(snap.held)
         log.info("license_extended", extra={"expiration": value})
         return True
@@ -517,7 +585,8 @@ class ContractService:
         if revived.deadline <= self._clock.monotonic():
             return "gone"  # nothing left of it here: adopting it would loop without a wait
         self.machine.checked_out(revived, (), self._clock.time() + self._check_seconds)
-        self._persist(revived)
+        if not self._closed:  # else the stop's check-in decides what is kept
+            self._persist(revived)
         log.info("license_revived", extra={"expiration": value})
         return "ok"
 
@@ -529,19 +598,42 @@ class ContractService:
             # Fewer entitlements than we hold, with counted ones asked: the pool may lack the
             # spare units for the moment of the swap (our own seat fills it). Give the smaller
             # checkout back and keep ours; a real reduction shows when an extension fails.
-            self._checkin(held.checkout.consumption_token)
+            self._give_back(held.checkout.consumption_token, held.deadline)
             self._answered(old)
             self._refused("a smaller answer than the live checkout")
             return
         if held is not None:
-            self._adopt(held, warnings)
-            if old is not None and self._provisional:
-                self._checkin(old.checkout.consumption_token)
+            swapped = old.checkout.consumption_token if old is not None else None
+            if swapped is not None and self._provisional:
+                # Owed from the moment the new one is kept (the same save): a kill before
+                # its check-in leaves it to the restart, not out for an hour unknown.
+                self._owe(swapped, old.deadline if old is not None else 0.0)
+            if not self._adopt(held, warnings):
+                # The stop began first: its check-in took the old one.
+                with self._lock:
+                    self._owed.pop(swapped or "", None)
+                self._persist(None)
+                return
+            if swapped is not None and self._provisional and self._returned(swapped):
+                with self._lock:
+                    self._owed.pop(swapped, None)
+                self._persist(held)
             return
         assert error is not None  # nosec B101 # narrowing
         log.warning("license_recheck_failed", extra={"error": error.to_json()})
         if not error.retryable:
-            self._answered(old)  # no checkout was made; a retryable error keeps the token
+            self._answered(old)  # no checkout stands; a retryable error keeps the token
+        if error.code == "CheckoutNotVerified" and old is not None:
+            # The answer was given back (`_checkout`); the live checkout was verified and is
+            # still extended at AWS: it stands, and the next re-check asks anew.
+            self.machine.warn(
+                (
+                    "recheck_unverified: License Manager's answer to the periodic re-check "
+                    f"did not verify ({error.message[:200]}); it was checked in and the live "
+                    "checkout stands",
+                )
+            )
+            return
         if not error.retryable and self._provisional and self.asked.counted:
             # AWS answers "no license" and "not enough left" alike: the pool may simply have no
             # spare units for the swap. The live checkout stands until it fails to extend.
@@ -551,6 +643,10 @@ class ContractService:
             self.machine.failed(error, self._clock.time())
         else:
             self._withdrawn(error)
+            if old is not None and self._provisional:
+                # No longer counted as held here: nor at AWS (a seat nobody uses otherwise).
+                self._give_back(old.checkout.consumption_token, old.deadline)
+                self._persist(None)
 
     def _token_for(self, held: Held | None, resend: str | None = None) -> str:
         """The ClientToken of the checkout about to be sent, kept (with what is held) before
@@ -589,29 +685,118 @@ class ContractService:
         log.error("license_lost", extra={"code": error.code, "on_loss": self.on_loss})
 
     def _checkin(self, token: str) -> bool:
+        return self._checkin_call(token) == "ok"
+
+    def _returned(self, token: str) -> bool:
+        """CheckInLicense of `token`: True when nothing is held by it any more (checked in
+        now, or AWS says it no longer exists: expired or withdrawn)."""
+        return self._checkin_call(token) in ("ok", "gone")
+
+    def _checkin_call(self, token: str) -> str:
         self._count("CheckInLicense")
         try:
             self._gw().checkin(token)
         except LicenseCallError as exc:
-            self._result("CheckInLicense", _outcome(exc.info))
+            outcome = _outcome(exc.info)
+            self._result("CheckInLicense", outcome)
             log.warning(
                 "license_checkin_failed",
                 extra={"error": exc.info.to_json(), "consumption_token": redact(token)},
             )
-            return False
+            return outcome
         self._result("CheckInLicense", "ok")
         log.info("license_checked_in", extra={"consumption_token": redact(token)})
-        return True
+        return "ok"
 
-    def checkin_at_stop(self) -> None:
-        """CheckInLicense of the live PROVISIONAL checkout (the caller bounds the time)."""
+    def checkin_at_stop(self, budget: float = 0.0) -> None:
+        """CheckInLicense of the live PROVISIONAL checkout, then of every check-in still owed;
+        a retryable failure (throttled, network down) is retried with backoff for `budget`
+        seconds. The caller bounds the time (a call hung past it is left behind). From here on
+        no answer is adopted (`_adopt`)."""
+        deadline = self._clock.monotonic() + budget
         with self._lock:
+            self._closed = True
+            self._stop_deadline = deadline
             token, self._token = self._token, None
-        if token is None or not self._provisional:
-            return
-        self.checked_in = self._checkin(token)
-        if self.checked_in:  # else a restart in this pod extends it again (the same seat)
+        if self._inflight is not None:
+            # Its answer, if it comes while this process lives, is checked in by the worker;
+            # if not, AWS holds that checkout until it expires (a restart resends its token).
+            log.warning("license_checkout_in_flight_at_stop")
+        if token is not None and self._provisional:
+            self.checked_in = self._return_by(token, deadline)
+            if not self.checked_in:  # a restart in this pod extends it again (the same seat)
+                log.error(
+                    "license_not_returned_at_stop",
+                    extra={"consumption_token": redact(token), "budget_seconds": budget},
+                )
+        with self._lock:
+            owed = list(self._owed)
+        for returning in owed:
+            if self._return_by(returning, deadline):
+                with self._lock:
+                    self._owed.pop(returning, None)
+        if self.checked_in or (token is None and self._provisional):
             self._persist(None)
+        elif owed:
+            self._persist(self._kept)  # the owed list changed; what was kept stays kept
+
+    def _return_by(self, token: str, deadline: float) -> bool:
+        """`_returned`, retried with backoff while a retryable failure leaves time."""
+        attempt = 0
+        never = threading.Event()  # the stop event is set: wait on one that is not
+        while True:
+            outcome = self._checkin_call(token)
+            if outcome in ("ok", "gone"):
+                return True
+            attempt += 1
+            delay = self._backoff.delay(attempt, self._rng)
+            if outcome != "retryable_error" or self._clock.monotonic() + delay > deadline:
+                return False
+            self._clock.wait(never, delay)
+
+    # -- check-ins owed ---------------------------------------------------------------------
+
+    def _give_back(self, token: str, until: float) -> bool:
+        """CheckInLicense of a checkout we do not keep; a failed one is owed (retried)."""
+        if self._returned(token):
+            return True
+        self._owe(token, until)
+        return False
+
+    def _owe(self, token: str, until: float) -> None:
+        with self._lock:
+            self._owed[token] = max(until, self._clock.monotonic())
+            if self._owed_at == float("inf"):
+                self._owed_attempt = 0
+                self._owed_at = self._clock.monotonic() + self._backoff.delay(1, self._rng)
+
+    def _return_owed(self, *, persist: bool = True) -> None:
+        """Retry the owed check-ins; those AWS has surely expired by now are dropped."""
+        now = self._clock.monotonic()
+        with self._lock:
+            owed = dict(self._owed)
+        if not owed:
+            self._owed_at = float("inf")
+            return
+        for token, until in owed.items():
+            if now >= until or self._returned(token):
+                if now >= until:
+                    log.warning(
+                        "license_checkin_given_up",
+                        extra={"consumption_token": redact(token), "why": "expired at AWS"},
+                    )
+                with self._lock:
+                    self._owed.pop(token, None)
+        with self._lock:
+            left = bool(self._owed)
+            self._owed_attempt += 1
+            self._owed_at = (
+                now + self._backoff.delay(self._owed_attempt + 1, self._rng)
+                if left
+                else float("inf")
+            )
+        if persist:
+            self._persist(self._kept)  # an expired-here checkout stays kept (it may revive)
 
     def snapshot(self) -> LicenseSnapshot:
         return self.machine.snapshot()
@@ -621,6 +806,14 @@ def _iso(ts: float) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _ttl(answer: Checkout) -> float:
+    """The checkout's lifetime as AWS granted it (the guide's 60 minutes when unreadable)."""
+    issued, expires = parse_time(answer.issued_at), parse_time(answer.expiration)
+    if issued is None or expires is None or expires <= issued:
+        return OWED_SECONDS
+    return expires - issued
 
 
 def _outcome(info: ErrorInfo) -> str:

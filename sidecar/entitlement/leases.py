@@ -69,6 +69,7 @@ class LeaseBook:
         self._aws = threading.Lock()  # one lease CheckoutLicense in flight
         self.results: dict[tuple[str, str], int] = {}
         self.wake = threading.Event()  # set when a lease is added: the keeper plans again
+        self._closed = False  # the stop returned the leases: no new checkout from here on
         self._leases: dict[str, dict[str, Any]] = {}  # id -> record (persisted fields)
         self._renewed: dict[str, float] = {}  # id -> monotonic, last renewal by the product
         self._deadline: dict[str, float] = {}  # id -> monotonic, AWS's expiry counted here
@@ -139,8 +140,15 @@ class LeaseBook:
             return _bad("entitlement", "the entitlement's name: 1-255 printable characters")
         if isinstance(units, bool) or not isinstance(units, int) or not 0 < units <= MAX_UNITS:
             return _bad("units", f"a whole number from 1 to {MAX_UNITS}")
+        # The stop has returned the leases and the process is about to exit: a checkout now
+        # would hold units at AWS that nobody checks in. Asked at once (not after a checkout
+        # in flight), and again once it is this request's turn.
+        if self._closed:
+            return _stopping()
         with self._aws:
             with self._lock:
+                if self._closed:
+                    return _stopping()
                 known = self._leases.get(lease_id)
                 if known is not None:
                     if (known["entitlement"], known["units"]) != (name, units):
@@ -238,6 +246,13 @@ class LeaseBook:
             if lease_id not in self._leases:  # checked in meanwhile (a keeper timeout)
                 self._checkin_now(answer.consumption_token)
                 return 404, _problem("unknown_lease", f"lease {lease_id!r} was checked in")
+            if self._closed:  # answered after the stop returned the leases: straight back
+                self._checkin_now(answer.consumption_token)
+                self._forget_locked(lease_id)
+                log.info("lease_checked_in", extra={"lease": lease_id, "why": "stop"})
+                return 503, _problem(
+                    "stopping", "the sidecar is stopping (SIGTERM): the lease was checked back in"
+                )
             held = {
                 **record,
                 "state": "held",
@@ -364,7 +379,7 @@ class LeaseBook:
         except LicenseCallError as exc:
             self._count("ExtendLicenseConsumption", _label(exc.info))
             with self._lock:
-                if lease_id not in self._leases:
+                if not self._same_checkout(lease_id, r):
                     return
                 if exc.info.code in GONE_CODES or not exc.info.retryable:
                     self._leases[lease_id] = {**self._leases[lease_id], "state": "lost"}
@@ -387,7 +402,7 @@ class LeaseBook:
             return
         expires = parse_time(value)
         with self._lock:
-            if lease_id not in self._leases:
+            if not self._same_checkout(lease_id, r):
                 return
             if expires is None:
                 self._count("ExtendLicenseConsumption", "unverified")
@@ -404,6 +419,12 @@ class LeaseBook:
             }
             self._save(dict(self._leases))
 
+    def _same_checkout(self, lease_id: str, r: dict[str, Any]) -> bool:
+        """The lease still holds the checkout `r` named (under `_lock`): not checked in, nor
+        replaced by a new lease of the same id while a call about the old one was out."""
+        now = self._leases.get(lease_id)
+        return now is not None and now.get("consumption_token") == r.get("consumption_token")
+
     def _return(self, lease_id: str, token: Any, why: str) -> bool:
         """Check the lease's units in; a failed call leaves it `returning` (retried by the
         keeper until AWS says it is gone). True when AWS took the units back now."""
@@ -411,8 +432,8 @@ class LeaseBook:
         if token:
             ok = self._checkin_now(str(token))
         with self._lock:
-            if lease_id not in self._leases:
-                return ok
+            if not self._same_checkout(lease_id, {"consumption_token": token}):
+                return ok  # gone, or a new lease of the same id meanwhile: not this one's
             if ok:
                 self._forget_locked(lease_id)
                 if why != "retry":
@@ -423,11 +444,28 @@ class LeaseBook:
         return ok
 
     def checkin_all(self) -> None:
-        """At stop: every held lease goes back (the pod, and its products, are going away)."""
+        """At stop: every lease goes back (the pod, and its products, are going away); held
+        ones first, then pending ones (which may wait for a checkout in flight)."""
         with self._lock:
+            self._closed = True
             items = [(i, r.get("consumption_token")) for i, r in self._leases.items()]
         for lease_id, token in items:
-            self._return(lease_id, token, "stop")
+            if token:
+                self._return(lease_id, token, "stop")
+        for lease_id, token in items:
+            if token:
+                continue
+            # Pending: its CheckoutLicense may have been made at AWS with the answer lost.
+            # Resent with its kept ClientToken, AWS answers that checkout (or makes it), and
+            # `_send` checks it straight back in; forgotten, it would hold units for an hour.
+            with self._aws:
+                with self._lock:
+                    record = self._leases.get(lease_id)
+                    pending = record is not None and record["state"] == "pending"
+                if pending and record is not None:
+                    status, _ = self._send(lease_id, dict(record))
+                    if status == 503 and lease_id in self._leases:
+                        log.warning("lease_pending_at_stop", extra={"lease": lease_id})
 
     def _checkin_now(self, token: str) -> bool:
         try:
@@ -485,6 +523,14 @@ def _problem(code: str, message: str, *, retry_after: int | None = None) -> dict
     if retry_after is not None:
         body["retry_after"] = retry_after
     return body
+
+
+def _stopping() -> Answer:
+    return 503, _problem(
+        "stopping",
+        "the sidecar is stopping (SIGTERM): no new leases; ask another pod",
+        retry_after=5,
+    )
 
 
 def _bad(field: str, allowed: str) -> Answer:
