@@ -18,6 +18,7 @@ from marketplace_sidecar_client import CustomerError, customer_changes, get_cust
 from sidecar.emulator.service import Emulator, EmulatorServer
 from tests.test_saas_api import check, issue, resolve, saas_car
 from tests.test_saas_events_queue import REGION, Moto, new_queue
+from tests.test_saas_ledger import license_arn
 from tests.test_saas_lifecycle import eb
 
 __all__ = ["saas_car"]  # the fixture, used by name
@@ -61,8 +62,10 @@ def test_a_buyer_leaving_is_seen_through_the_change_feed_and_metered_until_the_w
     check("/v1/customers/changes", "GET", first)
     cursor = first.json()["cursor"]
     sent = time.monotonic()
+    # The buyer's own license leaves (a departure names the license it ends).
+    gone = event(ACCOUNT, "License Deprovisioned", time.time())
     client.send_message(
-        QueueUrl=url, MessageBody=event(ACCOUNT, "License Deprovisioned", time.time())
+        QueueUrl=url, MessageBody=gone.replace(license_arn(0), buyer["license_arn"])
     )
     seen: list[dict[str, Any]] = []
     while not seen and time.monotonic() - sent < 60:

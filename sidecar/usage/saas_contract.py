@@ -32,6 +32,9 @@ MIGRATION_5_DDL = """
 -- Which EntitlementValue member GetEntitlements set (integer, double, boolean, string): a
 -- DoubleValue's exact text and a StringValue look alike in `value`. NULL: learned before.
 ALTER TABLE saas_entitlements ADD COLUMN kind TEXT;
+-- The license a departure named (its `l-...` id): the final window and the refusal after it
+-- apply to that license's customers only. NULL: to every customer of the subject.
+ALTER TABLE saas_lifecycle ADD COLUMN left_license TEXT;
 -- One row per sealed (customer, dimension, hour) of a dimension covered by the contract
 -- (MARKETPLACE_SAAS_CONTRACT_DIMENSIONS): what was used, what the contract covered and what the
 -- outbox record bills (micro-units; `entitled` as decimal text: a DoubleValue may exceed BIGINT).

@@ -252,7 +252,7 @@ def _move(db: Db, event: Event, state: str, now: float) -> None:
     if state == "subscribed":  # (re)subscribed: no window, no departure
         db.execute(
             "UPDATE saas_lifecycle SET state = ?, state_time = ?, left_at = NULL, "
-            "final_window_end = NULL, updated_at = ? WHERE subject = ?",
+            "final_window_end = NULL, left_license = NULL, updated_at = ? WHERE subject = ?",
             (state, event.time, now, event.subject),
         )
     elif event.kind == "unsubscribe_success":  # the window of unsubscribe-pending, if seen
@@ -263,11 +263,16 @@ def _move(db: Db, event: Event, state: str, now: float) -> None:
             (state, event.time, event.time, end, now, event.subject),
         )
     elif event.kind in lifecycle.FINAL:
-        end = event.time + lifecycle.FINAL_WINDOW
+        # The license it names leaves (`left_license`), or the whole subject when it names
+        # none; a second license leaving while one is gone: both, so the whole subject.
+        end, gone = event.time + lifecycle.FINAL_WINDOW, lifecycle.license_id(event.license_arn)
         db.execute(
-            "UPDATE saas_lifecycle SET state = ?, state_time = ?, left_at = ?, "
-            "final_window_end = ?, updated_at = ? WHERE subject = ?",
-            (state, event.time, event.time, end, now, event.subject),
+            "UPDATE saas_lifecycle SET left_license = CASE WHEN left_at IS NOT NULL "
+            "AND state IN ('pending_unsubscribe', 'unsubscribed') "
+            "AND (left_license IS NULL OR left_license <> ?) THEN NULL ELSE ? END, "
+            "state = ?, state_time = ?, left_at = ?, final_window_end = ?, updated_at = ? "
+            "WHERE subject = ?",
+            (gone, gone, state, event.time, event.time, end, now, event.subject),
         )
     elif state == "subscribe_failed":
         # Never subscribed: nothing to meter; usage is refused from now on.
@@ -459,8 +464,8 @@ def subjects_of(account_id: str | None, customer_identifier: str | None) -> list
 def _subject_json(db: Db, subject: str) -> dict[str, Any] | None:
     row = db.execute(
         "SELECT state, state_time, left_at, final_window_end, agreement_id, license_arn, "
-        "product_code, offer_id, free_trial, last_event, updated_at, entitlements_at "
-        "FROM saas_lifecycle WHERE subject = ?",
+        "product_code, offer_id, free_trial, last_event, updated_at, entitlements_at, "
+        "left_license FROM saas_lifecycle WHERE subject = ?",
         (subject,),
     ).fetchone()
     if row is None:
@@ -471,6 +476,7 @@ def _subject_json(db: Db, subject: str) -> dict[str, Any] | None:
         "state_since": iso(float(row[1])),
         "left_at": None if row[2] is None else iso(float(row[2])),
         "final_window_end": None if row[3] is None else iso(float(row[3])),
+        "left_license": row[12],
         "agreement_id": row[4],
         "license_arn": row[5],
         "product_code": row[6],
@@ -510,7 +516,11 @@ def enrich(db: Db, customer: dict[str, Any]) -> dict[str, Any]:
     ]
     found.sort(key=lambda s: s["state_since"], reverse=True)
     life = found[0] if found else None
-    if life is not None and life["last_event"] != NO_EVENT:
+    mine, gone = customer.get("license_arn"), (life or {}).get("left_license")
+    if gone and mine and not str(mine).endswith(gone) and life and life["state"] in LEFT_STATES:
+        # Another license of the account left (`license_left`): not this customer's state.
+        state = "unsubscribed" if customer.get("state") == "not_subscribed" else "subscribed"
+    elif life is not None and life["last_event"] != NO_EVENT:
         state = life["state"]
     else:
         state = "unsubscribed" if customer.get("state") == "not_subscribed" else "subscribed"
@@ -552,6 +562,18 @@ def changes(db: Db, since: int, limit: int = 200) -> tuple[int, list[dict[str, A
 # -- metering follows the lifecycle -------------------------------------------------------
 
 
+def license_left(c: str = "c") -> str:
+    """A condition: the lifecycle row `l` speaks for customer `c` (saas_customers). A departure
+    that named a license (`left_license`, its `l-...` id) only for that license's customers;
+    one that named none, or a customer whose license is not known, for every customer of the
+    subject, as the state itself does. One condition on the row already joined: no statement
+    and no index more on intake's path. (A license id holds no `%` or `_`.)"""
+    return (
+        f"(l.left_license IS NULL OR {c}.license_arn IS NULL "
+        f"OR {c}.license_arn LIKE '%' || l.left_license)"
+    )
+
+
 def refused(
     lives: Sequence[tuple[str, str, float, float | None]], now: float
 ) -> dict[str, tuple[str, float]]:
@@ -581,9 +603,9 @@ def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]
     db.lock(SEAL_LOCK)
     out: list[tuple[str, int, int]] = []
     rows = db.execute(
-        "SELECT c.customer, l.left_at, l.final_window_end FROM saas_customers c "
-        "JOIN saas_lifecycle l ON l.subject = c.account_id "
-        "OR l.subject = 'ci:' || c.customer_identifier "
+        "SELECT c.customer, l.left_at, l.final_window_end FROM saas_customers c "  # noqa: S608  # nosec B608 # constant text; values are bound
+        "JOIN saas_lifecycle l ON (l.subject = c.account_id "
+        "OR l.subject = 'ci:' || c.customer_identifier) AND " + license_left() + " "
         "WHERE l.final_window_end IS NOT NULL AND l.left_at IS NOT NULL "
         "AND (l.final_window_end > ? OR l.updated_at > ?) "
         "AND l.state IN ('pending_unsubscribe', 'unsubscribed') ORDER BY c.customer",
@@ -645,8 +667,9 @@ def left_customers_sql() -> str:
     """A condition on `saas_customers` (unaliased) true for customers who left before the
     hour whose end is the bound parameter: no zero-usage record for them."""
     return (
-        "NOT EXISTS (SELECT 1 FROM saas_lifecycle l WHERE (l.subject = saas_customers.account_id "
+        "NOT EXISTS (SELECT 1 FROM saas_lifecycle l WHERE (l.subject = saas_customers.account_id "  # noqa: S608  # nosec B608 # constant text
         "OR l.subject = 'ci:' || saas_customers.customer_identifier) "
+        "AND " + license_left("saas_customers") + " "
         "AND l.left_at IS NOT NULL AND l.left_at < ?)"
     )
 

@@ -418,8 +418,10 @@ def ingest(
         + ") UNION ALL SELECT 'h', CAST(hour AS TEXT), NULL FROM saas_sealed_hours "
         "WHERE hour >= ? UNION ALL SELECT 'l', c.customer, l.state || '|' || "
         "CAST(l.state_time AS TEXT) || '|' || COALESCE(CAST(l.final_window_end AS TEXT), '') "
-        "FROM saas_customers c JOIN saas_lifecycle l ON l.subject = c.account_id "
-        "OR l.subject = 'ci:' || c.customer_identifier WHERE c.customer IN ("
+        "FROM saas_customers c JOIN saas_lifecycle l ON (l.subject = c.account_id "
+        "OR l.subject = 'ci:' || c.customer_identifier) AND "
+        + saas_events.license_left()
+        + " WHERE c.customer IN ("
         + marks
         + ") UNION ALL SELECT 's', customer, CAST(hour AS TEXT) FROM saas_customer_seals "
         "WHERE hour >= ? AND customer IN (" + marks + ")",
