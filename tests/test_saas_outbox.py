@@ -235,11 +235,13 @@ def test_a_version_1_store_is_migrated_with_exact_counters(
         sent_at = hour_start(BASE + 2) + 120
         aws = FakeAws(functools.partial(float, sent_at))  # AWS's clock agrees with the sender's
         aws.unsubscribed.add(key(2))
-        # Today's seal also reads who left (schema 4's saas_lifecycle): an empty one for the
-        # seal, dropped after, so the store is version 1 again when it is migrated.
+        # Today's seal also reads who left (saas_lifecycle's columns it reads, as of schema
+        # 5): an empty one for the seal, dropped after, so the store is version 1 again when
+        # it is migrated.
         old.write(
             lambda db: db.execute(
-                "CREATE TABLE saas_lifecycle (subject TEXT, left_at DOUBLE PRECISION)"
+                "CREATE TABLE saas_lifecycle "
+                "(subject TEXT, left_at DOUBLE PRECISION, left_license TEXT)"
             )
         )
         for h in (BASE, BASE + 1):
