@@ -151,10 +151,18 @@ def apply(db: Db, event: Event, now: float) -> Applied:
         and event.agreement_id is not None
         and event.agreement_id != str(row[3])
     )
-    if other and event.kind == "ended" and known_state == "subscribed":
+    if (
+        other
+        and event.kind == "ended"
+        and known_state == "subscribed"
+        and known_time is not None
+        and event.time <= known_time + RENEWAL_SKEW
+    ):
         # A renewal or replacement: AWS sends `Created` for the new agreement and `Ended` for
         # the one it replaces, at the same second or nearly, in either order. The buyer's
         # current agreement is another one: this end changes neither its state nor its facts.
+        # Only near that creation: a later end of another agreement is a departure (the
+        # cancellation of a renewal whose own events come after it; SQS keeps no order).
         moves = facts_newer = False
     elif (
         other
