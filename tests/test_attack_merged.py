@@ -4,11 +4,16 @@ each test names what a user would see go wrong."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
+from typing import Any
 
+from sidecar.usage import saas_events
 from sidecar.usage.db import UsageStore
+from sidecar.usage.saas import SaasService
 from tests.helpers import ManualClock
 from tests.test_saas_ledger import account
+from tests.test_saas_lifecycle import eb
 from tests.test_saas_lifecycle_attack import agreement_event, backend, clock  # noqa: F401
 from tests.test_saas_service import Aws, make_service
 
@@ -62,3 +67,70 @@ def test_leaving_one_product_is_not_ignored_after_subscribing_to_another(
         svc.handle_message(mid, text)
     assert svc.customer(account(1))[1]["subscription"] == "pending_unsubscribe"
     svc.store.close()
+
+
+class _Batches:
+    """A queue handing out its messages ten per receive (SQS's most), each receive a 20 s long
+    poll on the ManualClock; the consumer stops at the receive after the last."""
+
+    def __init__(self, clk: ManualClock, stop: threading.Event, texts: list[str]) -> None:
+        self.clock, self.stop = clk, stop
+        self.waiting = [(f"m{i}", t) for i, t in enumerate(texts)]
+
+    def receive(self) -> list[Any]:
+        self.clock.t += 20
+        self.clock.mono += 20
+        out, self.waiting = self.waiting[:10], self.waiting[10:]
+        if not out:
+            self.stop.set()
+        return [_Msg(i, b) for i, b in out]
+
+    def delete(self, message: Any) -> None:
+        pass
+
+
+class _Msg:
+    def __init__(self, mid: str, text: str) -> None:
+        self.id, self.receipt, self.body, self.sent_at, self.receives = mid, mid, text, None, 1
+
+
+def test_a_hanging_entitlement_service_does_not_make_a_deprovisioning_miss_its_window(
+    backend: Callable[[], UsageStore],  # noqa: F811
+    clock: ManualClock,  # noqa: F811
+) -> None:
+    """GetEntitlements hangs until its read timeout (10 s, the default AWS timeout) and fails;
+    SQS works. 400 license updates (a price change reaching every buyer) sit ahead of one
+    buyer's License Deprovisioned. Each update's read, and every retry of the reads still due,
+    ran in the consumer one after another: over an hour of timeouts before the
+    deprovisioning was applied, its final window closed, the buyer's last usage refused by AWS
+    (CustomerNotSubscribed). Reads that fail are retried later from the store; a pass stops
+    at the first failure and within its budget, so events keep flowing."""
+    calls: list[float] = []
+
+    def hanging(product: str, acct: str) -> list[dict[str, Any]]:
+        calls.append(clock.t)
+        clock.t += 10.0
+        clock.mono += 10.0
+        raise TimeoutError("Read timeout on endpoint URL")
+
+    svc_store = backend()
+    svc = SaasService(
+        make_service(svc_store, Aws(clock), clock).policy,
+        svc_store,
+        lambda: Aws(clock),
+        clock=clock,
+        rng=lambda: 0.5,
+        entitlements=hanging,
+    )
+    t = clock.t
+    texts = [eb("License Updated", i, t) for i in range(1, 401)]
+    texts.append(eb("License Deprovisioned", 401, t))
+    stop = threading.Event()
+    svc.consume(_Batches(clock, stop, texts), stop)
+    lifecycle = svc.counters().lifecycle
+    assert lifecycle["applied"] == 401, lifecycle
+    assert lifecycle.get("final_window_missed", 0) == 0, (clock.t - t, len(calls))
+    # Each read is still due in the store, for the retries once the service answers again.
+    due = svc_store.read(lambda db: saas_events.due_refreshes(db, clock.t, limit=1000))
+    assert len(due) == 400
+    svc_store.close()
