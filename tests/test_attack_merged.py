@@ -14,7 +14,15 @@ from sidecar.usage.saas import SaasService
 from tests.helpers import ManualClock
 from tests.test_saas_ledger import account
 from tests.test_saas_lifecycle import eb
-from tests.test_saas_lifecycle_attack import agreement_event, backend, clock  # noqa: F401
+from tests.test_saas_lifecycle_attack import (  # noqa: F401
+    Contract,
+    agreement_event,
+    backend,
+    clock,
+    contract_service,
+    resolve_and_read,
+    seats_entitled,
+)
 from tests.test_saas_service import Aws, make_service
 
 DAY = 86400.0
@@ -134,3 +142,29 @@ def test_a_hanging_entitlement_service_does_not_make_a_deprovisioning_miss_its_w
     due = svc_store.read(lambda db: saas_events.due_refreshes(db, clock.t, limit=1000))
     assert len(due) == 400
     svc_store.close()
+
+
+def test_a_replica_whose_clock_runs_a_day_ahead_does_not_freeze_every_buyers_contract(
+    backend: Callable[[], UsageStore],  # noqa: F811
+    clock: ManualClock,  # noqa: F811
+) -> None:
+    """Two replicas share the store; one's clock runs a day ahead (NTP broken on its node). It
+    read the buyer's 10 seats, stamped a day ahead. The buyer upgrades to 100; the other
+    replica applies the event and reads 100, an answer "older" than the stored one by the
+    stamps: dropped, and re-read every minute for the day. Meanwhile 90 seats an hour the
+    contract covers were billed as overage."""
+    store = backend()
+    aws = Aws(clock)
+    contract = Contract(clock, seats=10)
+    ahead = ManualClock()
+    ahead.t, ahead.mono = clock.t + DAY, clock.mono
+    fast = contract_service(store, aws, ahead, contract)
+    svc = contract_service(store, aws, clock, contract)
+    resolve_and_read(svc, aws)
+    assert fast.refresh_entitlements(account(1))
+    assert seats_entitled(svc) == [10]
+    clock.t += 60
+    contract.seats = 100
+    assert svc.handle_message("m1", eb("Purchase Agreement Amended", 1, clock.t)) == "applied"
+    assert seats_entitled(svc) == [100], "the upgrade's read was dropped as older news"
+    store.close()

@@ -405,9 +405,12 @@ def set_entitlements(
     stored = db.execute(
         "SELECT entitlements_at FROM saas_lifecycle WHERE subject = ?", (subject,)
     ).fetchone()
-    if stored is not None and stored[0] is not None and float(stored[0]) > read_at:
+    if stored is not None and stored[0] is not None and read_at < float(stored[0]) <= now:
         # `done` stays due: read again a minute later (`due_refreshes`), so a replica whose
-        # clock runs behind another's cannot lose an event's read this way.
+        # clock runs behind another's cannot lose an event's read this way. A stored read
+        # dated after `now` came from a clock running ahead of this one: which answer is
+        # newer cannot be told, and this one (just taken) is stored, as before stamps were
+        # compared; else that replica's one read would freeze the buyer's entitlements.
         return False
     settle_refreshes(db, done)
     before = {
