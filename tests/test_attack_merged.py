@@ -10,6 +10,7 @@ from typing import Any
 
 from sidecar.usage import saas_events
 from sidecar.usage.db import UsageStore
+from sidecar.usage.hours import hour_of, hour_start
 from sidecar.usage.saas import SaasService
 from tests.helpers import ManualClock
 from tests.test_saas_ledger import account
@@ -23,7 +24,7 @@ from tests.test_saas_lifecycle_attack import (  # noqa: F401
     resolve_and_read,
     seats_entitled,
 )
-from tests.test_saas_service import Aws, make_service
+from tests.test_saas_service import Aws, body, make_service
 
 DAY = 86400.0
 
@@ -168,3 +169,40 @@ def test_a_replica_whose_clock_runs_a_day_ahead_does_not_freeze_every_buyers_con
     assert svc.handle_message("m1", eb("Purchase Agreement Amended", 1, clock.t)) == "applied"
     assert seats_entitled(svc) == [100], "the upgrade's read was dropped as older news"
     store.close()
+
+
+class _Down:
+    """A lifecycle queue that cannot be reached (SQS outage, or its endpoint blocked)."""
+
+    def receive(self) -> list[Any]:
+        raise ConnectionError("Could not connect to the endpoint URL")
+
+    def delete(self, message: Any) -> None:
+        raise AssertionError("nothing was received")
+
+
+def test_a_first_read_throttled_at_resolve_is_read_again_while_the_queue_is_unreachable(
+    backend: Callable[[], UsageStore],  # noqa: F811
+    clock: ManualClock,  # noqa: F811
+) -> None:
+    """The buyer's first GetEntitlements (at resolve) is throttled, and the lifecycle queue is
+    unreachable for the hour (its endpoint blocked by a network policy). The retries of due
+    reads ran only after a successful receive: none for the hour, so the hour was sealed with
+    "entitlements never read" and all 12 seats billed, not the 2 beyond the contract's 10."""
+    aws = Aws(clock)
+    contract = Contract(clock, seats=10)
+    contract.fail.append(RuntimeError("ThrottlingException: Rate exceeded"))
+    svc = contract_service(backend(), aws, clock, contract)
+    h = hour_of(clock.t)
+    resolve_and_read(svc, aws)
+    assert seats_entitled(svc) == []
+    assert svc.post(body(1, "seats", 12))[0] == 202
+    stop = threading.Event()
+    clock.stop_after_waits = 20  # 20 failed receives, backing off to a minute apart
+    svc.consume(_Down(), stop)
+    assert seats_entitled(svc) == [10]
+    clock.t = hour_start(h + 1) + 600
+    svc.tick()
+    billed = {k[2]: v for k, v in aws.billed.items() if k[1] == "seats"}
+    assert billed[h] in (2, "2"), billed
+    svc.store.close()

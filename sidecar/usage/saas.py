@@ -870,6 +870,7 @@ class SaasService:
                     "saas_lifecycle_queue_unreachable",
                     extra={"detail": str(exc)[:300], "retry_in": round(delay, 1)},
                 )
+                self._retry_reads()  # due reads do not wait for the queue
                 self.clock.wait(stop, delay)
                 continue
             if failures:
@@ -917,6 +918,14 @@ class SaasService:
                 self.retry_entitlements(deadline)
             except StoreUnavailableError as exc:
                 log.warning("saas_entitlements_not_stored", extra={"detail": str(exc)[:300]})
+
+    def _retry_reads(self) -> None:
+        """`retry_entitlements` while the queue is unreachable: a first read that failed at
+        resolve must not wait for SQS, or the buyer's hours are billed whole."""
+        try:
+            self.retry_entitlements(self.clock.monotonic() + READ_PASS)
+        except StoreUnavailableError as exc:
+            log.warning("saas_entitlements_not_stored", extra={"detail": str(exc)[:300]})
 
     def changes(self, since: int, wait: float) -> tuple[int, dict[str, Any]]:
         """GET /v1/customers/changes: subjects changed after `since`, waiting up to `wait`
