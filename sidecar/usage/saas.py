@@ -146,6 +146,9 @@ CHANGES_POLL = 0.5  # how often a long poll looks at the store (other replicas' 
 # consumer of any replica, doubling to REFRESH_RETRY_MAX while it keeps failing.
 REFRESH_RETRY = 60.0
 REFRESH_RETRY_MAX = 900.0
+# The consumer starts no entitlements read after this many seconds of a pass (its reads then
+# retries), so a hanging Entitlement Service holds events back by this plus one read timeout.
+READ_PASS = 20.0
 
 
 class EventSource(Protocol):
@@ -806,15 +809,21 @@ class SaasService:
             self._wake()
         return True
 
-    def retry_entitlements(self) -> None:
+    def retry_entitlements(self, deadline: float | None = None) -> None:
         """Read again the entitlements of events whose read failed or was cut by a crash (their
         message is deleted, or a redelivery may never come): at most every REFRESH_RETRY
-        seconds, backing off to REFRESH_RETRY_MAX while reads keep failing."""
+        seconds, backing off to REFRESH_RETRY_MAX while reads keep failing; no read starts
+        after `deadline` (monotonic)."""
         if self._entitlements is None or self.clock.monotonic() < self._refresh_retry_at:
             return
         now = self.clock.time()
         subjects = self.store.read(lambda db: saas_events.due_refreshes(db, now))
-        failed = [s for s in subjects if not self.refresh_entitlements(s)]
+        failed = []
+        for subject in subjects:
+            if deadline is not None and self.clock.monotonic() >= deadline:
+                break
+            if not self.refresh_entitlements(subject):
+                failed.append(subject)
         self._refresh_backoff = (
             min(REFRESH_RETRY_MAX, self._refresh_backoff * 2) if failed else REFRESH_RETRY
         )
@@ -861,6 +870,7 @@ class SaasService:
                     "saas_lifecycle_queue_unreachable",
                     extra={"detail": str(exc)[:300], "retry_in": round(delay, 1)},
                 )
+                self._retry_reads()  # due reads do not wait for the queue
                 self.clock.wait(stop, delay)
                 continue
             if failures:
@@ -893,14 +903,29 @@ class SaasService:
                         tries = self._queue_down[1] + 1 if self._queue_down else 1
                         self._queue_down = (since, tries, str(exc)[:200])
                     log.warning("saas_lifecycle_delete_failed", extra={"detail": str(exc)[:300]})
+            # A pass of reads stops at the first failure (the service down or hanging: each
+            # call may take its whole timeout) and after READ_PASS: the rest stay due in the
+            # store, for `retry_entitlements`, so events never queue behind timeouts.
+            deadline = self.clock.monotonic() + READ_PASS
             try:
                 for subject in dict.fromkeys(reads):
                     if stop.is_set():
                         return
-                    self.refresh_entitlements(subject)
-                self.retry_entitlements()
+                    if self.clock.monotonic() >= deadline:
+                        break
+                    if not self.refresh_entitlements(subject):
+                        break
+                self.retry_entitlements(deadline)
             except StoreUnavailableError as exc:
                 log.warning("saas_entitlements_not_stored", extra={"detail": str(exc)[:300]})
+
+    def _retry_reads(self) -> None:
+        """`retry_entitlements` while the queue is unreachable: a first read that failed at
+        resolve must not wait for SQS, or the buyer's hours are billed whole."""
+        try:
+            self.retry_entitlements(self.clock.monotonic() + READ_PASS)
+        except StoreUnavailableError as exc:
+            log.warning("saas_entitlements_not_stored", extra={"detail": str(exc)[:300]})
 
     def changes(self, since: int, wait: float) -> tuple[int, dict[str, Any]]:
         """GET /v1/customers/changes: subjects changed after `since`, waiting up to `wait`

@@ -151,10 +151,18 @@ def apply(db: Db, event: Event, now: float) -> Applied:
         and event.agreement_id is not None
         and event.agreement_id != str(row[3])
     )
-    if other and event.kind == "ended" and known_state == "subscribed":
+    if (
+        other
+        and event.kind == "ended"
+        and known_state == "subscribed"
+        and known_time is not None
+        and event.time <= known_time + RENEWAL_SKEW
+    ):
         # A renewal or replacement: AWS sends `Created` for the new agreement and `Ended` for
         # the one it replaces, at the same second or nearly, in either order. The buyer's
         # current agreement is another one: this end changes neither its state nor its facts.
+        # Only near that creation: a later end of another agreement is a departure (the
+        # cancellation of a renewal whose own events come after it; SQS keeps no order).
         moves = facts_newer = False
     elif (
         other
@@ -402,9 +410,12 @@ def set_entitlements(
     stored = db.execute(
         "SELECT entitlements_at FROM saas_lifecycle WHERE subject = ?", (subject,)
     ).fetchone()
-    if stored is not None and stored[0] is not None and float(stored[0]) > read_at:
+    if stored is not None and stored[0] is not None and read_at < float(stored[0]) <= now:
         # `done` stays due: read again a minute later (`due_refreshes`), so a replica whose
-        # clock runs behind another's cannot lose an event's read this way.
+        # clock runs behind another's cannot lose an event's read this way. A stored read
+        # dated after `now` came from a clock running ahead of this one: which answer is
+        # newer cannot be told, and this one (just taken) is stored, as before stamps were
+        # compared; else that replica's one read would freeze the buyer's entitlements.
         return False
     settle_refreshes(db, done)
     before = {
