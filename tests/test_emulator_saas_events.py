@@ -313,7 +313,7 @@ def test_unsubscribe_success_starts_the_window_for_a_customer_identifier_custome
 
 
 def test_a_buyers_events_name_the_agreement_resolve_customer_answers(
-    emulator_server: EmulatorServer, sqs: MotoSqs, queue: str
+    emulator_server: EmulatorServer, emulator: Emulator, sqs: MotoSqs, queue: str
 ) -> None:
     """AWS names the buyer's agreement in each of its events: without `agreement_id`, every
     event of one buyer and product carries the id ResolveCustomer's Metadata.AgreementId gives
