@@ -4,7 +4,10 @@
 127.0.0.1 and a private port, as the `postgres` user when the tests run as root (initdb refuses
 root). Each pytest-xdist worker starts its own (the fixture is session-scoped, and a session is
 per worker), on its own free port and socket directory. Nothing here is a stand-in: it is the
-same server a seller runs, with fsync on.
+same server a seller runs. Durability to the disk is off (fsync, full-page writes): those only
+matter when the machine itself loses power, which no test does; a killed or immediately stopped
+server still recovers every commit from its WAL, which the restart tests check. Autovacuum is
+off too: its launcher visited each of a session's hundreds of databases for nothing.
 """
 
 from __future__ import annotations
@@ -59,12 +62,15 @@ class PgServer:
             self._user = "postgres"
             entry = pwd.getpwnam(self._user)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
+        self._run(
+            "initdb", "-N", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8"
+        )
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(
                 "listen_addresses = '127.0.0.1'\n"
-                f"unix_socket_directories = '{self.root}'\nfsync = on\n"
+                f"unix_socket_directories = '{self.root}'\n"
                 "max_connections = 200\nshared_buffers = 32MB\n"
+                "fsync = off\nfull_page_writes = off\nautovacuum = off\n"
             )
         for attempt in range(5):
             try:

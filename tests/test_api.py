@@ -4,18 +4,52 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import requests
 
-from sidecar.emulator.service import Emulator
-from tests.helpers import Launch, Sidecar
+from sidecar.emulator.service import Emulator, EmulatorServer
+from tests.helpers import Launch, Sidecar, loopback_env, start_sidecar
+
+
+@pytest.fixture(scope="module")
+def shared_car(emulator_server: EmulatorServer) -> Iterator[Sidecar]:
+    """One sidecar for the module's tests that only send requests and read answers: none of
+    them changes what the next one sees (a start costs ~0.6 s of CPU; 19 tests share one).
+    Tests that count connection slots start their own (`fresh_car`)."""
+    emulator_server.emulator.reset()
+    env = loopback_env(
+        emulator_server.url, MARKETPLACE_PUBLIC_KEY=emulator_server.emulator.public_pem()
+    )
+    car = start_sidecar(env)
+    # Its stderr is a pipe nobody reads while the module runs: drained, so it never fills.
+    threading.Thread(target=_drain, args=(car,), daemon=True).start()
+    yield car
+    car.stop()
+
+
+def _drain(car: Sidecar) -> None:
+    assert car.proc.stderr is not None
+    for line in car.proc.stderr:
+        car.stderr_lines.append(line)
 
 
 @pytest.fixture
-def car(launch: Launch) -> Sidecar:
+def car(shared_car: Sidecar, emulator: Emulator) -> Sidecar:
+    """The shared sidecar, checked as each test starts: still running, entitled, both
+    listeners answering (the emulator is reset by `emulator`; the sidecar's state is not)."""
+    assert shared_car.proc.poll() is None, "".join(shared_car.stderr_lines)[-2000:]
+    shared_car.wait_for(lambda d: d["state"] == "entitled")
+    assert shared_car.get("/healthz", probe=True).status_code == 200
+    return shared_car
+
+
+@pytest.fixture
+def fresh_car(launch: Launch) -> Sidecar:
     car = launch()
     car.wait_for(lambda d: d["state"] == "entitled")
     return car
@@ -123,7 +157,8 @@ def test_keep_alive_connection_is_reused(car: Sidecar) -> None:
         assert len(conns) == 1
 
 
-def test_idle_connections_do_not_block_probes(car: Sidecar) -> None:
+def test_idle_connections_do_not_block_probes(fresh_car: Sidecar) -> None:
+    car = fresh_car
     idle = []
     for url in (car.api, car.probe):
         host, port = url.removeprefix("http://").split(":")
@@ -164,7 +199,10 @@ def _closed_by_server(s: socket.socket, within: float) -> tuple[bool, bytes]:
     return False, seen
 
 
-def test_a_full_listener_evicts_its_oldest_idle_connection_for_a_new_one(car: Sidecar) -> None:
+def test_a_full_listener_evicts_its_oldest_idle_connection_for_a_new_one(
+    fresh_car: Sidecar,
+) -> None:
+    car = fresh_car
     held = [socket.create_connection(_hostport(car.probe)) for _ in range(40)]  # cap 32
     try:
         time.sleep(0.3)

@@ -21,6 +21,7 @@ from tests.test_helm import (
     env_of,
     helm,
     helm_binary,
+    load_all,
     parent_chart,
     pod_spec,
     render_parent,
@@ -55,7 +56,7 @@ def render_contract(*sets: str, kube: str = "1.33.0", check: bool = True) -> lis
     args = ["template", "shop", str(CHART), "--namespace", "shop", "--kube-version", kube]
     for s in (*CONTRACT, *sets):
         args += ["--set", s]
-    return [d for d in yaml.safe_load_all(helm(*args, check=check).stdout) if d]
+    return load_all(helm(*args, check=check).stdout)
 
 
 def refused(*sets: str) -> str:
