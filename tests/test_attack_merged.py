@@ -17,6 +17,7 @@ from tests.test_saas_ledger import account
 from tests.test_saas_lifecycle import eb
 from tests.test_saas_lifecycle_attack import (  # noqa: F401
     Contract,
+    Queue,
     agreement_event,
     backend,
     clock,
@@ -206,3 +207,42 @@ def test_a_first_read_throttled_at_resolve_is_read_again_while_the_queue_is_unre
     billed = {k[2]: v for k, v in aws.billed.items() if k[1] == "seats"}
     assert billed[h] in (2, "2"), billed
     svc.store.close()
+
+
+def test_buyers_whose_reads_always_fail_never_starve_the_others_reads(
+    backend: Callable[[], UsageStore],  # noqa: F811
+    clock: ManualClock,  # noqa: F811
+) -> None:
+    """21 buyers' GetEntitlements fail every time (refused for them), 4 others' would answer.
+    A retry pass took the 20 oldest due subjects, all of them failing ones, and backed off for
+    everyone: the 4 contracts were never read, their covered units billed for 7 days."""
+    refused = {account(i) for i in range(1, 22)}
+    read: list[str] = []
+
+    def reader(product: str, acct: str) -> list[dict[str, Any]]:
+        if acct in refused:
+            raise RuntimeError("AccessDeniedException: not entitled to read this buyer")
+        read.append(acct)
+        return [{"dimension": "seats", "value": 5, "expiration": None, "kind": "integer"}]
+
+    store = backend()
+    svc = SaasService(
+        make_service(store, Aws(clock), clock).policy,
+        store,
+        lambda: Aws(clock),
+        clock=clock,
+        rng=lambda: 0.5,
+        entitlements=reader,
+    )
+    stop = threading.Event()
+    updates = [eb("License Updated", i, clock.t) for i in range(1, 26)]
+    svc.consume(Queue(clock, stop, 2, *updates), stop)
+    assert svc.counters().lifecycle["applied"] == 25
+    for _ in range(4):  # an hour of retry passes, the longest backoff apart
+        clock.t += 900.0
+        clock.mono += 900.0
+        svc.retry_entitlements()
+    assert sorted(read) == sorted(account(i) for i in range(22, 26))
+    due = store.read(lambda db: saas_events.due_refreshes(db, clock.t, limit=1000))
+    assert sorted(due) == sorted(refused)  # still due, still tried in their turn
+    store.close()

@@ -146,6 +146,8 @@ CHANGES_POLL = 0.5  # how often a long poll looks at the store (other replicas' 
 # consumer of any replica, doubling to REFRESH_RETRY_MAX while it keeps failing.
 REFRESH_RETRY = 60.0
 REFRESH_RETRY_MAX = 900.0
+REFRESH_BATCH = 20  # reads per retry pass, at most
+REFRESH_SCAN = 500  # due subjects considered per pass, to pick the least recently tried
 # The consumer starts no entitlements read after this many seconds of a pass (its reads then
 # retries), so a hanging Entitlement Service holds events back by this plus one read timeout.
 READ_PASS = 20.0
@@ -313,6 +315,7 @@ class SaasService:
         self._lifecycle: dict[str, int] = dict.fromkeys(LIFECYCLE_OUTCOMES, 0)
         self._refresh_retry_at = 0.0  # monotonic: when `retry_entitlements` looks again
         self._refresh_backoff = REFRESH_RETRY
+        self._refresh_tried: dict[str, float] = {}  # subject -> when this replica last tried it
         # The lifecycle queue failing since (clock time, failed receives, last error): /readyz.
         self._queue_down: tuple[float, int, str] | None = None
         self._changed = threading.Condition()  # wakes change-feed long polls of this replica
@@ -817,15 +820,23 @@ class SaasService:
         if self._entitlements is None or self.clock.monotonic() < self._refresh_retry_at:
             return
         now = self.clock.time()
-        subjects = self.store.read(lambda db: saas_events.due_refreshes(db, now))
-        failed = []
-        for subject in subjects:
+        due = self.store.read(lambda db: saas_events.due_refreshes(db, now, REFRESH_SCAN))
+        # Least recently tried first: subjects whose reads keep failing (a buyer the service
+        # refuses) take their turn, never every turn; those no longer due are forgotten.
+        self._refresh_tried = {s: self._refresh_tried.get(s, 0.0) for s in due}
+        failed, read = [], False
+        for subject in sorted(due, key=self._refresh_tried.__getitem__)[:REFRESH_BATCH]:
             if deadline is not None and self.clock.monotonic() >= deadline:
                 break
-            if not self.refresh_entitlements(subject):
+            self._refresh_tried[subject] = self.clock.monotonic()
+            if self.refresh_entitlements(subject):
+                read = True
+            else:
                 failed.append(subject)
-        self._refresh_backoff = (
-            min(REFRESH_RETRY_MAX, self._refresh_backoff * 2) if failed else REFRESH_RETRY
+        self._refresh_backoff = (  # backs off while the service fails everyone, not someone
+            min(REFRESH_RETRY_MAX, self._refresh_backoff * 2)
+            if failed and not read
+            else REFRESH_RETRY
         )
         self._refresh_retry_at = self.clock.monotonic() + self._refresh_backoff
         if failed:
