@@ -71,8 +71,9 @@ class CutRelay:
             server = socket.create_connection(self.upstream)
             with self._lock:
                 self._sockets += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+            cut = threading.Event()  # this connection was cut: the client hears nothing more
+            threading.Thread(target=self._up, args=(client, server, cut), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, cut), daemon=True).start()
 
     def _cut_now(self, chunk: bytes) -> bool:
         with self._lock:
@@ -82,24 +83,36 @@ class CutRelay:
                 return True
             return False
 
-    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
-        ends: tuple[socket.socket, ...] = (src, dst)
+    def _up(self, client: socket.socket, server: socket.socket, cut: threading.Event) -> None:
+        ends = (client, server)
         try:
-            while chunk := src.recv(65536):
-                cut = upstream and self._cut_now(chunk)
-                if cut and not self.after:
+            while chunk := client.recv(65536):
+                if self._cut_now(chunk):
+                    cut.set()  # first: the server's answer to it must never reach the client
+                    if self.after:  # the server gets it; its answer goes nowhere (`_down`)
+                        server.sendall(chunk)
+                        ends = (client, client)
                     break
-                dst.sendall(chunk)
-                if cut:  # the server has it: the client alone is cut now; the server's answer
-                    ends = (src,)  # then finds no one, and the other pump closes its side
-                    break
+                server.sendall(chunk)
         except OSError:
             pass
-        for sock in ends:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                sock.close()
+        _close(*ends)
+
+    def _down(self, server: socket.socket, client: socket.socket, cut: threading.Event) -> None:
+        try:
+            while (chunk := server.recv(65536)) and not cut.is_set():
+                client.sendall(chunk)
+        except OSError:
+            pass
+        _close(server, client)
+
+
+def _close(*socks: socket.socket) -> None:
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 @pytest.fixture
