@@ -294,6 +294,7 @@ SAAS_LIFECYCLE_OUTCOMES = (
     "dead_letter",
     "queue_error",
     "store_error",
+    "consumer_error",
 )
 # name, help, Headroom attribute: the sending headroom's gauges (issue 19, item 12).
 SAAS_HEADROOM_GAUGES = (
@@ -418,7 +419,8 @@ class _SaasCollector(Collector):
         messages = CounterMetricFamily(
             "marketplace_saas_lifecycle_messages",
             "Lifecycle queue messages by outcome (applied, duplicate, stale, dead_letter: kept "
-            "in the store unparsed, alert on any; queue_error, store_error: retried)",
+            "in the store unparsed, alert on any; queue_error, store_error: retried; "
+            "consumer_error: an unexpected failure, the message left on the queue)",
             labels=["outcome"],
         )
         for outcome in SAAS_LIFECYCLE_OUTCOMES:

@@ -27,6 +27,7 @@ import logging
 import random
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -138,7 +139,19 @@ RECORD_CODES = frozenset(
 
 
 EntitlementReader = Callable[[str, str], list[dict[str, Any]]]  # (product code, account id)
-LIFECYCLE_OUTCOMES = ("applied", "duplicate", "stale", "dead_letter", "queue_error", "store_error")
+LIFECYCLE_OUTCOMES = (
+    "applied",
+    "duplicate",
+    "stale",
+    "dead_letter",
+    "queue_error",
+    "store_error",
+    "consumer_error",  # an exception nobody expected: the message stays on the queue
+)
+# A message failing so (a bug, an odd store or AWS answer) shows in /readyz's warnings this
+# long after the last one: it comes back after its visibility timeout, until the queue's
+# maxReceiveCount moves it to the SQS dead-letter queue.
+CONSUMER_ERROR_NOTICE = 3600.0
 QUEUE_BACKOFF_CAP = 60.0  # seconds between ReceiveMessage tries while the queue is unreachable
 CHANGES_WAIT_MAX = 20.0  # the longest long poll of GET /v1/customers/changes
 CHANGES_POLL = 0.5  # how often a long poll looks at the store (other replicas' changes)
@@ -234,6 +247,20 @@ def outcome_unknown(exc: Exception) -> dict[str, Any]:
     }
 
 
+def _resync(since: int, pruned: int, cursor: int) -> dict[str, Any]:
+    """GET /v1/customers/changes with a cursor older than the feed keeps: changes after it
+    are gone, so the reader lists every customer and goes on from `cursor` (taken before)."""
+    days = round(saas_events.CHANGES_KEEP / 86400)
+    return {
+        "error": "cursor_expired",
+        "field": "since",
+        "message": f"changes up to cursor {pruned} are no longer kept (the feed keeps {days} "
+        f"days; since={since}): read every customer (GET /v1/customers), then poll from "
+        f"cursor {cursor}",
+        "cursor": str(cursor),
+    }
+
+
 class SaasService:
     SCHEMA: Schema = SAAS_SCHEMA
 
@@ -318,6 +345,8 @@ class SaasService:
         self._refresh_tried: dict[str, float] = {}  # subject -> when this replica last tried it
         # The lifecycle queue failing since (clock time, failed receives, last error): /readyz.
         self._queue_down: tuple[float, int, str] | None = None
+        # Messages the consumer failed on unexpectedly: (count, last clock time, where): /readyz.
+        self._consumer_failed: tuple[int, float, str] | None = None
         self._changed = threading.Condition()  # wakes change-feed long polls of this replica
 
     # -- the local API ---------------------------------------------------------------------
@@ -641,6 +670,14 @@ class SaasService:
                     f"{iso(since)} ({tries} tries; last: {why}); events wait on the queue, "
                     "but a buyer who leaves now has one hour to be billed"
                 )
+            failed = self._consumer_failed
+            if failed is not None and self.clock.time() - failed[1] < CONSUMER_ERROR_NOTICE:
+                out.append(
+                    f"events_consumer_failing: {failed[0]} lifecycle messages failed "
+                    f"unexpectedly since start, the last at {iso(failed[1])} ({failed[2]}); "
+                    "they stay on the queue, which moves them to its dead-letter queue after "
+                    "maxReceiveCount receives"
+                )
         try:
             room = self.headroom()
         except StoreUnavailableError:
@@ -854,8 +891,10 @@ class SaasService:
     def consume(self, queue: EventSource, stop: threading.Event) -> None:
         """Long-poll the lifecycle queue until `stop`: each message applied (or dead-lettered)
         before it is deleted. An unreachable queue or store is retried with backoff; a message
-        not deleted comes back after its visibility timeout."""
-        failures = 0
+        not deleted comes back after its visibility timeout. An unexpected exception (a bug,
+        an odd store error) leaves its message on the queue, is counted (`consumer_error`),
+        logged and shown in /readyz's warnings, and backs off: events never stop for good."""
+        failures = errors = 0
         while not stop.is_set():
             # While the store cannot write, nothing is received: each receive counts towards the
             # queue's redrive limit, and a message past it would go to the SQS dead-letter queue.
@@ -905,6 +944,14 @@ class SaasService:
                     )
                     self.clock.wait(stop, LEADER_RECHECK)
                     break  # the rest come back after their visibility timeout
+                except Exception as exc:  # a bug, an odd store error: never the end of events
+                    errors += 1
+                    self._consumer_error(exc, message.id)
+                    self.clock.wait(
+                        stop, min(QUEUE_BACKOFF_CAP, self._retry.delay(errors, self._rng))
+                    )
+                    continue  # not deleted: SQS gives it again (its redrive policy counts)
+                errors = 0
                 try:
                     queue.delete(message)
                 except Exception as exc:  # applied already: a redelivery is a duplicate
@@ -929,6 +976,26 @@ class SaasService:
                 self.retry_entitlements(deadline)
             except StoreUnavailableError as exc:
                 log.warning("saas_entitlements_not_stored", extra={"detail": str(exc)[:300]})
+            except Exception as exc:  # the reads stay due in the store: retried later
+                errors += 1
+                self._consumer_error(exc, None)
+                self.clock.wait(stop, min(QUEUE_BACKOFF_CAP, self._retry.delay(errors, self._rng)))
+
+    def _consumer_error(self, exc: Exception, message_id: str | None) -> None:
+        """Counted, logged by type and place only (a message body or token may be in its
+        text), shown in /readyz's warnings (`notices`)."""
+        frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        where = type(exc).__name__ + (
+            f" at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else ""
+        )
+        self._note("consumer_error")
+        with self._count_lock:
+            count = self._consumer_failed[0] + 1 if self._consumer_failed else 1
+            self._consumer_failed = (count, self.clock.time(), where)
+        log.error(
+            "saas_lifecycle_consumer_error",
+            extra={"message_id": (message_id or "")[:100], "error": where},
+        )
 
     def _retry_reads(self) -> None:
         """`retry_entitlements` while the queue is unreachable: a first read that failed at
@@ -945,9 +1012,13 @@ class SaasService:
         end = time.monotonic() + max(0.0, min(wait, CHANGES_WAIT_MAX))
         while True:
             try:
-                cursor, items = self.store.read(lambda db: saas_events.changes(db, since))
+                pruned, (cursor, items) = self.store.read(
+                    lambda db: saas_events.changes_or_resync(db, since)
+                )
             except StoreUnavailableError as exc:
                 return _unavailable(exc)
+            if pruned is not None:
+                return 410, _resync(since, pruned, cursor)
             left = end - time.monotonic()
             if items or left <= 0:
                 return 200, {"cursor": str(cursor), "changes": items}

@@ -48,6 +48,18 @@ REFRESH_DUE = "refresh_due"
 # `saas_entitlements_still_due` warnings went before).
 REFRESH_GIVE_UP = 7 * 86400.0
 FIRST_READ_GRACE = 60.0  # a resolve's own read is left alone this long
+# Retention (docs/saas-lifecycle.md#retention), pruned by the leader's prune pass (`prune`).
+# An event's id must outlive every redelivery of its message: SQS keeps a message at most
+# 14 days (MessageRetentionPeriod, 60 s to 1,209,600 s) and EventBridge retries a target at
+# most 24 h (MaximumEventAgeInSeconds <= 86,400); 30 days leaves room for clocks and outages.
+EVENTS_KEEP = 30 * 86400.0
+CHANGES_KEEP = 30 * 86400.0  # change-feed rows; an older cursor is told to resynchronise
+DEAD_LETTERS_KEEP = 90 * 86400.0  # and at most DEAD_LETTERS_MAX, the newest
+DEAD_LETTERS_MAX = 1000  # 64 KiB bodies: at most ~64 MiB
+PRUNE_BATCH = 5000  # rows of each table per prune pass (one transaction)
+# `saas_changes.subject` of the row left in place of the newest pruned one: its seq is the
+# cursor below which changes are no longer kept (no account id or 'ci:' subject is empty).
+PRUNED = ""
 
 _COMMON = """
 -- One row per buyer the lifecycle events name (`subject`: the account id, or 'ci:' and the
@@ -568,6 +580,68 @@ def changes(db: Db, since: int, limit: int = 200) -> tuple[int, list[dict[str, A
         ]
         out[str(subject)] = {"seq": int(seq), **info, "customers": customers}
     return int(rows[-1][0]), list(out.values())
+
+
+def pruned_through(db: Db) -> int | None:
+    """The cursor at or below which changes were pruned (None: none were). A `since` below it
+    may have missed changes: the reader must resynchronise, never be answered a gap."""
+    row = db.execute("SELECT seq, subject FROM saas_changes ORDER BY seq LIMIT 1").fetchone()
+    return int(row[0]) if row is not None and str(row[1]) == PRUNED else None
+
+
+def changes_or_resync(db: Db, since: int) -> tuple[int | None, tuple[int, list[dict[str, Any]]]]:
+    """(None, `changes`), or, when changes after `since` were pruned, (the cursor pruned
+    through, (the newest cursor, [])): one snapshot, so that cursor misses nothing later."""
+    pruned = pruned_through(db)
+    if pruned is None or since >= pruned:
+        return None, changes(db, since)
+    top = db.execute("SELECT MAX(seq) FROM saas_changes").fetchone()
+    return pruned, (int(top[0]) if top and top[0] is not None else pruned, [])
+
+
+def prune(db: Db, now: float, batch: int = PRUNE_BATCH) -> dict[str, int]:
+    """Leader only, inside the prune pass: at most `batch` rows of each table go -> rows
+    deleted per table. Kept: every event applied in the last EVENTS_KEEP seconds (a
+    redelivery is still a duplicate) and each subject's newest event (as new as its state's
+    facts) for good; change-feed rows of the last CHANGES_KEEP seconds (a prefix of the
+    cursor goes, its newest row left as the PRUNED mark); dead letters of the last
+    DEAD_LETTERS_KEEP seconds, DEAD_LETTERS_MAX at most. Customer states and entitlements are
+    one row per buyer and dimension: never pruned (a returning buyer's contract is read)."""
+    events = db.execute(
+        "DELETE FROM saas_events WHERE id IN (SELECT e.id FROM saas_events e "
+        "JOIN saas_lifecycle l ON l.subject = e.subject "
+        "WHERE e.applied_at < ? AND e.event_time < l.event_time ORDER BY e.applied_at LIMIT ?) "
+        "RETURNING id",
+        (now - EVENTS_KEEP, batch),
+    ).fetchall()
+    # The oldest rows by cursor, up to the first one still kept: `at` is each writer's clock,
+    # so only a prefix goes and `pruned_through` is exact.
+    through = None
+    for seq, at in db.execute(
+        "SELECT seq, at FROM saas_changes ORDER BY seq LIMIT ?", (batch + 1,)
+    ).fetchall():
+        if float(at) >= now - CHANGES_KEEP:
+            break
+        through = int(seq)
+    changes = 0
+    if through is not None:
+        changes = len(
+            db.execute(
+                "DELETE FROM saas_changes WHERE seq < ? RETURNING seq", (through,)
+            ).fetchall()
+        )
+        db.execute("UPDATE saas_changes SET subject = ? WHERE seq = ?", (PRUNED, through))
+    letters = db.execute(
+        "DELETE FROM saas_dead_letters WHERE id IN (SELECT id FROM saas_dead_letters "
+        "WHERE received_at < ? ORDER BY received_at LIMIT ?) RETURNING id",
+        (now - DEAD_LETTERS_KEEP, batch),
+    ).fetchall()
+    extra = db.execute(
+        "DELETE FROM saas_dead_letters WHERE id IN (SELECT id FROM saas_dead_letters "
+        "ORDER BY received_at DESC, id LIMIT ? OFFSET ?) RETURNING id",
+        (batch, DEAD_LETTERS_MAX),
+    ).fetchall()
+    return {"events": len(events), "changes": changes, "dead_letters": len(letters) + len(extra)}
 
 
 # -- metering follows the lifecycle -------------------------------------------------------

@@ -1503,6 +1503,7 @@ def prune(
             (hour_of(now) - SENDING_KEEP_HOURS,),
         )
         saas_contract.prune(db, now, keep_seconds)
+        saas_events.prune(db, now)  # lifecycle rows: their own horizons, bounded batches
     row = db.execute(
         "SELECT MIN(hour) FROM saas_outbox WHERE hour >= ?", (after or -(2**62),)
     ).fetchone()
