@@ -1,0 +1,155 @@
+"""The lifecycle consumer against faults nobody planned for, on moto's SQS in server mode
+(loopback): a message whose handling raises (a parser bug, a store error of an unexpected
+type) must not end the consumer. The message stays on the queue, SQS gives it again, and after
+the queue's maxReceiveCount its redrive policy moves it to the SQS dead-letter queue."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from sidecar.aws.sqs import EventQueue
+from sidecar.usage.db import open_store
+from sidecar.usage.saas import SAAS_SCHEMA
+from tests.helpers import ManualClock
+from tests.test_saas_events_queue import (  # noqa: F401
+    REGION,
+    Moto,
+    consuming,
+    events,
+    left,
+    moto,
+    service,
+    sqs_env,
+    wait_for,
+)
+from tests.test_saas_lifecycle import eb, stamp
+from tests.test_saas_service import Aws, make_service
+
+SECRET = "cust-do-not-log-7f3a"
+
+
+def hostile(t: float) -> str:
+    """An SNS notification whose `action` is an object: lifecycle.parse raised TypeError
+    (unhashable) on it, not EventError, and the exception ended the consumer thread."""
+    return json.dumps(
+        {
+            "Type": "Notification",
+            "MessageId": str(uuid.uuid4()),
+            "Message": json.dumps(
+                {"action": {"token": SECRET}, "customer-identifier": SECRET, "product-code": "p"}
+            ),
+            "Timestamp": stamp(t).replace("Z", ".000Z"),
+        }
+    )
+
+
+def queue_with_redrive(moto_url: str, receives: int) -> tuple[str, str, Any]:
+    client = boto3.client("sqs", region_name=REGION, endpoint_url=moto_url)
+    name = f"events-{uuid.uuid4().hex[:8]}"
+    dlq = client.create_queue(QueueName=name + "-dlq")["QueueUrl"]
+    arn = client.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    url = client.create_queue(
+        QueueName=name,
+        Attributes={
+            "VisibilityTimeout": "1",
+            "RedrivePolicy": json.dumps(
+                {"deadLetterTargetArn": arn, "maxReceiveCount": str(receives)}
+            ),
+        },
+    )["QueueUrl"]
+    return url, dlq, client
+
+
+def test_a_message_the_consumer_fails_on_stays_queued_until_sqs_dead_letters_it(
+    moto: Moto,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url, dlq, client = queue_with_redrive(moto.url, receives=3)
+    client.send_message(QueueUrl=url, MessageBody=hostile(time.time()))
+    client.send_message(QueueUrl=url, MessageBody=eb("Purchase Agreement Created", 2, time.time()))
+    svc = service(tmp_path)
+    caplog.set_level(logging.INFO)
+    with consuming(svc, EventQueue(url, REGION, wait_seconds=1)):
+        wait_for(lambda: events(svc) == 1, 20, "the event behind the failing one not applied")
+        wait_for(lambda: left(client, dlq) == 1, 30, "SQS never dead-lettered the message")
+        wait_for(lambda: left(client, url) == 0, 20, "the queue was not emptied")
+        # Still consuming after it: a later event is applied.
+        client.send_message(QueueUrl=url, MessageBody=eb("License Deprovisioned", 3, time.time()))
+        wait_for(lambda: events(svc) == 2, 20, "the consumer stopped after the failures")
+    counters = svc.counters().lifecycle
+    assert counters["consumer_error"] == 3  # each receive, never deleted by the sidecar
+    assert counters["applied"] == 2 and counters["dead_letter"] == 0
+    warning = [n for n in svc.notices() if n.startswith("events_consumer_failing:")]
+    assert warning and "TypeError" in warning[0] and "3 lifecycle messages" in warning[0]
+    logged = [r for r in caplog.records if r.getMessage() == "saas_lifecycle_consumer_error"]
+    assert len(logged) == 3 and all(r.levelno == logging.ERROR for r in logged)
+    # Neither the body nor anything in it is logged (it may carry a token or a buyer's id).
+    text = " ".join(str(vars(r)) for r in caplog.records)
+    assert SECRET not in text
+    svc.store.close()
+
+
+class OddStore:
+    """The real store, whose writes raise an error type the consumer was never written for
+    (sqlite3's own, as a damaged file raises it) until `fails` runs out."""
+
+    def __init__(self, store: Any, fails: int) -> None:
+        self.store, self.fails = store, fails
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def write(self, fn: Any, **kw: Any) -> Any:
+        if self.fails > 0:
+            self.fails -= 1
+            raise sqlite3.DatabaseError("database disk image is malformed")
+        return self.store.write(fn, **kw)
+
+
+def test_a_store_error_nobody_expected_is_retried_not_the_end_of_events(
+    moto: Moto,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    url, dlq, client = queue_with_redrive(moto.url, receives=5)
+    client.send_message(QueueUrl=url, MessageBody=eb("License Deprovisioned", 4, time.time()))
+    svc = service(tmp_path)
+    real = svc.store
+    svc.store = OddStore(real, fails=2)
+    with consuming(svc, EventQueue(url, REGION, wait_seconds=1)):
+        wait_for(lambda: events(svc) == 1, 30, "not applied once the store wrote again")
+        wait_for(lambda: left(client, url) == 0, 20, "not deleted once applied")
+    assert svc.counters().lifecycle["consumer_error"] == 2
+    assert left(client, dlq) == 0
+    real.close()
+
+
+def test_the_warning_names_the_failure_and_goes_an_hour_after_the_last(
+    moto: Moto,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Deterministic: a ManualClock whose first wait (the backoff after the failure) stops the
+    consumer; /readyz's warning is there, then gone an hour later."""
+    url, _, client = queue_with_redrive(moto.url, receives=5)
+    clock = ManualClock(stop_after_waits=1)
+    client.send_message(QueueUrl=url, MessageBody=hostile(clock.t))
+    svc = make_service(open_store(SAAS_SCHEMA, state_dir=tmp_path), Aws(clock), clock)
+    svc.consume(EventQueue(url, REGION, wait_seconds=1), threading.Event())
+    assert clock.waits and clock.waits[0] > 0  # it backed off
+    assert left(client, url) == 1  # not deleted
+    assert any(n.startswith("events_consumer_failing: 1 ") for n in svc.notices())
+    clock.t += 3600  # CONSUMER_ERROR_NOTICE
+    assert not any(n.startswith("events_consumer_failing") for n in svc.notices())
+    svc.store.close()
