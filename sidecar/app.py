@@ -790,14 +790,16 @@ class Daemon:
         assert self.contract is not None  # nosec B101 # registered in contract mode only
         results = dict(self.contract.results)
         leases: dict[str, int] = {}
+        owed = {"checkout": self.contract.checkins_owed()}
         if self.leases is not None:
             for key, n in self.leases.results.items():
                 results[key] = results.get(key, 0) + n
             leases = self.leases.held_by_entitlement()
+            owed["lease"] = self.leases.checkins_owed()
         doc = self.contract.document()
         # A PERPETUAL checkout is never extended and never expires here: no time left to show.
         left = doc["expires_in_seconds"] if doc["checkout_type"] == "PROVISIONAL" else None
-        return ContractCounts(doc["state"], left, results, leases)
+        return ContractCounts(doc["state"], left, results, leases, owed)
 
     def _checkin(self, budget: float) -> None:
         """CheckInLicense at stop, never past `budget` seconds (a hung call is left behind)."""

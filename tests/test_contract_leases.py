@@ -551,3 +551,29 @@ def test_a_restart_while_license_manager_throttles_keeps_the_leases(
     until(extended_twice, what="the lease extended after the throttling")
     assert in_use(server) == {"Seats": 2}
     assert "lease_lost" not in second.logs()
+
+
+def test_a_lease_check_in_owed_shows_in_the_metrics_until_aws_takes_it_back(
+    lm: Any, pod: Any, server: EmulatorServer
+) -> None:
+    """The product checked its lease in while License Manager throttled CheckInLicense: the
+    sidecar retries it, but nothing on /metrics said a seat was still held at AWS."""
+    grant(lm, seats=3)
+    p = pod()
+    p.wait(checked_out)
+    assert lease(p, "job-1", 2).status_code == 200
+    gauge = 'marketplace_license_checkins_owed{source="lease"} '
+    assert gauge + "0.0" in p.get("/metrics", probe=True).text
+    throttled = {"error": "RateLimitExceededException", "first": 10_000, "op": "CheckInLicense"}
+    lm("config", {"faults": [throttled]})
+    out = post(p, "/v1/licenses/checkin", {"id": "job-1"})
+    assert out.status_code == 200 and out.json()["returned_to_license"] is False
+    metrics = p.get("/metrics", probe=True).text
+    assert gauge + "1.0" in metrics
+    assert 'marketplace_license_checkins_owed{source="checkout"} 0.0' in metrics
+    until(lambda: len(calls(server, "CheckInLicense")) >= 3, what="the check-in retried")
+    assert gauge + "1.0" in p.get("/metrics", probe=True).text  # still owed, still shown
+    assert in_use(server) == {"Seats": 2}
+    lm("config", {"faults": []})
+    until(lambda: gauge + "0.0" in p.get("/metrics", probe=True).text, what="gauge back to 0")
+    assert in_use(server) == {}

@@ -567,3 +567,34 @@ def test_a_timed_out_lease_returned_late_does_not_forget_its_successor(
     status, view = leases.renew(json.dumps({"id": "a"}).encode())
     assert status == 200 and view["state"] == "held", view
     assert in_use(lm) == {"Seats": 1}
+
+
+def test_the_owed_check_in_gauge_rises_while_check_ins_fail_and_falls_once_they_succeed(
+    lm: LicenseBook,
+) -> None:
+    """The re-check's old checkout could not be checked in (throttled twice): a seat AWS
+    holds that no metric showed. `marketplace_license_checkins_owed{source="checkout"}` is 1
+    while it is retried, 0 once AWS took it back."""
+    from sidecar.ops.metrics import ContractCounts, Metrics
+
+    grant(lm, seats=3)
+    faults = arm(lm, Fault("RateLimitExceededException", 2, "CheckInLicense"))
+    seen: list[int] = []
+
+    def at_wait(service: ContractService, clock: ManualClock) -> None:
+        faults(service, clock)
+        seen.append(service.checkins_owed())
+
+    h = Harness(lm, at_wait=at_wait, max_waits=8)
+    h.join()
+    codes = [c["code"] for c in ops(lm, "CheckInLicense")]
+    assert codes[:3] == ["RateLimitExceededException"] * 2 + ["ok"], codes
+    rise = seen.index(1)
+    assert seen[:rise] == [0] * rise and 0 in seen[rise:] and seen[-1] == 0, seen
+    owed = {"checkout": 1}
+    metrics = Metrics(None, frozenset())
+    metrics.watch_contract(lambda: ContractCounts("checked_out", None, {}, {}, owed))
+    gauge = 'marketplace_license_checkins_owed{source="checkout"} '
+    assert gauge + "1.0" in metrics.render().decode()
+    owed["checkout"] = h.service.checkins_owed()
+    assert gauge + "0.0" in metrics.render().decode()

@@ -801,6 +801,11 @@ class ContractService:
     def snapshot(self) -> LicenseSnapshot:
         return self.machine.snapshot()
 
+    def checkins_owed(self) -> int:
+        """Checkouts whose CheckInLicense failed and is retried (/metrics)."""
+        with self._lock:
+            return len(self._owed)
+
 
 def _iso(ts: float) -> str:
     from datetime import UTC, datetime

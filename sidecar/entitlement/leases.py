@@ -98,6 +98,12 @@ class LeaseBook:
                     out[r["entitlement"]] = out.get(r["entitlement"], 0) + int(r["units"])
             return out
 
+    def checkins_owed(self) -> int:
+        """Leases checked in (or timed out) whose CheckInLicense failed: `returning`, retried
+        by the keeper (/metrics)."""
+        with self._lock:
+            return sum(1 for r in self._leases.values() if r["state"] == "returning")
+
     def listing(self) -> Answer:
         with self._lock:
             leases = [self._view(i) for i in sorted(self._leases)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Info
@@ -456,6 +456,9 @@ class ContractCounts:
     expires_in_seconds: float | None
     results: Mapping[tuple[str, str], int]  # (License Manager operation, result) -> calls
     leases_by_entitlement: Mapping[str, int]  # units the product's leases hold
+    # CheckInLicense calls that failed and are retried, by source (checkout: the pod's own
+    # swapped-out or late checkouts; lease: the product's leases): seats AWS may still hold.
+    checkins_owed: Mapping[str, int] = field(default_factory=dict)
 
 
 CONTRACT_STATES = (
@@ -468,6 +471,7 @@ CONTRACT_STATES = (
 )
 LICENSE_OPS = frozenset({"CheckoutLicense", "ExtendLicenseConsumption", "CheckInLicense"})
 LICENSE_RESULTS = frozenset({"ok", "gone", "retryable_error", "terminal_error", "unverified"})
+CHECKIN_SOURCES = ("checkout", "lease")
 MAX_LEASE_LABELS = 50  # entitlement names come from the product: bounded, the rest "other"
 
 
@@ -505,6 +509,15 @@ class _ContractCollector(Collector):
         for i, (name, n) in enumerate(sorted(c.leases_by_entitlement.items())):
             leases.add_metric([name if i < MAX_LEASE_LABELS else "other"], float(n))
         yield leases
+        owed = GaugeMetricFamily(
+            "marketplace_license_checkins_owed",
+            "Check-ins that failed and are retried until AWS takes the units back (or the "
+            "checkout has surely expired): checkout (the pod's) or lease (the product's)",
+            labels=["source"],
+        )
+        for source in CHECKIN_SOURCES:
+            owed.add_metric([source], float(c.checkins_owed.get(source, 0)))
+        yield owed
 
 
 class Metrics:
