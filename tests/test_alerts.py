@@ -47,12 +47,21 @@ METRICS: dict[str, tuple[str, set[str]] | None] = {
     # s19-events consumer exports (sidecar/ops/metrics.py, SAAS_LIFECYCLE_OUTCOMES).
     "marketplace_saas_lifecycle_messages_total": (
         "outcome",
-        {"applied", "duplicate", "stale", "dead_letter", "queue_error", "store_error"},
+        {
+            "applied",
+            "duplicate",
+            "stale",
+            "dead_letter",
+            "queue_error",
+            "store_error",
+            "consumer_error",
+        },
     ),
     # Deprovisionings learned after their final window (sidecar/ops/metrics.py, per process).
     "marketplace_saas_final_windows_missed_total": None,
     # Contract mode (sidecar/ops/metrics.py, _ContractCollector).
     "marketplace_license_expires_in_seconds": None,
+    "marketplace_license_checkins_owed": ("source", {"checkout", "lease"}),
 }
 PROMQL_WORDS = {
     "sum", "max", "min", "avg", "count", "without", "by", "on", "ignoring", "group_left",

@@ -230,3 +230,39 @@ def test_each_pass_prunes_a_bounded_batch(
         svc.store.write(lambda db: saas_events.prune(db, clock.t, batch=2))
     assert ids(svc, "saas_events") == {"e6"}
     assert feed(svc, 0)[0] == 410
+
+
+def test_the_resync_answer_over_http_and_through_the_client(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """What a poller sees: a 410 in the API's problem shape naming `since`, with the cursor to
+    go on from; the Python client raises CustomerError `cursor_expired`."""
+    import requests
+    from marketplace_sidecar_client import CustomerError, customer_changes
+
+    from sidecar.server.api import API_LIMITS, LocalServer, Router
+
+    svc = make_service(open_store(SAAS_SCHEMA, state_dir=tmp_path), Aws(clock), clock)
+    svc.handle_message("1", agreement("Purchase Agreement Created", 1, "a1", clock.t, "e1"))
+    clock.t += CHANGES_KEEP + DAY
+    svc.handle_message("2", agreement("Purchase Agreement Created", 2, "a2", clock.t, "e2"))
+    svc.tick()
+    router = Router(None, lambda: None, saas=svc, readiness=lambda: (True, None))
+    server = LocalServer(("127.0.0.1", 0), router, API_LIMITS, name="api")
+    server.serve_in_thread("api")
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        r = requests.get(f"{base}/v1/customers/changes?since=0", timeout=10)
+        assert r.status_code == 410, r.text
+        doc = r.json()
+        assert doc["error"]["code"] == "cursor_expired" and doc["error"]["field"] == "since"
+        with pytest.raises(CustomerError) as expired:
+            customer_changes("0", url=base)
+        assert expired.value.reason == "cursor_expired"
+        assert doc["cursor"] in str(expired.value)
+        page = customer_changes(doc["cursor"], url=base)
+        assert page["changes"] == [] and page["cursor"] == doc["cursor"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        svc.store.close()

@@ -794,6 +794,7 @@ def _customer_read(path: str, timeout: float, limit: int = MAX_BODY_BYTES) -> di
     reason = {
         404: code if code in ("unknown_customer", "unknown_dead_letter") else "not_saas_mode",
         400: "invalid",
+        410: "cursor_expired",  # changes after `since` were pruned: list customers again
         429: "unavailable",  # the change feed's long polls are all taken (changes_busy)
         503: "unavailable",
     }.get(status, f"sidecar_{status}")
@@ -826,7 +827,9 @@ def customer_changes(
     entitlements changed after the cursor `since` ("0": every change kept), waiting up to
     `wait` seconds (0-20) for one. Returns {"cursor": ..., "changes": [...]}: keep the cursor
     (it is the store's: it works on any replica and after restarts) and pass it next time.
-    Raises `CustomerError` (unavailable: retry after `retry_after`; invalid; transport)."""
+    Raises `CustomerError` (unavailable: retry after `retry_after`; cursor_expired: the
+    changes after `since` are no longer kept, list every customer and go on from the cursor
+    its message names; invalid; transport)."""
     if not isinstance(wait, (int, float)) or not 0 <= wait <= 20:
         raise ValueError(f"wait must be 0-20 seconds, got {wait!r}")
     if not isinstance(since, str) or _CURSOR.fullmatch(since) is None:
