@@ -19,7 +19,8 @@ import pytest
 
 from sidecar.aws.sqs import EventQueue
 from sidecar.usage.db import open_store
-from sidecar.usage.saas import SAAS_SCHEMA
+from sidecar.usage.hours import HourPolicy
+from sidecar.usage.saas import SAAS_SCHEMA, SaasPolicy, SaasService
 from tests.helpers import ManualClock
 from tests.test_saas_events_queue import (  # noqa: F401
     REGION,
@@ -32,6 +33,7 @@ from tests.test_saas_events_queue import (  # noqa: F401
     sqs_env,
     wait_for,
 )
+from tests.test_saas_ledger import DIMS
 from tests.test_saas_lifecycle import eb, stamp
 from tests.test_saas_service import Aws, make_service
 
@@ -152,4 +154,31 @@ def test_the_warning_names_the_failure_and_goes_an_hour_after_the_last(
     assert any(n.startswith("events_consumer_failing: 1 ") for n in svc.notices())
     clock.t += 3600  # CONSUMER_ERROR_NOTICE
     assert not any(n.startswith("events_consumer_failing") for n in svc.notices())
+    svc.store.close()
+
+
+def test_an_odd_entitlements_answer_while_the_queue_is_down_does_not_end_the_consumer(
+    sqs_env: int,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """While the queue is unreachable the consumer still retries due entitlement reads. An
+    answer without `dimension` raised KeyError out of that retry and ended the consumer: once
+    the queue came back, no event was applied any more."""
+    clock = ManualClock(stop_after_waits=3)
+    policy = SaasPolicy(dimensions=DIMS, hours=HourPolicy(seal_margin=60, spread=0))
+    svc = SaasService(
+        policy,
+        open_store(SAAS_SCHEMA, state_dir=tmp_path),
+        lambda: Aws(clock),
+        clock=clock,
+        rng=lambda: 0.5,
+        entitlements=lambda product, account: [{"value": 5}],  # no "dimension"
+    )
+    due: list[str] = []  # read later: the event stays due in the store
+    assert svc.handle_message("m", eb("License Updated", 5, clock.t - 60), reads=due) == "applied"
+    url = f"http://127.0.0.1:{sqs_env}/123456789012/events-nowhere"  # nothing listens
+    svc.consume(EventQueue(url, REGION, wait_seconds=1), threading.Event())
+    assert len(clock.waits) == 3  # it went on to the third backoff instead of dying
+    counters = svc.counters().lifecycle
+    assert counters["queue_error"] == 3 and counters["consumer_error"] >= 1
     svc.store.close()

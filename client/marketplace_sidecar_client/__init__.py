@@ -824,7 +824,7 @@ def customer_changes(
     since: str = "0", *, wait: float = 0.0, url: str = DEFAULT_URL, timeout: float | None = None
 ) -> dict[str, Any]:
     """GET /v1/customers/changes (saas mode): the buyers whose subscription state or
-    entitlements changed after the cursor `since` ("0": every change kept), waiting up to
+    entitlements changed after the cursor `since` ("0": every change), waiting up to
     `wait` seconds (0-20) for one. Returns {"cursor": ..., "changes": [...]}: keep the cursor
     (it is the store's: it works on any replica and after restarts) and pass it next time.
     Raises `CustomerError` (unavailable: retry after `retry_after`; cursor_expired: the

@@ -1004,6 +1004,8 @@ class SaasService:
             self.retry_entitlements(self.clock.monotonic() + READ_PASS)
         except StoreUnavailableError as exc:
             log.warning("saas_entitlements_not_stored", extra={"detail": str(exc)[:300]})
+        except Exception as exc:  # the reads stay due in the store: the consumer goes on
+            self._consumer_error(exc, None)
 
     def changes(self, since: int, wait: float) -> tuple[int, dict[str, Any]]:
         """GET /v1/customers/changes: subjects changed after `since`, waiting up to `wait`
