@@ -5,7 +5,8 @@ inside one store transaction, the same statements on SQLite and PostgreSQL.
 Why each event is applied once by a fleet: its id is the primary key of `saas_events`, inserted
 first in the transaction that applies it (ON CONFLICT DO NOTHING RETURNING): a replica that
 receives it again (SQS redelivers, EventBridge and SNS deliver twice) finds it taken and changes
-nothing. Out of order: each subject keeps the time of the event that set its state; an older one
+nothing. Ids are kept EVENTS_KEEP, past any redelivery, and each subject's newest for good
+(`prune`). Out of order: each subject keeps the time of the event that set its state; an older one
 never overrides a newer state (`lifecycle.newer`).
 
 Why the change cursor never skips a change: every transaction that appends to `saas_changes`
@@ -357,7 +358,7 @@ def _letter(row: Sequence[Any]) -> dict[str, Any]:
 def due_refreshes(db: Db, now: float, limit: int = 20) -> list[str]:
     """Subjects with an event whose GetEntitlements read is still due (it failed, or its
     process died before it), oldest first; events applied in the last REFRESH_GIVE_UP seconds
-    only (the applied_at index bounds the scan; `saas_events` is never pruned). Then accounts
+    only (the applied_at index bounds the scan over events kept EVENTS_KEEP). Then accounts
     resolved whose first read never answered."""
     due = [
         str(s)
