@@ -18,6 +18,7 @@ import boto3
 import pytest
 
 from sidecar.aws.sqs import EventQueue
+from sidecar.usage import lifecycle
 from sidecar.usage.db import open_store
 from sidecar.usage.hours import HourPolicy
 from sidecar.usage.saas import SAAS_SCHEMA, SaasPolicy, SaasService
@@ -42,7 +43,8 @@ SECRET = "cust-do-not-log-7f3a"
 
 def hostile(t: float) -> str:
     """An SNS notification whose `action` is an object: lifecycle.parse raised TypeError
-    (unhashable) on it, not EventError, and the exception ended the consumer thread."""
+    (unhashable) on it, not EventError, and the exception ended the consumer thread. The parser
+    now refuses it (a dead letter); `parser_bug` stands in for the next such bug."""
     return json.dumps(
         {
             "Type": "Notification",
@@ -74,6 +76,30 @@ def queue_with_redrive(moto_url: str, receives: int) -> tuple[str, str, Any]:
     return url, dlq, client
 
 
+@pytest.fixture
+def parser_bug(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parser bug nobody has found yet: the real parser, raising TypeError on the messages
+    that carry SECRET, as it did on an object `action` before that was refused."""
+    real = lifecycle.parse
+
+    def parse(body: str, received_at: float) -> lifecycle.Event:
+        if SECRET in body:
+            raise TypeError("unhashable type: 'dict'")
+        return real(body, received_at)
+
+    monkeypatch.setattr(lifecycle, "parse", parse)
+
+
+def test_an_object_action_is_a_dead_letter_that_does_not_repeat_it(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    assert svc.handle_message("m", hostile(time.time())) == "dead_letter"
+    status, doc = svc.dead_letters()
+    assert status == 200 and SECRET not in json.dumps(doc)
+    assert "action" in json.dumps(doc)
+    svc.store.close()
+
+
+@pytest.mark.usefixtures("parser_bug")
 def test_a_message_the_consumer_fails_on_stays_queued_until_sqs_dead_letters_it(
     moto: Moto,  # noqa: F811
     tmp_path: Path,

@@ -172,6 +172,9 @@ def test_both_envelopes_and_both_roles_parse_to_the_same_facts() -> None:
         (eb("License Updated", 1, 1.8e9).replace(account(1), "12"), "accountId"),
         (json.dumps({"Type": "Notification", "Message": "{", "MessageId": "m"}), "Message"),
         (json.dumps({"action": "explode", "customer-identifier": "c"}), "action"),
+        # Not text: refused by its JSON type (raised TypeError: unhashable), never echoed.
+        (json.dumps({"action": {"token": "s3cret"}, "customer-identifier": "c"}), "JSON object$"),
+        (json.dumps({"action": ["a"], "customer-identifier": "c"}), "JSON array$"),
         ("x" * (lifecycle.MAX_BODY + 1), "bytes"),
         ("[" * 100_000, "nested"),  # under MAX_BODY; json.loads raised RecursionError
         (

@@ -240,12 +240,20 @@ def _eventbridge(doc: dict[str, Any]) -> Event:
     )
 
 
+def _kind(value: Any) -> str:
+    return {dict: "object", list: "array", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
 def _sns(doc: Any, event_id: str, at: float) -> Event:
     if not isinstance(doc, dict):
         raise EventError("Message: a JSON object is required")
     action = doc.get("action")
-    if action not in _SNS:
-        raise EventError(f"action: one of {', '.join(_SNS)} expected, got {str(action)[:60]!r}")
+    if not isinstance(action, str) or action not in _SNS:
+        # A value that is not text is named by its JSON type only: it may hold anything.
+        got = repr(action[:60]) if isinstance(action, str) else f"a JSON {_kind(action)}"
+        raise EventError(f"action: one of {', '.join(_SNS)} expected, got {got}")
     customer = _text(doc.get("customer-identifier"), "customer-identifier", required=True)
     return Event(
         id=event_id,
