@@ -503,12 +503,14 @@ def ingest(
     """Store the records, all or nothing: (202, or 200 if each was a repeat; answers).
 
     Set-based: whatever the number of records, at most three statements (four when an id was
-    seen before): the customers' states and the sealed hours (one SELECT), the idempotency
-    keys with their answers (one INSERT ... ON CONFLICT DO NOTHING RETURNING; the stored
-    answers of the ids it did not take) and the hour totals (one upsert RETURNING the new
-    totals: the range check, `refuse_over_maximum`). No row is kept per record, as in custom
-    mode's ledger: the totals are what is sealed, the keys what a repeat is answered from (the
-    record rows of older sidecars, `saas_records`, are only pruned). Every check runs
+    seen before, one more when the POST has allocations: the tag sets stored for its hours,
+    `refuse_too_many_tags`): the customers' states and the sealed hours (one SELECT), the
+    idempotency keys with their answers (one INSERT ... ON CONFLICT DO NOTHING RETURNING; the
+    stored answers of the ids it did not take) and the hour totals with their tag sets' parts
+    (one upsert RETURNING the new totals: the range check, `refuse_over_maximum`). No row is
+    kept per record, as in custom mode's ledger: the totals are what is sealed, the keys what a
+    repeat is answered from (the record rows of older sidecars, `saas_records`, are only
+    pruned). Every check runs
     as the record-by-record version did, in the same order: the first record that fails
     (unresolved customer, then its id, then its total) names the answer.
 
