@@ -265,3 +265,54 @@ def test_a_schema_5_replica_still_running_fails_loudly_and_bills_nothing_wrong(
     finally:
         old.close()
         new.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_schema_5_store_that_cannot_be_migrated_is_refused_untouched(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Something in the way of the migration (a table or function of the name it creates, left
+    by hand): the open is refused, naming the schema, and the store is left exactly as the old
+    code wrote it, still version 5, its totals under the old key."""
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    _load(backend, tmp_path, url)
+    if url is None:
+        conn = sqlite3.connect(tmp_path / SAAS_SCHEMA.name)
+        conn.execute("CREATE TABLE saas_open_v6 (x INTEGER)")
+        conn.commit()
+        conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as pg:
+            pg.execute(
+                "CREATE FUNCTION saas_open_tags_guard() RETURNS trigger LANGUAGE plpgsql "
+                "AS $$ BEGIN RETURN NULL; END $$"
+            )
+    with pytest.raises(Exception, match=r"version 6|migrat") as refused:
+        open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=url).close()
+    assert "saas" in str(refused.value)
+
+    def shape() -> tuple[int, list[Any]]:
+        if url is None:
+            conn = sqlite3.connect(tmp_path / SAAS_SCHEMA.name)
+            try:
+                version = conn.execute(
+                    "SELECT value FROM meta WHERE key = 'schema_version'"
+                ).fetchone()
+                rows = conn.execute("SELECT * FROM saas_open ORDER BY customer").fetchall()
+            finally:
+                conn.close()
+        else:
+            import psycopg
+
+            with psycopg.connect(url, autocommit=True) as pg:
+                version = pg.execute("SELECT version FROM sidecar_schema").fetchone()
+                rows = pg.execute("SELECT * FROM saas_open ORDER BY customer").fetchall()
+        assert version is not None
+        return int(version[0]), [tuple(r) for r in rows]
+
+    version, rows = shape()
+    assert version == 5
+    assert [len(r) for r in rows] == [4, 4]  # customer, dimension, hour, quantity: no tags
+    assert sorted(int(r[3]) for r in rows) == [250_000, 6 * qty.SCALE]
