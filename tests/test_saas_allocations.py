@@ -465,3 +465,31 @@ def test_carried_hours_keep_their_tag_sets(store: UsageStore) -> None:
             "Tags": [{"Key": "unallocated", "Value": "true"}],
         },
     ]
+
+
+def test_a_post_of_many_tagged_records_is_one_transaction_whatever_its_tag_sets(
+    store: UsageStore,
+) -> None:
+    """Six customers' records of 2,499 allocations each in one POST (some 700 kB of JSON, under
+    the 1 MiB body limit): 15,000 open rows, 75,000 values, more than one PostgreSQL statement
+    may bind; all counted, or (one more tag set) none."""
+    now = 1_800_000_000.0
+    accounts = [f"33333333333{i}" for i in range(6)]
+
+    def rec(account: str, n: int) -> dict[str, Any]:
+        return {
+            "customer_aws_account_id": account,
+            "license_arn": f"arn:aws:license-manager::{account}:license:l-{account}",
+            "dimension": "users",
+            "quantity": qty.text(n),
+            "allocations": [{"quantity": "0.000001", "tags": {"n": str(i)}} for i in range(n)],
+        }
+
+    full = [rec(a, L.MAX_TAG_SETS) for a in accounts]
+    status, body = _ingest(store, [*full[:5], rec(accounts[5], L.MAX_TAG_SETS + 1)], now)
+    assert status == 400 and body["field"] == "records[5].allocations"
+    assert _ingest(store, full, now)[0] == 202
+    rows = store.read(lambda db: db.execute("SELECT COUNT(*) FROM saas_open").fetchone())
+    assert int(rows[0]) == 6 * (L.MAX_TAG_SETS + 1)
+    report = store.read(lambda db: L.report(db, now, HP))
+    assert report["totals"]["users"]["open"] == qty.text(6 * L.MAX_TAG_SETS)

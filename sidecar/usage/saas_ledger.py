@@ -419,6 +419,7 @@ def refuse_over_maximum(
 
 
 OpenRow = tuple[str, str, int, str]  # (customer, dimension, hour, tags): one saas_open row
+UPSERT_ROWS = 2000  # rows of saas_open per statement (5 values each)
 
 
 def _add_to_totals(db: Db, added: dict[OpenRow, int]) -> dict[OpenKey, int]:
@@ -426,18 +427,22 @@ def _add_to_totals(db: Db, added: dict[OpenRow, int]) -> dict[OpenKey, int]:
     part), in key order (the row locks of one statement are taken in a fixed order); returns
     the new hour totals."""
     keys = sorted(added)
-    return {
-        (str(c), str(d), int(h)): int(q)
+    out: dict[OpenKey, int] = {}
+    # UPSERT_ROWS rows a statement: a POST's allocations may hold tens of thousands of tag sets,
+    # more than a statement may bind (SQLite 32,766 values, PostgreSQL 65,535).
+    for i in range(0, len(keys), UPSERT_ROWS):
+        chunk = keys[i : i + UPSERT_ROWS]
         for c, d, h, t, q in db.execute(
             "INSERT INTO saas_open (customer, dimension, hour, tags, quantity) VALUES "  # noqa: S608  # nosec B608 # placeholders only; values are bound
-            + _rows(len(keys), 5)
+            + _rows(len(chunk), 5)
             + " ON CONFLICT (customer, dimension, hour, tags) DO UPDATE SET "
             "quantity = saas_open.quantity + excluded.quantity "
             "RETURNING customer, dimension, hour, tags, quantity",
-            [v for key in keys for v in (*key, added[key])],
-        )
-        if t == TOTAL
-    }
+            [v for key in chunk for v in (*key, added[key])],
+        ):
+            if t == TOTAL:
+                out[(str(c), str(d), int(h))] = int(q)
+    return out
 
 
 def _tag_sets(db: Db, keys: Set[OpenKey]) -> dict[OpenKey, set[str]]:
