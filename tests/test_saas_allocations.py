@@ -18,7 +18,7 @@ from sidecar.aws.metering import MeteringGateway
 from sidecar.core import quantity as qty
 from sidecar.emulator.service import Emulator, EmulatorServer
 from sidecar.usage import saas_ledger as L  # noqa: N812
-from sidecar.usage.db import UsageStore, open_store
+from sidecar.usage.db import UsageStore, insert_new, open_store
 from sidecar.usage.hours import HourPolicy, hour_of, hour_start
 from sidecar.usage.overage import Basis
 from sidecar.usage.saas import SAAS_SCHEMA, SaasPolicy, SaasService
@@ -493,3 +493,36 @@ def test_a_post_of_many_tagged_records_is_one_transaction_whatever_its_tag_sets(
     assert int(rows[0]) == 6 * (L.MAX_TAG_SETS + 1)
     report = store.read(lambda db: L.report(db, now, HP))
     assert report["totals"]["users"]["open"] == qty.text(6 * L.MAX_TAG_SETS)
+
+
+def test_a_record_too_large_to_send_is_rejected_not_left_to_stop_every_call(
+    store: UsageStore,
+) -> None:
+    """A sealed record that alone makes a request of 1 MB or more (intake never seals one; a
+    store written by other code might hold it) would stay first in the pool forever and no
+    call would ever be made again: it is settled 'rejected' (alerted on), the others sent."""
+    now = 1_800_000_000.0
+    hour = hour_of(now) - 2
+    huge = {"Timestamp": int(hour_start(hour)), "Dimension": "users", "QuantityAsDecimal": "1",
+            "CustomerAWSAccountId": ACCT, "LicenseArn": ARN,
+            "UsageAllocations": [{"AllocatedUsageQuantityAsDecimal": "0",
+                                  "Tags": [{"Key": f"k{i}", "Value": "v" * 256}]}
+                                 for i in range(4000)]}  # fmt: skip
+    small = {**huge, "CustomerAWSAccountId": OTHER, "LicenseArn": OTHER_ARN}
+    small.pop("UsageAllocations")
+    rows = [
+        (f"{ACCT}/{ARN}", "users", hour, qty.SCALE, 0, json.dumps(huge), "sealed", now, now + 3600),
+        (f"{OTHER}/{OTHER_ARN}", "users", hour, qty.SCALE, 0, json.dumps(small), "sealed", now,
+         now + 3600),
+    ]  # fmt: skip
+    store.write(
+        lambda db: insert_new(
+            db, "saas_outbox", L.OUTBOX_COLUMNS, "customer, dimension, hour", rows
+        )
+    )
+    batch, settled = store.write(lambda db: L.next_batch(db, now, None))
+    assert batch is not None and batch.records == 1
+    assert batch.request["UsageRecords"][0]["CustomerAWSAccountId"] == OTHER
+    assert settled.rejected == ((f"{ACCT}/{ARN}", "users", hour),)
+    states = store.read(lambda db: L.report(db, now, HP))["records_by_state"]
+    assert (states["rejected"], states["sealed"]) == (1, 1)
