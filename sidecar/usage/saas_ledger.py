@@ -380,8 +380,10 @@ def allocations(total: int, parts: Mapping[str, int], billed: int) -> list[dict[
     else:
         shares = {k: by_tags[k] * billed // total for k in order}
         left = billed - sum(shares.values())
-        ranked = sorted(order, key=lambda k: (-(by_tags[k] * billed % total), order.index(k)))
-        for k in ranked[:left]:
+        ranked = sorted(
+            enumerate(order), key=lambda ik: (-(by_tags[ik[1]] * billed % total), ik[0])
+        )
+        for _, k in ranked[:left]:
             shares[k] += 1
     return [_allocation(k, shares[k]) for k in order]
 
@@ -423,9 +425,9 @@ UPSERT_ROWS = 2000  # rows of saas_open per statement (5 values each)
 
 
 def _add_to_totals(db: Db, added: dict[OpenRow, int]) -> dict[OpenKey, int]:
-    """One statement: add to each row (the hour's total, tag set TOTAL, and each tag set's
-    part), in key order (the row locks of one statement are taken in a fixed order); returns
-    the new hour totals."""
+    """One statement (per UPSERT_ROWS rows): add to each row (the hour's total, tag set TOTAL,
+    and each tag set's part), in key order (the row locks of one statement are taken in a
+    fixed order); returns the new hour totals."""
     keys = sorted(added)
     out: dict[OpenKey, int] = {}
     # UPSERT_ROWS rows a statement: a POST's allocations may hold tens of thousands of tag sets,
