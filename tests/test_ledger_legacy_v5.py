@@ -316,3 +316,87 @@ def test_a_schema_5_store_that_cannot_be_migrated_is_refused_untouched(
     assert version == 5
     assert [len(r) for r in rows] == [4, 4]  # customer, dimension, hour, quantity: no tags
     assert sorted(int(r[3]) for r in rows) == [250_000, 6 * qty.SCALE]
+
+
+@pytest.mark.parametrize("writer", ["intake", "seal"])
+def test_a_schema_5_write_in_flight_during_the_upgrade_commits_first_and_is_migrated(
+    writer: str, pg_url: str, tmp_path: Path
+) -> None:
+    """The old replica is adding to a total (intake) or writing an hour's records (seal) when a
+    new replica starts: the migration waits for it (it locks the outbox, then the totals, as the
+    old code writes them) instead of failing or deadlocking; what the old code committed is
+    migrated as it was (the total counted once, as the hour's total), and its next write is
+    refused."""
+    import threading
+    import time
+
+    import psycopg
+
+    hour = H0 - 1
+    a = f"{A[0]}/{A[1]}"
+    _load("postgresql", tmp_path, pg_url)
+    old = psycopg.connect(pg_url, options=SCHEMA_5_SESSION)
+    if writer == "intake":
+        old.execute(OLD_INTAKE, (a, "scans", hour, qty.SCALE))  # 6 + 1, not committed
+    else:
+        sealed = (a, "scans", hour, 6 * qty.SCALE, 0, "{}", "sealed", NOW, NOW + 86400)
+        old.execute(OLD_SEAL_OUTBOX, sealed)
+        old.execute("DELETE FROM saas_open WHERE hour = %s AND customer = %s", (hour, a))
+    opened: list[UsageStore] = []
+    failed: list[BaseException] = []
+
+    def upgrade() -> None:
+        try:
+            opened.append(open_store(SAAS_SCHEMA, database_url=pg_url))
+        except BaseException as exc:  # reported by the assertion below
+            failed.append(exc)
+
+    thread = threading.Thread(target=upgrade, daemon=True)
+    thread.start()
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as watch:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                row = watch.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND NOT granted"
+                ).fetchone()
+                if row and int(row[0]) > 0:
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("the migration never waited for the old replica's write")
+        old.commit()
+        thread.join(60)
+        assert not failed and opened, failed
+        store = opened[0]
+        open_rows = store.read(
+            lambda db: db.execute(
+                "SELECT customer, tags, quantity FROM saas_open WHERE hour = ? ORDER BY customer",
+                (hour,),
+            ).fetchall()
+        )
+        outbox = store.read(
+            lambda db: db.execute(
+                "SELECT customer, quantity FROM saas_outbox WHERE hour = ?", (hour,)
+            ).fetchall()
+        )
+        b = f"{B[0]}/{B[1]}"
+        if writer == "intake":
+            assert [(str(c), str(t), int(q)) for c, t, q in open_rows] == [
+                (a, "", 7 * qty.SCALE),
+                (b, "", qty.SCALE // 4),
+            ]
+            assert outbox == []
+        else:
+            assert [(str(c), str(t), int(q)) for c, t, q in open_rows] == [(b, "", qty.SCALE // 4)]
+            assert [(str(c), int(q)) for c, q in outbox] == [(a, 6 * qty.SCALE)]
+        with pytest.raises(psycopg.Error):
+            old.execute(OLD_INTAKE, (a, "scans", hour, qty.SCALE))
+        old.rollback()
+        with pytest.raises(psycopg.errors.RaiseException, match="upgrade every replica"):
+            old.execute(OLD_SEAL_OUTBOX, (b, "scans", hour, 1, 0, "{}", "sealed", NOW, NOW))
+        old.rollback()
+    finally:
+        old.close()
+        for s in opened:
+            s.close()
