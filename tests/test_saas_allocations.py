@@ -526,3 +526,66 @@ def test_a_record_too_large_to_send_is_rejected_not_left_to_stop_every_call(
     assert settled.rejected == ((f"{ACCT}/{ARN}", "users", hour),)
     states = store.read(lambda db: L.report(db, now, HP))["records_by_state"]
     assert (states["rejected"], states["sealed"]) == (1, 1)
+
+
+def test_two_replicas_adding_tag_sets_at_once_lose_nothing(pg_url: str) -> None:
+    """Two sidecars on one PostgreSQL, four threads each posting allocated usage for the same
+    customer and dimension (new tag sets and existing ones mixed, in either order): every unit
+    lands in its tag set, the hour's total is their sum, the tag-set limit counts each set once,
+    and the sealed record's allocations say so exactly."""
+    import threading
+
+    now = 1_800_000_000.0
+    stores = [open_store(SAAS_SCHEMA, database_url=pg_url) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def post(n: int) -> None:
+        try:
+            store = stores[n % 2]
+            for i in range(40):
+                tags = [{"team": str((n + i) % 7)}, {"team": str((n * i) % 5), "env": "x"}]
+                doc = _rec(
+                    "0.3",
+                    [
+                        {"quantity": "0.1", "tags": tags[0]},
+                        {"quantity": "0.2", "tags": tags[1]},
+                    ],
+                )
+                status, body = _ingest(store, [doc], now)
+                assert status == 202, body
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors[0]
+        want: dict[tuple[tuple[str, str], ...], int] = {}
+        for n in range(8):
+            for i in range(40):
+                for q, tags in ((100_000, {"team": str((n + i) % 7)}),
+                                (200_000, {"team": str((n * i) % 5), "env": "x"})):  # fmt: skip
+                    key = tuple(sorted(tags.items()))
+                    want[key] = want.get(key, 0) + q
+        hour = hour_of(now)
+        spec = L.SealSpec(DIMS, "license", False, HP)
+        at = hour_start(hour + 1) + 60
+        assert stores[0].write(lambda db: L.seal(db, hour, at, spec), locks=L.SEAL_LOCKS) == [
+            (hour, 1)
+        ]
+        text = stores[1].read(lambda db: db.execute("SELECT record FROM saas_outbox").fetchone())
+        record = json.loads(str(text[0]))
+        assert record["QuantityAsDecimal"] == qty.text(8 * 40 * 300_000) == "96"
+        got = {
+            tuple((t["Key"], t["Value"]) for t in a["Tags"]): qty.parse(
+                a["AllocatedUsageQuantityAsDecimal"]
+            )
+            for a in record["UsageAllocations"]
+        }
+        assert got == want and len(got) == 12
+    finally:
+        for s in stores:
+            s.close()
