@@ -589,3 +589,41 @@ def test_two_replicas_adding_tag_sets_at_once_lose_nothing(pg_url: str) -> None:
     finally:
         for s in stores:
             s.close()
+
+
+def test_a_departed_buyers_hour_sealed_early_keeps_its_tag_sets(store: UsageStore) -> None:
+    """A license deprovisioned mid-hour: its open usage is sealed at once (the final window),
+    and that record carries its tag sets as the hourly seal's would."""
+    from tests.test_saas_license_departures import ACCOUNT, L1, event, two_licenses, who
+
+    clock = ManualClock()
+    clock.t = hour_start(hour_of(clock.t)) + 600.0
+    svc, aws = two_licenses(lambda: store, clock)
+    hour = hour_of(clock.t)
+    doc = {
+        "customer_aws_account_id": ACCOUNT,
+        "license_arn": L1,
+        "dimension": "seats",
+        "quantity": "2.5",
+        "allocations": [{"quantity": 2, "tags": TEAM_A}, {"quantity": "0.5", "tags": {"b": "c"}}],
+    }
+    assert svc.post(json.dumps(doc).encode())[0] == 202
+    assert svc.post(json.dumps({**doc, "quantity": 1, "allocations": None}).encode())[0] == 202
+    gone = event("License Deprovisioned", clock.t, agreement="agmt-1", license=L1)
+    assert svc.handle_message("d", gone) == "applied"
+    svc.tick()  # the early seal, inside the hour
+    (record,) = [
+        r
+        for text in aws.bodies
+        for r in json.loads(text)["UsageRecords"]
+        if aws.key_of(r) == (who(L1), "seats", hour)
+    ]
+    assert record["QuantityAsDecimal"] == "3.5"
+    assert record["UsageAllocations"] == [
+        {"AllocatedUsageQuantityAsDecimal": "0.5", "Tags": [{"Key": "b", "Value": "c"}]},
+        {"AllocatedUsageQuantityAsDecimal": "2", "Tags": [{"Key": "team", "Value": "a"}]},
+        {
+            "AllocatedUsageQuantityAsDecimal": "1",
+            "Tags": [{"Key": "unallocated", "Value": "true"}],
+        },
+    ]
