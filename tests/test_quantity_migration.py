@@ -321,7 +321,11 @@ def test_a_replica_of_the_integer_sidecar_still_running_cannot_write_the_upgrade
             "sealed_at, deadline) VALUES (%s, 'scans', 499999, 5000000, 0, '{}', 'sealed', 0, 0)",
         ]
         with psycopg.connect(pg_url, autocommit=True) as old:
-            for sql in old_statements:
+            # Its upsert of a total names the key schema 6 replaced: refused before any trigger
+            # runs (saas_ledger.MIGRATION_6), loudly all the same.
+            with pytest.raises(psycopg.errors.InvalidColumnReference, match="ON CONFLICT"):
+                old.execute(old_statements[0], (A,))
+            for sql in old_statements[1:]:
                 with pytest.raises(psycopg.errors.RaiseException, match="micro-unit"):
                     old.execute(sql, (A,))
         rows = store.read(lambda db: db.execute("SELECT quantity FROM saas_open").fetchall())

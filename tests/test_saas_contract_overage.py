@@ -23,7 +23,7 @@ import requests
 
 from sidecar.app import entitlement_reader
 from sidecar.aws.metering import MeteringGateway
-from sidecar.usage import saas_contract
+from sidecar.usage import saas_contract, saas_ledger
 from sidecar.usage.db import Schema, open_store
 from sidecar.usage.hours import HOUR, HourPolicy, hour_of, hour_start
 from sidecar.usage.overage import Basis
@@ -401,8 +401,12 @@ def test_a_final_window_learned_hours_late_still_seals_at_once(car: Any) -> None
 SCHEMA_4 = Schema(
     name=SAAS_SCHEMA.name,
     version=4,
-    sqlite=SAAS_SCHEMA.sqlite.removesuffix(saas_contract.MIGRATION_5[0]),
-    postgresql=SAAS_SCHEMA.postgresql.removesuffix(saas_contract.MIGRATION_5[1]),
+    sqlite=SAAS_SCHEMA.sqlite.removesuffix(saas_ledger.MIGRATION_6[0]).removesuffix(
+        saas_contract.MIGRATION_5[0]
+    ),
+    postgresql=SAAS_SCHEMA.postgresql.removesuffix(saas_ledger.MIGRATION_6[1]).removesuffix(
+        saas_contract.MIGRATION_5[1]
+    ),
     migrations={k: v for k, v in SAAS_SCHEMA.migrations.items() if k <= 4},
 )
 

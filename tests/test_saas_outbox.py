@@ -236,18 +236,27 @@ def test_a_version_1_store_is_migrated_with_exact_counters(
         aws = FakeAws(functools.partial(float, sent_at))  # AWS's clock agrees with the sender's
         aws.unsubscribed.add(key(2))
         # Today's seal also reads who left (saas_lifecycle's columns it reads, as of schema
-        # 5): an empty one for the seal, dropped after, so the store is version 1 again when
-        # it is migrated.
+        # 5) and the open totals' tag sets (schema 6): an empty table and a column of '' (every
+        # total untagged) for the seal, dropped after, so the store is version 1 again when it
+        # is migrated.
         old.write(
-            lambda db: db.execute(
-                "CREATE TABLE saas_lifecycle "
-                "(subject TEXT, left_at DOUBLE PRECISION, left_license TEXT)"
-            )
+            lambda db: [
+                db.execute(
+                    "CREATE TABLE saas_lifecycle "
+                    "(subject TEXT, left_at DOUBLE PRECISION, left_license TEXT)"
+                ),
+                db.execute("ALTER TABLE saas_open ADD COLUMN tags TEXT NOT NULL DEFAULT ''"),
+            ]
         )
         for h in (BASE, BASE + 1):
             now = hour_start(h + 1) + 120
             old.write(lambda db, h=h, now=now: L.seal(db, h, now, SPEC))  # type: ignore[misc]
-        old.write(lambda db: db.execute("DROP TABLE saas_lifecycle"))
+        old.write(
+            lambda db: [
+                db.execute("DROP TABLE saas_lifecycle"),
+                db.execute("ALTER TABLE saas_open DROP COLUMN tags"),
+            ]
+        )
         send_fast(old, aws, sent_at, per_txn=1)
         rows = by_state(old)
         old.close()

@@ -161,7 +161,8 @@ def test_usage_is_refused_for_unknown_customers_and_wrong_identity(
     assert status == 400
     fields = {p["field"] for p in doc["problems"]}
     assert {"customer_identifier", "customer_aws_account_id", "license_arn"} <= fields
-    status, doc = svc.post(body(1, "seats", 1, allocations=[{"quantity": 1, "tags": {"a": "b"}}]))
+    # Allocations are checked as custom mode's: here they do not add up to the quantity.
+    status, doc = svc.post(body(1, "seats", 1, allocations=[{"quantity": 2, "tags": {"a": "b"}}]))
     assert status == 400 and doc["field"] == "allocations"
     assert svc.report()["totals"]["seats"]["open"] == 3
     assert svc.counters().units_accepted["seats"] == 3

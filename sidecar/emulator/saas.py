@@ -147,6 +147,12 @@ def batch_out_of_bounds(stamp: float, now: float, window: float, month_grace: fl
     return stamp < month_start and now >= month_start + month_grace
 
 
+def _kept_allocations(value: str) -> list[Any]:
+    """An entry's allocations (Entry.value: [quantity, canonical allocations or ""])."""
+    kept = json.loads(value)[1]
+    return list(json.loads(kept)) if kept else []
+
+
 @dataclass
 class Entry:
     customer: str
@@ -494,6 +500,8 @@ class SaasBook:
                     "hour": e.hour,
                     "quantity": qty.to_json(e.quantity),
                     "quantity_micros": e.quantity,
+                    # [[quantity, [[key, value], ...]], ...] as AWS keeps them, by value
+                    "allocations": _kept_allocations(e.value),
                     "metering_record_id": e.metering_record_id,
                     "repeats": e.repeats,
                     "scope": e.scope,

@@ -148,7 +148,10 @@ SESSION_OPTIONS = (
     "-c sidecar.quantity_unit=micro "
     # This sidecar seals contract dimensions net of the contract (SaaS schema 5); a trigger
     # refuses the seal of a session without it (saas_contract.MIGRATION_5).
-    "-c sidecar.contract_seal=net"
+    "-c sidecar.contract_seal=net "
+    # This sidecar keeps open totals by tag set (SaaS schema 6); triggers refuse usage writes
+    # and seals of a session without it (saas_ledger.MIGRATION_6).
+    "-c sidecar.open_tags=v6"
 )
 # How long a transaction waits by default for the advisory locks its jobs declared
 # (`write(locks=...)`) before the jobs that need them are answered StoreBusyError (503): longer

@@ -86,22 +86,25 @@ log = logging.getLogger(__name__)
 
 SAAS_SCHEMA = Schema(
     name="saas.sqlite3",
-    version=5,
+    version=6,
     sqlite=saas_ledger.DDL
     + saas_ledger.MIGRATION_2[0]
     + saas_ledger.MIGRATION_3[0]
     + saas_events.MIGRATION_4[0]
-    + saas_contract.MIGRATION_5[0],
+    + saas_contract.MIGRATION_5[0]
+    + saas_ledger.MIGRATION_6[0],
     postgresql=saas_ledger.DDL
     + saas_ledger.MIGRATION_2[1]
     + saas_ledger.MIGRATION_3[1]
     + saas_events.MIGRATION_4[1]
-    + saas_contract.MIGRATION_5[1],
+    + saas_contract.MIGRATION_5[1]
+    + saas_ledger.MIGRATION_6[1],
     migrations={
         2: saas_ledger.MIGRATION_2,
         3: saas_ledger.MIGRATION_3,
         4: saas_events.MIGRATION_4,
         5: saas_contract.MIGRATION_5,
+        6: saas_ledger.MIGRATION_6,
     },
 )
 HEADROOM_TTL = 10.0  # seconds a computed headroom serves /readyz and scrapes

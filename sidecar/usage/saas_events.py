@@ -684,7 +684,11 @@ def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]
     hour), and once more in the window's last FINAL_MARGIN for what came after:
     [(customer, hour, records)]. Takes SEAL_LOCK exclusively, as `seal` does,
     so no intake of that customer's hour is in flight (see `saas_ledger.ingest`)."""
-    from sidecar.usage.saas_ledger import SEAL_LOCK, seal_records  # it imports this module
+    from sidecar.usage.saas_ledger import (
+        SEAL_LOCK,
+        open_totals,
+        seal_records,
+    )  # it imports this module
 
     db.lock(SEAL_LOCK)
     out: list[tuple[str, int, int]] = []
@@ -720,13 +724,15 @@ def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]
             # sent before it starts (late in the window, or after it). The last pass seals it,
             # once intake for the buyer is closed.
             through = current - 1
-        totals: dict[int, list[tuple[str, int]]] = {}
-        for dimension, hour, quantity in db.execute(
-            "SELECT dimension, hour, quantity FROM saas_open WHERE customer = ? AND hour <= ? "
-            "ORDER BY hour, dimension",
+        totals: dict[int, list[tuple[str, str, str, int]]] = {}  # with the tag sets' parts
+        for dimension, hour, tags, quantity in db.execute(
+            "SELECT dimension, hour, tags, quantity FROM saas_open WHERE customer = ? "
+            "AND hour <= ? ORDER BY hour, dimension",
             (customer, through),
         ).fetchall():
-            totals.setdefault(int(hour), []).append((str(dimension), int(quantity)))
+            totals.setdefault(int(hour), []).append(
+                (customer, str(dimension), str(tags), int(quantity))
+            )
         if not totals and first_done:
             continue
         if not totals:  # nothing open: note the first pass so the second waits for its time
@@ -738,14 +744,15 @@ def final_seal(db: Db, now: float, spec: SealSpec) -> list[tuple[str, int, int]]
             )
             continue
         for hour, dims in totals.items():
-            seal_records(db, hour, now, spec, {(customer, d): used for d, used in dims})
+            used, parts = open_totals(dims)
+            seal_records(db, hour, now, spec, used, parts=parts)
             db.execute("DELETE FROM saas_open WHERE customer = ? AND hour = ?", (customer, hour))
             db.execute(
                 "INSERT INTO saas_customer_seals (customer, hour, sealed_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (customer, hour) DO UPDATE SET sealed_at = excluded.sealed_at",
                 (customer, hour, now),
             )
-            out.append((customer, hour, len(dims)))
+            out.append((customer, hour, len(used)))
     return out
 
 

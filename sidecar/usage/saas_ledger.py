@@ -6,9 +6,11 @@ placeholders, `ON CONFLICT`, `RETURNING`, no rowid, aggregates wrapped in `int()
 
 AWS deduplicates BatchMeterUsage per product, customer, dimension and hour and bills the FIRST
 quantity it saw, so the ledger's invariants are:
-- usage is summed per (customer, dimension, hour) in `saas_open` until the hour is sealed;
+- usage is summed per (customer, dimension, hour) in `saas_open` until the hour is sealed: the
+  row of tag set '' holds the hour's whole total, one row per tag set the part allocated to it
+  (schema 6; usage without allocations is the total less the tagged parts);
 - sealing writes ONE outbox row per (customer, dimension, hour) with its exact UsageRecord
-  (Timestamp, Quantity); that text never changes afterwards;
+  (Timestamp, QuantityAsDecimal, UsageAllocations); that text never changes afterwards;
 - a call's exact request is stored (`saas_batches`, state 'sending') before it is sent, and is
   resent byte for byte until AWS answers; regrouping (unprocessed records, bisection) only ever
   puts the same stored record texts into another request (AWS: "identical requests are
@@ -43,6 +45,7 @@ from sidecar.usage.intake import record_answer
 from sidecar.usage.overage import Basis
 from sidecar.usage.store import dumps
 from sidecar.usage.validate import (
+    MAX_ALLOCATIONS,
     Problem,
     RejectedError,
     SaasRecord,
@@ -69,6 +72,7 @@ EXPIRED_ERROR = (
     "06:00 UTC on the 1st)"
 )
 DIMENSION_CODE = "InvalidUsageDimensionException"
+TOO_LARGE_ERROR = "the record alone makes a BatchMeterUsage request of 1 MB or more"
 # Where a sealed record's Timestamp sits in its hour. AWS bills the hour, not the second, so the
 # middle of the hour keeps half an hour between the stamp and both edges of AWS's window: a
 # sender clock ahead of AWS's (the stamp "in the future") or behind it (the stamp "too old" at
@@ -310,6 +314,78 @@ def _rows(n: int, width: int) -> str:
 
 
 OpenKey = tuple[str, str, int]  # (customer, dimension, hour): one saas_open total
+TOTAL = ""  # saas_open.tags of the row holding an hour's whole total (schema 6)
+UNALLOCATED_TAGS = (("unallocated", "true"),)  # custom mode's tag set for untagged usage
+MAX_TAG_SETS = MAX_ALLOCATIONS - 1  # one allocation is kept for untagged usage, as custom mode
+# The bytes a UsageRecord may take on the wire, allocations included, so that a call holding it
+# alone stays under AWS's 1 MB: what the request around one record can take (ProductCode of 255
+# characters) is left out. botocore writes json.dumps' default separators (", ", ": ").
+REQUEST_ROOM = 400
+MAX_RECORD_BYTES = MAX_BATCH_BYTES - REQUEST_ROOM
+
+
+def _allocation(tags: Sequence[tuple[str, str]], micros: int) -> dict[str, Any]:
+    return {
+        "AllocatedUsageQuantityAsDecimal": qty.text(micros),
+        "Tags": [{"Key": k, "Value": v} for k, v in tags],
+    }
+
+
+def allocation_bytes(tags: str) -> int:
+    """The most one allocation of the stored tag set `tags` takes in a request on the wire
+    (its quantity at the maximum, the separator before it included)."""
+    pairs = sorted(json.loads(tags).items())
+    return len(json.dumps(_allocation(pairs, qty.MAX_MICROS))) + 2
+
+
+def record_bytes(customer: str, dimension: str, tag_sets: Set[str]) -> int:
+    """The most a sealed record of these tag sets takes on the wire: its members at their
+    longest (identity: either kind, whichever is longer), the unallocated allocation included."""
+    head = {
+        "Timestamp": 10**10,
+        "Dimension": dimension,
+        "QuantityAsDecimal": qty.MAX_TEXT,
+        "CustomerAWSAccountId": customer,
+        "LicenseArn": "",
+    }
+    size = len(json.dumps(head)) + len(', "UsageAllocations": []')
+    if tag_sets:
+        size += len(json.dumps(_allocation(UNALLOCATED_TAGS, qty.MAX_MICROS))) + 2
+        size += sum(allocation_bytes(t) for t in tag_sets)
+    return size
+
+
+def allocations(total: int, parts: Mapping[str, int], billed: int) -> list[dict[str, Any]] | None:
+    """A sealed record's UsageAllocations: one per tag set (sorted, as custom mode's
+    `ledger._allocations`), usage without allocations (`total` less the tagged `parts`) under
+    UNALLOCATED_TAGS; None when the hour had no tagged usage.
+
+    They sum to `billed`, the record's quantity, exactly (AWS: the allocations must add up to
+    it). When a contract covered part of the hour (`billed` < `total`), each tag set bills its
+    share of `billed` in proportion to its usage: floor(part x billed / total) micro-units, the
+    micro-units left over going to the largest remainders (ties: the tag set sorted first), so
+    no tag set is charged for another's usage and no micro-unit is lost or made up."""
+    if not parts:
+        return None
+    by_tags: dict[tuple[tuple[str, str], ...], int] = {}
+    for tags, micros in parts.items():
+        key = tuple(sorted(json.loads(tags).items()))
+        by_tags[key] = by_tags.get(key, 0) + micros
+    untagged = total - sum(parts.values())
+    if untagged > 0:
+        by_tags[UNALLOCATED_TAGS] = by_tags.get(UNALLOCATED_TAGS, 0) + untagged
+    order = sorted(by_tags)
+    if billed == total:
+        shares = {k: by_tags[k] for k in order}
+    else:
+        shares = {k: by_tags[k] * billed // total for k in order}
+        left = billed - sum(shares.values())
+        ranked = sorted(
+            enumerate(order), key=lambda ik: (-(by_tags[ik[1]] * billed % total), ik[0])
+        )
+        for _, k in ranked[:left]:
+            shares[k] += 1
+    return [_allocation(k, shares[k]) for k in order]
 
 
 def refuse_over_maximum(
@@ -344,21 +420,83 @@ def refuse_over_maximum(
     return None
 
 
-def _add_to_totals(db: Db, added: dict[OpenKey, int]) -> dict[OpenKey, int]:
-    """One statement: add to each (customer, dimension, hour) total, in key order (the row
-    locks of one statement are taken in a fixed order); returns the new totals."""
+OpenRow = tuple[str, str, int, str]  # (customer, dimension, hour, tags): one saas_open row
+UPSERT_ROWS = 2000  # rows of saas_open per statement (5 values each)
+
+
+def _add_to_totals(db: Db, added: dict[OpenRow, int]) -> dict[OpenKey, int]:
+    """One statement (per UPSERT_ROWS rows): add to each row (the hour's total, tag set TOTAL,
+    and each tag set's part), in key order (the row locks of one statement are taken in a
+    fixed order); returns the new hour totals."""
     keys = sorted(added)
-    return {
-        (str(c), str(d), int(h)): int(q)
-        for c, d, h, q in db.execute(
-            "INSERT INTO saas_open (customer, dimension, hour, quantity) VALUES "  # noqa: S608  # nosec B608 # placeholders only; values are bound
-            + _rows(len(keys), 4)
-            + " ON CONFLICT (customer, dimension, hour) DO UPDATE SET "
+    out: dict[OpenKey, int] = {}
+    # UPSERT_ROWS rows a statement: a POST's allocations may hold tens of thousands of tag sets,
+    # more than a statement may bind (SQLite 32,766 values, PostgreSQL 65,535).
+    for i in range(0, len(keys), UPSERT_ROWS):
+        chunk = keys[i : i + UPSERT_ROWS]
+        for c, d, h, t, q in db.execute(
+            "INSERT INTO saas_open (customer, dimension, hour, tags, quantity) VALUES "  # noqa: S608  # nosec B608 # placeholders only; values are bound
+            + _rows(len(chunk), 5)
+            + " ON CONFLICT (customer, dimension, hour, tags) DO UPDATE SET "
             "quantity = saas_open.quantity + excluded.quantity "
-            "RETURNING customer, dimension, hour, quantity",
-            [v for key in keys for v in (*key, added[key])],
-        )
-    }
+            "RETURNING customer, dimension, hour, tags, quantity",
+            [v for key in chunk for v in (*key, added[key])],
+        ):
+            if t == TOTAL:
+                out[(str(c), str(d), int(h))] = int(q)
+    return out
+
+
+def _tag_sets(db: Db, keys: Set[OpenKey]) -> dict[OpenKey, set[str]]:
+    """The tag sets stored for these hour totals (one statement)."""
+    customers = sorted({k[0] for k in keys})
+    dims = sorted({k[1] for k in keys})
+    hours = sorted({k[2] for k in keys})
+    out: dict[OpenKey, set[str]] = {k: set() for k in keys}
+    for c, d, h, t in db.execute(
+        "SELECT customer, dimension, hour, tags FROM saas_open WHERE tags <> '' AND "  # noqa: S608  # nosec B608 # placeholders only; values are bound
+        f"customer IN ({_rows(len(customers), 1)}) AND dimension IN ({_rows(len(dims), 1)}) "
+        f"AND hour IN ({_rows(len(hours), 1)})",
+        [*customers, *dims, *hours],
+    ):
+        key = (str(c), str(d), int(h))
+        if key in out:
+            out[key].add(str(t))
+    return out
+
+
+def refuse_too_many_tags(
+    db: Db, records: Sequence[SaasRecord], fresh: Sequence[tuple[int, OpenKey]]
+) -> RejectedError | None:
+    """At most MAX_TAG_SETS tag sets per (customer, dimension, hour), and a sealed record that
+    fits a call under 1 MB (`record_bytes`): the first record of the POST that passes either is
+    named. Reads the stored tag sets only when the POST has allocations."""
+    tagged = {key for i, key in fresh if records[i].usage.allocations}
+    if not tagged:
+        return None
+    sets = _tag_sets(db, tagged)
+    for i, key in fresh:
+        rec = records[i].usage
+        if not rec.allocations:
+            continue
+        mine = sets[key]
+        mine.update(dumps(dict(a.tags)) for a in rec.allocations)
+        where = f"{rec.field}.allocations" if rec.field else "allocations"
+        if len(mine) > MAX_TAG_SETS:
+            message = (
+                f"{rec.dimension} would have more than {MAX_TAG_SETS} distinct tag sets for this "
+                f"customer in hour {iso_hour(key[2])} (BatchMeterUsage allows {MAX_ALLOCATIONS} "
+                "allocations per record; one is kept for usage without allocations)"
+            )
+            return RejectedError(400, [Problem(where, message)])
+        if record_bytes(key[0], key[1], mine) > MAX_RECORD_BYTES:
+            message = (
+                f"{rec.dimension}'s tag sets for this customer in hour {iso_hour(key[2])} would "
+                "make its usage record too large for one BatchMeterUsage call (under 1 MB); "
+                "use fewer or shorter tags"
+            )
+            return RejectedError(400, [Problem(where, message)])
+    return None
 
 
 def ingest(
@@ -372,12 +510,14 @@ def ingest(
     """Store the records, all or nothing: (202, or 200 if each was a repeat; answers).
 
     Set-based: whatever the number of records, at most three statements (four when an id was
-    seen before): the customers' states and the sealed hours (one SELECT), the idempotency
-    keys with their answers (one INSERT ... ON CONFLICT DO NOTHING RETURNING; the stored
-    answers of the ids it did not take) and the hour totals (one upsert RETURNING the new
-    totals: the range check, `refuse_over_maximum`). No row is kept per record, as in custom
-    mode's ledger: the totals are what is sealed, the keys what a repeat is answered from (the
-    record rows of older sidecars, `saas_records`, are only pruned). Every check runs
+    seen before, one more when the POST has allocations: the tag sets stored for its hours,
+    `refuse_too_many_tags`): the customers' states and the sealed hours (one SELECT), the
+    idempotency keys with their answers (one INSERT ... ON CONFLICT DO NOTHING RETURNING; the
+    stored answers of the ids it did not take) and the hour totals with their tag sets' parts
+    (one upsert RETURNING the new totals: the range check, `refuse_over_maximum`). No row is
+    kept per record, as in custom mode's ledger: the totals are what is sealed, the keys what a
+    repeat is answered from (the record rows of older sidecars, `saas_records`, are only
+    pruned). Every check runs
     as the record-by-record version did, in the same order: the first record that fails
     (unresolved customer, then its id, then its total) names the answer.
 
@@ -546,14 +686,22 @@ def ingest(
     ]
     if fresh:
         added: dict[OpenKey, int] = {}
+        rows: dict[OpenRow, int] = {}
         for i, key in fresh:
-            added[key] = added.get(key, 0) + records[i].usage.micros
+            rec = records[i].usage
+            added[key] = added.get(key, 0) + rec.micros
+            for tags, micros in [(TOTAL, rec.micros)] + [
+                (dumps(dict(a.tags)), a.micros) for a in rec.allocations
+            ]:
+                rows[(*key, tags)] = rows.get((*key, tags), 0) + micros
         if any(n > qty.MAX_MICROS for n in added.values()):
             # Over whatever is stored (totals are >= 0), and the sum may not even fit the
             # column (1,000 records of the maximum: 1e19 micro-units > BIGINT): refused here.
             over = refuse_over_maximum(records, fresh, added)
         else:
-            over = refuse_over_maximum(records, fresh, _add_to_totals(db, added))
+            over = refuse_too_many_tags(db, records, fresh)
+            if over is None:
+                over = refuse_over_maximum(records, fresh, _add_to_totals(db, rows))
         if over is not None:
             raise over
     if failures:
@@ -592,26 +740,42 @@ def _sealed(db: Db, hour: int) -> bool:
 
 def _carry(db: Db, hour: int, now: float, policy: HourPolicy) -> None:
     """An unsealed hour too old to send safely (the fleet was down): its totals move into the
-    open hour, as AWS advises after an outage, instead of expiring unsent."""
-    rows = db.execute(
-        "SELECT customer, dimension, quantity FROM saas_open WHERE hour = ?", (hour,)
-    ).fetchall()
-    for customer, dimension, quantity in rows:
+    open hour, as AWS advises after an outage, instead of expiring unsent; each total with its
+    tag sets' parts, to an hour where the sum stays sendable (AWS's maximum, MAX_TAG_SETS tag
+    sets, a record under 1 MB)."""
+    moving: dict[tuple[str, str], dict[str, int]] = {}
+    for customer, dimension, tags, quantity in db.execute(
+        "SELECT customer, dimension, tags, quantity FROM saas_open WHERE hour = ?", (hour,)
+    ).fetchall():
+        moving.setdefault((str(customer), str(dimension)), {})[str(tags)] = int(quantity)
+    for (customer, dimension), parts in sorted(moving.items()):
         target = target_hour(hour, now, lambda h: _sealed(db, h), policy)
         while True:
-            row = db.execute(
-                "SELECT quantity FROM saas_open WHERE customer = ? AND dimension = ? AND hour = ?",
-                (customer, dimension, target),
-            ).fetchone()
-            if _sealed(db, target) or (row and int(row[0]) + int(quantity) > qty.MAX_MICROS):
-                target += 1  # that record would exceed AWS's maximum: one hour further
+            there = {
+                str(t): int(q)
+                for t, q in db.execute(
+                    "SELECT tags, quantity FROM saas_open WHERE customer = ? AND dimension = ? "
+                    "AND hour = ?",
+                    (customer, dimension, target),
+                ).fetchall()
+            }
+            sets = {t for t in (*there, *parts) if t != TOTAL}
+            if _sealed(db, target) or (
+                there
+                and (
+                    there.get(TOTAL, 0) + parts.get(TOTAL, 0) > qty.MAX_MICROS
+                    or len(sets) > MAX_TAG_SETS
+                    or record_bytes(customer, dimension, sets) > MAX_RECORD_BYTES
+                )
+            ):
+                target += 1  # that record would not be sendable: one hour further
                 continue
             break
-        db.execute(
-            "INSERT INTO saas_open (customer, dimension, hour, quantity) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (customer, dimension, hour) DO UPDATE SET "
+        db.executemany(
+            "INSERT INTO saas_open (customer, dimension, hour, tags, quantity) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (customer, dimension, hour, tags) DO UPDATE SET "
             "quantity = saas_open.quantity + excluded.quantity",
-            (customer, dimension, target, quantity),
+            [(customer, dimension, target, t, q) for t, q in sorted(parts.items())],
         )
     db.execute("DELETE FROM saas_open WHERE hour = ?", (hour,))
 
@@ -664,13 +828,27 @@ def record_timestamp(hour: int, now: float) -> int:
     return int(max(start, min(start + STAMP_INTO_HOUR, now - STAMP_LEAD)))
 
 
+Parts = dict[tuple[str, str], dict[str, int]]  # (customer, dimension) -> {tags: micro-units}
+
+
+def open_totals(rows: Sequence[Sequence[Any]]) -> tuple[dict[tuple[str, str], int], Parts]:
+    """saas_open rows (customer, dimension, tags, quantity) -> (hour totals, tagged parts)."""
+    totals: dict[tuple[str, str], int] = {}
+    parts: Parts = {}
+    for c, d, t, q in rows:
+        if t == TOTAL:
+            totals[(str(c), str(d))] = int(q)
+        else:
+            parts.setdefault((str(c), str(d)), {})[str(t)] = int(q)
+    return totals, parts
+
+
 def _seal_hour(db: Db, hour: int, now: float, spec: SealSpec) -> int:
-    totals: dict[tuple[str, str], int] = {
-        (str(c), str(d)): int(q)
-        for c, d, q in db.execute(
-            "SELECT customer, dimension, quantity FROM saas_open WHERE hour = ?", (hour,)
-        )
-    }
+    totals, parts = open_totals(
+        db.execute(
+            "SELECT customer, dimension, tags, quantity FROM saas_open WHERE hour = ?", (hour,)
+        ).fetchall()
+    )
     zero: set[tuple[str, str]] = set()
     if spec.zero_records:
         for (customer,) in db.execute(
@@ -684,7 +862,7 @@ def _seal_hour(db: Db, hour: int, now: float, spec: SealSpec) -> int:
                 if (str(customer), dimension) not in totals:
                     zero.add((str(customer), dimension))
                     totals[(str(customer), dimension)] = 0
-    records = seal_records(db, hour, now, spec, totals, zero)
+    records = seal_records(db, hour, now, spec, totals, zero, parts)
     db.execute("DELETE FROM saas_open WHERE hour = ?", (hour,))
     db.execute(
         "INSERT INTO saas_sealed_hours (hour, sealed_at, records) VALUES (?, ?, ?)",
@@ -713,11 +891,14 @@ def seal_records(
     spec: SealSpec,
     totals: Mapping[tuple[str, str], int],
     zero: Set[tuple[str, str]] = frozenset(),
+    parts: Parts | None = None,
 ) -> int:
     """Write the sealed records of `hour`, one per (customer, dimension) of `totals` (its usage;
     `zero`: quantity-0 records of customers without usage), each billing what its contract does
-    not cover (saas_contract.charge_hour): the hourly seal's and a final window's. A record
-    already sealed is kept as it is. Returns how many records were given."""
+    not cover (saas_contract.charge_hour): the hourly seal's and a final window's. `parts`: the
+    tag sets' shares of a total, sent as its UsageAllocations (`allocations`). A record already
+    sealed is kept as it is. Returns how many records were given."""
+    parts = parts or {}
     stamp = record_timestamp(hour, now)
     deadline = spec.hours.deadline(stamp)
     # Zero records too: their explanation shows what the contract held in an hour without usage.
@@ -727,12 +908,19 @@ def seal_records(
         quantity = billed.get((customer, dimension), 0)
         # The decimal field only (the model: Quantity "Use QuantityAsDecimal instead"; one
         # kind per record). Records sealed before decimals keep their stored text.
-        record = {
+        record: dict[str, Any] = {
             "Timestamp": stamp,
             "Dimension": dimension,
             "QuantityAsDecimal": qty.text(quantity),
             **record_identity(spec.identity, customer),
         }
+        # AllocatedUsageQuantityAsDecimal, the record's own kind (the model: allocations "must
+        # use the same type of quantity as the request").
+        shares = allocations(
+            totals[(customer, dimension)], parts.get((customer, dimension), {}), quantity
+        )
+        if shares is not None:
+            record["UsageAllocations"] = shares
         zeroed = int((customer, dimension) in zero)
         rows.append(
             (customer, dimension, hour, quantity, zeroed, dumps(record), "sealed", now, deadline)
@@ -869,11 +1057,34 @@ def next_batch(db: Db, now: float, product_code: str | None) -> tuple[Batch | No
         (MAX_BATCH_RECORDS,),
     ).fetchall()
     members = [(str(r[0]), str(r[1]), int(r[2]), str(r[3]), float(r[4])) for r in rows]
-    while members and len(_request_body([m[3] for m in members], product_code)) >= MAX_BATCH_BYTES:
+    while members and wire_bytes([m[3] for m in members], product_code) >= MAX_BATCH_BYTES:
+        if len(members) == 1:
+            # Alone over 1 MB (intake keeps a record under MAX_RECORD_BYTES, so a record of
+            # another sidecar): never sendable, and left in the pool it would stop every call.
+            customer, dimension, hour = members[0][:3]
+            db.execute(
+                "UPDATE saas_outbox SET state = 'rejected', done_at = ?, last_error = ? "
+                "WHERE customer = ? AND dimension = ? AND hour = ? AND state = 'sealed'",
+                (now, TOO_LARGE_ERROR, customer, dimension, hour),
+            )
+            again, more = next_batch(db, now, product_code)
+            key = ((customer, dimension, hour),)
+            return again, Settled(
+                expired=settled.expired + more.expired, rejected=key + more.rejected
+            )
         members.pop()
     if not members:
         return None, settled
     return _new_batch(db, members, now, product_code), settled
+
+
+def wire_bytes(records: list[str], product_code: str | None) -> int:
+    """The bytes of the request botocore sends for these stored record texts: json.dumps with
+    its default separators (", ", ": "), so more than the stored compact text (a record of 2,500
+    allocations by some 30 kB)."""
+    request: dict[str, Any] = {"ProductCode": product_code} if product_code else {}
+    request["UsageRecords"] = [json.loads(r) for r in records]
+    return len(json.dumps(request).encode())
 
 
 def _key_of(record: dict[str, Any]) -> tuple[str, str, int]:
@@ -1326,6 +1537,58 @@ MIGRATION_3 = (
 )
 
 
+# Version 6: the open totals keep the tag sets of usage allocations (POST /v1/usage
+# `allocations`), keyed (customer, dimension, hour, tags): the row of tags '' (TOTAL) holds the
+# hour's whole total, as the only row did before, so every stored total is carried over as is
+# (`_add_to_totals`). Sealed records and stored requests are not touched.
+_OPEN_TAGS_SQLITE = """
+CREATE TABLE saas_open_v6 (
+    customer TEXT NOT NULL,
+    dimension TEXT NOT NULL,
+    hour BIGINT NOT NULL,
+    quantity BIGINT NOT NULL,
+    tags TEXT NOT NULL,
+    PRIMARY KEY (customer, dimension, hour, tags)
+);
+INSERT INTO saas_open_v6 (customer, dimension, hour, quantity, tags)
+SELECT customer, dimension, hour, quantity, '' FROM saas_open;
+DROP TABLE saas_open;
+ALTER TABLE saas_open_v6 RENAME TO saas_open;
+CREATE INDEX saas_open_by_hour ON saas_open (hour);
+"""
+# A replica of the schema-5 sidecar still running during a rollout never reads the schema
+# version again. Its intake names the old key (ON CONFLICT (customer, dimension, hour)), which
+# no longer exists: PostgreSQL refuses the statement. Its seal would read a total AND each tag
+# set's part as totals of their own, and the first written would win the outbox row: a part
+# billed as the whole. Its statements on the open totals and the outbox are refused instead
+# (every session of this sidecar sets `sidecar.open_tags`, pgstore.SESSION_OPTIONS). First, the
+# tables in the older sidecar's order (its seal writes the outbox, then deletes totals; its
+# intake only the totals), so a transaction of it in flight commits before the change (what it
+# wrote is migrated with the rest) and its later statements wait, then meet the guard.
+_OPEN_TAGS_POSTGRESQL = """
+LOCK TABLE saas_outbox IN EXCLUSIVE MODE;
+LOCK TABLE saas_open IN ACCESS EXCLUSIVE MODE;
+CREATE FUNCTION saas_open_tags_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('sidecar.open_tags', true) IS DISTINCT FROM 'v6' THEN
+        RAISE EXCEPTION USING MESSAGE = 'this usage database keeps usage allocations by tag '
+            || 'set (schema 6): a sidecar older than that must not write usage to it; '
+            || 'upgrade every replica';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER saas_open_v6_tags_guard BEFORE INSERT OR UPDATE OR DELETE ON saas_open
+    FOR EACH STATEMENT EXECUTE FUNCTION saas_open_tags_guard();
+CREATE TRIGGER saas_outbox_v6_tags_guard BEFORE INSERT ON saas_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION saas_open_tags_guard();
+ALTER TABLE saas_open ADD COLUMN tags TEXT NOT NULL DEFAULT '';
+ALTER TABLE saas_open ALTER COLUMN tags DROP DEFAULT;
+ALTER TABLE saas_open DROP CONSTRAINT saas_open_pkey;
+ALTER TABLE saas_open ADD PRIMARY KEY (customer, dimension, hour, tags);
+"""
+MIGRATION_6 = (_OPEN_TAGS_SQLITE, _OPEN_TAGS_POSTGRESQL)
+
+
 def _state_counts(db: Db) -> dict[str, int]:
     records = dict.fromkeys(RECORD_STATES, 0)
     for state, n in db.execute("SELECT state, SUM(records) FROM saas_counts GROUP BY state"):
@@ -1347,7 +1610,7 @@ def counts(db: Db, now: float) -> tuple[dict[str, int], dict[str, int], float | 
     Reads the maintained counters and the open hours: its cost follows the customers of the
     open hours and the hours kept, never the store's history."""
     records = _state_counts(db)
-    row = db.execute("SELECT COUNT(*) FROM saas_open").fetchone()
+    row = db.execute("SELECT COUNT(*) FROM saas_open WHERE tags = ''").fetchone()
     records["open"] = int(row[0]) if row else 0
     customers = dict.fromkeys(CUSTOMER_STATES, 0)
     for state, n in db.execute("SELECT state, COUNT(*) FROM saas_customers GROUP BY state"):
@@ -1375,14 +1638,15 @@ def report(db: Db, now: float, policy: HourPolicy, limit: int = 500) -> dict[str
         t[state] = t.get(state, 0) + quantity
 
     for dimension, state, quantity in db.execute(
-        "SELECT dimension, 'open', SUM(quantity) FROM saas_open GROUP BY dimension "
+        "SELECT dimension, 'open', SUM(quantity) FROM saas_open WHERE tags = '' "
+        "GROUP BY dimension "
         "UNION ALL SELECT dimension, state, SUM(quantity) FROM saas_counts "
         "GROUP BY dimension, state HAVING SUM(records) <> 0"
     ):
         add(str(dimension), str(state), int(quantity or 0))
     for customer, dimension, hour, quantity in db.execute(
-        "SELECT customer, dimension, hour, quantity FROM saas_open ORDER BY hour DESC, customer, "
-        "dimension LIMIT ?",
+        "SELECT customer, dimension, hour, quantity FROM saas_open WHERE tags = '' "
+        "ORDER BY hour DESC, customer, dimension LIMIT ?",
         (limit,),
     ):
         items.append(

@@ -465,8 +465,7 @@ def _customer(
 
 def parse_saas(body: bytes, limits: Limits, now: float, identity: str) -> list[SaasRecord]:
     """Body -> SaaS records, or `RejectedError`. The record rules are custom mode's (`parse`),
-    plus the customer named as `identity` wants; allocations are refused (not supported in SaaS
-    mode yet: the sidecar would have to merge them per customer, dimension and hour)."""
+    allocations included, plus the customer named as `identity` wants."""
     doc = _loads(body)
     single = not (
         isinstance(doc, list)
@@ -485,14 +484,6 @@ def parse_saas(body: bytes, limits: Limits, now: float, identity: str) -> list[S
                 continue
             copy = dict(item)
             customers.append(_customer(copy, field, identity, problems))
-            if copy.get("allocations") is not None:
-                problems.append(
-                    Problem(
-                        _join(field, "allocations"),
-                        "not supported in SaaS mode; send one record per customer and dimension",
-                    )
-                )
-                copy.pop("allocations")
             stripped.append(copy)
     if single:
         rebuilt: Any = stripped[0] if stripped else doc
