@@ -95,13 +95,28 @@ def _problem(status: HTTPStatus, code: str, message: str, **headers: str) -> Rep
     return Reply(status, {"error": {"code": code, "message": message}}, headers)
 
 
+# Brackets a body may hold and still pass `body_problem` unparsed: far below the recursion
+# limit (1,000 frames, the handler's own stack included), far above any usage record's nesting.
+_SHALLOW = 500
+
+
 def body_problem(body: bytes) -> Reply | None:
     """A 400 for JSON that parses but must not reach a handler, else None.
 
     Two shapes: strings holding a lone UTF-16 surrogate ("\\ud800" is valid JSON, but no UTF-8
     encoder, botocore's included, accepts the text), and nesting deep enough that the parser
     raises RecursionError. A body that is not JSON at all is left to the handler to name.
+
+    Most bodies can hold neither and pass unparsed (the handler parses them anyway): ASCII with
+    no `\\u` escape holds no surrogate (one in UTF-16 or UTF-32 has a byte above 0x7f), and
+    fewer than `_SHALLOW` brackets cannot nest deep enough to exhaust the recursion limit.
     """
+    if (
+        body.isascii()
+        and b"\\u" not in body
+        and body.count(b"[") + body.count(b"{") < _SHALLOW
+    ):
+        return None
     try:
         doc = json.loads(body)
     except RecursionError:
