@@ -111,11 +111,7 @@ def body_problem(body: bytes) -> Reply | None:
     no `\\u` escape holds no surrogate (one in UTF-16 or UTF-32 has a byte above 0x7f), and
     fewer than `_SHALLOW` brackets cannot nest deep enough to exhaust the recursion limit.
     """
-    if (
-        body.isascii()
-        and b"\\u" not in body
-        and body.count(b"[") + body.count(b"{") < _SHALLOW
-    ):
+    if body.isascii() and b"\\u" not in body and body.count(b"[") + body.count(b"{") < _SHALLOW:
         return None
     try:
         doc = json.loads(body)
