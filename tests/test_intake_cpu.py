@@ -1,0 +1,183 @@
+"""The usage POST's CPU path: its shortcuts answer exactly as the slow paths they skip.
+
+The API thread reads plain request heads without the email parser (`read_headers`) and passes
+bodies that can hold neither a lone surrogate nor deep nesting without parsing them twice
+(`body_problem`). Each shortcut is checked two ways: it is taken (a POST as products send it
+never reaches the email parser; a plain body is never parsed by `body_problem`), and whatever
+it is given, hostile input included, the answer is the slow path's.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import http.client
+import io
+import json
+import random
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.server.api import API_LIMITS, LocalServer, Router, body_problem, read_headers
+from sidecar.usage.service import UsagePolicy, UsageService
+
+
+def _stdlib(head: bytes) -> Any:
+    try:
+        msg = http.client.parse_headers(io.BufferedReader(io.BytesIO(head)))
+    except http.client.HTTPException as exc:
+        return type(exc), str(exc)
+    return msg.items(), [(k, msg.get_all(k)) for k in msg]
+
+
+def _ours(head: bytes) -> Any:
+    try:
+        msg = read_headers(io.BufferedReader(io.BytesIO(head)), http.client.HTTPMessage)
+    except http.client.HTTPException as exc:
+        return type(exc), str(exc)
+    return msg.items(), [(k, msg.get_all(k)) for k in msg]
+
+
+HOSTILE_HEADS = [
+    b"Host: a\r\nContent-Length: 5\r\n\r\n",
+    b"Host:   padded   \r\n\r\n",  # leading blanks dropped, trailing ones kept
+    b"Empty:\r\n\n",
+    b"Tab:\tvalue\t\r\n\r\n",
+    b"Folded: one\r\n two\r\n\r\n",  # obs-fold: the email parser joins the lines
+    b"No colon here\r\n\r\n",
+    b"Latin: caf\xe9\r\n\r\n",
+    b"Bare: a\rb\r\n\r\n",  # a lone CR splits lines in the email parser
+    b"Vt: a\x0bb\r\n\r\n",  # so do VT and NEL (str.splitlines)
+    b"Nel: a\x85b\r\n\r\n",
+    b"Nul: a\x00b\r\n\r\n",
+    b":nameless\r\n\r\n",
+    b"From nobody\r\n\r\n",
+    b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"Unterminated: value",
+    b"",
+    b"X-A: b\r\n" * 100 + b"\r\n",  # 101 lines with the blank one: too many
+    b"X-A: b\r\n" * 99 + b"\r\n",
+    b"Long: " + b"a" * 65_600 + b"\r\n\r\n",
+]
+
+
+def test_read_headers_answers_as_the_stdlib_parser_for_any_head() -> None:
+    """Same names, values, repeats and errors as `http.client.parse_headers`, on hand-made
+    hostile heads and 20,000 random ones built from the bytes that matter to either parser."""
+    rng = random.Random(7)
+    alphabet = b"Ab:- \t\r\n\x0b\x85\x00\xe9x"
+    heads = list(HOSTILE_HEADS)
+    for _ in range(20_000):
+        heads.append(bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 24))) + b"\r\n\r\n")
+    for head in heads:
+        assert _ours(head) == _stdlib(head), head[:80]
+
+
+def test_read_headers_skips_the_email_parser_only_for_plain_heads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    real = email.parser.Parser.parsestr
+
+    def counted(self: email.parser.Parser, text: str, headersonly: bool = False) -> Any:
+        calls.append(text)
+        return real(self, text, headersonly)
+
+    monkeypatch.setattr(email.parser.Parser, "parsestr", counted)
+    plain = b"Host: 127.0.0.1:9\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n"
+    assert _ours(plain) == _stdlib(plain)
+    calls.clear()
+    _ours(plain)
+    assert calls == []
+    _ours(b"Folded: one\r\n two\r\n\r\n")
+    assert len(calls) == 1
+
+
+def test_body_problem_parses_only_bodies_that_may_hold_a_problem(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Plain bodies pass unparsed; a surrogate, a `\\u` escape, non-ASCII text or many brackets
+    are parsed and judged as before."""
+    parsed: list[bytes] = []
+    real = json.loads
+
+    def counted(body: Any, **kw: Any) -> Any:
+        parsed.append(body)
+        return real(body, **kw)
+
+    monkeypatch.setattr(json, "loads", counted)
+    plain = json.dumps([{"dimension": "scans", "quantity": 1, "id": f"r{i}"} for i in range(25)])
+    assert body_problem(plain.encode()) is None
+    assert parsed == []
+    lone = body_problem(b'{"id": "\\ud800"}')
+    assert lone is not None and lone.status == 400 and "surrogate" in str(lone.body)
+    deep = body_problem(b"[" * 5000 + b"]" * 5000)
+    assert deep is not None and deep.status == 400 and "nested too deeply" in str(deep.body)
+    assert body_problem('{"id": "café"}'.encode()) is None
+    assert body_problem(b'{"id": "\\u00e9"}') is None
+    assert body_problem(b"[" * 600 + b"]" * 600) is None  # many brackets, shallow enough
+    assert len(parsed) == 5
+
+
+@pytest.fixture
+def usage_server(tmp_path: Path) -> Iterator[LocalServer]:
+    """A custom-mode usage pipeline (its real SQLite store) behind the real API listener."""
+    svc = UsageService(
+        UsagePolicy("prod-cpu", ("scans",), tmp_path, entitlement_check="none"),
+        lambda: None,  # type: ignore[arg-type,return-value]  # nothing is sent here
+    )
+    router = Router(None, lambda: None, readiness=lambda: (True, None), usage=svc)
+    server = LocalServer(("127.0.0.1", 0), router, API_LIMITS)
+    thread = server.serve_in_thread("test-api")
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+        svc.close()
+
+
+def _post(server: LocalServer, body: bytes, extra: bytes = b"") -> tuple[int, dict[str, Any]]:
+    port = server.server_address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/usage HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + extra
+            + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+            + body
+        )
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload)
+
+
+def test_a_usage_post_is_acknowledged_through_either_header_path(
+    usage_server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain head is read without the email parser; a folded or non-ASCII one with it; both
+    are stored, and a repeat of the first is answered as a repeat (200), not stored twice."""
+    calls: list[str] = []
+    real = email.parser.Parser.parsestr
+
+    def counted(self: email.parser.Parser, text: str, headersonly: bool = False) -> Any:
+        calls.append(text)
+        return real(self, text, headersonly)
+
+    monkeypatch.setattr(email.parser.Parser, "parsestr", counted)
+    one = b'{"dimension": "scans", "quantity": 2, "id": "cpu-1"}'
+    assert _post(usage_server, one)[0] == 202
+    assert calls == []
+    two = b'{"dimension": "scans", "quantity": "2.5", "id": "cpu-2"}'
+    assert _post(usage_server, two, b"X-Note: caf\xe9\r\nX-Folded: a\r\n b\r\n")[0] == 202
+    assert len(calls) == 1
+    status, doc = _post(usage_server, one)
+    assert status == 200, doc
+    bad = b'{"dimension": "scans", "quantity": 2.0000001, "id": "cpu-3"}'
+    status, doc = _post(usage_server, bad)
+    assert status == 400 and doc["error"]["field"] == "quantity", doc
