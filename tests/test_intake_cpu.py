@@ -23,6 +23,7 @@ import pytest
 
 from sidecar.server.api import API_LIMITS, LocalServer, Router, body_problem, read_headers
 from sidecar.usage.service import UsagePolicy, UsageService
+from sidecar.usage.validate import Limits, RejectedError, parse
 
 
 def _stdlib(head: bytes) -> Any:
@@ -181,3 +182,19 @@ def test_a_usage_post_is_acknowledged_through_either_header_path(
     bad = b'{"dimension": "scans", "quantity": 2.0000001, "id": "cpu-3"}'
     status, doc = _post(usage_server, bad)
     assert status == 400 and doc["error"]["field"] == "quantity", doc
+
+
+def test_usage_bodies_decode_as_json_loads_decodes_them_in_any_encoding() -> None:
+    """The validator's UTF-8 shortcut (a body opening with `{` or `[`) changes no answer:
+    UTF-16 and UTF-32 bodies, with or without a BOM, and UTF-8 with a BOM, read the same."""
+    limits = Limits(("scäns",))  # a configured name, not ASCII: the encoding matters
+    text = '[{"dimension": "scäns", "quantity": "2.5", "id": "r-1"}]'
+    want = parse(text.encode(), limits, 0.0)
+    assert want[0].micros == 2_500_000 and want[0].dimension == "scäns"
+    for encoding in ("utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"):
+        body = text.encode(encoding)
+        assert json.loads(body) == json.loads(text)  # what the shortcut must agree with
+        assert parse(body, limits, 0.0) == want, encoding
+    with pytest.raises(RejectedError) as refused:
+        parse(b"{\x00", limits, 0.0)  # opens with `{`, then a NUL: UTF-16, and not JSON
+    assert refused.value.problems[0].field == "body"
