@@ -82,6 +82,10 @@ def iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+# `json.dumps(..., separators=(",", ":"))` without building an encoder per reply.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 @dataclass(frozen=True)
 class Reply:
     status: int
@@ -93,7 +97,7 @@ class Reply:
     def payload(self) -> bytes:
         if self.encoded is not None:
             return self.encoded
-        return json.dumps(self.body, separators=(",", ":")).encode()
+        return _COMPACT.encode(self.body).encode()
 
 
 def _problem(status: HTTPStatus, code: str, message: str, **headers: str) -> Reply:
