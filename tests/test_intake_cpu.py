@@ -15,6 +15,8 @@ import io
 import json
 import random
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,7 @@ def usage_server(tmp_path: Path) -> Iterator[LocalServer]:
         lambda: None,  # type: ignore[arg-type,return-value]  # nothing is sent here
     )
     router = Router(None, lambda: None, readiness=lambda: (True, None), usage=svc)
+    others = set(threading.enumerate())
     server = LocalServer(("127.0.0.1", 0), router, API_LIMITS)
     thread = server.serve_in_thread("test-api")
     try:
@@ -139,6 +142,12 @@ def usage_server(tmp_path: Path) -> Iterator[LocalServer]:
         server.shutdown()
         server.server_close()
         thread.join(10)
+        # Its connection threads (lowered to nice +10, as the API's are) end before the next
+        # test runs: tests/test_probe_priority.py counts this process's nice threads.
+        end = time.monotonic() + 10
+        while any(t.name.endswith("(_serve)") for t in set(threading.enumerate()) - others):
+            assert time.monotonic() < end, "a connection thread outlived its server"
+            time.sleep(0.01)
         svc.close()
 
 
