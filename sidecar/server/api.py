@@ -953,8 +953,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def parse_request(self) -> bool:
-        """The stdlib's `parse_request` (Python 3.11, line by line), with `read_headers` in place
-        of `http.client.parse_headers`: same answers to bad request lines and headers."""
+        """The stdlib's `parse_request` (3.11 to 3.13 alike, line by line), with `read_headers` in
+        place of `http.client.parse_headers`: same answers to bad request lines and headers."""
         self.command = None  # type: ignore[assignment]  # as the stdlib: set on error
         self.request_version = version = self.default_request_version
         self.close_connection = True
