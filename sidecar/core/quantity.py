@@ -18,6 +18,7 @@ _DECIMAL_RE = re.compile(DECIMAL_PATTERN)
 MAX_MICROS = 9_999_999_999_999_999  # 9999999999.999999, the pattern's largest value
 MAX_TEXT = "9999999999.999999"
 _MAX_DECIMAL = Decimal(MAX_TEXT)
+_MAX_WHOLE = MAX_MICROS // SCALE  # the largest whole quantity
 ALLOWED = (
     'an integer, or a decimal string such as "2.5" (at most 6 decimal places), '
     f"from 0 to {MAX_TEXT}"
@@ -36,6 +37,8 @@ def parse(value: object) -> int:
     `2.5` is read from its text, never through a binary float). Refused: floats, booleans, NaN,
     negative values, more than six decimal places, values above the pattern's range.
     """
+    if type(value) is int and 0 <= value <= _MAX_WHOLE:  # the common case, checked first
+        return value * SCALE
     if isinstance(value, bool):
         raise QuantityError(f"must be {ALLOWED}; got a boolean")
     if isinstance(value, int):

@@ -9,6 +9,7 @@ mistakes get JSON 4xx answers, never 500.
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import enum
 import io
 import json
@@ -77,6 +78,10 @@ def iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+# `json.dumps(..., separators=(",", ":"))` without building an encoder per reply.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 @dataclass(frozen=True)
 class Reply:
     status: int
@@ -88,11 +93,16 @@ class Reply:
     def payload(self) -> bytes:
         if self.encoded is not None:
             return self.encoded
-        return json.dumps(self.body, separators=(",", ":")).encode()
+        return _COMPACT.encode(self.body).encode()
 
 
 def _problem(status: HTTPStatus, code: str, message: str, **headers: str) -> Reply:
     return Reply(status, {"error": {"code": code, "message": message}}, headers)
+
+
+# Brackets a body may hold and still pass `body_problem` unparsed: far below the recursion
+# limit (1,000 frames, the handler's own stack included), far above any usage record's nesting.
+_SHALLOW = 500
 
 
 def body_problem(body: bytes) -> Reply | None:
@@ -101,7 +111,13 @@ def body_problem(body: bytes) -> Reply | None:
     Two shapes: strings holding a lone UTF-16 surrogate ("\\ud800" is valid JSON, but no UTF-8
     encoder, botocore's included, accepts the text), and nesting deep enough that the parser
     raises RecursionError. A body that is not JSON at all is left to the handler to name.
+
+    Most bodies can hold neither and pass unparsed (the handler parses them anyway): ASCII with
+    no `\\u` escape holds no surrogate (one in UTF-16 or UTF-32 has a byte above 0x7f), and
+    fewer than `_SHALLOW` brackets cannot nest deep enough to exhaust the recursion limit.
     """
+    if body.isascii() and b"\\u" not in body and body.count(b"[") + body.count(b"{") < _SHALLOW:
+        return None
     try:
         doc = json.loads(body)
     except RecursionError:
@@ -827,6 +843,21 @@ def _canned(status: HTTPStatus, code: str, message: str) -> bytes:
     )
 
 
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+_date: tuple[int, str] = (-1, "")
+
+
+def http_date() -> str:
+    """`date_time_string()` for now, formatted once a second (it has whole seconds)."""
+    global _date
+    now = int(time.time())
+    second, text = _date
+    if second != now:
+        text = email.utils.formatdate(now, usegmt=True)
+        _date = (now, text)  # one tuple: a thread reads the old pair or the new, never a mix
+    return text
+
+
 def _path_key(raw: str, most: int) -> str | None:
     """The last path segment, percent-decoded: 1 to `most` printable characters, else None."""
     try:
@@ -923,9 +954,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._conn.enter(Phase.WRITING, self.server.limits.write_seconds)
         payload = reply.payload()
         lines = [
-            f"{self.protocol_version} {reply.status} {HTTPStatus(reply.status).phrase}",
+            f"{self.protocol_version} {reply.status} {_PHRASES[reply.status]}",
             f"Server: {self.version_string()}",
-            f"Date: {self.date_time_string()}",
+            f"Date: {http_date()}",
             f"Content-Type: {reply.content_type}",
             f"Content-Length: {len(payload)}",
             "Cache-Control: no-store",

@@ -139,9 +139,12 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+_STAMP_RE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
 def parse_timestamp(value: Any) -> float:
     """RFC 3339 with an explicit offset (`Z` or `+hh:mm`) to epoch seconds; ValueError otherwise."""
-    if not isinstance(value, str) or not re.match(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}", value):
+    if not isinstance(value, str) or not _STAMP_RE.match(value):
         raise ValueError("must be an RFC 3339 string such as 2026-01-31T13:05:00Z")
     text = value[:-1] + "+00:00" if value[-1:] in ("Z", "z") else value
     try:
@@ -169,10 +172,21 @@ def _int(text: str) -> int | Decimal:
     return int(text) if len(text) <= 20 else Decimal(text)
 
 
+# One decoder for every body: `json.loads` with hooks builds a new one (and its scanner) per call.
+_DECODER = json.JSONDecoder(parse_float=Decimal, parse_int=_int)
+
+
 def _loads(body: bytes) -> Any:
-    """JSON with every number that has a fraction or exponent read as an exact `Decimal`."""
+    """JSON with every number that has a fraction or exponent read as an exact `Decimal`.
+
+    Decoded as `json.loads` decodes bytes (its encoding detection, surrogatepass), then by the
+    shared decoder."""
+    # A body opening with `{` or `[` and no NUL after it is UTF-8 to `detect_encoding` (no BOM,
+    # not UTF-16 or UTF-32): the common case, without its checks.
+    utf8 = body[:1] in (b"{", b"[") and body[1:2] != b"\x00"
     try:
-        return json.loads(body, parse_float=Decimal, parse_int=_int)
+        encoding = "utf-8" if utf8 else json.detect_encoding(body)
+        return _DECODER.decode(body.decode(encoding, "surrogatepass"))
     except (ValueError, UnicodeDecodeError):
         raise RejectedError(
             400, [Problem("body", "must be JSON: one usage record or a list")]
@@ -248,19 +262,31 @@ def _allocations(
     return tuple(out)
 
 
+_UNKNOWN_RECORD_FIELD = f"unknown field; allowed: {', '.join(sorted(RECORD_FIELDS))}"
+# What SaaS mode reads off a record before the record rules see it (`parse_saas`).
+SAAS_FIELDS = frozenset({"customer_aws_account_id", "license_arn", "customer_identifier"})
+
+
 def _record(
-    doc: Any, field: str, limits: Limits, now: float, problems: list[Problem]
+    doc: Any,
+    field: str,
+    limits: Limits,
+    now: float,
+    problems: list[Problem],
+    saas: bool = False,
 ) -> UsageRecord | None:
+    """One record, or None with its problems added. `saas`: the customer fields are the
+    caller's (`parse_saas` checks them)."""
     if not isinstance(doc, dict):
         problems.append(Problem(field or "body", "must be a usage record object"))
         return None
     before = len(problems)
-    for extra in sorted(set(doc) - RECORD_FIELDS):
-        problems.append(
-            Problem(
-                _join(field, extra), f"unknown field; allowed: {', '.join(sorted(RECORD_FIELDS))}"
-            )
-        )
+    extras = doc.keys() - RECORD_FIELDS
+    if saas and extras:
+        extras -= SAAS_FIELDS
+    if extras:
+        for extra in sorted(extras):
+            problems.append(Problem(_join(field, extra), _UNKNOWN_RECORD_FIELD))
     dimension = doc.get("dimension")
     if dimension not in limits.dimensions:
         problems.append(
@@ -269,9 +295,13 @@ def _record(
                 f"must be one of the configured dimensions: {', '.join(limits.dimensions)}",
             )
         )
-    if "quantity" not in doc:
-        problems.append(Problem(_join(field, "quantity"), "is required"))
-    quantity = _quantity(doc.get("quantity"), _join(field, "quantity"), problems)
+    given = doc.get("quantity")
+    if type(given) is int and 0 <= given <= MAX_QUANTITY:  # the common case: a whole number
+        quantity = given * qty.SCALE
+    else:
+        if "quantity" not in doc:
+            problems.append(Problem(_join(field, "quantity"), "is required"))
+        quantity = _quantity(given, _join(field, "quantity"), problems)
     key = doc.get("id")
     if key is not None and (
         not isinstance(key, str) or not 1 <= len(key) <= MAX_ID or not ID_RE.fullmatch(key)
@@ -318,7 +348,7 @@ def parse(body: bytes, limits: Limits, now: float) -> list[UsageRecord]:
     return _parse_doc(_loads(body), limits, now)
 
 
-def _parse_doc(doc: Any, limits: Limits, now: float) -> list[UsageRecord]:
+def _parse_doc(doc: Any, limits: Limits, now: float, saas: bool = False) -> list[UsageRecord]:
     if isinstance(doc, dict) and "records" in doc and "dimension" not in doc:
         if set(doc) != {"records"}:
             raise RejectedError(
@@ -338,11 +368,11 @@ def _parse_doc(doc: Any, limits: Limits, now: float) -> list[UsageRecord]:
                 [Problem("records", f"at most {MAX_RECORDS} records per request; got {len(doc)}")],
             )
         for i, item in enumerate(doc):
-            rec = _record(item, f"records[{i}]", limits, now, problems)
+            rec = _record(item, f"records[{i}]", limits, now, problems, saas)
             if rec is not None:
                 records.append(rec)
     else:
-        rec = _record(doc, "", limits, now, problems)
+        rec = _record(doc, "", limits, now, problems, saas)
         if rec is not None:
             records.append(rec)
     seen: dict[str, int] = {}
@@ -405,10 +435,10 @@ def record_identity(identity: str, customer: str) -> dict[str, str]:
 def _customer(
     doc: dict[str, Any], field: str, identity: str, problems: list[Problem]
 ) -> str | None:
-    """Pops the customer fields off `doc` (a copy) and checks them against the identity."""
-    account = doc.pop("customer_aws_account_id", None)
-    arn = doc.pop("license_arn", None)
-    ident = doc.pop(IDENTIFIER_FIELD, None)
+    """The customer fields of `doc`, checked against the identity."""
+    account = doc.get("customer_aws_account_id")
+    arn = doc.get("license_arn")
+    ident = doc.get(IDENTIFIER_FIELD)
     before = len(problems)
     if identity == "license":
         if ident is not None:
@@ -474,25 +504,17 @@ def parse_saas(body: bytes, limits: Limits, now: float, identity: str) -> list[S
     items: list[Any] = [doc] if single else (doc if isinstance(doc, list) else doc.get("records"))
     problems: list[Problem] = []
     customers: list[str | None] = []
-    stripped: list[Any] = []
     if isinstance(items, list) and len(items) <= MAX_RECORDS:
         for i, item in enumerate(items):
             field = "" if single else f"records[{i}]"
             if not isinstance(item, dict):
                 customers.append(None)
-                stripped.append(item)
                 continue
-            copy = dict(item)
-            customers.append(_customer(copy, field, identity, problems))
-            stripped.append(copy)
-    if single:
-        rebuilt: Any = stripped[0] if stripped else doc
-    elif isinstance(doc, list):
-        rebuilt = stripped if isinstance(items, list) and len(items) <= MAX_RECORDS else doc
-    else:
-        rebuilt = {**doc, "records": stripped} if stripped or doc.get("records") == [] else doc
+            customers.append(_customer(item, field, identity, problems))
     try:
-        records = _parse_doc(rebuilt, limits, now)
+        # The record rules on the same document: `saas` leaves the customer fields (checked
+        # above) to this function.
+        records = _parse_doc(doc, limits, now, saas=True)
     except RejectedError as exc:
         if exc.status != 400:
             raise
