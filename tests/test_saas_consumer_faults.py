@@ -12,14 +12,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import boto3
 import pytest
 
 from sidecar.aws.sqs import EventQueue
 from sidecar.usage import lifecycle
-from sidecar.usage.db import open_store
+from sidecar.usage.db import UsageStore, open_store
 from sidecar.usage.hours import HourPolicy
 from sidecar.usage.saas import SAAS_SCHEMA, SaasPolicy, SaasService
 from tests.helpers import ManualClock
@@ -155,7 +155,7 @@ def test_a_store_error_nobody_expected_is_retried_not_the_end_of_events(
     client.send_message(QueueUrl=url, MessageBody=eb("License Deprovisioned", 4, time.time()))
     svc = service(tmp_path)
     real = svc.store
-    svc.store = OddStore(real, fails=2)
+    svc.store = cast(UsageStore, OddStore(real, fails=2))
     with consuming(svc, EventQueue(url, REGION, wait_seconds=1)):
         wait_for(lambda: events(svc) == 1, 30, "not applied once the store wrote again")
         wait_for(lambda: left(client, url) == 0, 20, "not deleted once applied")
