@@ -14,6 +14,9 @@ from sidecar.emulator.service import Emulator, EmulatorServer
 from tests import loopback_guard, usage_kit
 from tests.helpers import Launch, ManualClock, Sidecar, loopback_env, new_key, start_sidecar
 
+# Fixtures several modules share, defined once (the SaaS `backend` and `saas_clock`).
+pytest_plugins = ["tests.saas_fixtures"]
+
 # The loopback guard: this process refuses non-loopback connections from here on, and so does
 # every Python child, whatever environment a test hands it (PYTHONPATH + LOOPBACK_GUARD_LOG are
 # added to it). Attempts land in GUARD_LOG; `_stays_on_loopback` fails the test that made them.
