@@ -13,6 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sidecar.emulator.service import Emulator, EmulatorServer
 from tests import loopback_guard, usage_kit
 from tests.helpers import Launch, ManualClock, Sidecar, loopback_env, new_key, start_sidecar
+from tests.metadata_fake import MotoSts
+
+# Fixtures several modules share, defined once (the SaaS `backend` and `saas_clock`).
+pytest_plugins = ["tests.saas_fixtures"]
 
 # The loopback guard: this process refuses non-loopback connections from here on, and so does
 # every Python child, whatever environment a test hands it (PYTHONPATH + LOOPBACK_GUARD_LOG are
@@ -166,6 +170,21 @@ def pg_server() -> Iterator[Any]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def moto_sts() -> Iterator[MotoSts]:
+    """moto's STS server, started once: each stop waits ~0.5 s for its serving loop."""
+    server = MotoSts()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def sts(moto_sts: MotoSts) -> MotoSts:
+    """moto's STS for one test: `assumed()` lists only the roles this test assumed."""
+    moto_sts.forget()
+    return moto_sts
 
 
 @pytest.fixture

@@ -115,6 +115,11 @@ class MotoSts:
         host, port = self._server.get_host_and_port()
         return f"http://{host}:{port}"
 
+    def forget(self) -> None:
+        """From now on `assumed()` lists only new roles: a server shared by several tests
+        answers each as a fresh one would (moto's STS keeps no other state a test reads)."""
+        self._before = len(self._roles())
+
     def assumed(self) -> list[Assumed]:
         """Roles assumed through this server since it started (moto keeps state per process)."""
         return [

@@ -207,13 +207,6 @@ class SecretVolume:
 
 
 @pytest.fixture
-def sts() -> Iterator[MotoSts]:
-    server = MotoSts()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def lm() -> Iterator[LicenseManagerStandIn]:
     server = LicenseManagerStandIn()
     yield server

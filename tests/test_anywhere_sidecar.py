@@ -8,11 +8,9 @@ was exchanged and the role assumed, and a token License Manager refuses keeps it
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 
 from sidecar.emulator.service import EmulatorServer
@@ -21,13 +19,6 @@ from tests.metadata_fake import MotoSts
 
 SKU = "prod-sku-anywhere"
 ROLE = "arn:aws:iam::111122223333:role/AWSLicenseManagerConsumptionRole"
-
-
-@pytest.fixture
-def sts() -> Iterator[MotoSts]:
-    server = MotoSts()
-    yield server
-    server.close()
 
 
 def emulator_post(server: EmulatorServer, action: str, spec: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from tests.test_saas_lifecycle_attack import (  # noqa: F401
     Contract,
     Queue,
     agreement_event,
-    backend,
     clock,
     contract_service,
     resolve_and_read,
@@ -31,7 +30,7 @@ DAY = 86400.0
 
 
 def test_a_departure_delivered_before_the_renewal_it_follows_is_not_ignored(
-    backend: Callable[[], UsageStore],  # noqa: F811
+    backend: Callable[[], UsageStore],
     clock: ManualClock,  # noqa: F811
 ) -> None:
     """SQS keeps no order. A buyer renewed two days ago (Created agmt-new, Ended agmt-old) and
@@ -57,7 +56,7 @@ def test_a_departure_delivered_before_the_renewal_it_follows_is_not_ignored(
 
 
 def test_leaving_one_product_is_not_ignored_after_subscribing_to_another(
-    backend: Callable[[], UsageStore],  # noqa: F811
+    backend: Callable[[], UsageStore],
     clock: ManualClock,  # noqa: F811
 ) -> None:
     """Agreement events name no product (only license events do), so a seller's rule on the
@@ -105,7 +104,7 @@ class _Msg:
 
 
 def test_a_hanging_entitlement_service_does_not_make_a_deprovisioning_miss_its_window(
-    backend: Callable[[], UsageStore],  # noqa: F811
+    backend: Callable[[], UsageStore],
     clock: ManualClock,  # noqa: F811
 ) -> None:
     """GetEntitlements hangs until its read timeout (10 s, the default AWS timeout) and fails;
@@ -147,7 +146,7 @@ def test_a_hanging_entitlement_service_does_not_make_a_deprovisioning_miss_its_w
 
 
 def test_a_replica_whose_clock_runs_a_day_ahead_does_not_freeze_every_buyers_contract(
-    backend: Callable[[], UsageStore],  # noqa: F811
+    backend: Callable[[], UsageStore],
     clock: ManualClock,  # noqa: F811
 ) -> None:
     """Two replicas share the store; one's clock runs a day ahead (NTP broken on its node). It
@@ -183,7 +182,7 @@ class _Down:
 
 
 def test_a_first_read_throttled_at_resolve_is_read_again_while_the_queue_is_unreachable(
-    backend: Callable[[], UsageStore],  # noqa: F811
+    backend: Callable[[], UsageStore],
     clock: ManualClock,  # noqa: F811
 ) -> None:
     """The buyer's first GetEntitlements (at resolve) is throttled, and the lifecycle queue is
@@ -210,7 +209,7 @@ def test_a_first_read_throttled_at_resolve_is_read_again_while_the_queue_is_unre
 
 
 def test_buyers_whose_reads_always_fail_never_starve_the_others_reads(
-    backend: Callable[[], UsageStore],  # noqa: F811
+    backend: Callable[[], UsageStore],
     clock: ManualClock,  # noqa: F811
 ) -> None:
     """21 buyers' GetEntitlements fail every time (refused for them), 4 others' would answer.

@@ -22,10 +22,10 @@ from sidecar.entitlement.contract import ContractService
 from sidecar.entitlement.license import verify_checkout
 from tests.helpers import ROOT, ManualClock, loopback_env
 from tests.metadata_fake import MotoSts
-from tests.test_anywhere_sidecar import ROLE, emulator_post, sts
+from tests.test_anywhere_sidecar import ROLE, emulator_post
 from tests.test_contract_service import SEAT, grant, lm, run, server
 
-__all__ = ["lm", "server", "sts"]  # fixtures
+__all__ = ["lm", "server"]  # fixtures (`sts` is conftest's)
 ANYWHERE_SKU = "prod-sku-anywhere-doctor"
 
 

@@ -15,13 +15,6 @@ from tests.metadata_fake import FakeMetadata, MotoSts
 from tests.test_keys import JWT_IO_DEMO_KEY
 
 
-@pytest.fixture
-def sts() -> Iterator[MotoSts]:
-    server = MotoSts()
-    yield server
-    server.close()
-
-
 def irsa_env(tmp_path: Path, sts: MotoSts) -> dict[str, str]:
     token = tmp_path / "token"
     token.write_text("eyJ.web-identity.token")

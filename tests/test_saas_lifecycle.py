@@ -7,12 +7,11 @@ queue tests use moto's SQS in server mode (tests/test_saas_events_queue.py).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from sidecar.usage.hours import HOUR, hour_of, hour_start
 from sidecar.usage.saas import SAAS_SCHEMA, SaasService
 from sidecar.usage.saas_events import FINAL_MARGIN
 from tests.helpers import ManualClock
+from tests.saas_fixtures import saas_clock
 from tests.test_saas_ledger import account, key, license_arn
 from tests.test_saas_service import Aws, Killed, body, make_service
 
@@ -79,27 +79,7 @@ def sns(action: str, identifier: str, t: float, *, eid: str | None = None, **mor
     )
 
 
-@pytest.fixture
-def clock() -> ManualClock:
-    c = ManualClock()
-    c.t = hour_start(hour_of(c.t)) + 600.0
-    return c
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], UsageStore]]:
-    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
-    opened: list[UsageStore] = []
-
-    def make() -> UsageStore:
-        s = open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=url)
-        opened.append(s)
-        return s
-
-    yield make
-    for s in opened:
-        with contextlib.suppress(Exception):
-            s.close()
+clock = saas_clock  # the SaaS hour clock (tests/saas_fixtures.py); `backend` is there too
 
 
 def resolved(svc: SaasService, aws: Aws, i: int) -> None:

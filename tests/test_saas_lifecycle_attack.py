@@ -7,48 +7,26 @@ store SQLite and a real PostgreSQL (tests/pg.py), as in tests/test_saas_lifecycl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from sidecar.usage import lifecycle
-from sidecar.usage.db import UsageStore, open_store
+from sidecar.usage.db import UsageStore
 from sidecar.usage.hours import hour_of, hour_start, iso
 from sidecar.usage.overage import Basis
-from sidecar.usage.saas import SAAS_SCHEMA, EntitlementReader, SaasService
+from sidecar.usage.saas import EntitlementReader, SaasService
 from sidecar.usage.saas_events import FINAL_MARGIN
 from tests.helpers import ManualClock
+from tests.saas_fixtures import saas_clock
 from tests.test_saas_ledger import account
 from tests.test_saas_lifecycle import eb, sns
 from tests.test_saas_service import Aws, Killed, body, make_service
 
-
-@pytest.fixture
-def clock() -> ManualClock:
-    c = ManualClock()
-    c.t = hour_start(hour_of(c.t)) + 600.0
-    return c
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], UsageStore]]:
-    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
-    opened: list[UsageStore] = []
-
-    def make() -> UsageStore:
-        s = open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=url)
-        opened.append(s)
-        return s
-
-    yield make
-    for s in opened:
-        with contextlib.suppress(Exception):
-            s.close()
+clock = saas_clock  # the SaaS hour clock (tests/saas_fixtures.py); `backend` is there too
 
 
 class Contract:

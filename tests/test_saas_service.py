@@ -6,11 +6,10 @@ AWS's documented behaviour, not for our code.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from sidecar.usage.db import UsageStore, open_store
 from sidecar.usage.hours import HOUR, HourPolicy, hour_of, hour_start, iso
 from sidecar.usage.saas import EXPIRED_HINT, SAAS_SCHEMA, SaasPolicy, SaasService
 from tests.helpers import ManualClock
+from tests.saas_fixtures import saas_clock
 from tests.test_saas_ledger import DIMS, FakeAws, account, key, license_arn
 
 
@@ -59,27 +59,7 @@ class Aws(FakeAws):
         return answer
 
 
-@pytest.fixture
-def clock() -> ManualClock:
-    c = ManualClock()
-    c.t = hour_start(hour_of(c.t)) + 600.0
-    return c
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], UsageStore]]:
-    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
-    opened: list[UsageStore] = []
-
-    def make() -> UsageStore:
-        s = open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=url)
-        opened.append(s)
-        return s
-
-    yield make
-    for s in opened:
-        with contextlib.suppress(Exception):  # closed by the test already
-            s.close()
+clock = saas_clock  # the SaaS hour clock (tests/saas_fixtures.py); `backend` is there too
 
 
 def make_service(store: UsageStore, aws: Aws, clock: ManualClock, **over: Any) -> SaasService:
