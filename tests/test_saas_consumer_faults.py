@@ -164,6 +164,7 @@ def test_a_store_error_nobody_expected_is_retried_not_the_end_of_events(
     real.close()
 
 
+@pytest.mark.usefixtures("parser_bug")
 def test_the_warning_names_the_failure_and_goes_an_hour_after_the_last(
     moto: Moto,  # noqa: F811
     tmp_path: Path,
