@@ -1,0 +1,178 @@
+"""Attacks on SaaS usage allocations (schema 6): idempotency by value, carry-forward into an
+hour that already holds other tag sets, the 2,499 limit raced by two replicas on PostgreSQL,
+and zero-quantity allocated records sent through boto3 to the emulator. Each test names what
+a user would lose if it broke: an hour AWS refuses whole, or a unit billed twice."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+
+from sidecar.core import quantity as qty
+from sidecar.emulator.service import Emulator, EmulatorServer
+from sidecar.usage import saas_ledger as L  # noqa: N812
+from sidecar.usage.db import UsageStore, open_store
+from sidecar.usage.hours import hour_of, hour_start
+from sidecar.usage.saas import SAAS_SCHEMA
+from tests.helpers import ManualClock
+from tests.test_saas_allocations import (
+    DIMS,
+    HP,
+    _book,
+    _doc,
+    _ingest,
+    _people,
+    _rec,
+    _send_all,
+    _service,
+    store,
+)
+
+__all__ = ["store"]  # the fixture, shared with tests/test_saas_allocations.py
+
+
+def _sealed(s: UsageStore) -> list[tuple[int, dict[str, Any]]]:
+    rows = s.read(
+        lambda db: db.execute("SELECT hour, record FROM saas_outbox ORDER BY hour").fetchall()
+    )
+    return [(int(h), json.loads(str(r))) for h, r in rows]
+
+
+def _sums_exactly(record: dict[str, Any]) -> None:
+    """What AWS checks: the allocations add up to the record, at most 2,500, tag sets unique."""
+    allocs = record["UsageAllocations"]
+    assert 1 <= len(allocs) <= 2500
+    total = sum(qty.parse(a["AllocatedUsageQuantityAsDecimal"]) for a in allocs)
+    assert total == qty.parse(record["QuantityAsDecimal"])
+    sets = [tuple((t["Key"], t["Value"]) for t in a["Tags"]) for a in allocs]
+    assert len(set(sets)) == len(sets)
+
+
+def test_an_id_repeats_with_its_allocations_in_another_order(store: UsageStore) -> None:
+    """A client that builds allocations from a map (Go's, a Python set) sends them in another
+    order on its retry. Same id, same tag sets, same quantities: a repeat (200), counted once;
+    a 409 would tell it the record was refused, and a retry under a new id bills it twice."""
+    now = 1_800_000_000.0
+    a = {"quantity": "0.5", "tags": {"team": "a", "env": "prod"}}
+    b = {"quantity": 1, "tags": {"team": "b"}}
+    first = {**_rec("1.5", [a, b]), "id": "r-1"}
+    assert _ingest(store, [first], now)[0] == 202
+    again = {
+        **first,
+        "allocations": [
+            {"quantity": "1.0", "tags": {"team": "b"}},
+            {"quantity": "0.50", "tags": {"env": "prod", "team": "a"}},
+        ],
+    }
+    status, body = _ingest(store, [again], now)
+    assert status == 200, body
+    assert body["records"][0]["repeat"] is True
+    assert store.read(lambda db: L.report(db, now, HP))["totals"]["users"]["open"] == "1.5"
+
+
+def test_a_carry_into_an_hour_with_other_tag_sets_never_makes_a_record_aws_refuses(
+    store: UsageStore,
+) -> None:
+    """1,300 tag sets in an hour the fleet never sealed, 1,300 others in the open hour: carried
+    together they would be 2,600 allocations (AWS refuses the record: both hours lost). The
+    old hour goes one hour further instead; every unit is sealed once, each record within
+    AWS's rules."""
+    spec = L.SealSpec(DIMS, "license", False, HP)
+    start = 1_800_000_000.0 - 1_800_000_000.0 % 3600 + 600
+    old = [{"quantity": "0.001", "tags": {"old": str(i)}} for i in range(1300)]
+    assert _ingest(store, [_rec("1.3", old)], start)[0] == 202
+    assert _ingest(store, [{**_rec("0.25", []), "allocations": None}], start)[0] == 202
+    later = start + 30 * 3600  # past BatchMeterUsage's window for the first hour
+    now_hour = hour_of(later)
+    new = [{"quantity": "0.002", "tags": {"new": str(i)}} for i in range(1300)]
+    assert _ingest(store, [_rec("2.6", new)], later)[0] == 202
+    for h in range(now_hour - 1, now_hour + 2):
+        at = hour_start(h + 1) + 60
+        store.write(lambda db, h=h, at=at: L.seal(db, h, at, spec), locks=L.SEAL_LOCKS)
+    sealed = _sealed(store)
+    assert len(sealed) == 2, [h for h, _ in sealed]
+    for _, record in sealed:
+        _sums_exactly(record)
+    assert sum(qty.parse(r["QuantityAsDecimal"]) for _, r in sealed) == qty.parse("4.15")
+
+
+@pytest.mark.slow
+def test_two_replicas_racing_the_tag_set_limit_never_seal_more_than_aws_takes(
+    pg_url: str,
+) -> None:
+    """Two sidecars on one PostgreSQL each post 1,300 new tag sets for the same customer,
+    dimension and hour at the same moment: both read 0 stored sets before either commits
+    unless intake serialises them. One must be refused (400), and the sealed record keeps at
+    most 2,499 tag sets plus the untagged one."""
+    now = 1_800_000_000.0
+    stores = [open_store(SAAS_SCHEMA, database_url=pg_url) for _ in range(2)]
+    answers: list[int] = []
+    errors: list[BaseException] = []
+    gate = threading.Barrier(2)
+
+    def post(n: int) -> None:
+        try:
+            sets = [{"quantity": "0.001", "tags": {f"r{n}": str(i)}} for i in range(1300)]
+            gate.wait(10)
+            answers.append(_ingest(stores[n], [_rec("1.3", sets)], now)[0])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors[0]
+        assert sorted(answers) == [202, 400]
+        hour = hour_of(now)
+        spec = L.SealSpec(DIMS, "license", False, HP)
+        at = hour_start(hour + 1) + 60
+        stores[0].write(lambda db: L.seal(db, hour, at, spec), locks=L.SEAL_LOCKS)
+        ((_, record),) = _sealed(stores[1])
+        _sums_exactly(record)
+        assert record["QuantityAsDecimal"] == "1.3"
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_zero_usage_allocated_and_untagged_is_sent_and_accepted(
+    store: UsageStore,
+    emulator_server: EmulatorServer,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Quantity 0 under a tag set, and a 0 without allocations beside real usage: the sealed
+    records carry allocations of 0 that AWS takes (the whole call would fail otherwise)."""
+    clock = ManualClock()
+    clock.t = hour_start(hour_of(clock.t)) + 600.0
+    a, b = _people(emulator_server, emulator, clock, 2)
+    svc = _service(store, emulator_server, emulator, monkeypatch, [a, b], clock)
+    hour = hour_of(clock.t)
+    try:
+        zero = [{"quantity": 0, "tags": {"team": "a"}}]
+        docs = [
+            _doc(a, dimension="scans", quantity=0, allocations=zero),
+            _doc(b, dimension="scans", quantity="0.000001", allocations=zero[:0] or None),
+            _doc(b, dimension="scans", quantity=0, allocations=zero),
+            _doc(b, dimension="scans", quantity=0),
+        ]
+        status, body = svc.post(json.dumps({"records": docs}).encode())
+        assert status == 202, body
+        clock.t = hour_start(hour + 1) + 120
+        _send_all(svc, clock)
+    finally:
+        svc.close()
+    book = _book(emulator_server)
+    got = {r["customer"].split("/")[0]: r for r in book["records"] if r["hour"] == hour}
+    assert got[a["customer_aws_account_id"]]["allocations"] == [[0, [["team", "a"]]]]
+    b_rec = got[b["customer_aws_account_id"]]
+    assert b_rec["quantity"] == "0.000001"
+    assert sorted(map(str, b_rec["allocations"])) == sorted(
+        map(str, [[0, [["team", "a"]]], ["0.000001", [["unallocated", "true"]]]])
+    )
