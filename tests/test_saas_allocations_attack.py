@@ -180,3 +180,34 @@ def test_zero_usage_allocated_and_untagged_is_sent_and_accepted(
     assert sorted(map(str, b_rec["allocations"])) == sorted(
         map(str, [[0, [["team", "a"]]], ["0.000001", [["unallocated", "true"]]]])
     )
+
+
+def _long(prefix: str, i: int) -> dict[str, Any]:
+    """An allocation of five tags at their longest: some 2 kB on the wire."""
+    tags = {f"{prefix}{k}{i:04d}".ljust(100, "k"): "v" * 256 for k in "abcde"}
+    return {"quantity": "0.000001", "tags": tags}
+
+
+def test_a_carry_that_would_make_a_record_of_1_mb_goes_one_hour_further(
+    store: UsageStore,
+) -> None:
+    """300 long tag sets in an unsealed old hour, 300 others in the open hour: each hour fits a
+    call, both together (600, over the 505 that fit) would not, and a record no call can carry
+    is rejected unsent (all of its units lost). The old hour goes one hour further instead."""
+    spec = L.SealSpec(DIMS, "license", False, HP)
+    start = 1_800_000_000.0 - 1_800_000_000.0 % 3600 + 600
+    later = start + 30 * 3600
+    for at, prefix in ((start, "o"), (later, "n")):
+        for j in range(0, 300, 50):
+            part = [_long(prefix, j + n) for n in range(50)]
+            assert _ingest(store, [_rec(qty.text(50), part)], at)[0] == 202
+    now_hour = hour_of(later)
+    for h in range(now_hour - 1, now_hour + 2):
+        _seal(store, h, spec)
+    sealed = _sealed(store)
+    assert len(sealed) == 2, [h for h, _ in sealed]
+    for _, record in sealed:
+        _sums_exactly(record)
+        assert record["QuantityAsDecimal"] == "0.0003"
+        # as the sender sizes a call of it alone (botocore's bytes, the longest ProductCode)
+        assert L.wire_bytes([json.dumps(record)], "p" * 255) < L.MAX_BATCH_BYTES
