@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -211,3 +212,83 @@ def test_a_carry_that_would_make_a_record_of_1_mb_goes_one_hour_further(
         assert record["QuantityAsDecimal"] == "0.0003"
         # as the sender sizes a call of it alone (botocore's bytes, the longest ProductCode)
         assert L.wire_bytes([json.dumps(record)], "p" * 255) < L.MAX_BATCH_BYTES
+
+
+@pytest.mark.slow
+def test_two_replicas_posting_tag_sets_while_the_hour_is_sealed_bill_each_unit_once(
+    pg_url: str,
+) -> None:
+    """Two sidecars on one PostgreSQL post usage of one customer's hour under changing tag sets
+    while a third seals that hour: what landed before the seal is in the hour's record, what
+    came after is carried to the next hour, and each unit of each tag set is billed exactly
+    once, every record's allocations adding up to it."""
+    start = 1_800_000_000.0 - 1_800_000_000.0 % 3600 + 3000
+    hour = hour_of(start)
+    iso = time.strftime("%Y-%m-%dT%H:30:00Z", time.gmtime(hour_start(hour)))  # in `hour`
+    now = hour_start(hour + 1) + 61  # posted after its end: the seal is due
+    spec = L.SealSpec(DIMS, "license", False, HP)
+    stores = [open_store(SAAS_SCHEMA, database_url=pg_url) for _ in range(3)]
+    want: dict[tuple[tuple[str, str], ...], int] = {}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    gate = threading.Barrier(3)
+    middle = threading.Barrier(3)
+    sealed = threading.Event()
+
+    def post(n: int) -> None:
+        try:
+            gate.wait(10)
+            for i in range(40):
+                if i == 10:
+                    middle.wait(10)  # the seal starts now, these posts race it
+                if i == 35:
+                    assert sealed.wait(60)  # and these come after it: carried
+                a, b = {"team": f"{n}-{i % 4}"}, {"team": str(i % 3), "env": "x"}
+                doc = {
+                    **_rec(
+                        "0.3",
+                        [{"quantity": "0.1", "tags": a}, {"quantity": "0.2", "tags": b}],
+                    ),
+                    "timestamp": iso,
+                    "id": f"{n}-{i}",
+                }
+                status, body = _ingest(stores[n], [doc], now)
+                assert status == 202, body
+                with lock:
+                    for q, tags in ((100_000, a), (200_000, b)):
+                        key = tuple(sorted(tags.items()))
+                        want[key] = want.get(key, 0) + q
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        gate.wait(10)
+        middle.wait(10)
+        _seal_at(stores[2], hour, now, spec)
+        sealed.set()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors[0]
+        _seal_at(stores[2], hour + 1, hour_start(hour + 2) + 61, spec)
+        got: dict[tuple[tuple[str, str], ...], int] = {}
+        billed = 0
+        records = _sealed(stores[2])
+        assert [h - hour for h, _ in records] == [0, 1]
+        for _, record in records:
+            _sums_exactly(record)
+            billed += qty.parse(record["QuantityAsDecimal"])
+            for a in record["UsageAllocations"]:
+                key = tuple((t["Key"], t["Value"]) for t in a["Tags"])
+                got[key] = got.get(key, 0) + qty.parse(a["AllocatedUsageQuantityAsDecimal"])
+        assert billed == 2 * 40 * 300_000
+        assert got == want
+    finally:
+        for s in stores:
+            s.close()
+
+
+def _seal_at(s: UsageStore, hour: int, at: float, spec: L.SealSpec) -> None:
+    s.write(lambda db: L.seal(db, hour, at, spec), locks=L.SEAL_LOCKS)
