@@ -17,6 +17,7 @@ from sidecar.emulator.service import Emulator, EmulatorServer
 from sidecar.usage import saas_ledger as L  # noqa: N812
 from sidecar.usage.db import UsageStore, open_store
 from sidecar.usage.hours import hour_of, hour_start
+from sidecar.usage.intake import IdConflictError
 from sidecar.usage.saas import SAAS_SCHEMA
 from tests.helpers import ManualClock
 from tests.test_saas_allocations import (
@@ -76,6 +77,10 @@ def test_an_id_repeats_with_its_allocations_in_another_order(store: UsageStore) 
     status, body = _ingest(store, [again], now)
     assert status == 200, body
     assert body[0]["repeat"] is True
+    # the same tag sets and total, split otherwise: other usage, a 409 (nothing counted)
+    split = {**first, "allocations": [{**a, "quantity": 1}, {**b, "quantity": "0.5"}]}
+    with pytest.raises(IdConflictError):
+        _ingest(store, [split], now)
     assert store.read(lambda db: L.report(db, now, HP))["totals"]["users"]["open"] == "1.5"
 
 
