@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from sidecar.usage.hours import hour_of, hour_start
 from sidecar.usage.intake import IdConflictError
 from sidecar.usage.saas import SAAS_SCHEMA
 from tests.helpers import ManualClock
+from tests.usage_kit import post, service
 from tests.test_saas_allocations import (
     DIMS,
     HP,
@@ -297,3 +299,24 @@ def test_two_replicas_posting_tag_sets_while_the_hour_is_sealed_bill_each_unit_o
 
 def _seal_at(s: UsageStore, hour: int, at: float, spec: L.SealSpec) -> None:
     s.write(lambda db: L.seal(db, hour, at, spec), locks=L.SEAL_LOCKS)
+
+
+def test_custom_mode_repeats_an_id_whose_allocations_come_in_another_order(
+    tmp_path: Path,
+) -> None:
+    """Custom mode shares the record digest: the same id and allocations in another order is a
+    repeat (200, counted once), the same tag sets split otherwise a 409."""
+    clock = ManualClock()
+    svc = service(tmp_path, clock)
+    try:
+        a = {"quantity": 2, "tags": {"team": "a"}}
+        b = {"quantity": 1, "tags": {"team": "b", "env": "prod"}}
+        doc = {"dimension": "scans", "quantity": 3, "id": "c-1", "allocations": [a, b]}
+        assert post(svc, doc)[0] == 202
+        status, body = post(svc, {**doc, "allocations": [b, a]})
+        assert (status, body["repeats"]) == (200, 1), body
+        other = [{**a, "quantity": 1}, {**b, "quantity": 2}]
+        assert post(svc, {**doc, "allocations": other})[0] == 409
+        assert svc.report()["totals"]["scans"]["accepted"] == 3
+    finally:
+        svc.close()
