@@ -21,7 +21,6 @@ from sidecar.usage.hours import hour_of, hour_start
 from sidecar.usage.intake import IdConflictError
 from sidecar.usage.saas import SAAS_SCHEMA
 from tests.helpers import ManualClock
-from tests.usage_kit import post, service
 from tests.test_saas_allocations import (
     DIMS,
     HP,
@@ -34,6 +33,7 @@ from tests.test_saas_allocations import (
     _service,
     store,
 )
+from tests.usage_kit import post, service
 
 __all__ = ["store"]  # the fixture, shared with tests/test_saas_allocations.py
 
