@@ -111,7 +111,6 @@ def test_a_carry_into_an_hour_with_other_tag_sets_never_makes_a_record_aws_refus
     assert sum(qty.parse(r["QuantityAsDecimal"]) for _, r in sealed) == qty.parse("4.15")
 
 
-@pytest.mark.slow
 def test_two_replicas_racing_the_tag_set_limit_never_seal_more_than_aws_takes(
     pg_url: str,
 ) -> None:
@@ -221,7 +220,6 @@ def test_a_carry_that_would_make_a_record_of_1_mb_goes_one_hour_further(
         assert L.wire_bytes([json.dumps(record)], "p" * 255) < L.MAX_BATCH_BYTES
 
 
-@pytest.mark.slow
 def test_two_replicas_posting_tag_sets_while_the_hour_is_sealed_bill_each_unit_once(
     pg_url: str,
 ) -> None:
@@ -320,3 +318,28 @@ def test_custom_mode_repeats_an_id_whose_allocations_come_in_another_order(
         assert svc.report()["totals"]["scans"]["accepted"] == 3
     finally:
         svc.close()
+
+
+def test_tag_values_that_json_escapes_are_sized_as_sent(store: UsageStore) -> None:
+    """A double quote is in AWS's tag pattern (its ' -=' is a range) and takes two bytes on
+    the wire: tag sets of such values are accepted only while the sealed record, as botocore
+    writes it, still fits one call (else it is rejected unsent: all of its units lost)."""
+    now = 1_800_000_000.0
+    spec = L.SealSpec(DIMS, "license", False, HP)
+
+    def quoted(i: int) -> dict[str, Any]:
+        tags = {f"q{k}{i:04d}".ljust(100, "k"): '"' * 256 for k in "abcde"}
+        return {"quantity": "0.000001", "tags": tags}
+
+    accepted, status = 0, 202
+    while status == 202:
+        status, body = _ingest(
+            store, [_rec(qty.text(20), [quoted(accepted + j) for j in range(20)])], now
+        )
+        accepted += 20 if status == 202 else 0
+    assert status == 400 and "1 MB" in body["problems"][0]["message"]
+    assert accepted >= 200
+    _seal(store, hour_of(now), spec)
+    ((_, record),) = _sealed(store)
+    _sums_exactly(record)
+    assert L.wire_bytes([json.dumps(record)], "p" * 255) < L.MAX_BATCH_BYTES
