@@ -13,13 +13,15 @@ from typing import Any
 
 import pytest
 
+from sidecar.aws.metering import MeteringGateway
 from sidecar.core import quantity as qty
 from sidecar.emulator.service import Emulator, EmulatorServer
 from sidecar.usage import saas_ledger as L  # noqa: N812
 from sidecar.usage.db import UsageStore, open_store
 from sidecar.usage.hours import hour_of, hour_start
 from sidecar.usage.intake import IdConflictError
-from sidecar.usage.saas import SAAS_SCHEMA
+from sidecar.usage.overage import Basis
+from sidecar.usage.saas import SAAS_SCHEMA, SaasPolicy, SaasService
 from tests.helpers import ManualClock
 from tests.test_saas_allocations import (
     DIMS,
@@ -33,7 +35,7 @@ from tests.test_saas_allocations import (
     _service,
     store,
 )
-from tests.usage_kit import post, service
+from tests.usage_kit import aws_env, post, service
 
 __all__ = ["store"]  # the fixture, shared with tests/test_saas_allocations.py
 
@@ -343,3 +345,71 @@ def test_tag_values_that_json_escapes_are_sized_as_sent(store: UsageStore) -> No
     ((_, record),) = _sealed(store)
     _sums_exactly(record)
     assert L.wire_bytes([json.dumps(record)], "p" * 255) < L.MAX_BATCH_BYTES
+
+
+def test_a_contract_covering_more_than_the_usage_sends_zero_allocations_aws_accepts(
+    store: UsageStore,
+    emulator_server: EmulatorServer,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """10 seats an hour covered, 3 used (team a 2, untagged 1): the record bills 0 and each
+    allocation is 0 (their sum, as AWS requires); never a share of units the contract paid."""
+    clock = ManualClock()
+    clock.t = hour_start(hour_of(clock.t)) + 600.0
+    (a,) = _people(emulator_server, emulator, clock, 1)
+    aws_env(monkeypatch, emulator_server, "seller")
+    emulator.meter_clock = clock.time
+    svc = SaasService(
+        SaasPolicy(
+            dimensions=DIMS,
+            hours=HP,
+            calls_per_second=1024.0,
+            zero_records=False,
+            contract=(("users", Basis.HOUR),),
+        ),
+        store,
+        lambda: MeteringGateway("us-east-1", 5.0),
+        clock=clock,
+        rng=lambda: 0.5,
+    )
+    hour = hour_of(clock.t)
+    try:
+        token = json.dumps({"registration_token": a["registration_token"]}).encode()
+        assert svc.resolve(token)[0] == 200
+        account = a["customer_aws_account_id"]
+        store.write(
+            lambda db: [
+                db.execute(
+                    "INSERT INTO saas_lifecycle (subject, state, state_time, event_time, "
+                    "last_event, updated_at, entitlements_at) VALUES "
+                    "(?, 'subscribed', 0, 0, 'GetEntitlements', ?, ?)",
+                    (account, clock.t, clock.t),
+                ),
+                db.execute(
+                    "INSERT INTO saas_entitlements (subject, dimension, value, expiration, "
+                    "learned_at, kind) VALUES (?, 'users', '10', ?, ?, 'integer')",
+                    (account, 4_000_000_000.0, clock.t),
+                ),
+            ]
+        )
+        docs = [
+            _doc(
+                a,
+                dimension="users",
+                quantity=2,
+                allocations=[{"quantity": 2, "tags": {"team": "a"}}],
+            ),
+            _doc(a, dimension="users", quantity=1),
+        ]
+        assert svc.post(json.dumps({"records": docs}).encode())[0] == 202
+        clock.t = hour_start(hour + 1) + 120
+        _send_all(svc, clock)
+    finally:
+        svc.close()
+    book = _book(emulator_server)
+    (got,) = [r for r in book["records"] if r["hour"] == hour]
+    assert got["quantity"] == 0
+    assert sorted(map(str, got["allocations"])) == sorted(
+        map(str, [[0, [["team", "a"]]], [0, [["unallocated", "true"]]]])
+    )
