@@ -86,7 +86,13 @@ class UsageRecord:
                 "d": self.dimension,
                 "q": qty.to_json(self.micros),
                 "t": self.timestamp,
-                "a": [[qty.to_json(a.micros), list(a.tags)] for a in self.allocations],
+                # By tag set: allocations are a set (AWS and the emulator compare them by
+                # value), so a retry listing them in another order (built from a map) repeats.
+                # A digest stored for allocations posted in tag-set order is unchanged.
+                "a": [
+                    [qty.to_json(a.micros), list(a.tags)]
+                    for a in sorted(self.allocations, key=lambda a: a.tags)
+                ],
             }
             text = json.dumps(doc, sort_keys=True)
         else:
