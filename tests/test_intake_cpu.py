@@ -122,3 +122,13 @@ def test_usage_bodies_decode_as_json_loads_decodes_them_in_any_encoding() -> Non
     with pytest.raises(RejectedError) as refused:
         parse(b"{\x00", limits, 0.0)  # opens with `{`, then a NUL: UTF-16, and not JSON
     assert refused.value.problems[0].field == "body"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_a_lone_surrogate_escaped_in_utf16_or_utf32_is_still_refused(encoding: str) -> None:
+    """ASCII text in UTF-16 or UTF-32 without a BOM is ASCII bytes with NULs between: its
+    `\\ud800` escape is no `\\u` byte pair, so the shortcut let it by, and SaaS mode took
+    `customer_identifier: "x\\ud800"` (no UTF-8 encoder, botocore's included, accepts it)."""
+    body = '{"dimension":"d1","quantity":1,"customer_identifier":"x\\ud800"}'.encode(encoding)
+    reply = body_problem(body)
+    assert reply is not None and "surrogate" in str(reply)

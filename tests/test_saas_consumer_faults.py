@@ -209,3 +209,46 @@ def test_an_odd_entitlements_answer_while_the_queue_is_down_does_not_end_the_con
     counters = svc.counters().lifecycle
     assert counters["queue_error"] == 3 and counters["consumer_error"] >= 1
     svc.store.close()
+
+
+class Batches:
+    """The real queue, noting how many messages each receive gave."""
+
+    def __init__(self, queue: EventQueue) -> None:
+        self.queue, self.sizes = queue, list[int]()
+
+    def receive(self) -> list[Any]:
+        got = self.queue.receive()
+        self.sizes.append(len(got))
+        return got
+
+    def delete(self, message: Any) -> None:
+        self.queue.delete(message)
+
+
+@pytest.mark.usefixtures("parser_bug")
+def test_failing_messages_do_not_hold_back_the_events_behind_them_in_their_batch(
+    moto: Moto,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Head of line: a receive of three messages the consumer fails on, then a deprovisioning
+    (its buyer has one hour to be billed). The backoff came before each next message (up to
+    60 s each, past the batch's visibility timeout); now the batch is handled first and the
+    backoff comes once, before the next receive. Deterministic: the ManualClock's first wait
+    stops the consumer, so whatever is applied was applied before any backoff."""
+    url, _, client = queue_with_redrive(moto.url, receives=5)
+    clock = ManualClock(stop_after_waits=1)
+    for _ in range(3):
+        client.send_message(QueueUrl=url, MessageBody=hostile(clock.t))
+    client.send_message(QueueUrl=url, MessageBody=eb("License Deprovisioned", 5, time.time()))
+    svc = make_service(open_store(SAAS_SCHEMA, state_dir=tmp_path), Aws(clock), clock)
+    queue = Batches(EventQueue(url, REGION, wait_seconds=1))
+    svc.consume(queue, threading.Event())
+    assert queue.sizes[:1] == [4]  # one receive gave all four (moto: as the queue holds them)
+    assert events(svc) == 1  # the deprovisioning, before any backoff
+    # The batch went on without a pause; the next receive gave the three alone, and only then
+    # (every message failing) did it back off.
+    assert svc.counters().lifecycle["consumer_error"] in (3, 6)
+    assert len(clock.waits) == 1 and clock.waits[0] > 0
+    assert left(client, url) == 3  # the failing ones stay queued for the redrive policy
+    svc.store.close()

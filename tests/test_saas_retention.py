@@ -19,7 +19,7 @@ from sidecar.usage.hours import hour_of, hour_start
 from sidecar.usage.saas import SAAS_SCHEMA, SaasService
 from tests.helpers import ManualClock
 from tests.test_saas_ledger import account
-from tests.test_saas_lifecycle import eb
+from tests.test_saas_lifecycle import eb, sns
 from tests.test_saas_service import Aws, make_service
 
 DAY = 86400.0
@@ -266,3 +266,29 @@ def test_the_resync_answer_over_http_and_through_the_client(
         server.shutdown()
         server.server_close()
         svc.store.close()
+
+
+def test_a_late_unsubscribe_pending_does_not_reopen_a_departure_before_a_pruned_subscribe(
+    backend: Callable[[], UsageStore], clock: ManualClock
+) -> None:
+    """An `unsubscribe-pending` applied late (its dead letter sent again by hand, as the docs
+    advise) moves the final window back to its time only if no subscribe came between: that
+    check reads the buyer's subscribe events. Pruned with the rest, the check passed, and the
+    buyer who left now got a final window that closed 40 days ago (usage refused at once)."""
+    svc = make_service(backend(), Aws(clock), clock)
+    t0 = clock.t
+    assert svc.handle_message("s1", sns("subscribe-success", "cust-9", t0, eid="e1"))
+    late = sns("unsubscribe-pending", "cust-9", t0 + 100, eid="e2")  # dead-lettered back then
+    assert svc.handle_message("s3", sns("subscribe-success", "cust-9", t0 + 200, eid="e3"))
+    clock.t += 40 * DAY
+    now = clock.t
+    assert svc.handle_message("s4", sns("unsubscribe-pending", "cust-9", now, eid="e4"))
+    svc.tick()
+    assert "e1" not in ids(svc, "saas_events")  # pruning went on
+    assert svc.handle_message("s2", late) == "stale"
+    row = svc.store.read(
+        lambda db: db.execute(
+            "SELECT left_at, final_window_end FROM saas_lifecycle WHERE subject = 'ci:cust-9'"
+        ).fetchone()
+    )
+    assert (float(row[0]), float(row[1])) == (now + 0.123, now + 0.123 + 3600.0)  # SNS: ms

@@ -113,10 +113,15 @@ def body_problem(body: bytes) -> Reply | None:
     raises RecursionError. A body that is not JSON at all is left to the handler to name.
 
     Most bodies can hold neither and pass unparsed (the handler parses them anyway): ASCII with
-    no `\\u` escape holds no surrogate (one in UTF-16 or UTF-32 has a byte above 0x7f), and
+    no `\\u` escape and no NUL holds no surrogate (UTF-16 or UTF-32 text has NULs), and
     fewer than `_SHALLOW` brackets cannot nest deep enough to exhaust the recursion limit.
     """
-    if body.isascii() and b"\\u" not in body and body.count(b"[") + body.count(b"{") < _SHALLOW:
+    if (
+        body.isascii()
+        and b"\x00" not in body  # UTF-16 or UTF-32 text: its escapes have NULs inside
+        and b"\\u" not in body
+        and body.count(b"[") + body.count(b"{") < _SHALLOW
+    ):
         return None
     try:
         doc = json.loads(body)

@@ -935,6 +935,7 @@ class SaasService:
             # holds back the events behind it (a deprovisioning's final window) nor outlasts
             # their visibility timeout. A crash before the read leaves it due in the store.
             reads: list[str] = []
+            failed = handled = False
             for message in messages:
                 if stop.is_set():
                     return
@@ -949,12 +950,13 @@ class SaasService:
                     break  # the rest come back after their visibility timeout
                 except Exception as exc:  # a bug, an odd store error: never the end of events
                     errors += 1
+                    failed = True
                     self._consumer_error(exc, message.id)
-                    self.clock.wait(
-                        stop, min(QUEUE_BACKOFF_CAP, self._retry.delay(errors, self._rng))
-                    )
-                    continue  # not deleted: SQS gives it again (its redrive policy counts)
-                errors = 0
+                    # Not deleted: SQS gives it again (its redrive policy counts). No backoff
+                    # here: the messages behind it in the batch (a deprovisioning's final
+                    # window) go first, inside their visibility timeout.
+                    continue
+                errors, handled = 0, True
                 try:
                     queue.delete(message)
                 except Exception as exc:  # applied already: a redelivery is a duplicate
@@ -964,6 +966,8 @@ class SaasService:
                         tries = self._queue_down[1] + 1 if self._queue_down else 1
                         self._queue_down = (since, tries, str(exc)[:200])
                     log.warning("saas_lifecycle_delete_failed", extra={"detail": str(exc)[:300]})
+            if failed and not handled:  # every message failed: back off before receiving
+                self.clock.wait(stop, min(QUEUE_BACKOFF_CAP, self._retry.delay(errors, self._rng)))
             # A pass of reads stops at the first failure (the service down or hanging: each
             # call may take its whole timeout) and after READ_PASS: the rest stay due in the
             # store, for `retry_entitlements`, so events never queue behind timeouts.

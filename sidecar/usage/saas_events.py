@@ -252,7 +252,9 @@ def _window_from_pending(db: Db, event: Event, now: float) -> bool:
     """An unsubscribe-pending delivered after its unsubscribe-success (SQS keeps no order):
     too old to set the state, but the final window counts from it (AWS's, which closes an hour
     after it), not from the success. Only for the same departure: no subscription between."""
-    if event.kind != "unsubscribe_pending":
+    if event.kind != "unsubscribe_pending" or event.time < now - EVENTS_KEEP:
+        # Older than the events kept: a subscribe between it and the departure may have been
+        # pruned (`prune`), so the check below could not see it; its window is long over.
         return False
     end = event.time + lifecycle.FINAL_WINDOW
     return (
