@@ -5,9 +5,8 @@ real PostgreSQL; the clock is a ManualClock moved by days."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,9 @@ import pytest
 
 from sidecar.usage import saas_events
 from sidecar.usage.db import UsageStore, open_store
-from sidecar.usage.hours import hour_of, hour_start
 from sidecar.usage.saas import SAAS_SCHEMA, SaasService
 from tests.helpers import ManualClock
+from tests.saas_fixtures import saas_clock
 from tests.test_saas_ledger import account
 from tests.test_saas_lifecycle import eb, sns
 from tests.test_saas_service import Aws, make_service
@@ -28,27 +27,7 @@ EVENTS_KEEP = CHANGES_KEEP = 30 * DAY
 DEAD_LETTERS_KEEP, DEAD_LETTERS_MAX = 90 * DAY, 1000
 
 
-@pytest.fixture
-def clock() -> ManualClock:
-    c = ManualClock()
-    c.t = hour_start(hour_of(c.t)) + 600.0
-    return c
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], UsageStore]]:
-    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
-    opened: list[UsageStore] = []
-
-    def make() -> UsageStore:
-        s = open_store(SAAS_SCHEMA, state_dir=tmp_path, database_url=url)
-        opened.append(s)
-        return s
-
-    yield make
-    for s in opened:
-        with contextlib.suppress(Exception):
-            s.close()
+clock = saas_clock  # the SaaS hour clock (tests/saas_fixtures.py); `backend` is there too
 
 
 def agreement(kind: str, i: int, name: str, t: float, eid: str) -> str:
