@@ -225,8 +225,9 @@ def test_botocore_debug_records_never_carry_the_consumption_token(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "local")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local")
     gateway = LicenseGateway("us-east-1", 5.0)
-    with caplog.at_level(logging.DEBUG):
-        logging.getLogger("botocore").setLevel(logging.DEBUG)
+    # caplog.at_level restores the botocore logger's level afterwards: left at DEBUG, later
+    # tests in this worker would log every request body they send.
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="botocore"):
         got = gateway.checkout(
             SKU,
             MARKETPLACE_FINGERPRINT,

@@ -125,8 +125,11 @@ def test_a_message_the_consumer_fails_on_stays_queued_until_sqs_dead_letters_it(
     logged = [r for r in caplog.records if r.getMessage() == "saas_lifecycle_consumer_error"]
     assert len(logged) == 3 and all(r.levelno == logging.ERROR for r in logged)
     # Neither the body nor anything in it is logged (it may carry a token or a buyer's id).
-    text = " ".join(str(vars(r)) for r in caplog.records)
-    assert SECRET not in text
+    # The sidecar's own records: botocore's DEBUG lines (on when an earlier test in the worker
+    # turned them on) carry the test's own SendMessage bodies, which are not the sidecar's logs.
+    ours = [r for r in caplog.records if r.name.split(".")[0] == "sidecar"]
+    assert any(r.getMessage() == "saas_lifecycle_consumer_error" for r in ours)
+    assert SECRET not in " ".join(str(vars(r)) for r in ours)
     svc.store.close()
 
 
